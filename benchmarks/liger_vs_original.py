@@ -1,0 +1,113 @@
+"""Prefill and decode speed and cache size: the embedded model converted with Liger vs the original, one run.
+
+    python benchmarks/liger_vs_original.py [--contexts 512,2048,8192] [--decode-tokens 32] [--method liger]
+
+Both models run in fp32 on the CPU with the same thread count. For each context length C it times one prefill
+of C tokens (tokens/s), then `--decode-tokens` single-token steps from that cache, alternating between the two
+models (median ms/token), and reports the cache bytes after prefill. Ratios compare the converted model with
+the original measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from linearize import sources
+from linearize.convert import convert_model, plan_conversion
+
+
+def cache_bytes(cache) -> int:
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    assert isinstance(cache, DynamicCache)
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+def _cache(output):
+    return output.cache if "cache" in output else output.past_key_values
+
+
+@torch.inference_mode()
+def measure(models: dict, context: int, decode_tokens: int, seed: int = 0) -> dict:
+    """Prefill `context` tokens, then decode `decode_tokens` steps, for every model on the same tokens.
+
+    Decode steps of the models alternate, so a slow spell of the machine costs every model alike; each model's
+    decode time is the median of its steps.
+    """
+    vocab = min(model.config.vocab_size for model in models.values())
+    ids = torch.randint(100, vocab, (1, context + decode_tokens), generator=torch.Generator().manual_seed(seed))
+    results, caches, steps = {}, {}, {name: [] for name in models}
+    for name, model in models.items():
+        start = time.perf_counter()
+        caches[name] = _cache(model(ids[:, :context], use_cache=True, logits_to_keep=1))
+        results[name] = {
+            "prefill_tok_s": context / (time.perf_counter() - start),
+            "cache_bytes": cache_bytes(caches[name]),
+        }
+    for t in range(context, context + decode_tokens):
+        for name, model in models.items():
+            start = time.perf_counter()
+            caches[name] = _cache(model(ids[:, t : t + 1], cache=caches[name], use_cache=True))
+            steps[name].append(time.perf_counter() - start)
+    for name in models:
+        results[name]["decode_ms"] = 1000 * statistics.median(steps[name])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="512,2048,8192")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--method", default="liger")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    original, _, _ = sources.load(None, dtype="float32")
+    plan = plan_conversion(original.config, sources.EMBEDDED_NAME, args.method)
+    converted = convert_model(original, plan.config)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    models = {"original": original, args.method: converted}
+    measure(models, 64, 2)  # warm-up
+
+    rows = []
+    for context in contexts:
+        rows.append({"context": context, **measure(models, context, args.decode_tokens)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    print(f"\n{args.method} vs original, fp32, {args.threads} threads, median of {args.decode_tokens} decode steps")
+    header = (
+        f"{'context':>7} | {'prefill tok/s orig':>18} {args.method:>8} {'ratio':>6} | "
+        f"{'decode ms/tok orig':>18} {args.method:>8} {'speedup':>7} | {'cache MiB orig':>14} {args.method:>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        base, ours = row["original"], row[args.method]
+        print(
+            f"{row['context']:>7} | {base['prefill_tok_s']:>18.0f} {ours['prefill_tok_s']:>8.0f} "
+            f"{ours['prefill_tok_s'] / base['prefill_tok_s']:>5.2f}x | {base['decode_ms']:>18.1f} "
+            f"{ours['decode_ms']:>8.1f} {base['decode_ms'] / ours['decode_ms']:>6.2f}x | "
+            f"{base['cache_bytes'] / 2**20:>14.1f} {ours['cache_bytes'] / 2**20:>8.2f}"
+        )
+    first, last = rows[0][args.method], rows[-1][args.method]
+    print(
+        f"{args.method} decode at {rows[-1]['context']} / at {rows[0]['context']}: "
+        f"{last['decode_ms'] / first['decode_ms']:.2f}x"
+    )
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"method": args.method, "threads": args.threads, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Gated linear attention (GLA): reference, chunked and recurrent PyTorch paths, and the dispatcher."""
+
+import torch
+
+from ..backend import resolve_backend
+from .chunk import chunk_gla
+from .recurrent import fused_recurrent_gla
+from .reference import naive_recurrent_gla
+
+__all__ = ["chunk_gla", "fused_recurrent_gla", "gated_linear_attention", "naive_recurrent_gla"]
+
+# up to this many tokens (decoding) the token loop is cheaper than the fixed cost of the chunked path
+RECURRENT_MAX_T = 4
+
+
+def gated_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention: S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, o_t = scale S_t^T q_t.
+
+    Args:
+        q: queries `[B, T, H, K]`.
+        k: keys `[B, T, Hkv, K]`; H must be a multiple of Hkv, query head h reads key head h // (H // Hkv).
+        v: values `[B, T, Hkv, V]`.
+        g: per-key-dimension log decay `[B, T, Hkv, K]`, <= 0 (e.g. logsigmoid(x) / 16).
+        scale: multiplier of the output.
+        initial_state: `[B, Hkv, K, V]` fp32 state before the first token, or None for zeros. The state
+            depends only on k, v and g, so the query heads of a group share it.
+        output_final_state: whether to return the state after the last token.
+        backend: "reference", "torch", "triton" or None (see `resolve_backend`).
+
+    Returns:
+        o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` in fp32 or None.
+    """
+    B, T, H, K = q.shape
+    Hkv, V = v.shape[2], v.shape[3]
+    state_ok = initial_state is None or initial_state.shape == (B, Hkv, K, V)
+    if H % Hkv or g.shape != k.shape or k.shape != (B, T, Hkv, K) or v.shape[:2] != (B, T) or not state_ok:
+        raise ValueError(
+            "expected q [B, T, H, K], k and g [B, T, Hkv, K], v [B, T, Hkv, V], initial_state [B, Hkv, K, V] with "
+            f"H % Hkv == 0, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
+            f"initial_state {None if initial_state is None else tuple(initial_state.shape)}"
+        )
+    name = resolve_backend(backend, q.device)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    if name == "reference":
+        return naive_recurrent_gla(q, k, v, g, **kwargs)
+    if T <= RECURRENT_MAX_T:
+        return fused_recurrent_gla(q, k, v, g, **kwargs)
+    return chunk_gla(q, k, v, g, **kwargs)

@@ -1,0 +1,127 @@
+"""Chunk-parallel GLA in plain PyTorch: time and memory linear in T, every exponent <= 0.
+
+Within a chunk, b_t = g_1 + ... + g_t (cumulative log decay, non-increasing because g <= 0), so token s
+reaches token t >= s with weight exp(b_t - b_s). The output of token t is
+    o_t = (q_t * exp(b_t)) S_prev + sum_{s <= t in the chunk} (q_t * exp(b_t - b_s)) . k_s v_s.
+The first term and the state update only use exp(b_t) and exp(b_last - b_s), both <= 1. The intra-chunk
+term never splits exp(b_t - b_s) into exp(b_t) exp(-b_s), which overflows under strong decay. Instead the
+chunk is halved recursively down to blocks of BASE tokens:
+ - inside a base block the decay is computed pairwise, with future pairs masked before the exp;
+ - a pair whose smallest common block is 2h long has its key s in the first half and its query t in the
+   second; it factorises through r, the first token of the second half: exp(b_t - b_r) exp(b_r - b_s),
+   and s < r <= t makes both exponents <= 0. Each level costs O(T h) and there are log2(C / BASE) levels.
+"""
+
+import torch
+import torch.nn.functional as F
+
+BASE = 4
+
+
+def _intra_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Contribution of each chunk's tokens to its own outputs: sum_{s <= t} (q_t * exp(b_t - b_s)) . k_s v_s.
+
+    Args:
+        q: scaled queries `[B, Hkv, L, G, K]`, L a multiple of `chunk`; G query heads share each key head.
+        k: keys `[B, Hkv, L, K]`.
+        v: values `[B, Hkv, L, V]`.
+        b: cumulative log decay, restarting at every chunk `[B, Hkv, L, K]`.
+        chunk: chunk length, a power of two >= BASE.
+
+    Returns:
+        `[B, Hkv, L, G, V]`.
+    """
+    B, Hkv, L, G, K = q.shape
+    qb = q.unflatten(2, (L // BASE, BASE))  # [B, Hkv, L / BASE, t, G, K]
+    kb, vb, bb = (x.unflatten(2, (L // BASE, BASE)) for x in (k, v, b))  # [B, Hkv, L / BASE, BASE, K|V]
+    # the diagonal gets a constant exponent 0: b_t - b_t would add and subtract the same O(1) gradient to
+    # g, losing the tiny true gradient of strongly decayed tokens to rounding; future pairs get -inf
+    past = torch.ones(BASE, BASE, dtype=torch.bool, device=q.device).tril(-1)[..., None]
+    fill = torch.full((BASE, BASE), float("-inf"), device=q.device).triu(1)[..., None]
+    decay = torch.where(past, bb[..., :, None, :] - bb[..., None, :, :], fill).exp()  # [.., t, s, K]
+    A = qb @ (decay * kb[..., None, :, :]).transpose(-1, -2)  # [B, Hkv, L / BASE, t, G, s]
+    o = (A.flatten(3, 4) @ vb).view(B, Hkv, L, G, -1)
+
+    h = BASE
+    while h < chunk:
+        # second halves hold the queries, first halves the keys; r is the first token of the second half
+        qh = q.unflatten(2, (L // (2 * h), 2, h))[:, :, :, 1]  # [B, Hkv, M, h, G, K]
+        kh, vh, bh = (x.unflatten(2, (L // (2 * h), 2, h)) for x in (k, v, b))  # [B, Hkv, M, 2, h, K|V]
+        b_r = bh[:, :, :, 1, :1]  # [B, Hkv, M, 1, K]
+        q_r = qh * (bh[:, :, :, 1] - b_r).exp()[..., None, :]
+        k_r = kh[:, :, :, 0] * (b_r - bh[:, :, :, 0]).exp()
+        A = q_r.flatten(3, 4) @ k_r.transpose(-1, -2)  # [B, Hkv, M, h * G, h]
+        o.unflatten(2, (L // (2 * h), 2, h))[:, :, :, 1] += (A @ vh[:, :, :, 0]).unflatten(3, (h, G))
+        h *= 2
+    return o
+
+
+def chunk_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention computed chunk by chunk (see the module docstring for the algorithm).
+
+    Args:
+        q: queries `[B, T, H, K]`.
+        k: keys `[B, T, Hkv, K]`, shared by H // Hkv query heads.
+        v: values `[B, T, Hkv, V]`.
+        g: per-key-dimension log decay `[B, T, Hkv, K]`, <= 0.
+        scale: multiplier of the output.
+        initial_state: `[B, Hkv, K, V]` state before the first token, or None for zeros. The state depends only
+            on k, v and g, so the query heads of a group share it.
+        output_final_state: whether to return the state after the last token.
+        chunk_size: tokens per chunk, a power of two >= BASE (4).
+
+    Returns:
+        o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` in fp32 or None.
+    """
+    B, T, H, K = q.shape
+    Hkv, V = v.shape[2], v.shape[3]
+    G = H // Hkv
+    dtype = q.dtype
+    if chunk_size < BASE or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= {BASE}, got {chunk_size}")
+    # a short input only pays for the next power of two, not a whole chunk of padding
+    C = min(chunk_size, max(BASE, 1 << (T - 1).bit_length()))
+    N = -(-T // C)
+    L = N * C
+    # zero padding keeps the final state exact: g = 0 does not decay it, k = v = 0 adds nothing
+    q = F.pad(q.float() * scale, (0, 0, 0, 0, 0, L - T)).unflatten(2, (Hkv, G)).transpose(1, 2).contiguous()
+    # q [B, Hkv, L, G, K]: the G heads sharing a key head sit next to each other, so they share matmuls below
+    k, v, g = (F.pad(x.float(), (0, 0, 0, 0, 0, L - T)).transpose(1, 2).contiguous() for x in (k, v, g))
+
+    b = g.unflatten(2, (N, C)).cumsum(-2)  # [B, Hkv, N, C, K]
+    b_last = b[..., -1:, :]  # [B, Hkv, N, 1, K]
+    # each key as seen from the end of its chunk: exp(sum of the later g of the chunk), summed directly
+    # rather than as b_last - b, whose O(1) gradient terms would cancel for the last (unpadded) key
+    to_end = F.pad(g.unflatten(2, (N, C)).flip(-2).cumsum(-2)[..., :-1, :], (0, 0, 1, 0)).flip(-2)
+    k_last = to_end.exp() * k.unflatten(2, (N, C))
+    kv = k_last.transpose(-1, -2) @ v.unflatten(2, (N, C))  # [B, Hkv, N, K, V]
+    decay = b_last.transpose(-1, -2).exp()  # [B, Hkv, N, K, 1]
+    # the state depends only on k, v and g: one per key head, shared by its G query heads
+    S = k.new_zeros(B, Hkv, K, V)
+    states = []
+    # unbind, not indexing: the backward of N selects would allocate N full-size gradients
+    for kv_n, decay_n in zip(kv.unbind(2), decay.unbind(2), strict=True):
+        states.append(S)
+        S = torch.addcmul(kv_n, S, decay_n)
+    states = torch.stack(states, dim=2)  # [B, Hkv, N, K, V]: state entering each chunk
+
+    q_first = (q.unflatten(2, (N, C)) * b.exp()[..., None, :]).flatten(3, 4)  # queries as seen from chunk start
+    o = (q_first @ states).view(B, Hkv, L, G, V) + _intra_chunk(q, k, v, b.flatten(2, 3), C)
+    if initial_state is not None:
+        # by linearity S0 reaches token t decayed by exp(a_t), a the log decay since the first token (<= 0)
+        S0 = initial_state.float()  # [B, Hkv, K, V]
+        a = g.cumsum(2)  # [B, Hkv, L, K]
+        o = o + torch.einsum("bhlgk,bhkv->bhlgv", q * a.exp()[..., None, :], S0)
+        S = S + a[:, :, -1, :, None].exp() * S0  # [B, Hkv, K, V]
+    o = o.transpose(1, 2).reshape(B, L, H, V)[:, :T]
+    final_state = S if output_final_state else None
+    return o.to(dtype), final_state

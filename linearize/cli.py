@@ -1,0 +1,223 @@
+"""The `linearize` command line. Each command parses its options and calls a library function."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import LinearizeError
+from .families import FAMILIES
+from .methods import METHODS
+
+app = typer.Typer(
+    help="Convert pretrained Hugging Face LLMs from softmax attention to linear or hybrid attention.\n\n"
+    "Note: 'Liger' here is the linearization method (Lan et al., 2025), unrelated to LinkedIn's Liger-Kernel.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS}, type=str)
+Dtype = Enum("Dtype", {name: name for name in ("auto", "float32", "bfloat16", "float16")}, type=str)
+_METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _plan_table(plan) -> Table:
+    from .convert import PLAN_CONTEXT
+
+    table = Table(title=f"Conversion plan: {plan.source} -> {plan.settings['method']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("family", plan.config.base_model_type)
+    params = {k: v for k, v in plan.settings.items() if k not in ("method", "softmax_layers")}
+    table.add_row("method", f"{plan.settings['method']}  {params}")
+    for layers, fate in plan.layer_groups():
+        table.add_row(f"layers {layers}", fate)
+    added = plan.converted_parameters - plan.source_parameters
+    table.add_row("parameters", f"{plan.source_parameters:,} (+{added:,} added)")
+    ctx = PLAN_CONTEXT
+    table.add_row(
+        f"cache / sequence at {ctx} tokens",
+        f"{_size(plan.converted_cache_bytes(ctx))} (original KV cache: {_size(plan.kv_cache_bytes(ctx))})",
+    )
+    table.add_row(
+        "cache grows with context",
+        "no"
+        if not plan.config.linearize["softmax_layers"]
+        else f"only in the {len(plan.config.linearize['softmax_layers'])} softmax layers",
+    )
+    return table
+
+
+@app.command()
+def convert(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="Source model: a Hugging Face Hub id (org/name) or a local folder. Omit it to convert the embedded "
+            "default, SmolLM2-135M-Instruct, which works offline.",
+            show_default=False,
+        ),
+    ] = None,
+    method: Annotated[Method, typer.Option("--method", "-m", help=_METHOD_HELP)] = "liger",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Folder to write the converted model to (required unless --dry-run).",
+            show_default=False,
+        ),
+    ] = None,
+    window: Annotated[
+        int | None,
+        typer.Option(
+            help="Keys each query sees in the window branch, itself included (liger: 64; swa: 64, sinks included).",
+            show_default=False,
+        ),
+    ] = None,
+    sinks: Annotated[
+        int | None, typer.Option(help="Attention-sink tokens for swa (default 4).", show_default=False)
+    ] = None,
+    softmax_layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Layers kept as the original softmax attention: '0,8,16' or 'every:8' (layers 0, 8, 16, ...).",
+            show_default=False,
+        ),
+    ] = None,
+    dtype: Annotated[Dtype, typer.Option(help="Dtype of the saved weights; auto keeps the source's.")] = "auto",
+    device: Annotated[str, typer.Option(help="Device for loading and --verify: auto, cpu, cuda, cuda:1, ...")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the plan (layers, parameters, cache size) "
+            "from the source config alone; load no weights, write nothing.",
+        ),
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="After saving, compare perplexity on built-in text and a greedy sample, source vs converted.",
+        ),
+    ] = False,
+) -> None:
+    """Convert MODEL's attention layers to a linear or hybrid method and save a loadable model folder."""
+    from . import sources
+    from .convert import check_output_folder, convert_model, plan_conversion, save_model
+    from .generation import pick_device
+
+    method_name = method.value
+    try:
+        if not dry_run and output is None:
+            raise LinearizeError("pass an output folder with -o/--output (or use --dry-run)")
+        if output is not None and not dry_run:
+            check_output_folder(output, force)
+        with console.status("Reading the source config"):
+            source_config = sources.load_config(model)
+        plan = plan_conversion(
+            source_config, model or sources.EMBEDDED_NAME, method_name, window, sinks, softmax_layers, dtype.value
+        )
+        console.print(_plan_table(plan))
+        if dry_run:
+            return
+        device = pick_device(device)
+        with console.status(f"Loading {model or sources.EMBEDDED_NAME}"):
+            source_model, tokenizer, _ = sources.load(model, dtype=dtype.value, device=device)
+        with console.status("Converting and saving"):
+            converted = convert_model(source_model, plan.config)
+            save_model(converted, tokenizer, output, force=force)
+        console.print(
+            f"[green]Saved[/] {output}. Load it with `import linearize` then "
+            f"AutoModelForCausalLM.from_pretrained('{output}'), or with trust_remote_code=True."
+        )
+        if verify:
+            _verify(source_model, output, tokenizer, device)
+    except LinearizeError as error:
+        raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; no output folder was written", 130) from None
+
+
+def _verify(source_model, output: Path, tokenizer, device: str) -> None:
+    from .evaluation import compare
+    from .generation import load_for_inference
+
+    converted, _ = load_for_inference(str(output), device=device)
+    with console.status("Measuring perplexity and sampling"):
+        rows = compare(
+            {"original": source_model.float(), "converted": converted},
+            tokenizer,
+            prompt="Explain in one sentence why the sky is blue.",
+        )
+    table = Table(title="Original vs converted (built-in text, 4 x 512 tokens; greedy sample)")
+    for column in ("model", "perplexity", "sample"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["model"], f"{row['perplexity']:.2f}", row["sample"].strip().replace("\n", " "))
+    Console().print(table)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="A converted model folder (or any causal LM folder / hub id).")],
+    prompt: Annotated[str, typer.Argument(help="The prompt; wrapped in the chat template when the tokenizer has one.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 decodes greedily.")] = 0.0,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Force the chat template on or off (default: on when the tokenizer has one).",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+) -> None:
+    """Stream a completion of PROMPT from MODEL, decoding with the model's constant-size cache."""
+    from transformers import TextStreamer
+
+    from .generation import generate as generate_text
+    from .generation import load_for_inference
+
+    try:
+        with console.status(f"Loading {model}"):
+            loaded, tokenizer = load_for_inference(model, device=device)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer)
+    except (LinearizeError, ValueError) as error:
+        raise _fail(str(error)) from None
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of linearize and the libraries it runs on."""
+    import torch
+    import transformers
+
+    print(
+        f"linearize {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"python {sys.version.split()[0]}; families: {', '.join(FAMILIES)}"
+    )

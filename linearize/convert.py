@@ -1,0 +1,229 @@
+"""Conversion: plan which layers become what, build the converted model from the source weights, save it.
+
+`plan_conversion` needs only the source config (it is what `--dry-run` prints); `convert_model` swaps
+attention in a loaded model; `save_model` writes a folder that loads with `AutoModelForCausalLM`, both after
+`import linearize` and with `trust_remote_code=True`, and appears only once it is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LinearizeError
+from .families import get_family
+from .methods import get_method
+from .models import LinearizeConfig, LinearizeForCausalLM
+
+PLAN_CONTEXT = 8192  # context length at which the plan compares cache sizes
+
+_REMOTE_CODE = '''"""Remote-code entry point of a model converted with linearize (pip install linearize)."""
+
+try:
+    from linearize.models.{module} import {name}
+except ImportError as error:
+    raise ImportError(
+        "This model was converted with linearize and needs it to load: pip install linearize"
+    ) from error
+
+__all__ = ["{name}"]
+'''
+_AUTO_MAP = {
+    "AutoConfig": ("configuration_linearize", "configuration", "LinearizeConfig"),
+    "AutoModelForCausalLM": ("modeling_linearize", "modeling", "LinearizeForCausalLM"),
+}
+
+
+def parse_softmax_layers(spec: str | None, num_layers: int) -> list[int]:
+    """Parse `--softmax-layers`: '' (none), '0,8,16' (those layers) or 'every:8' (layers 0, 8, 16, ...)."""
+    if not spec:
+        return []
+    usage = (
+        f"use a comma-separated list of layer indices below {num_layers} (e.g. '0,8,16') or 'every:N' (e.g. 'every:8')"
+    )
+    if spec.startswith("every:"):
+        step = spec.removeprefix("every:")
+        if not step.isdigit() or int(step) < 1:
+            raise LinearizeError(f"--softmax-layers '{spec}' is malformed: N in 'every:N' must be a positive integer")
+        return list(range(0, num_layers, int(step)))
+    layers = []
+    for item in spec.split(","):
+        if not item.strip().isdigit():
+            raise LinearizeError(f"--softmax-layers '{spec}' is malformed: '{item}' is not a layer index; {usage}")
+        layers.append(int(item))
+    out_of_range = [i for i in layers if i >= num_layers]
+    if out_of_range:
+        raise LinearizeError(
+            f"--softmax-layers '{spec}': the model has {num_layers} layers (0-{num_layers - 1}); {usage}"
+        )
+    return sorted(set(layers))
+
+
+def method_settings(method: str, window: int | None = None, sinks: int | None = None) -> dict[str, Any]:
+    """The method's parameters with defaults filled in, validated."""
+    spec = get_method(method)
+    given = {"window": window, "sinks": sinks}
+    for name, value in given.items():
+        if value is not None and name not in spec.defaults:
+            raise LinearizeError(f"--{name} does not apply to method '{method}'")
+    settings = {"method": method, **spec.defaults, **{k: v for k, v in given.items() if v is not None}}
+    if "window" in settings and settings["window"] < 1:
+        raise LinearizeError(f"--window must be at least 1, got {settings['window']}")
+    if "sinks" in settings and not 0 <= settings["sinks"] < settings["window"]:
+        raise LinearizeError(
+            f"--sinks must be between 0 and window - 1 ({settings['window'] - 1}), got {settings['sinks']}"
+        )
+    return settings
+
+
+def build_config(source_config, settings: dict[str, Any], softmax_layers: list[int]) -> LinearizeConfig:
+    family = get_family(source_config.model_type)
+    num_layers = source_config.num_hidden_layers
+    source_types = (
+        getattr(source_config, "layer_types", None)
+        or ["sliding_attention" if getattr(source_config, "sliding_window", None) else "full_attention"] * num_layers
+    )
+    converted_type = get_method(settings["method"]).layer_type
+    fields = {
+        k: v
+        for k, v in source_config.to_dict().items()
+        if k
+        not in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config", "layer_types")
+    }
+    return LinearizeConfig(
+        base_model_type=family.model_type,
+        layer_types=[source_types[i] if i in softmax_layers else converted_type for i in range(num_layers)],
+        linearize={**settings, "softmax_layers": softmax_layers},
+        **fields,
+    )
+
+
+@dataclass
+class ConversionPlan:
+    source: str
+    config: LinearizeConfig
+    source_parameters: int
+    converted_parameters: int
+    dtype_bytes: int
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.config.linearize
+
+    def layer_groups(self) -> list[tuple[str, str]]:
+        """Runs of consecutive layers with the same fate, as ('0-7', 'liger') pairs."""
+        fates = [
+            self.settings["method"] if self.config.is_converted(i) else f"softmax ({t})"
+            for i, t in enumerate(self.config.layer_types)
+        ]
+        groups, start = [], 0
+        for i in range(1, len(fates) + 1):
+            if i == len(fates) or fates[i] != fates[start]:
+                groups.append((f"{start}" if i - 1 == start else f"{start}-{i - 1}", fates[start]))
+                start = i
+        return groups
+
+    def _head_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return c.num_attention_heads, c.num_key_value_heads, head_dim
+
+    def kv_cache_bytes(self, tokens: int, layers: int | None = None) -> int:
+        """Bytes of a softmax KV cache for one sequence of `tokens` tokens over `layers` layers (default all)."""
+        _, kv_heads, head_dim = self._head_shape()
+        layers = self.config.num_hidden_layers if layers is None else layers
+        return layers * 2 * kv_heads * head_dim * tokens * self.dtype_bytes
+
+    def converted_cache_bytes(self, tokens: int) -> int:
+        """Cache bytes of the converted model for one sequence of `tokens` tokens."""
+        heads, kv_heads, head_dim = self._head_shape()
+        layer_class = get_method(self.settings["method"]).layer_class
+        converted = len(self.config.converted_layers())
+        state = layer_class.state_bytes(self.settings, heads, kv_heads, head_dim, self.dtype_bytes)
+        kept = self.config.num_hidden_layers - converted
+        return converted * state + self.kv_cache_bytes(tokens, kept)
+
+
+def _count_parameters(config: LinearizeConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in LinearizeForCausalLM(config).parameters())
+
+
+def plan_conversion(
+    source_config,
+    source: str,
+    method: str,
+    window: int | None = None,
+    sinks: int | None = None,
+    softmax_layers: str | None = None,
+    dtype: str = "auto",
+) -> ConversionPlan:
+    """Everything `convert` will do, from the source config alone (no weights are read)."""
+    get_family(source_config.model_type)
+    settings = method_settings(method, window, sinks)
+    config = build_config(
+        source_config, settings, parse_softmax_layers(softmax_layers, source_config.num_hidden_layers)
+    )
+    unconverted = build_config(source_config, settings, list(range(source_config.num_hidden_layers)))
+    torch_dtype = getattr(source_config, "dtype", None) if dtype == "auto" else getattr(torch, dtype)
+    if isinstance(torch_dtype, str):
+        torch_dtype = getattr(torch, torch_dtype)
+    dtype_bytes = torch.finfo(torch_dtype).bits // 8 if isinstance(torch_dtype, torch.dtype) else 2
+    return ConversionPlan(source, config, _count_parameters(unconverted), _count_parameters(config), dtype_bytes)
+
+
+def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM:
+    """Build the converted model around the source model's own tensors (no copy) and return it."""
+    with torch.device("meta"):
+        model = LinearizeForCausalLM(config)
+    missing, unexpected = model.load_state_dict(source_model.state_dict(), strict=False, assign=True)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise LinearizeError(
+            f"the source weights do not fit the converted model: missing {missing}, unexpected {unexpected}"
+        )
+    # Non-persistent buffers (rotary tables) are not in the state dict: take them from the source.
+    for name, buffer in source_model.named_buffers():
+        module_name, _, buffer_name = name.rpartition(".")
+        model.get_submodule(module_name)._buffers[buffer_name] = buffer
+    model.tie_weights()
+    model.generation_config = source_model.generation_config
+    return model.to(source_model.dtype).eval()
+
+
+def check_output_folder(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise LinearizeError(f"output folder '{out}' already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise LinearizeError(f"output path '{out}' exists and is not a folder")
+
+
+def save_model(model: LinearizeForCausalLM, tokenizer, out: Path, force: bool = False) -> Path:
+    """Write the model folder atomically: built in a temporary sibling folder, moved into place when complete."""
+    out = Path(out)
+    check_output_folder(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.config.auto_map = {auto: f"{file}.{name}" for auto, (file, _, name) in _AUTO_MAP.items()}
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for file, module, name in _AUTO_MAP.values():
+            (staging / f"{file}.py").write_text(_REMOTE_CODE.format(module=module, name=name))
+        if out.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, retired / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,60 @@
+"""Loading a model folder for inference and generating text from a prompt."""
+
+from __future__ import annotations
+
+import torch
+
+from . import sources
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_for_inference(model: str | None, device: str = "auto", dtype: str = "auto"):
+    """Load a converted (or any causal LM) folder or hub id. On CPU, "auto" means float32: bf16 matmuls are slow
+    there. Returns (model, tokenizer)."""
+    device = pick_device(device)
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "auto"
+    loaded, tokenizer, _ = sources.load(model, dtype=dtype, device=device)
+    return loaded, tokenizer
+
+
+def build_prompt(tokenizer, prompt: str, chat: bool | None = None) -> torch.Tensor:
+    """Token ids for `prompt`, through the chat template when the tokenizer has one (or `chat=True`)."""
+    use_chat = tokenizer.chat_template is not None if chat is None else chat
+    if use_chat:
+        if tokenizer.chat_template is None:
+            raise ValueError("this tokenizer has no chat template; drop --chat")
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        return ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 64,
+    chat: bool | None = None,
+    temperature: float = 0.0,
+    streamer=None,
+) -> str:
+    """Generate a continuation of `prompt` (greedy when temperature is 0) and return the new text."""
+    input_ids = build_prompt(tokenizer, prompt, chat).to(model.device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    output = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        streamer=streamer,
+        **sampling,
+    )
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)

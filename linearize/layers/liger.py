@@ -1,0 +1,103 @@
+"""Liger attention: gated linear attention whose gates come from the pretrained key projection, mixed
+with a sliding-window softmax branch (Lan et al., ICML 2025, https://arxiv.org/abs/2503.01496).
+
+Follows the reference code, not the paper, where they differ (methods.md §1): the gate is
+`log α = logsigmoid(k) / 16` taken from the pre-RoPE key of each KV head (shared across its GQA group);
+q and k go through a softmax over the head dim; scale 1; no denominator, no output norm. The window branch
+is ordinary softmax attention over RoPE'd q/k and the last `window` keys (current token included), and the
+output is `0.5 * window + 0.5 * gated_linear` before `o_proj`. Unlike the reference, decoding keeps a real
+window cache, so cached decoding equals the full forward. `liger-gla` is the same layer without the window
+branch (the paper's "no SWA" ablation). For qk-norm families (Qwen3) both branches see the normed q/k, as the
+teacher does; the gate reads the normed key by default (`gate_source="normed"`) or the raw one (`"raw"`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import gated_linear_attention, sliding_window_attention
+from ..models.cache import RecentTokens, StateCacheLayer
+from .base import LinearizedAttention, apply_rope
+
+
+class LigerCacheLayer(StateCacheLayer):
+    """Gated linear state [B, Hkv, D, D] (fp32) plus the previous `window - 1` RoPE'd keys and values."""
+
+    _tensor_fields = ("recurrent_state", "window")
+
+    def __init__(self, window: int | None):
+        super().__init__()
+        self.recurrent_state: torch.Tensor | None = None
+        self.window = RecentTokens(window - 1) if window else None
+
+
+class LigerAttention(LinearizedAttention):
+    def __init__(self, config, layer_idx, family):
+        super().__init__(config, layer_idx, family)
+        settings = config.linearize
+        self.window = settings["window"] if settings["method"] == "liger" else None
+        self.gate_normalizer = float(settings["gate_normalizer"])
+        self.gate_source = settings["gate_source"]
+        self.backend = settings.get("backend")
+
+    @staticmethod
+    def cache_layer(config) -> LigerCacheLayer:
+        return LigerCacheLayer(config.linearize["window"] if config.linearize["method"] == "liger" else None)
+
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attention_mask=None,
+        cache=None,
+        past_key_values=None,
+        padding_mask=None,
+        **kwargs,
+    ):
+        state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)
+        length = hidden_states.shape[1]
+        q, k, v, k_raw = self.project(hidden_states)  # [B, T, H, D], [B, T, Hkv, D] x3
+        valid = self.token_validity(padding_mask, length)  # [B, T] or None
+
+        gate_key = k_raw if self.gate_source == "raw" else k
+        log_decay = F.logsigmoid(gate_key.float()) / self.gate_normalizer  # [B, T, Hkv, D]
+        # Padding contributes nothing to the state: its values are zero (and the state before it is zero).
+        v_linear = v.float() if valid is None else v.float() * valid[:, :, None, None]
+        o, recurrent_state = gated_linear_attention(
+            q.float().softmax(-1),
+            k.float().softmax(-1),
+            v_linear,
+            log_decay,
+            scale=1.0,
+            initial_state=None if state is None else state.recurrent_state,
+            output_final_state=state is not None,
+            backend=self.backend,
+        )  # [B, T, H, D] fp32
+
+        if self.window:
+            cos, sin = position_embeddings
+            q, k = apply_rope(q, k, cos, sin)
+            keys, values, key_valid = k, v, valid
+            if state is not None:
+                if valid is None:
+                    valid = torch.ones_like(k[..., 0, 0], dtype=torch.bool)
+                (keys, values, key_valid), _ = state.window.update(k, v, valid)
+            o_window = sliding_window_attention(
+                q, keys, values, window=self.window, key_valid=key_valid, scale=self.scaling, backend=self.backend
+            )
+            o = 0.5 * o_window.float() + 0.5 * o
+
+        if state is not None:
+            state.recurrent_state = recurrent_state
+            state.seen_tokens += length
+        o = o.to(hidden_states.dtype).flatten(2)  # [B, T, H * D]
+        return self.o_proj(o), None
+
+    @staticmethod
+    def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+        recurrent = kv_heads * head_dim * head_dim * 4  # fp32, one per key head (its query heads share it)
+        if settings["method"] != "liger":
+            return recurrent
+        window = settings["window"] - 1  # previous tokens kept: keys, values and a validity flag each
+        return recurrent + window * (2 * kv_heads * head_dim * dtype_bytes + 1)

@@ -1,0 +1,141 @@
+"""Training-free baseline: softmax attention over attention sinks plus a sliding window (StreamingLLM,
+https://arxiv.org/abs/2309.17453; methods.md §6).
+
+Each query sees the first `sinks` real tokens of its sequence and the most recent `window - sinks` tokens
+(itself included), so every query attends to at most `window` keys and the cache has a constant size: the
+sink keys plus a ring of the previous `window - sinks - 1` tokens. Keys keep their original RoPE positions.
+No parameter changes: this is the pretrained attention with a restricted mask, the bar every linearized
+method must clear.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import sliding_window_attention
+from ..models.cache import RecentTokens, StateCacheLayer
+from .base import LinearizedAttention, apply_rope
+
+
+class SinkWindowCacheLayer(StateCacheLayer):
+    """Sink keys/values [B, sinks, Hkv, D], the recent tokens, and how many real tokens each row has seen."""
+
+    _tensor_fields = ("recent", "sink_keys", "sink_values", "sink_valid", "real_tokens")
+
+    def __init__(self, recent: int, sinks: int):
+        super().__init__()
+        self.recent = RecentTokens(recent - 1)
+        self.sinks = sinks
+        self.sink_keys = self.sink_values = self.sink_valid = self.real_tokens = None
+
+    def keep_sinks(self, keys, values, valid, rank) -> None:
+        """Store evicted tokens that are sinks (real tokens of rank < sinks) in their sink slot."""
+        if self.sink_keys is None:
+            batch, _, heads, dim = keys.shape
+            self.sink_keys = keys.new_zeros(batch, self.sinks, heads, dim)
+            self.sink_values = values.new_zeros(batch, self.sinks, heads, dim)
+            self.sink_valid = valid.new_zeros(batch, self.sinks)
+        is_sink = valid & (rank < self.sinks)
+        # Non-sinks are written to an extra slot that is dropped afterwards.
+        slot = torch.where(is_sink, rank, torch.full_like(rank, self.sinks))  # [B, n]
+        expanded = slot[:, :, None, None].expand_as(keys)
+        self.sink_keys = torch.cat([self.sink_keys, keys[:, :1]], 1).scatter(1, expanded, keys)[:, : self.sinks]
+        self.sink_values = torch.cat([self.sink_values, values[:, :1]], 1).scatter(1, expanded, values)[:, : self.sinks]
+        written = valid.new_zeros(valid.shape[0], self.sinks + 1).scatter(1, slot, is_sink)
+        self.sink_valid = self.sink_valid | written[:, : self.sinks]
+
+
+class SinkWindowAttention(LinearizedAttention):
+    def __init__(self, config, layer_idx, family):
+        super().__init__(config, layer_idx, family)
+        settings = config.linearize
+        self.sinks = settings["sinks"]
+        self.recent = settings["window"] - self.sinks
+        self.backend = settings.get("backend")
+
+    @staticmethod
+    def cache_layer(config) -> SinkWindowCacheLayer:
+        settings = config.linearize
+        return SinkWindowCacheLayer(settings["window"] - settings["sinks"], settings["sinks"])
+
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attention_mask=None,
+        cache=None,
+        past_key_values=None,
+        padding_mask=None,
+        **kwargs,
+    ):
+        state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)
+        batch, length, _ = hidden_states.shape
+        q, k, v, _ = self.project(hidden_states)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, k, cos, sin)  # [B, T, H, D], [B, T, Hkv, D]
+        valid = self.token_validity(padding_mask, length)
+        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if valid is None else valid
+
+        seen_real = torch.zeros(batch, dtype=torch.long, device=q.device)
+        if state is not None and state.real_tokens is not None:
+            seen_real = state.real_tokens
+        rank = seen_real[:, None] + valid.long().cumsum(1) - 1  # [B, T]: index among the row's real tokens
+
+        keys, values, key_valid, key_rank = k, v, valid, rank
+        if state is not None:
+            (keys, values, key_valid, key_rank), evicted = state.recent.update(k, v, valid, rank)
+
+        sink_keys = sink_values = sink_mask = None
+        if self.sinks:
+            sink_keys, sink_values, sink_mask = self._sinks(state, keys, values, key_valid, key_rank, length)
+        o = sliding_window_attention(
+            q,
+            keys,
+            values,
+            window=self.recent,
+            key_valid=key_valid,
+            sink_k=sink_keys,
+            sink_v=sink_values,
+            sink_mask=sink_mask,
+            scale=self.scaling,
+            backend=self.backend,
+        )
+
+        if state is not None:
+            if self.sinks:
+                state.keep_sinks(*evicted)
+            state.real_tokens = seen_real + valid.long().sum(1)
+            state.seen_tokens += length
+        return self.o_proj(o.flatten(2)), None
+
+    def _sinks(self, state, keys, values, key_valid, key_rank, length):
+        """Extra keys for the sink path and which query sees which [B, T, E].
+
+        Sinks already evicted from the window live in the cache and are visible to every new query. Sinks still
+        among `keys` are visible only to queries for which they have left the window, so no key counts twice.
+        """
+        total = keys.shape[1]
+        found = [(key_rank == r) & key_valid for r in range(self.sinks)]  # each [B, S]
+        index = torch.stack([f.int().argmax(1) for f in found], 1)  # [B, sinks]
+        present = torch.stack([f.any(1) for f in found], 1)
+        query_pos = torch.arange(total - length, total, device=keys.device)  # [T]
+        left_window = query_pos[None, :, None] - index[:, None, :] >= self.recent  # [B, T, sinks]
+        gather = index[:, :, None, None].expand(-1, -1, *keys.shape[2:])
+        sink_keys, sink_values = keys.gather(1, gather), values.gather(1, gather)
+        sink_mask = present[:, None, :] & left_window
+        if state is not None and state.sink_keys is not None:
+            sink_keys = torch.cat([state.sink_keys, sink_keys], 1)
+            sink_values = torch.cat([state.sink_values, sink_values], 1)
+            stored = state.sink_valid[:, None, :].expand(-1, length, -1)
+            sink_mask = torch.cat([stored, sink_mask], 2)
+        return sink_keys, sink_values, sink_mask
+
+    @staticmethod
+    def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+        recent = settings["window"] - settings["sinks"] - 1  # keys, values, validity flag and rank
+        sinks = settings["sinks"]  # keys, values, validity flag
+        return (
+            recent * (2 * kv_heads * head_dim * dtype_bytes + 1 + 8)
+            + sinks * (2 * kv_heads * head_dim * dtype_bytes + 1)
+            + 8
+        )

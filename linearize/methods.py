@@ -1,0 +1,59 @@
+"""The conversion methods: what each one turns an attention layer into, its parameters and their defaults.
+
+A new method is one `Method` entry here plus its layer file in `linearize/layers/` (an `nn.Module` built
+as `layer_class(config, layer_idx, family)`, with static methods `cache_layer(config)` and
+`state_bytes(settings, heads, kv_heads, head_dim, dtype_bytes)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LinearizeError
+from .layers.liger import LigerAttention
+from .layers.swa import SinkWindowAttention
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    layer_class: type
+    layer_type: str  # transformers' `layer_types` value for a converted layer
+    summary: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "liger",
+            LigerAttention,
+            "hybrid_sliding",
+            "gated linear attention with gates from the pretrained keys, mixed 0.5/0.5 with a sliding window",
+            {"window": 64, "gate_normalizer": 16.0, "gate_source": "normed"},
+        ),
+        Method(
+            "liger-gla",
+            LigerAttention,
+            "linear_attention",
+            "Liger's gated linear attention alone, without the window branch",
+            {"gate_normalizer": 16.0, "gate_source": "normed"},
+        ),
+        Method(
+            "swa",
+            SinkWindowAttention,
+            "sliding_attention",
+            "training-free baseline: attention sinks plus a sliding window (window counts the sinks)",
+            {"window": 64, "sinks": 4},
+        ),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise LinearizeError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}") from None

@@ -1,0 +1,65 @@
+"""`LinearizeConfig`: the source model's config, flat, plus which layers were converted and how.
+
+The source config's fields stay at the top level (so `config.hidden_size`, `config.vocab_size` and
+`config.tie_word_embeddings` mean what they meant), `base_model_type` names the family, `layer_types`
+follows transformers' convention (one entry per layer, e.g. "hybrid_sliding" for Liger, "full_attention" for a
+layer kept as softmax attention) and `linearize` holds the method and its parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+
+# Fields that belong to LinearizeConfig itself, never to the family config.
+_OWN_FIELDS = (
+    "model_type",
+    "base_model_type",
+    "linearize",
+    "layer_types",
+    "architectures",
+    "auto_map",
+    "transformers_version",
+)
+
+
+class LinearizeConfig(PreTrainedConfig):
+    r"""
+    Configuration of a model converted by `linearize`.
+
+    Args:
+        base_model_type (`str`): `model_type` of the source model (a key of `linearize.families.FAMILIES`).
+        layer_types (`list[str]`): one transformers layer type per layer. Converted layers carry the type of their
+            method (see `linearize.methods`); kept layers keep the source's "full_attention"/"sliding_attention".
+        linearize (`dict`): the method, its parameters and the layers kept as softmax attention, e.g.
+            `{"method": "liger", "window": 64, "softmax_layers": [0, 8], ...}`.
+        **kwargs: every field of the source model's config.
+    """
+
+    model_type = "linearize"
+
+    base_model_type: str = "llama"
+    layer_types: list[str] | None = None
+    linearize: dict[str, Any] | None = None
+
+    @property
+    def method(self) -> str:
+        return self.linearize["method"]
+
+    def is_converted(self, layer_idx: int) -> bool:
+        return layer_idx not in self.linearize["softmax_layers"]
+
+    def converted_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_converted(i)]
+
+    def family_config(self) -> PreTrainedConfig:
+        """The source family's own config (e.g. a LlamaConfig), used to build the unchanged parts of the model."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in _OWN_FIELDS}
+        # Converted layers are replaced anyway; the family only needs to know how its kept layers attend.
+        fields["layer_types"] = [
+            "full_attention" if self.is_converted(i) else t for i, t in enumerate(self.layer_types)
+        ]
+        config = AutoConfig.for_model(self.base_model_type, **fields)
+        config._attn_implementation = self._attn_implementation
+        return config

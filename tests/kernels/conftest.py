@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def nan_empty(monkeypatch):
+    """Fill float tensors from torch.empty / torch.empty_like with NaN, so reading uninitialised memory fails."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            with torch.no_grad():  # the tensor may have been created with requires_grad=True
+                t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(real_empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(real_empty_like(*args, **kwargs)))

@@ -1,0 +1,151 @@
+import functools
+
+import linearize.kernels.gla as gla
+import pytest
+import torch
+import torch.nn.functional as F
+from linearize.kernels.gla import chunk_gla, fused_recurrent_gla, gated_linear_attention, naive_recurrent_gla
+
+from tests.kernels._close import assert_close
+
+# (B, T, H, Hkv, K, V)
+SHAPES = {
+    "T1-H4-Hkv2-D64": (2, 1, 4, 2, 64, 64),
+    "T37-H2-Hkv2-D64": (2, 37, 2, 2, 64, 64),
+    "T100-H4-Hkv2-D64": (1, 100, 4, 2, 64, 64),
+    "T130-H2-Hkv1-D128": (1, 130, 2, 1, 128, 128),
+}
+PATHS = {
+    "recurrent": fused_recurrent_gla,
+    "chunk64": chunk_gla,
+    "chunk16": functools.partial(chunk_gla, chunk_size=16),
+}
+
+
+def _gates(shape: tuple[int, ...], kind: str) -> torch.Tensor:
+    if kind == "logsigmoid":
+        return F.logsigmoid(torch.randn(shape) * 8) / 16
+    # about -8 per step: exp(-b) over a 64-token chunk would be exp(512), far beyond fp32
+    return -8 + 0.1 * torch.randn(shape)
+
+
+def _inputs(shape_id: str, gate: str, with_state: bool) -> dict[str, torch.Tensor]:
+    B, T, H, Hkv, K, V = SHAPES[shape_id]
+    torch.manual_seed(0)
+    inputs = {
+        "q": torch.randn(B, T, H, K),
+        "k": torch.randn(B, T, Hkv, K),
+        "v": torch.randn(B, T, Hkv, V),
+        "g": _gates((B, T, Hkv, K), gate),
+    }
+    if with_state:
+        inputs["initial_state"] = torch.randn(B, Hkv, K, V)
+    return inputs
+
+
+def _run(fn, inputs: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
+    """Outputs and the gradient of (o * do).sum() + (ht * dht).sum() for every input, do and dht random."""
+    leaves = {name: x.clone().requires_grad_() for name, x in inputs.items()}
+    o, ht = fn(**leaves, scale=leaves["q"].shape[-1] ** -0.5, output_final_state=True)
+    gen = torch.Generator().manual_seed(seed)
+    do, dht = torch.randn(o.shape, generator=gen), torch.randn(ht.shape, generator=gen)
+    ((o * do).sum() + (ht * dht).sum()).backward()
+    return {"o": o, "ht": ht} | {f"d{name}": x.grad for name, x in leaves.items()}
+
+
+@functools.cache
+def _reference(shape_id: str, gate: str, with_state: bool) -> dict[str, torch.Tensor]:
+    return _run(naive_recurrent_gla, _inputs(shape_id, gate, with_state))
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["h0-none", "h0"])
+@pytest.mark.parametrize("gate", ["logsigmoid", "decay-8"])
+@pytest.mark.parametrize("shape_id", SHAPES)
+@pytest.mark.parametrize("path", PATHS)
+def test_matches_reference(path, shape_id, gate, with_state):
+    ref = _reference(shape_id, gate, with_state)
+    out = _run(PATHS[path], _inputs(shape_id, gate, with_state))
+    assert out.keys() == ref.keys()
+    assert out["o"].dtype == torch.float32 and out["ht"].dtype == torch.float32
+    for name in ref:
+        assert_close(name, ref[name], out[name])
+
+
+@pytest.mark.parametrize("path", ["reference", *PATHS])
+def test_no_final_state(path):
+    fn = naive_recurrent_gla if path == "reference" else PATHS[path]
+    o, ht = fn(**_inputs("T37-H2-Hkv2-D64", "logsigmoid", True))
+    assert ht is None and o.shape == (2, 37, 2, 64)
+
+
+def _slice(inputs: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    return {name: x[:, start:stop] for name, x in inputs.items() if name != "initial_state"}
+
+
+@pytest.mark.parametrize("second", ["chunk", "recurrent"])
+def test_split_equals_single_call(second):
+    """Prefill in two chunked calls, or chunked prefill then token-by-token decoding, carrying the state."""
+    x = _inputs("T100-H4-Hkv2-D64", "logsigmoid", True)
+    o, ht = chunk_gla(**x, output_final_state=True)
+    outs, state = [], x["initial_state"]
+    parts = [(0, 37), (37, 100)] if second == "chunk" else [(0, 37)] + [(t, t + 1) for t in range(37, 100)]
+    for start, stop in parts:
+        step = chunk_gla if start == 0 or second == "chunk" else fused_recurrent_gla
+        o_part, state = step(**_slice(x, start, stop), initial_state=state, output_final_state=True)
+        outs.append(o_part)
+    assert_close("o", o, torch.cat(outs, dim=1))
+    assert_close("ht", ht, state)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_inputs(path):
+    x = _inputs("T100-H4-Hkv2-D64", "logsigmoid", True)
+    x = {name: t if name == "initial_state" else t.bfloat16() for name, t in x.items()}
+    o, ht = PATHS[path](**x, output_final_state=True)
+    ref_o, ref_ht = naive_recurrent_gla(**{name: t.float() for name, t in x.items()}, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
+    assert_close("o", ref_o, o.float(), ratio=2e-2)
+    assert_close("ht", ref_ht, ht, ratio=1e-4)
+
+
+def _spy(fn, calls: list[str]):
+    def spy(*args, **kwargs):
+        calls.append(fn.__name__)
+        return fn(*args, **kwargs)
+
+    return spy
+
+
+@pytest.mark.parametrize(
+    ("backend", "T", "expected"),
+    [("reference", 37, "naive_recurrent_gla"), ("torch", 4, "fused_recurrent_gla"), ("torch", 37, "chunk_gla")],
+    ids=["reference", "torch-decode", "torch-prefill"],
+)
+def test_dispatch(monkeypatch, backend, T, expected):
+    called = []
+    for name in ("naive_recurrent_gla", "fused_recurrent_gla", "chunk_gla"):
+        monkeypatch.setattr(gla, name, _spy(getattr(gla, name), called))
+    x = _slice(_inputs("T37-H2-Hkv2-D64", "logsigmoid", True), 0, T) | {"initial_state": torch.randn(2, 2, 64, 64)}
+    o, ht = gated_linear_attention(**x, output_final_state=True, backend=backend)
+    assert called == [expected]
+    ref_o, ref_ht = naive_recurrent_gla(**x, output_final_state=True)
+    assert_close("o", ref_o, o)
+    assert_close("ht", ref_ht, ht)
+
+
+def test_dispatch_reads_env(monkeypatch):
+    monkeypatch.setenv("LINEARIZE_BACKEND", "reference")
+    monkeypatch.setattr(gla, "naive_recurrent_gla", lambda *a, **kw: "reference called")
+    assert gated_linear_attention(**_inputs("T37-H2-Hkv2-D64", "logsigmoid", False)) == "reference called"
+    monkeypatch.setenv("LINEARIZE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="'reference', 'torch', 'triton'"):
+        gated_linear_attention(**_inputs("T37-H2-Hkv2-D64", "logsigmoid", False))
+
+
+def test_rejects_bad_shapes():
+    x = _inputs("T37-H2-Hkv2-D64", "logsigmoid", False)
+    x["k"] = torch.randn(2, 37, 3, 64)
+    with pytest.raises(ValueError, match="H % Hkv"):
+        gated_linear_attention(**x)
+    with pytest.raises(ValueError, match="power of two"):
+        chunk_gla(**_inputs("T37-H2-Hkv2-D64", "logsigmoid", False), chunk_size=48)

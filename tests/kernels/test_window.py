@@ -1,0 +1,179 @@
+import functools
+
+import linearize.kernels.window as window_mod
+import pytest
+import torch
+from linearize.kernels.window import (
+    chunk_sliding_window_attention,
+    decode_sliding_window_attention,
+    naive_sliding_window_attention,
+    sliding_window_attention,
+)
+
+from tests.kernels._close import assert_close
+
+# (B, T, S, H, Hkv, D, window)
+SHAPES = {
+    "T1-S1-w4": (2, 1, 1, 4, 2, 64, 4),
+    "T1-S50-w16-decode": (2, 1, 50, 4, 2, 64, 16),
+    "T37-w16-H4-Hkv2": (2, 37, 37, 4, 2, 64, 16),
+    "T100-S130-w64-H2-Hkv2": (2, 100, 130, 2, 2, 64, 64),
+    "T130-w1": (1, 130, 130, 4, 2, 64, 1),
+    "T130-w200-H2-Hkv1-D128": (1, 130, 130, 2, 1, 128, 200),
+}
+PATHS = {
+    "chunk64": chunk_sliding_window_attention,
+    "chunk16": functools.partial(chunk_sliding_window_attention, block_size=16),
+}
+E = 3  # sink keys
+
+
+def _inputs(shape_id: str, left_pad: bool, sinks: bool) -> dict:
+    B, T, S, H, Hkv, D, window = SHAPES[shape_id]
+    torch.manual_seed(0)
+    inputs = {
+        "q": torch.randn(B, T, H, D),
+        "k": torch.randn(B, S, Hkv, D),
+        "v": torch.randn(B, S, Hkv, D),
+        "window": window,
+    }
+    if left_pad:
+        # batch row b starts with b * S // 3 padding keys
+        inputs["key_valid"] = torch.arange(S) >= (torch.arange(B)[:, None] * S // 3)
+    if sinks:
+        inputs["sink_k"] = torch.randn(B, E, Hkv, D)
+        inputs["sink_v"] = torch.randn(B, E, Hkv, D)
+        inputs["sink_mask"] = torch.rand(B, T, E) < 0.5
+    return inputs
+
+
+def _run(fn, inputs: dict, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Output and the gradient of (o * do).sum() for every float input, do random."""
+    leaves = {
+        name: x.clone().requires_grad_() if torch.is_tensor(x) and x.is_floating_point() else x
+        for name, x in inputs.items()
+    }
+    o = fn(**leaves)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed))
+    (o * do).sum().backward()
+    return {"o": o} | {f"d{name}": x.grad for name, x in leaves.items() if torch.is_tensor(x) and x.requires_grad}
+
+
+@functools.cache
+def _reference(shape_id: str, left_pad: bool, sinks: bool) -> dict[str, torch.Tensor]:
+    return _run(naive_sliding_window_attention, _inputs(shape_id, left_pad, sinks))
+
+
+@pytest.mark.parametrize("sinks", [False, True], ids=["no-sinks", "sinks"])
+@pytest.mark.parametrize("left_pad", [False, True], ids=["all-valid", "left-pad"])
+@pytest.mark.parametrize("shape_id", SHAPES)
+@pytest.mark.parametrize("path", PATHS)
+def test_matches_reference(path, shape_id, left_pad, sinks):
+    ref = _reference(shape_id, left_pad, sinks)
+    out = _run(PATHS[path], _inputs(shape_id, left_pad, sinks))
+    assert out.keys() == ref.keys()
+    for name in ref:
+        assert_close(name, ref[name], out[name])
+
+
+def test_reference_semantics():
+    """One query at absolute position 5 with window 3 attends to keys 3, 4, 5 only."""
+    q = torch.randn(1, 1, 1, 8)
+    k, v = torch.randn(1, 6, 1, 8), torch.randn(1, 6, 1, 8)
+    p = torch.softmax((q[0, 0, 0] @ k[0, 3:, 0].T) * 8**-0.5, dim=-1)
+    assert_close("o", p @ v[0, 3:, 0], naive_sliding_window_attention(q, k, v, 3)[0, 0, 0])
+
+
+@pytest.mark.parametrize("path", ["reference", *PATHS])
+def test_query_without_keys_is_zero(path):
+    fn = naive_sliding_window_attention if path == "reference" else PATHS[path]
+    x = _inputs("T37-w16-H4-Hkv2", left_pad=True, sinks=False)
+    x["key_valid"][1] = False  # batch row 1 sees nothing
+    out = _run(fn, x)
+    assert (out["o"][1] == 0).all()
+    for name, grad in out.items():
+        assert not grad.isnan().any(), name
+
+
+@pytest.mark.parametrize("path", ["reference", *PATHS])
+def test_history_equals_last_rows(path):
+    """Queries over the last T of S tokens, with the first S - T cached, match the full computation."""
+    fn = naive_sliding_window_attention if path == "reference" else PATHS[path]
+    x = _inputs("T130-w1", left_pad=True, sinks=True) | {"window": 20}
+    full = fn(**x)
+    last = fn(**x | {"q": x["q"][:, -30:], "sink_mask": x["sink_mask"][:, -30:]})
+    assert_close("o", full[:, -30:], last)
+
+
+def _cast(inputs: dict, dtype: torch.dtype) -> dict:
+    return {name: x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for name, x in inputs.items()}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_inputs(path):
+    x = _cast(_inputs("T100-S130-w64-H2-Hkv2", left_pad=True, sinks=True), torch.bfloat16)
+    o = PATHS[path](**x)
+    assert o.dtype == torch.bfloat16
+    assert_close("o", naive_sliding_window_attention(**_cast(x, torch.float32)), o.float(), ratio=2e-2)
+
+
+def _spy(fn, calls: list[str]):
+    def spy(*args, **kwargs):
+        calls.append(fn.__name__)
+        return fn(*args, **kwargs)
+
+    return spy
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [("reference", "naive_sliding_window_attention"), ("torch", "chunk_sliding_window_attention")],
+)
+def test_dispatch(monkeypatch, backend, expected):
+    called = []
+    for name in ("naive_sliding_window_attention", "chunk_sliding_window_attention"):
+        monkeypatch.setattr(window_mod, name, _spy(getattr(window_mod, name), called))
+    x = _inputs("T37-w16-H4-Hkv2", left_pad=True, sinks=True)
+    o = sliding_window_attention(**x, backend=backend)
+    assert called == [expected]
+    assert_close("o", naive_sliding_window_attention(**x), o)
+
+
+def test_dispatch_reads_env(monkeypatch):
+    monkeypatch.setenv("LINEARIZE_BACKEND", "reference")
+    monkeypatch.setattr(window_mod, "naive_sliding_window_attention", lambda *a, **kw: "reference called")
+    assert sliding_window_attention(**_inputs("T37-w16-H4-Hkv2", False, False)) == "reference called"
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [({"window": 0}, "window"), ({"q": torch.randn(2, 40, 4, 64)}, "S >= T"), ({"sink_v": None}, "sink")],
+    ids=["window-0", "T>S", "sink_k-without-sink_v"],
+)
+def test_rejects_bad_arguments(change, match):
+    with pytest.raises(ValueError, match=match):
+        sliding_window_attention(**_inputs("T37-w16-H4-Hkv2", False, True) | change)
+
+
+DECODE_SHAPES = {k: v for k, v in SHAPES.items() if v[1] == 1}
+
+
+@pytest.mark.parametrize("sinks", [False, True], ids=["no-sinks", "sinks"])
+@pytest.mark.parametrize("left_pad", [False, True], ids=["all-valid", "left-pad"])
+@pytest.mark.parametrize("shape_id", DECODE_SHAPES)
+def test_decode_path_matches_reference(shape_id, left_pad, sinks):
+    ref = _reference(shape_id, left_pad, sinks)
+    out = _run(decode_sliding_window_attention, _inputs(shape_id, left_pad, sinks))
+    assert out.keys() == ref.keys()
+    for name in ref:
+        assert_close(name, ref[name], out[name])
+
+
+def test_decode_query_without_keys_is_zero():
+    x = _inputs("T1-S50-w16-decode", left_pad=True, sinks=True)
+    x["key_valid"][1] = False  # batch row 1 sees no window key ...
+    x["sink_mask"][1] = False  # ... and no sink
+    out = _run(decode_sliding_window_attention, x)
+    assert (out["o"][1] == 0).all()
+    for name, grad in out.items():
+        assert not grad.isnan().any(), name

@@ -1,0 +1,69 @@
+"""The Liger layer against a plain per-token transcription of methods.md §1.1."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from tests.tiny import FAMILIES, converted_model
+
+
+def naive_liger(layer, hidden, cos, sin, window, gate_source="normed"):
+    """o = o_proj(0.5 * SWA(RoPE'd q, k; last `window` keys) + 0.5 * GLA(softmax q, softmax k; gate from key))."""
+    batch, length, _ = hidden.shape
+    heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    group = heads // kv_heads
+    q = layer.q_proj(hidden).view(batch, length, heads, dim)
+    k_raw = layer.k_proj(hidden).view(batch, length, kv_heads, dim)
+    v = layer.v_proj(hidden).view(batch, length, kv_heads, dim)
+    k = k_raw
+    if layer.q_norm is not None:
+        q, k = layer.q_norm(q), layer.k_norm(k_raw)
+    gate = F.logsigmoid((k_raw if gate_source == "raw" else k).double()) / 16
+    q_feat, k_feat = q.double().softmax(-1), k.double().softmax(-1)
+    q_rot, k_rot = (
+        x.transpose(1, 2).double() for x in apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    )
+    out = torch.zeros(batch, length, heads, dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            g = h // group
+            state = torch.zeros(dim, dim, dtype=torch.float64)
+            for t in range(length):
+                state = gate[b, t, g].exp()[:, None] * state + torch.outer(k_feat[b, t, g], v[b, t, g].double())
+                linear = state.T @ q_feat[b, t, h]
+                lo = max(0, t - window + 1)
+                scores = k_rot[b, lo : t + 1, g] @ q_rot[b, t, h] * dim**-0.5
+                windowed = scores.softmax(0) @ v[b, lo : t + 1, g].double()
+                out[b, t, h] = 0.5 * windowed + 0.5 * linear
+    return layer.o_proj(out.to(hidden.dtype).flatten(2))
+
+
+# Only qk-norm families (qwen3) distinguish the raw key from the normed one.
+CASES = [(family, "normed") for family in FAMILIES] + [("qwen3", "raw")]
+
+
+@pytest.mark.parametrize("family,gate_source", CASES, ids=[f"{f}-{g}" for f, g in CASES])
+def test_liger_layer_matches_the_formula(family, gate_source):
+    model = converted_model(family, "liger")
+    layer = model.model.layers[0].self_attn
+    layer.gate_source = gate_source
+    hidden = torch.randn(2, 21, model.config.hidden_size)
+    positions = torch.arange(21)[None].expand(2, -1)
+    cos, sin = model.model.rotary_emb(hidden, positions)
+    with torch.no_grad():
+        expected = naive_liger(layer, hidden, cos, sin, window=8, gate_source=gate_source)
+        actual, _ = layer(hidden, position_embeddings=(cos, sin))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gate_source_matters_for_qk_norm_families():
+    model = converted_model("qwen3", "liger")
+    layer = model.model.layers[0].self_attn
+    hidden = torch.randn(1, 12, model.config.hidden_size)
+    cos, sin = model.model.rotary_emb(hidden, torch.arange(12)[None])
+    with torch.no_grad():
+        normed, _ = layer(hidden, position_embeddings=(cos, sin))
+        layer.gate_source = "raw"
+        raw, _ = layer(hidden, position_embeddings=(cos, sin))
+    assert not torch.allclose(normed, raw)

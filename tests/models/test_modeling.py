@@ -1,0 +1,146 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from linearize.convert import plan_conversion
+from linearize.families import UnsupportedModelError
+from linearize.models import LinearizeCache
+from tests.tiny import FAMILIES, METHODS, cache_of, converted_model, source_model
+
+CASES = [(f, m) for f in FAMILIES for m in METHODS]
+
+
+def decode_incrementally(model, ids, mask=None, chunks=(13, 5)):
+    """Prefill, then a multi-token chunk, then one token at a time, returning all logits."""
+    logits, cache, start = [], None, 0
+    steps = list(chunks) + [1] * (ids.shape[1] - sum(chunks))
+    for step in steps:
+        end = start + step
+        out = model(
+            ids[:, start:end], attention_mask=None if mask is None else mask[:, :end], cache=cache, use_cache=True
+        )
+        cache = cache_of(out)
+        logits.append(out.logits)
+        start = end
+    return torch.cat(logits, 1), cache
+
+
+@pytest.mark.parametrize("family,method", CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def test_cached_decode_equals_full_forward(family, method):
+    model = converted_model(family, method)
+    ids = torch.randint(3, 128, (2, 40))
+    full = model(ids, use_cache=False).logits
+    incremental, cache = decode_incrementally(model, ids)
+    torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-4)
+    assert isinstance(cache, LinearizeCache)
+    assert cache.get_seq_length() == 40
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_inter_layer_hybrid_decode_equals_full_forward(method):
+    model = converted_model("llama", method, softmax_layers="1")
+    assert [type(layer.self_attn).__name__ for layer in model.model.layers][1] == "LlamaAttention"
+    ids = torch.randint(3, 128, (2, 30))
+    incremental, _ = decode_incrementally(model, ids)
+    torch.testing.assert_close(incremental, model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,method", CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def test_padded_batch_equals_unpadded_rows(family, method):
+    model = converted_model(family, method)
+    ids = torch.randint(3, 128, (3, 30))
+    pads = [0, 7, 19]  # left padding per row
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    batched, _ = decode_incrementally(model, ids, mask)
+    for row, pad in enumerate(pads):
+        alone = model(ids[row : row + 1, pad:], use_cache=False).logits[0]
+        torch.testing.assert_close(batched[row, pad:], alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_padded_generation_equals_unpadded(method):
+    model = converted_model("qwen2", method)
+    prompts = [torch.randint(3, 128, (n,)) for n in (12, 5)]
+    batch = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, 12 - len(prompt) :], mask[row, 12 - len(prompt) :] = prompt, 1
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert together[row, 12:].tolist() == alone[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cache_size_does_not_grow_with_context(method):
+    model = converted_model("llama", method)
+    ids = torch.randint(3, 128, (1, 200))
+    sizes = []
+    cache = cache_of(model(ids[:, :20], use_cache=True))
+    sizes.append(cache.nbytes())
+    for t in range(20, 200):
+        cache = cache_of(model(ids[:, t : t + 1], cache=cache, use_cache=True))
+    sizes.append(cache.nbytes())
+    assert sizes[0] == sizes[1] > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_reload_reproduces_logits_exactly(family, tmp_path):
+    from linearize.convert import save_model
+
+    model = converted_model(family, "liger")
+    save_model(model, None, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(reloaded) is type(model)
+    ids = torch.randint(3, 128, (2, 25))
+    assert torch.equal(reloaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    assert reloaded.config.layer_types == ["hybrid_sliding", "hybrid_sliding"]
+    assert reloaded.config.linearize["method"] == "liger"
+
+
+def test_trust_remote_code_load_in_a_fresh_process(tmp_path):
+    from linearize.convert import save_model
+
+    model = converted_model("qwen3", "liger")
+    save_model(model, None, tmp_path / "out")
+    ids = torch.randint(3, 128, (1, 17))
+    torch.save({"ids": ids, "logits": model(ids, use_cache=False).logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        assert "linearize" not in sys.modules
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "out")!r}, trust_remote_code=True)
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        difference = (model(expected["ids"], use_cache=False).logits - expected["logits"]).abs().max().item()
+        assert difference < 1e-5, difference  # another process may split matmuls over threads differently
+        print("ok", type(model).__name__)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ok LinearizeForCausalLM" in result.stdout
+
+
+def test_converted_layers_keep_source_weights():
+    source = source_model("qwen3")
+    model = converted_model("qwen3", "liger")
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_unsupported_family_is_refused():
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2)
+    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
+        plan_conversion(config, "gpt2", "liger")

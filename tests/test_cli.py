@@ -1,0 +1,147 @@
+"""The command line, end to end on tiny models (Typer's CliRunner)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from typer.testing import CliRunner
+
+import linearize.convert
+from linearize.cli import app
+from tests.tiny import FAMILIES, METHOD_ARGS, METHODS, source_folder
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return source_folder(tmp_path_factory.mktemp("source") / "tiny-llama")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_each_family(family, tmp_path):
+    src = source_folder(tmp_path / family, family)
+    result = invoke("convert", src, "--method", "liger", "--window", 8, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.base_model_type == family
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+    assert (tmp_path / "out" / "modeling_linearize.py").exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_convert_each_method_with_softmax_layers(method, source, tmp_path):
+    options = [x for key, value in METHOD_ARGS[method].items() for x in (f"--{key}", value)]
+    result = invoke(
+        "convert", source, "--method", method, *options, "--softmax-layers", "every:2", "-o", tmp_path / "o"
+    )
+    assert result.exit_code == 0, result.output
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "o").config
+    assert config.linearize["softmax_layers"] == [0]
+    assert config.linearize["method"] == method
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(source, tmp_path, monkeypatch):
+    monkeypatch.setattr(linearize.convert, "convert_model", lambda *a: pytest.fail("dry run loaded weights"))
+    result = invoke("convert", source, "--dry-run", "--softmax-layers", "1", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "layers 0" in result.output and "liger" in result.output and "softmax" in result.output
+    assert "8192 tokens" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_streams_text(source, tmp_path):
+    assert invoke("convert", source, "-o", tmp_path / "out").exit_code == 0
+    result = invoke("generate", tmp_path / "out", "w5 w6 w7", "--max-new-tokens", 5)
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.split()) == 5  # five word-level tokens were streamed
+
+
+def test_existing_output_needs_force(source, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    result = invoke("convert", source, "-o", tmp_path / "out")
+    assert result.exit_code != 0
+    assert "already exists" in result.output and "--force" in result.output
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert invoke("convert", source, "-o", tmp_path / "out", "--force").exit_code == 0
+    assert not (tmp_path / "out" / "keep.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [("1,x", "'x' is not a layer index"), ("every:0", "positive integer"), ("0,9", "the model has 2 layers")],
+)
+def test_malformed_softmax_layers(spec, message, source, tmp_path):
+    result = invoke("convert", source, "--softmax-layers", spec, "-o", tmp_path / "out")
+    assert result.exit_code != 0
+    assert message in result.output
+
+
+def test_missing_local_path(tmp_path):
+    result = invoke("convert", "./no/such/folder", "-o", tmp_path / "out")
+    assert result.exit_code != 0
+    assert "does not exist" in result.output
+
+
+def test_hub_id_while_offline(tmp_path):
+    result = invoke("convert", "some-org/some-model", "-o", tmp_path / "out")
+    assert result.exit_code != 0
+    assert "HF_HUB_OFFLINE" in result.output and "local folder" in result.output
+
+
+def test_unsupported_architecture(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    result = invoke("convert", tmp_path / "gpt2", "-o", tmp_path / "out")
+    assert result.exit_code != 0
+    assert "'gpt2' is not supported" in result.output and "llama, mistral, qwen2, qwen3" in result.output
+
+
+def test_option_that_does_not_apply_to_the_method(source, tmp_path):
+    result = invoke("convert", source, "--method", "liger", "--sinks", 4, "-o", tmp_path / "out")
+    assert result.exit_code != 0
+    assert "--sinks does not apply to method 'liger'" in result.output
+
+
+def test_interrupted_conversion_leaves_nothing_behind(source, tmp_path, monkeypatch):
+    def interrupted(self, folder, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(linearize.convert.LinearizeForCausalLM, "save_pretrained", interrupted)
+    result = invoke("convert", source, "-o", tmp_path / "out")
+    assert result.exit_code != 0
+    assert "interrupted" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_output_option(source):
+    result = invoke("convert", source)
+    assert result.exit_code != 0
+    assert "-o/--output" in result.output
+
+
+def test_help_explains_every_option():
+    result = invoke("convert", "--help")
+    assert result.exit_code == 0
+    for option in (
+        "--method",
+        "--output",
+        "--window",
+        "--sinks",
+        "--softmax-layers",
+        "--dtype",
+        "--device",
+        "--force",
+        "--dry-run",
+    ):
+        assert option in result.output
+
+
+def test_converted_dtype_option(source, tmp_path):
+    assert invoke("convert", source, "--dtype", "bfloat16", "-o", tmp_path / "out").exit_code == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert model.dtype == torch.bfloat16
