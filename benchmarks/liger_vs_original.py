@@ -1,11 +1,11 @@
 """Prefill and decode speed and cache size: the embedded model converted with Liger vs the original, one run.
 
-    python benchmarks/liger_vs_original.py [--contexts 512,2048,8192] [--decode-tokens 32] [--method liger]
+    python benchmarks/liger_vs_original.py [--contexts 512,2048,8192] [--decode-tokens 32] [--repeats 3]
 
-Both models run in fp32 on the CPU with the same thread count. For each context length C it times one prefill
-of C tokens (tokens/s), then `--decode-tokens` single-token steps from that cache, alternating between the two
-models (median ms/token), and reports the cache bytes after prefill. Ratios compare the converted model with
-the original measured in the same run.
+Both models run in fp32 on the CPU with the same thread count. For each context length C it times the prefill
+of C tokens (tokens/s, best of `--repeats` runs alternating between the models), then `--decode-tokens`
+single-token steps from that cache in blocks alternating between the models (median ms/token), and reports
+the cache bytes after prefill. Ratios compare the converted model with the original measured in the same run.
 """
 
 from __future__ import annotations
@@ -35,27 +35,35 @@ def _cache(output):
 
 
 @torch.inference_mode()
-def measure(models: dict, context: int, decode_tokens: int, seed: int = 0) -> dict:
+def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, seed: int = 0) -> dict:
     """Prefill `context` tokens, then decode `decode_tokens` steps, for every model on the same tokens.
 
-    Decode steps of the models alternate, so a slow spell of the machine costs every model alike; each model's
-    decode time is the median of its steps.
+    Prefill runs `repeats` times, alternating between the models, and counts each model's fastest run (as
+    `timeit` does: slower runs measure the machine's other work). Each model's decode time is the median of
+    its steps.
     """
     vocab = min(model.config.vocab_size for model in models.values())
     ids = torch.randint(100, vocab, (1, context + decode_tokens), generator=torch.Generator().manual_seed(seed))
-    results, caches, steps = {}, {}, {name: [] for name in models}
-    for name, model in models.items():
-        start = time.perf_counter()
-        caches[name] = _cache(model(ids[:, :context], use_cache=True, logits_to_keep=1))
-        results[name] = {
-            "prefill_tok_s": context / (time.perf_counter() - start),
-            "cache_bytes": cache_bytes(caches[name]),
-        }
-    for t in range(context, context + decode_tokens):
+    prefill, caches, steps = {name: [] for name in models}, {}, {name: [] for name in models}
+    for _ in range(repeats):
         for name, model in models.items():
+            caches[name] = None  # free the previous run's cache before timing the next
             start = time.perf_counter()
-            caches[name] = _cache(model(ids[:, t : t + 1], cache=caches[name], use_cache=True))
-            steps[name].append(time.perf_counter() - start)
+            caches[name] = _cache(model(ids[:, :context], use_cache=True, logits_to_keep=1))
+            prefill[name].append(time.perf_counter() - start)
+    results = {
+        name: {"prefill_tok_s": context / min(prefill[name]), "cache_bytes": cache_bytes(caches[name])}
+        for name in models
+    }
+    # blocks of steps per model, alternating, so a slow spell of the machine costs every model alike while one
+    # model's decode (e.g. streaming a large KV cache) does not disturb the other's steps
+    block = max(1, decode_tokens // 4)
+    for first in range(context, context + decode_tokens, block):
+        for name, model in models.items():
+            for t in range(first, min(first + block, context + decode_tokens)):
+                start = time.perf_counter()
+                caches[name] = _cache(model(ids[:, t : t + 1], cache=caches[name], use_cache=True))
+                steps[name].append(time.perf_counter() - start)
     for name in models:
         results[name]["decode_ms"] = 1000 * statistics.median(steps[name])
     return results
@@ -65,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="512,2048,8192")
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="prefill runs per model and context (best counts)")
     parser.add_argument("--method", default="liger")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -76,11 +85,11 @@ def main() -> None:
     converted = convert_model(original, plan.config)
     contexts = [int(c) for c in args.contexts.split(",")]
     models = {"original": original, args.method: converted}
-    measure(models, 64, 2)  # warm-up
+    measure(models, 64, 2, repeats=1)  # warm-up
 
     rows = []
     for context in contexts:
-        rows.append({"context": context, **measure(models, context, args.decode_tokens)})
+        rows.append({"context": context, **measure(models, context, args.decode_tokens, args.repeats)})
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\n{args.method} vs original, fp32, {args.threads} threads, median of {args.decode_tokens} decode steps")

@@ -56,6 +56,45 @@ def _intra_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: torch.Ten
     return o
 
 
+def _segment(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, S: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One segment of `chunk_gla`: fp32 inputs already scaled, state S `[B, Hkv, K, V]` entering it.
+
+    Returns o `[B, T, H, V]` (fp32) and the state after the segment.
+    """
+    B, T, H, K = q.shape
+    Hkv, V = v.shape[2], v.shape[3]
+    G = H // Hkv
+    # a short input only pays for the next power of two, not a whole chunk of padding
+    C = min(chunk_size, max(BASE, 1 << (T - 1).bit_length()))
+    N = -(-T // C)
+    L = N * C
+    # zero padding keeps the final state exact: g = 0 does not decay it, k = v = 0 adds nothing
+    q = F.pad(q, (0, 0, 0, 0, 0, L - T)).unflatten(2, (Hkv, G)).transpose(1, 2).contiguous()
+    # q [B, Hkv, L, G, K]: the G heads sharing a key head sit next to each other, so they share matmuls below
+    k, v, g = (F.pad(x, (0, 0, 0, 0, 0, L - T)).transpose(1, 2).contiguous() for x in (k, v, g))
+
+    b = g.unflatten(2, (N, C)).cumsum(-2)  # [B, Hkv, N, C, K]
+    b_last = b[..., -1:, :]  # [B, Hkv, N, 1, K]
+    # each key as seen from the end of its chunk: exp(sum of the later g of the chunk), summed directly
+    # rather than as b_last - b, whose O(1) gradient terms would cancel for the last (unpadded) key
+    to_end = F.pad(g.unflatten(2, (N, C)).flip(-2).cumsum(-2)[..., :-1, :], (0, 0, 1, 0)).flip(-2)
+    k_last = to_end.exp() * k.unflatten(2, (N, C))
+    kv = k_last.transpose(-1, -2) @ v.unflatten(2, (N, C))  # [B, Hkv, N, K, V]
+    decay = b_last.transpose(-1, -2).exp()  # [B, Hkv, N, K, 1]
+    states = []
+    # unbind, not indexing: the backward of N selects would allocate N full-size gradients
+    for kv_n, decay_n in zip(kv.unbind(2), decay.unbind(2), strict=True):
+        states.append(S)
+        S = torch.addcmul(kv_n, S, decay_n)
+    states = torch.stack(states, dim=2)  # [B, Hkv, N, K, V]: state entering each chunk
+
+    q_first = (q.unflatten(2, (N, C)) * b.exp()[..., None, :]).flatten(3, 4)  # queries as seen from chunk start
+    o = (q_first @ states).view(B, Hkv, L, G, V) + _intra_chunk(q, k, v, b.flatten(2, 3), C)
+    return o.transpose(1, 2).reshape(B, L, H, V)[:, :T], S
+
+
 def chunk_gla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -65,6 +104,7 @@ def chunk_gla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    segment_size: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention computed chunk by chunk (see the module docstring for the algorithm).
 
@@ -78,50 +118,25 @@ def chunk_gla(
             on k, v and g, so the query heads of a group share it.
         output_final_state: whether to return the state after the last token.
         chunk_size: tokens per chunk, a power of two >= BASE (4).
+        segment_size: tokens processed at once, the state carried between segments; a multiple of chunk_size.
+            Segments keep the working set in cache: at T = 8192 one pass over everything is ~25% slower.
 
     Returns:
         o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` in fp32 or None.
     """
     B, T, H, K = q.shape
     Hkv, V = v.shape[2], v.shape[3]
-    G = H // Hkv
-    dtype = q.dtype
     if chunk_size < BASE or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= {BASE}, got {chunk_size}")
-    # a short input only pays for the next power of two, not a whole chunk of padding
-    C = min(chunk_size, max(BASE, 1 << (T - 1).bit_length()))
-    N = -(-T // C)
-    L = N * C
-    # zero padding keeps the final state exact: g = 0 does not decay it, k = v = 0 adds nothing
-    q = F.pad(q.float() * scale, (0, 0, 0, 0, 0, L - T)).unflatten(2, (Hkv, G)).transpose(1, 2).contiguous()
-    # q [B, Hkv, L, G, K]: the G heads sharing a key head sit next to each other, so they share matmuls below
-    k, v, g = (F.pad(x.float(), (0, 0, 0, 0, 0, L - T)).transpose(1, 2).contiguous() for x in (k, v, g))
-
-    b = g.unflatten(2, (N, C)).cumsum(-2)  # [B, Hkv, N, C, K]
-    b_last = b[..., -1:, :]  # [B, Hkv, N, 1, K]
-    # each key as seen from the end of its chunk: exp(sum of the later g of the chunk), summed directly
-    # rather than as b_last - b, whose O(1) gradient terms would cancel for the last (unpadded) key
-    to_end = F.pad(g.unflatten(2, (N, C)).flip(-2).cumsum(-2)[..., :-1, :], (0, 0, 1, 0)).flip(-2)
-    k_last = to_end.exp() * k.unflatten(2, (N, C))
-    kv = k_last.transpose(-1, -2) @ v.unflatten(2, (N, C))  # [B, Hkv, N, K, V]
-    decay = b_last.transpose(-1, -2).exp()  # [B, Hkv, N, K, 1]
-    # the state depends only on k, v and g: one per key head, shared by its G query heads
-    S = k.new_zeros(B, Hkv, K, V)
-    states = []
-    # unbind, not indexing: the backward of N selects would allocate N full-size gradients
-    for kv_n, decay_n in zip(kv.unbind(2), decay.unbind(2), strict=True):
-        states.append(S)
-        S = torch.addcmul(kv_n, S, decay_n)
-    states = torch.stack(states, dim=2)  # [B, Hkv, N, K, V]: state entering each chunk
-
-    q_first = (q.unflatten(2, (N, C)) * b.exp()[..., None, :]).flatten(3, 4)  # queries as seen from chunk start
-    o = (q_first @ states).view(B, Hkv, L, G, V) + _intra_chunk(q, k, v, b.flatten(2, 3), C)
-    if initial_state is not None:
-        # by linearity S0 reaches token t decayed by exp(a_t), a the log decay since the first token (<= 0)
-        S0 = initial_state.float()  # [B, Hkv, K, V]
-        a = g.cumsum(2)  # [B, Hkv, L, K]
-        o = o + torch.einsum("bhlgk,bhkv->bhlgv", q * a.exp()[..., None, :], S0)
-        S = S + a[:, :, -1, :, None].exp() * S0  # [B, Hkv, K, V]
-    o = o.transpose(1, 2).reshape(B, L, H, V)[:, :T]
-    final_state = S if output_final_state else None
-    return o.to(dtype), final_state
+    if segment_size % chunk_size:
+        raise ValueError(f"segment_size must be a multiple of chunk_size, got {segment_size} and {chunk_size}")
+    dtype = q.dtype
+    S = q.new_zeros(B, Hkv, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    q, k, v, g = q.float() * scale, k.float(), v.float(), g.float()
+    outputs = []
+    for start in range(0, T, segment_size):
+        part = slice(start, start + segment_size)
+        o, S = _segment(q[:, part], k[:, part], v[:, part], g[:, part], S, chunk_size)
+        outputs.append(o)
+    o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    return o.to(dtype), S if output_final_state else None

@@ -1,7 +1,10 @@
 """Blockwise sliding-window attention: each block of queries attends to the keys its window can reach.
 
 A block of Bq queries needs Bq + window - 1 keys, so cost is linear in T and no [T, S] matrix is built.
-The keys of all blocks are gathered at once as overlapping views (unfold) of the padded key sequence.
+The keys of all blocks are gathered at once as overlapping views (unfold) of the padded key sequence, and
+every block goes through one batched `scaled_dot_product_attention` call with a [Bq, keys] mask: its fused
+softmax is about twice as fast on CPU as spelling the attention out, handles GQA without repeating K/V, and
+returns zeros for a query that sees no key.
 """
 
 import torch
@@ -39,9 +42,6 @@ def chunk_sliding_window_attention(
     """
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
-    dtype = q.dtype
-    scale = D**-0.5 if scale is None else scale
     window = min(window, S)  # no query sees more than S keys; keeps blocks small for an "infinite" window
     Bq = min(block_size, T)
     N = -(-T // Bq)
@@ -49,32 +49,33 @@ def chunk_sliding_window_attention(
     pad = N * Bq - T
 
     # block n holds queries n*Bq + r (r < Bq) and keys lo + n*Bq + c (c < W), lo = first key query 0 can see
-    q = F.pad(q.float() * scale, (0, 0, 0, 0, 0, pad)).view(B, N, Bq, Hkv, G, D)
-    q = q.permute(0, 3, 1, 4, 2, 5).reshape(B, Hkv, N, G * Bq, D)
+    q = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B, N, Bq, H, D).transpose(2, 3).reshape(B * N, H, Bq, D)
     lo = S - T - window + 1
     valid = torch.ones(B, S, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
     # keys before position 0 are padding and must be masked; keys after S only meet padded queries
     valid = F.pad(valid[:, max(lo, 0) :], (max(-lo, 0), pad), value=False).unfold(1, W, Bq)  # [B, N, W]
-    k, v = (F.pad(x[:, max(lo, 0) :].float(), (0, 0, 0, 0, max(-lo, 0), pad)).permute(0, 2, 1, 3) for x in (k, v))
-    k_t, v = k.unfold(2, W, Bq), v.unfold(2, W, Bq).transpose(-1, -2)  # [B, Hkv, N, D, W], [B, Hkv, N, W, D]
+    k, v = (
+        F.pad(x[:, max(lo, 0) :], (0, 0, 0, 0, max(-lo, 0), pad)).unfold(1, W, Bq).permute(0, 1, 2, 4, 3)
+        for x in (k, v)
+    )  # [B, N, Hkv, W, D]
 
     r = torch.arange(Bq, device=q.device)[:, None]
     c = torch.arange(W, device=q.device)[None, :]
     mask = (c >= r) & (c < r + window) & valid[:, :, None, :]  # [B, N, Bq, W]
     if sink_k is not None:
-        # sinks join every block's keys: copying E keys per block is cheaper than concatenating scores
         E = sink_k.shape[1]
-        sink_k, sink_v = (x.float().permute(0, 2, 1, 3).unsqueeze(2).expand(B, Hkv, N, E, D) for x in (sink_k, sink_v))
-        k_t = torch.cat([k_t, sink_k.transpose(-1, -2)], dim=-1)  # [B, Hkv, N, D, W + E]
-        v = torch.cat([v, sink_v], dim=-2)  # [B, Hkv, N, W + E, D]
+        sink_k, sink_v = (x.transpose(1, 2)[:, None].expand(B, N, Hkv, E, D) for x in (sink_k, sink_v))
+        k, v = torch.cat([k, sink_k], dim=-2), torch.cat([v, sink_v], dim=-2)  # [B, N, Hkv, W + E, D]
         if sink_mask is None:
             sink_mask = torch.ones(B, T, E, dtype=torch.bool, device=q.device)
         mask = torch.cat([mask, F.pad(sink_mask, (0, 0, 0, pad), value=False).view(B, N, Bq, E)], dim=-1)
 
-    scores = (q @ k_t).view(B, Hkv, N, G, Bq, -1)  # [B, Hkv, N, G, Bq, W (+ E)]
-    # in place: the matmul does not need its output for backward, and a copy of the scores costs as much
-    # as the masking; a row with no visible key gets a uniform (finite) softmax and is zeroed below
-    scores.masked_fill_(~mask[:, None, :, None], torch.finfo(torch.float32).min)
-    o = (scores.softmax(-1).view(B, Hkv, N, G * Bq, -1) @ v).view(B, Hkv, N, G, Bq, D)
-    o.masked_fill_(~mask.any(-1)[:, None, :, None, :, None], 0.0)
-    return o.permute(0, 2, 4, 1, 3, 5).reshape(B, N * Bq, H, D)[:, :T].to(dtype)
+    o = F.scaled_dot_product_attention(
+        q,
+        k.reshape(B * N, Hkv, -1, D),
+        v.reshape(B * N, Hkv, -1, D),
+        attn_mask=mask.reshape(B * N, 1, Bq, -1),
+        scale=scale,
+        enable_gqa=True,
+    )  # [B * N, H, Bq, D]
+    return o.view(B, N, H, Bq, D).transpose(2, 3).reshape(B, N * Bq, H, D)[:, :T]

@@ -13,5 +13,10 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float =
     if abs_err <= 1e-6:
         return
     assert not out.isnan().any(), f"{name}: NaN in output"
+    if ref.norm() == 0:
+        # an exactly-zero reference (e.g. dq when a query sees only itself) has no relative error: allow the
+        # fp32 rounding noise of a fused kernel that reaches zero by cancellation
+        assert abs_err <= 1e-5, f"{name}: reference is zero, max abs error {abs_err:.3e} > 1e-5"
+        return
     rel_err = ((ref - out).norm() / ref.norm()).item()
     assert rel_err < ratio, f"{name}: relative error {rel_err:.3e} >= {ratio:.1e} (max abs error {abs_err:.3e})"

@@ -144,3 +144,21 @@ def test_unsupported_family_is_refused():
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2)
     with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
         plan_conversion(config, "gpt2", "liger")
+
+
+def test_remote_code_says_how_to_install_linearize_when_missing(tmp_path):
+    from linearize.convert import save_model
+
+    save_model(converted_model("llama", "swa"), None, tmp_path / "out")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["linearize"] = None  # as if the package were not installed
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained({str(tmp_path / "out")!r}, trust_remote_code=True)
+        except ImportError as error:
+            print(error)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert "pip install linearize" in result.stdout, result.stdout + result.stderr

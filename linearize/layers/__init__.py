@@ -1,0 +1,1 @@
+"""Converted attention layers, one file per method (see `linearize.methods` for the registry)."""

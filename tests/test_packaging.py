@@ -1,0 +1,36 @@
+"""`kernels/` ships inside the `linearize` namespace, never as a top-level `kernels` module."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import linearize.kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_installed_package_maps_kernels_into_linearize():
+    assert Path(linearize.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
+
+
+def test_wheel_holds_linearize_kernels_and_imports_from_it(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", tmp_path, ROOT],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("linearize-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "linearize/kernels/gla/chunk.py" in names
+    assert not [n for n in names if n.startswith("kernels/")]
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    probe = "import linearize.kernels as k, linearize.layers.liger; print(k.__file__)"
+    # -I: isolated mode, so neither the repository nor the editable install is on the path
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tmp_path / 'site')!r}); {probe}"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(str(tmp_path / "site"))
