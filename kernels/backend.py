@@ -8,23 +8,30 @@ BACKENDS = ("reference", "torch", "triton")
 ENV_VAR = "LINEARIZE_BACKEND"
 
 
-def resolve_backend(requested: str | None, device: torch.device) -> str:
+def resolve_backend(requested: str | None, device: torch.device, available: tuple[str, ...] = BACKENDS) -> str:
     """Pick the implementation a kernel call runs on.
 
     Args:
         requested: "reference", "torch", "triton" or None. None reads the environment variable
-            `LINEARIZE_BACKEND` and falls back to "torch" when it is unset or empty.
-        device: device of the inputs. Kept in the signature so Triton support can depend on it.
+            `LINEARIZE_BACKEND`; when that is unset or empty, CUDA tensors get "triton" (if the op has it)
+            and everything else "torch".
+        device: device of the inputs.
+        available: the backends this op implements.
 
     Returns:
         The validated backend name.
     """
-    name = requested if requested is not None else (os.environ.get(ENV_VAR) or "torch")
+    name = requested if requested is not None else (os.environ.get(ENV_VAR) or None)
+    if name is None:
+        return "triton" if device.type == "cuda" and "triton" in available else "torch"
     if name not in BACKENDS:
         source = f"{ENV_VAR}={name!r}" if requested is None else repr(name)
         raise ValueError(f"Unknown kernel backend {source}; valid backends are {', '.join(map(repr, BACKENDS))}.")
-    if name == "triton":
-        raise NotImplementedError(
-            f"Triton kernels arrive in a later version of linearize (requested on {device}); use backend='torch'."
+    if name not in available:
+        raise NotImplementedError(f"this op has no {name!r} implementation yet; use one of {available}")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"Triton kernels run on CUDA tensors, got {device}; use backend 'torch' on CPU "
+            "(or set TRITON_INTERPRET=1 before importing triton, for tests)"
         )
     return name

@@ -49,7 +49,7 @@ def gated_linear_attention(
             f"H % Hkv == 0, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
             f"initial_state {None if initial_state is None else tuple(initial_state.shape)}"
         )
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, available=("reference", "torch"))
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if name == "reference":
         return naive_recurrent_gla(q, k, v, g, **kwargs)

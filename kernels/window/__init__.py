@@ -60,7 +60,7 @@ def sliding_window_attention(
         raise ValueError(f"window must be >= 1, got {window}")
     if (sink_k is None) != (sink_v is None) or (sink_k is None and sink_mask is not None):
         raise ValueError("sink_k and sink_v go together, and sink_mask needs them")
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, available=("reference", "torch"))
     if name == "reference":
         attend = naive_sliding_window_attention
     else:

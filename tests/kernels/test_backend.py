@@ -29,6 +29,21 @@ def test_unknown_name_lists_valid_ones(monkeypatch, source):
     assert "cuda" in str(err.value)
 
 
-def test_triton_not_yet_available():
-    with pytest.raises(NotImplementedError, match="later version.*'torch'"):
+def test_cuda_tensors_default_to_triton_when_the_op_has_it(monkeypatch):
+    monkeypatch.delenv("LINEARIZE_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    assert resolve_backend(None, cuda) == "triton"
+    assert resolve_backend(None, cuda, available=("reference", "torch")) == "torch"
+
+
+def test_missing_implementation_is_named():
+    with pytest.raises(NotImplementedError, match="no 'triton' implementation"):
+        resolve_backend("triton", CPU, available=("reference", "torch"))
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA tensors"):
         resolve_backend("triton", CPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", CPU) == "triton"
