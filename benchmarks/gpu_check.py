@@ -1,0 +1,158 @@
+"""GPU check for the Liger kernels: correctness tests, then one table of timings and ratios.
+
+    python benchmarks/gpu_check.py                 # on a CUDA machine: tests + timings at 2K, 8K, 32K
+    python benchmarks/gpu_check.py --smoke         # anywhere: tiny shapes, torch backend, checks the script runs
+
+Shapes are Llama-3-8B-like attention: 32 query heads, 8 KV heads, head dim 128, bf16, batch 1. Rows:
+  - liger unfused (ours): gated linear attention + 64-key sliding window as two of our ops (Triton where the op
+    has a Triton kernel, else the torch path), as the layer runs today;
+  - fla chunk_gla + window: flash-linear-attention's GLA kernel plus the same window op (when fla is installed);
+  - sdpa causal: full causal softmax attention (`scaled_dot_product_attention`), the original layer's cost.
+Columns: forward, forward+backward (ms) and one decode step at that context (ms), each with its ratio to
+sdpa. Keep the whole script under 8 minutes: it prints as it goes, so a cut-off run still reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+WINDOW = 64
+
+
+def timer(device: str):
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=5, rep=20)
+
+    def cpu_bench(fn):
+        fn()
+        start = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - start)
+
+    return cpu_bench
+
+
+def inputs(T: int, H: int, Hkv: int, D: int, dtype, device, grad: bool):
+    def make(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(grad)
+
+    q, k, v = make(1, T, H, D), make(1, T, Hkv, D), make(1, T, Hkv, D)
+    gate = F.logsigmoid(torch.randn(1, T, Hkv, D, device=device) * 4).div(16).requires_grad_(grad)
+    return q, k, v, gate
+
+
+def liger_unfused(q, k, v, gate, linear_backend=None):
+    from linearize.kernels import gated_linear_attention, sliding_window_attention
+
+    q_lin, k_lin = q.float().softmax(-1), k.float().softmax(-1)
+    o_linear, _ = gated_linear_attention(q_lin, k_lin, v.float(), gate, backend=linear_backend)
+    o_window = sliding_window_attention(q, k, v, window=WINDOW)
+    return 0.5 * o_window.float() + 0.5 * o_linear
+
+
+def fla_installed() -> bool:
+    try:
+        import fla.ops.gla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def sdpa(q, k, v, gate=None):
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    )
+    return out.transpose(1, 2)
+
+
+def decode_step(name: str, T: int, H: int, Hkv: int, D: int, dtype, device):
+    """One token against a context of T: returns a callable, or None when the row has no decode path."""
+    from linearize.kernels import gated_linear_attention, sliding_window_attention
+
+    q = torch.randn(1, 1, H, D, dtype=dtype, device=device)
+    if name == "sdpa causal":
+        k = torch.randn(1, T + 1, Hkv, D, dtype=dtype, device=device)
+        return lambda: sdpa(q, k, k)
+    state = torch.randn(1, Hkv, D, D, device=device)
+    k1 = torch.randn(1, 1, Hkv, D, dtype=dtype, device=device)
+    gate = torch.full((1, 1, Hkv, D), -0.05, device=device)
+    window = torch.randn(1, WINDOW, Hkv, D, dtype=dtype, device=device)
+
+    def step():
+        o, _ = gated_linear_attention(
+            q.float(), k1.float(), k1.float(), gate, initial_state=state, output_final_state=True
+        )
+        return 0.5 * o + 0.5 * sliding_window_attention(q, window, window, window=WINDOW).float()
+
+    return step if name == "liger unfused (ours)" else None
+
+
+def time_row(bench, fn, T, H, Hkv, D, dtype, device) -> tuple[float, float]:
+    """Forward and forward+backward time (ms) of one path at length T."""
+    q, k, v, gate = inputs(T, H, Hkv, D, dtype, device, grad=False)
+    fwd = bench(lambda: fn(q, k, v, gate))
+    q, k, v, gate = inputs(T, H, Hkv, D, dtype, device, grad=True)
+    do = torch.randn_like(fn(q, k, v, gate))
+    return fwd, bench(lambda: fn(q, k, v, gate).backward(do))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the current device, no tests")
+    parser.add_argument("--lengths", default="2048,8192,32768")
+    parser.add_argument("--skip-tests", action="store_true")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    import transformers
+
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}",
+        flush=True,
+    )
+    if device == "cuda":
+        import triton
+
+        print(f"triton {triton.__version__}", flush=True)
+    if not args.smoke and not args.skip_tests:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "triton", "tests/kernels"])
+        print(f"kernel tests exit code {result.returncode}", flush=True)
+
+    H, Hkv, D = (4, 2, 32) if args.smoke else (32, 8, 128)
+    lengths = [128] if args.smoke else [int(x) for x in args.lengths.split(",")]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bench = timer(device)
+    rows = {"sdpa causal": sdpa, "liger unfused (ours)": liger_unfused}
+    if device == "cuda" and fla_installed():
+        rows["fla chunk_gla + window"] = lambda q, k, v, gate: liger_unfused(q, k, v, gate, linear_backend="fla")
+
+    print(
+        f"\n{'T':>6} {'path':<24} {'fwd ms':>9} {'fwd+bwd ms':>11} {'decode ms':>10} {'fwd vs sdpa':>12} "
+        f"{'f+b vs sdpa':>12}",
+        flush=True,
+    )
+    for T in lengths:
+        results = {}
+        for name, fn in rows.items():
+            fwd, both = time_row(bench, fn, T, H, Hkv, D, dtype, device)
+            step = decode_step(name, T, H, Hkv, D, dtype, device)
+            decode = bench(step) if step is not None else float("nan")
+            results[name] = (fwd, both, decode)
+            base = results.get("sdpa causal")
+            ratio = f"{base[0] / fwd:>11.2f}x {base[1] / both:>11.2f}x" if base else f"{'':>12} {'':>12}"
+            print(f"{T:>6} {name:<24} {fwd:>9.2f} {both:>11.2f} {decode:>10.3f} {ratio}", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
