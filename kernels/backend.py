@@ -4,7 +4,7 @@ import os
 
 import torch
 
-BACKENDS = ("reference", "torch", "triton")
+BACKENDS = ("reference", "torch", "triton", "fla")
 ENV_VAR = "LINEARIZE_BACKEND"
 
 
@@ -12,9 +12,9 @@ def resolve_backend(requested: str | None, device: torch.device, available: tupl
     """Pick the implementation a kernel call runs on.
 
     Args:
-        requested: "reference", "torch", "triton" or None. None reads the environment variable
-            `LINEARIZE_BACKEND`; when that is unset or empty, CUDA tensors get "triton" (if the op has it)
-            and everything else "torch".
+        requested: "reference", "torch", "triton", "fla" (flash-linear-attention, where an op offers it) or
+            None. None reads the environment variable `LINEARIZE_BACKEND`; when that is unset or empty, CUDA
+            tensors get "triton" (if the op has it) and everything else "torch".
         device: device of the inputs.
         available: the backends this op implements.
 
@@ -29,9 +29,9 @@ def resolve_backend(requested: str | None, device: torch.device, available: tupl
         raise ValueError(f"Unknown kernel backend {source}; valid backends are {', '.join(map(repr, BACKENDS))}.")
     if name not in available:
         raise NotImplementedError(f"this op has no {name!r} implementation yet; use one of {available}")
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if name in ("triton", "fla") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            f"Triton kernels run on CUDA tensors, got {device}; use backend 'torch' on CPU "
+            f"{name!r} runs Triton kernels, which need CUDA tensors, got {device}; use backend 'torch' on CPU "
             "(or set TRITON_INTERPRET=1 before importing triton, for tests)"
         )
     return name

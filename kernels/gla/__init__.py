@@ -4,10 +4,11 @@ import torch
 
 from ..backend import resolve_backend
 from .chunk import chunk_gla
+from .fla import fla_chunk_gla
 from .recurrent import fused_recurrent_gla
 from .reference import naive_recurrent_gla
 
-__all__ = ["chunk_gla", "fused_recurrent_gla", "gated_linear_attention", "naive_recurrent_gla"]
+__all__ = ["chunk_gla", "fla_chunk_gla", "fused_recurrent_gla", "gated_linear_attention", "naive_recurrent_gla"]
 
 # up to this many tokens (decoding) the token loop is cheaper than the fixed cost of the chunked path
 RECURRENT_MAX_T = 4
@@ -35,7 +36,7 @@ def gated_linear_attention(
         initial_state: `[B, Hkv, K, V]` fp32 state before the first token, or None for zeros. The state
             depends only on k, v and g, so the query heads of a group share it.
         output_final_state: whether to return the state after the last token.
-        backend: "reference", "torch", "triton" or None (see `resolve_backend`).
+        backend: "reference", "torch", "fla" (flash-linear-attention, if installed) or None (see `resolve_backend`).
 
     Returns:
         o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` in fp32 or None.
@@ -49,10 +50,12 @@ def gated_linear_attention(
             f"H % Hkv == 0, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
             f"initial_state {None if initial_state is None else tuple(initial_state.shape)}"
         )
-    name = resolve_backend(backend, q.device, available=("reference", "torch"))
+    name = resolve_backend(backend, q.device, available=("reference", "torch", "fla"))
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if name == "reference":
         return naive_recurrent_gla(q, k, v, g, **kwargs)
+    if name == "fla":
+        return fla_chunk_gla(q, k, v, g, **kwargs)
     if T <= RECURRENT_MAX_T:
         return fused_recurrent_gla(q, k, v, g, **kwargs)
     return chunk_gla(q, k, v, g, **kwargs)

@@ -24,7 +24,7 @@ def test_env_var(monkeypatch):
 @pytest.mark.parametrize("source", ["argument", "env"])
 def test_unknown_name_lists_valid_ones(monkeypatch, source):
     monkeypatch.setenv("LINEARIZE_BACKEND", "cuda" if source == "env" else "torch")
-    with pytest.raises(ValueError, match="'reference', 'torch', 'triton'") as err:
+    with pytest.raises(ValueError, match="'reference', 'torch', 'triton', 'fla'") as err:
         resolve_backend("cuda" if source == "argument" else None, CPU)
     assert "cuda" in str(err.value)
 
