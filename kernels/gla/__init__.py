@@ -1,4 +1,4 @@
-"""Gated linear attention (GLA): reference, chunked and recurrent PyTorch paths, and the dispatcher."""
+"""Gated linear attention (GLA): reference, chunked and recurrent PyTorch paths, Triton kernels, and the dispatcher."""
 
 import torch
 
@@ -36,7 +36,8 @@ def gated_linear_attention(
         initial_state: `[B, Hkv, K, V]` fp32 state before the first token, or None for zeros. The state
             depends only on k, v and g, so the query heads of a group share it.
         output_final_state: whether to return the state after the last token.
-        backend: "reference", "torch", "fla" (flash-linear-attention, if installed) or None (see `resolve_backend`).
+        backend: "reference", "torch", "triton", "fla" (flash-linear-attention, if installed) or None (see
+            `resolve_backend`; CUDA tensors default to "triton").
 
     Returns:
         o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` in fp32 or None.
@@ -50,12 +51,16 @@ def gated_linear_attention(
             f"H % Hkv == 0, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
             f"initial_state {None if initial_state is None else tuple(initial_state.shape)}"
         )
-    name = resolve_backend(backend, q.device, available=("reference", "torch", "fla"))
+    name = resolve_backend(backend, q.device, available=("reference", "torch", "triton", "fla"))
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if name == "reference":
         return naive_recurrent_gla(q, k, v, g, **kwargs)
     if name == "fla":
         return fla_chunk_gla(q, k, v, g, **kwargs)
+    if name == "triton":
+        from .triton import triton_chunk_gla  # imports triton only when it is used
+
+        return triton_chunk_gla(q, k, v, g, **kwargs)
     if T <= RECURRENT_MAX_T:
         return fused_recurrent_gla(q, k, v, g, **kwargs)
     return chunk_gla(q, k, v, g, **kwargs)
