@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import gated_linear_attention, sliding_window_attention
+from ..kernels.liger import liger_decode
 from ..models.cache import RecentTokens, StateCacheLayer
 from .base import LinearizedAttention, apply_rope
 
@@ -64,16 +65,8 @@ class LigerAttention(LinearizedAttention):
         log_decay = F.logsigmoid(gate_key.float()) / self.gate_normalizer  # [B, T, Hkv, D]
         # Padding contributes nothing to the state: its values are zero (and the state before it is zero).
         v_linear = v.float() if valid is None else v.float() * valid[:, :, None, None]
-        o, recurrent_state = gated_linear_attention(
-            q.float().softmax(-1),
-            k.float().softmax(-1),
-            v_linear,
-            log_decay,
-            scale=1.0,
-            initial_state=None if state is None else state.recurrent_state,
-            output_final_state=state is not None,
-            backend=self.backend,
-        )  # [B, T, H, D] fp32
+        q_linear, k_linear = q.float().softmax(-1), k.float().softmax(-1)
+        initial_state = None if state is None else state.recurrent_state
 
         if self.window:
             cos, sin = position_embeddings
@@ -83,10 +76,43 @@ class LigerAttention(LinearizedAttention):
                 if valid is None:
                     valid = torch.ones_like(k[..., 0, 0], dtype=torch.bool)
                 (keys, values, key_valid), _ = state.window.update(k, v, valid)
-            o_window = sliding_window_attention(
-                q, keys, values, window=self.window, key_valid=key_valid, scale=self.scaling, backend=self.backend
+
+        if self.window and state is not None and length == 1:
+            # decoding: one fused step updates the state, attends over the window and mixes
+            if initial_state is None:
+                batch, _, kv_heads, dim = k_linear.shape
+                initial_state = v_linear.new_zeros(batch, kv_heads, dim, v.shape[-1])
+            window = slice(-self.window, None)
+            o, recurrent_state = liger_decode(
+                q_linear[:, 0],
+                k_linear[:, 0],
+                v_linear[:, 0],
+                log_decay[:, 0],
+                initial_state,
+                q[:, 0],
+                keys[:, window],
+                values[:, window],
+                key_valid[:, window],
+                scale=self.scaling,
+                backend=self.backend,
             )
-            o = 0.5 * o_window.float() + 0.5 * o
+            o = o[:, None].float()  # [B, 1, H, D]
+        else:
+            o, recurrent_state = gated_linear_attention(
+                q_linear,
+                k_linear,
+                v_linear,
+                log_decay,
+                scale=1.0,
+                initial_state=initial_state,
+                output_final_state=state is not None,
+                backend=self.backend,
+            )  # [B, T, H, D] fp32
+            if self.window:
+                o_window = sliding_window_attention(
+                    q, keys, values, window=self.window, key_valid=key_valid, scale=self.scaling, backend=self.backend
+                )
+                o = 0.5 * o_window.float() + 0.5 * o
 
         if state is not None:
             state.recurrent_state = recurrent_state

@@ -162,3 +162,11 @@ def test_remote_code_says_how_to_install_linearize_when_missing(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert "pip install linearize" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decoding_from_the_first_token_equals_full_forward(method):
+    model = converted_model("mistral", method)
+    ids = torch.randint(3, 128, (2, 20))
+    incremental, _ = decode_incrementally(model, ids, chunks=())
+    torch.testing.assert_close(incremental, model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)

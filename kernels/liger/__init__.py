@@ -1,0 +1,91 @@
+"""Liger attention decode step (one new token per sequence): gated linear branch plus sliding-window softmax
+branch, mixed. Reference, PyTorch and fused Triton paths, and the dispatcher.
+
+The Triton module is imported only when the "triton" backend runs, so CPU-only installs never import triton.
+"""
+
+import torch
+
+from ..backend import resolve_backend
+from .decode_torch import torch_liger_decode
+from .reference import naive_liger_decode
+
+__all__ = ["liger_decode", "naive_liger_decode", "torch_liger_decode"]
+
+
+def liger_decode(
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    state: torch.Tensor,
+    q_rot: torch.Tensor,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    window_valid: torch.Tensor,
+    *,
+    scale: float | None = None,
+    mix: float = 0.5,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Liger decode step for one new token per sequence.
+
+    new_state = exp(g)[..., None] * state + k_lin[..., None] * v[..., None, :] (per key head);
+    o_linear[b, h] = new_state[b, h // G]^T q_lin[b, h] with G = H // Hkv;
+    o_window[b, h] = softmax over the valid window keys j of scale * q_rot[b, h] . window_k[b, j, h // G], applied
+    to window_v (zeros if no key is valid); o = mix * o_window + (1 - mix) * o_linear, accumulated in fp32.
+
+    Args:
+        q_lin: feature-mapped (softmaxed) queries `[B, H, K]`.
+        k_lin: feature-mapped keys `[B, Hkv, K]`; H must be a multiple of Hkv.
+        v: values `[B, Hkv, V]`.
+        g: per-key-dimension log decay `[B, Hkv, K]`, <= 0.
+        state: gated linear state `[B, Hkv, K, V]` (fp32) before this token, shared by the query heads of a group.
+        q_rot: RoPE'd queries `[B, H, D]`, with D == V.
+        window_k: RoPE'd keys `[B, W, Hkv, D]`: the previous W - 1 tokens' followed by the new token's.
+        window_v: values `[B, W, Hkv, D]`, in the same order.
+        window_valid: `[B, W]` bool, False for keys nobody may see (padding, not yet filled).
+        scale: window score multiplier, default D ** -0.5.
+        mix: weight of the window branch; the linear branch gets 1 - mix.
+        backend: "reference", "torch", "triton" or None (see `resolve_backend`).
+
+    Returns:
+        o `[B, H, V]` in q_rot.dtype, and the new state `[B, Hkv, K, V]` in fp32.
+    """
+    _check_shapes(q_lin, k_lin, v, g, state, q_rot, window_k, window_v, window_valid)
+    name = resolve_backend(backend, q_rot.device, available=("reference", "torch", "triton"))
+    if name == "reference":
+        fn = naive_liger_decode
+    elif name == "torch":
+        fn = torch_liger_decode
+    else:
+        from .triton import triton_liger_decode
+
+        fn = triton_liger_decode
+    return fn(q_lin, k_lin, v, g, state, q_rot, window_k, window_v, window_valid, scale=scale, mix=mix)
+
+
+def _check_shapes(q_lin, k_lin, v, g, state, q_rot, window_k, window_v, window_valid) -> None:
+    ok = q_lin.dim() == 3 and k_lin.dim() == 3 and v.dim() == 3 and window_k.dim() == 4
+    if ok:
+        (B, H, K), Hkv, V, W = q_lin.shape, k_lin.shape[1], v.shape[2], window_k.shape[1]
+        ok = (
+            W >= 1
+            and Hkv >= 1
+            and H % Hkv == 0
+            and k_lin.shape == g.shape == (B, Hkv, K)
+            and v.shape == (B, Hkv, V)
+            and state.shape == (B, Hkv, K, V)
+            and q_rot.shape == (B, H, V)
+            and window_k.shape == window_v.shape == (B, W, Hkv, V)
+            and window_valid.shape == (B, W)
+            and window_valid.dtype == torch.bool
+        )
+    if not ok:
+        raise ValueError(
+            "expected q_lin [B, H, K], k_lin and g [B, Hkv, K], v [B, Hkv, V], state [B, Hkv, K, V], q_rot [B, H, D], "
+            "window_k and window_v [B, W, Hkv, D], window_valid [B, W] bool, with H % Hkv == 0, D == V and W >= 1; "
+            f"got q_lin {tuple(q_lin.shape)}, k_lin {tuple(k_lin.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
+            f"state {tuple(state.shape)}, q_rot {tuple(q_rot.shape)}, window_k {tuple(window_k.shape)}, "
+            f"window_v {tuple(window_v.shape)}, window_valid {tuple(window_valid.shape)} {window_valid.dtype}"
+        )

@@ -1,0 +1,227 @@
+import os
+
+import linearize.kernels.liger as liger_mod
+import pytest
+import torch
+import torch.nn.functional as F
+from linearize.kernels.gla import naive_recurrent_gla
+from linearize.kernels.liger import liger_decode, naive_liger_decode, torch_liger_decode
+from linearize.kernels.window import naive_sliding_window_attention
+
+from tests.kernels._close import assert_close
+
+pytestmark = pytest.mark.triton
+
+# (B, H, Hkv, D, W); K = V = D. Batch row 0 sees its whole window, row 1 is left-padded, row 2 sees no key.
+SHAPES = {
+    "H4-Hkv2-D16-W5": (3, 4, 2, 16, 5),
+    "H2-Hkv2-D16-W16": (3, 2, 2, 16, 16),
+    "H4-Hkv2-D32-W16": (3, 4, 2, 32, 16),
+    "H2-Hkv2-D32-W5": (3, 2, 2, 32, 5),
+    "H4-Hkv2-D64-W16": (3, 4, 2, 64, 16),
+    "H2-Hkv2-D64-W5": (3, 2, 2, 64, 5),
+    "H6-Hkv2-D24-W7": (3, 6, 2, 24, 7),  # nothing a power of two: every mask matters
+}
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+# how the Triton path runs: (device, activation dtype, relative L2 tolerance). Under the interpreter only fp32;
+# on a GPU also bf16 activations (the state stays fp32), whose output rounding needs a looser tolerance.
+# only the runs this machine can do are collected, so nothing is reported as skipped
+TRITON_RUNS = ([pytest.param("cpu", torch.float32, 1e-4, id="interpret-fp32")] if INTERPRET and not CUDA else []) + (
+    [
+        pytest.param("cuda", torch.float32, 1e-4, id="cuda-fp32"),
+        pytest.param("cuda", torch.bfloat16, 2e-2, id="cuda-bf16"),
+    ]
+    if CUDA
+    else []
+)
+
+
+def _inputs(shape_id: str, seed: int = 0) -> dict:
+    B, H, Hkv, D, W = SHAPES[shape_id]
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen)
+
+    valid = torch.ones(B, W, dtype=torch.bool)
+    valid[1, : W // 2] = False  # left padding: the oldest half of the window was never filled
+    valid[2] = False  # nothing visible: the window branch must give zeros
+    return {
+        "q_lin": randn(B, H, D).softmax(-1),
+        "k_lin": randn(B, Hkv, D).softmax(-1),
+        "v": randn(B, Hkv, D),
+        "g": F.logsigmoid(randn(B, Hkv, D) * 4) / 16,
+        "state": randn(B, Hkv, D, D),
+        "q_rot": randn(B, H, D),
+        "window_k": randn(B, W, Hkv, D),
+        "window_v": randn(B, W, Hkv, D),
+        "window_valid": valid,
+    }
+
+
+def _check(ref: tuple, out: tuple, ratio: float = 1e-4) -> None:
+    assert_close("o", ref[0], out[0], ratio)
+    assert_close("new_state", ref[1], out[1], ratio)
+    assert out[1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape_id", SHAPES)
+def test_torch_matches_reference(shape_id):
+    inputs = _inputs(shape_id)
+    ref = naive_liger_decode(**inputs)
+    out = torch_liger_decode(**inputs)
+    _check(ref, out)
+    assert out[0].dtype == torch.float32
+    assert out[0][2].abs().sum() > 0  # the linear branch still speaks for the row that sees no window key
+
+
+def _run_triton(
+    inputs: dict, device: str, dtype: torch.dtype, tiles: dict | None = None, **kwargs
+) -> tuple[tuple, tuple]:
+    """(reference, Triton) results: activations cast to `dtype` (the state stays fp32), and the reference run in
+    fp32 on exactly those rounded values."""
+    from linearize.kernels.liger.triton import triton_liger_decode
+
+    inputs = {name: x if name in ("state", "window_valid") else x.to(dtype) for name, x in inputs.items()}
+    ref = naive_liger_decode(
+        **{name: x if x.dtype == torch.bool else x.float() for name, x in inputs.items()}, **kwargs
+    )
+    out = triton_liger_decode(**{name: x.to(device) for name, x in inputs.items()}, **kwargs, **(tiles or {}))
+    assert out[0].dtype == dtype and out[0].device.type == device
+    return ref, tuple(x.cpu() for x in out)
+
+
+@pytest.mark.parametrize("device, dtype, ratio", TRITON_RUNS)
+@pytest.mark.parametrize("shape_id", SHAPES)
+def test_triton_matches_reference(shape_id, device, dtype, ratio):
+    ref, out = _run_triton(_inputs(shape_id), device, dtype)
+    _check(ref, out, ratio)
+    if dtype == torch.float32:  # the fused kernel also agrees with the op-by-op path it replaces
+        _check(torch_liger_decode(**_inputs(shape_id)), out, ratio)
+
+
+@pytest.mark.parametrize("device, dtype, ratio", TRITON_RUNS)
+@pytest.mark.parametrize("block_d", [16, 32])
+def test_triton_tiles_over_v_and_d(block_d, device, dtype, ratio):
+    """Small tiles: four V tiles of the state and several head-dim tiles of the window scores."""
+    ref, out = _run_triton(_inputs("H4-Hkv2-D64-W16", seed=1), device, dtype, dict(block_v=16, block_d=block_d))
+    _check(ref, out, ratio)
+
+
+@pytest.mark.parametrize("device, dtype, ratio", TRITON_RUNS)
+def test_triton_options_and_garbage_in_invalid_slots(device, dtype, ratio):
+    """scale and mix reach the kernel; invalid window slots are never read, so even NaN there is harmless."""
+    inputs = _inputs("H4-Hkv2-D16-W5", seed=2)
+    inputs["window_k"][~inputs["window_valid"]] = float("nan")
+    inputs["window_v"][~inputs["window_valid"]] = float("nan")
+    for scale, mix in [(None, 0.5), (0.3, 0.25), (1.0, 1.0), (0.5, 0.0)]:
+        ref, out = _run_triton(inputs, device, dtype, scale=scale, mix=mix)
+        assert not ref[0].isnan().any()
+        _check(ref, out, ratio)
+
+
+@pytest.mark.parametrize("device, dtype, ratio", TRITON_RUNS)
+def test_triton_strided_inputs(device, dtype, ratio):
+    """Views as a decode loop makes them: the window as the tail of a longer key cache, q and v sliced out of wider
+    projections, the state a slice of a wider buffer."""
+    from linearize.kernels.liger.triton import triton_liger_decode
+
+    inputs = {name: x.to(device) for name, x in _inputs("H4-Hkv2-D16-W5", seed=3).items()}
+    inputs = {name: x if name in ("state", "window_valid") else x.to(dtype) for name, x in inputs.items()}
+    ref = naive_liger_decode(
+        **{name: x.cpu() if x.dtype == torch.bool else x.float().cpu() for name, x in inputs.items()}
+    )
+    views = {}
+    for name, x in inputs.items():
+        if name in ("window_k", "window_v"):  # [B, W, Hkv, D] tail of a [B, W + 7, Hkv, D] cache
+            cache = torch.randn(x.shape[0], x.shape[1] + 7, *x.shape[2:], device=device).to(x.dtype)
+            cache[:, 7:] = x
+            views[name] = cache[:, 7:]
+        elif name == "window_valid":
+            views[name] = torch.cat([torch.zeros_like(x[:, :3]), x], 1)[:, 3:]
+        else:  # last dim a slice of a twice-as-wide buffer: rows no longer contiguous
+            wide = torch.randn(*x.shape[:-1], 2 * x.shape[-1], device=device).to(x.dtype)
+            wide[..., 3 : 3 + x.shape[-1]] = x
+            views[name] = wide[..., 3 : 3 + x.shape[-1]]
+            assert not views[name].is_contiguous()
+    out = triton_liger_decode(**views)
+    _check(ref, tuple(x.cpu() for x in out), ratio)
+
+
+@pytest.mark.parametrize("shape_id", ["H4-Hkv2-D16-W5", "H4-Hkv2-D32-W16"])
+def test_torch_matches_prefill_ops(shape_id):
+    """A decode step equals the prefill oracles run on T = 1 and mixed: GLA from the state, window over W keys."""
+    inputs = _inputs(shape_id)
+    W = inputs["window_k"].shape[1]
+    o_linear, state = naive_recurrent_gla(
+        inputs["q_lin"][:, None],
+        inputs["k_lin"][:, None],
+        inputs["v"][:, None],
+        inputs["g"][:, None],
+        scale=1.0,
+        initial_state=inputs["state"],
+        output_final_state=True,
+    )
+    o_window = naive_sliding_window_attention(
+        inputs["q_rot"][:, None], inputs["window_k"], inputs["window_v"], W, key_valid=inputs["window_valid"]
+    )
+    expected = ((0.5 * o_window + 0.5 * o_linear)[:, 0], state)
+    _check(expected, torch_liger_decode(**inputs))
+    _check(expected, naive_liger_decode(**inputs))
+
+
+def test_dispatch(monkeypatch):
+    inputs = _inputs("H4-Hkv2-D16-W5")
+    ref = naive_liger_decode(**inputs, scale=0.2, mix=0.3)
+    for backend in ("reference", "torch"):
+        _check(ref, liger_decode(**inputs, scale=0.2, mix=0.3, backend=backend))
+    if INTERPRET or CUDA:
+        device = "cpu" if INTERPRET else "cuda"
+        out = liger_decode(**{name: x.to(device) for name, x in inputs.items()}, scale=0.2, mix=0.3, backend="triton")
+        _check(ref, tuple(x.cpu() for x in out))
+        if CUDA:  # CUDA tensors default to the fused kernel
+            monkeypatch.delenv("LINEARIZE_BACKEND", raising=False)
+            cuda_inputs = {name: x.cuda() for name, x in inputs.items()}
+            _check(ref, tuple(x.cpu() for x in liger_decode(**cuda_inputs, scale=0.2, mix=0.3)))
+
+    calls = []
+    monkeypatch.setattr(liger_mod, "torch_liger_decode", lambda *a, **kw: calls.append("torch") or ref)
+    monkeypatch.setattr(liger_mod, "naive_liger_decode", lambda *a, **kw: calls.append("reference") or ref)
+    monkeypatch.delenv("LINEARIZE_BACKEND", raising=False)
+    liger_decode(**inputs)  # CPU default
+    monkeypatch.setenv("LINEARIZE_BACKEND", "reference")
+    liger_decode(**inputs)
+    liger_decode(**inputs, backend="torch")  # the argument wins over the environment
+    assert calls == ["torch", "reference", "torch"]
+    with pytest.raises(ValueError, match="valid backends"):
+        liger_decode(**inputs, backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "name, bad",
+    [
+        ("q_lin", lambda x: x[:, :3]),  # H not a multiple of Hkv
+        ("state", lambda x: x[..., :8]),  # state V differs from v
+        ("q_rot", lambda x: x[..., :8]),  # D != V
+        ("window_v", lambda x: x[:, :-1]),  # W differs from the keys'
+        ("window_valid", lambda x: x.float()),  # not bool
+        ("g", lambda x: x[:, None]),  # wrong rank
+    ],
+)
+def test_bad_shapes_raise(name, bad):
+    inputs = _inputs("H4-Hkv2-D16-W5")
+    inputs[name] = bad(inputs[name])
+    with pytest.raises(ValueError, match="expected q_lin"):
+        liger_decode(**inputs, backend="reference")
+
+
+def test_triton_rejects_long_windows():
+    from linearize.kernels.liger.triton import MAX_WINDOW, triton_liger_decode
+
+    inputs = _inputs("H2-Hkv2-D16-W16")
+    for name in ("window_k", "window_v"):
+        inputs[name] = inputs[name].repeat(1, MAX_WINDOW // 16 + 1, 1, 1)
+    inputs["window_valid"] = inputs["window_valid"].repeat(1, MAX_WINDOW // 16 + 1)
+    with pytest.raises(ValueError, match=f"at most {MAX_WINDOW} window keys"):
+        triton_liger_decode(**inputs)
