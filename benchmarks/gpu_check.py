@@ -5,7 +5,8 @@
 
 Shapes are Llama-3-8B-like attention: 32 query heads, 8 KV heads, head dim 128, bf16, batch 1. Rows:
   - liger unfused (ours): gated linear attention + 64-key sliding window as two of our ops (Triton where the op
-    has a Triton kernel, else the torch path), as the layer runs today;
+    has a Triton kernel, else the torch path), as the layer runs today; its decode step is the fused
+    `liger_decode` kernel;
   - fla chunk_gla + window: flash-linear-attention's GLA kernel plus the same window op (when fla is installed);
   - sdpa causal: full causal softmax attention (`scaled_dot_product_attention`), the original layer's cost.
 Columns: forward, forward+backward (ms) and one decode step at that context (ms), each with its ratio to
@@ -75,25 +76,25 @@ def sdpa(q, k, v, gate=None):
 
 
 def decode_step(name: str, T: int, H: int, Hkv: int, D: int, dtype, device):
-    """One token against a context of T: returns a callable, or None when the row has no decode path."""
-    from linearize.kernels import gated_linear_attention, sliding_window_attention
+    """One token against a context of T: returns a callable, or None when the row has no decode path.
+
+    Liger's decode cost does not depend on T (a D x D state per KV head and a 64-key window); sdpa's does.
+    """
+    from linearize.kernels.liger import liger_decode
 
     q = torch.randn(1, 1, H, D, dtype=dtype, device=device)
     if name == "sdpa causal":
         k = torch.randn(1, T + 1, Hkv, D, dtype=dtype, device=device)
         return lambda: sdpa(q, k, k)
+    if name != "liger unfused (ours)":
+        return None
+    q_lin, k_lin = torch.rand(1, H, D, device=device), torch.rand(1, Hkv, D, device=device)
+    v = torch.randn(1, Hkv, D, dtype=dtype, device=device)
+    gate = torch.full((1, Hkv, D), -0.05, device=device)
     state = torch.randn(1, Hkv, D, D, device=device)
-    k1 = torch.randn(1, 1, Hkv, D, dtype=dtype, device=device)
-    gate = torch.full((1, 1, Hkv, D), -0.05, device=device)
     window = torch.randn(1, WINDOW, Hkv, D, dtype=dtype, device=device)
-
-    def step():
-        o, _ = gated_linear_attention(
-            q.float(), k1.float(), k1.float(), gate, initial_state=state, output_final_state=True
-        )
-        return 0.5 * o + 0.5 * sliding_window_attention(q, window, window, window=WINDOW).float()
-
-    return step if name == "liger unfused (ours)" else None
+    valid = torch.ones(1, WINDOW, dtype=torch.bool, device=device)
+    return lambda: liger_decode(q_lin, k_lin, v, gate, state, q[:, 0], window, window, valid)
 
 
 def time_row(bench, fn, T, H, Hkv, D, dtype, device) -> tuple[float, float]:
