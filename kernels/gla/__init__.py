@@ -6,7 +6,7 @@ from ..backend import resolve_backend
 from .chunk import chunk_gla
 from .fla import fla_chunk_gla
 from .recurrent import fused_recurrent_gla
-from .reference import naive_recurrent_gla
+from .reference import check_cu_seqlens, naive_recurrent_gla
 
 __all__ = ["chunk_gla", "fla_chunk_gla", "fused_recurrent_gla", "gated_linear_attention", "naive_recurrent_gla"]
 
@@ -23,6 +23,7 @@ def gated_linear_attention(
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention: S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, o_t = scale S_t^T q_t.
@@ -36,15 +37,25 @@ def gated_linear_attention(
         initial_state: `[B, Hkv, K, V]` fp32 state before the first token, or None for zeros. The state
             depends only on k, v and g, so the query heads of a group share it.
         output_final_state: whether to return the state after the last token.
+        cu_seqlens: optional int32/int64 `[N + 1]` cumulative boundaries of N sequences packed back to back along T
+            (FlashAttention style: cu_seqlens[0] = 0, cu_seqlens[-1] = T), with B = 1. The state restarts at every
+            boundary, from initial_state[n] if given; initial_state and the final state are then `[N, Hkv, K, V]`.
         backend: "reference", "torch", "triton", "fla" (flash-linear-attention, if installed) or None (see
             `resolve_backend`; CUDA tensors default to "triton").
 
     Returns:
-        o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` in fp32 or None.
+        o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` (`[N, Hkv, K, V]` with cu_seqlens) in fp32
+        or None.
     """
     B, T, H, K = q.shape
     Hkv, V = v.shape[2], v.shape[3]
-    state_ok = initial_state is None or initial_state.shape == (B, Hkv, K, V)
+    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
+    if initial_state is not None and cu_seqlens is not None and initial_state.shape[0] != N:
+        raise ValueError(
+            f"with cu_seqlens, initial_state must hold one state per sequence: [N = {N}, Hkv, K, V], got "
+            f"{tuple(initial_state.shape)}"
+        )
+    state_ok = initial_state is None or initial_state.shape == (N, Hkv, K, V)
     if H % Hkv or g.shape != k.shape or k.shape != (B, T, Hkv, K) or v.shape[:2] != (B, T) or not state_ok:
         raise ValueError(
             "expected q [B, T, H, K], k and g [B, T, Hkv, K], v [B, T, Hkv, V], initial_state [B, Hkv, K, V] with "
@@ -53,6 +64,8 @@ def gated_linear_attention(
         )
     name = resolve_backend(backend, q.device, available=("reference", "torch", "triton", "fla"))
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    if cu_seqlens is not None:
+        kwargs["cu_seqlens"] = cu_seqlens
     if name == "reference":
         return naive_recurrent_gla(q, k, v, g, **kwargs)
     if name == "fla":
@@ -61,6 +74,7 @@ def gated_linear_attention(
         from .triton import triton_chunk_gla  # imports triton only when it is used
 
         return triton_chunk_gla(q, k, v, g, **kwargs)
-    if T <= RECURRENT_MAX_T:
+    # the token loop pays off for short sequences; packed, that is when every sequence is short
+    if (T if cu_seqlens is None else int(cu_seqlens.diff().max())) <= RECURRENT_MAX_T:
         return fused_recurrent_gla(q, k, v, g, **kwargs)
     return chunk_gla(q, k, v, g, **kwargs)

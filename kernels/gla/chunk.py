@@ -12,8 +12,12 @@ chunk is halved recursively down to blocks of BASE tokens:
    and s < r <= t makes both exponents <= 0. Each level costs O(T h) and there are log2(C / BASE) levels.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from .reference import check_cu_seqlens, varlen_loop
 
 BASE = 4
 
@@ -105,6 +109,7 @@ def chunk_gla(
     output_final_state: bool = False,
     chunk_size: int = 64,
     segment_size: int = 512,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention computed chunk by chunk (see the module docstring for the algorithm).
 
@@ -120,10 +125,16 @@ def chunk_gla(
         chunk_size: tokens per chunk, a power of two >= BASE (4).
         segment_size: tokens processed at once, the state carried between segments; a multiple of chunk_size.
             Segments keep the working set in cache: at T = 8192 one pass over everything is ~25% slower.
+        cu_seqlens: optional `[N + 1]` boundaries of N sequences packed along T (B must be 1); the state restarts
+            at each one, initial_state and the final state are then `[N, Hkv, K, V]`.
 
     Returns:
         o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` in fp32 or None.
     """
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+        fn = functools.partial(chunk_gla, chunk_size=chunk_size, segment_size=segment_size)
+        return varlen_loop(fn, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     B, T, H, K = q.shape
     Hkv, V = v.shape[2], v.shape[3]
     if chunk_size < BASE or chunk_size & (chunk_size - 1):

@@ -16,8 +16,9 @@ def fla_chunk_gla(
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same arguments and returns as `linearize.kernels.gated_linear_attention` (state `[B, Hkv, K, V]`)."""
+    """Same arguments and returns as `linearize.kernels.gated_linear_attention` (state `[B or N, Hkv, K, V]`)."""
     try:
         from fla.ops.gla import chunk_gla
     except ImportError:
@@ -29,7 +30,14 @@ def fla_chunk_gla(
     if initial_state is not None:
         initial_state = initial_state.float().repeat_interleave(group, dim=1)
     o, final_state = chunk_gla(
-        q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
     )
     if final_state is not None:
         final_state = final_state[:, ::group]  # every query head of a group holds its key head's state

@@ -2,6 +2,8 @@
 
 import torch
 
+from .reference import check_cu_seqlens, varlen_loop
+
 
 def fused_recurrent_gla(
     q: torch.Tensor,
@@ -11,6 +13,7 @@ def fused_recurrent_gla(
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention, one token at a time, vectorised over batch and heads.
 
@@ -23,10 +26,15 @@ def fused_recurrent_gla(
         initial_state: `[B, Hkv, K, V]` state before the first token, or None for zeros. The state depends only
             on k, v and g, so the query heads of a group share it.
         output_final_state: whether to return the state after the last token.
+        cu_seqlens: optional `[N + 1]` boundaries of N sequences packed along T (B must be 1); the state restarts
+            at each one, initial_state and the final state are then `[N, Hkv, K, V]`.
 
     Returns:
         o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` in fp32 or None.
     """
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+        return varlen_loop(fused_recurrent_gla, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     B, T, H, K = q.shape
     Hkv, V = v.shape[2], v.shape[3]
     dtype = q.dtype

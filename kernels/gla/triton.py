@@ -27,11 +27,18 @@ interactions whose source precedes r and whose target is at or after r, dg_r is 
          + sum_{s < r} k_s exp(b_L - b_s) (dS_next v_s)               (chunk's keys -> state leaving)
          + sum_{s < r <= t} q_t k_s exp(b_t - b_s) (scale do_t . v_s)  (chunk's keys -> chunk's queries)
 (elementwise in k; the first term carries the scale, and the sums over t run over the G query heads too).
+
+Packed batches (cu_seqlens `[N + 1]`, B = 1): the "batch" index of a program is the sequence n, whose tokens are the
+rows [cu_seqlens[n], cu_seqlens[n + 1]) (int64 offsets) and whose states are n's rows of h0, ht, dht and dh0
+`[N, Hkv, K, V]`. The saved chunk states are `[total chunks, Hkv, K, V]`: sequence n's chunks start at row
+chunk_offsets[n], computed on the host from cu_seqlens (without cu_seqlens, n * NT).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from .reference import check_cu_seqlens
 
 CHUNK = 16
 
@@ -46,6 +53,8 @@ def chunk_gla_fwd_kernel_o(
     h0,
     ht,
     h,
+    cu_seqlens,
+    chunk_offsets,
     scale,
     T,
     NT,
@@ -60,11 +69,22 @@ def chunk_gla_fwd_kernel_o(
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
     SAVE_STATES: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
-    bos = i_b.to(tl.int64) * T
+    # this program's sequence: rows [bos, bos + T_seq) of the flattened tokens, its saved states from chunk boc
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+        T_seq = (tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos).to(tl.int32)
+        NT_seq = tl.cdiv(T_seq, C)
+        boc = tl.load(chunk_offsets + i_b).to(tl.int64)
+    else:
+        bos = i_b.to(tl.int64) * T
+        T_seq = T
+        NT_seq = NT
+        boc = i_b.to(tl.int64) * NT
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -84,15 +104,15 @@ def chunk_gla_fwd_kernel_o(
     causal = o_c[:, None] >= o_c[None, :]
     is_last = o_c == C - 1
 
-    for i_n in range(0, NT):
+    for i_n in range(0, NT_seq):
         o_t = i_n * C + o_c
-        m_t = o_t < T
+        m_t = o_t < T_seq
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         row_kv = bos + o_t  # int64 [C]
 
         if SAVE_STATES:
-            p_h = h + (i_bh.to(tl.int64) * NT + i_n) * K * V + o_state
+            p_h = h + ((boc + i_n) * HKV + i_hk) * K * V + o_state
             tl.store(p_h, b_S, mask=m_kv)
 
         p_k = k + (row_kv[:, None] * HKV + i_hk) * K + o_k[None, :]
@@ -143,6 +163,8 @@ def chunk_gla_bwd_kernel_dqkvg(
     dv,
     dg,
     dh0,
+    cu_seqlens,
+    chunk_offsets,
     scale,
     B,
     T,
@@ -157,11 +179,22 @@ def chunk_gla_bwd_kernel_dqkvg(
     BV: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr,
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
-    bos = i_b.to(tl.int64) * T
+    # this program's sequence: rows [bos, bos + T_seq) of the flattened tokens, its saved states from chunk boc
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+        T_seq = (tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos).to(tl.int32)
+        NT_seq = tl.cdiv(T_seq, C)
+        boc = tl.load(chunk_offsets + i_b).to(tl.int64)
+    else:
+        bos = i_b.to(tl.int64) * T
+        T_seq = T
+        NT_seq = NT
+        boc = i_b.to(tl.int64) * NT
     # dq, dk, dg partials of this V block: [NV, B, T, H|HKV, K]
     part = i_v.to(tl.int64) * B * T
 
@@ -183,10 +216,10 @@ def chunk_gla_bwd_kernel_dqkvg(
     strict = o_c[:, None] > o_c[None, :]  # s < t (or s < r), indexed [t|r, s]
     is_last = o_c == C - 1
 
-    for i_i in range(0, NT):
-        i_n = NT - 1 - i_i
+    for i_i in range(0, NT_seq):
+        i_n = NT_seq - 1 - i_i
         o_t = i_n * C + o_c
-        m_t = o_t < T
+        m_t = o_t < T_seq
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         row_kv = bos + o_t
@@ -197,7 +230,7 @@ def chunk_gla_bwd_kernel_dqkvg(
         b_k = tl.load(p_k, mask=m_tk, other=0.0).to(tl.float32)
         b_g = tl.load(p_g, mask=m_tk, other=0.0).to(tl.float32)
         b_v = tl.load(p_v, mask=m_tv, other=0.0).to(tl.float32)
-        p_h = h + (i_bh.to(tl.int64) * NT + i_n) * K * V + o_state
+        p_h = h + ((boc + i_n) * HKV + i_hk) * K * V + o_state
         b_S = tl.load(p_h, mask=m_kv, other=0.0)  # state entering the chunk
 
         b_b = tl.cumsum(b_g, axis=0)
@@ -273,6 +306,19 @@ def _dot_precision(*xs: torch.Tensor) -> str:
     return "ieee" if all(x.dtype == torch.float32 for x in xs) else "tf32"
 
 
+def _varlen_layout(cu_seqlens: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Boundaries `[N + 1]` -> (cu_seqlens, chunk_offsets) as int64 on `device`, N and the total chunk count.
+
+    chunk_offsets[n] is the index of sequence n's first chunk among the saved states (chunk counts differ per
+    sequence); computed on the host, which reads cu_seqlens once (a device sync on CUDA).
+    """
+    lengths = cu_seqlens.detach().to("cpu", torch.int64).diff()
+    chunks = (lengths + CHUNK - 1) // CHUNK
+    chunk_offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+    cu = cu_seqlens.detach().to(device=device, dtype=torch.int64).contiguous()
+    return cu, chunk_offsets.to(device), len(lengths), int(chunk_offsets[-1])
+
+
 def chunk_gla_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -282,17 +328,26 @@ def chunk_gla_fwd(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     save_states: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Returns o `[B, T, H, V]` (q.dtype), the final state or None, and the states entering every chunk or None."""
+    """Returns o `[B, T, H, V]` (q.dtype), the final state or None, and the states entering every chunk or None.
+
+    The final state is `[B, HKV, K, V]`, or `[N, HKV, K, V]` with cu_seqlens; the saved states are
+    `[total chunks, HKV, K, V]`, chunk i of sequence n at row chunk_offsets[n] + i (n * NT + i without cu_seqlens).
+    """
     B, T, H, K = q.shape
     HKV, V = v.shape[2], v.shape[3]
     NT = triton.cdiv(T, CHUNK)
+    if cu_seqlens is None:
+        cu, chunk_offsets, N, NT_total = None, None, B, B * NT
+    else:
+        cu, chunk_offsets, N, NT_total = _varlen_layout(cu_seqlens, q.device)
     BK, BV = _blocks(K, V)
     NV = triton.cdiv(V, BV)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    ht = torch.empty(B, HKV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    h = torch.empty(B, HKV, NT, K, V, dtype=torch.float32, device=q.device) if save_states else None
-    chunk_gla_fwd_kernel_o[(NV, B * HKV)](
+    ht = torch.empty(N, HKV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    h = torch.empty(NT_total, HKV, K, V, dtype=torch.float32, device=q.device) if save_states else None
+    chunk_gla_fwd_kernel_o[(NV, N * HKV)](
         q,
         k,
         v,
@@ -301,6 +356,8 @@ def chunk_gla_fwd(
         initial_state,
         ht,
         h,
+        cu,
+        chunk_offsets,
         scale,
         T,
         NT,
@@ -315,6 +372,7 @@ def chunk_gla_fwd(
         USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=output_final_state,
         SAVE_STATES=save_states,
+        IS_VARLEN=cu is not None,
         DOT_PREC=_dot_precision(q, k, v, g),
         num_warps=4,
     )
@@ -331,11 +389,16 @@ def chunk_gla_bwd(
     dht: torch.Tensor | None,
     scale: float,
     need_dh0: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Returns fp32 dq, dk, dv, dg and dh0 (or None)."""
+    """Returns fp32 dq, dk, dv, dg and dh0 (or None; `[N, HKV, K, V]` with cu_seqlens)."""
     B, T, H, K = q.shape
     HKV, V = v.shape[2], v.shape[3]
     NT = triton.cdiv(T, CHUNK)
+    if cu_seqlens is None:
+        cu, chunk_offsets, N = None, None, B
+    else:
+        cu, chunk_offsets, N, _ = _varlen_layout(cu_seqlens, q.device)
     BK, BV = _blocks(K, V)
     NV = triton.cdiv(V, BV)
     dev = q.device
@@ -343,8 +406,8 @@ def chunk_gla_bwd(
     dk = torch.empty(NV, B, T, HKV, K, dtype=torch.float32, device=dev)
     dg = torch.empty(NV, B, T, HKV, K, dtype=torch.float32, device=dev)
     dv = torch.empty(B, T, HKV, V, dtype=torch.float32, device=dev)
-    dh0 = torch.empty(B, HKV, K, V, dtype=torch.float32, device=dev) if need_dh0 else None
-    chunk_gla_bwd_kernel_dqkvg[(NV, B * HKV)](
+    dh0 = torch.empty(N, HKV, K, V, dtype=torch.float32, device=dev) if need_dh0 else None
+    chunk_gla_bwd_kernel_dqkvg[(NV, N * HKV)](
         q,
         k,
         v,
@@ -357,6 +420,8 @@ def chunk_gla_bwd(
         dv,
         dg,
         dh0,
+        cu,
+        chunk_offsets,
         scale,
         B,
         T,
@@ -371,6 +436,7 @@ def chunk_gla_bwd(
         BV=BV,
         USE_FINAL_STATE_GRADIENT=dht is not None,
         STORE_INITIAL_STATE_GRADIENT=need_dh0,
+        IS_VARLEN=cu is not None,
         DOT_PREC=_dot_precision(q, k, v, g, do),
         num_warps=4,
     )
@@ -379,17 +445,20 @@ def chunk_gla_bwd(
 
 class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state):
+    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens=None):
         q, k, v, g = (x.contiguous() for x in (q, k, v, g))
         ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
         if initial_state is not None:
             initial_state = initial_state.float().contiguous()
         save = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 5))
-        o, ht, h = chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, save_states=save)
+        o, ht, h = chunk_gla_fwd(
+            q, k, v, g, scale, initial_state, output_final_state, save_states=save, cu_seqlens=cu_seqlens
+        )
         if save:
             ctx.save_for_backward(q, k, v, g, h)
         ctx.scale = scale
         ctx.has_initial_state = initial_state is not None
+        ctx.cu_seqlens = cu_seqlens
         return o, ht
 
     @staticmethod
@@ -398,11 +467,20 @@ class ChunkGLAFunction(torch.autograd.Function):
         if dht is not None:
             dht = dht.float().contiguous()
         dq, dk, dv, dg, dh0 = chunk_gla_bwd(
-            q, k, v, g, h, do.contiguous(), dht, ctx.scale, need_dh0=ctx.has_initial_state
+            q,
+            k,
+            v,
+            g,
+            h,
+            do.contiguous(),
+            dht,
+            ctx.scale,
+            need_dh0=ctx.has_initial_state,
+            cu_seqlens=ctx.cu_seqlens,
         )
         if dh0 is not None:
             dh0 = dh0.to(ctx.initial_state_dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), None, dh0, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), None, dh0, None, None
 
 
 def triton_chunk_gla(
@@ -413,6 +491,7 @@ def triton_chunk_gla(
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention with Triton kernels, differentiable w.r.t. q, k, v, g and initial_state.
 
@@ -424,17 +503,21 @@ def triton_chunk_gla(
         scale: multiplier of the output.
         initial_state: `[B, Hkv, K, V]` state before the first token, or None for zeros.
         output_final_state: whether to return the state after the last token.
+        cu_seqlens: optional `[N + 1]` boundaries of N sequences packed along T (B must be 1); the state restarts
+            at each one, initial_state and the final state are then `[N, Hkv, K, V]`.
 
     Returns:
         o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` in fp32 or None.
     """
     B, T, H, K = q.shape
     Hkv, V = v.shape[2], v.shape[3]
-    state_ok = initial_state is None or initial_state.shape == (B, Hkv, K, V)
+    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
+    state_ok = initial_state is None or initial_state.shape == (N, Hkv, K, V)
     if H % Hkv or g.shape != k.shape or k.shape != (B, T, Hkv, K) or v.shape[:2] != (B, T) or not state_ok:
         raise ValueError(
-            "expected q [B, T, H, K], k and g [B, T, Hkv, K], v [B, T, Hkv, V], initial_state [B, Hkv, K, V] with "
-            f"H % Hkv == 0, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
+            "expected q [B, T, H, K], k and g [B, T, Hkv, K], v [B, T, Hkv, V], initial_state [N, Hkv, K, V] (N = B, "
+            "or the number of sequences with cu_seqlens) with H % Hkv == 0, got q "
+            f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
             f"initial_state {None if initial_state is None else tuple(initial_state.shape)}"
         )
-    return ChunkGLAFunction.apply(q, k, v, g, float(scale), initial_state, output_final_state)
+    return ChunkGLAFunction.apply(q, k, v, g, float(scale), initial_state, output_final_state, cu_seqlens)
