@@ -1,5 +1,5 @@
-"""Sliding-window softmax attention with optional sink keys: reference, blockwise and decode paths, and the
-dispatcher."""
+"""Sliding-window softmax attention with optional sink keys: reference, blockwise and decode paths in PyTorch,
+Triton kernels, and the dispatcher."""
 
 import torch
 
@@ -60,9 +60,11 @@ def sliding_window_attention(
         raise ValueError(f"window must be >= 1, got {window}")
     if (sink_k is None) != (sink_v is None) or (sink_k is None and sink_mask is not None):
         raise ValueError("sink_k and sink_v go together, and sink_mask needs them")
-    name = resolve_backend(backend, q.device, available=("reference", "torch"))
+    name = resolve_backend(backend, q.device, available=("reference", "torch", "triton"))
     if name == "reference":
         attend = naive_sliding_window_attention
+    elif name == "triton":
+        from .triton import triton_sliding_window_attention as attend  # imports triton only when it is used
     else:
         attend = decode_sliding_window_attention if T == 1 else chunk_sliding_window_attention
     return attend(q, k, v, window, key_valid, sink_k, sink_v, sink_mask, scale)
