@@ -31,3 +31,25 @@ def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
     torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-4)
     # Liger's one-token steps go through the fused decode kernel: 6 steps in each of the 2 layers
     assert len(decode_kernel_calls) == (12 if method == "liger" else 0)
+
+
+def test_layer_option_selects_the_backend(monkeypatch):
+    import linearize.kernels.window.triton as window_kernels
+
+    calls = []
+    kernel = window_kernels.triton_sliding_window_attention
+    monkeypatch.setattr(
+        window_kernels, "triton_sliding_window_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw)
+    )
+    monkeypatch.delenv("LINEARIZE_BACKEND", raising=False)
+    model = converted_model("llama", "swa").to(DEVICE)
+    ids = torch.randint(3, 128, (1, 20), device=DEVICE)
+    with torch.no_grad():
+        outputs = {}
+        for backend in ("torch", "triton"):
+            for layer in model.model.layers:
+                layer.self_attn.backend = backend  # the layer option; the config's `linearize.backend` sets it
+            outputs[backend] = model(ids, use_cache=False).logits
+    expected, actual = outputs["torch"], outputs["triton"]
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert len(calls) == model.config.num_hidden_layers
