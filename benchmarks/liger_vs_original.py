@@ -4,8 +4,8 @@
 
 Both models run in fp32 on the CPU with the same thread count. For each context length C it times the prefill
 of C tokens (tokens/s, best of `--repeats` runs alternating between the models), then `--decode-tokens`
-single-token steps from that cache in blocks alternating between the models (median ms/token), and reports
-the cache bytes after prefill. Ratios compare the converted model with the original measured in the same run.
+single-token steps from that cache, one model after the other (median ms/token), and reports the cache bytes
+after prefill. Ratios compare the converted model with the original measured in the same run.
 """
 
 from __future__ import annotations
@@ -55,15 +55,13 @@ def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, se
         name: {"prefill_tok_s": context / min(prefill[name]), "cache_bytes": cache_bytes(caches[name])}
         for name in models
     }
-    # blocks of steps per model, alternating, so a slow spell of the machine costs every model alike while one
-    # model's decode (e.g. streaming a large KV cache) does not disturb the other's steps
-    block = max(1, decode_tokens // 4)
-    for first in range(context, context + decode_tokens, block):
-        for name, model in models.items():
-            for t in range(first, min(first + block, context + decode_tokens)):
-                start = time.perf_counter()
-                caches[name] = _cache(model(ids[:, t : t + 1], cache=caches[name], use_cache=True))
-                steps[name].append(time.perf_counter() - start)
+    # each model decodes in one uninterrupted run: interleaving steps lets one model's cache traffic (the
+    # original streams its whole KV cache every step) slow the other's next steps
+    for name, model in models.items():
+        for t in range(context, context + decode_tokens):
+            start = time.perf_counter()
+            caches[name] = _cache(model(ids[:, t : t + 1], cache=caches[name], use_cache=True))
+            steps[name].append(time.perf_counter() - start)
     for name in models:
         results[name]["decode_ms"] = 1000 * statistics.median(steps[name])
     return results
