@@ -6,7 +6,7 @@ from ..backend import resolve_backend
 from .chunk import chunk_gla
 from .fla import fla_chunk_gla
 from .recurrent import fused_recurrent_gla
-from .reference import check_cu_seqlens, naive_recurrent_gla
+from .reference import check_inputs, naive_recurrent_gla
 
 __all__ = ["chunk_gla", "fla_chunk_gla", "fused_recurrent_gla", "gated_linear_attention", "naive_recurrent_gla"]
 
@@ -47,21 +47,8 @@ def gated_linear_attention(
         o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` (`[N, Hkv, K, V]` with cu_seqlens) in fp32
         or None.
     """
-    B, T, H, K = q.shape
-    Hkv, V = v.shape[2], v.shape[3]
-    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
-    if initial_state is not None and cu_seqlens is not None and initial_state.shape[0] != N:
-        raise ValueError(
-            f"with cu_seqlens, initial_state must hold one state per sequence: [N = {N}, Hkv, K, V], got "
-            f"{tuple(initial_state.shape)}"
-        )
-    state_ok = initial_state is None or initial_state.shape == (N, Hkv, K, V)
-    if H % Hkv or g.shape != k.shape or k.shape != (B, T, Hkv, K) or v.shape[:2] != (B, T) or not state_ok:
-        raise ValueError(
-            "expected q [B, T, H, K], k and g [B, T, Hkv, K], v [B, T, Hkv, V], initial_state [B, Hkv, K, V] with "
-            f"H % Hkv == 0, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
-            f"initial_state {None if initial_state is None else tuple(initial_state.shape)}"
-        )
+    check_inputs(q, k, v, g, initial_state, cu_seqlens)
+    T = q.shape[1]
     name = resolve_backend(backend, q.device, available=("reference", "torch", "triton", "fla"))
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if cu_seqlens is not None:

@@ -3,6 +3,30 @@
 import torch
 
 
+def check_inputs(q, k, v, g, initial_state=None, cu_seqlens=None) -> int:
+    """Raise a ValueError naming the problem when the arguments do not fit the op's shapes (see the dispatcher).
+
+    Returns N, the number of sequences: B, or the number of packed sequences with cu_seqlens.
+    """
+    B, T, H, K = q.shape
+    Hkv, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
+    if initial_state is not None and cu_seqlens is not None and initial_state.shape[0] != N:
+        raise ValueError(
+            f"with cu_seqlens, initial_state must hold one state per sequence: [N = {N}, Hkv, K, V], got "
+            f"{tuple(initial_state.shape)}"
+        )
+    state_ok = initial_state is None or initial_state.shape == (N, Hkv, K, V)
+    if H % Hkv or g.shape != k.shape or k.shape != (B, T, Hkv, K) or v.shape[:2] != (B, T) or not state_ok:
+        raise ValueError(
+            "expected q [B, T, H, K], k and g [B, T, Hkv, K], v [B, T, Hkv, V], initial_state [N, Hkv, K, V] (N = B, "
+            "or the number of sequences with cu_seqlens) with H % Hkv == 0, got q "
+            f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
+            f"initial_state {None if initial_state is None else tuple(initial_state.shape)}"
+        )
+    return N
+
+
 def naive_recurrent_gla(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_cu_seqlens
+from .reference import check_inputs
 
 CHUNK = 16
 
@@ -509,15 +509,5 @@ def triton_chunk_gla(
     Returns:
         o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` in fp32 or None.
     """
-    B, T, H, K = q.shape
-    Hkv, V = v.shape[2], v.shape[3]
-    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
-    state_ok = initial_state is None or initial_state.shape == (N, Hkv, K, V)
-    if H % Hkv or g.shape != k.shape or k.shape != (B, T, Hkv, K) or v.shape[:2] != (B, T) or not state_ok:
-        raise ValueError(
-            "expected q [B, T, H, K], k and g [B, T, Hkv, K], v [B, T, Hkv, V], initial_state [N, Hkv, K, V] (N = B, "
-            "or the number of sequences with cu_seqlens) with H % Hkv == 0, got q "
-            f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
-            f"initial_state {None if initial_state is None else tuple(initial_state.shape)}"
-        )
+    check_inputs(q, k, v, g, initial_state, cu_seqlens)
     return ChunkGLAFunction.apply(q, k, v, g, float(scale), initial_state, output_final_state, cu_seqlens)

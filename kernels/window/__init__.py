@@ -6,7 +6,7 @@ import torch
 from ..backend import resolve_backend
 from .chunk import chunk_sliding_window_attention
 from .decode import decode_sliding_window_attention
-from .reference import naive_sliding_window_attention
+from .reference import check_inputs, naive_sliding_window_attention
 
 __all__ = [
     "chunk_sliding_window_attention",
@@ -49,17 +49,8 @@ def sliding_window_attention(
     Returns:
         o `[B, T, H, D]` in q.dtype; zeros for a query that sees no key.
     """
-    B, T, H, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    if H % Hkv or S < T or v.shape != k.shape or k.shape != (B, S, Hkv, D):
-        raise ValueError(
-            "expected q [B, T, H, D], k and v [B, S, Hkv, D] with S >= T and H % Hkv == 0, got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if (sink_k is None) != (sink_v is None) or (sink_k is None and sink_mask is not None):
-        raise ValueError("sink_k and sink_v go together, and sink_mask needs them")
+    check_inputs(q, k, v, window, key_valid, sink_k, sink_v, sink_mask)
+    T = q.shape[1]
     name = resolve_backend(backend, q.device, available=("reference", "torch", "triton"))
     if name == "reference":
         attend = naive_sliding_window_attention

@@ -3,6 +3,29 @@
 import torch
 
 
+def check_inputs(q, k, v, window, key_valid=None, sink_k=None, sink_v=None, sink_mask=None) -> None:
+    """Raise a ValueError naming the problem when the arguments do not fit the op's shapes (see the dispatcher)."""
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    if H % Hkv or S < T or v.shape != k.shape or k.shape != (B, S, Hkv, D):
+        raise ValueError(
+            "expected q [B, T, H, D], k and v [B, S, Hkv, D] with S >= T and H % Hkv == 0, got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if (sink_k is None) != (sink_v is None) or (sink_k is None and sink_mask is not None):
+        raise ValueError("sink_k and sink_v go together, and sink_mask needs them")
+    if key_valid is not None and key_valid.shape != (B, S):
+        raise ValueError(f"expected key_valid [B, S] = {(B, S)}, got {tuple(key_valid.shape)}")
+    if sink_k is not None:
+        E = sink_k.shape[1]
+        if sink_k.shape != (B, E, Hkv, D) or sink_v.shape != sink_k.shape:
+            raise ValueError(f"expected sink_k and sink_v [B, E, Hkv, D], got {tuple(sink_k.shape)}")
+        if sink_mask is not None and sink_mask.shape != (B, T, E):
+            raise ValueError(f"expected sink_mask [B, T, E] = {(B, T, E)}, got {tuple(sink_mask.shape)}")
+
+
 def naive_sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,

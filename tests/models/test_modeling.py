@@ -159,8 +159,13 @@ def test_remote_code_says_how_to_install_linearize_when_missing(tmp_path):
         except ImportError as error:
             print(error)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert "pip install linearize" in result.stdout, result.stdout + result.stderr
 
 
