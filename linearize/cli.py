@@ -68,7 +68,12 @@ def _plan_table(plan) -> Table:
     return table
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  linearize convert -o smollm2-liger                  # the embedded SmolLM2-135M, Liger\n\n"
+    "  linearize convert Qwen/Qwen3-0.6B -m swa -o q3-swa  # training-free baseline\n\n"
+    "  linearize convert ./my-llama --softmax-layers every:8 --dry-run"
+)
 def convert(
     model: Annotated[
         str | None,
