@@ -37,9 +37,6 @@ class RecentTokens:
         self.tensors = tuple(t[:, cut:].clone() if cut > self.capacity else t[:, cut:] for t in joined)
         return joined, tuple(t[:, :cut] for t in joined)
 
-    def read(self) -> tuple[torch.Tensor, ...] | None:
-        return self.tensors
-
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.tensors is not None:
             self.tensors = tuple(fn(t) for t in self.tensors)
@@ -109,7 +106,7 @@ class StateCacheLayer(CacheLayerMixin):
         for name in self._tensor_fields:
             value = getattr(self, name)
             if isinstance(value, RecentTokens):
-                value = value.read()
+                value = value.tensors
             for tensor in value if isinstance(value, tuple) else (value,):
                 if tensor is not None:
                     total += tensor.numel() * tensor.element_size()
