@@ -1,0 +1,1 @@
+"""Fine-tuning converted models: recipes, data, stages and the training loop."""

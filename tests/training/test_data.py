@@ -1,0 +1,333 @@
+"""The fine-tuning data pipeline: sources, formats, loss masks, packing and the held-out split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from linearize.errors import LinearizeError
+from linearize.training.data import IGNORE_INDEX, DataConfig, DataSource, load_data
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Like Qwen3's template: only a final assistant turn gets an (empty) think block, so a conversation's rendering
+# is not an extension of the rendering of its first turns.
+THINKING = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{}\n\n### Response:\n"
+)
+
+
+def byte_tokenizer(chat_template: str | None = CHATML):
+    """One token per byte plus special tokens, so every text round-trips; it has EOS but no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture
+def tokenizer():
+    return byte_tokenizer()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def expected_stream(tokenizer, segments):
+    """Token ids and labels of (text, trained) segments laid end to end."""
+    ids, labels = [], []
+    for text, trained in segments:
+        segment = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += segment
+        labels += segment if trained else [IGNORE_INDEX] * len(segment)
+    return ids, labels
+
+
+def assert_packed(packs, tokenizer, segments, seq_len):
+    """The packs are the segments' stream cut into full rows of seq_len, the partial tail dropped."""
+    ids, labels = expected_stream(tokenizer, segments)
+    rows = len(ids) // seq_len
+    assert packs.input_ids.shape == packs.labels.shape == (rows, seq_len)
+    assert packs.input_ids.flatten().tolist() == ids[: rows * seq_len]
+    assert packs.labels.flatten().tolist() == labels[: rows * seq_len]
+
+
+def load(tokenizer, *sources: DataSource, seq_len: int = 8, held_out: float | int = 0, seed: int = 0):
+    return load_data(DataConfig(sources=list(sources), seq_len=seq_len, held_out=held_out), tokenizer, seed)
+
+
+# ---------------------------------------------------------------- formats and packing
+
+
+def test_text_files_of_a_glob_are_packed_in_order_all_trained(tmp_path, tokenizer):
+    (tmp_path / "b.txt").write_text("second document, a little longer")
+    (tmp_path / "a.md").write_text("first document")
+    (tmp_path / "c.txt").write_text("   \n")  # blank files are no documents
+    data = load(tokenizer, DataSource(path=str(tmp_path / "*")), seq_len=7)
+    segments = [("first document</s>", True), ("second document, a little longer</s>", True)]
+    assert_packed(data.train, tokenizer, segments, 7)
+    item = data.train[1]
+    assert item["input_ids"].dtype == item["labels"].dtype == torch.long and item["input_ids"].shape == (7,)
+    assert data.train.num_trained_tokens == data.train.num_tokens == len(data.train) * 7
+    assert len(data.held_out) == 0 and data.held_out.input_ids.shape == (0, 7)
+    assert any("2 documents (text)" in note for note in data.notes)
+
+
+def test_instruction_records_train_only_the_response_and_eos(tmp_path, tokenizer):
+    path = write_jsonl(
+        tmp_path / "alpaca.jsonl",
+        [
+            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        ],
+    )
+    data = load(tokenizer, DataSource(path=path), seq_len=4)
+    with_input = (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n"
+    )
+    without_input = ALPACA.format("Name a colour.")
+    segments = [(with_input, False), ("5</s>", True), (without_input, False), ("Blue.</s>", True)]
+    assert_packed(data.train, tokenizer, segments, 4)
+
+
+def test_parquet_instruction_records_with_null_input(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"instruction": "Say hi.", "input": None, "output": "Hi!"}] * 3
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "data.parquet")
+    data = load(tokenizer, DataSource(path=str(tmp_path / "data.parquet")), seq_len=16)
+    assert_packed(data.train, tokenizer, [(ALPACA.format("Say hi."), False), ("Hi!</s>", True)] * 3, 16)
+
+
+def chat(*turns):
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+
+def test_chat_trains_assistant_turns_and_their_end_of_turn(tmp_path, tokenizer):
+    turns = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"), ("assistant", "Bye.")]
+    record = chat(*turns)
+    data = load(tokenizer, DataSource(path=write_jsonl(tmp_path / "chat.jsonl", [record] * 2)), seq_len=8)
+    segments = [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello!<|im_end|>\n", True),
+        ("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Bye.<|im_end|>\n", True),
+    ]
+    assert_packed(data.train, tokenizer, segments * 2, 8)  # no EOS: the template delimits conversations
+
+
+def test_chat_with_a_template_that_renders_the_last_turn_differently(tmp_path):
+    tokenizer = byte_tokenizer(THINKING)
+    record = chat(("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"), ("assistant", "Bye."))
+    data = load(tokenizer, DataSource(path=write_jsonl(tmp_path / "chat.jsonl", [record])), seq_len=2)
+    segments = [
+        ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello!<|im_end|>\n", True),
+        ("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False),
+        ("<think>\n\n</think>\n\nBye.<|im_end|>\n", True),
+    ]
+    assert_packed(data.train, tokenizer, segments, 2)
+
+
+def test_auto_format_and_custom_fields(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"body": "some text here", "id": 1}])
+    data = load(tokenizer, DataSource(path=path, text_field="body"), seq_len=4)
+    assert_packed(data.train, tokenizer, [("some text here</s>", True)], 4)
+    convo = [{"conversation": chat(("user", "Hi"), ("assistant", "Yo"))["messages"]}]
+    path = write_jsonl(tmp_path / "c.jsonl", convo)
+    data = load(tokenizer, DataSource(path=path, messages_field="conversation"), seq_len=4)
+    assert any("(chat)" in note for note in data.notes)
+
+
+def test_json_list_and_max_documents(tmp_path, tokenizer):
+    (tmp_path / "d.json").write_text(json.dumps([{"text": f"document number {i}"} for i in range(10)]))
+    data = load(tokenizer, DataSource(path=str(tmp_path / "d.json"), max_documents=2), seq_len=4)
+    segments = [("document number 0</s>", True), ("document number 1</s>", True)]
+    assert_packed(data.train, tokenizer, segments, 4)
+
+
+def test_builtin_corpus_is_the_default_and_loads_offline(tokenizer):
+    data = load_data(DataConfig(seq_len=512), tokenizer)
+    assert len(data.train) > 100 and len(data.held_out) > 0
+    assert data.train.num_trained_tokens == data.train.num_tokens
+    assert any(note.startswith("builtin pydoc:") for note in data.notes)
+
+
+def test_local_dataset_folder_through_datasets(tmp_path, monkeypatch, tokenizer):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"text": f"row {i}"} for i in range(5)])
+    data = load(tokenizer, DataSource(dataset=str(folder), max_documents=3), seq_len=2)
+    segments = [(f"row {i}</s>", True) for i in range(3)]
+    assert_packed(data.train, tokenizer, segments, 2)
+
+
+# ---------------------------------------------------------------- held-out split
+
+
+def numbered_documents(tmp_path, count=20):
+    # "docNN</s>" is 6 tokens, so with seq_len 6 every pack is exactly one document
+    return DataSource(path=write_jsonl(tmp_path / "docs.jsonl", [{"text": f"doc{i:02}"} for i in range(count)]))
+
+
+def documents_of(packs, tokenizer):
+    return [tokenizer.decode(row).removesuffix("</s>") for row in packs.input_ids]
+
+
+def test_held_out_documents_are_disjoint_seeded_and_in_order(tmp_path, tokenizer):
+    source = numbered_documents(tmp_path)
+    first = load(tokenizer, source, seq_len=6, held_out=0.2, seed=1)
+    train, held = documents_of(first.train, tokenizer), documents_of(first.held_out, tokenizer)
+    assert len(held) == 4 and not set(train) & set(held)
+    assert sorted(train + held) == [f"doc{i:02}" for i in range(20)]
+    assert train == sorted(train) and held == sorted(held)  # the split keeps the sources' order
+    again = load(tokenizer, source, seq_len=6, held_out=0.2, seed=1)
+    assert torch.equal(again.held_out.input_ids, first.held_out.input_ids)
+    other = load(tokenizer, source, seq_len=6, held_out=0.2, seed=2)
+    assert documents_of(other.held_out, tokenizer) != held
+
+
+def test_held_out_count_and_a_tiny_fraction_hold_out_at_least_one(tmp_path, tokenizer):
+    source = numbered_documents(tmp_path)
+    assert len(load(tokenizer, source, seq_len=6, held_out=3).held_out) == 3
+    assert len(load(tokenizer, source, seq_len=6, held_out=0.001).held_out) == 1
+
+
+def test_held_out_errors(tmp_path, tokenizer):
+    source = numbered_documents(tmp_path, count=4)
+    with pytest.raises(LinearizeError, match="all 4 documents are held out"):
+        load(tokenizer, source, seq_len=6, held_out=4)
+    with pytest.raises(LinearizeError, match=r"held-out data has 6 tokens, fewer than one pack of seq_len=12"):
+        load(tokenizer, source, seq_len=12, held_out=1)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_file_empty_glob_and_folder(tmp_path, tokenizer):
+    with pytest.raises(LinearizeError, match="not found"):
+        load(tokenizer, DataSource(path=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(LinearizeError, match=r"no file matches .*\*\.jsonl"):
+        load(tokenizer, DataSource(path=str(tmp_path / "*.jsonl")))
+    with pytest.raises(LinearizeError, match="is a folder"):
+        load(tokenizer, DataSource(path=str(tmp_path)))
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(LinearizeError, match=r"data\.csv.*must end in"):
+        load(tokenizer, DataSource(path=str(tmp_path / "data.csv")))
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path, tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": oops}\n')
+    with pytest.raises(LinearizeError, match=r"bad\.jsonl, line 3: not valid JSON"):
+        load(tokenizer, DataSource(path=str(path)))
+
+
+def test_records_without_expected_fields(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(LinearizeError, match=r"fields \['answer', 'question'\]; expected 'text'.*'instruction'"):
+        load(tokenizer, DataSource(path=path))
+    path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a"}, {"body": "b"}])
+    with pytest.raises(LinearizeError, match=r"mixed\.jsonl, line 2: text record lacks \['text'\]; its fields"):
+        load(tokenizer, DataSource(path=path))
+    with pytest.raises(LinearizeError, match="must be an object"):
+        load(tokenizer, DataSource(path=write_jsonl(tmp_path / "list.jsonl", [[1, 2]])))
+
+
+def test_empty_dataset_and_too_little_text(tmp_path, tokenizer):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(LinearizeError, match="holds no documents"):
+        load(tokenizer, DataSource(path=str(tmp_path / "empty.jsonl")))
+    (tmp_path / "short.txt").write_text("tiny")
+    with pytest.raises(LinearizeError, match=r"training data has 5 tokens, fewer than one pack of seq_len=1024"):
+        load(tokenizer, DataSource(path=str(tmp_path / "short.txt")), seq_len=1024)
+
+
+def test_raw_text_cannot_be_read_as_records(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("plain text")
+    with pytest.raises(LinearizeError, match="raw text, which has no chat records"):
+        load(tokenizer, DataSource(path=str(tmp_path / "a.txt"), format="chat"))
+
+
+def test_chat_records_need_a_chat_template(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat(("user", "Hi"), ("assistant", "Yo"))])
+    with pytest.raises(LinearizeError, match="no chat template"):
+        load(byte_tokenizer(chat_template=None), DataSource(path=path))
+
+
+def test_chat_template_errors_name_the_record(tmp_path):
+    tokenizer = byte_tokenizer("{{ raise_exception('roles must alternate user/assistant') }}")
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat(("user", "Hi"), ("assistant", "Yo"))])
+    with pytest.raises(LinearizeError, match=r"chat\.jsonl, line 1: the chat template cannot render.*must alternate"):
+        load(tokenizer, DataSource(path=path))
+
+
+def test_conversations_without_an_assistant_turn_train_nothing(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat(("user", "Hi there"))] * 4)
+    with pytest.raises(LinearizeError, match="no token of the training data is trained"):
+        load(tokenizer, DataSource(path=path), seq_len=4)
+
+
+def test_dataset_not_cached_while_offline(tmp_path, monkeypatch, tokenizer):
+    import datasets
+
+    assert datasets.config.HF_HUB_OFFLINE  # tests/conftest.py: nothing here may reach the network
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    with pytest.raises(LinearizeError, match=r"not in the local cache.*offline.*HF_HUB_OFFLINE.*run once online"):
+        load(tokenizer, DataSource(dataset="someone/not-cached-anywhere"))
+
+
+def test_tokenizer_without_pad_is_fine_without_eos_is_not(tmp_path, tokenizer):
+    source = DataSource(path=write_jsonl(tmp_path / "d.jsonl", [{"text": "enough text for a pack"}]))
+    assert tokenizer.pad_token is None
+    assert any("no pad token" in note for note in load(tokenizer, source).notes)
+    tokenizer.eos_token = None
+    with pytest.raises(LinearizeError, match="no EOS token"):
+        load(tokenizer, source)
+
+
+def test_config_validation():
+    assert DataConfig().sources == [DataSource(builtin="pydoc")]
+    with pytest.raises(ValidationError, match="exactly one of path, dataset or builtin"):
+        DataSource(path="a.txt", builtin="pydoc")
+    with pytest.raises(ValidationError, match="exactly one of path, dataset or builtin"):
+        DataSource()
+    with pytest.raises(ValidationError, match="subset applies to a Hugging Face dataset only"):
+        DataSource(path="a.txt", subset="x")
+    with pytest.raises(ValidationError, match="fraction must be in"):
+        DataConfig(held_out=1.0)
+    with pytest.raises(ValidationError):
+        DataConfig(seq_len=1)
+    with pytest.raises(ValidationError):
+        DataConfig(sources=[])
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        DataSource(builtin="pydoc", text="x")
+    assert isinstance(DataConfig(held_out=5).held_out, int) and DataConfig(held_out=0).held_out == 0
