@@ -1,16 +1,25 @@
-"""Liger attention decode step (one new token per sequence): gated linear branch plus sliding-window softmax
-branch, mixed. Reference, PyTorch and fused Triton paths, and the dispatcher.
+"""Liger attention: gated linear branch plus sliding-window softmax branch, mixed. Two ops, each with reference,
+PyTorch and fused Triton paths: `liger_attention` over a sequence (prefill and training, differentiable) and
+`liger_decode`, one new token per sequence.
 
-The Triton module is imported only when the "triton" backend runs, so CPU-only installs never import triton.
+The Triton modules are imported only when the "triton" backend runs, so CPU-only installs never import triton.
 """
 
 import torch
 
 from ..backend import resolve_backend
+from .attention_torch import torch_liger_attention
 from .decode_torch import torch_liger_decode
-from .reference import naive_liger_decode
+from .reference import check_attention_inputs, naive_liger_attention, naive_liger_decode
 
-__all__ = ["liger_decode", "naive_liger_decode", "torch_liger_decode"]
+__all__ = [
+    "liger_attention",
+    "liger_decode",
+    "naive_liger_attention",
+    "naive_liger_decode",
+    "torch_liger_attention",
+    "torch_liger_decode",
+]
 
 
 def liger_decode(
@@ -89,3 +98,76 @@ def _check_shapes(q_lin, k_lin, v, g, state, q_rot, window_k, window_v, window_v
             f"state {tuple(state.shape)}, q_rot {tuple(q_rot.shape)}, window_k {tuple(window_k.shape)}, "
             f"window_v {tuple(window_v.shape)}, window_valid {tuple(window_valid.shape)} {window_valid.dtype}"
         )
+
+
+def liger_attention(
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    q_rot: torch.Tensor,
+    k_rot: torch.Tensor,
+    *,
+    window: int = 64,
+    key_valid: torch.Tensor | None = None,
+    past_k: torch.Tensor | None = None,
+    past_v: torch.Tensor | None = None,
+    scale: float | None = None,
+    mix: float = 0.5,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Liger attention over a sequence: o = mix * o_window + (1 - mix) * o_linear, v shared by both branches.
+
+    o_linear is `gated_linear_attention(q_lin, k_lin, v, g, scale=1, initial_state=...)`: S_t = diag(exp(g_t)) S_{t-1}
+    + k_lin_t v_t^T, o_linear_t = S_t^T q_lin_t. o_window is `sliding_window_attention` of q_rot over the keys
+    [past_k, k_rot] and values [past_v, v]: query t sits at key position P + t and sees key j iff
+    P + t - window < j <= P + t and key_valid[b, j] (zeros if it sees none). key_valid masks the window branch only:
+    to keep padding out of the linear state, pass v zeroed there (the state before left padding is zero anyway).
+
+    Args:
+        q_lin: feature-mapped queries `[B, T, H, K]`.
+        k_lin: feature-mapped keys `[B, T, Hkv, K]`; H must be a multiple of Hkv, query head h reads key head
+            h // (H // Hkv) in both branches.
+        v: values `[B, T, Hkv, D]`.
+        g: per-key-dimension log decay `[B, T, Hkv, K]`, <= 0.
+        q_rot: RoPE'd queries `[B, T, H, D]`.
+        k_rot: RoPE'd keys `[B, T, Hkv, D]`.
+        window: keys visible per query, counting its own token (>= 1).
+        key_valid: `[B, P + T]` bool, False for window keys nobody may see (padding); None means all valid.
+        past_k: RoPE'd keys of the P cached tokens before these `[B, P, Hkv, D]`, or None.
+        past_v: their values `[B, P, Hkv, D]`, given together with past_k.
+        scale: window score multiplier, default D ** -0.5.
+        mix: weight of the window branch; the linear branch gets 1 - mix.
+        initial_state: `[B, Hkv, K, D]` fp32 linear state before the first token, or None for zeros.
+        output_final_state: whether to return the linear state after the last token.
+        backend: "reference", "torch", "triton" or None (see `resolve_backend`; CUDA tensors default to "triton").
+
+    Returns:
+        o `[B, T, H, D]` in q_rot.dtype (mixed in fp32), and the final state `[B, Hkv, K, D]` in fp32 or None.
+    """
+    check_attention_inputs(q_lin, k_lin, v, g, q_rot, k_rot, window, key_valid, past_k, past_v, initial_state)
+    name = resolve_backend(backend, q_rot.device, available=("reference", "torch", "triton"))
+    if name == "reference":
+        fn = naive_liger_attention
+    elif name == "torch":
+        fn = torch_liger_attention
+    else:
+        from .attention_triton import triton_liger_attention as fn
+    return fn(
+        q_lin,
+        k_lin,
+        v,
+        g,
+        q_rot,
+        k_rot,
+        window=window,
+        key_valid=key_valid,
+        past_k=past_k,
+        past_v=past_v,
+        scale=scale,
+        mix=mix,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )

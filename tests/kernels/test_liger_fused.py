@@ -1,0 +1,168 @@
+"""Liger attention over a sequence (`linearize.kernels.liger.liger_attention`): the fused Triton kernels and the
+torch composition against the fp32 oracle, outputs, final state and every gradient.
+
+On CPU the kernels run under Triton's interpreter (fp32 only, slow), so shapes stay tiny and chunks small (16 or 32
+tokens; T is never a multiple of the chunk); torch.empty is NaN-filled (tests/kernels/conftest.py), so a read of
+unwritten scratch fails. On CUDA the same cases also run with bf16 and fp16 inputs at a looser ratio.
+"""
+
+import functools
+
+import linearize.kernels.liger.attention_triton as attention_triton
+import pytest
+import torch
+import torch.nn.functional as F
+from linearize.kernels.liger import liger_attention, naive_liger_attention, torch_liger_attention
+from linearize.kernels.liger.attention_triton import triton_liger_attention
+
+from tests.kernels._close import assert_close
+
+# (B, T, H, Hkv, D, P history keys, window, chunk_size, left padding)
+SHAPES = {
+    "T37-H4-Hkv2-D16-w16-c16": (2, 37, 4, 2, 16, 0, 16, 16, False),
+    "T70-H2-Hkv1-D32-w20-c32": (1, 70, 2, 1, 32, 0, 20, 32, False),
+    # a window wider than the chunk, reaching back into the history
+    "T37-P40-H2-Hkv1-D32-w50-c32-pad": (2, 37, 2, 1, 32, 40, 50, 32, True),
+    "T37-P9-H4-Hkv2-D16-w12-c32-pad": (2, 37, 4, 2, 16, 9, 12, 32, True),
+    # the default tile: the window of 64 covers the chunk and the previous one
+    "T70-H4-Hkv2-D64-w64-c64": (1, 70, 4, 2, 64, 0, 64, 64, False),
+    "T1-P5-H4-Hkv2-D16-w4-c16-pad": (2, 1, 4, 2, 16, 5, 4, 16, True),
+}
+SHAPES_DEFAULT = "T37-P9-H4-Hkv2-D16-w12-c32-pad"
+# (device, dtype, ratio of assert_close)
+CONFIGS = {"cpu-fp32": ("cpu", torch.float32, 1e-4)}
+if torch.cuda.is_available():
+    CONFIGS |= {
+        "cuda-fp32": ("cuda", torch.float32, 1e-4),
+        "cuda-bf16": ("cuda", torch.bfloat16, 2e-2),
+        "cuda-fp16": ("cuda", torch.float16, 2e-2),
+    }
+DIFFERENTIABLE = ("q_lin", "k_lin", "v", "g", "q_rot", "k_rot", "initial_state")
+
+
+@functools.cache
+def _inputs(shape_id: str, gate: str, dtype: torch.dtype) -> dict:
+    """CPU inputs, the activations rounded to `dtype` (the initial state stays fp32)."""
+    B, T, H, Hkv, D, P, window, _, pad = SHAPES[shape_id]
+    torch.manual_seed(0)
+    x = {
+        "q_lin": torch.randn(B, T, H, D).softmax(-1),
+        "k_lin": torch.randn(B, T, Hkv, D).softmax(-1),
+        "v": torch.randn(B, T, Hkv, D),
+        # Liger's gates, or about -8 per step (exp(-b) over a chunk would overflow fp32)
+        "g": F.logsigmoid(torch.randn(B, T, Hkv, D) * 4) / 16
+        if gate == "logsigmoid"
+        else -8 + 0.1 * torch.randn(B, T, Hkv, D),
+        "q_rot": torch.randn(B, T, H, D),
+        "k_rot": torch.randn(B, T, Hkv, D),
+    }
+    if P:
+        x |= {"past_k": torch.randn(B, P, Hkv, D), "past_v": torch.randn(B, P, Hkv, D)}
+    x = {name: t.to(dtype) for name, t in x.items()}
+    x |= {"initial_state": torch.randn(B, Hkv, D, D), "window": window}
+    if pad:
+        # batch row b starts with b * (P + T) // 3 padding keys
+        x["key_valid"] = torch.arange(P + T) >= (torch.arange(B)[:, None] * (P + T) // 3)
+    return x
+
+
+def _run(fn, inputs: dict, device: str = "cpu", seed: int = 1, **kwargs) -> dict[str, torch.Tensor]:
+    """Outputs and the gradient of (o * do).sum() + (ht * dht).sum() for every differentiable input (fp32 do, dht)."""
+    # fresh leaves: the cached inputs must not collect gradients shared between runs
+    x = {name: t.to(device, copy=True) if torch.is_tensor(t) else t for name, t in inputs.items()}
+    for name in DIFFERENTIABLE:
+        x[name].requires_grad_()
+    o, ht = fn(**x, output_final_state=True, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    do, dht = torch.randn(o.shape, generator=gen), torch.randn(ht.shape, generator=gen)
+    ((o.float() * do.to(device)).sum() + (ht * dht.to(device)).sum()).backward()
+    return {"o": o, "ht": ht} | {f"d{name}": x[name].grad for name in DIFFERENTIABLE}
+
+
+def _fp32(inputs: dict) -> dict:
+    return {name: t.float() if torch.is_tensor(t) and t.is_floating_point() else t for name, t in inputs.items()}
+
+
+@functools.cache
+def _reference(shape_id: str, gate: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    # the oracle in fp32 on the same (rounded) inputs
+    return _run(naive_liger_attention, _fp32(_inputs(shape_id, gate, dtype)))
+
+
+def _check(ref: dict, out: dict, dtype: torch.dtype, ratio: float) -> None:
+    assert out.keys() == ref.keys()
+    for name in ref:
+        assert out[name].dtype == (torch.float32 if name in ("ht", "dinitial_state") else dtype), name
+        assert_close(name, ref[name], out[name].float().cpu(), ratio=ratio)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("gate", ["logsigmoid", "decay-8"])
+@pytest.mark.parametrize("shape_id", SHAPES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_triton_matches_reference(config, shape_id, gate, monkeypatch):
+    monkeypatch.setattr(attention_triton, "_unfused", None)  # the fused kernels, not the fallback, must run
+    device, dtype, ratio = CONFIGS[config]
+    chunk_size = SHAPES[shape_id][7]
+    out = _run(triton_liger_attention, _inputs(shape_id, gate, dtype), device, chunk_size=chunk_size)
+    _check(_reference(shape_id, gate, dtype), out, dtype, ratio)
+
+
+@pytest.mark.parametrize("gate", ["logsigmoid", "decay-8"])
+@pytest.mark.parametrize("shape_id", SHAPES)
+def test_torch_matches_reference(shape_id, gate):
+    out = _run(torch_liger_attention, _inputs(shape_id, gate, torch.float32))
+    _check(_reference(shape_id, gate, torch.float32), out, torch.float32, 1e-4)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("config", CONFIGS)
+def test_triton_without_grad_or_final_state(config):
+    """Inference (nothing saved for the backward), no final state, default scale and mix; 0.3 / custom scale."""
+    device, dtype, ratio = CONFIGS[config]
+    x = {
+        name: t.to(device) if torch.is_tensor(t) else t
+        for name, t in _inputs(SHAPES_DEFAULT, "logsigmoid", dtype).items()
+    }
+    ref_x = _fp32({name: t.cpu() if torch.is_tensor(t) else t for name, t in x.items()})
+    for kwargs in ({}, {"mix": 0.3, "scale": 0.2}):
+        with torch.no_grad():
+            o, ht = triton_liger_attention(**x, **kwargs, chunk_size=32)
+        assert ht is None
+        assert_close("o", naive_liger_attention(**ref_x, **kwargs)[0], o.float().cpu(), ratio=ratio)
+
+
+@pytest.mark.triton
+def test_history_gradient_falls_back_to_unfused():
+    """History keys that need gradients take the unfused Triton kernels, which differentiate them too."""
+    x = dict(_inputs(SHAPES_DEFAULT, "logsigmoid", torch.float32))
+    leaves = {name: x[name].clone().requires_grad_() for name in ("past_k", "past_v", "q_rot")}
+    ref_leaves = {name: t.detach().clone().requires_grad_() for name, t in leaves.items()}
+    do = torch.randn(2, 37, 4, 16, generator=torch.Generator().manual_seed(3))
+    (triton_liger_attention(**x | leaves)[0] * do).sum().backward()
+    (naive_liger_attention(**x | ref_leaves)[0] * do).sum().backward()
+    for name in leaves:
+        assert_close(f"d{name}", ref_leaves[name].grad, leaves[name].grad)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_dispatcher(backend, monkeypatch):
+    x = _inputs(SHAPES_DEFAULT, "logsigmoid", torch.float32)
+    ref_o, ref_ht = naive_liger_attention(**x, output_final_state=True)
+    monkeypatch.setenv("LINEARIZE_BACKEND", backend)
+    o, ht = liger_attention(**x, output_final_state=True)
+    assert_close("o", ref_o, o)
+    assert_close("ht", ref_ht, ht)
+
+
+def test_rejects_bad_shapes():
+    x = dict(_inputs(SHAPES_DEFAULT, "logsigmoid", torch.float32))
+    with pytest.raises(ValueError, match="H % Hkv"):
+        liger_attention(**x | {"k_lin": torch.randn(2, 37, 3, 16)})
+    with pytest.raises(ValueError, match="both or neither"):
+        liger_attention(**x | {"past_v": None})
+    with pytest.raises(ValueError, match="key_valid"):
+        liger_attention(**x | {"key_valid": x["key_valid"][:, 1:]})
+    with pytest.raises(ValueError, match="window"):
+        liger_attention(**x | {"window": 0})
