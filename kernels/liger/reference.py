@@ -89,7 +89,7 @@ def window_keys(k_rot, v, past_k, past_v, dtype: torch.dtype) -> tuple[torch.Ten
     """The window branch's keys and values `[B, P + T, Hkv, D]` in `dtype`: the history, then the new tokens."""
     if past_k is None:
         return k_rot.to(dtype), v.to(dtype)
-    return torch.cat([past_k, k_rot], dim=1).to(dtype), torch.cat([past_v, v], dim=1).to(dtype)
+    return torch.cat([past_k.to(dtype), k_rot.to(dtype)], dim=1), torch.cat([past_v.to(dtype), v.to(dtype)], dim=1)
 
 
 def naive_liger_attention(

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import gated_linear_attention, sliding_window_attention
-from ..kernels.liger import liger_decode
+from ..kernels import gated_linear_attention
+from ..kernels.liger import liger_attention, liger_decode
 from ..models.cache import RecentTokens, StateCacheLayer
 from .base import LinearizedAttention, apply_rope
 
@@ -97,6 +97,26 @@ class LigerAttention(LinearizedAttention):
                 backend=self.backend,
             )
             o = o[:, None].float()  # [B, 1, H, D]
+        elif self.window:
+            # prefill and training: one op runs both branches and the mix; v_linear (zero at padding) serves both,
+            # as padded keys are masked out of the window anyway
+            past = slice(None, keys.shape[1] - length)  # the cached window before the new tokens (empty without one)
+            o, recurrent_state = liger_attention(
+                q_linear,
+                k_linear,
+                v_linear,
+                log_decay,
+                q,
+                k,
+                window=self.window,
+                key_valid=key_valid,
+                past_k=keys[:, past],
+                past_v=values[:, past],
+                scale=self.scaling,
+                initial_state=initial_state,
+                output_final_state=state is not None,
+                backend=self.backend,
+            )  # [B, T, H, D] in q.dtype
         else:
             o, recurrent_state = gated_linear_attention(
                 q_linear,
@@ -108,11 +128,6 @@ class LigerAttention(LinearizedAttention):
                 output_final_state=state is not None,
                 backend=self.backend,
             )  # [B, T, H, D] fp32
-            if self.window:
-                o_window = sliding_window_attention(
-                    q, keys, values, window=self.window, key_valid=key_valid, scale=self.scaling, backend=self.backend
-                )
-                o = 0.5 * o_window.float() + 0.5 * o
 
         if state is not None:
             state.recurrent_state = recurrent_state
