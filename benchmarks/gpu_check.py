@@ -4,9 +4,10 @@
     python benchmarks/gpu_check.py --smoke         # anywhere: tiny shapes, torch backend, checks the script runs
 
 Shapes are Llama-3-8B-like attention: 32 query heads, 8 KV heads, head dim 128, bf16, batch 1. Rows:
+  - liger fused (ours): `liger_attention`, one op for both branches and the mix (fused Triton kernels on CUDA),
+    as the layer runs prefill and training; its decode step is the fused `liger_decode` kernel;
   - liger unfused (ours): gated linear attention + 64-key sliding window as two of our ops (Triton where the op
-    has a Triton kernel, else the torch path), as the layer runs today; its decode step is the fused
-    `liger_decode` kernel;
+    has a Triton kernel, else the torch path);
   - fla chunk_gla + window: flash-linear-attention's GLA kernel plus the same window op (when fla is installed);
   - sdpa causal: full causal softmax attention (`scaled_dot_product_attention`), the original layer's cost.
 Columns: forward, forward+backward (ms) and one decode step at that context (ms), each with its ratio to
@@ -60,6 +61,14 @@ def liger_unfused(q, k, v, gate, linear_backend=None):
     return 0.5 * o_window.float() + 0.5 * o_linear
 
 
+def liger_fused(q, k, v, gate):
+    from linearize.kernels.liger import liger_attention
+
+    q_lin, k_lin = q.float().softmax(-1), k.float().softmax(-1)
+    o, _ = liger_attention(q_lin, k_lin, v.float(), gate, q, k, window=WINDOW)
+    return o
+
+
 def fla_installed() -> bool:
     try:
         import fla.ops.gla  # noqa: F401
@@ -86,7 +95,7 @@ def decode_step(name: str, T: int, H: int, Hkv: int, D: int, dtype, device):
     if name == "sdpa causal":
         k = torch.randn(1, T + 1, Hkv, D, dtype=dtype, device=device)
         return lambda: sdpa(q, k, k)
-    if name != "liger unfused (ours)":
+    if name != "liger fused (ours)":
         return None
     q_lin, k_lin = torch.rand(1, H, D, device=device), torch.rand(1, Hkv, D, device=device)
     v = torch.randn(1, Hkv, D, dtype=dtype, device=device)
@@ -132,7 +141,7 @@ def main() -> None:
     lengths = [128] if args.smoke else [int(x) for x in args.lengths.split(",")]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     bench = timer(device)
-    rows = {"sdpa causal": sdpa, "liger unfused (ours)": liger_unfused}
+    rows = {"sdpa causal": sdpa, "liger fused (ours)": liger_fused, "liger unfused (ours)": liger_unfused}
     if device == "cuda" and fla_installed():
         rows["fla chunk_gla + window"] = lambda q, k, v, gate: liger_unfused(q, k, v, gate, linear_backend="fla")
 

@@ -35,6 +35,12 @@ def _sizes(K: int, D: int) -> tuple[int, int, int]:
     return BK, BD, min(64, BD)
 
 
+def _stages(BK: int, BD: int) -> int:
+    # the loops stream several fp32 tiles at once: deep software pipelining of 128-wide tiles would need more shared
+    # memory than a GPU has (a guess from the window kernel's numbers, not yet measured for these kernels)
+    return 2 if max(BK, BD) <= 64 else 1
+
+
 def liger_fwd(q_lin, k_lin, v, g, q_rot, k_rot, past_k, past_v, key_valid, h0, window, scale, mix, final, save, chunk):
     """Returns o `[B, T, H, D]` (q_rot.dtype), the final state or None, and for the backward (None unless `save`)
     the states entering the chunks `[B, NT, Hkv, K, D]`, the window output `[B, T, H, D]` and its log2-sum-exp
@@ -61,6 +67,7 @@ def liger_fwd(q_lin, k_lin, v, g, q_rot, k_rot, past_k, past_v, key_valid, h0, w
         scale * LOG2E, mix, T, P, NT, window,
         H=H, HKV=HKV, G=H // HKV, K=K, D=D, BT=chunk, BC=SUB, BK=BK, BD=BD,
         HAS_PAST=P > 0, HAS_KEY_VALID=key_valid is not None, STORE_WINDOW=save, DOT_PREC=prec, num_warps=8,
+        num_stages=_stages(BK, BD),
     )  # fmt: skip
     return o, ht, (h if save else None), o_win, lse
 
@@ -90,6 +97,7 @@ def liger_bwd(saved, do, dht, window, scale, mix, need_dh0, chunk):
         scale, scale * LOG2E, mix, T, P, window,
         H=H, HKV=HKV, G=G, D=D, BT=chunk, BC=SUB, BD=BD,
         HAS_PAST=P > 0, HAS_KEY_VALID=key_valid is not None, DOT_PREC=prec, num_warps=4,
+        num_stages=_stages(BK, BD),
     )  # fmt: skip
     dq_lin, dk_lin, dv, dg, dk_rot = (torch.empty_like(x) for x in (q_lin, k_lin, v, g, k_rot))
     liger_bwd_kernel[(NT, B * HKV)](
@@ -97,7 +105,7 @@ def liger_bwd(saved, do, dht, window, scale, mix, need_dh0, chunk):
         dq_lin, dk_lin, dv, dg, dk_rot,
         scale, scale * LOG2E, mix, T, P, NT, window,
         H=H, HKV=HKV, G=G, K=K, D=D, BT=chunk, BC=SUB, BK=BK, BD=BD,
-        HAS_KEY_VALID=key_valid is not None, DOT_PREC=prec, num_warps=8,
+        HAS_KEY_VALID=key_valid is not None, DOT_PREC=prec, num_warps=8, num_stages=_stages(BK, BD),
     )  # fmt: skip
     return dq_lin, dk_lin, dv, dg, dq_rot, dk_rot, dh0
 
