@@ -5,9 +5,9 @@ Forward: one kernel computes the chunk states, one the outputs (both branches an
 Backward: one kernel carries the state gradients in reverse, one computes dq_rot (the window's dq pass), one
 everything else per chunk of keys. Inputs of any float dtype are read as fp32; states and every accumulation are fp32.
 
-Fully fused in every case the layer produces, including cached history keys (read in place) and windows of any
-width. The one fallback: when the history keys or values themselves need gradients (never in the layer, whose cache
-is detached), the op runs the unfused Triton GLA and window kernels instead.
+Fully fused with or without cached history keys (read in place) and for windows of any width. The one fallback:
+when the history keys or values themselves need gradients (in the layer, only when training through a cache), the op
+runs the unfused Triton GLA and window kernels instead.
 """
 
 import math
@@ -168,7 +168,7 @@ def triton_liger_attention(
         past_k = past_v = None
     args = (window, key_valid, past_k, past_v, scale, mix, initial_state, output_final_state)
     history_grad = past_k is not None and (past_k.requires_grad or past_v.requires_grad)
-    if q_lin.shape[1] == 0 or (torch.is_grad_enabled() and history_grad):
+    if torch.is_grad_enabled() and history_grad:
         return _unfused(q_lin, k_lin, v, g, q_rot, k_rot, *args)
     B, T, _, D = q_rot.shape
     P = 0 if past_k is None else past_k.shape[1]

@@ -1,4 +1,5 @@
-"""Liger decode oracle: one token per sequence, plain fp32 loops over heads, written to be obviously correct."""
+"""Liger oracles in plain fp32: one decode step (loops over heads), and a sequence (the GLA and window oracles
+composed), written to be obviously correct; plus the input check of `liger_attention`."""
 
 import torch
 
