@@ -170,7 +170,7 @@ def triton_liger_attention(
     history_grad = past_k is not None and (past_k.requires_grad or past_v.requires_grad)
     if torch.is_grad_enabled() and history_grad:
         return _unfused(q_lin, k_lin, v, g, q_rot, k_rot, *args)
-    B, T, _, D = q_rot.shape
+    T, D = q_rot.shape[1], q_rot.shape[3]
     P = 0 if past_k is None else past_k.shape[1]
     scale = D**-0.5 if scale is None else float(scale)
     window = min(int(window), P + T)  # no query sees more than P + T keys; keeps the window within int32
