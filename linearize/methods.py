@@ -22,6 +22,7 @@ class Method:
     layer_type: str  # transformers' `layer_types` value for a converted layer
     summary: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    adds_parameters: bool = False  # whether converted layers own parameters the source model lacks
 
 
 METHODS: dict[str, Method] = {

@@ -86,24 +86,25 @@ def resolve(model: str | None) -> str:
     return model
 
 
-def load_config(model: str | None) -> PreTrainedConfig:
+def load_config(model: str | None, revision: str | None = None) -> PreTrainedConfig:
     """The source config alone (no weights): what `--dry-run` needs."""
     if model is None and not (cache_root() / EMBEDDED_NAME / "config.json").exists():
         return AutoConfig.from_pretrained(_embedded_gguf_folder(), gguf_file=_EMBEDDED_GGUF)
     source = resolve(model)
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, revision=revision)
     except OSError as error:
         raise _hub_error(model, error) from None
 
 
-def load(model: str | None, dtype: str = "auto", device: str = "cpu"):
-    """Load the source model and tokenizer. Returns (model, tokenizer, source_name)."""
+def load(model: str | None, dtype: str = "auto", device: str = "cpu", revision: str | None = None):
+    """Load the source model and tokenizer (`revision`: a hub branch, tag or commit). Returns (model, tokenizer,
+    source_name)."""
     source = resolve(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(device)
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision).to(device)
     except OSError as error:
         raise _hub_error(model, error) from None
     return loaded.eval(), tokenizer, EMBEDDED_ID if model is None else model

@@ -1,0 +1,5 @@
+"""`python -m linearize` runs the command line (what `torchrun -m linearize finetune ...` needs)."""
+
+from .cli import app
+
+app()

@@ -1,0 +1,74 @@
+"""The process group under `torchrun`, and the few collective operations the trainer needs.
+
+Without `torchrun` (no WORLD_SIZE in the environment) everything here is a no-op on one process, so the
+trainer has a single code path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world() -> World:
+    """Join the process group when launched by torchrun: NCCL on CUDA (one GPU per local rank), gloo on CPU."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if size == 1:
+        return World(device=device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_across(world: World, value: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over all processes."""
+    if not world.distributed:
+        return value
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / world.size
+
+
+def average_gradients(world: World, params: list[torch.nn.Parameter]) -> None:
+    """Average `.grad` over processes, in one flat all-reduce."""
+    if not world.distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.size
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()

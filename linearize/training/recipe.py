@@ -1,0 +1,324 @@
+"""Fine-tuning recipes: a YAML file validated into pydantic models, with `key=value` overrides.
+
+A recipe is what users share, so every mistake is reported against the file: YAML syntax errors with their
+line, unknown keys with the nearest valid key, wrong values with their dotted path. `resolved_yaml` writes the
+recipe back with every default filled in; its hash (`recipe_hash`) guards resume against a changed recipe.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import LinearizeError
+from .data import DataConfig
+
+
+class RecipeError(LinearizeError, ValueError):
+    """The recipe file or an override is malformed or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Strict):
+    name: str | None = Field(
+        None, description="Hub id or local folder of the model to convert; null for the embedded SmolLM2-135M-Instruct"
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `name`")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the model is loaded and trained in (the linear state stays fp32 regardless)"
+    )
+
+
+class ConversionSection(_Strict):
+    method: str = Field("liger", description="conversion method: liger, liger-gla or swa (see `linearize convert`)")
+    window: int | None = Field(None, description="window length of methods that have one (null: the method default)")
+    sinks: int | None = Field(None, description="attention sinks, for swa (null: the method default)")
+    softmax_layers: str = Field("", description="layers kept as softmax attention: '0,8,16', 'every:8' or '' (none)")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from ..methods import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method '{value}'; choose one of: {', '.join(METHODS)}")
+        return value
+
+
+class LoraSection(_Strict):
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(8.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj"], min_length=1, description="names of the linear modules that get adapters"
+    )
+
+
+class OptimizerSection(_Strict):
+    name: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw, or muon (torch.optim.Muon on 2-D weights, AdamW on the rest)"
+    )
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    muon_momentum: float = Field(0.95, gt=0, lt=1, description="Muon momentum (muon only)")
+
+
+class ScheduleSection(_Strict):
+    kind: Literal["cosine", "constant"] = Field("cosine", description="learning-rate shape after warmup")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup from 0")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, as a fraction of the peak lr")
+
+
+class StageSection(_Strict):
+    kind: Literal["attention_transfer", "lora"] = Field(
+        description="attention_transfer: match the original attention outputs layer by layer (MSE); "
+        "lora: next-token loss with LoRA adapters"
+    )
+    trainable: list[Literal["new", "lora"]] | None = Field(
+        None,
+        description="what trains: 'new' (parameters the method adds) and/or 'lora'; default ['new'] for "
+        "attention_transfer, ['lora'] for lora",
+    )
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (fractions allowed)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    mse_factor: float = Field(
+        1000.0, gt=0, description="attention_transfer loss multiplier (LoLCATs uses 1000; keeps Adam above its eps)"
+    )
+
+    @model_validator(mode="after")
+    def _default_trainable(self) -> StageSection:
+        if self.trainable is None:
+            object.__setattr__(self, "trainable", ["new"] if self.kind == "attention_transfer" else ["lora"])
+        if not self.trainable:
+            raise ValueError("trainable is empty: name 'new', 'lora' or both")
+        return self
+
+
+class TrainingSection(_Strict):
+    micro_batch_size: int = Field(1, ge=1, description="sequences per forward pass on each process")
+    grad_accum: int = Field(8, ge=1, description="micro-batches per optimizer step on each process")
+    gradient_checkpointing: bool = Field(False, description="recompute decoder layers in backward to save memory")
+    max_grad_norm: float | None = Field(None, gt=0, description="clip the gradient norm to this value (null: no clip)")
+    eval_every: int = Field(50, ge=1, description="optimizer steps between held-out evaluations")
+    eval_batches: int = Field(8, ge=1, description="held-out micro-batches per evaluation")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="most recent checkpoints kept on disk")
+    seed: int = Field(0, description="seed of LoRA initialisation, data order and dropout")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp (replicated model) or fsdp (FSDP2, shards the lora stage)"
+    )
+
+
+class OutputSection(_Strict):
+    dir: str = Field("runs/linearize", description="run folder: checkpoints, metrics.jsonl and the final model/")
+    merge_lora: bool = Field(True, description="merge LoRA into the saved weights (false: keep the adapter)")
+
+
+class Recipe(_Strict):
+    model: ModelSection = Field(default_factory=ModelSection)
+    conversion: ConversionSection = Field(default_factory=ConversionSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    stages: list[StageSection] = Field(min_length=1, description="run in order")
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _stages_fit_method(self) -> Recipe:
+        from ..methods import get_method
+
+        method = get_method(self.conversion.method)
+        for i, stage in enumerate(self.stages):
+            if "new" in stage.trainable and not method.adds_parameters:
+                raise ValueError(
+                    f"stages.{i}.trainable: method '{method.name}' adds no parameters, so 'new' has nothing to "
+                    "train; use trainable: [lora] (LoRA on the attention projections learns the transfer)"
+                )
+        return self
+
+
+def _read_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
+        raise RecipeError(f"{where}: malformed YAML: {error.problem or error}") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{source}: malformed YAML: {error}") from None
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    node: Any = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"override '{key}': '{part}' is not an index of a {len(node)}-item list")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise RecipeError(f"override '{key}': '{'.'.join(parts[:i])}' is not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides (value parsed as YAML; `stages.0.epochs=2` indexes lists)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override '{item}' is not key=value (e.g. stages.0.optimizer.lr=1e-4)")
+        _set_dotted(tree, key.strip(), _read_yaml(raw, f"override '{item}'"))
+    return tree
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (its parent location)."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+        else:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _explain(error: ValidationError, source: str) -> RecipeError:
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            valid = list(owner.model_fields) if owner else []
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            lines.append(f"  {path}: unknown key{hint} (valid keys here: {', '.join(valid)})")
+        else:
+            lines.append(f"  {path}: {item['msg']} (got {item.get('input')!r})")
+    return RecipeError(f"{source} is not a valid recipe:\n" + "\n".join(lines))
+
+
+def parse_recipe(text: str, source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
+    """Validate recipe YAML text (plus overrides) into a `Recipe`."""
+    tree = _read_yaml(text, source)
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of sections (model, conversion, data, stages, ...)")
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as error:
+        raise _explain(error, source) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{path}' does not exist; `linearize recipe init` prints one to start from")
+    return parse_recipe(path.read_text(), str(path), overrides)
+
+
+def resolved_yaml(recipe: Recipe) -> str:
+    """The recipe with every default filled in, as YAML (what a run saves beside its outputs)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Fingerprint of what a run computes: everything but the output folder, which may move."""
+    content = recipe.model_dump(mode="json", exclude={"output": {"dir"}})
+    return hashlib.sha256(yaml.safe_dump(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_TEMPLATE = """\
+# linearize fine-tuning recipe ({method}).
+# Run:       linearize finetune {{file}}
+# Override:  linearize finetune {{file}} stages.0.optimizer.lr=1e-3 training.grad_accum=4
+# Check:     linearize recipe validate {{file}}
+
+model:
+  name: null            # hub id or local folder; null = the embedded SmolLM2-135M-Instruct (offline)
+  revision: null
+  dtype: float32        # float32 on CPU; bfloat16 on a GPU
+
+conversion:
+  method: {method}
+  window: null          # null = the method's default
+  softmax_layers: ""    # layers kept as softmax attention, e.g. "0,8,16" or "every:8"
+
+data:
+  sources:
+    - builtin: pydoc    # or: path: data/*.jsonl  |  dataset: yahma/alpaca-cleaned
+      format: auto      # text, instruction (alpaca fields) or chat (messages); auto detects
+  seq_len: 1024         # tokens per packed training sequence
+  held_out: 0.05        # fraction (or number) of documents kept for evaluation
+
+lora:
+  r: 8
+  alpha: 8
+  dropout: 0.0
+  target_modules: [q_proj, k_proj, v_proj]
+
+stages:
+{stages}
+training:
+  micro_batch_size: 1
+  grad_accum: 8         # sequences per optimizer step = micro_batch_size * grad_accum * processes
+  gradient_checkpointing: false
+  max_grad_norm: null
+  eval_every: 50
+  checkpoint_every: 50
+  seed: 0
+
+output:
+  dir: runs/{method}
+  merge_lora: true      # fold LoRA into the saved weights
+"""
+
+_TRANSFER_STAGE = """\
+  - kind: attention_transfer  # match the original attention outputs layer by layer (MSE)
+    trainable: [{trainable}]
+    epochs: 1
+    optimizer: {{name: adamw, lr: 0.01}}
+"""
+_LORA_STAGE = """\
+  - kind: lora                # next-token loss, response tokens only for instruction/chat data
+    epochs: 1
+    optimizer: {name: adamw, lr: 0.001}
+    schedule: {kind: cosine, warmup_steps: 10}
+"""
+
+
+def recipe_template(method: str) -> str:
+    """A commented starting recipe for `method` (what `linearize recipe init` prints)."""
+    from ..methods import get_method
+
+    spec = get_method(method)
+    # a method without new parameters learns the transfer through LoRA on q/k/v
+    trainable = "new" if spec.adds_parameters else "lora"
+    return _TEMPLATE.format(method=method, stages=_TRANSFER_STAGE.format(trainable=trainable) + _LORA_STAGE)

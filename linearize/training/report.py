@@ -1,0 +1,77 @@
+"""What a run tells its user: a progress bar on a terminal, plain log lines otherwise, and `metrics.jsonl` always."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class Reporter:
+    """Progress and metrics of one process (only the main process of a distributed run reports).
+
+    Args:
+        metrics_file: every record is appended to it as one JSON line; None writes nothing.
+        quiet: no progress and no log lines (metrics are still written).
+        enabled: False on non-main processes: nothing at all.
+        console: where messages go (stderr by default); a terminal gets a live bar, anything else plain lines.
+    """
+
+    def __init__(self, metrics_file: Path | None, quiet: bool = False, enabled: bool = True, console=None):
+        self.metrics_file = metrics_file if enabled else None
+        self.console = console or Console(stderr=True)
+        self.verbose = enabled and not quiet
+        self._bar: Progress | None = None
+        self._task = None
+        self._plain_every = 1
+        self._started = time.perf_counter()
+
+    def info(self, message: str) -> None:
+        if self.verbose:
+            self.console.print(message, highlight=False, soft_wrap=True)
+
+    def record(self, **fields) -> None:
+        if self.metrics_file is not None:
+            with self.metrics_file.open("a") as f:
+                f.write(json.dumps(fields) + "\n")
+
+    def start_stage(self, name: str, total_steps: int, done: int = 0) -> None:
+        self._started = time.perf_counter()
+        self._done_at_start = done
+        if not self.verbose:
+            return
+        if self.console.is_terminal:
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TextColumn("left"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(name, total=total_steps, completed=done, status="")
+        else:
+            # about 20 lines per stage, and every line when the stage is short
+            self._plain_every = max(1, total_steps // 20)
+            self.info(f"{name}: {total_steps} optimizer steps" + (f", resuming after step {done}" if done else ""))
+
+    def step(self, stage: str, step: int, total_steps: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        status = f"loss {loss:.4g}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, status=status)
+        elif self.verbose and (step % self._plain_every == 0 or step == total_steps):
+            elapsed = time.perf_counter() - self._started
+            done = step - self._done_at_start
+            left = elapsed / done * (total_steps - step) if done else 0.0
+            self.info(f"{stage} step {step}/{total_steps}  {status}  {elapsed:.0f}s elapsed, {left:.0f}s left")
+
+    def end_stage(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

@@ -1,0 +1,398 @@
+"""`finetune`: run a recipe's stages on a converted model, with checkpoints, resume and data parallelism.
+
+The flow: load the source model, convert it, load the data, then for each stage choose what trains (the
+method's new parameters and/or LoRA adapters), build its optimizer and schedule, and step through the data
+in a fixed order that depends only on the seed, so a resumed run sees exactly the batches an uninterrupted run
+would. At the end LoRA is merged (by default) and the model is saved in the foundation's format, atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import sources
+from ..compat import set_activation_checkpointing
+from ..convert import convert_model, plan_conversion, save_model
+from ..errors import LinearizeError
+from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .data import FinetuneData, PackedSequences, load_data
+from .distributed import World, average_gradients, barrier, close_world, init_world, mean_across
+from .optim import build_optimizers, build_schedulers
+from .recipe import Recipe, StageSection, recipe_hash, resolved_yaml
+from .report import Reporter
+from .transfer import AttentionTransfer
+
+
+class TrainingDivergedError(LinearizeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class RunState:
+    """Where the run is: the stage, optimizer steps done in it, and whether LoRA adapters exist yet."""
+
+    stage: int = 0
+    step: int = 0
+    global_step: int = 0
+    lora_applied: bool = False
+    last_eval: dict = field(default_factory=dict)
+
+
+def prepare_run_folder(run: Path, recipe: Recipe, resume: bool) -> Path | None:
+    """Check that `run` may hold this recipe's run; return the checkpoint to resume from, if any."""
+    saved = run / RECIPE_FILE
+    if saved.is_file():
+        from .recipe import parse_recipe
+
+        try:
+            previous = recipe_hash(parse_recipe(saved.read_text(), str(saved)))
+        except LinearizeError:
+            previous = None
+        if previous != recipe_hash(recipe):
+            raise LinearizeError(
+                f"output folder '{run}' holds a run of a different recipe (see {saved}); nothing was changed. "
+                "Choose another output.dir, or delete that folder to start over."
+            )
+        checkpoints = list_checkpoints(run)
+        if not resume:
+            if checkpoints or (run / "model").exists():
+                raise LinearizeError(
+                    f"output folder '{run}' already holds this recipe's run; pass --resume to continue it from "
+                    "its latest checkpoint, or choose another output.dir"
+                )
+            return None
+        return checkpoints[-1] if checkpoints else None
+    if run.exists() and any(run.iterdir()):
+        raise LinearizeError(
+            f"output folder '{run}' is not empty and is not a linearize run (no {RECIPE_FILE}); "
+            "choose another output.dir"
+        )
+    return None
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, world: World, reporter: Reporter, run: Path):
+        self.recipe, self.world, self.reporter, self.run = recipe, world, reporter, run
+        self.config = recipe.training
+        torch.manual_seed(self.config.seed)
+        self.source_name = recipe.model.name
+        source, self.tokenizer, self.source_name = sources.load(
+            recipe.model.name, dtype=recipe.model.dtype, device=str(world.device), revision=recipe.model.revision
+        )
+        conv = recipe.conversion
+        plan = plan_conversion(
+            source.config, self.source_name, conv.method, conv.window, conv.sinks, conv.softmax_layers or None
+        )
+        source_keys = set(source.state_dict())
+        self.model: nn.Module = convert_model(source, plan.config)
+        del source
+        self.new_params = {id(p) for n, p in self.model.named_parameters() if n not in source_keys}
+        self.data: FinetuneData = load_data(recipe.data, self.tokenizer, seed=self.config.seed)
+        self._orders: dict[tuple[int, int], torch.Tensor] = {}
+        for note in self.data.notes:
+            reporter.info(note)
+        self.state = RunState()
+
+    # -- model surgery ------------------------------------------------------------------------------------------
+    def apply_lora(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = self.recipe.lora
+        torch.manual_seed(self.config.seed)  # adapter initialisation depends on the seed only
+        config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+        )
+        try:
+            with warnings.catch_warnings():
+                # peft asks transformers about gradient checkpointing through a name transformers deprecated
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                self.model = get_peft_model(self.model, config)
+        except ValueError as error:
+            raise LinearizeError(f"lora.target_modules {lora.target_modules} do not fit this model: {error}") from None
+        self.state.lora_applied = True
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor training may change: the method's new parameters and the LoRA adapters."""
+        return {
+            name: p.detach() for name, p in self.model.named_parameters() if id(p) in self.new_params or "lora_" in name
+        }
+
+    def set_trainable(self, stage: StageSection) -> list[nn.Parameter]:
+        params = []
+        for name, p in self.model.named_parameters():
+            train = ("new" in stage.trainable and id(p) in self.new_params) or (
+                "lora" in stage.trainable and "lora_" in name
+            )
+            p.requires_grad_(train)
+            if train:
+                params.append(p)
+        if not params:
+            raise LinearizeError(f"stage '{stage.kind}' has nothing to train with trainable {stage.trainable}")
+        return params
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    def steps_in(self, stage: StageSection) -> tuple[int, int]:
+        """(optimizer steps of the stage, sequences per epoch actually used)."""
+        per_step = self.config.micro_batch_size * self.config.grad_accum * self.world.size
+        steps_per_epoch = len(self.data.train) // per_step
+        if steps_per_epoch == 0:
+            raise LinearizeError(
+                f"the training data has {len(self.data.train)} packed sequences, fewer than one optimizer step uses "
+                f"({per_step} = micro_batch_size x grad_accum x processes); add data, shorten data.seq_len or "
+                "lower training.grad_accum"
+            )
+        total = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
+        return total, steps_per_epoch * per_step
+
+    def order(self, stage: int, epoch: int) -> torch.Tensor:
+        """The training sequences in the order epoch `epoch` of stage `stage` visits them: a permutation that
+        depends only on (seed, stage, epoch), so a resumed run sees the batches an uninterrupted run would."""
+        key = (stage, epoch)
+        if key not in self._orders:
+            seed = self.config.seed * 1_000_003 + stage * 1009 + epoch
+            self._orders = {key: torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(seed))}
+        return self._orders[key]
+
+    def micro_batch(self, stage: int, step: int, micro: int, per_epoch: int) -> dict[str, torch.Tensor]:
+        """Micro-batch `micro` of optimizer step `step` for this process. Each epoch uses its first `per_epoch`
+        sequences (whole optimizer steps); processes take interleaved micro-batches of the same global batch."""
+        mb = self.config.micro_batch_size
+        per_step = mb * self.config.grad_accum * self.world.size
+        first = step * per_step + (micro * self.world.size + self.world.rank) * mb
+        idx = [int(self.order(stage, g // per_epoch)[g % per_epoch]) for g in range(first, first + mb)]
+        return _to(self.data.train, idx, self.world.device)
+
+    # -- one stage ----------------------------------------------------------------------------------------------
+    def forward_loss(self, model: nn.Module, batch: dict, transfer: AttentionTransfer | None) -> torch.Tensor:
+        """The micro-batch loss; for attention transfer its backward has already run inside the forward."""
+        if transfer is not None:
+            model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
+            return transfer.loss()
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
+        return out.loss
+
+    @torch.no_grad()
+    def evaluate(self, transfer: AttentionTransfer | None) -> dict[str, float]:
+        """Held-out loss (or attention MSE, inside an active transfer: no backward runs under no_grad)."""
+        held_out = self.data.held_out
+        if len(held_out) == 0:
+            return {}
+        self.model.eval()
+        mb = self.config.micro_batch_size
+        losses = []
+        for start in range(0, min(len(held_out), mb * self.config.eval_batches), mb):
+            batch = _to(held_out, list(range(start, min(start + mb, len(held_out)))), self.world.device)
+            losses.append(self.forward_loss(self.model, batch, transfer).float())
+        self.model.train()
+        loss = mean_across(self.world, torch.stack(losses).mean()).item()
+        if transfer is not None:
+            return {"eval_mse": loss}
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def run_stage(self, index: int, stage: StageSection, resume_states: dict | None) -> None:
+        if "lora" in stage.trainable and not self.state.lora_applied:
+            self.apply_lora()
+        params = self.set_trainable(stage)
+        total_steps, per_epoch = self.steps_in(stage)
+        optimizers = build_optimizers(params, stage.optimizer)
+        schedulers = build_schedulers(optimizers, total_steps, stage.schedule)
+        if resume_states is not None:
+            for opt, saved in zip(optimizers, resume_states["optimizers"], strict=True):
+                opt.load_state_dict(saved)
+            for sched, saved in zip(schedulers, resume_states["schedulers"], strict=True):
+                sched.load_state_dict(saved)
+            set_rng_state(resume_states["rng"])
+        start = self.state.step
+        name = f"stage {index + 1}/{len(self.recipe.stages)} {stage.kind}"
+        count = sum(p.numel() for p in params)
+        self.reporter.info(f"{name}: training {count:,} parameters ({', '.join(stage.trainable)})")
+
+        accum = self.config.grad_accum
+        transfer = None
+        if stage.kind == "attention_transfer":
+            layers = len(AttentionTransfer(self.model).layers)
+            transfer = AttentionTransfer(self.model, loss_scale=stage.mse_factor / (layers * accum))
+        if self.config.gradient_checkpointing:
+            # attention transfer holds one layer's graph at a time: recomputation would only cost time
+            set_activation_checkpointing(self.model, enabled=transfer is None)
+        model = self.model
+        ddp = self.world.distributed and stage.kind == "lora"
+        if ddp:
+            model = nn.parallel.DistributedDataParallel(self.model)
+        self.model.train()
+        self.reporter.start_stage(name, total_steps, done=start)
+        tokens_per_step = self.config.micro_batch_size * accum * self.world.size * self.recipe.data.seq_len
+        try:
+            with transfer or _nothing():
+                if start == 0:  # the baseline every later evaluation of the stage compares with
+                    self._evaluate_and_record(index, stage, transfer)
+                for step in range(start, total_steps):
+                    began = time.perf_counter()
+                    losses = []
+                    for micro in range(accum):
+                        batch = self.micro_batch(index, step, micro, per_epoch)
+                        sync = not ddp or micro == accum - 1
+                        with model.no_sync() if not sync else _nothing():
+                            loss = self.forward_loss(model, batch, transfer)
+                            if transfer is None:
+                                (loss / accum).backward()
+                        losses.append(loss.detach().float())
+                    if not ddp:
+                        average_gradients(self.world, params)
+                    loss = mean_across(self.world, torch.stack(losses).mean()).item()
+                    if not math.isfinite(loss):
+                        raise TrainingDivergedError(self._diverged(index, stage, step, loss))
+                    if self.config.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+                    for opt in optimizers:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    lr = schedulers[0].get_last_lr()[0]
+                    for sched in schedulers:
+                        sched.step()
+                    self.state.step, self.state.global_step = step + 1, self.state.global_step + 1
+                    seconds = time.perf_counter() - began
+                    key = "mse" if transfer is not None else "loss"
+                    self.reporter.record(
+                        stage=index, kind=stage.kind, step=step + 1, global_step=self.state.global_step,
+                        **{key: loss}, lr=lr, tokens_per_s=tokens_per_step / seconds, seconds=seconds,
+                    )  # fmt: skip
+                    self.reporter.step(name, step + 1, total_steps, loss, lr, tokens_per_step / seconds)
+                    last = step + 1 == total_steps
+                    if (step + 1) % self.config.eval_every == 0 or last:
+                        self._evaluate_and_record(index, stage, transfer)
+                    if (step + 1) % self.config.checkpoint_every == 0 or last:
+                        self.checkpoint(optimizers, schedulers)
+        finally:
+            self.reporter.end_stage()
+
+    def _evaluate_and_record(self, index: int, stage: StageSection, transfer: AttentionTransfer | None) -> None:
+        metrics = self.evaluate(transfer)
+        if metrics:
+            self.state.last_eval = {"stage": index, "kind": stage.kind, "step": self.state.step, **metrics}
+            self.reporter.record(global_step=self.state.global_step, **self.state.last_eval)
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            self.reporter.info(f"held-out after step {self.state.step}: {shown}")
+
+    def _diverged(self, index: int, stage: StageSection, step: int, loss: float) -> str:
+        checkpoints = list_checkpoints(self.run)
+        kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+        return (
+            f"the loss became {loss} at stage {index + 1} ({stage.kind}) step {step + 1}; training stopped and {kept}. "
+            f"Lower stages.{index}.optimizer.lr or set training.max_grad_norm (e.g. 1.0), then start a new run."
+        )
+
+    def checkpoint(self, optimizers, schedulers) -> None:
+        if self.world.is_main:
+            state = {
+                "stage": self.state.stage,
+                "step": self.state.step,
+                "global_step": self.state.global_step,
+                "lora_applied": self.state.lora_applied,
+                "recipe_hash": recipe_hash(self.recipe),
+                "last_eval": self.state.last_eval,
+            }
+            save_checkpoint(
+                self.run,
+                self.state.global_step,
+                self.trained_tensors(),
+                optimizers,
+                schedulers,
+                state,
+                self.config.keep_checkpoints,
+            )
+        barrier(self.world)
+
+    # -- whole run ----------------------------------------------------------------------------------------------
+    def restore(self, checkpoint: Path) -> dict | None:
+        """Load a checkpoint; return the optimizer states when it stopped inside a stage."""
+        tensors, states, saved = load_checkpoint(checkpoint)
+        if saved.get("recipe_hash") != recipe_hash(self.recipe):
+            raise LinearizeError(f"checkpoint {checkpoint} belongs to a different recipe; it cannot be resumed")
+        if saved["lora_applied"]:
+            self.apply_lora()
+        missing = set(tensors) - set(dict(self.model.named_parameters()))
+        if missing:
+            raise LinearizeError(f"checkpoint {checkpoint} holds tensors this model lacks: {sorted(missing)[:5]}")
+        self.model.load_state_dict(tensors, strict=False)
+        self.state = RunState(
+            saved["stage"], saved["step"], saved["global_step"], saved["lora_applied"], saved.get("last_eval", {})
+        )
+        total, _ = self.steps_in(self.recipe.stages[self.state.stage])
+        self.reporter.info(f"resuming from {checkpoint} (stage {self.state.stage + 1}, step {self.state.step})")
+        if self.state.step >= total:  # the checkpoint closed its stage: the next one starts fresh
+            self.state.stage, self.state.step = self.state.stage + 1, 0
+            return None
+        return states
+
+    def train(self, resume_from: Path | None) -> None:
+        resume_states = self.restore(resume_from) if resume_from is not None else None
+        for index, stage in enumerate(self.recipe.stages):
+            if index < self.state.stage:
+                continue
+            self.state.stage = index
+            self.run_stage(index, stage, resume_states)
+            resume_states = None
+            self.state.step = 0
+
+    def save(self) -> Path:
+        """Write `model/` (LoRA merged unless output.merge_lora is false, then the adapter goes in `adapter/`)."""
+        model, adapter = self.model, None
+        if self.state.lora_applied:
+            if self.recipe.output.merge_lora:
+                model = self.model.merge_and_unload()
+            else:
+                adapter, model = self.model, self.model.get_base_model()
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        out = self.run / "model"
+        save_model(model, self.tokenizer, out, force=True)
+        (out / RECIPE_FILE).write_text(resolved_yaml(self.recipe))
+        if adapter is not None:
+            adapter_dir = self.run / "adapter"
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+            adapter.save_pretrained(adapter_dir)
+        return out
+
+
+def _to(data: PackedSequences, idx: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    return {"input_ids": data.input_ids[idx].to(device), "labels": data.labels[idx].to(device)}  # [mb, seq_len]
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=None) -> Path:
+    """Run `recipe` end to end (under torchrun, as one of its processes). Returns the saved model folder."""
+    run = Path(recipe.output.dir)
+    world = init_world()
+    try:
+        resume_from = prepare_run_folder(run, recipe, resume)
+        barrier(world)
+        if world.is_main:
+            run.mkdir(parents=True, exist_ok=True)
+            (run / RECIPE_FILE).write_text(resolved_yaml(recipe))
+        reporter = Reporter(run / "metrics.jsonl", quiet=quiet, enabled=world.is_main, console=console)
+        trainer = Trainer(recipe, world, reporter, run)
+        trainer.train(resume_from)
+        out = run / "model"
+        if world.is_main:
+            out = trainer.save()
+        barrier(world)
+        return out
+    finally:
+        close_world(world)

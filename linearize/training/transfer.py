@@ -1,0 +1,119 @@
+"""Attention transfer (LoLCATs stage 1): each converted layer learns to reproduce the original attention.
+
+While `AttentionTransfer` is active, every converted attention layer computes, from the same input, its own
+output (the student, before `o_proj`) and the original softmax attention output (the teacher: the source's
+frozen projections, RoPE and causal softmax). The layer's loss is `mse_factor * MSE(student, teacher)`, and
+the layer passes the *teacher* output on through the original `o_proj`, so every layer trains on the inputs
+the original model would give it (LoLCATs, methods.md §2.3).
+
+Memory stays close to a forward pass: the frozen model builds no autograd graph, and each layer's loss is
+back-propagated as soon as it is computed, inside the forward pass, so at most one layer's graph is alive.
+The same backward-inside-forward is why data-parallel runs average these gradients explicitly rather than
+through DDP's hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.base import LinearizedAttention, apply_rope
+
+
+def _frozen(linear: nn.Module) -> nn.Module:
+    """The original linear layer under any LoRA adapter peft put around it."""
+    return getattr(linear, "base_layer", linear)
+
+
+@torch.no_grad()
+def teacher_attention(
+    attn: LinearizedAttention,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """The source model's causal softmax attention output before `o_proj`, `[B, T, H * D]`.
+
+    Args:
+        attn: a converted layer, which still owns the source's projections (and q/k norms).
+        hidden_states: the layer input `[B, T, hidden]`.
+        position_embeddings: the model's rotary tables (cos, sin), each `[B, T, D]`.
+        valid: `[B, T]` bool, False at padding, or None.
+    """
+    batch, length, _ = hidden_states.shape
+    q = _frozen(attn.q_proj)(hidden_states).view(batch, length, attn.num_heads, attn.head_dim)
+    k = _frozen(attn.k_proj)(hidden_states).view(batch, length, attn.num_kv_heads, attn.head_dim)
+    v = _frozen(attn.v_proj)(hidden_states).view(batch, length, attn.num_kv_heads, attn.head_dim)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rope(q, k, *position_embeddings)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, T, D]
+    mask = None
+    if valid is not None:
+        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        # a padded query still sees itself, so no row is empty (its output is excluded from the loss)
+        mask = causal & (valid[:, None, None, :] | torch.eye(length, dtype=torch.bool, device=q.device))
+    o = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling, enable_gqa=True
+    )  # [B, H, T, D]
+    return o.transpose(1, 2).flatten(2)
+
+
+class AttentionTransfer:
+    """Context manager that turns a converted model's forward pass into an attention-transfer step.
+
+    Args:
+        model: the converted model (possibly wrapped by peft).
+        loss_scale: multiplier of each layer's MSE before its backward (mse_factor / (layers * micro-batches)).
+
+    After each forward pass, `layer_losses` holds the detached MSE of every converted layer (unscaled), in
+    layer order. Backward runs only when grad mode is on and the student output requires grad, so the same
+    context evaluates held-out MSE under `torch.no_grad()`.
+    """
+
+    def __init__(self, model: nn.Module, loss_scale: float = 1.0):
+        self.layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
+        self.loss_scale = loss_scale
+        self.layer_losses: list[torch.Tensor] = []
+        self._inputs: dict[int, tuple] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> AttentionTransfer:
+        for attn in self.layers:
+            self._handles.append(attn.register_forward_pre_hook(self._keep_inputs, with_kwargs=True))
+            self._handles.append(attn.o_proj.register_forward_hook(self._swap_in_teacher(attn)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._inputs.clear()
+
+    def loss(self) -> torch.Tensor:
+        """Mean MSE over layers of the last forward pass (detached)."""
+        losses, self.layer_losses = self.layer_losses, []
+        return torch.stack(losses).mean()
+
+    def _keep_inputs(self, attn, args, kwargs) -> None:
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        valid = LinearizedAttention.token_validity(kwargs.get("padding_mask"), hidden_states.shape[1])
+        self._inputs[id(attn)] = (hidden_states, kwargs["position_embeddings"], valid)
+
+    def _swap_in_teacher(self, attn: LinearizedAttention):
+        def hook(o_proj, args, output):
+            hidden_states, position_embeddings, valid = self._inputs.pop(id(attn))
+            student = args[0]  # [B, T, H * D]
+            teacher = teacher_attention(attn, hidden_states, position_embeddings, valid)
+            error = (student.float() - teacher.float()).square()
+            if valid is not None:
+                error = error[valid]
+            mse = error.mean()
+            if torch.is_grad_enabled() and mse.requires_grad:
+                (mse * self.loss_scale).backward()
+            self.layer_losses.append(mse.detach())
+            base = _frozen(o_proj)
+            return F.linear(teacher.to(base.weight.dtype), base.weight, base.bias)
+
+        return hook

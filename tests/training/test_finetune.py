@@ -1,0 +1,279 @@
+"""`linearize finetune` end to end on a tiny model: stages, outputs, checkpoints, resume, errors, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import linearize  # noqa: F401  (registers the converted model class with the Auto classes)
+from linearize.cli import app
+from linearize.training import trainer as trainer_module
+from linearize.training.checkpoint import list_checkpoints
+from linearize.training.optim import build_optimizers, lr_factor
+from linearize.training.recipe import OptimizerSection, ScheduleSection
+from tests.tiny import source_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = """\
+model: {{name: {source}}}
+conversion: {{method: liger, window: 8}}
+data:
+  sources: [{{path: "{corpus}/*.txt"}}]
+  seq_len: 32
+  held_out: 2
+lora: {{r: 4, alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
+stages:
+  - kind: attention_transfer
+    trainable: [lora]
+    max_steps: 4
+    optimizer: {{lr: 0.01}}
+  - kind: lora
+    max_steps: 4
+    optimizer: {{lr: 0.005}}
+    schedule: {{warmup_steps: 1}}
+training: {{grad_accum: 2, eval_every: 2, eval_batches: 2, checkpoint_every: 2, keep_checkpoints: 2}}
+output: {{dir: {out}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    source_folder(root / "source")
+    rng = random.Random(0)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(12):  # word-level tiny tokenizer: w0 ... w123
+        (corpus / f"doc{i}.txt").write_text(" ".join(f"w{rng.randrange(124)}" for _ in range(100)))
+    return root
+
+
+def write_recipe(workspace: Path, tmp_path: Path, text: str = RECIPE) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text.format(source=workspace / "source", corpus=workspace / "corpus", out=tmp_path / "run"))
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_stages_end_to_end(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    result = invoke("finetune", recipe)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    records = metrics(run)
+    transfer = [r for r in records if r.get("kind") == "attention_transfer" and "mse" in r]
+    lora = [r for r in records if r.get("kind") == "lora" and "loss" in r]
+    assert [r["step"] for r in transfer] == [1, 2, 3, 4] and [r["step"] for r in lora] == [1, 2, 3, 4]
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in transfer + lora)
+    assert [r["step"] for r in records if "eval_mse" in r] == [0, 2, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
+    assert [p.name for p in list_checkpoints(run)] == ["step-000006", "step-000008"]  # keep_checkpoints: 2
+    assert (run / "linearize_recipe.yaml").is_file() and (run / "model" / "linearize_recipe.yaml").is_file()
+
+    # the saved model is a converted model folder with LoRA merged: it loads and generates with no peft
+    model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 8)
+    # merged weights differ from the untrained conversion exactly where adapters were
+    source = AutoModelForCausalLM.from_pretrained(workspace / "source")
+    trained, original = model.state_dict(), source.state_dict()
+    assert not torch.equal(
+        trained["model.layers.0.self_attn.q_proj.weight"], original["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert torch.equal(trained["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_attention_transfer_fits_the_teacher(workspace, tmp_path):
+    """Five epochs over six sequences: the student's attention MSE falls well below where it started. (A random
+    tiny model's attention has nothing to generalise from, so this checks the fit, not held-out text.)"""
+    recipe = write_recipe(workspace, tmp_path)
+    stages = "stages=[{kind: attention_transfer, trainable: [lora], epochs: 5, optimizer: {lr: 0.01}}]"
+    data = ["data.sources.0.max_documents=2", "data.held_out=0", "training.grad_accum=1"]
+    result = invoke("finetune", recipe, stages, *data)
+    assert result.exit_code == 0, result.output
+    mse = [r["mse"] for r in metrics(tmp_path / "run") if "mse" in r]
+    assert len(mse) == 30
+    first, last = sum(mse[:6]) / 6, sum(mse[-6:]) / 6
+    assert last < 0.75 * first, mse
+
+
+def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    result = invoke("finetune", recipe, "output.merge_lora=false", "stages.0.max_steps=1", "stages.1.max_steps=1")
+    assert result.exit_code == 0, result.output
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    model = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def _trained(run: Path) -> dict:
+    return load_file(list_checkpoints(run)[-1] / "trained.safetensors")
+
+
+def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    assert invoke("finetune", write_recipe(workspace, straight)).exit_code == 0
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    recipe = write_recipe(workspace, resumed)
+    real_checkpoint = trainer_module.Trainer.checkpoint
+    calls = []
+
+    def killed_after_second_checkpoint(self, *args):
+        real_checkpoint(self, *args)
+        calls.append(self.state.global_step)
+        if len(calls) == 2:  # in the middle of the lora stage: step 2 of 4
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.Trainer, "checkpoint", killed_after_second_checkpoint)
+    result = invoke("finetune", recipe)
+    assert result.exit_code == 130 and "rerun with --resume" in result.output
+    assert not (resumed / "run" / "model").exists()
+    monkeypatch.setattr(trainer_module.Trainer, "checkpoint", real_checkpoint)
+
+    result = invoke("finetune", recipe)
+    assert result.exit_code == 1 and "pass --resume" in result.output
+    result = invoke("finetune", recipe, "--resume")
+    assert result.exit_code == 0, result.output
+
+    a, b = _trained(straight / "run"), _trained(resumed / "run")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    final = [r for r in metrics(straight / "run") if "eval_loss" in r][-1]
+    final_resumed = [r for r in metrics(resumed / "run") if "eval_loss" in r][-1]
+    assert final["eval_loss"] == final_resumed["eval_loss"]
+
+
+def test_resume_refuses_a_changed_recipe(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    assert invoke("finetune", recipe, "stages.1.max_steps=2").exit_code == 0
+    result = invoke("finetune", recipe, "stages.1.max_steps=3", "--resume")
+    assert result.exit_code == 1
+    assert "holds a run of a different recipe" in result.output and "nothing was changed" in result.output
+    assert (tmp_path / "run" / "model").is_dir()
+
+
+def test_output_folder_that_is_not_a_run(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "precious.txt").write_text("keep me")
+    result = invoke("finetune", recipe)
+    assert result.exit_code == 1 and "is not a linearize run" in result.output
+    assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_path, monkeypatch):
+    recipe = write_recipe(workspace, tmp_path)
+    real_forward_loss = trainer_module.Trainer.forward_loss
+
+    def poisoned(self, model, batch, transfer):
+        loss = real_forward_loss(self, model, batch, transfer)
+        return loss * float("nan") if self.state.global_step == 2 else loss
+
+    monkeypatch.setattr(trainer_module.Trainer, "forward_loss", poisoned)
+    result = invoke("finetune", recipe)
+    assert result.exit_code == 1
+    assert "the loss became nan at stage 1 (attention_transfer) step 3" in result.output
+    assert "step-000002" in result.output and "optimizer.lr" in result.output
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000002"]
+
+
+def test_too_little_data_for_one_step(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    result = invoke("finetune", recipe, "training.grad_accum=64")
+    assert result.exit_code == 1 and "fewer than one optimizer step uses" in result.output
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    result = invoke("finetune", recipe, "--dry-run")
+    assert result.exit_code == 0, result.output
+    for text in ("attention_transfer", "trains lora", "layers 0-1", "liger", "LoRA merged"):
+        assert text in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_commands(tmp_path):
+    result = invoke("recipe", "init", "--method", "liger")
+    assert result.exit_code == 0 and "kind: attention_transfer" in result.output
+    path = tmp_path / "r.yaml"
+    path.write_text(result.output)
+    result = invoke("recipe", "validate", path, "--show")
+    assert result.exit_code == 0 and "OK" in result.output and "micro_batch_size: 1" in result.output
+    result = invoke("recipe", "validate", path, "training.grad_acum=2")
+    assert result.exit_code == 1 and "did you mean 'grad_accum'" in result.output
+
+
+def test_gradient_checkpointing_gives_the_same_lora_step(workspace, tmp_path):
+    runs = {}
+    for flag in ("false", "true"):
+        folder = tmp_path / flag
+        folder.mkdir()
+        overrides = [f"training.gradient_checkpointing={flag}", "stages.0.max_steps=1", "stages.1.max_steps=2"]
+        assert invoke("finetune", write_recipe(workspace, folder), *overrides).exit_code == 0
+        runs[flag] = [r["loss"] for r in metrics(folder / "run") if "loss" in r]
+    torch.testing.assert_close(runs["true"], runs["false"], rtol=1e-5, atol=0)
+
+
+def test_schedule_and_optimizers():
+    warmup_cosine = ScheduleSection(kind="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    factors = [lr_factor(step, 10, warmup_cosine) for step in range(10)]
+    assert factors[0] < factors[1] < factors[2] == 1.0 and factors[-1] > 0.1 and factors[-1] < factors[3]
+    assert lr_factor(5, 10, ScheduleSection(kind="constant")) == 1.0
+    params = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(3))]
+    (adamw,) = build_optimizers(params, OptimizerSection(name="adamw"))
+    assert isinstance(adamw, torch.optim.AdamW)
+    muon, rest = build_optimizers(params, OptimizerSection(name="muon"))
+    assert isinstance(muon, torch.optim.Muon) and isinstance(rest, torch.optim.AdamW)
+    assert muon.param_groups[0]["params"] == [params[0]] and rest.param_groups[0]["params"] == [params[1]]
+
+
+def test_muon_stage_trains(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    overrides = ["stages.0.max_steps=1", "stages.1.optimizer.name=muon", "stages.1.optimizer.lr=0.02"]
+    assert invoke("finetune", recipe, *overrides).exit_code == 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_two_processes_match_one_with_the_same_global_batch(workspace, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo on CPU) logs the losses of one process with twice the accumulation."""
+    losses = {}
+    for name, launcher, accum in (
+        ("one", [sys.executable, "-m", "linearize"], 4),
+        ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "linearize"], 2),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        recipe = write_recipe(workspace, folder)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        command = [*launcher, "finetune", str(recipe), f"training.grad_accum={accum}", "stages.1.max_steps=2", "-q"]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[name] = [r.get("mse", r.get("loss")) for r in metrics(folder / "run") if "global_step" in r]
+        losses[name] = [x for x in losses[name] if x is not None]
+    assert len(losses["one"]) == 6
+    torch.testing.assert_close(losses["two"], losses["one"], rtol=1e-5, atol=0)

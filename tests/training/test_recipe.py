@@ -1,0 +1,111 @@
+"""Recipes: validation messages, overrides, templates and the fingerprint that guards resume."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from linearize.methods import METHODS
+from linearize.training.recipe import (
+    RecipeError,
+    apply_overrides,
+    load_recipe,
+    parse_recipe,
+    recipe_hash,
+    recipe_template,
+    resolved_yaml,
+)
+from tests.tiny import converted_model, source_model
+
+MINIMAL = "stages:\n  - kind: lora\n"
+
+
+def test_minimal_recipe_fills_defaults():
+    recipe = parse_recipe(MINIMAL)
+    assert recipe.conversion.method == "liger"
+    assert recipe.stages[0].trainable == ["lora"]
+    assert recipe.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert recipe.data.sources[0].builtin == "pydoc"
+
+
+def test_unknown_key_names_the_nearest_valid_key():
+    text = MINIMAL + "training:\n  grad_acum: 4\n"
+    with pytest.raises(RecipeError, match=r"training\.grad_acum: unknown key; did you mean 'grad_accum'\?"):
+        parse_recipe(text)
+    with pytest.raises(RecipeError, match=r"stages\.0\.optimzer: unknown key; did you mean 'optimizer'\?"):
+        parse_recipe("stages:\n  - kind: lora\n    optimzer: {lr: 1}\n")
+    with pytest.raises(RecipeError, match=r"modle: unknown key; did you mean 'model'\?"):
+        parse_recipe(MINIMAL + "modle: {}\n")
+
+
+def test_wrong_type_names_the_field_path():
+    with pytest.raises(RecipeError, match=r"stages\.0\.optimizer\.lr: .*'fast'"):
+        parse_recipe("stages:\n  - kind: lora\n    optimizer: {lr: fast}\n")
+    with pytest.raises(RecipeError, match=r"training\.grad_accum: .*greater than or equal to 1"):
+        parse_recipe(MINIMAL + "training: {grad_accum: 0}\n")
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("stages:\n  - kind: lora\n training: [\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml, line \d+, column \d+: malformed YAML"):
+        load_recipe(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist; `linearize recipe init`"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_stages_are_required():
+    with pytest.raises(RecipeError, match="stages"):
+        parse_recipe("model: {dtype: float32}\n")
+
+
+def test_new_parameters_for_a_method_without_any():
+    with pytest.raises(RecipeError, match="'liger' adds no parameters.*trainable: \\[lora\\]"):
+        parse_recipe("stages:\n  - kind: attention_transfer\n")
+
+
+def test_adds_parameters_matches_the_converted_layers():
+    source_keys = set(source_model("llama").state_dict())
+    for name, method in METHODS.items():
+        new = set(converted_model("llama", name).state_dict()) - source_keys
+        assert method.adds_parameters == bool(new), name
+
+
+def test_overrides():
+    recipe = parse_recipe(
+        MINIMAL + "  - kind: lora\n",
+        overrides=["stages.1.optimizer.lr=3e-4", "training.grad_accum=2", "lora.target_modules=[q_proj, o_proj]"],
+    )
+    assert recipe.stages[1].optimizer.lr == 3e-4 and recipe.stages[0].optimizer.lr == 1e-3
+    assert recipe.training.grad_accum == 2
+    assert recipe.lora.target_modules == ["q_proj", "o_proj"]
+    for bad, message in [
+        ("lr", "is not key=value"),
+        ("stages.5.epochs=1", "'5' is not an index of a 1-item list"),
+        ("stages.0.kind.x=1", "is not a section"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            apply_overrides(yaml.safe_load(MINIMAL), [bad])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_template_of_every_method_is_a_valid_recipe(method):
+    text = recipe_template(method)
+    assert text.startswith("# linearize fine-tuning recipe")
+    recipe = parse_recipe(text)
+    assert recipe.conversion.method == method
+    assert [s.kind for s in recipe.stages] == ["attention_transfer", "lora"]
+
+
+def test_resolved_yaml_round_trips_and_hash_ignores_the_output_folder():
+    recipe = parse_recipe(MINIMAL)
+    again = parse_recipe(resolved_yaml(recipe))
+    assert again == recipe
+    assert recipe_hash(again) == recipe_hash(recipe)
+    moved = parse_recipe(MINIMAL, overrides=["output.dir=elsewhere"])
+    assert recipe_hash(moved) == recipe_hash(recipe)
+    changed = parse_recipe(MINIMAL, overrides=["stages.0.optimizer.lr=0.5"])
+    assert recipe_hash(changed) != recipe_hash(recipe)

@@ -1,0 +1,107 @@
+"""Attention transfer: the teacher is the source attention, only the student's trainable parameters get
+gradients, and no graph is built through the frozen model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from linearize.training.transfer import AttentionTransfer, teacher_attention
+from tests.tiny import FAMILIES, converted_model, source_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_is_the_source_attention(family):
+    """The teacher output through o_proj equals the source model's own attention module output."""
+    source = source_model(family)
+    converted = converted_model(family, "liger")
+    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    converted_attn = converted.model.layers[1].self_attn
+    source_attn = source.model.layers[1].self_attn
+    source_attn.register_forward_hook(
+        lambda m, args, kwargs, out: seen.update(
+            source=out[0], inputs=(kwargs["hidden_states"], kwargs["position_embeddings"])
+        ),
+        with_kwargs=True,
+    )
+    with torch.no_grad():
+        source(ids)
+    hidden_states, position_embeddings = seen["inputs"]
+    teacher = teacher_attention(converted_attn, hidden_states, position_embeddings, None)
+    torch.testing.assert_close(converted_attn.o_proj(teacher), seen["source"], rtol=1e-5, atol=1e-5)
+
+
+def test_padded_queries_are_left_out_and_real_rows_match_unpadded():
+    model = converted_model("llama", "liger")
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 6, 64)
+    cos, sin = model.model.rotary_emb(x, torch.arange(6)[None])
+    unpadded = teacher_attention(attn, x, (cos, sin), None)
+    padded_x = torch.cat([torch.randn(1, 3, 64), x], dim=1)
+    positions = torch.cat([torch.zeros(3, dtype=torch.long), torch.arange(6)])[None]
+    valid = torch.tensor([[False] * 3 + [True] * 6])
+    padded = teacher_attention(attn, padded_x, model.model.rotary_emb(padded_x, positions), valid)
+    assert not padded.isnan().any()
+    torch.testing.assert_close(padded[:, 3:], unpadded, rtol=1e-5, atol=1e-5)
+
+
+def _lora_model():
+    model = converted_model("llama", "liger").train()
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+
+
+def test_only_adapters_get_gradients_and_the_frozen_model_builds_no_graph():
+    model = _lora_model()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # nonzero B, so that A's gradient is nonzero too
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with AttentionTransfer(model, loss_scale=1.0) as transfer:
+        out = model(input_ids=ids, use_cache=False)
+        assert len(transfer.layer_losses) == 2
+        loss = transfer.loss()
+    assert loss > 0 and not out.logits.requires_grad  # the backward already ran, layer by layer
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_layer_losses_are_each_layers_own_mse():
+    """Each layer's MSE compares its student output with the teacher's, from teacher-consistent inputs."""
+    model = converted_model("llama", "liger")
+    source = source_model("llama")
+    ids = torch.randint(4, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+    inputs = {}
+    for i, layer in enumerate(source.model.layers):
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, i=i: inputs.update({i: (kw["hidden_states"], kw["position_embeddings"])}), with_kwargs=True
+        )
+    with torch.no_grad():
+        source(ids)
+        with AttentionTransfer(model) as transfer:
+            model(input_ids=ids, use_cache=False)
+            losses = list(transfer.layer_losses)
+    for i, layer in enumerate(model.model.layers):
+        hidden_states, position_embeddings = inputs[i]
+        captured = {}
+        handle = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, seen=captured: seen.update(o=a[0]))
+        with torch.no_grad():
+            layer.self_attn(hidden_states=hidden_states, position_embeddings=position_embeddings)
+        handle.remove()
+        teacher = teacher_attention(layer.self_attn, hidden_states, position_embeddings, None)
+        torch.testing.assert_close(losses[i], (captured["o"] - teacher).square().mean(), rtol=1e-4, atol=1e-8)
+
+
+def test_hooks_are_removed_on_exit():
+    model = converted_model("llama", "liger")
+    ids = torch.randint(4, 128, (1, 8))
+    with torch.no_grad():
+        before = model(input_ids=ids, use_cache=False).logits
+        with AttentionTransfer(model):
+            model(input_ids=ids, use_cache=False)
+        after = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
