@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo finetune bench lint clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ demo: install
 	$(BIN)/linearize convert --method liger -o demo-out/smollm2-liger --force --verify
 	$(BIN)/linearize generate demo-out/smollm2-liger "What is the capital of France?" --max-new-tokens 24
 
+finetune: install
+	$(BIN)/linearize finetune recipes/smollm2-135m-liger.yaml --resume
+	$(BIN)/linearize generate runs/smollm2-135m-liger/model "What is the capital of France?" --max-new-tokens 24
+
 bench: install
 	$(PY) benchmarks/liger_vs_original.py --json bench-out/liger_vs_original.json
 
@@ -35,4 +39,4 @@ lint: install
 	$(BIN)/ruff format --check linearize kernels tests benchmarks
 
 clean:
-	rm -rf $(VENV) demo-out bench-out build *.egg-info
+	rm -rf $(VENV) demo-out bench-out runs build *.egg-info

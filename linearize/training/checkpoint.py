@@ -58,7 +58,7 @@ def save_checkpoint(
     run: Path,
     global_step: int,
     tensors: dict[str, torch.Tensor],
-    optimizers: list[torch.optim.Optimizer],
+    optimizer_states: list[dict],
     schedulers: list,
     state: dict[str, Any],
     keep: int,
@@ -72,7 +72,7 @@ def save_checkpoint(
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "trained.safetensors")
         torch.save(
             {
-                "optimizers": [o.state_dict() for o in optimizers],
+                "optimizers": optimizer_states,
                 "schedulers": [s.state_dict() for s in schedulers],
                 "rng": rng_state(),
             },

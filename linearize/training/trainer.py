@@ -82,19 +82,8 @@ class Trainer:
     def __init__(self, recipe: Recipe, world: World, reporter: Reporter, run: Path):
         self.recipe, self.world, self.reporter, self.run = recipe, world, reporter, run
         self.config = recipe.training
-        torch.manual_seed(self.config.seed)
-        self.source_name = recipe.model.name
-        source, self.tokenizer, self.source_name = sources.load(
-            recipe.model.name, dtype=recipe.model.dtype, device=str(world.device), revision=recipe.model.revision
-        )
-        conv = recipe.conversion
-        plan = plan_conversion(
-            source.config, self.source_name, conv.method, conv.window, conv.sinks, conv.softmax_layers or None
-        )
-        source_keys = set(source.state_dict())
-        self.model: nn.Module = convert_model(source, plan.config)
-        del source
-        self.new_params = {id(p) for n, p in self.model.named_parameters() if n not in source_keys}
+        self.model, self.tokenizer, self.new_names = self.build_model()
+        self.sharded = False
         self.data: FinetuneData = load_data(recipe.data, self.tokenizer, seed=self.config.seed)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
         for note in self.data.notes:
@@ -102,6 +91,21 @@ class Trainer:
         self.state = RunState()
 
     # -- model surgery ------------------------------------------------------------------------------------------
+    def build_model(self) -> tuple[nn.Module, object, set[str]]:
+        """The converted model before training, its tokenizer, and the names of the parameters the method added."""
+        recipe = self.recipe
+        torch.manual_seed(self.config.seed)
+        source, tokenizer, source_name = sources.load(
+            recipe.model.name, dtype=recipe.model.dtype, device=str(self.world.device), revision=recipe.model.revision
+        )
+        conv = recipe.conversion
+        plan = plan_conversion(
+            source.config, source_name, conv.method, conv.window, conv.sinks, conv.softmax_layers or None
+        )
+        source_keys = set(source.state_dict())
+        model = convert_model(source, plan.config)
+        return model, tokenizer, {n for n, _ in model.named_parameters() if n not in source_keys}
+
     def apply_lora(self) -> None:
         from peft import LoraConfig, get_peft_model
 
@@ -110,6 +114,7 @@ class Trainer:
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
         )
+        new = {id(p) for n, p in self.model.named_parameters() if n in self.new_names}
         try:
             with warnings.catch_warnings():
                 # peft asks transformers about gradient checkpointing through a name transformers deprecated
@@ -117,18 +122,32 @@ class Trainer:
                 self.model = get_peft_model(self.model, config)
         except ValueError as error:
             raise LinearizeError(f"lora.target_modules {lora.target_modules} do not fit this model: {error}") from None
+        self.new_names = {n for n, p in self.model.named_parameters() if id(p) in new}  # peft renames, keeps objects
         self.state.lora_applied = True
 
+    def shard(self) -> None:
+        """FSDP2: shard every decoder layer, then the rest of the model, across the processes."""
+        from torch.distributed.fsdp import fully_shard
+
+        for module in self.model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module)
+        fully_shard(self.model)
+        self.sharded = True
+
     def trained_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor training may change: the method's new parameters and the LoRA adapters."""
+        """Every tensor training may change: the method's new parameters and the LoRA adapters. Under FSDP every
+        process must call this (the shards are gathered)."""
         return {
-            name: p.detach() for name, p in self.model.named_parameters() if id(p) in self.new_params or "lora_" in name
+            name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+            for name, p in self.model.named_parameters()
+            if name in self.new_names or "lora_" in name
         }
 
     def set_trainable(self, stage: StageSection) -> list[nn.Parameter]:
         params = []
         for name, p in self.model.named_parameters():
-            train = ("new" in stage.trainable and id(p) in self.new_params) or (
+            train = ("new" in stage.trainable and name in self.new_names) or (
                 "lora" in stage.trainable and "lora_" in name
             )
             p.requires_grad_(train)
@@ -201,12 +220,15 @@ class Trainer:
         if "lora" in stage.trainable and not self.state.lora_applied:
             self.apply_lora()
         params = self.set_trainable(stage)
+        fsdp = self.world.distributed and self.config.distributed == "fsdp" and stage.kind == "lora"
+        if fsdp and not self.sharded:
+            self.shard()
+            params = self.set_trainable(stage)  # sharding replaced the parameters
         total_steps, per_epoch = self.steps_in(stage)
         optimizers = build_optimizers(params, stage.optimizer)
         schedulers = build_schedulers(optimizers, total_steps, stage.schedule)
         if resume_states is not None:
-            for opt, saved in zip(optimizers, resume_states["optimizers"], strict=True):
-                opt.load_state_dict(saved)
+            self.load_optimizer_states(optimizers, resume_states["optimizers"])
             for sched, saved in zip(schedulers, resume_states["schedulers"], strict=True):
                 sched.load_state_dict(saved)
             set_rng_state(resume_states["rng"])
@@ -224,7 +246,7 @@ class Trainer:
             # attention transfer holds one layer's graph at a time: recomputation would only cost time
             set_activation_checkpointing(self.model, enabled=transfer is None)
         model = self.model
-        ddp = self.world.distributed and stage.kind == "lora"
+        ddp = self.world.distributed and stage.kind == "lora" and not self.sharded
         if ddp:
             model = nn.parallel.DistributedDataParallel(self.model)
         self.model.train()
@@ -239,13 +261,15 @@ class Trainer:
                     losses = []
                     for micro in range(accum):
                         batch = self.micro_batch(index, step, micro, per_epoch)
-                        sync = not ddp or micro == accum - 1
-                        with model.no_sync() if not sync else _nothing():
+                        sync = micro == accum - 1
+                        if self.sharded:
+                            model.set_requires_gradient_sync(sync)
+                        with model.no_sync() if ddp and not sync else _nothing():
                             loss = self.forward_loss(model, batch, transfer)
                             if transfer is None:
                                 (loss / accum).backward()
                         losses.append(loss.detach().float())
-                    if not ddp:
+                    if not ddp and not self.sharded:
                         average_gradients(self.world, params)
                     loss = mean_across(self.world, torch.stack(losses).mean()).item()
                     if not math.isfinite(loss):
@@ -290,21 +314,43 @@ class Trainer:
             f"Lower stages.{index}.optimizer.lr or set training.max_grad_norm (e.g. 1.0), then start a new run."
         )
 
+    def optimizer_states(self, optimizers: list[torch.optim.Optimizer]) -> list[dict]:
+        """Optimizer states to save; under FSDP gathered whole (keyed by parameter name) by every process."""
+        if not self.sharded:
+            return [opt.state_dict() for opt in optimizers]
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return [get_optimizer_state_dict(self.model, opt, options=options) for opt in optimizers]
+
+    def load_optimizer_states(self, optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:
+        if not self.sharded:
+            for opt, saved in zip(optimizers, states, strict=True):
+                opt.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        for opt, saved in zip(optimizers, states, strict=True):
+            set_optimizer_state_dict(self.model, opt, optim_state_dict=saved, options=options)
+
     def checkpoint(self, optimizers, schedulers) -> None:
+        tensors, optimizer_states = self.trained_tensors(), self.optimizer_states(optimizers)  # collective
         if self.world.is_main:
             state = {
                 "stage": self.state.stage,
                 "step": self.state.step,
                 "global_step": self.state.global_step,
                 "lora_applied": self.state.lora_applied,
+                "processes": self.world.size,
                 "recipe_hash": recipe_hash(self.recipe),
                 "last_eval": self.state.last_eval,
             }
             save_checkpoint(
                 self.run,
                 self.state.global_step,
-                self.trained_tensors(),
-                optimizers,
+                tensors,
+                optimizer_states,
                 schedulers,
                 state,
                 self.config.keep_checkpoints,
@@ -317,6 +363,12 @@ class Trainer:
         tensors, states, saved = load_checkpoint(checkpoint)
         if saved.get("recipe_hash") != recipe_hash(self.recipe):
             raise LinearizeError(f"checkpoint {checkpoint} belongs to a different recipe; it cannot be resumed")
+        if saved["processes"] != self.world.size:
+            raise LinearizeError(
+                f"checkpoint {checkpoint} was written by a run of {saved['processes']} process(es) and the global "
+                f"batch order depends on it; resume with the same count (torchrun --nproc_per_node "
+                f"{saved['processes']}), not {self.world.size}"
+            )
         if saved["lora_applied"]:
             self.apply_lora()
         missing = set(tensors) - set(dict(self.model.named_parameters()))
@@ -334,6 +386,13 @@ class Trainer:
         return states
 
     def train(self, resume_from: Path | None) -> None:
+        kinds = [stage.kind for stage in self.recipe.stages]
+        sharding = self.world.distributed and self.config.distributed == "fsdp"
+        if sharding and "lora" in kinds and "attention_transfer" in kinds[kinds.index("lora") :]:
+            raise LinearizeError(
+                "under training.distributed: fsdp the lora stages shard the model for good, so every "
+                "attention_transfer stage must come before them; reorder the stages or use ddp"
+            )
         resume_states = self.restore(resume_from) if resume_from is not None else None
         for index, stage in enumerate(self.recipe.stages):
             if index < self.state.stage:
@@ -344,7 +403,21 @@ class Trainer:
             self.state.step = 0
 
     def save(self) -> Path:
-        """Write `model/` (LoRA merged unless output.merge_lora is false, then the adapter goes in `adapter/`)."""
+        """Write `model/` (LoRA merged unless output.merge_lora is false, then the adapter goes in `adapter/`).
+        Every process calls this; the main process writes."""
+        out = self.run / "model"
+        if self.sharded:
+            # the shards cannot be merged in place: gather what training changed into a fresh, whole model
+            tensors = self.trained_tensors()
+            if not self.world.is_main:
+                return out
+            self.model, _, self.new_names = self.build_model()
+            self.sharded = False
+            if self.state.lora_applied:
+                self.apply_lora()
+            self.model.load_state_dict(tensors, strict=False)
+        if not self.world.is_main:
+            return out
         model, adapter = self.model, None
         if self.state.lora_applied:
             if self.recipe.output.merge_lora:
@@ -354,7 +427,6 @@ class Trainer:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        out = self.run / "model"
         save_model(model, self.tokenizer, out, force=True)
         (out / RECIPE_FILE).write_text(resolved_yaml(self.recipe))
         if adapter is not None:
@@ -389,9 +461,7 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
         reporter = Reporter(run / "metrics.jsonl", quiet=quiet, enabled=world.is_main, console=console)
         trainer = Trainer(recipe, world, reporter, run)
         trainer.train(resume_from)
-        out = run / "model"
-        if world.is_main:
-            out = trainer.save()
+        out = trainer.save()
         barrier(world)
         return out
     finally:

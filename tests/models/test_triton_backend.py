@@ -1,5 +1,6 @@
 """Converted models with every op forced to the Triton kernels (the interpreter on CPU) behave as on the torch
-path: same logits, and cached decoding still equals the full forward."""
+path: same logits, and cached decoding still equals the full forward. Liger's prefill runs the fused attention
+kernel and its one-token steps the fused decode kernel."""
 
 import pytest
 import torch
@@ -13,12 +14,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the interprete
 
 @pytest.mark.parametrize("method", METHODS)
 def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
+    import linearize.kernels.liger.attention_triton as fused_prefill
     import linearize.kernels.liger.triton as fused
 
-    decode_kernel_calls = []
+    decode_kernel_calls, prefill_kernel_calls = [], []
     kernel = fused.triton_liger_decode
     monkeypatch.setattr(
         fused, "triton_liger_decode", lambda *a, **kw: decode_kernel_calls.append(1) or kernel(*a, **kw)
+    )
+    prefill = fused_prefill.liger_fwd
+    monkeypatch.setattr(
+        fused_prefill, "liger_fwd", lambda *a, **kw: prefill_kernel_calls.append(1) or prefill(*a, **kw)
     )
     model = converted_model("qwen3", method).to(DEVICE)
     ids = torch.randint(3, 128, (2, 24), device=DEVICE)
@@ -29,8 +35,10 @@ def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
         incremental, _ = decode_incrementally(model, ids, chunks=(13, 5))
     torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-4)
-    # Liger's one-token steps go through the fused decode kernel: 6 steps in each of the 2 layers
+    # Liger's one-token steps go through the fused decode kernel: 6 steps in each of the 2 layers; its prefills
+    # (the full forward and the chunks of 13 and 5 tokens) through the fused attention kernel
     assert len(decode_kernel_calls) == (12 if method == "liger" else 0)
+    assert len(prefill_kernel_calls) == (6 if method == "liger" else 0)
 
 
 def test_layer_option_selects_the_backend(monkeypatch):

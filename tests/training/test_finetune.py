@@ -259,8 +259,10 @@ def test_muon_stage_trains(workspace, tmp_path):
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
-def test_two_processes_match_one_with_the_same_global_batch(workspace, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo on CPU) logs the losses of one process with twice the accumulation."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(strategy, workspace, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo on CPU) logs the losses of one process with twice the accumulation, and
+    saves the same model."""
     losses = {}
     for name, launcher, accum in (
         ("one", [sys.executable, "-m", "linearize"], 4),
@@ -270,10 +272,15 @@ def test_two_processes_match_one_with_the_same_global_batch(workspace, tmp_path)
         folder.mkdir()
         recipe = write_recipe(workspace, folder)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        command = [*launcher, "finetune", str(recipe), f"training.grad_accum={accum}", "stages.1.max_steps=2", "-q"]
+        overrides = [f"training.grad_accum={accum}", f"training.distributed={strategy}", "stages.1.max_steps=2"]
+        command = [*launcher, "finetune", str(recipe), *overrides, "-q"]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         losses[name] = [r.get("mse", r.get("loss")) for r in metrics(folder / "run") if "global_step" in r]
         losses[name] = [x for x in losses[name] if x is not None]
     assert len(losses["one"]) == 6
     torch.testing.assert_close(losses["two"], losses["one"], rtol=1e-5, atol=0)
+    one, two = (load_file(tmp_path / name / "run" / "model" / "model.safetensors") for name in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -17,6 +19,7 @@ from linearize.training.recipe import (
 )
 from tests.tiny import converted_model, source_model
 
+ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = "stages:\n  - kind: lora\n"
 
 
@@ -109,3 +112,9 @@ def test_resolved_yaml_round_trips_and_hash_ignores_the_output_folder():
     assert recipe_hash(moved) == recipe_hash(recipe)
     changed = parse_recipe(MINIMAL, overrides=["stages.0.optimizer.lr=0.5"])
     assert recipe_hash(changed) != recipe_hash(recipe)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.output.dir.startswith("runs/")
