@@ -128,6 +128,17 @@ def convert(
             help="After saving, compare perplexity on built-in text and a greedy sample, source vs converted.",
         ),
     ] = False,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            "--push-to-hub",
+            metavar="ORG/NAME",
+            help="After saving, publish the folder as `linearize push OUTPUT ORG/NAME` does (token and repo id "
+            "are checked before converting).",
+            show_default=False,
+        ),
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")] = False,
 ) -> None:
     """Convert MODEL's attention layers to a linear or hybrid method and save a loadable model folder."""
     from . import sources
@@ -140,6 +151,8 @@ def convert(
             raise LinearizeError("pass an output folder with -o/--output (or use --dry-run)")
         if output is not None and not dry_run:
             check_output_folder(output, force)
+        if push_to_hub and not dry_run:
+            _check_push_target(push_to_hub)
         with console.status("Reading the source config"):
             source_config = sources.load_config(model)
         plan = plan_conversion(
@@ -160,6 +173,8 @@ def convert(
         )
         if verify:
             _verify(source_model, output, tokenizer, device)
+        if push_to_hub:
+            _push(output, push_to_hub, private=private)
     except LinearizeError as error:
         raise _fail(str(error)) from None
     except KeyboardInterrupt:
@@ -183,6 +198,26 @@ def _verify(source_model, output: Path, tokenizer, device: str) -> None:
     for row in rows:
         table.add_row(row["model"], f"{row['perplexity']:.2f}", row["sample"].strip().replace("\n", " "))
     Console().print(table)
+
+
+def _check_push_target(repo_id: str) -> None:
+    from .publish import check_can_push, check_repo_id
+
+    check_repo_id(repo_id)
+    check_can_push()
+
+
+def _push(output: Path, repo_id: str, *, private: bool) -> None:
+    from .publish import push
+
+    saved = f"The converted folder {output} is saved: push it with `linearize push`."
+    try:
+        url = push(output, repo_id, private=private, on_step=lambda text: console.print(text, highlight=False))
+    except LinearizeError as error:
+        raise LinearizeError(f"{error} {saved}") from None
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted before the Hub confirmed the commit: the push is not done. {saved}", 130) from None
+    console.print(f"[green]Pushed[/] {url}", highlight=False)
 
 
 @app.command()
@@ -309,6 +344,98 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     elif list_checkpoints(run):
         table.add_row("resume", "checkpoints exist: pass --resume")
     return table
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  linearize push smollm2-liger my-user/smollm2-135m-liger --dry-run   # files, sizes and the card\n\n"
+    "  linearize push runs/liger/model my-org/smollm2-liger --private\n\n"
+    "  HF_TOKEN=hf_... linearize push smollm2-liger my-user/smollm2-liger --revision v2 --quiet"
+)
+def push(
+    folder: Annotated[Path, typer.Argument(help="A converted (or fine-tuned) model folder; it is not modified.")],
+    repo_id: Annotated[
+        str, typer.Argument(metavar="ORG/NAME", help="The Hub repo: your user name or an organization, then a name.")
+    ],
+    private: Annotated[
+        bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")
+    ] = False,
+    revision: Annotated[
+        str | None,
+        typer.Option(help="Branch to commit to, created if missing (default: the main branch).", show_default=False),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the files, their sizes and the model card; load nothing, send nothing."),
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="First load the folder and generate a few tokens in a fresh process (skip it only for a model "
+            "too large for this machine).",
+        ),
+    ] = True,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Hub token with write access (default: HF_TOKEN, then `hf auth login`'s).", show_default=False
+        ),
+    ] = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(help="Hub URL (default: HF_ENDPOINT, then https://huggingface.co).", show_default=False),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the final URL.")] = False,
+) -> None:
+    """Publish FOLDER to the Hugging Face Hub as ORG/NAME with a generated model card.
+
+    The card (README.md) records the base model, the method and its parameters, which layers were converted, the
+    fine-tuning recipe, the latest `linearize eval` and `linearize bench` tables and how to load the model. The
+    folder and the card go up in one commit: the push is reported done only once the Hub accepted it."""
+    from .publish import plan_push
+    from .publish import push as push_folder
+
+    try:
+        if dry_run:
+            _print_push_plan(plan_push(folder, repo_id, private=private, revision=revision), endpoint)
+            return
+        url = push_folder(
+            folder,
+            repo_id,
+            private=private,
+            revision=revision,
+            token=token,
+            endpoint=endpoint,
+            quiet=quiet,
+            verify=verify,
+            on_step=None if quiet else lambda text: console.print(text, highlight=False),
+        )
+    except LinearizeError as error:
+        raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted before the Hub confirmed the commit: the push is not done", 130) from None
+    if quiet:
+        print(url)
+    else:
+        console.print(f"[green]Pushed[/] {url}", highlight=False)
+
+
+def _print_push_plan(plan, endpoint: str | None) -> None:
+    from huggingface_hub import constants
+
+    out = Console()
+    target = f"{endpoint or constants.ENDPOINT}/{plan.repo_id}"
+    where = f"branch {plan.revision}" if plan.revision else "the main branch"
+    table = Table(title=f"Push plan: {plan.folder} -> {target} ({where}{', private' if plan.private else ''})")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for path, size in plan.files:
+        table.add_row(path, _size(size))
+    table.add_row(f"{len(plan.files)} files, one commit", _size(plan.total_bytes), style="bold")
+    out.print(table)
+    out.rule("README.md (generated model card)")
+    print(plan.card)  # plain print: the card's [links] must not be read as rich markup
 
 
 recipe_app = typer.Typer(help="Create and check fine-tuning recipes.", no_args_is_help=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import sources
 from .errors import LinearizeError
 from .families import get_family
 from .methods import get_method
@@ -82,7 +83,19 @@ def method_settings(method: str, window: int | None = None, sinks: int | None = 
     return settings
 
 
-def build_config(source_config, settings: dict[str, Any], softmax_layers: list[int]) -> LinearizeConfig:
+def source_hub_id(source: str) -> str | None:
+    """The Hub id that `source` (a Hub id, a local folder or the embedded default's name) names, or None for a
+    local folder: a model card's `base_model` must be a Hub id, and a local path must not leak into one."""
+    if source == sources.EMBEDDED_NAME:
+        return sources.EMBEDDED_ID
+    if Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        return None
+    return source
+
+
+def build_config(
+    source_config, settings: dict[str, Any], softmax_layers: list[int], source_model: str | None = None
+) -> LinearizeConfig:
     family = get_family(source_config.model_type)
     num_layers = source_config.num_hidden_layers
     source_types = (
@@ -98,10 +111,32 @@ def build_config(source_config, settings: dict[str, Any], softmax_layers: list[i
     }
     return LinearizeConfig(
         base_model_type=family.model_type,
+        source_model=source_model,
         layer_types=[source_types[i] if i in softmax_layers else converted_type for i in range(num_layers)],
         linearize={**settings, "softmax_layers": softmax_layers},
         **fields,
     )
+
+
+def layer_groups(method: str, layer_types: list[str], softmax_layers: list[int]) -> list[tuple[str, str]]:
+    """Runs of consecutive layers with the same fate, as ('0-7', 'liger') or ('8', 'softmax (full_attention)')
+    pairs.
+
+    Args:
+        method: the conversion method, the fate of every converted layer.
+        layer_types: one transformers layer type per layer (a converted config's `layer_types`).
+        softmax_layers: indices of the layers kept as softmax attention.
+
+    Returns:
+        (layer range, fate) pairs in layer order.
+    """
+    fates = [f"softmax ({t})" if i in softmax_layers else method for i, t in enumerate(layer_types)]
+    groups, start = [], 0
+    for i in range(1, len(fates) + 1):
+        if i == len(fates) or fates[i] != fates[start]:
+            groups.append((f"{start}" if i - 1 == start else f"{start}-{i - 1}", fates[start]))
+            start = i
+    return groups
 
 
 @dataclass
@@ -118,16 +153,7 @@ class ConversionPlan:
 
     def layer_groups(self) -> list[tuple[str, str]]:
         """Runs of consecutive layers with the same fate, as ('0-7', 'liger') pairs."""
-        fates = [
-            self.settings["method"] if self.config.is_converted(i) else f"softmax ({t})"
-            for i, t in enumerate(self.config.layer_types)
-        ]
-        groups, start = [], 0
-        for i in range(1, len(fates) + 1):
-            if i == len(fates) or fates[i] != fates[start]:
-                groups.append((f"{start}" if i - 1 == start else f"{start}-{i - 1}", fates[start]))
-                start = i
-        return groups
+        return layer_groups(self.settings["method"], self.config.layer_types, self.settings["softmax_layers"])
 
     def _head_shape(self) -> tuple[int, int, int]:
         c = self.config
@@ -168,7 +194,10 @@ def plan_conversion(
     get_family(source_config.model_type)
     settings = method_settings(method, window, sinks)
     config = build_config(
-        source_config, settings, parse_softmax_layers(softmax_layers, source_config.num_hidden_layers)
+        source_config,
+        settings,
+        parse_softmax_layers(softmax_layers, source_config.num_hidden_layers),
+        source_model=source_hub_id(source),
     )
     unconverted = build_config(source_config, settings, list(range(source_config.num_hidden_layers)))
     torch_dtype = getattr(source_config, "dtype", None) if dtype == "auto" else getattr(torch, dtype)

@@ -16,6 +16,7 @@ from transformers import AutoConfig, PreTrainedConfig
 _OWN_FIELDS = (
     "model_type",
     "base_model_type",
+    "source_model",
     "linearize",
     "layer_types",
     "architectures",
@@ -34,12 +35,15 @@ class LinearizeConfig(PreTrainedConfig):
             method (see `linearize.methods`); kept layers keep the source's "full_attention"/"sliding_attention".
         linearize (`dict`): the method, its parameters and the layers kept as softmax attention, e.g.
             `{"method": "liger", "window": 64, "softmax_layers": [0, 8], ...}`.
+        source_model (`str`, *optional*): the Hub id the model was converted from (model cards use it as
+            `base_model`); None when it was converted from a local folder or by an older linearize.
         **kwargs: every field of the source model's config.
     """
 
     model_type = "linearize"
 
     base_model_type: str = "llama"
+    source_model: str | None = None
     layer_types: list[str] | None = None
     linearize: dict[str, Any] | None = None
 

@@ -1,0 +1,409 @@
+"""Publishing a converted model folder to the Hugging Face Hub: plan, model card, local check, upload.
+
+`plan_push` is pure (it reads the folder and renders the card; `--dry-run` prints it). `push` checks everything
+it can locally first (repo id form, offline mode, token, that the folder loads and generates in a fresh process),
+then creates the repo and uploads the folder in one commit. The generated card goes up as README.md from memory:
+the user's folder is never modified, and a README.md already in it is replaced on the Hub by the card. One
+commit means the Hub shows either the whole upload or none of it; success is reported only once it returned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .convert import layer_groups
+from .errors import LinearizeError
+
+CARD_FILE = "README.md"
+RECIPE_FILE = "linearize_recipe.yaml"  # written by `linearize finetune` next to the model
+EVAL_FILE = "linearize_eval.json"  # written by `linearize eval`; its "markdown" key holds a ready table
+BENCH_FILE = "linearize_bench.json"  # written by `linearize bench`, same shape
+TAGS = ["linearize", "linear-attention"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_LOGIN_HINT = "run `hf auth login`, set HF_TOKEN, or pass --token"
+
+# Run in a fresh interpreter so that a folder that only loads thanks to this process's state (imported modules,
+# registered classes) is caught. `import linearize` registers the classes, as a user's code would.
+_VERIFY_SCRIPT = """
+import sys
+import torch
+import linearize
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder = sys.argv[1]
+device = "cuda" if torch.cuda.is_available() else "cpu"
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device).eval()
+ids = tokenizer("Hello", return_tensors="pt").input_ids.to(device)
+pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+with torch.inference_mode():
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=pad)
+if out.shape[1] <= ids.shape[1]:
+    raise SystemExit("RuntimeError: the model generated no token")
+print(repr(tokenizer.decode(out[0, ids.shape[1]:])))
+"""
+
+
+@dataclass
+class PushPlan:
+    """What `push` will send: the target and every file with its size, README.md being the rendered card."""
+
+    folder: Path
+    repo_id: str
+    private: bool
+    revision: str | None
+    card: str
+    files: list[tuple[str, int]] = field(default_factory=list)  # (path in the repo, bytes), README.md included
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def operations(self) -> list:
+        """The commit operations: each folder file from disk, README.md from the rendered card."""
+        from huggingface_hub import CommitOperationAdd
+
+        return [
+            CommitOperationAdd(path, self.card.encode() if path == CARD_FILE else self.folder / path)
+            for path, _ in self.files
+        ]
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Refuse a repo id that is not `org/name` before anything is sent.
+
+    Args:
+        repo_id: the target, e.g. "my-user/smollm2-liger".
+
+    Returns:
+        The repo id, unchanged.
+    """
+    if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or len(repo_id.split("/")[1]) > 96:
+        raise LinearizeError(
+            f"repo id '{repo_id}' is not of the form ORG/NAME (letters, digits, '-', '_', '.'; e.g. "
+            "my-user/smollm2-135m-liger); the ORG is your user name or an organization you can write to"
+        )
+    return repo_id
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise LinearizeError(f"cannot read {path}: {error}") from None
+
+
+def read_linearize_config(folder: Path) -> dict[str, Any]:
+    """The folder's config.json, after checking that it is a model converted by linearize.
+
+    Args:
+        folder: a model folder.
+
+    Returns:
+        The parsed config.json.
+    """
+    if not (folder / "config.json").is_file():
+        raise LinearizeError(f"'{folder}' is not a model folder: it has no config.json")
+    config = _read_json(folder / "config.json")
+    if not isinstance(config.get("linearize"), dict):
+        raise LinearizeError(
+            f"'{folder}' is not a model converted by linearize (its config.json has no 'linearize' block); "
+            "convert it first with `linearize convert`"
+        )
+    return config
+
+
+def _base_model(config: dict[str, Any]) -> str | None:
+    # Folders from linearize before `source_model` was recorded may still carry the source in `_name_or_path`.
+    name = config.get("source_model") or config.get("_name_or_path")
+    return name if name and _REPO_ID.match(name) and not Path(name).exists() else None
+
+
+def _measurement(folder: Path, file: str, command: str) -> str:
+    path = folder / file
+    if not path.is_file():
+        return f"Not measured yet (`{command}` writes `{file}` into the folder)."
+    markdown = _read_json(path).get("markdown")
+    if not markdown:
+        raise LinearizeError(f"{path} has no 'markdown' table; rerun `{command}` or delete the file")
+    return markdown.strip()
+
+
+def _layers_section(config: dict[str, Any]) -> str:
+    settings = config["linearize"]
+    groups = layer_groups(settings["method"], config["layer_types"], settings.get("softmax_layers", []))
+    rows = "\n".join(f"| {layers} | {fate} |" for layers, fate in groups)
+    return f"| layers | attention |\n|---|---|\n{rows}"
+
+
+def _loading_section(name: str) -> str:
+    return f"""```bash
+pip install linearize
+```
+
+```python
+import linearize  # registers the converted-model classes with transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+```
+
+Without `import linearize`, load it with remote code: the repository's `configuration_linearize.py` and
+`modeling_linearize.py` import the installed `linearize` package (and ask you to `pip install linearize` when it
+is missing).
+
+```python
+model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
+```"""
+
+
+def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
+    """The model card of a converted folder: YAML front matter (base_model, tags, library, pipeline) and a body
+    with the method, the layer map, the fine-tuning recipe, the latest eval and bench tables and how to load it.
+
+    Args:
+        folder: a model folder converted (and possibly fine-tuned) by linearize.
+        repo_id: the Hub repo it goes to, for the loading snippets (default: the folder's name).
+
+    Returns:
+        The card as README.md text.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    config = read_linearize_config(folder)
+    settings = config["linearize"]
+    method, base = settings["method"], _base_model(config)
+    name = repo_id or folder.resolve().name
+    data = ModelCardData(
+        base_model=base,
+        tags=[*TAGS, method, "text-generation"],
+        library_name="transformers",
+        pipeline_tag="text-generation",
+    )
+    params = ", ".join(f"`{k}={v}`" for k, v in settings.items() if k not in ("method", "softmax_layers"))
+    origin = f"[{base}](https://huggingface.co/{base})" if base else "a model (base model not recorded)"
+    recipe = folder / RECIPE_FILE
+    tuning = (
+        f"Fine-tuned with `linearize finetune`; the resolved recipe:\n\n```yaml\n{recipe.read_text().strip()}\n```"
+        if recipe.is_file()
+        else "Not fine-tuned after the conversion (no recipe in the folder): expect lower quality than the base "
+        "model until it is fine-tuned with `linearize finetune`."
+    )
+    body = f"""
+# {name.split("/")[-1]}
+
+{origin} with its attention converted to **{method}** by [linearize](https://pypi.org/project/linearize/)
+(family: {config.get("base_model_type", "unknown")}). Method parameters: {params or "none"}.
+
+## Layers
+
+{_layers_section(config)}
+
+## Fine-tuning
+
+{tuning}
+
+## Evaluation
+
+{_measurement(folder, EVAL_FILE, "linearize eval")}
+
+## Speed and memory
+
+{_measurement(folder, BENCH_FILE, "linearize bench")}
+
+## How to load
+
+{_loading_section(name)}
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _folder_files(folder: Path) -> list[tuple[str, int]]:
+    # Hidden entries (.cache, .git) and bytecode are local state, not part of the model; README.md is the card.
+    found = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if not path.is_file() or any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
+            continue
+        if rel.as_posix() != CARD_FILE:
+            found.append((rel.as_posix(), path.stat().st_size))
+    return found
+
+
+def plan_push(folder: Path | str, repo_id: str, *, private: bool = False, revision: str | None = None) -> PushPlan:
+    """Everything `push` will send, computed locally: the files with their sizes and the rendered card.
+
+    Args:
+        folder: the converted model folder.
+        repo_id: the target repo, ORG/NAME.
+        private: whether a newly created repo is private.
+        revision: the branch to commit to (None: the default branch).
+
+    Returns:
+        The plan; nothing is loaded, sent or written.
+    """
+    folder = Path(folder)
+    check_repo_id(repo_id)
+    if not folder.is_dir():
+        raise LinearizeError(f"model folder '{folder}' does not exist")
+    card = render_model_card(folder, repo_id)
+    files = [*_folder_files(folder), (CARD_FILE, len(card.encode()))]
+    return PushPlan(folder, repo_id, private, revision, card, sorted(files))
+
+
+def verify_folder(folder: Path | str) -> str:
+    """Load the folder with AutoModelForCausalLM in a fresh Python process and greedily generate a few tokens.
+
+    Args:
+        folder: the model folder.
+
+    Returns:
+        The generated text (repr), as the check printed it.
+    """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # a local folder needs no network
+    done = subprocess.run(
+        [sys.executable, "-c", _VERIFY_SCRIPT, str(folder)], capture_output=True, text=True, env=env, check=False
+    )
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        reason = lines[-1].strip() if lines else f"exit code {done.returncode}"
+        raise LinearizeError(f"'{folder}' does not load and generate, so nothing was sent: {reason}")
+    return done.stdout.strip()
+
+
+def check_can_push(token: str | None = None) -> str:
+    """Refuse offline mode and a missing token before any request is made.
+
+    Args:
+        token: a token given explicitly (default: HF_TOKEN or the one `hf auth login` stored).
+
+    Returns:
+        The token to use.
+    """
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise LinearizeError(
+            "the Hugging Face Hub is switched off on this machine (HF_HUB_OFFLINE=1): unset it on a connected "
+            "machine to push; --dry-run shows what would be sent"
+        )
+    token = token or get_token()
+    if not token:
+        raise LinearizeError(f"no Hugging Face token found: {_LOGIN_HINT} (it needs write access)")
+    return token
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # huggingface_hub 1.x talks through httpx and 2.x through httpx2; take the transport errors of whichever it
+    # has imported rather than pinning one.
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):
+        if module in sys.modules:
+            errors.append(sys.modules[module].TransportError)
+    return tuple(errors)
+
+
+def _http_error(error, repo_id: str, endpoint: str, not_done: str) -> LinearizeError:
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status == 401:
+        return LinearizeError(f"the Hub at {endpoint} rejected the token (401): {_LOGIN_HINT}. {not_done}")
+    if status == 403:
+        return LinearizeError(
+            f"the token may not write to '{repo_id}' (403): use a token with write access to "
+            f"'{repo_id.split('/')[0]}'. {not_done}"
+        )
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return LinearizeError(f"the Hub refused the upload ({status}): {reason}. {not_done}")
+
+
+@contextmanager
+def _hub_errors(repo_id: str, endpoint: str) -> Iterator[None]:
+    """Turn Hub and network failures into LinearizeErrors that say the push did not complete."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    nothing = "The Hub did not confirm a commit, so the push is not done; rerun the same command."
+    try:
+        yield
+    except HfHubHTTPError as error:
+        raise _http_error(error, repo_id, endpoint, nothing) from None
+    except _transport_errors() as error:
+        raise LinearizeError(f"cannot reach the Hub at {endpoint} ({error}). {nothing}") from None
+
+
+@contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    # A function pair rather than huggingface_hub 2.x's context manager, which 1.x does not have.
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hide = not show and not are_progress_bars_disabled()
+    if hide:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hide:
+            enable_progress_bars()
+
+
+def push(
+    folder: Path | str,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    quiet: bool = False,
+    verify: bool = True,
+    on_step: Callable[[str], None] | None = None,
+) -> str:
+    """Check the folder, create the repo (if needed) and upload the folder with its model card in one commit.
+
+    Args:
+        folder: the converted model folder (left unchanged).
+        repo_id: the target repo, ORG/NAME.
+        private: create the repo private (an existing repo keeps its visibility).
+        revision: the branch to commit to, created from the default branch if missing (None: the default branch).
+        token: a Hub token with write access (default: HF_TOKEN or the stored login).
+        endpoint: the Hub URL (default: HF_ENDPOINT or https://huggingface.co).
+        quiet: no upload progress bars (they show only on a terminal anyway).
+        verify: first load the folder and generate a few tokens in a fresh process.
+        on_step: called with a short description before each step (the CLI prints them).
+
+    Returns:
+        The URL of the pushed repo (of its branch, with a revision), once the Hub has accepted the commit.
+    """
+    from huggingface_hub import HfApi
+
+    step = on_step or (lambda _: None)
+    plan = plan_push(folder, repo_id, private=private, revision=revision)
+    token = check_can_push(token)
+    if verify:
+        step(f"Checking that {plan.folder} loads and generates (fresh process)")
+        verify_folder(plan.folder)
+    api = HfApi(endpoint=endpoint, token=token)
+    with _hub_errors(repo_id, api.endpoint), _progress_bars(not quiet and sys.stderr.isatty()):
+        step(f"Creating {repo_id} on {api.endpoint}" + (" (private)" if private else ""))
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        step(f"Uploading {len(plan.files)} files in one commit")
+        api.create_commit(
+            repo_id,
+            operations=plan.operations(),
+            commit_message="Upload the model and its card with linearize",
+            revision=revision,
+        )
+    url = f"{api.endpoint}/{repo_id}"
+    return f"{url}/tree/{revision}" if revision else url

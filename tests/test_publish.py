@@ -1,0 +1,258 @@
+"""`linearize push`: the real huggingface_hub client against a Hub-compatible stub server on 127.0.0.1.
+
+The stub implements what a push uses (repo creation, branch creation, YAML validation, preupload and commit),
+accepts only the token "hf_good" and records every request, so the tests check what arrived and that failures
+send nothing. huggingface_hub reads HF_HUB_DISABLE_XET and HF_HUB_OFFLINE into `constants` at import (conftest
+imports it before this file), but looks them up there at call time: the fixtures patch `constants`.
+"""
+
+import base64
+import json
+import shutil
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard, constants
+from typer.testing import CliRunner
+
+import linearize.publish
+from linearize import sources
+from linearize.cli import app
+from linearize.convert import convert_model, plan_conversion, save_model, source_hub_id
+from linearize.errors import LinearizeError
+from linearize.publish import plan_push, push
+from tests.tiny import source_folder, source_model, tiny_tokenizer
+
+GOOD_TOKEN = "hf_good"
+REPO = "my-org/tiny-liger"
+EVAL_TABLE = "| model | perplexity |\n|---|---|\n| tiny-liger | 123.4 |"
+runner = CliRunner()
+
+
+class StubHub(BaseHTTPRequestHandler):
+    """The Hub endpoints a push calls. Files of a commit land in `root/ORG/NAME/REVISION/`."""
+
+    root: Path
+    requests: list[tuple[str, str]]
+    created: list[dict]
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding") == "chunked":
+            chunks = []
+            while size := int(self.rfile.readline().strip(), 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def do_GET(self):
+        self.requests.append(("GET", self.path))
+        self._reply(404, {"error": "not in the stub"})
+
+    def do_POST(self):
+        path, body, host = self.path.split("?")[0], self._body(), self.headers["Host"]
+        self.requests.append(("POST", path))
+        if self.headers.get("Authorization") != f"Bearer {GOOD_TOKEN}":
+            return self._reply(401, {"error": "Invalid username or password."})
+        if path == "/api/repos/create":
+            request = json.loads(body)
+            # huggingface_hub 2.x sends "visibility", 1.x "private"
+            private = request.get("visibility") == "private" or request.get("private") is True
+            self.created.append({"repo": f"{request['organization']}/{request['name']}", "private": private})
+            return self._reply(200, {"url": f"http://{host}/{self.created[-1]['repo']}"})
+        if path == "/api/validate-yaml" or "/branch/" in path:
+            return self._reply(200, {})
+        if "/preupload/" in path:
+            files = json.loads(body)["files"]
+            return self._reply(
+                200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
+        if "/commit/" in path:
+            repo, revision = path.removeprefix("/api/models/").split("/commit/")
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    dest = self.root / repo / revision / item["value"]["path"]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(base64.b64decode(item["value"]["content"]))
+            return self._reply(
+                200, {"commitUrl": f"http://{host}/{repo}/commit/1", "commitOid": "1" * 40, "pullRequestUrl": None}
+            )
+        self._reply(404, {"error": "not in the stub"})
+
+
+@pytest.fixture(autouse=True)
+def no_credentials(tmp_path, monkeypatch):
+    """No token from the environment or a login on this machine; classic (non-Xet) uploads."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The stub server, with the Hub switched back on for this test (conftest sets HF_HUB_OFFLINE=1)."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    handler = type("Handler", (StubHub,), {"root": tmp_path / "hub", "requests": [], "created": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    handler.url = f"http://127.0.0.1:{server.server_port}"
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def no_verify(monkeypatch):
+    """Skip the subprocess load check (its own tests run it) and record which folders it was asked about."""
+    checked = []
+    monkeypatch.setattr(linearize.publish, "verify_folder", checked.append)
+    return checked
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A converted, fine-tuned-looking folder: a recorded Hub source, a recipe and an eval table, no bench."""
+    source = source_model("llama")
+    plan = plan_conversion(source.config, "my-org/tiny-llama", "liger", window=8)
+    out = save_model(convert_model(source, plan.config), tiny_tokenizer(), tmp_path_factory.mktemp("m") / "model")
+    (out / "linearize_recipe.yaml").write_text("conversion:\n  method: liger\n  window: 8\n")
+    (out / "linearize_eval.json").write_text(json.dumps({"markdown": EVAL_TABLE, "rows": []}))
+    return out
+
+
+def arrived(hub, repo: str = REPO, revision: str = "main") -> dict[str, bytes]:
+    base = hub.root / repo / revision
+    return {p.relative_to(base).as_posix(): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+
+
+def test_push_uploads_the_folder_and_its_card(folder, hub):
+    url = push(folder, REPO, private=True, token=GOOD_TOKEN, endpoint=hub.url)  # verifies in a fresh process
+    assert url == f"{hub.url}/{REPO}"
+    files = arrived(hub)
+    local = {p.name for p in folder.iterdir()}
+    assert set(files) == local | {"README.md"}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "modeling_linearize.py"} <= local
+    assert files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    assert not (folder / "README.md").exists()  # the user's folder is left as it was
+    assert hub.created == [{"repo": REPO, "private": True}]
+    assert hub.requests[0] == ("POST", "/api/repos/create")
+    assert hub.requests[-1] == ("POST", f"/api/models/{REPO}/commit/main")  # one commit, last
+
+
+def test_model_card_front_matter_and_body(folder, tmp_path):
+    card_text = plan_push(folder, REPO).card
+    (tmp_path / "README.md").write_text(card_text)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "my-org/tiny-llama"
+    assert card.data.tags == ["linearize", "linear-attention", "liger", "text-generation"]
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert "| 0-1 | liger |" in card.text and "`window=8`" in card.text
+    assert EVAL_TABLE in card.text  # the latest eval table, embedded as written
+    assert "Not measured yet" in card.text  # no bench file
+    assert "method: liger" in card.text  # the recipe
+    assert f'from_pretrained("{REPO}", trust_remote_code=True)' in card.text and "import linearize" in card.text
+
+
+def test_revision_goes_to_a_branch(folder, hub, no_verify):
+    url = push(folder, REPO, revision="v2", token=GOOD_TOKEN, endpoint=hub.url)
+    assert url.endswith(f"{REPO}/tree/v2") and no_verify == [folder]
+    assert ("POST", f"/api/models/{REPO}/branch/v2") in hub.requests
+    assert "config.json" in arrived(hub, revision="v2") and hub.created == [{"repo": REPO, "private": False}]
+
+
+def test_dry_run_prints_the_plan_and_sends_nothing(folder, hub, no_verify):
+    result = runner.invoke(app, ["push", str(folder), REPO, "--dry-run", "--endpoint", hub.url])
+    assert result.exit_code == 0, result.output
+    assert "model.safetensors" in result.output and "KiB" in result.output and "one commit" in result.output
+    assert "base_model: my-org/tiny-llama" in result.output and EVAL_TABLE in result.output
+    assert hub.requests == [] and no_verify == []
+
+
+@pytest.mark.parametrize("repo_id", ["tiny-liger", "a/b/c", "-org/name", "org/na--me", "org/na me"])
+def test_a_malformed_repo_id_is_refused_locally(repo_id, folder, hub):
+    result = runner.invoke(app, ["push", str(folder), repo_id, "--token", GOOD_TOKEN, "--endpoint", hub.url])
+    assert result.exit_code != 0 and "ORG/NAME" in result.output
+    assert hub.requests == []
+
+
+def test_no_token_is_refused_locally(folder, hub, no_verify):
+    result = runner.invoke(app, ["push", str(folder), REPO, "--endpoint", hub.url])
+    assert result.exit_code != 0 and "hf auth login" in result.output and "HF_TOKEN" in result.output
+    assert hub.requests == [] and no_verify == []
+
+
+def test_a_rejected_token_is_not_reported_as_pushed(folder, hub, no_verify):
+    result = runner.invoke(app, ["push", str(folder), REPO, "--token", "hf_bad", "--endpoint", hub.url])
+    assert result.exit_code != 0 and "rejected the token (401)" in result.output
+    assert "Pushed" not in result.output and "not done" in result.output
+    assert not [path for _, path in hub.requests if "/commit/" in path] and not hub.root.exists()
+
+
+def test_a_folder_that_does_not_load_sends_nothing(folder, hub, tmp_path):
+    broken = shutil.copytree(folder, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(LinearizeError, match="does not load and generate, so nothing was sent: .*Error"):
+        push(broken, REPO, token=GOOD_TOKEN, endpoint=hub.url)
+    assert hub.requests == []
+
+
+def test_offline_is_refused_before_any_request(folder, hub, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = runner.invoke(app, ["push", str(folder), REPO, "--token", GOOD_TOKEN, "--endpoint", hub.url])
+    assert result.exit_code != 0 and "HF_HUB_OFFLINE=1" in result.output
+    assert hub.requests == []
+
+
+def test_an_unreachable_hub_is_named(folder, hub, no_verify):
+    with socket.socket() as s:  # a port nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(LinearizeError, match="cannot reach the Hub at http://127.0.0.1.*not done"):
+        push(folder, REPO, token=GOOD_TOKEN, endpoint=f"http://127.0.0.1:{port}")
+
+
+def test_a_folder_not_converted_by_linearize_is_refused(tmp_path):
+    with pytest.raises(LinearizeError, match="not a model converted by linearize"):
+        plan_push(source_folder(tmp_path / "plain"), REPO)
+
+
+def test_convert_push_to_hub_reaches_the_same_push(hub, no_verify, tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)
+    src = source_folder(tmp_path / "src")
+    result = runner.invoke(
+        app, ["convert", str(src), "--window", "8", "-o", str(tmp_path / "out"), "--push-to-hub", REPO, "--private"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Pushed" in result.output and no_verify == [tmp_path / "out"]
+    assert "model.safetensors" in arrived(hub) and hub.created[0]["private"] is True
+    assert "base_model" not in arrived(hub)["README.md"].decode()  # a local source is not a Hub id
+
+
+def test_convert_push_to_hub_checks_the_target_before_converting(hub, tmp_path):
+    result = runner.invoke(app, ["convert", str(tmp_path), "-o", str(tmp_path / "out"), "--push-to-hub", "bad"])
+    assert result.exit_code != 0 and "ORG/NAME" in result.output and not (tmp_path / "out").exists()
+
+
+def test_source_hub_id(tmp_path):
+    assert source_hub_id(sources.EMBEDDED_NAME) == sources.EMBEDDED_ID
+    assert source_hub_id("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
+    assert source_hub_id(str(tmp_path)) is None and source_hub_id("./a/b") is None and source_hub_id("llama") is None
