@@ -256,3 +256,29 @@ def test_source_hub_id(tmp_path):
     assert source_hub_id(sources.EMBEDDED_NAME) == sources.EMBEDDED_ID
     assert source_hub_id("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
     assert source_hub_id(str(tmp_path)) is None and source_hub_id("./a/b") is None and source_hub_id("llama") is None
+
+
+def test_recipe_output_push_to_hub_reaches_the_same_push(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)
+    src = source_folder(tmp_path / "src")
+    (tmp_path / "corpus.txt").write_text(" ".join(f"w{i % 120}" for i in range(400)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{name: {src}}}\nconversion: {{window: 8}}\n"
+        f"data: {{sources: [{{path: {tmp_path / 'corpus.txt'}}}], seq_len: 16, held_out: 0}}\n"
+        "stages: [{kind: lora, max_steps: 1}]\ntraining: {grad_accum: 1}\n"
+        f"output: {{dir: {tmp_path / 'run'}, push_to_hub: {REPO}, private: true}}\n"
+    )
+    result = runner.invoke(app, ["finetune", str(recipe)])
+    assert result.exit_code == 0, result.output
+    files = arrived(hub)
+    assert "model.safetensors" in files and "linearize_recipe.yaml" in files and hub.created[0]["private"] is True
+    assert "push_to_hub" in files["README.md"].decode()  # the card embeds the resolved recipe
+
+
+def test_recipe_push_without_a_token_fails_before_training(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"stages: [{{kind: lora}}]\noutput: {{dir: {tmp_path / 'run'}, push_to_hub: {REPO}}}\n")
+    result = runner.invoke(app, ["finetune", str(recipe)])
+    assert result.exit_code == 1 and not (tmp_path / "run").exists()

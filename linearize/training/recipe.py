@@ -123,6 +123,22 @@ class TrainingSection(_Strict):
 class OutputSection(_Strict):
     dir: str = Field("runs/linearize", description="run folder: checkpoints, metrics.jsonl and the final model/")
     merge_lora: bool = Field(True, description="merge LoRA into the saved weights (false: keep the adapter)")
+    push_to_hub: str | None = Field(
+        None, description="ORG/NAME: push the finished model/ to the Hugging Face Hub (as `linearize push` does)"
+    )
+    private: bool = Field(False, description="create the Hub repo private (with push_to_hub)")
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id_form(cls, value: str | None) -> str | None:
+        if value is not None:
+            from ..publish import check_repo_id
+
+            try:
+                check_repo_id(value)
+            except LinearizeError as error:
+                raise ValueError(str(error)) from None
+        return value
 
 
 class Recipe(_Strict):
@@ -250,8 +266,8 @@ def resolved_yaml(recipe: Recipe) -> str:
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """Fingerprint of what a run computes: everything but the output folder, which may move."""
-    content = recipe.model_dump(mode="json", exclude={"output": {"dir"}})
+    """Fingerprint of what a run computes: everything but where its results go (folder, Hub repo)."""
+    content = recipe.model_dump(mode="json", exclude={"output": {"dir", "push_to_hub", "private"}})
     return hashlib.sha256(yaml.safe_dump(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

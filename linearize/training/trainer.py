@@ -451,6 +451,10 @@ class _nothing:
 def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=None) -> Path:
     """Run `recipe` end to end (under torchrun, as one of its processes). Returns the saved model folder."""
     run = Path(recipe.output.dir)
+    if recipe.output.push_to_hub:
+        from ..publish import check_can_push
+
+        check_can_push()  # before hours of training, not after
     world = init_world()
     try:
         resume_from = prepare_run_folder(run, recipe, resume)
@@ -463,6 +467,13 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
         trainer.train(resume_from)
         out = trainer.save()
         barrier(world)
+        if world.is_main and recipe.output.push_to_hub:
+            from ..publish import push
+
+            # the folder was just trained and saved by this process: the load check in a subprocess is redundant
+            reporter.info(f"pushing {out} to {recipe.output.push_to_hub}")
+            url = push(out, recipe.output.push_to_hub, private=recipe.output.private, quiet=quiet, verify=False)
+            reporter.info(f"pushed: {url}")
         return out
     finally:
         close_world(world)
