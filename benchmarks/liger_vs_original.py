@@ -7,7 +7,8 @@ of C tokens (tokens/s, best of `--repeats` runs alternating between the models),
 single-token steps from that cache, one model after the other, and reports the cache bytes after prefill. Decode
 speed is each model's fastest step (ms/token; the JSON also holds the median): on a shared 2-core machine the
 slower steps measure other work, which swings medians by 20-30% between runs.
-Ratios compare the converted model with the original measured in the same run.
+Ratios compare the converted model with the original measured in the same run. The measurement itself is
+`linearize.benchmark.measure`, which `linearize bench` also uses (and which adds peak memory).
 """
 
 from __future__ import annotations
@@ -15,59 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
-from transformers import DynamicCache
 
 from linearize import sources
+from linearize.benchmark import measure
 from linearize.convert import convert_model, plan_conversion
-
-
-def cache_bytes(cache) -> int:
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
-    assert isinstance(cache, DynamicCache)
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-
-
-def _cache(output):
-    return output.cache if "cache" in output else output.past_key_values
-
-
-@torch.inference_mode()
-def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, seed: int = 0) -> dict:
-    """Prefill `context` tokens, then decode `decode_tokens` steps, for every model on the same tokens.
-
-    Prefill runs `repeats` times, alternating between the models, and counts each model's fastest run (as
-    `timeit` does: slower runs measure the machine's other work). Decode counts each model's fastest step for the
-    same reason, and records the median beside it.
-    """
-    vocab = min(model.config.vocab_size for model in models.values())
-    ids = torch.randint(100, vocab, (1, context + decode_tokens), generator=torch.Generator().manual_seed(seed))
-    prefill, caches, steps = {name: [] for name in models}, {}, {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            caches[name] = None  # free the previous run's cache before timing the next
-            start = time.perf_counter()
-            caches[name] = _cache(model(ids[:, :context], use_cache=True, logits_to_keep=1))
-            prefill[name].append(time.perf_counter() - start)
-    results = {
-        name: {"prefill_tok_s": context / min(prefill[name]), "cache_bytes": cache_bytes(caches[name])}
-        for name in models
-    }
-    # each model decodes in one uninterrupted run: interleaving steps lets one model's cache traffic (the
-    # original streams its whole KV cache every step) slow the other's next steps
-    for name, model in models.items():
-        for t in range(context, context + decode_tokens):
-            start = time.perf_counter()
-            caches[name] = _cache(model(ids[:, t : t + 1], cache=caches[name], use_cache=True))
-            steps[name].append(time.perf_counter() - start)
-    for name in models:
-        results[name]["decode_ms"] = 1000 * min(steps[name])
-        results[name]["decode_median_ms"] = 1000 * statistics.median(steps[name])
-    return results
 
 
 def main() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -249,6 +251,265 @@ def generate(
         generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer)
     except (LinearizeError, ValueError) as error:
         raise _fail(str(error)) from None
+
+
+@contextmanager
+def _progress(description: str, total: int, quiet: bool):
+    """A progress bar on stderr when it is a terminal and not --quiet; yields the callback that advances it (or
+    None)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+@contextmanager
+def _status(message: str, quiet: bool):
+    if quiet:
+        yield
+    else:
+        with console.status(message):
+            yield
+
+
+def _int_list(value: str, option: str) -> list[int]:
+    """'256,1024' -> [256, 1024]; 'none' or '' -> []."""
+    if value.strip().lower() in ("", "none"):
+        return []
+    try:
+        numbers = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise LinearizeError(f"{option} takes comma-separated token counts, e.g. 512,2048; got {value!r}") from None
+    if any(n < 2 for n in numbers):
+        raise LinearizeError(f"{option}: every length must be at least 2 tokens; got {value!r}")
+    return numbers
+
+
+def _float_list(value: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise LinearizeError(f"{option} takes comma-separated fractions, e.g. 0,0.5,1; got {value!r}") from None
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]], caption: str | None = None) -> None:
+    table = Table(title=title, caption=caption)
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def _write_outputs(payload: dict, specs, json_path: Path | None, record_name: str | None, quiet: bool) -> None:
+    """--json PATH, and the record in MODEL's folder (None: --no-record)."""
+    from .comparison import record, write_json
+
+    written = [write_json(json_path, payload)] if json_path is not None else []
+    if record_name is not None:
+        written.append(record(specs[0], record_name, payload))
+    for path in filter(None, written):
+        if not quiet:
+            console.print(f"[green]Wrote[/] {path}", highlight=False)
+
+
+_MODEL_HELP = "A converted model folder, any causal LM folder or hub id, or 'embedded' (the embedded SmolLM2)."
+_AGAINST_HELP = (
+    "The model to compare with (same kinds as MODEL). Default: the source a converted folder records; nothing "
+    "for other models."
+)
+_RECORD_HELP = "Do not write the results into MODEL's folder (linearize_eval.json / linearize_bench.json)."
+
+
+@app.command(
+    "eval",
+    epilog="Examples:\n\n"
+    "  linearize eval smollm2-liger --against embedded\n\n"
+    "  linearize eval smollm2-liger --text 'data/*.txt' --context 1024 --passkey-contexts 512,2048\n\n"
+    "  linearize eval smollm2-liger --text hf:wikitext:wikitext-2-raw-v1:test --json eval.json\n\n"
+    "  linearize eval smollm2-liger --lm-eval hellaswag,arc_easy --lm-eval-limit 200",
+)
+def eval_command(
+    model: Annotated[str, typer.Argument(help=_MODEL_HELP)],
+    against: Annotated[str | None, typer.Option(help=_AGAINST_HELP, show_default=False)] = None,
+    text: Annotated[
+        str,
+        typer.Option(
+            help="Perplexity text: 'builtin' (offline), a local file or glob (.txt/.md/.jsonl/.json/.parquet), or "
+            "hf:NAME[:CONFIG][:SPLIT] for a Hugging Face dataset (split test by default)."
+        ),
+    ] = "builtin",
+    context: Annotated[int, typer.Option(help="Tokens per perplexity window.", min=2)] = 512,
+    windows: Annotated[int, typer.Option(help="Perplexity windows (at most; fewer if the text is short).", min=1)] = 8,
+    passkey_contexts: Annotated[
+        str, typer.Option(help="Passkey prompt lengths in tokens, comma-separated; 'none' skips the task.")
+    ] = "256,1024",
+    depths: Annotated[
+        str, typer.Option(help="Where the key is hidden: fractions of the filler before it, comma-separated.")
+    ] = "0,0.25,0.5,0.75,1",
+    trials: Annotated[int, typer.Option(help="Keys per passkey context and depth.", min=1)] = 2,
+    distractors: Annotated[int, typer.Option(help="Wrong keys the true key is ranked against.", min=1)] = 9,
+    seed: Annotated[int, typer.Option(help="Chooses the passkeys and distractors.")] = 0,
+    lm_eval: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-eval",
+            help="Comma-separated lm-evaluation-harness tasks, run through its HF model class "
+            "(needs `pip install 'linearize\\[lm-eval]'`).",
+            show_default=False,
+        ),
+    ] = None,
+    lm_eval_include: Annotated[
+        Path | None, typer.Option(help="A folder of extra lm-eval task YAML files.", show_default=False)
+    ] = None,
+    lm_eval_limit: Annotated[
+        int | None, typer.Option(help="At most this many documents per lm-eval task.", show_default=False)
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results to this JSON file.", show_default=False)
+    ] = None,
+    no_record: Annotated[bool, typer.Option("--no-record", help=_RECORD_HELP)] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help="auto: float32 on CPU, the checkpoint's dtype elsewhere.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; the table only.")] = False,
+) -> None:
+    """Perplexity, passkey retrieval and (optionally) lm-eval tasks for MODEL and the model it is compared with,
+    side by side in one table."""
+    from .comparison import markdown_table, resolve_pair
+    from .evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model
+    from .generation import load_for_inference
+
+    try:
+        specs = resolve_pair(model, against)
+        contexts = _int_list(passkey_contexts, "--passkey-contexts")
+        passkey_options = {
+            "depths": _float_list(depths, "--depths"),
+            "trials": trials,
+            "seed": seed,
+            "distractors": distractors,
+        }
+        tasks = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else []
+        lm_eval_options = {"include_path": str(lm_eval_include) if lm_eval_include else None, "limit": lm_eval_limit}
+        if tasks:
+            with _status("Indexing lm-eval tasks", quiet):
+                check_lm_eval_tasks(tasks, lm_eval_options["include_path"])
+        total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
+        results = {}
+        for spec in specs:  # one model in memory at a time
+            with _status(f"Loading {spec.label}", quiet):
+                loaded, tokenizer = load_for_inference(spec.source, device=device, dtype=dtype.value)
+            with _progress(f"Evaluating {spec.label}", total, quiet) as step:
+                results[spec.label] = evaluate_model(
+                    loaded, tokenizer, text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step
+                )
+            del loaded
+    except LinearizeError as error:
+        raise _fail(escape(str(error))) from None
+    header, rows = eval_rows(results)
+    _print_table("Evaluation", header, rows)
+    payload = {
+        "models": {spec.label: spec.source or "embedded" for spec in specs},
+        "settings": {"text": text, "context": context, "windows": windows, "passkey_contexts": contexts}
+        | {k: v for k, v in passkey_options.items()}
+        | {"lm_eval": tasks, "lm_eval_limit": lm_eval_limit},
+        "results": results,
+        "markdown": markdown_table(header, rows),
+    }
+    _write_outputs(payload, specs, json_path, None if no_record else "linearize_eval.json", quiet)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  linearize bench smollm2-liger --against embedded --ctx 512,2048,8192\n\n"
+    "  linearize bench ./llama-1b-liger --device cuda --dtype bfloat16 --ctx 1024,4096,16384 --json bench.json",
+)
+def bench(
+    model: Annotated[str, typer.Argument(help=_MODEL_HELP)],
+    against: Annotated[str | None, typer.Option(help=_AGAINST_HELP, show_default=False)] = None,
+    ctx: Annotated[str, typer.Option("--ctx", help="Context lengths to prefill, comma-separated.")] = "512,2048,8192",
+    decode_tokens: Annotated[int, typer.Option(help="Single-token decode steps timed per context.", min=1)] = 32,
+    repeats: Annotated[int, typer.Option(help="Prefill runs per model and context; the fastest counts.", min=1)] = 3,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch (default: torch's choice).", show_default=False)
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results to this JSON file.", show_default=False)
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where to write the PNG plot (default: MODEL/linearize_bench.png for a local folder, else "
+            "./linearize_bench.png). Needs matplotlib: pip install 'linearize\\[plot]'.",
+            show_default=False,
+        ),
+    ] = None,
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="Write no PNG plot.")] = False,
+    no_record: Annotated[bool, typer.Option("--no-record", help=_RECORD_HELP)] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help="auto: float32 on CPU, the checkpoint's dtype elsewhere.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; the table only.")] = False,
+) -> None:
+    """Prefill tokens/s, decode ms/token, peak memory and cache bytes at each context, for MODEL and the model it is
+    compared with, measured in the same run (ratios MODEL / other)."""
+    import torch
+
+    from .benchmark import bench_rows, run_bench
+    from .comparison import markdown_table, resolve_pair
+    from .generation import load_for_inference
+
+    try:
+        specs = resolve_pair(model, against)
+        contexts = _int_list(ctx, "--ctx")
+        if not contexts:
+            raise LinearizeError("--ctx needs at least one context length, e.g. --ctx 512,2048")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        models = {}
+        for spec in specs:  # both in memory: their runs alternate
+            with _status(f"Loading {spec.label}", quiet):
+                models[spec.label], _ = load_for_inference(spec.source, device=device, dtype=dtype.value)
+        with _progress("Benchmarking", len(contexts), quiet) as step:
+            result = run_bench(models, contexts, decode_tokens, repeats, step)
+    except LinearizeError as error:
+        raise _fail(escape(str(error))) from None
+    header, rows = bench_rows(result)
+    _print_table(
+        f"Speed and memory on {result['device']}, {result['threads']} threads",
+        header,
+        rows,
+        caption=f"decode: fastest of {decode_tokens} steps; prefill peak: memory growth during the first prefill; "
+        f"ratio: {' / '.join(result['models'])}" * (len(specs) == 2),
+    )
+    result["sources"] = {spec.label: spec.source or "embedded" for spec in specs}
+    result["markdown"] = markdown_table(header, rows)
+    _write_outputs(result, specs, json_path, None if no_record else "linearize_bench.json", quiet)
+    if not no_plot:
+        _write_plot(result, plot or _default_plot(specs[0], no_record), quiet)
+
+
+def _default_plot(spec, no_record: bool) -> Path:
+    return (
+        spec.folder / "linearize_bench.png"
+        if spec.folder is not None and not no_record
+        else Path("linearize_bench.png")
+    )
+
+
+def _write_plot(result: dict, path: Path, quiet: bool) -> None:
+    from .benchmark import plot_bench
+
+    try:
+        plot_bench(result, path)
+    except ImportError:
+        console.print("[yellow]No plot:[/] it needs matplotlib (pip install 'linearize\\[plot]')", highlight=False)
+        return
+    if not quiet:
+        console.print(f"[green]Wrote[/] {path}", highlight=False)
 
 
 @app.command(

@@ -1,29 +1,42 @@
-"""Quality measurements shared by the CLI, the demo and the benchmarks."""
+"""Quality measurements shared by the CLI, the demo and the benchmarks: perplexity on a text source, passkey
+retrieval (`linearize.passkey`), optionally lm-evaluation-harness tasks, and the side-by-side report of
+`linearize eval`."""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 
+from .errors import LinearizeError
+
+HF_PREFIX = "hf:"
+
 
 @torch.inference_mode()
-def perplexity(model, tokenizer, text: str, context: int = 512, max_windows: int = 8) -> float:
-    """Perplexity over up to `max_windows` consecutive, non-overlapping windows of `context` tokens of `text`.
+def perplexity_of_windows(model, windows: torch.Tensor, step: Callable[[], None] | None = None) -> float:
+    """Perplexity over token windows [N, C], each scored independently from an empty state (the first token of a
+    window is not predicted). `step` is called after each window."""
+    total, count = 0.0, 0
+    context = windows.shape[1]
+    for row in windows.to(model.device):
+        out = model(input_ids=row[None], labels=row[None], use_cache=False)
+        total += out.loss.item() * (context - 1)
+        count += context - 1
+        if step is not None:
+            step()
+    return math.exp(total / count)
 
-    Each window is scored independently from an empty state (the first token of a window is not predicted).
-    """
+
+def perplexity(model, tokenizer, text: str, context: int = 512, max_windows: int = 8) -> float:
+    """Perplexity over up to `max_windows` consecutive, non-overlapping windows of `context` tokens of `text`."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     windows = min(max_windows, len(ids) // context)
     if windows == 0:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {context}")
-    batch = ids[: windows * context].view(windows, context).to(model.device)
-    total, count = 0.0, 0
-    for row in batch:
-        out = model(input_ids=row[None], labels=row[None], use_cache=False)
-        total += out.loss.item() * (context - 1)
-        count += context - 1
-    return math.exp(total / count)
+    return perplexity_of_windows(model, ids[: windows * context].view(windows, context))
 
 
 def compare(
@@ -42,3 +55,178 @@ def compare(
         }
         for name, model in models.items()
     ]
+
+
+def text_source(spec: str):
+    """The data source that a `--text` value names.
+
+    Args:
+        spec: "builtin" (CPython's documentation, offline), "hf:NAME[:CONFIG][:SPLIT]" (a Hugging Face dataset,
+            split "test" unless given), or a local file or glob (.txt/.md/.jsonl/.json/.parquet).
+
+    Returns:
+        A `linearize.training.data.DataSource` (text format: every token is scored).
+    """
+    from .training.data import DataSource
+
+    if spec == "builtin":
+        return DataSource(builtin="pydoc", format="text")
+    if spec.startswith(HF_PREFIX):
+        parts = spec[len(HF_PREFIX) :].split(":")
+        if not parts[0] or len(parts) > 3:
+            raise LinearizeError(f"--text {spec!r}: write hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
+        name, config, split = (parts + [None, None])[:3]
+        return DataSource(dataset=name, subset=config or None, split=split or "test", format="text")
+    return DataSource(path=spec, format="text")
+
+
+def text_windows(spec: str, tokenizer, context: int, max_windows: int) -> torch.Tensor:
+    """Up to `max_windows` windows [N, context] of token ids from the text source `spec` (see `text_source`).
+
+    Documents are read in order, joined with EOS and cut into windows, as fine-tuning packs them; a source whose
+    records are instructions or chats is refused (use plain text for perplexity)."""
+    from .training.data import DataConfig, load_data
+
+    source = text_source(spec)
+    # read no more documents than the windows can use, assuming documents of 16 tokens or more on average
+    source.max_documents = max(256, max_windows * context // 16)
+    data = load_data(DataConfig(sources=[source], seq_len=context, held_out=0), tokenizer)
+    return data.train.input_ids[:max_windows]
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    text: str = "builtin",
+    context: int = 512,
+    windows: int = 8,
+    passkey_contexts: list[int] = (),
+    passkey_options: dict | None = None,
+    lm_eval_tasks: list[str] = (),
+    lm_eval_options: dict | None = None,
+    step: Callable[[], None] | None = None,
+) -> dict:
+    """Everything `linearize eval` measures on one model.
+
+    Args:
+        model, tokenizer: the model to evaluate.
+        text, context, windows: perplexity source (see `text_source`), window length and number of windows.
+        passkey_contexts: prompt lengths for passkey retrieval (empty: skipped).
+        passkey_options: more arguments of `passkey.passkey_retrieval` (depths, trials, seed, distractors).
+        lm_eval_tasks: lm-evaluation-harness task names (empty: skipped).
+        lm_eval_options: more arguments of `run_lm_eval` (include_path, limit, batch_size).
+        step: called after each unit of work (a perplexity window, a passkey trial, the lm-eval run).
+
+    Returns:
+        {"perplexity": {"value", "text", "context", "windows"}, "passkey": {...}, "lm_eval": {task: {metric: v}}}.
+    """
+    from .passkey import passkey_retrieval
+
+    ids = text_windows(text, tokenizer, context, windows)
+    result = {
+        "perplexity": {
+            "value": perplexity_of_windows(model, ids, step),
+            "text": text,
+            "context": context,
+            "windows": ids.shape[0],
+        }
+    }
+    if passkey_contexts:
+        result["passkey"] = passkey_retrieval(
+            model, tokenizer, list(passkey_contexts), **(passkey_options or {}), step=step
+        )
+    if lm_eval_tasks:
+        result["lm_eval"] = run_lm_eval(model, tokenizer, list(lm_eval_tasks), **(lm_eval_options or {}))
+        if step is not None:
+            step()
+    return result
+
+
+def eval_steps(windows: int, passkey_contexts: list[int], depths: int, trials: int, lm_eval: bool) -> int:
+    """How many times `evaluate_model` calls `step` (at most: a short text gives fewer windows)."""
+    return windows + len(passkey_contexts) * depths * trials + int(lm_eval)
+
+
+def run_lm_eval(
+    model, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | None = None, batch_size: int = 1
+) -> dict:
+    """Run lm-evaluation-harness tasks on an already-loaded model through its Hugging Face model class (HFLM).
+
+    Args:
+        model, tokenizer: the model to evaluate (converted models work: they are ordinary causal LMs).
+        tasks: task names (or groups) known to lm-eval, or defined by YAML files under `include_path`.
+        include_path: a folder of extra task YAML files.
+        limit: at most this many documents per task.
+        batch_size: requests per forward.
+
+    Returns:
+        {task: {metric: value}} with lm-eval's metric names ("acc,none", ...); stderr entries are dropped.
+    """
+    manager = check_lm_eval_tasks(tasks, include_path)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    output = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit)
+    return {
+        task: {k: v for k, v in metrics.items() if "_stderr" not in k and isinstance(v, int | float)}
+        for task, metrics in output["results"].items()
+    }
+
+
+def eval_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """The side-by-side table of `linearize eval`: a header and rows of text, one column per model.
+
+    Args:
+        results: model label -> the dict `evaluate_model` returned, in column order (all run with the same options).
+    """
+    labels = list(results)
+    first = results[labels[0]]
+    ppl = first["perplexity"]
+    rows = [
+        [f"perplexity ({ppl['text']}, {ppl['windows']} x {ppl['context']} tokens)"]
+        + [f"{r['perplexity']['value']:.2f}" for r in results.values()]
+    ]
+    for context, scores in first.get("passkey", {}).get("contexts", {}).items():
+        chance = 1 / (first["passkey"]["distractors"] + 1)
+        for field, what in (("greedy", "greedy"), ("ranked", f"ranked vs {first['passkey']['distractors']}")):
+            label = f"passkey @{context} tokens, {what} ({scores['trials']} trials)"
+            if field == "ranked":
+                label += f", chance {chance:.0%}"
+            rows.append([label] + [f"{r['passkey']['contexts'][context][field]:.0%}" for r in results.values()])
+    for task, metrics in first.get("lm_eval", {}).items():
+        for metric in metrics:
+            rows.append([f"lm-eval {task} {metric}"] + [f"{r['lm_eval'][task][metric]:.4g}" for r in results.values()])
+    return ["metric", *labels], rows
+
+
+def check_lm_eval_tasks(tasks: list[str], include_path: str | None = None):
+    """lm-eval's task manager, once lm_eval is known to be installed and to know every task in `tasks` (a
+    LinearizeError says what is missing otherwise). Call it before loading models to fail early."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise LinearizeError(
+            "--lm-eval needs lm-evaluation-harness: pip install 'linearize[lm-eval]' (or pip install lm_eval)"
+        ) from None
+    return _task_manager(include_path, tuple(tasks))
+
+
+@functools.cache
+def _task_manager(include_path: str | None, tasks: tuple[str, ...]):
+    """lm-eval's task index, built once per process: indexing lm-eval's own tasks takes seconds to tens of seconds,
+    so it is skipped when every task is defined under `include_path`."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise LinearizeError(
+            f"lm-eval does not know the task(s) {', '.join(unknown)}; check the names "
+            "(`lm_eval ls tasks`) or pass the folder of your task YAML files with --lm-eval-include"
+        )
+    return manager

@@ -1,0 +1,241 @@
+"""Speed and memory of models measured in one run: prefill tokens/s, decode ms/token, peak memory and cache bytes
+per context length (what `linearize bench` and `benchmarks/liger_vs_original.py` report).
+
+Timing: for each context C every model prefills the same C random tokens `repeats` times, alternating between
+the models, and counts its fastest run (as `timeit` does: slower runs measure the machine's other work); then
+each model decodes `decode_tokens` single-token steps from its cache in one uninterrupted run, and its fastest
+step is reported (the median is kept beside it). On CUDA each timed call ends with a synchronize.
+
+Peak memory is the growth during the first prefill at each context, above what was allocated just before it
+(weights, the other model and its cache are not counted): on CUDA `torch.cuda.max_memory_allocated`; on the CPU
+under Linux the growth of the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs),
+which counts pages the allocator newly touched, so memory it had kept from an earlier call is not counted again
+(a lower bound, close for the large activation buffers that glibc maps and unmaps). None where neither exists.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .compat import CACHE_ARG, OUTPUT_CACHE_FIELD
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a cache holds: `nbytes()` of a LinearizeCache, or the keys and values of a transformers cache."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_status() -> tuple[int, int]:
+    """(high-water mark, current) resident bytes of this process."""
+    status = _STATUS.read_text()
+    kib = {name: int(re.search(rf"{name}:\s+(\d+)", status).group(1)) for name in ("VmHWM", "VmRSS")}
+    return kib["VmHWM"] * 1024, kib["VmRSS"] * 1024
+
+
+class _Peak:
+    bytes: int | None = None
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Measure the memory growth of the enclosed code (see the module docstring); read `.bytes` afterwards."""
+    peak = _Peak()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield peak
+        peak.bytes = torch.cuda.max_memory_allocated(device) - base
+    elif _CLEAR_REFS.exists():
+        try:
+            _CLEAR_REFS.write_text("5")  # "5" resets the high-water mark to the current RSS (Linux >= 4.0)
+        except OSError:
+            yield peak
+            return
+        _, base = _rss_status()
+        yield peak
+        peak.bytes = max(0, _rss_status()[0] - base)
+    else:
+        yield peak
+
+
+def _timed(model, ids: torch.Tensor, cache=None, **kwargs):
+    """(seconds, cache after the call) of one forward."""
+    device = model.device
+    ids = ids.to(device)
+    _sync(device)
+    start = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, **{CACHE_ARG: cache}, **kwargs)
+    _sync(device)
+    return time.perf_counter() - start, getattr(out, OUTPUT_CACHE_FIELD)
+
+
+@torch.inference_mode()
+def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, seed: int = 0) -> dict:
+    """Prefill `context` tokens, then decode `decode_tokens` steps, for every model on the same tokens.
+
+    Args:
+        models: label -> model; all take the same token ids (the smallest vocabulary bounds them).
+        context: prefill length.
+        decode_tokens: single-token steps timed after the prefill.
+        repeats: prefill runs per model (the fastest counts).
+        seed: chooses the random tokens.
+
+    Returns:
+        label -> {"prefill_tok_s", "decode_ms" (fastest step), "decode_median_ms", "cache_bytes" (after the
+        prefill), "peak_bytes" (growth during the prefill, None when not measurable)}.
+    """
+    vocab = min(model.config.vocab_size for model in models.values())
+    ids = torch.randint(100, vocab, (1, context + decode_tokens), generator=torch.Generator().manual_seed(seed))
+    prefill, caches, peaks = {name: [] for name in models}, {}, {}
+    for repeat in range(repeats):
+        for name, model in models.items():
+            caches[name] = None  # free the previous run's cache before timing the next
+            with peak_memory(model.device) as peak:
+                seconds, caches[name] = _timed(model, ids[:, :context], logits_to_keep=1)
+            prefill[name].append(seconds)
+            if repeat == 0:
+                peaks[name] = peak.bytes
+    results = {
+        name: {
+            "prefill_tok_s": context / min(prefill[name]),
+            "cache_bytes": cache_bytes(caches[name]),
+            "peak_bytes": peaks[name],
+        }
+        for name in models
+    }
+    # each model decodes in one uninterrupted run: interleaving steps lets one model's cache traffic (the
+    # original streams its whole KV cache every step) slow the other's next steps
+    for name, model in models.items():
+        steps = []
+        for t in range(context, context + decode_tokens):
+            seconds, caches[name] = _timed(model, ids[:, t : t + 1], caches[name])
+            steps.append(seconds)
+        results[name]["decode_ms"] = 1000 * min(steps)
+        results[name]["decode_median_ms"] = 1000 * statistics.median(steps)
+    return results
+
+
+def run_bench(
+    models: dict,
+    contexts: list[int],
+    decode_tokens: int = 32,
+    repeats: int = 3,
+    step: Callable[[], None] | None = None,
+) -> dict:
+    """`measure` at every context after a short warm-up (first calls pay for lazy initialisation).
+
+    Args:
+        models: label -> model, in column order (the first is the one being evaluated, the last its reference).
+        contexts: prefill lengths.
+        decode_tokens, repeats: as for `measure`.
+        step: called after each context.
+
+    Returns:
+        {"models": labels, "decode_tokens", "repeats", "device", "threads", "rows": [{"context": C, label: {...}}]}.
+    """
+    measure(models, min(64, min(contexts)), 2, repeats=1)
+    rows = []
+    for context in contexts:
+        rows.append({"context": context, **measure(models, context, decode_tokens, repeats)})
+        if step is not None:
+            step()
+    return {
+        "models": list(models),
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "device": str(next(iter(models.values())).device),
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+
+
+_METRICS = (
+    ("prefill_tok_s", "prefill tokens/s", lambda v: f"{v:.0f}"),
+    ("decode_ms", "decode ms/token", lambda v: f"{v:.1f}"),
+    ("cache_bytes", "cache MiB", lambda v: f"{v / 2**20:.2f}"),
+    ("peak_bytes", "prefill peak MiB", lambda v: f"{v / 2**20:.1f}"),
+)
+
+
+def bench_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """The side-by-side table of `linearize bench`: a row per context and metric, a column per model and, with two
+    models, their ratio (first / second, for every metric: below 1 means faster decode or less memory).
+
+    Args:
+        result: what `run_bench` returned.
+
+    Returns:
+        The header and the rows, as text.
+    """
+    labels = result["models"]
+    header = ["context", "metric", *labels] + (["ratio"] if len(labels) == 2 else [])
+    rows = []
+    for row in result["rows"]:
+        for field, name, show in _METRICS:
+            values = [row[label][field] for label in labels]
+            cells = [str(row["context"]), name] + ["n/a" if v is None else show(v) for v in values]
+            if len(labels) == 2:
+                cells.append(f"{values[0] / values[1]:.2f}x" if values[0] and values[1] else "n/a")
+            rows.append(cells)
+    return header, rows
+
+
+def plot_bench(result: dict, path: Path) -> Path:
+    """Write a PNG: prefill tokens/s, decode ms/token and cache MiB against context (log2 x), one line per model.
+
+    Needs matplotlib (`pip install 'linearize[plot]'`); uses the Agg backend, so no display is needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = [row["context"] for row in result["rows"]]
+    panels = (
+        ("prefill_tok_s", "prefill tokens/s (higher is better)"),
+        ("decode_ms", "decode ms/token, fastest step (lower is better)"),
+        ("cache_bytes", "cache MiB after prefill"),
+    )
+    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.2), layout="constrained")
+    for axis, (field, title) in zip(axes, panels, strict=True):
+        for label in result["models"]:
+            values = [row[label][field] for row in result["rows"]]
+            if field == "cache_bytes":
+                values = [v / 2**20 for v in values]
+            axis.plot(contexts, values, marker="o", label=label)
+        axis.set_xscale("log", base=2)
+        axis.minorticks_off()
+        axis.set_xticks(contexts, [str(c) for c in contexts])
+        axis.set_xlabel("context (tokens)")
+        axis.set_title(title, fontsize=10)
+        axis.grid(True, alpha=0.3)
+        axis.set_ylim(bottom=0)
+    axes[0].legend()
+    figure.suptitle(f"{' vs '.join(result['models'])} on {result['device']} ({result['threads']} threads)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

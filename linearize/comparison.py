@@ -1,0 +1,98 @@
+"""What `linearize eval` and `linearize bench` share: which two models to compare, how to name and load them,
+Markdown tables, and the results recorded into a model folder (which `linearize push` puts in the model card)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import sources
+from .errors import LinearizeError
+
+EMBEDDED = "embedded"
+
+
+@dataclass
+class ModelSpec:
+    """A model named on the command line: `source` is what `sources.load` takes (None = the embedded default)."""
+
+    label: str
+    source: str | None
+
+    @property
+    def folder(self) -> Path | None:
+        """The local folder holding the model, if it is one."""
+        if self.source is None:
+            return None
+        path = Path(self.source).expanduser()
+        return path if (path / "config.json").is_file() else None
+
+
+def model_spec(name: str) -> ModelSpec:
+    """`name` is a folder, a hub id or "embedded"."""
+    if name == EMBEDDED:
+        return ModelSpec(label=f"{sources.EMBEDDED_NAME} (embedded)", source=None)
+    path = Path(name).expanduser()
+    return ModelSpec(label=path.name if path.is_dir() else name, source=name)
+
+
+def recorded_source(folder: Path) -> str | None:
+    """The Hub id a converted folder records as its source (`source_model` in its config), if any."""
+    return json.loads((folder / "config.json").read_text()).get("source_model")
+
+
+def is_converted(folder: Path) -> bool:
+    return json.loads((folder / "config.json").read_text()).get("model_type") == "linearize"
+
+
+def resolve_pair(model: str, against: str | None) -> list[ModelSpec]:
+    """The models to measure side by side: MODEL, then the one to compare it with.
+
+    Args:
+        model: a folder, hub id or "embedded".
+        against: the same kinds; None means the source that a converted folder records, and no comparison for
+            anything else.
+
+    Returns:
+        One or two specs with distinct labels.
+    """
+    first = model_spec(model)
+    if against is None and first.folder is not None and is_converted(first.folder):
+        against = recorded_source(first.folder)
+        if against is None:
+            raise LinearizeError(
+                f"{model} does not record the model it was converted from; name it with --against "
+                "(a folder, a hub id, or 'embedded' for the embedded SmolLM2)"
+            )
+        if against == sources.EMBEDDED_ID:
+            # conversions of the embedded default record the hub id it was quantised from; the embedded copy is
+            # what they were converted from, and it loads offline
+            against = EMBEDDED
+    if against is None:
+        return [first]
+    second = model_spec(against)
+    if second.label == first.label:
+        second.label += " (against)"
+    return [first, second]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def record(spec: ModelSpec, name: str, payload: dict) -> Path | None:
+    """Write `payload` as `name` into the model's folder when it is a local folder; returns the path written."""
+    if spec.folder is None:
+        return None
+    return write_json(spec.folder / name, payload)

@@ -1,0 +1,93 @@
+"""`linearize bench`: measurements on tiny models, the table, the JSON record and the plot (no timing asserted)."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from linearize.benchmark import bench_rows, peak_memory, run_bench
+from linearize.cli import app
+from tests.tiny import converted_model, source_folder, source_model
+
+runner = CliRunner()
+CONTEXTS = [16, 48]
+
+
+@pytest.fixture(scope="module")
+def result():
+    models = {"liger": converted_model("llama", "liger"), "original": source_model("llama")}
+    return run_bench(models, CONTEXTS, decode_tokens=2, repeats=1)
+
+
+def test_every_measurement_is_positive(result):
+    assert [row["context"] for row in result["rows"]] == CONTEXTS
+    for row in result["rows"]:
+        for label in ("liger", "original"):
+            numbers = row[label]
+            assert numbers["prefill_tok_s"] > 0 and numbers["decode_ms"] > 0 and numbers["cache_bytes"] > 0
+            assert numbers["decode_median_ms"] >= numbers["decode_ms"]
+
+
+def test_converted_cache_is_constant_and_the_original_grows(result):
+    liger = [row["liger"]["cache_bytes"] for row in result["rows"]]
+    original = [row["original"]["cache_bytes"] for row in result["rows"]]
+    assert liger[0] == liger[1]
+    # keys and values of 2 layers x 2 KV heads x 16 dims in fp32, per prefilled token
+    assert original == [2 * 2 * 2 * 16 * 4 * c for c in CONTEXTS]
+
+
+def test_peak_memory_sees_a_new_buffer():
+    with peak_memory(torch.device("cpu")) as peak:
+        buffer = torch.ones(16 * 2**20 // 4)  # 16 MiB, written, so its pages are resident
+    del buffer
+    if peak.bytes is None:
+        pytest.skip("no peak-memory measure on this platform")
+    assert peak.bytes >= 12 * 2**20
+
+
+def test_table_has_both_models_and_their_ratios(result):
+    header, rows = bench_rows(result)
+    assert header == ["context", "metric", "liger", "original", "ratio"]
+    assert [r[:2] for r in rows[:4]] == [
+        ["16", "prefill tokens/s"],
+        ["16", "decode ms/token"],
+        ["16", "cache MiB"],
+        ["16", "prefill peak MiB"],
+    ]
+    assert len(rows) == 8 and all(len(r) == 5 for r in rows)
+    first = result["rows"][0]
+    assert rows[2][-1] == f"{first['liger']['cache_bytes'] / first['original']['cache_bytes']:.2f}x"
+
+
+def test_plot_is_a_png(result, tmp_path):
+    pytest.importorskip("matplotlib")
+    from linearize.benchmark import plot_bench
+
+    path = plot_bench(result, tmp_path / "plot.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_bench_cli_writes_table_json_record_and_plot(tmp_path):
+    src = source_folder(tmp_path / "src")
+    assert runner.invoke(app, ["convert", str(src), "--window", "8", "-o", str(tmp_path / "liger")]).exit_code == 0
+    options = ["--ctx", "16,32", "--decode-tokens", "2", "--repeats", "1", "--json", str(tmp_path / "b.json")]
+    result = runner.invoke(app, ["bench", str(tmp_path / "liger"), "--against", str(src), *options])
+    assert result.exit_code == 0, result.output
+    assert "prefill tokens/s" in result.stdout and "ratio" in result.stdout and "liger" in result.stdout
+    written = json.loads((tmp_path / "b.json").read_text())
+    assert written == json.loads((tmp_path / "liger" / "linearize_bench.json").read_text())
+    assert written["models"] == ["liger", "src"] and written["markdown"].startswith(
+        "| context | metric | liger | src | ratio |"
+    )
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "liger" / "linearize_bench.png").stat().st_size > 0
+
+
+def test_bench_cli_errors(tmp_path):
+    src = source_folder(tmp_path / "src")
+    result = runner.invoke(app, ["bench", str(src), "--ctx", "512,big"])
+    assert result.exit_code != 0 and "comma-separated" in result.output
+    result = runner.invoke(app, ["bench", "./no/such/model"])
+    assert result.exit_code != 0 and "does not exist" in result.output

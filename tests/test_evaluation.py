@@ -1,0 +1,237 @@
+"""`linearize eval`: passkey prompts and scoring, perplexity text sources, model pairing, the CLI end to end."""
+
+import json
+import re
+import string
+
+import pytest
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from typer.testing import CliRunner
+
+from linearize import sources
+from linearize.cli import app
+from linearize.comparison import EMBEDDED, resolve_pair
+from linearize.compat import CACHE_ARG, OUTPUT_CACHE_FIELD
+from linearize.errors import LinearizeError
+from linearize.evaluation import perplexity, perplexity_of_windows, text_windows
+from linearize.passkey import FILLER, INTRO, NEEDLE, QUESTION, passkey_prompt, passkey_retrieval
+from tests.tiny import converted_model, source_model
+
+runner = CliRunner()
+
+
+def char_tokenizer():
+    """One token per printable character (104 ids, within the tiny models' 128), built in memory."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<pad>", "<s>", "</s>", "<unk>"] + list(string.printable)
+    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+class Histories(list):
+    """The cache of `CopyModel`: the token history of each row."""
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self[:] = [list(h) for h in self for _ in range(repeats)]
+
+
+class CopyModel(torch.nn.Module):
+    """A perfect induction head: after each position it predicts the token that followed the longest earlier match
+    of the text ending there. Its cache is the token history, so it runs through the same cached calls as a model."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, vocab: int = 128):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, use_cache=True, logits_to_keep=0, **kwargs):
+        histories = kwargs.get(CACHE_ARG) or Histories([[] for _ in input_ids])
+        new = logits_to_keep or input_ids.shape[1]
+        logits = torch.zeros(len(input_ids), new, self.vocab)
+        for b, (history, ids) in enumerate(zip(histories, input_ids.tolist(), strict=True)):
+            history += ids
+            for row, t in enumerate(range(len(history) - new, len(history))):
+                logits[b, row, self._next(history, t)] = 10.0
+        return CausalLMOutputWithPast(logits=logits, **{OUTPUT_CACHE_FIELD: histories})
+
+    @staticmethod
+    def _next(history: list[int], t: int) -> int:
+        best, best_length = 0, 0
+        for j in range(t):
+            n = 0
+            while n <= j and n < 40 and history[j - n] == history[t - n]:
+                n += 1
+            if n > best_length:
+                best, best_length = history[j + 1], n
+        return best
+
+
+class BlindModel(CopyModel):
+    """Ignores its input: the same logits everywhere."""
+
+    def forward(self, input_ids, use_cache=True, logits_to_keep=0, **kwargs):
+        new = logits_to_keep or input_ids.shape[1]
+        logits = torch.zeros(len(input_ids), new, self.vocab)
+        return CausalLMOutputWithPast(logits=logits, **{OUTPUT_CACHE_FIELD: Histories()})
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.mark.parametrize("context", [700, 1500])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_passkey_prompt_has_the_length_and_puts_the_needle_at_its_depth(tokenizer, context, depth):
+    prompt = passkey_prompt(tokenizer, context, depth, "12345")
+    filler = len(FILLER)  # one token per character
+    assert context - filler < len(prompt.ids) <= context
+    text = tokenizer.decode(prompt.ids)
+    assert text.startswith(INTRO) and text.endswith(QUESTION)
+    needle = NEEDLE.format(key="12345")
+    filler_chars = len(text) - len(INTRO) - len(needle) - len(QUESTION)
+    position = (text.index(needle) - len(INTRO)) / filler_chars
+    assert abs(position - depth) <= filler / filler_chars / 2 + 1e-9  # rounded to a whole filler sentence
+
+
+def test_passkey_prompt_errors(tokenizer):
+    with pytest.raises(LinearizeError, match="too short"):
+        passkey_prompt(tokenizer, 300, 0.5, "12345")
+    with pytest.raises(LinearizeError, match="between 0 and 1"):
+        passkey_prompt(tokenizer, 400, 1.5, "12345")
+
+
+def test_a_model_that_copies_finds_every_key(tokenizer):
+    result = passkey_retrieval(CopyModel(), tokenizer, [400, 700], depths=(0.0, 0.5, 1.0), trials=2, seed=3)
+    for scores in result["contexts"].values():
+        assert scores["greedy"] == 1.0 and scores["ranked"] == 1.0 and scores["trials"] == 6
+        assert set(scores["by_depth"]) == {0.0, 0.5, 1.0}
+
+
+def test_a_model_blind_to_its_context_scores_nothing(tokenizer):
+    # equal likelihoods are a miss, and greedy decoding of constant logits never spells a key
+    result = passkey_retrieval(BlindModel(), tokenizer, [400], depths=(0.0, 1.0), trials=3)
+    assert result["contexts"][400]["greedy"] == 0.0 and result["contexts"][400]["ranked"] == 0.0
+
+
+def test_passkey_runs_through_the_cache_of_converted_and_original_models(tokenizer):
+    steps = []
+    for model in (converted_model("llama", "liger"), source_model("llama")):
+        result = passkey_retrieval(model, tokenizer, [400], depths=(0.0, 1.0), trials=1, step=lambda: steps.append(1))
+        assert result["contexts"][400]["trials"] == 2
+        assert 0.0 <= result["contexts"][400]["ranked"] <= 1.0
+    assert len(steps) == 4
+
+
+def test_text_sources(tokenizer, tmp_path):
+    builtin = text_windows("builtin", tokenizer, 64, 3)
+    assert builtin.shape == (3, 64)
+    (tmp_path / "a.txt").write_text("alpha beta gamma " * 40)
+    (tmp_path / "b.txt").write_text("delta epsilon " * 40)
+    one = text_windows(str(tmp_path / "a.txt"), tokenizer, 32, 100)
+    both = text_windows(str(tmp_path / "*.txt"), tokenizer, 32, 100)
+    assert one.shape[0] == 680 // 32 and both.shape[0] == (680 + 1 + 560 + 1) // 32  # EOS after each document
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "test.jsonl").write_text("\n".join(json.dumps({"text": "zeta eta " * 30}) for _ in range(4)))
+    hf = text_windows(f"hf:{tmp_path / 'ds'}", tokenizer, 64, 100)  # a local dataset folder, split "test"
+    assert hf.shape == (4 * 271 // 64, 64)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("hf:", "hf:NAME"),
+        ("hf:some-org/no-such-dataset", "offline"),
+        ("no/such/file.txt", "not found"),
+    ],
+)
+def test_text_source_errors(tokenizer, spec, message):
+    with pytest.raises(LinearizeError, match=message):
+        text_windows(spec, tokenizer, 64, 2)
+
+
+def test_perplexity_of_windows_matches_perplexity_of_text(tokenizer):
+    model = source_model("llama")
+    text = "The quick brown fox jumps over the lazy dog. " * 10
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][: 3 * 64].view(3, 64)
+    assert perplexity_of_windows(model, ids) == pytest.approx(perplexity(model, tokenizer, text, 64, 3))
+
+
+def _config_folder(path, **fields):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(fields))
+    return path
+
+
+def test_pairing(tmp_path):
+    recorded = _config_folder(tmp_path / "conv", model_type="linearize", source_model=sources.EMBEDDED_ID)
+    first, second = resolve_pair(str(recorded), None)
+    assert first.label == "conv" and first.folder == recorded and second.source is None  # the embedded copy
+    plain = _config_folder(tmp_path / "plain", model_type="llama")
+    assert [s.label for s in resolve_pair(str(plain), None)] == ["plain"]
+    assert resolve_pair(str(plain), EMBEDDED)[1].source is None
+    unrecorded = _config_folder(tmp_path / "old", model_type="linearize")
+    with pytest.raises(LinearizeError, match="--against"):
+        resolve_pair(str(unrecorded), None)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny source folder with the character tokenizer, and its Liger conversion through the CLI."""
+    root = tmp_path_factory.mktemp("eval")
+    source_model("llama").save_pretrained(root / "src")
+    char_tokenizer().save_pretrained(root / "src")
+    result = runner.invoke(app, ["convert", str(root / "src"), "--window", "8", "-o", str(root / "liger")])
+    assert result.exit_code == 0, result.output
+    return root / "src", root / "liger"
+
+
+def test_eval_cli_prints_both_models_and_records_the_results(folders, tmp_path):
+    src, liger = folders
+    options = ["--context", "64", "--windows", "2", "--passkey-contexts", "400", "--depths", "0,1", "--trials", "1"]
+    result = runner.invoke(
+        app, ["eval", str(liger), "--against", str(src), *options, "--json", str(tmp_path / "e.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "liger" in result.stdout and "src" in result.stdout
+    assert re.search(r"perplexity \(builtin, 2 x 64 tokens\)", result.stdout)
+    assert "passkey @400 tokens, greedy" in result.stdout and "ranked vs 9" in result.stdout
+    written = json.loads((tmp_path / "e.json").read_text())
+    recorded = json.loads((liger / "linearize_eval.json").read_text())
+    assert written == recorded and set(written["results"]) == {"liger", "src"}
+    assert written["markdown"].startswith("| metric | liger | src |")
+    assert written["results"]["liger"]["perplexity"]["value"] > 1
+
+
+def test_eval_cli_errors(folders, tmp_path):
+    src, liger = folders
+    result = runner.invoke(app, ["eval", str(liger)])  # converted from a local folder: nothing recorded
+    assert result.exit_code != 0 and "--against" in result.output
+    result = runner.invoke(app, ["eval", str(src), "--passkey-contexts", "2x"])
+    assert result.exit_code != 0 and "comma-separated" in result.output
+    (tmp_path / "short.txt").write_text("too short")
+    options = ["--text", str(tmp_path / "short.txt"), "--passkey-contexts", "none", "--no-record"]
+    result = runner.invoke(app, ["eval", str(src), *options])
+    assert result.exit_code != 0 and "fewer than one pack" in result.output
+
+
+def test_batched_candidate_scores_equal_full_forwards(tokenizer):
+    from linearize.passkey import _forward, _log_likelihoods
+
+    model = converted_model("llama", "liger")
+    prompt = tokenizer("The pass key is 123. The pass key is", return_tensors="pt").input_ids[0]
+    candidates = [tokenizer(" " + k, add_special_tokens=False).input_ids for k in ("123", "456", "7")]
+    with torch.inference_mode():
+        first, cache = _forward(model, prompt, logits_to_keep=1)
+        batched = _log_likelihoods(model, first[-1], cache, candidates)
+        for candidate, score in zip(candidates, batched, strict=True):
+            ids = torch.cat([prompt, torch.tensor(candidate)])
+            logits = model(input_ids=ids[None], use_cache=False).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+            assert score == pytest.approx(float(logits.gather(-1, torch.tensor(candidate)[:, None]).sum()), abs=1e-4)
