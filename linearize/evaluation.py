@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -100,9 +100,9 @@ def evaluate_model(
     text: str = "builtin",
     context: int = 512,
     windows: int = 8,
-    passkey_contexts: list[int] = (),
+    passkey_contexts: Sequence[int] = (),
     passkey_options: dict | None = None,
-    lm_eval_tasks: list[str] = (),
+    lm_eval_tasks: Sequence[str] = (),
     lm_eval_options: dict | None = None,
     step: Callable[[], None] | None = None,
 ) -> dict:
