@@ -451,6 +451,10 @@ class _nothing:
 def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=None) -> Path:
     """Run `recipe` end to end (under torchrun, as one of its processes). Returns the saved model folder."""
     run = Path(recipe.output.dir)
+    if quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # weight loading/saving bars
     if recipe.output.push_to_hub:
         from ..publish import check_can_push
 
