@@ -43,6 +43,16 @@ class ConversionSection(_Strict):
     sinks: int | None = Field(None, description="attention sinks, for swa (null: the method default)")
     softmax_layers: str = Field("", description="layers kept as softmax attention: '0,8,16', 'every:8' or '' (none)")
 
+    @field_validator("softmax_layers", mode="before")
+    @classmethod
+    def _layers_as_text(cls, value: Any) -> Any:
+        """YAML reads `0` as a number and `[0, 8]` as a list: both mean the same layers as '0' and '0,8'."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, list) and all(isinstance(i, int) for i in value):
+            return ",".join(map(str, value))
+        return value
+
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:

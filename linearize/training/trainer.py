@@ -22,6 +22,7 @@ from .. import sources
 from ..compat import set_activation_checkpointing
 from ..convert import convert_model, plan_conversion, save_model
 from ..errors import LinearizeError
+from ..layers.base import LinearizedAttention
 from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .data import FinetuneData, PackedSequences, load_data
 from .distributed import World, average_gradients, barrier, close_world, init_world, mean_across
@@ -145,11 +146,19 @@ class Trainer:
         }
 
     def set_trainable(self, stage: StageSection) -> list[nn.Parameter]:
+        # attention transfer trains converted layers only: a kept softmax layer already is its own teacher
+        converted = {
+            f"{module_name}.{name}"
+            for module_name, module in self.model.named_modules()
+            if isinstance(module, LinearizedAttention)
+            for name, _ in module.named_parameters()
+        }
         params = []
         for name, p in self.model.named_parameters():
             train = ("new" in stage.trainable and name in self.new_names) or (
                 "lora" in stage.trainable and "lora_" in name
             )
+            train = train and (stage.kind != "attention_transfer" or name in converted)
             p.requires_grad_(train)
             if train:
                 params.append(p)

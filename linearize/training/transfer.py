@@ -96,10 +96,16 @@ class AttentionTransfer:
         losses, self.layer_losses = self.layer_losses, []
         return torch.stack(losses).mean()
 
-    def _keep_inputs(self, attn, args, kwargs) -> None:
-        hidden_states = args[0] if args else kwargs["hidden_states"]
+    def _keep_inputs(self, attn, args, kwargs):
+        # each layer learns from the inputs alone: no gradient may flow back into earlier layers, whose graphs
+        # (if any) the earlier per-layer backward already freed
+        if args:
+            hidden_states, args = args[0].detach(), (args[0].detach(), *args[1:])
+        else:
+            hidden_states = kwargs["hidden_states"] = kwargs["hidden_states"].detach()
         valid = LinearizedAttention.token_validity(kwargs.get("padding_mask"), hidden_states.shape[1])
         self._inputs[id(attn)] = (hidden_states, kwargs["position_embeddings"], valid)
+        return args, kwargs
 
     def _swap_in_teacher(self, attn: LinearizedAttention):
         def hook(o_proj, args, output):

@@ -284,3 +284,15 @@ def test_two_processes_match_one_with_the_same_global_batch(strategy, workspace,
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_transfer_with_kept_softmax_layers_trains_only_the_converted_ones(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    stages = "stages=[{kind: attention_transfer, trainable: [lora], max_steps: 2}]"
+    result = invoke("finetune", recipe, stages, "conversion.softmax_layers=0")
+    assert result.exit_code == 0, result.output
+    trained = _trained(tmp_path / "run")
+    lora_b = {name: t for name, t in trained.items() if "lora_B" in name and "o_proj" not in name}
+    assert lora_b and all(("layers.0." in name) == (t.abs().sum() == 0) for name, t in lora_b.items()), {
+        name: t.abs().sum().item() for name, t in lora_b.items()
+    }

@@ -77,6 +77,11 @@ def test_adds_parameters_matches_the_converted_layers():
         assert method.adds_parameters == bool(new), name
 
 
+def test_softmax_layers_may_be_numbers():
+    assert parse_recipe(MINIMAL + "conversion: {softmax_layers: 0}\n").conversion.softmax_layers == "0"
+    assert parse_recipe(MINIMAL + "conversion: {softmax_layers: [0, 8]}\n").conversion.softmax_layers == "0,8"
+
+
 def test_overrides():
     recipe = parse_recipe(
         MINIMAL + "  - kind: lora\n",
