@@ -566,20 +566,12 @@ def finetune(
 
 def _finetune_plan(recipe, resume: bool) -> Table:
     from . import sources
-    from .convert import plan_conversion
     from .training.checkpoint import list_checkpoints
     from .training.trainer import prepare_run_folder
 
     conv = recipe.conversion
     source = recipe.model.name or sources.EMBEDDED_NAME
-    plan = plan_conversion(
-        sources.load_config(recipe.model.name, recipe.model.revision),
-        source,
-        conv.method,
-        conv.window,
-        conv.sinks,
-        conv.softmax_layers or None,
-    )
+    plan = conv.plan(sources.load_config(recipe.model.name, recipe.model.revision), source)
     run = Path(recipe.output.dir)
     start = prepare_run_folder(run, recipe, resume)
     table = Table(title=f"Fine-tuning plan: {source} -> {conv.method}", show_header=False)

@@ -43,6 +43,12 @@ class ConversionSection(_Strict):
     sinks: int | None = Field(None, description="attention sinks, for swa (null: the method default)")
     softmax_layers: str = Field("", description="layers kept as softmax attention: '0,8,16', 'every:8' or '' (none)")
 
+    def plan(self, source_config, source: str):
+        """The `ConversionPlan` this section describes, from the source config alone."""
+        from ..convert import plan_conversion
+
+        return plan_conversion(source_config, source, self.method, self.window, self.sinks, self.softmax_layers or None)
+
     @field_validator("softmax_layers", mode="before")
     @classmethod
     def _layers_as_text(cls, value: Any) -> Any:

@@ -12,6 +12,7 @@ import math
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,14 +21,14 @@ from torch import nn
 
 from .. import sources
 from ..compat import set_activation_checkpointing
-from ..convert import convert_model, plan_conversion, save_model
+from ..convert import convert_model, save_model
 from ..errors import LinearizeError
 from ..layers.base import LinearizedAttention
 from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .data import FinetuneData, PackedSequences, load_data
 from .distributed import World, average_gradients, barrier, close_world, init_world, mean_across
 from .optim import build_optimizers, build_schedulers
-from .recipe import Recipe, StageSection, recipe_hash, resolved_yaml
+from .recipe import Recipe, StageSection, parse_recipe, recipe_hash, resolved_yaml
 from .report import Reporter
 from .transfer import AttentionTransfer
 
@@ -51,8 +52,6 @@ def prepare_run_folder(run: Path, recipe: Recipe, resume: bool) -> Path | None:
     """Check that `run` may hold this recipe's run; return the checkpoint to resume from, if any."""
     saved = run / RECIPE_FILE
     if saved.is_file():
-        from .recipe import parse_recipe
-
         try:
             previous = recipe_hash(parse_recipe(saved.read_text(), str(saved)))
         except LinearizeError:
@@ -99,10 +98,7 @@ class Trainer:
         source, tokenizer, source_name = sources.load(
             recipe.model.name, dtype=recipe.model.dtype, device=str(self.world.device), revision=recipe.model.revision
         )
-        conv = recipe.conversion
-        plan = plan_conversion(
-            source.config, source_name, conv.method, conv.window, conv.sinks, conv.softmax_layers or None
-        )
+        plan = recipe.conversion.plan(source.config, source_name)
         source_keys = set(source.state_dict())
         model = convert_model(source, plan.config)
         return model, tokenizer, {n for n, _ in model.named_parameters() if n not in source_keys}
@@ -249,8 +245,7 @@ class Trainer:
         accum = self.config.grad_accum
         transfer = None
         if stage.kind == "attention_transfer":
-            layers = len(AttentionTransfer(self.model).layers)
-            transfer = AttentionTransfer(self.model, loss_scale=stage.mse_factor / (layers * accum))
+            transfer = AttentionTransfer(self.model, loss_scale=stage.mse_factor / accum)
         if self.config.gradient_checkpointing:
             # attention transfer holds one layer's graph at a time: recomputation would only cost time
             set_activation_checkpointing(self.model, enabled=transfer is None)
@@ -262,7 +257,7 @@ class Trainer:
         self.reporter.start_stage(name, total_steps, done=start)
         tokens_per_step = self.config.micro_batch_size * accum * self.world.size * self.recipe.data.seq_len
         try:
-            with transfer or _nothing():
+            with transfer or nullcontext():
                 if start == 0:  # the baseline every later evaluation of the stage compares with
                     self._evaluate_and_record(index, stage, transfer)
                 for step in range(start, total_steps):
@@ -273,7 +268,7 @@ class Trainer:
                         sync = micro == accum - 1
                         if self.sharded:
                             model.set_requires_gradient_sync(sync)
-                        with model.no_sync() if ddp and not sync else _nothing():
+                        with model.no_sync() if ddp and not sync else nullcontext():
                             loss = self.forward_loss(model, batch, transfer)
                             if transfer is None:
                                 (loss / accum).backward()
@@ -447,14 +442,6 @@ class Trainer:
 
 def _to(data: PackedSequences, idx: list[int], device: torch.device) -> dict[str, torch.Tensor]:
     return {"input_ids": data.input_ids[idx].to(device), "labels": data.labels[idx].to(device)}  # [mb, seq_len]
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=None) -> Path:

@@ -65,7 +65,8 @@ class AttentionTransfer:
 
     Args:
         model: the converted model (possibly wrapped by peft).
-        loss_scale: multiplier of each layer's MSE before its backward (mse_factor / (layers * micro-batches)).
+        loss_scale: multiplier of the forward pass's mean MSE over layers (e.g. mse_factor / micro-batches); each
+            layer back-propagates its share, loss_scale / layers times its own MSE.
 
     After each forward pass, `layer_losses` holds the detached MSE of every converted layer (unscaled), in
     layer order. Backward runs only when grad mode is on and the student output requires grad, so the same
@@ -117,7 +118,7 @@ class AttentionTransfer:
                 error = error[valid]
             mse = error.mean()
             if torch.is_grad_enabled() and mse.requires_grad:
-                (mse * self.loss_scale).backward()
+                (mse * (self.loss_scale / len(self.layers))).backward()
             self.layer_losses.append(mse.detach())
             base = _frozen(o_proj)
             return F.linear(teacher.to(base.weight.dtype), base.weight, base.bias)
