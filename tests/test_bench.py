@@ -38,13 +38,18 @@ def test_converted_cache_is_constant_and_the_original_grows(result):
     assert original == [2 * 2 * 2 * 16 * 4 * c for c in CONTEXTS]
 
 
-def test_peak_memory_sees_a_new_buffer():
+def test_peak_memory_counts_tensors_alive_at_once():
+    kept = torch.ones(1024)  # created before: not counted
     with peak_memory(torch.device("cpu")) as peak:
-        buffer = torch.ones(16 * 2**20 // 4)  # 16 MiB, written, so its pages are resident
-    del buffer
-    if peak.bytes is None:
-        pytest.skip("no peak-memory measure on this platform")
-    assert peak.bytes >= 12 * 2**20
+        for _ in range(3):
+            scratch = torch.ones(2**20)  # 4 MiB, dropped at the next iteration's assignment
+            view = scratch[:10]  # shares the storage: not counted again
+            total = scratch.sum()
+        del scratch, view
+        both = (torch.zeros(2**18), torch.zeros(2**18))  # 1 MiB each, alive together
+    # at the peak, the new 4 MiB buffer is created while the previous one and the previous 4-byte sum still live
+    assert peak.bytes == 2 * 4 * 2**20 + 4
+    assert kept.sum() == 1024 and total.item() == 2**20 and len(both) == 2
 
 
 def test_table_has_both_models_and_their_ratios(result):

@@ -13,3 +13,4 @@ def test_gpu_check_smoke_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "liger unfused (ours)" in result.stdout and "sdpa causal" in result.stdout
+    assert "still (ours)" in result.stdout

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 import linearize.convert
 from linearize.cli import app
-from tests.tiny import FAMILIES, METHOD_ARGS, METHODS, source_folder
+from tests.tiny import FAMILIES, METHODS, VARIANTS, source_folder
 
 runner = CliRunner()
 
@@ -32,9 +32,10 @@ def test_convert_each_family(family, tmp_path):
     assert (tmp_path / "out" / "modeling_linearize.py").exists()
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_convert_each_method_with_softmax_layers(method, source, tmp_path):
-    options = [x for key, value in METHOD_ARGS[method].items() for x in (f"--{key}", value)]
+@pytest.mark.parametrize("variant", METHODS)
+def test_convert_each_method_with_softmax_layers(variant, source, tmp_path):
+    method, options = VARIANTS[variant]
+    options = [x for key, value in options.items() for x in (f"--{key.replace('_', '-')}", value)]
     result = invoke(
         "convert", source, "--method", method, *options, "--softmax-layers", "every:2", "-o", tmp_path / "o"
     )
@@ -101,9 +102,9 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_option_that_does_not_apply_to_the_method(source, tmp_path):
-    result = invoke("convert", source, "--method", "liger", "--sinks", 4, "-o", tmp_path / "out")
+    result = invoke("convert", source, "--method", "liger-gla", "--sinks", 4, "-o", tmp_path / "out")
     assert result.exit_code != 0
-    assert "--sinks does not apply to method 'liger'" in result.output
+    assert "--sinks does not apply to method 'liger-gla'" in result.output
 
 
 def test_interrupted_conversion_leaves_nothing_behind(source, tmp_path, monkeypatch):

@@ -1,8 +1,11 @@
 """`linearize eval`: passkey prompts and scoring, perplexity text sources, model pairing, the CLI end to end."""
 
 import json
+import os
 import re
 import string
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -235,3 +238,25 @@ def test_batched_candidate_scores_equal_full_forwards(tokenizer):
             ids = torch.cat([prompt, torch.tensor(candidate)])
             logits = model(input_ids=ids[None], use_cache=False).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
             assert score == pytest.approx(float(logits.gather(-1, torch.tensor(candidate)[:, None]).sum()), abs=1e-4)
+
+
+def _eval_in_a_terminal(liger, src, *extra, **env):
+    """Run `linearize eval` in a subprocess whose console rich treats as a terminal (FORCE_COLOR)."""
+    options = ["--context", "64", "--windows", "2", "--passkey-contexts", "none", "--no-record"]
+    environ = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | {"FORCE_COLOR": "1", "COLUMNS": "100", **env}
+    command = [sys.executable, "-m", "linearize", "eval", str(liger), "--against", str(src), *options, *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=environ, timeout=300, check=True)
+
+
+def test_terminal_output_shows_progress_in_color_unless_no_color_or_quiet(folders):
+    src, liger = folders
+    colored = _eval_in_a_terminal(liger, src)
+    assert "Evaluating liger" in colored.stderr and "\x1b[" in colored.stderr  # the bar, styled
+    assert re.search(r"\x1b\[[0-9;]*3[0-9](;|m)", colored.stderr + colored.stdout)  # a foreground colour
+
+    plain = _eval_in_a_terminal(liger, src, NO_COLOR="1")
+    assert "Evaluating liger" in plain.stderr
+    assert not re.search(r"\x1b\[[0-9;]*3[0-9](;|m)", plain.stderr + plain.stdout)
+
+    quiet = _eval_in_a_terminal(liger, src, "--quiet")
+    assert quiet.stderr == "" and "perplexity" in quiet.stdout

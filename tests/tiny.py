@@ -27,9 +27,15 @@ CONFIGS = {
     "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=False),
 }
 FAMILIES = list(CONFIGS)
-# Small windows so that the windows are exercised by short test sequences.
-METHOD_ARGS = {"liger": {"window": 8}, "liger-gla": {}, "swa": {"window": 8, "sinks": 2}}
-METHODS = list(METHOD_ARGS)
+# Each tested variant: its method and conversion options. Small windows, so that short test sequences exercise them.
+VARIANTS = {
+    "liger": ("liger", {"window": 8}),
+    "liger-sinks": ("liger", {"window": 8, "sinks": 2}),
+    "liger-gla": ("liger-gla", {}),
+    "still": ("still", {"chunk_size": 8, "topk": 2}),
+    "swa": ("swa", {"window": 8, "sinks": 2}),
+}
+METHODS = list(VARIANTS)
 
 
 def source_model(family: str, seed: int = 0):
@@ -43,9 +49,10 @@ def source_model(family: str, seed: int = 0):
     return model.eval()
 
 
-def converted_model(family: str, method: str, softmax_layers: str | None = None, seed: int = 0):
+def converted_model(family: str, variant: str, softmax_layers: str | None = None, seed: int = 0):
     source = source_model(family, seed)
-    plan = plan_conversion(source.config, family, method, softmax_layers=softmax_layers, **METHOD_ARGS[method])
+    method, options = VARIANTS[variant]
+    plan = plan_conversion(source.config, family, method, softmax_layers=softmax_layers, **options)
     return convert_model(source, plan.config)
 
 

@@ -69,69 +69,18 @@ class SinkWindowAttention(LinearizedAttention):
         **kwargs,
     ):
         state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)
-        batch, length, _ = hidden_states.shape
         q, k, v, _ = self.project(hidden_states)
-        cos, sin = position_embeddings
-        q, k = apply_rope(q, k, cos, sin)  # [B, T, H, D], [B, T, Hkv, D]
-        valid = self.token_validity(padding_mask, length)
-        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if valid is None else valid
-
-        seen_real = torch.zeros(batch, dtype=torch.long, device=q.device)
-        if state is not None and state.real_tokens is not None:
-            seen_real = state.real_tokens
-        rank = seen_real[:, None] + valid.long().cumsum(1) - 1  # [B, T]: index among the row's real tokens
-
-        keys, values, key_valid, key_rank = k, v, valid, rank
-        if state is not None:
-            (keys, values, key_valid, key_rank), evicted = state.recent.update(k, v, valid, rank)
-
-        sink_keys = sink_values = sink_mask = None
-        if self.sinks:
-            sink_keys, sink_values, sink_mask = self._sinks(state, keys, values, key_valid, key_rank, length)
-        o = sliding_window_attention(
-            q,
-            keys,
-            values,
-            window=self.recent,
-            key_valid=key_valid,
-            sink_k=sink_keys,
-            sink_v=sink_values,
-            sink_mask=sink_mask,
-            scale=self.scaling,
-            backend=self.backend,
+        q, k = apply_rope(q, k, *position_embeddings)  # [B, T, H, D], [B, T, Hkv, D]
+        valid = self.token_validity(padding_mask, hidden_states.shape[1])
+        o = sink_window_attention(
+            q, k, v, valid, state, recent=self.recent, sinks=self.sinks, scale=self.scaling, backend=self.backend
         )
-
         if state is not None:
-            if self.sinks:
-                state.keep_sinks(*evicted)
-            state.real_tokens = seen_real + valid.long().sum(1)
-            state.seen_tokens += length
+            state.seen_tokens += hidden_states.shape[1]
         return self.o_proj(o.flatten(2)), None
 
-    def _sinks(self, state, keys, values, key_valid, key_rank, length):
-        """Extra keys for the sink path and which query sees which [B, T, E].
-
-        Sinks already evicted from the window live in the cache and are visible to every new query. Sinks still
-        among `keys` are visible only to queries for which they have left the window, so no key counts twice.
-        """
-        total = keys.shape[1]
-        found = [(key_rank == r) & key_valid for r in range(self.sinks)]  # each [B, S]
-        index = torch.stack([f.int().argmax(1) for f in found], 1)  # [B, sinks]
-        present = torch.stack([f.any(1) for f in found], 1)
-        query_pos = torch.arange(total - length, total, device=keys.device)  # [T]
-        left_window = query_pos[None, :, None] - index[:, None, :] >= self.recent  # [B, T, sinks]
-        gather = index[:, :, None, None].expand(-1, -1, *keys.shape[2:])
-        sink_keys, sink_values = keys.gather(1, gather), values.gather(1, gather)
-        sink_mask = present[:, None, :] & left_window
-        if state is not None and state.sink_keys is not None:
-            sink_keys = torch.cat([state.sink_keys, sink_keys], 1)
-            sink_values = torch.cat([state.sink_values, sink_values], 1)
-            stored = state.sink_valid[:, None, :].expand(-1, length, -1)
-            sink_mask = torch.cat([stored, sink_mask], 2)
-        return sink_keys, sink_values, sink_mask
-
     @staticmethod
-    def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:
         recent = settings["window"] - settings["sinks"] - 1  # keys, values, validity flag and rank
         sinks = settings["sinks"]  # keys, values, validity flag
         return (
@@ -139,3 +88,86 @@ class SinkWindowAttention(LinearizedAttention):
             + sinks * (2 * kv_heads * head_dim * dtype_bytes + 1)
             + 8
         )
+
+
+def sink_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor | None,
+    state: SinkWindowCacheLayer | None,
+    *,
+    recent: int,
+    sinks: int,
+    scale: float,
+    backend: str | None,
+) -> torch.Tensor:
+    """Softmax attention of each query over its row's first `sinks` real tokens and the last `recent` tokens
+    (itself included), taking earlier tokens from `state` and adding the new ones to it.
+
+    Args:
+        q: RoPE'd queries `[B, T, H, D]`.
+        k: RoPE'd keys `[B, T, Hkv, D]`.
+        v: values `[B, T, Hkv, D]`.
+        valid: `[B, T]` bool, False at padding, or None.
+        state: the layer's cache, or None without one.
+
+    Returns:
+        `[B, T, H, D]` in q.dtype.
+    """
+    batch, length = q.shape[:2]
+    valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if valid is None else valid
+    seen_real = torch.zeros(batch, dtype=torch.long, device=q.device)
+    if state is not None and state.real_tokens is not None:
+        seen_real = state.real_tokens
+    rank = seen_real[:, None] + valid.long().cumsum(1) - 1  # [B, T]: index among the row's real tokens
+
+    keys, values, key_valid, key_rank = k, v, valid, rank
+    if state is not None:
+        (keys, values, key_valid, key_rank), evicted = state.recent.update(k, v, valid, rank)
+
+    sink_keys = sink_values = sink_mask = None
+    if sinks:
+        sink_keys, sink_values, sink_mask = _visible_sinks(
+            state, keys, values, key_valid, key_rank, length, recent, sinks
+        )
+    o = sliding_window_attention(
+        q,
+        keys,
+        values,
+        window=recent,
+        key_valid=key_valid,
+        sink_k=sink_keys,
+        sink_v=sink_values,
+        sink_mask=sink_mask,
+        scale=scale,
+        backend=backend,
+    )
+    if state is not None:
+        if sinks:
+            state.keep_sinks(*evicted)
+        state.real_tokens = seen_real + valid.long().sum(1)
+    return o
+
+
+def _visible_sinks(state, keys, values, key_valid, key_rank, length, recent, sinks):
+    """Extra keys for the sink path and which query sees which [B, T, E].
+
+    Sinks already evicted from the window live in the cache and are visible to every new query. Sinks still
+    among `keys` are visible only to queries for which they have left the window, so no key counts twice.
+    """
+    total = keys.shape[1]
+    found = [(key_rank == r) & key_valid for r in range(sinks)]  # each [B, S]
+    index = torch.stack([f.int().argmax(1) for f in found], 1)  # [B, sinks]
+    present = torch.stack([f.any(1) for f in found], 1)
+    query_pos = torch.arange(total - length, total, device=keys.device)  # [T]
+    left_window = query_pos[None, :, None] - index[:, None, :] >= recent  # [B, T, sinks]
+    gather = index[:, :, None, None].expand(-1, -1, *keys.shape[2:])
+    sink_keys, sink_values = keys.gather(1, gather), values.gather(1, gather)
+    sink_mask = present[:, None, :] & left_window
+    if state is not None and state.sink_keys is not None:
+        sink_keys = torch.cat([state.sink_keys, sink_keys], 1)
+        sink_values = torch.cat([state.sink_values, sink_values], 1)
+        stored = state.sink_valid[:, None, :].expand(-1, length, -1)
+        sink_mask = torch.cat([stored, sink_mask], 2)
+    return sink_keys, sink_values, sink_mask

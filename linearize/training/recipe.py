@@ -38,16 +38,25 @@ class ModelSection(_Strict):
 
 
 class ConversionSection(_Strict):
-    method: str = Field("liger", description="conversion method: liger, liger-gla or swa (see `linearize convert`)")
+    method: str = Field(
+        "liger", description="conversion method: liger, liger-gla, still or swa (see `linearize convert`)"
+    )
     window: int | None = Field(None, description="window length of methods that have one (null: the method default)")
-    sinks: int | None = Field(None, description="attention sinks, for swa (null: the method default)")
+    sinks: int | None = Field(
+        None, description="attention sinks in the window, for swa and liger (null: the method default)"
+    )
+    chunk_size: int | None = Field(None, description="still: tokens per chunk (null: 64)")
+    topk: float | None = Field(
+        None, description="still: salient tokens per chunk and head, a count or a ratio (null: 4)"
+    )
     softmax_layers: str = Field("", description="layers kept as softmax attention: '0,8,16', 'every:8' or '' (none)")
 
     def plan(self, source_config, source: str):
         """The `ConversionPlan` this section describes, from the source config alone."""
         from ..convert import plan_conversion
 
-        return plan_conversion(source_config, source, self.method, self.window, self.sinks, self.softmax_layers or None)
+        options = {"window": self.window, "sinks": self.sinks, "chunk_size": self.chunk_size, "topk": self.topk}
+        return plan_conversion(source_config, source, self.method, self.softmax_layers or None, **options)
 
     @field_validator("softmax_layers", mode="before")
     @classmethod
@@ -111,6 +120,13 @@ class StageSection(_Strict):
     mse_factor: float = Field(
         1000.0, gt=0, description="attention_transfer loss multiplier (LoLCATs uses 1000; keeps Adam above its eps)"
     )
+    kd_ratio: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="lora only: weight of distillation from the original model (KL divergence to its next-token "
+        "distribution, computed on the fly); the next-token loss gets 1 - kd_ratio",
+    )
 
     @model_validator(mode="after")
     def _default_trainable(self) -> StageSection:
@@ -118,6 +134,10 @@ class StageSection(_Strict):
             object.__setattr__(self, "trainable", ["new"] if self.kind == "attention_transfer" else ["lora"])
         if not self.trainable:
             raise ValueError("trainable is empty: name 'new', 'lora' or both")
+        if self.kd_ratio and self.kind != "lora":
+            raise ValueError(
+                "kd_ratio applies to lora stages only (attention_transfer already learns from the original)"
+            )
         return self
 
 
@@ -343,6 +363,7 @@ _LORA_STAGE = """\
     epochs: 1
     optimizer: {name: adamw, lr: 0.001}
     schedule: {kind: cosine, warmup_steps: 10}
+    kd_ratio: 0.0             # > 0: also distil the original model's next-token distribution (KL)
 """
 
 

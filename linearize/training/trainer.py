@@ -30,7 +30,7 @@ from .distributed import World, average_gradients, barrier, close_world, init_wo
 from .optim import build_optimizers, build_schedulers
 from .recipe import Recipe, StageSection, parse_recipe, recipe_hash, resolved_yaml
 from .report import Reporter
-from .transfer import AttentionTransfer
+from .transfer import AttentionTransfer, distillation_loss, original_model
 
 
 class TrainingDivergedError(LinearizeError):
@@ -195,13 +195,20 @@ class Trainer:
         return _to(self.data.train, idx, self.world.device)
 
     # -- one stage ----------------------------------------------------------------------------------------------
-    def forward_loss(self, model: nn.Module, batch: dict, transfer: AttentionTransfer | None) -> torch.Tensor:
+    def forward_loss(
+        self, model: nn.Module, batch: dict, transfer: AttentionTransfer | None, kd_ratio: float = 0.0
+    ) -> torch.Tensor:
         """The micro-batch loss; for attention transfer its backward has already run inside the forward."""
         if transfer is not None:
             model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
             return transfer.loss()
         out = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
-        return out.loss
+        if not kd_ratio:
+            return out.loss
+        with torch.no_grad(), original_model(self.model) as teacher:
+            teacher_logits = teacher(input_ids=batch["input_ids"], use_cache=False).logits
+        kd = distillation_loss(out.logits, teacher_logits, batch["labels"])
+        return (1 - kd_ratio) * out.loss + kd_ratio * kd
 
     @torch.no_grad()
     def evaluate(self, transfer: AttentionTransfer | None) -> dict[str, float]:
@@ -269,7 +276,7 @@ class Trainer:
                         if self.sharded:
                             model.set_requires_gradient_sync(sync)
                         with model.no_sync() if ddp and not sync else nullcontext():
-                            loss = self.forward_loss(model, batch, transfer)
+                            loss = self.forward_loss(model, batch, transfer, stage.kd_ratio)
                             if transfer is None:
                                 (loss / accum).backward()
                         losses.append(loss.detach().float())
@@ -448,9 +455,7 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
     """Run `recipe` end to end (under torchrun, as one of its processes). Returns the saved model folder."""
     run = Path(recipe.output.dir)
     if quiet:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # weight loading/saving bars
+        sources.hide_progress_bars()
     if recipe.output.push_to_hub:
         from ..publish import check_can_push
 

@@ -1,4 +1,5 @@
-"""Attention transfer (LoLCATs stage 1): each converted layer learns to reproduce the original attention.
+"""The original model inside a converted one: attention transfer (LoLCATs stage 1), where each converted layer
+learns to reproduce the original attention, and the teacher of distillation (`original_model`).
 
 While `AttentionTransfer` is active, every converted attention layer computes, from the same input, its own
 output (the student, before `o_proj`) and the original softmax attention output (the teacher: the source's
@@ -13,6 +14,9 @@ through DDP's hooks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -124,3 +128,43 @@ class AttentionTransfer:
             return F.linear(teacher.to(base.weight.dtype), base.weight, base.bias)
 
         return hook
+
+
+@contextmanager
+def original_model(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside this context the converted model computes the source model's outputs: every converted layer runs
+    the original softmax attention on its frozen projections, and LoRA adapters are off. The distillation teacher
+    comes from the student's own weights this way, with no second copy of the model; call it under no_grad.
+    Parameters the method added are unused, as the source model has none."""
+    layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
+
+    def original_forward(attn: LinearizedAttention):
+        def forward(hidden_states, position_embeddings=None, padding_mask=None, **kwargs):
+            valid = LinearizedAttention.token_validity(padding_mask, hidden_states.shape[1])
+            o = teacher_attention(attn, hidden_states, position_embeddings, valid)
+            return _frozen(attn.o_proj)(o), None
+
+        return forward
+
+    disable_adapters = getattr(model, "disable_adapter", None)  # a peft model
+    try:
+        for attn in layers:
+            attn.forward = original_forward(attn)
+        with disable_adapters() if disable_adapters is not None else nullcontext():
+            yield model
+    finally:
+        for attn in layers:
+            attn.__dict__.pop("forward", None)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || student) of the next-token distributions at the positions the next-token loss counts.
+
+    Args:
+        student_logits, teacher_logits: `[B, T, V]`; position t predicts token t + 1.
+        labels: `[B, T]` token ids, -100 where no loss is taken (prompts, padding).
+    """
+    counted = labels[:, 1:] != -100  # [B, T - 1]
+    student = student_logits[:, :-1][counted].float().log_softmax(-1)  # [N, V]
+    teacher = teacher_logits[:, :-1][counted].float().log_softmax(-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")

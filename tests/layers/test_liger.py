@@ -8,8 +8,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from tests.tiny import FAMILIES, converted_model
 
 
-def naive_liger(layer, hidden, cos, sin, window, gate_source="normed"):
-    """o = o_proj(0.5 * SWA(RoPE'd q, k; last `window` keys) + 0.5 * GLA(softmax q, softmax k; gate from key))."""
+def naive_liger(layer, hidden, cos, sin, window, gate_source="normed", sinks=0):
+    """o = o_proj(0.5 * SWA(RoPE'd q, k; last `window - sinks` keys and the first `sinks`) + 0.5 * GLA(softmax q,
+    softmax k; gate from key))."""
     batch, length, _ = hidden.shape
     heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
     group = heads // kv_heads
@@ -32,9 +33,10 @@ def naive_liger(layer, hidden, cos, sin, window, gate_source="normed"):
             for t in range(length):
                 state = gate[b, t, g].exp()[:, None] * state + torch.outer(k_feat[b, t, g], v[b, t, g].double())
                 linear = state.T @ q_feat[b, t, h]
-                lo = max(0, t - window + 1)
-                scores = k_rot[b, lo : t + 1, g] @ q_rot[b, t, h] * dim**-0.5
-                windowed = scores.softmax(0) @ v[b, lo : t + 1, g].double()
+                lo = max(0, t - (window - sinks) + 1)
+                seen = list(range(min(sinks, lo))) + list(range(lo, t + 1))
+                scores = k_rot[b, seen, g] @ q_rot[b, t, h] * dim**-0.5
+                windowed = scores.softmax(0) @ v[b, seen, g].double()
                 out[b, t, h] = 0.5 * windowed + 0.5 * linear
     return layer.o_proj(out.to(hidden.dtype).flatten(2))
 
@@ -53,6 +55,18 @@ def test_liger_layer_matches_the_formula(family, gate_source):
     cos, sin = model.model.rotary_emb(hidden, positions)
     with torch.no_grad():
         expected = naive_liger(layer, hidden, cos, sin, window=8, gate_source=gate_source)
+        actual, _ = layer(hidden, position_embeddings=(cos, sin))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_liger_with_sinks_matches_the_formula(family):
+    model = converted_model(family, "liger-sinks")
+    layer = model.model.layers[0].self_attn
+    hidden = torch.randn(2, 21, model.config.hidden_size)
+    cos, sin = model.model.rotary_emb(hidden, torch.arange(21)[None].expand(2, -1))
+    with torch.no_grad():
+        expected = naive_liger(layer, hidden, cos, sin, window=8, sinks=2)
         actual, _ = layer(hidden, position_embeddings=(cos, sin))
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.tiny import FAMILIES, METHOD_ARGS, converted_model, source_model
+from tests.tiny import FAMILIES, VARIANTS, converted_model, source_model
 
 
 def sink_window_mask(length: int, window: int, sinks: int) -> torch.Tensor:
@@ -14,7 +14,7 @@ def sink_window_mask(length: int, window: int, sinks: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_swa_equals_source_with_sink_window_mask(family):
-    window, sinks = METHOD_ARGS["swa"]["window"], METHOD_ARGS["swa"]["sinks"]
+    window, sinks = VARIANTS["swa"][1]["window"], VARIANTS["swa"][1]["sinks"]
     source = source_model(family)
     converted = converted_model(family, "swa")
     ids = torch.randint(3, 128, (2, 37))

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from linearize.convert import plan_conversion
 from linearize.families import UnsupportedModelError
 from linearize.models import LinearizeCache
-from tests.tiny import FAMILIES, METHODS, cache_of, converted_model, source_model
+from tests.tiny import FAMILIES, METHODS, VARIANTS, cache_of, converted_model, source_model
 
 CASES = [(f, m) for f in FAMILIES for m in METHODS]
 
@@ -78,17 +78,20 @@ def test_padded_generation_equals_unpadded(method):
         assert together[row, 12:].tolist() == alone[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_cache_size_does_not_grow_with_context(method):
-    model = converted_model("llama", method)
+@pytest.mark.parametrize("variant", METHODS)
+def test_cache_size_is_what_the_plan_says(variant):
+    """Constant for every method but STILL, whose salient cache grows by topk tokens per chunk and head."""
+    model = converted_model("llama", variant)
+    method, options = VARIANTS[variant]
+    plan = plan_conversion(source_model("llama").config, "llama", method, dtype="float32", **options)
     ids = torch.randint(3, 128, (1, 200))
-    sizes = []
     cache = cache_of(model(ids[:, :20], use_cache=True))
-    sizes.append(cache.nbytes())
+    sizes = [cache.nbytes()]
     for t in range(20, 200):
         cache = cache_of(model(ids[:, t : t + 1], cache=cache, use_cache=True))
     sizes.append(cache.nbytes())
-    assert sizes[0] == sizes[1] > 0
+    assert sizes == [plan.converted_cache_bytes(20), plan.converted_cache_bytes(200)]
+    assert (sizes[0] < sizes[1]) == (method == "still") and sizes[0] > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

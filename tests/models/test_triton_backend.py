@@ -6,13 +6,16 @@ import pytest
 import torch
 
 from tests.models.test_modeling import decode_incrementally
-from tests.tiny import METHODS, converted_model
+from tests.tiny import METHODS, VARIANTS, converted_model
 
 pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the interpreter runs the kernels
 
 
-@pytest.mark.parametrize("method", METHODS)
+WITH_TRITON_KERNELS = [m for m in METHODS if VARIANTS[m][0] != "still"]  # STILL's ops have no Triton kernels yet
+
+
+@pytest.mark.parametrize("method", WITH_TRITON_KERNELS)
 def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
     import linearize.kernels.liger.attention_triton as fused_prefill
     import linearize.kernels.liger.triton as fused
@@ -37,7 +40,7 @@ def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
     torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-4)
     # Liger's one-token steps go through the fused decode kernel: 6 steps in each of the 2 layers; its prefills
     # (the full forward and the chunks of 13 and 5 tokens) through the fused attention kernel
-    assert len(decode_kernel_calls) == (12 if method == "liger" else 0)
+    assert len(decode_kernel_calls) == (12 if method == "liger" else 0)  # with sinks, two unfused ops
     assert len(prefill_kernel_calls) == (6 if method == "liger" else 0)
 
 

@@ -116,6 +116,20 @@ def test_attention_transfer_fits_the_teacher(workspace, tmp_path):
     assert last < 0.75 * first, mse
 
 
+def test_distillation_moves_the_student_toward_the_original(workspace, tmp_path):
+    """A lora stage with kd_ratio 1 trains on the KL divergence to the original model alone: it falls."""
+    recipe = write_recipe(workspace, tmp_path)
+    stages = "stages=[{kind: lora, kd_ratio: 1.0, epochs: 5, optimizer: {lr: 0.01}}]"
+    data = ["data.sources.0.max_documents=2", "data.held_out=0", "training.grad_accum=1"]
+    result = invoke("finetune", recipe, stages, *data, "--dry-run")
+    assert result.exit_code == 0 and "distils the original (kd_ratio 1)" in result.output, result.output
+    result = invoke("finetune", recipe, stages, *data)
+    assert result.exit_code == 0, result.output
+    kl = [r["loss"] for r in metrics(tmp_path / "run") if "loss" in r]
+    assert len(kl) == 30 and all(value >= 0 for value in kl)
+    assert sum(kl[-6:]) / 6 < 0.5 * sum(kl[:6]) / 6, kl
+
+
 def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
     recipe = write_recipe(workspace, tmp_path)
     result = invoke("finetune", recipe, "output.merge_lora=false", "stages.0.max_steps=1", "stages.1.max_steps=1")
@@ -190,8 +204,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_path, 
     recipe = write_recipe(workspace, tmp_path)
     real_forward_loss = trainer_module.Trainer.forward_loss
 
-    def poisoned(self, model, batch, transfer):
-        loss = real_forward_loss(self, model, batch, transfer)
+    def poisoned(self, model, batch, transfer, *args):
+        loss = real_forward_loss(self, model, batch, transfer, *args)
         return loss * float("nan") if self.state.global_step == 2 else loss
 
     monkeypatch.setattr(trainer_module.Trainer, "forward_loss", poisoned)

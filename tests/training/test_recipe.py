@@ -65,6 +65,14 @@ def test_stages_are_required():
         parse_recipe("model: {dtype: float32}\n")
 
 
+def test_distillation_belongs_to_lora_stages():
+    with pytest.raises(RecipeError, match="kd_ratio applies to lora stages only"):
+        parse_recipe("stages:\n  - {kind: attention_transfer, trainable: [lora], kd_ratio: 0.5}\n")
+    with pytest.raises(RecipeError, match="kd_ratio"):
+        parse_recipe("stages:\n  - {kind: lora, kd_ratio: 2}\n")
+    assert parse_recipe("stages:\n  - {kind: lora, kd_ratio: 1}\n").stages[0].kd_ratio == 1
+
+
 def test_new_parameters_for_a_method_without_any():
     with pytest.raises(RecipeError, match="'liger' adds no parameters.*trainable: \\[lora\\]"):
         parse_recipe("stages:\n  - kind: attention_transfer\n")

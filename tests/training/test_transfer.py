@@ -1,5 +1,6 @@
 """Attention transfer: the teacher is the source attention, only the student's trainable parameters get
-gradients, and no graph is built through the frozen model."""
+gradients, and no graph is built through the frozen model. Distillation: the converted model computes the
+source's logits inside `original_model`, and the loss is the KL divergence at the counted positions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from linearize.training.transfer import AttentionTransfer, teacher_attention
+from linearize.training.transfer import AttentionTransfer, distillation_loss, original_model, teacher_attention
 from tests.tiny import FAMILIES, converted_model, source_model
 
 
@@ -105,3 +106,35 @@ def test_hooks_are_removed_on_exit():
             model(input_ids=ids, use_cache=False)
         after = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_original_model_reproduces_the_source_logits_and_restores_the_student(family):
+    source = source_model(family)
+    model = converted_model(family, "liger", softmax_layers="0")  # a kept softmax layer has adapters too
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # adapters that change the model
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(4, 128, (2, 14), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        student = model(input_ids=ids).logits
+        with original_model(model) as teacher:
+            inside = teacher(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+        expected = source(ids).logits
+    torch.testing.assert_close(inside, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after, student, rtol=0, atol=0)
+    assert not torch.allclose(student, expected, atol=1e-2)
+
+
+def test_distillation_loss_is_the_kl_divergence_at_counted_positions():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=generator), torch.randn(2, 5, 7, generator=generator)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
+    expected = []
+    for b, t in [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]:  # position t predicts label t + 1
+        p, q = teacher[b, t].softmax(-1), student[b, t].softmax(-1)
+        expected.append((p * (p.log() - q.log())).sum())
+    torch.testing.assert_close(distillation_loss(student, teacher, labels), torch.stack(expected).mean())
+    assert distillation_loss(teacher, teacher, labels).abs() < 1e-6

@@ -1,0 +1,110 @@
+"""STILL (Selecting Tokens for Intra-Layer Hybrid attention, methods.md section 3): self-saliency scores, top-k
+selection and the hybrid attention, as reference and blockwise PyTorch paths, and the dispatchers.
+
+Semantics (our choices where the official code has quirks). Layouts are `[B, T, H, D]`; k and v have Hkv heads,
+H a multiple of Hkv, and query head h reads kv head h // (H // Hkv) (K/V are never repeated by the caller).
+`key_valid` `[B, T]` is False at padding, wherever it is: an invalid position is never a key for anyone, and the
+output at an invalid query is unspecified but finite. Chunks are aligned to index 0: chunk(j) = j // chunk_size.
+z_tj = scale * q_t . k_j with scale = D ** -0.5 by default, in every path (quirk Q2 fixed).
+
+1. `self_saliency`: the window W_t = valid j with t - window < j <= t; a^diag = softmax over W_t of z_t,
+   a^nodiag = softmax over W_t without t (all zeros when empty); with l = window (constant, even when W_t is
+   shorter) and eps = 1e-8: ad = (a^diag + eps) / (1 + l eps), and = (a^nodiag + eps) / (1 + l eps + 1/l),
+   then and_t := 1/l + eps at the TRUE self slot (quirk Q1 fixed); S_t = sum over W_t of ad log(ad / (and + eps)).
+   Essentially a function of the self weight alpha_t = a^diag_tt (~0 at 1/l, 1.39 at 0.5, 3.42 at 0.9 for l = 64).
+   -inf at invalid positions; not differentiated (the selection is discrete).
+2. `select_salient`: per chunk, batch row and head, the topk HIGHEST finite scores (all if fewer).
+3. `still_attention`: for query t in chunk c and head h,
+   S_t = {valid j: chunk(j) <= c-2, salient[j, h]} + {valid j: chunk(j) = c-1} + {valid j: chunk(j) = c, j <= t},
+   N_t = {valid j: chunk(j) <= c-2, not salient[j, h]}, m_t = max over S_t of z_tj, and
+   o_t = (sum_S e^(z_tj - m_t) v_j + gate_t * sum_N (q_feat_t . k_feat_j) v_j)
+         / (sum_S e^(z_tj - m_t) + sum_N q_feat_t . k_feat_j + eps).
+   The max shift applies to the softmax terms only and the gate to the linear numerator only, as the official
+   code does (quirk Q5, reproduced). Gradients reach q, k, v, q_feat, k_feat and gate; no cache inputs (the layer
+   builds its decode caches itself).
+"""
+
+import torch
+
+from ..backend import resolve_backend
+from .chunk import chunk_self_saliency, chunk_still_attention
+from .reference import check_inputs, check_saliency_inputs, naive_self_saliency, naive_still_attention
+from .selection import select_salient
+
+__all__ = [
+    "chunk_self_saliency",
+    "chunk_still_attention",
+    "naive_self_saliency",
+    "naive_still_attention",
+    "select_salient",
+    "self_saliency",
+    "still_attention",
+]
+
+
+def self_saliency(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    window: int = 64,
+    scale: float | None = None,
+    key_valid: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Self-saliency score of every token: smoothed KL between its window attention with and without itself.
+
+    Args:
+        q: RoPE'd queries `[B, T, H, D]`.
+        k: RoPE'd keys `[B, T, Hkv, D]`; H must be a multiple of Hkv.
+        window: l, keys the window reaches back, counting the token itself (>= 1).
+        scale: logit multiplier, default D ** -0.5.
+        key_valid: `[B, T]` bool, False at padding; None means all valid.
+        backend: "reference", "torch" or None (see `resolve_backend`).
+
+    Returns:
+        Detached fp32 scores `[B, T, H]`, -inf at invalid positions.
+    """
+    check_saliency_inputs(q, k, window, key_valid)
+    name = resolve_backend(backend, q.device, available=("reference", "torch"))
+    score = naive_self_saliency if name == "reference" else chunk_self_saliency
+    return score(q, k, window, scale, key_valid)
+
+
+def still_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feat: torch.Tensor,
+    k_feat: torch.Tensor,
+    gate: torch.Tensor,
+    salient: torch.Tensor,
+    *,
+    chunk_size: int = 64,
+    scale: float | None = None,
+    key_valid: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """STILL hybrid attention: exact softmax over the salient and recent keys, gated linear attention over the rest.
+
+    Args:
+        q: RoPE'd queries `[B, T, H, D]`.
+        k: RoPE'd keys `[B, T, Hkv, D]`; H must be a multiple of Hkv.
+        v: values `[B, T, Hkv, Dv]`.
+        q_feat: query features `[B, T, H, F]` (NP-Map), positive.
+        k_feat: key features `[B, T, H, F]`, positive, per query head (K is GQA-expanded before the feature map).
+        gate: output gate of the linear numerator `[B, T, H, Dv]`, in (0, 1).
+        salient: `[B, T, H]` bool (e.g. from `select_salient`); no gradient.
+        chunk_size: C; chunk(j) = j // C.
+        scale: logit multiplier, default D ** -0.5.
+        key_valid: `[B, T]` bool, False at padding; None means all valid.
+        eps: added to the denominator.
+        backend: "reference", "torch" or None (see `resolve_backend`).
+
+    Returns:
+        o `[B, T, H, Dv]` in q.dtype, accumulated in fp32 (float64 on the reference path).
+    """
+    check_inputs(q, k, v, q_feat, k_feat, gate, salient, chunk_size, key_valid)
+    name = resolve_backend(backend, q.device, available=("reference", "torch"))
+    attend = naive_still_attention if name == "reference" else chunk_still_attention
+    return attend(q, k, v, q_feat, k_feat, gate, salient, chunk_size, scale, key_valid, eps)

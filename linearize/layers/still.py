@@ -1,0 +1,281 @@
+"""STILL attention: in every chunk of `chunk_size` tokens the `topk` tokens with the highest self-saliency keep
+exact softmax attention; every other token older than the previous chunk folds into a gated linear state through
+the NP-Map feature map, and both share one normalizer (Meng et al. 2026, https://arxiv.org/abs/2602.02180;
+methods.md §3). The formulas, and each deliberate departure from the official code, are in
+`linearize.kernels.still`; what the layer decides:
+
+- K and V are GQA-expanded before the feature map and the selection (quirk Q10): scores, top-k and the salient
+  cache are per query head, as in the official code (selection depends on the query).
+- The saliency window equals the chunk (64 in the paper), so a token's window always lies in the raw cache.
+- New parameters and their conversion values (Q6, Q8, Q9): `g_proj` (output gate, no bias) normal(0,
+  `initializer_range`), so the gate starts near 0.5, halving the linear numerator that the max-shift convention
+  (Q5) leaves on a larger scale than the shifted softmax terms; per-head NP-Maps for q and k with `W_h` = identity
+  (the map then only reflects the pretrained vector, keeping its norm) and a random Householder vector; the k map
+  starts as a copy of the q map and is trained separately. Initialisation is seeded by the layer index, so a
+  conversion is reproducible.
+- Padding is left out of scoring, selection, the state and the normalizer (Q13): rows are packed so that chunks
+  count each row's real tokens from its first one, which is what makes a padded row equal the unpadded one.
+
+Decoding keeps the raw last two chunks (keys, values, scores) in a ring, the salient keys/values of older chunks
+and the linear state. Selection is delayed to chunk granularity: when a token opens chunk c, chunk c - 2 leaves
+the ring, its top-k tokens join the salient cache and the rest fold into the state, so cached decoding computes
+exactly what the chunk-parallel forward does. The salient cache grows by `topk` tokens per chunk and head: STILL's
+cache is not constant-size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.still import select_salient, self_saliency, still_attention
+from ..kernels.still.reference import smoothed_self_kl
+from ..models.cache import StateCacheLayer
+from .base import LinearizedAttention, apply_rope
+
+STILL_EPS = 1e-6  # the shared normalizer's epsilon, in prefill and decode alike (quirk Q7)
+
+
+class NPMap(nn.Module):
+    """Norm-preserving feature map, one per head (methods.md §3.5): f(x) = W_h (I - 2 h h^T) x with unit h,
+    u = |x| f(x) / |f(x)|, phi(x) = [softmax(u), softmax(-u)] (2 D features, clamped at 1e-12)."""
+
+    def __init__(self, heads: int, dim: int):
+        super().__init__()
+        self.householder = nn.Parameter(torch.empty(heads, dim))
+        self.linear = nn.Parameter(torch.empty(heads, dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # [B, T, H, D]
+        h = F.normalize(self.householder.float(), dim=-1)  # [H, D]
+        reflected = x - 2 * (x * h).sum(-1, keepdim=True) * h
+        mapped = torch.einsum("bthd,hed->bthe", reflected, self.linear.float())
+        u = mapped * (x.norm(dim=-1, keepdim=True) / mapped.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        return torch.cat([u.softmax(-1), (-u).softmax(-1)], dim=-1).clamp_min(1e-12)  # [B, T, H, 2D]
+
+
+class StillCacheLayer(StateCacheLayer):
+    """Ring of the last two chunks (RoPE'd keys and values per KV head, scores per query head, validity), the
+    salient keys/values of older chunks per query head, the fp32 linear state and normalizer, and each row's
+    count of real tokens."""
+
+    _tensor_fields = (
+        "ring_k",
+        "ring_v",
+        "ring_score",
+        "ring_valid",
+        "salient_k",
+        "salient_v",
+        "salient_valid",
+        "state",
+        "normalizer",
+        "real_tokens",
+    )
+
+    def __init__(self, chunk_size: int, topk: int):
+        super().__init__()
+        self.chunk_size, self.topk = chunk_size, topk
+        self.ring_k = self.ring_v = self.ring_score = self.ring_valid = None  # [B, 2C, ...]
+        self.salient_k = self.salient_v = None  # [B, H, S, D]
+        self.salient_valid = None  # [B, S]
+        self.state = self.normalizer = None  # [B, H, F, Dv], [B, H, F]
+        self.real_tokens = None  # [B]
+
+
+class StillAttention(LinearizedAttention):
+    def __init__(self, config, layer_idx, family):
+        super().__init__(config, layer_idx, family)
+        settings = config.linearize
+        self.chunk_size, self.topk = settings["chunk_size"], settings["topk"]
+        self.initializer_range = getattr(config, "initializer_range", 0.02)
+        self.groups = self.num_heads // self.num_kv_heads
+        self.g_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.q_map = NPMap(self.num_heads, self.head_dim)
+        self.k_map = NPMap(self.num_heads, self.head_dim)
+        self.backend = settings.get("backend")
+
+    @staticmethod
+    def cache_layer(config) -> StillCacheLayer:
+        return StillCacheLayer(config.linearize["chunk_size"], config.linearize["topk"])
+
+    @torch.no_grad()
+    def init_new_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Give the parameters STILL adds their conversion values (see the module docstring)."""
+        generator = torch.Generator().manual_seed(self.layer_idx)
+
+        def parameter(value: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(value.to(device=device, dtype=dtype))
+
+        gate = torch.randn(self.g_proj.weight.shape, generator=generator) * self.initializer_range
+        self.g_proj.weight = parameter(gate)
+        householder = torch.randn(self.num_heads, self.head_dim, generator=generator)
+        identity = torch.eye(self.head_dim).expand(self.num_heads, -1, -1)
+        for feature_map in (self.q_map, self.k_map):  # the k map starts as a copy of the q map (its own tensors)
+            feature_map.householder = parameter(householder.clone())
+            feature_map.linear = parameter(identity.clone())
+
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attention_mask=None,
+        cache=None,
+        past_key_values=None,
+        padding_mask=None,
+        **kwargs,
+    ):
+        state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)
+        batch, length, _ = hidden_states.shape
+        q, k, v, _ = self.project(hidden_states)
+        q, k = apply_rope(q, k, *position_embeddings)  # [B, T, H, D], [B, T, Hkv, D]
+        gate = torch.sigmoid(self.g_proj(hidden_states)).view(batch, length, self.num_heads, self.head_dim)
+        valid = self.token_validity(padding_mask, length)
+        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if valid is None else valid
+        if state is None or state.real_tokens is None:
+            o = self._prefill(q, k, v, gate, valid, state)
+        else:  # continuing a cached sequence: token by token, each exactly as the chunk-parallel form sees it
+            o = torch.cat([self._decode_step(q[:, t], k[:, t], v[:, t], gate[:, t], valid[:, t], state) for t in
+                           range(length)], dim=1)  # fmt: skip
+        if state is not None:
+            state.seen_tokens += length
+        return self.o_proj(o.to(hidden_states.dtype).flatten(2)), None
+
+    # -- prefill and training ------------------------------------------------------------------------------------
+    def _prefill(self, q, k, v, gate, valid, state):
+        """The chunk-parallel form over rows packed to start at their first real token; fills `state` if given."""
+        order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)  # [B, T]: real tokens first, in order
+
+        def pack(x):
+            return x.gather(1, order.view(*order.shape, *[1] * (x.dim() - 2)).expand_as(x))
+
+        q, k, v, gate, valid = (pack(x) for x in (q, k, v, gate, valid))
+        scores = self_saliency(q, k, window=self.chunk_size, scale=self.scaling, key_valid=valid, backend=self.backend)
+        salient = select_salient(scores, chunk_size=self.chunk_size, topk=self.topk)  # [B, T, H]
+        k_feat = self.k_map(k.repeat_interleave(self.groups, dim=2))
+        o = still_attention(
+            q, k, v, self.q_map(q), k_feat, gate, salient, chunk_size=self.chunk_size, scale=self.scaling,
+            key_valid=valid, eps=STILL_EPS, backend=self.backend,
+        )  # fmt: skip
+        if state is not None:
+            self._fill_cache(state, k, v, k_feat, scores, salient, valid)
+        return o.new_empty(o.shape).scatter(1, order.view(*order.shape, 1, 1).expand_as(o), o)  # input order
+
+    def _fill_cache(self, state, k, v, k_feat, scores, salient, valid):
+        """Cache after a prefill of packed rows: chunks before the last two are folded, the last two are raw."""
+        batch, length = valid.shape
+        C = self.chunk_size
+        real = valid.sum(1)  # [B]
+        position = torch.arange(length, device=k.device)
+        last_chunk = (real - 1).clamp_min(0) // C
+        folded = (position[None] < ((last_chunk - 1) * C)[:, None]) & valid  # [B, T]: older than the ring
+        in_ring = valid & ~folded
+
+        # the ring, indexed by position % 2C; positions not in it go to a spare slot that is then dropped
+        slot = torch.where(in_ring, position[None] % (2 * C), torch.full_like(position[None], 2 * C))  # [B, T]
+
+        def ring(x):
+            spare = x.new_zeros(batch, 2 * C + 1, *x.shape[2:])
+            return spare.scatter(1, slot.view(*slot.shape, *[1] * (x.dim() - 2)).expand_as(x), x)[:, : 2 * C]
+
+        state.ring_k, state.ring_v, state.ring_score = ring(k), ring(v), ring(scores.float())
+        state.ring_valid = ring(in_ring)
+
+        # salient keys of folded chunks, per query head: topk per complete chunk, so the same count in every head
+        keep = (salient & folded[..., None]).transpose(1, 2)  # [B, H, T]
+        count = keep.sum(-1)[:, 0]  # [B]
+        most = int(count.max())
+        first = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[..., :most]  # [B, H, S]
+        k_heads = k.repeat_interleave(self.groups, dim=2).transpose(1, 2)  # [B, H, T, D]
+        v_heads = v.repeat_interleave(self.groups, dim=2).transpose(1, 2)
+        index = first[..., None].expand(-1, -1, -1, k.shape[-1])
+        state.salient_k, state.salient_v = k_heads.gather(2, index), v_heads.gather(2, index)
+        state.salient_valid = torch.arange(most, device=k.device)[None] < count[:, None]  # [B, S]
+
+        linear = (~salient & folded[..., None]).float()  # [B, T, H]
+        weighted = k_feat * linear[..., None]  # [B, T, H, F]
+        state.state = torch.einsum("bthf,bthd->bhfd", weighted, v.repeat_interleave(self.groups, dim=2).float())
+        state.normalizer = weighted.sum(1)  # [B, H, F]
+        state.real_tokens = real
+
+    # -- decoding ------------------------------------------------------------------------------------------------
+    def _decode_step(self, q, k, v, gate, valid, state):
+        """One token per row (`q` [B, H, D], `k`/`v` [B, Hkv, D], `gate` [B, H, D], `valid` [B]) -> [B, 1, H, D]."""
+        C = self.chunk_size
+        rank = state.real_tokens  # [B]: this token's index among its row's real tokens
+        opens_chunk = valid & (rank % C == 0) & (rank >= 2 * C)
+        if opens_chunk.any():
+            self._fold_oldest_chunk(state, opens_chunk, rank)
+        slot = rank % (2 * C)
+        write = torch.zeros_like(state.ring_valid).scatter(1, slot[:, None], valid[:, None])  # [B, 2C]
+        state.ring_k = torch.where(write[..., None, None], k[:, None].to(state.ring_k.dtype), state.ring_k)
+        state.ring_v = torch.where(write[..., None, None], v[:, None].to(state.ring_v.dtype), state.ring_v)
+        state.ring_valid = state.ring_valid | write
+
+        ring_rank = self._ring_ranks(rank)  # [B, 2C]
+        keys_k = state.ring_k.repeat_interleave(self.groups, dim=2).float()  # [B, 2C, H, D]
+        keys_v = state.ring_v.repeat_interleave(self.groups, dim=2).float()
+        z = torch.einsum("bhd,bshd->bhs", q.float(), keys_k) * self.scaling  # [B, H, 2C]
+        in_window = (state.ring_valid & (ring_rank > (rank - C)[:, None]))[:, None]  # [B, 1, 2C]
+        score = smoothed_self_kl(z, in_window, write[:, None], C)  # [B, H]
+        state.ring_score = torch.where(write[..., None], score[:, None].to(state.ring_score.dtype), state.ring_score)
+        state.real_tokens = rank + valid.long()
+
+        # softmax over the salient cache and the ring, gated linear attention over the state, one normalizer
+        z_salient = torch.einsum("bhd,bhsd->bhs", q.float(), state.salient_k.float()) * self.scaling
+        z_all = torch.cat([z_salient, z], dim=-1)  # [B, H, S + 2C]
+        seen = torch.cat([state.salient_valid, state.ring_valid], dim=-1)[:, None]  # [B, 1, S + 2C]
+        z_all = z_all.masked_fill(~seen, float("-inf"))
+        shift = z_all.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # a padding row has no key
+        weights = (z_all - shift).exp()  # [B, H, S + 2C]
+        values = torch.cat([state.salient_v.float(), keys_v.transpose(1, 2)], dim=2)  # [B, H, S + 2C, D]
+        q_feat = self.q_map(q[:, None])[:, 0]  # [B, H, F]
+        numerator = torch.einsum("bhs,bhsd->bhd", weights, values)
+        numerator = numerator + gate.float() * torch.einsum("bhf,bhfd->bhd", q_feat, state.state)
+        denominator = weights.sum(-1) + (q_feat * state.normalizer).sum(-1) + STILL_EPS
+        return (numerator / denominator[..., None])[:, None]  # [B, 1, H, D]
+
+    def _ring_ranks(self, rank: torch.Tensor) -> torch.Tensor:
+        """The rank of the token in every ring slot `[B, 2C]`, for a row whose newest token has rank `rank`."""
+        span = 2 * self.chunk_size
+        slots = torch.arange(span, device=rank.device)
+        return rank[:, None] - (rank[:, None] - slots[None]) % span
+
+    def _fold_oldest_chunk(self, state, rows, rank):
+        """For `rows` (about to write chunk c's first token), move chunk c - 2 out of the ring: its top-k tokens per
+        head join the salient cache, the others fold into the linear state."""
+        C = self.chunk_size
+        start = ((rank // C) % 2) * C  # [B]: chunk c - 2 sits where chunk c will
+        index = start[:, None] + torch.arange(C, device=rank.device)[None]  # [B, C]
+
+        def take(x):
+            return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+        k, v, scores = take(state.ring_k), take(state.ring_v), take(state.ring_score)  # [B, C, ...]
+        salient = select_salient(scores, chunk_size=C, topk=self.topk) & rows[:, None, None]  # [B, C, H]
+        k_heads = k.repeat_interleave(self.groups, dim=2)  # [B, C, H, D]
+        v_heads = v.repeat_interleave(self.groups, dim=2)
+        chosen = torch.argsort((~salient).to(torch.uint8), dim=1, stable=True)[:, : self.topk]  # [B, topk, H]
+        gather = chosen[..., None].expand(-1, -1, -1, k.shape[-1])
+        state.salient_k = torch.cat([state.salient_k, k_heads.gather(1, gather).transpose(1, 2)], dim=2)
+        state.salient_v = torch.cat([state.salient_v, v_heads.gather(1, gather).transpose(1, 2)], dim=2)
+        new_valid = rows[:, None].expand(-1, self.topk)
+        state.salient_valid = torch.cat([state.salient_valid, new_valid], dim=1)
+
+        linear = (~salient & rows[:, None, None]).float()  # [B, C, H]
+        weighted = self.k_map(k_heads) * linear[..., None]  # [B, C, H, F]
+        state.state = state.state + torch.einsum("bchf,bchd->bhfd", weighted, v_heads.float())
+        state.normalizer = state.normalizer + weighted.sum(1)
+        cleared = torch.zeros_like(state.ring_valid).scatter(1, index, rows[:, None].expand(-1, C))
+        state.ring_valid = state.ring_valid & ~cleared
+
+    @staticmethod
+    def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:
+        """Cache bytes of one sequence after `tokens` tokens: the ring of two chunks and the linear state (constant),
+        plus `topk` salient keys and values per head for every chunk older than the ring (growing)."""
+        chunk = settings["chunk_size"]
+        ring = 2 * chunk * (2 * kv_heads * head_dim * dtype_bytes + heads * 4 + 1)
+        linear = heads * 2 * head_dim * (head_dim + 1) * 4  # 2D features: state and normalizer, fp32
+        folded_chunks = max(0, (tokens - 1) // chunk - 1)
+        salient = folded_chunks * settings["topk"] * (2 * heads * head_dim * dtype_bytes + 1)
+        return ring + linear + salient + 8

@@ -1,0 +1,106 @@
+"""The STILL layer: its wiring against the plain ops and an independent NP-Map, its conversion values, save/reload."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from linearize.kernels.still import naive_self_saliency, naive_still_attention, select_salient
+from transformers import AutoModelForCausalLM
+
+from linearize.convert import save_model
+from linearize.layers.base import apply_rope
+from tests.tiny import FAMILIES, cache_of, converted_model
+
+
+def np_map(feature_map, x):
+    """methods.md §3.5, head by head: u = |x| W (I - 2 h h^T) x / |...|, phi = [softmax(u), softmax(-u)]."""
+    out = []
+    for head in range(x.shape[2]):
+        h = feature_map.householder[head].double()
+        h = h / h.norm()
+        reflection = torch.eye(h.numel(), dtype=torch.float64) - 2 * torch.outer(h, h)
+        f = x[:, :, head].double() @ (feature_map.linear[head].double() @ reflection).T
+        u = x[:, :, head].double().norm(dim=-1, keepdim=True) * f / f.norm(dim=-1, keepdim=True)
+        out.append(torch.cat([u.softmax(-1), (-u).softmax(-1)], -1).clamp_min(1e-12))
+    return torch.stack(out, dim=2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_still_layer_is_the_plain_ops_on_its_projections(family):
+    model = converted_model(family, "still")
+    layer = model.model.layers[0].self_attn
+    with torch.no_grad():  # a trained-looking map, so that a layer ignoring W_h would be caught
+        layer.k_map.linear.add_(torch.randn_like(layer.k_map.linear) * 0.3)
+    hidden = torch.randn(2, 29, model.config.hidden_size)
+    cos, sin = model.model.rotary_emb(hidden, torch.arange(29)[None].expand(2, -1))
+    with torch.no_grad():
+        actual, _ = layer(hidden, position_embeddings=(cos, sin))
+        q, k, v, _ = layer.project(hidden)
+        q, k = apply_rope(q, k, cos, sin)
+        gate = torch.sigmoid(layer.g_proj(hidden)).view(*q.shape)
+        salient = select_salient(naive_self_saliency(q, k, window=8, scale=layer.scaling), chunk_size=8, topk=2)
+        k_heads = k.repeat_interleave(layer.num_heads // layer.num_kv_heads, dim=2)
+        o = naive_still_attention(
+            q, k, v, np_map(layer.q_map, q), np_map(layer.k_map, k_heads), gate, salient, chunk_size=8,
+            scale=layer.scaling,
+        )  # fmt: skip
+        expected = layer.o_proj(o.float().flatten(2))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_conversion_values_of_the_new_parameters():
+    model, again = converted_model("llama", "still"), converted_model("llama", "still", seed=1)
+    layers = [layer.self_attn for layer in model.model.layers]
+    for layer, other in zip(layers, [layer.self_attn for layer in again.model.layers], strict=True):
+        # seeded by the layer index: the same source gives the same conversion
+        assert torch.equal(layer.q_map.householder, other.q_map.householder)
+        assert torch.equal(layer.g_proj.weight, other.g_proj.weight)
+        identity = torch.eye(layer.head_dim).expand(layer.num_heads, -1, -1)
+        for feature_map in (layer.q_map, layer.k_map):
+            assert torch.equal(feature_map.linear, identity)
+        assert torch.equal(layer.q_map.householder, layer.k_map.householder)
+        assert layer.q_map.householder.data_ptr() != layer.k_map.householder.data_ptr()  # copies, trained apart
+        assert abs(layer.g_proj.weight.std().item() - 0.02) < 0.004  # initializer_range: the gate starts near 0.5
+    assert not torch.equal(layers[0].q_map.householder, layers[1].q_map.householder)
+
+
+def test_np_map_keeps_the_norm_and_gives_two_distributions():
+    layer = converted_model("llama", "still").model.layers[0].self_attn
+    x = torch.randn(2, 5, layer.num_heads, layer.head_dim) * 3
+    h = F.normalize(layer.q_map.householder, dim=-1)
+    reflected = x - 2 * (x * h).sum(-1, keepdim=True) * h
+    torch.testing.assert_close(reflected.norm(dim=-1), x.norm(dim=-1))  # identity W: u is a reflection of x
+    features = layer.q_map(x)
+    assert features.shape == (2, 5, layer.num_heads, 2 * layer.head_dim) and (features > 0).all()
+    torch.testing.assert_close(features.sum(-1), torch.full((2, 5, layer.num_heads), 2.0))
+    torch.testing.assert_close(features, np_map(layer.q_map, x).float())
+
+
+def test_save_and_reload_reproduces_logits_exactly(tmp_path):
+    model = converted_model("qwen3", "still")
+    with torch.no_grad():  # trained values must survive the round trip, not the conversion values
+        model.model.layers[1].self_attn.q_map.linear.add_(0.1)
+    save_model(model, None, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.randint(3, 128, (2, 30))
+    assert torch.equal(reloaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    assert reloaded.config.linearize["method"] == "still" and reloaded.config.linearize["topk"] == 2
+
+
+@pytest.mark.parametrize("prefill", [1, 8, 16, 17, 29, 33])
+def test_decode_after_a_prefill_ending_anywhere_equals_the_full_forward(prefill):
+    """Chunk 8, top-2: prefills that end on, just after and inside chunks, then decoding across chunk boundaries,
+    where delayed selection moves a chunk out of the raw ring."""
+    model = converted_model("llama", "still")
+    ids = torch.randint(3, 128, (2, 44))
+    full = model(ids, use_cache=False).logits
+    out = model(ids[:, :prefill], use_cache=True)
+    cache, logits = cache_of(out), [out.logits]
+    for t in range(prefill, 44):
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        cache = cache_of(out)
+        logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)
+    # after 44 tokens the ring holds chunks 4-5; chunks 0-3 left it with 2 salient tokens per head each
+    layer = cache.layers[0]
+    assert layer.salient_k.shape == (2, 4, 8, 16) and layer.salient_valid.all()
+    assert layer.ring_valid.sum(1).tolist() == [12, 12]
