@@ -1,26 +1,35 @@
 """STILL attention: in every chunk of `chunk_size` tokens the `topk` tokens with the highest self-saliency keep
 exact softmax attention; every other token older than the previous chunk folds into a gated linear state through
 the NP-Map feature map, and both share one normalizer (Meng et al. 2026, https://arxiv.org/abs/2602.02180;
-methods.md §3). The formulas, and each deliberate departure from the official code, are in
-`linearize.kernels.still`; what the layer decides:
+methods.md §3). The formulas are in `linearize.kernels.still`. The official code's quirks (methods.md §3.9), each
+decided on purpose:
 
-- K and V are GQA-expanded before the feature map and the selection (quirk Q10): scores, top-k and the salient
-  cache are per query head, as in the official code (selection depends on the query).
-- The saliency window equals the chunk (64 in the paper), so a token's window always lies in the raw cache.
-- New parameters and their conversion values (Q6, Q8, Q9): `g_proj` (output gate, no bias) normal(0,
-  `initializer_range`), so the gate starts near 0.5, halving the linear numerator that the max-shift convention
-  (Q5) leaves on a larger scale than the shifted softmax terms; per-head NP-Maps for q and k with `W_h` = identity
-  (the map then only reflects the pretrained vector, keeping its norm) and a random Householder vector; the k map
-  starts as a copy of the q map and is trained separately. Initialisation is seeded by the layer index, so a
-  conversion is reproducible.
-- Padding is left out of scoring, selection, the state and the normalizer (Q13): rows are packed so that chunks
-  count each row's real tokens from its first one, which is what makes a padded row equal the unpadded one.
+- Q1 fixed: the saliency's "without self" distribution gives the uniform mass to the token's own slot, in prefill
+  and decode alike (the official prefill overwrites another slot for all but the last token of a chunk).
+- Q2 fixed: logits are scaled by 1/sqrt(d) in every path (the official decode scores are unscaled).
+- Q3 kept: the highest scores are selected (the official comments say lowest; the code and models use highest).
+- Q4 fixed: the first chunk has no phantom zero-logit keys; a key that does not exist is never attended.
+- Q5 kept: the max shift applies to the softmax terms only and the gate to the linear numerator only, as trained.
+- Q6, Q8, Q9 (conversion values, recorded here): `g_proj` (no bias) normal(0, `initializer_range`), so the gate
+  starts near 0.5; NP-Maps per head for q and k with `W_h` = identity (the map then only reflects the pretrained
+  vector, keeping its norm) and a random Householder vector; the k map starts as a copy of the q map and trains
+  separately. Seeded by the layer index, so a conversion is reproducible. On SmolLM2-135M the converted layers'
+  outputs start at a mean squared error of 0.022 from the original attention (held-out, before any training;
+  Liger starts at 0.38).
+- Q7 fixed: the normalizer's epsilon is the same in prefill and decode.
+- Q10 kept: K and V are GQA-expanded before the feature map and the selection, so scores, top-k and the salient
+  cache are per query head (selection depends on the query); the salient cache is H/Hkv times larger for it.
+- Q11: chunk size and top-k are settings (defaults 64 and 4); the saliency window equals the chunk, so a token's
+  window always lies in the raw cache.
+- Q12: no legacy mixing factor. Q13 fixed: padding is left out of scoring, selection, the state and the normalizer;
+  rows are packed so chunks count each row's real tokens from its first one, so a padded row equals the unpadded
+  one. Q14: the reference and chunked PyTorch ops exist; Triton kernels do not yet.
 
 Decoding keeps the raw last two chunks (keys, values, scores) in a ring, the salient keys/values of older chunks
 and the linear state. Selection is delayed to chunk granularity: when a token opens chunk c, chunk c - 2 leaves
 the ring, its top-k tokens join the salient cache and the rest fold into the state, so cached decoding computes
 exactly what the chunk-parallel forward does. The salient cache grows by `topk` tokens per chunk and head: STILL's
-cache is not constant-size.
+cache is not constant-size. A multi-token call on a non-empty cache runs token by token.
 """
 
 from __future__ import annotations
