@@ -92,9 +92,11 @@ class LigerAttention(LinearizedAttention):
         initial_state = None if state is None else state.recurrent_state
         linear = (q_linear, k_linear, v_linear, log_decay)
         if self.sinks:
-            o, recurrent_state = self._attend_with_sinks(q, k, v, valid, linear, state, position_embeddings)
+            o, recurrent_state = self._attend_with_sinks(
+                q, k, v, valid, linear, initial_state, state, position_embeddings
+            )
         elif self.window:
-            o, recurrent_state = self._attend_fused(q, k, v, valid, linear, state, position_embeddings)
+            o, recurrent_state = self._attend_fused(q, k, v, valid, linear, initial_state, state, position_embeddings)
         else:
             o, recurrent_state = gated_linear_attention(
                 *linear, scale=1.0, initial_state=initial_state, output_final_state=state is not None,
@@ -107,10 +109,9 @@ class LigerAttention(LinearizedAttention):
         o = o.to(hidden_states.dtype).flatten(2)  # [B, T, H * D]
         return self.o_proj(o), None
 
-    def _attend_fused(self, q, k, v, valid, linear, state, position_embeddings):
+    def _attend_fused(self, q, k, v, valid, linear, initial_state, state, position_embeddings):
         """Window and gated linear branches in one Liger op: `[B, T, H, D]` and the new state."""
         q_linear, k_linear, v_linear, log_decay = linear
-        initial_state = None if state is None else state.recurrent_state
         length = q.shape[1]
         q, k = apply_rope(q, k, *position_embeddings)
         keys, values, key_valid = k, v, valid
@@ -159,7 +160,7 @@ class LigerAttention(LinearizedAttention):
             backend=self.backend,
         )  # [B, T, H, D] in q.dtype
 
-    def _attend_with_sinks(self, q, k, v, valid, linear, state, position_embeddings):
+    def _attend_with_sinks(self, q, k, v, valid, linear, initial_state, state, position_embeddings):
         """The sink window and gated linear attention as two ops, mixed: `[B, T, H, D]` and the new state."""
         q, k = apply_rope(q, k, *position_embeddings)
         o_window = sink_window_attention(
@@ -167,8 +168,8 @@ class LigerAttention(LinearizedAttention):
             backend=self.backend,
         )  # fmt: skip
         o_linear, recurrent_state = gated_linear_attention(
-            *linear, scale=1.0, initial_state=None if state is None else state.recurrent_state,
-            output_final_state=state is not None, backend=self.backend,
+            *linear, scale=1.0, initial_state=initial_state, output_final_state=state is not None,
+            backend=self.backend,
         )  # fmt: skip
         return 0.5 * o_window.float() + 0.5 * o_linear, recurrent_state
 
