@@ -9,10 +9,11 @@ Shapes are Llama-3-8B-like attention: 32 query heads, 8 KV heads, head dim 128, 
   - liger unfused (ours): gated linear attention + 64-key sliding window as two of our ops (Triton where the op
     has a Triton kernel, else the torch path);
   - fla chunk_gla + window: flash-linear-attention's GLA kernel plus the same window op (when fla is installed);
-  - still (ours): self-saliency scores, top-4-of-64 selection and the chunked STILL attention (the torch path: STILL
-    has no Triton kernels yet), with [softmax(x), softmax(-x)] standing in for the NP-Map features (the map's
-    per-head matmul is not timed); its decode step is the layer's own, against a cache filled by a T-token prefill
-    (T/16 salient tokens per head, the two raw chunks and the linear state);
+  - still (ours): self-saliency scores, top-4-of-64 selection and the STILL attention, all three on the default
+    backend (the Triton kernels on CUDA, the torch path elsewhere), with [softmax(x), softmax(-x)] standing in for
+    the NP-Map features (the map's per-head matmul is not timed); its decode step is the layer's own, against a
+    cache filled by a T-token prefill (T/16 salient tokens per head, the two raw chunks and the linear state);
+  - still torch (ours): the same three ops on the blockwise torch path (CUDA only, next to the Triton row);
   - sdpa causal: full causal softmax attention (`scaled_dot_product_attention`), the original layer's cost.
 Columns: forward, forward+backward (ms) and one decode step at that context (ms), each with its ratio to
 sdpa. Keep the whole script under 8 minutes: it prints as it goes, so a cut-off run still reports.
@@ -73,17 +74,19 @@ def liger_fused(q, k, v, gate):
     return o
 
 
-def still(q, k, v, gate=None):
+def still(q, k, v, gate=None, backend=None):
     from linearize.kernels.still import select_salient, self_saliency, still_attention
 
     groups = q.shape[2] // k.shape[2]
-    salient = select_salient(self_saliency(q, k, window=64), chunk_size=64, topk=4)
+    scores = self_saliency(q, k, window=64, backend=backend)
+    salient = select_salient(scores, chunk_size=64, topk=4, backend=backend)
 
     def features(x):
         return torch.cat([x.float().softmax(-1), (-x.float()).softmax(-1)], dim=-1)
 
     k_feat = features(k.repeat_interleave(groups, dim=2))
-    return still_attention(q, k, v, features(q), k_feat, torch.sigmoid(q.float()), salient, chunk_size=64)
+    gate = torch.sigmoid(q.float())
+    return still_attention(q, k, v, features(q), k_feat, gate, salient, chunk_size=64, backend=backend)
 
 
 def still_decode_step(T: int, H: int, Hkv: int, D: int, dtype, device):
@@ -205,6 +208,8 @@ def main() -> None:
         "liger unfused (ours)": liger_unfused,
         "still (ours)": still,
     }
+    if device == "cuda":
+        rows["still torch (ours)"] = lambda q, k, v, gate: still(q, k, v, backend="torch")
     if device == "cuda" and fla_installed():
         rows["fla chunk_gla + window"] = lambda q, k, v, gate: liger_unfused(q, k, v, gate, linear_backend="fla")
 

@@ -1,5 +1,8 @@
 """STILL (Selecting Tokens for Intra-Layer Hybrid attention, methods.md section 3): self-saliency scores, top-k
-selection and the hybrid attention, as reference and blockwise PyTorch paths, and the dispatchers.
+selection and the hybrid attention, and their dispatchers. Each op has a "reference" path (float64 oracles with
+full [T, T] masks; the selection's reference is its torch path), a "torch" path (blockwise PyTorch, no [T, T]
+matrix) and a "triton" path (fused kernels, the attention with its own backward; CUDA tensors default to it). The
+Triton modules are imported only when the "triton" backend runs, so CPU-only installs never import triton.
 
 Semantics (our choices where the official code has quirks). Layouts are `[B, T, H, D]`; k and v have Hkv heads,
 H a multiple of Hkv, and query head h reads kv head h // (H // Hkv) (K/V are never repeated by the caller).
@@ -13,15 +16,16 @@ z_tj = scale * q_t . k_j with scale = D ** -0.5 by default, in every path (quirk
    then and_t := 1/l + eps at the TRUE self slot (quirk Q1 fixed); S_t = sum over W_t of ad log(ad / (and + eps)).
    Essentially a function of the self weight alpha_t = a^diag_tt (~0 at 1/l, 1.39 at 0.5, 3.42 at 0.9 for l = 64).
    -inf at invalid positions; not differentiated (the selection is discrete).
-2. `select_salient`: per chunk, batch row and head, the topk HIGHEST finite scores (all if fewer).
+2. `select_salient`: per chunk, batch row and head, the topk HIGHEST finite scores (all if fewer). Equal scores
+   may be broken differently by the torch and Triton paths.
 3. `still_attention`: for query t in chunk c and head h,
    S_t = {valid j: chunk(j) <= c-2, salient[j, h]} + {valid j: chunk(j) = c-1} + {valid j: chunk(j) = c, j <= t},
    N_t = {valid j: chunk(j) <= c-2, not salient[j, h]}, m_t = max over S_t of z_tj, and
    o_t = (sum_S e^(z_tj - m_t) v_j + gate_t * sum_N (q_feat_t . k_feat_j) v_j)
          / (sum_S e^(z_tj - m_t) + sum_N q_feat_t . k_feat_j + eps).
    The max shift applies to the softmax terms only and the gate to the linear numerator only, as the official
-   code does (quirk Q5, reproduced). Gradients reach q, k, v, q_feat, k_feat and gate; no cache inputs (the layer
-   builds its decode caches itself).
+   code does (quirk Q5, reproduced), so the output depends on m_t and the gradient flows through the max too.
+   Gradients reach q, k, v, q_feat, k_feat and gate; no cache inputs (the layer builds its decode caches itself).
 """
 
 import torch
@@ -29,7 +33,7 @@ import torch
 from ..backend import resolve_backend
 from .chunk import chunk_self_saliency, chunk_still_attention
 from .reference import check_inputs, check_saliency_inputs, naive_self_saliency, naive_still_attention
-from .selection import select_salient
+from .selection import check_selection_inputs, torch_select_salient
 
 __all__ = [
     "chunk_self_saliency",
@@ -39,6 +43,7 @@ __all__ = [
     "select_salient",
     "self_saliency",
     "still_attention",
+    "torch_select_salient",
 ]
 
 
@@ -59,15 +64,44 @@ def self_saliency(
         window: l, keys the window reaches back, counting the token itself (>= 1).
         scale: logit multiplier, default D ** -0.5.
         key_valid: `[B, T]` bool, False at padding; None means all valid.
-        backend: "reference", "torch" or None (see `resolve_backend`).
+        backend: "reference", "torch", "triton" or None (see `resolve_backend`).
 
     Returns:
         Detached fp32 scores `[B, T, H]`, -inf at invalid positions.
     """
     check_saliency_inputs(q, k, window, key_valid)
-    name = resolve_backend(backend, q.device, available=("reference", "torch"))
-    score = naive_self_saliency if name == "reference" else chunk_self_saliency
+    name = resolve_backend(backend, q.device, available=("reference", "torch", "triton"))
+    if name == "reference":
+        score = naive_self_saliency
+    elif name == "torch":
+        score = chunk_self_saliency
+    else:
+        from .saliency_triton import triton_self_saliency as score
     return score(q, k, window, scale, key_valid)
+
+
+def select_salient(
+    scores: torch.Tensor, *, chunk_size: int = 64, topk: int = 4, backend: str | None = None
+) -> torch.Tensor:
+    """Mark the `topk` highest-scored valid tokens of every chunk, per batch row and head (quirk Q3: the highest,
+    as the official code keeps); a chunk with fewer valid tokens keeps all of them.
+
+    Args:
+        scores: `[B, T, H]` saliency scores, -inf at invalid positions.
+        chunk_size: C; chunk(j) = j // C, every chunk selected, the last one possibly short.
+        topk: tokens kept per chunk and head.
+        backend: "reference", "torch" (both the torch.topk path), "triton" or None (see `resolve_backend`).
+
+    Returns:
+        salient `[B, T, H]` bool, False at invalid positions.
+    """
+    check_selection_inputs(scores, chunk_size, topk)
+    name = resolve_backend(backend, scores.device, available=("reference", "torch", "triton"))
+    if name == "triton":
+        from .selection_triton import triton_select_salient as select
+    else:
+        select = torch_select_salient
+    return select(scores, chunk_size, topk)
 
 
 def still_attention(
@@ -99,12 +133,17 @@ def still_attention(
         scale: logit multiplier, default D ** -0.5.
         key_valid: `[B, T]` bool, False at padding; None means all valid.
         eps: added to the denominator.
-        backend: "reference", "torch" or None (see `resolve_backend`).
+        backend: "reference", "torch", "triton" or None (see `resolve_backend`).
 
     Returns:
         o `[B, T, H, Dv]` in q.dtype, accumulated in fp32 (float64 on the reference path).
     """
     check_inputs(q, k, v, q_feat, k_feat, gate, salient, chunk_size, key_valid)
-    name = resolve_backend(backend, q.device, available=("reference", "torch"))
-    attend = naive_still_attention if name == "reference" else chunk_still_attention
+    name = resolve_backend(backend, q.device, available=("reference", "torch", "triton"))
+    if name == "reference":
+        attend = naive_still_attention
+    elif name == "torch":
+        attend = chunk_still_attention
+    else:
+        from .attention_triton import triton_still_attention as attend
     return attend(q, k, v, q_feat, k_feat, gate, salient, chunk_size, scale, key_valid, eps)

@@ -1,11 +1,20 @@
-"""Top-k routing of STILL: which tokens of each chunk stay exact keys (shared by every backend)."""
+"""Top-k routing of STILL in PyTorch: which tokens of each chunk stay exact keys (the "reference" and "torch" path
+of `select_salient`; the Triton kernel is in selection_triton)."""
 
 import torch
 import torch.nn.functional as F
 
 
+def check_selection_inputs(scores: torch.Tensor, chunk_size: int, topk: int) -> None:
+    """Raise a ValueError naming the problem when the arguments do not fit `select_salient`."""
+    if scores.dim() != 3:
+        raise ValueError(f"expected scores [B, T, H], got {tuple(scores.shape)}")
+    if chunk_size < 1 or topk < 0:
+        raise ValueError(f"expected chunk_size >= 1 and topk >= 0, got chunk_size {chunk_size}, topk {topk}")
+
+
 @torch.no_grad()
-def select_salient(scores: torch.Tensor, *, chunk_size: int = 64, topk: int = 4) -> torch.Tensor:
+def torch_select_salient(scores: torch.Tensor, chunk_size: int = 64, topk: int = 4) -> torch.Tensor:
     """Mark the `topk` highest-scored valid tokens of every chunk, per batch row and head.
 
     The highest scores are kept, as torch.topk's default does (quirk Q3: the official comments say "lowest",
@@ -19,10 +28,7 @@ def select_salient(scores: torch.Tensor, *, chunk_size: int = 64, topk: int = 4)
     Returns:
         salient `[B, T, H]` bool, False at invalid positions.
     """
-    if scores.dim() != 3:
-        raise ValueError(f"expected scores [B, T, H], got {tuple(scores.shape)}")
-    if chunk_size < 1 or topk < 0:
-        raise ValueError(f"expected chunk_size >= 1 and topk >= 0, got chunk_size {chunk_size}, topk {topk}")
+    check_selection_inputs(scores, chunk_size, topk)
     B, T, H = scores.shape
     N = -(-T // chunk_size)
     pad = N * chunk_size - T

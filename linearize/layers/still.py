@@ -23,7 +23,8 @@ decided on purpose:
   window always lies in the raw cache.
 - Q12: no legacy mixing factor. Q13 fixed: padding is left out of scoring, selection, the state and the normalizer;
   rows are packed so chunks count each row's real tokens from its first one, so a padded row equals the unpadded
-  one. Q14: the reference and chunked PyTorch ops exist; Triton kernels do not yet.
+  one. Q14: the score, the selection and the attention run as fused Triton kernels on CUDA and as chunked
+  PyTorch on CPU, both tested against float64 references; the decode step is PyTorch.
 
 Decoding keeps the raw last two chunks (keys, values, scores) in a ring, the salient keys/values of older chunks
 and the linear state. Selection is delayed to chunk granularity: when a token opens chunk c, chunk c - 2 leaves
@@ -160,7 +161,7 @@ class StillAttention(LinearizedAttention):
 
         q, k, v, gate, valid = (pack(x) for x in (q, k, v, gate, valid))
         scores = self_saliency(q, k, window=self.chunk_size, scale=self.scaling, key_valid=valid, backend=self.backend)
-        salient = select_salient(scores, chunk_size=self.chunk_size, topk=self.topk)  # [B, T, H]
+        salient = select_salient(scores, chunk_size=self.chunk_size, topk=self.topk, backend=self.backend)  # [B, T, H]
         k_feat = self.k_map(k.repeat_interleave(self.groups, dim=2))
         o = still_attention(
             q, k, v, self.q_map(q), k_feat, gate, salient, chunk_size=self.chunk_size, scale=self.scaling,
@@ -261,7 +262,8 @@ class StillAttention(LinearizedAttention):
             return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
 
         k, v, scores = take(state.ring_k), take(state.ring_v), take(state.ring_score)  # [B, C, ...]
-        salient = select_salient(scores, chunk_size=C, topk=self.topk) & rows[:, None, None]  # [B, C, H]
+        salient = select_salient(scores, chunk_size=C, topk=self.topk, backend=self.backend)  # [B, C, H]
+        salient = salient & rows[:, None, None]
         k_heads = k.repeat_interleave(self.groups, dim=2)  # [B, C, H, D]
         v_heads = v.repeat_interleave(self.groups, dim=2)
         chosen = torch.argsort((~salient).to(torch.uint8), dim=1, stable=True)[:, : self.topk]  # [B, topk, H]

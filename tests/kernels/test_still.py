@@ -275,7 +275,7 @@ def test_dispatch(monkeypatch, backend):
     assert_close("o", naive_still_attention(**x), o)
 
 
-@pytest.mark.parametrize(("backend", "error"), [("cuda-magic", ValueError), ("triton", NotImplementedError)])
+@pytest.mark.parametrize(("backend", "error"), [("cuda-magic", ValueError), ("fla", NotImplementedError)])
 def test_dispatch_rejects_unavailable_backend(backend, error):
     x = _inputs("T37-C8-H4-Hkv2", pad=False)
     with pytest.raises(error):

@@ -1,26 +1,24 @@
 """Converted models with every op forced to the Triton kernels (the interpreter on CPU) behave as on the torch
 path: same logits, and cached decoding still equals the full forward. Liger's prefill runs the fused attention
-kernel and its one-token steps the fused decode kernel."""
+kernel and its one-token steps the fused decode kernel; STILL's prefill runs its fused attention kernel."""
 
 import pytest
 import torch
 
 from tests.models.test_modeling import decode_incrementally
-from tests.tiny import METHODS, VARIANTS, converted_model
+from tests.tiny import METHODS, converted_model
 
 pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the interpreter runs the kernels
 
 
-WITH_TRITON_KERNELS = [m for m in METHODS if VARIANTS[m][0] != "still"]  # STILL's ops have no Triton kernels yet
-
-
-@pytest.mark.parametrize("method", WITH_TRITON_KERNELS)
+@pytest.mark.parametrize("method", METHODS)
 def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
     import linearize.kernels.liger.attention_triton as fused_prefill
     import linearize.kernels.liger.triton as fused
+    import linearize.kernels.still.attention_triton as still_prefill
 
-    decode_kernel_calls, prefill_kernel_calls = [], []
+    decode_kernel_calls, prefill_kernel_calls, still_kernel_calls = [], [], []
     kernel = fused.triton_liger_decode
     monkeypatch.setattr(
         fused, "triton_liger_decode", lambda *a, **kw: decode_kernel_calls.append(1) or kernel(*a, **kw)
@@ -29,6 +27,8 @@ def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
     monkeypatch.setattr(
         fused_prefill, "liger_fwd", lambda *a, **kw: prefill_kernel_calls.append(1) or prefill(*a, **kw)
     )
+    still = still_prefill.still_fwd
+    monkeypatch.setattr(still_prefill, "still_fwd", lambda *a, **kw: still_kernel_calls.append(1) or still(*a, **kw))
     model = converted_model("qwen3", method).to(DEVICE)
     ids = torch.randint(3, 128, (2, 24), device=DEVICE)
     with torch.no_grad():
@@ -42,6 +42,8 @@ def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
     # (the full forward and the chunks of 13 and 5 tokens) through the fused attention kernel
     assert len(decode_kernel_calls) == (12 if method == "liger" else 0)  # with sinks, two unfused ops
     assert len(prefill_kernel_calls) == (6 if method == "liger" else 0)
+    # STILL's prefills (the full forward and the chunk of 13 tokens; later tokens decode in the layer) in 2 layers
+    assert len(still_kernel_calls) == (4 if method == "still" else 0)
 
 
 def test_layer_option_selects_the_backend(monkeypatch):

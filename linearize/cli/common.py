@@ -1,0 +1,111 @@
+"""Shared pieces of the command line: the Typer app, the stderr console, error exits, progress and table output."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import LinearizeError
+from ..methods import METHODS
+
+app = typer.Typer(
+    help="Convert pretrained Hugging Face LLMs from softmax attention to linear or hybrid attention.\n\n"
+    "Note: 'Liger' here is the linearization method (Lan et al., 2025), unrelated to LinkedIn's Liger-Kernel.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS}, type=str)
+Dtype = Enum("Dtype", {name: name for name in ("auto", "float32", "bfloat16", "float16")}, type=str)
+METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+@contextmanager
+def progress_bar(description: str, total: int, quiet: bool):
+    """A progress bar on stderr when it is a terminal and not --quiet; yields the callback that advances it (or
+    None)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+@contextmanager
+def spinner(message: str, quiet: bool):
+    if quiet:
+        yield
+    else:
+        with console.status(message):
+            yield
+
+
+def int_list(value: str, option: str) -> list[int]:
+    """'256,1024' -> [256, 1024]; 'none' or '' -> []."""
+    if value.strip().lower() in ("", "none"):
+        return []
+    try:
+        numbers = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise LinearizeError(f"{option} takes comma-separated token counts, e.g. 512,2048; got {value!r}") from None
+    if any(n < 2 for n in numbers):
+        raise LinearizeError(f"{option}: every length must be at least 2 tokens; got {value!r}")
+    return numbers
+
+
+def float_list(value: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise LinearizeError(f"{option} takes comma-separated fractions, e.g. 0,0.5,1; got {value!r}") from None
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]], caption: str | None = None) -> None:
+    table = Table(title=title, caption=caption)
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def write_outputs(payload: dict, specs, json_path: Path | None, record_name: str | None, quiet: bool) -> None:
+    """--json PATH, and the record in MODEL's folder (None: --no-record)."""
+    from ..comparison import record, write_json
+
+    written = [write_json(json_path, payload)] if json_path is not None else []
+    if record_name is not None:
+        written.append(record(specs[0], record_name, payload))
+    for path in filter(None, written):
+        if not quiet:
+            console.print(f"[green]Wrote[/] {path}", highlight=False)
+
+
+MODEL_HELP = "A converted model folder, any causal LM folder or hub id, or 'embedded' (the embedded SmolLM2)."
+AGAINST_HELP = (
+    "The model to compare with (same kinds as MODEL). Default: the source a converted folder records; nothing "
+    "for other models."
+)
+RECORD_HELP = "Do not write the results into MODEL's folder (linearize_eval.json / linearize_bench.json)."

@@ -1,0 +1,139 @@
+"""`linearize finetune` and `linearize recipe init|validate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import LinearizeError
+from .common import METHOD_HELP, Method, app, console, fail
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  linearize recipe init --method liger > liger.yaml\n\n"
+    "  linearize finetune liger.yaml                          # one process\n\n"
+    "  linearize finetune liger.yaml stages.1.epochs=2 training.grad_accum=4\n\n"
+    "  torchrun --nproc_per_node 2 -m linearize finetune liger.yaml   # data parallel"
+)
+def finetune(
+    recipe_file: Annotated[
+        Path, typer.Argument(metavar="RECIPE.yaml", help="The recipe (see `linearize recipe init`).")
+    ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[KEY=VALUE]...",
+            help="Recipe overrides by dotted path, value in YAML: stages.0.optimizer.lr=1e-3 output.dir=runs/x",
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue the run in output.dir from its latest checkpoint (same recipe only)."),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate the recipe and print the plan; load no weights, train nothing.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress output (metrics.jsonl is still written).")
+    ] = False,
+) -> None:
+    """Fine-tune a converted model from a recipe: attention transfer and/or LoRA, then save it.
+
+    The run folder (output.dir) gets the resolved recipe, metrics.jsonl, checkpoints/ and, at the end, model/
+    (a converted model folder, LoRA merged by default)."""
+    from ..training.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(recipe_file, overrides or [])
+        if dry_run:
+            Console().print(_finetune_plan(recipe, resume))
+            return
+        from ..training.trainer import finetune as run_finetune
+
+        out = run_finetune(recipe, resume=resume, quiet=quiet, console=console)
+        if not quiet:
+            console.print(f"[green]Saved[/] {out}")
+    except LinearizeError as error:
+        raise fail(str(error)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; checkpoints written so far are kept: rerun with --resume to continue", 130) from None
+
+
+def _finetune_plan(recipe, resume: bool) -> Table:
+    from .. import sources
+    from ..training.checkpoint import list_checkpoints
+    from ..training.trainer import prepare_run_folder
+
+    conv = recipe.conversion
+    source = recipe.model.name or sources.EMBEDDED_NAME
+    plan = conv.plan(sources.load_config(recipe.model.name, recipe.model.revision), source)
+    run = Path(recipe.output.dir)
+    start = prepare_run_folder(run, recipe, resume)
+    table = Table(title=f"Fine-tuning plan: {source} -> {conv.method}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for layers, fate in plan.layer_groups():
+        table.add_row(f"layers {layers}", fate)
+    sources_text = ", ".join(s.label for s in recipe.data.sources)
+    table.add_row("data", f"{sources_text}; packs of {recipe.data.seq_len} tokens, held out {recipe.data.held_out}")
+    t = recipe.training
+    table.add_row("batch", f"{t.micro_batch_size} x {t.grad_accum} accumulation per process")
+    for i, stage in enumerate(recipe.stages):
+        length = f"{stage.max_steps} steps" if stage.max_steps else f"{stage.epochs:g} epochs"
+        table.add_row(
+            f"stage {i + 1}",
+            f"{stage.kind}: trains {', '.join(stage.trainable)}; {length}; {stage.optimizer.name} "
+            f"lr {stage.optimizer.lr:g}, {stage.schedule.kind} schedule"
+            + (f"; distils the original (kd_ratio {stage.kd_ratio:g})" if stage.kd_ratio else ""),
+        )
+    table.add_row("LoRA", f"r {recipe.lora.r}, alpha {recipe.lora.alpha:g} on {', '.join(recipe.lora.target_modules)}")
+    table.add_row("output", f"{run}/model" + (" (LoRA merged)" if recipe.output.merge_lora else " + adapter/"))
+    if resume:
+        table.add_row("resume", str(start) if start else "no checkpoint yet: starts from the beginning")
+    elif list_checkpoints(run):
+        table.add_row("resume", "checkpoints exist: pass --resume")
+    return table
+
+
+recipe_app = typer.Typer(help="Create and check fine-tuning recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("init")
+def recipe_init(
+    method: Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)] = "liger",
+) -> None:
+    """Print a commented starting recipe for METHOD (redirect it to a file)."""
+    from ..training.recipe import recipe_template
+
+    try:
+        print(recipe_template(method.value), end="")
+    except LinearizeError as error:
+        raise fail(str(error)) from None
+
+
+@recipe_app.command("validate")
+def recipe_validate(
+    recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE.yaml", help="The recipe to check.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[KEY=VALUE]...", help="Overrides, as for finetune.", show_default=False),
+    ] = None,
+    show: Annotated[bool, typer.Option("--show", help="Also print the resolved recipe, defaults filled in.")] = False,
+) -> None:
+    """Check RECIPE.yaml without loading anything: syntax, keys, types and value ranges."""
+    from ..training.recipe import load_recipe, resolved_yaml
+
+    try:
+        recipe = load_recipe(recipe_file, overrides or [])
+    except LinearizeError as error:
+        raise fail(str(error)) from None
+    if show:
+        print(resolved_yaml(recipe), end="")
+    console.print(f"[green]OK[/] {recipe_file}: {len(recipe.stages)} stage(s), method {recipe.conversion.method}")

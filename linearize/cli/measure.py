@@ -1,0 +1,220 @@
+"""`linearize eval` and `linearize bench`: a model next to the one it came from, quality and speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from ..errors import LinearizeError
+from .common import (
+    AGAINST_HELP,
+    MODEL_HELP,
+    RECORD_HELP,
+    Dtype,
+    app,
+    console,
+    fail,
+    float_list,
+    int_list,
+    print_table,
+    progress_bar,
+    spinner,
+    write_outputs,
+)
+
+
+@app.command(
+    "eval",
+    epilog="Examples:\n\n"
+    "  linearize eval smollm2-liger --against embedded\n\n"
+    "  linearize eval smollm2-liger --text 'data/*.txt' --context 1024 --passkey-contexts 512,2048\n\n"
+    "  linearize eval smollm2-liger --text hf:wikitext:wikitext-2-raw-v1:test --json eval.json\n\n"
+    "  linearize eval smollm2-liger --lm-eval hellaswag,arc_easy --lm-eval-limit 200",
+)
+def eval_command(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    against: Annotated[str | None, typer.Option(help=AGAINST_HELP, show_default=False)] = None,
+    text: Annotated[
+        str,
+        typer.Option(
+            help="Perplexity text: 'builtin' (offline), a local file or glob (.txt/.md/.jsonl/.json/.parquet), or "
+            "hf:NAME[:CONFIG][:SPLIT] for a Hugging Face dataset (split test by default)."
+        ),
+    ] = "builtin",
+    context: Annotated[int, typer.Option(help="Tokens per perplexity window.", min=2)] = 512,
+    windows: Annotated[int, typer.Option(help="Perplexity windows (at most; fewer if the text is short).", min=1)] = 8,
+    passkey_contexts: Annotated[
+        str, typer.Option(help="Passkey prompt lengths in tokens, comma-separated; 'none' skips the task.")
+    ] = "256,1024",
+    depths: Annotated[
+        str, typer.Option(help="Where the key is hidden: fractions of the filler before it, comma-separated.")
+    ] = "0,0.25,0.5,0.75,1",
+    trials: Annotated[int, typer.Option(help="Keys per passkey context and depth.", min=1)] = 2,
+    distractors: Annotated[int, typer.Option(help="Wrong keys the true key is ranked against.", min=1)] = 9,
+    seed: Annotated[int, typer.Option(help="Chooses the passkeys and distractors.")] = 0,
+    lm_eval: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-eval",
+            help="Comma-separated lm-evaluation-harness tasks, run through its HF model class "
+            "(needs `pip install 'linearize\\[lm-eval]'`).",
+            show_default=False,
+        ),
+    ] = None,
+    lm_eval_include: Annotated[
+        Path | None, typer.Option(help="A folder of extra lm-eval task YAML files.", show_default=False)
+    ] = None,
+    lm_eval_limit: Annotated[
+        int | None, typer.Option(help="At most this many documents per lm-eval task.", show_default=False)
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results to this JSON file.", show_default=False)
+    ] = None,
+    no_record: Annotated[bool, typer.Option("--no-record", help=RECORD_HELP)] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help="auto: float32 on CPU, the checkpoint's dtype elsewhere.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; the table only.")] = False,
+) -> None:
+    """Perplexity, passkey retrieval and (optionally) lm-eval tasks for MODEL and the model it is compared with,
+    side by side in one table."""
+    from ..comparison import markdown_table, resolve_pair
+    from ..evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model
+    from ..generation import load_for_inference
+
+    try:
+        specs = resolve_pair(model, against)
+        contexts = int_list(passkey_contexts, "--passkey-contexts")
+        passkey_options = {
+            "depths": float_list(depths, "--depths"),
+            "trials": trials,
+            "seed": seed,
+            "distractors": distractors,
+        }
+        tasks = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else []
+        lm_eval_options = {"include_path": str(lm_eval_include) if lm_eval_include else None, "limit": lm_eval_limit}
+        if tasks:
+            with spinner("Indexing lm-eval tasks", quiet):
+                check_lm_eval_tasks(tasks, lm_eval_options["include_path"])
+        if quiet:
+            from ..sources import hide_progress_bars
+
+            hide_progress_bars()
+        total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
+        results = {}
+        for spec in specs:  # one model in memory at a time
+            with spinner(f"Loading {spec.label}", quiet):
+                loaded, tokenizer = load_for_inference(spec.source, device=device, dtype=dtype.value)
+            with progress_bar(f"Evaluating {spec.label}", total, quiet) as step:
+                results[spec.label] = evaluate_model(
+                    loaded, tokenizer, text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step
+                )
+            del loaded
+    except LinearizeError as error:
+        raise fail(escape(str(error))) from None
+    header, rows = eval_rows(results)
+    print_table("Evaluation", header, rows)
+    payload = {
+        "models": {spec.label: spec.source or "embedded" for spec in specs},
+        "settings": {"text": text, "context": context, "windows": windows, "passkey_contexts": contexts}
+        | {k: v for k, v in passkey_options.items()}
+        | {"lm_eval": tasks, "lm_eval_limit": lm_eval_limit},
+        "results": results,
+        "markdown": markdown_table(header, rows),
+    }
+    write_outputs(payload, specs, json_path, None if no_record else "linearize_eval.json", quiet)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  linearize bench smollm2-liger --against embedded --ctx 512,2048,8192\n\n"
+    "  linearize bench ./llama-1b-liger --device cuda --dtype bfloat16 --ctx 1024,4096,16384 --json bench.json",
+)
+def bench(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    against: Annotated[str | None, typer.Option(help=AGAINST_HELP, show_default=False)] = None,
+    ctx: Annotated[str, typer.Option("--ctx", help="Context lengths to prefill, comma-separated.")] = "512,2048,8192",
+    decode_tokens: Annotated[int, typer.Option(help="Single-token decode steps timed per context.", min=1)] = 32,
+    repeats: Annotated[int, typer.Option(help="Prefill runs per model and context; the fastest counts.", min=1)] = 3,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch (default: torch's choice).", show_default=False)
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results to this JSON file.", show_default=False)
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where to write the PNG plot (default: MODEL/linearize_bench.png for a local folder, else "
+            "./linearize_bench.png). Needs matplotlib: pip install 'linearize\\[plot]'.",
+            show_default=False,
+        ),
+    ] = None,
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="Write no PNG plot.")] = False,
+    no_record: Annotated[bool, typer.Option("--no-record", help=RECORD_HELP)] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help="auto: float32 on CPU, the checkpoint's dtype elsewhere.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; the table only.")] = False,
+) -> None:
+    """Prefill tokens/s, decode ms/token, peak memory and cache bytes at each context, for MODEL and the model it is
+    compared with, measured in the same run (ratios MODEL / other)."""
+    import torch
+
+    from ..benchmark import bench_rows, run_bench
+    from ..comparison import markdown_table, resolve_pair
+    from ..generation import load_for_inference
+
+    try:
+        specs = resolve_pair(model, against)
+        contexts = int_list(ctx, "--ctx")
+        if not contexts:
+            raise LinearizeError("--ctx needs at least one context length, e.g. --ctx 512,2048")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if quiet:
+            from ..sources import hide_progress_bars
+
+            hide_progress_bars()
+        models = {}
+        for spec in specs:  # both in memory: their runs alternate
+            with spinner(f"Loading {spec.label}", quiet):
+                models[spec.label], _ = load_for_inference(spec.source, device=device, dtype=dtype.value)
+        with progress_bar("Benchmarking", len(contexts), quiet) as step:
+            result = run_bench(models, contexts, decode_tokens, repeats, step)
+    except LinearizeError as error:
+        raise fail(escape(str(error))) from None
+    header, rows = bench_rows(result)
+    print_table(
+        f"Speed and memory on {result['device']}, {result['threads']} threads",
+        header,
+        rows,
+        caption=f"decode: fastest of {decode_tokens} steps; prefill peak: memory growth during the first prefill; "
+        f"ratio: {' / '.join(result['models'])}" * (len(specs) == 2),
+    )
+    result["sources"] = {spec.label: spec.source or "embedded" for spec in specs}
+    result["markdown"] = markdown_table(header, rows)
+    write_outputs(result, specs, json_path, None if no_record else "linearize_bench.json", quiet)
+    if not no_plot:
+        _write_plot(result, plot or _default_plot(specs[0], no_record), quiet)
+
+
+def _default_plot(spec, no_record: bool) -> Path:
+    return (
+        spec.folder / "linearize_bench.png"
+        if spec.folder is not None and not no_record
+        else Path("linearize_bench.png")
+    )
+
+
+def _write_plot(result: dict, path: Path, quiet: bool) -> None:
+    from ..benchmark import plot_bench
+
+    try:
+        plot_bench(result, path)
+    except ImportError:
+        console.print("[yellow]No plot:[/] it needs matplotlib (pip install 'linearize\\[plot]')", highlight=False)
+        return
+    if not quiet:
+        console.print(f"[green]Wrote[/] {path}", highlight=False)
