@@ -14,14 +14,18 @@ Shapes are Llama-3-8B-like attention: 32 query heads, 8 KV heads, head dim 128, 
     the NP-Map features (the map's per-head matmul is not timed); its decode step is the layer's own, against a
     cache filled by a T-token prefill (T/16 salient tokens per head, the two raw chunks and the linear state);
   - still torch (ours): the same three ops on the blockwise torch path (CUDA only, next to the Triton row);
+  - parallax (ours): `parallax_attention` with a probe r = 0.05 q (both score products, all four accumulators; the
+    Triton kernels on CUDA); its decode step is `parallax_decode` against the T-token KV cache;
   - sdpa causal: full causal softmax attention (`scaled_dot_product_attention`), the original layer's cost.
 Columns: forward, forward+backward (ms) and one decode step at that context (ms), each with its ratio to
-sdpa. Keep the whole script under 8 minutes: it prints as it goes, so a cut-off run still reports.
+sdpa. A second table times one decode step of Parallax and sdpa at batch 1 and 32 against 4K and 16K caches.
+Keep the whole script under 8 minutes: it prints as it goes, so a cut-off run still reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import subprocess
 import sys
@@ -136,11 +140,18 @@ def fla_installed() -> bool:
     return True
 
 
-def sdpa(q, k, v, gate=None):
+def sdpa(q, k, v, gate=None, causal=True):
+    # one query against a cache is not causal-masked: torch aligns a causal mask to the top-left corner
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
     )
     return out.transpose(1, 2)
+
+
+def parallax(q, k, v, gate=None):
+    from linearize.kernels.parallax import parallax_attention
+
+    return parallax_attention(q, 0.05 * q, k, v)  # a probe that depends on q, so the backward computes dr
 
 
 def decode_step(name: str, T: int, H: int, Hkv: int, D: int, dtype, device):
@@ -149,13 +160,17 @@ def decode_step(name: str, T: int, H: int, Hkv: int, D: int, dtype, device):
     Liger's decode cost does not depend on T (a D x D state per KV head and a 64-key window); sdpa's does.
     """
     from linearize.kernels.liger import liger_decode
+    from linearize.kernels.parallax import parallax_decode
 
     if name == "still (ours)":
         return still_decode_step(T, H, Hkv, D, dtype, device)
     q = torch.randn(1, 1, H, D, dtype=dtype, device=device)
+    if name == "parallax (ours)":
+        k = torch.randn(1, T + 1, Hkv, D, dtype=dtype, device=device)
+        return lambda: parallax_decode(q[:, 0], 0.05 * q[:, 0], k, k, None)
     if name == "sdpa causal":
         k = torch.randn(1, T + 1, Hkv, D, dtype=dtype, device=device)
-        return lambda: sdpa(q, k, k)
+        return lambda: sdpa(q, k, k, causal=False)
     if name != "liger fused (ours)":
         return None
     q_lin, k_lin = torch.rand(1, H, D, device=device), torch.rand(1, Hkv, D, device=device)
@@ -165,6 +180,22 @@ def decode_step(name: str, T: int, H: int, Hkv: int, D: int, dtype, device):
     window = torch.randn(1, WINDOW, Hkv, D, dtype=dtype, device=device)
     valid = torch.ones(1, WINDOW, dtype=torch.bool, device=device)
     return lambda: liger_decode(q_lin, k_lin, v, gate, state, q[:, 0], window, window, valid)
+
+
+def decode_sweep(bench, batches, lengths, H, Hkv, D, dtype, device) -> None:
+    """One decode step of Parallax and of sdpa per (batch, cache length), and their ratio."""
+    from linearize.kernels.parallax import parallax_decode
+
+    print(f"\n{'batch':>6} {'cache':>7} {'sdpa ms':>9} {'parallax ms':>12} {'parallax vs sdpa':>17}", flush=True)
+    for B in batches:
+        for L in lengths:
+            q, r = torch.randn(2, B, H, D, dtype=dtype, device=device)
+            k, v = torch.randn(2, B, L, Hkv, D, dtype=dtype, device=device)
+            base = bench(functools.partial(sdpa, q[:, None], k, v, causal=False))
+            ours = bench(functools.partial(parallax_decode, q, r, k, v, None))
+            print(f"{B:>6} {L:>7} {base:>9.3f} {ours:>12.3f} {ours / base:>16.2f}x", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
 
 
 def time_row(bench, fn, T, H, Hkv, D, dtype, device) -> tuple[float, float]:
@@ -207,6 +238,7 @@ def main() -> None:
         "liger fused (ours)": liger_fused,
         "liger unfused (ours)": liger_unfused,
         "still (ours)": still,
+        "parallax (ours)": parallax,
     }
     if device == "cuda":
         rows["still torch (ours)"] = lambda q, k, v, gate: still(q, k, v, backend="torch")
@@ -230,6 +262,8 @@ def main() -> None:
             print(f"{T:>6} {name:<24} {fwd:>9.2f} {both:>11.2f} {decode:>10.3f} {ratio}", flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
+    batches, caches = ((1, 2), (64,)) if args.smoke else ((1, 32), (4096, 16384))
+    decode_sweep(bench, batches, caches, H, Hkv, D, dtype, device)
 
 
 if __name__ == "__main__":

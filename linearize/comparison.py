@@ -34,7 +34,11 @@ def model_spec(name: str) -> ModelSpec:
     if name == EMBEDDED:
         return ModelSpec(label=f"{sources.EMBEDDED_NAME} (embedded)", source=None)
     path = Path(name).expanduser()
-    return ModelSpec(label=path.name if path.is_dir() else name, source=name)
+    if not path.is_dir():
+        return ModelSpec(label=name, source=name)
+    # a fine-tuning run saves its model as RUN/model: the run's name says which model it is
+    label = f"{path.resolve().parent.name}/{path.name}" if path.name == "model" else path.name
+    return ModelSpec(label=label, source=name)
 
 
 def recorded_source(folder: Path) -> str | None:

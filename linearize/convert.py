@@ -74,7 +74,7 @@ def method_settings(method: str, **options: int | float | None) -> dict[str, Any
         if value is not None and name not in spec.defaults:
             raise LinearizeError(f"--{name.replace('_', '-')} does not apply to method '{method}'")
     settings = {"method": method, **spec.defaults, **{k: v for k, v in options.items() if v is not None}}
-    if "window" in settings and settings["window"] < 1:
+    if settings.get("window") is not None and settings["window"] < 1:
         raise LinearizeError(f"--window must be at least 1, got {settings['window']}")
     if "sinks" in settings and not 0 <= settings["sinks"] < settings["window"]:
         raise LinearizeError(

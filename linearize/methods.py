@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import LinearizeError
 from .layers.liger import LigerAttention
+from .layers.parallax import ParallaxAttention
 from .layers.still import StillAttention
 from .layers.swa import SinkWindowAttention
 
@@ -26,6 +27,8 @@ class Method:
     summary: str
     defaults: dict[str, Any] = field(default_factory=dict)
     adds_parameters: bool = False  # whether converted layers own parameters the source model lacks
+    exact_at_conversion: bool = False  # converted layers compute the source's outputs until trained
+    cache_growth: str = ""  # what makes the converted layers' cache grow with the context, if anything does
 
 
 METHODS: dict[str, Method] = {
@@ -54,6 +57,18 @@ METHODS: dict[str, Method] = {
             "linear attention for the rest, one shared normalizer",
             {"chunk_size": 64, "topk": 4},
             adds_parameters=True,
+            cache_growth="salient tokens",
+        ),
+        Method(
+            "parallax",
+            ParallaxAttention,
+            "full_attention",  # transformers validates layer_types; the probe changes no cache or mask
+            "softmax attention corrected by a learned probe r (o = softmax average - covariance(v, k) r); exactly "
+            "the source at conversion (r = 0), optionally over a sliding window",
+            {"window": None},
+            adds_parameters=True,
+            exact_at_conversion=True,
+            cache_growth="every token's keys and values, as softmax attention; set a window to cap it",
         ),
         Method(
             "swa",

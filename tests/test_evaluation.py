@@ -168,7 +168,7 @@ def test_perplexity_of_windows_matches_perplexity_of_text(tokenizer):
 
 
 def _config_folder(path, **fields):
-    path.mkdir()
+    path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(fields))
     return path
 
@@ -177,6 +177,8 @@ def test_pairing(tmp_path):
     recorded = _config_folder(tmp_path / "conv", model_type="linearize", source_model=sources.EMBEDDED_ID)
     first, second = resolve_pair(str(recorded), None)
     assert first.label == "conv" and first.folder == recorded and second.source is None  # the embedded copy
+    run_output = _config_folder(tmp_path / "liger-run" / "model", model_type="linearize", source_model="a/b")
+    assert resolve_pair(str(run_output), None)[0].label == "liger-run/model"  # a fine-tuning run's output
     plain = _config_folder(tmp_path / "plain", model_type="llama")
     assert [s.label for s in resolve_pair(str(plain), None)] == ["plain"]
     assert resolve_pair(str(plain), EMBEDDED)[1].source is None

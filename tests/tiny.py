@@ -34,6 +34,8 @@ VARIANTS = {
     "liger-gla": ("liger-gla", {}),
     "still": ("still", {"chunk_size": 8, "topk": 2}),
     "swa": ("swa", {"window": 8, "sinks": 2}),
+    "parallax": ("parallax", {}),
+    "parallax-window": ("parallax", {"window": 8}),
 }
 METHODS = list(VARIANTS)
 
@@ -49,11 +51,19 @@ def source_model(family: str, seed: int = 0):
     return model.eval()
 
 
-def converted_model(family: str, variant: str, softmax_layers: str | None = None, seed: int = 0):
+def converted_model(family: str, variant: str, softmax_layers: str | None = None, seed: int = 0, trained: bool = True):
+    """A tiny converted model. `trained` gives parameters that convert to an exact identity (Parallax's zero probe)
+    random values, so that tests of the method's paths see them act."""
     source = source_model(family, seed)
     method, options = VARIANTS[variant]
     plan = plan_conversion(source.config, family, method, softmax_layers=softmax_layers, **options)
-    return convert_model(source, plan.config)
+    model = convert_model(source, plan.config)
+    if trained and method == "parallax":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                if hasattr(layer.self_attn, "r_proj"):
+                    layer.self_attn.r_proj.weight.normal_(0, 0.1)
+    return model
 
 
 def cache_of(output):

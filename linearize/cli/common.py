@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import LinearizeError
@@ -27,7 +28,8 @@ METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print the error (as plain text: messages quote YAML such as `[lora, new]`) and return the exit to raise."""
+    console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

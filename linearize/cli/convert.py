@@ -37,6 +37,7 @@ def _plan_table(plan) -> Table:
 
 def _cache_growth(plan) -> str:
     from ..convert import PLAN_CONTEXT
+    from ..methods import get_method
 
     softmax = len(plan.config.linearize["softmax_layers"])
     converted_growth = plan.converted_cache_bytes(2 * PLAN_CONTEXT) - plan.converted_cache_bytes(PLAN_CONTEXT)
@@ -44,7 +45,8 @@ def _cache_growth(plan) -> str:
     parts = []
     if converted_growth:
         per_1k = converted_growth / (PLAN_CONTEXT / 1024)
-        parts.append(f"in the converted layers by {human_size(per_1k)} per 1K tokens (salient tokens)")
+        reason = get_method(plan.settings["method"]).cache_growth
+        parts.append(f"in the converted layers by {human_size(per_1k)} per 1K tokens ({reason})")
     if softmax:
         parts.append(f"in the {softmax} softmax layers")
     return "yes: " + "; ".join(parts) if parts else "no"
@@ -78,7 +80,8 @@ def convert(
     window: Annotated[
         int | None,
         typer.Option(
-            help="Keys each query sees in the window branch, itself included (liger: 64; swa: 64, sinks included).",
+            help="Keys each query sees in the window branch, itself included (liger: 64; swa: 64, sinks included; "
+            "parallax: all earlier keys unless set).",
             show_default=False,
         ),
     ] = None,

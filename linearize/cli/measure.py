@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from ..errors import LinearizeError
 from .common import (
@@ -113,7 +112,7 @@ def eval_command(
                 )
             del loaded
     except LinearizeError as error:
-        raise fail(escape(str(error))) from None
+        raise fail(str(error)) from None
     header, rows = eval_rows(results)
     print_table("Evaluation", header, rows)
     payload = {
@@ -184,10 +183,10 @@ def bench(
         with progress_bar("Benchmarking", len(contexts), quiet) as step:
             result = run_bench(models, contexts, decode_tokens, repeats, step)
     except LinearizeError as error:
-        raise fail(escape(str(error))) from None
+        raise fail(str(error)) from None
     header, rows = bench_rows(result)
     print_table(
-        f"Speed and memory on {result['device']}, {result['threads']} threads",
+        f"Speed and memory on {result['device']}, {result['threads']} thread" + "s" * (result["threads"] != 1),
         header,
         rows,
         caption=f"decode: fastest of {decode_tokens} steps; prefill peak: memory growth during the first prefill; "

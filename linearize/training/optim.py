@@ -10,12 +10,22 @@ from ..errors import LinearizeError
 from .recipe import OptimizerSection, ScheduleSection
 
 
-def build_optimizers(params: list[torch.nn.Parameter], config: OptimizerSection) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    params: list[torch.nn.Parameter], config: OptimizerSection, new_params: list[torch.nn.Parameter] = ()
+) -> list[torch.optim.Optimizer]:
     """AdamW over everything, or Muon over the 2-D weights plus AdamW over the rest (Muon orthogonalises
-    matrix updates and is undefined for vectors). Both get the stage's peak lr."""
-    adamw = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    matrix updates and is undefined for vectors). Both get the stage's peak lr; those of `params` that are in
+    `new_params` (parameters the method adds) get `new_lr` when the recipe sets it."""
+    added = {id(p) for p in new_params}
+
+    def groups(subset: list[torch.nn.Parameter]) -> list[dict]:
+        base = {"params": [p for p in subset if id(p) not in added], "lr": config.lr}
+        new = {"params": [p for p in subset if id(p) in added], "lr": config.new_lr or config.lr}
+        return [g for g in (base, new) if g["params"]]
+
+    adamw = dict(betas=config.betas, weight_decay=config.weight_decay)
     if config.name == "adamw":
-        return [torch.optim.AdamW(params, **adamw)]
+        return [torch.optim.AdamW(groups(params), **adamw)]
     muon_class = getattr(torch.optim, "Muon", None)
     if muon_class is None:
         raise LinearizeError(
@@ -27,10 +37,15 @@ def build_optimizers(params: list[torch.nn.Parameter], config: OptimizerSection)
     optimizers = []
     if matrices:
         optimizers.append(
-            muon_class(matrices, lr=config.lr, weight_decay=config.weight_decay, momentum=config.muon_momentum)
+            muon_class(
+                groups(matrices),
+                weight_decay=config.weight_decay,
+                momentum=config.muon_momentum,
+                adjust_lr_fn=config.muon_lr_adjust,
+            )
         )
     if others:
-        optimizers.append(torch.optim.AdamW(others, **adamw))
+        optimizers.append(torch.optim.AdamW(groups(others), **adamw))
     return optimizers
 
 

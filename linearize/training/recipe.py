@@ -92,9 +92,17 @@ class OptimizerSection(_Strict):
         "adamw", description="adamw, or muon (torch.optim.Muon on 2-D weights, AdamW on the rest)"
     )
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    new_lr: float | None = Field(
+        None, gt=0, description="peak learning rate of the parameters the method adds (e.g. Parallax's probe); null: lr"
+    )
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     muon_momentum: float = Field(0.95, gt=0, lt=1, description="Muon momentum (muon only)")
+    muon_lr_adjust: Literal["match_rms_adamw", "original"] = Field(
+        "match_rms_adamw",
+        description="muon only: match_rms_adamw scales each matrix's update to AdamW's typical size, so lr means "
+        "what it means for adamw; original is Keller Jordan's max(1, rows / cols) ** 0.5",
+    )
 
 
 class ScheduleSection(_Strict):
@@ -197,6 +205,12 @@ class Recipe(_Strict):
                     f"stages.{i}.trainable: method '{method.name}' adds no parameters, so 'new' has nothing to "
                     "train; use trainable: [lora] (LoRA on the attention projections learns the transfer)"
                 )
+            if stage.kind == "attention_transfer" and method.exact_at_conversion:
+                raise ValueError(
+                    f"stages.{i}: method '{method.name}' computes the original attention exactly at conversion, so "
+                    "attention transfer has zero loss and zero gradient; train its new parameters in a lora stage "
+                    "(kind: lora, trainable: [lora, new])"
+                )
         return self
 
 
@@ -270,6 +284,8 @@ def _explain(error: ValidationError, source: str) -> RecipeError:
             near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{near[0]}'?" if near else ""
             lines.append(f"  {path}: unknown key{hint} (valid keys here: {', '.join(valid)})")
+        elif not loc:  # a check across sections: its message names the keys; the input is the whole recipe
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {path}: {item['msg']} (got {item.get('input')!r})")
     return RecipeError(f"{source} is not a valid recipe:\n" + "\n".join(lines))
@@ -360,9 +376,10 @@ _TRANSFER_STAGE = """\
 """
 _LORA_STAGE = """\
   - kind: lora                # next-token loss, response tokens only for instruction/chat data
+    trainable: [{trainable}]
     epochs: 1
-    optimizer: {name: adamw, lr: 0.001}
-    schedule: {kind: cosine, warmup_steps: 10}
+    optimizer: {{name: adamw, lr: 0.001}}
+    schedule: {{kind: cosine, warmup_steps: 10}}
     kd_ratio: 0.0             # > 0: also distil the original model's next-token distribution (KL)
 """
 
@@ -372,6 +389,8 @@ def recipe_template(method: str) -> str:
     from ..methods import get_method
 
     spec = get_method(method)
+    if spec.exact_at_conversion:  # nothing to transfer: the new parameters train with LoRA on the next-token loss
+        return _TEMPLATE.format(method=method, stages=_LORA_STAGE.format(trainable="lora, new"))
     # a method without new parameters learns the transfer through LoRA on q/k/v
-    trainable = "new" if spec.adds_parameters else "lora"
-    return _TEMPLATE.format(method=method, stages=_TRANSFER_STAGE.format(trainable=trainable) + _LORA_STAGE)
+    transfer = _TRANSFER_STAGE.format(trainable="new" if spec.adds_parameters else "lora")
+    return _TEMPLATE.format(method=method, stages=transfer + _LORA_STAGE.format(trainable="lora"))

@@ -237,7 +237,8 @@ class Trainer:
             self.shard()
             params = self.set_trainable(stage)  # sharding replaced the parameters
         total_steps, per_epoch = self.steps_in(stage)
-        optimizers = build_optimizers(params, stage.optimizer)
+        new_params = [p for name, p in self.model.named_parameters() if name in self.new_names]
+        optimizers = build_optimizers(params, stage.optimizer, new_params)
         schedulers = build_schedulers(optimizers, total_steps, stage.schedule)
         if resume_states is not None:
             self.load_optimizer_states(optimizers, resume_states["optimizers"])

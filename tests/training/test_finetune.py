@@ -264,6 +264,22 @@ def test_schedule_and_optimizers():
     muon, rest = build_optimizers(params, OptimizerSection(name="muon"))
     assert isinstance(muon, torch.optim.Muon) and isinstance(rest, torch.optim.AdamW)
     assert muon.param_groups[0]["params"] == [params[0]] and rest.param_groups[0]["params"] == [params[1]]
+    assert muon.defaults["adjust_lr_fn"] == "match_rms_adamw"
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_new_parameters_get_their_own_learning_rate(name):
+    lora, probe, bias = (torch.nn.Parameter(torch.zeros(*shape)) for shape in ((4, 3), (5, 3), (3,)))
+    config = OptimizerSection(name=name, lr=1e-3, new_lr=5e-3)
+    lrs = {
+        id(p): group["lr"]
+        for optimizer in build_optimizers([lora, probe, bias], config, new_params=[probe, bias])
+        for group in optimizer.param_groups
+        for p in group["params"]
+    }
+    assert lrs == {id(lora): 1e-3, id(probe): 5e-3, id(bias): 5e-3}
+    (plain,) = build_optimizers([lora, probe], OptimizerSection(lr=1e-3), new_params=[probe])
+    assert [g["lr"] for g in plain.param_groups] == [1e-3, 1e-3]  # no new_lr: one lr for all
 
 
 def test_muon_stage_trains(workspace, tmp_path):
@@ -271,6 +287,35 @@ def test_muon_stage_trains(workspace, tmp_path):
     overrides = ["stages.0.max_steps=1", "stages.1.optimizer.name=muon", "stages.1.optimizer.lr=0.02"]
     assert invoke("finetune", recipe, *overrides).exit_code == 0
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+PARALLAX_RECIPE = """\
+model: {{name: {source}}}
+conversion: {{method: parallax}}
+data:
+  sources: [{{path: "{corpus}/*.txt"}}]
+  seq_len: 32
+  held_out: 2
+lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}
+stages:
+  - kind: lora
+    trainable: [lora, new]
+    max_steps: 3
+    optimizer: {{name: muon, lr: 0.005, new_lr: 0.01}}
+output: {{dir: {out}}}
+"""
+
+
+def test_parallax_trains_its_probe_with_lora_and_refuses_attention_transfer(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path, PARALLAX_RECIPE)
+    assert invoke("finetune", recipe).exit_code == 0
+    trained = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert all(trained[f"model.layers.{i}.self_attn.r_proj.weight"].abs().max() > 0 for i in range(2))  # from 0
+    transfer = write_recipe(workspace, tmp_path, PARALLAX_RECIPE.replace("kind: lora", "kind: attention_transfer"))
+    result = invoke("recipe", "validate", transfer)
+    assert (
+        result.exit_code != 0 and "exactly at conversion" in result.output and "trainable: [lora, new]" in result.output
+    )
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -1,0 +1,109 @@
+"""Parallax: softmax attention plus a learned probe (Zuo et al., 2026, https://arxiv.org/abs/2605.29157;
+methods.md §4).
+
+A query-shaped probe r = W_r x reweights the softmax average by a local linear estimate: with softmax weights p
+over the causal keys and s = r . k (unscaled), o = sum_j p_j (1 + t_bar - s_j) v_j where t_bar = sum_j p_j s_j,
+i.e. softmax attention minus the p-weighted covariance of v and k times r. The KV cache is the softmax cache;
+r is recomputed every step and never cached. Decisions for converting a pretrained layer (no published work
+does this):
+
+- `r_proj` has q_proj's shape, no bias, and starts at zero, so the converted model computes exactly the source's
+  outputs; the gradient at zero is non-zero (it is sum_i dr_i x_i^T), so the probe grows from there.
+- No norm on r, in every family: an RMSNorm at exactly zero input has a Jacobian of about gain / sqrt(eps) (x1000
+  at eps 1e-6), which would blow up the first updates. For qk-norm families (Qwen3) the keys stay normed as the
+  source has them; the learned W_r sets r's scale.
+- r gets the same RoPE as q, so r . k sees the same relative positions as q . k.
+- `window` (optional, ours): each query sees the last `window` keys, itself included, and the cache keeps only the
+  previous `window - 1` tokens; without it the cache grows like the source's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.parallax import parallax_attention, parallax_decode
+from ..models.cache import RecentTokens, StateCacheLayer
+from .base import LinearizedAttention, apply_rope
+
+
+class ParallaxCacheLayer(StateCacheLayer):
+    """RoPE'd keys and values [B, L, Hkv, D] and which slots hold a real token [B, L]: all tokens so far, or the
+    previous `window - 1` with a window."""
+
+    _tensor_fields = ("keys", "values", "valid", "recent")
+
+    def __init__(self, window: int | None):
+        super().__init__()
+        self.keys = self.values = self.valid = None
+        self.recent = RecentTokens(window - 1) if window else None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
+        """Add the new tokens; returns the keys, values and validity the new queries read: the cached ones, then
+        the new ones."""
+        if self.recent is not None:
+            joined, _ = self.recent.update(k, v, valid)
+            return joined
+        if self.keys is None:
+            self.keys, self.values, self.valid = k, v, valid
+        else:
+            self.keys = torch.cat([self.keys, k.to(self.keys.dtype)], 1)
+            self.values = torch.cat([self.values, v.to(self.values.dtype)], 1)
+            self.valid = torch.cat([self.valid, valid], 1)
+        return self.keys, self.values, self.valid
+
+
+class ParallaxAttention(LinearizedAttention):
+    def __init__(self, config, layer_idx, family):
+        super().__init__(config, layer_idx, family)
+        settings = config.linearize
+        self.window = settings.get("window")
+        self.backend = settings.get("backend")
+        self.r_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+
+    @staticmethod
+    def cache_layer(config) -> ParallaxCacheLayer:
+        return ParallaxCacheLayer(config.linearize.get("window"))
+
+    def init_new_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+        """A zero probe: the converted layer is the source's softmax attention exactly."""
+        self.r_proj.weight = nn.Parameter(torch.zeros_like(self.r_proj.weight, device=device, dtype=dtype))
+
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attention_mask=None,
+        cache=None,
+        past_key_values=None,
+        padding_mask=None,
+        **kwargs,
+    ):
+        state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)
+        batch, length, _ = hidden_states.shape
+        q, k, v, _ = self.project(hidden_states)
+        r = self.r_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
+        qr, k = apply_rope(torch.cat([q, r], dim=2), k, *position_embeddings)  # one rotation for q and r
+        q, r = qr.split(self.num_heads, dim=2)  # [B, T, H, D] each
+        valid = self.token_validity(padding_mask, length)
+        options = {"scale": self.scaling, "window": self.window, "backend": self.backend}
+        if state is None:
+            o = parallax_attention(q, r, k, v, key_valid=valid, **options)
+        else:
+            if valid is None:
+                valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+            keys, values, key_valid = state.append(k, v, valid)  # [B, P + T, ...]: history, then these tokens
+            past = keys.shape[1] - length
+            if length == 1 and past:
+                o = parallax_decode(q[:, 0], r[:, 0], keys, values, key_valid, **options)[:, None]
+            else:
+                history = {"past_k": keys[:, :past], "past_v": values[:, :past]} if past else {}
+                o = parallax_attention(q, r, k, v, key_valid=key_valid, **history, **options)
+            state.seen_tokens += length
+        return self.o_proj(o.flatten(2)), None
+
+    @staticmethod
+    def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:
+        window = settings.get("window")
+        slots = window - 1 if window else tokens  # a window's buffer is allocated at full size at once
+        return slots * (2 * kv_heads * head_dim * dtype_bytes + 1)

@@ -1,0 +1,210 @@
+"""Parallax attention (`linearize.kernels.parallax`) without Triton: the blockwise torch path against the float64
+oracle (output and the gradients of q, r, k, v and the history), r = 0 against softmax attention (SDPA), the decode
+steps against the last row of the full forward, the oracle against fla's `naive_parallax`, the dispatchers and the
+input checks. torch.empty is NaN-filled (tests/kernels/conftest.py), so a read of unwritten scratch fails.
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from linearize.kernels.parallax import (
+    chunk_parallax_attention,
+    naive_parallax_attention,
+    naive_parallax_decode,
+    parallax_attention,
+    parallax_decode,
+    torch_parallax_decode,
+)
+
+from tests.kernels._close import assert_close
+
+# (B, T, H, Hkv, D, P history keys, window, block_size, padding)
+SHAPES = {
+    "T37-H4-Hkv2-D16-C16": (2, 37, 4, 2, 16, 0, None, 16, None),
+    "T37-H4-Hkv2-D16-C16-left": (2, 37, 4, 2, 16, 0, None, 16, "left"),
+    "T45-H4-Hkv2-D64-w20-C16-middle": (2, 45, 4, 2, 64, 0, 20, 16, "middle"),
+    "T30-H2-Hkv1-D128-C64": (1, 30, 2, 1, 128, 0, None, 64, None),
+    "T37-P23-H4-Hkv2-D32-w30-C16-left": (2, 37, 4, 2, 32, 23, 30, 16, "left"),
+    "T70-P9-H2-Hkv2-D8-C32-middle": (2, 70, 2, 2, 8, 9, None, 32, "middle"),
+    "T1-P12-H4-Hkv2-D16-w5-C16-left": (2, 1, 4, 2, 16, 12, 5, 16, "left"),
+    "T20-H3-Hkv1-D5-w1-C8": (1, 20, 3, 1, 5, 0, 1, 8, None),
+}
+FLOAT_INPUTS = ("q", "r", "k", "v", "past_k", "past_v")
+
+
+def _key_valid(B: int, S: int, padding: str | None) -> torch.Tensor | None:
+    """`[B, S]`: "left" puts b * S // 3 invalid keys first in row b; "middle" drops a third of the keys at random
+    (the first two always, so some queries see no key at all)."""
+    if padding == "left":
+        return torch.arange(S) >= torch.arange(B)[:, None] * S // 3
+    if padding == "middle":
+        valid = torch.rand(B, S, generator=torch.Generator().manual_seed(2)) > 1 / 3
+        valid[:, :2] = False
+        return valid
+    return None
+
+
+@functools.cache
+def _inputs(shape_id: str, probe: float = 0.3) -> dict:
+    """float64 inputs; r scaled by `probe` (0 gives softmax attention)."""
+    B, T, H, Hkv, D, P, window, _, padding = SHAPES[shape_id]
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x = {"q": randn(B, T, H, D), "r": probe * randn(B, T, H, D), "k": randn(B, T, Hkv, D), "v": randn(B, T, Hkv, D)}
+    if P:
+        x |= {"past_k": randn(B, P, Hkv, D), "past_v": randn(B, P, Hkv, D)}
+    return x | {"window": window, "key_valid": _key_valid(B, P + T, padding)}
+
+
+def _cast(x: dict, dtype: torch.dtype) -> dict:
+    return {name: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t for name, t in x.items()}
+
+
+def _run(fn, x: dict, seed: int = 1, **kwargs) -> dict[str, torch.Tensor]:
+    """Output and the gradient of (o * do).sum() for every float input, do random."""
+    # fresh leaves: the cached inputs must not collect gradients shared between runs
+    x = {name: t.detach().clone().requires_grad_() if name in FLOAT_INPUTS else t for name, t in x.items()}
+    o = fn(**x, **kwargs)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (o * do.to(o.dtype)).sum().backward()
+    return {"o": o} | {f"d{name}": t.grad for name, t in x.items() if name in FLOAT_INPUTS}
+
+
+@functools.cache
+def _reference(shape_id: str, probe: float = 0.3) -> dict[str, torch.Tensor]:
+    return _run(naive_parallax_attention, _inputs(shape_id, probe))
+
+
+@pytest.mark.parametrize("dtype, ratio", [(torch.float32, 1e-4), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape_id", SHAPES)
+def test_torch_matches_reference(shape_id, dtype, ratio):
+    ref = _reference(shape_id)
+    out = _run(chunk_parallax_attention, _cast(_inputs(shape_id), dtype), block_size=SHAPES[shape_id][7])
+    assert out.keys() == ref.keys()
+    for name in ref:
+        assert out[name].dtype == dtype, name
+        assert_close(name, ref[name], out[name], ratio=ratio)
+
+
+def _softmax_attention(q, k, v, window=None, key_valid=None, past_k=None, past_v=None, **_) -> torch.Tensor:
+    """Causal (windowed) softmax attention with SDPA, the history before the new keys."""
+    if past_k is not None:
+        k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
+    T, S = q.shape[1], k.shape[1]
+    lag = torch.arange(S - T, S)[:, None] - torch.arange(S)[None, :]  # query position minus key position
+    mask = (lag >= 0) & (lag < (S if window is None else window))
+    mask = mask if key_valid is None else mask & key_valid[:, None, None, :]
+    o = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask, enable_gqa=True)
+    return o.transpose(1, 2)  # zeros for a query that sees no key
+
+
+@pytest.mark.parametrize("shape_id", SHAPES)
+def test_zero_probe_is_softmax_attention(shape_id):
+    """r = 0: output and dq, dk, dv of every path equal softmax attention's; dr is the probe's gradient at zero."""
+    x = _inputs(shape_id, probe=0.0)
+    ref = _run(_softmax_attention, {name: t for name, t in x.items() if name != "r"})
+    chunk = functools.partial(chunk_parallax_attention, block_size=SHAPES[shape_id][7])
+    paths = {
+        "reference": (naive_parallax_attention, torch.float64, 1e-12),
+        "torch-fp64": (chunk, torch.float64, 1e-12),
+        "torch-fp32": (chunk, torch.float32, 1e-5),
+    }
+    for path, (fn, dtype, ratio) in paths.items():
+        out = _run(fn, _cast(x, dtype))
+        for name in ref:
+            assert_close(f"{path} {name}", ref[name], out[name], ratio=ratio)
+        assert_close(f"{path} dr", _reference(shape_id, probe=0.0)["dr"], out["dr"], ratio=ratio)
+    if x["window"] != 1:  # with one visible key there is no covariance to probe
+        assert _reference(shape_id, probe=0.0)["dr"].abs().amax() > 0  # the probe can grow from zero (methods.md 4.5)
+
+
+@pytest.mark.parametrize("shape_id", ["T37-P23-H4-Hkv2-D32-w30-C16-left", "T70-P9-H2-Hkv2-D8-C32-middle"])
+def test_padding_values_never_leak(shape_id):
+    """NaN in invalid keys and values changes nothing on the torch path (they are never multiplied)."""
+    x = _cast(_inputs(shape_id), torch.float32)
+    P = x["past_k"].shape[1]
+    invalid = ~x["key_valid"][:, :, None, None]
+    poisoned = x | {name: x[name].masked_fill(invalid[:, :P], float("nan")) for name in ("past_k", "past_v")}
+    poisoned |= {name: x[name].masked_fill(invalid[:, P:], float("nan")) for name in ("k", "v")}
+    out = chunk_parallax_attention(**poisoned, block_size=16)
+    assert_close("o", _reference(shape_id)["o"], out)
+
+
+def _decode_case(shape_id: str) -> tuple[dict, torch.Tensor]:
+    """Decode arguments for the last token of a shape, with the cache holding history and all T tokens."""
+    x = _inputs(shape_id)
+    keys, values = x["k"], x["v"]
+    if "past_k" in x:
+        keys, values = torch.cat([x["past_k"], keys], 1), torch.cat([x["past_v"], values], 1)
+    args = {"q": x["q"][:, -1], "r": x["r"][:, -1], "k_cache": keys, "v_cache": values}
+    return args | {"cache_valid": x["key_valid"], "window": x["window"]}, _reference(shape_id)["o"][:, -1]
+
+
+@pytest.mark.parametrize("dtype, ratio", [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape_id", SHAPES)
+def test_decode_is_last_row(shape_id, dtype, ratio):
+    args, last_row = _decode_case(shape_id)
+    for step in (naive_parallax_decode, torch_parallax_decode):
+        o = step(**_cast(args, dtype))
+        assert o.dtype == dtype
+        assert_close(step.__name__, last_row, o, ratio=ratio)
+
+
+def test_decode_ignores_unfilled_slots():
+    """Invalid cache slots holding NaN (never written) leave the torch decode step finite and unchanged."""
+    args, last_row = _decode_case("T70-P9-H2-Hkv2-D8-C32-middle")
+    invalid = ~args["cache_valid"][:, :, None, None]
+    args |= {name: args[name].masked_fill(invalid, float("nan")) for name in ("k_cache", "v_cache")}
+    assert_close("o", last_row, torch_parallax_decode(**args), ratio=1e-12)
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_reference_matches_fla(window):
+    """Our oracle against fla's naive_parallax (same [B, T, H, D] layout, GQA grouping and scale convention)."""
+    naive_parallax = pytest.importorskip("fla.ops.parallax.naive").naive_parallax
+    gen = torch.Generator().manual_seed(3)
+    q, r = torch.randn(2, 41, 4, 32, generator=gen), 0.5 * torch.randn(2, 41, 4, 32, generator=gen)
+    k, v = torch.randn(2, 41, 2, 32, generator=gen), torch.randn(2, 41, 2, 32, generator=gen)
+    for scale in (None, 0.3):
+        ref = naive_parallax(q, r, k, v, scale=scale, window_size=window)
+        assert_close("o", ref, naive_parallax_attention(q, r, k, v, scale=scale, window=window), ratio=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_dispatchers(backend, monkeypatch):
+    shape_id = "T37-P23-H4-Hkv2-D32-w30-C16-left"
+    x = _cast(_inputs(shape_id), torch.float32)
+    window, key_valid = x.pop("window"), x.pop("key_valid")
+    monkeypatch.setenv("LINEARIZE_BACKEND", backend)
+    o = parallax_attention(**x, window=window, key_valid=key_valid, scale=0.2)
+    ref = naive_parallax_attention(**_inputs(shape_id) | {"scale": 0.2})
+    assert_close("o", ref, o)
+    args, last_row = _decode_case(shape_id)
+    cache_valid = args.pop("cache_valid")
+    assert_close("decode", last_row, parallax_decode(**args, cache_valid=cache_valid, backend=backend))
+
+
+def test_rejects_bad_inputs():
+    x = _inputs("T37-P23-H4-Hkv2-D32-w30-C16-left")
+    with pytest.raises(ValueError, match="H % Hkv"):
+        parallax_attention(**x | {"k": torch.randn(2, 37, 3, 32), "v": torch.randn(2, 37, 3, 32)})
+    with pytest.raises(ValueError, match="r \\(2, 37, 4, 16\\)"):
+        parallax_attention(**x | {"r": torch.randn(2, 37, 4, 16)})
+    with pytest.raises(ValueError, match="both or neither"):
+        parallax_attention(**x | {"past_v": None})
+    with pytest.raises(ValueError, match="key_valid"):
+        parallax_attention(**x | {"key_valid": x["key_valid"][:, 1:]})
+    with pytest.raises(ValueError, match="key_valid"):
+        parallax_attention(**x | {"key_valid": x["key_valid"].float()})
+    with pytest.raises(ValueError, match="window"):
+        parallax_attention(**x | {"window": 0})
+    args, _ = _decode_case("T37-P23-H4-Hkv2-D32-w30-C16-left")
+    with pytest.raises(ValueError, match="k_cache"):
+        parallax_decode(**args | {"k_cache": args["k_cache"][:, :, :1]})
+    with pytest.raises(ValueError, match="cache_valid"):
+        parallax_decode(**args | {"cache_valid": args["cache_valid"][:, 1:]})
