@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import dot_precision
 from .reference import check_inputs
 
 CHUNK = 16
@@ -301,11 +302,6 @@ def _blocks(K: int, V: int) -> tuple[int, int]:
     return BK, BV
 
 
-def _dot_precision(*xs: torch.Tensor) -> str:
-    # fp32 inputs get exact fp32 products; half-precision inputs accept tf32 matmuls
-    return "ieee" if all(x.dtype == torch.float32 for x in xs) else "tf32"
-
-
 def _varlen_layout(cu_seqlens: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Boundaries `[N + 1]` -> (cu_seqlens, chunk_offsets) as int64 on `device`, N and the total chunk count.
 
@@ -373,7 +369,7 @@ def chunk_gla_fwd(
         STORE_FINAL_STATE=output_final_state,
         SAVE_STATES=save_states,
         IS_VARLEN=cu is not None,
-        DOT_PREC=_dot_precision(q, k, v, g),
+        DOT_PREC=dot_precision(q, k, v, g),
         num_warps=4,
     )
     return o, ht, h
@@ -437,7 +433,7 @@ def chunk_gla_bwd(
         USE_FINAL_STATE_GRADIENT=dht is not None,
         STORE_INITIAL_STATE_GRADIENT=need_dh0,
         IS_VARLEN=cu is not None,
-        DOT_PREC=_dot_precision(q, k, v, g, do),
+        DOT_PREC=dot_precision(q, k, v, g, do),
         num_warps=4,
     )
     return dq.sum(0), dk.sum(0), dv, dg.sum(0), dh0

@@ -15,6 +15,7 @@ import math
 import torch
 import triton
 
+from ..backend import dot_precision
 from ..gla.triton import triton_chunk_gla
 from ..window.triton import triton_sliding_window_attention
 from .attention_triton_bwd import liger_bwd_dq_rot_kernel, liger_bwd_kernel, liger_bwd_states_kernel
@@ -22,11 +23,6 @@ from .attention_triton_fwd import CHUNK, SUB, liger_fwd_kernel, liger_fwd_states
 from .reference import check_attention_inputs, window_keys
 
 LOG2E = math.log2(math.e)
-
-
-def _dot_precision(*xs: torch.Tensor) -> str:
-    # fp32 inputs get exact fp32 products; half-precision inputs accept tf32 matmuls
-    return "ieee" if all(x.dtype == torch.float32 for x in xs) else "tf32"
 
 
 def _sizes(K: int, D: int) -> tuple[int, int, int]:
@@ -51,7 +47,7 @@ def liger_fwd(q_lin, k_lin, v, g, q_rot, k_rot, past_k, past_v, key_valid, h0, w
     NT = triton.cdiv(T, chunk)
     BK, BD, BV = _sizes(K, D)
     dev = q_lin.device
-    prec = _dot_precision(q_lin, k_lin, v, g, q_rot, k_rot)
+    prec = dot_precision(q_lin, k_lin, v, g, q_rot, k_rot)
     h = torch.empty(B, NT, HKV, K, D, dtype=torch.float32, device=dev)
     ht = torch.empty(B, HKV, K, D, dtype=torch.float32, device=dev) if final else None
     liger_fwd_states_kernel[(triton.cdiv(D, BV), B * HKV)](
@@ -81,7 +77,7 @@ def liger_bwd(saved, do, dht, window, scale, mix, need_dh0, chunk):
     NT = triton.cdiv(T, chunk)
     BK, BD, BV = _sizes(K, D)
     G = H // HKV
-    prec = _dot_precision(q_lin, k_lin, v, g, q_rot, k_rot, do)
+    prec = dot_precision(q_lin, k_lin, v, g, q_rot, k_rot, do)
     delta = (mix * (do.float() * o_win).sum(-1)).contiguous()  # [B, T, H]: sum_s p_ts dp_ts of the window
 
     dh = torch.empty_like(h)

@@ -12,6 +12,7 @@ import math
 import torch
 import triton
 
+from ..backend import dot_precision
 from .reference import check_inputs, with_history
 from .triton_bwd import parallax_bwd_dkdv_kernel, parallax_bwd_dq_kernel
 from .triton_fwd import parallax_fwd_kernel
@@ -20,11 +21,6 @@ BLOCK_M = 64  # queries per program
 BLOCK_N = 32  # keys per inner step
 LOG2E = math.log2(math.e)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _dot_precision(*xs: torch.Tensor) -> str:
-    # fp32 inputs get exact fp32 products; half-precision inputs (exact in tf32) accept tf32 matmuls
-    return "ieee" if all(x.dtype == torch.float32 for x in xs) else "tf32"
 
 
 def _launch_options(D: int) -> tuple[int, dict]:
@@ -46,7 +42,7 @@ def parallax_fwd(q, r, k, v, key_valid, scale, window, save, block_m, block_n):
     parallax_fwd_kernel[(triton.cdiv(T, block_m), B * H)](
         q, r, k, v, key_valid, o, v_bar, t_bar, lse, scale * LOG2E, T, S, window,
         H=H, HKV=HKV, G=H // HKV, D=D, BD=BD, BM=block_m, BN=block_n,
-        HAS_KEY_VALID=key_valid is not None, STORE_STATS=save, DOT_PREC=_dot_precision(q, r, k, v), **options,
+        HAS_KEY_VALID=key_valid is not None, STORE_STATS=save, DOT_PREC=dot_precision(q, r, k, v), **options,
     )  # fmt: skip
     return o, v_bar, t_bar, lse
 
@@ -62,7 +58,7 @@ def parallax_bwd(saved, do, scale, window, block_m, block_n):
     dq, dr, dk, dv = (torch.empty_like(x) for x in (q, r, k, v))
     args = (q, r, k, v, key_valid, do, lse, t_bar, t, b)
     meta = dict(H=H, HKV=HKV, G=H // HKV, D=D, BD=BD, BM=block_m, BN=block_n, HAS_KEY_VALID=key_valid is not None)
-    meta |= dict(DOT_PREC=_dot_precision(q, r, k, v, do), **options)
+    meta |= dict(DOT_PREC=dot_precision(q, r, k, v, do), **options)
     parallax_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](*args, dq, dr, scale, scale * LOG2E, T, S, window, **meta)
     parallax_bwd_dkdv_kernel[(triton.cdiv(S, block_n), B * HKV)](
         *args, dk, dv, scale, scale * LOG2E, T, S, window, **meta

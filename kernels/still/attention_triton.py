@@ -13,17 +13,13 @@ import math
 import torch
 import triton
 
+from ..backend import dot_precision
 from .attention_triton_bwd import still_bwd_key_kernel, still_bwd_query_kernel, still_bwd_states_kernel
 from .attention_triton_fwd import NO_KEY, still_fwd_kernel, still_fwd_states_kernel
 from .reference import check_inputs
 
 LOG2E = math.log2(math.e)
 SALIENT_BLOCK = 64  # salient slots per inner step of the forward and the query-side backward
-
-
-def _dot_precision(*xs: torch.Tensor) -> str:
-    # fp32 inputs get exact fp32 products; half-precision inputs accept tf32 matmuls
-    return "ieee" if all(x.dtype == torch.float32 for x in xs) else "tf32"
 
 
 def _pad(n: int) -> int:
@@ -72,7 +68,7 @@ def still_fwd(q, k, v, q_feat, k_feat, gate, salient, slots, key_valid, config, 
     N = triton.cdiv(T, C)
     BC, BD, BV, BF, BVS = _sizes(C, D, Dv, F)
     dev = q.device
-    prec = _dot_precision(q, k, v, q_feat, k_feat, gate)
+    prec = dot_precision(q, k, v, q_feat, k_feat, gate)
     h = torch.empty(B, N, H, F, Dv, dtype=torch.float32, device=dev)
     hn = torch.empty(B, N, H, F, dtype=torch.float32, device=dev)
     still_fwd_states_kernel[(triton.cdiv(F, BF), triton.cdiv(Dv, BVS), B * H)](
@@ -104,7 +100,7 @@ def still_bwd(saved, do, config):
     G = H // Hkv
     N = triton.cdiv(T, C)
     BC, BD, BV, BF, BVS = _sizes(C, D, Dv, F)
-    prec = _dot_precision(q, k, v, q_feat, k_feat, gate, do)
+    prec = dot_precision(q, k, v, q_feat, k_feat, gate, do)
     has_valid = key_valid is not None
     delta = (do.float() * o.float()).sum(-1).contiguous()  # [B, T, H]
 

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import dot_precision
 from .reference import check_inputs
 
 BLOCK_M = 64  # queries per program
@@ -299,11 +300,6 @@ def window_attn_bwd_kernel_dkdv(
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kd)
 
 
-def _dot_precision(*xs: torch.Tensor) -> str:
-    # fp32 inputs get exact fp32 products; half-precision inputs multiply in their own precision anyway
-    return "ieee" if all(x.dtype == torch.float32 for x in xs) else "tf32"
-
-
 def _sizes(D: int, E: int) -> tuple[int, int]:
     # tl.dot needs every dimension >= 16
     return max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(max(E, 1)))
@@ -356,7 +352,7 @@ def window_attn_fwd(q, k, v, window, key_valid, sink_k, sink_v, sink_mask, scale
         BN=BLOCK_N,
         BE=BE,
         **_flags(key_valid, sink_k, sink_mask),
-        DOT_PREC=_dot_precision(q, k, v),
+        DOT_PREC=dot_precision(q, k, v),
         num_warps=4,
         num_stages=_stages(q, BD),
     )
@@ -373,7 +369,7 @@ def window_attn_bwd(q, k, v, o, lse, do, window, key_valid, sink_k, sink_v, sink
     delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    prec = _dot_precision(q, k, v, do)
+    prec = dot_precision(q, k, v, do)
     if sink_k is not None:
         dsk = torch.empty(B, NM, H, BE, BD, dtype=torch.float32, device=q.device)
         dsv = torch.empty_like(dsk)
