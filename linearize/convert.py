@@ -67,7 +67,7 @@ def parse_softmax_layers(spec: str | None, num_layers: int) -> list[int]:
 
 
 def method_settings(method: str, **options: int | float | None) -> dict[str, Any]:
-    """The method's parameters with defaults filled in, validated. `options` (window, sinks, chunk_size, topk)
+    """The method's parameters with defaults filled in, validated. `options` (window, sinks, mix, chunk_size, topk)
     override defaults; None means the default, and an option the method does not have is an error."""
     spec = get_method(method)
     for name, value in options.items():
@@ -79,6 +79,11 @@ def method_settings(method: str, **options: int | float | None) -> dict[str, Any
     if "sinks" in settings and not 0 <= settings["sinks"] < settings["window"]:
         raise LinearizeError(
             f"--sinks must be between 0 and window - 1 ({settings['window'] - 1}), got {settings['sinks']}"
+        )
+    if "mix" in settings and not 0 < settings["mix"] < 1:
+        raise LinearizeError(
+            f"--mix is the window branch's weight (the linear branch gets 1 - mix): it must lie strictly between 0 "
+            f"and 1, got {settings['mix']:g}"
         )
     if "chunk_size" in settings and settings["chunk_size"] < 2:
         raise LinearizeError(f"--chunk-size must be at least 2, got {settings['chunk_size']}")

@@ -38,9 +38,9 @@ METHODS: dict[str, Method] = {
             "liger",
             LigerAttention,
             "hybrid_sliding",
-            "gated linear attention with gates from the pretrained keys, mixed 0.5/0.5 with a sliding window"
-            " (optionally with attention sinks; window counts them)",
-            {"window": 64, "sinks": 0, "gate_normalizer": 16.0, "gate_source": "normed"},
+            "gated linear attention with gates from the pretrained keys, mixed (0.5/0.5 by default) with a sliding"
+            " window (optionally with attention sinks; window counts them)",
+            {"window": 64, "sinks": 0, "mix": 0.5, "gate_normalizer": 16.0, "gate_source": "normed"},
         ),
         Method(
             "liger-gla",

@@ -1,5 +1,7 @@
 """The command line, end to end on tiny models (Typer's CliRunner)."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
@@ -107,6 +109,21 @@ def test_option_that_does_not_apply_to_the_method(source, tmp_path):
     assert "--sinks does not apply to method 'liger-gla'" in result.output
 
 
+@pytest.mark.parametrize("mix", ["0", "1", "1.5"])
+def test_mix_outside_the_open_unit_interval(mix, source, tmp_path):
+    result = invoke("convert", source, "--method", "liger", "--mix", mix, "-o", tmp_path / "out")
+    assert result.exit_code != 0
+    assert "--mix is the window branch's weight" in result.output and "strictly between 0 and 1" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_mix_is_recorded_in_the_saved_config(source, tmp_path):
+    result = invoke("convert", source, "--method", "liger", "--mix", "0.75", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["linearize"]["mix"] == 0.75
+
+
 def test_interrupted_conversion_leaves_nothing_behind(source, tmp_path, monkeypatch):
     def interrupted(self, folder, **kwargs):
         (folder / "model.safetensors").write_bytes(b"partial")
@@ -133,6 +150,7 @@ def test_help_explains_every_option():
         "--output",
         "--window",
         "--sinks",
+        "--mix",
         "--softmax-layers",
         "--dtype",
         "--device",

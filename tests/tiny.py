@@ -30,7 +30,7 @@ FAMILIES = list(CONFIGS)
 # Each tested variant: its method and conversion options. Small windows, so that short test sequences exercise them.
 VARIANTS = {
     "liger": ("liger", {"window": 8}),
-    "liger-sinks": ("liger", {"window": 8, "sinks": 2}),
+    "liger-sinks": ("liger", {"window": 8, "sinks": 2, "mix": 0.7}),
     "liger-gla": ("liger-gla", {}),
     "still": ("still", {"chunk_size": 8, "topk": 2}),
     "swa": ("swa", {"window": 8, "sinks": 2}),

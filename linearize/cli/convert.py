@@ -92,6 +92,13 @@ def convert(
             show_default=False,
         ),
     ] = None,
+    mix: Annotated[
+        float | None,
+        typer.Option(
+            help="liger: weight of the window branch; the gated linear branch gets 1 - mix (default 0.5, the paper).",
+            show_default=False,
+        ),
+    ] = None,
     chunk_size: Annotated[
         int | None,
         typer.Option(help="still: tokens per chunk, the unit of selection (default 64).", show_default=False),
@@ -163,6 +170,7 @@ def convert(
             dtype.value,
             window=window,
             sinks=sinks,
+            mix=mix,
             chunk_size=chunk_size,
             topk=topk,
         )

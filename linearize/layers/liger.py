@@ -5,8 +5,14 @@ Follows the reference code, not the paper, where they differ (methods.md §1): t
 `log α = logsigmoid(k) / 16` taken from the pre-RoPE key of each KV head (shared across its GQA group);
 q and k go through a softmax over the head dim; scale 1; no denominator, no output norm. The window branch
 is ordinary softmax attention over RoPE'd q/k and the last `window` keys (current token included), and the
-output is `0.5 * window + 0.5 * gated_linear` before `o_proj`. Unlike the reference, decoding keeps a real
-window cache, so cached decoding equals the full forward.
+output is `mix * window + (1 - mix) * gated_linear` before `o_proj`, with the paper's `mix = 0.5` by default.
+Unlike the reference, decoding keeps a real window cache, so cached decoding equals the full forward.
+
+`mix` (ours; the reference hard-codes 0.5 in every modeling file) is a config value because the right weight
+depends on the model: the gated branch reads un-normalised softmax features, so at conversion its output is
+unrelated to the teacher's (relative error >= 1 in every layer of SmolLM2-135M, up to 7x the window branch's
+norm), and with 0.5 of it the converted SmolLM2-135M starts at WikiText-2 perplexity 33,000; with 0.75,
+at 370. Larger models tolerate the paper's 0.5 (Liger's "no LoRA" row, methods.md §1.10).
 
 `sinks` (ours, default 0 = the paper) lets the window branch also see each row's first `sinks` real tokens,
 as the `swa` baseline does (`window` then counts the sinks). Pretrained heads park attention on the first
@@ -58,6 +64,7 @@ class LigerAttention(LinearizedAttention):
         settings = config.linearize
         self.window = settings["window"] if settings["method"] == "liger" else None
         self.sinks = settings.get("sinks", 0) if self.window else 0
+        self.mix = float(settings.get("mix", 0.5))  # folders saved before `mix` existed used the paper's 0.5
         self.gate_normalizer = float(settings["gate_normalizer"])
         self.gate_source = settings["gate_source"]
         self.backend = settings.get("backend")
@@ -137,6 +144,7 @@ class LigerAttention(LinearizedAttention):
                 values[:, window],
                 key_valid[:, window],
                 scale=self.scaling,
+                mix=self.mix,
                 backend=self.backend,
             )
             return o[:, None], recurrent_state  # [B, 1, H, D]
@@ -155,6 +163,7 @@ class LigerAttention(LinearizedAttention):
             past_k=keys[:, past],
             past_v=values[:, past],
             scale=self.scaling,
+            mix=self.mix,
             initial_state=initial_state,
             output_final_state=state is not None,
             backend=self.backend,
@@ -171,7 +180,7 @@ class LigerAttention(LinearizedAttention):
             *linear, scale=1.0, initial_state=initial_state, output_final_state=state is not None,
             backend=self.backend,
         )  # fmt: skip
-        return 0.5 * o_window.float() + 0.5 * o_linear, recurrent_state
+        return self.mix * o_window.float() + (1 - self.mix) * o_linear, recurrent_state
 
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..kernels.parallax import parallax_attention, parallax_decode
-from ..models.cache import RecentTokens, StateCacheLayer
+from ..models.cache import RecentTokens, StateCacheLayer, own
 from .base import LinearizedAttention, apply_rope
 
 
@@ -45,7 +45,7 @@ class ParallaxCacheLayer(StateCacheLayer):
             joined, _ = self.recent.update(k, v, valid)
             return joined
         if self.keys is None:
-            self.keys, self.values, self.valid = k, v, valid
+            self.keys, self.values, self.valid = own(k), own(v), own(valid)
         else:
             self.keys = torch.cat([self.keys, k.to(self.keys.dtype)], 1)
             self.values = torch.cat([self.values, v.to(self.values.dtype)], 1)

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..kernels.still import select_salient, self_saliency, still_attention
 from ..kernels.still.reference import smoothed_self_kl
-from ..models.cache import StateCacheLayer
+from ..models.cache import StateCacheLayer, own
 from .base import LinearizedAttention, apply_rope
 
 STILL_EPS = 1e-6  # the shared normalizer's epsilon, in prefill and decode alike (quirk Q7)
@@ -186,7 +186,7 @@ class StillAttention(LinearizedAttention):
 
         def ring(x):
             spare = x.new_zeros(batch, 2 * C + 1, *x.shape[2:])
-            return spare.scatter(1, slot.view(*slot.shape, *[1] * (x.dim() - 2)).expand_as(x), x)[:, : 2 * C]
+            return own(spare.scatter(1, slot.view(*slot.shape, *[1] * (x.dim() - 2)).expand_as(x), x)[:, : 2 * C])
 
         state.ring_k, state.ring_v, state.ring_score = ring(k), ring(v), ring(scores.float())
         state.ring_valid = ring(in_ring)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import sliding_window_attention
-from ..models.cache import RecentTokens, StateCacheLayer
+from ..models.cache import RecentTokens, StateCacheLayer, own
 from .base import LinearizedAttention, apply_rope
 
 
@@ -39,8 +39,10 @@ class SinkWindowCacheLayer(StateCacheLayer):
         # Non-sinks are written to an extra slot that is dropped afterwards.
         slot = torch.where(is_sink, rank, torch.full_like(rank, self.sinks))  # [B, n]
         expanded = slot[:, :, None, None].expand_as(keys)
-        self.sink_keys = torch.cat([self.sink_keys, keys[:, :1]], 1).scatter(1, expanded, keys)[:, : self.sinks]
-        self.sink_values = torch.cat([self.sink_values, values[:, :1]], 1).scatter(1, expanded, values)[:, : self.sinks]
+        self.sink_keys = own(torch.cat([self.sink_keys, keys[:, :1]], 1).scatter(1, expanded, keys)[:, : self.sinks])
+        self.sink_values = own(
+            torch.cat([self.sink_values, values[:, :1]], 1).scatter(1, expanded, values)[:, : self.sinks]
+        )
         written = valid.new_zeros(valid.shape[0], self.sinks + 1).scatter(1, slot, is_sink)
         self.sink_valid = self.sink_valid | written[:, : self.sinks]
 

@@ -15,6 +15,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Dynam
 from .configuration import LinearizeConfig
 
 
+def own(x: torch.Tensor) -> torch.Tensor:
+    """`x`, or a compact copy when it is a view into a larger storage: a cache that kept the view would keep all
+    of that storage alive, unseen by `nbytes` (keys split from a rotated [q, r, k] block, slots cut from a buffer
+    with a spare slot)."""
+    if x.untyped_storage().nbytes() == x.numel() * x.element_size():
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 class RecentTokens:
     """The last `capacity` tokens of several aligned per-token tensors ([B, T, ...] each), in time order.
 

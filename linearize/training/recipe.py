@@ -45,6 +45,9 @@ class ConversionSection(_Strict):
     sinks: int | None = Field(
         None, description="attention sinks in the window, for swa and liger (null: the method default)"
     )
+    mix: float | None = Field(
+        None, description="liger: weight of the window branch, the linear branch gets 1 - mix (null: 0.5, the paper)"
+    )
     chunk_size: int | None = Field(None, description="still: tokens per chunk (null: 64)")
     topk: float | None = Field(
         None, description="still: salient tokens per chunk and head, a count or a ratio (null: 4)"
@@ -55,7 +58,13 @@ class ConversionSection(_Strict):
         """The `ConversionPlan` this section describes, from the source config alone."""
         from ..convert import plan_conversion
 
-        options = {"window": self.window, "sinks": self.sinks, "chunk_size": self.chunk_size, "topk": self.topk}
+        options = {
+            "window": self.window,
+            "sinks": self.sinks,
+            "mix": self.mix,
+            "chunk_size": self.chunk_size,
+            "topk": self.topk,
+        }
         return plan_conversion(source_config, source, self.method, self.softmax_layers or None, **options)
 
     @field_validator("softmax_layers", mode="before")
@@ -378,7 +387,7 @@ _LORA_STAGE = """\
   - kind: lora                # next-token loss, response tokens only for instruction/chat data
     trainable: [{trainable}]
     epochs: 1
-    optimizer: {{name: adamw, lr: 0.001}}
+    optimizer: {optimizer}
     schedule: {{kind: cosine, warmup_steps: 10}}
     kd_ratio: 0.0             # > 0: also distil the original model's next-token distribution (KL)
 """
@@ -390,7 +399,10 @@ def recipe_template(method: str) -> str:
 
     spec = get_method(method)
     if spec.exact_at_conversion:  # nothing to transfer: the new parameters train with LoRA on the next-token loss
-        return _TEMPLATE.format(method=method, stages=_LORA_STAGE.format(trainable="lora, new"))
+        # the new parameters at LoRA's lr fit a small corpus at the cost of general text (recipes/*-parallax.yaml)
+        optimizer = "{name: adamw, lr: 0.001, new_lr: 0.0001}  # new_lr: the added parameters'"
+        return _TEMPLATE.format(method=method, stages=_LORA_STAGE.format(trainable="lora, new", optimizer=optimizer))
     # a method without new parameters learns the transfer through LoRA on q/k/v
     transfer = _TRANSFER_STAGE.format(trainable="new" if spec.adds_parameters else "lora")
-    return _TEMPLATE.format(method=method, stages=transfer + _LORA_STAGE.format(trainable="lora"))
+    lora = _LORA_STAGE.format(trainable="lora", optimizer="{name: adamw, lr: 0.001}")
+    return _TEMPLATE.format(method=method, stages=transfer + lora)

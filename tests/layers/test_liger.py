@@ -8,9 +8,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from tests.tiny import FAMILIES, converted_model
 
 
-def naive_liger(layer, hidden, cos, sin, window, gate_source="normed", sinks=0):
-    """o = o_proj(0.5 * SWA(RoPE'd q, k; last `window - sinks` keys and the first `sinks`) + 0.5 * GLA(softmax q,
-    softmax k; gate from key))."""
+def naive_liger(layer, hidden, cos, sin, window, gate_source="normed", sinks=0, mix=0.5):
+    """o = o_proj(mix * SWA(RoPE'd q, k; last `window - sinks` keys and the first `sinks`) + (1 - mix) * GLA(softmax
+    q, softmax k; gate from key))."""
     batch, length, _ = hidden.shape
     heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
     group = heads // kv_heads
@@ -37,7 +37,7 @@ def naive_liger(layer, hidden, cos, sin, window, gate_source="normed", sinks=0):
                 seen = list(range(min(sinks, lo))) + list(range(lo, t + 1))
                 scores = k_rot[b, seen, g] @ q_rot[b, t, h] * dim**-0.5
                 windowed = scores.softmax(0) @ v[b, seen, g].double()
-                out[b, t, h] = 0.5 * windowed + 0.5 * linear
+                out[b, t, h] = mix * windowed + (1 - mix) * linear
     return layer.o_proj(out.to(hidden.dtype).flatten(2))
 
 
@@ -66,9 +66,24 @@ def test_liger_with_sinks_matches_the_formula(family):
     hidden = torch.randn(2, 21, model.config.hidden_size)
     cos, sin = model.model.rotary_emb(hidden, torch.arange(21)[None].expand(2, -1))
     with torch.no_grad():
-        expected = naive_liger(layer, hidden, cos, sin, window=8, sinks=2)
+        expected = naive_liger(layer, hidden, cos, sin, window=8, sinks=2, mix=0.7)
         actual, _ = layer(hidden, position_embeddings=(cos, sin))
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mix_weights_the_fused_op_branches():
+    """`mix` (ours; the paper's 0.5 is the default) reaches the fused op; the sink path's test uses mix 0.7."""
+    model = converted_model("llama", "liger")
+    layer = model.model.layers[0].self_attn
+    hidden = torch.randn(2, 21, model.config.hidden_size)
+    cos, sin = model.model.rotary_emb(hidden, torch.arange(21)[None].expand(2, -1))
+    with torch.no_grad():
+        paper, _ = layer(hidden, position_embeddings=(cos, sin))
+        layer.mix = 0.8
+        expected = naive_liger(layer, hidden, cos, sin, window=8, mix=0.8)
+        actual, _ = layer(hidden, position_embeddings=(cos, sin))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    assert (actual - paper).abs().max() > 1e-3
 
 
 def test_gate_source_matters_for_qk_norm_families():

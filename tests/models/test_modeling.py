@@ -96,6 +96,26 @@ def test_cache_size_is_what_the_plan_says(variant):
     assert (sizes[0] < sizes[1]) == grows and sizes[0] > 0
 
 
+def _cache_tensors(layer):
+    for name in layer._tensor_fields:
+        value = getattr(layer, name)
+        value = value.tensors if hasattr(value, "tensors") else value
+        yield from (t for t in (value if isinstance(value, tuple) else (value,)) if t is not None)
+
+
+@pytest.mark.parametrize("variant", METHODS)
+def test_prefilled_cache_keeps_only_its_own_bytes(variant):
+    """A cached tensor that is a view of a larger activation (keys split from a rotated [q, k] block) would keep
+    the whole block alive, unseen by `nbytes`: every cached tensor must own exactly its storage."""
+    model = converted_model("llama", variant)
+    cache = cache_of(model(torch.randint(3, 128, (2, 20)), use_cache=True))
+    tensors = [t for layer in cache.layers if hasattr(layer, "_tensor_fields") for t in _cache_tensors(layer)]
+    assert tensors
+    for tensor in tensors:
+        storage, own = tensor.untyped_storage().nbytes(), tensor.numel() * tensor.element_size()
+        assert storage == own, f"a cached {tuple(tensor.shape)} tensor keeps {storage} bytes alive for its {own}"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_and_reload_reproduces_logits_exactly(family, tmp_path):
     from linearize.convert import save_model

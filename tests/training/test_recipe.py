@@ -90,6 +90,13 @@ def test_softmax_layers_may_be_numbers():
     assert parse_recipe(MINIMAL + "conversion: {softmax_layers: [0, 8]}\n").conversion.softmax_layers == "0,8"
 
 
+def test_liger_mix_reaches_the_conversion_plan():
+    config = source_model("llama").config
+    recipe = parse_recipe(MINIMAL + "conversion: {method: liger, mix: 0.75}\n")
+    assert recipe.conversion.plan(config, "tiny").config.linearize["mix"] == 0.75
+    assert parse_recipe(MINIMAL).conversion.plan(config, "tiny").config.linearize["mix"] == 0.5
+
+
 def test_overrides():
     recipe = parse_recipe(
         MINIMAL + "  - kind: lora\n",
