@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 import linearize  # noqa: F401  (registers the converted model class)
 from linearize import sources
-from linearize.evaluation import eval_rows, evaluate_model
+from linearize.evaluation import eval_rows, evaluate_models
 from linearize.training.recipe import load_recipe
 from linearize.training.trainer import finetune
 
@@ -81,12 +81,9 @@ def main() -> None:
     for run in runs:
         models[run], minutes[run] = trained_model(args.recipe, run, args.overrides, Path(args.root))
 
-    quality = {}
-    for label, model in models.items():
-        quality[label] = evaluate_model(
-            model, tokenizer, args.text, args.context, args.windows, passkey_contexts, {"trials": args.trials}
-        )
-        print(f"evaluated {label}", flush=True)
+    quality = evaluate_models(
+        models, tokenizer, args.text, args.context, args.windows, passkey_contexts, {"trials": args.trials}
+    )
     header, rows = eval_rows(quality)
     print(f"\nquality ({args.text}):")
     print(" | ".join(header))

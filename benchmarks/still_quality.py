@@ -26,7 +26,7 @@ import linearize  # noqa: F401  (registers the converted model class)
 from linearize import sources
 from linearize.benchmark import run_bench
 from linearize.convert import convert_model, plan_conversion
-from linearize.evaluation import eval_rows, evaluate_model
+from linearize.evaluation import eval_rows, evaluate_models
 from linearize.training.recipe import load_recipe
 from linearize.training.trainer import finetune
 
@@ -69,12 +69,9 @@ def main() -> None:
     models["swa"] = convert_model(source, plan.config)
 
     passkey_contexts = [int(c) for c in args.passkey_contexts.split(",")]
-    quality = {}
-    for label, model in models.items():
-        quality[label] = evaluate_model(
-            model, tokenizer, args.text, args.context, args.windows, passkey_contexts, {"trials": args.trials}
-        )
-        print(f"evaluated {label}", flush=True)
+    quality = evaluate_models(
+        models, tokenizer, args.text, args.context, args.windows, passkey_contexts, {"trials": args.trials}
+    )
     header, rows = eval_rows(quality)
     print(f"\nquality ({args.text}):")
     print(" | ".join(header))

@@ -142,6 +142,11 @@ def evaluate_model(
     return result
 
 
+def evaluate_models(models: dict, tokenizer, *args, **kwargs) -> dict[str, dict]:
+    """`evaluate_model(model, tokenizer, *args, **kwargs)` for each labelled model in turn: label -> result."""
+    return {label: evaluate_model(model, tokenizer, *args, **kwargs) for label, model in models.items()}
+
+
 def eval_steps(windows: int, passkey_contexts: list[int], depths: int, trials: int, lm_eval: bool) -> int:
     """How many times `evaluate_model` calls `step` (at most: a short text gives fewer windows)."""
     return windows + len(passkey_contexts) * depths * trials + int(lm_eval)

@@ -17,7 +17,7 @@ from linearize.cli import app
 from linearize.comparison import EMBEDDED, resolve_pair
 from linearize.compat import CACHE_ARG, OUTPUT_CACHE_FIELD
 from linearize.errors import LinearizeError
-from linearize.evaluation import perplexity, perplexity_of_windows, text_windows
+from linearize.evaluation import evaluate_model, evaluate_models, perplexity, perplexity_of_windows, text_windows
 from linearize.passkey import FILLER, INTRO, NEEDLE, QUESTION, passkey_prompt, passkey_retrieval
 from tests.tiny import converted_model, source_model
 
@@ -185,6 +185,14 @@ def test_pairing(tmp_path):
     unrecorded = _config_folder(tmp_path / "old", model_type="linearize")
     with pytest.raises(LinearizeError, match="--against"):
         resolve_pair(str(unrecorded), None)
+
+
+def test_evaluate_models_evaluates_each_model_alike(tokenizer):
+    models = {"original": source_model("llama"), "liger": converted_model("llama", "liger")}
+    results = evaluate_models(models, tokenizer, "builtin", 64, 2)
+    assert list(results) == ["original", "liger"]
+    for label, model in models.items():
+        assert results[label] == evaluate_model(model, tokenizer, "builtin", 64, 2)
 
 
 @pytest.fixture(scope="module")
