@@ -45,6 +45,7 @@ def test_convert_each_method_with_softmax_layers(variant, source, tmp_path):
     config = AutoModelForCausalLM.from_pretrained(tmp_path / "o").config
     assert config.linearize["softmax_layers"] == [0]
     assert config.linearize["method"] == method
+    assert all(config.linearize[key] == value for key, value in VARIANTS[variant][1].items())
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(source, tmp_path, monkeypatch):

@@ -12,7 +12,10 @@ Unlike the reference, decoding keeps a real window cache, so cached decoding equ
 depends on the model: the gated branch reads un-normalised softmax features, so at conversion its output is
 unrelated to the teacher's (relative error >= 1 in every layer of SmolLM2-135M, up to 7x the window branch's
 norm), and with 0.5 of it the converted SmolLM2-135M starts at WikiText-2 perplexity 33,000; with 0.75,
-at 370. Larger models tolerate the paper's 0.5 (Liger's "no LoRA" row, methods.md §1.10).
+at 370. Larger models tolerate the paper's 0.5 (Liger's "no LoRA" row, methods.md §1.10). Dividing the gated
+branch by its own normaliser (`S_t^T φ(q_t) / (z_t · φ(q_t))`, z the gated sum of φ(k)) was measured and left
+out: it starts far better (perplexity 99 at mix 0.5, 28 at 0.75) but ends no better after the demo recipe
+(29.3 against 27.9 at mix 0.5, 23.2 against 23.4 at 0.75), as LoRA on k and v learns the scale either way.
 
 `sinks` (ours, default 0 = the paper) lets the window branch also see each row's first `sinks` real tokens,
 as the `swa` baseline does (`window` then counts the sinks). Pretrained heads park attention on the first
