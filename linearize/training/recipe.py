@@ -345,8 +345,7 @@ model:
 
 conversion:
   method: {method}
-  window: null          # null = the method's default
-  softmax_layers: ""    # layers kept as softmax attention, e.g. "0,8,16" or "every:8"
+{options}  softmax_layers: ""    # layers kept as softmax attention, e.g. "0,8,16" or "every:8"
 
 data:
   sources:
@@ -398,11 +397,18 @@ def recipe_template(method: str) -> str:
     from ..methods import get_method
 
     spec = get_method(method)
+    # the method's own conversion options, each at its default
+    options = "".join(
+        f"  {name}: null{' ' * (16 - len(name))}# {field.description}\n"
+        for name, field in ConversionSection.model_fields.items()
+        if name in spec.defaults
+    )
     if spec.exact_at_conversion:  # nothing to transfer: the new parameters train with LoRA on the next-token loss
         # the new parameters at LoRA's lr fit a small corpus at the cost of general text (recipes/*-parallax.yaml)
         optimizer = "{name: adamw, lr: 0.001, new_lr: 0.0001}  # new_lr: the added parameters'"
-        return _TEMPLATE.format(method=method, stages=_LORA_STAGE.format(trainable="lora, new", optimizer=optimizer))
+        stages = _LORA_STAGE.format(trainable="lora, new", optimizer=optimizer)
+        return _TEMPLATE.format(method=method, options=options, stages=stages)
     # a method without new parameters learns the transfer through LoRA on q/k/v
     transfer = _TRANSFER_STAGE.format(trainable="new" if spec.adds_parameters else "lora")
     lora = _LORA_STAGE.format(trainable="lora", optimizer="{name: adamw, lr: 0.001}")
-    return _TEMPLATE.format(method=method, stages=transfer + lora)
+    return _TEMPLATE.format(method=method, options=options, stages=transfer + lora)
