@@ -54,17 +54,16 @@ class ConversionSection(_Strict):
     )
     softmax_layers: str = Field("", description="layers kept as softmax attention: '0,8,16', 'every:8' or '' (none)")
 
+    @classmethod
+    def method_options(cls) -> list[str]:
+        """The fields that are method parameters (`method_settings` options), in declaration order."""
+        return [name for name in cls.model_fields if name not in ("method", "softmax_layers")]
+
     def plan(self, source_config, source: str):
         """The `ConversionPlan` this section describes, from the source config alone."""
         from ..convert import plan_conversion
 
-        options = {
-            "window": self.window,
-            "sinks": self.sinks,
-            "mix": self.mix,
-            "chunk_size": self.chunk_size,
-            "topk": self.topk,
-        }
+        options = {name: getattr(self, name) for name in self.method_options()}
         return plan_conversion(source_config, source, self.method, self.softmax_layers or None, **options)
 
     @field_validator("softmax_layers", mode="before")
@@ -398,9 +397,10 @@ def recipe_template(method: str) -> str:
 
     spec = get_method(method)
     # the method's own conversion options, each at its default
-    options = "".join(
-        f"  {name}: null{' ' * (16 - len(name))}# {field.description}\n"
-        for name, field in ConversionSection.model_fields.items()
+    fields = ConversionSection.model_fields
+    options = "".join(  # comments aligned with softmax_layers' in the template
+        f"  {name}: null{' ' * (16 - len(name))}# {fields[name].description}\n"
+        for name in ConversionSection.method_options()
         if name in spec.defaults
     )
     if spec.exact_at_conversion:  # nothing to transfer: the new parameters train with LoRA on the next-token loss
