@@ -30,6 +30,27 @@ def perplexity_of_windows(model, windows: torch.Tensor, step: Callable[[], None]
     return math.exp(total / count)
 
 
+@torch.inference_mode()
+def perplexity_by_position(model, windows: torch.Tensor, block: int) -> list[float]:
+    """Perplexity of each stretch of `block` positions over windows [N, C] scored from an empty state, first
+    stretch first: how quality holds up deeper into the context. A model that does not generalise past the length
+    it was trained on gets worse stretch by stretch, where the original gets better.
+
+    The first stretch has one target fewer (position 0 is not predicted); the stretches combined give
+    `perplexity_of_windows`."""
+    context = windows.shape[1]
+    if block < 2 or context % block:
+        raise ValueError(f"the window length {context} must be a multiple of the block {block} (at least 2)")
+    nll = torch.zeros(context - 1, dtype=torch.float64)  # [C-1]: loss of predicting token p+1
+    for row in windows.to(model.device):
+        logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()  # [C-1, V]
+        nll += torch.nn.functional.cross_entropy(logits, row[1:], reduction="none").double().cpu()
+    nll /= windows.shape[0]
+    starts = range(0, context, block)
+    # target token p is predicted at index p - 1, so stretch [s, s + block) of targets is nll[s - 1 : s + block - 1]
+    return [math.exp(nll[max(start - 1, 0) : start + block - 1].mean().item()) for start in starts]
+
+
 def perplexity(model, tokenizer, text: str, context: int = 512, max_windows: int = 8) -> float:
     """Perplexity over up to `max_windows` consecutive, non-overlapping windows of `context` tokens of `text`."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]

@@ -1,6 +1,7 @@
 """`linearize eval`: passkey prompts and scoring, perplexity text sources, model pairing, the CLI end to end."""
 
 import json
+import math
 import os
 import re
 import string
@@ -17,7 +18,14 @@ from linearize.cli import app
 from linearize.comparison import EMBEDDED, resolve_pair
 from linearize.compat import CACHE_ARG, OUTPUT_CACHE_FIELD
 from linearize.errors import LinearizeError
-from linearize.evaluation import evaluate_model, evaluate_models, perplexity, perplexity_of_windows, text_windows
+from linearize.evaluation import (
+    evaluate_model,
+    evaluate_models,
+    perplexity,
+    perplexity_by_position,
+    perplexity_of_windows,
+    text_windows,
+)
 from linearize.passkey import FILLER, INTRO, NEEDLE, QUESTION, passkey_prompt, passkey_retrieval
 from tests.tiny import converted_model, source_model
 
@@ -165,6 +173,23 @@ def test_perplexity_of_windows_matches_perplexity_of_text(tokenizer):
     text = "The quick brown fox jumps over the lazy dog. " * 10
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][: 3 * 64].view(3, 64)
     assert perplexity_of_windows(model, ids) == pytest.approx(perplexity(model, tokenizer, text, 64, 3))
+
+
+def test_perplexity_by_position_splits_the_window_perplexity(tokenizer):
+    model = source_model("llama")
+    text = "The quick brown fox jumps over the lazy dog. " * 10
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][: 2 * 96].view(2, 96)
+    by_block = perplexity_by_position(model, ids, 32)
+    assert len(by_block) == 3
+    # 31, 32 and 32 targets: their geometric mean weighted by count is the perplexity of the whole windows
+    combined = math.exp((31 * math.log(by_block[0]) + 32 * math.log(by_block[1]) + 32 * math.log(by_block[2])) / 95)
+    assert combined == pytest.approx(perplexity_of_windows(model, ids), rel=1e-6)
+    # the last block alone: positions 64..95 of each window, scored with the full context before them
+    logits = model(input_ids=ids).logits[:, 63:-1].float()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 64:].reshape(-1))
+    assert by_block[2] == pytest.approx(math.exp(loss.item()), rel=1e-5)
+    with pytest.raises(ValueError, match="multiple of the block"):
+        perplexity_by_position(model, ids, 40)
 
 
 def _config_folder(path, **fields):
