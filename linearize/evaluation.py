@@ -16,21 +16,24 @@ HF_PREFIX = "hf:"
 
 
 @torch.inference_mode()
-def perplexity_of_windows(model, windows: torch.Tensor, step: Callable[[], None] | None = None) -> float:
-    """Perplexity over token windows [N, C], each scored independently from an empty state (the first token of a
-    window is not predicted). `step` is called after each window."""
-    total, count = 0.0, 0
-    context = windows.shape[1]
+def _position_losses(model, windows: torch.Tensor, step: Callable[[], None] | None = None) -> torch.Tensor:
+    """Mean next-token loss at each position over windows [N, C], each scored from an empty state: [C - 1] float64,
+    entry p the loss of predicting token p + 1. `step` is called after each window."""
+    nll = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
     for row in windows.to(model.device):
-        out = model(input_ids=row[None], labels=row[None], use_cache=False)
-        total += out.loss.item() * (context - 1)
-        count += context - 1
+        logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()  # [C-1, V]
+        nll += torch.nn.functional.cross_entropy(logits, row[1:], reduction="none").double().cpu()
         if step is not None:
             step()
-    return math.exp(total / count)
+    return nll / windows.shape[0]
 
 
-@torch.inference_mode()
+def perplexity_of_windows(model, windows: torch.Tensor, step: Callable[[], None] | None = None) -> float:
+    """Perplexity over token windows [N, C], each scored from an empty state (the first token of a window is not
+    predicted). `step` is called after each window."""
+    return math.exp(_position_losses(model, windows, step).mean().item())
+
+
 def perplexity_by_position(model, windows: torch.Tensor, block: int) -> list[float]:
     """Perplexity of each stretch of `block` positions over windows [N, C] scored from an empty state, first
     stretch first: how quality holds up deeper into the context. A model that does not generalise past the length
@@ -41,14 +44,9 @@ def perplexity_by_position(model, windows: torch.Tensor, block: int) -> list[flo
     context = windows.shape[1]
     if block < 2 or context % block:
         raise ValueError(f"the window length {context} must be a multiple of the block {block} (at least 2)")
-    nll = torch.zeros(context - 1, dtype=torch.float64)  # [C-1]: loss of predicting token p+1
-    for row in windows.to(model.device):
-        logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()  # [C-1, V]
-        nll += torch.nn.functional.cross_entropy(logits, row[1:], reduction="none").double().cpu()
-    nll /= windows.shape[0]
-    starts = range(0, context, block)
+    nll = _position_losses(model, windows)
     # target token p is predicted at index p - 1, so stretch [s, s + block) of targets is nll[s - 1 : s + block - 1]
-    return [math.exp(nll[max(start - 1, 0) : start + block - 1].mean().item()) for start in starts]
+    return [math.exp(nll[max(start - 1, 0) : start + block - 1].mean().item()) for start in range(0, context, block)]
 
 
 def perplexity(model, tokenizer, text: str, context: int = 512, max_windows: int = 8) -> float:
