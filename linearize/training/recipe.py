@@ -49,7 +49,7 @@ class ConversionSection(_Strict):
         None, description="liger: weight of the window branch, the linear branch gets 1 - mix (null: 0.5, the paper)"
     )
     chunk_size: int | None = Field(None, description="still: tokens per chunk (null: 64)")
-    topk: float | None = Field(
+    topk: int | float | None = Field(
         None, description="still: salient tokens per chunk and head, a count or a ratio (null: 4)"
     )
     softmax_layers: str = Field("", description="layers kept as softmax attention: '0,8,16', 'every:8' or '' (none)")
@@ -75,6 +75,12 @@ class ConversionSection(_Strict):
         if isinstance(value, list) and all(isinstance(i, int) for i in value):
             return ",".join(map(str, value))
         return value
+
+    @field_validator("topk")
+    @classmethod
+    def _whole_count_as_int(cls, value: int | float | None) -> int | float | None:
+        """8.0 is the count 8: the resolved recipe writes `topk: 8`, as the user did."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
     @field_validator("method")
     @classmethod

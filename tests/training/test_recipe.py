@@ -139,6 +139,13 @@ def test_resolved_yaml_round_trips_and_hash_ignores_the_output_folder():
     assert recipe_hash(changed) != recipe_hash(recipe)
 
 
+@pytest.mark.parametrize(("given", "written"), [("8", "topk: 8\n"), ("8.0", "topk: 8\n"), ("0.125", "topk: 0.125\n")])
+def test_resolved_yaml_writes_topk_as_the_user_meant_it(given, written):
+    recipe = parse_recipe(MINIMAL, overrides=["conversion.method=still", f"conversion.topk={given}"])
+    assert written in resolved_yaml(recipe)
+    assert parse_recipe(resolved_yaml(recipe)) == recipe
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(path):
     recipe = load_recipe(path)
