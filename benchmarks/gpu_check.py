@@ -1,99 +1,476 @@
-"""GPU check for the attention kernels: correctness tests, then one table of timings and ratios.
+"""GPU check of the attention kernels: versions, a correctness table, then timings against SDPA.
 
-    python benchmarks/gpu_check.py                 # on a CUDA machine: tests + timings at 2K, 8K, 32K
-    python benchmarks/gpu_check.py --smoke         # anywhere: tiny shapes, torch backend, checks the script runs
+    python benchmarks/gpu_check.py                     # CUDA: every section, ~4-5 minutes on an H100/H200
+    python benchmarks/gpu_check.py --skip-correctness  # only the timings (--skip-timings: only the correctness)
+    python benchmarks/gpu_check.py --smoke             # anywhere, ~30 s on 2 CPU cores: tiny shapes, torch backend
 
-Shapes are Llama-3-8B-like attention: 32 query heads, 8 KV heads, head dim 128, bf16, batch 1. Rows:
-  - liger fused (ours): `liger_attention`, one op for both branches and the mix (fused Triton kernels on CUDA),
-    as the layer runs prefill and training; its decode step is the fused `liger_decode` kernel;
-  - liger unfused (ours): gated linear attention + 64-key sliding window as two of our ops (Triton where the op
-    has a Triton kernel, else the torch path);
-  - fla chunk_gla + window: flash-linear-attention's GLA kernel plus the same window op (when fla is installed);
-  - still (ours): self-saliency scores, top-4-of-64 selection and the STILL attention, all three on the default
-    backend (the Triton kernels on CUDA, the torch path elsewhere), with [softmax(x), softmax(-x)] standing in for
-    the NP-Map features (the map's per-head matmul is not timed); its decode step is the layer's own, against a
-    cache filled by a T-token prefill (T/16 salient tokens per head, the two raw chunks and the linear state);
-  - still torch (ours): the same three ops on the blockwise torch path (CUDA only, next to the Triton row);
-  - parallax (ours): `parallax_attention` with a probe r = 0.05 q (both score products, all four accumulators; the
-    Triton kernels on CUDA); its decode step is `parallax_decode` against the T-token KV cache;
-  - sdpa causal: full causal softmax attention (`scaled_dot_product_attention`), the original layer's cost.
-Columns: forward, forward+backward (ms) and one decode step at that context (ms), each with its ratio to
-sdpa. A second table times one decode step of Parallax and sdpa at batch 1 and 32 against 4K and 16K caches.
-Keep the whole script under 8 minutes: it prints as it goes, so a cut-off run still reports.
+Every line is flushed as soon as it is known, so a run cut off by a timeout still reports, and each section ends
+with its elapsed time. No row starts after --budget seconds (default 420: the run ends before 8 minutes unless one
+row takes over a minute). On CUDA an op that raises prints ERROR in its row and the run goes on; --smoke raises
+instead, so a broken code path fails tests/test_benchmarks.py. Exit status 1 when a row FAILs or ERRORs. Our ops
+run on backend "triton" on CUDA, "torch" in --smoke (fp32, 4/2 heads, head dim 32, tolerance 1e-4).
+
+1. Header: Python, torch (CUDA), triton, transformers and fla versions, the device.
+2. Correctness (~1.5 min, mostly compiling and autotuning our Triton kernels, which warms them for the timings):
+   each public op in bf16 (the gates of the linear states and the states in fp32, as the layers pass them) against
+   backend "reference" on the same values in fp32 (float64 for STILL's oracles), at B = 1, 32 query heads, 8 KV
+   heads, head dim 128 and T = 2048, or 1024 where the oracle loops over tokens (GLA, Liger, Parallax); the decode
+   steps at batch 2, one row with invalid cache slots (Parallax against 2048 cached tokens). One row per output,
+   final state and gradient: ||ref - out|| / ||ref|| against 2e-2, the bf16 tolerance of the CUDA configs of
+   tests/kernels. STILL's saliency scores are not differentiated; its selection runs on identical scores on both
+   paths, and the row gives the share of (chunk, head) whose picked scores differ (ties may pick other tokens with
+   the same score), tolerance 0.
+3. Timings (~2 min; fla's autotuning of chunk_gla, in its first row's "warm s", can add a minute or two), B = 1,
+   32/8 heads, D = 128, bf16, at T = 2K, 8K and 32K: forward, forward+backward and one decode step at that context
+   (ms: triton.testing.do_bench medians, after a first call of each, whose seconds with compiling and autotuning
+   are "warm s"), and each time over SDPA's in the same run (< 1x is faster). Rows:
+     - sdpa causal: `scaled_dot_product_attention` with enable_gqa (never the math backend on CUDA), the original
+       layer's cost; its decode step is one query against the T-token cache;
+     - liger (ours): `liger_attention` (gated linear branch + 64-key window, mixed); decode: `liger_decode`;
+     - fla chunk_gla + our window: fla's GLA kernel (our `fla` backend, which repeats K, V and the gates per query
+       head) plus our window op, mixed in fp32;
+     - still (ours): `self_saliency`, top-4-of-64 `select_salient` and `still_attention`, the [softmax(u),
+       softmax(-u)] features given (the NP-Map matmul is not timed); decode: the STILL layer's own step after a
+       T-token prefill (projections included);
+     - parallax (ours): `parallax_attention`, probe r = 0.05 randn; decode: `parallax_decode`;
+     - fla parallel_parallax: fla's Parallax kernels on the same inputs (no decode row);
+     - swa (ours): `sliding_window_attention` over 60 recent keys and 4 sinks, the training-free baseline.
+   fla rows need flash-linear-attention (and CUDA). Liger's and swa's decode cost does not depend on T.
+4. Decode sweep (~10 s): one decode step of Parallax and of SDPA at batch 1 and 32 against 4K and 16K caches.
+
+The kernel test suite's CUDA configs (fp32, bf16 and fp16 at small shapes): `pytest -m triton tests/kernels`.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import contextlib
+import importlib.metadata
+import importlib.util
+import itertools
 import platform
-import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from linearize.kernels import gated_linear_attention, sliding_window_attention
+from linearize.kernels.liger import liger_attention, liger_decode
+from linearize.kernels.parallax import parallax_attention, parallax_decode
+from linearize.kernels.still import select_salient, self_saliency, still_attention
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-WINDOW = 64
-
-
-def timer(device: str):
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=5, rep=20)
-
-    def cpu_bench(fn):
-        fn()
-        start = time.perf_counter()
-        fn()
-        return 1000 * (time.perf_counter() - start)
-
-    return cpu_bench
+WINDOW = 64  # Liger's window branch: keys per query, its own included
+SWA_RECENT, SWA_SINKS = 60, 4  # the swa baseline: a window of 64 counting 4 sinks
+CHUNK, TOPK = 64, 4  # STILL: chunk size (and saliency window), salient tokens per chunk
+PROBE = 0.05  # Parallax's probe r = PROBE * randn, small as a converted layer's (zero at conversion)
+FAST_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+START = time.perf_counter()
+PROBLEMS: list[str] = []  # the rows that failed or raised, for the summary and the exit status
 
 
-def inputs(T: int, H: int, Hkv: int, D: int, dtype, device, grad: bool):
-    def make(*shape):
-        return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(grad)
-
-    q, k, v = make(1, T, H, D), make(1, T, Hkv, D), make(1, T, Hkv, D)
-    gate = F.logsigmoid(torch.randn(1, T, Hkv, D, device=device) * 4).div(16).requires_grad_(grad)
-    return q, k, v, gate
-
-
-def liger_unfused(q, k, v, gate, linear_backend=None):
-    from linearize.kernels import gated_linear_attention, sliding_window_attention
-
-    q_lin, k_lin = q.float().softmax(-1), k.float().softmax(-1)
-    o_linear, _ = gated_linear_attention(q_lin, k_lin, v.float(), gate, backend=linear_backend)
-    o_window = sliding_window_attention(q, k, v, window=WINDOW)
-    return 0.5 * o_window.float() + 0.5 * o_linear
+class Setup(NamedTuple):
+    device: str
+    dtype: torch.dtype  # activations; gates of linear states and the states stay fp32
+    backend: str  # ours: "triton" on CUDA, "torch" in --smoke
+    tol: float  # of the relative errors
+    strict: bool  # raise (--smoke) instead of printing ERROR and going on
+    budget: float  # seconds into the run after which no new row starts
+    H: int
+    Hkv: int
+    D: int
 
 
-def liger_fused(q, k, v, gate):
-    from linearize.kernels.liger import liger_attention
+class Case(NamedTuple):
+    """One op checked against its reference: op(backend, **inputs) -> named outputs."""
 
-    q_lin, k_lin = q.float().softmax(-1), k.float().softmax(-1)
-    o, _ = liger_attention(q_lin, k_lin, v.float(), gate, q, k, window=WINDOW)
-    return o
-
-
-def still(q, k, v, gate=None, backend=None):
-    from linearize.kernels.still import select_salient, self_saliency, still_attention
-
-    groups = q.shape[2] // k.shape[2]
-    scores = self_saliency(q, k, window=64, backend=backend)
-    salient = select_salient(scores, chunk_size=64, topk=4, backend=backend)
-
-    def features(x):
-        return torch.cat([x.float().softmax(-1), (-x.float()).softmax(-1)], dim=-1)
-
-    k_feat = features(k.repeat_interleave(groups, dim=2))
-    gate = torch.sigmoid(q.float())
-    return still_attention(q, k, v, features(q), k_feat, gate, salient, chunk_size=64, backend=backend)
+    name: str
+    inputs: dict[str, torch.Tensor]
+    op: Callable[..., dict[str, torch.Tensor]]
+    grads: tuple[str, ...]  # the inputs whose gradients are compared
+    reference_dtype: torch.dtype
 
 
-def still_decode_step(T: int, H: int, Hkv: int, D: int, dtype, device):
+class Path(NamedTuple):
+    """One timed row: forward(**inputs) -> output, and a decode step (or None)."""
+
+    forward: Callable[..., torch.Tensor]
+    inputs: dict[str, torch.Tensor]
+    decode: Callable[[], object] | None
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def elapsed() -> float:
+    return time.perf_counter() - START
+
+
+@contextlib.contextmanager
+def section(title: str):
+    start = time.perf_counter()
+    say(f"\n== {title} (at {elapsed():.0f} s)")
+    yield
+    say(f"-- {title}: {time.perf_counter() - start:.1f} s")
+
+
+def over_budget(s: Setup, what: str) -> bool:
+    if elapsed() < s.budget:
+        return False
+    say(f"skipped {what}: {elapsed():.0f} s elapsed, past the {s.budget:.0f} s budget")
+    return True
+
+
+def attempt(setup: Setup, label: str, fn: Callable, *args):
+    """fn(*args), or None after printing the error (--smoke raises it)."""
+    try:
+        return fn(*args)
+    except Exception as error:
+        if setup.strict:
+            raise
+        message = (str(error).strip().splitlines() or [""])[0][:300]
+        say(f"{label}: ERROR {type(error).__name__}: {message}")
+        PROBLEMS.append(f"{label} raised")
+        return None
+    finally:
+        if setup.device == "cuda":
+            with contextlib.suppress(RuntimeError):  # a broken CUDA context fails the next rows, not the script
+                torch.cuda.empty_cache()
+
+
+def header(setup: Setup) -> None:
+    import transformers
+
+    def version(module: str, *dists: str) -> str:
+        for dist in dists:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                return importlib.metadata.version(dist)
+        return "not installed" if importlib.util.find_spec(module) is None else "unknown version"
+
+    cuda = f" (CUDA {torch.version.cuda})" if torch.version.cuda else ""
+    device = torch.cuda.get_device_name() if setup.device == "cuda" else "cpu"
+    say(f"python {platform.python_version()}, torch {torch.__version__}{cuda}, triton {version('triton', 'triton')}")
+    say(f"transformers {transformers.__version__}, fla {version('fla', 'fla-core', 'flash-linear-attention')}")
+    say(f"device {device}; our backend {setup.backend!r}, activations {setup.dtype}")
+
+
+# ---------------------------------------------------------------- inputs, as the layers make them
+
+
+def randn(s: Setup, *shape: int, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return (scale * torch.randn(*shape, device=s.device)).to(dtype or s.dtype)
+
+
+def softmax_features(s: Setup, *shape: int) -> torch.Tensor:
+    """Liger's feature map: a softmax over the head dim."""
+    return torch.randn(*shape, device=s.device).softmax(-1).to(s.dtype)
+
+
+def np_map_features(s: Setup, *shape: int) -> torch.Tensor:
+    """STILL's NP-Map-like features [softmax(u), softmax(-u)], twice the head dim, positive."""
+    u = torch.randn(*shape, device=s.device)
+    return torch.cat([u.softmax(-1), (-u).softmax(-1)], dim=-1).to(s.dtype)
+
+
+def log_decay(s: Setup, *shape: int) -> torch.Tensor:
+    """Liger's gates logsigmoid(x) / 16 in fp32, x ~ N(0, 4^2) as in the kernel tests."""
+    return F.logsigmoid(4 * torch.randn(*shape, device=s.device)) / 16
+
+
+def sink_mask(s: Setup, T: int) -> torch.Tensor:
+    """`[1, T, SWA_SINKS]`: a query sees sink token e (one of the first tokens) once its window has left it."""
+    t, e = torch.arange(T, device=s.device)[:, None], torch.arange(SWA_SINKS, device=s.device)[None, :]
+    return (e <= t - SWA_RECENT)[None]
+
+
+def liger_inputs(s: Setup, T: int) -> dict[str, torch.Tensor]:
+    H, Hkv, D = s.H, s.Hkv, s.D
+    return {
+        "q_lin": softmax_features(s, 1, T, H, D),
+        "k_lin": softmax_features(s, 1, T, Hkv, D),
+        "v": randn(s, 1, T, Hkv, D),
+        "g": log_decay(s, 1, T, Hkv, D),
+        "q_rot": randn(s, 1, T, H, D),
+        "k_rot": randn(s, 1, T, Hkv, D),
+    }
+
+
+def liger_decode_inputs(s: Setup, B: int, filled: list[int]) -> dict[str, torch.Tensor]:
+    """One new token per row; row b has `filled[b]` valid window slots (the last ones)."""
+    H, Hkv, D = s.H, s.Hkv, s.D
+    slots = torch.arange(WINDOW, device=s.device)
+    return {
+        "q_lin": softmax_features(s, B, H, D),
+        "k_lin": softmax_features(s, B, Hkv, D),
+        "v": randn(s, B, Hkv, D),
+        "g": log_decay(s, B, Hkv, D),
+        "state": randn(s, B, Hkv, D, D, scale=0.1, dtype=torch.float32),
+        "q_rot": randn(s, B, H, D),
+        "window_k": randn(s, B, WINDOW, Hkv, D),
+        "window_v": randn(s, B, WINDOW, Hkv, D),
+        "window_valid": slots >= WINDOW - torch.tensor(filled, device=s.device)[:, None],
+    }
+
+
+def still_inputs(s: Setup, T: int) -> dict[str, torch.Tensor]:
+    H, Hkv, D = s.H, s.Hkv, s.D
+    return {
+        "q": randn(s, 1, T, H, D),
+        "k": randn(s, 1, T, Hkv, D),
+        "v": randn(s, 1, T, Hkv, D),
+        "q_feat": np_map_features(s, 1, T, H, D),
+        "k_feat": np_map_features(s, 1, T, H, D),  # per query head: K is GQA-expanded before the map
+        "gate": torch.sigmoid(torch.randn(1, T, H, D, device=s.device)).to(s.dtype),
+    }
+
+
+def parallax_inputs(s: Setup, T: int) -> dict[str, torch.Tensor]:
+    H, Hkv, D = s.H, s.Hkv, s.D
+    q, r = randn(s, 1, T, H, D), randn(s, 1, T, H, D, scale=PROBE)
+    return {"q": q, "r": r, "k": randn(s, 1, T, Hkv, D), "v": randn(s, 1, T, Hkv, D)}
+
+
+# ---------------------------------------------------------------- correctness
+
+
+def gla_case(s: Setup, T: int) -> Case:
+    x = liger_inputs(s, T)
+    x = {"q": x["q_lin"], "k": x["k_lin"], "v": x["v"], "g": x["g"]}
+    x["initial_state"] = randn(s, 1, s.Hkv, s.D, s.D, scale=0.1, dtype=torch.float32)
+
+    def op(backend, **x):
+        o, state = gated_linear_attention(**x, output_final_state=True, backend=backend)
+        return {"o": o, "final state": state}
+
+    return Case("gated_linear_attention", x, op, tuple(x), torch.float32)
+
+
+def window_case(s: Setup, T: int) -> Case:
+    x = {"q": randn(s, 1, T, s.H, s.D), "k": randn(s, 1, T, s.Hkv, s.D), "v": randn(s, 1, T, s.Hkv, s.D)}
+    x |= {"sink_k": x["k"][:, :SWA_SINKS].clone(), "sink_v": x["v"][:, :SWA_SINKS].clone()}
+    mask = sink_mask(s, T)
+
+    def op(backend, **x):
+        return {"o": sliding_window_attention(**x, window=SWA_RECENT, sink_mask=mask, backend=backend)}
+
+    return Case("sliding_window + sinks", x, op, tuple(x), torch.float32)
+
+
+def liger_case(s: Setup, T: int) -> Case:
+    x = liger_inputs(s, T) | {"initial_state": randn(s, 1, s.Hkv, s.D, s.D, scale=0.1, dtype=torch.float32)}
+
+    def op(backend, **x):
+        o, state = liger_attention(**x, window=WINDOW, output_final_state=True, backend=backend)
+        return {"o": o, "final state": state}
+
+    return Case("liger_attention", x, op, tuple(x), torch.float32)
+
+
+def liger_decode_case(s: Setup) -> Case:
+    x = liger_decode_inputs(s, 2, [WINDOW, 20])  # row 1 is the 20th token of its sequence
+
+    def op(backend, **x):
+        o, state = liger_decode(**x, backend=backend)
+        return {"o": o, "new state": state}
+
+    return Case("liger_decode", x, op, (), torch.float32)
+
+
+def saliency_case(s: Setup, x: dict[str, torch.Tensor]) -> Case:
+    def op(backend, q, k):
+        return {"scores": self_saliency(q, k, window=CHUNK, backend=backend)}
+
+    return Case("self_saliency", {"q": x["q"], "k": x["k"]}, op, (), torch.float64)
+
+
+def still_case(s: Setup, x: dict[str, torch.Tensor]) -> Case:
+    scores = self_saliency(x["q"], x["k"], window=CHUNK, backend=s.backend)
+    salient = select_salient(scores, chunk_size=CHUNK, topk=TOPK, backend=s.backend)
+
+    def op(backend, **x):
+        return {"o": still_attention(**x, salient=salient, chunk_size=CHUNK, backend=backend)}
+
+    return Case("still_attention", x, op, tuple(x), torch.float64)
+
+
+def parallax_case(s: Setup, T: int) -> Case:
+    x = parallax_inputs(s, T)
+
+    def op(backend, **x):
+        return {"o": parallax_attention(**x, backend=backend)}
+
+    return Case("parallax_attention", x, op, tuple(x), torch.float32)
+
+
+def parallax_decode_case(s: Setup, L: int) -> Case:
+    q, r = randn(s, 2, s.H, s.D), randn(s, 2, s.H, s.D, scale=PROBE)
+    x = {"q": q, "r": r, "k_cache": randn(s, 2, L, s.Hkv, s.D), "v_cache": randn(s, 2, L, s.Hkv, s.D)}
+    valid = torch.arange(L, device=s.device) >= torch.tensor([[0], [L // 3]], device=s.device)  # row 1 left-padded
+
+    def op(backend, **x):
+        return {"o": parallax_decode(**x, cache_valid=valid, backend=backend)}
+
+    return Case("parallax_decode", x, op, (), torch.float32)
+
+
+def run_case(case: Case, inputs: dict, backend: str, cotangents: dict | None = None) -> tuple[dict, dict]:
+    """Outputs and the gradients of sum(output * cotangent) (cotangents drawn in each output's dtype when not
+    given), all detached; and the cotangents."""
+    leaves = {name: t.detach().clone().requires_grad_(name in case.grads) for name, t in inputs.items()}
+    out = case.op(backend, **leaves)
+    if cotangents is None:
+        cotangents = {name: torch.randn_like(o) for name, o in out.items()}
+    if case.grads:
+        sum((o.double() * cotangents[name].double()).sum() for name, o in out.items()).backward()
+    grads = {f"d{name}": leaves[name].grad for name in case.grads}
+    return {name: o.detach() for name, o in out.items()} | grads, cotangents
+
+
+def relative_error(ref: torch.Tensor | None, out: torch.Tensor | None) -> float:
+    """||ref - out|| / ||ref||; NaN (a FAIL) when a gradient is missing or the shapes differ."""
+    if ref is None or out is None or ref.shape != out.shape:
+        return float("nan")
+    ref, out = ref.double(), out.double()
+    return ((ref - out).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def report(name: str, T: int, quantity: str, error: float, tol: float) -> None:
+    ok = error <= tol  # False for NaN
+    if not ok:
+        PROBLEMS.append(f"{name} {quantity}")
+    say(f"{name:<24} {T:>5} {quantity:<14} {error:>9.2e} {tol:>7.0e}  {'PASS' if ok else 'FAIL'}")
+
+
+def check(s: Setup, case: Case, T: int) -> None:
+    ours, cotangents = run_case(case, case.inputs, s.backend)
+    widen = {name: t.to(case.reference_dtype) if t.is_floating_point() else t for name, t in case.inputs.items()}
+    reference, _ = run_case(case, widen, "reference", cotangents)
+    for quantity, ref in reference.items():
+        report(case.name, T, quantity, relative_error(ref, ours[quantity]), s.tol)
+
+
+def check_selection(s: Setup, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Both selections of the same scores must pick the same multiset of scores in every (chunk, head)."""
+    scores = self_saliency(q, k, window=CHUNK, backend=s.backend)
+    B, T, H = scores.shape
+    pad = -T % CHUNK
+
+    def picked(backend):
+        chosen = select_salient(scores, chunk_size=CHUNK, topk=TOPK, backend=backend)
+        values = torch.where(chosen, scores, float("-inf"))
+        return F.pad(values, (0, 0, 0, pad), value=float("-inf")).view(B, -1, CHUNK, H).sort(dim=2).values
+
+    differ = (picked(s.backend) != picked("reference")).any(dim=2)  # [B, chunks, H]
+    report("select_salient", T, "chunks differ", differ.double().mean().item(), 0.0)
+
+
+def correctness(s: Setup, T: int, T_loop: int) -> None:
+    """T for the oracles over [T, T] masks, T_loop for those looping over tokens (GLA, Liger, Parallax)."""
+    say(f"{'op':<24} {'T':>5} {'quantity':<14} {'rel err':>9} {'tol':>7}  verdict")
+    torch.manual_seed(0)
+    still_x = still_inputs(s, T)
+    cases = {
+        "gated_linear_attention": lambda: check(s, gla_case(s, T_loop), T_loop),
+        "sliding_window + sinks": lambda: check(s, window_case(s, T), T),
+        "liger_attention": lambda: check(s, liger_case(s, T_loop), T_loop),
+        "liger_decode": lambda: check(s, liger_decode_case(s), 1),
+        "self_saliency": lambda: check(s, saliency_case(s, still_x), T),
+        "select_salient": lambda: check_selection(s, still_x["q"], still_x["k"]),
+        "still_attention": lambda: check(s, still_case(s, still_x), T),
+        "parallax_attention": lambda: check(s, parallax_case(s, T_loop), T_loop),
+        "parallax_decode": lambda: check(s, parallax_decode_case(s, T), 1),
+    }
+    for name, run in cases.items():
+        if over_budget(s, f"{name} and the rest of the correctness"):
+            break
+        attempt(s, name, run)
+
+
+# ---------------------------------------------------------------- timings
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Softmax attention `[B, T, H, D]` over GQA keys; on CUDA never the math backend, whose [T, T] scores would
+    not fit at 32K. One query against a cache is not causal-masked: torch aligns a causal mask to the top left."""
+    with sdpa_kernel(FAST_SDPA) if q.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
+        )
+    return out.transpose(1, 2)
+
+
+def sdpa_path(s: Setup, T: int) -> Path:
+    x = {"q": randn(s, 1, T, s.H, s.D), "k": randn(s, 1, T, s.Hkv, s.D), "v": randn(s, 1, T, s.Hkv, s.D)}
+    q, k, v = randn(s, 1, 1, s.H, s.D), randn(s, 1, T + 1, s.Hkv, s.D), randn(s, 1, T + 1, s.Hkv, s.D)
+    return Path(sdpa, x, lambda: sdpa(q, k, v, causal=False))
+
+
+def liger_path(s: Setup, T: int) -> Path:
+    step = liger_decode_inputs(s, 1, [WINDOW])
+
+    def forward(**x):
+        return liger_attention(**x, window=WINDOW, backend=s.backend)[0]
+
+    return Path(forward, liger_inputs(s, T), lambda: liger_decode(**step, backend=s.backend))
+
+
+def fla_liger_path(s: Setup, T: int) -> Path:
+    def forward(q_lin, k_lin, v, g, q_rot, k_rot):
+        o_linear, _ = gated_linear_attention(q_lin, k_lin, v, g, backend="fla")
+        o_window = sliding_window_attention(q_rot, k_rot, v, window=WINDOW, backend=s.backend)
+        return 0.5 * o_window.float() + 0.5 * o_linear.float()
+
+    return Path(forward, liger_inputs(s, T), None)
+
+
+def still_path(s: Setup, T: int) -> Path:
+    def forward(q, k, v, q_feat, k_feat, gate):
+        scores = self_saliency(q, k, window=CHUNK, backend=s.backend)
+        salient = select_salient(scores, chunk_size=CHUNK, topk=TOPK, backend=s.backend)
+        return still_attention(q, k, v, q_feat, k_feat, gate, salient, chunk_size=CHUNK, backend=s.backend)
+
+    return Path(forward, still_inputs(s, T), still_decode_step(s, T))
+
+
+def parallax_path(s: Setup, T: int) -> Path:
+    q, r = randn(s, 1, s.H, s.D), randn(s, 1, s.H, s.D, scale=PROBE)
+    k, v = randn(s, 1, T + 1, s.Hkv, s.D), randn(s, 1, T + 1, s.Hkv, s.D)
+
+    def forward(**x):
+        return parallax_attention(**x, backend=s.backend)
+
+    decode = lambda: parallax_decode(q, r, k, v, None, backend=s.backend)  # noqa: E731
+    return Path(forward, parallax_inputs(s, T), decode)
+
+
+def fla_parallax_path(s: Setup, T: int) -> Path:
+    from fla.ops.parallax import parallel_parallax
+
+    return Path(parallel_parallax, parallax_inputs(s, T), None)
+
+
+def swa_path(s: Setup, T: int) -> Path:
+    mask = sink_mask(s, T)
+    q = randn(s, 1, 1, s.H, s.D)
+    k, v = randn(s, 1, SWA_RECENT + SWA_SINKS, s.Hkv, s.D), randn(s, 1, SWA_RECENT + SWA_SINKS, s.Hkv, s.D)
+
+    def forward(q, k, v):
+        sinks = {"sink_k": k[:, :SWA_SINKS], "sink_v": v[:, :SWA_SINKS], "sink_mask": mask}
+        return sliding_window_attention(q, k, v, window=SWA_RECENT, **sinks, backend=s.backend)
+
+    def decode():
+        sinks = {"sink_k": k[:, :SWA_SINKS], "sink_v": v[:, :SWA_SINKS]}
+        recent = {"k": k[:, SWA_SINKS:], "v": v[:, SWA_SINKS:]}
+        return sliding_window_attention(q, **recent, window=SWA_RECENT, **sinks, backend=s.backend)
+
+    x = {"q": randn(s, 1, T, s.H, s.D), "k": randn(s, 1, T, s.Hkv, s.D), "v": randn(s, 1, T, s.Hkv, s.D)}
+    return Path(forward, x, decode)
+
+
+def still_decode_step(s: Setup, T: int) -> Callable[[], None]:
     """The STILL layer's decode step after a T-token prefill (projections included, as in the model)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -103,168 +480,164 @@ def still_decode_step(T: int, H: int, Hkv: int, D: int, dtype, device):
     from linearize.layers.still import StillAttention
 
     source = LlamaConfig(
-        hidden_size=H * D, num_attention_heads=H, num_key_value_heads=Hkv, num_hidden_layers=1,
+        hidden_size=s.H * s.D, num_attention_heads=s.H, num_key_value_heads=s.Hkv, num_hidden_layers=1,
         intermediate_size=64, vocab_size=128, max_position_embeddings=T + 16,
     )  # fmt: skip
     config = plan_conversion(source, "llama", "still").config
-    layer = StillAttention(config, 0, get_family("llama")).to(device=device, dtype=dtype)
-    layer.init_new_parameters(torch.device(device), dtype)
-    rotary = LlamaRotaryEmbedding(source).to(device)
+    layer = StillAttention(config, 0, get_family("llama")).to(device=s.device, dtype=s.dtype)
+    layer.init_new_parameters(torch.device(s.device), s.dtype)
     cache = StillAttention.cache_layer(config)
-    x = torch.randn(1, T + 1, H * D, dtype=dtype, device=device)
-    positions = torch.arange(T + 1, device=device)[None]
-    cos, sin = rotary(x, positions)
+    x = torch.randn(1, T + 1, s.H * s.D, dtype=s.dtype, device=s.device)
+    cos, sin = LlamaRotaryEmbedding(source).to(s.device)(x, torch.arange(T + 1, device=s.device)[None])
     with torch.no_grad():
         layer(x[:, :T], position_embeddings=(cos[:, :T], sin[:, :T]), cache=_OneLayer(cache))
 
     def step():
-        with torch.no_grad():
-            saved = {name: getattr(cache, name) for name in cache._tensor_fields}
-            layer(x[:, T:], position_embeddings=(cos[:, T:], sin[:, T:]), cache=_OneLayer(cache))
-            for name, value in saved.items():  # every timed step starts from the same cache
-                setattr(cache, name, value)
+        saved = {name: getattr(cache, name) for name in cache._tensor_fields}
+        layer(x[:, T:], position_embeddings=(cos[:, T:], sin[:, T:]), cache=_OneLayer(cache))
+        for name, value in saved.items():  # every timed step starts from the same cache
+            setattr(cache, name, value)
 
     return step
 
 
 class _OneLayer:
+    """The cache object the layer reads: `.layers[layer_idx]`."""
+
     def __init__(self, layer):
         self.layers = [layer]
 
 
-def fla_installed() -> bool:
-    try:
-        import fla.ops.gla  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def timer(device: str) -> Callable[..., float]:
+    """bench(fn, leaves=()) -> ms: do_bench's median on CUDA (gradients of `leaves` reset between runs), else one
+    call (the smoke run checks the code, not the speed)."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn, leaves=(): do_bench(fn, warmup=10, rep=50, grad_to_none=list(leaves), return_mode="median")
+
+    def one_call(fn, leaves=()):
+        start = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - start)
+
+    return one_call
 
 
-def sdpa(q, k, v, gate=None, causal=True):
-    # one query against a cache is not causal-masked: torch aligns a causal mask to the top-left corner
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
+def time_path(s: Setup, bench, path: Path) -> tuple[float, float, float, float | None]:
+    """Warm-up seconds (the first call of each timed callable), forward, forward+backward and decode ms."""
+    x = path.inputs
+    leaves = [t.requires_grad_() for t in x.values() if t.is_floating_point()]
+
+    def forward():
+        with torch.no_grad():
+            return path.forward(**x)
+
+    def decode():
+        with torch.no_grad():
+            path.decode()
+
+    start = time.perf_counter()
+    do = torch.randn_like(forward())
+
+    def train():
+        path.forward(**x).backward(do)
+
+    train()
+    if path.decode is not None:
+        decode()
+    if s.device == "cuda":
+        torch.cuda.synchronize()
+    warm = time.perf_counter() - start
+    for leaf in leaves:
+        leaf.grad = None
+    return warm, bench(forward), bench(train, leaves), bench(decode) if path.decode is not None else None
+
+
+def time_length(s: Setup, bench, T: int, paths: dict[str, Callable[[Setup, int], Path]]) -> None:
+    say(
+        f"{'T':>6} {'path':<27} {'warm s':>7} {'fwd ms':>9} {'f+b ms':>9} {'decode ms':>10} "
+        f"{'fwd/sdpa':>9} {'f+b/sdpa':>9} {'dec/sdpa':>9}"
     )
-    return out.transpose(1, 2)
+    base = [None] * 3  # sdpa's times, the first row's
+    for name, build in paths.items():
+        if over_budget(s, f"{name} and the rest at T = {T}"):
+            break
+        times = attempt(s, f"{T:>6} {name}", lambda build: time_path(s, bench, build(s, T)), build)
+        if times is None:
+            continue
+        warm, *ms = times
+        if name == "sdpa causal":
+            base = ms
+        cells = [f"{m:>9.3f}" if m is not None else f"{'-':>9}" for m in ms]
+        ratios = [f"{m / b:>8.2f}x" if m is not None and b else f"{'-':>9}" for m, b in zip(ms, base, strict=True)]
+        say(f"{T:>6} {name:<27} {warm:>7.1f} {cells[0]} {cells[1]} {cells[2]:>10} {' '.join(ratios)}")
 
 
-def parallax(q, k, v, gate=None):
-    from linearize.kernels.parallax import parallax_attention
-
-    return parallax_attention(q, 0.05 * q, k, v)  # a probe that depends on q, so the backward computes dr
-
-
-def decode_step(name: str, T: int, H: int, Hkv: int, D: int, dtype, device):
-    """One token against a context of T: returns a callable, or None when the row has no decode path.
-
-    Liger's decode cost does not depend on T (a D x D state per KV head and a 64-key window); sdpa's does.
-    """
-    from linearize.kernels.liger import liger_decode
-    from linearize.kernels.parallax import parallax_decode
-
-    if name == "still (ours)":
-        return still_decode_step(T, H, Hkv, D, dtype, device)
-    q = torch.randn(1, 1, H, D, dtype=dtype, device=device)
-    if name == "parallax (ours)":
-        k = torch.randn(1, T + 1, Hkv, D, dtype=dtype, device=device)
-        return lambda: parallax_decode(q[:, 0], 0.05 * q[:, 0], k, k, None)
-    if name == "sdpa causal":
-        k = torch.randn(1, T + 1, Hkv, D, dtype=dtype, device=device)
-        return lambda: sdpa(q, k, k, causal=False)
-    if name != "liger fused (ours)":
-        return None
-    q_lin, k_lin = torch.rand(1, H, D, device=device), torch.rand(1, Hkv, D, device=device)
-    v = torch.randn(1, Hkv, D, dtype=dtype, device=device)
-    gate = torch.full((1, Hkv, D), -0.05, device=device)
-    state = torch.randn(1, Hkv, D, D, device=device)
-    window = torch.randn(1, WINDOW, Hkv, D, dtype=dtype, device=device)
-    valid = torch.ones(1, WINDOW, dtype=torch.bool, device=device)
-    return lambda: liger_decode(q_lin, k_lin, v, gate, state, q[:, 0], window, window, valid)
+def decode_sweep(s: Setup, bench, batches: tuple[int, ...], caches: tuple[int, ...]) -> None:
+    """One decode step of Parallax and of SDPA per (batch, cache length), and their ratio."""
+    say(f"{'batch':>6} {'cache':>7} {'sdpa ms':>9} {'parallax ms':>12} {'parallax/sdpa':>14}")
+    for B, L in itertools.product(batches, caches):
+        if over_budget(s, f"batch {B}, cache {L} and the rest of the sweep"):
+            break
+        attempt(s, f"{B:>6} {L:>7}", sweep_row, s, bench, B, L)
 
 
-def decode_sweep(bench, batches, lengths, H, Hkv, D, dtype, device) -> None:
-    """One decode step of Parallax and of sdpa per (batch, cache length), and their ratio."""
-    from linearize.kernels.parallax import parallax_decode
-
-    print(f"\n{'batch':>6} {'cache':>7} {'sdpa ms':>9} {'parallax ms':>12} {'parallax vs sdpa':>17}", flush=True)
-    for B in batches:
-        for L in lengths:
-            q, r = torch.randn(2, B, H, D, dtype=dtype, device=device)
-            k, v = torch.randn(2, B, L, Hkv, D, dtype=dtype, device=device)
-            base = bench(functools.partial(sdpa, q[:, None], k, v, causal=False))
-            ours = bench(functools.partial(parallax_decode, q, r, k, v, None))
-            print(f"{B:>6} {L:>7} {base:>9.3f} {ours:>12.3f} {ours / base:>16.2f}x", flush=True)
-            if device == "cuda":
-                torch.cuda.empty_cache()
+def sweep_row(s: Setup, bench, B: int, L: int) -> None:
+    q, r = randn(s, B, s.H, s.D), randn(s, B, s.H, s.D, scale=PROBE)
+    k, v = randn(s, B, L, s.Hkv, s.D), randn(s, B, L, s.Hkv, s.D)
+    with torch.no_grad():
+        base = bench(lambda: sdpa(q[:, None], k, v, causal=False))
+        ours = bench(lambda: parallax_decode(q, r, k, v, None, backend=s.backend))
+    say(f"{B:>6} {L:>7} {base:>9.3f} {ours:>12.3f} {ours / base:>13.2f}x")
 
 
-def time_row(bench, fn, T, H, Hkv, D, dtype, device) -> tuple[float, float]:
-    """Forward and forward+backward time (ms) of one path at length T."""
-    q, k, v, gate = inputs(T, H, Hkv, D, dtype, device, grad=False)
-    fwd = bench(lambda: fn(q, k, v, gate))
-    q, k, v, gate = inputs(T, H, Hkv, D, dtype, device, grad=True)
-    do = torch.randn_like(fn(q, k, v, gate))
-    return fwd, bench(lambda: fn(q, k, v, gate).backward(do))
-
-
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the current device, no tests")
-    parser.add_argument("--lengths", default="2048,8192,32768")
-    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, torch backend, any device; raise on errors")
+    parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--skip-timings", action="store_true", help="also skips the decode sweep")
+    parser.add_argument("--lengths", default="2048,8192,32768", help="timed sequence lengths on CUDA, comma-separated")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds into the run after which no row starts")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    import transformers
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not args.smoke and not cuda:
+        parser.error("no CUDA device: use --smoke")
+    if cuda:
+        setup = Setup("cuda", torch.bfloat16, "triton", 2e-2, strict=False, budget=args.budget, H=32, Hkv=8, D=128)
+    else:
+        setup = Setup("cpu", torch.float32, "torch", 1e-4, strict=True, budget=args.budget, H=4, Hkv=2, D=32)
+    header(setup)
 
-    print(
-        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}",
-        flush=True,
-    )
-    if device == "cuda":
-        import triton
+    if not args.skip_correctness:
+        with section("correctness"):
+            correctness(setup, *((2048, 1024) if cuda else (160, 96)))
+    if not args.skip_timings:
+        bench = timer(setup.device)
+        paths = {
+            "sdpa causal": sdpa_path,
+            "liger (ours)": liger_path,
+            "fla chunk_gla + our window": fla_liger_path,
+            "still (ours)": still_path,
+            "parallax (ours)": parallax_path,
+            "fla parallel_parallax": fla_parallax_path,
+            "swa (ours)": swa_path,
+        }
+        if not cuda or importlib.util.find_spec("fla") is None:
+            paths = {name: build for name, build in paths.items() if not name.startswith("fla")}
+        for T in [int(n) for n in args.lengths.split(",")] if cuda else [256]:
+            if over_budget(setup, f"the timings at T = {T} and after"):
+                break
+            with section(f"timings at T = {T}"):
+                torch.manual_seed(T)
+                time_length(setup, bench, T, paths)
+        if not over_budget(setup, "the decode sweep"):
+            with section("decode sweep"):
+                decode_sweep(setup, bench, *(((1, 32), (4096, 16384)) if cuda else ((1, 2), (64,))))
 
-        print(f"triton {triton.__version__}", flush=True)
-    if not args.smoke and not args.skip_tests:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "triton", "tests/kernels"])
-        print(f"kernel tests exit code {result.returncode}", flush=True)
-
-    H, Hkv, D = (4, 2, 32) if args.smoke else (32, 8, 128)
-    lengths = [128] if args.smoke else [int(x) for x in args.lengths.split(",")]
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    bench = timer(device)
-    rows = {
-        "sdpa causal": sdpa,
-        "liger fused (ours)": liger_fused,
-        "liger unfused (ours)": liger_unfused,
-        "still (ours)": still,
-        "parallax (ours)": parallax,
-    }
-    if device == "cuda":
-        rows["still torch (ours)"] = lambda q, k, v, gate: still(q, k, v, backend="torch")
-    if device == "cuda" and fla_installed():
-        rows["fla chunk_gla + window"] = lambda q, k, v, gate: liger_unfused(q, k, v, gate, linear_backend="fla")
-
-    print(
-        f"\n{'T':>6} {'path':<24} {'fwd ms':>9} {'fwd+bwd ms':>11} {'decode ms':>10} {'fwd vs sdpa':>12} "
-        f"{'f+b vs sdpa':>12}",
-        flush=True,
-    )
-    for T in lengths:
-        results = {}
-        for name, fn in rows.items():
-            fwd, both = time_row(bench, fn, T, H, Hkv, D, dtype, device)
-            step = decode_step(name, T, H, Hkv, D, dtype, device)
-            decode = bench(step) if step is not None else float("nan")
-            results[name] = (fwd, both, decode)
-            base = results.get("sdpa causal")
-            ratio = f"{base[0] / fwd:>11.2f}x {base[1] / both:>11.2f}x" if base else f"{'':>12} {'':>12}"
-            print(f"{T:>6} {name:<24} {fwd:>9.2f} {both:>11.2f} {decode:>10.3f} {ratio}", flush=True)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    batches, caches = ((1, 2), (64,)) if args.smoke else ((1, 32), (4096, 16384))
-    decode_sweep(bench, batches, caches, H, Hkv, D, dtype, device)
+    say(f"\n{len(PROBLEMS)} problem(s){': ' + '; '.join(PROBLEMS) if PROBLEMS else ''}; total {elapsed():.0f} s")
+    return 1 if PROBLEMS else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -35,9 +35,3 @@ def resolve_backend(requested: str | None, device: torch.device, available: tupl
             "(or set TRITON_INTERPRET=1 before importing triton, for tests)"
         )
     return name
-
-
-def dot_precision(*xs: torch.Tensor) -> str:
-    """`input_precision` of a Triton kernel's tl.dot: fp32 inputs get exact fp32 products (what the tests against the
-    fp32 references need); half-precision inputs are exact in tf32, so they accept tf32 matmuls."""
-    return "ieee" if all(x.dtype == torch.float32 for x in xs) else "tf32"

@@ -179,11 +179,20 @@ def parse_ptxas_log(log: str) -> tuple[int, int, int]:
     return int(registers[0]), int(spills[0][0]), int(spills[0][1])
 
 
+_MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)((?:\.[A-Za-z0-9_]+)+)")
+_OPERANDS = ("bf16", "f16", "tf32")
+
+
 def tensor_core_instructions(ptx: str) -> str:
-    """ "wgmma" or "mma" when the PTX multiplies on tensor cores, else ""."""
-    if re.search(r"\bwgmma\.mma_async", ptx):
-        return "wgmma"
-    return "mma" if re.search(r"\bmma\.sync", ptx) else ""
+    """The tensor-core instructions in PTX and their operand types, e.g. "wgmma bf16" or "mma bf16+tf32"; "" when
+    nothing multiplies on tensor cores."""
+    kinds, operands = set(), set()
+    for instruction, suffix in _MMA.findall(ptx):
+        kinds.add("wgmma" if instruction.startswith("wgmma") else "mma")
+        operands |= {part for part in suffix.split(".") if part in _OPERANDS}
+    if not kinds:
+        return ""
+    return f"{'+'.join(sorted(kinds, reverse=True))} {'+'.join(t for t in _OPERANDS if t in operands)}"
 
 
 def _has_dot(fn) -> bool:
@@ -432,7 +441,7 @@ def _fla_gla(shape: Shape, phase: str) -> None:
     """flash-linear-attention's chunk_gla, for comparison (same shapes, model-dtype operands, fp32 gates)"""
     if phase != "train":
         return
-    _patch_fla_for_offline_target()
+    _import_fla()
     from fla.ops.gla import chunk_gla
 
     B, T, H, Hkv, D, dtype = _dims(shape, phase)
@@ -447,7 +456,7 @@ def _fla_parallax(shape: Shape, phase: str) -> None:
     """flash-linear-attention's parallel_parallax, for comparison"""
     if phase != "train" or shape.dtype == "fp32":
         return
-    _patch_fla_for_offline_target()
+    _import_fla()
     from fla.ops.parallax import parallel_parallax
 
     B, T, H, Hkv, D, dtype = _dims(shape, phase)
@@ -456,21 +465,28 @@ def _fla_parallax(shape: Shape, phase: str) -> None:
     _backward(parallel_parallax(q, r, k, v))
 
 
-def _patch_fla_for_offline_target() -> None:
-    """fla sizes its tile lists at import from the device's shared memory: answer for the offline target."""
-    import fla.utils
-    import fla.utils.hardware as hardware
+_GPU_NAMES = {80: "NVIDIA A100-SXM4-80GB", 90: "NVIDIA H100 80GB HBM3"}
+
+
+def _import_fla() -> None:
+    """Import fla's ops as on the offline target: fla reads the device at import (its vendor and capability from
+    torch.cuda, its shared memory from Triton's driver) to choose its tile lists, so answer for the target."""
+    if "fla.ops.gla" in sys.modules:
+        return
+    from unittest import mock
+
     from triton.runtime import driver
 
-    limit = driver.active.utils.get_device_properties(0)["max_shared_mem"]
-
-    def check_shared_mem(arch: str = "none", tensor_idx: int = 0) -> bool:
-        return limit >= hardware.Backend.get_shared_memory(arch)
-
-    hardware.check_shared_mem = fla.utils.check_shared_mem = check_shared_mem
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("fla.ops") and hasattr(module, "check_shared_mem"):
-            module.check_shared_mem = check_shared_mem
+    capability = driver.active.target.capability
+    with mock.patch.multiple(
+        torch.cuda,
+        device_count=lambda: 1,
+        current_device=lambda: 0,
+        get_device_name=lambda device=None: _GPU_NAMES[capability],
+        get_device_capability=lambda device=None: divmod(capability, 10),
+    ):
+        import fla.ops.gla  # noqa: F401
+        import fla.ops.parallax  # noqa: F401
 
 
 def _dims(shape: Shape, phase: str):
@@ -502,6 +518,27 @@ def record(target: Target, method: str, shapes: list[Shape], phases=PHASES) -> l
     return recorder.reports
 
 
+def defined_kernels() -> set[str]:
+    """Names of the Triton kernels our ops define (every `@triton.jit` function named `*_kernel*` in a module of
+    linearize.kernels): what a full check must compile."""
+    import importlib
+    import pkgutil
+
+    from . import __name__ as package
+    from . import __path__ as path
+
+    names = set()
+    for module_info in pkgutil.walk_packages(path, prefix=f"{package}."):
+        if module_info.name == __name__:
+            continue
+        module = importlib.import_module(module_info.name)
+        for name, obj in vars(module).items():
+            base = getattr(obj, "base_fn", None) or getattr(obj, "fn", None)  # an Autotuner, or a jitted function
+            if "_kernel" in name and getattr(base, "__module__", None) == module.__name__:
+                names.add(name)
+    return names
+
+
 def _record_task(task):
     target, method, shapes, phases = task
     os.environ.pop("TRITON_INTERPRET", None)
@@ -526,7 +563,9 @@ def check(
     workers = workers or min(len(tasks), os.cpu_count() or 1)
     import multiprocessing
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # one task per process: autotuners remember the configuration they picked, and a second target must not inherit it
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
         return [report for reports in pool.map(_record_task, tasks) for report in reports]
 
 
@@ -534,11 +573,14 @@ def check(
 
 
 def violations(reports: list[KernelReport]) -> list[str]:
-    """What breaks the budget: a compile error; shared memory or registers beyond the target's; spills past
-    SPILL_BUDGET anywhere, or any spill in a forward or decode kernel on sm_90 at head dim 128; a register collapse
-    (32 registers with spills); a dot in a half-precision kernel that misses the tensor cores."""
+    """What breaks the budget, in our kernels (fla's are only compared): a compile error; shared memory or
+    registers beyond the target's; spills past SPILL_BUDGET anywhere, or any spill in a forward or decode kernel on
+    sm_90 at head dim 128; a register collapse (32 registers with spills); in a half-precision workload, a dot that
+    misses the tensor cores or multiplies fp32 (tf32) operands."""
     found = []
     for r in reports:
+        if r.method.startswith("fla-"):
+            continue
         where = f"{r.target} {r.kernel} ({r.method} {r.phase} {r.direction}, D={r.head_dim} {r.dtype}, {r.config})"
         if r.error:
             found.append(f"{where}: {r.error}")
@@ -554,8 +596,12 @@ def violations(reports: list[KernelReport]) -> list[str]:
             found.append(f"{where}: a forward or decode kernel spills ({r.spill_stores} B) on {r.target}")
         if r.registers <= 32 and r.spill_stores:
             found.append(f"{where}: register collapse ({r.registers} registers, {r.spill_stores} B spilled)")
-        if r.has_dot and r.dtype in ("bf16", "fp16") and not r.mma:
-            found.append(f"{where}: tl.dot without tensor-core instructions")
+        if r.has_dot and r.dtype in ("bf16", "fp16"):
+            model = "bf16" if r.dtype == "bf16" else "f16"
+            if model not in r.mma.split(" ")[-1].split("+"):
+                found.append(f"{where}: no {r.dtype} tensor-core instruction ({r.mma or 'no MMA at all'})")
+            elif "tf32" in r.mma:
+                found.append(f"{where}: a dot multiplies fp32 operands on tensor cores (tf32)")
     return found
 
 

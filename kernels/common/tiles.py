@@ -10,7 +10,8 @@ never makes a NaN; a query that saw no key ends with l == 0.
 import triton
 import triton.language as tl
 
-NEG_INIT = -1e30  # the running max before any key: finite, see the module docstring
+# the running max before any key: finite (see the module docstring); a constexpr so that kernels can read it
+NEG_INIT = tl.constexpr(-1e30)
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """Liger attention: gated linear branch plus sliding-window softmax branch, mixed. Two ops, each with reference,
-PyTorch and fused Triton paths: `liger_attention` over a sequence (prefill and training, differentiable) and
-`liger_decode`, one new token per sequence.
+PyTorch and Triton paths: `liger_attention` over a sequence (prefill and training, differentiable), on either
+backend the gated linear attention op and the sliding-window op composed, then the mix; and `liger_decode`, one new
+token per sequence, on Triton one fused kernel (state update and readout, window softmax and mix in one launch).
 
 The Triton modules are imported only when the "triton" backend runs, so CPU-only installs never import triton.
 """

@@ -1,43 +1,23 @@
-"""Parallax attention in Triton: the forward kernel and the tile helpers the backward kernels share (host code and
-autograd in parallax.triton, backward kernels in triton_bwd).
+"""Parallax attention in Triton: the forward kernel (host code and autograd in parallax.triton, backward kernels in
+triton_bwd).
 
 Keys are `[B, S, Hkv, D]` with S = P + T (the history first); query t sits at key position S - T + t and sees key j
 iff j <= S - T + t, j > S - T + t - window and key_valid[b, j]. Query head h reads key head h // G.
 
 Forward (FlashAttention-2 style, methods.md 4.6): one program per (block of BM queries, batch * query head) holds
-its q and r tiles and streams only the key tiles its window reaches, once: two score products z = q k^T and
-s = r k^T, an online softmax in the log2 domain (log2(e) folded into the scale, so exp2) that rescales all four
-accumulators d1, d2, O1, O2 (fp32) by alpha = 2^(m_old - m_new), and two value products w v and (w s) v. The
-running max starts finite, so a fully masked tile or row adds nothing and never gives NaN. Saves for the backward:
-v_bar = O1 / d1 (fp32), t_bar = d2 / d1 and the log2-sum-exp per query, all `[B, T, H(, D)]`.
+its q and r tiles and streams only the key tiles its window reaches, once. Per key tile: two score products
+z = q k^T and s = r k^T; the shared online softmax (`common.tiles.online_softmax`, log2 domain: log2(e) folded
+into the scale) gives the weights w = 2^(z - m), the rescale alpha and the running max m and sum d1 = sum w;
+Parallax adds its own accumulators around it, d2 = sum w s, O1 = sum w v and O2 = sum (w s) v, rescaled by the same
+alpha. The products multiply model-dtype operands (w and w s are cast to it, as FlashAttention casts its
+probabilities) into fp32 accumulators. Saves for the backward: v_bar = O1 / d1 (fp32), t_bar = d2 / d1 and the
+log2-sum-exp per query, all `[B, T, H(, D)]`.
 """
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _load_rows(x, b64, rows, ok, L, NH, i_h, o_d, m_d, D: tl.constexpr):
-    """Rows `rows` `[N]` of head i_h of a `[B, L, NH, D]` tensor as fp32 `[N, BD]`; rows with ~ok are never read
-    (padding may hold anything, NaN included) and come back as zeros."""
-    p = x + ((b64 * L + rows.to(tl.int64)) * NH + i_h)[:, None] * D + o_d[None, :]
-    return tl.load(p, mask=ok[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _key_ok(key_valid, b64, cols, S, HAS_KEY_VALID: tl.constexpr):
-    """Which key positions `cols` exist and are valid (not padding)."""
-    ok = (cols >= 0) & (cols < S)
-    if HAS_KEY_VALID:
-        ok = ok & (tl.load(key_valid + b64 * S + cols, mask=ok, other=0) != 0)
-    return ok
-
-
-@triton.jit
-def _visible(pos, cols, ok, m_rows, window):
-    """[queries, keys]: key `cols` is in the window of the query at key position `pos`, valid, and the query real."""
-    vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - window)
-    return vis & ok[None, :] & m_rows[:, None]
+from ..common.tiles import NEG_INIT, band, load_rows, log2_sum_exp, online_softmax, store_rows, valid_rows
 
 
 @triton.jit(do_not_specialize=["T", "S", "window"])
@@ -74,11 +54,11 @@ def parallax_fwd_kernel(
     m_m = o_m < T
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    b_q = _load_rows(q, b64, o_m, m_m, T, H, i_h, o_d, m_d, D)
-    b_r = _load_rows(r, b64, o_m, m_m, T, H, i_h, o_d, m_d, D)
-    pos = S - T + o_m  # key position of each query
+    b_q = load_rows(q, b64, o_m, m_m, T, H, i_h, o_d, m_d, D)  # [BM, BD]
+    b_r = load_rows(r, b64, o_m, m_m, T, H, i_h, o_d, m_d, D)
+    pos = S - T + o_m  # key position of each query (rows past T see something; they are never stored)
 
-    b_m = tl.full([BM], -1e30, dtype=tl.float32)
+    b_m = tl.full([BM], NEG_INIT, dtype=tl.float32)
     b_d1 = tl.zeros([BM], dtype=tl.float32)
     b_d2 = tl.zeros([BM], dtype=tl.float32)
     b_o1 = tl.zeros([BM, BD], dtype=tl.float32)
@@ -87,32 +67,24 @@ def parallax_fwd_kernel(
     lo = tl.maximum(first - window + 1, 0)
     for n0 in range((lo // BN) * BN, tl.minimum(first + BM, S), BN):
         o_n = n0 + tl.arange(0, BN)
-        ok = _key_ok(key_valid, b64, o_n, S, HAS_KEY_VALID)
-        b_k = _load_rows(k, b64, o_n, ok, S, HKV, i_hk, o_d, m_d, D)
-        b_v = _load_rows(v, b64, o_n, ok, S, HKV, i_hk, o_d, m_d, D)
+        ok = valid_rows(key_valid, b64, o_n, S, HAS_KEY_VALID)
+        b_k = load_rows(k, b64, o_n, ok, S, HKV, i_hk, o_d, m_d, D)  # [BN, BD]
         b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
         b_s = tl.dot(b_r, tl.trans(b_k), input_precision=DOT_PREC)
-        vis = _visible(pos, o_n, ok, m_m, window)
-        m_new = tl.maximum(b_m, tl.max(tl.where(vis, b_z, float("-inf")), 1))
-        b_w = tl.exp2(tl.where(vis, b_z - m_new[:, None], float("-inf")))
+        b_w, alpha, b_m, b_d1 = online_softmax(b_z, band(pos, o_n, window) & ok[None, :], b_m, b_d1)
         b_ws = b_w * b_s
-        alpha = tl.exp2(b_m - m_new)
-        b_d1 = b_d1 * alpha + tl.sum(b_w, 1)
         b_d2 = b_d2 * alpha + tl.sum(b_ws, 1)
-        b_o1 = b_o1 * alpha[:, None] + tl.dot(b_w, b_v, input_precision=DOT_PREC)
-        b_o2 = b_o2 * alpha[:, None] + tl.dot(b_ws, b_v, input_precision=DOT_PREC)
-        b_m = m_new
+        b_v = load_rows(v, b64, o_n, ok, S, HKV, i_hk, o_d, m_d, D)
+        b_o1 = tl.dot(b_w.to(b_v.dtype), b_v, b_o1 * alpha[:, None], input_precision=DOT_PREC)
+        b_o2 = tl.dot(b_ws.to(b_v.dtype), b_v, b_o2 * alpha[:, None], input_precision=DOT_PREC)
 
     seen = b_d1 > 0
     inv = tl.where(seen, 1.0 / tl.where(seen, b_d1, 1.0), 0.0)  # a query that sees no key gets o = 0
     b_vbar = b_o1 * inv[:, None]
     b_tbar = b_d2 * inv
-    b_o = b_vbar * (1.0 + b_tbar[:, None]) - b_o2 * inv[:, None]
-    row = (b64 * T + o_m.to(tl.int64)) * H + i_h
-    m_md = m_m[:, None] & m_d[None, :]
-    tl.store(o + row[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_md)
+    store_rows(o, b_vbar * (1.0 + b_tbar[:, None]) - b_o2 * inv[:, None], b64, o_m, m_m, T, H, i_h, o_d, m_d, D)
     if STORE_STATS:
-        tl.store(v_bar + row[:, None] * D + o_d[None, :], b_vbar, mask=m_md)
+        store_rows(v_bar, b_vbar, b64, o_m, m_m, T, H, i_h, o_d, m_d, D)
+        row = (b64 * T + o_m.to(tl.int64)) * H + i_h
         tl.store(t_bar + row, b_tbar, mask=m_m)
-        # any finite value for a query without keys: all its probabilities are masked to zero in the backward
-        tl.store(lse + row, tl.where(seen, b_m + tl.log2(tl.where(seen, b_d1, 1.0)), 0.0), mask=m_m)
+        tl.store(lse + row, log2_sum_exp(b_m, b_d1), mask=m_m)

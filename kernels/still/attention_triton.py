@@ -2,29 +2,31 @@
 attention_triton_bwd, whose docstrings give the algorithm and the gradients).
 
 Forward: the salient keys of every chunk are listed by token index (torch, one host sync for the largest count),
-one kernel computes the per-chunk linear states, one the outputs. Backward: one kernel carries the state gradients
-in reverse, one computes the query-side gradients (dq, dq_feat, dgate), one the key-side ones (dk, dv, dk_feat).
-Inputs of any float dtype are read as fp32; states, statistics and every accumulation are fp32. No [T, T] matrix:
-a query chunk reads its own and the previous chunk's keys plus the listed salient keys.
+the shared chunk-state recurrence gives the linear state every chunk reads, one kernel computes the outputs.
+Backward: the states are recomputed rather than saved (`[B * N, H, F, Dv]` fp32, larger than all the inputs at
+F = 2D); the query-side kernel, the shared recurrence carrying the state gradients in reverse, then the salient,
+linear and key-side kernels. Every matmul multiplies operands in the model dtype (q's; the other inputs are cast
+to it) into fp32 accumulators; states and statistics are fp32. No [T, T] matrix: a query chunk reads its own and
+the previous chunk's keys plus the listed salient keys.
 """
 
 import math
 
 import torch
-import triton
 
-from ..backend import dot_precision
-from .attention_triton_bwd import still_bwd_key_kernel, still_bwd_query_kernel, still_bwd_states_kernel
-from .attention_triton_fwd import NO_KEY, still_fwd_kernel, still_fwd_states_kernel
+from ..common.chunk_state import ChunkLayout, chunk_layout, chunk_state_grads, chunk_states
+from ..common.launch import dot_precision, pow2
+from .attention_triton_bwd import (
+    still_bwd_key_kernel,
+    still_bwd_linear_kernel,
+    still_bwd_query_kernel,
+    still_bwd_salient_kernel,
+)
+from .attention_triton_fwd import NO_KEY, still_fwd_kernel
 from .reference import check_inputs
 
 LOG2E = math.log2(math.e)
 SALIENT_BLOCK = 64  # salient slots per inner step of the forward and the query-side backward
-
-
-def _pad(n: int) -> int:
-    # tl.dot needs every dimension >= 16
-    return max(16, triton.next_power_of_2(n))
 
 
 def salient_slots(salient: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, int]:
@@ -51,89 +53,93 @@ def salient_slots(salient: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor,
     return slots.permute(0, 3, 1, 2).reshape(B, H, n_old * S).to(torch.int32).contiguous(), S
 
 
-def _sizes(C: int, D: int, Dv: int, F: int) -> tuple[int, int, int, int, int]:
-    # a chunk and the q/k and v head dims fit one tile each; features go in blocks of at most 64, and so do the V
-    # columns of the state kernels (their [F block, V block] state tiles stay small)
-    BV = _pad(Dv)
-    return _pad(C), _pad(D), BV, min(64, _pad(F)), min(64, BV)
+def _tiles(q: torch.Tensor, v: torch.Tensor, C: int) -> dict:
+    # a chunk and the q/k and v head dims fit one tile each
+    return {"BC": pow2(C), "BD": pow2(q.shape[3]), "BV": pow2(v.shape[3])}
 
 
-def still_fwd(q, k, v, q_feat, k_feat, gate, salient, slots, key_valid, config, save):
-    """Returns o `[B, T, H, Dv]` (q.dtype) and, when `save`, what the backward reads: the states and normalizers
-    `[B, N, H, F, Dv]`, `[B, N, H, F]` and per query the max (log2), the denominator and the argmax key. Inputs are
-    contiguous."""
+def _states(k_feat, v, linear, layout: ChunkLayout):
+    """The state and normalizer entering every chunk, `[B * N, H, F, Dv]` and `[B * N, H, F]` (fp32), of the keys
+    that enter the linear state."""
+    h, hn, _ = chunk_states(k_feat, v, None, layout, key_mask=linear, normalizer=True)
+    return h, hn
+
+
+def still_fwd(q, k, v, q_feat, k_feat, gate, linear, slots, key_valid, config, save):
+    """Returns o `[B, T, H, Dv]` (q.dtype) and, when `save`, what the backward reads per query: the max (log2), the
+    denominator and the argmax key. Inputs are contiguous and share q's dtype."""
     C, S, scale, eps, salient_block = config
     B, T, H, D = q.shape
     Hkv, Dv, F = k.shape[2], v.shape[3], q_feat.shape[3]
-    N = triton.cdiv(T, C)
-    BC, BD, BV, BF, BVS = _sizes(C, D, Dv, F)
-    dev = q.device
-    prec = dot_precision(q, k, v, q_feat, k_feat, gate)
-    h = torch.empty(B, N, H, F, Dv, dtype=torch.float32, device=dev)
-    hn = torch.empty(B, N, H, F, dtype=torch.float32, device=dev)
-    still_fwd_states_kernel[(triton.cdiv(F, BF), triton.cdiv(Dv, BVS), B * H)](
-        k_feat, v, salient, key_valid, h, hn, T, C, N,
-        H=H, HKV=Hkv, G=H // Hkv, F=F, DV=Dv, BC=BC, BF=BF, BV=BVS,
-        HAS_KEY_VALID=key_valid is not None, DOT_PREC=prec, num_warps=4,
-    )  # fmt: skip
-    o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=dev)
+    layout = chunk_layout(B, T, C, None, q.device)
+    h, hn = _states(k_feat, v, linear, layout)
+    o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
     m, den, arg = (
-        [torch.empty(B, T, H, dtype=dtype, device=dev) for dtype in (torch.float32, torch.float32, torch.int32)]
+        [torch.empty(B, T, H, dtype=dtype, device=q.device) for dtype in (torch.float32, torch.float32, torch.int32)]
         if save
         else (None, None, None)
     )
-    still_fwd_kernel[(N, B * H)](
+    still_fwd_kernel[(layout.NT, B * H)](
         q, k, v, q_feat, gate, key_valid, slots, h, hn, o, m, den, arg,
-        scale * LOG2E, eps, T, C, N, S, slots.shape[-1],
-        H=H, HKV=Hkv, G=H // Hkv, D=D, DV=Dv, F=F, BC=BC, BS=salient_block, BD=BD, BV=BV, BF=BF,
-        HAS_KEY_VALID=key_valid is not None, STORE_STATS=save, DOT_PREC=prec, num_warps=8,
+        scale * LOG2E, eps, T, C, layout.NT, S, slots.shape[-1],
+        H=H, HKV=Hkv, G=H // Hkv, D=D, DV=Dv, F=F, BS=salient_block, BF=min(64, pow2(F)), **_tiles(q, v, C),
+        HAS_KEY_VALID=key_valid is not None, STORE_STATS=save, DOT_PREC=dot_precision(q.dtype),
     )  # fmt: skip
-    return o, ((h, hn, m, den, arg) if save else None)
+    return o, ((m, den, arg) if save else None)
 
 
 def still_bwd(saved, do, config):
-    """Returns dq, dk, dv, dq_feat, dk_feat, dgate in their inputs' dtypes."""
-    q, k, v, q_feat, k_feat, gate, salient, slots, key_valid, o, h, hn, m, den, arg = saved
+    """Returns dq, dk, dv, dq_feat, dk_feat, dgate in q's dtype."""
+    q, k, v, q_feat, k_feat, gate, linear, slots, key_valid, o, m, den, arg = saved
     C, S, scale, eps, salient_block = config
     B, T, H, D = q.shape
     Hkv, Dv, F = k.shape[2], v.shape[3], q_feat.shape[3]
-    G = H // Hkv
-    N = triton.cdiv(T, C)
-    BC, BD, BV, BF, BVS = _sizes(C, D, Dv, F)
-    prec = dot_precision(q, k, v, q_feat, k_feat, gate, do)
-    has_valid = key_valid is not None
-    delta = (do.float() * o.float()).sum(-1).contiguous()  # [B, T, H]
+    layout = chunk_layout(B, T, C, None, q.device)
+    h, hn = _states(k_feat, v, linear, layout)
+    tiles = _tiles(q, v, C)
+    flags = {"HAS_KEY_VALID": key_valid is not None, "DOT_PREC": dot_precision(q.dtype)}
 
-    dh, dhn = torch.empty_like(h), torch.empty_like(hn)
-    still_bwd_states_kernel[(triton.cdiv(F, BF), triton.cdiv(Dv, BVS), B * H)](
-        q_feat, gate, do, den, delta, key_valid, dh, dhn, T, C, N,
-        H=H, F=F, DV=Dv, BC=BC, BF=BF, BV=BVS, HAS_KEY_VALID=has_valid, DOT_PREC=prec, num_warps=4,
-    )  # fmt: skip
     dq, dq_feat, dgate = (torch.empty_like(x) for x in (q, q_feat, gate))
-    dm = torch.empty_like(den)
-    still_bwd_query_kernel[(N, B * H)](
-        q, k, v, q_feat, gate, key_valid, slots, h, hn, do, m, den, arg, delta, dq, dq_feat, dgate, dm,
-        scale, scale * LOG2E, eps, T, C, N, S, slots.shape[-1],
-        H=H, HKV=Hkv, G=G, D=D, DV=Dv, F=F, BC=BC, BS=salient_block, BD=BD, BV=BV, BF=BF,
-        HAS_KEY_VALID=has_valid, DOT_PREC=prec, num_warps=8,
+    e = torch.empty_like(do)
+    dden, dm = (torch.empty(B, T, H, dtype=torch.float32, device=q.device) for _ in range(2))
+    still_bwd_query_kernel[(layout.NT, B * H)](
+        q, k, v, q_feat, gate, key_valid, slots, h, hn, o, do, m, den, arg, dq, dq_feat, dgate, e, dden, dm,
+        scale, scale * LOG2E, eps, T, C, layout.NT, S, slots.shape[-1],
+        H=H, HKV=Hkv, G=H // Hkv, D=D, DV=Dv, F=F, BS=salient_block, **tiles, **flags,
     )  # fmt: skip
-    dk, dv, dk_feat = (torch.empty_like(x) for x in (k, v, k_feat))
-    still_bwd_key_kernel[(N, B * Hkv)](
-        q, k, v, k_feat, salient, key_valid, slots, dh, dhn, do, m, den, arg, delta, dm, dk, dv, dk_feat,
-        scale, scale * LOG2E, T, C, N, S, slots.shape[-1],
-        H=H, HKV=Hkv, G=G, D=D, DV=Dv, F=F, BC=BC, BSC=_pad(S), BD=BD, BV=BV, BF=BF,
-        HAS_KEY_VALID=has_valid, DOT_PREC=prec, num_warps=8,
+    if key_valid is not None:  # the state gradients multiply every row's features, padding (maybe NaN) included
+        q_feat = q_feat.masked_fill(~key_valid.view(B, T, 1, 1).bool(), 0.0)
+    dh, dhn, _ = chunk_state_grads(q_feat, e, None, layout, state_heads=H, lag=1, query_weight=dden)
+    NS = slots.shape[-1]
+    dks = torch.empty(B, H, NS, D, dtype=torch.float32, device=q.device)
+    dvs = torch.empty(B, H, NS, Dv, dtype=torch.float32, device=q.device)
+    if layout.NT > 2:
+        still_bwd_salient_kernel[(layout.NT - 2, B * H)](
+            q, k, v, key_valid, slots, do, m, den, arg, dden, dm, dks, dvs, scale * LOG2E, T, C, layout.NT, S, NS,
+            H=H, HKV=Hkv, G=H // Hkv, D=D, DV=Dv, BSC=pow2(S), BD=tiles["BD"], BV=tiles["BV"], **flags,
+        )  # fmt: skip
+    dk_feat = torch.empty_like(k_feat)
+    dv_lin = torch.empty(B, T, Hkv, Dv, dtype=torch.float32, device=q.device)
+    still_bwd_linear_kernel[(layout.NT, B * Hkv)](
+        v, k_feat, linear, key_valid, dh, dhn, dk_feat, dv_lin, T, C, layout.NT,
+        H=H, HKV=Hkv, G=H // Hkv, DV=Dv, F=F, BC=tiles["BC"], BV=tiles["BV"], **flags,
+    )  # fmt: skip
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    still_bwd_key_kernel[(layout.NT, B * Hkv)](
+        q, k, v, key_valid, slots, dks, dvs, dv_lin, do, m, den, arg, dden, dm, dk, dv,
+        scale, scale * LOG2E, T, C, layout.NT, S, NS,
+        H=H, HKV=Hkv, G=H // Hkv, D=D, DV=Dv, BC=tiles["BC"], BSC=pow2(S), BD=tiles["BD"], BV=tiles["BV"], **flags,
     )  # fmt: skip
     return dq, dk, dv, dq_feat, dk_feat, dgate
 
 
 class StillAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_feat, k_feat, gate, salient, slots, key_valid, config):
+    def forward(ctx, q, k, v, q_feat, k_feat, gate, linear, slots, key_valid, config):
         save = any(ctx.needs_input_grad[:6])
-        o, saved = still_fwd(q, k, v, q_feat, k_feat, gate, salient, slots, key_valid, config, save)
+        o, saved = still_fwd(q, k, v, q_feat, k_feat, gate, linear, slots, key_valid, config, save)
         if save:
-            ctx.save_for_backward(q, k, v, q_feat, k_feat, gate, salient, slots, key_valid, o, *saved)
+            ctx.save_for_backward(q, k, v, q_feat, k_feat, gate, linear, slots, key_valid, o, *saved)
         ctx.config = config
         return o
 
@@ -158,20 +164,25 @@ def triton_still_attention(
 ) -> torch.Tensor:
     """STILL attention with fused Triton kernels; arguments and returns as in `naive_still_attention`.
 
-    Differentiable w.r.t. q, k, v, q_feat, k_feat and gate. `salient_block` (a power of two >= 16) sets how many
-    salient keys a query chunk reads per step, for tests.
+    Differentiable w.r.t. q, k, v, q_feat, k_feat and gate; the matmuls run in q's dtype (the model's: pass the
+    features in it for tensor cores), gradients come back in their inputs' dtypes. `salient_block` (a power of
+    two >= 16) sets how many salient keys a query chunk reads per step, for tests.
     """
     check_inputs(q, k, v, q_feat, k_feat, gate, salient, chunk_size, key_valid)
     if salient_block < 16 or salient_block & (salient_block - 1):
         raise ValueError(f"salient_block must be a power of two >= 16, got {salient_block}")
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else float(scale)
+    linear = ~salient  # the keys that enter the linear state
     if key_valid is not None:
         salient = salient & key_valid[..., None]
+        linear = linear & key_valid[..., None]
         key_valid = key_valid.contiguous().view(torch.uint8)  # same bytes as bool, a plain integer pointer
     slots, S = salient_slots(salient, chunk_size)
+    # one dtype for the matmul operands (a no-op in the usual case; autograd casts the gradients back)
+    k, v, q_feat, k_feat, gate = (x.to(q.dtype) for x in (k, v, q_feat, k_feat, gate))
     q, k, v, q_feat, k_feat, gate = (x.contiguous() for x in (q, k, v, q_feat, k_feat, gate))
     config = (chunk_size, S, scale, float(eps), salient_block)
     return StillAttentionFunction.apply(
-        q, k, v, q_feat, k_feat, gate, salient.contiguous().view(torch.uint8), slots, key_valid, config
+        q, k, v, q_feat, k_feat, gate, linear.contiguous().view(torch.uint8), slots, key_valid, config
     )

@@ -7,7 +7,9 @@ BQ, twice (query head h reads key head h // (H // Hkv); K is never repeated):
 2. with a^diag_tj = 2^(z_tj - m) / l and a^nodiag_tj = 2^(z_tj - m') / l', the smoothed KL of `smoothed_self_kl`
    (methods.md section 3.2, quirk Q1 fixed): ad = (a^diag + eps) / (1 + l eps), and = (a^nodiag + eps) /
    (1 + l eps + 1/l) with the true self slot set to 1/l + eps, S_t = sum over the window of ad log(ad / (and + eps)).
-Scores are fp32, -inf at invalid queries; the window counts only valid keys, but l stays the nominal window.
+Scores are fp32, -inf at invalid queries; the window counts only valid keys, but l stays the nominal window. The
+logits multiply q and k in their (the model's) dtype into fp32; the running sums are the shared online softmax's
+(`common.tiles`).
 """
 
 import math
@@ -16,35 +18,40 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.launch import autotune, dot_precision, element_size, pow2
+from ..common.tiles import NEG_INIT, band, load_rows, online_softmax, valid_rows
 from .reference import SALIENCY_EPS, check_saliency_inputs
 
 LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _online_sum(b_z, mask, m_i, l_i):
-    """One key tile of a running max and sum of 2^z over the masked keys (log2 domain)."""
-    m_new = tl.maximum(m_i, tl.max(tl.where(mask, b_z, float("-inf")), 1))
-    b_p = tl.exp2(tl.where(mask, b_z - m_new[:, None], float("-inf")))
-    return m_new, l_i * tl.exp2(m_i - m_new) + tl.sum(b_p, 1)
-
-
-@triton.jit
-def _window_logits(q_tile, k, key_valid, b64, o_t, s0, o_s, T, reach, HKV, i_hk, o_d, m_d, qk_scale,
+def _window_logits(b_q, k, key_valid, b64, o_t, s0, o_s, T, reach, HKV: tl.constexpr, i_hk, o_d, m_d, qk_scale,
                    D: tl.constexpr, HAS_KEY_VALID: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    """Logits `[BQ, BK]` (log2 domain) of the queries against key rows s0 + o_s, which keys lie in each query's
-    window, and which key is the query itself."""
+    """Logits `[BQ, BQ]` (log2 domain, fp32) of the queries against key rows s0 + o_s, which keys lie in each
+    query's window, and which key is the query itself."""
     rows = s0 + o_s
-    ok = rows < T
-    if HAS_KEY_VALID:
-        ok = ok & (tl.load(key_valid + b64 * T + rows, mask=ok, other=0) != 0)
-    p_k = ((b64 * T + rows.to(tl.int64)) * HKV + i_hk)[:, None] * D + o_d[None, :]
-    b_k = tl.load(k + p_k, mask=ok[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-    b_z = tl.dot(q_tile, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
-    win = ok[None, :] & (rows[None, :] <= o_t[:, None]) & (rows[None, :] > o_t[:, None] - reach)
-    return b_z, win, rows[None, :] == o_t[:, None]
+    ok = valid_rows(key_valid, b64, rows, T, HAS_KEY_VALID)
+    b_k = load_rows(k, b64, rows, ok, T, HKV, i_hk, o_d, m_d, D)  # [BQ, BD]
+    b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+    return b_z, ok[None, :] & band(o_t, rows, reach), rows[None, :] == o_t[:, None]
 
 
+def _saliency_shared(args: dict) -> int:
+    # the key tile streamed per stage, the query tile, the fp32 logits' layout conversion
+    e, BQ, BD = element_size(args["q"]), args["BQ"], args["BD"]
+    return args["num_stages"] * BQ * BD * e + BQ * BD * e + BQ * BQ * 4
+
+
+@autotune(
+    [
+        triton.Config({}, num_warps=4, num_stages=2),
+        triton.Config({}, num_warps=4, num_stages=3),
+        triton.Config({}, num_warps=8, num_stages=2),
+    ],
+    key=["D", "BQ"],
+    shared_estimate=_saliency_shared,
+)
 @triton.jit(do_not_specialize=["T", "reach"])
 def still_saliency_kernel(
     q,  # [B, T, H, D]
@@ -72,27 +79,24 @@ def still_saliency_kernel(
     t0 = i_m * BQ
     o_s = tl.arange(0, BQ)
     o_t = t0 + o_s
-    t_ok = o_t < T
-    if HAS_KEY_VALID:
-        t_ok = t_ok & (tl.load(key_valid + b64 * T + o_t, mask=t_ok, other=0) != 0)
+    t_ok = valid_rows(key_valid, b64, o_t, T, HAS_KEY_VALID)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    p_q = ((b64 * T + o_t.to(tl.int64)) * H + i_h)[:, None] * D + o_d[None, :]
-    b_q = tl.load(q + p_q, mask=t_ok[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    b_q = load_rows(q, b64, o_t, t_ok, T, H, i_h, o_d, m_d, D)  # [BQ, BD]
     first = tl.maximum(t0 - reach + 1, 0)
     last = tl.minimum(t0 + BQ, T)
 
     # pass 1: max and sum of the window softmax with the query's own key (m_self, l_self) and without (m_rest, l_rest)
-    m_self = tl.full([BQ], -1e30, dtype=tl.float32)  # finite: a fully masked tile leaves it unchanged, no NaN
+    m_self = tl.full([BQ], NEG_INIT, dtype=tl.float32)
     l_self = tl.zeros([BQ], dtype=tl.float32)
-    m_rest = tl.full([BQ], -1e30, dtype=tl.float32)
+    m_rest = tl.full([BQ], NEG_INIT, dtype=tl.float32)
     l_rest = tl.zeros([BQ], dtype=tl.float32)
     for s0 in range(first, last, BQ):
         b_z, win, is_self = _window_logits(
             b_q, k, key_valid, b64, o_t, s0, o_s, T, reach, HKV, i_hk, o_d, m_d, qk_scale, D, HAS_KEY_VALID, DOT_PREC
         )
-        m_self, l_self = _online_sum(b_z, win, m_self, l_self)
-        m_rest, l_rest = _online_sum(b_z, win & ~is_self, m_rest, l_rest)
+        _, _, m_self, l_self = online_softmax(b_z, win, m_self, l_self)
+        _, _, m_rest, l_rest = online_softmax(b_z, win & ~is_self, m_rest, l_rest)
 
     # pass 2: the smoothed KL; a window holding only the query itself has l_rest == 0 and no other key
     l_self = tl.where(l_self > 0, l_self, 1.0)
@@ -134,10 +138,9 @@ def triton_self_saliency(
         return scores
     if key_valid is not None:
         key_valid = key_valid.contiguous().view(torch.uint8)  # same bytes as bool, a plain integer pointer
-    prec = "ieee" if q.dtype == k.dtype == torch.float32 else "tf32"
     still_saliency_kernel[(triton.cdiv(T, block_size), B * H)](
-        q.contiguous(), k.contiguous(), key_valid, scores, scale * LOG2E, float(window), SALIENCY_EPS, T,
-        min(window, T), H=H, HKV=Hkv, G=H // Hkv, D=D, BQ=block_size, BD=max(16, triton.next_power_of_2(D)),
-        HAS_KEY_VALID=key_valid is not None, DOT_PREC=prec, num_warps=4,
+        q.contiguous(), k.to(q.dtype).contiguous(), key_valid, scores, scale * LOG2E, float(window), SALIENCY_EPS,
+        T, min(window, T), H=H, HKV=Hkv, G=H // Hkv, D=D, BQ=block_size, BD=pow2(D),
+        HAS_KEY_VALID=key_valid is not None, DOT_PREC=dot_precision(q.dtype),
     )  # fmt: skip
     return scores

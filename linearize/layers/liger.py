@@ -21,7 +21,7 @@ out: it starts far better (perplexity 99 at mix 0.5, 28 at 0.75) but ends no bet
 as the `swa` baseline does (`window` then counts the sinks). Pretrained heads park attention on the first
 tokens; a window without them forces that mass onto recent tokens, and on SmolLM2-135M a 64-token window
 alone goes from WikiText-2 perplexity 23 with 4 sinks to 62 without. With sinks the two branches run as two
-ops (the sink window and gated linear attention) rather than the fused Liger op.
+ops (the sink window and gated linear attention) rather than the Liger op.
 
 `liger-gla` is the same layer without the window branch (the paper's "no SWA" ablation). For qk-norm families
 (Qwen3) both branches see the normed q/k, as the teacher does; the gate reads the normed key by default
@@ -95,10 +95,13 @@ class LigerAttention(LinearizedAttention):
         valid = self.token_validity(padding_mask, length)  # [B, T] or None
 
         gate_key = k_raw if self.gate_source == "raw" else k
-        log_decay = F.logsigmoid(gate_key.float()) / self.gate_normalizer  # [B, T, Hkv, D]
-        # Padding contributes nothing to the state: its values are zero (and the state before it is zero).
-        v_linear = v.float() if valid is None else v.float() * valid[:, :, None, None]
-        q_linear, k_linear = q.float().softmax(-1), k.float().softmax(-1)
+        log_decay = F.logsigmoid(gate_key.float()) / self.gate_normalizer  # [B, T, Hkv, D] fp32, as is the state
+        # The ops multiply in the model dtype (tensor cores for a half-precision model) and accumulate in fp32: the
+        # feature maps are softmaxes taken in fp32, then rounded. Padding contributes nothing to the state: its
+        # values are zero (and the state before it is zero).
+        dtype = hidden_states.dtype
+        v_linear = (v if valid is None else v * valid[:, :, None, None]).to(dtype)
+        q_linear, k_linear = (x.float().softmax(-1).to(dtype) for x in (q, k))
         initial_state = None if state is None else state.recurrent_state
         linear = (q_linear, k_linear, v_linear, log_decay)
         if self.sinks:
@@ -106,7 +109,7 @@ class LigerAttention(LinearizedAttention):
                 q, k, v, valid, linear, initial_state, state, position_embeddings
             )
         elif self.window:
-            o, recurrent_state = self._attend_fused(q, k, v, valid, linear, initial_state, state, position_embeddings)
+            o, recurrent_state = self._attend_liger(q, k, v, valid, linear, initial_state, state, position_embeddings)
         else:
             o, recurrent_state = gated_linear_attention(
                 *linear, scale=1.0, initial_state=initial_state, output_final_state=state is not None,
@@ -119,8 +122,8 @@ class LigerAttention(LinearizedAttention):
         o = o.to(hidden_states.dtype).flatten(2)  # [B, T, H * D]
         return self.o_proj(o), None
 
-    def _attend_fused(self, q, k, v, valid, linear, initial_state, state, position_embeddings):
-        """Window and gated linear branches in one Liger op: `[B, T, H, D]` and the new state."""
+    def _attend_liger(self, q, k, v, valid, linear, initial_state, state, position_embeddings):
+        """Window and gated linear branches through the Liger ops: `[B, T, H, D]` and the new state."""
         q_linear, k_linear, v_linear, log_decay = linear
         length = q.shape[1]
         q, k = apply_rope(q, k, *position_embeddings)
@@ -134,7 +137,7 @@ class LigerAttention(LinearizedAttention):
             # decoding: one fused step updates the state, attends over the window and mixes
             if initial_state is None:
                 batch, _, kv_heads, dim = k_linear.shape
-                initial_state = v_linear.new_zeros(batch, kv_heads, dim, v.shape[-1])
+                initial_state = log_decay.new_zeros(batch, kv_heads, dim, v.shape[-1])  # fp32
             window = slice(-self.window, None)
             o, recurrent_state = liger_decode(
                 q_linear[:, 0],

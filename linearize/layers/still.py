@@ -157,6 +157,13 @@ class StillAttention(LinearizedAttention):
             state.seen_tokens += length
         return self.o_proj(o.to(hidden_states.dtype).flatten(2)), None
 
+    @staticmethod
+    def _features(feature_map: NPMap, x: torch.Tensor) -> torch.Tensor:
+        """The NP-Map features of x in x's dtype (the model's): the map computes in fp32, the attention multiplies
+        the features in the model dtype (tensor cores on GPUs). Prefill and decoding round them alike, so cached
+        decoding computes what the full forward does."""
+        return feature_map(x).to(x.dtype)
+
     # -- prefill and training ------------------------------------------------------------------------------------
     def _prefill(self, q, k, v, gate, valid, state):
         """The chunk-parallel form over rows packed to start at their first real token; fills `state` if given."""
@@ -168,10 +175,10 @@ class StillAttention(LinearizedAttention):
         q, k, v, gate, valid = (pack(x) for x in (q, k, v, gate, valid))
         scores = self_saliency(q, k, window=self.chunk_size, scale=self.scaling, key_valid=valid, backend=self.backend)
         salient = select_salient(scores, chunk_size=self.chunk_size, topk=self.topk, backend=self.backend)  # [B, T, H]
-        k_feat = self.k_map(k.repeat_interleave(self.groups, dim=2))
+        k_feat = self._features(self.k_map, k.repeat_interleave(self.groups, dim=2))
         o = still_attention(
-            q, k, v, self.q_map(q), k_feat, gate, salient, chunk_size=self.chunk_size, scale=self.scaling,
-            key_valid=valid, eps=STILL_EPS, backend=self.backend,
+            q, k, v, self._features(self.q_map, q), k_feat, gate, salient, chunk_size=self.chunk_size,
+            scale=self.scaling, key_valid=valid, eps=STILL_EPS, backend=self.backend,
         )  # fmt: skip
         if state is not None:
             self._fill_cache(state, k, v, k_feat, scores, salient, valid)
@@ -209,7 +216,7 @@ class StillAttention(LinearizedAttention):
         state.salient_valid = torch.arange(most, device=k.device)[None] < count[:, None]  # [B, S]
 
         linear = (~salient & folded[..., None]).float()  # [B, T, H]
-        weighted = k_feat * linear[..., None]  # [B, T, H, F]
+        weighted = k_feat.float() * linear[..., None]  # [B, T, H, F]
         state.state = torch.einsum("bthf,bthd->bhfd", weighted, v.repeat_interleave(self.groups, dim=2).float())
         state.normalizer = weighted.sum(1)  # [B, H, F]
         state.real_tokens = real
@@ -245,7 +252,7 @@ class StillAttention(LinearizedAttention):
         shift = z_all.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # a padding row has no key
         weights = (z_all - shift).exp()  # [B, H, S + 2C]
         values = torch.cat([state.salient_v.float(), keys_v.transpose(1, 2)], dim=2)  # [B, H, S + 2C, D]
-        q_feat = self.q_map(q[:, None])[:, 0]  # [B, H, F]
+        q_feat = self._features(self.q_map, q[:, None])[:, 0].float()  # [B, H, F]
         numerator = torch.einsum("bhs,bhsd->bhd", weights, values)
         numerator = numerator + gate.float() * torch.einsum("bhf,bhfd->bhd", q_feat, state.state)
         denominator = weights.sum(-1) + (q_feat * state.normalizer).sum(-1) + STILL_EPS
@@ -280,7 +287,7 @@ class StillAttention(LinearizedAttention):
         state.salient_valid = torch.cat([state.salient_valid, new_valid], dim=1)
 
         linear = (~salient & rows[:, None, None]).float()  # [B, C, H]
-        weighted = self.k_map(k_heads) * linear[..., None]  # [B, C, H, F]
+        weighted = self._features(self.k_map, k_heads).float() * linear[..., None]  # [B, C, H, F]
         state.state = state.state + torch.einsum("bchf,bchd->bhfd", weighted, v_heads.float())
         state.normalizer = state.normalizer + weighted.sum(1)
         cleared = torch.zeros_like(state.ring_valid).scatter(1, index, rows[:, None].expand(-1, C))

@@ -1,10 +1,13 @@
 """Triton chunked GLA (`linearize.kernels.gla.triton`) against the token-by-token oracle, forward and backward.
 
-On CPU the kernels run under Triton's interpreter (fp32 only, slow), so shapes stay tiny; T is never a multiple
-of the 16-token chunk except through T = 1. On CUDA the same cases also run with bf16 and fp16 inputs at a looser ratio.
+On CPU the kernels run under Triton's interpreter (slow), so shapes stay tiny; T is never a multiple of the 64-token
+chunk or its 16-token sub-blocks except through T = 1. On CUDA the same cases also run with bf16 and fp16 inputs at a
+looser ratio; on CPU two shapes do, under the interpreter, so the half-precision operands of the matmuls are
+checked without a GPU.
 """
 
 import functools
+import os
 
 import pytest
 import torch
@@ -89,6 +92,19 @@ def test_matches_reference(config, shape_id, gate, with_state):
     for name in ref:
         assert out[name].dtype == (torch.float32 if name in ("ht", "dinitial_state") else dtype), name
         assert_close(name, ref[name], out[name].float().cpu(), ratio=ratio)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="on a GPU the cuda-bf16/fp16 configs cover this")
+@pytest.mark.parametrize("gate", ["logsigmoid", "decay-8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape_id", ["T37-H4-Hkv2-D64", "T19-H2-Hkv1-K24-V80"])
+def test_half_precision_on_the_interpreter(shape_id, dtype, gate):
+    """Model-dtype operands, fp32 decays and states: within the bound the CUDA bf16 configs use."""
+    ref = _reference(shape_id, gate, True, dtype)
+    out = _run(triton_chunk_gla, _inputs(shape_id, gate, True, dtype), "cpu")
+    for name in ref:
+        assert out[name].dtype == (torch.float32 if name in ("ht", "dinitial_state") else dtype), name
+        assert_close(name, ref[name], out[name].float(), ratio=2e-2)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

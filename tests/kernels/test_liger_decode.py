@@ -24,10 +24,17 @@ SHAPES = {
 }
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
-# how the Triton path runs: (device, activation dtype, relative L2 tolerance). Under the interpreter only fp32;
-# on a GPU also bf16 activations (the state stays fp32), whose output rounding needs a looser tolerance.
+# how the Triton path runs: (device, activation dtype, relative L2 tolerance): fp32, and bf16 activations (the log
+# decay and the state stay fp32, as the layer passes them), whose output rounding needs a looser tolerance.
 # only the runs this machine can do are collected, so nothing is reported as skipped
-TRITON_RUNS = ([pytest.param("cpu", torch.float32, 1e-4, id="interpret-fp32")] if INTERPRET and not CUDA else []) + (
+TRITON_RUNS = (
+    [
+        pytest.param("cpu", torch.float32, 1e-4, id="interpret-fp32"),
+        pytest.param("cpu", torch.bfloat16, 2e-2, id="interpret-bf16"),
+    ]
+    if INTERPRET and not CUDA
+    else []
+) + (
     [
         pytest.param("cuda", torch.float32, 1e-4, id="cuda-fp32"),
         pytest.param("cuda", torch.bfloat16, 2e-2, id="cuda-bf16"),
@@ -79,11 +86,11 @@ def test_torch_matches_reference(shape_id):
 def _run_triton(
     inputs: dict, device: str, dtype: torch.dtype, tiles: dict | None = None, **kwargs
 ) -> tuple[tuple, tuple]:
-    """(reference, Triton) results: activations cast to `dtype` (the state stays fp32), and the reference run in
-    fp32 on exactly those rounded values."""
+    """(reference, Triton) results: activations cast to `dtype` (the log decay and the state stay fp32), and the
+    reference run in fp32 on exactly those rounded values."""
     from linearize.kernels.liger.triton import triton_liger_decode
 
-    inputs = {name: x if name in ("state", "window_valid") else x.to(dtype) for name, x in inputs.items()}
+    inputs = {name: x if name in ("g", "state", "window_valid") else x.to(dtype) for name, x in inputs.items()}
     ref = naive_liger_decode(
         **{name: x if x.dtype == torch.bool else x.float() for name, x in inputs.items()}, **kwargs
     )
@@ -128,7 +135,7 @@ def test_triton_strided_inputs(device, dtype, ratio):
     from linearize.kernels.liger.triton import triton_liger_decode
 
     inputs = {name: x.to(device) for name, x in _inputs("H4-Hkv2-D16-W5", seed=3).items()}
-    inputs = {name: x if name in ("state", "window_valid") else x.to(dtype) for name, x in inputs.items()}
+    inputs = {name: x if name in ("g", "state", "window_valid") else x.to(dtype) for name, x in inputs.items()}
     ref = naive_liger_decode(
         **{name: x.cpu() if x.dtype == torch.bool else x.float().cpu() for name, x in inputs.items()}
     )

@@ -1,9 +1,10 @@
 """Triton Parallax attention (`linearize.kernels.parallax.triton`) and decode step (`decode_triton`) against the
 float64 oracles: output and the gradients of q, r, k, v and the history keys and values.
 
-On CPU the kernels run under Triton's interpreter (fp32 only, slow), so shapes stay tiny and tiles small (16 or 32;
-T is never a multiple of the query tile); torch.empty is NaN-filled (tests/kernels/conftest.py), so a read of
-unwritten scratch fails. On CUDA the same cases also run with bf16 and fp16 inputs at a looser ratio.
+On CPU the kernels run under Triton's interpreter (slow), so shapes stay tiny and tiles small (16 or 32; T is never a
+multiple of the query tile): every case in fp32, two shapes and the decode step also in half precision at the
+looser ratio of the CUDA bf16 and fp16 configs, which run every case on a GPU. torch.empty is NaN-filled
+(tests/kernels/conftest.py), so a read of unwritten scratch fails.
 """
 
 import functools
@@ -40,6 +41,8 @@ if torch.cuda.is_available():
         "cuda-bf16": ("cuda", torch.bfloat16, 2e-2),
         "cuda-fp16": ("cuda", torch.float16, 2e-2),
     }
+# the decode step is cheap enough on the interpreter to run in half precision there too
+DECODE_CONFIGS = CONFIGS if torch.cuda.is_available() else CONFIGS | {"cpu-bf16": ("cpu", torch.bfloat16, 2e-2)}
 FLOAT_INPUTS = ("q", "r", "k", "v", "past_k", "past_v")
 
 
@@ -103,11 +106,31 @@ def test_triton_matches_reference(config, shape_id):
         assert_close(name, ref[name], out[name].cpu(), ratio=ratio)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA configs run half precision on the GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    ("shape_id", "tiles"),
+    [("T29-P40-H2-Hkv1-D24-m16-n32-middle", "tuned"), ("T1-P20-H4-Hkv2-D16-w8-m16-n16-left", "fixed")],
+)
+def test_half_precision_on_the_interpreter(shape_id, tiles, dtype):
+    """Model-dtype operands (probabilities and score gradients cast to it), fp32 accumulators: within the bound the
+    CUDA bf16 configs use; with the shape's tiles, or the tuned configurations of half precision (the first of
+    each list, which the interpreter's autotuner picks)."""
+    block_m, block_n = SHAPES[shape_id][7:9] if tiles == "fixed" else (None, None)
+    ref = _reference(shape_id, dtype)
+    out = _run(triton_parallax_attention, _inputs(shape_id, dtype), "cpu", dtype, block_m=block_m, block_n=block_n)
+    for name in ref:
+        assert out[name].dtype == dtype, name
+        assert_close(name, ref[name], out[name], ratio=2e-2)
+
+
+@pytest.mark.parametrize("split", [None, 16])
 @pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("config", CONFIGS)
-def test_decode_matches_reference(config, window):
-    """GQA, a window, invalid slots holding NaN (never loaded), a row that sees no key; two key blocks of 16."""
-    device, dtype, ratio = CONFIGS[config]
+@pytest.mark.parametrize("config", DECODE_CONFIGS)
+def test_decode_matches_reference(config, window, split):
+    """GQA, a window, invalid slots holding NaN (never loaded), a row that sees no key; two key blocks of 16, in
+    one program or (split = 16) one part per program, merged by the combine kernel."""
+    device, dtype, ratio = DECODE_CONFIGS[config]
     gen = torch.Generator().manual_seed(4)
     B, H, Hkv, D, L = 3, 4, 2, 16, 29
     q, r = torch.randn(B, H, D, generator=gen).to(dtype), (0.3 * torch.randn(B, H, D, generator=gen)).to(dtype)
@@ -117,21 +140,22 @@ def test_decode_matches_reference(config, window):
     ref = naive_parallax_decode(q.double(), r.double(), k_cache.double(), v_cache.double(), cache_valid, window=window)
     k_cache, v_cache = (x.masked_fill(~cache_valid[:, :, None, None], float("nan")) for x in (k_cache, v_cache))
     args = (x.to(device) for x in (q, r, k_cache, v_cache, cache_valid))
-    o = triton_parallax_decode(*args, window=window, block_n=16)
+    o = triton_parallax_decode(*args, window=window, block_n=16, split=split)
     assert o.dtype == dtype
     assert_close("o", ref, o.cpu(), ratio=ratio)
     assert (o[2] == 0).all()
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", DECODE_CONFIGS)
 def test_decode_without_validity(config):
-    """Every slot valid (no mask tensor), a head dim that is not a power of two, H = 3 heads on one key head."""
-    device, dtype, ratio = CONFIGS[config]
+    """Every slot valid (no mask tensor), a head dim that is not a power of two, H = 3 heads on one key head, three
+    parts of 16 keys (a part count that is not a power of two)."""
+    device, dtype, ratio = DECODE_CONFIGS[config]
     gen = torch.Generator().manual_seed(5)
     q, r = (torch.randn(2, 3, 40, generator=gen).to(dtype) for _ in range(2))
     k_cache, v_cache = (torch.randn(2, 37, 1, 40, generator=gen).to(dtype) for _ in range(2))
     ref = naive_parallax_decode(*(x.double() for x in (q, r, k_cache, v_cache)))
-    o = triton_parallax_decode(*(x.to(device) for x in (q, r, k_cache, v_cache)), block_n=16)
+    o = triton_parallax_decode(*(x.to(device) for x in (q, r, k_cache, v_cache)), block_n=16, split=16)
     assert_close("o", ref, o.cpu(), ratio=ratio)
 
 
@@ -150,5 +174,9 @@ def test_rejects_bad_inputs():
     x = _fp32(_inputs("T37-H4-Hkv2-D16-m16-n16", torch.float32))
     with pytest.raises(ValueError, match="Triton path takes"):
         triton_parallax_attention(**x | {"q": x["q"].double()})
-    with pytest.raises(ValueError, match="block_m"):
-        triton_parallax_attention(**x, block_m=24)
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        triton_parallax_attention(**x, block_m=24, block_n=16)
+    with pytest.raises(ValueError, match="together"):
+        triton_parallax_attention(**x, block_m=16)
+    with pytest.raises(ValueError, match="split must be"):
+        triton_parallax_decode(x["q"][:, 0], x["r"][:, 0], x["k"], x["v"], block_n=16, split=24)

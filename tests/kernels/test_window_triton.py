@@ -1,7 +1,8 @@
 """Triton sliding-window attention (`linearize.kernels.window.triton`) against the naive oracle, forward and backward.
 
-On CPU the kernels run under Triton's interpreter (fp32 only, slow), so shapes stay tiny; T is a multiple of the
-64-query block only through T = 1. On CUDA the same cases also run with bf16 and fp16 inputs at a looser ratio.
+On CPU the kernels run under Triton's interpreter (slow), so shapes stay tiny; T is a multiple of the 64-query
+block only through T = 1. On CUDA the same cases also run with bf16 and fp16 inputs at a looser ratio; on CPU a few
+of them.
 """
 
 import functools
@@ -9,6 +10,7 @@ import functools
 import linearize.kernels.window.triton as window_triton
 import pytest
 import torch
+import triton
 from linearize.kernels.window import naive_sliding_window_attention
 from linearize.kernels.window.triton import triton_sliding_window_attention
 
@@ -34,6 +36,16 @@ if torch.cuda.is_available():
         "cuda-bf16": ("cuda", torch.bfloat16, 2e-2),
         "cuda-fp16": ("cuda", torch.float16, 2e-2),
     }
+# half precision under the interpreter too, on a few cases (the interpreter is slow); CUDA runs every case
+CPU_HALF = [
+    pytest.param(dtype, shape_id, id=f"cpu-{name}-{shape_id}")
+    for dtype, name, shape_id in [
+        (torch.bfloat16, "bf16", "T37-w16-H4-Hkv2"),
+        (torch.bfloat16, "bf16", "T70-S100-w20-H2-Hkv2-D64"),
+        (torch.float16, "fp16", "T70-S100-w20-H2-Hkv2-D64"),
+    ]
+    if not torch.cuda.is_available()
+]
 
 
 @functools.cache
@@ -99,11 +111,20 @@ def test_matches_reference(config, shape_id, left_pad, sinks):
     _check(ref, out, dtype, ratio)
 
 
+@pytest.mark.parametrize("dtype,shape_id", CPU_HALF)
+def test_half_precision_on_cpu(dtype, shape_id):
+    out = _run(triton_sliding_window_attention, _inputs(shape_id, True, True, dtype))
+    _check(_reference(shape_id, True, True, dtype), out, dtype, 2e-2)
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_small_blocks(config, monkeypatch):
     """16-query and 16-key blocks: many blocks per window, windows starting mid-block, keys no query reaches."""
-    monkeypatch.setattr(window_triton, "BLOCK_M", 16)
-    monkeypatch.setattr(window_triton, "BLOCK_N", 16)
+    small = [triton.Config({"BM": 16, "BN": 16}, num_warps=1)]
+    for kernel in (window_triton.window_attn_fwd_kernel, window_triton.window_attn_bwd_dkdv_kernel):
+        monkeypatch.setattr(kernel, "configs", small)
+    monkeypatch.setattr(window_triton.window_attn_bwd_dq_kernel, "configs", [triton.Config({"BN": 16}, num_warps=1)])
+    monkeypatch.setattr(window_triton, "DQ_BLOCK_M", 16)
     device, dtype, ratio = CONFIGS[config]
     for case in [("T70-S100-w20-H2-Hkv2-D64", True, True), ("T37-w16-H4-Hkv2", True, False)]:
         out = _run(triton_sliding_window_attention, _inputs(*case, dtype), device)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from tests.tiny import FAMILIES, converted_model
+from tests.tiny import FAMILIES, cache_of, converted_model
 
 
 def naive_liger(layer, hidden, cos, sin, window, gate_source="normed", sinks=0, mix=0.5):
@@ -71,8 +71,8 @@ def test_liger_with_sinks_matches_the_formula(family):
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_mix_weights_the_fused_op_branches():
-    """`mix` (ours; the paper's 0.5 is the default) reaches the fused op; the sink path's test uses mix 0.7."""
+def test_mix_weights_the_liger_op_branches():
+    """`mix` (ours; the paper's 0.5 is the default) reaches the Liger op; the sink path's test uses mix 0.7."""
     model = converted_model("llama", "liger")
     layer = model.model.layers[0].self_attn
     hidden = torch.randn(2, 21, model.config.hidden_size)
@@ -96,3 +96,32 @@ def test_gate_source_matters_for_qk_norm_families():
         layer.gate_source = "raw"
         raw, _ = layer(hidden, position_embeddings=(cos, sin))
     assert not torch.allclose(normed, raw)
+
+
+def test_bf16_layer_hands_the_ops_model_dtype_operands(monkeypatch):
+    """A bf16 layer passes q_lin, k_lin and v in bf16 (so GPU kernels multiply on tensor cores), the log decay and
+    the recurrent state in fp32, to the sequence op (prefill) and to the decode step."""
+    import linearize.layers.liger as liger_layer
+
+    calls = []
+
+    def recording(name, op):
+        def run(*args, **kwargs):
+            q_lin, k_lin, v, g, *rest = args
+            state = rest[0] if name == "decode" else kwargs["initial_state"]
+            calls.append((name, q_lin.dtype, k_lin.dtype, v.dtype, g.dtype, None if state is None else state.dtype))
+            return op(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(liger_layer, "liger_attention", recording("sequence", liger_layer.liger_attention))
+    monkeypatch.setattr(liger_layer, "liger_decode", recording("decode", liger_layer.liger_decode))
+    model = converted_model("llama", "liger").to(torch.bfloat16)
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        cache = cache_of(model(ids[:, :10], use_cache=True))
+        cache = cache_of(model(ids[:, 10:11], cache=cache, use_cache=True))  # one token: the decode step
+        model(ids[:, 11:], cache=cache, use_cache=True)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    prefill, decode = ("sequence", bf16, bf16, bf16, fp32, None), ("decode", bf16, bf16, bf16, fp32, fp32)
+    assert calls == [prefill] * model.config.num_hidden_layers + [decode] * (2 * model.config.num_hidden_layers)

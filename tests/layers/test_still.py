@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from linearize.kernels.still import naive_self_saliency, naive_still_attention, select_salient
 from transformers import AutoModelForCausalLM
 
+import linearize.layers.still as still_layer
 from linearize.convert import save_model
 from linearize.layers.base import apply_rope
 from tests.tiny import FAMILIES, cache_of, converted_model
@@ -104,3 +105,20 @@ def test_decode_after_a_prefill_ending_anywhere_equals_the_full_forward(prefill)
     layer = cache.layers[0]
     assert layer.salient_k.shape == (2, 4, 8, 16) and layer.salient_valid.all()
     assert layer.ring_valid.sum(1).tolist() == [12, 12]
+
+
+def test_bf16_layer_hands_model_dtype_features_to_the_op(monkeypatch):
+    """The NP-Map computes in fp32, but the attention gets its features in the model dtype, as q, k and v: the GPU
+    kernels multiply every operand on tensor cores."""
+    attend, seen = still_layer.still_attention, []
+
+    def spy(*tensors, **kwargs):
+        seen.append([x.dtype for x in tensors[:6]])  # q, k, v, q_feat, k_feat, gate
+        return attend(*tensors, **kwargs)
+
+    monkeypatch.setattr(still_layer, "still_attention", spy)
+    model = converted_model("llama", "still").to(torch.bfloat16)
+    with torch.no_grad():
+        logits = model(torch.randint(3, 128, (2, 20)), use_cache=False).logits
+    assert logits.isfinite().all()
+    assert seen == [[torch.bfloat16] * 6] * len(model.model.layers)

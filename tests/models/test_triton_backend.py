@@ -1,6 +1,7 @@
 """Converted models with every op forced to the Triton kernels (the interpreter on CPU) behave as on the torch
-path: same logits, and cached decoding still equals the full forward. Liger's prefill runs the fused attention
-kernel and its one-token steps the fused decode kernel; STILL's prefill runs its fused attention kernel."""
+path: same logits, and cached decoding still equals the full forward. Liger's prefill runs its Triton op (the GLA
+and window kernels) and its one-token steps the fused decode kernel; STILL's prefill runs its fused attention
+kernel."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the interprete
 
 @pytest.mark.parametrize("method", METHODS)
 def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
-    import linearize.kernels.liger.attention_triton as fused_prefill
+    import linearize.kernels.liger.attention_triton as liger_prefill
     import linearize.kernels.liger.triton as fused
     import linearize.kernels.still.attention_triton as still_prefill
 
@@ -23,9 +24,9 @@ def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
     monkeypatch.setattr(
         fused, "triton_liger_decode", lambda *a, **kw: decode_kernel_calls.append(1) or kernel(*a, **kw)
     )
-    prefill = fused_prefill.liger_fwd
+    prefill = liger_prefill.triton_liger_attention
     monkeypatch.setattr(
-        fused_prefill, "liger_fwd", lambda *a, **kw: prefill_kernel_calls.append(1) or prefill(*a, **kw)
+        liger_prefill, "triton_liger_attention", lambda *a, **kw: prefill_kernel_calls.append(1) or prefill(*a, **kw)
     )
     still = still_prefill.still_fwd
     monkeypatch.setattr(still_prefill, "still_fwd", lambda *a, **kw: still_kernel_calls.append(1) or still(*a, **kw))
@@ -39,7 +40,7 @@ def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
     torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-4)
     # Liger's one-token steps go through the fused decode kernel: 6 steps in each of the 2 layers; its prefills
-    # (the full forward and the chunks of 13 and 5 tokens) through the fused attention kernel
+    # (the full forward and the chunks of 13 and 5 tokens) through its Triton op
     assert len(decode_kernel_calls) == (12 if method == "liger" else 0)  # with sinks, two unfused ops
     assert len(prefill_kernel_calls) == (6 if method == "liger" else 0)
     # STILL's prefills (the full forward and the chunk of 13 tokens; later tokens decode in the layer) in 2 layers
