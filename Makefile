@@ -23,9 +23,7 @@ test: install
 	$(PY) -m pytest
 
 demo: install
-	$(BIN)/linearize convert --method swa -o demo-out/smollm2-swa --force --verify
-	$(BIN)/linearize convert --method liger -o demo-out/smollm2-liger --force --verify
-	$(BIN)/linearize generate demo-out/smollm2-liger "What is the capital of France?" --max-new-tokens 24
+	$(BIN)/linearize demo -o demo-out --force
 
 finetune: install
 	$(BIN)/linearize finetune recipes/smollm2-135m-liger.yaml --resume

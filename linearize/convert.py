@@ -7,9 +7,6 @@ attention in a loaded model; `save_model` writes a folder that loads with `AutoM
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,19 +18,24 @@ from .errors import LinearizeError
 from .families import get_family
 from .methods import get_method
 from .models import LinearizeConfig, LinearizeForCausalLM
+from .outputs import atomic_folder, check_output_folder
 
 PLAN_CONTEXT = 8192  # context length at which the plan compares cache sizes
 
-_REMOTE_CODE = '''"""Remote-code entry point of a model converted with linearize (pip install linearize)."""
+# No package index serves linearize: it installs from its repository (pyproject.toml's [project.urls]).
+INSTALL_COMMAND = 'pip install "linearize @ git+https://github.com/linearize/linearize"'
+_REMOTE_CODE = f'''"""Remote-code entry point of a model converted with linearize; install it with
+{INSTALL_COMMAND}
+"""
 
 try:
-    from linearize.models.{module} import {name}
+    from linearize.models.{{module}} import {{name}}
 except ImportError as error:
     raise ImportError(
-        "This model was converted with linearize and needs it to load: pip install linearize"
+        {f"This model was converted with linearize and needs it to load: {INSTALL_COMMAND}"!r}
     ) from error
 
-__all__ = ["{name}"]
+__all__ = ["{{name}}"]
 '''
 _AUTO_MAP = {
     "AutoConfig": ("configuration_linearize", "configuration", "LinearizeConfig"),
@@ -202,6 +204,23 @@ def _count_parameters(config: LinearizeConfig) -> int:
         return sum(p.numel() for p in LinearizeForCausalLM(config).parameters())
 
 
+_TOKEN_COUNTS = ("window", "sinks", "chunk_size", "topk")  # method settings counted in tokens
+
+
+def _check_token_counts_fit(settings: dict[str, Any], max_positions: int | None) -> None:
+    """A window (or chunk, ...) longer than any sequence the model can read is a typo, and a costly one: its cache
+    is sized for that many tokens."""
+    if max_positions is None:
+        return
+    for name in _TOKEN_COUNTS:
+        value = settings.get(name)
+        if value is not None and value > max_positions:
+            raise LinearizeError(
+                f"--{name.replace('_', '-')} {value} is more tokens than the model reads ({max_positions}, its "
+                f"config's max_position_embeddings): choose at most {max_positions}"
+            )
+
+
 def plan_conversion(
     source_config,
     source: str,
@@ -214,6 +233,7 @@ def plan_conversion(
     method's parameters (see `method_settings`)."""
     get_family(source_config.model_type)
     settings = method_settings(method, **options)
+    _check_token_counts_fit(settings, getattr(source_config, "max_position_embeddings", None))
     config = build_config(
         source_config,
         settings,
@@ -252,34 +272,16 @@ def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM
     return model.to(source_model.dtype).eval()
 
 
-def check_output_folder(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise LinearizeError(f"output folder '{out}' already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise LinearizeError(f"output path '{out}' exists and is not a folder")
-
-
 def save_model(model: LinearizeForCausalLM, tokenizer, out: Path, force: bool = False) -> Path:
-    """Write the model folder atomically: built in a temporary sibling folder, moved into place when complete."""
+    """Write the model folder atomically: built in a temporary sibling folder, moved into place when complete (see
+    `linearize.outputs`)."""
     out = Path(out)
     check_output_folder(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out, force) as staging:
         model.config.auto_map = {auto: f"{file}.{name}" for auto, (file, _, name) in _AUTO_MAP.items()}
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         for file, module, name in _AUTO_MAP.values():
             (staging / f"{file}.py").write_text(_REMOTE_CODE.format(module=module, name=name))
-        if out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, retired / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

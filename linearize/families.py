@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import LinearizeError
+
+if TYPE_CHECKING:  # the CLI lists the families without importing torch
+    from torch import nn
 
 
 class UnsupportedModelError(LinearizeError, ValueError):

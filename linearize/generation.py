@@ -5,21 +5,48 @@ from __future__ import annotations
 import torch
 
 from . import sources
+from .errors import LinearizeError
 
 
 def pick_device(device: str = "auto") -> str:
+    """`device` once this machine is known to have it; "auto" is a CUDA GPU when there is one, else the CPU."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        wanted = torch.device(device)
+    except RuntimeError:
+        raise LinearizeError(
+            f"unknown device '{device}': use auto, cpu, cuda, cuda:N (a GPU by its index) or mps (Apple silicon)"
+        ) from None
+    if wanted.type != "cpu":
+        _check_accelerator(device, wanted)
     return device
 
 
-def load_for_inference(model: str | None, device: str = "auto", dtype: str = "auto"):
+def _check_accelerator(device: str, wanted: torch.device) -> None:
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is None or accelerator.type != wanted.type:
+        found = f"only {accelerator.type}" if accelerator else "no GPU"
+        raise LinearizeError(
+            f"device '{device}' is not available: torch {torch.__version__} finds {found} on this machine; "
+            "use --device cpu, or auto to take a GPU when there is one"
+        )
+    count = torch.accelerator.device_count()
+    if wanted.index is not None and wanted.index >= count:
+        raise LinearizeError(
+            f"device '{device}' does not exist: this machine has {count} {wanted.type} device"
+            f"{'s' * (count != 1)} (indices 0 to {count - 1}); pick one of them or use auto"
+        )
+
+
+def load_for_inference(model: str | None, device: str = "auto", dtype: str = "auto", needs_tokenizer: bool = True):
     """Load a converted (or any causal LM) folder or hub id. On CPU, "auto" means float32: bf16 matmuls are slow
-    there. Returns (model, tokenizer)."""
+    there. Returns (model, tokenizer); the tokenizer is None for a folder without one when not `needs_tokenizer`."""
     device = pick_device(device)
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else "auto"
-    loaded, tokenizer, _ = sources.load(model, dtype=dtype, device=device)
+    tokenizer_fix = sources.COPY_TOKENIZER if needs_tokenizer else None
+    loaded, tokenizer, _ = sources.load(model, dtype=dtype, device=device, tokenizer_fix=tokenizer_fix)
     return loaded, tokenizer
 
 
@@ -32,8 +59,16 @@ def build_prompt(tokenizer, prompt: str, chat: bool | None = None) -> torch.Tens
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"]
-        return ids
-    return tokenizer(prompt, return_tensors="pt").input_ids
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:  # the tokenizer adds no BOS: there is nothing to continue
+        chat_hint = (
+            " or drop --no-chat to wrap it in the chat template" if chat is False and tokenizer.chat_template else ""
+        )
+        raise LinearizeError(
+            f"the prompt {prompt!r} gives no token for the model to continue: give it some text{chat_hint}"
+        )
+    return ids
 
 
 @torch.inference_mode()
@@ -47,6 +82,8 @@ def generate(
     streamer=None,
 ) -> str:
     """Generate a continuation of `prompt` (greedy when temperature is 0) and return the new text."""
+    if temperature < 0:
+        raise LinearizeError(f"the temperature must be 0 (greedy) or more, got {temperature:g}")
     input_ids = build_prompt(tokenizer, prompt, chat).to(model.device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     output = model.generate(

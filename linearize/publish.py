@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .convert import layer_groups
+from .convert import INSTALL_COMMAND, layer_groups
 from .errors import LinearizeError
+from .sources import check_model_folder
 
 CARD_FILE = "README.md"
 RECIPE_FILE = "linearize_recipe.yaml"  # written by `linearize finetune` next to the model
@@ -146,8 +147,10 @@ def _layers_section(config: dict[str, Any]) -> str:
 
 
 def _loading_section(name: str) -> str:
-    return f"""```bash
-pip install linearize
+    return f"""linearize is not on PyPI; install it from its repository:
+
+```bash
+{INSTALL_COMMAND}
 ```
 
 ```python
@@ -159,8 +162,8 @@ tokenizer = AutoTokenizer.from_pretrained("{name}")
 ```
 
 Without `import linearize`, load it with remote code: the repository's `configuration_linearize.py` and
-`modeling_linearize.py` import the installed `linearize` package (and ask you to `pip install linearize` when it
-is missing).
+`modeling_linearize.py` import the installed `linearize` package (and say how to install it when it is
+missing).
 
 ```python
 model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
@@ -251,12 +254,13 @@ def plan_push(folder: Path | str, repo_id: str, *, private: bool = False, revisi
         revision: the branch to commit to (None: the default branch).
 
     Returns:
-        The plan; nothing is loaded, sent or written.
+        The plan; nothing is sent or written, and of the weights only the safetensors headers are read.
     """
     folder = Path(folder)
     check_repo_id(repo_id)
     if not folder.is_dir():
         raise LinearizeError(f"model folder '{folder}' does not exist")
+    check_model_folder(folder)  # a folder that cannot load must not look ready to push
     card = render_model_card(folder, repo_id)
     files = [*_folder_files(folder), (CARD_FILE, len(card.encode()))]
     return PushPlan(folder, repo_id, private, revision, card, sorted(files))

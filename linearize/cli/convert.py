@@ -12,6 +12,8 @@ from rich.table import Table
 from ..errors import LinearizeError
 from .common import METHOD_HELP, Dtype, Method, app, console, fail, human_size
 
+_PASS_TOKENIZER = "pass --tokenizer PATH_OR_ID (a folder or hub id with the same model's tokenizer)"
+
 
 def _plan_table(plan) -> Table:
     from ..convert import PLAN_CONTEXT
@@ -146,18 +148,29 @@ def convert(
         ),
     ] = None,
     private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")] = False,
+    tokenizer_source: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer",
+            metavar="PATH_OR_ID",
+            help="Save this folder's or hub id's tokenizer with the output instead of MODEL's own (for a checkpoint "
+            "without tokenizer files).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Convert MODEL's attention layers to a linear or hybrid method and save a loadable model folder."""
     from .. import sources
-    from ..convert import check_output_folder, convert_model, plan_conversion, save_model
+    from ..convert import convert_model, plan_conversion, save_model
     from ..generation import pick_device
+    from ..outputs import check_output_folder
 
     method_name = method.value
     try:
         if not dry_run and output is None:
             raise LinearizeError("pass an output folder with -o/--output (or use --dry-run)")
         if output is not None and not dry_run:
-            check_output_folder(output, force)
+            check_output_folder(output, force, source=model)
         if push_to_hub and not dry_run:
             _check_push_target(push_to_hub)
         with console.status("Reading the source config"):
@@ -179,7 +192,13 @@ def convert(
             return
         device = pick_device(device)
         with console.status(f"Loading {model or sources.EMBEDDED_NAME}"):
-            source_model, tokenizer, _ = sources.load(model, dtype=dtype.value, device=device)
+            source_model, tokenizer, _ = sources.load(
+                model,
+                dtype=dtype.value,
+                device=device,
+                tokenizer=tokenizer_source,
+                tokenizer_fix=f"{_PASS_TOKENIZER}, or drop --verify" if verify else None,
+            )
         with console.status("Converting and saving"):
             converted = convert_model(source_model, plan.config)
             save_model(converted, tokenizer, output, force=force)
@@ -187,6 +206,12 @@ def convert(
             f"[green]Saved[/] {output}. Load it with `import linearize` then "
             f"AutoModelForCausalLM.from_pretrained('{output}'), or with trust_remote_code=True."
         )
+        if tokenizer is None:
+            console.print(
+                f"[yellow]Warning:[/] '{model}' has no tokenizer, so neither has {output}; `generate` and `eval` "
+                f"need one. Convert again and {_PASS_TOKENIZER}, or copy the same model's tokenizer files into it.",
+                highlight=False,
+            )
         if verify:
             _verify(source_model, output, tokenizer, device)
         if push_to_hub:
@@ -240,8 +265,8 @@ def _push(output: Path, repo_id: str, *, private: bool) -> None:
 def generate(
     model: Annotated[str, typer.Argument(help="A converted model folder (or any causal LM folder / hub id).")],
     prompt: Annotated[str, typer.Argument(help="The prompt; wrapped in the chat template when the tokenizer has one.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 128,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 decodes greedily.")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 decodes greedily.")] = 0.0,
     chat: Annotated[
         bool | None,
         typer.Option(

@@ -74,7 +74,8 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     source = recipe.model.name or sources.EMBEDDED_NAME
     plan = conv.plan(sources.load_config(recipe.model.name, recipe.model.revision), source)
     run = Path(recipe.output.dir)
-    start = prepare_run_folder(run, recipe, resume)
+    notes: list[str] = []
+    start = prepare_run_folder(run, recipe, resume, note=notes.append)
     table = Table(title=f"Fine-tuning plan: {source} -> {conv.method}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -98,6 +99,8 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         table.add_row("resume", str(start) if start else "no checkpoint yet: starts from the beginning")
     elif list_checkpoints(run):
         table.add_row("resume", "checkpoints exist: pass --resume")
+    for note in notes:
+        table.add_row("note", note)
     return table
 
 

@@ -24,6 +24,8 @@ from .common import (
     write_outputs,
 )
 
+OPTIONAL_MODEL_HELP = f"{MODEL_HELP} Omit it for the embedded SmolLM2."
+
 
 @app.command(
     "eval",
@@ -34,7 +36,7 @@ from .common import (
     "  linearize eval smollm2-liger --lm-eval hellaswag,arc_easy --lm-eval-limit 200",
 )
 def eval_command(
-    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    model: Annotated[str | None, typer.Argument(help=OPTIONAL_MODEL_HELP, show_default=False)] = None,
     against: Annotated[str | None, typer.Option(help=AGAINST_HELP, show_default=False)] = None,
     text: Annotated[
         str,
@@ -77,14 +79,15 @@ def eval_command(
     dtype: Annotated[Dtype, typer.Option(help="auto: float32 on CPU, the checkpoint's dtype elsewhere.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; the table only.")] = False,
 ) -> None:
-    """Perplexity, passkey retrieval and (optionally) lm-eval tasks for MODEL and the model it is compared with,
-    side by side in one table."""
+    """Perplexity, passkey retrieval and (optionally) lm-eval tasks for MODEL (default: the embedded SmolLM2) and the
+    model it is compared with, side by side in one table."""
     from ..comparison import markdown_table, resolve_pair
     from ..evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model
-    from ..generation import load_for_inference
+    from ..generation import load_for_inference, pick_device
 
     try:
-        specs = resolve_pair(model, against)
+        device = pick_device(device)  # before any model loads or lm-eval indexes its tasks
+        specs = resolve_pair(_checked_model(model), against)
         contexts = int_list(passkey_contexts, "--passkey-contexts")
         passkey_options = {
             "depths": float_list(depths, "--depths"),
@@ -132,7 +135,7 @@ def eval_command(
     "  linearize bench ./llama-1b-liger --device cuda --dtype bfloat16 --ctx 1024,4096,16384 --json bench.json",
 )
 def bench(
-    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    model: Annotated[str | None, typer.Argument(help=OPTIONAL_MODEL_HELP, show_default=False)] = None,
     against: Annotated[str | None, typer.Option(help=AGAINST_HELP, show_default=False)] = None,
     ctx: Annotated[str, typer.Option("--ctx", help="Context lengths to prefill, comma-separated.")] = "512,2048,8192",
     decode_tokens: Annotated[int, typer.Option(help="Single-token decode steps timed per context.", min=1)] = 32,
@@ -157,16 +160,17 @@ def bench(
     dtype: Annotated[Dtype, typer.Option(help="auto: float32 on CPU, the checkpoint's dtype elsewhere.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; the table only.")] = False,
 ) -> None:
-    """Prefill tokens/s, decode ms/token, peak memory and cache bytes at each context, for MODEL and the model it is
-    compared with, measured in the same run (ratios MODEL / other)."""
+    """Prefill tokens/s, decode ms/token, peak memory and cache bytes at each context, for MODEL (default: the
+    embedded SmolLM2) and the model it is compared with, measured in the same run (ratios MODEL / other)."""
     import torch
 
     from ..benchmark import bench_rows, run_bench
     from ..comparison import markdown_table, resolve_pair
-    from ..generation import load_for_inference
+    from ..generation import load_for_inference, pick_device
 
     try:
-        specs = resolve_pair(model, against)
+        device = pick_device(device)  # before any model loads
+        specs = resolve_pair(_checked_model(model), against)
         contexts = int_list(ctx, "--ctx")
         if not contexts:
             raise LinearizeError("--ctx needs at least one context length, e.g. --ctx 512,2048")
@@ -179,7 +183,9 @@ def bench(
         models = {}
         for spec in specs:  # both in memory: their runs alternate
             with spinner(f"Loading {spec.label}", quiet):
-                models[spec.label], _ = load_for_inference(spec.source, device=device, dtype=dtype.value)
+                models[spec.label], _ = load_for_inference(
+                    spec.source, device=device, dtype=dtype.value, needs_tokenizer=False
+                )
         with progress_bar("Benchmarking", len(contexts), quiet) as step:
             result = run_bench(models, contexts, decode_tokens, repeats, step)
     except LinearizeError as error:
@@ -197,6 +203,18 @@ def bench(
     write_outputs(result, specs, json_path, None if no_record else "linearize_bench.json", quiet)
     if not no_plot:
         _write_plot(result, plot or _default_plot(specs[0], no_record), quiet)
+
+
+def _checked_model(model: str | None) -> str:
+    """MODEL, or "embedded" when omitted; a local folder's files are checked first, since `resolve_pair` reads its
+    config.json and a damaged one must be named as such."""
+    from ..comparison import EMBEDDED
+    from ..sources import resolve
+
+    if model is None or model == EMBEDDED:
+        return EMBEDDED
+    resolve(model)
+    return model
 
 
 def _default_plot(spec, no_record: bool) -> Path:

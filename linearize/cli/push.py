@@ -33,7 +33,11 @@ def push(
     ] = None,
     dry_run: Annotated[
         bool,
-        typer.Option("--dry-run", help="Print the files, their sizes and the model card; load nothing, send nothing."),
+        typer.Option(
+            "--dry-run",
+            help="Check the folder (its config and the safetensors headers, not the weights) and print the files, "
+            "their sizes and the model card; send nothing.",
+        ),
     ] = False,
     verify: Annotated[
         bool,

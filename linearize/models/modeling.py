@@ -12,7 +12,9 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..compat import CACHE_ARG, OUTPUT_CACHE_FIELD
+# module, not names: when linearize.compat is what first imports transformers, this module is imported (to
+# register the classes, see linearize.registration) before compat has defined them
+from .. import compat
 from ..families import get_family
 from .cache import LinearizeCache
 from .configuration import LinearizeConfig
@@ -91,7 +93,7 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            **{CACHE_ARG: cache},
+            **{compat.CACHE_ARG: cache},
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -104,4 +106,4 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: cache})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{compat.OUTPUT_CACHE_FIELD: cache})

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LinearizeError
+from ..outputs import atomic_folder
 
 RECIPE_FILE = "linearize_recipe.yaml"
 STATE_FILE = "trainer_state.json"
@@ -67,8 +67,7 @@ def save_checkpoint(
     folder = checkpoint_dir(run)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{_PREFIX}{global_step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=folder))
-    try:
+    with atomic_folder(final, force=True) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "trained.safetensors")
         torch.save(
             {
@@ -79,12 +78,6 @@ def save_checkpoint(
             tmp / "optimizer.pt",
         )
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run)[:-keep]:
         shutil.rmtree(old)
     return final

@@ -272,7 +272,7 @@ def _documents(source: DataSource, tokenizer, template: str) -> Iterator[tuple[_
     else:
         for path in _expand(source.path):
             if path.suffix.lower() in TEXT_SUFFIXES:
-                yield from _from_texts([path.read_text(encoding="utf-8")], source, str(path))
+                yield from _from_texts([_read_text(path)], source, str(path))
             else:
                 yield from _from_records(_file_records(path), source, tokenizer, template)
 
@@ -284,6 +284,21 @@ def _from_texts(texts: Iterable[str], source: DataSource, where: str) -> Iterato
             "give a .jsonl/.json/.parquet file of records"
         )
     yield from ((_Document([(text, True)]), "text") for text in texts if text.strip())
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(_not_utf8(path, error)) from None
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
+    byte = error.object[error.start]
+    return (
+        f"{path} is not UTF-8 text (byte 0x{byte:02x} cannot be decoded: {error.reason}); "
+        "convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE`) or leave it out of the data"
+    )
 
 
 def _expand(pattern: str) -> list[Path]:
@@ -312,22 +327,14 @@ def _expand(pattern: str) -> list[Path]:
 def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(
-                        f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno}); "
-                        "each line of a .jsonl file must be one JSON object"
-                    ) from None
-                yield f"{path}, line {number}", record
+        try:
+            yield from _jsonl_records(path)
+        except UnicodeDecodeError as error:
+            raise DataError(_not_utf8(path, error)) from None
         return
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(path))
         except json.JSONDecodeError as error:
             raise DataError(
                 f"{path}: not valid JSON ({error.msg}, line {error.lineno}, column {error.colno})"
@@ -339,6 +346,21 @@ def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet
 
     yield from ((f"{path}, row {i}", row) for i, row in enumerate(pyarrow.parquet.read_table(path).to_pylist()))
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno}); "
+                    "each line of a .jsonl file must be one JSON object"
+                ) from None
+            yield f"{path}, line {number}", record
 
 
 def _dataset_records(source: DataSource) -> Iterator[tuple[str, Any]]:

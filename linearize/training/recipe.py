@@ -323,7 +323,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' does not exist; `linearize recipe init` prints one to start from")
-    return parse_recipe(path.read_text(), str(path), overrides)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(
+            f"recipe file '{path}' is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start} cannot be decoded): a recipe is a YAML text file; check the path, or start from "
+            "`linearize recipe init`"
+        ) from None
+    return parse_recipe(text, str(path), overrides)
 
 
 def resolved_yaml(recipe: Recipe) -> str:

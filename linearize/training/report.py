@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -37,6 +38,17 @@ class Reporter:
         if self.metrics_file is not None:
             with self.metrics_file.open("a") as f:
                 f.write(json.dumps(fields) + "\n")
+
+    def metrics_size(self) -> int:
+        """Bytes of metrics written so far, what `truncate_metrics` takes to forget every later row."""
+        if self.metrics_file is None or not self.metrics_file.is_file():
+            return 0
+        return self.metrics_file.stat().st_size
+
+    def truncate_metrics(self, size: int) -> None:
+        """Keep the first `size` bytes of metrics: a resumed run writes the later steps again, each once."""
+        if self.metrics_file is not None and self.metrics_file.is_file():
+            os.truncate(self.metrics_file, size)
 
     def start_stage(self, name: str, total_steps: int, done: int = 0) -> None:
         self._started = time.perf_counter()

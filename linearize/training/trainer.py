@@ -12,6 +12,7 @@ import math
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_che
 from .data import FinetuneData, PackedSequences, load_data
 from .distributed import World, average_gradients, barrier, close_world, init_world, mean_across
 from .optim import build_optimizers, build_schedulers
-from .recipe import Recipe, StageSection, parse_recipe, recipe_hash, resolved_yaml
+from .recipe import Recipe, StageSection, load_recipe, recipe_hash, resolved_yaml
 from .report import Reporter
 from .transfer import AttentionTransfer, distillation_loss, original_model
 
@@ -48,34 +49,51 @@ class RunState:
     last_eval: dict = field(default_factory=dict)
 
 
-def prepare_run_folder(run: Path, recipe: Recipe, resume: bool) -> Path | None:
-    """Check that `run` may hold this recipe's run; return the checkpoint to resume from, if any."""
+def prepare_run_folder(
+    run: Path, recipe: Recipe, resume: bool, note: Callable[[str], None] | None = None
+) -> Path | None:
+    """Check that `run` may hold this recipe's run; return the checkpoint to resume from, if any.
+
+    A run that reached no checkpoint (one that failed on its data, say) has nothing to lose: a changed recipe
+    replaces it, and `note` is told so. A run with checkpoints or a saved model keeps its recipe."""
     saved = run / RECIPE_FILE
-    if saved.is_file():
-        try:
-            previous = recipe_hash(parse_recipe(saved.read_text(), str(saved)))
-        except LinearizeError:
-            previous = None
-        if previous != recipe_hash(recipe):
+    if not saved.is_file():
+        if run.exists() and any(run.iterdir()):
             raise LinearizeError(
-                f"output folder '{run}' holds a run of a different recipe (see {saved}); nothing was changed. "
-                "Choose another output.dir, or delete that folder to start over."
+                f"output folder '{run}' is not empty and is not a linearize run (no {RECIPE_FILE}); "
+                "choose another output.dir"
             )
-        checkpoints = list_checkpoints(run)
-        if not resume:
-            if checkpoints or (run / "model").exists():
-                raise LinearizeError(
-                    f"output folder '{run}' already holds this recipe's run; pass --resume to continue it from "
-                    "its latest checkpoint, or choose another output.dir"
-                )
-            return None
-        return checkpoints[-1] if checkpoints else None
-    if run.exists() and any(run.iterdir()):
-        raise LinearizeError(
-            f"output folder '{run}' is not empty and is not a linearize run (no {RECIPE_FILE}); "
-            "choose another output.dir"
-        )
-    return None
+        return None
+    checkpoints = list_checkpoints(run)
+    has_results = bool(checkpoints) or (run / "model").exists()
+    if _saved_recipe_hash(saved) != recipe_hash(recipe):
+        if has_results:
+            raise LinearizeError(
+                f"output folder '{run}' holds a run of a different recipe (see {saved}), with checkpoints or a "
+                "saved model; nothing was changed. Resume it with that recipe, choose another output.dir, or "
+                "delete that folder to start over."
+            )
+        if note is not None:
+            note(
+                f"output folder '{run}' held a different recipe's run that reached no checkpoint: this recipe "
+                f"replaces it ({saved})"
+            )
+        return None
+    if not resume:
+        if has_results:
+            raise LinearizeError(
+                f"output folder '{run}' already holds this recipe's run; pass --resume to continue it from "
+                "its latest checkpoint, or choose another output.dir"
+            )
+        return None
+    return checkpoints[-1] if checkpoints else None
+
+
+def _saved_recipe_hash(saved: Path) -> str | None:
+    try:
+        return recipe_hash(load_recipe(saved))
+    except LinearizeError:  # unreadable or no longer valid: it cannot be this recipe
+        return None
 
 
 class Trainer:
@@ -357,6 +375,7 @@ class Trainer:
                 "processes": self.world.size,
                 "recipe_hash": recipe_hash(self.recipe),
                 "last_eval": self.state.last_eval,
+                "metrics_bytes": self.reporter.metrics_size(),
             }
             save_checkpoint(
                 self.run,
@@ -387,6 +406,8 @@ class Trainer:
         if missing:
             raise LinearizeError(f"checkpoint {checkpoint} holds tensors this model lacks: {sorted(missing)[:5]}")
         self.model.load_state_dict(tensors, strict=False)
+        if "metrics_bytes" in saved:  # the rows written after the checkpoint are written again from here on
+            self.reporter.truncate_metrics(saved["metrics_bytes"])
         self.state = RunState(
             saved["stage"], saved["step"], saved["global_step"], saved["lora_applied"], saved.get("last_eval", {})
         )
@@ -463,12 +484,14 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
         check_can_push()  # before hours of training, not after
     world = init_world()
     try:
-        resume_from = prepare_run_folder(run, recipe, resume)
+        reporter = Reporter(run / "metrics.jsonl", quiet=quiet, enabled=world.is_main, console=console)
+        resume_from = prepare_run_folder(run, recipe, resume, note=reporter.info)
         barrier(world)
         if world.is_main:
             run.mkdir(parents=True, exist_ok=True)
             (run / RECIPE_FILE).write_text(resolved_yaml(recipe))
-        reporter = Reporter(run / "metrics.jsonl", quiet=quiet, enabled=world.is_main, console=console)
+        if resume_from is None:  # rows of an earlier attempt that reached no checkpoint would be read as this run's
+            reporter.truncate_metrics(0)
         trainer = Trainer(recipe, world, reporter, run)
         trainer.train(resume_from)
         out = trainer.save()

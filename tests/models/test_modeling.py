@@ -172,7 +172,7 @@ def test_unsupported_family_is_refused():
 
 
 def test_remote_code_says_how_to_install_linearize_when_missing(tmp_path):
-    from linearize.convert import save_model
+    from linearize.convert import INSTALL_COMMAND, save_model
 
     save_model(converted_model("llama", "swa"), None, tmp_path / "out")
     script = textwrap.dedent(f"""
@@ -191,7 +191,7 @@ def test_remote_code_says_how_to_install_linearize_when_missing(tmp_path):
         cwd=tmp_path,
         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
-    assert "pip install linearize" in result.stdout, result.stdout + result.stderr
+    assert INSTALL_COMMAND in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -355,3 +355,45 @@ def test_transfer_with_kept_softmax_layers_trains_only_the_converted_ones(worksp
     assert lora_b and all(("layers.0." in name) == (t.abs().sum() == 0) for name, t in lora_b.items()), {
         name: t.abs().sum().item() for name, t in lora_b.items()
     }
+
+
+def test_a_run_that_failed_before_any_checkpoint_takes_the_corrected_recipe(workspace, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9 w1 w2\n")
+    recipe = write_recipe(workspace, tmp_path)
+    short = ["stages.0.max_steps=1", "stages.1.max_steps=1"]
+    failed = invoke("finetune", recipe, *short, f"data.sources.0.path={latin1}")
+    assert failed.exit_code == 1 and "is not UTF-8 text" in failed.output
+    assert (tmp_path / "run" / "linearize_recipe.yaml").is_file() and not list_checkpoints(tmp_path / "run")
+
+    fixed = invoke("finetune", recipe, *short)
+    assert fixed.exit_code == 0, fixed.output
+    assert "reached no checkpoint: this recipe replaces it" in " ".join(fixed.output.split())
+    assert f"path: {latin1}" not in (tmp_path / "run" / "linearize_recipe.yaml").read_text()
+
+    changed = invoke("finetune", recipe, "stages.0.max_steps=2", "stages.1.max_steps=1", "--resume")
+    assert changed.exit_code == 1
+    assert "holds a run of a different recipe" in changed.output and "Resume it with that recipe" in changed.output
+    assert (tmp_path / "run" / "model").is_dir()
+
+
+def test_resumed_run_logs_every_step_once(workspace, tmp_path, monkeypatch):
+    recipe = write_recipe(workspace, tmp_path)
+    real_forward_loss = trainer_module.Trainer.forward_loss
+
+    def killed_one_step_after_a_checkpoint(self, *args):
+        if self.state.global_step == 5:  # checkpoint at 4, then the lora stage's baseline and step 5 were logged
+            raise KeyboardInterrupt
+        return real_forward_loss(self, *args)
+
+    monkeypatch.setattr(trainer_module.Trainer, "forward_loss", killed_one_step_after_a_checkpoint)
+    assert invoke("finetune", recipe).exit_code == 130
+    assert [r["global_step"] for r in metrics(tmp_path / "run") if "lr" in r] == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(trainer_module.Trainer, "forward_loss", real_forward_loss)
+
+    result = invoke("finetune", recipe, "--resume")
+    assert result.exit_code == 0, result.output
+    records = metrics(tmp_path / "run")
+    assert [r["global_step"] for r in records if "lr" in r] == list(range(1, 9))
+    evals = [(r["stage"], r["step"]) for r in records if "lr" not in r]
+    assert evals == [(0, 0), (0, 2), (0, 4), (1, 0), (1, 2), (1, 4)]

@@ -1,0 +1,221 @@
+"""Output folders that appear whole or not at all, and never at the cost of something the user keeps.
+
+`check_output_folder` refuses, before any weights load, an output that is or holds the source model, the embedded
+model's cache, the current or home folder, or that cannot be written. `atomic_folder` yields an empty staging
+folder beside the output and moves it into place only once the body has finished; on any failure (a full disk, an
+unwritable folder, Ctrl-C) the staging folder is removed and an existing output stays as it was. Staging and
+retired folders carry the writing process's id, so that a later run can tell those of a killed run and clean
+them up.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.file_download import repo_folder_name
+from safetensors import SafetensorError
+
+from . import sources
+from .errors import LinearizeError
+
+_STAGING = "linearize-tmp"  # the output being written
+_RETIRED = "linearize-old"  # the output being replaced, between its two renames
+_LEFTOVER = re.compile(rf"^\.(?P<name>.+)\.(?P<kind>{_STAGING}|{_RETIRED})-(?P<pid>\d+)-[0-9a-f]{{8}}$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def check_output_folder(out: Path, force: bool = False, source: str | None = None) -> None:
+    """Refuse an output folder that would destroy something or cannot be written, whatever `force` says about an
+    existing one. `source` is the model being converted (a folder or hub id; None for the embedded default)."""
+    out = Path(out)
+    _refuse_ancestor_of(out, Path.cwd(), "the current folder")
+    _refuse_ancestor_of(out, Path.home(), "your home folder")
+    if source is not None:
+        _refuse_overlap(
+            out,
+            _source_folder(source),
+            f"the source model '{source}'",
+            "a conversion must not write into or over its source",
+        )
+    _refuse_overlap(
+        out,
+        sources.cache_root() / sources.EMBEDDED_NAME,
+        "the embedded model's cache",
+        f"later runs would silently use your output in place of the embedded {sources.EMBEDDED_NAME}",
+    )
+    check_replaceable(out, force)
+    _check_writable(out)
+
+
+def check_replaceable(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise LinearizeError(f"output path '{out}' is a file, not a folder; choose another output path")
+    if out.exists() and not force:
+        raise LinearizeError(f"output folder '{out}' already exists; pass --force to replace it")
+
+
+@contextmanager
+def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder beside `out`, and move it into place as `out` when the body completes (an
+    existing `out` is replaced only with `force`). Write errors become LinearizeErrors that say what to do."""
+    out = Path(out)
+    check_replaceable(out, force)
+    with _write_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out.parent)
+        staging = _sibling(out, _STAGING)
+        staging.mkdir()  # not tempfile.mkdtemp: its mode 0700 would outlive the move; mkdir follows the umask
+        try:
+            yield staging
+            _move_into_place(staging, out)
+        except BaseException:
+            _remove(staging)
+            raise
+
+
+def remove_leftovers(parent: Path) -> None:
+    """Remove the staging folders in `parent` of linearize runs that were killed, and put back an output that one
+    killed between its two renames had retired, saying so in one line each."""
+    for path in parent.iterdir():
+        match = _LEFTOVER.match(path.name)
+        if match is None or _process_alive(int(match["pid"])):
+            continue
+        original = parent / match["name"]
+        if match["kind"] == _RETIRED and not original.exists():
+            with suppress(OSError):  # another user's leftover, say: not ours to touch, and no reason to stop
+                os.replace(path, original)
+                _note(f"Restored '{original}' from '{path.name}', left by a linearize run killed while replacing it.")
+            continue
+        _remove(path)
+        if not path.exists():
+            _note(f"Removed '{path}', left by a linearize run that was killed (process {match['pid']} is gone).")
+
+
+def _refuse_ancestor_of(out: Path, folder: Path, what: str) -> None:
+    folder = _absolute(folder)
+    relation = _relation(_absolute(out), folder)
+    if relation in ("is", "contains"):
+        raise LinearizeError(
+            f"output folder '{out}' {relation} {what} ({folder}): replacing it would delete everything in it. Name "
+            f"a new folder for the output, e.g. -o ./converted-model"
+        )
+
+
+def _refuse_overlap(out: Path, folder: Path, what: str, harm: str) -> None:
+    folder = _absolute(folder)
+    relation = _relation(_absolute(out), folder)
+    if relation is not None:
+        raise LinearizeError(
+            f"output folder '{out}' {relation} {what} ({folder}): {harm}. Choose an output folder outside it "
+            f"(--force does not change this)"
+        )
+
+
+def _relation(target: Path, folder: Path) -> str | None:
+    if target == folder:
+        return "is"
+    if target in folder.parents:
+        return "contains"
+    if folder in target.parents:
+        return "lies inside"
+    return None
+
+
+def _source_folder(source: str) -> Path:
+    """Where the source model's files are: its folder, or for a hub id its folder in the Hugging Face cache."""
+    local = Path(source).expanduser()
+    if local.exists():
+        return local
+    try:
+        return Path(hub_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=source, repo_type="model")
+    except HFValidationError:  # not a hub id either: `convert` will say the folder does not exist
+        return local
+
+
+def _check_writable(out: Path) -> None:
+    existing = _absolute(out).parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LinearizeError(
+            f"cannot create output folder '{out}': '{existing}' is a file, not a folder; choose another output path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        reason = "it is on a read-only file system" if read_only else "you do not have permission to write there"
+        raise LinearizeError(
+            f"cannot write output folder '{out}': {reason} ({existing}). Choose an output folder you can write to"
+        )
+
+
+@contextmanager
+def _write_errors(out: Path) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        kept = f"; the existing '{out}' is unchanged" if out.exists() else ""
+        if getattr(error, "errno", None) in _DISK_FULL or "No space left on device" in str(error):
+            raise LinearizeError(
+                f"the disk is full: no space left on the device of '{_absolute(out).parent}' while writing '{out}'. "
+                f"No partial output was left{kept}. Free some space or choose an output folder on another disk"
+            ) from None
+        reason = f"{error.strerror} ({error.filename})" if isinstance(error, OSError) and error.strerror else error
+        raise LinearizeError(
+            f"could not write output folder '{out}': {reason}. No partial output was left{kept}. Check that "
+            f"you can write to '{_absolute(out).parent}', or choose another output folder"
+        ) from None
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    retired = _sibling(out, _RETIRED)
+    os.replace(out, retired)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(retired, out)
+        raise
+    _remove(retired)
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows: keep what we cannot check
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _absolute(path: Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)

@@ -1,0 +1,32 @@
+"""`linearize demo` end to end on a tiny model: every conversion measured, the fine-tune saved and reloaded."""
+
+import math
+
+from typer.testing import CliRunner
+
+from linearize.cli import app
+from linearize.demo import ANSWERING, run_demo
+from tests.tiny import source_folder
+
+
+def test_demo_measures_every_conversion_and_reloads_the_fine_tuned_model(tmp_path):
+    source = source_folder(tmp_path / "src")
+    result = run_demo(tmp_path / "demo", steps=1, model=str(source), say=lambda _: None, quiet=True)
+    rows = {row.label: row for row in result.rows}
+    assert list(rows) == ["original", "swa", "parallax", "liger at conversion", "liger fine-tuned"]
+    assert all(math.isfinite(row.perplexity) for row in rows.values())
+    # Parallax is exact at conversion: the original's perplexity on the same windows
+    assert math.isclose(rows["parallax"].perplexity, rows["original"].perplexity, rel_tol=1e-4)
+    assert rows["swa"].cache_bytes < rows["original"].cache_bytes and not rows["swa"].cache_grows
+    assert rows["original"].cache_grows and not rows["liger fine-tuned"].cache_grows
+    assert rows["liger at conversion"].decode_ms is None and rows["liger fine-tuned"].decode_ms > 0
+    assert set(result.answers) == set(ANSWERING)
+    assert (result.model_folder / "config.json").exists() and result.model_folder.parent.parent == tmp_path / "demo"
+
+
+def test_demo_refuses_an_existing_folder_without_force(tmp_path):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo"), "--steps", "1"])
+    assert result.exit_code == 1 and "--force" in result.output
+    assert (tmp_path / "demo" / "keep.txt").read_text() == "mine"

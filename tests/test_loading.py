@@ -1,0 +1,272 @@
+"""Loading robustness: every way a model fails to load ends in one `Error: ...` line that names the problem and
+the fix (exit code 1), never a traceback."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import linearize.generation
+from linearize import sources
+from linearize.cli import app
+from linearize.errors import LinearizeError
+from linearize.generation import pick_device
+from tests.tiny import source_folder, source_model
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def fails_with(result, *phrases):
+    """The command ended in a clear error: exit code 1, no traceback, every phrase in the message."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # a LinearizeError, printed and exited
+    message = " ".join(result.output.split())  # the console wraps long lines
+    for phrase in phrases:
+        assert phrase in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return source_folder(tmp_path_factory.mktemp("source") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory):
+    """A checkpoint without tokenizer files: config.json and model.safetensors only."""
+    folder = tmp_path_factory.mktemp("bare") / "bare-llama"
+    source_model("llama").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def converted(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "tiny-liger"
+    assert invoke("convert", source, "--window", 8, "-o", out).exit_code == 0
+    return out
+
+
+# -- 1. devices ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+
+
+def test_cuda_on_a_machine_without_one(no_gpu):
+    with pytest.raises(LinearizeError, match="device 'cuda' is not available: .* finds no GPU on this machine"):
+        pick_device("cuda")
+
+
+def test_a_gpu_index_past_the_last_gpu(two_gpus):
+    assert pick_device("cuda:1") == "cuda:1"
+    with pytest.raises(LinearizeError, match=r"'cuda:2' does not exist: this machine has 2 cuda devices \(indices 0"):
+        pick_device("cuda:2")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CPU", ""])
+def test_an_unknown_device_string(device):
+    with pytest.raises(LinearizeError, match=f"unknown device '{device}': use auto, cpu, cuda, cuda:N"):
+        pick_device(device)
+
+
+def test_cpu_and_auto_need_nothing(no_gpu):
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("auto") in ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("command", ["convert", "generate", "eval", "bench"])
+def test_every_command_with_device_refuses_a_missing_gpu(command, converted, source, no_gpu, tmp_path):
+    args = {
+        "convert": [source, "-o", tmp_path / "out"],
+        "generate": [converted, "hello"],
+        "eval": [converted],
+        "bench": [converted],
+    }[command]
+    fails_with(invoke(command, *args, "--device", "cuda"), "Error: device 'cuda' is not available", "--device cpu")
+    assert not (tmp_path / "out").exists()
+
+
+# -- 2. a checkpoint without a tokenizer ------------------------------------------------------------------------------
+
+
+def test_convert_without_a_tokenizer_warns_and_saves_the_weights(bare, tmp_path):
+    result = invoke("convert", bare, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    message = " ".join(result.output.split())
+    assert f"Warning: '{bare}' has no tokenizer, so neither has {tmp_path / 'out'}" in message
+    assert "pass --tokenizer PATH_OR_ID" in message
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert not any((tmp_path / "out" / file).exists() for file in sources.TOKENIZER_FILES)
+
+
+def test_convert_takes_the_tokenizer_of_another_folder(bare, source, tmp_path):
+    result = invoke("convert", bare, "--tokenizer", source, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.output
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
+
+
+def test_convert_refuses_a_tokenizer_folder_without_one(bare, tmp_path):
+    result = invoke("convert", bare, "--tokenizer", bare, "-o", tmp_path / "out")
+    fails_with(result, f"'{bare}' has no tokenizer", "give --tokenizer a folder or hub id that has one")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_verify_needs_a_tokenizer_before_converting(bare, tmp_path):
+    result = invoke("convert", bare, "--verify", "-o", tmp_path / "out")
+    fails_with(result, f"'{bare}' has no tokenizer", "pass --tokenizer PATH_OR_ID", "or drop --verify")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def converted_without_tokenizer(bare, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "bare-liger"
+    assert invoke("convert", bare, "--window", 8, "-o", out).exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_commands_that_need_a_tokenizer_say_how_to_add_one(command, converted_without_tokenizer, bare):
+    args = ["hello"] if command == "generate" else ["--against", bare]
+    result = invoke(command, converted_without_tokenizer, *args)
+    fails_with(result, f"'{converted_without_tokenizer}' has no tokenizer", "copy the tokenizer files")
+
+
+def test_bench_needs_no_tokenizer(converted_without_tokenizer, bare):
+    options = ["--ctx", 16, "--decode-tokens", 2, "--repeats", 1, "--no-plot", "--no-record"]
+    result = invoke("bench", converted_without_tokenizer, "--against", bare, *options)
+    assert result.exit_code == 0, result.output
+    assert "prefill tokens/s" in result.stdout
+
+
+# -- 3 and 6. damaged folders -----------------------------------------------------------------------------------------
+
+
+def _truncate(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return "model.safetensors", "is truncated or corrupt (Error while deserializing header"
+
+
+def _garble_header(folder):
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:8] + b"#" + data[9:])  # the first byte of the JSON header
+    return "model.safetensors", "is truncated or corrupt"
+
+
+def _break_config_json(folder):
+    (folder / "config.json").write_text('{"model_type": "linearize",')
+    return "config.json", "is not valid JSON"
+
+
+def _drop_a_layer_type(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["layer_types"] = config["layer_types"][:-1]
+    (folder / "config.json").write_text(json.dumps(config))
+    return "config.json", "lists 1 layer_types but num_hidden_layers is 2"
+
+
+DAMAGES = {"truncated": _truncate, "garbled": _garble_header, "not-json": _break_config_json}
+DAMAGES["layer-types"] = _drop_a_layer_type
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "bench", "push"])
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_folder_is_named_with_its_file(damage, command, converted, tmp_path):
+    folder = shutil.copytree(converted, tmp_path / "damaged")
+    file, problem = DAMAGES[damage](folder)
+    args = {"generate": ["hello"], "eval": [], "bench": [], "push": ["my-org/tiny-liger", "--dry-run"]}[command]
+    message = fails_with(invoke(command, folder, *args), f"Error: '{folder / file}' {problem}", "re-run the conversion")
+    assert "Hub" not in message  # a local folder's problem, not the network's
+
+
+def test_a_config_that_transformers_rejects_is_reported_as_the_folders(source, tmp_path):
+    folder = shutil.copytree(source, tmp_path / "odd")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"layer_types": ["bogus", "bogus"]}))
+    result = invoke("convert", folder, "--dry-run")
+    message = fails_with(result, f"the config of '{folder}' is invalid", "layer_types")
+    assert "Hub" not in message
+
+
+def test_a_folder_without_weights_is_not_a_hub_problem(converted, tmp_path):
+    folder = shutil.copytree(converted, tmp_path / "no-weights")
+    (folder / "model.safetensors").unlink()
+    message = fails_with(invoke("generate", folder, "hello"), f"cannot load '{folder}'", "model.safetensors")
+    assert "Hub" not in message
+
+
+def test_intact_folders_pass_the_check(converted, source):
+    sources.check_model_folder(converted)
+    sources.check_model_folder(source)
+
+
+# -- 4. mistyped local paths fail at once -----------------------------------------------------------------------------
+
+
+class _NoHub:
+    @staticmethod
+    def from_pretrained(*args, **kwargs):
+        pytest.fail(f"a local path reached from_pretrained (and so the Hub): {args}")
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"):
+        monkeypatch.setattr(sources, name, _NoHub)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["./no-such", "../no/such", "/no/such/folder", "~/no-such-folder", "runs/liger/model", "smollm2-ligr", "my model"],
+)
+@pytest.mark.parametrize("command", ["generate", "eval", "bench", "convert"])
+def test_a_mistyped_local_folder_fails_without_asking_the_hub(name, command, no_hub, tmp_path):
+    args = {"generate": ["hello"], "eval": [], "bench": [], "convert": ["-o", tmp_path / "out"]}[command]
+    fails_with(invoke(command, name, *args), f"local folder '{name}' does not exist; check the path")
+
+
+def test_a_hub_id_still_goes_to_the_hub(monkeypatch):
+    asked = []
+    monkeypatch.setattr(sources.AutoConfig, "from_pretrained", lambda source, **kwargs: asked.append(source))
+    sources.load_config("some-org/some-model")
+    assert asked == ["some-org/some-model"]
+
+
+# -- 5. eval and bench default to the embedded model ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_eval_and_bench_without_a_model_measure_the_embedded_one(command, monkeypatch):
+    loaded = []
+
+    def load_for_inference(model, **kwargs):
+        loaded.append(model)
+        raise LinearizeError("stop here")
+
+    monkeypatch.setattr(linearize.generation, "load_for_inference", load_for_inference)
+    fails_with(invoke(command, "--device", "cpu"), "stop here")
+    assert loaded == [None]  # sources.load's name for the embedded default
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_help_says_model_is_optional(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "[options] [model]" in result.output.lower()  # optional: in brackets
+    assert "Omit it for the embedded SmolLM2" in " ".join(result.output.replace("│", " ").split())

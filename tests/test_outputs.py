@@ -1,0 +1,285 @@
+"""Output safety of `linearize convert`: refused outputs, write failures, killed runs and folder modes. Every
+failure must end with a clear error, a non-zero exit and nothing lost."""
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants as hub_constants
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import linearize.convert
+from linearize import sources
+from linearize.cli import app
+from tests.tiny import source_folder
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return source_folder(tmp_path_factory.mktemp("source") / "tiny-llama")
+
+
+@pytest.fixture
+def no_weights_loaded(monkeypatch):
+    """Refusals must come before any weights load."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the output folder was checked")
+
+    monkeypatch.setattr(sources, "load", load)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def save_fails_with(monkeypatch, error: Exception) -> None:
+    def save_then_fail(self, folder, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise error
+
+    monkeypatch.setattr(linearize.convert.LinearizeForCausalLM, "save_pretrained", save_then_fail)
+
+
+@pytest.mark.parametrize("out", [".", "..", "sub"], ids=["is", "contains", "lies-inside"])
+def test_output_overlapping_the_source_folder_is_refused(out, tmp_path, no_weights_loaded):
+    src = source_folder(tmp_path / "fx" / "smol")
+    before = files(tmp_path)
+    result = invoke("convert", src, "-o", src / out, "--force")
+    assert result.exit_code == 1
+    assert f"the source model '{src}'" in result.output and "--force does not change this" in result.output
+    assert files(tmp_path) == before
+
+
+def test_output_in_the_hub_cache_folder_of_a_hub_id_source_is_refused(tmp_path, monkeypatch, no_weights_loaded):
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc"
+    result = invoke("convert", "org/tiny", "-o", snapshot, "--force")
+    assert result.exit_code == 1
+    assert "lies inside the source model 'org/tiny'" in result.output
+
+
+@pytest.mark.parametrize("out", ["SmolLM2-135M-Instruct", ".", "SmolLM2-135M-Instruct/sub"])
+def test_output_overlapping_the_embedded_cache_is_refused(out, source, tmp_path, monkeypatch, no_weights_loaded):
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "SmolLM2-135M-Instruct").mkdir(parents=True)
+    result = invoke("convert", source, "-o", tmp_path / "cache" / out, "--force")
+    assert result.exit_code == 1
+    assert "the embedded model's cache" in result.output and "Choose an output folder outside it" in result.output
+
+
+@pytest.mark.parametrize("out,relation", [(".", "is"), ("..", "contains")])
+def test_current_folder_as_output_is_refused(out, relation, source, tmp_path, monkeypatch, no_weights_loaded):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "work")
+    result = invoke("convert", source, "-o", out, "--force")
+    assert result.exit_code == 1
+    assert f"output folder '{out}' {relation} the current folder" in result.output
+    assert "-o ./converted-model" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert (tmp_path / "work" / "notes.txt").read_text() == "mine"
+
+
+def test_home_folder_as_output_is_refused(source, tmp_path, monkeypatch, no_weights_loaded):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    result = invoke("convert", source, "-o", tmp_path, "--force")
+    assert result.exit_code == 1
+    assert "contains your home folder" in result.output
+
+
+def test_unwritable_output_location_is_refused_before_loading(source, tmp_path, monkeypatch, no_weights_loaded):
+    locked = (tmp_path / "locked").resolve()
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and access(path, mode, **kw))
+    result = invoke("convert", source, "-o", locked / "new" / "out")
+    assert result.exit_code == 1
+    assert "you do not have permission to write there" in result.output and str(locked) in result.output
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder_as_output_location_is_refused(source, tmp_path, no_weights_loaded):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        result = invoke("convert", source, "-o", locked / "out")
+    finally:
+        locked.chmod(0o755)
+    assert result.exit_code == 1
+    assert "cannot write output folder" in result.output
+    assert list(locked.iterdir()) == []
+
+
+def test_write_error_during_save_names_the_folder_and_the_reason(source, tmp_path, monkeypatch):
+    save_fails_with(monkeypatch, PermissionError(errno.EACCES, "Permission denied", "model.safetensors"))
+    result = invoke("convert", source, "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert f"could not write output folder '{tmp_path / 'out'}': Permission denied (model.safetensors)" in (
+        result.output
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        ),
+        OSError(errno.ENOSPC, "No space left on device", "model.safetensors"),
+    ],
+    ids=["safetensors", "oserror"],
+)
+def test_full_disk_during_save_keeps_the_existing_output(error, source, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert invoke("convert", source, "-o", out).exit_code == 0
+    before = files(out)
+    save_fails_with(monkeypatch, error)
+    result = invoke("convert", source, "-o", out, "--force")
+    assert result.exit_code == 1
+    assert "the disk is full" in result.output and f"the existing '{out}' is unchanged" in result.output
+    assert files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_move_into_place_puts_the_existing_output_back(source, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert invoke("convert", source, "-o", out).exit_code == 0
+    before = files(out)
+    replace = os.replace
+
+    def busy_for_the_new_folder(src, dst):
+        if "linearize-tmp" in str(src):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy_for_the_new_folder)
+    result = invoke("convert", source, "-o", out, "--force")
+    assert result.exit_code == 1
+    assert f"could not write output folder '{out}': Device or resource busy" in result.output
+    assert files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_output_under_a_file_is_refused(source, tmp_path, no_weights_loaded):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = invoke("convert", source, "-o", tmp_path / "notes.txt" / "out")
+    assert result.exit_code == 1
+    assert f"'{tmp_path / 'notes.txt'}' is a file, not a folder" in result.output
+    result = invoke("convert", source, "-o", tmp_path / "notes.txt", "--force")
+    assert result.exit_code == 1
+    assert "is a file, not a folder" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_ctrl_c_during_save_keeps_the_existing_output(source, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert invoke("convert", source, "-o", out).exit_code == 0
+    before = files(out)
+    save_fails_with(monkeypatch, KeyboardInterrupt())
+    result = invoke("convert", source, "-o", out, "--force")
+    assert result.exit_code == 130
+    assert files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_folder_mode_follows_the_umask(umask, source, tmp_path):
+    previous = os.umask(umask)
+    try:
+        assert invoke("convert", source, "-o", tmp_path / "out").exit_code == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
+
+
+# Runs `linearize` with the model's save patched to hang once its files are written: the test kills it there.
+_HANG_IN_SAVE = """
+import sys, time
+from pathlib import Path
+from linearize.cli import app
+from linearize.models import LinearizeForCausalLM
+
+save = LinearizeForCausalLM.save_pretrained
+
+def save_then_hang(self, folder, **kwargs):
+    save(self, folder, **kwargs)
+    (Path(folder) / "saved").touch()
+    time.sleep(600)
+
+LinearizeForCausalLM.save_pretrained = save_then_hang
+app(sys.argv[1:], prog_name="linearize")
+"""
+
+
+def wait_for_file(pattern: str, folder: Path, process: subprocess.Popen, timeout: float = 300) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = next(folder.glob(pattern), None)
+        if found is not None:
+            return found
+        if process.poll() is not None:
+            pytest.fail(f"convert exited ({process.returncode}) before saving: {process.stderr.read()}")
+        time.sleep(0.1)
+    pytest.fail(f"no {pattern} in {folder} after {timeout} s")
+
+
+def finished_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_convert_killed_while_saving_loses_nothing_and_the_next_run_cleans_up(source, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("convert", source, "-o", out).exit_code == 0
+    before = files(out)
+    command = [sys.executable, "-c", _HANG_IN_SAVE, "convert", str(source), "-o", str(out), "--force"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        staging = wait_for_file(".out.linearize-tmp-*/saved", tmp_path, process).parent
+    finally:
+        process.kill()
+        process.wait()
+    assert staging.is_dir()
+    assert files(out) == before
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "linearize"
+
+    result = invoke("convert", source, "-o", tmp_path / "second")
+    assert result.exit_code == 0, result.output
+    assert not staging.exists()
+    assert f"Removed '{staging}'" in result.output and f"process {process.pid} is gone" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "second"]
+
+
+def test_output_retired_by_a_killed_run_is_put_back_and_live_runs_are_left_alone(source, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("convert", source, "-o", out).exit_code == 0
+    before = files(out)
+    retired = tmp_path / f".out.linearize-old-{finished_pid()}-0123abcd"
+    out.rename(retired)
+    running = tmp_path / f".other.linearize-tmp-{os.getppid()}-0123abcd"
+    running.mkdir()
+    result = invoke("convert", source, "-o", tmp_path / "second")
+    assert result.exit_code == 0, result.output
+    assert f"Restored '{out}'" in result.output
+    assert files(out) == before and not retired.exists()
+    assert running.is_dir()
