@@ -61,6 +61,7 @@ stages:
     schedule: {{kind: cosine, warmup_steps: 2}}
 training:
   micro_batch_size: 1
+  grad_accum: 1         # one 512-token sequence per step
   eval_every: {eval_every}
   eval_batches: 4
   checkpoint_every: {steps}

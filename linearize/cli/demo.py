@@ -41,7 +41,7 @@ def demo(
         "model",
         "perplexity",
         f"cache at {CACHE_CONTEXT // 1024}K tokens",
-        f"decode ms/token at {DECODE_CONTEXT}",
+        f"decode ms/token at {DECODE_CONTEXT} tokens",
     ]
     rows = [
         [
