@@ -5,9 +5,9 @@ Three conversions of the same model are measured side by side with the original:
 - Parallax, exact at conversion: the original's perplexity, before any training;
 - Liger, through a short LoRA fine-tune (QUICK_RECIPE): its held-out perplexity falls while the bar runs, and the
   saved folder is loaded back through transformers to answer a question.
-The table reports perplexity on held-out documents of the fine-tune's corpus (never trained on), the cache one
-sequence needs at 8K tokens (from the models' configs, exact) and decode speed after a 2K-token prefill (measured
-in this run, all models on the same tokens).
+The table reports perplexity on the test split of the built-in English corpus (never trained on; what
+`linearize eval --text builtin` measures), the cache one sequence needs at 8K tokens (from the models' configs,
+exact) and decode speed after a 2K-token prefill (measured in this run, all models on the same tokens).
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from . import sources
 from .benchmark import measure
 from .convert import ConversionPlan, convert_model, plan_conversion
 from .errors import LinearizeError
-from .evaluation import perplexity_of_windows
+from .evaluation import perplexity_of_windows, text_windows
 from .generation import generate, load_for_inference
 from .outputs import check_output_folder
 
@@ -46,7 +44,7 @@ conversion:
   mix: 0.9              # the window branch's weight; the gated linear branch gets 0.1
 data:
   sources:
-    - builtin: pydoc
+    - builtin: english
   seq_len: 512
   held_out: 4           # documents never trained on: the demo's perplexity text
 lora:
@@ -104,13 +102,6 @@ def _cache(plan: ConversionPlan) -> tuple[int, bool]:
     return at, plan.converted_cache_bytes(2 * CACHE_CONTEXT) > at
 
 
-def _held_out_windows(recipe, tokenizer) -> torch.Tensor:
-    from .training.data import load_data
-
-    held_out = load_data(recipe.data, tokenizer, seed=recipe.training.seed).held_out.input_ids
-    return held_out[:PERPLEXITY_WINDOWS]
-
-
 def run_demo(
     out: Path,
     steps: int = 30,
@@ -139,7 +130,7 @@ def run_demo(
         shutil.rmtree(out)
     say(f"Loading {model or sources.EMBEDDED_NAME}")
     original, tokenizer, name = sources.load(model, dtype="float32")
-    windows = _held_out_windows(recipe, tokenizer)
+    windows = text_windows("builtin", tokenizer, recipe.data.seq_len, PERPLEXITY_WINDOWS)
 
     plans = {m: plan_conversion(original.config, name, m, dtype="float32") for m in ("swa", "parallax")}
     plans["liger"] = recipe.conversion.plan(original.config, name)

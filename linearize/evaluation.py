@@ -80,8 +80,8 @@ def text_source(spec: str):
     """The data source that a `--text` value names.
 
     Args:
-        spec: "builtin" (CPython's documentation, offline), "hf:NAME[:CONFIG][:SPLIT]" (a Hugging Face dataset,
-            split "test" unless given), or a local file or glob (.txt/.md/.jsonl/.json/.parquet).
+        spec: "builtin" (the test split of the built-in English corpus, offline), "hf:NAME[:CONFIG][:SPLIT]" (a
+            Hugging Face dataset, split "test" unless given), or a local file or glob (.txt/.md/.jsonl/.json/.parquet).
 
     Returns:
         A `linearize.training.data.DataSource` (text format: every token is scored).
@@ -89,7 +89,7 @@ def text_source(spec: str):
     from .training.data import DataSource
 
     if spec == "builtin":
-        return DataSource(builtin="pydoc", format="text")
+        return DataSource(builtin="english", split="test", format="text")
     if spec.startswith(HF_PREFIX):
         parts = spec[len(HF_PREFIX) :].split(":")
         if not parts[0] or len(parts) > 3:

@@ -97,6 +97,12 @@ def _existing_path(name: str) -> Path | None:
         return path
     if not _is_hub_id(name):
         raise LinearizeError(f"local folder '{name}' does not exist; check the path (a Hub id has the form org/name)")
+    if path.parent.is_dir():
+        # `runs/modle` when ./runs exists is a typo far more often than a Hub org that shares a local folder's name
+        raise LinearizeError(
+            f"local folder '{name}' does not exist; check the path ('{path.parent}' is a local folder, so this is not "
+            f"taken as a Hub id: to load the Hub model, run from another folder)"
+        )
     return None
 
 

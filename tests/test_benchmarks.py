@@ -1,8 +1,11 @@
 """The benchmark scripts run (tiny smoke mode), so they do not rot between GPU sessions."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+from linearize.training.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,3 +23,38 @@ def test_gpu_check_smoke_runs():
     for path in ["sdpa causal", "liger (ours)", "still (ours)", "parallax (ours)", "swa (ours)"]:
         assert f" {path} " in result.stdout, path
     assert "decode sweep" in result.stdout
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_controls_train_like_the_recipe():
+    quality = _benchmark("conversion_quality")
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-135m-still.yaml", ["conversion.softmax_layers=0"])
+    swa = quality.control_recipe(recipe, "swa-trained")
+    assert (swa.conversion.method, swa.conversion.window, swa.conversion.sinks) == ("swa", 64, 4)
+    assert swa.conversion.softmax_layers == "0"
+    assert [s.kind for s in swa.stages] == [s.kind for s in recipe.stages]
+    assert all(s.trainable == ["lora"] for s in swa.stages)
+    lora = quality.control_recipe(recipe, "lora")
+    assert lora.conversion.method == "parallax"  # its zero probe is the original model exactly
+    assert [s.kind for s in lora.stages] == ["lora"] and lora.stages[0].trainable == ["lora"]
+    for control in (swa, lora):
+        assert control.data == recipe.data and control.lora == recipe.lora and control.training == recipe.training
+        assert control.output.dir != recipe.output.dir
+
+
+def test_quality_tasks_read_the_given_folder(tmp_path):
+    quality = _benchmark("conversion_quality")
+    files = {task: tmp_path / f"{task}-items.jsonl" for task in quality.TASKS}
+    for path in files.values():
+        path.write_text("{}\n")
+    folder = quality.task_folder(files, tmp_path / "tasks")
+    for task, path in files.items():
+        text = (folder / f"{task}.yaml").read_text()
+        assert f"test: {path.resolve()}" in text and "data/" not in text
+    assert (folder / "hellaswag_local.py").is_file()

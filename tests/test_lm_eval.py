@@ -2,14 +2,16 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from linearize.cli import app
 from tests.tiny import source_folder
 
-pytest.importorskip("lm_eval")
+lm_eval = pytest.importorskip("lm_eval")
 runner = CliRunner()
 
 TASK = """\
@@ -50,3 +52,69 @@ def test_lm_eval_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     result = runner.invoke(app, ["eval", "embedded", "--lm-eval", "hellaswag", "--no-record"])
     assert result.exit_code != 0 and "pip install 'linearize[lm-eval]'" in result.output
+
+
+# ---------------------------------------------------------------- the task YAMLs users copy (recipes/lm-eval)
+
+LOCAL_TASKS = Path(__file__).resolve().parents[1] / "recipes" / "lm-eval"
+ARC = {"question": "Which is a liquid?", "choices": {"text": ["ice", "water", "rock"], "label": ["A", "B", "C"]}}
+HELLASWAG = {
+    "activity_label": "Making tea",
+    "ctx_a": "A man boils water in a kettle.",
+    "ctx_b": "he [step] pours it",
+    "endings": ["into a cup [title] with a bag.", "on the  floor.", "into the sky.", "back."],
+    "label": "0",
+}
+
+
+def _task_yaml(path: Path) -> dict:
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    return yaml.load(path.read_text(), Loader=Loader)
+
+
+def test_local_arc_easy_prompts_as_lm_eval_does():
+    ours = _task_yaml(LOCAL_TASKS / "arc_easy_local.yaml")
+    theirs = _task_yaml(Path(lm_eval.tasks.__file__).parent / "arc" / "arc_easy.yaml")
+    for field in ("output_type", "doc_to_text", "doc_to_choice", "doc_to_target", "metric_list"):
+        assert ours[field] == theirs[field], field
+
+
+def test_local_hellaswag_prompts_as_lm_eval_does():
+    import datasets
+    from lm_eval.tasks.hellaswag import utils
+
+    sys.path.insert(0, str(LOCAL_TASKS))
+    try:
+        import hellaswag_local
+    finally:
+        sys.path.remove(str(LOCAL_TASKS))
+    records = datasets.Dataset.from_list([HELLASWAG, {**HELLASWAG, "label": "2", "ctx_b": ""}])
+    assert hellaswag_local.prepare(records).to_list() == utils.process_docs(records).to_list()
+    ours = _task_yaml(LOCAL_TASKS / "hellaswag_local.yaml")
+    theirs = _task_yaml(Path(lm_eval.tasks.__file__).parent / "hellaswag" / "hellaswag.yaml")
+    for field in ("output_type", "doc_to_text", "doc_to_choice", "metric_list"):
+        assert ours[field] == theirs[field], field
+
+
+def test_local_arc_easy_and_hellaswag_run_offline_from_jsonl(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    arc = [{**ARC, "id": str(i), "answerKey": "AB"[i % 2]} for i in range(3)]
+    (data / "arc_easy_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arc))
+    swag = [{**HELLASWAG, "label": str(i)} for i in range(3)]
+    (data / "hellaswag_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in swag))
+    src = source_folder(tmp_path / "src")
+    monkeypatch.chdir(tmp_path)  # the YAMLs name their data relative to the folder linearize runs from
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    options = ["--lm-eval", "arc_easy_local,hellaswag_local", "--lm-eval-include", str(LOCAL_TASKS)]
+    options += ["--passkey-contexts", "none", "--context", "32", "--windows", "1", "--json", "eval.json", "--no-record"]
+    result = runner.invoke(app, ["eval", str(src), *options])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "eval.json").read_text())["results"]["src"]["lm_eval"]
+    assert set(scores) == {"arc_easy_local", "hellaswag_local"}
+    for task in scores.values():
+        assert task["sample_len"] == 3
+        assert 0.0 <= task["acc,none"] <= 1.0 and 0.0 <= task["acc_norm,none"] <= 1.0

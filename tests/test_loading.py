@@ -241,6 +241,17 @@ def test_a_mistyped_local_folder_fails_without_asking_the_hub(name, command, no_
     fails_with(invoke(command, name, *args), f"local folder '{name}' does not exist; check the path")
 
 
+@pytest.mark.parametrize("command", ["generate", "eval", "convert"])
+def test_a_mistyped_folder_inside_a_local_folder_fails_without_asking_the_hub(command, no_hub, tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = {"generate": ["hello"], "eval": [], "convert": ["-o", tmp_path / "out"]}[command]
+    fails_with(
+        invoke(command, "runs/modle", *args),
+        "local folder 'runs/modle' does not exist; check the path ('runs' is a local folder",
+    )
+
+
 def test_a_hub_id_still_goes_to_the_hub(monkeypatch):
     asked = []
     monkeypatch.setattr(sources.AutoConfig, "from_pretrained", lambda source, **kwargs: asked.append(source))

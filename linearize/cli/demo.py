@@ -56,7 +56,7 @@ def demo(
         "The embedded SmolLM2-135M-Instruct and its conversions",
         header,
         rows,
-        caption="perplexity: held-out documents of the fine-tune's corpus, never trained on; fp32 on this machine",
+        caption="perplexity: the built-in corpus's test split, never trained on; fp32 on this machine",
     )
     for label, answer in result.answers.items():
         print(f"{label}: {QUESTION} -> {answer.strip()!r}")

@@ -41,7 +41,8 @@ def eval_command(
     text: Annotated[
         str,
         typer.Option(
-            help="Perplexity text: 'builtin' (offline), a local file or glob (.txt/.md/.jsonl/.json/.parquet), or "
+            help="Perplexity text: 'builtin' (general English shipped with linearize, never trained on by "
+            "'builtin: english' recipes; offline), a local file or glob (.txt/.md/.jsonl/.json/.parquet), or "
             "hf:NAME[:CONFIG][:SPLIT] for a Hugging Face dataset (split test by default)."
         ),
     ] = "builtin",
@@ -66,7 +67,12 @@ def eval_command(
         ),
     ] = None,
     lm_eval_include: Annotated[
-        Path | None, typer.Option(help="A folder of extra lm-eval task YAML files.", show_default=False)
+        Path | None,
+        typer.Option(
+            help="A folder of extra lm-eval task YAML files (the repository's recipes/lm-eval runs ARC-Easy and "
+            "HellaSwag offline from local JSONL files).",
+            show_default=False,
+        ),
     ] = None,
     lm_eval_limit: Annotated[
         int | None, typer.Option(help="At most this many documents per lm-eval task.", show_default=False)

@@ -1,4 +1,5 @@
-"""What every converted attention layer shares: the source projections, RoPE and the padding mask."""
+"""What every converted attention layer shares: the source projections, RoPE, the padding mask, and documents
+packed into one row kept apart."""
 
 from __future__ import annotations
 
@@ -56,6 +57,46 @@ class LinearizedAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k_raw)
         return q, k, v, k_raw
 
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attention_mask=None,
+        cache=None,
+        past_key_values=None,
+        padding_mask=None,
+        document_ids=None,
+        **kwargs,
+    ):
+        """The layer's output `[B, T, hidden]` (and no attention weights), as transformers' attention modules return.
+
+        `document_ids` `[B, T]` (set by LinearizeForCausalLM for packed rows: position ids that restart, no
+        attention mask, no cache) numbers the documents of each row; every document then attends as if it were
+        alone: its own window, sinks, salient tokens and a linear state that starts empty."""
+        state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)
+        if document_ids is not None and state is None:
+            documents = DocumentBatch(document_ids)
+            cos, sin = position_embeddings
+            rotary = (documents.split(cos), documents.split(sin))
+            o = documents.merge(self.attend(documents.split(hidden_states), rotary, None, documents.valid))
+        else:
+            o = self.attend(
+                hidden_states, position_embeddings, state, self.token_validity(padding_mask, hidden_states.shape[1])
+            )
+        return self.o_proj(o), None
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        state,
+        valid: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The method's attention before `o_proj`, `[B, T, H * D]`, from the layer input `[B, T, hidden]`, the
+        rotary tables (cos, sin) `[B, T, D]`, the layer's cache (None without one; updated in place) and which
+        tokens are real (`[B, T]` bool, or None when all are)."""
+        raise NotImplementedError
+
     @staticmethod
     def token_validity(padding_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
         """Which of the last `length` tokens are real (not padding), as a bool [B, T], from the 2-D mask."""
@@ -71,3 +112,46 @@ class LinearizedAttention(nn.Module):
     @staticmethod
     def layer_cache(cache, layer_idx: int):
         return None if cache is None else cache.layers[layer_idx]
+
+
+def packed_document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """For rows packing several documents, the document of each token `[B, T]` (0, 1, ... within each row): a
+    document starts wherever the position does not follow the previous one (transformers' convention for packed
+    rows). None when no row has a second document."""
+    follows = position_ids[:, 1:] == position_ids[:, :-1] + 1  # [B, T - 1]
+    if bool(follows.all()):
+        return None
+    return torch.nn.functional.pad((~follows).long().cumsum(1), (1, 0))
+
+
+class DocumentBatch:
+    """The documents of packed rows `[B, T]` as a left-padded batch `[N, L]` (N documents, L the longest), which
+    every method already runs exactly as it runs each row alone, and back. Padding costs N * L - B * T tokens of
+    compute; documents of similar length pack best."""
+
+    def __init__(self, document_ids: torch.Tensor):
+        batch, length = document_ids.shape
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        document = starts.flatten().long().cumsum(0) - 1  # [B * T]: each token's document, over all rows
+        count = int(document[-1]) + 1
+        lengths = torch.bincount(document, minlength=count)  # [N]
+        longest = int(lengths.max())
+        first = torch.nonzero(starts.flatten()).squeeze(1)  # [N]: the flat index of each document's first token
+        offset = torch.arange(batch * length, device=document_ids.device) - first[document]
+        self.slots = document * longest + (longest - lengths[document]) + offset  # [B * T]: left-padded slots
+        self.shape = (batch, length)
+        self.batch_shape = (count, longest)
+        self.valid = torch.zeros(count * longest, dtype=torch.bool, device=document_ids.device)
+        self.valid[self.slots] = True
+        self.valid = self.valid.view(count, longest)  # [N, L]
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, T, ...]` -> `[N, L, ...]`, zeros at padding."""
+        flat = x.reshape(-1, *x.shape[2:])
+        batched = flat.new_zeros(self.batch_shape[0] * self.batch_shape[1], *x.shape[2:])
+        return batched.index_copy(0, self.slots, flat).view(*self.batch_shape, *x.shape[2:])
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        """`[N, L, ...]` -> `[B, T, ...]`."""
+        return y.reshape(-1, *y.shape[2:])[self.slots].view(*self.shape, *y.shape[2:])

@@ -79,20 +79,9 @@ class LigerAttention(LinearizedAttention):
             return LigerSinkCacheLayer(settings["window"] - settings["sinks"], settings["sinks"])
         return LigerCacheLayer(settings["window"] if settings["method"] == "liger" else None)
 
-    def forward(
-        self,
-        hidden_states,
-        position_embeddings=None,
-        attention_mask=None,
-        cache=None,
-        past_key_values=None,
-        padding_mask=None,
-        **kwargs,
-    ):
-        state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)
+    def attend(self, hidden_states, position_embeddings, state, valid):
         length = hidden_states.shape[1]
         q, k, v, k_raw = self.project(hidden_states)  # [B, T, H, D], [B, T, Hkv, D] x3
-        valid = self.token_validity(padding_mask, length)  # [B, T] or None
 
         gate_key = k_raw if self.gate_source == "raw" else k
         log_decay = F.logsigmoid(gate_key.float()) / self.gate_normalizer  # [B, T, Hkv, D] fp32, as is the state
@@ -119,8 +108,7 @@ class LigerAttention(LinearizedAttention):
         if state is not None:
             state.recurrent_state = recurrent_state
             state.seen_tokens += length
-        o = o.to(hidden_states.dtype).flatten(2)  # [B, T, H * D]
-        return self.o_proj(o), None
+        return o.to(hidden_states.dtype).flatten(2)  # [B, T, H * D]
 
     def _attend_liger(self, q, k, v, valid, linear, initial_state, state, position_embeddings):
         """Window and gated linear branches through the Liger ops: `[B, T, H, D]` and the new state."""

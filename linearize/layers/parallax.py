@@ -69,23 +69,12 @@ class ParallaxAttention(LinearizedAttention):
         """A zero probe: the converted layer is the source's softmax attention exactly."""
         self.r_proj.weight = nn.Parameter(torch.zeros_like(self.r_proj.weight, device=device, dtype=dtype))
 
-    def forward(
-        self,
-        hidden_states,
-        position_embeddings=None,
-        attention_mask=None,
-        cache=None,
-        past_key_values=None,
-        padding_mask=None,
-        **kwargs,
-    ):
-        state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)
+    def attend(self, hidden_states, position_embeddings, state, valid):
         batch, length, _ = hidden_states.shape
         q, k, v, _ = self.project(hidden_states)
         r = self.r_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         qr, k = apply_rope(torch.cat([q, r], dim=2), k, *position_embeddings)  # one rotation for q and r
         q, r = qr.split(self.num_heads, dim=2)  # [B, T, H, D] each
-        valid = self.token_validity(padding_mask, length)
         options = {"scale": self.scaling, "window": self.window, "backend": self.backend}
         if state is None:
             o = parallax_attention(q, r, k, v, key_valid=valid, **options)
@@ -100,7 +89,7 @@ class ParallaxAttention(LinearizedAttention):
                 history = {"past_k": keys[:, :past], "past_v": values[:, :past]} if past else {}
                 o = parallax_attention(q, r, k, v, key_valid=key_valid, **history, **options)
             state.seen_tokens += length
-        return self.o_proj(o.flatten(2)), None
+        return o.flatten(2)
 
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:

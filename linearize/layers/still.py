@@ -131,22 +131,11 @@ class StillAttention(LinearizedAttention):
             feature_map.householder = parameter(householder.clone())
             feature_map.linear = parameter(identity.clone())
 
-    def forward(
-        self,
-        hidden_states,
-        position_embeddings=None,
-        attention_mask=None,
-        cache=None,
-        past_key_values=None,
-        padding_mask=None,
-        **kwargs,
-    ):
-        state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)
+    def attend(self, hidden_states, position_embeddings, state, valid):
         batch, length, _ = hidden_states.shape
         q, k, v, _ = self.project(hidden_states)
         q, k = apply_rope(q, k, *position_embeddings)  # [B, T, H, D], [B, T, Hkv, D]
         gate = torch.sigmoid(self.g_proj(hidden_states)).view(batch, length, self.num_heads, self.head_dim)
-        valid = self.token_validity(padding_mask, length)
         valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if valid is None else valid
         if state is None or state.real_tokens is None:
             o = self._prefill(q, k, v, gate, valid, state)
@@ -155,7 +144,7 @@ class StillAttention(LinearizedAttention):
                            range(length)], dim=1)  # fmt: skip
         if state is not None:
             state.seen_tokens += length
-        return self.o_proj(o.to(hidden_states.dtype).flatten(2)), None
+        return o.to(hidden_states.dtype).flatten(2)
 
     @staticmethod
     def _features(feature_map: NPMap, x: torch.Tensor) -> torch.Tensor:

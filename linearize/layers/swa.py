@@ -60,26 +60,15 @@ class SinkWindowAttention(LinearizedAttention):
         settings = config.linearize
         return SinkWindowCacheLayer(settings["window"] - settings["sinks"], settings["sinks"])
 
-    def forward(
-        self,
-        hidden_states,
-        position_embeddings=None,
-        attention_mask=None,
-        cache=None,
-        past_key_values=None,
-        padding_mask=None,
-        **kwargs,
-    ):
-        state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)
+    def attend(self, hidden_states, position_embeddings, state, valid):
         q, k, v, _ = self.project(hidden_states)
         q, k = apply_rope(q, k, *position_embeddings)  # [B, T, H, D], [B, T, Hkv, D]
-        valid = self.token_validity(padding_mask, hidden_states.shape[1])
         o = sink_window_attention(
             q, k, v, valid, state, recent=self.recent, sinks=self.sinks, scale=self.scaling, backend=self.backend
         )
         if state is not None:
             state.seen_tokens += hidden_states.shape[1]
-        return self.o_proj(o.flatten(2)), None
+        return o.flatten(2)
 
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:

@@ -16,6 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 # register the classes, see linearize.registration) before compat has defined them
 from .. import compat
 from ..families import get_family
+from ..layers.base import packed_document_ids
 from .cache import LinearizeCache
 from .configuration import LinearizeConfig
 
@@ -78,6 +79,13 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
         if not use_cache:
             cache = None
 
+        if position_ids is not None and attention_mask is None and cache is None:
+            # packed rows (transformers' convention: positions restart at each document): converted layers keep the
+            # documents apart, as transformers' causal mask does for the softmax layers
+            document_ids = packed_document_ids(position_ids.view(-1, position_ids.shape[-1]))
+            if document_ids is not None:
+                batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+                kwargs["document_ids"] = document_ids.expand(batch, -1)
         if attention_mask is not None:
             if attention_mask.ndim != 2:
                 raise ValueError("LinearizeForCausalLM takes the 2-D attention mask [batch, tokens] (1 = real token)")

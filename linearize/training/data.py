@@ -3,8 +3,11 @@
 Every source yields documents; a document is a list of text segments, each marked trained or not (the prompt of an
 instruction record or the user turns of a conversation are not). Documents are split into training and held-out
 sets before packing, so no held-out text is ever trained on; each set is tokenized, concatenated in order with EOS
-after every text or instruction document, and cut into `seq_len` packs (no masking between documents, as in the
-Liger and LoLCATs reference code). Labels are unshifted (the model shifts them) and -100 where no loss is taken.
+after every text or instruction document, and cut into `seq_len` packs. Each pack carries position ids that restart
+at every document (and at the pack's start), transformers' convention for packed rows: the model then keeps the
+documents apart, so no attention or recurrent state carries one document into the next (`document_boundaries:
+false` runs them together, as the Liger and LoLCATs reference code does). Labels are unshifted (the model shifts
+them) and -100 where no loss is taken.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..data import BUILTIN_SPLITS, builtin_documents
 from ..errors import LinearizeError
 
 IGNORE_INDEX = -100  # the label that transformers' loss skips
@@ -59,11 +63,15 @@ class DataSource(BaseModel):
     dataset: str | None = Field(
         None, description="Hugging Face dataset name or local dataset folder, loaded with datasets.load_dataset"
     )
-    builtin: Literal["pydoc"] | None = Field(
-        None, description="built-in offline corpus: 'pydoc' is CPython's documentation topics, one document each"
+    builtin: Literal["english"] | None = Field(
+        None,
+        description="built-in offline corpus: 'english' is general English shipped with linearize (web pages, "
+        "Wikipedia articles, novel chapters), split 'train' (the default) or 'test'",
     )
     subset: str | None = Field(None, description="configuration name of the Hugging Face dataset (dataset only)")
-    split: str = Field("train", description="split of the Hugging Face dataset, e.g. 'train' or 'train[:1000]'")
+    split: str = Field(
+        "train", description="split of the Hugging Face dataset (e.g. 'train' or 'train[:1000]') or of the builtin"
+    )
     format: Literal["auto", "text", "instruction", "chat"] = Field(
         "auto",
         description="text (all tokens trained), instruction (alpaca fields instruction/input/output) or chat "
@@ -80,6 +88,8 @@ class DataSource(BaseModel):
             raise ValueError(f"give exactly one of path, dataset or builtin (got {', '.join(given) or 'none'})")
         if self.subset is not None and self.dataset is None:
             raise ValueError("subset applies to a Hugging Face dataset only; remove it or use `dataset`")
+        if self.builtin is not None and self.split not in BUILTIN_SPLITS:
+            raise ValueError(f"the builtin corpus has the splits {' and '.join(BUILTIN_SPLITS)}, not {self.split!r}")
         return self
 
     @property
@@ -89,7 +99,7 @@ class DataSource(BaseModel):
             return self.path
         if self.dataset is not None:
             return f"dataset {self.dataset}" + (f" ({self.subset})" if self.subset else "") + f" [{self.split}]"
-        return f"builtin {self.builtin}"
+        return f"builtin {self.builtin} [{self.split}]"
 
 
 class DataConfig(BaseModel):
@@ -98,7 +108,7 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     sources: list[DataSource] = Field(
-        default_factory=lambda: [DataSource(builtin="pydoc")],
+        default_factory=lambda: [DataSource(builtin="english")],
         min_length=1,
         description="where documents come from; documents of all sources are pooled in this order",
     )
@@ -109,6 +119,12 @@ class DataConfig(BaseModel):
         "shuffle before packing, so no held-out text is trained on",
     )
     template: Literal["alpaca"] = Field("alpaca", description="prompt template of instruction records")
+
+    document_boundaries: bool = Field(
+        True,
+        description="keep the documents of a pack apart (positions restart at each one; no attention or linear "
+        "state crosses into the next); false runs them together, as the Liger and LoLCATs reference code does",
+    )
 
     @field_validator("held_out")
     @classmethod
@@ -122,16 +138,28 @@ class DataConfig(BaseModel):
 
 @dataclass
 class PackedSequences(torch.utils.data.Dataset):
-    """Token packs of equal length; each item is a dict of `input_ids` and `labels`, both LongTensor[seq_len]."""
+    """Token packs of equal length; each item is a dict of `input_ids`, `labels` and (when documents are kept
+    apart) `position_ids`, each LongTensor[seq_len]."""
 
     input_ids: torch.Tensor  # [N, seq_len]
     labels: torch.Tensor  # [N, seq_len]; input_ids where trained, IGNORE_INDEX elsewhere
+    position_ids: torch.Tensor | None = None  # [N, seq_len]; restarting at 0 where a document starts
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+        item = {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+        if self.position_ids is not None:
+            item["position_ids"] = self.position_ids[index]
+        return item
+
+    def rows(self, index: list[int] | slice) -> dict[str, torch.Tensor]:
+        """The packs at `index` as a batch: the same keys, each `[len(index), seq_len]`."""
+        batch = {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+        if self.position_ids is not None:
+            batch["position_ids"] = self.position_ids[index]
+        return batch
 
     @property
     def num_tokens(self) -> int:
@@ -191,7 +219,7 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
             f"all {len(documents)} documents are held out (held_out={config.held_out}); lower held_out or add data"
         )
 
-    train = _pack(train_docs, tokenizer, config.seq_len, "training")
+    train = _pack(train_docs, tokenizer, config.seq_len, "training", config.document_boundaries)
     if train.num_trained_tokens == 0:
         raise DataError(
             "no token of the training data is trained: the records hold prompts but no responses "
@@ -199,7 +227,7 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
         )
     notes.append(_describe("train", len(train_docs), train))
     if held_docs:
-        held_out = _pack(held_docs, tokenizer, config.seq_len, "held-out")
+        held_out = _pack(held_docs, tokenizer, config.seq_len, "held-out", config.document_boundaries)
         notes.append(_describe("held out", len(held_docs), held_out))
     else:
         empty = torch.empty(0, config.seq_len, dtype=torch.long)
@@ -222,14 +250,17 @@ def _held_out_indices(count: int, held_out: float | int, seed: int) -> set[int]:
     return set(random.Random(seed).sample(range(count), min(wanted, count)))
 
 
-def _pack(documents: list[_Document], tokenizer, seq_len: int, name: str) -> PackedSequences:
-    """Tokenize `documents`, concatenate them in order and cut the result into full packs of `seq_len`."""
+def _pack(documents: list[_Document], tokenizer, seq_len: int, name: str, boundaries: bool = True) -> PackedSequences:
+    """Tokenize `documents`, concatenate them in order and cut the result into full packs of `seq_len`; with
+    `boundaries`, position ids restart at each document's first token and at each pack's first token."""
     texts = [text for doc in documents for text, _ in doc.segments]
     # One batched call: fast tokenizers encode the batch in parallel. No BOS: documents are separated by EOS.
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     ids: list[int] = []
     labels: list[int] = []
+    starts: list[int] = []  # where each document's tokens begin in `ids`
     for doc in documents:
+        starts.append(len(ids))
         for _, trained in doc.segments:
             segment = next(encoded)
             ids += segment
@@ -244,9 +275,18 @@ def _pack(documents: list[_Document], tokenizer, seq_len: int, name: str) -> Pac
             "add data, lower seq_len" + (" or hold out more documents" if name == "held-out" else "")
         )
     size = packs * seq_len  # the trailing partial pack is dropped
+    position_ids = None
+    if boundaries:
+        first = torch.zeros(len(ids), dtype=torch.bool)
+        first[starts] = True
+        first = first[:size].view(packs, seq_len)
+        first[:, 0] = True
+        index = torch.arange(seq_len).expand(packs, -1)
+        position_ids = index - torch.where(first, index, 0).cummax(dim=1).values  # [packs, seq_len]
     return PackedSequences(
         torch.tensor(ids[:size], dtype=torch.long).view(packs, seq_len),
         torch.tensor(labels[:size], dtype=torch.long).view(packs, seq_len),
+        position_ids,
     )
 
 
@@ -264,9 +304,7 @@ def _read_source(source: DataSource, tokenizer, template: str) -> tuple[list[_Do
 def _documents(source: DataSource, tokenizer, template: str) -> Iterator[tuple[_Document, str]]:
     """Each document of `source` with its format."""
     if source.builtin is not None:
-        from pydoc_data.topics import topics
-
-        yield from _from_texts((topics[name] for name in sorted(topics)), source, source.label)
+        yield from _from_texts(builtin_documents(source.split), source, source.label)
     elif source.dataset is not None:
         yield from _from_records(_dataset_records(source), source, tokenizer, template)
     else:

@@ -362,10 +362,11 @@ conversion:
 
 data:
   sources:
-    - builtin: pydoc    # or: path: data/*.jsonl  |  dataset: yahma/alpaca-cleaned
+    - builtin: english  # or: path: data/*.jsonl  |  dataset: yahma/alpaca-cleaned
       format: auto      # text, instruction (alpaca fields) or chat (messages); auto detects
   seq_len: 1024         # tokens per packed training sequence
   held_out: 0.05        # fraction (or number) of documents kept for evaluation
+  document_boundaries: true  # documents of a pack do not see each other (false: run together, as Liger/LoLCATs)
 
 lora:
   r: 8

@@ -32,7 +32,7 @@ class Reporter:
 
     def info(self, message: str) -> None:
         if self.verbose:
-            self.console.print(message, highlight=False, soft_wrap=True)
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)  # paths may hold [brackets]
 
     def record(self, **fields) -> None:
         if self.metrics_file is not None:

@@ -217,14 +217,15 @@ class Trainer:
         self, model: nn.Module, batch: dict, transfer: AttentionTransfer | None, kd_ratio: float = 0.0
     ) -> torch.Tensor:
         """The micro-batch loss; for attention transfer its backward has already run inside the forward."""
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False}
         if transfer is not None:
-            model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
+            model(**inputs, logits_to_keep=1)
             return transfer.loss()
-        out = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
+        out = model(**inputs, labels=batch["labels"])
         if not kd_ratio:
             return out.loss
         with torch.no_grad(), original_model(self.model) as teacher:
-            teacher_logits = teacher(input_ids=batch["input_ids"], use_cache=False).logits
+            teacher_logits = teacher(**inputs).logits
         kd = distillation_loss(out.logits, teacher_logits, batch["labels"])
         return (1 - kd_ratio) * out.loss + kd_ratio * kd
 
@@ -470,7 +471,7 @@ class Trainer:
 
 
 def _to(data: PackedSequences, idx: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-    return {"input_ids": data.input_ids[idx].to(device), "labels": data.labels[idx].to(device)}  # [mb, seq_len]
+    return {name: rows.to(device) for name, rows in data.rows(idx).items()}  # each [mb, seq_len]
 
 
 def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=None) -> Path:

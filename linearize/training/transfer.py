@@ -36,6 +36,7 @@ def teacher_attention(
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     valid: torch.Tensor | None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The source model's causal softmax attention output before `o_proj`, `[B, T, H * D]`.
 
@@ -44,6 +45,7 @@ def teacher_attention(
         hidden_states: the layer input `[B, T, hidden]`.
         position_embeddings: the model's rotary tables (cos, sin), each `[B, T, D]`.
         valid: `[B, T]` bool, False at padding, or None.
+        document_ids: `[B, T]`, the document of each token of packed rows (queries see their own only), or None.
     """
     batch, length, _ = hidden_states.shape
     q = _frozen(attn.q_proj)(hidden_states).view(batch, length, attn.num_heads, attn.head_dim)
@@ -54,10 +56,13 @@ def teacher_attention(
     q, k = apply_rope(q, k, *position_embeddings)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, T, D]
     mask = None
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
     if valid is not None:
-        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
         # a padded query still sees itself, so no row is empty (its output is excluded from the loss)
         mask = causal & (valid[:, None, None, :] | torch.eye(length, dtype=torch.bool, device=q.device))
+    if document_ids is not None:
+        same_document = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # [B, 1, T, T]
+        mask = (causal if mask is None else mask) & same_document
     o = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling, enable_gqa=True
     )  # [B, H, T, D]
@@ -109,14 +114,14 @@ class AttentionTransfer:
         else:
             hidden_states = kwargs["hidden_states"] = kwargs["hidden_states"].detach()
         valid = LinearizedAttention.token_validity(kwargs.get("padding_mask"), hidden_states.shape[1])
-        self._inputs[id(attn)] = (hidden_states, kwargs["position_embeddings"], valid)
+        self._inputs[id(attn)] = (hidden_states, kwargs["position_embeddings"], valid, kwargs.get("document_ids"))
         return args, kwargs
 
     def _swap_in_teacher(self, attn: LinearizedAttention):
         def hook(o_proj, args, output):
-            hidden_states, position_embeddings, valid = self._inputs.pop(id(attn))
+            hidden_states, position_embeddings, valid, document_ids = self._inputs.pop(id(attn))
             student = args[0]  # [B, T, H * D]
-            teacher = teacher_attention(attn, hidden_states, position_embeddings, valid)
+            teacher = teacher_attention(attn, hidden_states, position_embeddings, valid, document_ids)
             error = (student.float() - teacher.float()).square()
             if valid is not None:
                 error = error[valid]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from linearize.data import builtin_documents, builtin_text
 from linearize.errors import LinearizeError
 from linearize.training.data import IGNORE_INDEX, DataConfig, DataSource, load_data
 
@@ -175,7 +176,35 @@ def test_builtin_corpus_is_the_default_and_loads_offline(tokenizer):
     data = load_data(DataConfig(seq_len=512), tokenizer)
     assert len(data.train) > 100 and len(data.held_out) > 0
     assert data.train.num_trained_tokens == data.train.num_tokens
-    assert any(note.startswith("builtin pydoc:") for note in data.notes)
+    assert any(note.startswith("builtin english [train]: 379 documents") for note in data.notes)
+
+
+def test_builtin_splits_are_disjoint_general_english_from_every_source():
+    import gzip
+    from importlib import resources
+
+    train, test = builtin_documents("train"), builtin_documents("test")
+    assert (len(train), len(test)) == (379, 41)
+    assert not set(train) & set(test)
+    assert builtin_text("test") == "\n\n".join(test)  # what `eval --text builtin` and the demo measure on
+    with resources.files("linearize").joinpath("corpus/english.jsonl.gz").open("rb") as raw, gzip.open(raw) as f:
+        records = [json.loads(line) for line in f]
+    sources = {"c4", "wikipedia", "gutenberg-3261", "gutenberg-16215"}
+    for split in ("train", "test"):
+        assert {r["source"] for r in records if r["split"] == split} == sources
+    attributed = resources.files("linearize").joinpath("corpus/README.md").read_text()
+    assert all(f"`{source}`" in attributed for source in sources)
+    with pytest.raises(ValueError, match="splits train, test, not 'validation'"):
+        builtin_documents("validation")
+
+
+def test_a_builtin_split_reaches_the_packs(tokenizer):
+    source = DataSource(builtin="english", split="test", max_documents=1)
+    data = load(tokenizer, source, seq_len=16)
+    first = tokenizer(builtin_documents("test")[0], add_special_tokens=False)["input_ids"]
+    assert data.train.input_ids.flatten()[:16].tolist() == first[:16]
+    with pytest.raises(ValidationError, match="builtin corpus has the splits train and test, not 'validation'"):
+        DataSource(builtin="english", split="validation")
 
 
 def test_local_dataset_folder_through_datasets(tmp_path, monkeypatch, tokenizer):
@@ -315,9 +344,9 @@ def test_tokenizer_without_pad_is_fine_without_eos_is_not(tmp_path, tokenizer):
 
 
 def test_config_validation():
-    assert DataConfig().sources == [DataSource(builtin="pydoc")]
+    assert DataConfig().sources == [DataSource(builtin="english")]
     with pytest.raises(ValidationError, match="exactly one of path, dataset or builtin"):
-        DataSource(path="a.txt", builtin="pydoc")
+        DataSource(path="a.txt", builtin="english")
     with pytest.raises(ValidationError, match="exactly one of path, dataset or builtin"):
         DataSource()
     with pytest.raises(ValidationError, match="subset applies to a Hugging Face dataset only"):
@@ -329,5 +358,33 @@ def test_config_validation():
     with pytest.raises(ValidationError):
         DataConfig(sources=[])
     with pytest.raises(ValidationError, match="Extra inputs"):
-        DataSource(builtin="pydoc", text="x")
+        DataSource(builtin="english", text="x")
     assert isinstance(DataConfig(held_out=5).held_out, int) and DataConfig(held_out=0).held_out == 0
+
+
+def test_position_ids_restart_at_every_document_and_every_pack(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("abcde")  # 5 bytes + EOS: tokens 0-5
+    (tmp_path / "b.txt").write_text("xy")  # tokens 6-8
+    (tmp_path / "c.txt").write_text("0123456789")  # tokens 9-19
+    data = load(tokenizer, DataSource(path=str(tmp_path / "*.txt")), seq_len=8)
+    assert data.train.position_ids.tolist() == [
+        [0, 1, 2, 3, 4, 5, 0, 1],  # a, then b starts
+        [0, 0, 1, 2, 3, 4, 5, 6],  # b's EOS, restarted with its pack, then c
+    ]
+    assert data.train[1]["position_ids"].tolist() == data.train.position_ids[1].tolist()
+    apart = load_data(DataConfig(sources=[DataSource(path=str(tmp_path / "*.txt"))], seq_len=8, held_out=0,
+                                 document_boundaries=False), tokenizer)  # fmt: skip
+    assert apart.train.position_ids is None and "position_ids" not in apart.train[0]
+    assert torch.equal(apart.train.input_ids, data.train.input_ids)
+
+
+def test_source_labels_reach_the_log_with_their_brackets():
+    import io
+
+    from rich.console import Console
+
+    from linearize.training.report import Reporter
+
+    out = io.StringIO()
+    Reporter(None, console=Console(file=out)).info(f"{DataSource(builtin='english').label}: 379 documents")
+    assert out.getvalue() == "builtin english [train]: 379 documents\n"  # not read as rich markup

@@ -28,7 +28,7 @@ def test_minimal_recipe_fills_defaults():
     assert recipe.conversion.method == "liger"
     assert recipe.stages[0].trainable == ["lora"]
     assert recipe.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
-    assert recipe.data.sources[0].builtin == "pydoc"
+    assert recipe.data.sources[0].builtin == "english"
 
 
 def test_unknown_key_names_the_nearest_valid_key():

@@ -1,0 +1,168 @@
+"""One method's conversion quality, in one run: the model its recipe fine-tunes, next to the original, the
+training-free `swa` baseline and the controls trained like it, on held-out text and zero-shot tasks.
+
+    python benchmarks/conversion_quality.py --recipe recipes/smollm2-135m-liger.yaml --text held_out.txt \
+        --arc arc_easy_test.jsonl --hellaswag hellaswag_val.jsonl [--controls swa,swa-trained,lora]
+        [--lm-eval-limit N] [--json out.json] [key=value ...]
+
+Models (each recipe run trains in its own folder unless a finished model is there; wall times are reported):
+- `original`: the source model.
+- the recipe's method (its label), after the recipe.
+- `swa`: 64-token window with 4 sinks, training-free, with the recipe's kept softmax layers.
+- `swa-trained`: that baseline run through the recipe's stages (LoRA), the bar Liger must clear.
+- `lora`: the fair control, the original fine-tuned with the recipe's LoRA stages on the same data and steps (a
+  Parallax conversion whose probe stays zero is the original exactly; attention-transfer stages are left out).
+
+Metrics: perplexity over `--windows` windows of `--context` tokens of `--text` (training must never have seen
+it: WikiText-2 validation, say), perplexity by position over `--long-windows` windows of `--long-context` tokens
+in stretches of `--block`, passkey retrieval at `--passkey-contexts` (`--trials` keys at each of 5 depths, greedy
+and ranked against 9 distractors), and ARC-Easy / HellaSwag accuracy through lm-evaluation-harness with the task
+YAMLs of recipes/lm-eval, reading `--arc` (allenai/ai2_arc schema) and `--hellaswag` (HellaSwag's own schema).
+`key=value` overrides apply to the recipe (and so to its controls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import linearize  # noqa: F401  (registers the converted model class)
+from linearize import sources
+from linearize.convert import convert_model
+from linearize.evaluation import eval_rows, evaluate_models, perplexity_by_position, text_windows
+from linearize.training.recipe import ConversionSection, Recipe, load_recipe
+from linearize.training.trainer import finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {"arc_easy_local": "data/arc_easy_test.jsonl", "hellaswag_local": "data/hellaswag_val.jsonl"}  # YAML paths
+SWA = {"method": "swa", "window": 64, "sinks": 4}
+
+
+def control_recipe(recipe: Recipe, kind: str) -> Recipe:
+    """The recipe of a control run: `swa-trained` (the baseline through the same stages, LoRA carrying them) or
+    `lora` (the original through the LoRA stages alone)."""
+    spec = recipe.model_dump()
+    if kind == "swa-trained":
+        spec["conversion"] = {**SWA, "softmax_layers": recipe.conversion.softmax_layers}
+        stages = spec["stages"]
+    else:
+        spec["conversion"] = {"method": "parallax"}
+        stages = [stage for stage in spec["stages"] if stage["kind"] == "lora"]
+    spec["stages"] = [{**stage, "trainable": ["lora"]} for stage in stages]
+    spec["output"]["dir"] = f"{recipe.output.dir}-{kind}"
+    return Recipe.model_validate(spec)
+
+
+def trained(recipe: Recipe) -> tuple[torch.nn.Module, float | None]:
+    """The recipe's fine-tuned model, running the recipe first unless its run finished; minutes it took here."""
+    run = Path(recipe.output.dir)
+    minutes = None
+    if not (run / "model").is_dir():
+        start = time.perf_counter()
+        finetune(recipe, resume=(run / "linearize_recipe.yaml").exists())
+        minutes = (time.perf_counter() - start) / 60
+    return AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32).eval(), minutes
+
+
+def task_folder(files: dict[str, Path], into: Path) -> Path:
+    """recipes/lm-eval's task YAMLs, copied into `into` with each task reading `files[task]`."""
+    into.mkdir(parents=True, exist_ok=True)
+    for name, path in TASKS.items():
+        if not files[name].is_file():
+            raise SystemExit(f"{files[name]} does not exist (the {name} task reads it)")
+        text = (ROOT / "recipes" / "lm-eval" / f"{name}.yaml").read_text()
+        (into / f"{name}.yaml").write_text(text.replace(path, str(files[name].resolve())))
+    (into / "hellaswag_local.py").write_text((ROOT / "recipes" / "lm-eval" / "hellaswag_local.py").read_text())
+    return into
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--text", required=True, help="held-out text file (never in the training data)")
+    parser.add_argument("--arc", type=Path, required=True, help="ARC-Easy test items, JSONL")
+    parser.add_argument("--hellaswag", type=Path, required=True, help="HellaSwag validation items, JSONL")
+    parser.add_argument("--controls", default="swa,swa-trained,lora")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--long-context", type=int, default=2048, help="window length of perplexity by position")
+    parser.add_argument("--long-windows", type=int, default=4)
+    parser.add_argument("--block", type=int, default=512, help="positions per stretch of perplexity by position")
+    parser.add_argument("--passkey-contexts", default="1024,2048")
+    parser.add_argument("--trials", type=int, default=4, help="keys per depth (5 depths: 4 gives 20 trials)")
+    parser.add_argument("--lm-eval-limit", type=int, default=None, help="at most this many items per task")
+    parser.add_argument("--lm-eval-batch-size", type=int, default=16, help="lm-eval requests per forward")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, as for `linearize finetune`")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    controls = [c for c in args.controls.split(",") if c]
+    unknown = set(controls) - {"swa", "swa-trained", "lora"}
+    if unknown:
+        parser.error(f"unknown control(s): {', '.join(sorted(unknown))}")
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    label = recipe.conversion.method
+    models, minutes = {}, {}
+    models[label], minutes[label] = trained(recipe)
+    original, tokenizer, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
+    models["original"] = original.eval()
+    if "swa" in controls:
+        source, _, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
+        baseline = ConversionSection(**SWA, softmax_layers=recipe.conversion.softmax_layers)
+        plan = baseline.plan(source.config, recipe.model.name or sources.EMBEDDED_NAME)
+        models["swa"] = convert_model(source, plan.config).eval()
+    for kind in ("swa-trained", "lora"):
+        if kind in controls:
+            models[kind], minutes[kind] = trained(control_recipe(recipe, kind))
+
+    files = {"arc_easy_local": args.arc, "hellaswag_local": args.hellaswag}
+    with tempfile.TemporaryDirectory() as folder:
+        quality = evaluate_models(
+            models,
+            tokenizer,
+            args.text,
+            args.context,
+            args.windows,
+            [int(c) for c in args.passkey_contexts.split(",")],
+            {"trials": args.trials},
+            list(TASKS),
+            {
+                "include_path": str(task_folder(files, Path(folder))),
+                "limit": args.lm_eval_limit,
+                "batch_size": args.lm_eval_batch_size,
+            },
+        )
+    header, rows = eval_rows(quality)
+    print(f"\n{args.recipe} ({' '.join(args.overrides)}), held-out text {args.text}")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+    windows = text_windows(args.text, tokenizer, args.long_context, args.long_windows)
+    by_position = {name: perplexity_by_position(model, windows, args.block) for name, model in models.items()}
+    starts = range(0, args.long_context, args.block)
+    print(f"\nperplexity by position ({windows.shape[0]} windows of {args.long_context} tokens)")
+    print("| model | " + " | ".join(f"{s}-{s + args.block}" for s in starts) + " |\n|" + "---|" * (len(starts) + 1))
+    for name, values in by_position.items():
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    for name, value in minutes.items():
+        if value is not None:
+            print(f"{name} fine-tuning wall time: {value:.1f} min ({args.threads} threads)")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            results = {"quality": quality, "by_position": by_position, "train_minutes": minutes, "args": vars(args)}
+            json.dump(results, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Packed rows: documents laid end to end in one row, marked by position ids that restart, run exactly as the
+documents run alone (outputs and every gradient), for every method, on the torch path and the Triton path."""
+
+import pytest
+import torch
+
+from linearize.layers.base import DocumentBatch, packed_document_ids
+from linearize.training.transfer import teacher_attention
+from tests.tiny import METHODS, converted_model
+
+LENGTHS = [(13, 22, 5), (40,)]  # the documents of each row: a pack of three, and a row that is one document
+
+
+def packed_rows(lengths=LENGTHS, vocab=128, seed=0):
+    """Token ids [B, T] of random documents, their position ids (restarting per document) and the documents."""
+    generator = torch.Generator().manual_seed(seed)
+    documents = [[torch.randint(3, vocab, (n,), generator=generator) for n in row] for row in lengths]
+    ids = torch.stack([torch.cat(row) for row in documents])
+    positions = torch.stack([torch.cat([torch.arange(len(doc)) for doc in row]) for row in documents])
+    return ids, positions, documents
+
+
+def loss_weights(shape, seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def pack_and_apart(model, ids, positions, documents):
+    """Logits and parameter gradients of the packed rows, and of every document run alone."""
+    weights = loss_weights((*ids.shape, model.config.vocab_size))
+    model.zero_grad()
+    packed = model(ids, position_ids=positions, use_cache=False).logits
+    (packed * weights).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    apart, start = [], 0
+    for row, docs in enumerate(documents):
+        start = 0
+        for doc in docs:
+            logits = model(doc[None], use_cache=False).logits[0]
+            (logits * weights[row, start : start + len(doc)]).sum().backward()
+            apart.append(logits)
+            start += len(doc)
+    apart_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return packed.flatten(0, 1), torch.cat(apart), packed_grads, apart_grads
+
+
+def assert_same(model, ids, positions, documents, tol=1e-4):
+    packed, apart, packed_grads, apart_grads = pack_and_apart(model, ids, positions, documents)
+    torch.testing.assert_close(packed, apart, rtol=tol, atol=tol)
+    assert packed_grads.keys() == apart_grads.keys() and packed_grads
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, apart_grads[name], rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_pack_of_documents_equals_the_documents_apart(method):
+    model = converted_model("llama", method).train()
+    assert_same(model, *packed_rows())
+
+
+@pytest.mark.parametrize("method", ["liger-sinks", "still"])
+def test_packs_in_a_hybrid_with_softmax_layers_and_qk_norm(method):
+    # the kept softmax layer keeps documents apart through transformers' mask for packed rows
+    model = converted_model("qwen3", method, softmax_layers="0").train()
+    assert_same(model, *packed_rows())
+
+
+def test_without_restarting_positions_the_documents_run_together():
+    model = converted_model("llama", "liger")
+    ids, positions, documents = packed_rows()
+    together = model(ids, use_cache=False).logits
+    apart = model(ids, position_ids=positions, use_cache=False).logits
+    assert torch.equal(together[1], apart[1])  # one document: nothing to keep apart
+    assert not torch.allclose(together[0, 13:], apart[0, 13:], atol=1e-3)  # later documents saw earlier ones
+
+
+def test_document_ids_and_the_padded_batch_of_documents():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 7, 8, 9, 10]])
+    assert packed_document_ids(positions).tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]]
+    assert packed_document_ids(positions[1:]) is None
+    documents = DocumentBatch(packed_document_ids(positions))
+    x = torch.arange(12.0).view(2, 6)
+    split = documents.split(x)  # 4 documents, left-padded to the longest (6)
+    assert split.tolist() == [
+        [0, 0, 0, 0.0, 1, 2],
+        [0, 0, 0, 0, 3, 4],
+        [0, 0, 0, 0, 0, 5],
+        [6, 7, 8, 9, 10, 11],
+    ]
+    assert documents.valid.sum(1).tolist() == [3, 2, 1, 6]
+    assert torch.equal(documents.merge(split), x)
+
+
+def test_the_transfer_teacher_keeps_documents_apart():
+    model = converted_model("llama", "liger")
+    attn = model.model.layers[0].self_attn
+    ids, positions, documents = packed_rows(lengths=[(9, 15)])
+    hidden = model.model.embed_tokens(ids)
+    rotary = model.model.rotary_emb(hidden, positions)
+    teacher = teacher_attention(attn, hidden, rotary, None, packed_document_ids(positions))
+    for start, end in ((0, 9), (9, 24)):
+        alone = model.model.rotary_emb(hidden[:, start:end], positions[:, start:end])
+        expected = teacher_attention(attn, hidden[:, start:end], alone, None)
+        torch.testing.assert_close(teacher[:, start:end], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("method", METHODS)
+def test_packs_on_the_triton_kernels_equal_the_documents_apart(method, monkeypatch):
+    monkeypatch.setenv("LINEARIZE_BACKEND", "triton")
+    model = converted_model("llama", method).train()
+    assert_same(model, *packed_rows(lengths=[(7, 5)]))  # the interpreter is slow: one short pack
