@@ -148,18 +148,12 @@ class PackedSequences(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int | list[int] | slice) -> dict[str, torch.Tensor]:
+        """One pack (each value `[seq_len]`), or several as a batch (each `[len(index), seq_len]`)."""
         item = {"input_ids": self.input_ids[index], "labels": self.labels[index]}
         if self.position_ids is not None:
             item["position_ids"] = self.position_ids[index]
         return item
-
-    def rows(self, index: list[int] | slice) -> dict[str, torch.Tensor]:
-        """The packs at `index` as a batch: the same keys, each `[len(index), seq_len]`."""
-        batch = {"input_ids": self.input_ids[index], "labels": self.labels[index]}
-        if self.position_ids is not None:
-            batch["position_ids"] = self.position_ids[index]
-        return batch
 
     @property
     def num_tokens(self) -> int:

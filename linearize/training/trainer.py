@@ -471,7 +471,7 @@ class Trainer:
 
 
 def _to(data: PackedSequences, idx: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: rows.to(device) for name, rows in data.rows(idx).items()}  # each [mb, seq_len]
+    return {name: rows.to(device) for name, rows in data[idx].items()}  # each [mb, seq_len]
 
 
 def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=None) -> Path:

@@ -56,13 +56,13 @@ def teacher_attention(
     q, k = apply_rope(q, k, *position_embeddings)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, T, D]
     mask = None
-    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    if valid is not None or document_ids is not None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()  # causal
     if valid is not None:
         # a padded query still sees itself, so no row is empty (its output is excluded from the loss)
-        mask = causal & (valid[:, None, None, :] | torch.eye(length, dtype=torch.bool, device=q.device))
+        mask = mask & (valid[:, None, None, :] | torch.eye(length, dtype=torch.bool, device=q.device))
     if document_ids is not None:
-        same_document = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # [B, 1, T, T]
-        mask = (causal if mask is None else mask) & same_document
+        mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])  # [B, 1, T, T]
     o = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling, enable_gqa=True
     )  # [B, H, T, D]
@@ -144,9 +144,9 @@ def original_model(model: nn.Module) -> Iterator[nn.Module]:
     layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
 
     def original_forward(attn: LinearizedAttention):
-        def forward(hidden_states, position_embeddings=None, padding_mask=None, **kwargs):
+        def forward(hidden_states, position_embeddings=None, padding_mask=None, document_ids=None, **kwargs):
             valid = LinearizedAttention.token_validity(padding_mask, hidden_states.shape[1])
-            o = teacher_attention(attn, hidden_states, position_embeddings, valid)
+            o = teacher_attention(attn, hidden_states, position_embeddings, valid, document_ids)
             return _frozen(attn.o_proj)(o), None
 
         return forward

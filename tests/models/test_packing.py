@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from linearize.layers.base import DocumentBatch, packed_document_ids
-from linearize.training.transfer import teacher_attention
+from linearize.training.transfer import original_model, teacher_attention
 from tests.tiny import METHODS, converted_model
 
 LENGTHS = [(13, 22, 5), (40,)]  # the documents of each row: a pack of three, and a row that is one document
@@ -103,6 +103,15 @@ def test_the_transfer_teacher_keeps_documents_apart():
         alone = model.model.rotary_emb(hidden[:, start:end], positions[:, start:end])
         expected = teacher_attention(attn, hidden[:, start:end], alone, None)
         torch.testing.assert_close(teacher[:, start:end], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_distillation_teacher_keeps_documents_apart():
+    model = converted_model("llama", "still")
+    ids, positions, documents = packed_rows()
+    with torch.no_grad(), original_model(model) as teacher:
+        packed = teacher(ids, position_ids=positions, use_cache=False).logits.flatten(0, 1)
+        apart = torch.cat([teacher(doc[None], use_cache=False).logits[0] for row in documents for doc in row])
+    torch.testing.assert_close(packed, apart, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.triton
