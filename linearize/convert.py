@@ -2,12 +2,13 @@
 
 `plan_conversion` needs only the source config (it is what `--dry-run` prints); `convert_model` swaps
 attention in a loaded model; `save_model` writes a folder that loads with `AutoModelForCausalLM`, both after
-`import linearize` and with `trust_remote_code=True`, and appears only once it is complete.
+`import linearize` and with `trust_remote_code=True`, and appears only once it is complete. `convert_and_save`
+runs them all from a model id or folder, then optionally compares and pushes: what `linearize convert` does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,14 @@ import torch
 from . import sources
 from .errors import LinearizeError
 from .families import get_family
+from .generation import load_for_inference, pick_device
 from .methods import get_method
 from .models import LinearizeConfig, LinearizeForCausalLM
 from .outputs import atomic_folder, check_output_folder
 
 PLAN_CONTEXT = 8192  # context length at which the plan compares cache sizes
+PASS_TOKENIZER = "pass --tokenizer PATH_OR_ID (a folder or hub id with the same model's tokenizer)"
+VERIFY_PROMPT = "Explain in one sentence why the sky is blue."
 
 # No package index serves linearize: it installs from its repository (pyproject.toml's [project.urls]).
 INSTALL_COMMAND = 'pip install "linearize @ git+https://github.com/linearize/linearize"'
@@ -285,3 +289,147 @@ def save_model(model: LinearizeForCausalLM, tokenizer, out: Path, force: bool = 
         for file, module, name in _AUTO_MAP.values():
             (staging / f"{file}.py").write_text(_REMOTE_CODE.format(module=module, name=name))
     return out
+
+
+@dataclass
+class Conversion:
+    """What `convert_and_save` did."""
+
+    plan: ConversionPlan
+    output: Path | None = None  # None: planned only
+    tokenizer_saved: bool = False
+    comparison: list[dict] = field(default_factory=list)  # with verify: one row per model, see `evaluation.compare`
+    url: str | None = None  # with push_to_hub: the pushed repo
+
+
+class ConvertReport:
+    """What `convert_and_save` tells its caller as it runs. Every method here does nothing: pass a subclass, or any
+    object with these methods, to show them."""
+
+    def step(self, text: str) -> None:
+        """A step begins: reading the config, loading, converting and saving, comparing."""
+
+    def planned(self, plan: ConversionPlan) -> None:
+        """The plan is made, from the config alone: no weights have been read."""
+
+    def saved(self, conversion: Conversion) -> None:
+        """The output folder is complete; the comparison and the push, when asked for, follow."""
+
+    def compared(self, rows: list[dict]) -> None:
+        """The source and the converted model side by side (`verify`)."""
+
+    def pushing(self, text: str) -> None:
+        """A step of the push begins (`publish.push`'s `on_step`)."""
+
+
+def convert_and_save(
+    model: str | None,
+    output: Path | str | None,
+    method: str = "liger",
+    *,
+    softmax_layers: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    force: bool = False,
+    tokenizer: str | None = None,
+    verify: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    report: ConvertReport | None = None,
+    **options: int | float | None,
+) -> Conversion:
+    """Convert `model` and save it as a folder that loads with `AutoModelForCausalLM`: `linearize convert`.
+
+    Args:
+        model: a Hub id, a local folder, or None for the embedded SmolLM2-135M-Instruct.
+        output: the folder to write (it appears only once complete); None makes the plan alone, as `--dry-run`
+            does: no weights are read and nothing is checked or written.
+        method: a name in `methods.METHODS`; `options` are its parameters (window, sinks, ...; see
+            `method_settings`).
+        softmax_layers: the layers kept as softmax attention (see `parse_softmax_layers`).
+        dtype: of the saved weights: "auto" (the source's), "float32", "bfloat16" or "float16".
+        device: where to load and compare: "auto", "cpu", "cuda", "cuda:1", ...
+        force: replace an existing output.
+        tokenizer: a folder or Hub id to take the tokenizer from instead of `model`.
+        verify: after saving, compare perplexity and a greedy sample, source vs the folder as it loads back.
+        push_to_hub: after saving, publish the folder to this repo (ORG/NAME) as `publish.push` does; the repo id
+            and the token are checked before anything loads.
+        private: create that repo private.
+        report: told of each step as it happens (default: nothing is said).
+
+    Returns:
+        The plan and, with an output, what was written, compared and pushed.
+
+    Raises:
+        LinearizeError: a bad input, named before any weights load where the config alone shows it; after saving,
+            a failed push says that the folder is saved.
+        KeyboardInterrupt: on Ctrl-C; during the push, with a message that says the folder is saved and the push
+            is not done.
+    """
+    report = report or ConvertReport()
+    if output is not None:
+        _check_targets(Path(output), force, model, push_to_hub)
+    report.step("Reading the source config")
+    source = model or sources.EMBEDDED_NAME
+    plan = plan_conversion(sources.load_config(model), source, method, softmax_layers, dtype, **options)
+    report.planned(plan)
+    conversion = Conversion(plan)
+    if output is None:
+        return conversion
+    device = pick_device(device)
+    report.step(f"Loading {source}")
+    source_model, tokens = _load_source(model, dtype, device, tokenizer, verify)
+    report.step("Converting and saving")
+    conversion.output = save_model(convert_model(source_model, plan.config), tokens, output, force=force)
+    conversion.tokenizer_saved = tokens is not None
+    report.saved(conversion)
+    if verify:
+        conversion.comparison = _compare_with_source(source_model, conversion.output, tokens, device, report)
+    if push_to_hub:
+        conversion.url = _push(conversion.output, push_to_hub, private, report)
+    return conversion
+
+
+def _check_targets(output: Path, force: bool, model: str | None, push_to_hub: str | None) -> None:
+    """Refuse a bad output folder or push target before minutes of loading, not after."""
+    check_output_folder(output, force, source=model)
+    if push_to_hub:
+        from .publish import check_can_push, check_repo_id  # publish imports this module
+
+        check_repo_id(push_to_hub)
+        check_can_push()
+
+
+def _load_source(model: str | None, dtype: str, device: str, tokenizer: str | None, verify: bool):
+    # Without verify, a source without a tokenizer still converts (the caller is told); the comparison needs one.
+    tokenizer_fix = f"{PASS_TOKENIZER}, or drop --verify" if verify else None
+    loaded, tokens, _ = sources.load(
+        model, dtype=dtype, device=device, tokenizer=tokenizer, tokenizer_fix=tokenizer_fix
+    )
+    return loaded, tokens
+
+
+def _compare_with_source(source_model, output: Path, tokenizer, device: str, report: ConvertReport) -> list[dict]:
+    """Perplexity on the built-in text and a greedy sample, of the source and of the saved folder as it loads."""
+    from .evaluation import compare
+
+    converted, _ = load_for_inference(str(output), device=device)
+    report.step("Measuring perplexity and sampling")
+    rows = compare({"original": source_model.float(), "converted": converted}, tokenizer, prompt=VERIFY_PROMPT)
+    report.compared(rows)
+    return rows
+
+
+def _push(output: Path, repo_id: str, private: bool, report: ConvertReport) -> str:
+    from .publish import push
+
+    saved = f"The converted folder {output} is saved: push it with `linearize push`."
+    try:
+        return push(output, repo_id, private=private, on_step=report.pushing)
+    except LinearizeError as error:
+        raise LinearizeError(f"{error} {saved}") from None
+    except KeyboardInterrupt:
+        # Its message tells the caller what is done and what is not (the CLI prints it).
+        raise KeyboardInterrupt(
+            f"interrupted before the Hub confirmed the commit: the push is not done. {saved}"
+        ) from None

@@ -1,4 +1,4 @@
-"""Parallax attention (methods.md section 4): softmax attention plus a learned covariance correction. Two ops, each
+"""Parallax attention (docs/methods.md §4): softmax attention plus a learned covariance correction. Two ops, each
 with a "reference" path (plain oracles, full masks), a "torch" path (blockwise PyTorch, no [T, T] matrix; the CPU
 default) and a "triton" path (fused kernels, the sequence op with its own backward; CUDA tensors default to it):
 `parallax_attention` over a sequence (prefill and training, differentiable) and `parallax_decode`, one new token

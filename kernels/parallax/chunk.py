@@ -1,5 +1,5 @@
 """Parallax attention in PyTorch without a [T, S] matrix: blockwise online softmax forward, blockwise backward
-(methods.md 4.1 and 4.7), and a decode step.
+(docs/methods.md §4.1 and §4.7), and a decode step.
 
 Queries go in blocks of C; keys in blocks of C aligned to the query blocks (the history padded on the left to whole
 blocks). Query block i and key block i - d have the same [C, C] causal/window mask for every i, so the loop runs
@@ -9,7 +9,7 @@ the blocks of one offset are a contiguous slice (no copies before the matmuls, i
 folds the G query heads of a key head into the rows of a block (`[G * C, D]` against `[C, D]` keys), so K/V are
 never repeated.
 
-Forward accumulators per query (methods.md 4.1): d1 = sum w, d2 = sum w s, O1 = sum w v, O2 = sum w s v with
+Forward accumulators per query (docs/methods.md §4.1): d1 = sum w, d2 = sum w s, O1 = sum w v, O2 = sum w s v with
 w = exp(z - m) rescaled as the running max m grows; o = (O1 / d1) (1 + d2 / d1) - O2 / d1. Saved for the backward:
 o, v_bar = O1 / d1, t_bar = d2 / d1 and the log-sum-exp, all in the accumulation dtype (fp32, or float64 for
 float64 inputs). Backward per block, with p = exp(z - lse), a = dO . v, t = dO . o, b = dO . v_bar:

@@ -1,4 +1,4 @@
-"""One Parallax decode step in Triton (methods.md 4.8): the new token's query over its KV cache.
+"""One Parallax decode step in Triton (docs/methods.md §4.8): the new token's query over its KV cache.
 
 One query per (batch row, head) against a long cache is latency-bound: with one program per query head, a B = 1
 step of 32 heads would keep 32 of an H100's 132 SMs busy. So the visible part of the cache is split into NS

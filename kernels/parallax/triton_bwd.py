@@ -1,4 +1,4 @@
-"""Parallax attention in Triton: the backward kernels (tiles and notation as in triton_fwd; methods.md 4.7).
+"""Parallax attention in Triton: the backward kernels (tiles and notation as in triton_fwd; docs/methods.md §4.7).
 
 With p = 2^(z log2(e) - lse) recomputed from the saved log2-sum-exp (`common.tiles.probabilities`),
 a_ij = dO_i . v_j, and per query t_i = dO_i . o_i and b_i = dO_i . v_bar_i (computed by the host):

@@ -4,7 +4,7 @@ triton_bwd).
 Keys are `[B, S, Hkv, D]` with S = P + T (the history first); query t sits at key position S - T + t and sees key j
 iff j <= S - T + t, j > S - T + t - window and key_valid[b, j]. Query head h reads key head h // G.
 
-Forward (FlashAttention-2 style, methods.md 4.6): one program per (block of BM queries, batch * query head) holds
+Forward (FlashAttention-2 style, docs/methods.md §4.6): one program per (block of BM queries, batch * query head) holds
 its q and r tiles and streams only the key tiles its window reaches, once. Per key tile: two score products
 z = q k^T and s = r k^T; the shared online softmax (`common.tiles.online_softmax`, log2 domain: log2(e) folded
 into the scale) gives the weights w = 2^(z - m), the rescale alpha and the running max m and sum d1 = sum w;

@@ -1,4 +1,4 @@
-"""STILL (Selecting Tokens for Intra-Layer Hybrid attention, methods.md section 3): self-saliency scores, top-k
+"""STILL (Selecting Tokens for Intra-Layer Hybrid attention, docs/methods.md §3): self-saliency scores, top-k
 selection and the hybrid attention, and their dispatchers. Each op has a "reference" path (float64 oracles with
 full [T, T] masks; the selection's reference is its torch path), a "torch" path (blockwise PyTorch, no [T, T]
 matrix) and a "triton" path (fused kernels, the attention with its own backward; CUDA tensors default to it). The

@@ -1,7 +1,7 @@
 """STILL oracles: full [T, T] masks in float64, written to be obviously correct.
 
 Also holds what every path shares: the input checks, the zeroing of invalid positions and the smoothed-KL
-formula of the self-saliency score (methods.md section 3.2).
+formula of the self-saliency score (docs/methods.md §3.2).
 """
 
 import torch

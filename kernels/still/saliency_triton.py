@@ -5,7 +5,7 @@ BQ, twice (query head h reads key head h // (H // Hkv); K is never repeated):
 1. online sums, in the log2 domain, of the window softmax with the self key (max m, sum l) and without it (m', l'),
    each with its own max, so a dominant self logit cannot underflow the sum of the others;
 2. with a^diag_tj = 2^(z_tj - m) / l and a^nodiag_tj = 2^(z_tj - m') / l', the smoothed KL of `smoothed_self_kl`
-   (methods.md section 3.2, quirk Q1 fixed): ad = (a^diag + eps) / (1 + l eps), and = (a^nodiag + eps) /
+   (docs/methods.md §3.2, quirk Q1 fixed): ad = (a^diag + eps) / (1 + l eps), and = (a^nodiag + eps) /
    (1 + l eps + 1/l) with the true self slot set to 1/l + eps, S_t = sum over the window of ad log(ad / (and + eps)).
 Scores are fp32, -inf at invalid queries; the window counts only valid keys, but l stays the nominal window. The
 logits multiply q and k in their (the model's) dtype into fp32; the running sums are the shared online softmax's

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -31,6 +33,32 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print the error (as plain text: messages quote YAML such as `[lora, new]`) and return the exit to raise."""
     console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def exits_on_error(interrupted: str | None = None, also: tuple[type[Exception], ...] = ()) -> Callable:
+    """Decorate a command (under `@app.command`) so that a LinearizeError, or one of `also`, is printed by `fail`
+    and exits 1 instead of a traceback.
+
+    With `interrupted`, Ctrl-C exits 130 with that message: what the command leaves behind when stopped. A
+    KeyboardInterrupt that carries a message of its own is printed as that message instead: the library function
+    that re-raised it knew better what was left undone."""
+    caught = (LinearizeError, *also)
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)  # Typer reads the options from the signature that `wraps` passes on
+        def run(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except caught as error:
+                raise fail(str(error)) from None
+            except KeyboardInterrupt as interrupt:
+                if interrupted is None:
+                    raise
+                raise fail(str(interrupt) or interrupted, 130) from None
+
+        return run
+
+    return decorate
 
 
 def human_size(n: float) -> str:

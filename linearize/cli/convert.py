@@ -10,9 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import LinearizeError
-from .common import METHOD_HELP, Dtype, Method, app, console, fail, human_size
-
-_PASS_TOKENIZER = "pass --tokenizer PATH_OR_ID (a folder or hub id with the same model's tokenizer)"
+from .common import METHOD_HELP, Dtype, Method, app, console, exits_on_error, human_size
 
 
 def _plan_table(plan) -> Table:
@@ -60,6 +58,7 @@ def _cache_growth(plan) -> str:
     "  linearize convert Qwen/Qwen3-0.6B -m swa -o q3-swa  # training-free baseline\n\n"
     "  linearize convert ./my-llama --softmax-layers every:8 --dry-run"
 )
+@exits_on_error(interrupted="interrupted; no output folder was written")
 def convert(
     model: Annotated[
         str | None,
@@ -160,108 +159,92 @@ def convert(
     ] = None,
 ) -> None:
     """Convert MODEL's attention layers to a linear or hybrid method and save a loadable model folder."""
-    from .. import sources
-    from ..convert import convert_model, plan_conversion, save_model
-    from ..generation import pick_device
-    from ..outputs import check_output_folder
+    from ..convert import convert_and_save
 
-    method_name = method.value
+    if output is None and not dry_run:
+        raise LinearizeError("pass an output folder with -o/--output (or use --dry-run)")
+    report = _ConsoleReport(model)
     try:
-        if not dry_run and output is None:
-            raise LinearizeError("pass an output folder with -o/--output (or use --dry-run)")
-        if output is not None and not dry_run:
-            check_output_folder(output, force, source=model)
-        if push_to_hub and not dry_run:
-            _check_push_target(push_to_hub)
-        with console.status("Reading the source config"):
-            source_config = sources.load_config(model)
-        plan = plan_conversion(
-            source_config,
-            model or sources.EMBEDDED_NAME,
-            method_name,
-            softmax_layers,
-            dtype.value,
+        conversion = convert_and_save(
+            model,
+            None if dry_run else output,
+            method.value,
+            softmax_layers=softmax_layers,
+            dtype=dtype.value,
+            device=device,
+            force=force,
+            tokenizer=tokenizer_source,
+            verify=verify,
+            push_to_hub=push_to_hub,
+            private=private,
+            report=report,
             window=window,
             sinks=sinks,
             mix=mix,
             chunk_size=chunk_size,
             topk=topk,
         )
+    finally:
+        report.stop_spinner()
+    if conversion.url:
+        console.print(f"[green]Pushed[/] {conversion.url}", highlight=False)
+
+
+class _ConsoleReport:
+    """`convert_and_save`'s report on the terminal: each step as a spinner on stderr until the next report, the
+    plan and the comparison as tables. It has `linearize.convert.ConvertReport`'s methods without subclassing it:
+    that module imports torch, which the CLI loads only inside commands."""
+
+    def __init__(self, model: str | None):
+        self._model = model
+        self._spinner = None
+
+    def step(self, text: str) -> None:
+        self.stop_spinner()
+        self._spinner = console.status(text)
+        self._spinner.start()
+
+    def stop_spinner(self) -> None:
+        if self._spinner is not None:
+            self._spinner.stop()
+            self._spinner = None
+
+    def planned(self, plan) -> None:
+        self.stop_spinner()
         console.print(_plan_table(plan))
-        if dry_run:
-            return
-        device = pick_device(device)
-        with console.status(f"Loading {model or sources.EMBEDDED_NAME}"):
-            source_model, tokenizer, _ = sources.load(
-                model,
-                dtype=dtype.value,
-                device=device,
-                tokenizer=tokenizer_source,
-                tokenizer_fix=f"{_PASS_TOKENIZER}, or drop --verify" if verify else None,
-            )
-        with console.status("Converting and saving"):
-            converted = convert_model(source_model, plan.config)
-            save_model(converted, tokenizer, output, force=force)
+
+    def saved(self, conversion) -> None:
+        from ..convert import PASS_TOKENIZER
+
+        self.stop_spinner()
+        output = conversion.output
         console.print(
             f"[green]Saved[/] {output}. Load it with `import linearize` then "
             f"AutoModelForCausalLM.from_pretrained('{output}'), or with trust_remote_code=True."
         )
-        if tokenizer is None:
+        if not conversion.tokenizer_saved:
             console.print(
-                f"[yellow]Warning:[/] '{model}' has no tokenizer, so neither has {output}; `generate` and `eval` "
-                f"need one. Convert again and {_PASS_TOKENIZER}, or copy the same model's tokenizer files into it.",
+                f"[yellow]Warning:[/] '{self._model}' has no tokenizer, so neither has {output}; `generate` and "
+                f"`eval` need one. Convert again and {PASS_TOKENIZER}, or copy the same model's tokenizer files "
+                "into it.",
                 highlight=False,
             )
-        if verify:
-            _verify(source_model, output, tokenizer, device)
-        if push_to_hub:
-            _push(output, push_to_hub, private=private)
-    except LinearizeError as error:
-        raise fail(str(error)) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted; no output folder was written", 130) from None
 
+    def compared(self, rows: list[dict]) -> None:
+        self.stop_spinner()
+        table = Table(title="Original vs converted (built-in text, 4 x 512 tokens; greedy sample)")
+        for column in ("model", "perplexity", "sample"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row["model"], f"{row['perplexity']:.2f}", row["sample"].strip().replace("\n", " "))
+        Console().print(table)
 
-def _verify(source_model, output: Path, tokenizer, device: str) -> None:
-    from ..evaluation import compare
-    from ..generation import load_for_inference
-
-    converted, _ = load_for_inference(str(output), device=device)
-    with console.status("Measuring perplexity and sampling"):
-        rows = compare(
-            {"original": source_model.float(), "converted": converted},
-            tokenizer,
-            prompt="Explain in one sentence why the sky is blue.",
-        )
-    table = Table(title="Original vs converted (built-in text, 4 x 512 tokens; greedy sample)")
-    for column in ("model", "perplexity", "sample"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["model"], f"{row['perplexity']:.2f}", row["sample"].strip().replace("\n", " "))
-    Console().print(table)
-
-
-def _check_push_target(repo_id: str) -> None:
-    from ..publish import check_can_push, check_repo_id
-
-    check_repo_id(repo_id)
-    check_can_push()
-
-
-def _push(output: Path, repo_id: str, *, private: bool) -> None:
-    from ..publish import push
-
-    saved = f"The converted folder {output} is saved: push it with `linearize push`."
-    try:
-        url = push(output, repo_id, private=private, on_step=lambda text: console.print(text, highlight=False))
-    except LinearizeError as error:
-        raise LinearizeError(f"{error} {saved}") from None
-    except KeyboardInterrupt:
-        raise fail(f"interrupted before the Hub confirmed the commit: the push is not done. {saved}", 130) from None
-    console.print(f"[green]Pushed[/] {url}", highlight=False)
+    def pushing(self, text: str) -> None:
+        console.print(text, highlight=False)
 
 
 @app.command()
+@exits_on_error(also=(ValueError,))
 def generate(
     model: Annotated[str, typer.Argument(help="A converted model folder (or any causal LM folder / hub id).")],
     prompt: Annotated[str, typer.Argument(help="The prompt; wrapped in the chat template when the tokenizer has one.")],
@@ -283,10 +266,7 @@ def generate(
     from ..generation import generate as generate_text
     from ..generation import load_for_inference
 
-    try:
-        with console.status(f"Loading {model}"):
-            loaded, tokenizer = load_for_inference(model, device=device)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer)
-    except (LinearizeError, ValueError) as error:
-        raise fail(str(error)) from None
+    with console.status(f"Loading {model}"):
+        loaded, tokenizer = load_for_inference(model, device=device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer)

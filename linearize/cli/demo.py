@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from ..errors import LinearizeError
-from .common import app, console, fail, human_size, print_table
+from .common import app, console, exits_on_error, human_size, print_table
 
 
 @app.command(
     epilog="Example:\n\n  linearize demo -o demo-out --force     # what `make demo` runs",
 )
+@exits_on_error(interrupted="interrupted")
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the fine-tuned model and its run.")] = Path(
         "demo-out"
@@ -31,12 +31,7 @@ def demo(
         if not quiet:
             console.print(f"[bold]{message}[/]", highlight=False)
 
-    try:
-        result = run_demo(output, steps, force=force, say=say, quiet=quiet, console=console)
-    except LinearizeError as error:
-        raise fail(str(error)) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted", 130) from None
+    result = run_demo(output, steps, force=force, say=say, quiet=quiet, console=console)
     header = [
         "model",
         "perplexity",

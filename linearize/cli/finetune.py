@@ -9,8 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import LinearizeError
-from .common import METHOD_HELP, Method, app, console, fail
+from .common import METHOD_HELP, Method, app, console, exits_on_error
 
 
 @app.command(
@@ -20,6 +19,7 @@ from .common import METHOD_HELP, Method, app, console, fail
     "  linearize finetune liger.yaml stages.1.epochs=2 training.grad_accum=4\n\n"
     "  torchrun --nproc_per_node 2 -m linearize finetune liger.yaml   # data parallel"
 )
+@exits_on_error(interrupted="interrupted; checkpoints written so far are kept: rerun with --resume to continue")
 def finetune(
     recipe_file: Annotated[
         Path, typer.Argument(metavar="RECIPE.yaml", help="The recipe (see `linearize recipe init`).")
@@ -49,20 +49,15 @@ def finetune(
     (a converted model folder, LoRA merged by default)."""
     from ..training.recipe import load_recipe
 
-    try:
-        recipe = load_recipe(recipe_file, overrides or [])
-        if dry_run:
-            Console().print(_finetune_plan(recipe, resume))
-            return
-        from ..training.trainer import finetune as run_finetune
+    recipe = load_recipe(recipe_file, overrides or [])
+    if dry_run:
+        Console().print(_finetune_plan(recipe, resume))
+        return
+    from ..training.trainer import finetune as run_finetune
 
-        out = run_finetune(recipe, resume=resume, quiet=quiet, console=console)
-        if not quiet:
-            console.print(f"[green]Saved[/] {out}")
-    except LinearizeError as error:
-        raise fail(str(error)) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted; checkpoints written so far are kept: rerun with --resume to continue", 130) from None
+    out = run_finetune(recipe, resume=resume, quiet=quiet, console=console)
+    if not quiet:
+        console.print(f"[green]Saved[/] {out}")
 
 
 def _finetune_plan(recipe, resume: bool) -> Table:
@@ -109,19 +104,18 @@ app.add_typer(recipe_app, name="recipe")
 
 
 @recipe_app.command("init")
+@exits_on_error()
 def recipe_init(
     method: Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)] = "liger",
 ) -> None:
     """Print a commented starting recipe for METHOD (redirect it to a file)."""
     from ..training.recipe import recipe_template
 
-    try:
-        print(recipe_template(method.value), end="")
-    except LinearizeError as error:
-        raise fail(str(error)) from None
+    print(recipe_template(method.value), end="")
 
 
 @recipe_app.command("validate")
+@exits_on_error()
 def recipe_validate(
     recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE.yaml", help="The recipe to check.")],
     overrides: Annotated[
@@ -133,10 +127,7 @@ def recipe_validate(
     """Check RECIPE.yaml without loading anything: syntax, keys, types and value ranges."""
     from ..training.recipe import load_recipe, resolved_yaml
 
-    try:
-        recipe = load_recipe(recipe_file, overrides or [])
-    except LinearizeError as error:
-        raise fail(str(error)) from None
+    recipe = load_recipe(recipe_file, overrides or [])
     if show:
         print(resolved_yaml(recipe), end="")
     console.print(f"[green]OK[/] {recipe_file}: {len(recipe.stages)} stage(s), method {recipe.conversion.method}")

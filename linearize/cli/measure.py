@@ -15,7 +15,7 @@ from .common import (
     Dtype,
     app,
     console,
-    fail,
+    exits_on_error,
     float_list,
     int_list,
     print_table,
@@ -35,6 +35,7 @@ OPTIONAL_MODEL_HELP = f"{MODEL_HELP} Omit it for the embedded SmolLM2."
     "  linearize eval smollm2-liger --text hf:wikitext:wikitext-2-raw-v1:test --json eval.json\n\n"
     "  linearize eval smollm2-liger --lm-eval hellaswag,arc_easy --lm-eval-limit 200",
 )
+@exits_on_error()
 def eval_command(
     model: Annotated[str | None, typer.Argument(help=OPTIONAL_MODEL_HELP, show_default=False)] = None,
     against: Annotated[str | None, typer.Option(help=AGAINST_HELP, show_default=False)] = None,
@@ -91,37 +92,34 @@ def eval_command(
     from ..evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model
     from ..generation import load_for_inference, pick_device
 
-    try:
-        device = pick_device(device)  # before any model loads or lm-eval indexes its tasks
-        specs = resolve_pair(_checked_model(model), against)
-        contexts = int_list(passkey_contexts, "--passkey-contexts")
-        passkey_options = {
-            "depths": float_list(depths, "--depths"),
-            "trials": trials,
-            "seed": seed,
-            "distractors": distractors,
-        }
-        tasks = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else []
-        lm_eval_options = {"include_path": str(lm_eval_include) if lm_eval_include else None, "limit": lm_eval_limit}
-        if tasks:
-            with spinner("Indexing lm-eval tasks", quiet):
-                check_lm_eval_tasks(tasks, lm_eval_options["include_path"])
-        if quiet:
-            from ..sources import hide_progress_bars
+    device = pick_device(device)  # before any model loads or lm-eval indexes its tasks
+    specs = resolve_pair(_checked_model(model), against)
+    contexts = int_list(passkey_contexts, "--passkey-contexts")
+    passkey_options = {
+        "depths": float_list(depths, "--depths"),
+        "trials": trials,
+        "seed": seed,
+        "distractors": distractors,
+    }
+    tasks = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else []
+    lm_eval_options = {"include_path": str(lm_eval_include) if lm_eval_include else None, "limit": lm_eval_limit}
+    if tasks:
+        with spinner("Indexing lm-eval tasks", quiet):
+            check_lm_eval_tasks(tasks, lm_eval_options["include_path"])
+    if quiet:
+        from ..sources import hide_progress_bars
 
-            hide_progress_bars()
-        total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
-        results = {}
-        for spec in specs:  # one model in memory at a time
-            with spinner(f"Loading {spec.label}", quiet):
-                loaded, tokenizer = load_for_inference(spec.source, device=device, dtype=dtype.value)
-            with progress_bar(f"Evaluating {spec.label}", total, quiet) as step:
-                results[spec.label] = evaluate_model(
-                    loaded, tokenizer, text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step
-                )
-            del loaded
-    except LinearizeError as error:
-        raise fail(str(error)) from None
+        hide_progress_bars()
+    total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
+    results = {}
+    for spec in specs:  # one model in memory at a time
+        with spinner(f"Loading {spec.label}", quiet):
+            loaded, tokenizer = load_for_inference(spec.source, device=device, dtype=dtype.value)
+        with progress_bar(f"Evaluating {spec.label}", total, quiet) as step:
+            results[spec.label] = evaluate_model(
+                loaded, tokenizer, text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step
+            )
+        del loaded
     header, rows = eval_rows(results)
     print_table("Evaluation", header, rows)
     payload = {
@@ -140,6 +138,7 @@ def eval_command(
     "  linearize bench smollm2-liger --against embedded --ctx 512,2048,8192\n\n"
     "  linearize bench ./llama-1b-liger --device cuda --dtype bfloat16 --ctx 1024,4096,16384 --json bench.json",
 )
+@exits_on_error()
 def bench(
     model: Annotated[str | None, typer.Argument(help=OPTIONAL_MODEL_HELP, show_default=False)] = None,
     against: Annotated[str | None, typer.Option(help=AGAINST_HELP, show_default=False)] = None,
@@ -174,28 +173,25 @@ def bench(
     from ..comparison import markdown_table, resolve_pair
     from ..generation import load_for_inference, pick_device
 
-    try:
-        device = pick_device(device)  # before any model loads
-        specs = resolve_pair(_checked_model(model), against)
-        contexts = int_list(ctx, "--ctx")
-        if not contexts:
-            raise LinearizeError("--ctx needs at least one context length, e.g. --ctx 512,2048")
-        if threads is not None:
-            torch.set_num_threads(threads)
-        if quiet:
-            from ..sources import hide_progress_bars
+    device = pick_device(device)  # before any model loads
+    specs = resolve_pair(_checked_model(model), against)
+    contexts = int_list(ctx, "--ctx")
+    if not contexts:
+        raise LinearizeError("--ctx needs at least one context length, e.g. --ctx 512,2048")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if quiet:
+        from ..sources import hide_progress_bars
 
-            hide_progress_bars()
-        models = {}
-        for spec in specs:  # both in memory: their runs alternate
-            with spinner(f"Loading {spec.label}", quiet):
-                models[spec.label], _ = load_for_inference(
-                    spec.source, device=device, dtype=dtype.value, needs_tokenizer=False
-                )
-        with progress_bar("Benchmarking", len(contexts), quiet) as step:
-            result = run_bench(models, contexts, decode_tokens, repeats, step)
-    except LinearizeError as error:
-        raise fail(str(error)) from None
+        hide_progress_bars()
+    models = {}
+    for spec in specs:  # both in memory: their runs alternate
+        with spinner(f"Loading {spec.label}", quiet):
+            models[spec.label], _ = load_for_inference(
+                spec.source, device=device, dtype=dtype.value, needs_tokenizer=False
+            )
+    with progress_bar("Benchmarking", len(contexts), quiet) as step:
+        result = run_bench(models, contexts, decode_tokens, repeats, step)
     header, rows = bench_rows(result)
     print_table(
         f"Speed and memory on {result['device']}, {result['threads']} thread" + "s" * (result["threads"] != 1),

@@ -9,8 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import LinearizeError
-from .common import app, console, fail, human_size
+from .common import app, console, exits_on_error, human_size
 
 
 @app.command(
@@ -19,6 +18,7 @@ from .common import app, console, fail, human_size
     "  linearize push runs/liger/model my-org/smollm2-liger --private\n\n"
     "  HF_TOKEN=hf_... linearize push smollm2-liger my-user/smollm2-liger --revision v2 --quiet"
 )
+@exits_on_error(interrupted="interrupted before the Hub confirmed the commit: the push is not done")
 def push(
     folder: Annotated[Path, typer.Argument(help="A converted (or fine-tuned) model folder; it is not modified.")],
     repo_id: Annotated[
@@ -67,25 +67,20 @@ def push(
     from ..publish import plan_push
     from ..publish import push as push_folder
 
-    try:
-        if dry_run:
-            _print_push_plan(plan_push(folder, repo_id, private=private, revision=revision), endpoint)
-            return
-        url = push_folder(
-            folder,
-            repo_id,
-            private=private,
-            revision=revision,
-            token=token,
-            endpoint=endpoint,
-            quiet=quiet,
-            verify=verify,
-            on_step=None if quiet else lambda text: console.print(text, highlight=False),
-        )
-    except LinearizeError as error:
-        raise fail(str(error)) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted before the Hub confirmed the commit: the push is not done", 130) from None
+    if dry_run:
+        _print_push_plan(plan_push(folder, repo_id, private=private, revision=revision), endpoint)
+        return
+    url = push_folder(
+        folder,
+        repo_id,
+        private=private,
+        revision=revision,
+        token=token,
+        endpoint=endpoint,
+        quiet=quiet,
+        verify=verify,
+        on_step=None if quiet else lambda text: console.print(text, highlight=False),
+    )
     if quiet:
         print(url)
     else:

@@ -3,6 +3,8 @@ packed into one row kept apart."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -75,10 +77,9 @@ class LinearizedAttention(nn.Module):
         alone: its own window, sinks, salient tokens and a linear state that starts empty."""
         state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)
         if document_ids is not None and state is None:
-            documents = DocumentBatch(document_ids)
-            cos, sin = position_embeddings
-            rotary = (documents.split(cos), documents.split(sin))
-            o = documents.merge(self.attend(documents.split(hidden_states), rotary, None, documents.valid))
+            o = DocumentBatch(document_ids).run(
+                lambda x, rotary, valid: self.attend(x, rotary, None, valid), hidden_states, *position_embeddings
+            )
         else:
             o = self.attend(
                 hidden_states, position_embeddings, state, self.token_validity(padding_mask, hidden_states.shape[1])
@@ -124,34 +125,79 @@ def packed_document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     return torch.nn.functional.pad((~follows).long().cumsum(1), (1, 0))
 
 
-class DocumentBatch:
-    """The documents of packed rows `[B, T]` as a left-padded batch `[N, L]` (N documents, L the longest), which
-    every method already runs exactly as it runs each row alone, and back. Padding costs N * L - B * T tokens of
-    compute; documents of similar length pack best."""
-
-    def __init__(self, document_ids: torch.Tensor):
-        batch, length = document_ids.shape
-        starts = torch.ones_like(document_ids, dtype=torch.bool)
-        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-        document = starts.flatten().long().cumsum(0) - 1  # [B * T]: each token's document, over all rows
-        count = int(document[-1]) + 1
-        lengths = torch.bincount(document, minlength=count)  # [N]
-        longest = int(lengths.max())
-        first = torch.nonzero(starts.flatten()).squeeze(1)  # [N]: the flat index of each document's first token
-        offset = torch.arange(batch * length, device=document_ids.device) - first[document]
-        self.slots = document * longest + (longest - lengths[document]) + offset  # [B * T]: left-padded slots
-        self.shape = (batch, length)
-        self.batch_shape = (count, longest)
-        self.valid = torch.zeros(count * longest, dtype=torch.bool, device=document_ids.device)
-        self.valid[self.slots] = True
-        self.valid = self.valid.view(count, longest)  # [N, L]
+class _DocumentGroup(NamedTuple):
+    tokens: torch.Tensor  # [n]: the flat indices (over B * T) of the group's tokens
+    slots: torch.Tensor  # [n]: where each sits in the group's flattened left-padded batch
+    shape: tuple[int, int]  # [N, L]: its documents, the longest's length
+    valid: torch.Tensor | None  # [N, L] bool: which slots are real tokens; None when all are
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, T, ...]` -> `[N, L, ...]`, zeros at padding."""
-        flat = x.reshape(-1, *x.shape[2:])
-        batched = flat.new_zeros(self.batch_shape[0] * self.batch_shape[1], *x.shape[2:])
-        return batched.index_copy(0, self.slots, flat).view(*self.batch_shape, *x.shape[2:])
+        flat = x.reshape(-1, *x.shape[2:])[self.tokens]
+        batched = flat.new_zeros(self.shape[0] * self.shape[1], *x.shape[2:])
+        return batched.index_copy(0, self.slots, flat).view(*self.shape, *x.shape[2:])
 
-    def merge(self, y: torch.Tensor) -> torch.Tensor:
-        """`[N, L, ...]` -> `[B, T, ...]`."""
-        return y.reshape(-1, *y.shape[2:])[self.slots].view(*self.shape, *y.shape[2:])
+
+class DocumentBatch:
+    """The documents of packed rows `[B, T]` as left-padded batches `[N, L]`, which every method already runs
+    exactly as it runs each row alone, and back.
+
+    One batch of all documents would pad each to the longest (a 2048-token pack of documents of 1500, 300 and 248
+    tokens would run 4500 tokens), so documents are grouped by length such that the padding plus `group_cost` tokens
+    a group (its extra launches) is least: here {1500} and {300, 248}, 2100 tokens in two groups."""
+
+    group_cost = 128  # tokens
+
+    def __init__(self, document_ids: torch.Tensor, group_cost: int | None = None):
+        device = document_ids.device
+        self.shape = document_ids.shape
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        document = starts.flatten().long().cumsum(0) - 1  # [B * T]: each token's document, over all rows
+        lengths = torch.bincount(document)  # [N]
+        first = torch.nonzero(starts.flatten()).squeeze(1)  # [N]: the flat index of each document's first token
+        offset = torch.arange(document.numel(), device=device) - first[document]  # [B * T]: index within its document
+        self.groups = []
+        for members in length_groups(lengths.tolist(), self.group_cost if group_cost is None else group_cost):
+            rank = torch.full_like(lengths, -1)
+            rank[members] = torch.arange(len(members), device=device)
+            tokens = torch.nonzero(rank[document] >= 0).squeeze(1)
+            docs = document[tokens]
+            longest = int(lengths[members[0]])
+            slots = rank[docs] * longest + (longest - lengths[docs]) + offset[tokens]
+            shape = (len(members), longest)
+            valid = None  # documents of one length: no padding, and the methods' unmasked paths
+            if len(tokens) < shape[0] * shape[1]:
+                valid = torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=device)
+                valid[slots] = True
+                valid = valid.view(shape)
+            self.groups.append(_DocumentGroup(tokens, slots, shape, valid))
+
+    def run(self, attend, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`attend(x, (cos, sin), valid)` over each group of documents: `x` `[B, T, F]` -> `[B, T, F']`. `valid`
+        is `[N, L]` bool, or None when no document of the group is padded."""
+        out = None
+        for group in self.groups:
+            y = attend(group.split(x), (group.split(cos), group.split(sin)), group.valid)  # [N, L, F']
+            y = y.reshape(-1, *y.shape[2:])[group.slots]
+            out = y.new_zeros(self.shape.numel(), *y.shape[1:]) if out is None else out
+            out = out.index_copy(0, group.tokens, y)
+        return out.view(*self.shape, *out.shape[1:])
+
+
+def length_groups(lengths: list[int], group_cost: int) -> list[list[int]]:
+    """Documents (indices into `lengths`) in groups, longest first, that minimise the tokens run: each group's
+    documents padded to its longest, plus `group_cost` a group. Sorted by length, the best grouping is contiguous,
+    so a dynamic programme over the sorted order finds it."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)  # best[j]: least cost of the first j documents
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[order[i]] + group_cost
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]

@@ -1,7 +1,7 @@
 """Liger attention: gated linear attention whose gates come from the pretrained key projection, mixed
 with a sliding-window softmax branch (Lan et al., ICML 2025, https://arxiv.org/abs/2503.01496).
 
-Follows the reference code, not the paper, where they differ (methods.md §1): the gate is
+Follows the reference code, not the paper, where they differ (docs/methods.md §1.8): the gate is
 `log α = logsigmoid(k) / 16` taken from the pre-RoPE key of each KV head (shared across its GQA group);
 q and k go through a softmax over the head dim; scale 1; no denominator, no output norm. The window branch
 is ordinary softmax attention over RoPE'd q/k and the last `window` keys (current token included), and the
@@ -10,18 +10,16 @@ Unlike the reference, decoding keeps a real window cache, so cached decoding equ
 
 `mix` (ours; the reference hard-codes 0.5 in every modeling file) is a config value because the right weight
 depends on the model: the gated branch reads un-normalised softmax features, so at conversion its output is
-unrelated to the teacher's (relative error >= 1 in every layer of SmolLM2-135M, up to 7x the window branch's
-norm), and with 0.5 of it the converted SmolLM2-135M starts at WikiText-2 perplexity 33,000; with 0.75,
-at 370. Larger models tolerate the paper's 0.5 (Liger's "no LoRA" row, methods.md §1.10). Dividing the gated
-branch by its own normaliser (`S_t^T φ(q_t) / (z_t · φ(q_t))`, z the gated sum of φ(k)) was measured and left
-out: it starts far better (perplexity 99 at mix 0.5, 28 at 0.75) but ends no better after the demo recipe
-(29.3 against 27.9 at mix 0.5, 23.2 against 23.4 at 0.75), as LoRA on k and v learns the scale either way.
+unrelated to the teacher's, and on a small model even half of it ruins the converted model. Larger models
+tolerate the paper's 0.5 (Liger's "no LoRA" ablation, docs/methods.md §1.8). Dividing the gated branch by its
+own normaliser (`S_t^T φ(q_t) / (z_t · φ(q_t))`, z the gated sum of φ(k)) was measured and left out: it starts
+far better but ends no better after fine-tuning, as LoRA on k and v learns the scale either way. The
+SmolLM2-135M measurements behind both choices are in docs/methods.md §1.9.
 
 `sinks` (ours, default 0 = the paper) lets the window branch also see each row's first `sinks` real tokens,
 as the `swa` baseline does (`window` then counts the sinks). Pretrained heads park attention on the first
-tokens; a window without them forces that mass onto recent tokens, and on SmolLM2-135M a 64-token window
-alone goes from WikiText-2 perplexity 23 with 4 sinks to 62 without. With sinks the two branches run as two
-ops (the sink window and gated linear attention) rather than the Liger op.
+tokens; a window without them forces that mass onto recent tokens (measured: docs/methods.md §1.9). With sinks
+the two branches run as two ops (the sink window and gated linear attention) rather than the Liger op.
 
 `liger-gla` is the same layer without the window branch (the paper's "no SWA" ablation). For qk-norm families
 (Qwen3) both branches see the normed q/k, as the teacher does; the gate reads the normed key by default

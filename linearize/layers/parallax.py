@@ -1,5 +1,5 @@
 """Parallax: softmax attention plus a learned probe (Zuo et al., 2026, https://arxiv.org/abs/2605.29157;
-methods.md §4).
+docs/methods.md §4).
 
 A query-shaped probe r = W_r x reweights the softmax average by a local linear estimate: with softmax weights p
 over the causal keys and s = r . k (unscaled), o = sum_j p_j (1 + t_bar - s_j) v_j where t_bar = sum_j p_j s_j,

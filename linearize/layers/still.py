@@ -1,8 +1,8 @@
 """STILL attention: in every chunk of `chunk_size` tokens the `topk` tokens with the highest self-saliency keep
 exact softmax attention; every other token older than the previous chunk folds into a gated linear state through
 the NP-Map feature map, and both share one normalizer (Meng et al. 2026, https://arxiv.org/abs/2602.02180;
-methods.md §3). The formulas are in `linearize.kernels.still`. The official code's quirks (methods.md §3.9), each
-decided on purpose:
+docs/methods.md §3). The formulas are in `linearize.kernels.still`. The official code's quirks (docs/methods.md
+§3.8), each decided on purpose:
 
 - Q1 fixed: the saliency's "without self" distribution gives the uniform mass to the token's own slot, in prefill
   and decode alike (the official prefill overwrites another slot for all but the last token of a chunk).
@@ -13,9 +13,8 @@ decided on purpose:
 - Q6, Q8, Q9 (conversion values, recorded here): `g_proj` (no bias) normal(0, `initializer_range`), so the gate
   starts near 0.5; NP-Maps per head for q and k with `W_h` = identity (the map then only reflects the pretrained
   vector, keeping its norm) and a random Householder vector; the k map starts as a copy of the q map and trains
-  separately. Seeded by the layer index, so a conversion is reproducible. On SmolLM2-135M the converted layers'
-  outputs start at a mean squared error of 0.022 from the original attention (held-out, before any training;
-  Liger starts at 0.38).
+  separately. Seeded by the layer index, so a conversion is reproducible. (How close this starts to the original
+  attention on SmolLM2-135M: docs/methods.md §3.9.)
 - Q7 fixed: the normalizer's epsilon is the same in prefill and decode.
 - Q10 kept: K and V are GQA-expanded before the feature map and the selection, so scores, top-k and the salient
   cache are per query head (selection depends on the query); the salient cache is H/Hkv times larger for it.
@@ -25,6 +24,8 @@ decided on purpose:
   rows are packed so chunks count each row's real tokens from its first one, so a padded row equals the unpadded
   one. Q14: the score, the selection and the attention run as fused Triton kernels on CUDA and as chunked
   PyTorch on CPU, both tested against float64 references; the decode step is PyTorch.
+- Q15 fixed: at decode, a chunk leaving the ring is ranked by its own scores (the official decode ranks it with
+  the scores of the chunk after it, so the tokens it keeps exact are not those its prefill would keep).
 
 Decoding keeps the raw last two chunks (keys, values, scores) in a ring, the salient keys/values of older chunks
 and the linear state. Selection is delayed to chunk granularity: when a token opens chunk c, chunk c - 2 leaves
@@ -33,10 +34,8 @@ exactly what the chunk-parallel forward does. The salient cache grows by `topk` 
 cache is not constant-size. A multi-token call on a non-empty cache runs token by token.
 
 The linear state does not decay: its share of the shared normalizer grows with the number of folded tokens, so a
-model fine-tuned on short sequences gets worse past that length. Measured on SmolLM2-135M (WikiText-2
-perplexity of each 512-token stretch of 2048-token windows; original 15.1, 13.0, 15.4, 13.2): trained on
-512-token sequences 16.2, 17.6, 24.3, 42.2; after recipes/smollm2-135m-still.yaml (2048-token sequences, top-8)
-15.9, 15.5, 17.9, 17.7. Fine-tune on sequences as long as the ones the model will read.
+model fine-tuned on short sequences gets worse past that length (measured on SmolLM2-135M: docs/methods.md
+§3.9). Fine-tune on sequences as long as the ones the model will read.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ STILL_EPS = 1e-6  # the shared normalizer's epsilon, in prefill and decode alike
 
 
 class NPMap(nn.Module):
-    """Norm-preserving feature map, one per head (methods.md §3.5): f(x) = W_h (I - 2 h h^T) x with unit h,
+    """Norm-preserving feature map, one per head (docs/methods.md §3.5): f(x) = W_h (I - 2 h h^T) x with unit h,
     u = |x| f(x) / |f(x)|, phi(x) = [softmax(u), softmax(-u)] (2 D features, clamped at 1e-12)."""
 
     def __init__(self, heads: int, dim: int):

@@ -1,5 +1,5 @@
 """Training-free baseline: softmax attention over attention sinks plus a sliding window (StreamingLLM,
-https://arxiv.org/abs/2309.17453; methods.md §6).
+https://arxiv.org/abs/2309.17453; docs/methods.md §5).
 
 Each query sees the first `sinks` real tokens of its sequence and the most recent `window - sinks` tokens
 (itself included), so every query attends to at most `window` keys and the cache has a constant size: the

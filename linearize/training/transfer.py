@@ -5,7 +5,7 @@ While `AttentionTransfer` is active, every converted attention layer computes, f
 output (the student, before `o_proj`) and the original softmax attention output (the teacher: the source's
 frozen projections, RoPE and causal softmax). The layer's loss is `mse_factor * MSE(student, teacher)`, and
 the layer passes the *teacher* output on through the original `o_proj`, so every layer trains on the inputs
-the original model would give it (LoLCATs, methods.md §2.3).
+the original model would give it (LoLCATs' stage 1, docs/methods.md §2.2).
 
 Memory stays close to a forward pass: the frozen model builds no autograd graph, and each layer's loss is
 back-propagated as soon as it is computed, inside the forward pass, so at most one layer's graph is alive.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.base import LinearizedAttention, apply_rope
+from ..layers.base import DocumentBatch, LinearizedAttention, apply_rope
 
 
 def _frozen(linear: nn.Module) -> nn.Module:
@@ -47,6 +47,10 @@ def teacher_attention(
         valid: `[B, T]` bool, False at padding, or None.
         document_ids: `[B, T]`, the document of each token of packed rows (queries see their own only), or None.
     """
+    if document_ids is not None:  # each document as a row of its own: causal attention without a [T, T] mask
+        return DocumentBatch(document_ids).run(
+            lambda x, rotary, valid: teacher_attention(attn, x, rotary, valid), hidden_states, *position_embeddings
+        )
     batch, length, _ = hidden_states.shape
     q = _frozen(attn.q_proj)(hidden_states).view(batch, length, attn.num_heads, attn.head_dim)
     k = _frozen(attn.k_proj)(hidden_states).view(batch, length, attn.num_kv_heads, attn.head_dim)
@@ -56,13 +60,10 @@ def teacher_attention(
     q, k = apply_rope(q, k, *position_embeddings)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, T, D]
     mask = None
-    if valid is not None or document_ids is not None:
-        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()  # causal
     if valid is not None:
         # a padded query still sees itself, so no row is empty (its output is excluded from the loss)
+        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()  # causal
         mask = mask & (valid[:, None, None, :] | torch.eye(length, dtype=torch.bool, device=q.device))
-    if document_ids is not None:
-        mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])  # [B, 1, T, T]
     o = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling, enable_gqa=True
     )  # [B, H, T, D]

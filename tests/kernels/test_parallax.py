@@ -120,7 +120,8 @@ def test_zero_probe_is_softmax_attention(shape_id):
             assert_close(f"{path} {name}", ref[name], out[name], ratio=ratio)
         assert_close(f"{path} dr", _reference(shape_id, probe=0.0)["dr"], out["dr"], ratio=ratio)
     if x["window"] != 1:  # with one visible key there is no covariance to probe
-        assert _reference(shape_id, probe=0.0)["dr"].abs().amax() > 0  # the probe can grow from zero (methods.md 4.5)
+        # the probe can grow from zero (docs/methods.md §4.5)
+        assert _reference(shape_id, probe=0.0)["dr"].abs().amax() > 0
 
 
 @pytest.mark.parametrize("shape_id", ["T37-P23-H4-Hkv2-D32-w30-C16-left", "T70-P9-H2-Hkv2-D8-C32-middle"])

@@ -190,7 +190,7 @@ def test_saliency_ignores_padding_and_is_detached(backend):
 
 
 def _smoothed_kl_by_hand(z: list[float], self_slot: int, window: int) -> float:
-    """methods.md section 3.2 for one token, in plain Python: z are the logits of its window."""
+    """docs/methods.md §3.2 for one token, in plain Python: z are the logits of its window."""
     eps = 1e-8
     diag = [math.exp(zj) / sum(math.exp(zi) for zi in z) for zj in z]
     others = sum(math.exp(zi) for i, zi in enumerate(z) if i != self_slot)

@@ -1,4 +1,4 @@
-"""The Liger layer against a plain per-token transcription of methods.md §1.1."""
+"""The Liger layer against a plain per-token transcription of docs/methods.md §1.1."""
 
 import pytest
 import torch

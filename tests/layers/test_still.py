@@ -13,7 +13,7 @@ from tests.tiny import FAMILIES, cache_of, converted_model
 
 
 def np_map(feature_map, x):
-    """methods.md §3.5, head by head: u = |x| W (I - 2 h h^T) x / |...|, phi = [softmax(u), softmax(-u)]."""
+    """docs/methods.md §3.5, head by head: u = |x| W (I - 2 h h^T) x / |...|, phi = [softmax(u), softmax(-u)]."""
     out = []
     for head in range(x.shape[2]):
         h = feature_map.householder[head].double()

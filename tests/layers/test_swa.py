@@ -1,4 +1,5 @@
-"""The sinks + sliding-window baseline equals the unchanged source model under the explicit mask of methods.md §6."""
+"""The sinks + sliding-window baseline equals the unchanged source model under the explicit mask of
+docs/methods.md §5."""
 
 import pytest
 import torch

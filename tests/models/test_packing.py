@@ -4,7 +4,7 @@ documents run alone (outputs and every gradient), for every method, on the torch
 import pytest
 import torch
 
-from linearize.layers.base import DocumentBatch, packed_document_ids
+from linearize.layers.base import DocumentBatch, length_groups, packed_document_ids
 from linearize.training.transfer import original_model, teacher_attention
 from tests.tiny import METHODS, converted_model
 
@@ -54,7 +54,9 @@ def assert_same(model, ids, positions, documents, tol=1e-4):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_a_pack_of_documents_equals_the_documents_apart(method):
+def test_a_pack_of_documents_equals_the_documents_apart(method, monkeypatch):
+    # documents of 40, 22, 13 and 5 tokens run as the batches {40}, {22} and {13, 5} (5 left-padded to 13)
+    monkeypatch.setattr(DocumentBatch, "group_cost", 10)
     model = converted_model("llama", method).train()
     assert_same(model, *packed_rows())
 
@@ -75,21 +77,32 @@ def test_without_restarting_positions_the_documents_run_together():
     assert not torch.allclose(together[0, 13:], apart[0, 13:], atol=1e-3)  # later documents saw earlier ones
 
 
-def test_document_ids_and_the_padded_batch_of_documents():
+def test_document_ids_and_the_padded_batches_of_documents():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 7, 8, 9, 10]])
     assert packed_document_ids(positions).tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]]
     assert packed_document_ids(positions[1:]) is None
-    documents = DocumentBatch(packed_document_ids(positions))
-    x = torch.arange(12.0).view(2, 6)
-    split = documents.split(x)  # 4 documents, left-padded to the longest (6)
-    assert split.tolist() == [
-        [0, 0, 0, 0.0, 1, 2],
-        [0, 0, 0, 0, 3, 4],
-        [0, 0, 0, 0, 0, 5],
-        [6, 7, 8, 9, 10, 11],
-    ]
-    assert documents.valid.sum(1).tolist() == [3, 2, 1, 6]
-    assert torch.equal(documents.merge(split), x)
+    x = torch.arange(1.0, 13.0).view(2, 6)  # no zeros: a zero is padding
+    seen = []
+
+    def attend(x, rotary, valid):
+        seen.append(x.tolist())
+        assert torch.equal(valid, x > 0) if valid is not None else bool((x > 0).all())
+        return torch.stack([x, 2 * rotary[1]], -1)  # [N, L, 2]
+
+    for group_cost, batches in [
+        (100, [[[7, 8, 9, 10, 11, 12], [0, 0, 0, 1, 2, 3], [0, 0, 0, 0, 4, 5], [0, 0, 0, 0, 0, 6]]]),  # longest first
+        (3, [[[7, 8, 9, 10, 11, 12]], [[1, 2, 3], [0, 4, 5], [0, 0, 6]]]),  # 6 + 9 + 2 * 3 against 4 * 6 + 3
+    ]:
+        seen.clear()
+        out = DocumentBatch(packed_document_ids(positions), group_cost).run(attend, x, x, x)
+        assert sorted(seen) == sorted(batches)
+        assert torch.equal(out, torch.stack([x, 2 * x], -1))
+
+
+def test_length_groups_minimise_the_tokens_run():
+    assert length_groups([1500, 300, 248], 128) == [[0], [1, 2]]  # 2100 tokens in 2 groups
+    assert length_groups([300, 248, 1500], 3000) == [[2, 0, 1]]  # 4500 + 3000 < 2100 + 2 * 3000
+    assert length_groups([300, 248, 1500], 0) == [[2], [0], [1]]  # 2048 in 3 groups
 
 
 def test_the_transfer_teacher_keeps_documents_apart():

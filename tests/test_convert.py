@@ -1,0 +1,117 @@
+"""`convert_and_save`, what `linearize convert` runs, called as a library function on tiny models."""
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+import linearize.convert
+import linearize.publish
+from linearize.convert import ConvertReport, convert_and_save
+from linearize.errors import LinearizeError
+from tests.tiny import source_folder
+
+
+class Recorder(ConvertReport):
+    def __init__(self):
+        self.events = []
+
+    def step(self, text):
+        self.events.append(text)
+
+    def planned(self, plan):
+        self.events.append("planned")
+
+    def saved(self, conversion):
+        self.events.append("saved")
+
+    def compared(self, rows):
+        self.events.append("compared")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return str(source_folder(tmp_path_factory.mktemp("source") / "tiny-llama"))
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    monkeypatch.setattr(linearize.convert.sources, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+
+
+def test_writes_a_folder_that_loads_and_reports_each_step(source, tmp_path):
+    report = Recorder()
+    conversion = convert_and_save(source, tmp_path / "out", "liger", report=report, window=8)
+    assert conversion.output == tmp_path / "out" and conversion.tokenizer_saved and conversion.url is None
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.linearize["window"] == 8
+    steps = ["Reading the source config", "planned", f"Loading {source}", "Converting and saving", "saved"]
+    assert report.events == steps
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no staging folder left beside it
+
+
+def test_without_an_output_it_plans_and_reads_no_weights(source, no_weights):
+    conversion = convert_and_save(source, None, "swa", softmax_layers="0")
+    assert conversion.output is None and conversion.plan.settings["softmax_layers"] == [0]
+
+
+def test_an_interrupted_replacement_keeps_the_old_folder(source, tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+
+    def interrupted(self, folder, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(linearize.convert.LinearizeForCausalLM, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_and_save(source, tmp_path / "out", force=True)
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"method": "liger-gla", "sinks": 4}, "--sinks does not apply to method 'liger-gla'"),
+        ({"softmax_layers": "0,9"}, "the model has 2 layers"),
+        ({"window": 100_000}, "--window 100000 is more tokens than the model reads"),
+        ({"push_to_hub": "no-slash"}, "ORG/NAME"),
+    ],
+)
+def test_bad_input_is_named_before_any_weights_load(options, message, source, tmp_path, no_weights):
+    with pytest.raises(LinearizeError, match=message):
+        convert_and_save(source, tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_output_needs_force(source, tmp_path, no_weights):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(LinearizeError, match="already exists; pass --force to replace it"):
+        convert_and_save(source, tmp_path / "out")
+
+
+def test_verify_compares_the_saved_folder_with_the_source(source, tmp_path):
+    report = Recorder()
+    conversion = convert_and_save(source, tmp_path / "out", "parallax", device="cpu", verify=True, report=report)
+    original, converted = conversion.comparison
+    assert (original["model"], converted["model"]) == ("original", "converted")
+    # Parallax is exact at conversion: the folder as it loads back must be the source
+    assert converted["perplexity"] == pytest.approx(original["perplexity"], rel=1e-4)
+    assert converted["sample"] == original["sample"]
+    assert report.events[-2:] == ["Measuring perplexity and sampling", "compared"]
+
+
+@pytest.mark.parametrize(
+    "failure,raised,message",
+    [
+        (LinearizeError("the Hub rejected the token (401)"), LinearizeError, r"rejected the token \(401\) The"),
+        (KeyboardInterrupt(), KeyboardInterrupt, "interrupted before the Hub confirmed the commit"),
+    ],
+)
+def test_a_failed_push_says_the_folder_is_saved(failure, raised, message, source, tmp_path, monkeypatch):
+    def push(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(linearize.publish, "check_can_push", lambda token=None: "hf_token")
+    monkeypatch.setattr(linearize.publish, "push", push)
+    with pytest.raises(raised, match=f"{message}.* converted folder .*out is saved: push it with `linearize push`"):
+        convert_and_save(source, tmp_path / "out", push_to_hub="me/tiny-liger")
+    assert (tmp_path / "out" / "config.json").exists()
