@@ -3,6 +3,7 @@ packed into one row kept apart."""
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -77,7 +78,7 @@ class LinearizedAttention(nn.Module):
         alone: its own window, sinks, salient tokens and a linear state that starts empty."""
         state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)
         if document_ids is not None and state is None:
-            o = DocumentBatch(document_ids).run(
+            o = DocumentBatch.of(document_ids).run(
                 lambda x, rotary, valid: self.attend(x, rotary, None, valid), hidden_states, *position_embeddings
             )
         else:
@@ -147,6 +148,13 @@ class DocumentBatch:
     a group (its extra launches) is least: here {1500} and {300, 248}, 2100 tokens in two groups."""
 
     group_cost = 128  # tokens
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1)
+    def of(document_ids: torch.Tensor) -> DocumentBatch:
+        """The batches of `document_ids`, built once per forward pass: the model hands every layer the same tensor,
+        and building them syncs with the device."""
+        return DocumentBatch(document_ids)
 
     def __init__(self, document_ids: torch.Tensor, group_cost: int | None = None):
         device = document_ids.device

@@ -48,7 +48,7 @@ def teacher_attention(
         document_ids: `[B, T]`, the document of each token of packed rows (queries see their own only), or None.
     """
     if document_ids is not None:  # each document as a row of its own: causal attention without a [T, T] mask
-        return DocumentBatch(document_ids).run(
+        return DocumentBatch.of(document_ids).run(
             lambda x, rotary, valid: teacher_attention(attn, x, rotary, valid), hidden_states, *position_embeddings
         )
     batch, length, _ = hidden_states.shape
