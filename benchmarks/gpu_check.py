@@ -486,7 +486,7 @@ def still_decode_step(s: Setup, T: int) -> Callable[[], None]:
     config = plan_conversion(source, "llama", "still").config
     layer = StillAttention(config, 0, get_family("llama")).to(device=s.device, dtype=s.dtype)
     layer.init_new_parameters(torch.device(s.device), s.dtype)
-    cache = StillAttention.cache_layer(config)
+    cache = StillAttention.cache_layer(config.settings)
     x = torch.randn(1, T + 1, s.H * s.D, dtype=s.dtype, device=s.device)
     cos, sin = LlamaRotaryEmbedding(source).to(s.device)(x, torch.arange(T + 1, device=s.device)[None])
     with torch.no_grad():

@@ -18,7 +18,9 @@ from . import sources
 from .errors import LinearizeError
 from .families import get_family
 from .generation import load_for_inference, pick_device
-from .methods import get_method
+from .hub import check_can_push, check_repo_id
+from .layers.base import LinearizedAttention
+from .methods import MethodSettings, get_method, method_settings
 from .models import LinearizeConfig, LinearizeForCausalLM
 from .outputs import atomic_folder, check_output_folder
 
@@ -72,44 +74,6 @@ def parse_softmax_layers(spec: str | None, num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-def method_settings(method: str, **options: int | float | None) -> dict[str, Any]:
-    """The method's parameters with defaults filled in, validated. `options` (window, sinks, mix, chunk_size, topk)
-    override defaults; None means the default, and an option the method does not have is an error."""
-    spec = get_method(method)
-    for name, value in options.items():
-        if value is not None and name not in spec.defaults:
-            raise LinearizeError(f"--{name.replace('_', '-')} does not apply to method '{method}'")
-    settings = {"method": method, **spec.defaults, **{k: v for k, v in options.items() if v is not None}}
-    if settings.get("window") is not None and settings["window"] < 1:
-        raise LinearizeError(f"--window must be at least 1, got {settings['window']}")
-    if "sinks" in settings and not 0 <= settings["sinks"] < settings["window"]:
-        raise LinearizeError(
-            f"--sinks must be between 0 and window - 1 ({settings['window'] - 1}), got {settings['sinks']}"
-        )
-    if "mix" in settings and not 0 < settings["mix"] < 1:
-        raise LinearizeError(
-            f"--mix is the window branch's weight (the linear branch gets 1 - mix): it must lie strictly between 0 "
-            f"and 1, got {settings['mix']:g}"
-        )
-    if "chunk_size" in settings and settings["chunk_size"] < 2:
-        raise LinearizeError(f"--chunk-size must be at least 2, got {settings['chunk_size']}")
-    if "topk" in settings:
-        settings["topk"] = _token_budget(settings["topk"], settings["chunk_size"])
-    return settings
-
-
-def _token_budget(topk: float, chunk_size: int) -> int:
-    """--topk as a count (4) or as a ratio of the chunk (0.0625 = 4 of 64)."""
-    if 0 < topk < 1:
-        topk = max(1, round(topk * chunk_size))
-    if topk != int(topk) or not 1 <= topk <= chunk_size:
-        raise LinearizeError(
-            f"--topk must be a whole number of tokens between 1 and the chunk size ({chunk_size}) or a ratio "
-            f"between 0 and 1, got {topk:g}"
-        )
-    return int(topk)
-
-
 def source_hub_id(source: str) -> str | None:
     """The Hub id that `source` (a Hub id, a local folder or the embedded default's name) names, or None for a
     local folder: a model card's `base_model` must be a Hub id, and a local path must not leak into one."""
@@ -121,7 +85,11 @@ def source_hub_id(source: str) -> str | None:
 
 
 def build_config(
-    source_config, settings: dict[str, Any], softmax_layers: list[int], source_model: str | None = None
+    source_config,
+    method: str,
+    settings: MethodSettings,
+    softmax_layers: list[int],
+    source_model: str | None = None,
 ) -> LinearizeConfig:
     family = get_family(source_config.model_type)
     num_layers = source_config.num_hidden_layers
@@ -129,7 +97,7 @@ def build_config(
         getattr(source_config, "layer_types", None)
         or ["sliding_attention" if getattr(source_config, "sliding_window", None) else "full_attention"] * num_layers
     )
-    converted_type = get_method(settings["method"]).layer_type
+    converted_type = get_method(method).layer_type
     fields = {
         k: v
         for k, v in source_config.to_dict().items()
@@ -140,7 +108,7 @@ def build_config(
         base_model_type=family.model_type,
         source_model=source_model,
         layer_types=[source_types[i] if i in softmax_layers else converted_type for i in range(num_layers)],
-        linearize={**settings, "softmax_layers": softmax_layers},
+        linearize={"method": method, **settings.to_dict(), "softmax_layers": softmax_layers},
         **fields,
     )
 
@@ -198,7 +166,7 @@ class ConversionPlan:
         heads, kv_heads, head_dim = self._head_shape()
         layer_class = get_method(self.settings["method"]).layer_class
         converted = len(self.config.converted_layers())
-        state = layer_class.state_bytes(self.settings, heads, kv_heads, head_dim, self.dtype_bytes, tokens)
+        state = layer_class.state_bytes(self.config.settings, heads, kv_heads, head_dim, self.dtype_bytes, tokens)
         kept = self.config.num_hidden_layers - converted
         return converted * state + self.kv_cache_bytes(tokens, kept)
 
@@ -208,19 +176,16 @@ def _count_parameters(config: LinearizeConfig) -> int:
         return sum(p.numel() for p in LinearizeForCausalLM(config).parameters())
 
 
-_TOKEN_COUNTS = ("window", "sinks", "chunk_size", "topk")  # method settings counted in tokens
-
-
-def _check_token_counts_fit(settings: dict[str, Any], max_positions: int | None) -> None:
+def _check_token_counts_fit(settings: MethodSettings, max_positions: int | None) -> None:
     """A window (or chunk, ...) longer than any sequence the model can read is a typo, and a costly one: its cache
     is sized for that many tokens."""
     if max_positions is None:
         return
-    for name in _TOKEN_COUNTS:
-        value = settings.get(name)
-        if value is not None and value > max_positions:
+    for p in settings.parameters():
+        value = getattr(settings, p.name)
+        if p.spec.tokens and value is not None and value > max_positions:
             raise LinearizeError(
-                f"--{name.replace('_', '-')} {value} is more tokens than the model reads ({max_positions}, its "
+                f"{p.flag} {value} is more tokens than the model reads ({max_positions}, its "
                 f"config's max_position_embeddings): choose at most {max_positions}"
             )
 
@@ -234,17 +199,18 @@ def plan_conversion(
     **options: int | float | None,
 ) -> ConversionPlan:
     """Everything `convert` will do, from the source config alone (no weights are read). `options` are the
-    method's parameters (see `method_settings`)."""
+    method's parameters (None: the default; see `linearize.methods`)."""
     get_family(source_config.model_type)
     settings = method_settings(method, **options)
     _check_token_counts_fit(settings, getattr(source_config, "max_position_embeddings", None))
     config = build_config(
         source_config,
+        method,
         settings,
         parse_softmax_layers(softmax_layers, source_config.num_hidden_layers),
         source_model=source_hub_id(source),
     )
-    unconverted = build_config(source_config, settings, list(range(source_config.num_hidden_layers)))
+    unconverted = build_config(source_config, method, settings, list(range(source_config.num_hidden_layers)))
     torch_dtype = getattr(source_config, "dtype", None) if dtype == "auto" else getattr(torch, dtype)
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
@@ -259,7 +225,7 @@ def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM
     missing, unexpected = model.load_state_dict(source_model.state_dict(), strict=False, assign=True)
     added = set()
     for name, module in model.named_modules():
-        if hasattr(module, "init_new_parameters"):  # parameters the method adds: not in the source checkpoint
+        if isinstance(module, LinearizedAttention):  # parameters the method adds: not in the source checkpoint
             module.init_new_parameters(source_model.device, source_model.dtype)
             added |= {f"{name}.{p}" for p, _ in module.named_parameters() if f"{name}.{p}" in missing}
     missing = [k for k in missing if k not in added]
@@ -394,8 +360,6 @@ def _check_targets(output: Path, force: bool, model: str | None, push_to_hub: st
     """Refuse a bad output folder or push target before minutes of loading, not after."""
     check_output_folder(output, force, source=model)
     if push_to_hub:
-        from .publish import check_can_push, check_repo_id  # publish imports this module
-
         check_repo_id(push_to_hub)
         check_can_push()
 

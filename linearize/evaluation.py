@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .data import DataSource, builtin_text, pack_documents, read_documents, require_eos
 from .errors import LinearizeError
 
 HF_PREFIX = "hf:"
@@ -62,7 +63,6 @@ def compare(
     models: dict, tokenizer, prompt: str, context: int = 512, windows: int = 4, max_new_tokens: int = 32
 ) -> list[dict]:
     """Perplexity on the built-in text and a greedy sample for each named model, side by side."""
-    from .data import builtin_text
     from .generation import generate
 
     text = builtin_text()
@@ -76,7 +76,7 @@ def compare(
     ]
 
 
-def text_source(spec: str):
+def text_source(spec: str) -> DataSource:
     """The data source that a `--text` value names.
 
     Args:
@@ -84,10 +84,8 @@ def text_source(spec: str):
             Hugging Face dataset, split "test" unless given), or a local file or glob (.txt/.md/.jsonl/.json/.parquet).
 
     Returns:
-        A `linearize.training.data.DataSource` (text format: every token is scored).
+        A `linearize.data.DataSource` (text format: every token is scored).
     """
-    from .training.data import DataSource
-
     if spec == "builtin":
         return DataSource(builtin="english", split="test", format="text")
     if spec.startswith(HF_PREFIX):
@@ -104,13 +102,13 @@ def text_windows(spec: str, tokenizer, context: int, max_windows: int) -> torch.
 
     Documents are read in order, joined with EOS and cut into windows, as fine-tuning packs them; a source whose
     records are instructions or chats is refused (use plain text for perplexity)."""
-    from .training.data import DataConfig, load_data
-
     source = text_source(spec)
     # read no more documents than the windows can use, assuming documents of 16 tokens or more on average
     source.max_documents = max(256, max_windows * context // 16)
-    data = load_data(DataConfig(sources=[source], seq_len=context, held_out=0), tokenizer)
-    return data.train.input_ids[:max_windows]
+    require_eos(tokenizer)
+    documents, _ = read_documents(source, tokenizer)
+    # "training": a text shorter than one window gets the message it always had ("the training data has N tokens")
+    return pack_documents(documents, tokenizer, context, "training").input_ids[:max_windows]
 
 
 def evaluate_model(

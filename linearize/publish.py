@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from typing import Any
 
 from .convert import INSTALL_COMMAND, layer_groups
 from .errors import LinearizeError
+from .hub import LOGIN_HINT, REPO_ID, check_can_push, check_repo_id
 from .sources import check_model_folder
 
 CARD_FILE = "README.md"
@@ -29,8 +29,6 @@ RECIPE_FILE = "linearize_recipe.yaml"  # written by `linearize finetune` next to
 EVAL_FILE = "linearize_eval.json"  # written by `linearize eval`; its "markdown" key holds a ready table
 BENCH_FILE = "linearize_bench.json"  # written by `linearize bench`, same shape
 TAGS = ["linearize", "linear-attention"]
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-_LOGIN_HINT = "run `hf auth login`, set HF_TOKEN, or pass --token"
 
 # Run in a fresh interpreter so that a folder that only loads thanks to this process's state (imported modules,
 # registered classes) is caught. `import linearize` registers the classes, as a user's code would.
@@ -79,23 +77,6 @@ class PushPlan:
         ]
 
 
-def check_repo_id(repo_id: str) -> str:
-    """Refuse a repo id that is not `org/name` before anything is sent.
-
-    Args:
-        repo_id: the target, e.g. "my-user/smollm2-liger".
-
-    Returns:
-        The repo id, unchanged.
-    """
-    if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or len(repo_id.split("/")[1]) > 96:
-        raise LinearizeError(
-            f"repo id '{repo_id}' is not of the form ORG/NAME (letters, digits, '-', '_', '.'; e.g. "
-            "my-user/smollm2-135m-liger); the ORG is your user name or an organization you can write to"
-        )
-    return repo_id
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -126,7 +107,7 @@ def read_linearize_config(folder: Path) -> dict[str, Any]:
 def _base_model(config: dict[str, Any]) -> str | None:
     # Folders from linearize before `source_model` was recorded may still carry the source in `_name_or_path`.
     name = config.get("source_model") or config.get("_name_or_path")
-    return name if name and _REPO_ID.match(name) and not Path(name).exists() else None
+    return name if name and REPO_ID.match(name) and not Path(name).exists() else None
 
 
 def _measurement(folder: Path, file: str, command: str) -> str:
@@ -286,28 +267,6 @@ def verify_folder(folder: Path | str) -> str:
     return done.stdout.strip()
 
 
-def check_can_push(token: str | None = None) -> str:
-    """Refuse offline mode and a missing token before any request is made.
-
-    Args:
-        token: a token given explicitly (default: HF_TOKEN or the one `hf auth login` stored).
-
-    Returns:
-        The token to use.
-    """
-    from huggingface_hub import constants, get_token
-
-    if constants.HF_HUB_OFFLINE:
-        raise LinearizeError(
-            "the Hugging Face Hub is switched off on this machine (HF_HUB_OFFLINE=1): unset it on a connected "
-            "machine to push; --dry-run shows what would be sent"
-        )
-    token = token or get_token()
-    if not token:
-        raise LinearizeError(f"no Hugging Face token found: {_LOGIN_HINT} (it needs write access)")
-    return token
-
-
 def _transport_errors() -> tuple[type[BaseException], ...]:
     # huggingface_hub 1.x talks through httpx and 2.x through httpx2; take the transport errors of whichever it
     # has imported rather than pinning one.
@@ -321,7 +280,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 def _http_error(error, repo_id: str, endpoint: str, not_done: str) -> LinearizeError:
     status = getattr(getattr(error, "response", None), "status_code", None)
     if status == 401:
-        return LinearizeError(f"the Hub at {endpoint} rejected the token (401): {_LOGIN_HINT}. {not_done}")
+        return LinearizeError(f"the Hub at {endpoint} rejected the token (401): {LOGIN_HINT}. {not_done}")
     if status == 403:
         return LinearizeError(
             f"the token may not write to '{repo_id}' (403): use a token with write access to "

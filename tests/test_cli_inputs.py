@@ -41,7 +41,8 @@ def test_eval_text_that_is_not_utf8(source, tmp_path):
 
 
 def test_jsonl_data_that_is_not_utf8(tmp_path):
-    from linearize.training.data import DataConfig, DataError, DataSource, load_data
+    from linearize.data import DataError, DataSource
+    from linearize.training.data import DataConfig, load_data
 
     records = tmp_path / "records.jsonl"
     records.write_bytes(b'{"text": "w1 w2"}\n{"text": "' + NOT_UTF8.strip() + b'"}\n')

@@ -110,7 +110,7 @@ def test_a_failed_push_says_the_folder_is_saved(failure, raised, message, source
     def push(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(linearize.publish, "check_can_push", lambda token=None: "hf_token")
+    monkeypatch.setattr(linearize.convert, "check_can_push", lambda token=None: "hf_token")
     monkeypatch.setattr(linearize.publish, "push", push)
     with pytest.raises(raised, match=f"{message}.* converted folder .*out is saved: push it with `linearize push`"):
         convert_and_save(source, tmp_path / "out", push_to_hub="me/tiny-liger")

@@ -25,25 +25,46 @@ z_tj = scale * q_t . k_j with scale = D ** -0.5 by default, in every path (quirk
          / (sum_S e^(z_tj - m_t) + sum_N q_feat_t . k_feat_j + eps).
    The max shift applies to the softmax terms only and the gate to the linear numerator only, as the official
    code does (quirk Q5, reproduced), so the output depends on m_t and the gradient flows through the max too.
-   Gradients reach q, k, v, q_feat, k_feat and gate; no cache inputs (the layer builds its decode caches itself).
+   Gradients reach q, k, v, q_feat, k_feat and gate; no cache inputs.
+4. `still_decode`: one new token per row against the decode cache (`StillDecodeState`: a ring of the last two
+   chunks, the salient keys of older chunks, the linear state), with the selection delayed to chunk granularity:
+   a token that opens chunk c (c >= 2) first moves chunk c - 2 out of the ring (its top-k per head, by their own
+   scores, join the salient cache, the others fold into the state), so that each step's output is what 3. gives
+   the last token of the sequence (docs/methods.md §3.6). A "reference" path (fp32, row by row) and a "torch" one;
+   the "triton" backend runs the torch step with the Triton selection of `select_salient`.
 """
+
+from collections.abc import Callable
 
 import torch
 
 from ..backend import resolve_backend
 from .chunk import chunk_self_saliency, chunk_still_attention
-from .reference import check_inputs, check_saliency_inputs, naive_self_saliency, naive_still_attention
+from .decode import torch_still_decode
+from .reference import (
+    StillDecodeState,
+    check_decode_inputs,
+    check_inputs,
+    check_saliency_inputs,
+    naive_self_saliency,
+    naive_still_attention,
+    naive_still_decode,
+)
 from .selection import check_selection_inputs, torch_select_salient
 
 __all__ = [
+    "StillDecodeState",
     "chunk_self_saliency",
     "chunk_still_attention",
     "naive_self_saliency",
     "naive_still_attention",
+    "naive_still_decode",
     "select_salient",
     "self_saliency",
     "still_attention",
+    "still_decode",
     "torch_select_salient",
+    "torch_still_decode",
 ]
 
 
@@ -147,3 +168,52 @@ def still_attention(
     else:
         from .attention_triton import triton_still_attention as attend
     return attend(q, k, v, q_feat, k_feat, gate, salient, chunk_size, scale, key_valid, eps)
+
+
+def still_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feat: torch.Tensor,
+    gate: torch.Tensor,
+    valid: torch.Tensor,
+    cache: StillDecodeState,
+    k_features: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    chunk_size: int = 64,
+    topk: int = 4,
+    scale: float | None = None,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, StillDecodeState]:
+    """One STILL decode step for one new token per row (module docstring, 4.; formulas in `naive_still_decode`).
+
+    Args:
+        q: RoPE'd query of the new token `[B, H, D]`.
+        k: its RoPE'd key `[B, Hkv, D]`; H must be a multiple of Hkv.
+        v: its value `[B, Hkv, Dv]`.
+        q_feat: its query features `[B, H, F]` (NP-Map), positive.
+        gate: its output gate of the linear numerator `[B, H, Dv]`, in (0, 1).
+        valid: `[B]` bool, False where the token is padding (the cache is then left as it is).
+        cache: the decode cache before this token; not modified.
+        k_features: the key feature map, applied to the GQA-expanded keys of a chunk leaving the ring:
+            `[B, C, H, D]` -> `[B, C, H, F]` (used in fp32).
+        chunk_size: C.
+        topk: tokens of a chunk kept exact per head (1 <= topk <= C).
+        scale: logit multiplier, default D ** -0.5.
+        eps: added to the denominator.
+        backend: "reference", "torch", "triton" or None (see `resolve_backend`).
+
+    Returns:
+        o `[B, H, Dv]` in q.dtype, accumulated in fp32, and the cache after this token.
+    """
+    check_decode_inputs(q, k, v, q_feat, gate, valid, cache, chunk_size, topk)
+    name = resolve_backend(backend, q.device, available=("reference", "torch", "triton"))
+    if name == "reference":
+        return naive_still_decode(q, k, v, q_feat, gate, valid, cache, k_features, chunk_size, topk, scale, eps)
+    select = torch_select_salient
+    if name == "triton":
+        from .selection_triton import triton_select_salient as select
+    return torch_still_decode(
+        q, k, v, q_feat, gate, valid, cache, k_features, chunk_size, topk, scale, eps, select=select
+    )

@@ -1,8 +1,12 @@
-"""STILL oracles: full [T, T] masks in float64, written to be obviously correct.
+"""STILL oracles, written to be obviously correct: full [T, T] masks in float64 for the sequence ops, and the
+decode step row by row and head by head in fp32.
 
-Also holds what every path shares: the input checks, the zeroing of invalid positions and the smoothed-KL
-formula of the self-saliency score (docs/methods.md §3.2).
+Also holds what every path shares: the input checks, the zeroing of invalid positions, the smoothed-KL formula
+of the self-saliency score (docs/methods.md §3.2) and the decode cache (`StillDecodeState`).
 """
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -197,3 +201,155 @@ def naive_still_attention(
     num = torch.einsum("bhtj,bjhd->bthd", p, v) + gate * torch.einsum("bhtj,bjhd->bthd", w, v)
     den = (p.sum(-1) + w.sum(-1)).transpose(1, 2)  # [B, T, H]
     return (num / (den + eps)[..., None]).to(dtype)
+
+
+class StillDecodeState(NamedTuple):
+    """What STILL decoding keeps per layer (docs/methods.md §3.6): a ring of the last two chunks, the salient
+    keys/values of older chunks per query head, the linear state, and each row's count of real tokens.
+
+    A token of rank r (its index among its row's real tokens) sits in ring slot r % 2C; a slot is valid while it
+    holds a token of the row's last two chunks. `salient_valid` is False for the slots a row has not filled (a
+    chunk folded in another row only). Ring keys/values are in the model dtype, scores, state and normalizer fp32.
+    """
+
+    ring_k: torch.Tensor  # [B, 2C, Hkv, D]
+    ring_v: torch.Tensor  # [B, 2C, Hkv, Dv]
+    ring_score: torch.Tensor  # [B, 2C, H]: each token's self-saliency score
+    ring_valid: torch.Tensor  # [B, 2C] bool
+    salient_k: torch.Tensor  # [B, H, S, D]
+    salient_v: torch.Tensor  # [B, H, S, Dv]
+    salient_valid: torch.Tensor  # [B, S] bool
+    state: torch.Tensor  # [B, H, F, Dv]: sum of k_feat v^T over the folded, non-salient tokens
+    normalizer: torch.Tensor  # [B, H, F]: sum of their k_feat
+    real_tokens: torch.Tensor  # [B] long
+
+
+def check_decode_inputs(q, k, v, q_feat, gate, valid, cache: StillDecodeState, chunk_size: int, topk: int) -> None:
+    """Raise a ValueError naming the problem when the arguments do not fit `still_decode`."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or q_feat.dim() != 3:
+        raise ValueError(
+            f"expected q [B, H, D], k [B, Hkv, D], v [B, Hkv, Dv] and q_feat [B, H, F], got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}, q_feat {tuple(q_feat.shape)}"
+        )
+    (B, H, D), Hkv, Dv, F = q.shape, k.shape[1], v.shape[2], q_feat.shape[2]
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"expected H a multiple of Hkv, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if chunk_size < 1 or not 1 <= topk <= chunk_size:
+        raise ValueError(f"expected chunk_size >= 1 and 1 <= topk <= chunk_size, got {chunk_size} and {topk}")
+    C2, S = 2 * chunk_size, cache.salient_k.shape[2] if cache.salient_k.dim() == 4 else 0
+    for name, x, shape, dims in (
+        ("k", k, (B, Hkv, D), "[B, Hkv, D]"),
+        ("v", v, (B, Hkv, Dv), "[B, Hkv, Dv]"),
+        ("q_feat", q_feat, (B, H, F), "[B, H, F]"),
+        ("gate", gate, (B, H, Dv), "[B, H, Dv]"),
+        ("valid", valid, (B,), "[B]"),
+        ("ring_k", cache.ring_k, (B, C2, Hkv, D), "[B, 2C, Hkv, D]"),
+        ("ring_v", cache.ring_v, (B, C2, Hkv, Dv), "[B, 2C, Hkv, Dv]"),
+        ("ring_score", cache.ring_score, (B, C2, H), "[B, 2C, H]"),
+        ("ring_valid", cache.ring_valid, (B, C2), "[B, 2C]"),
+        ("salient_k", cache.salient_k, (B, H, S, D), "[B, H, S, D]"),
+        ("salient_v", cache.salient_v, (B, H, S, Dv), "[B, H, S, Dv]"),
+        ("salient_valid", cache.salient_valid, (B, S), "[B, S]"),
+        ("state", cache.state, (B, H, F, Dv), "[B, H, F, Dv]"),
+        ("normalizer", cache.normalizer, (B, H, F), "[B, H, F]"),
+        ("real_tokens", cache.real_tokens, (B,), "[B]"),
+    ):
+        _expect(name, x, shape, dims)
+    for name, x in (("valid", valid), ("ring_valid", cache.ring_valid), ("salient_valid", cache.salient_valid)):
+        if x.dtype != torch.bool:
+            raise ValueError(f"expected {name} of dtype torch.bool, got {x.dtype}")
+
+
+@torch.no_grad()
+def naive_still_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feat: torch.Tensor,
+    gate: torch.Tensor,
+    valid: torch.Tensor,
+    cache: StillDecodeState,
+    k_features: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 64,
+    topk: int = 4,
+    scale: float | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, StillDecodeState]:
+    """One STILL decode step, row by row and head by head in fp32 (docs/methods.md §3.6).
+
+    For a row whose token has rank r (valid): when r opens chunk c = r // C with c >= 2, chunk c - 2 (ranks
+    r - 2C .. r - C - 1) first leaves the ring: per head, its `topk` highest-scored tokens join the salient cache
+    (in rank order), the others add k_feat v^T to the state and k_feat to the normalizer. The token is then written
+    to slot r % 2C and scored: the smoothed self-KL (`smoothed_self_kl`, window C) of its logits over the valid
+    ring tokens of ranks r - C + 1 .. r. Its output, per head, over the keys E of the salient cache and the ring:
+        o = (sum_E e^(z_j - m) v_j + gate * state^T q_feat) / (sum_E e^(z_j - m) + q_feat . normalizer + eps).
+    A padding token (valid False) changes nothing in the cache; its output is computed all the same.
+
+    Args:
+        q: RoPE'd query of the new token `[B, H, D]`.
+        k: its RoPE'd key `[B, Hkv, D]`; query head h reads kv head h // (H // Hkv).
+        v: its value `[B, Hkv, Dv]`.
+        q_feat: its query features `[B, H, F]` (NP-Map), positive.
+        gate: its output gate of the linear numerator `[B, H, Dv]`.
+        valid: `[B]` bool, False where the token is padding.
+        cache: the layer's `StillDecodeState` before this token (not modified).
+        k_features: the key feature map: GQA-expanded keys `[B, C, H, D]` -> positive features `[B, C, H, F]`.
+        chunk_size: C.
+        topk: tokens of a chunk kept exact per head (1 <= topk <= C).
+        scale: logit multiplier, default D ** -0.5.
+        eps: added to the denominator.
+
+    Returns:
+        o `[B, H, Dv]` in q.dtype, and the cache after this token. When any row folds a chunk, every row's
+        salient cache grows by `topk` slots, valid only in the rows that folded.
+    """
+    B, H, D = q.shape
+    group = H // k.shape[1]
+    C = chunk_size
+    scale = D**-0.5 if scale is None else scale
+    ring_k, ring_v, ring_score, ring_valid = (x.clone() for x in cache[:4])
+    state, normalizer = cache.state.float().clone(), cache.normalizer.float().clone()
+    rank = cache.real_tokens
+    folds = valid & (rank % C == 0) & (rank >= 2 * C)
+    added = topk if folds.any() else 0
+    new_k = cache.salient_k.new_zeros(B, H, added, D)
+    new_v = cache.salient_v.new_zeros(B, H, added, v.shape[-1])
+    o = torch.zeros(B, H, v.shape[-1], device=q.device)
+    for b in range(B):
+        r = int(rank[b])
+        if folds[b]:
+            slots = [(r - 2 * C + i) % (2 * C) for i in range(C)]  # chunk c - 2, in rank order
+            features = k_features(ring_k[b, slots].repeat_interleave(group, dim=1)[None])[0].float()  # [C, H, F]
+            for h in range(H):
+                top = sorted(ring_score[b, slots, h].float().topk(topk).indices.tolist())
+                for i, j in enumerate(top):
+                    new_k[b, h, i], new_v[b, h, i] = ring_k[b, slots[j], h // group], ring_v[b, slots[j], h // group]
+                for j in (j for j in range(C) if j not in top):  # the rest fold into the state
+                    state[b, h] += torch.outer(features[j, h], ring_v[b, slots[j], h // group].float())
+                    normalizer[b, h] += features[j, h]
+            ring_valid[b, slots] = False
+        if valid[b]:
+            slot = r % (2 * C)
+            ring_k[b, slot], ring_v[b, slot], ring_valid[b, slot] = k[b], v[b], True
+            window = [s for s in range(2 * C) if ring_valid[b, s] and r - (r - s) % (2 * C) > r - C]
+            for h in range(H):
+                z = ring_k[b, window, h // group].float() @ q[b, h].float() * scale
+                is_self = torch.tensor([s == slot for s in window], device=q.device)
+                ring_score[b, slot, h] = smoothed_self_kl(z, torch.ones_like(is_self), is_self, C)
+        salient = torch.cat([cache.salient_valid[b], folds[b].expand(added)])
+        salient_k = torch.cat([cache.salient_k[b], new_k[b]], dim=1)[:, salient]  # [H, n, D]
+        salient_v = torch.cat([cache.salient_v[b], new_v[b]], dim=1)[:, salient]
+        for h in range(H):
+            keys = torch.cat([salient_k[h], ring_k[b, ring_valid[b], h // group]]).float()  # [n, D]
+            values = torch.cat([salient_v[h], ring_v[b, ring_valid[b], h // group]]).float()
+            z = keys @ q[b, h].float() * scale  # [n]
+            exact = (z - z.max()).exp() if len(z) else z  # a padding row may have no key
+            linear = q_feat[b, h].float()
+            numerator = exact @ values + gate[b, h].float() * (state[b, h].T @ linear)
+            o[b, h] = numerator / (exact.sum() + linear @ normalizer[b, h] + eps)
+    salient_valid = torch.cat([cache.salient_valid, folds[:, None].expand(-1, added)], dim=1)
+    new = StillDecodeState(
+        ring_k, ring_v, ring_score, ring_valid, torch.cat([cache.salient_k, new_k], dim=2),
+        torch.cat([cache.salient_v, new_v], dim=2), salient_valid, state, normalizer, rank + valid.long(),
+    )  # fmt: skip
+    return o.to(device=q.device, dtype=q.dtype), new

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import LinearizeError
+from ..methods import all_parameters, describe_parameter
 from .common import METHOD_HELP, Dtype, Method, app, console, exits_on_error, human_size
 
 
@@ -52,6 +55,26 @@ def _cache_growth(plan) -> str:
     return "yes: " + "; ".join(parts) if parts else "no"
 
 
+def takes_method_options(command: Callable) -> Callable:
+    """Give `command`, which takes `**method_options`, one option per parameter any method declares (see
+    `linearize.methods`), before its `--softmax-layers`: each option's type and help come from the declarations."""
+    signature = inspect.signature(command, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    derived = []
+    for name, takers in all_parameters().items():
+        first = takers[0][1]
+        option = typer.Option(first.flag, help=describe_parameter(name, takers) + ".", show_default=False)
+        derived.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[first.type | None, option]
+            )
+        )
+    at = [p.name for p in params].index("softmax_layers")
+    keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params[at:]]
+    command.__signature__ = signature.replace(parameters=params[:at] + derived + keyword)
+    return command
+
+
 @app.command(
     epilog="Examples:\n\n"
     "  linearize convert -o smollm2-liger                  # the embedded SmolLM2-135M, Liger\n\n"
@@ -59,6 +82,7 @@ def _cache_growth(plan) -> str:
     "  linearize convert ./my-llama --softmax-layers every:8 --dry-run"
 )
 @exits_on_error(interrupted="interrupted; no output folder was written")
+@takes_method_options
 def convert(
     model: Annotated[
         str | None,
@@ -75,39 +99,6 @@ def convert(
             "--output",
             "-o",
             help="Folder to write the converted model to (required unless --dry-run).",
-            show_default=False,
-        ),
-    ] = None,
-    window: Annotated[
-        int | None,
-        typer.Option(
-            help="Keys each query sees in the window branch, itself included (liger: 64; swa: 64, sinks included; "
-            "parallax: all earlier keys unless set).",
-            show_default=False,
-        ),
-    ] = None,
-    sinks: Annotated[
-        int | None,
-        typer.Option(
-            help="First tokens every query also sees in the window branch (swa: 4; liger: 0, as in the paper).",
-            show_default=False,
-        ),
-    ] = None,
-    mix: Annotated[
-        float | None,
-        typer.Option(
-            help="liger: weight of the window branch; the gated linear branch gets 1 - mix (default 0.5, the paper).",
-            show_default=False,
-        ),
-    ] = None,
-    chunk_size: Annotated[
-        int | None,
-        typer.Option(help="still: tokens per chunk, the unit of selection (default 64).", show_default=False),
-    ] = None,
-    topk: Annotated[
-        float | None,
-        typer.Option(
-            help="still: salient tokens kept per chunk and head, as a count (4) or a ratio of the chunk (0.0625).",
             show_default=False,
         ),
     ] = None,
@@ -157,6 +148,7 @@ def convert(
             show_default=False,
         ),
     ] = None,
+    **method_options,  # one option per method parameter, declared in linearize.methods (see takes_method_options)
 ) -> None:
     """Convert MODEL's attention layers to a linear or hybrid method and save a loadable model folder."""
     from ..convert import convert_and_save
@@ -178,11 +170,7 @@ def convert(
             push_to_hub=push_to_hub,
             private=private,
             report=report,
-            window=window,
-            sinks=sinks,
-            mix=mix,
-            chunk_size=chunk_size,
-            topk=topk,
+            **method_options,
         )
     finally:
         report.stop_spinner()

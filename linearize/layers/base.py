@@ -4,12 +4,17 @@ packed into one row kept apart."""
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
 from ..families import Family
+from ..methods import MethodSettings
+
+if TYPE_CHECKING:  # an annotation only: when linearize.cache_layers is what first imports transformers, this
+    # module is imported (linearize.registration -> linearize.models) before cache_layers has defined its names
+    from ..cache_layers import StateCacheLayer
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +52,9 @@ class LinearizedAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = source.q_proj, source.k_proj, source.v_proj, source.o_proj
         self.q_norm = getattr(source, "q_norm", None) if family.qk_norm else None
         self.k_norm = getattr(source, "k_norm", None) if family.qk_norm else None
+        # the kernels this layer's ops run on, a runtime choice (not saved): None follows LINEARIZE_BACKEND, then the
+        # device (Triton on CUDA); "torch", "triton" or "reference" force one (see linearize.kernels.backend)
+        self.backend: str | None = None
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return q [B, T, H, D], k [B, T, Hkv, D], v [B, T, Hkv, D] as the source computes them before RoPE,
@@ -86,6 +94,24 @@ class LinearizedAttention(nn.Module):
                 hidden_states, position_embeddings, state, self.token_validity(padding_mask, hidden_states.shape[1])
             )
         return self.o_proj(o), None
+
+    # What a method's layer implements: `attend`, and the two static methods below for its cache; a method whose
+    # layer adds parameters gives them their conversion values in `init_new_parameters`.
+
+    @staticmethod
+    def cache_layer(settings: MethodSettings) -> StateCacheLayer:
+        """A new, empty cache for one converted layer (what `LinearizeCache` holds for it)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def state_bytes(
+        settings: MethodSettings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int
+    ) -> int:
+        """Cache bytes of one converted layer for one sequence after `tokens` tokens (what `--dry-run` plans)."""
+        raise NotImplementedError
+
+    def init_new_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Give the parameters the method adds, which no source checkpoint holds, their values at conversion."""
 
     def attend(
         self,

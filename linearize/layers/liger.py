@@ -31,9 +31,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..cache_layers import RecentTokens, StateCacheLayer
 from ..kernels import gated_linear_attention
 from ..kernels.liger import liger_attention, liger_decode
-from ..models.cache import RecentTokens, StateCacheLayer
+from ..methods import LigerGlaSettings, LigerSettings
 from .base import LinearizedAttention, apply_rope
 from .swa import SinkWindowAttention, SinkWindowCacheLayer, sink_window_attention
 
@@ -62,20 +63,21 @@ class LigerSinkCacheLayer(SinkWindowCacheLayer):
 class LigerAttention(LinearizedAttention):
     def __init__(self, config, layer_idx, family):
         super().__init__(config, layer_idx, family)
-        settings = config.linearize
-        self.window = settings["window"] if settings["method"] == "liger" else None
-        self.sinks = settings.get("sinks", 0) if self.window else 0
-        self.mix = float(settings.get("mix", 0.5))  # folders saved before `mix` existed used the paper's 0.5
-        self.gate_normalizer = float(settings["gate_normalizer"])
-        self.gate_source = settings["gate_source"]
-        self.backend = settings.get("backend")
+        settings = config.settings
+        with_window = isinstance(settings, LigerSettings)  # liger-gla has no window branch
+        self.window = settings.window if with_window else None
+        self.sinks = settings.sinks if with_window else 0
+        self.mix = settings.mix if with_window else 0.0
+        self.gate_normalizer = float(settings.gate_normalizer)
+        self.gate_source = settings.gate_source
 
     @staticmethod
-    def cache_layer(config) -> LigerCacheLayer | LigerSinkCacheLayer:
-        settings = config.linearize
-        if settings["method"] == "liger" and settings.get("sinks", 0):
-            return LigerSinkCacheLayer(settings["window"] - settings["sinks"], settings["sinks"])
-        return LigerCacheLayer(settings["window"] if settings["method"] == "liger" else None)
+    def cache_layer(settings: LigerSettings | LigerGlaSettings) -> LigerCacheLayer | LigerSinkCacheLayer:
+        if not isinstance(settings, LigerSettings):
+            return LigerCacheLayer(None)
+        if settings.sinks:
+            return LigerSinkCacheLayer(settings.window - settings.sinks, settings.sinks)
+        return LigerCacheLayer(settings.window)
 
     def attend(self, hidden_states, position_embeddings, state, valid):
         length = hidden_states.shape[1]
@@ -100,8 +102,7 @@ class LigerAttention(LinearizedAttention):
         else:
             o, recurrent_state = gated_linear_attention(
                 *linear, scale=1.0, initial_state=initial_state, output_final_state=state is not None,
-                backend=self.backend,
-            )  # fmt: skip
+                )  # fmt: skip
 
         if state is not None:
             state.recurrent_state = recurrent_state
@@ -177,9 +178,9 @@ class LigerAttention(LinearizedAttention):
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:
         recurrent = kv_heads * head_dim * head_dim * 4  # fp32, one per key head (its query heads share it)
-        if settings["method"] != "liger":
+        if not isinstance(settings, LigerSettings):
             return recurrent
-        if settings.get("sinks", 0):
+        if settings.sinks:
             return recurrent + SinkWindowAttention.state_bytes(settings, heads, kv_heads, head_dim, dtype_bytes, tokens)
-        window = settings["window"] - 1  # previous tokens kept: keys, values and a validity flag each
+        window = settings.window - 1  # previous tokens kept: keys, values and a validity flag each
         return recurrent + window * (2 * kv_heads * head_dim * dtype_bytes + 1)

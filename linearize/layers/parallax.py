@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..cache_layers import RecentTokens, StateCacheLayer, own
 from ..kernels.parallax import parallax_attention, parallax_decode
-from ..models.cache import RecentTokens, StateCacheLayer, own
+from ..methods import ParallaxSettings
 from .base import LinearizedAttention, apply_rope
 
 
@@ -56,14 +57,12 @@ class ParallaxCacheLayer(StateCacheLayer):
 class ParallaxAttention(LinearizedAttention):
     def __init__(self, config, layer_idx, family):
         super().__init__(config, layer_idx, family)
-        settings = config.linearize
-        self.window = settings.get("window")
-        self.backend = settings.get("backend")
+        self.window = config.settings.window
         self.r_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
 
     @staticmethod
-    def cache_layer(config) -> ParallaxCacheLayer:
-        return ParallaxCacheLayer(config.linearize.get("window"))
+    def cache_layer(settings: ParallaxSettings) -> ParallaxCacheLayer:
+        return ParallaxCacheLayer(settings.window)
 
     def init_new_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
         """A zero probe: the converted layer is the source's softmax attention exactly."""
@@ -93,6 +92,6 @@ class ParallaxAttention(LinearizedAttention):
 
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:
-        window = settings.get("window")
+        window = settings.window
         slots = window - 1 if window else tokens  # a window's buffer is allocated at full size at once
         return slots * (2 * kv_heads * head_dim * dtype_bytes + 1)

@@ -23,7 +23,7 @@ docs/methods.md §3). The formulas are in `linearize.kernels.still`. The officia
 - Q12: no legacy mixing factor. Q13 fixed: padding is left out of scoring, selection, the state and the normalizer;
   rows are packed so chunks count each row's real tokens from its first one, so a padded row equals the unpadded
   one. Q14: the score, the selection and the attention run as fused Triton kernels on CUDA and as chunked
-  PyTorch on CPU, both tested against float64 references; the decode step is PyTorch.
+  PyTorch on CPU, both tested against float64 references; the decode step is an op in PyTorch (`still_decode`).
 - Q15 fixed: at decode, a chunk leaving the ring is ranked by its own scores (the official decode ranks it with
   the scores of the chunk after it, so the tokens it keeps exact are not those its prefill would keep).
 
@@ -40,13 +40,15 @@ model fine-tuned on short sequences gets worse past that length (measured on Smo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.still import select_salient, self_saliency, still_attention
-from ..kernels.still.reference import smoothed_self_kl
-from ..models.cache import StateCacheLayer, own
+from ..cache_layers import StateCacheLayer, own
+from ..kernels.still import StillDecodeState, select_salient, self_saliency, still_attention, still_decode
+from ..methods import StillSettings
 from .base import LinearizedAttention, apply_rope
 
 STILL_EPS = 1e-6  # the shared normalizer's epsilon, in prefill and decode alike (quirk Q7)
@@ -75,18 +77,7 @@ class StillCacheLayer(StateCacheLayer):
     salient keys/values of older chunks per query head, the fp32 linear state and normalizer, and each row's
     count of real tokens."""
 
-    _tensor_fields = (
-        "ring_k",
-        "ring_v",
-        "ring_score",
-        "ring_valid",
-        "salient_k",
-        "salient_v",
-        "salient_valid",
-        "state",
-        "normalizer",
-        "real_tokens",
-    )
+    _tensor_fields = StillDecodeState._fields
 
     def __init__(self, chunk_size: int, topk: int):
         super().__init__()
@@ -101,18 +92,17 @@ class StillCacheLayer(StateCacheLayer):
 class StillAttention(LinearizedAttention):
     def __init__(self, config, layer_idx, family):
         super().__init__(config, layer_idx, family)
-        settings = config.linearize
-        self.chunk_size, self.topk = settings["chunk_size"], settings["topk"]
+        settings = config.settings
+        self.chunk_size, self.topk = settings.chunk_size, settings.topk
         self.initializer_range = getattr(config, "initializer_range", 0.02)
         self.groups = self.num_heads // self.num_kv_heads
         self.g_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.q_map = NPMap(self.num_heads, self.head_dim)
         self.k_map = NPMap(self.num_heads, self.head_dim)
-        self.backend = settings.get("backend")
 
     @staticmethod
-    def cache_layer(config) -> StillCacheLayer:
-        return StillCacheLayer(config.linearize["chunk_size"], config.linearize["topk"])
+    def cache_layer(settings: StillSettings) -> StillCacheLayer:
+        return StillCacheLayer(settings.chunk_size, settings.topk)
 
     @torch.no_grad()
     def init_new_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -211,83 +201,25 @@ class StillAttention(LinearizedAttention):
 
     # -- decoding ------------------------------------------------------------------------------------------------
     def _decode_step(self, q, k, v, gate, valid, state):
-        """One token per row (`q` [B, H, D], `k`/`v` [B, Hkv, D], `gate` [B, H, D], `valid` [B]) -> [B, 1, H, D]."""
-        C = self.chunk_size
-        rank = state.real_tokens  # [B]: this token's index among its row's real tokens
-        opens_chunk = valid & (rank % C == 0) & (rank >= 2 * C)
-        if opens_chunk.any():
-            self._fold_oldest_chunk(state, opens_chunk, rank)
-        slot = rank % (2 * C)
-        write = torch.zeros_like(state.ring_valid).scatter(1, slot[:, None], valid[:, None])  # [B, 2C]
-        state.ring_k = torch.where(write[..., None, None], k[:, None].to(state.ring_k.dtype), state.ring_k)
-        state.ring_v = torch.where(write[..., None, None], v[:, None].to(state.ring_v.dtype), state.ring_v)
-        state.ring_valid = state.ring_valid | write
-
-        ring_rank = self._ring_ranks(rank)  # [B, 2C]
-        keys_k = state.ring_k.repeat_interleave(self.groups, dim=2).float()  # [B, 2C, H, D]
-        keys_v = state.ring_v.repeat_interleave(self.groups, dim=2).float()
-        z = torch.einsum("bhd,bshd->bhs", q.float(), keys_k) * self.scaling  # [B, H, 2C]
-        in_window = (state.ring_valid & (ring_rank > (rank - C)[:, None]))[:, None]  # [B, 1, 2C]
-        score = smoothed_self_kl(z, in_window, write[:, None], C)  # [B, H]
-        state.ring_score = torch.where(write[..., None], score[:, None].to(state.ring_score.dtype), state.ring_score)
-        state.real_tokens = rank + valid.long()
-
-        # softmax over the salient cache and the ring, gated linear attention over the state, one normalizer
-        z_salient = torch.einsum("bhd,bhsd->bhs", q.float(), state.salient_k.float()) * self.scaling
-        z_all = torch.cat([z_salient, z], dim=-1)  # [B, H, S + 2C]
-        seen = torch.cat([state.salient_valid, state.ring_valid], dim=-1)[:, None]  # [B, 1, S + 2C]
-        z_all = z_all.masked_fill(~seen, float("-inf"))
-        shift = z_all.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # a padding row has no key
-        weights = (z_all - shift).exp()  # [B, H, S + 2C]
-        values = torch.cat([state.salient_v.float(), keys_v.transpose(1, 2)], dim=2)  # [B, H, S + 2C, D]
-        q_feat = self._features(self.q_map, q[:, None])[:, 0].float()  # [B, H, F]
-        numerator = torch.einsum("bhs,bhsd->bhd", weights, values)
-        numerator = numerator + gate.float() * torch.einsum("bhf,bhfd->bhd", q_feat, state.state)
-        denominator = weights.sum(-1) + (q_feat * state.normalizer).sum(-1) + STILL_EPS
-        return (numerator / denominator[..., None])[:, None]  # [B, 1, H, D]
-
-    def _ring_ranks(self, rank: torch.Tensor) -> torch.Tensor:
-        """The rank of the token in every ring slot `[B, 2C]`, for a row whose newest token has rank `rank`."""
-        span = 2 * self.chunk_size
-        slots = torch.arange(span, device=rank.device)
-        return rank[:, None] - (rank[:, None] - slots[None]) % span
-
-    def _fold_oldest_chunk(self, state, rows, rank):
-        """For `rows` (about to write chunk c's first token), move chunk c - 2 out of the ring: its top-k tokens per
-        head join the salient cache, the others fold into the linear state."""
-        C = self.chunk_size
-        start = ((rank // C) % 2) * C  # [B]: chunk c - 2 sits where chunk c will
-        index = start[:, None] + torch.arange(C, device=rank.device)[None]  # [B, C]
-
-        def take(x):
-            return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
-
-        k, v, scores = take(state.ring_k), take(state.ring_v), take(state.ring_score)  # [B, C, ...]
-        salient = select_salient(scores, chunk_size=C, topk=self.topk, backend=self.backend)  # [B, C, H]
-        salient = salient & rows[:, None, None]
-        k_heads = k.repeat_interleave(self.groups, dim=2)  # [B, C, H, D]
-        v_heads = v.repeat_interleave(self.groups, dim=2)
-        chosen = torch.argsort((~salient).to(torch.uint8), dim=1, stable=True)[:, : self.topk]  # [B, topk, H]
-        gather = chosen[..., None].expand(-1, -1, -1, k.shape[-1])
-        state.salient_k = torch.cat([state.salient_k, k_heads.gather(1, gather).transpose(1, 2)], dim=2)
-        state.salient_v = torch.cat([state.salient_v, v_heads.gather(1, gather).transpose(1, 2)], dim=2)
-        new_valid = rows[:, None].expand(-1, self.topk)
-        state.salient_valid = torch.cat([state.salient_valid, new_valid], dim=1)
-
-        linear = (~salient & rows[:, None, None]).float()  # [B, C, H]
-        weighted = self._features(self.k_map, k_heads).float() * linear[..., None]  # [B, C, H, F]
-        state.state = state.state + torch.einsum("bchf,bchd->bhfd", weighted, v_heads.float())
-        state.normalizer = state.normalizer + weighted.sum(1)
-        cleared = torch.zeros_like(state.ring_valid).scatter(1, index, rows[:, None].expand(-1, C))
-        state.ring_valid = state.ring_valid & ~cleared
+        """One token per row (`q` [B, H, D], `k`/`v` [B, Hkv, D], `gate` [B, H, D], `valid` [B]) -> [B, 1, H, D]:
+        the `still_decode` op on the cache's tensors, which it then replaces."""
+        cache = StillDecodeState(*(getattr(state, name) for name in StillDecodeState._fields))
+        o, cache = still_decode(
+            q, k, v, self._features(self.q_map, q[:, None])[:, 0], gate, valid, cache,
+            functools.partial(self._features, self.k_map), chunk_size=self.chunk_size, topk=self.topk,
+            scale=self.scaling, eps=STILL_EPS, backend=self.backend,
+        )  # fmt: skip
+        for name, value in cache._asdict().items():
+            setattr(state, name, value)
+        return o[:, None]
 
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:
         """Cache bytes of one sequence after `tokens` tokens: the ring of two chunks and the linear state (constant),
         plus `topk` salient keys and values per head for every chunk older than the ring (growing)."""
-        chunk = settings["chunk_size"]
+        chunk = settings.chunk_size
         ring = 2 * chunk * (2 * kv_heads * head_dim * dtype_bytes + heads * 4 + 1)
         linear = heads * 2 * head_dim * (head_dim + 1) * 4  # 2D features: state and normalizer, fp32
         folded_chunks = max(0, (tokens - 1) // chunk - 1)
-        salient = folded_chunks * settings["topk"] * (2 * heads * head_dim * dtype_bytes + 1)
+        salient = folded_chunks * settings.topk * (2 * heads * head_dim * dtype_bytes + 1)
         return ring + linear + salient + 8

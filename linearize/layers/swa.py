@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from ..cache_layers import RecentTokens, StateCacheLayer, own
 from ..kernels import sliding_window_attention
-from ..models.cache import RecentTokens, StateCacheLayer, own
+from ..methods import SinkWindowSettings
 from .base import LinearizedAttention, apply_rope
 
 
@@ -50,15 +51,13 @@ class SinkWindowCacheLayer(StateCacheLayer):
 class SinkWindowAttention(LinearizedAttention):
     def __init__(self, config, layer_idx, family):
         super().__init__(config, layer_idx, family)
-        settings = config.linearize
-        self.sinks = settings["sinks"]
-        self.recent = settings["window"] - self.sinks
-        self.backend = settings.get("backend")
+        settings = config.settings
+        self.sinks = settings.sinks
+        self.recent = settings.window - self.sinks
 
     @staticmethod
-    def cache_layer(config) -> SinkWindowCacheLayer:
-        settings = config.linearize
-        return SinkWindowCacheLayer(settings["window"] - settings["sinks"], settings["sinks"])
+    def cache_layer(settings: SinkWindowSettings) -> SinkWindowCacheLayer:
+        return SinkWindowCacheLayer(settings.window - settings.sinks, settings.sinks)
 
     def attend(self, hidden_states, position_embeddings, state, valid):
         q, k, v, _ = self.project(hidden_states)
@@ -72,8 +71,8 @@ class SinkWindowAttention(LinearizedAttention):
 
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:
-        recent = settings["window"] - settings["sinks"] - 1  # keys, values, validity flag and rank
-        sinks = settings["sinks"]  # keys, values, validity flag
+        recent = settings.window - settings.sinks - 1  # keys, values, validity flag and rank
+        sinks = settings.sinks  # keys, values, validity flag
         return (
             recent * (2 * kv_heads * head_dim * dtype_bytes + 1 + 8)
             + sinks * (2 * kv_heads * head_dim * dtype_bytes + 1)

@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
+from ..methods import MethodSettings, get_method
+
 # Fields that belong to LinearizeConfig itself, never to the family config.
 _OWN_FIELDS = (
     "model_type",
@@ -50,6 +52,11 @@ class LinearizeConfig(PreTrainedConfig):
     @property
     def method(self) -> str:
         return self.linearize["method"]
+
+    @property
+    def settings(self) -> MethodSettings:
+        """The method's typed settings, read from the `linearize` block."""
+        return get_method(self.method).settings.from_saved(self.linearize, self.method)
 
     def is_converted(self, layer_idx: int) -> bool:
         return layer_idx not in self.linearize["softmax_layers"]

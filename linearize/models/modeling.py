@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .. import compat
 from ..families import get_family
 from ..layers.base import packed_document_ids
+from ..methods import get_method
 from .cache import LinearizeCache
 from .configuration import LinearizeConfig
 
@@ -39,8 +40,6 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
 
     def __init__(self, config: LinearizeConfig):
         super().__init__(config)
-        from ..methods import get_method
-
         family = get_family(config.base_model_type)
         layer_class = get_method(config.method).layer_class
         self.model = family.base_model_class(config.family_config())

@@ -1,105 +1,23 @@
-"""Fine-tuning data: read documents from files, Hugging Face datasets or the built-in corpus, pack them.
+"""Fine-tuning data: the recipe's `data` section, and the training and held-out packs built from it.
 
-Every source yields documents; a document is a list of text segments, each marked trained or not (the prompt of an
-instruction record or the user turns of a conversation are not). Documents are split into training and held-out
-sets before packing, so no held-out text is ever trained on; each set is tokenized, concatenated in order with EOS
-after every text or instruction document, and cut into `seq_len` packs. Each pack carries position ids that restart
-at every document (and at the pack's start), transformers' convention for packed rows: the model then keeps the
-documents apart, so no attention or recurrent state carries one document into the next (`document_boundaries:
-false` runs them together, as the Liger and LoLCATs reference code does). Labels are unshifted (the model shifts
-them) and -100 where no loss is taken.
+The documents of every source (`linearize.data`: files, globs, Hugging Face datasets or the built-in corpus, in
+text, instruction or chat format) are split into training and held-out sets before packing, so no held-out text is
+ever trained on; each set is packed (`linearize.data.pack_documents`) into `seq_len` rows whose position ids
+restart at every document (`document_boundaries: false` runs them together, as the Liger and LoLCATs reference code
+does).
 """
 
 from __future__ import annotations
 
-import glob
-import itertools
-import json
 import math
-import os
 import random
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..data import BUILTIN_SPLITS, builtin_documents
-from ..errors import LinearizeError
-
-IGNORE_INDEX = -100  # the label that transformers' loss skips
-
-# Prompt templates of instruction records: without and with an input. The response follows the prompt directly.
-PROMPT_TEMPLATES = {
-    "alpaca": (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\n{instruction}\n\n### Response:\n",
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-    )
-}
-
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-class DataError(LinearizeError, ValueError):
-    """The fine-tuning data is missing, malformed or too small; the message names the problem and the fix."""
-
-
-class DataSource(BaseModel):
-    """One place documents come from: a local file or glob, a Hugging Face dataset, or the built-in corpus."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    path: str | None = Field(
-        None,
-        description="local file or glob (e.g. data/*.jsonl): .txt/.md (one document per file), .jsonl, .json "
-        "(a list of records) or .parquet",
-    )
-    dataset: str | None = Field(
-        None, description="Hugging Face dataset name or local dataset folder, loaded with datasets.load_dataset"
-    )
-    builtin: Literal["english"] | None = Field(
-        None,
-        description="built-in offline corpus: 'english' is general English shipped with linearize (web pages, "
-        "Wikipedia articles, novel chapters), split 'train' (the default) or 'test'",
-    )
-    subset: str | None = Field(None, description="configuration name of the Hugging Face dataset (dataset only)")
-    split: str = Field(
-        "train", description="split of the Hugging Face dataset (e.g. 'train' or 'train[:1000]') or of the builtin"
-    )
-    format: Literal["auto", "text", "instruction", "chat"] = Field(
-        "auto",
-        description="text (all tokens trained), instruction (alpaca fields instruction/input/output) or chat "
-        "(a list of role/content messages); auto detects it from the fields of the first record",
-    )
-    text_field: str = Field("text", description="record field holding the text of text records")
-    messages_field: str = Field("messages", description="record field holding the messages of chat records")
-    max_documents: int | None = Field(None, gt=0, description="use at most this many documents (the first ones)")
-
-    @model_validator(mode="after")
-    def _one_origin(self) -> DataSource:
-        given = [name for name in ("path", "dataset", "builtin") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of path, dataset or builtin (got {', '.join(given) or 'none'})")
-        if self.subset is not None and self.dataset is None:
-            raise ValueError("subset applies to a Hugging Face dataset only; remove it or use `dataset`")
-        if self.builtin is not None and self.split not in BUILTIN_SPLITS:
-            raise ValueError(f"the builtin corpus has the splits {' and '.join(BUILTIN_SPLITS)}, not {self.split!r}")
-        return self
-
-    @property
-    def label(self) -> str:
-        """How the source is named in notes and error messages."""
-        if self.path is not None:
-            return self.path
-        if self.dataset is not None:
-            return f"dataset {self.dataset}" + (f" ({self.subset})" if self.subset else "") + f" [{self.split}]"
-        return f"builtin {self.builtin} [{self.split}]"
+from ..data import DataError, DataSource, Document, PackedSequences, pack_documents, read_documents, require_eos
 
 
 class DataConfig(BaseModel):
@@ -137,47 +55,12 @@ class DataConfig(BaseModel):
 
 
 @dataclass
-class PackedSequences(torch.utils.data.Dataset):
-    """Token packs of equal length; each item is a dict of `input_ids`, `labels` and (when documents are kept
-    apart) `position_ids`, each LongTensor[seq_len]."""
-
-    input_ids: torch.Tensor  # [N, seq_len]
-    labels: torch.Tensor  # [N, seq_len]; input_ids where trained, IGNORE_INDEX elsewhere
-    position_ids: torch.Tensor | None = None  # [N, seq_len]; restarting at 0 where a document starts
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def __getitem__(self, index: int | list[int] | slice) -> dict[str, torch.Tensor]:
-        """One pack (each value `[seq_len]`), or several as a batch (each `[len(index), seq_len]`)."""
-        item = {"input_ids": self.input_ids[index], "labels": self.labels[index]}
-        if self.position_ids is not None:
-            item["position_ids"] = self.position_ids[index]
-        return item
-
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.numel()
-
-    @property
-    def num_trained_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
-
-
-@dataclass
 class FinetuneData:
     """The packed training and held-out sets, and human-readable facts about them for the log."""
 
     train: PackedSequences
     held_out: PackedSequences
     notes: list[str]
-
-
-# A document: text segments in order, each trained or not, and whether an EOS (trained) follows it.
-@dataclass
-class _Document:
-    segments: list[tuple[str, bool]]
-    eos: bool = True
 
 
 def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
@@ -191,17 +74,13 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
     Returns:
         The training and held-out packs, and notes for the log.
     """
-    if tokenizer.eos_token_id is None:
-        raise DataError(
-            "the tokenizer has no EOS token, which ends every document and trained response in the packed data; "
-            "set one (tokenizer.eos_token) or use the model's own tokenizer"
-        )
+    require_eos(tokenizer)
     notes = []
     if tokenizer.pad_token_id is None:
         notes.append("the tokenizer has no pad token; none is needed, every sequence is packed full to seq_len")
-    documents: list[_Document] = []
+    documents: list[Document] = []
     for source in config.sources:
-        found, fmt = _read_source(source, tokenizer, config.template)
+        found, fmt = read_documents(source, tokenizer, config.template)
         notes.append(f"{source.label}: {len(found)} documents ({fmt})")
         documents += found
 
@@ -213,7 +92,7 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
             f"all {len(documents)} documents are held out (held_out={config.held_out}); lower held_out or add data"
         )
 
-    train = _pack(train_docs, tokenizer, config.seq_len, "training", config.document_boundaries)
+    train = pack_documents(train_docs, tokenizer, config.seq_len, "training", config.document_boundaries)
     if train.num_trained_tokens == 0:
         raise DataError(
             "no token of the training data is trained: the records hold prompts but no responses "
@@ -221,7 +100,7 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
         )
     notes.append(_describe("train", len(train_docs), train))
     if held_docs:
-        held_out = _pack(held_docs, tokenizer, config.seq_len, "held-out", config.document_boundaries)
+        held_out = pack_documents(held_docs, tokenizer, config.seq_len, "held-out", config.document_boundaries)
         notes.append(_describe("held out", len(held_docs), held_out))
     else:
         empty = torch.empty(0, config.seq_len, dtype=torch.long)
@@ -242,307 +121,3 @@ def _held_out_indices(count: int, held_out: float | int, seed: int) -> set[int]:
     """Indices of the held-out documents: a seeded sample, at least one document for any positive fraction."""
     wanted = math.ceil(held_out * count) if isinstance(held_out, float) else held_out
     return set(random.Random(seed).sample(range(count), min(wanted, count)))
-
-
-def _pack(documents: list[_Document], tokenizer, seq_len: int, name: str, boundaries: bool = True) -> PackedSequences:
-    """Tokenize `documents`, concatenate them in order and cut the result into full packs of `seq_len`; with
-    `boundaries`, position ids restart at each document's first token and at each pack's first token."""
-    texts = [text for doc in documents for text, _ in doc.segments]
-    # One batched call: fast tokenizers encode the batch in parallel. No BOS: documents are separated by EOS.
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    ids: list[int] = []
-    labels: list[int] = []
-    starts: list[int] = []  # where each document's tokens begin in `ids`
-    for doc in documents:
-        starts.append(len(ids))
-        for _, trained in doc.segments:
-            segment = next(encoded)
-            ids += segment
-            labels += segment if trained else [IGNORE_INDEX] * len(segment)
-        if doc.eos:
-            ids.append(tokenizer.eos_token_id)
-            labels.append(tokenizer.eos_token_id)
-    packs = len(ids) // seq_len
-    if packs == 0:
-        raise DataError(
-            f"the {name} data has {len(ids)} tokens, fewer than one pack of seq_len={seq_len}; "
-            "add data, lower seq_len" + (" or hold out more documents" if name == "held-out" else "")
-        )
-    size = packs * seq_len  # the trailing partial pack is dropped
-    position_ids = None
-    if boundaries:
-        first = torch.zeros(len(ids), dtype=torch.bool)
-        first[starts] = True
-        first = first[:size].view(packs, seq_len)
-        first[:, 0] = True
-        index = torch.arange(seq_len).expand(packs, -1)
-        position_ids = index - torch.where(first, index, 0).cummax(dim=1).values  # [packs, seq_len]
-    return PackedSequences(
-        torch.tensor(ids[:size], dtype=torch.long).view(packs, seq_len),
-        torch.tensor(labels[:size], dtype=torch.long).view(packs, seq_len),
-        position_ids,
-    )
-
-
-# ---------------------------------------------------------------- sources
-
-
-def _read_source(source: DataSource, tokenizer, template: str) -> tuple[list[_Document], str]:
-    """The documents of one source (read lazily up to `max_documents`) and the formats they were read as."""
-    found = list(itertools.islice(_documents(source, tokenizer, template), source.max_documents))
-    if not found:
-        raise DataError(f"{source.label} holds no documents; check the files or the split, or remove this source")
-    return [doc for doc, _ in found], ", ".join(sorted({fmt for _, fmt in found}))
-
-
-def _documents(source: DataSource, tokenizer, template: str) -> Iterator[tuple[_Document, str]]:
-    """Each document of `source` with its format."""
-    if source.builtin is not None:
-        yield from _from_texts(builtin_documents(source.split), source, source.label)
-    elif source.dataset is not None:
-        yield from _from_records(_dataset_records(source), source, tokenizer, template)
-    else:
-        for path in _expand(source.path):
-            if path.suffix.lower() in TEXT_SUFFIXES:
-                yield from _from_texts([_read_text(path)], source, str(path))
-            else:
-                yield from _from_records(_file_records(path), source, tokenizer, template)
-
-
-def _from_texts(texts: Iterable[str], source: DataSource, where: str) -> Iterator[tuple[_Document, str]]:
-    if source.format not in ("auto", "text"):
-        raise DataError(
-            f"{where} is raw text, which has no {source.format} records; use format: text or "
-            "give a .jsonl/.json/.parquet file of records"
-        )
-    yield from ((_Document([(text, True)]), "text") for text in texts if text.strip())
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(_not_utf8(path, error)) from None
-
-
-def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
-    byte = error.object[error.start]
-    return (
-        f"{path} is not UTF-8 text (byte 0x{byte:02x} cannot be decoded: {error.reason}); "
-        "convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE`) or leave it out of the data"
-    )
-
-
-def _expand(pattern: str) -> list[Path]:
-    """The files that `pattern` (a path or a glob) names, sorted so that their order is reproducible."""
-    pattern = os.path.expanduser(pattern)
-    if glob.has_magic(pattern):
-        paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-        if not paths:
-            raise DataError(f"no file matches {pattern!r}; check the pattern (relative to {os.getcwd()})")
-    else:
-        path = Path(pattern)
-        if path.is_dir():
-            raise DataError(f"{pattern} is a folder; name its files with a glob, e.g. {pattern.rstrip('/')}/*.jsonl")
-        if not path.is_file():
-            raise DataError(f"data file {pattern} not found (relative to {os.getcwd()}); check the path")
-        paths = [path]
-    unknown = [str(p) for p in paths if p.suffix.lower() not in TEXT_SUFFIXES + RECORD_SUFFIXES]
-    if unknown:
-        raise DataError(
-            f"cannot read {', '.join(unknown)}: data files must end in {', '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)}"
-        )
-    return paths
-
-
-# Records are (where, record) pairs, `where` locating the record for error messages.
-def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        try:
-            yield from _jsonl_records(path)
-        except UnicodeDecodeError as error:
-            raise DataError(_not_utf8(path, error)) from None
-        return
-    if suffix == ".json":
-        try:
-            data = json.loads(_read_text(path))
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{path}: not valid JSON ({error.msg}, line {error.lineno}, column {error.colno})"
-            ) from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json data file must hold a list of records; use .jsonl for one per line")
-        yield from ((f"{path}, record {i}", record) for i, record in enumerate(data))
-        return
-    import pyarrow.parquet
-
-    yield from ((f"{path}, row {i}", row) for i, row in enumerate(pyarrow.parquet.read_table(path).to_pylist()))
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno}); "
-                    "each line of a .jsonl file must be one JSON object"
-                ) from None
-            yield f"{path}, line {number}", record
-
-
-def _dataset_records(source: DataSource) -> Iterator[tuple[str, Any]]:
-    """Records of a Hugging Face dataset, with errors of an offline or missing dataset made actionable."""
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("Hugging Face datasets need the `datasets` package: pip install datasets") from None
-
-    offline = datasets.config.HF_HUB_OFFLINE
-    try:
-        loaded = datasets.load_dataset(source.dataset, source.subset, split=source.split)
-    except (ConnectionError, FileNotFoundError) as error:
-        if offline and not Path(source.dataset).exists():
-            raise DataError(
-                f"dataset {source.dataset} is not in the local cache and the Hugging Face Hub is offline "
-                "(HF_HUB_OFFLINE is set); run once online (unset HF_HUB_OFFLINE) to cache it, or give a local "
-                f"file with `path` ({error})"
-            ) from None
-        raise DataError(
-            f"dataset {source.dataset} could not be loaded: {error}; check its name on the Hub "
-            "and the network, or give a local file with `path`"
-        ) from None
-    except ValueError as error:  # an unknown subset or split
-        raise DataError(f"dataset {source.dataset}: {error}") from None
-    yield from ((f"{source.label}, row {i}", record) for i, record in enumerate(loaded))
-
-
-# ---------------------------------------------------------------- formats
-
-
-def _detect(record: dict, where: str, source: DataSource) -> str:
-    if source.format != "auto":
-        return source.format
-    if source.messages_field in record:
-        return "chat"
-    if "instruction" in record and "output" in record:
-        return "instruction"
-    if source.text_field in record:
-        return "text"
-    raise DataError(
-        f"{where}: cannot tell the format from the fields {sorted(record)}; expected {source.text_field!r} (text), "
-        f"'instruction' and 'output' (instruction) or {source.messages_field!r} (chat); set text_field or "
-        "messages_field to the right field, or rename it"
-    )
-
-
-def _from_records(
-    records: Iterable[tuple[str, Any]], source: DataSource, tokenizer, template: str
-) -> Iterator[tuple[_Document, str]]:
-    """Documents of `records`, in the format set by the source or detected from the first record."""
-    fmt = None
-    needed = {"text": [source.text_field], "instruction": ["instruction", "output"], "chat": [source.messages_field]}
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: a record must be an object (a mapping of fields), got {type(record).__name__}")
-        if fmt is None:
-            fmt = _detect(record, where, source)
-            if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
-                raise DataError(
-                    f"{source.label} holds chat records, but the tokenizer has no chat template to render them; use "
-                    "a chat (instruct) model's tokenizer, or convert the data to instruction records "
-                    "(instruction/input/output)"
-                )
-        missing = [field for field in needed[fmt] if field not in record]
-        if missing:
-            raise DataError(
-                f"{where}: {fmt} record lacks {missing}; its fields are {sorted(record)} "
-                f"(expected {needed[fmt]}, as in the first record)"
-            )
-        if fmt == "text":
-            yield _Document([(_string(record, source.text_field, where), True)]), fmt
-        elif fmt == "instruction":
-            yield _instruction(record, where, template), fmt
-        else:
-            yield _chat(record[source.messages_field], where, tokenizer), fmt
-
-
-def _string(record: dict, field: str, where: str) -> str:
-    value = record[field]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _instruction(record: dict, where: str, template: str) -> _Document:
-    """An alpaca-style record: the prompt is not trained, the output and the EOS after it are."""
-    instruction = _string(record, "instruction", where)
-    given = record.get("input") or ""
-    if not isinstance(given, str):
-        raise DataError(f"{where}: field 'input' must be a string, got {type(given).__name__}")
-    without_input, with_input = PROMPT_TEMPLATES[template]
-    prompt = (
-        with_input.format(instruction=instruction, input=given)
-        if given.strip()
-        else without_input.format(instruction=instruction)
-    )
-    return _Document([(prompt, False), (_string(record, "output", where), True)])
-
-
-def _chat(messages: Any, where: str, tokenizer) -> _Document:
-    """A conversation rendered with the tokenizer's chat template; assistant turns (and their end-of-turn) trained.
-
-    Each assistant turn starts where the conversation before it, rendered with the generation prompt, ends, and ends
-    where the conversation up to and including it ends. Templates that render a turn differently when it is the last
-    one (Qwen3 adds an empty think block) break the second rule; for them the turn ends after its content and the
-    end-of-turn text that the template puts after it.
-    """
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
-    ):
-        raise DataError(f"{where}: chat messages must be a list of {{role, content}} objects")
-
-    def render(upto: int, generation_prompt: bool = False) -> str:
-        try:
-            return tokenizer.apply_chat_template(
-                messages[:upto], tokenize=False, add_generation_prompt=generation_prompt
-            )
-        except Exception as error:  # jinja raises its own types, and templates raise on conversations they reject
-            raise DataError(f"{where}: the chat template cannot render this conversation: {error}") from None
-
-    full = render(len(messages))
-    cuts: list[tuple[int, int]] = []  # [start, end) of each assistant turn in `full`
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = render(i, generation_prompt=True)
-        if not full.startswith(prompt):
-            raise DataError(
-                f"{where}: the chat template renders message {i} differently depending on what follows, so its "
-                "assistant reply cannot be located; convert the data to instruction records or use format: text"
-            )
-        upto = render(i + 1)
-        if full.startswith(upto):
-            cuts.append((len(prompt), len(upto)))
-            continue
-        content = message.get("content")
-        at = full.find(content, len(prompt)) if isinstance(content, str) and content else -1
-        tail = upto[upto.rfind(content) + len(content) :] if at >= 0 else ""
-        if at < 0 or not full.startswith(tail, at + len(content)):
-            raise DataError(
-                f"{where}: assistant message {i} cannot be located in the rendered conversation; convert the data "
-                "to instruction records or use format: text"
-            )
-        cuts.append((len(prompt), at + len(content) + len(tail)))
-
-    segments, done = [], 0
-    for start, end in cuts:
-        segments += [(full[done:start], False), (full[start:end], True)]
-        done = end
-    segments.append((full[done:], False))
-    # The template's own markers delimit conversations, so no EOS is added after them.
-    return _Document([(text, trained) for text, trained in segments if text], eos=False)

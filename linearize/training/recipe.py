@@ -8,14 +8,19 @@ recipe back with every default filled in; its hash (`recipe_hash`) guards resume
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
+import operator
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from ..errors import LinearizeError
+from ..hub import check_repo_id
+from ..methods import METHODS, all_parameters, describe_parameter, get_method, method_settings
 from .data import DataConfig
 
 
@@ -37,34 +42,55 @@ class ModelSection(_Strict):
     )
 
 
-class ConversionSection(_Strict):
-    method: str = Field(
-        "liger", description="conversion method: liger, liger-gla, still or swa (see `linearize convert`)"
-    )
-    window: int | None = Field(None, description="window length of methods that have one (null: the method default)")
-    sinks: int | None = Field(
-        None, description="attention sinks in the window, for swa and liger (null: the method default)"
-    )
-    mix: float | None = Field(
-        None, description="liger: weight of the window branch, the linear branch gets 1 - mix (null: 0.5, the paper)"
-    )
-    chunk_size: int | None = Field(None, description="still: tokens per chunk (null: 64)")
-    topk: int | float | None = Field(
-        None, description="still: salient tokens per chunk and head, a count or a ratio (null: 4)"
-    )
+class _ConversionFields(_Strict):
+    method: str = Field("liger", description="conversion method: " + ", ".join(METHODS) + " (see `linearize convert`)")
     softmax_layers: str = Field("", description="layers kept as softmax attention: '0,8,16', 'every:8' or '' (none)")
+
+
+def counts_or_ratios() -> list[str]:
+    """The method parameters that take a count or a ratio (`int | float`)."""
+    return [
+        name
+        for name, takers in all_parameters().items()
+        if any({int, float} <= set(typing.get_args(p.annotation)) for _, p in takers)
+    ]
+
+
+def _method_fields() -> dict[str, Any]:
+    """One optional field per parameter any method declares (`linearize.methods`), null meaning the default."""
+    fields = {}
+    for name, takers in all_parameters().items():
+        annotation = functools.reduce(operator.or_, (p.annotation for _, p in takers))
+        fields[name] = (annotation | None, Field(None, description=describe_parameter(name, takers)))
+    return fields
+
+
+class ConversionSection(create_model("_ConversionSection", __base__=_ConversionFields, **_method_fields())):
+    """The `conversion` section: the method, its parameters (those of `linearize.methods`) and the kept layers."""
 
     @classmethod
     def method_options(cls) -> list[str]:
-        """The fields that are method parameters (`method_settings` options), in declaration order."""
-        return [name for name in cls.model_fields if name not in ("method", "softmax_layers")]
+        """The fields that are method parameters, in declaration order."""
+        return list(all_parameters())
+
+    def options(self) -> dict[str, Any]:
+        """The method parameters the recipe sets (None: the method's default)."""
+        return {name: getattr(self, name) for name in self.method_options()}
 
     def plan(self, source_config, source: str):
         """The `ConversionPlan` this section describes, from the source config alone."""
         from ..convert import plan_conversion
 
-        options = {name: getattr(self, name) for name in self.method_options()}
-        return plan_conversion(source_config, source, self.method, self.softmax_layers or None, **options)
+        return plan_conversion(source_config, source, self.method, self.softmax_layers or None, **self.options())
+
+    @model_validator(mode="after")
+    def _settings_valid(self) -> ConversionSection:
+        if self.method in METHODS:
+            try:
+                method_settings(self.method, spell=lambda name: f"conversion.{name}", **self.options())
+            except LinearizeError as error:
+                raise ValueError(str(error)) from None
+        return self
 
     @field_validator("softmax_layers", mode="before")
     @classmethod
@@ -76,17 +102,16 @@ class ConversionSection(_Strict):
             return ",".join(map(str, value))
         return value
 
-    @field_validator("topk")
+    @field_validator(*counts_or_ratios())
     @classmethod
-    def _whole_count_as_int(cls, value: int | float | None) -> int | float | None:
-        """8.0 is the count 8: the resolved recipe writes `topk: 8`, as the user did."""
+    def _whole_count_as_int(cls, value: Any) -> Any:
+        """8.0 is the count 8 where a count or a ratio is allowed (`topk`): the resolved recipe writes `topk: 8`,
+        as the user did."""
         return int(value) if isinstance(value, float) and value.is_integer() else value
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        from ..methods import METHODS
-
         if value not in METHODS:
             raise ValueError(f"unknown method '{value}'; choose one of: {', '.join(METHODS)}")
         return value
@@ -190,8 +215,6 @@ class OutputSection(_Strict):
     @classmethod
     def _repo_id_form(cls, value: str | None) -> str | None:
         if value is not None:
-            from ..publish import check_repo_id
-
             try:
                 check_repo_id(value)
             except LinearizeError as error:
@@ -210,8 +233,6 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _stages_fit_method(self) -> Recipe:
-        from ..methods import get_method
-
         method = get_method(self.conversion.method)
         for i, stage in enumerate(self.stages):
             if "new" in stage.trainable and not method.adds_parameters:
@@ -298,7 +319,7 @@ def _explain(error: ValidationError, source: str) -> RecipeError:
             near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{near[0]}'?" if near else ""
             lines.append(f"  {path}: unknown key{hint} (valid keys here: {', '.join(valid)})")
-        elif not loc:  # a check across sections: its message names the keys; the input is the whole recipe
+        elif not loc or item["msg"].startswith(f"Value error, {path}."):  # the message names the keys
             lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {path}: {item['msg']} (got {item.get('input')!r})")
@@ -408,15 +429,11 @@ _LORA_STAGE = """\
 
 def recipe_template(method: str) -> str:
     """A commented starting recipe for `method` (what `linearize recipe init` prints)."""
-    from ..methods import get_method
-
     spec = get_method(method)
-    # the method's own conversion options, each at its default
-    fields = ConversionSection.model_fields
+    # the method's own parameters, each null (its default), commented with what it is and that default
     options = "".join(  # comments aligned with softmax_layers' in the template
-        f"  {name}: null{' ' * (16 - len(name))}# {fields[name].description}\n"
-        for name in ConversionSection.method_options()
-        if name in spec.defaults
+        f"  {p.name}: null{' ' * (16 - len(p.name))}# {describe_parameter(p.name, [(method, p)], named=False)}\n"
+        for p in spec.settings.parameters()
     )
     if spec.exact_at_conversion:  # nothing to transfer: the new parameters train with LoRA on the next-token loss
         # the new parameters at LoRA's lr fit a small corpus at the cost of general text (recipes/*-parallax.yaml)

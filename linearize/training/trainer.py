@@ -23,10 +23,12 @@ from torch import nn
 from .. import sources
 from ..compat import set_activation_checkpointing
 from ..convert import convert_model, save_model
+from ..data import PackedSequences
 from ..errors import LinearizeError
+from ..hub import check_can_push
 from ..layers.base import LinearizedAttention
 from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
-from .data import FinetuneData, PackedSequences, load_data
+from .data import FinetuneData, load_data
 from .distributed import World, average_gradients, barrier, close_world, init_world, mean_across
 from .optim import build_optimizers, build_schedulers
 from .recipe import Recipe, StageSection, load_recipe, recipe_hash, resolved_yaml
@@ -480,8 +482,6 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
     if quiet:
         sources.hide_progress_bars()
     if recipe.output.push_to_hub:
-        from ..publish import check_can_push
-
         check_can_push()  # before hours of training, not after
     world = init_world()
     try:

@@ -62,7 +62,7 @@ def test_layer_option_selects_the_backend(monkeypatch):
         outputs = {}
         for backend in ("torch", "triton"):
             for layer in model.model.layers:
-                layer.self_attn.backend = backend  # the layer option; the config's `linearize.backend` sets it
+                layer.self_attn.backend = backend  # the layer's runtime option
             outputs[backend] = model(ids, use_cache=False).logits
     expected, actual = outputs["torch"], outputs["triton"]
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)

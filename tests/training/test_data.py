@@ -8,9 +8,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from linearize.data import builtin_documents, builtin_text
+from linearize.data import IGNORE_INDEX, DataSource, builtin_documents, builtin_text
 from linearize.errors import LinearizeError
-from linearize.training.data import IGNORE_INDEX, DataConfig, DataSource, load_data
+from linearize.training.data import DataConfig, load_data
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -1,0 +1,107 @@
+"""STILL's decode step in PyTorch, all rows and heads at once: one new token per row against the cache that the
+prefill or earlier steps left (docs/methods.md §3.6). The "torch" path of `still_decode`, and the "triton" one with
+the Triton top-k selection of a folded chunk: the step itself has no kernel."""
+
+from collections.abc import Callable
+
+import torch
+
+from .reference import StillDecodeState, smoothed_self_kl
+from .selection import torch_select_salient
+
+
+def torch_still_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feat: torch.Tensor,
+    gate: torch.Tensor,
+    valid: torch.Tensor,
+    cache: StillDecodeState,
+    k_features: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 64,
+    topk: int = 4,
+    scale: float | None = None,
+    eps: float = 1e-6,
+    select: Callable[[torch.Tensor, int, int], torch.Tensor] = torch_select_salient,
+) -> tuple[torch.Tensor, StillDecodeState]:
+    """One STILL decode step; arguments and returns as in `naive_still_decode`, plus `select`, the top-k selection
+    `(scores [B, C, H], chunk_size, topk) -> salient [B, C, H]` of the chunk leaving the ring."""
+    C = chunk_size
+    groups = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rank = cache.real_tokens  # [B]: this token's index among its row's real tokens
+    opens_chunk = valid & (rank % C == 0) & (rank >= 2 * C)
+    if opens_chunk.any():
+        cache = _fold_oldest_chunk(cache, opens_chunk, k_features, C, topk, groups, select)
+    slot = rank % (2 * C)
+    write = torch.zeros_like(cache.ring_valid).scatter(1, slot[:, None], valid[:, None])  # [B, 2C]
+    ring_k = torch.where(write[..., None, None], k[:, None].to(cache.ring_k.dtype), cache.ring_k)
+    ring_v = torch.where(write[..., None, None], v[:, None].to(cache.ring_v.dtype), cache.ring_v)
+    ring_valid = cache.ring_valid | write
+
+    ring_rank = _ring_ranks(rank, C)  # [B, 2C]
+    keys_k = ring_k.repeat_interleave(groups, dim=2).float()  # [B, 2C, H, D]
+    keys_v = ring_v.repeat_interleave(groups, dim=2).float()
+    z = torch.einsum("bhd,bshd->bhs", q.float(), keys_k) * scale  # [B, H, 2C]
+    in_window = (ring_valid & (ring_rank > (rank - C)[:, None]))[:, None]  # [B, 1, 2C]
+    score = smoothed_self_kl(z, in_window, write[:, None], C)  # [B, H]
+    ring_score = torch.where(write[..., None], score[:, None].to(cache.ring_score.dtype), cache.ring_score)
+
+    # softmax over the salient cache and the ring, gated linear attention over the state, one normalizer
+    z_salient = torch.einsum("bhd,bhsd->bhs", q.float(), cache.salient_k.float()) * scale
+    z_all = torch.cat([z_salient, z], dim=-1)  # [B, H, S + 2C]
+    seen = torch.cat([cache.salient_valid, ring_valid], dim=-1)[:, None]  # [B, 1, S + 2C]
+    z_all = z_all.masked_fill(~seen, float("-inf"))
+    shift = z_all.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # a padding row has no key
+    weights = (z_all - shift).exp()  # [B, H, S + 2C]
+    values = torch.cat([cache.salient_v.float(), keys_v.transpose(1, 2)], dim=2)  # [B, H, S + 2C, Dv]
+    q_feat = q_feat.float()  # [B, H, F]
+    numerator = torch.einsum("bhs,bhsd->bhd", weights, values)
+    numerator = numerator + gate.float() * torch.einsum("bhf,bhfd->bhd", q_feat, cache.state)
+    denominator = weights.sum(-1) + (q_feat * cache.normalizer).sum(-1) + eps
+    o = numerator / denominator[..., None]  # [B, H, Dv]
+    cache = cache._replace(
+        ring_k=ring_k, ring_v=ring_v, ring_score=ring_score, ring_valid=ring_valid, real_tokens=rank + valid.long()
+    )
+    return o.to(q.dtype), cache
+
+
+def _ring_ranks(rank: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The rank of the token in every ring slot `[B, 2C]`, for a row whose newest token has rank `rank`."""
+    span = 2 * chunk_size
+    slots = torch.arange(span, device=rank.device)
+    return rank[:, None] - (rank[:, None] - slots[None]) % span
+
+
+def _fold_oldest_chunk(cache: StillDecodeState, rows, k_features, chunk_size, topk, groups, select):
+    """For `rows` (about to write chunk c's first token), move chunk c - 2 out of the ring: its top-k tokens per
+    head join the salient cache, the others fold into the linear state."""
+    C = chunk_size
+    rank = cache.real_tokens
+    start = ((rank // C) % 2) * C  # [B]: chunk c - 2 sits where chunk c will
+    index = start[:, None] + torch.arange(C, device=rank.device)[None]  # [B, C]
+
+    def take(x):
+        return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+    k, v, scores = take(cache.ring_k), take(cache.ring_v), take(cache.ring_score)  # [B, C, ...]
+    salient = select(scores, C, topk) & rows[:, None, None]  # [B, C, H]
+    k_heads = k.repeat_interleave(groups, dim=2)  # [B, C, H, D]
+    v_heads = v.repeat_interleave(groups, dim=2)
+    chosen = torch.argsort((~salient).to(torch.uint8), dim=1, stable=True)[:, :topk]  # [B, topk, H]
+
+    def gather(x):
+        return x.gather(1, chosen[..., None].expand(-1, -1, -1, x.shape[-1])).transpose(1, 2)  # [B, H, topk, .]
+
+    linear = (~salient & rows[:, None, None]).float()  # [B, C, H]
+    weighted = k_features(k_heads).float() * linear[..., None]  # [B, C, H, F]
+    cleared = torch.zeros_like(cache.ring_valid).scatter(1, index, rows[:, None].expand(-1, C))
+    return cache._replace(
+        salient_k=torch.cat([cache.salient_k, gather(k_heads)], dim=2),
+        salient_v=torch.cat([cache.salient_v, gather(v_heads)], dim=2),
+        salient_valid=torch.cat([cache.salient_valid, rows[:, None].expand(-1, topk)], dim=1),
+        state=cache.state + torch.einsum("bchf,bchd->bhfd", weighted, v_heads.float()),
+        normalizer=cache.normalizer + weighted.sum(1),
+        ring_valid=cache.ring_valid & ~cleared,
+    )
