@@ -36,7 +36,7 @@ def run_with_toy_method(*commands):
         [sys.executable, "-c", TOY_METHOD, json.dumps([[str(a) for a in c] for c in commands])],
         capture_output=True,
         text=True,
-        env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PATH": ""},
+        env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PATH": "", "PYTHONSAFEPATH": "1"},
         check=True,
     )
     return json.loads(done.stdout)
