@@ -77,7 +77,6 @@ class Parameter:
     annotation: Any  # as declared: int, float, str, `int | None`, `int | float` (a count or a ratio)
     type: type  # int, float or str: the type a user writes on the command line
     default: Any
-    optional: bool  # None is a valid value, not only "the default"
     spec: Setting
 
     @property
@@ -103,8 +102,7 @@ class MethodSettings:
             kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
             # the widest kind a user may write: `int | float` (a count or a ratio) is a float on the command line
             kind = float if float in kinds else kinds[0]
-            optional = type(None) in typing.get_args(hints[f.name])
-            params.append(Parameter(f.name, hints[f.name], kind, f.default, optional, f.metadata[_META]))
+            params.append(Parameter(f.name, hints[f.name], kind, f.default, f.metadata[_META]))
         return params
 
     @classmethod
