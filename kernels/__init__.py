@@ -1,7 +1,17 @@
-"""Attention kernels: gated linear attention and sliding-window softmax attention."""
+"""Attention kernels: gated linear attention and sliding-window softmax attention.
 
-from .backend import BACKENDS, resolve_backend
-from .gla import gated_linear_attention
-from .window import sliding_window_attention
+Installed as `linearize.kernels`. Where a checkout's root is on sys.path (`python -m linearize`, `torchrun -m`,
+`python -m pytest` run from it), this folder is also found as the top-level `kernels`, the name of the Hugging Face
+package that transformers imports; it then loads that package in its own place rather than shadow it.
+"""
 
-__all__ = ["BACKENDS", "gated_linear_attention", "resolve_backend", "sliding_window_attention"]
+if __name__ == "kernels":
+    from ._shadowed import load_installed_kernels
+
+    load_installed_kernels()
+else:
+    from .backend import BACKENDS, resolve_backend
+    from .gla import gated_linear_attention
+    from .window import sliding_window_attention
+
+    __all__ = ["BACKENDS", "gated_linear_attention", "resolve_backend", "sliding_window_attention"]

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import zipfile
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 import linearize.kernels
@@ -39,3 +40,25 @@ def test_wheel_holds_linearize_kernels_and_imports_from_it(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(tmp_path / "site"))
+
+
+def test_a_checkout_root_on_sys_path_does_not_shadow_the_installed_kernels_package():
+    """`python -m linearize` from a checkout puts its root first on sys.path, where kernels/ is found as the top-level
+    `kernels`: the Hugging Face package transformers >= 5.25 imports. The folder hands that name over."""
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    installed = PathFinder.find_spec("kernels", elsewhere)
+    probe = (
+        "import sys\n"
+        "try:\n"
+        "    import kernels\n"
+        "    print(kernels.__file__)\n"
+        "except ModuleNotFoundError as error:\n"
+        "    print(error.name)\n"
+        "import linearize.kernels\n"
+        "print(linearize.kernels.__file__, sorted(m for m in sys.modules if m.startswith('kernels._shadowed')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    top_level, ours = result.stdout.splitlines()
+    assert top_level == (installed.origin if installed else "kernels")
+    assert ours == f"{ROOT / 'kernels' / '__init__.py'} []"
