@@ -1,8 +1,14 @@
 """Backend selection shared by every public kernel entry point."""
 
+import functools
 import os
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import torch
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 BACKENDS = ("reference", "torch", "triton", "fla")
 ENV_VAR = "LINEARIZE_BACKEND"
@@ -35,3 +41,19 @@ def resolve_backend(requested: str | None, device: torch.device, available: tupl
             "(or set TRITON_INTERPRET=1 before importing triton, for tests)"
         )
     return name
+
+
+def outside_autocast(op: Callable[P, R]) -> Callable[P, R]:
+    """Run a public op with autocast off on its inputs' device: its implementations choose their own precision
+    (fp32 accumulation on the torch path, fp32 accumulators in Triton) whatever region a model calls them from.
+    Under `torch.autocast` the torch path's fp32 matrix products would otherwise run in bfloat16."""
+
+    @functools.wraps(op)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        device = next(x.device.type for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor))
+        if not torch.is_autocast_enabled(device):
+            return op(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return op(*args, **kwargs)
+
+    return run

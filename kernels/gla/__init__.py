@@ -2,7 +2,7 @@
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import outside_autocast, resolve_backend
 from .chunk import chunk_gla
 from .fla import fla_chunk_gla
 from .recurrent import fused_recurrent_gla
@@ -14,6 +14,7 @@ __all__ = ["chunk_gla", "fla_chunk_gla", "fused_recurrent_gla", "gated_linear_at
 RECURRENT_MAX_T = 4
 
 
+@outside_autocast
 def gated_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -8,7 +8,7 @@ The Triton modules are imported only when the "triton" backend runs, so CPU-only
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import outside_autocast, resolve_backend
 from .attention_torch import torch_liger_attention
 from .decode_torch import torch_liger_decode
 from .reference import check_attention_inputs, naive_liger_attention, naive_liger_decode
@@ -23,6 +23,7 @@ __all__ = [
 ]
 
 
+@outside_autocast
 def liger_decode(
     q_lin: torch.Tensor,
     k_lin: torch.Tensor,
@@ -101,6 +102,7 @@ def _check_shapes(q_lin, k_lin, v, g, state, q_rot, window_k, window_v, window_v
         )
 
 
+@outside_autocast
 def liger_attention(
     q_lin: torch.Tensor,
     k_lin: torch.Tensor,

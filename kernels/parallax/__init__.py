@@ -19,7 +19,7 @@ Accumulation is fp32 (float64 for float64 inputs); outputs come in q.dtype.
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import outside_autocast, resolve_backend
 from .chunk import chunk_parallax_attention, torch_parallax_decode
 from .reference import check_decode_inputs, check_inputs, naive_parallax_attention, naive_parallax_decode
 
@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 
+@outside_autocast
 def parallax_attention(
     q: torch.Tensor,
     r: torch.Tensor,
@@ -74,6 +75,7 @@ def parallax_attention(
     return attend(q, r, k, v, scale=scale, window=window, key_valid=key_valid, past_k=past_k, past_v=past_v)
 
 
+@outside_autocast
 def parallax_decode(
     q: torch.Tensor,
     r: torch.Tensor,

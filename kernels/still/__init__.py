@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import outside_autocast, resolve_backend
 from .chunk import chunk_self_saliency, chunk_still_attention
 from .decode import torch_still_decode
 from .reference import (
@@ -68,6 +68,7 @@ __all__ = [
 ]
 
 
+@outside_autocast
 def self_saliency(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -125,6 +126,7 @@ def select_salient(
     return select(scores, chunk_size, topk)
 
 
+@outside_autocast
 def still_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -170,6 +172,7 @@ def still_attention(
     return attend(q, k, v, q_feat, k_feat, gate, salient, chunk_size, scale, key_valid, eps)
 
 
+@outside_autocast
 def still_decode(
     q: torch.Tensor,
     k: torch.Tensor,

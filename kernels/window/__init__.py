@@ -3,7 +3,7 @@ Triton kernels, and the dispatcher."""
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import outside_autocast, resolve_backend
 from .chunk import chunk_sliding_window_attention
 from .decode import decode_sliding_window_attention
 from .reference import check_inputs, naive_sliding_window_attention
@@ -16,6 +16,7 @@ __all__ = [
 ]
 
 
+@outside_autocast
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -192,6 +192,12 @@ class TrainingSection(_Strict):
     micro_batch_size: int = Field(1, ge=1, description="sequences per forward pass on each process")
     grad_accum: int = Field(8, ge=1, description="micro-batches per optimizer step on each process")
     gradient_checkpointing: bool = Field(False, description="recompute decoder layers in backward to save memory")
+    autocast: Literal["bfloat16"] | None = Field(
+        None,
+        description="run the forward's matrix products in this dtype under torch.autocast, weights and optimizer "
+        "state staying in model.dtype: several times faster on GPUs and on CPUs with AMX (null: in model.dtype). "
+        "Attention kernels keep their own precision",
+    )
     max_grad_norm: float | None = Field(None, gt=0, description="clip the gradient norm to this value (null: no clip)")
     eval_every: int = Field(50, ge=1, description="optimizer steps between held-out evaluations")
     eval_batches: int = Field(8, ge=1, description="held-out micro-batches per evaluation")

@@ -221,15 +221,22 @@ class Trainer:
         """The micro-batch loss; for attention transfer its backward has already run inside the forward."""
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False}
         if transfer is not None:
-            model(**inputs, logits_to_keep=1)
+            with self.autocast():
+                model(**inputs, logits_to_keep=1)
             return transfer.loss()
-        out = model(**inputs, labels=batch["labels"])
+        with self.autocast():
+            out = model(**inputs, labels=batch["labels"])
         if not kd_ratio:
             return out.loss
-        with torch.no_grad(), original_model(self.model) as teacher:
+        with torch.no_grad(), original_model(self.model) as teacher, self.autocast():
             teacher_logits = teacher(**inputs).logits
         kd = distillation_loss(out.logits, teacher_logits, batch["labels"])
         return (1 - kd_ratio) * out.loss + kd_ratio * kd
+
+    def autocast(self) -> torch.autocast:
+        """The region of the forward pass where `training.autocast` applies."""
+        dtype = self.config.autocast
+        return torch.autocast(self.world.device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=bool(dtype))
 
     @torch.no_grad()
     def evaluate(self, transfer: AttentionTransfer | None) -> dict[str, float]:

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 from linearize.kernels import resolve_backend
@@ -47,3 +49,39 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         resolve_backend("triton", CPU)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", CPU) == "triton"
+
+
+PUBLIC_OPS = [
+    ("gla", "gated_linear_attention"),
+    ("liger", "liger_attention"),
+    ("liger", "liger_decode"),
+    ("parallax", "parallax_attention"),
+    ("parallax", "parallax_decode"),
+    ("still", "self_saliency"),
+    ("still", "still_attention"),
+    ("still", "still_decode"),
+    ("window", "sliding_window_attention"),
+]
+
+
+@pytest.mark.parametrize(("folder", "name"), PUBLIC_OPS)
+def test_every_public_op_runs_outside_autocast(folder, name):
+    op = getattr(importlib.import_module(f"linearize.kernels.{folder}"), name)
+    assert op.__wrapped__.__name__ == name
+
+
+def test_an_op_keeps_fp32_accumulation_under_autocast():
+    """A model trained under torch.autocast(bf16) calls ops with bf16 projections: the op's torch path accumulates
+    in fp32 as without autocast, where autocast alone would have run its matrix products in bfloat16."""
+    from linearize.kernels import gated_linear_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 100, 2, 64).bfloat16() for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 100, 2, 64)) / 16
+    plain, _ = gated_linear_attention(q, k, v, g, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast, _ = gated_linear_attention(q, k, v, g, backend="torch")
+    torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_products, _ = gated_linear_attention.__wrapped__(q, k, v, g, backend="torch")
+    assert not torch.equal(bf16_products, plain)  # the test would notice autocast reaching the op

@@ -318,6 +318,24 @@ def test_parallax_trains_its_probe_with_lora_and_refuses_attention_transfer(work
     )
 
 
+def test_bf16_autocast_trains_fp32_weights_to_nearly_the_fp32_losses(workspace, tmp_path):
+    """training.autocast=bfloat16 runs the forward under torch.autocast: the losses follow the fp32 run's to
+    bfloat16 precision, while the weights, the optimizer state and the saved model stay in fp32."""
+    runs = {}
+    for precision in ("null", "bfloat16"):
+        folder = tmp_path / precision
+        folder.mkdir()
+        result = invoke("finetune", write_recipe(workspace, folder), f"training.autocast={precision}", "-q")
+        assert result.exit_code == 0, result.output
+        steps = [r.get("mse", r.get("loss")) for r in metrics(folder / "run") if "global_step" in r]
+        runs[precision] = [x for x in steps if x is not None]
+    assert len(runs["bfloat16"]) == len(runs["null"]) == 8
+    torch.testing.assert_close(runs["bfloat16"], runs["null"], rtol=0.05, atol=0)
+    assert runs["bfloat16"] != runs["null"]  # autocast did run in bfloat16
+    saved = load_file(tmp_path / "bfloat16" / "run" / "model" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(strategy, workspace, tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU) logs the losses of one process with twice the accumulation, and
