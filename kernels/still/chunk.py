@@ -3,9 +3,11 @@
 Self-saliency: every block of queries is scored against the keys its window reaches (overlapping views of the
 padded key sequence), all blocks in one batched computation, so the cost is linear in T.
 
-Attention: a loop over query chunks. Chunk c reads exactly its own keys, all keys of chunk c - 1 and the salient
-keys of chunks 0..c-2, i.e. at most [B, H, C, 2C + salient so far] logits. The non-salient keys of a chunk enter
-a running linear state ([B, H, F, Dv] and normalizer [B, H, F]) once the chunk is two chunks behind the query's.
+Attention: chunk c reads exactly its own keys, all keys of chunk c - 1 and the salient keys of chunks 0..c-2,
+[B, H, C, 2C + salient so far] logits. The non-salient keys of a chunk enter the linear state ([B, H, F, Dv] and
+normalizer [B, H, F]) once the chunk is two chunks behind the query's: a prefix sum of per-chunk states. Query
+chunks are computed in blocks, all chunks of a block at once (few large products rather than a loop of small ones,
+whose backward would also write a full-size gradient per slice).
 """
 
 import torch
@@ -89,38 +91,38 @@ def _salient_keys(k: torch.Tensor, v: torch.Tensor, salient: torch.Tensor, chunk
     return gather(k), gather(v), salient.gather(2, idx)
 
 
-def _chunk_softmax(q, k, v, keys_valid, ks, vs, ks_mask, scale):
-    """Unnormalised softmax part of one query chunk: sum_S e^(z - m) v and sum_S e^(z - m).
+def _softmax_part(q, kw, vw, window_mask, ks, vs, ks_mask, scale):
+    """Unnormalised softmax part of a block of query chunks: sum_S e^(z - m) v and sum_S e^(z - m).
 
     Args:
-        q: queries of the chunk `[B, C, H, D]`.
-        k: keys of the previous and this chunk `[B, 2C, Hkv, D]`.
-        v: their values `[B, 2C, Hkv, Dv]`.
-        keys_valid: `[B, 2C]` bool.
-        ks: salient keys of the older chunks `[B, S, H, D]`.
+        q: queries of the chunks `[B, n, C, H, D]`.
+        kw: keys of each chunk's window (the previous and its own chunk) `[B, n, 2C, Hkv, D]`.
+        vw: their values `[B, n, 2C, Hkv, Dv]`.
+        window_mask: `[B, n, C, 2C]` bool, which window keys each query reads (causal and valid).
+        ks: salient keys of the chunks before the windows `[B, S, H, D]`.
         vs: their values `[B, S, H, Dv]`.
-        ks_mask: `[B, S, H]` bool, which salient slots hold a key.
+        ks_mask: `[B, n, S, H]` bool, which salient keys each chunk reads (older than its window, and present).
         scale: logit multiplier.
 
     Returns:
-        num `[B, C, H, Dv]`, den `[B, C, H]`.
+        num `[B, n, C, H, Dv]`, den `[B, n, C, H]`.
     """
-    B, C, H, D = q.shape
-    Hkv = k.shape[2]
+    B, n, C, H, D = q.shape
+    Hkv = kw.shape[3]
     G = H // Hkv
-    r = torch.arange(C, device=q.device)[:, None]
-    c = torch.arange(2 * C, device=q.device)[None, :]
-    local_mask = (c <= r + C) & keys_valid[:, None, None, :]  # [B, 1, C, 2C]: key (c - C) <= query r
-    z_local = torch.einsum("brkgd,bckd->bkgrc", q.view(B, C, Hkv, G, D), k).flatten(1, 2) * scale
-    z_sal = torch.einsum("brhd,bshd->bhrs", q, ks) * scale  # [B, H, C, S]
-    z_sal = z_sal.masked_fill(~ks_mask.transpose(1, 2)[:, :, None, :], float("-inf"))
-    z = torch.cat([z_sal, z_local.masked_fill(~local_mask, float("-inf"))], dim=-1)  # [B, H, C, S + 2C]
+    S = ks.shape[1]
+    z_window = torch.einsum("bnrkgd,bnckd->bnkgrc", q.view(B, n, C, Hkv, G, D), kw).flatten(2, 3) * scale
+    z_window = z_window.masked_fill(~window_mask[:, :, None], float("-inf"))  # [B, n, H, C, 2C]
+    z_salient = torch.einsum("bnrhd,bshd->bnhrs", q, ks) * scale  # [B, n, H, C, S]
+    z_salient = z_salient.masked_fill(~ks_mask.transpose(2, 3)[:, :, :, None], float("-inf"))
+    z = torch.cat([z_salient, z_window], dim=-1)  # [B, n, H, C, S + 2C]
     m = z.amax(-1, keepdim=True)
     p = torch.exp(z - m.masked_fill(m == float("-inf"), 0.0))  # a padded query may have no key
-    p_sal, p_local = p.split([ks.shape[1], 2 * C], dim=-1)
-    num = torch.einsum("bhrs,bshd->brhd", p_sal, vs)
-    num = num + torch.einsum("bkgrc,bckd->brkgd", p_local.view(B, Hkv, G, C, 2 * C), v).flatten(2, 3)
-    return num, p.sum(-1).transpose(1, 2)
+    p_salient, p_window = p.split([S, 2 * C], dim=-1)
+    num = torch.einsum("bnhrs,bshd->bnrhd", p_salient, vs)
+    p_window = p_window.view(B, n, Hkv, G, C, 2 * C)
+    num = num + torch.einsum("bnkgrc,bnckd->bnrkgd", p_window, vw).flatten(3, 4)
+    return num, p.sum(-1).transpose(2, 3)
 
 
 def chunk_still_attention(
@@ -135,8 +137,9 @@ def chunk_still_attention(
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
     eps: float = 1e-6,
+    block_logits: int = 1 << 22,
 ) -> torch.Tensor:
-    """STILL hybrid attention: exact softmax over the salient and recent keys, gated linear attention over the rest.
+    """STILL attention with all query chunks of a block in one batched computation.
 
     Args:
         q: RoPE'd queries `[B, T, H, D]`.
@@ -150,6 +153,8 @@ def chunk_still_attention(
         scale: logit multiplier, default D ** -0.5.
         key_valid: `[B, T]` bool, False at padding; None means all valid.
         eps: added to the denominator.
+        block_logits: about the most softmax logits per batch row held at once; query chunks are taken in
+            blocks that fit (memory, not results, depends on it).
 
     Returns:
         o `[B, T, H, Dv]` in q.dtype.
@@ -171,36 +176,50 @@ def chunk_still_attention(
     # the linear part reads the valid non-salient keys; zeroing the others keeps them out of the state
     k_feat = k_feat.masked_fill(~(valid[..., None] & ~salient)[..., None], 0.0)
 
-    # only chunks 0..N-3 are ever two chunks behind a query
+    # linear part: chunk n reads the state of chunks 0..n-2, a prefix sum of per-chunk states shifted by two
+    k_feat = k_feat.view(B, N, C, Hkv, G, Fd)
+    chunk_states = torch.einsum("bnckgf,bnckd->bnkgfd", k_feat, v.view(B, N, C, Hkv, Dv)).flatten(2, 3)
+    states = F.pad(chunk_states.cumsum(1)[:, : max(N - 2, 0)], (0, 0, 0, 0, 0, 0, 2, 0))[:, :N]  # [B, N, H, F, Dv]
+    norms = F.pad(k_feat.sum(2).flatten(2, 3).cumsum(1)[:, : max(N - 2, 0)], (0, 0, 0, 0, 2, 0))[:, :N]  # [B, N, H, F]
+    q_feat = q_feat.view(B, N, C, H, Fd)
+    linear_num = gate.view(B, N, C, H, Dv) * torch.einsum("bnchf,bnhfd->bnchd", q_feat, states)
+    linear_den = torch.einsum("bnchf,bnhf->bnch", q_feat, norms)
+
+    # softmax part: chunk n reads chunks n - 1 and n whole, and the salient keys of chunks 0..n-2
     old = max(N - 2, 0) * C
     ks, vs, ks_mask = _salient_keys(k[:, :old], v[:, :old], salient[:, :old], C)  # [B, N - 2, s, H, *]
+    s = ks.shape[2]
+    ks, vs, ks_mask = ks.flatten(1, 2), vs.flatten(1, 2), ks_mask.flatten(1, 2)  # [B, S, H, *]
+    key_chunk = torch.arange(ks.shape[1], device=q.device) // max(s, 1)  # [S]
     # a zero chunk in front gives chunk 0 a "previous chunk" whose keys are all invalid
-    k_prev, v_prev = (F.pad(x, (0, 0, 0, 0, C, 0)) for x in (k, v))
-    valid_prev = F.pad(valid, (C, 0), value=False)
-
-    state = q.new_zeros(B, Hkv, G, Fd, Dv)
-    norm = q.new_zeros(B, H, Fd)
-    out = []
-    for n in range(N):
-        if n >= 2:  # chunk n - 2 leaves the exact window: its non-salient keys join the state
-            kf = k_feat[:, (n - 2) * C : (n - 1) * C]  # [B, C, H, F]
-            vc = v[:, (n - 2) * C : (n - 1) * C]
-            state = state + torch.einsum("bckgf,bckd->bkgfd", kf.view(B, C, Hkv, G, Fd), vc)
-            norm = norm + kf.sum(1)
-        now, window = slice(n * C, (n + 1) * C), slice(n * C, (n + 2) * C)
-        n_old = max(n - 1, 0)  # chunks whose salient keys chunk n reads exactly
-        num, den = _chunk_softmax(
-            q[:, now],
-            k_prev[:, window],
-            v_prev[:, window],
-            valid_prev[:, window],
-            ks[:, :n_old].flatten(1, 2),
-            vs[:, :n_old].flatten(1, 2),
-            ks_mask[:, :n_old].flatten(1, 2),
+    k_prev, v_prev = (F.pad(x, (0, 0, 0, 0, C, 0)).view(B, N + 1, C, Hkv, -1) for x in (k, v))
+    kw, vw = (torch.cat([x[:, :-1], x[:, 1:]], dim=2) for x in (k_prev, v_prev))  # [B, N, 2C, Hkv, *]
+    valid_prev = F.pad(valid, (C, 0), value=False).view(B, N + 1, C)
+    valid_window = torch.cat([valid_prev[:, :-1], valid_prev[:, 1:]], dim=2)  # [B, N, 2C]
+    r = torch.arange(C, device=q.device)[:, None]
+    c = torch.arange(2 * C, device=q.device)[None, :]
+    window_mask = (c <= r + C) & valid_window[:, :, None, :]  # [B, N, C, 2C]: key (c - C) <= query r
+    q = q.view(B, N, C, H, D)
+    per_chunk = H * C * (2 * C + ks.shape[1])
+    step = max(1, block_logits // per_chunk)
+    num, den = [], []
+    for n0 in range(0, N, step):
+        n1 = min(n0 + step, N)
+        reads = key_chunk <= torch.arange(n0, n1, device=q.device)[:, None] - 2  # [n, S]
+        reach = min(ks.shape[1], max(n1 - 2, 0) * s)  # salient keys the block's last chunk reads
+        block_mask = reads[None, :, :reach, None] & ks_mask[:, None, :reach]  # [B, n, S, H]
+        block_num, block_den = _softmax_part(
+            q[:, n0:n1],
+            kw[:, n0:n1],
+            vw[:, n0:n1],
+            window_mask[:, n0:n1],
+            ks[:, :reach],
+            vs[:, :reach],
+            block_mask,
             scale,
         )
-        qf = q_feat[:, now]  # [B, C, H, F]
-        num = num + gate[:, now] * torch.einsum("bchf,bhfd->bchd", qf, state.flatten(1, 2))
-        den = den + torch.einsum("bchf,bhf->bch", qf, norm)
-        out.append(num / (den + eps)[..., None])
-    return torch.cat(out, dim=1)[:, :T].to(dtype)
+        num.append(block_num)
+        den.append(block_den)
+    num = torch.cat(num, dim=1) + linear_num
+    den = torch.cat(den, dim=1) + linear_den
+    return (num / (den + eps)[..., None]).flatten(1, 2)[:, :T].to(dtype)

@@ -407,6 +407,7 @@ training:
   micro_batch_size: 1
   grad_accum: 8         # sequences per optimizer step = micro_batch_size * grad_accum * processes
   gradient_checkpointing: false
+  autocast: null        # bfloat16: matrix products in bf16, weights fp32 (GPUs; CPUs with AMX: several times faster)
   max_grad_norm: null
   eval_every: 50
   checkpoint_every: 50

@@ -82,6 +82,19 @@ def test_chunk_attention_matches_reference(shape_id, pad):
         assert_close(name, ref[name], out[name])
 
 
+@pytest.mark.parametrize("chunks_per_block", [1, 3])
+def test_chunk_attention_in_blocks_of_chunks_matches_reference(chunks_per_block):
+    """A smaller logit budget takes the query chunks in several blocks: results and gradients do not change."""
+    shape_id = "T37-C8-H4-Hkv2"
+    B, T, H, Hkv, D, C = SHAPES[shape_id]
+    # a chunk holds H * C * (2C + salient keys) logits: blocks of at most `chunks_per_block` of the 5 chunks
+    blocked = functools.partial(chunk_still_attention, block_logits=chunks_per_block * H * C * 2 * C)
+    ref = _reference(shape_id, True)
+    out = _run(blocked, _inputs(shape_id, True))
+    for name in ref:
+        assert_close(name, ref[name], out[name])
+
+
 @pytest.mark.parametrize("path", ATTENTION)
 def test_padding_is_never_read(path):
     """NaN at padded positions of every input: outputs and gradients at valid positions equal the unpadded run's."""
