@@ -91,6 +91,11 @@ def _salient_keys(k: torch.Tensor, v: torch.Tensor, salient: torch.Tensor, chunk
     return gather(k), gather(v), salient.gather(2, idx)
 
 
+def _sum_two_chunks_behind(x: torch.Tensor) -> torch.Tensor:
+    """`[B, N, ...]` per-chunk terms -> `[B, N, ...]`: chunk n gets the sum of the terms of chunks 0..n-2."""
+    return torch.cat([torch.zeros_like(x[:, :2]), x[:, :-2]], dim=1).cumsum(1)
+
+
 def _softmax_part(q, kw, vw, window_mask, ks, vs, ks_mask, scale):
     """Unnormalised softmax part of a block of query chunks: sum_S e^(z - m) v and sum_S e^(z - m).
 
@@ -179,8 +184,8 @@ def chunk_still_attention(
     # linear part: chunk n reads the state of chunks 0..n-2, a prefix sum of per-chunk states shifted by two
     k_feat = k_feat.view(B, N, C, Hkv, G, Fd)
     chunk_states = torch.einsum("bnckgf,bnckd->bnkgfd", k_feat, v.view(B, N, C, Hkv, Dv)).flatten(2, 3)
-    states = F.pad(chunk_states.cumsum(1)[:, : max(N - 2, 0)], (0, 0, 0, 0, 0, 0, 2, 0))[:, :N]  # [B, N, H, F, Dv]
-    norms = F.pad(k_feat.sum(2).flatten(2, 3).cumsum(1)[:, : max(N - 2, 0)], (0, 0, 0, 0, 2, 0))[:, :N]  # [B, N, H, F]
+    states = _sum_two_chunks_behind(chunk_states)  # [B, N, H, F, Dv]
+    norms = _sum_two_chunks_behind(k_feat.sum(2).flatten(2, 3))  # [B, N, H, F]
     q_feat = q_feat.view(B, N, C, H, Fd)
     linear_num = gate.view(B, N, C, H, Dv) * torch.einsum("bnchf,bnhfd->bnchd", q_feat, states)
     linear_den = torch.einsum("bnchf,bnhf->bnch", q_feat, norms)
@@ -206,7 +211,7 @@ def chunk_still_attention(
     for n0 in range(0, N, step):
         n1 = min(n0 + step, N)
         reads = key_chunk <= torch.arange(n0, n1, device=q.device)[:, None] - 2  # [n, S]
-        reach = min(ks.shape[1], max(n1 - 2, 0) * s)  # salient keys the block's last chunk reads
+        reach = max(n1 - 2, 0) * s  # salient keys the block's last chunk reads
         block_mask = reads[None, :, :reach, None] & ks_mask[:, None, :reach]  # [B, n, S, H]
         block_num, block_den = _softmax_part(
             q[:, n0:n1],
