@@ -62,3 +62,32 @@ def test_a_checkout_root_on_sys_path_does_not_shadow_the_installed_kernels_packa
     top_level, ours = result.stdout.splitlines()
     assert top_level == (installed.origin if installed else "kernels")
     assert ours == f"{ROOT / 'kernels' / '__init__.py'} []"
+
+
+def test_without_the_kernels_package_a_checkout_root_on_sys_path_keeps_transformers_importable():
+    """transformers imports `kernels` to read its version where `find_spec` finds one and no distribution has that
+    name: this folder must not raise there (it did on transformers 5.17, breaking `import transformers`)."""
+    probe = (
+        "from importlib.machinery import PathFinder\n"
+        "find_spec = PathFinder.find_spec.__func__\n"
+        "def hide_installed(cls, name, path=None, target=None):  # the search outside the checkout finds nothing\n"
+        "    return None if name == 'kernels' and path is not None else find_spec(cls, name, path, target)\n"
+        "PathFinder.find_spec = classmethod(hide_installed)\n"
+        "import importlib.metadata as metadata\n"
+        "version = metadata.version\n"
+        "def no_kernels_distribution(name):\n"
+        "    if name == 'kernels':\n"
+        "        raise metadata.PackageNotFoundError(name)\n"
+        "    return version(name)\n"
+        "metadata.version = no_kernels_distribution\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "import transformers.integrations.hub_kernels\n"
+        "import kernels\n"
+        "try:\n"
+        "    kernels.get_kernel\n"
+        "except AttributeError as error:\n"
+        "    print(is_kernels_available(), 'not installed' in str(error))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
