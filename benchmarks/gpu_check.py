@@ -19,11 +19,13 @@ run on backend "triton" on CUDA, "torch" in --smoke (fp32, 4/2 heads, head dim 3
    final state and gradient: ||ref - out|| / ||ref|| against 2e-2, the bf16 tolerance of the CUDA configs of
    tests/kernels. STILL's saliency scores are not differentiated; its selection runs on identical scores on both
    paths, and the row gives the share of (chunk, head) whose picked scores differ (ties may pick other tokens with
-   the same score), tolerance 0.
-3. Timings (~2 min; fla's autotuning of chunk_gla, in its first row's "warm s", can add a minute or two), B = 1,
-   32/8 heads, D = 128, bf16, at T = 2K, 8K and 32K: forward, forward+backward and one decode step at that context
-   (ms: triton.testing.do_bench medians, after a first call of each, whose seconds with compiling and autotuning
-   are "warm s"), and each time over SDPA's in the same run (< 1x is faster). Rows:
+   the same score), tolerance 0. A failing row on CUDA is followed by where its error sits, the op again on fp32
+   inputs and one rerun per launch configuration of each autotuned kernel of the op (benchmarks/gpu_diagnose.py).
+3. Timings (~2 min; fla's autotuning of chunk_gla, in its first row's "warm s", took 258 s on an H200, so fla's
+   rows come last at each length), B = 1, 32/8 heads, D = 128, bf16, at T = 2K, 8K and 32K: forward,
+   forward+backward and one decode step at that context (ms: triton.testing.do_bench medians, after a first call of
+   each, whose seconds with compiling and autotuning are "warm s"), and each time over SDPA's in the same run (< 1x
+   is faster). Rows:
      - sdpa causal: `scaled_dot_product_attention` with enable_gqa (never the math backend on CUDA), the original
        layer's cost; its decode step is one query against the T-token cache;
      - liger (ours): `liger_attention` (gated linear branch + 64-key window, mixed); decode: `liger_decode`;
@@ -56,6 +58,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from gpu_diagnose import FAMILIES, locate, relative_error, sweep_configs  # beside this file, the script's folder
 from linearize.kernels import gated_linear_attention, sliding_window_attention
 from linearize.kernels.liger import liger_attention, liger_decode
 from linearize.kernels.parallax import parallax_attention, parallax_decode
@@ -329,14 +332,6 @@ def run_case(case: Case, inputs: dict, backend: str, cotangents: dict | None = N
     return {name: o.detach() for name, o in out.items()} | grads, cotangents
 
 
-def relative_error(ref: torch.Tensor | None, out: torch.Tensor | None) -> float:
-    """||ref - out|| / ||ref||; NaN (a FAIL) when a gradient is missing or the shapes differ."""
-    if ref is None or out is None or ref.shape != out.shape:
-        return float("nan")
-    ref, out = ref.double(), out.double()
-    return ((ref - out).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 def report(name: str, T: int, quantity: str, error: float, tol: float) -> None:
     ok = error <= tol  # False for NaN
     if not ok:
@@ -344,12 +339,24 @@ def report(name: str, T: int, quantity: str, error: float, tol: float) -> None:
     say(f"{name:<24} {T:>5} {quantity:<14} {error:>9.2e} {tol:>7.0e}  {'PASS' if ok else 'FAIL'}")
 
 
-def check(s: Setup, case: Case, T: int) -> None:
+def check(s: Setup, case: Case, T: int) -> list[str]:
+    """One row per output and gradient; for each that fails on CUDA, where its error sits, then a sweep of the
+    launch configurations of the op's autotuned kernels. Returns the failing quantities."""
     ours, cotangents = run_case(case, case.inputs, s.backend)
     widen = {name: t.to(case.reference_dtype) if t.is_floating_point() else t for name, t in case.inputs.items()}
     reference, _ = run_case(case, widen, "reference", cotangents)
+    failed = []
     for quantity, ref in reference.items():
-        report(case.name, T, quantity, relative_error(ref, ours[quantity]), s.tol)
+        error = relative_error(ref, ours[quantity])
+        report(case.name, T, quantity, error, s.tol)
+        if not error <= s.tol:
+            failed.append(quantity)
+            if ref.dim() == 4 and ours[quantity] is not None and ours[quantity].shape == ref.shape:
+                say(f"    {quantity}: {locate(ref, ours[quantity], CHUNK)}")
+    if failed and s.device == "cuda":
+        rerun = lambda: run_case(case, case.inputs, s.backend, cotangents)[0]  # noqa: E731
+        sweep_configs(FAMILIES.get(case.name, ()), rerun, reference, failed)
+    return failed
 
 
 def check_selection(s: Setup, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -372,21 +379,37 @@ def correctness(s: Setup, T: int, T_loop: int) -> None:
     say(f"{'op':<24} {'T':>5} {'quantity':<14} {'rel err':>9} {'tol':>7}  verdict")
     torch.manual_seed(0)
     still_x = still_inputs(s, T)
-    cases = {
-        "gated_linear_attention": lambda: check(s, gla_case(s, T_loop), T_loop),
-        "sliding_window + sinks": lambda: check(s, window_case(s, T), T),
-        "liger_attention": lambda: check(s, liger_case(s, T_loop), T_loop),
-        "liger_decode": lambda: check(s, liger_decode_case(s), 1),
-        "self_saliency": lambda: check(s, saliency_case(s, still_x), T),
-        "select_salient": lambda: check_selection(s, still_x["q"], still_x["k"]),
-        "still_attention": lambda: check(s, still_case(s, still_x), T),
-        "parallax_attention": lambda: check(s, parallax_case(s, T_loop), T_loop),
-        "parallax_decode": lambda: check(s, parallax_decode_case(s, T), 1),
+    cases = {  # name: a Case of the setup's dtype, its T
+        "gated_linear_attention": (lambda s: gla_case(s, T_loop), T_loop),
+        "sliding_window + sinks": (lambda s: window_case(s, T), T),
+        "liger_attention": (lambda s: liger_case(s, T_loop), T_loop),
+        "liger_decode": (liger_decode_case, 1),
+        "self_saliency": (lambda s: saliency_case(s, still_x), T),
+        "select_salient": (None, T),
+        "still_attention": (lambda s: still_case(s, {name: t.to(s.dtype) for name, t in still_x.items()}), T),
+        "parallax_attention": (lambda s: parallax_case(s, T_loop), T_loop),
+        "parallax_decode": (lambda s: parallax_decode_case(s, T), 1),
     }
-    for name, run in cases.items():
+    for name, (build, length) in cases.items():
         if over_budget(s, f"{name} and the rest of the correctness"):
             break
-        attempt(s, name, run)
+        if build is None:
+            attempt(s, name, check_selection, s, still_x["q"], still_x["k"])
+            continue
+        failed = attempt(s, name, lambda build=build, length=length: check(s, build(s), length))
+        if failed and s.dtype != torch.float32:
+            attempt(s, f"{name} in fp32", in_fp32, s, build, length, failed)
+
+
+def in_fp32(s: Setup, build: Callable[[Setup], Case], T: int, failed: list[str]) -> None:
+    """A case that failed in half precision, again on fp32 inputs (exact dots): the same failure points at the
+    algorithm or a miscompile, none at precision. Printed only; the half-precision rows decided the verdict."""
+    case = build(s._replace(dtype=torch.float32))
+    ours, cotangents = run_case(case, case.inputs, s.backend)
+    widen = {name: t.to(case.reference_dtype) if t.is_floating_point() else t for name, t in case.inputs.items()}
+    reference, _ = run_case(case, widen, "reference", cotangents)
+    errors = " ".join(f"{q} {relative_error(reference[q], ours[q]):.2e}" for q in failed)
+    say(f"    {case.name} on fp32 inputs: {errors}")
 
 
 # ---------------------------------------------------------------- timings
@@ -617,11 +640,12 @@ def main() -> int:
         paths = {
             "sdpa causal": sdpa_path,
             "liger (ours)": liger_path,
-            "fla chunk_gla + our window": fla_liger_path,
             "still (ours)": still_path,
             "parallax (ours)": parallax_path,
-            "fla parallel_parallax": fla_parallax_path,
             "swa (ours)": swa_path,
+            # last: fla's first call autotunes for minutes (258 s for chunk_gla on an H200 at T = 2048)
+            "fla chunk_gla + our window": fla_liger_path,
+            "fla parallel_parallax": fla_parallax_path,
         }
         if not cuda or importlib.util.find_spec("fla") is None:
             paths = {name: build for name, build in paths.items() if not name.startswith("fla")}

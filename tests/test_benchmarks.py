@@ -3,7 +3,10 @@
 import importlib.util
 import subprocess
 import sys
+import types
 from pathlib import Path
+
+import torch
 
 from linearize.training.recipe import load_recipe
 
@@ -58,3 +61,18 @@ def test_quality_tasks_read_the_given_folder(tmp_path):
         text = (folder / f"{task}.yaml").read_text()
         assert f"test: {path.resolve()}" in text and "data/" not in text
     assert (folder / "hellaswag_local.py").is_file()
+
+
+def test_gpu_diagnostics_locate_an_error_and_restore_a_forced_configuration():
+    diagnose = _benchmark("gpu_diagnose")
+    ref = torch.ones(1, 8, 2, 4)
+    out = ref.clone()
+    out[0, 5, 1] += 3.0  # one row wrong, in the third chunk of 2 tokens
+    where = diagnose.locate(ref, out, chunk_size=2)
+    assert "hold 100% of the error" in where and "chunk 0 / 1 / later 0.0e+00 / 0.0e+00 / " in where
+    assert "worst h=1" in where and "worst rows t=5 h=1" in where
+
+    kernel = types.SimpleNamespace(configs=["tuned", "other"], cache={("key",): "tuned"})
+    with diagnose.forced(kernel, "other"):
+        assert (kernel.configs, kernel.cache) == (["other"], {})
+    assert (kernel.configs, kernel.cache) == (["tuned", "other"], {("key",): "tuned"})
