@@ -13,9 +13,9 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float =
     if abs_err <= 1e-6:
         return
     assert not out.isnan().any(), f"{name}: NaN in output"
-    if ref.norm() == 0:
-        # an exactly-zero reference (e.g. dq when a query sees only itself) has no relative error: allow the
-        # fp32 rounding noise of a fused kernel that reaches zero by cancellation
+    if ref.abs().max() <= 1e-12:
+        # a zero reference (e.g. dq when a query sees only itself, which float64 reaches up to ~1e-16 by
+        # cancellation) has no relative error: allow the fp32 rounding noise of a path that cancels the same way
         assert abs_err <= 1e-5, f"{name}: reference is zero, max abs error {abs_err:.3e} > 1e-5"
         return
     rel_err = ((ref - out).norm() / ref.norm()).item()

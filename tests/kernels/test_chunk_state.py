@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from linearize.kernels.common.chunk_state import chunk_layout, chunk_local_cumsum, chunk_state_grads, chunk_states
 
 from tests.kernels._close import assert_close
+from tests.kernels._devices import TRITON_DEVICE, needs_triton_device
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, needs_triton_device]
 
 C = 16  # chunk size
 
@@ -88,8 +89,11 @@ def _inputs(case: dict, N: int, seed: int = 0) -> dict:
 
 
 def _run(x: dict, case: dict, cu_seqlens=None):
+    """The kernels on the Triton device; the states and gradients back on the CPU, with the layout."""
+    x = {name: None if t is None else t.to(TRITON_DEVICE) for name, t in x.items()}
+    cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(TRITON_DEVICE)
     B, T = x["k"].shape[:2]
-    layout = chunk_layout(B, T, C, cu_seqlens, x["k"].device)
+    layout = chunk_layout(B, T, C, cu_seqlens, TRITON_DEVICE)
     b = None if x["g"] is None else chunk_local_cumsum(x["g"], layout)
     h, hn, ht = chunk_states(
         x["k"], x["v"], b, layout, key_mask=x["mask"], initial_state=x["h0"], output_final_state=True,
@@ -99,7 +103,7 @@ def _run(x: dict, case: dict, cu_seqlens=None):
         x["q"], x["do"], b, layout, state_heads=case["HS"], scale=0.5, lag=case["lag"], query_weight=x["w"],
         final_state_grad=x["dht"], initial_state_grad=x["h0"] is not None,
     )  # fmt: skip
-    return h, hn, ht, dh, dhn, dh0, layout
+    return *(None if t is None else t.cpu() for t in (h, hn, ht, dh, dhn, dh0)), layout
 
 
 def _check(out, ref, chunks: slice, sequence: int):
@@ -155,7 +159,7 @@ def test_packed_sequences_restart_at_every_boundary(case_id):
 
 
 def test_a_lagged_read_has_no_decay():
-    x = _inputs(CASES["gla-T37-H4-HS2"], N=1)
-    layout = chunk_layout(1, 37, C, None, "cpu")
+    x = {name: t.to(TRITON_DEVICE) for name, t in _inputs(CASES["gla-T37-H4-HS2"], N=1).items() if t is not None}
+    layout = chunk_layout(1, 37, C, None, TRITON_DEVICE)
     with pytest.raises(ValueError, match="no decay"):
         chunk_state_grads(x["q"], x["do"], chunk_local_cumsum(x["g"], layout), layout, state_heads=2, lag=1)

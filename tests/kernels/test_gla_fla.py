@@ -1,5 +1,5 @@
 """Our GLA against flash-linear-attention (in the `test` extra): its pure-PyTorch reference, and its `chunk_gla`
-kernel as our `fla` backend (under the Triton interpreter on CPU)."""
+kernel as our `fla` backend (on the GPU, or under the Triton interpreter on CPU)."""
 
 import fla.ops.gla.naive as fla_naive
 import pytest
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from linearize.kernels.gla import gated_linear_attention, naive_recurrent_gla
 
 from tests.kernels._close import assert_close
+from tests.kernels._devices import TRITON_DEVICE, needs_triton_device
 
 
 def _inputs(B=2, T=37, H=2, Hkv=2, K=16, V=16, seed=0):
@@ -33,9 +34,11 @@ def test_our_reference_agrees_with_fla_naive_recurrent_gla():
 
 
 @pytest.mark.triton
+@needs_triton_device
 def test_fla_backend_matches_reference_with_gqa():
     x = _inputs(H=4, Hkv=2)
     ref_o, ref_state = gated_linear_attention(**x, output_final_state=True, backend="reference")
+    x = {name: t.to(TRITON_DEVICE) for name, t in x.items()}
     o, state = gated_linear_attention(**x, output_final_state=True, backend="fla")
-    assert_close("o", ref_o, o)
-    assert_close("state", ref_state, state)
+    assert_close("o", ref_o, o.cpu())
+    assert_close("state", ref_state, state.cpu())

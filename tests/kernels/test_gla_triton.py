@@ -7,7 +7,6 @@ checked without a GPU.
 """
 
 import functools
-import os
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from linearize.kernels.gla import naive_recurrent_gla
 from linearize.kernels.gla.triton import triton_chunk_gla
 
 from tests.kernels._close import assert_close
+from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE, needs_triton_device
 
 pytestmark = pytest.mark.triton
 
@@ -29,10 +29,11 @@ SHAPES = {
     "T37-H4-Hkv2-D64": (1, 37, 4, 2, 64, 64),
 }
 # (device, dtype, ratio of assert_close)
-CONFIGS = {"cpu-fp32": ("cpu", torch.float32, 1e-4)}
-if torch.cuda.is_available():
+CONFIGS = {"cpu-fp32": ("cpu", torch.float32, 1e-4)} if INTERPRET else {}
+if CUDA:
     CONFIGS |= {
-        "cuda-fp32": ("cuda", torch.float32, 1e-4),
+        # dg, a reverse cumulative sum, adds up in another fp32 order than the reference: 1.02e-4 measured on an H200
+        "cuda-fp32": ("cuda", torch.float32, 3e-4),
         "cuda-bf16": ("cuda", torch.bfloat16, 2e-2),
         "cuda-fp16": ("cuda", torch.float16, 2e-2),
     }
@@ -94,7 +95,7 @@ def test_matches_reference(config, shape_id, gate, with_state):
         assert_close(name, ref[name], out[name].float().cpu(), ratio=ratio)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="on a GPU the cuda-bf16/fp16 configs cover this")
+@pytest.mark.skipif(not INTERPRET, reason="needs the interpreter; on a GPU the cuda-bf16/fp16 configs cover this")
 @pytest.mark.parametrize("gate", ["logsigmoid", "decay-8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape_id", ["T37-H4-Hkv2-D64", "T19-H2-Hkv1-K24-V80"])
@@ -151,13 +152,13 @@ def test_rejects_bad_shapes():
         triton_chunk_gla(**x)
 
 
+@needs_triton_device
 def test_dispatcher_runs_triton_when_asked(monkeypatch):
     from linearize.kernels import gated_linear_attention
 
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the interpreter runs the kernel
-    q, k, v = (torch.randn(1, 19, h, 16, device=device) for h in (4, 2, 2))
-    g = F.logsigmoid(torch.randn(1, 19, 2, 16, device=device)) / 16
+    q, k, v = (torch.randn(1, 19, h, 16, device=TRITON_DEVICE) for h in (4, 2, 2))
+    g = F.logsigmoid(torch.randn(1, 19, 2, 16, device=TRITON_DEVICE)) / 16
     ref_o, ref_state = naive_recurrent_gla(q, k, v, g, output_final_state=True)
     monkeypatch.setenv("LINEARIZE_BACKEND", "triton")
     o, state = gated_linear_attention(q, k, v, g, output_final_state=True)

@@ -2,7 +2,7 @@
 
 Outputs, final states and the gradients of q, k, v, g and initial_state must equal those of running the N sequences
 one by one through `naive_recurrent_gla` (state restarting at every boundary, one initial/final state per sequence).
-Triton runs in the interpreter on CPU (fp32, tiny shapes); on CUDA it also runs on the GPU.
+Triton runs in the interpreter on CPU (fp32, tiny shapes), or on the GPU.
 """
 
 import functools
@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from linearize.kernels.gla import chunk_gla, fused_recurrent_gla, gated_linear_attention, naive_recurrent_gla
 
 from tests.kernels._close import assert_close
+from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE, needs_triton_device
 
 # odd lengths: a 1-token sequence, sequences ending mid-chunk, one spanning three 16-token chunks
 LENGTHS = {"1-17-5-33": [1, 17, 5, 33], "3-0-20": [3, 0, 20]}
 H, HKV, K, V = 4, 2, 16, 16
 
-TRITON_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TRITON_DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if CUDA else [])
 
 
 def _cu(lengths: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
@@ -174,11 +175,12 @@ def test_triton_function_rejects_bad_initial_state():
 
 
 @pytest.mark.triton
+@needs_triton_device
 def test_fla_backend_matches_separate_sequences():
     """fla's chunk_gla gets cu_seqlens as is (its state per query head: repeated over each group, then one kept)."""
-    x = _inputs("1-17-5-33", "logsigmoid", True)
+    x = {name: t.to(TRITON_DEVICE) for name, t in _inputs("1-17-5-33", "logsigmoid", True).items()}
     with torch.no_grad():
         o, ht = _dispatch("fla", LENGTHS["1-17-5-33"], torch.int64)(**x, scale=K**-0.5, output_final_state=True)
     ref = _reference("1-17-5-33", "logsigmoid", True)
-    assert_close("o", ref["o"], o)
-    assert_close("ht", ref["ht"], ht)
+    assert_close("o", ref["o"], o.cpu())
+    assert_close("ht", ref["ht"], ht.cpu())

@@ -16,6 +16,7 @@ from linearize.kernels.liger import liger_attention, naive_liger_attention, torc
 from linearize.kernels.liger.attention_triton import triton_liger_attention
 
 from tests.kernels._close import assert_close
+from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE, needs_triton_device
 
 # (B, T, H, Hkv, D, P history keys, window, left padding)
 SHAPES = {
@@ -30,15 +31,15 @@ SHAPES = {
 }
 SHAPES_DEFAULT = "T37-P9-H4-Hkv2-D16-w12-pad"
 # (device, dtype, ratio of assert_close)
-CONFIGS = {"cpu-fp32": ("cpu", torch.float32, 1e-4)}
-if torch.cuda.is_available():
+CONFIGS = {"cpu-fp32": ("cpu", torch.float32, 1e-4)} if INTERPRET else {}
+if CUDA:
     CONFIGS |= {
         "cuda-fp32": ("cuda", torch.float32, 1e-4),
         "cuda-bf16": ("cuda", torch.bfloat16, 2e-2),
         "cuda-fp16": ("cuda", torch.float16, 2e-2),
     }
 # half precision under the interpreter too, on a couple of shapes (the interpreter is slow); CUDA runs every shape
-CPU_HALF = [] if torch.cuda.is_available() else ["T37-P9-H4-Hkv2-D16-w12-pad", "T70-H4-Hkv2-D64-w64"]
+CPU_HALF = ["T37-P9-H4-Hkv2-D16-w12-pad", "T70-H4-Hkv2-D64-w64"] if INTERPRET and not CUDA else []
 DIFFERENTIABLE = ("q_lin", "k_lin", "v", "g", "q_rot", "k_rot", "initial_state")
 
 
@@ -143,14 +144,16 @@ def test_triton_without_grad_or_final_state(config):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=needs_triton_device)])
 def test_dispatcher(backend, monkeypatch):
     x = _inputs(SHAPES_DEFAULT, "logsigmoid", torch.float32)
     ref_o, ref_ht = naive_liger_attention(**x, output_final_state=True)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    on_device = {name: t.to(device) if torch.is_tensor(t) else t for name, t in x.items()}
     monkeypatch.setenv("LINEARIZE_BACKEND", backend)
-    o, ht = liger_attention(**x, output_final_state=True)
-    assert_close("o", ref_o, o)
-    assert_close("ht", ref_ht, ht)
+    o, ht = liger_attention(**on_device, output_final_state=True)
+    assert_close("o", ref_o, o.cpu())
+    assert_close("ht", ref_ht, ht.cpu())
 
 
 def test_rejects_bad_shapes():

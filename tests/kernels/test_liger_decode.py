@@ -1,5 +1,3 @@
-import os
-
 import linearize.kernels.liger as liger_mod
 import pytest
 import torch
@@ -9,6 +7,7 @@ from linearize.kernels.liger import liger_decode, naive_liger_decode, torch_lige
 from linearize.kernels.window import naive_sliding_window_attention
 
 from tests.kernels._close import assert_close
+from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE
 
 pytestmark = pytest.mark.triton
 
@@ -22,8 +21,6 @@ SHAPES = {
     "H2-Hkv2-D64-W5": (3, 2, 2, 64, 5),
     "H6-Hkv2-D24-W7": (3, 6, 2, 24, 7),  # nothing a power of two: every mask matters
 }
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available()
 # how the Triton path runs: (device, activation dtype, relative L2 tolerance): fp32, and bf16 activations (the log
 # decay and the state stay fp32, as the layer passes them), whose output rounding needs a looser tolerance.
 # only the runs this machine can do are collected, so nothing is reported as skipped
@@ -183,9 +180,9 @@ def test_dispatch(monkeypatch):
     ref = naive_liger_decode(**inputs, scale=0.2, mix=0.3)
     for backend in ("reference", "torch"):
         _check(ref, liger_decode(**inputs, scale=0.2, mix=0.3, backend=backend))
-    if INTERPRET or CUDA:
-        device = "cpu" if INTERPRET else "cuda"
-        out = liger_decode(**{name: x.to(device) for name, x in inputs.items()}, scale=0.2, mix=0.3, backend="triton")
+    if TRITON_DEVICE:
+        on_device = {name: x.to(TRITON_DEVICE) for name, x in inputs.items()}
+        out = liger_decode(**on_device, scale=0.2, mix=0.3, backend="triton")
         _check(ref, tuple(x.cpu() for x in out))
         if CUDA:  # CUDA tensors default to the fused kernel
             monkeypatch.delenv("LINEARIZE_BACKEND", raising=False)

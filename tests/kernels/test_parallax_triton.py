@@ -21,6 +21,7 @@ from linearize.kernels.parallax.decode_triton import triton_parallax_decode
 from linearize.kernels.parallax.triton import triton_parallax_attention
 
 from tests.kernels._close import assert_close
+from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE, needs_triton_device
 
 pytestmark = pytest.mark.triton
 
@@ -34,15 +35,15 @@ SHAPES = {
     "T1-P20-H4-Hkv2-D16-w8-m16-n16-left": (2, 1, 4, 2, 16, 20, 8, 16, 16, "left"),
 }
 # (device, dtype, ratio of assert_close)
-CONFIGS = {"cpu-fp32": ("cpu", torch.float32, 1e-4)}
-if torch.cuda.is_available():
+CONFIGS = {"cpu-fp32": ("cpu", torch.float32, 1e-4)} if INTERPRET else {}
+if CUDA:
     CONFIGS |= {
         "cuda-fp32": ("cuda", torch.float32, 1e-4),
         "cuda-bf16": ("cuda", torch.bfloat16, 2e-2),
         "cuda-fp16": ("cuda", torch.float16, 2e-2),
     }
 # the decode step is cheap enough on the interpreter to run in half precision there too
-DECODE_CONFIGS = CONFIGS if torch.cuda.is_available() else CONFIGS | {"cpu-bf16": ("cpu", torch.bfloat16, 2e-2)}
+DECODE_CONFIGS = CONFIGS | ({"cpu-bf16": ("cpu", torch.bfloat16, 2e-2)} if INTERPRET and not CUDA else {})
 FLOAT_INPUTS = ("q", "r", "k", "v", "past_k", "past_v")
 
 
@@ -88,6 +89,10 @@ def _fp32(x: dict) -> dict:
     return {name: t.float() if torch.is_tensor(t) and t.is_floating_point() else t for name, t in x.items()}
 
 
+def _on_triton_device(x: dict) -> dict:
+    return {name: t.to(TRITON_DEVICE) if torch.is_tensor(t) else t for name, t in _fp32(x).items()}
+
+
 @functools.cache
 def _reference(shape_id: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return _run(naive_parallax_attention, _inputs(shape_id, dtype))
@@ -106,7 +111,7 @@ def test_triton_matches_reference(config, shape_id):
         assert_close(name, ref[name], out[name].cpu(), ratio=ratio)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA configs run half precision on the GPU")
+@pytest.mark.skipif(not INTERPRET or CUDA, reason="needs the interpreter; the CUDA configs run half precision on a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(
     ("shape_id", "tiles"),
@@ -159,15 +164,18 @@ def test_decode_without_validity(config):
     assert_close("o", ref, o.cpu(), ratio=ratio)
 
 
+@needs_triton_device
 def test_dispatchers(monkeypatch):
     """The "triton" backend without gradients (nothing saved for the backward) and a custom scale."""
     shape_id = "T37-P9-H4-Hkv2-D16-w12-m32-n16-left"
     x = _inputs(shape_id, torch.float32)
     monkeypatch.setenv("LINEARIZE_BACKEND", "triton")
-    assert_close("o", naive_parallax_attention(**x, scale=0.2), parallax_attention(**_fp32(x), scale=0.2))
+    o = parallax_attention(**_on_triton_device(x), scale=0.2)
+    assert_close("o", naive_parallax_attention(**x, scale=0.2), o.cpu())
     keys, values = torch.cat([x["past_k"], x["k"]], 1), torch.cat([x["past_v"], x["v"]], 1)
     args = {"q": x["q"][:, -1], "r": x["r"][:, -1], "k_cache": keys, "v_cache": values, "cache_valid": x["key_valid"]}
-    assert_close("decode", naive_parallax_decode(**args, window=12), parallax_decode(**_fp32(args), window=12))
+    o = parallax_decode(**_on_triton_device(args), window=12)
+    assert_close("decode", naive_parallax_decode(**args, window=12), o.cpu())
 
 
 def test_rejects_bad_inputs():

@@ -2,8 +2,6 @@
 at steps that fold a chunk out of the ring and steps that do not; and decoding from an empty cache against the
 sequence oracle, whose last row each step must be."""
 
-import os
-
 import linearize.kernels.still as still_mod
 import pytest
 import torch
@@ -18,6 +16,7 @@ from linearize.kernels.still import (
 )
 
 from tests.kernels._close import assert_close
+from tests.kernels._devices import TRITON_DEVICE, needs_triton_device
 
 # (B, H, Hkv, D, chunk_size, topk)
 SHAPES = {
@@ -25,7 +24,6 @@ SHAPES = {
     "H3-Hkv1-D128-C3-k1": (3, 3, 1, 128, 3, 1),  # a group of 3 query heads, nothing a power of two but D
     "H2-Hkv2-D64-C5-k5": (2, 2, 2, 64, 5, 5),  # topk = C: every folded token stays exact, the state stays empty
 }
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def k_features(x: torch.Tensor) -> torch.Tensor:
@@ -190,19 +188,18 @@ def test_topk_beyond_the_chunk_raises():
 
 
 @pytest.mark.triton
-@pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or Triton's interpreter")
+@needs_triton_device
 def test_triton_backend_selects_with_the_kernel():
     """The "triton" backend runs the torch step with the Triton top-k selection: the same steps as the reference."""
     shape_id = "H4-Hkv2-D64-C4-k2"
-    device = "cpu" if INTERPRET else "cuda"
     C = SHAPES[shape_id][4]
     tokens = _tokens(shape_id, 2 * C + 1)
     cache = _empty_cache(shape_id, torch.float32)
     for t in range(2 * C):
         cache = _step(torch_still_decode, tokens, t, cache, shape_id)[1]
     ref = _step(naive_still_decode, tokens, 2 * C, cache, shape_id)  # row 0 folds its first chunk
-    tokens = {name: x.to(device) for name, x in tokens.items()}
-    cache = StillDecodeState(*(x.to(device) for x in cache))
+    tokens = {name: x.to(TRITON_DEVICE) for name, x in tokens.items()}
+    cache = StillDecodeState(*(x.to(TRITON_DEVICE) for x in cache))
     o, new = _step(still_decode, tokens, 2 * C, cache, shape_id, backend="triton")
     _check(ref, (o.cpu(), StillDecodeState(*(x.cpu() for x in new))), 1e-4)
     assert new.salient_valid.any()

@@ -33,6 +33,7 @@ from linearize.kernels.still.saliency_triton import triton_self_saliency
 from linearize.kernels.still.selection_triton import triton_select_salient
 
 from tests.kernels._close import assert_close
+from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE, needs_triton_device
 
 pytestmark = pytest.mark.triton
 
@@ -47,9 +48,9 @@ SHAPES = {
 }
 SHAPE_DEFAULT = "T37-H4-Hkv2-D16-c16-pad"
 # (device, dtype, ratio of assert_close)
-CONFIGS = {"cpu-fp32": ("cpu", torch.float32, 1e-4), "cpu-bf16": ("cpu", torch.bfloat16, 2e-2)}
+CONFIGS = {"cpu-fp32": ("cpu", torch.float32, 1e-4), "cpu-bf16": ("cpu", torch.bfloat16, 2e-2)} if INTERPRET else {}
 CPU_BF16_SHAPES = ("T34-H4-Hkv2-D32-c16", "T37-H4-Hkv2-D16-c16-pad")  # of the attention, of the saliency
-if torch.cuda.is_available():
+if CUDA:
     CONFIGS |= {
         "cuda-fp32": ("cuda", torch.float32, 1e-4),
         "cuda-bf16": ("cuda", torch.bfloat16, 2e-2),
@@ -122,6 +123,10 @@ def _reference(shape_id: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return _run(naive_still_attention, x)
 
 
+def _on_triton_device(x: dict) -> dict:
+    return {name: t.to(TRITON_DEVICE) if torch.is_tensor(t) else t for name, t in x.items()}
+
+
 @pytest.mark.parametrize(("config", "shape_id"), _cases(CPU_BF16_SHAPES[0]))
 def test_attention_matches_reference(config, shape_id):
     device, dtype, ratio = CONFIGS[config]
@@ -133,13 +138,14 @@ def test_attention_matches_reference(config, shape_id):
         assert_close(name, ref[name], out[name].float().cpu(), ratio=ratio)
 
 
+@needs_triton_device
 def test_attention_without_grad():
     """Inference (nothing saved for the backward) with the default salient tile, a custom scale and eps."""
     x = _inputs(SHAPE_DEFAULT, torch.float32)
     kwargs = {"scale": 0.2, "eps": 1e-3}
     with torch.no_grad():
-        o = triton_still_attention(**x, **kwargs)
-    assert_close("o", naive_still_attention(**x, **kwargs), o)
+        o = triton_still_attention(**_on_triton_device(x), **kwargs)
+    assert_close("o", naive_still_attention(**x, **kwargs), o.cpu())
 
 
 @pytest.mark.parametrize("window", [5, "chunk", 64])
@@ -181,6 +187,7 @@ def _spy(module, name: str, calls: list[str], monkeypatch) -> None:
     monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(name) or fn(*args, **kwargs))
 
 
+@needs_triton_device
 @pytest.mark.parametrize("choice", ["argument", "environment"])
 def test_dispatch(choice, monkeypatch):
     """Saliency, selection and attention chained through the "triton" backend (as an argument or through
@@ -194,10 +201,12 @@ def test_dispatch(choice, monkeypatch):
         monkeypatch.setenv("LINEARIZE_BACKEND", "triton")
     x = dict(_inputs(SHAPE_DEFAULT, torch.float32))
     C, topk = x["chunk_size"], SHAPES[SHAPE_DEFAULT][6]
-    scores = self_saliency(x["q"], x["k"], window=C, key_valid=x["key_valid"], backend=backend)
-    x["salient"] = select_salient(scores, chunk_size=C, topk=topk, backend=backend)
-    o = still_attention(**x, backend=backend)
+    on_device = _on_triton_device(x)
+    scores = self_saliency(on_device["q"], on_device["k"], window=C, key_valid=on_device["key_valid"], backend=backend)
+    on_device["salient"] = select_salient(scores, chunk_size=C, topk=topk, backend=backend)
+    o = still_attention(**on_device, backend=backend)
     assert calls == ["triton_self_saliency", "triton_select_salient", "triton_still_attention"]
+    scores, x["salient"], o = scores.cpu(), on_device["salient"].cpu(), o.cpu()
 
     ref_scores = naive_self_saliency(x["q"], x["k"], window=C, key_valid=x["key_valid"])
     assert_close("scores", ref_scores[ref_scores.isfinite()], scores[scores.isfinite()])
