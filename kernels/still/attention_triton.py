@@ -11,6 +11,7 @@ the previous chunk's keys plus the listed salient keys.
 """
 
 import math
+import warnings
 
 import torch
 
@@ -27,6 +28,11 @@ from .reference import check_inputs
 
 LOG2E = math.log2(math.e)
 SALIENT_BLOCK = 64  # salient slots per inner step of the forward and the query-side backward
+UNVERIFIED_BACKWARD = (
+    "STILL's fused Triton backward gave a wrong dq (relative error 0.3, every other gradient right) in bfloat16 on "
+    "an H200 with triton 3.6 (docs/gpu-runs.md, 2026-12-04), while the same kernels are right under Triton's "
+    "interpreter; until a GPU run verifies a fix, train STILL with LINEARIZE_BACKEND=torch"
+)
 
 
 def salient_slots(salient: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, int]:
@@ -169,6 +175,8 @@ def triton_still_attention(
     two >= 16) sets how many salient keys a query chunk reads per step, for tests.
     """
     check_inputs(q, k, v, q_feat, k_feat, gate, salient, chunk_size, key_valid)
+    if q.is_cuda and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, q_feat, k_feat, gate)):
+        warnings.warn(UNVERIFIED_BACKWARD, stacklevel=2)
     if salient_block < 16 or salient_block & (salient_block - 1):
         raise ValueError(f"salient_block must be a power of two >= 16, got {salient_block}")
     D = q.shape[-1]

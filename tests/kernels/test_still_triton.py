@@ -138,6 +138,20 @@ def test_attention_matches_reference(config, shape_id):
         assert_close(name, ref[name], out[name].float().cpu(), ratio=ratio)
 
 
+class _ClaimsCuda(torch.Tensor):
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_training_on_cuda_warns_that_the_fused_backward_is_unverified():
+    """Until a GPU run verifies a fix of dq (docs/gpu-runs.md), a CUDA call that needs gradients says so."""
+    x = _inputs(SHAPE_DEFAULT, torch.float32)
+    q = torch.Tensor._make_subclass(_ClaimsCuda, x["q"].clone(), True)
+    with pytest.warns(UserWarning, match="LINEARIZE_BACKEND=torch"), pytest.raises(ValueError, match="salient_block"):
+        triton_still_attention(**(x | {"q": q}), salient_block=3)  # stops after the warning, before any kernel
+
+
 @needs_triton_device
 def test_attention_without_grad():
     """Inference (nothing saved for the backward) with the default salient tile, a custom scale and eps."""
