@@ -59,31 +59,30 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from gpu_diagnose import FAMILIES, locate, relative_error, sweep_configs  # beside this file, the script's folder
+from gpu_inputs import (
+    CHUNK,
+    PROBE,
+    SWA_RECENT,
+    SWA_SINKS,
+    TOPK,
+    WINDOW,
+    Setup,
+    liger_decode_inputs,
+    liger_inputs,
+    parallax_inputs,
+    randn,
+    sink_mask,
+    still_inputs,
+)
 from linearize.kernels import gated_linear_attention, sliding_window_attention
 from linearize.kernels.liger import liger_attention, liger_decode
 from linearize.kernels.parallax import parallax_attention, parallax_decode
 from linearize.kernels.still import select_salient, self_saliency, still_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-WINDOW = 64  # Liger's window branch: keys per query, its own included
-SWA_RECENT, SWA_SINKS = 60, 4  # the swa baseline: a window of 64 counting 4 sinks
-CHUNK, TOPK = 64, 4  # STILL: chunk size (and saliency window), salient tokens per chunk
-PROBE = 0.05  # Parallax's probe r = PROBE * randn, small as a converted layer's (zero at conversion)
 FAST_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 START = time.perf_counter()
 PROBLEMS: list[str] = []  # the rows that failed or raised, for the summary and the exit status
-
-
-class Setup(NamedTuple):
-    device: str
-    dtype: torch.dtype  # activations; gates of linear states and the states stay fp32
-    backend: str  # ours: "triton" on CUDA, "torch" in --smoke
-    tol: float  # of the relative errors
-    strict: bool  # raise (--smoke) instead of printing ERROR and going on
-    budget: float  # seconds into the run after which no new row starts
-    H: int
-    Hkv: int
-    D: int
 
 
 class Case(NamedTuple):
@@ -158,82 +157,6 @@ def header(setup: Setup) -> None:
     say(f"python {platform.python_version()}, torch {torch.__version__}{cuda}, triton {version('triton', 'triton')}")
     say(f"transformers {transformers.__version__}, fla {version('fla', 'fla-core', 'flash-linear-attention')}")
     say(f"device {device}; our backend {setup.backend!r}, activations {setup.dtype}")
-
-
-# ---------------------------------------------------------------- inputs, as the layers make them
-
-
-def randn(s: Setup, *shape: int, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return (scale * torch.randn(*shape, device=s.device)).to(dtype or s.dtype)
-
-
-def softmax_features(s: Setup, *shape: int) -> torch.Tensor:
-    """Liger's feature map: a softmax over the head dim."""
-    return torch.randn(*shape, device=s.device).softmax(-1).to(s.dtype)
-
-
-def np_map_features(s: Setup, *shape: int) -> torch.Tensor:
-    """STILL's NP-Map-like features [softmax(u), softmax(-u)], twice the head dim, positive."""
-    u = torch.randn(*shape, device=s.device)
-    return torch.cat([u.softmax(-1), (-u).softmax(-1)], dim=-1).to(s.dtype)
-
-
-def log_decay(s: Setup, *shape: int) -> torch.Tensor:
-    """Liger's gates logsigmoid(x) / 16 in fp32, x ~ N(0, 4^2) as in the kernel tests."""
-    return F.logsigmoid(4 * torch.randn(*shape, device=s.device)) / 16
-
-
-def sink_mask(s: Setup, T: int) -> torch.Tensor:
-    """`[1, T, SWA_SINKS]`: a query sees sink token e (one of the first tokens) once its window has left it."""
-    t, e = torch.arange(T, device=s.device)[:, None], torch.arange(SWA_SINKS, device=s.device)[None, :]
-    return (e <= t - SWA_RECENT)[None]
-
-
-def liger_inputs(s: Setup, T: int) -> dict[str, torch.Tensor]:
-    H, Hkv, D = s.H, s.Hkv, s.D
-    return {
-        "q_lin": softmax_features(s, 1, T, H, D),
-        "k_lin": softmax_features(s, 1, T, Hkv, D),
-        "v": randn(s, 1, T, Hkv, D),
-        "g": log_decay(s, 1, T, Hkv, D),
-        "q_rot": randn(s, 1, T, H, D),
-        "k_rot": randn(s, 1, T, Hkv, D),
-    }
-
-
-def liger_decode_inputs(s: Setup, B: int, filled: list[int]) -> dict[str, torch.Tensor]:
-    """One new token per row; row b has `filled[b]` valid window slots (the last ones)."""
-    H, Hkv, D = s.H, s.Hkv, s.D
-    slots = torch.arange(WINDOW, device=s.device)
-    return {
-        "q_lin": softmax_features(s, B, H, D),
-        "k_lin": softmax_features(s, B, Hkv, D),
-        "v": randn(s, B, Hkv, D),
-        "g": log_decay(s, B, Hkv, D),
-        "state": randn(s, B, Hkv, D, D, scale=0.1, dtype=torch.float32),
-        "q_rot": randn(s, B, H, D),
-        "window_k": randn(s, B, WINDOW, Hkv, D),
-        "window_v": randn(s, B, WINDOW, Hkv, D),
-        "window_valid": slots >= WINDOW - torch.tensor(filled, device=s.device)[:, None],
-    }
-
-
-def still_inputs(s: Setup, T: int) -> dict[str, torch.Tensor]:
-    H, Hkv, D = s.H, s.Hkv, s.D
-    return {
-        "q": randn(s, 1, T, H, D),
-        "k": randn(s, 1, T, Hkv, D),
-        "v": randn(s, 1, T, Hkv, D),
-        "q_feat": np_map_features(s, 1, T, H, D),
-        "k_feat": np_map_features(s, 1, T, H, D),  # per query head: K is GQA-expanded before the map
-        "gate": torch.sigmoid(torch.randn(1, T, H, D, device=s.device)).to(s.dtype),
-    }
-
-
-def parallax_inputs(s: Setup, T: int) -> dict[str, torch.Tensor]:
-    H, Hkv, D = s.H, s.Hkv, s.D
-    q, r = randn(s, 1, T, H, D), randn(s, 1, T, H, D, scale=PROBE)
-    return {"q": q, "r": r, "k": randn(s, 1, T, Hkv, D), "v": randn(s, 1, T, Hkv, D)}
 
 
 # ---------------------------------------------------------------- correctness
@@ -332,6 +255,15 @@ def run_case(case: Case, inputs: dict, backend: str, cotangents: dict | None = N
     return {name: o.detach() for name, o in out.items()} | grads, cotangents
 
 
+def against_reference(case: Case, backend: str) -> tuple[dict, dict, dict]:
+    """Our outputs and gradients, the reference's on the same values widened to `case.reference_dtype` with the same
+    cotangents, and those cotangents."""
+    ours, cotangents = run_case(case, case.inputs, backend)
+    widen = {name: t.to(case.reference_dtype) if t.is_floating_point() else t for name, t in case.inputs.items()}
+    reference, _ = run_case(case, widen, "reference", cotangents)
+    return ours, reference, cotangents
+
+
 def report(name: str, T: int, quantity: str, error: float, tol: float) -> None:
     ok = error <= tol  # False for NaN
     if not ok:
@@ -342,9 +274,7 @@ def report(name: str, T: int, quantity: str, error: float, tol: float) -> None:
 def check(s: Setup, case: Case, T: int) -> list[str]:
     """One row per output and gradient; for each that fails on CUDA, where its error sits, then a sweep of the
     launch configurations of the op's autotuned kernels. Returns the failing quantities."""
-    ours, cotangents = run_case(case, case.inputs, s.backend)
-    widen = {name: t.to(case.reference_dtype) if t.is_floating_point() else t for name, t in case.inputs.items()}
-    reference, _ = run_case(case, widen, "reference", cotangents)
+    ours, reference, cotangents = against_reference(case, s.backend)
     failed = []
     for quantity, ref in reference.items():
         error = relative_error(ref, ours[quantity])
@@ -405,9 +335,7 @@ def in_fp32(s: Setup, build: Callable[[Setup], Case], T: int, failed: list[str])
     """A case that failed in half precision, again on fp32 inputs (exact dots): the same failure points at the
     algorithm or a miscompile, none at precision. Printed only; the half-precision rows decided the verdict."""
     case = build(s._replace(dtype=torch.float32))
-    ours, cotangents = run_case(case, case.inputs, s.backend)
-    widen = {name: t.to(case.reference_dtype) if t.is_floating_point() else t for name, t in case.inputs.items()}
-    reference, _ = run_case(case, widen, "reference", cotangents)
+    ours, reference, _ = against_reference(case, s.backend)
     errors = " ".join(f"{q} {relative_error(reference[q], ours[q]):.2e}" for q in failed)
     say(f"    {case.name} on fp32 inputs: {errors}")
 

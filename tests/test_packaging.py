@@ -42,6 +42,13 @@ def test_wheel_holds_linearize_kernels_and_imports_from_it(tmp_path):
     assert result.stdout.strip().startswith(str(tmp_path / "site"))
 
 
+def _from_checkout_root(probe: str) -> str:
+    """stdout of `python -c probe` run from the checkout's root (first on sys.path, as `python -m` puts it)."""
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_a_checkout_root_on_sys_path_does_not_shadow_the_installed_kernels_package():
     """`python -m linearize` from a checkout puts its root first on sys.path, where kernels/ is found as the top-level
     `kernels`: the Hugging Face package transformers >= 5.25 imports. The folder hands that name over."""
@@ -57,9 +64,7 @@ def test_a_checkout_root_on_sys_path_does_not_shadow_the_installed_kernels_packa
         "import linearize.kernels\n"
         "print(linearize.kernels.__file__, sorted(m for m in sys.modules if m.startswith('kernels._shadowed')))\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    top_level, ours = result.stdout.splitlines()
+    top_level, ours = _from_checkout_root(probe).splitlines()
     assert top_level == (installed.origin if installed else "kernels")
     assert ours == f"{ROOT / 'kernels' / '__init__.py'} []"
 
@@ -88,6 +93,4 @@ def test_without_the_kernels_package_a_checkout_root_on_sys_path_keeps_transform
         "except AttributeError as error:\n"
         "    print(is_kernels_available(), 'not installed' in str(error))\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "True"]
+    assert _from_checkout_root(probe).split() == ["False", "True"]
