@@ -8,6 +8,7 @@ runs them all from a model id or folder, then optionally compares and pushes: wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .layers.base import LinearizedAttention
 from .methods import MethodSettings, get_method, method_settings
 from .models import LinearizeConfig, LinearizeForCausalLM
 from .outputs import atomic_folder, check_output_folder
+from .selection import DEFAULT_SCORER, LayerSelection, parse_auto, scoring_passes, select_layers
 
 PLAN_CONTEXT = 8192  # context length at which the plan compares cache sizes
 PASS_TOKENIZER = "pass --tokenizer PATH_OR_ID (a folder or hub id with the same model's tokenizer)"
@@ -50,12 +52,22 @@ _AUTO_MAP = {
 
 
 def parse_softmax_layers(spec: str | None, num_layers: int) -> list[int]:
-    """Parse `--softmax-layers`: '' (none), '0,8,16' (those layers) or 'every:8' (layers 0, 8, 16, ...)."""
+    """Parse `--softmax-layers`: '' (none), '0,8,16' (those layers) or 'every:8' (layers 0, 8, 16, ...). 'auto:K'
+    is measured, not parsed: `plan_conversion` plans it with no kept layers until `convert_and_save` scores."""
     if not spec:
         return []
     usage = (
-        f"use a comma-separated list of layer indices below {num_layers} (e.g. '0,8,16') or 'every:N' (e.g. 'every:8')"
+        f"use a comma-separated list of layer indices below {num_layers} (e.g. '0,8,16'), 'every:N' (e.g. 'every:8') "
+        "or 'auto:K' (the K layers that converting hurts most)"
     )
+    request = parse_auto(spec)
+    if request is not None:
+        if request.k > num_layers:
+            raise LinearizeError(
+                f"--softmax-layers '{spec}' keeps more layers than the model has ({num_layers}): choose K from 0 "
+                f"to {num_layers}"
+            )
+        return []
     if spec.startswith("every:"):
         step = spec.removeprefix("every:")
         if not step.isdigit() or int(step) < 1:
@@ -90,6 +102,7 @@ def build_config(
     settings: MethodSettings,
     softmax_layers: list[int],
     source_model: str | None = None,
+    selection: LayerSelection | None = None,
 ) -> LinearizeConfig:
     family = get_family(source_config.model_type)
     num_layers = source_config.num_hidden_layers
@@ -108,7 +121,12 @@ def build_config(
         base_model_type=family.model_type,
         source_model=source_model,
         layer_types=[source_types[i] if i in softmax_layers else converted_type for i in range(num_layers)],
-        linearize={"method": method, **settings.to_dict(), "softmax_layers": softmax_layers},
+        linearize={
+            "method": method,
+            **settings.to_dict(),
+            "softmax_layers": softmax_layers,
+            **({"layer_selection": selection.to_dict()} if selection is not None else {}),
+        },
         **fields,
     )
 
@@ -141,10 +159,17 @@ class ConversionPlan:
     source_parameters: int
     converted_parameters: int
     dtype_bytes: int
+    auto_layers: int | None = None  # 'auto:K' before scoring: K layers will stay softmax, none is chosen yet
 
     @property
     def settings(self) -> dict[str, Any]:
         return self.config.linearize
+
+    @property
+    def selection(self) -> LayerSelection | None:
+        """How 'auto:K' chose the kept layers, once scored."""
+        saved = self.settings.get("layer_selection")
+        return LayerSelection(**saved) if saved else None
 
     def layer_groups(self) -> list[tuple[str, str]]:
         """Runs of consecutive layers with the same fate, as ('0-7', 'liger') pairs."""
@@ -194,28 +219,41 @@ def plan_conversion(
     source_config,
     source: str,
     method: str,
-    softmax_layers: str | None = None,
+    softmax_layers: str | LayerSelection | None = None,
     dtype: str = "auto",
     **options: int | float | None,
 ) -> ConversionPlan:
     """Everything `convert` will do, from the source config alone (no weights are read). `options` are the
-    method's parameters (None: the default; see `linearize.methods`)."""
+    method's parameters (None: the default; see `linearize.methods`).
+
+    `softmax_layers` is a `--softmax-layers` value (see `parse_softmax_layers`) or a scored `LayerSelection`. An
+    'auto:K' value plans every layer converted, with `auto_layers` K: scoring needs the weights."""
     get_family(source_config.model_type)
     settings = method_settings(method, **options)
     _check_token_counts_fit(settings, getattr(source_config, "max_position_embeddings", None))
+    selection = softmax_layers if isinstance(softmax_layers, LayerSelection) else None
+    request = None if selection is not None else parse_auto(softmax_layers)
     config = build_config(
         source_config,
         method,
         settings,
-        parse_softmax_layers(softmax_layers, source_config.num_hidden_layers),
+        selection.layers if selection else parse_softmax_layers(softmax_layers, source_config.num_hidden_layers),
         source_model=source_hub_id(source),
+        selection=selection,
     )
     unconverted = build_config(source_config, method, settings, list(range(source_config.num_hidden_layers)))
     torch_dtype = getattr(source_config, "dtype", None) if dtype == "auto" else getattr(torch, dtype)
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
     dtype_bytes = torch.finfo(torch_dtype).bits // 8 if isinstance(torch_dtype, torch.dtype) else 2
-    return ConversionPlan(source, config, _count_parameters(unconverted), _count_parameters(config), dtype_bytes)
+    return ConversionPlan(
+        source,
+        config,
+        _count_parameters(unconverted),
+        _count_parameters(config),
+        dtype_bytes,
+        auto_layers=request.k if request else None,
+    )
 
 
 def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM:
@@ -240,6 +278,36 @@ def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM
     model.tie_weights()
     model.generation_config = source_model.generation_config
     return model.to(source_model.dtype).eval()
+
+
+def keep_softmax_layers(model, config: LinearizeConfig):
+    """Turn the layers that `config` keeps as softmax attention, converted in `model`, back into the source's
+    attention, in place, and give `model` that config; returns `model`.
+
+    A kept layer gets the family's own attention around the converted layer's projections (the same modules, so
+    LoRA adapters on them stay, and nothing is copied); what the method added to it is dropped. `model` is a
+    LinearizeForCausalLM or a peft model around one, and `config` must differ from its config only in the kept
+    layers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = get_family(config.base_model_type)
+    family_config = config.family_config()
+    for layer_idx in config.linearize["softmax_layers"]:
+        decoder_layer = base.model.layers[layer_idx]
+        converted = decoder_layer.self_attn
+        if not isinstance(converted, LinearizedAttention):
+            continue
+        with torch.device("meta"):
+            kept = family.attention_class(family_config, layer_idx)
+        for name, _ in list(kept.named_children()):
+            setattr(kept, name, getattr(converted, name))
+        left = [name for name, p in kept.named_parameters() if p.is_meta]
+        if left:
+            raise LinearizeError(f"the {family.model_type} attention has parameters a converted layer lacks: {left}")
+        decoder_layer.self_attn = kept.train(converted.training)
+    base.config.layer_types = config.layer_types
+    base.config.linearize = config.linearize
+    base.model.config.layer_types = family_config.layer_types
+    return model
 
 
 def save_model(model: LinearizeForCausalLM, tokenizer, out: Path, force: bool = False) -> Path:
@@ -275,8 +343,12 @@ class ConvertReport:
     def step(self, text: str) -> None:
         """A step begins: reading the config, loading, converting and saving, comparing."""
 
+    def scoring(self, total: int) -> Callable[[], None]:
+        """Layer scoring for 'auto:K' begins; the returned callback is called `total` times as it advances."""
+        return lambda: None
+
     def planned(self, plan: ConversionPlan) -> None:
-        """The plan is made, from the config alone: no weights have been read."""
+        """The plan is made: from the config alone, or with 'auto:K' once the layers are scored."""
 
     def saved(self, conversion: Conversion) -> None:
         """The output folder is complete; the comparison and the push, when asked for, follow."""
@@ -294,6 +366,9 @@ def convert_and_save(
     method: str = "liger",
     *,
     softmax_layers: str | None = None,
+    layer_scorer: str = DEFAULT_SCORER,
+    calibration: str | None = None,
+    calibration_windows: int | None = None,
     dtype: str = "auto",
     device: str = "auto",
     force: bool = False,
@@ -312,7 +387,12 @@ def convert_and_save(
             does: no weights are read and nothing is checked or written.
         method: a name in `methods.METHODS`; `options` are its parameters (window, sinks, ...; see
             `method_settings`).
-        softmax_layers: the layers kept as softmax attention (see `parse_softmax_layers`).
+        softmax_layers: the layers kept as softmax attention (see `parse_softmax_layers`); 'auto:K' scores every
+            layer on calibration text first and keeps the K worst (`linearize.selection`), which loads the weights
+            even when `output` is None.
+        layer_scorer, calibration, calibration_windows: with 'auto:K', the scorer (a key of
+            `selection.SCORERS`), the text source scored on (as `linearize eval --text` takes it; default the
+            built-in corpus's training split) and how many 512-token windows of it (None: the defaults).
         dtype: of the saved weights: "auto" (the source's), "float32", "bfloat16" or "float16".
         device: where to load and compare: "auto", "cpu", "cuda", "cuda:1", ...
         force: replace an existing output.
@@ -333,20 +413,38 @@ def convert_and_save(
             is not done.
     """
     report = report or ConvertReport()
+    request = parse_auto(softmax_layers, layer_scorer, calibration=calibration, windows=calibration_windows)
     if output is not None:
         _check_targets(Path(output), force, model, push_to_hub)
     report.step("Reading the source config")
     source = model or sources.EMBEDDED_NAME
-    plan = plan_conversion(sources.load_config(model), source, method, softmax_layers, dtype, **options)
-    report.planned(plan)
+    source_config = sources.load_config(model)
+    plan = plan_conversion(source_config, source, method, softmax_layers, dtype, **options)
+    if request is not None:
+        request.check_method(method)
+    else:
+        report.planned(plan)
+        if output is None:
+            return Conversion(plan)
+    device = pick_device(device)
+    report.step(f"Loading {source}")
+    source_model, tokens = _load_source(model, dtype, device, tokenizer, verify, scoring=request is not None)
+    converted = None
+    if request is not None:  # every layer converted: score them, then keep the worst as softmax
+        report.step(f"Scoring {source_config.num_hidden_layers} layers ({request.scorer})")
+        step = report.scoring(scoring_passes(request.scorer, source_config.num_hidden_layers) * request.windows)
+        converted = convert_model(source_model, plan.config)
+        selection = select_layers(converted, tokens, request, step)
+        plan = plan_conversion(source_config, source, method, selection, dtype, **options)
+        converted = keep_softmax_layers(converted, plan.config)
+        report.planned(plan)
     conversion = Conversion(plan)
     if output is None:
         return conversion
-    device = pick_device(device)
-    report.step(f"Loading {source}")
-    source_model, tokens = _load_source(model, dtype, device, tokenizer, verify)
     report.step("Converting and saving")
-    conversion.output = save_model(convert_model(source_model, plan.config), tokens, output, force=force)
+    if converted is None:
+        converted = convert_model(source_model, plan.config)
+    conversion.output = save_model(converted, tokens, output, force=force)
     conversion.tokenizer_saved = tokens is not None
     report.saved(conversion)
     if verify:
@@ -364,9 +462,13 @@ def _check_targets(output: Path, force: bool, model: str | None, push_to_hub: st
         check_can_push()
 
 
-def _load_source(model: str | None, dtype: str, device: str, tokenizer: str | None, verify: bool):
-    # Without verify, a source without a tokenizer still converts (the caller is told); the comparison needs one.
-    tokenizer_fix = f"{PASS_TOKENIZER}, or drop --verify" if verify else None
+def _load_source(model: str | None, dtype: str, device: str, tokenizer: str | None, verify: bool, scoring: bool):
+    # A source without a tokenizer still converts (the caller is told); a comparison or layer scoring needs one.
+    tokenizer_fix = None
+    if scoring:
+        tokenizer_fix = f"{PASS_TOKENIZER}: --softmax-layers auto:K scores layers on text"
+    elif verify:
+        tokenizer_fix = f"{PASS_TOKENIZER}, or drop --verify"
     loaded, tokens, _ = sources.load(
         model, dtype=dtype, device=device, tokenizer=tokenizer, tokenizer_fix=tokenizer_fix
     )

@@ -76,18 +76,19 @@ def compare(
     ]
 
 
-def text_source(spec: str) -> DataSource:
+def text_source(spec: str, builtin_split: str = "test") -> DataSource:
     """The data source that a `--text` value names.
 
     Args:
-        spec: "builtin" (the test split of the built-in English corpus, offline), "hf:NAME[:CONFIG][:SPLIT]" (a
-            Hugging Face dataset, split "test" unless given), or a local file or glob (.txt/.md/.jsonl/.json/.parquet).
+        spec: "builtin" (the built-in English corpus, offline), "hf:NAME[:CONFIG][:SPLIT]" (a Hugging Face
+            dataset, split "test" unless given), or a local file or glob (.txt/.md/.jsonl/.json/.parquet).
+        builtin_split: the split of the built-in corpus that "builtin" means: "test" to measure, "train" to fit.
 
     Returns:
         A `linearize.data.DataSource` (text format: every token is scored).
     """
     if spec == "builtin":
-        return DataSource(builtin="english", split="test", format="text")
+        return DataSource(builtin="english", split=builtin_split, format="text")
     if spec.startswith(HF_PREFIX):
         parts = spec[len(HF_PREFIX) :].split(":")
         if not parts[0] or len(parts) > 3:
@@ -97,12 +98,12 @@ def text_source(spec: str) -> DataSource:
     return DataSource(path=spec, format="text")
 
 
-def text_windows(spec: str, tokenizer, context: int, max_windows: int) -> torch.Tensor:
+def text_windows(spec: str, tokenizer, context: int, max_windows: int, builtin_split: str = "test") -> torch.Tensor:
     """Up to `max_windows` windows [N, context] of token ids from the text source `spec` (see `text_source`).
 
     Documents are read in order, joined with EOS and cut into windows, as fine-tuning packs them; a source whose
     records are instructions or chats is refused (use plain text for perplexity)."""
-    source = text_source(spec)
+    source = text_source(spec, builtin_split)
     # read no more documents than the windows can use, assuming documents of 16 tokens or more on average
     source.max_documents = max(256, max_windows * context // 16)
     require_eos(tokenizer)

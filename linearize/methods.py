@@ -22,6 +22,10 @@ from typing import Any
 
 from .errors import LinearizeError
 
+# The keys of a converted config's `linearize` block that are not method parameters: the method and which layers
+# stay softmax attention (with `auto:K`, how they were chosen: `linearize.selection.LayerSelection`).
+LAYOUT_KEYS = ("method", "softmax_layers", "layer_selection")
+
 _META = "linearize"  # the key of a settings field's `Setting` in its dataclass metadata
 
 
@@ -128,7 +132,7 @@ class MethodSettings:
         take their defaults (which are what the older code did), and keys this version does not know are ignored
         with a warning."""
         names = {p.name for p in cls.parameters()}
-        unknown = sorted(set(saved) - names - {"method", "softmax_layers"})
+        unknown = sorted(set(saved) - names - set(LAYOUT_KEYS))
         if unknown:
             warnings.warn(
                 f"the config's linearize block has settings that method '{method}' no longer takes "

@@ -22,6 +22,8 @@ from typing import Any
 from .convert import INSTALL_COMMAND, layer_groups
 from .errors import LinearizeError
 from .hub import LOGIN_HINT, REPO_ID, check_can_push, check_repo_id
+from .methods import LAYOUT_KEYS
+from .selection import SCORERS
 from .sources import check_model_folder
 
 CARD_FILE = "README.md"
@@ -124,7 +126,25 @@ def _layers_section(config: dict[str, Any]) -> str:
     settings = config["linearize"]
     groups = layer_groups(settings["method"], config["layer_types"], settings.get("softmax_layers", []))
     rows = "\n".join(f"| {layers} | {fate} |" for layers, fate in groups)
-    return f"| layers | attention |\n|---|---|\n{rows}"
+    table = f"| layers | attention |\n|---|---|\n{rows}"
+    selection = settings.get("layer_selection")
+    if not selection:
+        return table
+    kept = ", ".join(map(str, settings["softmax_layers"])) or "none"
+    scores = "\n".join(
+        f"| {layer} | {score:.4g} | {'softmax' if layer in settings['softmax_layers'] else ''} |"
+        for layer, score in enumerate(selection["scores"])
+    )
+    when = "after attention transfer" if selection.get("after") == "attention_transfer" else "before conversion"
+    return f"""{table}
+
+The layers kept as softmax attention ({kept}) were chosen by measurement (`--softmax-layers auto:{selection["k"]}`):
+each layer was scored {when} by how much converting it alone hurts ({SCORERS[selection["scorer"]]}; scorer
+`{selection["scorer"]}`, on {selection["calibration"]}), and the {selection["k"]} highest scores stayed softmax.
+
+| layer | score | kept |
+|---|---|---|
+{scores}"""
 
 
 def _loading_section(name: str) -> str:
@@ -175,7 +195,7 @@ def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
         library_name="transformers",
         pipeline_tag="text-generation",
     )
-    params = ", ".join(f"`{k}={v}`" for k, v in settings.items() if k not in ("method", "softmax_layers"))
+    params = ", ".join(f"`{k}={v}`" for k, v in settings.items() if k not in LAYOUT_KEYS)
     origin = f"[{base}](https://huggingface.co/{base})" if base else "a model (base model not recorded)"
     recipe = folder / RECIPE_FILE
     tuning = (

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import ExitStack
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,8 +14,15 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import LinearizeError
-from ..methods import all_parameters, describe_parameter
-from .common import METHOD_HELP, Dtype, Method, app, console, exits_on_error, human_size
+from ..methods import LAYOUT_KEYS, all_parameters, describe_parameter
+from ..selection import CALIBRATION_WINDOWS, DEFAULT_SCORER, SCORERS
+from .common import METHOD_HELP, Dtype, Method, app, console, exits_on_error, human_size, progress_bar
+
+Scorer = Enum("Scorer", {name: name for name in SCORERS}, type=str)
+SCORER_HELP = "With --softmax-layers auto:K, how a layer is scored: " + "; ".join(
+    f"{name}: {text}" for name, text in SCORERS.items()
+)
+BAR_WIDTH = 30
 
 
 def _plan_table(plan) -> Table:
@@ -23,10 +32,12 @@ def _plan_table(plan) -> Table:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("family", plan.config.base_model_type)
-    params = {k: v for k, v in plan.settings.items() if k not in ("method", "softmax_layers")}
+    params = {k: v for k, v in plan.settings.items() if k not in LAYOUT_KEYS}
     table.add_row("method", f"{plan.settings['method']}  {params}")
     for layers, fate in plan.layer_groups():
         table.add_row(f"layers {layers}", fate)
+    if plan.auto_layers is not None and plan.selection is None:
+        table.add_row("kept as softmax", f"the {plan.auto_layers} layers that score worst, once the weights load")
     added = plan.converted_parameters - plan.source_parameters
     table.add_row("parameters", f"{plan.source_parameters:,} (+{added:,} added)")
     ctx = PLAN_CONTEXT
@@ -35,6 +46,23 @@ def _plan_table(plan) -> Table:
         f"{human_size(plan.converted_cache_bytes(ctx))} (original KV cache: {human_size(plan.kv_cache_bytes(ctx))})",
     )
     table.add_row("cache grows with context", _cache_growth(plan))
+    return table
+
+
+def _selection_table(selection) -> Table:
+    """Every layer's score, as a number and a bar, the kept ones marked."""
+    kept = set(selection.layers)
+    table = Table(
+        title=f"Layer scores ({selection.scorer}: {SCORERS[selection.scorer].split(' (')[0]}; {selection.calibration})",
+        caption=f"kept as softmax attention (the {selection.k} highest scores): "
+        + (", ".join(map(str, selection.layers)) or "none"),
+    )
+    for column in ("layer", "score", "", "kept"):
+        table.add_column(column, justify="right" if column in ("layer", "score") else "left")
+    top = max(max(selection.scores), 1e-12)
+    for layer, score in enumerate(selection.scores):
+        bar = "█" * round(BAR_WIDTH * max(score, 0.0) / top)
+        table.add_row(str(layer), f"{score:.4g}", bar, "softmax" if layer in kept else "")
     return table
 
 
@@ -105,10 +133,25 @@ def convert(
     softmax_layers: Annotated[
         str | None,
         typer.Option(
-            help="Layers kept as the original softmax attention: '0,8,16' or 'every:8' (layers 0, 8, 16, ...).",
+            help="Layers kept as the original softmax attention: '0,8,16', 'every:8' (layers 0, 8, 16, ...) or "
+            "'auto:K': score every layer on calibration text by how much converting it alone hurts, and keep the K "
+            "worst (loads the weights, also with --dry-run).",
             show_default=False,
         ),
     ] = None,
+    layer_scorer: Annotated[Scorer, typer.Option(help=SCORER_HELP + ".")] = DEFAULT_SCORER,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TEXT",
+            help="With auto:K, the text layers are scored on, as `linearize eval --text` takes it: a file or glob, "
+            "hf:NAME[:CONFIG][:SPLIT], or builtin (default: the built-in English corpus's training split).",
+            show_default=False,
+        ),
+    ] = None,
+    calibration_windows: Annotated[
+        int, typer.Option(min=1, help="With auto:K, the 512-token windows of calibration text scored.")
+    ] = CALIBRATION_WINDOWS,
     dtype: Annotated[Dtype, typer.Option(help="Dtype of the saved weights; auto keeps the source's.")] = "auto",
     device: Annotated[str, typer.Option(help="Device for loading and --verify: auto, cpu, cuda, cuda:1, ...")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
@@ -117,7 +160,7 @@ def convert(
         typer.Option(
             "--dry-run",
             help="Print the plan (layers, parameters, cache size) "
-            "from the source config alone; load no weights, write nothing.",
+            "from the source config alone; load no weights (but to score auto:K), write nothing.",
         ),
     ] = False,
     verify: Annotated[
@@ -162,6 +205,9 @@ def convert(
             None if dry_run else output,
             method.value,
             softmax_layers=softmax_layers,
+            layer_scorer=layer_scorer.value,
+            calibration=calibration,
+            calibration_windows=calibration_windows,
             dtype=dtype.value,
             device=device,
             force=force,
@@ -186,6 +232,7 @@ class _ConsoleReport:
     def __init__(self, model: str | None):
         self._model = model
         self._spinner = None
+        self._bar = ExitStack()
 
     def step(self, text: str) -> None:
         self.stop_spinner()
@@ -196,9 +243,17 @@ class _ConsoleReport:
         if self._spinner is not None:
             self._spinner.stop()
             self._spinner = None
+        self._bar.close()
+
+    def scoring(self, total: int) -> Callable[[], None]:
+        self.stop_spinner()
+        advance = self._bar.enter_context(progress_bar("Scoring layers", total, quiet=False))
+        return advance or (lambda: None)
 
     def planned(self, plan) -> None:
         self.stop_spinner()
+        if plan.selection is not None:
+            console.print(_selection_table(plan.selection))
         console.print(_plan_table(plan))
 
     def saved(self, conversion) -> None:

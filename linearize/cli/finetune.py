@@ -76,6 +76,13 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     table.add_column()
     for layers, fate in plan.layer_groups():
         table.add_row(f"layers {layers}", fate)
+    request = conv.selection_request()
+    if request is not None:
+        when = "after the attention transfer" if conv.selects_after_transfer else "before training"
+        table.add_row(
+            "kept as softmax",
+            f"the {request.k} layers that score worst ({request.scorer}, on {request.calibration}), chosen {when}",
+        )
     sources_text = ", ".join(s.label for s in recipe.data.sources)
     table.add_row("data", f"{sources_text}; packs of {recipe.data.seq_len} tokens, held out {recipe.data.held_out}")
     t = recipe.training

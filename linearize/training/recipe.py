@@ -21,6 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from ..errors import LinearizeError
 from ..hub import check_repo_id
 from ..methods import METHODS, all_parameters, describe_parameter, get_method, method_settings
+from ..selection import (
+    CALIBRATION_TEXT,
+    CALIBRATION_WINDOWS,
+    DEFAULT_SCORER,
+    SCORERS,
+    SelectionRequest,
+    parse_auto,
+)
 from .data import DataConfig
 
 
@@ -42,9 +50,31 @@ class ModelSection(_Strict):
     )
 
 
+class SelectionSection(_Strict):
+    scorer: Literal[tuple(SCORERS)] = Field(
+        DEFAULT_SCORER, description="how a layer is scored: " + "; ".join(f"{k}: {v}" for k, v in SCORERS.items())
+    )
+    calibration: str = Field(
+        CALIBRATION_TEXT,
+        description="text the layers are scored on, as `linearize eval --text` takes it (builtin: the built-in "
+        "corpus's training split)",
+    )
+    windows: int = Field(CALIBRATION_WINDOWS, ge=1, description="512-token windows of calibration text scored")
+    after: Literal["conversion", "attention_transfer"] = Field(
+        "conversion",
+        description="score before training, or after the attention_transfer stages that open the recipe (scores "
+        "from the trained converted layers; the kept layers' transfer is discarded)",
+    )
+
+
 class _ConversionFields(_Strict):
     method: str = Field("liger", description="conversion method: " + ", ".join(METHODS) + " (see `linearize convert`)")
-    softmax_layers: str = Field("", description="layers kept as softmax attention: '0,8,16', 'every:8' or '' (none)")
+    softmax_layers: str = Field(
+        "",
+        description="layers kept as softmax attention: '0,8,16', 'every:8', 'auto:K' (the K layers that converting "
+        "hurts most, measured; see `selection`) or '' (none)",
+    )
+    selection: SelectionSection | None = Field(None, description="with softmax_layers auto:K: how layers are scored")
 
 
 def counts_or_ratios() -> list[str]:
@@ -77,19 +107,41 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
         """The method parameters the recipe sets (None: the method's default)."""
         return {name: getattr(self, name) for name in self.method_options()}
 
-    def plan(self, source_config, source: str):
-        """The `ConversionPlan` this section describes, from the source config alone."""
+    def plan(self, source_config, source: str, selection=None):
+        """The `ConversionPlan` this section describes, from the source config alone; with 'auto:K', every layer
+        converted until a scored `selection` (a `linearize.selection.LayerSelection`) is given."""
         from ..convert import plan_conversion
 
-        return plan_conversion(source_config, source, self.method, self.softmax_layers or None, **self.options())
+        layers = selection or self.softmax_layers or None
+        return plan_conversion(source_config, source, self.method, layers, **self.options())
+
+    def selection_request(self) -> SelectionRequest | None:
+        """What 'auto:K' asks for, or None for named layers."""
+        spec = self.selection or SelectionSection()
+        return parse_auto(self.softmax_layers, spec.scorer, calibration=spec.calibration, windows=spec.windows)
+
+    @property
+    def selects_after_transfer(self) -> bool:
+        return self.selection is not None and self.selection.after == "attention_transfer"
 
     @model_validator(mode="after")
     def _settings_valid(self) -> ConversionSection:
         if self.method in METHODS:
             try:
                 method_settings(self.method, spell=lambda name: f"conversion.{name}", **self.options())
+                request = parse_auto(self.softmax_layers)
             except LinearizeError as error:
-                raise ValueError(str(error)) from None
+                raise ValueError(str(error).replace("--softmax-layers", "softmax_layers")) from None
+            if self.selection is not None and request is None:
+                raise ValueError(
+                    "selection applies to softmax_layers: auto:K (it says how the K layers are chosen); set "
+                    "softmax_layers to auto:K or remove selection"
+                )
+            if request is not None and get_method(self.method).exact_at_conversion and not self.selects_after_transfer:
+                raise ValueError(
+                    f"softmax_layers {self.softmax_layers}: method '{self.method}' computes the original attention "
+                    "exactly until trained, so every layer would score 0 at conversion; name the layers instead"
+                )
         return self
 
     @field_validator("softmax_layers", mode="before")
@@ -246,6 +298,12 @@ class Recipe(_Strict):
                     f"stages.{i}.trainable: method '{method.name}' adds no parameters, so 'new' has nothing to "
                     "train; use trainable: [lora] (LoRA on the attention projections learns the transfer)"
                 )
+            if i == 0 and self.conversion.selects_after_transfer and stage.kind != "attention_transfer":
+                raise ValueError(
+                    "conversion.selection.after: attention_transfer scores layers once the attention_transfer stages "
+                    "that open the recipe are done, and stages.0 is a lora stage; put an attention_transfer stage "
+                    "first, or select at conversion (after: conversion)"
+                )
             if stage.kind == "attention_transfer" and method.exact_at_conversion:
                 raise ValueError(
                     f"stages.{i}: method '{method.name}' computes the original attention exactly at conversion, so "
@@ -369,6 +427,8 @@ def resolved_yaml(recipe: Recipe) -> str:
 def recipe_hash(recipe: Recipe) -> str:
     """Fingerprint of what a run computes: everything but where its results go (folder, Hub repo)."""
     content = recipe.model_dump(mode="json", exclude={"output": {"dir", "push_to_hub", "private"}})
+    if content["conversion"]["selection"] is None:  # absent before it existed: runs from then still resume
+        del content["conversion"]["selection"]
     return hashlib.sha256(yaml.safe_dump(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -385,7 +445,8 @@ model:
 
 conversion:
   method: {method}
-{options}  softmax_layers: ""    # layers kept as softmax attention, e.g. "0,8,16" or "every:8"
+{options}  softmax_layers: ""    # layers kept as softmax attention, e.g. "0,8,16", "every:8" or "auto:4"
+  selection: null       # with auto:K, e.g. {{scorer: loss, calibration: builtin, windows: 4, after: conversion}}
 
 data:
   sources:

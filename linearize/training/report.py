@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -82,6 +84,20 @@ class Reporter:
             done = step - self._done_at_start
             left = elapsed / done * (total_steps - step) if done else 0.0
             self.info(f"{stage} step {step}/{total_steps}  {status}  {elapsed:.0f}s elapsed, {left:.0f}s left")
+
+    @contextmanager
+    def task(self, name: str, total: int) -> Iterator[Callable[[], None]]:
+        """A piece of work outside the stages (scoring layers): a bar on a terminal, a line at its end otherwise.
+        Yields the callback that advances it by one of `total`."""
+        started = time.perf_counter()
+        if not (self.verbose and self.console.is_terminal):
+            yield lambda: None
+            self.info(f"{name}: done in {time.perf_counter() - started:.0f}s")
+            return
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=self.console, transient=True) as bar:
+            task = bar.add_task(name, total=total)
+            yield lambda: bar.advance(task)
 
     def end_stage(self) -> None:
         if self._bar is not None:

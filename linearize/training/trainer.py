@@ -22,11 +22,12 @@ from torch import nn
 
 from .. import sources
 from ..compat import set_activation_checkpointing
-from ..convert import convert_model, save_model
+from ..convert import convert_model, keep_softmax_layers, save_model
 from ..data import PackedSequences
 from ..errors import LinearizeError
 from ..hub import check_can_push
 from ..layers.base import LinearizedAttention
+from ..selection import LayerSelection, scoring_passes, select_layers
 from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .data import FinetuneData, load_data
 from .distributed import World, average_gradients, barrier, close_world, init_world, mean_across
@@ -102,13 +103,14 @@ class Trainer:
     def __init__(self, recipe: Recipe, world: World, reporter: Reporter, run: Path):
         self.recipe, self.world, self.reporter, self.run = recipe, world, reporter, run
         self.config = recipe.training
+        self.state = RunState()
+        self.selection: LayerSelection | None = None
         self.model, self.tokenizer, self.new_names = self.build_model()
         self.sharded = False
         self.data: FinetuneData = load_data(recipe.data, self.tokenizer, seed=self.config.seed)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
         for note in self.data.notes:
             reporter.info(note)
-        self.state = RunState()
 
     # -- model surgery ------------------------------------------------------------------------------------------
     def build_model(self) -> tuple[nn.Module, object, set[str]]:
@@ -118,10 +120,36 @@ class Trainer:
         source, tokenizer, source_name = sources.load(
             recipe.model.name, dtype=recipe.model.dtype, device=str(self.world.device), revision=recipe.model.revision
         )
-        plan = recipe.conversion.plan(source.config, source_name)
+        self.source_config, self.source_name = source.config, source_name
+        plan = recipe.conversion.plan(source.config, source_name)  # with auto:K, every layer converted
         source_keys = set(source.state_dict())
-        model = convert_model(source, plan.config)
-        return model, tokenizer, {n for n, _ in model.named_parameters() if n not in source_keys}
+        self.model = convert_model(source, plan.config)
+        self.new_names = {n for n, _ in self.model.named_parameters() if n not in source_keys}
+        if self.selection is not None:  # chosen before: a rebuilt model keeps the same layers
+            self.keep_softmax(self.selection)
+        elif recipe.conversion.selection_request() and not recipe.conversion.selects_after_transfer:
+            self.select_softmax_layers(tokenizer, "conversion")
+        return self.model, tokenizer, self.new_names
+
+    def select_softmax_layers(self, tokenizer, after: str) -> None:
+        """`conversion.softmax_layers: auto:K`: score every converted layer on the calibration text, then turn the
+        K worst back into softmax attention (`linearize.selection`)."""
+        request = self.recipe.conversion.selection_request()
+        layers = self.source_config.num_hidden_layers
+        passes = scoring_passes(request.scorer, layers) * request.windows
+        with self.reporter.task(f"scoring {layers} layers ({request.scorer}, after {after})", passes) as step:
+            selection = select_layers(self.model, tokenizer, request, step, after=after)
+        self.keep_softmax(selection)
+        shown = ", ".join(f"{i} ({selection.scores[i]:.3g})" for i in selection.layers)
+        self.reporter.info(f"kept as softmax attention, layer (score): {shown or 'none'}")
+        self.reporter.record(global_step=self.state.global_step, layer_selection=selection.to_dict())
+
+    def keep_softmax(self, selection: LayerSelection) -> None:
+        """Turn the layers `selection` keeps back into the source's softmax attention; the rest stays as trained."""
+        plan = self.recipe.conversion.plan(self.source_config, self.source_name, selection)
+        self.model = keep_softmax_layers(self.model, plan.config)
+        self.new_names &= {n for n, _ in self.model.named_parameters()}
+        self.selection = selection
 
     def apply_lora(self) -> None:
         from peft import LoraConfig, get_peft_model
@@ -386,6 +414,7 @@ class Trainer:
                 "recipe_hash": recipe_hash(self.recipe),
                 "last_eval": self.state.last_eval,
                 "metrics_bytes": self.reporter.metrics_size(),
+                "layer_selection": self.selection.to_dict() if self.selection is not None else None,
             }
             save_checkpoint(
                 self.run,
@@ -410,6 +439,8 @@ class Trainer:
                 f"batch order depends on it; resume with the same count (torchrun --nproc_per_node "
                 f"{saved['processes']}), not {self.world.size}"
             )
+        if saved.get("layer_selection") and self.selection is None:  # chosen after attention transfer
+            self.keep_softmax(LayerSelection(**saved["layer_selection"]))
         if saved["lora_applied"]:
             self.apply_lora()
         missing = set(tensors) - set(dict(self.model.named_parameters()))
@@ -441,9 +472,17 @@ class Trainer:
             if index < self.state.stage:
                 continue
             self.state.stage = index
+            if stage.kind != "attention_transfer":
+                self.select_after_transfer()
             self.run_stage(index, stage, resume_states)
             resume_states = None
             self.state.step = 0
+        self.select_after_transfer()
+
+    def select_after_transfer(self) -> None:
+        """With `conversion.selection.after: attention_transfer`, once the opening transfer stages are done."""
+        if self.recipe.conversion.selects_after_transfer and self.selection is None:
+            self.select_softmax_layers(self.tokenizer, "attention_transfer")
 
     def save(self) -> Path:
         """Write `model/` (LoRA merged unless output.merge_lora is false, then the adapter goes in `adapter/`).

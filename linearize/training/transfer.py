@@ -77,15 +77,18 @@ class AttentionTransfer:
         model: the converted model (possibly wrapped by peft).
         loss_scale: multiplier of the forward pass's mean MSE over layers (e.g. mse_factor / micro-batches); each
             layer back-propagates its share, loss_scale / layers times its own MSE.
+        relative: divide each layer's MSE by the mean square of its teacher output (layers then compare on one
+            scale: what `linearize.selection` ranks them by).
 
     After each forward pass, `layer_losses` holds the detached MSE of every converted layer (unscaled), in
     layer order. Backward runs only when grad mode is on and the student output requires grad, so the same
     context evaluates held-out MSE under `torch.no_grad()`.
     """
 
-    def __init__(self, model: nn.Module, loss_scale: float = 1.0):
+    def __init__(self, model: nn.Module, loss_scale: float = 1.0, relative: bool = False):
         self.layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
         self.loss_scale = loss_scale
+        self.relative = relative
         self.layer_losses: list[torch.Tensor] = []
         self._inputs: dict[int, tuple] = {}
         self._handles: list = []
@@ -127,6 +130,8 @@ class AttentionTransfer:
             if valid is not None:
                 error = error[valid]
             mse = error.mean()
+            if self.relative:
+                mse = mse / (teacher.float()[valid] if valid is not None else teacher.float()).square().mean()
             if torch.is_grad_enabled() and mse.requires_grad:
                 (mse * (self.loss_scale / len(self.layers))).backward()
             self.layer_losses.append(mse.detach())

@@ -145,10 +145,19 @@ def _trained(run: Path) -> dict:
     return load_file(list_checkpoints(run)[-1] / "trained.safetensors")
 
 
-def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch):
+AUTO_AFTER_TRANSFER = [
+    "conversion.softmax_layers=auto:1",
+    "conversion.selection={scorer: loss, calibration: CORPUS, windows: 1, after: attention_transfer}",
+]
+
+
+@pytest.mark.parametrize("selected", [False, True], ids=["named-layers", "auto-after-transfer"])
+def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch, selected):
+    extra = [o.replace("CORPUS", f"{workspace}/corpus/*.txt") for o in AUTO_AFTER_TRANSFER] if selected else []
     straight = tmp_path / "straight"
     straight.mkdir()
-    assert invoke("finetune", write_recipe(workspace, straight)).exit_code == 0
+    first = invoke("finetune", write_recipe(workspace, straight), *extra)
+    assert first.exit_code == 0, first.output
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -163,15 +172,23 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch)
             raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer_module.Trainer, "checkpoint", killed_after_second_checkpoint)
-    result = invoke("finetune", recipe)
+    result = invoke("finetune", recipe, *extra)
     assert result.exit_code == 130 and "rerun with --resume" in result.output
     assert not (resumed / "run" / "model").exists()
     monkeypatch.setattr(trainer_module.Trainer, "checkpoint", real_checkpoint)
 
-    result = invoke("finetune", recipe)
+    result = invoke("finetune", recipe, *extra)
     assert result.exit_code == 1 and "pass --resume" in result.output
-    result = invoke("finetune", recipe, "--resume")
+    result = invoke("finetune", recipe, *extra, "--resume")
     assert result.exit_code == 0, result.output
+    if selected:  # scored once, after the transfer stage; the resumed run took the choice from its checkpoint
+        chosen = [r["layer_selection"] for r in metrics(straight / "run") if "layer_selection" in r]
+        assert len(chosen) == 1 and chosen[0]["after"] == "attention_transfer"
+        assert [r["layer_selection"] for r in metrics(resumed / "run") if "layer_selection" in r] == chosen
+        config = json.loads((resumed / "run" / "model" / "config.json").read_text())["linearize"]
+        assert config["layer_selection"] == chosen[0] and config["softmax_layers"] == [
+            max(range(2), key=chosen[0]["scores"].__getitem__)
+        ]
 
     a, b = _trained(straight / "run"), _trained(resumed / "run")
     assert a.keys() == b.keys()
@@ -415,3 +432,16 @@ def test_resumed_run_logs_every_step_once(workspace, tmp_path, monkeypatch):
     assert [r["global_step"] for r in records if "lr" in r] == list(range(1, 9))
     evals = [(r["stage"], r["step"]) for r in records if "lr" not in r]
     assert evals == [(0, 0), (0, 2), (0, 4), (1, 0), (1, 2), (1, 4)]
+
+
+def test_auto_softmax_layers_at_conversion_are_scored_before_training(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    selection = f"conversion.selection={{scorer: output, calibration: '{workspace}/corpus/*.txt', windows: 1}}"
+    short = ["stages.0.max_steps=1", "stages.1.max_steps=1"]
+    result = invoke("finetune", recipe, *short, "conversion.softmax_layers=auto:1", selection)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["linearize"]
+    scores = saved["layer_selection"]["scores"]
+    assert saved["layer_selection"]["after"] == "conversion" and len(scores) == 2
+    assert saved["softmax_layers"] == [max(range(2), key=scores.__getitem__)]
+    assert "kept as softmax attention, layer (score)" in " ".join(result.output.split())

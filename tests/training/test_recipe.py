@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from linearize.errors import LinearizeError
 from linearize.methods import METHODS
 from linearize.training.recipe import (
     RecipeError,
@@ -90,6 +91,41 @@ def test_softmax_layers_may_be_numbers():
     assert parse_recipe(MINIMAL + "conversion: {softmax_layers: [0, 8]}\n").conversion.softmax_layers == "0,8"
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("conversion: {softmax_layers: auto:k}\n", "conversion: .*K in 'auto:K' is the number of layers"),
+        ("conversion: {selection: {scorer: loss}}\n", "selection applies to softmax_layers: auto:K"),
+        (
+            "conversion: {softmax_layers: auto:2, selection: {scorer: attn}}\n",
+            "conversion.selection.scorer: .*'output'",
+        ),
+        (
+            "conversion: {method: parallax, softmax_layers: auto:2}\n",
+            "method 'parallax' computes the original attention exactly until trained",
+        ),
+        (
+            "conversion: {softmax_layers: auto:2, selection: {after: attention_transfer}}\n",
+            "stages.0 is a lora stage; put an attention_transfer stage first",
+        ),
+    ],
+)
+def test_auto_softmax_layers_are_checked(text, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(MINIMAL + text)
+
+
+def test_auto_softmax_layers_plan_every_layer_converted_until_scored():
+    config = source_model("llama").config
+    recipe = parse_recipe(MINIMAL + "conversion: {softmax_layers: auto:1, selection: {scorer: output, windows: 2}}\n")
+    plan = recipe.conversion.plan(config, "tiny")
+    assert plan.auto_layers == 1 and plan.config.linearize["softmax_layers"] == []
+    request = recipe.conversion.selection_request()
+    assert (request.k, request.scorer, request.windows, request.calibration) == (1, "output", 2, "builtin")
+    with pytest.raises(LinearizeError, match="keeps more layers than the model has"):
+        parse_recipe(MINIMAL + "conversion: {softmax_layers: auto:3}\n").conversion.plan(config, "tiny")
+
+
 def test_liger_mix_reaches_the_conversion_plan():
     config = source_model("llama").config
     recipe = parse_recipe(MINIMAL + "conversion: {method: liger, mix: 0.75}\n")
@@ -137,6 +173,8 @@ def test_resolved_yaml_round_trips_and_hash_ignores_the_output_folder():
     assert recipe_hash(moved) == recipe_hash(recipe)
     changed = parse_recipe(MINIMAL, overrides=["stages.0.optimizer.lr=0.5"])
     assert recipe_hash(changed) != recipe_hash(recipe)
+    # the fingerprint linearize gave this recipe before `conversion.selection` existed: its runs still resume
+    assert recipe_hash(recipe) == "c3a9d4c269df6eb6"
 
 
 @pytest.mark.parametrize(("given", "written"), [("8", "topk: 8\n"), ("8.0", "topk: 8\n"), ("0.125", "topk: 0.125\n")])

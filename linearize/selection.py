@@ -1,0 +1,199 @@
+"""Keeping softmax attention where linearizing hurts most: `--softmax-layers auto:K` (docs/methods.md §6).
+
+Every layer gets a score, how much converting that layer alone hurts on calibration text, and the K layers with
+the highest scores stay softmax attention. Two scorers:
+
+- `output`: the converted layer's attention output against the original's, on the original model's inputs: the
+  mean squared error that attention transfer minimises (`training.transfer.AttentionTransfer`), divided by the
+  mean square of the original output, so that layers whose outputs differ in scale compare on one scale. One
+  forward pass over the calibration text scores every layer.
+- `loss`: the increase of the model's mean next-token loss (nats) when that layer alone is converted and every
+  other layer computes the original attention. One forward pass per layer, plus one for the original.
+
+Both run the converted model itself: a layer computes the original attention from the source projections it
+owns (`training.transfer.original_model`), so scoring needs no second copy of the model, only a forward pass and
+the parameters the method adds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from .errors import LinearizeError
+from .methods import get_method
+
+if TYPE_CHECKING:  # torch loads inside the functions: the CLI reads this module's names before any command runs
+    import torch
+
+SCORERS = {
+    "output": "relative error of the layer's attention output against the original's (one forward pass)",
+    "loss": "increase of the next-token loss when the layer alone is converted (one forward pass per layer)",
+}
+DEFAULT_SCORER = "loss"
+AUTO_PREFIX = "auto:"
+CALIBRATION_TEXT = "builtin"  # the training split of the built-in English corpus: never the held-out split
+CALIBRATION_WINDOWS = 4
+CALIBRATION_CONTEXT = 512
+
+
+@dataclass(frozen=True)
+class SelectionRequest:
+    """What `auto:K` asks for: keep the `k` layers that `scorer` ranks worst on `windows` x `context` tokens of
+    `calibration` (a text source as `linearize eval --text` takes it)."""
+
+    k: int
+    scorer: str = DEFAULT_SCORER
+    calibration: str = CALIBRATION_TEXT
+    windows: int = CALIBRATION_WINDOWS
+    context: int = CALIBRATION_CONTEXT
+
+    def check_method(self, method: str) -> None:
+        """Refuse a method whose converted layers compute the original attention exactly until trained: every
+        layer would score 0."""
+        if get_method(method).exact_at_conversion:
+            raise LinearizeError(
+                f"--softmax-layers auto:K scores layers by what converting them changes, and method '{method}' "
+                "computes the original attention exactly until trained, so every layer would score 0; name the "
+                "layers (e.g. '0,8,16' or 'every:8'), or select after an attention_transfer stage in a recipe "
+                "(conversion.select_after: attention_transfer)"
+            )
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """The outcome of `auto:K`: one score per layer (higher hurts more) and the K layers kept."""
+
+    k: int
+    scorer: str
+    scores: list[float]
+    calibration: str  # what the scores were measured on, in words
+    after: str = "conversion"  # or "attention_transfer": scored with the trained converted layers
+
+    @property
+    def layers(self) -> list[int]:
+        """The `k` highest-scoring layers, in layer order (ties go to the earlier layer)."""
+        ranked = sorted(range(len(self.scores)), key=lambda i: (-self.scores[i], i))
+        return sorted(ranked[: self.k])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_auto(spec: str | None, scorer: str = DEFAULT_SCORER, **calibration) -> SelectionRequest | None:
+    """The request that a `--softmax-layers` value 'auto:K' makes, or None for any other value.
+
+    Args:
+        spec: the `--softmax-layers` value.
+        scorer: a key of `SCORERS`.
+        calibration: `calibration`, `windows` and `context` of `SelectionRequest` (None: the default).
+    """
+    if not spec or not spec.startswith(AUTO_PREFIX):
+        return None
+    count = spec.removeprefix(AUTO_PREFIX)
+    if not count.isdigit():
+        raise LinearizeError(
+            f"--softmax-layers '{spec}' is malformed: K in 'auto:K' is the number of layers to keep as softmax "
+            "attention, a whole number from 0 (e.g. 'auto:4')"
+        )
+    if scorer not in SCORERS:
+        raise LinearizeError(f"unknown layer scorer '{scorer}'; choose one of: {', '.join(SCORERS)}")
+    return SelectionRequest(int(count), scorer, **{k: v for k, v in calibration.items() if v is not None})
+
+
+def calibration_windows(request: SelectionRequest, tokenizer) -> torch.Tensor:
+    """The calibration tokens, `[N, context]`: the built-in corpus's training split for "builtin" (held-out text
+    must stay unseen by every choice made before evaluation), else what `linearize eval --text` reads."""
+    from .data import DataError
+    from .evaluation import text_windows
+
+    if tokenizer is None:
+        raise LinearizeError(
+            "--softmax-layers auto:K scores layers on calibration text, and the source has no tokenizer: pass "
+            "--tokenizer PATH_OR_ID"
+        )
+    try:
+        return text_windows(request.calibration, tokenizer, request.context, request.windows, builtin_split="train")
+    except DataError as error:
+        raise LinearizeError(
+            f"calibration text '{request.calibration}' is too short to score layers on: {error}. Give a longer text "
+            "(--calibration), or shorter windows"
+        ) from None
+
+
+def describe_calibration(request: SelectionRequest, windows: torch.Tensor) -> str:
+    text = "built-in English (train split)" if request.calibration == CALIBRATION_TEXT else request.calibration
+    return f"{text}, {windows.shape[0]} x {windows.shape[1]} tokens"
+
+
+def scoring_passes(scorer: str, num_layers: int) -> int:
+    """Forward passes over the calibration text that `scorer` makes: the length of its progress."""
+    return 1 if scorer == "output" else num_layers + 1
+
+
+def score_layers(model, windows: torch.Tensor, scorer: str, step: Callable[[], None] | None = None) -> list[float]:
+    """One score per converted layer of `model`, in layer order: how much converting that layer alone hurts.
+
+    Args:
+        model: a converted model (LinearizeForCausalLM, or a peft model around one) whose layers to score.
+        windows: calibration tokens `[N, C]`, each window read from an empty state.
+        scorer: "output" or "loss" (see the module docstring).
+        step: called after each window of each forward pass (`scoring_passes(scorer, layers) * N` calls).
+    """
+    import torch
+
+    from .layers.base import LinearizedAttention
+    from .training.transfer import AttentionTransfer, original_model
+
+    layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if scorer == "output":
+                totals = torch.zeros(len(layers), dtype=torch.float64)
+                with AttentionTransfer(model, relative=True) as transfer:
+                    for row in windows.to(model.device):
+                        model(input_ids=row[None], use_cache=False, logits_to_keep=1)
+                        totals += torch.stack(transfer.layer_losses).double().cpu()
+                        transfer.layer_losses = []
+                        _call(step)
+                return (totals / windows.shape[0]).tolist()
+            with original_model(model) as original:
+                baseline = _mean_loss(original, windows, step)
+                scores = []
+                for attn in layers:
+                    as_original = attn.__dict__.pop("forward")  # this layer alone runs its converted attention
+                    try:
+                        scores.append(_mean_loss(original, windows, step) - baseline)
+                    finally:
+                        attn.forward = as_original
+                return scores
+    finally:
+        model.train(was_training)
+
+
+def select_layers(
+    model,
+    tokenizer,
+    request: SelectionRequest,
+    step: Callable[[], None] | None = None,
+    after: str = "conversion",
+) -> LayerSelection:
+    """Score every layer of `model`, a converted model with every layer converted, and choose `request.k`."""
+    windows = calibration_windows(request, tokenizer)
+    scores = score_layers(model, windows, request.scorer, step)
+    return LayerSelection(request.k, request.scorer, scores, describe_calibration(request, windows), after)
+
+
+def _mean_loss(model, windows: torch.Tensor, step: Callable[[], None] | None) -> float:
+    from .evaluation import perplexity_of_windows
+
+    return math.log(perplexity_of_windows(model, windows, step))
+
+
+def _call(step: Callable[[], None] | None) -> None:
+    if step is not None:
+        step()

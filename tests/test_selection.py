@@ -1,0 +1,187 @@
+"""`--softmax-layers auto:K`: layer scores on calibration text, the K worst kept as softmax attention."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+from typer.testing import CliRunner
+
+import linearize  # noqa: F401  (registers the converted model class with the Auto classes)
+from linearize.cli import app
+from linearize.convert import convert_model, keep_softmax_layers, plan_conversion
+from linearize.errors import LinearizeError
+from linearize.publish import render_model_card
+from linearize.selection import SelectionRequest, parse_auto, score_layers, select_layers
+from tests.tiny import _COMMON, tiny_tokenizer
+
+LAYERS = 4
+HARD = 2  # the layer made hard to linearize
+SWA = {"window": 8, "sinks": 2}
+
+
+def four_layers(seed: int = 0):
+    """A tiny Llama whose layers attend to the token itself, sharply (a window reproduces that exactly), except
+    layer HARD, which averages every earlier token (a window of 8 cannot)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**_COMMON, "num_hidden_layers": LAYERS, "num_key_value_heads": 4}, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            attn.q_proj.weight.copy_(0.0 if i == HARD else 500.0 * attn.k_proj.weight)
+            attn.v_proj.weight.mul_(50.0 if i == HARD else 4.0)  # outputs that matter next to the residual stream
+        model.model.norm.weight.mul_(30.0)  # confident predictions, which a changed layer moves
+    return model.eval()
+
+
+def sampled_windows(model, windows: int = 2, length: int = 64, seed: int = 0) -> torch.Tensor:
+    """Text the model itself wrote: there any change to the model raises the expected loss (a KL divergence), so
+    the loss scorer's ranking does not hang on what random weights happen to predict."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (windows, 1), generator=generator)
+    with torch.no_grad():
+        while ids.shape[1] < length:
+            probs = model(ids, use_cache=False).logits[:, -1].softmax(-1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return sampled_windows(four_layers())
+
+
+def all_converted(source, method="swa", **options):
+    plan = plan_conversion(source.config, "tiny", method, "auto:1", **(options or SWA))
+    return convert_model(source, plan.config), plan
+
+
+@pytest.mark.parametrize("scorer", ["output", "loss"])
+def test_the_layer_hard_to_linearize_is_chosen_and_scores_repeat(scorer, windows):
+    source = four_layers()
+    scores = score_layers(all_converted(source)[0], windows, scorer)
+    assert max(range(LAYERS), key=scores.__getitem__) == HARD, scores
+    easy = [s for i, s in enumerate(scores) if i != HARD]
+    assert scores[HARD] > 10 * max(easy), scores
+    assert score_layers(all_converted(four_layers())[0], windows, scorer) == scores  # same seed, same scores
+
+
+def test_scoring_leaves_the_model_as_it_was(windows):
+    source = four_layers()
+    model, _ = all_converted(source)
+    model.train()
+    before = model(windows).logits
+    for scorer in ("output", "loss"):
+        score_layers(model, windows, scorer)
+    assert model.training and torch.equal(model(windows).logits, before)
+
+
+def test_auto_0_is_no_kept_layer_and_auto_all_is_the_original(windows):
+    source = four_layers()
+    model, plan = all_converted(source)
+    expected = model(windows).logits
+    scores = score_layers(model, windows, "output")
+    for k, reference in ((0, expected), (LAYERS, source(windows).logits)):
+        selection = linearize.selection.LayerSelection(k, "output", scores, "sampled")
+        kept_plan = plan_conversion(source.config, "tiny", "swa", selection, **SWA)
+        kept = keep_softmax_layers(model, kept_plan.config)
+        assert kept.config.linearize["softmax_layers"] == list(range(k))
+        torch.testing.assert_close(kept(windows).logits, reference, rtol=0, atol=0)
+
+
+def test_selection_is_recorded_in_the_config_and_the_model_card(tmp_path):
+    source = four_layers()
+    model, _ = all_converted(source)
+    selection = linearize.selection.LayerSelection(1, "loss", [0.1, 0.0, 2.5, 0.2], "sampled text")
+    plan = plan_conversion(source.config, "tiny", "swa", selection, **SWA)
+    keep_softmax_layers(model, plan.config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["linearize"]
+    assert saved["softmax_layers"] == [2]
+    assert saved["layer_selection"] == {
+        "k": 1,
+        "scorer": "loss",
+        "scores": [0.1, 0.0, 2.5, 0.2],
+        "calibration": "sampled text",
+        "after": "conversion",
+    }
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # the extra key loads without a warning about it
+    assert loaded.config.settings.window == 8
+    card = " ".join(render_model_card(tmp_path, "org/tiny-swa").split())
+    assert "chosen by measurement (`--softmax-layers auto:1`)" in card and "| 2 | 2.5 | softmax |" in card
+
+
+@pytest.mark.parametrize(
+    "spec,options,message",
+    [
+        ("auto:x", {}, "K in 'auto:K' is the number of layers to keep as softmax attention"),
+        ("auto:-1", {}, "K in 'auto:K'"),
+        ("auto:2", {"scorer": "attention"}, "unknown layer scorer 'attention'; choose one of: output, loss"),
+    ],
+)
+def test_bad_requests_name_the_fix(spec, options, message):
+    with pytest.raises(LinearizeError, match=message):
+        parse_auto(spec, **options)
+
+
+def test_more_layers_than_the_model_has_is_refused_from_the_config_alone():
+    config = four_layers().config
+    with pytest.raises(LinearizeError, match="keeps more layers than the model has \\(4\\): choose K from 0 to 4"):
+        plan_conversion(config, "tiny", "swa", "auto:5", **SWA)
+    assert plan_conversion(config, "tiny", "swa", "auto:4", **SWA).auto_layers == 4
+
+
+def test_a_method_exact_at_conversion_is_refused():
+    with pytest.raises(LinearizeError, match="computes the original attention exactly until trained"):
+        SelectionRequest(1).check_method("parallax")
+
+
+def test_calibration_text_too_short_names_the_fix(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3")
+    source = four_layers()
+    request = parse_auto("auto:1", "output", calibration=str(short), windows=1)
+    with pytest.raises(LinearizeError, match="calibration text .*short.txt' is too short to score layers on"):
+        select_layers(all_converted(source)[0], tiny_tokenizer(), request)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("selection")
+    four_layers().save_pretrained(root / "source")
+    tiny_tokenizer().save_pretrained(root / "source")
+    rng = random.Random(0)
+    (root / "calibration.txt").write_text(" ".join(f"w{rng.randrange(124)}" for _ in range(1200)))
+    return root
+
+
+def test_convert_auto_end_to_end(tiny_folder, tmp_path):
+    args = ["convert", tiny_folder / "source", "--method", "swa", "--window", "8", "--sinks", "2"]
+    args += ["--softmax-layers", "auto:1", "--layer-scorer", "output", "--calibration", tiny_folder / "calibration.txt"]
+    args += ["--calibration-windows", "2"]
+    dry = CliRunner().invoke(app, [str(a) for a in [*args, "--dry-run"]], env={"COLUMNS": "200"})
+    assert dry.exit_code == 0, dry.output
+    shown = " ".join(dry.output.split())
+    assert "Layer scores (output: relative error" in shown and "calibration.txt, 2 x 512 tokens" in shown
+    assert "kept as softmax attention (the 1 highest scores): 2" in shown and "layers 2 │ softmax" in shown
+    assert not (tmp_path / "out").exists()
+
+    done = CliRunner().invoke(app, [str(a) for a in [*args, "-o", tmp_path / "out"]])
+    assert done.exit_code == 0, done.output
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["linearize"]
+    scores = saved["layer_selection"]["scores"]
+    assert len(scores) == LAYERS and saved["softmax_layers"] == [max(range(LAYERS), key=scores.__getitem__)]
+    assert saved["layer_selection"]["calibration"].endswith("calibration.txt, 2 x 512 tokens")
+
+
+def test_convert_auto_errors_before_loading(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    base = ["convert", str(tiny_folder / "source"), "-o", str(out)]
+    too_many = CliRunner().invoke(app, [*base, "--method", "swa", "--softmax-layers", "auto:9"])
+    assert too_many.exit_code == 1 and "choose K from 0 to 4" in too_many.output
+    exact = CliRunner().invoke(app, [*base, "--method", "parallax", "--softmax-layers", "auto:1"])
+    assert exact.exit_code == 1 and "every layer would score 0" in " ".join(exact.output.split())
+    assert not out.exists()
