@@ -6,6 +6,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
 from linearize.training.recipe import load_recipe
@@ -61,6 +62,18 @@ def test_quality_tasks_read_the_given_folder(tmp_path):
         text = (folder / f"{task}.yaml").read_text()
         assert f"test: {path.resolve()}" in text and "data/" not in text
     assert (folder / "hellaswag_local.py").is_file()
+
+
+def test_layer_selection_variants_keep_k_layers_each(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its sibling import, as when run as a script
+    selection = _benchmark("layer_selection")
+    specs = selection.variant_layers(["auto-loss", "auto-output", "every", "random"], 5, 6, 30, seed=0)
+    assert specs["auto-loss"] == specs["auto-output"] == "auto:5" and specs["every"] == "every:6"
+    random_layers = [int(i) for i in specs["random"].split(",")]
+    assert len(set(random_layers)) == 5 and all(0 <= i < 30 for i in random_layers)
+    assert selection.variant_layers(["random"], 5, 6, 30, seed=0) == {"random": specs["random"]}  # seeded
+    with pytest.raises(SystemExit, match="unknown variant"):
+        selection.variant_layers(["every:3"], 5, 6, 30, seed=0)
 
 
 def test_gpu_diagnostics_locate_an_error_and_restore_a_forced_configuration():

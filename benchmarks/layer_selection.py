@@ -1,0 +1,142 @@
+"""Which layers to keep as softmax attention: `auto:K` with each scorer against `every:N` and K random layers, each
+after the same recipe, on held-out text.
+
+    python benchmarks/layer_selection.py --recipe recipes/smollm2-135m-liger.yaml --text wikitext2_valid.txt \
+        [--k 5] [--every 6] [--seed 0] [--variants auto-loss,auto-output,every,random] [--json out.json] \
+        [key=value ...]
+
+First the cost of scoring: the recipe's conversion with every layer converted, scored once by each scorer as the
+recipe does at conversion (seconds on `--threads` threads, with the layers each one keeps). Then every variant runs
+the recipe in its own folder (`<output.dir>-<variant>`, reused when its model is there) with
+`conversion.softmax_layers` set, and the trained models are measured next to the original: perplexity over
+`--windows` x `--context` tokens of `--text` (never trained on), perplexity by position over `--long-windows` x
+`--long-context` tokens in stretches of `--block`, and passkey retrieval at `--passkey-contexts` (`--trials` keys
+at each of 5 depths). `key=value` overrides apply to every variant's recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+from conversion_quality import trained  # beside this file, the script's folder
+
+import linearize  # noqa: F401  (registers the converted model class)
+from linearize import sources
+from linearize.convert import convert_model
+from linearize.evaluation import eval_rows, evaluate_models, perplexity_by_position, text_windows
+from linearize.selection import SCORERS, select_layers
+from linearize.training.recipe import SelectionSection, load_recipe
+
+
+def variant_layers(variants: list[str], k: int, every: int, num_layers: int, seed: int) -> dict[str, str]:
+    """Each variant's `conversion.softmax_layers` value."""
+    specs = {f"auto-{scorer}": f"auto:{k}" for scorer in SCORERS}
+    specs["every"] = f"every:{every}"
+    specs["random"] = ",".join(map(str, sorted(random.Random(seed).sample(range(num_layers), k))))
+    unknown = set(variants) - set(specs)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(specs)}")
+    return {name: specs[name] for name in variants}
+
+
+def scoring_cost(recipe, k: int) -> dict[str, dict]:
+    """Each scorer on the recipe's conversion with every layer converted: seconds, scores and kept layers."""
+    source, tokenizer, name = sources.load(recipe.model.name, dtype=recipe.model.dtype, revision=recipe.model.revision)
+    spec = recipe.conversion.model_copy(update={"softmax_layers": f"auto:{k}", "selection": None})
+    model = convert_model(source, spec.plan(source.config, name).config)
+    costs = {}
+    for scorer in SCORERS:
+        request = spec.model_copy(update={"selection": SelectionSection(scorer=scorer)}).selection_request()
+        started = time.perf_counter()
+        selection = select_layers(model, tokenizer, request)
+        costs[scorer] = {
+            "seconds": time.perf_counter() - started,
+            "layers": selection.layers,
+            "scores": selection.scores,
+            "calibration": selection.calibration,
+        }
+    return costs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--text", required=True, help="held-out text file (never in the training data)")
+    parser.add_argument("--k", type=int, default=5, help="layers kept as softmax attention")
+    parser.add_argument("--every", type=int, default=6, help="the every:N variant (N layers apart)")
+    parser.add_argument("--seed", type=int, default=0, help="chooses the random variant's layers")
+    parser.add_argument("--variants", default="auto-loss,auto-output,every,random")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--long-context", type=int, default=2048, help="window length of perplexity by position")
+    parser.add_argument("--long-windows", type=int, default=4)
+    parser.add_argument("--block", type=int, default=512, help="positions per stretch of perplexity by position")
+    parser.add_argument("--passkey-contexts", default="1024,2048")
+    parser.add_argument("--trials", type=int, default=4, help="keys per depth (5 depths: 4 gives 20 trials)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, as for `linearize finetune`")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    original, tokenizer, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
+    num_layers = original.config.num_hidden_layers
+    layers = variant_layers(args.variants.split(","), args.k, args.every, num_layers, args.seed)
+
+    costs = scoring_cost(recipe, args.k)
+    print(f"\nscoring cost ({args.threads} threads, {num_layers} layers)")
+    for scorer, cost in costs.items():
+        print(f"  {scorer}: {cost['seconds']:.0f} s on {cost['calibration']}; keeps layers {cost['layers']}")
+
+    models, minutes = {"original": original.eval()}, {}
+    for name, spec in layers.items():
+        overrides = [*args.overrides, f"conversion.softmax_layers={spec}", f"output.dir={recipe.output.dir}-{name}"]
+        if name.startswith("auto-"):
+            overrides.append(f"conversion.selection={{scorer: {name.removeprefix('auto-')}}}")
+        models[name], minutes[name] = trained(load_recipe(args.recipe, overrides))
+    kept = {name: model.config.linearize["softmax_layers"] for name, model in models.items() if name != "original"}
+
+    quality = evaluate_models(
+        models,
+        tokenizer,
+        args.text,
+        args.context,
+        args.windows,
+        [int(c) for c in args.passkey_contexts.split(",")],
+        {"trials": args.trials},
+    )
+    windows = text_windows(args.text, tokenizer, args.long_context, args.long_windows)
+    by_position = {name: perplexity_by_position(model, windows, args.block) for name, model in models.items()}
+
+    header, rows = eval_rows(quality)
+    print(f"\n{args.recipe} ({' '.join(args.overrides)}), held-out text {args.text}")
+    for name, value in kept.items():
+        print(f"  {name}: layers {value}" + (f", fine-tuned in {minutes[name]:.1f} min" if minutes[name] else ""))
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    starts = range(0, args.long_context, args.block)
+    print(f"\nperplexity by position ({windows.shape[0]} windows of {args.long_context} tokens)")
+    print("| model | " + " | ".join(f"{s}-{s + args.block}" for s in starts) + " |\n|" + "---|" * (len(starts) + 1))
+    for name, values in by_position.items():
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            results = {
+                "scoring": costs,
+                "kept": kept,
+                "quality": quality,
+                "by_position": by_position,
+                "train_minutes": minutes,
+                "args": vars(args),
+            }
+            json.dump(results, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
