@@ -53,6 +53,14 @@ class DataError(LinearizeError, ValueError):
     """The data is missing, malformed or too small; the message names the problem and the fix."""
 
 
+class TooFewTokens(DataError):
+    """The text is shorter than one pack."""
+
+    def __init__(self, message: str, tokens: int):
+        super().__init__(message)
+        self.tokens = tokens
+
+
 class DataSource(BaseModel):
     """One place documents come from: a local file or glob, a Hugging Face dataset, or the built-in corpus."""
 
@@ -177,9 +185,10 @@ def pack_documents(
             labels.append(tokenizer.eos_token_id)
     packs = len(ids) // seq_len
     if packs == 0:
-        raise DataError(
+        raise TooFewTokens(
             f"the {name} data has {len(ids)} tokens, fewer than one pack of seq_len={seq_len}; "
-            "add data, lower seq_len" + (" or hold out more documents" if name == "held-out" else "")
+            "add data, lower seq_len" + (" or hold out more documents" if name == "held-out" else ""),
+            len(ids),
         )
     size = packs * seq_len  # the trailing partial pack is dropped
     position_ids = None

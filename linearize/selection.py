@@ -58,7 +58,7 @@ class SelectionRequest:
                 f"--softmax-layers auto:K scores layers by what converting them changes, and method '{method}' "
                 "computes the original attention exactly until trained, so every layer would score 0; name the "
                 "layers (e.g. '0,8,16' or 'every:8'), or select after an attention_transfer stage in a recipe "
-                "(conversion.select_after: attention_transfer)"
+                "(conversion.selection.after: attention_transfer)"
             )
 
 
@@ -106,7 +106,7 @@ def parse_auto(spec: str | None, scorer: str = DEFAULT_SCORER, **calibration) ->
 def calibration_windows(request: SelectionRequest, tokenizer) -> torch.Tensor:
     """The calibration tokens, `[N, context]`: the built-in corpus's training split for "builtin" (held-out text
     must stay unseen by every choice made before evaluation), else what `linearize eval --text` reads."""
-    from .data import DataError
+    from .data import TooFewTokens
     from .evaluation import text_windows
 
     if tokenizer is None:
@@ -116,10 +116,10 @@ def calibration_windows(request: SelectionRequest, tokenizer) -> torch.Tensor:
         )
     try:
         return text_windows(request.calibration, tokenizer, request.context, request.windows, builtin_split="train")
-    except DataError as error:
+    except TooFewTokens as error:
         raise LinearizeError(
-            f"calibration text '{request.calibration}' is too short to score layers on: {error}. Give a longer text "
-            "(--calibration), or shorter windows"
+            f"calibration text '{request.calibration}' is too short to score layers on: {error.tokens} tokens, "
+            f"fewer than one window of {request.context}; give a longer text (--calibration)"
         ) from None
 
 

@@ -144,7 +144,9 @@ def test_calibration_text_too_short_names_the_fix(tmp_path):
     short.write_text("w1 w2 w3")
     source = four_layers()
     request = parse_auto("auto:1", "output", calibration=str(short), windows=1)
-    with pytest.raises(LinearizeError, match="calibration text .*short.txt' is too short to score layers on"):
+    with pytest.raises(
+        LinearizeError, match="short.txt' is too short to score layers on: 4 tokens, fewer than one window of 512"
+    ):
         select_layers(all_converted(source)[0], tiny_tokenizer(), request)
 
 
