@@ -24,7 +24,7 @@ from .layers.base import LinearizedAttention
 from .methods import MethodSettings, get_method, method_settings
 from .models import LinearizeConfig, LinearizeForCausalLM
 from .outputs import atomic_folder, check_output_folder
-from .selection import DEFAULT_SCORER, LayerSelection, parse_auto, scoring_passes, select_layers
+from .selection import DEFAULT_SCORER, LayerSelection, parse_auto, select_layers
 
 PLAN_CONTEXT = 8192  # context length at which the plan compares cache sizes
 PASS_TOKENIZER = "pass --tokenizer PATH_OR_ID (a folder or hub id with the same model's tokenizer)"
@@ -159,7 +159,6 @@ class ConversionPlan:
     source_parameters: int
     converted_parameters: int
     dtype_bytes: int
-    auto_layers: int | None = None  # 'auto:K' before scoring: K layers will stay softmax, none is chosen yet
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -227,12 +226,11 @@ def plan_conversion(
     method's parameters (None: the default; see `linearize.methods`).
 
     `softmax_layers` is a `--softmax-layers` value (see `parse_softmax_layers`) or a scored `LayerSelection`. An
-    'auto:K' value plans every layer converted, with `auto_layers` K: scoring needs the weights."""
+    'auto:K' value plans every layer converted: scoring needs the weights."""
     get_family(source_config.model_type)
     settings = method_settings(method, **options)
     _check_token_counts_fit(settings, getattr(source_config, "max_position_embeddings", None))
     selection = softmax_layers if isinstance(softmax_layers, LayerSelection) else None
-    request = None if selection is not None else parse_auto(softmax_layers)
     config = build_config(
         source_config,
         method,
@@ -246,14 +244,7 @@ def plan_conversion(
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
     dtype_bytes = torch.finfo(torch_dtype).bits // 8 if isinstance(torch_dtype, torch.dtype) else 2
-    return ConversionPlan(
-        source,
-        config,
-        _count_parameters(unconverted),
-        _count_parameters(config),
-        dtype_bytes,
-        auto_layers=request.k if request else None,
-    )
+    return ConversionPlan(source, config, _count_parameters(unconverted), _count_parameters(config), dtype_bytes)
 
 
 def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM:
@@ -284,10 +275,10 @@ def keep_softmax_layers(model, config: LinearizeConfig):
     """Turn the layers that `config` keeps as softmax attention, converted in `model`, back into the source's
     attention, in place, and give `model` that config; returns `model`.
 
-    A kept layer gets the family's own attention around the converted layer's projections (the same modules, so
-    LoRA adapters on them stay, and nothing is copied); what the method added to it is dropped. `model` is a
-    LinearizeForCausalLM or a peft model around one, and `config` must differ from its config only in the kept
-    layers."""
+    A kept layer gets the family's own attention around the converted layer's projections (the same modules:
+    nothing is copied); what the method added to it is dropped, and LoRA adapters on its projections start again
+    from zero (what they learned served the converted attention). `model` is a LinearizeForCausalLM or a peft model
+    around one, and `config` must differ from its config only in the kept layers."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     family = get_family(config.base_model_type)
     family_config = config.family_config()
@@ -303,10 +294,15 @@ def keep_softmax_layers(model, config: LinearizeConfig):
         left = [name for name, p in kept.named_parameters() if p.is_meta]
         if left:
             raise LinearizeError(f"the {family.model_type} attention has parameters a converted layer lacks: {left}")
+        for module in kept.modules():
+            for lora_b in getattr(module, "lora_B", {}).values():
+                torch.nn.init.zeros_(lora_b.weight)
         decoder_layer.self_attn = kept.train(converted.training)
     base.config.layer_types = config.layer_types
     base.config.linearize = config.linearize
     base.model.config.layer_types = family_config.layer_types
+    if hasattr(base.model, "has_sliding_layers"):  # Qwen2/3 read it at construction
+        base.model.has_sliding_layers = "sliding_attention" in family_config.layer_types
     return model
 
 
@@ -366,7 +362,7 @@ def convert_and_save(
     method: str = "liger",
     *,
     softmax_layers: str | None = None,
-    layer_scorer: str = DEFAULT_SCORER,
+    layer_scorer: str | None = None,
     calibration: str | None = None,
     calibration_windows: int | None = None,
     dtype: str = "auto",
@@ -390,7 +386,7 @@ def convert_and_save(
         softmax_layers: the layers kept as softmax attention (see `parse_softmax_layers`); 'auto:K' scores every
             layer on calibration text first and keeps the K worst (`linearize.selection`), which loads the weights
             even when `output` is None.
-        layer_scorer, calibration, calibration_windows: with 'auto:K', the scorer (a key of
+        layer_scorer, calibration, calibration_windows: with 'auto:K' only, the scorer (a key of
             `selection.SCORERS`), the text source scored on (as `linearize eval --text` takes it; default the
             built-in corpus's training split) and how many 512-token windows of it (None: the defaults).
         dtype: of the saved weights: "auto" (the source's), "float32", "bfloat16" or "float16".
@@ -413,7 +409,14 @@ def convert_and_save(
             is not done.
     """
     report = report or ConvertReport()
-    request = parse_auto(softmax_layers, layer_scorer, calibration=calibration, windows=calibration_windows)
+    request = parse_auto(
+        softmax_layers, layer_scorer or DEFAULT_SCORER, calibration=calibration, windows=calibration_windows
+    )
+    if request is None and (layer_scorer, calibration, calibration_windows) != (None, None, None):
+        raise LinearizeError(
+            "--layer-scorer, --calibration and --calibration-windows say how --softmax-layers auto:K scores "
+            "layers; add --softmax-layers auto:K or drop them"
+        )
     if output is not None:
         _check_targets(Path(output), force, model, push_to_hub)
     report.step("Reading the source config")
@@ -432,9 +435,8 @@ def convert_and_save(
     converted = None
     if request is not None:  # every layer converted: score them, then keep the worst as softmax
         report.step(f"Scoring {source_config.num_hidden_layers} layers ({request.scorer})")
-        step = report.scoring(scoring_passes(request.scorer, source_config.num_hidden_layers) * request.windows)
         converted = convert_model(source_model, plan.config)
-        selection = select_layers(converted, tokens, request, step)
+        selection = select_layers(converted, tokens, request, report.scoring)
         plan = plan_conversion(source_config, source, method, selection, dtype, **options)
         converted = keep_softmax_layers(converted, plan.config)
         report.planned(plan)

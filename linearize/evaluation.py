@@ -76,34 +76,35 @@ def compare(
     ]
 
 
-def text_source(spec: str, builtin_split: str = "test") -> DataSource:
+def text_source(spec: str, default_split: str = "test") -> DataSource:
     """The data source that a `--text` value names.
 
     Args:
         spec: "builtin" (the built-in English corpus, offline), "hf:NAME[:CONFIG][:SPLIT]" (a Hugging Face
-            dataset, split "test" unless given), or a local file or glob (.txt/.md/.jsonl/.json/.parquet).
-        builtin_split: the split of the built-in corpus that "builtin" means: "test" to measure, "train" to fit.
+            dataset), or a local file or glob (.txt/.md/.jsonl/.json/.parquet).
+        default_split: the split of the built-in corpus, and of a dataset named without one: "test" to measure,
+            "train" to fit.
 
     Returns:
         A `linearize.data.DataSource` (text format: every token is scored).
     """
     if spec == "builtin":
-        return DataSource(builtin="english", split=builtin_split, format="text")
+        return DataSource(builtin="english", split=default_split, format="text")
     if spec.startswith(HF_PREFIX):
         parts = spec[len(HF_PREFIX) :].split(":")
         if not parts[0] or len(parts) > 3:
             raise LinearizeError(f"--text {spec!r}: write hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
         name, config, split = (parts + [None, None])[:3]
-        return DataSource(dataset=name, subset=config or None, split=split or "test", format="text")
+        return DataSource(dataset=name, subset=config or None, split=split or default_split, format="text")
     return DataSource(path=spec, format="text")
 
 
-def text_windows(spec: str, tokenizer, context: int, max_windows: int, builtin_split: str = "test") -> torch.Tensor:
+def text_windows(spec: str, tokenizer, context: int, max_windows: int, default_split: str = "test") -> torch.Tensor:
     """Up to `max_windows` windows [N, context] of token ids from the text source `spec` (see `text_source`).
 
     Documents are read in order, joined with EOS and cut into windows, as fine-tuning packs them; a source whose
     records are instructions or chats is refused (use plain text for perplexity)."""
-    source = text_source(spec, builtin_split)
+    source = text_source(spec, default_split)
     # read no more documents than the windows can use, assuming documents of 16 tokens or more on average
     source.max_documents = max(256, max_windows * context // 16)
     require_eos(tokenizer)

@@ -135,7 +135,7 @@ def _layers_section(config: dict[str, Any]) -> str:
         f"| {layer} | {score:.4g} | {'softmax' if layer in settings['softmax_layers'] else ''} |"
         for layer, score in enumerate(selection["scores"])
     )
-    when = "after attention transfer" if selection.get("after") == "attention_transfer" else "before conversion"
+    when = "after attention transfer" if selection.get("after") == "attention_transfer" else "at conversion"
     return f"""{table}
 
 The layers kept as softmax attention ({kept}) were chosen by measurement (`--softmax-layers auto:{selection["k"]}`):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -57,8 +58,7 @@ class SelectionRequest:
             raise LinearizeError(
                 f"--softmax-layers auto:K scores layers by what converting them changes, and method '{method}' "
                 "computes the original attention exactly until trained, so every layer would score 0; name the "
-                "layers (e.g. '0,8,16' or 'every:8'), or select after an attention_transfer stage in a recipe "
-                "(conversion.selection.after: attention_transfer)"
+                "layers instead (e.g. '0,8,16' or 'every:8')"
             )
 
 
@@ -104,18 +104,14 @@ def parse_auto(spec: str | None, scorer: str = DEFAULT_SCORER, **calibration) ->
 
 
 def calibration_windows(request: SelectionRequest, tokenizer) -> torch.Tensor:
-    """The calibration tokens, `[N, context]`: the built-in corpus's training split for "builtin" (held-out text
-    must stay unseen by every choice made before evaluation), else what `linearize eval --text` reads."""
+    """The calibration tokens, `[N, context]`, read as `linearize eval --text` reads text, except that "builtin" and
+    a Hugging Face dataset named without a split mean their training split: held-out text must stay unseen by
+    every choice made before evaluation."""
     from .data import TooFewTokens
     from .evaluation import text_windows
 
-    if tokenizer is None:
-        raise LinearizeError(
-            "--softmax-layers auto:K scores layers on calibration text, and the source has no tokenizer: pass "
-            "--tokenizer PATH_OR_ID"
-        )
     try:
-        return text_windows(request.calibration, tokenizer, request.context, request.windows, builtin_split="train")
+        return text_windows(request.calibration, tokenizer, request.context, request.windows, default_split="train")
     except TooFewTokens as error:
         raise LinearizeError(
             f"calibration text '{request.calibration}' is too short to score layers on: {error.tokens} tokens, "
@@ -165,11 +161,8 @@ def score_layers(model, windows: torch.Tensor, scorer: str, step: Callable[[], N
                 baseline = _mean_loss(original, windows, step)
                 scores = []
                 for attn in layers:
-                    as_original = attn.__dict__.pop("forward")  # this layer alone runs its converted attention
-                    try:
+                    with _converted(attn):
                         scores.append(_mean_loss(original, windows, step) - baseline)
-                    finally:
-                        attn.forward = as_original
                 return scores
     finally:
         model.train(was_training)
@@ -179,13 +172,39 @@ def select_layers(
     model,
     tokenizer,
     request: SelectionRequest,
-    step: Callable[[], None] | None = None,
+    progress: Callable[[int], Callable[[], None]] | None = None,
     after: str = "conversion",
 ) -> LayerSelection:
-    """Score every layer of `model`, a converted model with every layer converted, and choose `request.k`."""
+    """Score every layer of `model`, a converted model with every layer converted, and choose `request.k`.
+
+    Args:
+        progress: called once the calibration text is read with the number of steps scoring takes; returns the
+            callback that scoring calls after each.
+        after: when this happens, "conversion" or "attention_transfer" (recorded with the choice).
+    """
+    from .layers.base import LinearizedAttention
+
     windows = calibration_windows(request, tokenizer)
+    layers = sum(isinstance(m, LinearizedAttention) for m in model.modules())
+    step = progress(scoring_passes(request.scorer, layers) * windows.shape[0]) if progress else None
     scores = score_layers(model, windows, request.scorer, step)
     return LayerSelection(request.k, request.scorer, scores, describe_calibration(request, windows), after)
+
+
+@contextmanager
+def _converted(attn):
+    """Inside `training.transfer.original_model`: this layer alone runs its converted attention, with its own LoRA
+    adapters on (the context turned every adapter off)."""
+    as_original = attn.__dict__.pop("forward")
+    adapters = [m for m in attn.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
+    for module in adapters:
+        module.enable_adapters(True)
+    try:
+        yield
+    finally:
+        for module in adapters:
+            module.enable_adapters(False)
+        attn.forward = as_original
 
 
 def _mean_loss(model, windows: torch.Tensor, step: Callable[[], None] | None) -> float:

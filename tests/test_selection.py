@@ -93,6 +93,45 @@ def test_auto_0_is_no_kept_layer_and_auto_all_is_the_original(windows):
         torch.testing.assert_close(kept(windows).logits, reference, rtol=0, atol=0)
 
 
+def with_lora(model, seed: int = 0):
+    """`model` under peft LoRA on q/k/v/o with random, non-zero adapters (as training leaves them)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    return model
+
+
+def test_the_loss_scorer_sees_the_scored_layers_own_adapters_and_no_other(windows):
+    """After a transfer stage that trained LoRA, a layer is scored with its adapters on; every other layer computes
+    the original attention, adapters off."""
+    trained = with_lora(all_converted(four_layers())[0])
+    untouched = with_lora(all_converted(four_layers())[0])
+    with torch.no_grad():
+        for name, p in untouched.named_parameters():
+            if "lora_B" in name and f"layers.{HARD}." in name:
+                p.zero_()
+    before, after = score_layers(untouched, windows, "loss"), score_layers(trained, windows, "loss")
+    assert after[HARD] != before[HARD]
+    assert [a for i, a in enumerate(after) if i != HARD] == [b for i, b in enumerate(before) if i != HARD]
+    assert all(m._disable_adapters is False for m in trained.modules() if hasattr(m, "_disable_adapters"))
+
+
+def test_kept_layers_drop_what_their_adapters_learned_for_the_converted_attention(windows):
+    source = four_layers()
+    model = with_lora(all_converted(source)[0])
+    selection = linearize.selection.LayerSelection(LAYERS, "loss", [0.0] * LAYERS, "sampled")
+    kept = keep_softmax_layers(model, plan_conversion(source.config, "tiny", "swa", selection, **SWA).config)
+    assert kept is model  # in place, adapters and all
+    torch.testing.assert_close(kept(windows).logits, four_layers()(windows).logits, rtol=0, atol=0)
+
+
 def test_selection_is_recorded_in_the_config_and_the_model_card(tmp_path):
     source = four_layers()
     model, _ = all_converted(source)
@@ -131,7 +170,7 @@ def test_more_layers_than_the_model_has_is_refused_from_the_config_alone():
     config = four_layers().config
     with pytest.raises(LinearizeError, match="keeps more layers than the model has \\(4\\): choose K from 0 to 4"):
         plan_conversion(config, "tiny", "swa", "auto:5", **SWA)
-    assert plan_conversion(config, "tiny", "swa", "auto:4", **SWA).auto_layers == 4
+    assert plan_conversion(config, "tiny", "swa", "auto:4", **SWA).config.linearize["softmax_layers"] == []
 
 
 def test_a_method_exact_at_conversion_is_refused():
@@ -180,6 +219,11 @@ def test_convert_auto_end_to_end(tiny_folder, tmp_path):
 
 
 def test_convert_auto_errors_before_loading(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    alone = CliRunner().invoke(
+        app, ["convert", str(tiny_folder / "source"), "-o", str(out), "--layer-scorer", "output"]
+    )
+    assert alone.exit_code == 1 and "add --softmax-layers auto:K or drop them" in " ".join(alone.output.split())
     out = tmp_path / "out"
     base = ["convert", str(tiny_folder / "source"), "-o", str(out)]
     too_many = CliRunner().invoke(app, [*base, "--method", "swa", "--softmax-layers", "auto:9"])

@@ -36,8 +36,6 @@ def _plan_table(plan) -> Table:
     table.add_row("method", f"{plan.settings['method']}  {params}")
     for layers, fate in plan.layer_groups():
         table.add_row(f"layers {layers}", fate)
-    if plan.auto_layers is not None and plan.selection is None:
-        table.add_row("kept as softmax", f"the {plan.auto_layers} layers that score worst, once the weights load")
     added = plan.converted_parameters - plan.source_parameters
     table.add_row("parameters", f"{plan.source_parameters:,} (+{added:,} added)")
     ctx = PLAN_CONTEXT
@@ -139,7 +137,9 @@ def convert(
             show_default=False,
         ),
     ] = None,
-    layer_scorer: Annotated[Scorer, typer.Option(help=SCORER_HELP + ".")] = DEFAULT_SCORER,
+    layer_scorer: Annotated[
+        Scorer | None, typer.Option(help=SCORER_HELP + f" (default: {DEFAULT_SCORER}).", show_default=False)
+    ] = None,
     calibration: Annotated[
         str | None,
         typer.Option(
@@ -150,8 +150,13 @@ def convert(
         ),
     ] = None,
     calibration_windows: Annotated[
-        int, typer.Option(min=1, help="With auto:K, the 512-token windows of calibration text scored.")
-    ] = CALIBRATION_WINDOWS,
+        int | None,
+        typer.Option(
+            min=1,
+            help=f"With auto:K, the 512-token windows of calibration text scored (default: {CALIBRATION_WINDOWS}).",
+            show_default=False,
+        ),
+    ] = None,
     dtype: Annotated[Dtype, typer.Option(help="Dtype of the saved weights; auto keeps the source's.")] = "auto",
     device: Annotated[str, typer.Option(help="Device for loading and --verify: auto, cpu, cuda, cuda:1, ...")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
@@ -205,7 +210,7 @@ def convert(
             None if dry_run else output,
             method.value,
             softmax_layers=softmax_layers,
-            layer_scorer=layer_scorer.value,
+            layer_scorer=layer_scorer.value if layer_scorer else None,
             calibration=calibration,
             calibration_windows=calibration_windows,
             dtype=dtype.value,

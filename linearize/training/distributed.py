@@ -69,6 +69,15 @@ def average_gradients(world: World, params: list[torch.nn.Parameter]) -> None:
         g.copy_(part.view_as(g))
 
 
+def from_main(world: World, value):
+    """The main process's `value` (any picklable object), on every process."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -137,10 +137,10 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
                     "selection applies to softmax_layers: auto:K (it says how the K layers are chosen); set "
                     "softmax_layers to auto:K or remove selection"
                 )
-            if request is not None and get_method(self.method).exact_at_conversion and not self.selects_after_transfer:
+            if request is not None and get_method(self.method).exact_at_conversion:
                 raise ValueError(
                     f"softmax_layers {self.softmax_layers}: method '{self.method}' computes the original attention "
-                    "exactly until trained, so every layer would score 0 at conversion; name the layers instead"
+                    "exactly until trained, so every layer would score 0; name the layers instead"
                 )
         return self
 

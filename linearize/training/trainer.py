@@ -13,7 +13,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +27,10 @@ from ..data import PackedSequences
 from ..errors import LinearizeError
 from ..hub import check_can_push
 from ..layers.base import LinearizedAttention
-from ..selection import LayerSelection, scoring_passes, select_layers
+from ..selection import LayerSelection, select_layers
 from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .data import FinetuneData, load_data
-from .distributed import World, average_gradients, barrier, close_world, init_world, mean_across
+from .distributed import World, average_gradients, barrier, close_world, from_main, init_world, mean_across
 from .optim import build_optimizers, build_schedulers
 from .recipe import Recipe, StageSection, load_recipe, recipe_hash, resolved_yaml
 from .report import Reporter
@@ -135,10 +135,14 @@ class Trainer:
         """`conversion.softmax_layers: auto:K`: score every converted layer on the calibration text, then turn the
         K worst back into softmax attention (`linearize.selection`)."""
         request = self.recipe.conversion.selection_request()
-        layers = self.source_config.num_hidden_layers
-        passes = scoring_passes(request.scorer, layers) * request.windows
-        with self.reporter.task(f"scoring {layers} layers ({request.scorer}, after {after})", passes) as step:
-            selection = select_layers(self.model, tokenizer, request, step, after=after)
+        name = f"scoring {self.source_config.num_hidden_layers} layers ({request.scorer}, after {after})"
+        with ExitStack() as progress:
+
+            def bar(total: int):
+                return progress.enter_context(self.reporter.task(name, total))
+
+            selection = select_layers(self.model, tokenizer, request, bar, after)
+        selection = from_main(self.world, selection)  # every process keeps the same layers, near-ties included
         self.keep_softmax(selection)
         shown = ", ".join(f"{i} ({selection.scores[i]:.3g})" for i in selection.layers)
         self.reporter.info(f"kept as softmax attention, layer (score): {shown or 'none'}")
@@ -439,8 +443,16 @@ class Trainer:
                 f"batch order depends on it; resume with the same count (torchrun --nproc_per_node "
                 f"{saved['processes']}), not {self.world.size}"
             )
-        if saved.get("layer_selection") and self.selection is None:  # chosen after attention transfer
-            self.keep_softmax(LayerSelection(**saved["layer_selection"]))
+        if saved.get("layer_selection"):
+            chosen = LayerSelection(**saved["layer_selection"])
+            if self.selection is None:  # chosen after attention transfer
+                self.keep_softmax(chosen)
+            elif self.selection.layers != chosen.layers:  # scored again at conversion, and differently
+                raise LinearizeError(
+                    f"checkpoint {checkpoint} kept layers {chosen.layers} as softmax attention, and scoring them "
+                    f"again chose {self.selection.layers} (the calibration text or the device's arithmetic "
+                    "changed); the run cannot continue with other layers: start it again in a new output.dir"
+                )
         if saved["lora_applied"]:
             self.apply_lora()
         missing = set(tensors) - set(dict(self.model.named_parameters()))

@@ -168,7 +168,8 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch,
     def killed_after_second_checkpoint(self, *args):
         real_checkpoint(self, *args)
         calls.append(self.state.global_step)
-        if len(calls) == 2:  # in the middle of the lora stage: step 2 of 4
+        # the second closes the transfer stage; the third, step 2 of 4 of the lora stage, comes after the selection
+        if len(calls) == (3 if selected else 2):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer_module.Trainer, "checkpoint", killed_after_second_checkpoint)
@@ -179,9 +180,11 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch,
 
     result = invoke("finetune", recipe, *extra)
     assert result.exit_code == 1 and "pass --resume" in result.output
+    if selected:  # the resumed run takes the kept layers from its checkpoint: it must not score again
+        monkeypatch.setattr(trainer_module, "select_layers", lambda *args, **kwargs: pytest.fail("scored again"))
     result = invoke("finetune", recipe, *extra, "--resume")
     assert result.exit_code == 0, result.output
-    if selected:  # scored once, after the transfer stage; the resumed run took the choice from its checkpoint
+    if selected:  # scored once, after the transfer stage
         chosen = [r["layer_selection"] for r in metrics(straight / "run") if "layer_selection" in r]
         assert len(chosen) == 1 and chosen[0]["after"] == "attention_transfer"
         assert [r["layer_selection"] for r in metrics(resumed / "run") if "layer_selection" in r] == chosen
