@@ -46,11 +46,13 @@ def variant_layers(variants: list[str], k: int, every: int, num_layers: int, see
 def scoring_cost(recipe, k: int) -> dict[str, dict]:
     """Each scorer on the recipe's conversion with every layer converted: seconds, scores and kept layers."""
     source, tokenizer, name = sources.load(recipe.model.name, dtype=recipe.model.dtype, revision=recipe.model.revision)
-    spec = recipe.conversion.model_copy(update={"softmax_layers": f"auto:{k}", "selection": None})
+    spec = recipe.conversion.model_copy(update={"softmax_layers": f"auto:{k}"})
     model = convert_model(source, spec.plan(source.config, name).config)
+    settings = (recipe.conversion.selection or SelectionSection()).model_dump()  # calibration and windows as set
     costs = {}
     for scorer in SCORERS:
-        request = spec.model_copy(update={"selection": SelectionSection(scorer=scorer)}).selection_request()
+        section = SelectionSection(**{**settings, "scorer": scorer})
+        request = spec.model_copy(update={"selection": section}).selection_request()
         started = time.perf_counter()
         selection = select_layers(model, tokenizer, request)
         costs[scorer] = {
@@ -97,7 +99,7 @@ def main() -> None:
     for name, spec in layers.items():
         overrides = [*args.overrides, f"conversion.softmax_layers={spec}", f"output.dir={recipe.output.dir}-{name}"]
         if name.startswith("auto-"):
-            overrides.append(f"conversion.selection={{scorer: {name.removeprefix('auto-')}}}")
+            overrides.append(f"conversion.selection.scorer={name.removeprefix('auto-')}")
         models[name], minutes[name] = trained(load_recipe(args.recipe, overrides))
     kept = {name: model.config.linearize["softmax_layers"] for name, model in models.items() if name != "original"}
 
