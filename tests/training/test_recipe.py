@@ -119,7 +119,7 @@ def test_auto_softmax_layers_plan_every_layer_converted_until_scored():
     config = source_model("llama").config
     recipe = parse_recipe(MINIMAL + "conversion: {softmax_layers: auto:1, selection: {scorer: output, windows: 2}}\n")
     plan = recipe.conversion.plan(config, "tiny")
-    assert plan.auto_layers == 1 and plan.config.linearize["softmax_layers"] == []
+    assert plan.config.linearize["softmax_layers"] == [] and plan.selection is None
     request = recipe.conversion.selection_request()
     assert (request.k, request.scorer, request.windows, request.calibration) == (1, "output", 2, "builtin")
     with pytest.raises(LinearizeError, match="keeps more layers than the model has"):
