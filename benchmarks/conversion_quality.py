@@ -83,13 +83,8 @@ def task_folder(files: dict[str, Path], into: Path) -> Path:
     return into
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--text", required=True, help="held-out text file (never in the training data)")
-    parser.add_argument("--arc", type=Path, required=True, help="ARC-Easy test items, JSONL")
-    parser.add_argument("--hellaswag", type=Path, required=True, help="HellaSwag validation items, JSONL")
-    parser.add_argument("--controls", default="swa,swa-trained,lora")
+def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
+    """The held-out measurements' settings, shared with benchmarks/layer_selection.py."""
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--long-context", type=int, default=2048, help="window length of perplexity by position")
@@ -97,6 +92,28 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=512, help="positions per stretch of perplexity by position")
     parser.add_argument("--passkey-contexts", default="1024,2048")
     parser.add_argument("--trials", type=int, default=4, help="keys per depth (5 depths: 4 gives 20 trials)")
+
+
+def measure_by_position(models: dict, tokenizer, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Perplexity by position of each model over `args`' long windows of `--text`, printed as a table."""
+    windows = text_windows(args.text, tokenizer, args.long_context, args.long_windows)
+    by_position = {name: perplexity_by_position(model, windows, args.block) for name, model in models.items()}
+    starts = range(0, args.long_context, args.block)
+    print(f"\nperplexity by position ({windows.shape[0]} windows of {args.long_context} tokens)")
+    print("| model | " + " | ".join(f"{s}-{s + args.block}" for s in starts) + " |\n|" + "---|" * (len(starts) + 1))
+    for name, values in by_position.items():
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    return by_position
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--text", required=True, help="held-out text file (never in the training data)")
+    parser.add_argument("--arc", type=Path, required=True, help="ARC-Easy test items, JSONL")
+    parser.add_argument("--hellaswag", type=Path, required=True, help="HellaSwag validation items, JSONL")
+    parser.add_argument("--controls", default="swa,swa-trained,lora")
+    add_measurement_arguments(parser)
     parser.add_argument("--lm-eval-limit", type=int, default=None, help="at most this many items per task")
     parser.add_argument("--lm-eval-batch-size", type=int, default=16, help="lm-eval requests per forward")
     parser.add_argument("--threads", type=int, default=2)
@@ -147,13 +164,7 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(row) + " |")
 
-    windows = text_windows(args.text, tokenizer, args.long_context, args.long_windows)
-    by_position = {name: perplexity_by_position(model, windows, args.block) for name, model in models.items()}
-    starts = range(0, args.long_context, args.block)
-    print(f"\nperplexity by position ({windows.shape[0]} windows of {args.long_context} tokens)")
-    print("| model | " + " | ".join(f"{s}-{s + args.block}" for s in starts) + " |\n|" + "---|" * (len(starts) + 1))
-    for name, values in by_position.items():
-        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    by_position = measure_by_position(models, tokenizer, args)
     for name, value in minutes.items():
         if value is not None:
             print(f"{name} fine-tuning wall time: {value:.1f} min ({args.threads} threads)")

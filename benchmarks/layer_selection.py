@@ -22,12 +22,12 @@ import random
 import time
 
 import torch
-from conversion_quality import trained  # beside this file, the script's folder
+from conversion_quality import add_measurement_arguments, measure_by_position, trained  # beside this file
 
 import linearize  # noqa: F401  (registers the converted model class)
 from linearize import sources
 from linearize.convert import convert_model
-from linearize.evaluation import eval_rows, evaluate_models, perplexity_by_position, text_windows
+from linearize.evaluation import eval_rows, evaluate_models
 from linearize.selection import SCORERS, select_layers
 from linearize.training.recipe import SelectionSection, load_recipe
 
@@ -72,13 +72,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=6, help="the every:N variant (N layers apart)")
     parser.add_argument("--seed", type=int, default=0, help="chooses the random variant's layers")
     parser.add_argument("--variants", default="auto-loss,auto-output,every,random")
-    parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--long-context", type=int, default=2048, help="window length of perplexity by position")
-    parser.add_argument("--long-windows", type=int, default=4)
-    parser.add_argument("--block", type=int, default=512, help="positions per stretch of perplexity by position")
-    parser.add_argument("--passkey-contexts", default="1024,2048")
-    parser.add_argument("--trials", type=int, default=4, help="keys per depth (5 depths: 4 gives 20 trials)")
+    add_measurement_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, as for `linearize finetune`")
@@ -112,9 +106,6 @@ def main() -> None:
         [int(c) for c in args.passkey_contexts.split(",")],
         {"trials": args.trials},
     )
-    windows = text_windows(args.text, tokenizer, args.long_context, args.long_windows)
-    by_position = {name: perplexity_by_position(model, windows, args.block) for name, model in models.items()}
-
     header, rows = eval_rows(quality)
     print(f"\n{args.recipe} ({' '.join(args.overrides)}), held-out text {args.text}")
     for name, value in kept.items():
@@ -122,11 +113,7 @@ def main() -> None:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    starts = range(0, args.long_context, args.block)
-    print(f"\nperplexity by position ({windows.shape[0]} windows of {args.long_context} tokens)")
-    print("| model | " + " | ".join(f"{s}-{s + args.block}" for s in starts) + " |\n|" + "---|" * (len(starts) + 1))
-    for name, values in by_position.items():
-        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    by_position = measure_by_position(models, tokenizer, args)
     if args.json:
         with open(args.json, "w") as f:
             results = {
