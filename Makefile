@@ -30,7 +30,7 @@ finetune: install
 	$(BIN)/linearize generate runs/smollm2-135m-liger/model "What is the capital of France?" --max-new-tokens 24
 
 bench: install
-	$(PY) benchmarks/liger_vs_original.py --json bench-out/liger_vs_original.json
+	$(PY) benchmarks/speed_vs_original.py --json bench-out/speed_vs_original.json
 
 lint: install
 	$(BIN)/ruff check linearize kernels tests benchmarks

@@ -1,6 +1,9 @@
 """The building blocks of a converted layer's cache: `StateCacheLayer`, the base of every converted layer's cache
-entry, `RecentTokens`, a fixed-size buffer of the most recent tokens, and `own`, which keeps a cached tensor from
-holding a larger storage alive.
+entry; `RecentTokens`, a ring of the most recent tokens; `GrowingTokens`, every token so far in storage that grows
+geometrically; and `own`, which keeps a cached tensor from holding a larger storage alive.
+
+A decode step must cost the same at every context: buffers are allocated once (or grown geometrically) and a new
+token is written into its slot in place, never concatenated onto a copy of everything before it.
 
 Each method's cache layer is a `StateCacheLayer` subclass defined next to its attention layer in
 `linearize.layers`; `linearize.models.cache.LinearizeCache` holds one per converted layer. This module sits below
@@ -14,48 +17,100 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from .kernels.common.buffers import append_along
+
 
 def own(x: torch.Tensor) -> torch.Tensor:
     """`x`, or a compact copy when it is a view into a larger storage: a cache that kept the view would keep all
-    of that storage alive, unseen by `nbytes` (keys split from a rotated [q, r, k] block, slots cut from a buffer
-    with a spare slot)."""
+    of that storage alive (keys split from a rotated [q, r, k] block, slots cut from a buffer with a spare slot)."""
     if x.untyped_storage().nbytes() == x.numel() * x.element_size():
         return x
     return x.clone(memory_format=torch.contiguous_format)
 
 
 class RecentTokens:
-    """The last `capacity` tokens of several aligned per-token tensors ([B, T, ...] each), in time order.
+    """The last `capacity` tokens of several aligned per-token tensors ([B, T, ...] each).
 
-    Storage is allocated once, at `capacity`, on the first append (empty slots are zeros, so a validity tensor
-    among them reads False there): the buffer never grows with the context.
+    Storage is `capacity + 1` slots per tensor, allocated on the first update (empty slots are zeros, so a
+    validity tensor among them reads False there); it never grows or moves. Slots form a ring: the buffered tokens
+    and one spare slot. A one-token update writes the new token into the spare slot in place and returns the whole
+    storage, which is then exactly the buffered tokens plus the new one, but in ring order: what one query attends
+    to, where order does not matter (keys carry their rotary positions and every slot is inside its window). A
+    longer update returns the tokens in time order, as a new tensor, and rewrites the ring from them.
     """
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.tensors: tuple[torch.Tensor, ...] | None = None
+        self.tensors: tuple[torch.Tensor, ...] | None = None  # each [B, capacity + 1, ...]
+        self.spare = capacity  # the slot that holds no buffered token; the oldest token is in the next one
 
     def update(self, *new: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """Add `new` tokens. Returns the buffered tokens followed by the new ones (what a window attends to),
-        and the tokens that fell out of the buffer (oldest first)."""
+        """Add `new` tokens ([B, T, ...] each). Returns the buffered tokens with the new ones (what a window
+        attends to: `capacity + T` tokens, in time order, or in ring order when T is 1) and the tokens that fell
+        out of the buffer, oldest first (views that the next update may overwrite)."""
+        length = new[0].shape[1]
         if self.tensors is None:
-            self.tensors = tuple(t.new_zeros(t.shape[0], self.capacity, *t.shape[2:]) for t in new)
-        joined = tuple(torch.cat([old, t.to(old.dtype)], dim=1) for old, t in zip(self.tensors, new, strict=True))
-        cut = joined[0].shape[1] - self.capacity
-        # a view is free; after a long prefill, a copy releases the rest of the joined tensor
-        self.tensors = tuple(t[:, cut:].clone() if cut > self.capacity else t[:, cut:] for t in joined)
-        return joined, tuple(t[:, :cut] for t in joined)
+            self.tensors = tuple(t.new_zeros(t.shape[0], self.capacity + 1, *t.shape[2:]) for t in new)
+        elif length == 1:
+            for buffer, t in zip(self.tensors, new, strict=True):
+                buffer[:, self.spare] = t[:, 0]
+            oldest = (self.spare + 1) % (self.capacity + 1)
+            evicted = tuple(buffer[:, oldest : oldest + 1] for buffer in self.tensors)
+            self.spare = oldest
+            return self.tensors, evicted
+        joined = tuple(
+            torch.cat([self._in_time_order(b), t.to(b.dtype)], dim=1) for b, t in zip(self.tensors, new, strict=True)
+        )
+        for buffer, t in zip(self.tensors, joined, strict=True):
+            buffer[:, : self.capacity] = t[:, length:]
+        self.spare = self.capacity
+        return joined, tuple(t[:, :length] for t in joined)
+
+    def _in_time_order(self, buffer: torch.Tensor) -> torch.Tensor:
+        oldest = (self.spare + 1) % (self.capacity + 1)
+        if oldest == 0:
+            return buffer[:, : self.capacity]
+        return torch.cat([buffer[:, oldest:], buffer[:, : self.spare]], dim=1)
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.tensors is not None:
             self.tensors = tuple(fn(t) for t in self.tensors)
 
+    def clear(self) -> None:
+        self.tensors, self.spare = None, self.capacity
+
+
+class GrowingTokens:
+    """Every token so far of several aligned per-token tensors ([B, T, ...] each), in time order.
+
+    The first update stores its tokens as they are (a prefill's cache holds no more than its tokens); later ones
+    append in place into room that grows geometrically (`append_along`), so decoding T tokens copies O(T) in all.
+    """
+
+    def __init__(self):
+        self.tensors: tuple[torch.Tensor, ...] | None = None
+
+    def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Add `new` tokens; returns all tokens so far ([B, L, ...] each)."""
+        if self.tensors is None:
+            self.tensors = tuple(own(t) for t in new)
+        else:
+            self.tensors = tuple(append_along(b, t.to(b.dtype), 1) for b, t in zip(self.tensors, new, strict=True))
+        return self.tensors
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.tensors is not None:
+            self.tensors = tuple(fn(t) for t in self.tensors)
+
+    def clear(self) -> None:
+        self.tensors = None
+
 
 class StateCacheLayer(CacheLayerMixin):
     """Base of the cache layers of converted attention: fixed-size state, no growing key/value list.
 
-    Subclasses keep their tensors in attributes listed by `_tensor_fields` (a tensor or a `RecentTokens`)
-    so batch reordering (beam search, `num_return_sequences`) and byte counting work for all of them.
+    Subclasses keep their tensors in attributes listed by `_tensor_fields` (a tensor, `RecentTokens` or
+    `GrowingTokens`) so batch reordering (beam search, `num_return_sequences`) and byte counting work for all.
     """
 
     _tensor_fields: tuple[str, ...] = ()
@@ -83,7 +138,7 @@ class StateCacheLayer(CacheLayerMixin):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for name in self._tensor_fields:
             value = getattr(self, name)
-            if isinstance(value, RecentTokens):
+            if isinstance(value, RecentTokens | GrowingTokens):
                 value.apply(fn)
             elif value is not None:
                 setattr(self, name, fn(value))
@@ -91,8 +146,8 @@ class StateCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         for name in self._tensor_fields:
             value = getattr(self, name)
-            if isinstance(value, RecentTokens):
-                value.tensors = None
+            if isinstance(value, RecentTokens | GrowingTokens):
+                value.clear()
             else:
                 setattr(self, name, None)
         self.seen_tokens = 0
@@ -111,12 +166,14 @@ class StateCacheLayer(CacheLayerMixin):
             raise NotImplementedError("a converted layer's state cannot be rolled back")
 
     def nbytes(self) -> int:
-        total = 0
+        """Bytes of the storage the cache holds, spare room included (each storage counted once)."""
+        storages = {}
         for name in self._tensor_fields:
             value = getattr(self, name)
-            if isinstance(value, RecentTokens):
+            if isinstance(value, RecentTokens | GrowingTokens):
                 value = value.tensors
             for tensor in value if isinstance(value, tuple) else (value,):
                 if tensor is not None:
-                    total += tensor.numel() * tensor.element_size()
-        return total
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())

@@ -1,6 +1,7 @@
 """Parallax attention (docs/methods.md §4): softmax attention plus a learned covariance correction. Two ops, each
 with a "reference" path (plain oracles, full masks), a "torch" path (blockwise PyTorch, no [T, T] matrix; the CPU
-default) and a "triton" path (fused kernels, the sequence op with its own backward; CUDA tensors default to it):
+default; without autograd it runs `rowwise_parallax_attention`, the same sums in fewer, larger products) and a
+"triton" path (fused kernels, the sequence op with its own backward; CUDA tensors default to it):
 `parallax_attention` over a sequence (prefill and training, differentiable) and `parallax_decode`, one new token
 per sequence. The Triton modules are imported only when the "triton" backend runs, so CPU-only installs never
 import triton.
@@ -20,7 +21,7 @@ Accumulation is fp32 (float64 for float64 inputs); outputs come in q.dtype.
 import torch
 
 from ..backend import outside_autocast, resolve_backend
-from .chunk import chunk_parallax_attention, torch_parallax_decode
+from .chunk import chunk_parallax_attention, rowwise_parallax_attention, torch_parallax_decode
 from .reference import check_decode_inputs, check_inputs, naive_parallax_attention, naive_parallax_decode
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "naive_parallax_decode",
     "parallax_attention",
     "parallax_decode",
+    "rowwise_parallax_attention",
     "torch_parallax_decode",
 ]
 
@@ -69,7 +71,9 @@ def parallax_attention(
     if name == "reference":
         attend = naive_parallax_attention
     elif name == "torch":
-        attend = chunk_parallax_attention
+        tensors = (q, r, k, v, past_k, past_v)
+        needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+        attend = chunk_parallax_attention if needs_grad else rowwise_parallax_attention
     else:
         from .triton import triton_parallax_attention as attend
     return attend(q, r, k, v, scale=scale, window=window, key_valid=key_valid, past_k=past_k, past_v=past_v)

@@ -180,6 +180,69 @@ def chunk_parallax_attention(
     return ChunkParallaxFunction.apply(q, r, keys, values, key_valid, scale, window, block_size)
 
 
+@torch.no_grad()
+def rowwise_parallax_attention(
+    q: torch.Tensor,
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    window: int | None = None,
+    key_valid: torch.Tensor | None = None,
+    past_k: torch.Tensor | None = None,
+    past_v: torch.Tensor | None = None,
+    block_size: int = 32,
+    block_logits: int = 1 << 22,
+) -> torch.Tensor:
+    """Parallax attention for inference (no autograd); arguments and returns as in `naive_parallax_attention`.
+
+    The faster CPU form of the blockwise forward above: queries go in blocks of `block_size` (fewer when a block's
+    whole rows of scores would exceed `block_logits` numbers), so each softmax is exact at once (no running max to
+    rescale by) and a block takes three products: `q k^T`, `r k^T`, then the weights `p (1 + t_bar - s)` times v,
+    where the online form needs four and rescales four accumulators at every key block.
+    """
+    check_inputs(q, r, k, v, window, key_valid, past_k, past_v)
+    keys, values = with_history(k, v, past_k, past_v)
+    B, T, H, D = q.shape
+    S, Hkv = keys.shape[1], keys.shape[2]
+    G, P = H // Hkv, S - T
+    window = S if window is None else min(window, S)
+    scale = D**-0.5 if scale is None else float(scale)
+    dtype = _acc_dtype(q, r, keys, values)
+    if key_valid is not None:  # padding may hold NaN, and 0 * NaN would leak through the masked products
+        keys, values = (x.masked_fill(~key_valid[:, :, None, None], 0.0) for x in (keys, values))
+    kk, vv = (x.to(dtype).transpose(1, 2) for x in (keys, values))  # [B, Hkv, S, D]
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [B, Hkv, T * G, D]: a block of tokens is a slice
+        return x.to(dtype).view(B, T, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, T * G, D)
+
+    qq, rr = rows(q * scale), rows(r)
+    out = q.new_empty(B, Hkv, T * G, D, dtype=dtype)
+    step = max(1, min(block_size, block_logits // (B * H * window)))
+    for i0 in range(0, T, step):
+        i1 = min(i0 + step, T)
+        lo, hi = max(0, P + i0 - window + 1), P + i1  # the keys this block's queries reach
+        block, keys_t = slice(i0 * G, i1 * G), kk[:, :, lo:hi].mT
+        z = (qq[:, :, block] @ keys_t).view(B, Hkv, i1 - i0, G, hi - lo)
+        s = (rr[:, :, block] @ keys_t).view(B, Hkv, i1 - i0, G, hi - lo)
+        # without padding or a window edge in the block, only the keys from the block's first query on need a mask
+        first = lo if key_valid is not None or P + i1 - window > lo else P + i0
+        lag = torch.arange(P + i0, P + i1, device=q.device)[:, None] - torch.arange(first, hi, device=q.device)
+        visible = ((lag >= 0) & (lag < window))[None]  # [1, n, W']
+        if key_valid is not None:
+            visible = visible & key_valid[:, None, lo:hi]
+        z[..., first - lo :].masked_fill_(~visible[:, None, :, None], float("-inf"))
+        m = z.amax(-1, keepdim=True)
+        w = z.sub_(m.masked_fill_(m == float("-inf"), 0.0)).exp_()  # unnormalised softmax weights
+        d1 = w.sum(-1, keepdim=True)
+        ws = w * s
+        t_bar = ws.sum(-1, keepdim=True).div_(d1.clamp_min(torch.finfo(dtype).tiny))  # d1 is 0 or >= 1
+        weights = w.mul_(t_bar.add_(1)).sub_(ws).view(B, Hkv, (i1 - i0) * G, hi - lo)  # d1 p (1 + t_bar - s)
+        inv = torch.where(d1 > 0, 1 / d1, 0.0).view(B, Hkv, (i1 - i0) * G, 1)  # a query that sees no key: zeros
+        torch.matmul(weights, vv[:, :, lo:hi], out=out[:, :, block]).mul_(inv)
+    return out.view(B, Hkv, T, G, D).transpose(1, 2).reshape(B, T, H, D).to(q.dtype)
+
+
 def torch_parallax_decode(
     q: torch.Tensor,
     r: torch.Tensor,
@@ -194,22 +257,25 @@ def torch_parallax_decode(
     check_decode_inputs(q, r, k_cache, v_cache, cache_valid, window)
     B, H, D = q.shape
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = H // Hkv
     dtype = _acc_dtype(q, r, k_cache, v_cache)
     scale = D**-0.5 if scale is None else scale
     start = 0 if window is None else max(L - window, 0)
     k_cache, v_cache = k_cache[:, start:].to(dtype), v_cache[:, start:].to(dtype)  # [B, W, Hkv, D]
-    if cache_valid is not None:
-        visible = cache_valid[:, start:, None, None]
+    hidden = None if cache_valid is None or bool(cache_valid[:, start:].all()) else ~cache_valid[:, start:]
+    if hidden is not None:
         # unfilled slots may hold anything, NaN included: keep them out of the products
-        k_cache, v_cache = k_cache.masked_fill(~visible, 0.0), v_cache.masked_fill(~visible, 0.0)
+        k_cache = k_cache.masked_fill(hidden[..., None, None], 0.0)
+        v_cache = v_cache.masked_fill(hidden[..., None, None], 0.0)
     kk, vv = k_cache.permute(0, 2, 3, 1), v_cache.transpose(1, 2)  # [B, Hkv, D, W], [B, Hkv, W, D]
-    qq, rr = q.to(dtype).view(B, Hkv, H // Hkv, D), r.to(dtype).view(B, Hkv, H // Hkv, D)
-    z, s = qq @ kk * scale, rr @ kk  # [B, Hkv, G, W]
-    if cache_valid is not None:
-        z = z.masked_fill(~cache_valid[:, None, None, start:], float("-inf"))
+    qr = torch.cat([q.view(B, Hkv, G, D), r.view(B, Hkv, G, D)], dim=2).to(dtype)  # one product reads each key once
+    zs = qr @ kk
+    z, s = zs[:, :, :G] * scale, zs[:, :, G:]  # [B, Hkv, G, W] each
+    if hidden is not None:
+        z = z.masked_fill(hidden[:, None, None], float("-inf"))
     m = z.amax(-1, keepdim=True)
-    w = torch.exp(z - m.where(m > float("-inf"), 0.0))
+    w = torch.exp(z.sub_(m.where(m > float("-inf"), 0.0)))
     d1 = w.sum(-1, keepdim=True)
-    p = w / d1.where(d1 > 0, 1.0)  # all zeros for a query that sees no key
+    p = w.div_(d1.where(d1 > 0, 1.0))  # all zeros for a query that sees no key
     t_bar = (p * s).sum(-1, keepdim=True)
-    return (p * (1 + t_bar - s) @ vv).view(B, H, D).to(q.dtype)
+    return (p.mul_(s.neg_().add_(1 + t_bar)) @ vv).view(B, H, D).to(q.dtype)  # p (1 + t_bar - s)

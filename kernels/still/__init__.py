@@ -198,7 +198,8 @@ def still_decode(
         q_feat: its query features `[B, H, F]` (NP-Map), positive.
         gate: its output gate of the linear numerator `[B, H, Dv]`, in (0, 1).
         valid: `[B]` bool, False where the token is padding (the cache is then left as it is).
-        cache: the decode cache before this token; not modified.
+        cache: the decode cache before this token. The torch and triton paths update it in place (a step then
+            costs the same at every context); the reference returns a new one. Keep only the returned cache.
         k_features: the key feature map, applied to the GQA-expanded keys of a chunk leaving the ring:
             `[B, C, H, D]` -> `[B, C, H, F]` (used in fp32).
         chunk_size: C.

@@ -1,11 +1,15 @@
 """STILL's decode step in PyTorch, all rows and heads at once: one new token per row against the cache that the
 prefill or earlier steps left (docs/methods.md §3.6). The "torch" path of `still_decode`, and the "triton" one with
-the Triton top-k selection of a folded chunk: the step itself has no kernel."""
+the Triton top-k selection of a folded chunk: the step itself has no kernel.
+
+The cache is updated in place, so a step costs the same at every context: the new token goes into its ring slot,
+a folded chunk into the state and into salient buffers that grow geometrically (`append_along`)."""
 
 from collections.abc import Callable
 
 import torch
 
+from ..common.buffers import append_along
 from .reference import StillDecodeState, smoothed_self_kl
 from .selection import torch_select_salient
 
@@ -26,7 +30,8 @@ def torch_still_decode(
     select: Callable[[torch.Tensor, int, int], torch.Tensor] = torch_select_salient,
 ) -> tuple[torch.Tensor, StillDecodeState]:
     """One STILL decode step; arguments and returns as in `naive_still_decode`, plus `select`, the top-k selection
-    `(scores [B, C, H], chunk_size, topk) -> salient [B, C, H]` of the chunk leaving the ring."""
+    `(scores [B, C, H], chunk_size, topk) -> salient [B, C, H]` of the chunk leaving the ring. The cache is updated
+    in place and returned (its salient tensors may be new views): keep only the returned one."""
     C = chunk_size
     groups = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -36,17 +41,17 @@ def torch_still_decode(
         cache = _fold_oldest_chunk(cache, opens_chunk, k_features, C, topk, groups, select)
     slot = rank % (2 * C)
     write = torch.zeros_like(cache.ring_valid).scatter(1, slot[:, None], valid[:, None])  # [B, 2C]
-    ring_k = torch.where(write[..., None, None], k[:, None].to(cache.ring_k.dtype), cache.ring_k)
-    ring_v = torch.where(write[..., None, None], v[:, None].to(cache.ring_v.dtype), cache.ring_v)
-    ring_valid = cache.ring_valid | write
+    _write_slot(cache.ring_k, slot, k, valid)
+    _write_slot(cache.ring_v, slot, v, valid)
+    ring_valid = cache.ring_valid.logical_or_(write)
 
     ring_rank = _ring_ranks(rank, C)  # [B, 2C]
-    keys_k = ring_k.repeat_interleave(groups, dim=2).float()  # [B, 2C, H, D]
-    keys_v = ring_v.repeat_interleave(groups, dim=2).float()
+    keys_k = cache.ring_k.repeat_interleave(groups, dim=2).float()  # [B, 2C, H, D]
+    keys_v = cache.ring_v.repeat_interleave(groups, dim=2).float()
     z = torch.einsum("bhd,bshd->bhs", q.float(), keys_k) * scale  # [B, H, 2C]
     in_window = (ring_valid & (ring_rank > (rank - C)[:, None]))[:, None]  # [B, 1, 2C]
     score = smoothed_self_kl(z, in_window, write[:, None], C)  # [B, H]
-    ring_score = torch.where(write[..., None], score[:, None].to(cache.ring_score.dtype), cache.ring_score)
+    _write_slot(cache.ring_score, slot, score, valid)
 
     # softmax over the salient cache and the ring, gated linear attention over the state, one normalizer
     z_salient = torch.einsum("bhd,bhsd->bhs", q.float(), cache.salient_k.float()) * scale
@@ -61,10 +66,15 @@ def torch_still_decode(
     numerator = numerator + gate.float() * torch.einsum("bhf,bhfd->bhd", q_feat, cache.state)
     denominator = weights.sum(-1) + (q_feat * cache.normalizer).sum(-1) + eps
     o = numerator / denominator[..., None]  # [B, H, Dv]
-    cache = cache._replace(
-        ring_k=ring_k, ring_v=ring_v, ring_score=ring_score, ring_valid=ring_valid, real_tokens=rank + valid.long()
-    )
+    rank.add_(valid.long())  # cache.real_tokens
     return o.to(q.dtype), cache
+
+
+def _write_slot(ring: torch.Tensor, slot: torch.Tensor, x: torch.Tensor, valid: torch.Tensor) -> None:
+    """Write x [B, ...] into ring slot `slot` [B] in place, in the rows where `valid`; other rows keep the slot."""
+    index = slot.view(-1, 1, *[1] * (ring.dim() - 2)).expand(-1, 1, *ring.shape[2:])
+    row_valid = valid.view(-1, 1, *[1] * (ring.dim() - 2))
+    ring.scatter_(1, index, torch.where(row_valid, x[:, None].to(ring.dtype), ring.gather(1, index)))
 
 
 def _ring_ranks(rank: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -97,11 +107,11 @@ def _fold_oldest_chunk(cache: StillDecodeState, rows, k_features, chunk_size, to
     linear = (~salient & rows[:, None, None]).float()  # [B, C, H]
     weighted = k_features(k_heads).float() * linear[..., None]  # [B, C, H, F]
     cleared = torch.zeros_like(cache.ring_valid).scatter(1, index, rows[:, None].expand(-1, C))
+    cache.state.add_(torch.einsum("bchf,bchd->bhfd", weighted, v_heads.float()))
+    cache.normalizer.add_(weighted.sum(1))
+    cache.ring_valid.logical_and_(~cleared)
     return cache._replace(
-        salient_k=torch.cat([cache.salient_k, gather(k_heads)], dim=2),
-        salient_v=torch.cat([cache.salient_v, gather(v_heads)], dim=2),
-        salient_valid=torch.cat([cache.salient_valid, rows[:, None].expand(-1, topk)], dim=1),
-        state=cache.state + torch.einsum("bchf,bchd->bhfd", weighted, v_heads.float()),
-        normalizer=cache.normalizer + weighted.sum(1),
-        ring_valid=cache.ring_valid & ~cleared,
+        salient_k=append_along(cache.salient_k, gather(k_heads), 2),
+        salient_v=append_along(cache.salient_v, gather(v_heads), 2),
+        salient_valid=append_along(cache.salient_valid, rows[:, None].expand(-1, topk), 1),
     )

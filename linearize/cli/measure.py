@@ -144,7 +144,7 @@ def bench(
     against: Annotated[str | None, typer.Option(help=AGAINST_HELP, show_default=False)] = None,
     ctx: Annotated[str, typer.Option("--ctx", help="Context lengths to prefill, comma-separated.")] = "512,2048,8192",
     decode_tokens: Annotated[int, typer.Option(help="Single-token decode steps timed per context.", min=1)] = 32,
-    repeats: Annotated[int, typer.Option(help="Prefill runs per model and context; the fastest counts.", min=1)] = 3,
+    repeats: Annotated[int, typer.Option(help="Prefill runs per model and context; the median counts.", min=1)] = 3,
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for torch (default: torch's choice).", show_default=False)
     ] = None,
@@ -197,7 +197,8 @@ def bench(
         f"Speed and memory on {result['device']}, {result['threads']} thread" + "s" * (result["threads"] != 1),
         header,
         rows,
-        caption=f"decode: fastest of {decode_tokens} steps; prefill peak: memory growth during the first prefill; "
+        caption=f"decode: median of {decode_tokens} steps; prefill: median of {repeats} runs; "
+        "prefill peak: memory growth during the first prefill; "
         f"ratio: {' / '.join(result['models'])}" * (len(specs) == 2),
     )
     result["sources"] = {spec.label: spec.source or "embedded" for spec in specs}

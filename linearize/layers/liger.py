@@ -182,5 +182,5 @@ class LigerAttention(LinearizedAttention):
             return recurrent
         if settings.sinks:
             return recurrent + SinkWindowAttention.state_bytes(settings, heads, kv_heads, head_dim, dtype_bytes, tokens)
-        window = settings.window - 1  # previous tokens kept: keys, values and a validity flag each
+        window = settings.window  # the previous window - 1 tokens and a spare slot: keys, values and a validity flag
         return recurrent + window * (2 * kv_heads * head_dim * dtype_bytes + 1)

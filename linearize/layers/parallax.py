@@ -22,36 +22,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache_layers import RecentTokens, StateCacheLayer, own
+from ..cache_layers import GrowingTokens, RecentTokens, StateCacheLayer
 from ..kernels.parallax import parallax_attention, parallax_decode
 from ..methods import ParallaxSettings
 from .base import LinearizedAttention, apply_rope
 
 
 class ParallaxCacheLayer(StateCacheLayer):
-    """RoPE'd keys and values [B, L, Hkv, D] and which slots hold a real token [B, L]: all tokens so far, or the
-    previous `window - 1` with a window."""
+    """RoPE'd keys and values [B, L, Hkv, D] and which slots hold a real token [B, L]: all tokens so far (growing
+    geometrically), or with a window a ring of the previous `window - 1`."""
 
-    _tensor_fields = ("keys", "values", "valid", "recent")
+    _tensor_fields = ("tokens",)
 
     def __init__(self, window: int | None):
         super().__init__()
-        self.keys = self.values = self.valid = None
-        self.recent = RecentTokens(window - 1) if window else None
+        self.tokens = RecentTokens(window - 1) if window else GrowingTokens()
 
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
-        """Add the new tokens; returns the keys, values and validity the new queries read: the cached ones, then
-        the new ones."""
-        if self.recent is not None:
-            joined, _ = self.recent.update(k, v, valid)
-            return joined
-        if self.keys is None:
-            self.keys, self.values, self.valid = own(k), own(v), own(valid)
-        else:
-            self.keys = torch.cat([self.keys, k.to(self.keys.dtype)], 1)
-            self.values = torch.cat([self.values, v.to(self.values.dtype)], 1)
-            self.valid = torch.cat([self.valid, valid], 1)
-        return self.keys, self.values, self.valid
+        """Add the new tokens; returns the keys, values and validity the new queries read: the cached ones and the
+        new ones (in time order for several new tokens; a one-token step may get them in ring order)."""
+        if isinstance(self.tokens, RecentTokens):
+            return self.tokens.update(k, v, valid)[0]
+        return self.tokens.update(k, v, valid)
 
 
 class ParallaxAttention(LinearizedAttention):
@@ -93,5 +85,5 @@ class ParallaxAttention(LinearizedAttention):
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:
         window = settings.window
-        slots = window - 1 if window else tokens  # a window's buffer is allocated at full size at once
+        slots = window if window else tokens  # a ring of the previous window - 1 and a spare slot, allocated at once
         return slots * (2 * kv_heads * head_dim * dtype_bytes + 1)

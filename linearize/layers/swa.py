@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from ..cache_layers import RecentTokens, StateCacheLayer, own
+from ..cache_layers import RecentTokens, StateCacheLayer
 from ..kernels import sliding_window_attention
 from ..methods import SinkWindowSettings
 from .base import LinearizedAttention, apply_rope
 
 
 class SinkWindowCacheLayer(StateCacheLayer):
-    """Sink keys/values [B, sinks, Hkv, D], the recent tokens, and how many real tokens each row has seen."""
+    """Sink keys/values [B, sinks + 1, Hkv, D] (the last slot a spare that takes the writes of non-sinks), the
+    recent tokens, and how many real tokens each row has seen."""
 
     _tensor_fields = ("recent", "sink_keys", "sink_values", "sink_valid", "real_tokens")
 
@@ -30,22 +31,19 @@ class SinkWindowCacheLayer(StateCacheLayer):
         self.sink_keys = self.sink_values = self.sink_valid = self.real_tokens = None
 
     def keep_sinks(self, keys, values, valid, rank) -> None:
-        """Store evicted tokens that are sinks (real tokens of rank < sinks) in their sink slot."""
+        """Store evicted tokens that are sinks (real tokens of rank < sinks) in their sink slot, in place."""
         if self.sink_keys is None:
             batch, _, heads, dim = keys.shape
-            self.sink_keys = keys.new_zeros(batch, self.sinks, heads, dim)
-            self.sink_values = values.new_zeros(batch, self.sinks, heads, dim)
-            self.sink_valid = valid.new_zeros(batch, self.sinks)
+            self.sink_keys = keys.new_zeros(batch, self.sinks + 1, heads, dim)
+            self.sink_values = values.new_zeros(batch, self.sinks + 1, heads, dim)
+            self.sink_valid = valid.new_zeros(batch, self.sinks + 1)
         is_sink = valid & (rank < self.sinks)
-        # Non-sinks are written to an extra slot that is dropped afterwards.
         slot = torch.where(is_sink, rank, torch.full_like(rank, self.sinks))  # [B, n]
         expanded = slot[:, :, None, None].expand_as(keys)
-        self.sink_keys = own(torch.cat([self.sink_keys, keys[:, :1]], 1).scatter(1, expanded, keys)[:, : self.sinks])
-        self.sink_values = own(
-            torch.cat([self.sink_values, values[:, :1]], 1).scatter(1, expanded, values)[:, : self.sinks]
-        )
-        written = valid.new_zeros(valid.shape[0], self.sinks + 1).scatter(1, slot, is_sink)
-        self.sink_valid = self.sink_valid | written[:, : self.sinks]
+        self.sink_keys.scatter_(1, expanded, keys.to(self.sink_keys.dtype))
+        self.sink_values.scatter_(1, expanded, values.to(self.sink_values.dtype))
+        self.sink_valid.scatter_(1, slot, is_sink)
+        self.sink_valid[:, self.sinks] = False
 
 
 class SinkWindowAttention(LinearizedAttention):
@@ -71,8 +69,8 @@ class SinkWindowAttention(LinearizedAttention):
 
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:
-        recent = settings.window - settings.sinks - 1  # keys, values, validity flag and rank
-        sinks = settings.sinks  # keys, values, validity flag
+        recent = settings.window - settings.sinks  # a ring of the previous recent - 1 and a spare slot: keys, values,
+        sinks = settings.sinks + 1  # validity flag and rank; sinks and a spare slot: keys, values, validity flag
         return (
             recent * (2 * kv_heads * head_dim * dtype_bytes + 1 + 8)
             + sinks * (2 * kv_heads * head_dim * dtype_bytes + 1)
@@ -117,7 +115,12 @@ def sink_window_attention(
         (keys, values, key_valid, key_rank), evicted = state.recent.update(k, v, valid, rank)
 
     sink_keys = sink_values = sink_mask = None
-    if sinks:
+    if sinks and state is not None and length == 1:
+        # one query: every key it gets from the ring is inside its window, so the only extra keys are stored sinks
+        if state.sink_keys is not None:
+            sink_keys, sink_values = state.sink_keys[:, :sinks], state.sink_values[:, :sinks]
+            sink_mask = state.sink_valid[:, None, :sinks]
+    elif sinks:
         sink_keys, sink_values, sink_mask = _visible_sinks(
             state, keys, values, key_valid, key_rank, length, recent, sinks
         )
@@ -156,8 +159,8 @@ def _visible_sinks(state, keys, values, key_valid, key_rank, length, recent, sin
     sink_keys, sink_values = keys.gather(1, gather), values.gather(1, gather)
     sink_mask = present[:, None, :] & left_window
     if state is not None and state.sink_keys is not None:
-        sink_keys = torch.cat([state.sink_keys, sink_keys], 1)
-        sink_values = torch.cat([state.sink_values, sink_values], 1)
-        stored = state.sink_valid[:, None, :].expand(-1, length, -1)
+        sink_keys = torch.cat([state.sink_keys[:, :sinks], sink_keys], 1)
+        sink_values = torch.cat([state.sink_values[:, :sinks], sink_values], 1)
+        stored = state.sink_valid[:, None, :sinks].expand(-1, length, -1)
         sink_mask = torch.cat([stored, sink_mask], 2)
     return sink_keys, sink_values, sink_mask

@@ -15,6 +15,7 @@ from linearize.kernels.parallax import (
     naive_parallax_decode,
     parallax_attention,
     parallax_decode,
+    rowwise_parallax_attention,
     torch_parallax_decode,
 )
 
@@ -89,6 +90,39 @@ def test_torch_matches_reference(shape_id, dtype, ratio):
     for name in ref:
         assert out[name].dtype == dtype, name
         assert_close(name, ref[name], out[name], ratio=ratio)
+
+
+@pytest.mark.parametrize("dtype, ratio", [(torch.float32, 1e-4), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape_id", SHAPES)
+def test_rowwise_inference_path_matches_reference(shape_id, dtype, ratio):
+    """The no-autograd form (whole rows of scores per query block), with blocks of a few queries so that a row
+    block ends mid-window and mid-history, and NaN at every invalid key and value."""
+    x = _cast(_inputs(shape_id), dtype)
+    if x["key_valid"] is not None:
+        P = x.get("past_k", x["k"][:, :0]).shape[1]
+        invalid = ~x["key_valid"][:, :, None, None]
+        x = x | {name: x[name].masked_fill(invalid[:, P:], float("nan")) for name in ("k", "v")}
+        if P:
+            x = x | {name: x[name].masked_fill(invalid[:, :P], float("nan")) for name in ("past_k", "past_v")}
+    B, T, H, _, _, P, window, _, _ = SHAPES[shape_id]
+    out = rowwise_parallax_attention(**x, block_logits=B * 2 * H * (window or P + T) * 3)  # 3 queries per block
+    assert out.dtype == dtype
+    assert_close("o", _reference(shape_id)["o"], out, ratio=ratio)
+
+
+def test_torch_backend_takes_the_rowwise_form_without_autograd(monkeypatch):
+    """Same output either way; the rowwise form serves inference, the blockwise one anything that needs grads."""
+    calls = []
+    monkeypatch.setattr(
+        "linearize.kernels.parallax.rowwise_parallax_attention",
+        lambda *a, **kw: calls.append("rowwise") or rowwise_parallax_attention(*a, **kw),
+    )
+    x = _cast(_inputs("T37-P23-H4-Hkv2-D32-w30-C16-left"), torch.float32)
+    with torch.no_grad():
+        inference = parallax_attention(**x, backend="torch")
+    training = _run(functools.partial(parallax_attention, backend="torch"), x)["o"]
+    assert calls == ["rowwise"]
+    assert_close("o", training, inference, ratio=1e-5)
 
 
 def _softmax_attention(q, k, v, window=None, key_valid=None, past_k=None, past_v=None, **_) -> torch.Tensor:

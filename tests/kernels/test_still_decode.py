@@ -72,8 +72,10 @@ def _tokens(shape_id: str, T: int, dtype: torch.dtype = torch.float32, pad: bool
 
 
 def _step(fn, tokens: dict, t: int, cache: StillDecodeState, shape_id: str, **kwargs):
+    """One step of `fn` on a copy of `cache` (the torch path updates its cache in place)."""
     *_, C, topk = SHAPES[shape_id]
     x = {name: tensor[:, t] for name, tensor in tokens.items()}
+    cache = StillDecodeState(*(tensor.clone() for tensor in cache))
     return fn(**x, cache=cache, k_features=k_features, chunk_size=C, topk=topk, **kwargs)
 
 
