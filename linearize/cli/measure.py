@@ -198,8 +198,9 @@ def bench(
         header,
         rows,
         caption=f"decode: median of {decode_tokens} steps; prefill: median of {repeats} runs; "
-        "prefill peak: memory growth during the first prefill; "
-        f"ratio: {' / '.join(result['models'])}" * (len(specs) == 2),
+        "prefill peak: the most memory the prefill's tensors held at once"
+        + f"; ratio: {' / '.join(result['models'])}"
+        * (len(specs) == 2),
     )
     result["sources"] = {spec.label: spec.source or "embedded" for spec in specs}
     result["markdown"] = markdown_table(header, rows)
