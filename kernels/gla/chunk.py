@@ -107,8 +107,8 @@ def chunk_gla(
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
-    segment_size: int = 512,
+    chunk_size: int = 16,
+    segment_size: int = 256,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention computed chunk by chunk (see the module docstring for the algorithm).
@@ -124,7 +124,9 @@ def chunk_gla(
         output_final_state: whether to return the state after the last token.
         chunk_size: tokens per chunk, a power of two >= BASE (4).
         segment_size: tokens processed at once, the state carried between segments; a multiple of chunk_size.
-            Segments keep the working set in cache: at T = 8192 one pass over everything is ~25% slower.
+            Segments keep the working set in cache. The defaults were the fastest of chunks 16-64 and segments
+            128-1024 on a 2-core CPU (9 heads of 64, 3 KV heads): against 64/512, 0.68x the time at T = 512 and
+            0.85x at 8192 in inference, 0.81x for a forward and backward at 512.
         cu_seqlens: optional `[N + 1]` boundaries of N sequences packed along T (B must be 1); the state restarts
             at each one, initial_state and the final state are then `[N, Hkv, K, V]`.
 
