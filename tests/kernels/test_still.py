@@ -187,6 +187,8 @@ def test_chunk_saliency_matches_reference(shape_id, pad, window, block_size):
     assert torch.equal(finite, out.isfinite())
     assert (ref[~finite] == float("-inf")).all() and (out[~finite] == float("-inf")).all()
     torch.testing.assert_close(out[finite], ref[finite], rtol=1e-5, atol=1e-6)
+    one_block_at_a_time = chunk_self_saliency(**x, window=window, block_size=block_size, block_logits=1)
+    torch.testing.assert_close(one_block_at_a_time, out, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
