@@ -28,11 +28,10 @@ import time
 from collections import defaultdict
 
 import torch
+from speed_vs_original import embedded_models  # beside this file
 from torch import nn
 
-from linearize import sources
-from linearize.compat import CACHE_ARG, OUTPUT_CACHE_FIELD
-from linearize.convert import convert_model, plan_conversion
+from linearize.benchmark import timed_forward
 
 PARTS = ("attention", "projections", "mlp", "head", "rest")
 
@@ -80,12 +79,6 @@ class PartTimer:
             handle.remove()
 
 
-def _call(model, ids, cache=None):
-    start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache})
-    return time.perf_counter() - start, getattr(out, OUTPUT_CACHE_FIELD)
-
-
 def _medians(samples: list[dict[str, float]]) -> dict[str, float]:
     return {part: statistics.median(sample[part] for sample in samples) for part in PARTS}
 
@@ -97,15 +90,15 @@ def profile(model, context: int, decode_tokens: int, repeats: int, seed: int = 0
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
     timer = PartTimer(model)
     try:
-        _call(model, ids[:, :64])  # lazy initialisation
+        timed_forward(model, ids[:, :64], logits_to_keep=1)  # lazy initialisation
         timer.take(0.0)
         prefill, decode = [], []
         for _ in range(repeats):
             cache = None  # free the previous run's cache first
-            seconds, cache = _call(model, ids[:, :context])
+            seconds, cache = timed_forward(model, ids[:, :context], logits_to_keep=1)
             prefill.append(timer.take(seconds))
         for t in range(context, context + decode_tokens):
-            seconds, cache = _call(model, ids[:, t : t + 1], cache)
+            seconds, cache = timed_forward(model, ids[:, t : t + 1], cache)
             decode.append(timer.take(seconds))
     finally:
         timer.remove()
@@ -138,10 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    original, _, _ = sources.load(None, dtype="float32")
-    models = {"original": original}
-    for method in filter(None, args.methods.split(",")):
-        models[method] = convert_model(original, plan_conversion(original.config, sources.EMBEDDED_NAME, method).config)
+    models = embedded_models([m for m in args.methods.split(",") if m])
     results = {}
     for context in (int(c) for c in args.contexts.split(",")):
         results[context] = {name: profile(model, context, args.decode_tokens, args.repeats)

@@ -24,6 +24,15 @@ from linearize.benchmark import run_bench
 from linearize.convert import convert_model, plan_conversion
 
 
+def embedded_models(methods: list[str]) -> dict:
+    """The embedded model in fp32 ("original") and its conversion by each method, sharing its weights."""
+    original, _, _ = sources.load(None, dtype="float32")
+    models = {"original": original}
+    for method in methods:
+        models[method] = convert_model(original, plan_conversion(original.config, sources.EMBEDDED_NAME, method).config)
+    return models
+
+
 def ratio_rows(result: dict, methods: list[str]) -> list[str]:
     """Markdown rows: per method, the three ratios to the original at every context."""
     contexts = [row["context"] for row in result["rows"]]
@@ -51,11 +60,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
 
-    original, _, _ = sources.load(None, dtype="float32")
     methods = [m for m in args.methods.split(",") if m]
-    models = {"original": original}
-    for method in methods:
-        models[method] = convert_model(original, plan_conversion(original.config, sources.EMBEDDED_NAME, method).config)
+    models = embedded_models(methods)
     contexts = [int(c) for c in args.contexts.split(",")]
     results = []
     for threads in (int(t) for t in args.threads.split(",")):

@@ -94,7 +94,7 @@ def peak_memory(device: torch.device):
         peak.bytes = tracker.peak
 
 
-def _timed(model, ids: torch.Tensor, cache=None, **kwargs):
+def timed_forward(model, ids: torch.Tensor, cache=None, **kwargs):
     """(seconds, cache after the call) of one forward."""
     device = model.device
     ids = ids.to(device)
@@ -131,7 +131,7 @@ def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, se
     for _ in range(repeats):
         for name, model in models.items():
             caches[name] = None  # free the previous run's cache before timing the next
-            seconds, caches[name] = _timed(model, ids[:, :context], logits_to_keep=1)
+            seconds, caches[name] = timed_forward(model, ids[:, :context], logits_to_keep=1)
             prefill[name].append(seconds)
     results = {
         name: {
@@ -147,7 +147,7 @@ def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, se
     for name, model in models.items():
         steps = []
         for t in range(context, context + decode_tokens):
-            seconds, caches[name] = _timed(model, ids[:, t : t + 1], caches[name])
+            seconds, caches[name] = timed_forward(model, ids[:, t : t + 1], caches[name])
             steps.append(seconds)
         results[name]["decode_ms"] = 1000 * statistics.median(steps)
         results[name]["decode_fastest_ms"] = 1000 * min(steps)

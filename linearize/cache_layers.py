@@ -28,7 +28,22 @@ def own(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
-class RecentTokens:
+class TokenBuffer:
+    """Per-token tensors ([B, T, ...] each, aligned) that a cache layer keeps; `StateCacheLayer` reorders, clears
+    and counts them through this interface."""
+
+    def __init__(self):
+        self.tensors: tuple[torch.Tensor, ...] | None = None
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.tensors is not None:
+            self.tensors = tuple(fn(t) for t in self.tensors)
+
+    def clear(self) -> None:
+        self.tensors = None
+
+
+class RecentTokens(TokenBuffer):
     """The last `capacity` tokens of several aligned per-token tensors ([B, T, ...] each).
 
     Storage is `capacity + 1` slots per tensor, allocated on the first update (empty slots are zeros, so a
@@ -40,8 +55,8 @@ class RecentTokens:
     """
 
     def __init__(self, capacity: int):
+        super().__init__()  # tensors: each [B, capacity + 1, ...]
         self.capacity = capacity
-        self.tensors: tuple[torch.Tensor, ...] | None = None  # each [B, capacity + 1, ...]
         self.spare = capacity  # the slot that holds no buffered token; the oldest token is in the next one
 
     def update(self, *new: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -72,23 +87,17 @@ class RecentTokens:
             return buffer[:, : self.capacity]
         return torch.cat([buffer[:, oldest:], buffer[:, : self.spare]], dim=1)
 
-    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.tensors is not None:
-            self.tensors = tuple(fn(t) for t in self.tensors)
-
     def clear(self) -> None:
-        self.tensors, self.spare = None, self.capacity
+        super().clear()
+        self.spare = self.capacity
 
 
-class GrowingTokens:
+class GrowingTokens(TokenBuffer):
     """Every token so far of several aligned per-token tensors ([B, T, ...] each), in time order.
 
     The first update stores its tokens as they are (a prefill's cache holds no more than its tokens); later ones
     append in place into room that grows geometrically (`append_along`), so decoding T tokens copies O(T) in all.
     """
-
-    def __init__(self):
-        self.tensors: tuple[torch.Tensor, ...] | None = None
 
     def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Add `new` tokens; returns all tokens so far ([B, L, ...] each)."""
@@ -98,19 +107,12 @@ class GrowingTokens:
             self.tensors = tuple(append_along(b, t.to(b.dtype), 1) for b, t in zip(self.tensors, new, strict=True))
         return self.tensors
 
-    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.tensors is not None:
-            self.tensors = tuple(fn(t) for t in self.tensors)
-
-    def clear(self) -> None:
-        self.tensors = None
-
 
 class StateCacheLayer(CacheLayerMixin):
     """Base of the cache layers of converted attention: fixed-size state, no growing key/value list.
 
-    Subclasses keep their tensors in attributes listed by `_tensor_fields` (a tensor, `RecentTokens` or
-    `GrowingTokens`) so batch reordering (beam search, `num_return_sequences`) and byte counting work for all.
+    Subclasses keep their tensors in attributes listed by `_tensor_fields` (a tensor or a `TokenBuffer`) so batch
+    reordering (beam search, `num_return_sequences`) and byte counting work for all.
     """
 
     _tensor_fields: tuple[str, ...] = ()
@@ -138,7 +140,7 @@ class StateCacheLayer(CacheLayerMixin):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for name in self._tensor_fields:
             value = getattr(self, name)
-            if isinstance(value, RecentTokens | GrowingTokens):
+            if isinstance(value, TokenBuffer):
                 value.apply(fn)
             elif value is not None:
                 setattr(self, name, fn(value))
@@ -146,7 +148,7 @@ class StateCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         for name in self._tensor_fields:
             value = getattr(self, name)
-            if isinstance(value, RecentTokens | GrowingTokens):
+            if isinstance(value, TokenBuffer):
                 value.clear()
             else:
                 setattr(self, name, None)
@@ -170,7 +172,7 @@ class StateCacheLayer(CacheLayerMixin):
         storages = {}
         for name in self._tensor_fields:
             value = getattr(self, name)
-            if isinstance(value, RecentTokens | GrowingTokens):
+            if isinstance(value, TokenBuffer):
                 value = value.tensors
             for tensor in value if isinstance(value, tuple) else (value,):
                 if tensor is not None:

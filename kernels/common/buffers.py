@@ -35,8 +35,15 @@ def _room(x: torch.Tensor, dim: int) -> int:
     room = x.stride(dim - 1) // max(x.stride(dim), 1)
     shape = list(x.shape)
     shape[dim] = room
-    if x.stride() != torch.empty(shape, device="meta").stride():
+    if x.stride() != _contiguous_strides(shape):
         return x.shape[dim]
     if x.untyped_storage().nbytes() != math.prod(shape) * x.element_size():
         return x.shape[dim]
     return room
+
+
+def _contiguous_strides(shape: list[int]) -> tuple[int, ...]:
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    return tuple(strides)

@@ -235,11 +235,11 @@ def rowwise_parallax_attention(
         m = z.amax(-1, keepdim=True)
         w = z.sub_(m.masked_fill_(m == float("-inf"), 0.0)).exp_()  # unnormalised softmax weights
         d1 = w.sum(-1, keepdim=True)
+        inv = torch.where(d1 > 0, 1 / d1, 0.0)  # a query that sees no key gets zeros
         ws = w * s
-        t_bar = ws.sum(-1, keepdim=True).div_(d1.clamp_min(torch.finfo(dtype).tiny))  # d1 is 0 or >= 1
+        t_bar = ws.sum(-1, keepdim=True).mul_(inv)
         weights = w.mul_(t_bar.add_(1)).sub_(ws).view(B, Hkv, (i1 - i0) * G, hi - lo)  # d1 p (1 + t_bar - s)
-        inv = torch.where(d1 > 0, 1 / d1, 0.0).view(B, Hkv, (i1 - i0) * G, 1)  # a query that sees no key: zeros
-        torch.matmul(weights, vv[:, :, lo:hi], out=out[:, :, block]).mul_(inv)
+        torch.matmul(weights, vv[:, :, lo:hi], out=out[:, :, block]).mul_(inv.view(B, Hkv, (i1 - i0) * G, 1))
     return out.view(B, Hkv, T, G, D).transpose(1, 2).reshape(B, T, H, D).to(q.dtype)
 
 

@@ -66,7 +66,7 @@ def torch_still_decode(
     numerator = numerator + gate.float() * torch.einsum("bhf,bhfd->bhd", q_feat, cache.state)
     denominator = weights.sum(-1) + (q_feat * cache.normalizer).sum(-1) + eps
     o = numerator / denominator[..., None]  # [B, H, Dv]
-    rank.add_(valid.long())  # cache.real_tokens
+    cache.real_tokens.add_(valid.long())
     return o.to(q.dtype), cache
 
 

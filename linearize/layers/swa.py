@@ -43,7 +43,13 @@ class SinkWindowCacheLayer(StateCacheLayer):
         self.sink_keys.scatter_(1, expanded, keys.to(self.sink_keys.dtype))
         self.sink_values.scatter_(1, expanded, values.to(self.sink_values.dtype))
         self.sink_valid.scatter_(1, slot, is_sink)
-        self.sink_valid[:, self.sinks] = False
+
+    def stored_sinks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The sink slots' keys, values [B, sinks, Hkv, D] and validity [B, sinks], or None before any sink left
+        the window."""
+        if self.sink_keys is None:
+            return None
+        return self.sink_keys[:, : self.sinks], self.sink_values[:, : self.sinks], self.sink_valid[:, : self.sinks]
 
 
 class SinkWindowAttention(LinearizedAttention):
@@ -69,8 +75,9 @@ class SinkWindowAttention(LinearizedAttention):
 
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:
-        recent = settings.window - settings.sinks  # a ring of the previous recent - 1 and a spare slot: keys, values,
-        sinks = settings.sinks + 1  # validity flag and rank; sinks and a spare slot: keys, values, validity flag
+        # slots of keys, values, validity flag (and rank, for the ring); both buffers have one spare slot
+        recent = settings.window - settings.sinks  # the ring: the previous recent - 1 tokens and the spare
+        sinks = settings.sinks + 1
         return (
             recent * (2 * kv_heads * head_dim * dtype_bytes + 1 + 8)
             + sinks * (2 * kv_heads * head_dim * dtype_bytes + 1)
@@ -117,9 +124,9 @@ def sink_window_attention(
     sink_keys = sink_values = sink_mask = None
     if sinks and state is not None and length == 1:
         # one query: every key it gets from the ring is inside its window, so the only extra keys are stored sinks
-        if state.sink_keys is not None:
-            sink_keys, sink_values = state.sink_keys[:, :sinks], state.sink_values[:, :sinks]
-            sink_mask = state.sink_valid[:, None, :sinks]
+        if (stored := state.stored_sinks()) is not None:
+            sink_keys, sink_values, sink_valid = stored
+            sink_mask = sink_valid[:, None]
     elif sinks:
         sink_keys, sink_values, sink_mask = _visible_sinks(
             state, keys, values, key_valid, key_rank, length, recent, sinks
@@ -158,9 +165,8 @@ def _visible_sinks(state, keys, values, key_valid, key_rank, length, recent, sin
     gather = index[:, :, None, None].expand(-1, -1, *keys.shape[2:])
     sink_keys, sink_values = keys.gather(1, gather), values.gather(1, gather)
     sink_mask = present[:, None, :] & left_window
-    if state is not None and state.sink_keys is not None:
-        sink_keys = torch.cat([state.sink_keys[:, :sinks], sink_keys], 1)
-        sink_values = torch.cat([state.sink_values[:, :sinks], sink_values], 1)
-        stored = state.sink_valid[:, None, :sinks].expand(-1, length, -1)
-        sink_mask = torch.cat([stored, sink_mask], 2)
+    if state is not None and (stored := state.stored_sinks()) is not None:
+        sink_keys = torch.cat([stored[0], sink_keys], 1)
+        sink_values = torch.cat([stored[1], sink_values], 1)
+        sink_mask = torch.cat([stored[2][:, None].expand(-1, length, -1), sink_mask], 2)
     return sink_keys, sink_values, sink_mask

@@ -104,10 +104,11 @@ def test_cache_size_is_what_the_plan_says(variant):
 
 
 def _cache_tensors(layer):
+    """(field name, tensor) for every tensor a cache layer holds, in a fixed order."""
     for name in layer._tensor_fields:
         value = getattr(layer, name)
         value = value.tensors if hasattr(value, "tensors") else value
-        yield from (t for t in (value if isinstance(value, tuple) else (value,)) if t is not None)
+        yield from ((name, t) for t in (value if isinstance(value, tuple) else (value,)) if t is not None)
 
 
 # Per-sequence recurrent state and counters the ops return anew each step, at a constant size (the state is
@@ -126,15 +127,12 @@ def test_decode_writes_tokens_in_place(variant):
     layers = [layer for layer in cache.layers if hasattr(layer, "_tensor_fields")]
 
     def storages():
-        found = {}
-        for index, layer in enumerate(layers):
-            for name in layer._tensor_fields:
-                value = getattr(layer, name)
-                value = value.tensors if hasattr(value, "tensors") else value
-                for slot, tensor in enumerate(value if isinstance(value, tuple) else (value,)):
-                    if tensor is not None and name not in REPLACED_EACH_STEP:
-                        found[index, name, slot] = tensor.untyped_storage().data_ptr()
-        return found
+        return {
+            (index, position): tensor.untyped_storage().data_ptr()
+            for index, layer in enumerate(layers)
+            for position, (name, tensor) in enumerate(_cache_tensors(layer))
+            if name not in REPLACED_EACH_STEP
+        }
 
     before, moves = storages(), 0
     assert before
@@ -157,7 +155,7 @@ def test_prefilled_cache_keeps_only_its_own_bytes(variant):
     the whole block alive, unseen by `nbytes`: every cached tensor must own exactly its storage."""
     model = converted_model("llama", variant)
     cache = cache_of(model(torch.randint(3, 128, (2, 20)), use_cache=True))
-    tensors = [t for layer in cache.layers if hasattr(layer, "_tensor_fields") for t in _cache_tensors(layer)]
+    tensors = [t for layer in cache.layers if hasattr(layer, "_tensor_fields") for _, t in _cache_tensors(layer)]
     assert tensors
     for tensor in tensors:
         storage, own = tensor.untyped_storage().nbytes(), tensor.numel() * tensor.element_size()
