@@ -12,35 +12,58 @@ R = TypeVar("R")
 
 BACKENDS = ("reference", "torch", "triton", "fla")
 ENV_VAR = "LINEARIZE_BACKEND"
+SOFTCAP_NOT_IN_TRITON = "attention logit soft-capping (Gemma 2) has no Triton kernel yet; use backend 'torch'"
 
 
-def resolve_backend(requested: str | None, device: torch.device, available: tuple[str, ...] = BACKENDS) -> str:
+def resolve_backend(
+    requested: str | None,
+    device: torch.device,
+    available: tuple[str, ...] = BACKENDS,
+    unsupported: dict[str, str] | None = None,
+) -> str:
     """Pick the implementation a kernel call runs on.
 
     Args:
         requested: "reference", "torch", "triton", "fla" (flash-linear-attention, where an op offers it) or
             None. None reads the environment variable `LINEARIZE_BACKEND`; when that is unset or empty, CUDA
-            tensors get "triton" (if the op has it) and everything else "torch".
+            tensors get "triton" (if the op has it for this call) and everything else "torch".
         device: device of the inputs.
         available: the backends this op implements.
+        unsupported: backends of `available` that cannot run this call's arguments, each with the reason (the
+            message of the NotImplementedError an explicit request gets); see `softcap_unsupported`.
 
     Returns:
         The validated backend name.
     """
+    unsupported = unsupported or {}
     name = requested if requested is not None else (os.environ.get(ENV_VAR) or None)
     if name is None:
-        return "triton" if device.type == "cuda" and "triton" in available else "torch"
+        return "triton" if device.type == "cuda" and "triton" in available and "triton" not in unsupported else "torch"
     if name not in BACKENDS:
         source = f"{ENV_VAR}={name!r}" if requested is None else repr(name)
         raise ValueError(f"Unknown kernel backend {source}; valid backends are {', '.join(map(repr, BACKENDS))}.")
     if name not in available:
         raise NotImplementedError(f"this op has no {name!r} implementation yet; use one of {available}")
+    if name in unsupported:
+        source = f" ({ENV_VAR}={name!r})" if requested is None else ""
+        raise NotImplementedError(f"{unsupported[name]}{source}")
     if name in ("triton", "fla") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"{name!r} runs Triton kernels, which need CUDA tensors, got {device}; use backend 'torch' on CPU "
             "(or set TRITON_INTERPRET=1 before importing triton, for tests)"
         )
     return name
+
+
+def softcap_unsupported(softcap: float | None) -> dict[str, str]:
+    """The backends that cannot cap attention logits at `softcap` (Gemma 2's softcap * tanh(logit / softcap)), for
+    `resolve_backend(unsupported=...)`: "triton" when a cap is set, none otherwise. Raises a ValueError for a cap
+    that is not positive."""
+    if softcap is None:
+        return {}
+    if not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    return {"triton": SOFTCAP_NOT_IN_TRITON}
 
 
 def outside_autocast(op: Callable[P, R]) -> Callable[P, R]:

@@ -17,7 +17,7 @@ import torch
 
 from . import sources
 from .errors import LinearizeError
-from .families import get_family
+from .families import CONVERT_LAYERS, get_family
 from .generation import load_for_inference, pick_device
 from .hub import check_can_push, check_repo_id
 from .layers.base import LinearizedAttention
@@ -86,6 +86,35 @@ def parse_softmax_layers(spec: str | None, num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+def source_layer_types(source_config) -> list[str]:
+    """The source's attention type of every layer: its `layer_types`, or one type for all from `sliding_window`."""
+    num_layers = source_config.num_hidden_layers
+    return list(
+        getattr(source_config, "layer_types", None)
+        or ["sliding_attention" if getattr(source_config, "sliding_window", None) else "full_attention"] * num_layers
+    )
+
+
+def unconverted_sliding_layers(source_config, convert_layers: str | None) -> list[int]:
+    """The source's sliding-window layers that `--convert-layers` leaves as they are: with "global" (the default of
+    families that interleave sliding-window and global layers, Gemma 2/3) every one of them, since their cache is
+    already constant-size; with "all" (every other family's default) none."""
+    family = get_family(source_config.model_type)
+    choice = convert_layers or ("global" if family.sliding_layers else "all")
+    if choice not in CONVERT_LAYERS:
+        raise LinearizeError(f"--convert-layers '{choice}' is not a choice: use 'global' or 'all'")
+    if choice == "all":
+        return []
+    types = source_layer_types(source_config)
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if len(sliding) == len(types):
+        raise LinearizeError(
+            "--convert-layers global converts the layers with global attention, and every layer of this model "
+            "attends within a sliding window: nothing would be converted; use --convert-layers all"
+        )
+    return sliding
+
+
 def source_hub_id(source: str) -> str | None:
     """The Hub id that `source` (a Hub id, a local folder or the embedded default's name) names, or None for a
     local folder: a model card's `base_model` must be a Hub id, and a local path must not leak into one."""
@@ -106,10 +135,7 @@ def build_config(
 ) -> LinearizeConfig:
     family = get_family(source_config.model_type)
     num_layers = source_config.num_hidden_layers
-    source_types = (
-        getattr(source_config, "layer_types", None)
-        or ["sliding_attention" if getattr(source_config, "sliding_window", None) else "full_attention"] * num_layers
-    )
+    source_types = source_layer_types(source_config)
     converted_type = get_method(method).layer_type
     fields = {
         k: v
@@ -121,6 +147,7 @@ def build_config(
         base_model_type=family.model_type,
         source_model=source_model,
         layer_types=[source_types[i] if i in softmax_layers else converted_type for i in range(num_layers)],
+        source_layer_types=source_types,
         linearize={
             "method": method,
             **settings.to_dict(),
@@ -179,11 +206,18 @@ class ConversionPlan:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         return c.num_attention_heads, c.num_key_value_heads, head_dim
 
-    def kv_cache_bytes(self, tokens: int, layers: int | None = None) -> int:
-        """Bytes of a softmax KV cache for one sequence of `tokens` tokens over `layers` layers (default all)."""
+    def kv_cache_bytes(self, tokens: int, layers: list[int] | None = None) -> int:
+        """Bytes of the softmax KV cache of `layers` (default all: the source model's cache) for one sequence of
+        `tokens` tokens. A sliding-window layer holds its last window - 1 tokens, as transformers' cache does."""
         _, kv_heads, head_dim = self._head_shape()
-        layers = self.config.num_hidden_layers if layers is None else layers
-        return layers * 2 * kv_heads * head_dim * tokens * self.dtype_bytes
+        n = self.config.num_hidden_layers
+        types = self.config.source_layer_types or ["full_attention"] * n
+        window = getattr(self.config, "sliding_window", None)
+        held = sum(
+            min(tokens, window - 1) if window and types[i] == "sliding_attention" else tokens
+            for i in (range(n) if layers is None else layers)
+        )
+        return 2 * kv_heads * head_dim * held * self.dtype_bytes
 
     def converted_cache_bytes(self, tokens: int) -> int:
         """Cache bytes of the converted model for one sequence of `tokens` tokens."""
@@ -191,8 +225,7 @@ class ConversionPlan:
         layer_class = get_method(self.settings["method"]).layer_class
         converted = len(self.config.converted_layers())
         state = layer_class.state_bytes(self.config.settings, heads, kv_heads, head_dim, self.dtype_bytes, tokens)
-        kept = self.config.num_hidden_layers - converted
-        return converted * state + self.kv_cache_bytes(tokens, kept)
+        return converted * state + self.kv_cache_bytes(tokens, self.settings["softmax_layers"])
 
 
 def _count_parameters(config: LinearizeConfig) -> int:
@@ -220,22 +253,32 @@ def plan_conversion(
     method: str,
     softmax_layers: str | LayerSelection | None = None,
     dtype: str = "auto",
+    convert_layers: str | None = None,
     **options: int | float | None,
 ) -> ConversionPlan:
     """Everything `convert` will do, from the source config alone (no weights are read). `options` are the
     method's parameters (None: the default; see `linearize.methods`).
 
     `softmax_layers` is a `--softmax-layers` value (see `parse_softmax_layers`) or a scored `LayerSelection`. An
-    'auto:K' value plans every layer converted: scoring needs the weights."""
+    'auto:K' value plans every layer converted: scoring needs the weights. `convert_layers` ("global", "all" or
+    None for the family's default, see `unconverted_sliding_layers`) says whether the source's sliding-window
+    layers are converted too; those it leaves are kept, as softmax layers."""
     get_family(source_config.model_type)
     settings = method_settings(method, **options)
     _check_token_counts_fit(settings, getattr(source_config, "max_position_embeddings", None))
     selection = softmax_layers if isinstance(softmax_layers, LayerSelection) else None
+    sliding = unconverted_sliding_layers(source_config, convert_layers)
+    if sliding and (selection or parse_auto(softmax_layers if isinstance(softmax_layers, str) else None)):
+        raise LinearizeError(
+            "--softmax-layers auto:K scores every layer, and this model's sliding-window layers are left as they "
+            "are (--convert-layers global, its family's default): add --convert-layers all, or name the layers"
+        )
+    named = selection.layers if selection else parse_softmax_layers(softmax_layers, source_config.num_hidden_layers)
     config = build_config(
         source_config,
         method,
         settings,
-        selection.layers if selection else parse_softmax_layers(softmax_layers, source_config.num_hidden_layers),
+        sorted(set(named) | set(sliding)),
         source_model=source_hub_id(source),
         selection=selection,
     )
@@ -362,6 +405,7 @@ def convert_and_save(
     method: str = "liger",
     *,
     softmax_layers: str | None = None,
+    convert_layers: str | None = None,
     layer_scorer: str | None = None,
     calibration: str | None = None,
     calibration_windows: int | None = None,
@@ -386,6 +430,8 @@ def convert_and_save(
         softmax_layers: the layers kept as softmax attention (see `parse_softmax_layers`); 'auto:K' scores every
             layer on calibration text first and keeps the K worst (`linearize.selection`), which loads the weights
             even when `output` is None.
+        convert_layers: "global" or "all": whether the source's sliding-window layers are converted too (None:
+            the family's default, "global" for Gemma 2/3; see `unconverted_sliding_layers`).
         layer_scorer, calibration, calibration_windows: with 'auto:K' only, the scorer (a key of
             `selection.SCORERS`), the text source scored on (as `linearize eval --text` takes it; default the
             built-in corpus's training split) and how many 512-token windows of it (None: the defaults).
@@ -422,7 +468,7 @@ def convert_and_save(
     report.step("Reading the source config")
     source = model or sources.EMBEDDED_NAME
     source_config = sources.load_config(model)
-    plan = plan_conversion(source_config, source, method, softmax_layers, dtype, **options)
+    plan = plan_conversion(source_config, source, method, softmax_layers, dtype, convert_layers, **options)
     if request is not None:
         request.check_method(method)
     else:
@@ -437,7 +483,7 @@ def convert_and_save(
         report.step(f"Scoring {source_config.num_hidden_layers} layers ({request.scorer})")
         converted = convert_model(source_model, plan.config)
         selection = select_layers(converted, tokens, request, report.scoring)
-        plan = plan_conversion(source_config, source, method, selection, dtype, **options)
+        plan = plan_conversion(source_config, source, method, selection, dtype, convert_layers, **options)
         converted = keep_softmax_layers(converted, plan.config)
         report.planned(plan)
     conversion = Conversion(plan)

@@ -1,6 +1,7 @@
 """The command line, end to end on tiny models (Typer's CliRunner)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -57,6 +58,20 @@ def test_dry_run_prints_the_plan_and_writes_nothing(source, tmp_path, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_shows_the_family_and_its_sliding_layers(tmp_path):
+    src = source_folder(tmp_path / "gemma", "gemma2")
+    result = invoke("convert", src, "--dry-run")
+    assert result.exit_code == 0, result.output
+    output = re.sub(r"[│\s]+", " ", result.output)  # rich wraps table cells
+    assert "attention logits capped at 0.05" in output and "softmax scale 1/sqrt(24)" in output
+    assert "softmax (sliding_attention)" in output and "--convert-layers all converts them" in output
+    result = invoke("convert", src, "--convert-layers", "all", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.linearize["softmax_layers"] == []
+    result = invoke("convert", src, "--convert-layers", "some", "--dry-run")
+    assert result.exit_code != 0 and "global" in result.output
+
+
 def test_generate_streams_text(source, tmp_path):
     assert invoke("convert", source, "-o", tmp_path / "out").exit_code == 0
     result = invoke("generate", tmp_path / "out", "w5 w6 w7", "--max-new-tokens", 5)
@@ -101,7 +116,7 @@ def test_unsupported_architecture(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     result = invoke("convert", tmp_path / "gpt2", "-o", tmp_path / "out")
     assert result.exit_code != 0
-    assert "'gpt2' is not supported" in result.output and "llama, mistral, qwen2, qwen3" in result.output
+    assert "'gpt2' is not supported" in result.output and "llama, mistral, olmo2" in result.output
 
 
 def test_option_that_does_not_apply_to_the_method(source, tmp_path):

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+    SmolLM3Config,
+)
 
 from linearize.convert import convert_model, plan_conversion
 
@@ -20,13 +34,38 @@ _COMMON = dict(
     pad_token_id=0,
 )
 
+# Each family's specifics at values that make them matter in a short sequence: a window of 8, logit caps that the
+# random logits reach (Gemma 2's attention cap of 0.05 moves the logits by 3e-3), scales that are not 1/sqrt(d).
+_GEMMA = dict(
+    head_dim=32, query_pre_attn_scalar=24, sliding_window=8, layer_types=["sliding_attention", "full_attention"]
+)
 CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=True),
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None, tie_word_embeddings=False),
     "qwen2": lambda: Qwen2Config(**_COMMON, tie_word_embeddings=True),
     "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=False),
+    "gemma2": lambda: Gemma2Config(**_COMMON, **_GEMMA, attn_logit_softcapping=0.05, final_logit_softcapping=0.3),
+    "gemma3_text": lambda: Gemma3TextConfig(**_COMMON, **_GEMMA, final_logit_softcapping=0.3),
+    "phi3": lambda: Phi3Config(**_COMMON, partial_rotary_factor=0.5, tie_word_embeddings=False),
+    "olmo2": lambda: Olmo2Config(**_COMMON, tie_word_embeddings=False),
+    "smollm3": lambda: SmolLM3Config(**_COMMON, no_rope_layers=[1, 0], tie_word_embeddings=True),
+    "granite": lambda: GraniteConfig(
+        **_COMMON,
+        attention_multiplier=0.2,
+        embedding_multiplier=3.0,
+        residual_multiplier=0.5,
+        logits_scaling=2.0,
+        tie_word_embeddings=True,
+    ),
 }
 FAMILIES = list(CONFIGS)
+
+
+def attention_projections(family: str) -> list[str]:
+    """The names of the attention's input projections (LoRA targets)."""
+    return ["qkv_proj"] if family == "phi3" else ["q_proj", "k_proj", "v_proj"]
+
+
 # Each tested variant: its method and conversion options. Small windows, so that short test sequences exercise them.
 VARIANTS = {
     "liger": ("liger", {"window": 8}),
@@ -51,12 +90,22 @@ def source_model(family: str, seed: int = 0):
     return model.eval()
 
 
-def converted_model(family: str, variant: str, softmax_layers: str | None = None, seed: int = 0, trained: bool = True):
+def converted_model(
+    family: str,
+    variant: str,
+    softmax_layers: str | None = None,
+    seed: int = 0,
+    trained: bool = True,
+    convert_layers: str | None = None,
+):
     """A tiny converted model. `trained` gives parameters that convert to an exact identity (Parallax's zero probe)
-    random values, so that tests of the method's paths see them act."""
+    random values, so that tests of the method's paths see them act. `convert_layers` "all" converts Gemma's
+    sliding-window layer too (by default it stays softmax attention)."""
     source = source_model(family, seed)
     method, options = VARIANTS[variant]
-    plan = plan_conversion(source.config, family, method, softmax_layers=softmax_layers, **options)
+    plan = plan_conversion(
+        source.config, family, method, softmax_layers=softmax_layers, convert_layers=convert_layers, **options
+    )
     model = convert_model(source, plan.config)
     if trained and method == "parallax":
         with torch.no_grad():
@@ -64,6 +113,15 @@ def converted_model(family: str, variant: str, softmax_layers: str | None = None
                 if hasattr(layer.self_attn, "r_proj"):
                     layer.self_attn.r_proj.weight.normal_(0, 0.1)
     return model
+
+
+def rotary_tables(model, hidden: torch.Tensor, position_ids: torch.Tensor, layer_idx: int):
+    """The rotary tables (cos, sin) that layer `layer_idx` of a converted model reads: Gemma 3 keeps one pair per
+    layer type."""
+    rotary = model.model.rotary_emb
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return rotary(hidden, position_ids, model.config.source_layer_types[layer_idx])
+    return rotary(hidden, position_ids)
 
 
 def cache_of(output):

@@ -8,7 +8,7 @@ The Triton modules are imported only when the "triton" backend runs, so CPU-only
 
 import torch
 
-from ..backend import outside_autocast, resolve_backend
+from ..backend import outside_autocast, resolve_backend, softcap_unsupported
 from .attention_torch import torch_liger_attention
 from .decode_torch import torch_liger_decode
 from .reference import check_attention_inputs, naive_liger_attention, naive_liger_decode
@@ -36,6 +36,7 @@ def liger_decode(
     window_valid: torch.Tensor,
     *,
     scale: float | None = None,
+    softcap: float | None = None,
     mix: float = 0.5,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +44,9 @@ def liger_decode(
 
     new_state = exp(g)[..., None] * state + k_lin[..., None] * v[..., None, :] (per key head);
     o_linear[b, h] = new_state[b, h // G]^T q_lin[b, h] with G = H // Hkv;
-    o_window[b, h] = softmax over the valid window keys j of scale * q_rot[b, h] . window_k[b, j, h // G], applied
-    to window_v (zeros if no key is valid); o = mix * o_window + (1 - mix) * o_linear, accumulated in fp32.
+    o_window[b, h] = softmax over the valid window keys j of scale * q_rot[b, h] . window_k[b, j, h // G] (capped
+    to softcap * tanh(. / softcap) when softcap is set), applied to window_v (zeros if no key is valid);
+    o = mix * o_window + (1 - mix) * o_linear, accumulated in fp32.
 
     Args:
         q_lin: feature-mapped (softmaxed) queries `[B, H, K]`.
@@ -57,6 +59,8 @@ def liger_decode(
         window_v: values `[B, W, Hkv, D]`, in the same order.
         window_valid: `[B, W]` bool, False for keys nobody may see (padding, not yet filled).
         scale: window score multiplier, default D ** -0.5.
+        softcap: if set, every window score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2);
+            not on the Triton path, so CUDA tensors then default to "torch".
         mix: weight of the window branch; the linear branch gets 1 - mix.
         backend: "reference", "torch", "triton" or None (see `resolve_backend`).
 
@@ -64,16 +68,16 @@ def liger_decode(
         o `[B, H, V]` in q_rot.dtype, and the new state `[B, Hkv, K, V]` in fp32.
     """
     _check_shapes(q_lin, k_lin, v, g, state, q_rot, window_k, window_v, window_valid)
-    name = resolve_backend(backend, q_rot.device, available=("reference", "torch", "triton"))
-    if name == "reference":
-        fn = naive_liger_decode
-    elif name == "torch":
-        fn = torch_liger_decode
-    else:
+    name = resolve_backend(
+        backend, q_rot.device, available=("reference", "torch", "triton"), unsupported=softcap_unsupported(softcap)
+    )
+    args = (q_lin, k_lin, v, g, state, q_rot, window_k, window_v, window_valid)
+    if name == "triton":
         from .triton import triton_liger_decode
 
-        fn = triton_liger_decode
-    return fn(q_lin, k_lin, v, g, state, q_rot, window_k, window_v, window_valid, scale=scale, mix=mix)
+        return triton_liger_decode(*args, scale=scale, mix=mix)
+    fn = naive_liger_decode if name == "reference" else torch_liger_decode
+    return fn(*args, scale=scale, softcap=softcap, mix=mix)
 
 
 def _check_shapes(q_lin, k_lin, v, g, state, q_rot, window_k, window_v, window_valid) -> None:
@@ -116,6 +120,7 @@ def liger_attention(
     past_k: torch.Tensor | None = None,
     past_v: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     mix: float = 0.5,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -142,6 +147,8 @@ def liger_attention(
         past_k: RoPE'd keys of the P cached tokens before these `[B, P, Hkv, D]`, or None.
         past_v: their values `[B, P, Hkv, D]`, given together with past_k.
         scale: window score multiplier, default D ** -0.5.
+        softcap: if set, every window score s becomes softcap * tanh(s / softcap) before masking and softmax
+            (Gemma 2); not on the Triton path, so CUDA tensors then default to "torch".
         mix: weight of the window branch; the linear branch gets 1 - mix.
         initial_state: `[B, Hkv, K, D]` fp32 linear state before the first token, or None for zeros.
         output_final_state: whether to return the linear state after the last token.
@@ -151,7 +158,10 @@ def liger_attention(
         o `[B, T, H, D]` in q_rot.dtype (mixed in fp32), and the final state `[B, Hkv, K, D]` in fp32 or None.
     """
     check_attention_inputs(q_lin, k_lin, v, g, q_rot, k_rot, window, key_valid, past_k, past_v, initial_state)
-    name = resolve_backend(backend, q_rot.device, available=("reference", "torch", "triton"))
+    name = resolve_backend(
+        backend, q_rot.device, available=("reference", "torch", "triton"), unsupported=softcap_unsupported(softcap)
+    )
+    options = {} if softcap is None else {"softcap": softcap}  # only the reference and torch paths take a cap
     if name == "reference":
         fn = naive_liger_attention
     elif name == "torch":
@@ -173,4 +183,5 @@ def liger_attention(
         mix=mix,
         initial_state=initial_state,
         output_final_state=output_final_state,
+        **options,
     )

@@ -19,6 +19,7 @@ def torch_liger_attention(
     past_k: torch.Tensor | None = None,
     past_v: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     mix: float = 0.5,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -30,6 +31,6 @@ def torch_liger_attention(
     # the window branch multiplies in q_rot's dtype (SDPA wants one dtype)
     keys, values = window_keys(k_rot, v, past_k, past_v, q_rot.dtype)
     o_window = sliding_window_attention(
-        q_rot, keys, values, window=window, key_valid=key_valid, scale=scale, backend="torch"
+        q_rot, keys, values, window=window, key_valid=key_valid, scale=scale, softcap=softcap, backend="torch"
     )
     return (mix * o_window.float() + (1 - mix) * o_linear.float()).to(q_rot.dtype), state

@@ -17,6 +17,7 @@ def torch_liger_decode(
     window_v: torch.Tensor,
     window_valid: torch.Tensor,
     scale: float | None = None,
+    softcap: float | None = None,
     mix: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Liger decode step; arguments and returns as in `naive_liger_decode`."""
@@ -24,7 +25,7 @@ def torch_liger_decode(
         q_lin[:, None], k_lin[:, None], v[:, None], g[:, None], scale=1.0, initial_state=state, output_final_state=True
     )  # [B, 1, H, V] in q_lin.dtype, [B, Hkv, K, V] fp32
     o_window = decode_sliding_window_attention(
-        q_rot[:, None], window_k, window_v, window_k.shape[1], key_valid=window_valid, scale=scale
+        q_rot[:, None], window_k, window_v, window_k.shape[1], key_valid=window_valid, scale=scale, softcap=softcap
     )  # [B, 1, H, D]
     o = mix * o_window.float() + (1 - mix) * o_linear.float()
     return o[:, 0].to(q_rot.dtype), new_state

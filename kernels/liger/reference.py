@@ -15,6 +15,7 @@ def naive_liger_decode(
     window_v: torch.Tensor,
     window_valid: torch.Tensor,
     scale: float | None = None,
+    softcap: float | None = None,
     mix: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Liger decode step: gated linear state update and readout, sliding-window softmax, and their mix.
@@ -30,6 +31,7 @@ def naive_liger_decode(
         window_v: window values `[B, W, Hkv, D]`.
         window_valid: `[B, W]` bool, False for keys nobody may see (padding).
         scale: window score multiplier, default D ** -0.5.
+        softcap: if set, every window score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2).
         mix: weight of the window branch; the linear branch gets 1 - mix.
 
     Returns:
@@ -49,7 +51,10 @@ def naive_liger_decode(
             o_window = torch.zeros_like(o_linear)
             if valid.any():
                 keys, values = window_k[b, valid, kv].float(), window_v[b, valid, kv].float()  # [n, D]
-                p = (keys @ q_rot[b, h].float() * scale).softmax(0)
+                z = keys @ q_rot[b, h].float() * scale
+                if softcap is not None:
+                    z = softcap * torch.tanh(z / softcap)
+                p = z.softmax(0)
                 o_window = p @ values
             o[b, h] = mix * o_window + (1 - mix) * o_linear
     return o.to(q_rot.dtype), new_state
@@ -105,6 +110,7 @@ def naive_liger_attention(
     past_k: torch.Tensor | None = None,
     past_v: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     mix: float = 0.5,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -118,5 +124,7 @@ def naive_liger_attention(
         q_lin.float(), k_lin, v, g, initial_state=initial_state, output_final_state=output_final_state
     )
     keys, values = window_keys(k_rot, v, past_k, past_v, torch.float32)
-    o_window = naive_sliding_window_attention(q_rot.float(), keys, values, window, key_valid, scale=scale)
+    o_window = naive_sliding_window_attention(
+        q_rot.float(), keys, values, window, key_valid, scale=scale, softcap=softcap
+    )
     return (mix * o_window + (1 - mix) * o_linear).to(q_rot.dtype), state

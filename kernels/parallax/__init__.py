@@ -14,13 +14,15 @@ nobody. Over the visible keys j:
     z_ij = scale q_i . k_j (scale = D ** -0.5 by default),   s_ij = r_i . k_j (unscaled),
     p_ij = softmax_j(z_ij),   t_bar_i = sum_j p_ij s_ij,   o_i = sum_j p_ij (1 + t_bar_i - s_ij) v_j,
 that is o_i = v_bar_i - C_i r_i with C_i the p-weighted covariance of v and k; r = 0 gives softmax attention
-exactly. A query that sees no key outputs zeros (so the output at a padded query is finite, otherwise unspecified).
+exactly. With a softcap (Gemma 2), z_ij becomes softcap tanh(z_ij / softcap) on the reference and torch paths;
+s_ij is never capped. A query that sees no key outputs zeros (so the output at a padded query is finite, otherwise
+unspecified).
 Accumulation is fp32 (float64 for float64 inputs); outputs come in q.dtype.
 """
 
 import torch
 
-from ..backend import outside_autocast, resolve_backend
+from ..backend import outside_autocast, resolve_backend, softcap_unsupported
 from .chunk import chunk_parallax_attention, rowwise_parallax_attention, torch_parallax_decode
 from .reference import check_decode_inputs, check_inputs, naive_parallax_attention, naive_parallax_decode
 
@@ -43,6 +45,7 @@ def parallax_attention(
     v: torch.Tensor,
     *,
     scale: float | None = None,
+    softcap: float | None = None,
     window: int | None = None,
     key_valid: torch.Tensor | None = None,
     past_k: torch.Tensor | None = None,
@@ -57,6 +60,8 @@ def parallax_attention(
         k: keys `[B, T, Hkv, D]`; H must be a multiple of Hkv.
         v: values `[B, T, Hkv, D]`.
         scale: multiplier of q . k (r . k is unscaled), default D ** -0.5.
+        softcap: if set, the softmax logits z = scale q . k become softcap * tanh(z / softcap) (Gemma 2); r . k
+            is not capped. Not on the Triton path, so CUDA tensors then default to "torch".
         window: keys visible per query, counting its own token (>= 1); None means all earlier keys.
         key_valid: `[B, P + T]` bool, False for keys nobody may see (padding); None means all valid.
         past_k: keys of the P cached tokens before these `[B, P, Hkv, D]`, or None.
@@ -67,7 +72,10 @@ def parallax_attention(
         o `[B, T, H, D]` in q.dtype. Differentiable w.r.t. q, r, k, v, past_k and past_v.
     """
     check_inputs(q, r, k, v, window, key_valid, past_k, past_v)
-    name = resolve_backend(backend, q.device, available=("reference", "torch", "triton"))
+    name = resolve_backend(
+        backend, q.device, available=("reference", "torch", "triton"), unsupported=softcap_unsupported(softcap)
+    )
+    options = {} if softcap is None else {"softcap": softcap}  # only the reference and torch paths take a cap
     if name == "reference":
         attend = naive_parallax_attention
     elif name == "torch":
@@ -76,7 +84,7 @@ def parallax_attention(
         attend = chunk_parallax_attention if needs_grad else rowwise_parallax_attention
     else:
         from .triton import triton_parallax_attention as attend
-    return attend(q, r, k, v, scale=scale, window=window, key_valid=key_valid, past_k=past_k, past_v=past_v)
+    return attend(q, r, k, v, scale=scale, window=window, key_valid=key_valid, past_k=past_k, past_v=past_v, **options)
 
 
 @outside_autocast
@@ -88,6 +96,7 @@ def parallax_decode(
     cache_valid: torch.Tensor | None,
     *,
     scale: float | None = None,
+    softcap: float | None = None,
     window: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -100,6 +109,8 @@ def parallax_decode(
         v_cache: values `[B, L, Hkv, D]`, likewise.
         cache_valid: `[B, L]` bool, False for slots nobody may see (padding, unfilled); None means all valid.
         scale: multiplier of q . k, default D ** -0.5.
+        softcap: if set, the softmax logits z = scale q . k become softcap * tanh(z / softcap) (Gemma 2); not on
+            the Triton path, so CUDA tensors then default to "torch".
         window: the last `window` slots are visible (>= 1); None means all.
         backend: "reference", "torch", "triton" or None (see `resolve_backend`).
 
@@ -107,11 +118,12 @@ def parallax_decode(
         o `[B, H, D]` in q.dtype; zeros for a query that sees no key. Not differentiable on the Triton path.
     """
     check_decode_inputs(q, r, k_cache, v_cache, cache_valid, window)
-    name = resolve_backend(backend, q.device, available=("reference", "torch", "triton"))
-    if name == "reference":
-        step = naive_parallax_decode
-    elif name == "torch":
-        step = torch_parallax_decode
-    else:
-        from .decode_triton import triton_parallax_decode as step
-    return step(q, r, k_cache, v_cache, cache_valid, scale=scale, window=window)
+    name = resolve_backend(
+        backend, q.device, available=("reference", "torch", "triton"), unsupported=softcap_unsupported(softcap)
+    )
+    if name == "triton":
+        from .decode_triton import triton_parallax_decode
+
+        return triton_parallax_decode(q, r, k_cache, v_cache, cache_valid, scale=scale, window=window)
+    step = naive_parallax_decode if name == "reference" else torch_parallax_decode
+    return step(q, r, k_cache, v_cache, cache_valid, scale=scale, softcap=softcap, window=window)

@@ -15,6 +15,8 @@ o, v_bar = O1 / d1, t_bar = d2 / d1 and the log-sum-exp, all in the accumulation
 float64 inputs). Backward per block, with p = exp(z - lse), a = dO . v, t = dO . o, b = dO . v_bar:
     gl = p (a - t + (t_bar - s)(a - b)),  gu = -p (a - b),  c = p (1 + t_bar - s);
     dq = scale gl k,  dr = gu k,  dk = scale gl^T q + gu^T r,  dv = c^T dO.
+With a softcap the logit is z = cap tanh(scale q . k / cap), and gl (the gradient of z) is multiplied by its
+derivative 1 - tanh(scale q . k / cap)^2 before dq and dk.
 """
 
 import torch
@@ -89,7 +91,7 @@ class _Blocks:
 
 class ChunkParallaxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, r, k, v, key_valid, scale, window, block_size):
+    def forward(ctx, q, r, k, v, key_valid, scale, softcap, window, block_size):
         blk = _Blocks(q, k, block_size, _acc_dtype(q, r, k, v))
         qb, rb = blk.queries(q), blk.queries(r)  # [N, B, Hkv, GC, D]
         kb, vb = blk.keys(k, key_valid), blk.keys(v, key_valid)  # [M, B, Hkv, C, D]
@@ -99,7 +101,7 @@ class ChunkParallaxFunction(torch.autograd.Function):
         o1, o2 = torch.zeros_like(qb), torch.zeros_like(qb)
         for qs, ks, band in blk.bands(window, q.device):
             kk, vv = kb[ks], vb[ks]
-            z = (qb[qs] @ kk.mT * scale).masked_fill_(~(band & valid[ks]), float("-inf"))
+            z = _cap(qb[qs] @ kk.mT * scale, softcap).masked_fill_(~(band & valid[ks]), float("-inf"))
             s = rb[qs] @ kk.mT
             m_new = torch.maximum(m[qs], z.amax(-1))
             alpha = torch.exp(m[qs] - m_new)
@@ -117,13 +119,13 @@ class ChunkParallaxFunction(torch.autograd.Function):
         if any(ctx.needs_input_grad[:4]):
             lse = torch.where(seen, m + torch.log(d1.where(seen, 1.0)), 0.0)  # finite; p is masked anyway
             ctx.save_for_backward(q, r, k, v, key_valid, o, v_bar, t_bar, lse)
-            ctx.config = (scale, window, block_size)
+            ctx.config = (scale, softcap, window, block_size)
         return blk.unqueries(o, q.dtype)
 
     @staticmethod
     def backward(ctx, do):
         q, r, k, v, key_valid, o, v_bar, t_bar, lse = ctx.saved_tensors
-        scale, window, block_size = ctx.config
+        scale, softcap, window, block_size = ctx.config
         blk = _Blocks(q, k, block_size, o.dtype)
         qb, rb, dob = blk.queries(q), blk.queries(r), blk.queries(do)
         kb, vb = blk.keys(k, key_valid), blk.keys(v, key_valid)
@@ -133,7 +135,9 @@ class ChunkParallaxFunction(torch.autograd.Function):
         dk, dv = torch.zeros_like(kb), torch.zeros_like(vb)
         for qs, ks, band in blk.bands(window, q.device):
             kk, vv, qq, rr, dd = kb[ks], vb[ks], qb[qs], rb[qs], dob[qs]
-            z = (qq @ kk.mT * scale).masked_fill_(~(band & valid[ks]), float("-inf"))
+            z = _cap(qq @ kk.mT * scale, softcap)
+            slope = None if softcap is None else 1 - (z / softcap).square_()  # d z / d (scale q . k): 1 - tanh^2
+            z.masked_fill_(~(band & valid[ks]), float("-inf"))
             s = rr @ kk.mT
             p = torch.exp(z.sub_(lse[qs, ..., None]))
             a = dd @ vv.mT
@@ -142,6 +146,8 @@ class ChunkParallaxFunction(torch.autograd.Function):
             shift = s.neg_().add_(t_bar[qs, ..., None])  # t_bar - s
             neg_gu = p * amb
             gl = (amb * shift).add_(amb).add_(b[qs, ..., None] - t[qs, ..., None]).mul_(p)  # a - b + b - t
+            if slope is not None:
+                gl.mul_(slope)  # now the gradient of the uncapped logit scale q . k
             dq[qs] += gl @ kk
             dr[qs] -= neg_gu @ kk
             dk[ks] += scale * (gl.mT @ qq) - neg_gu.mT @ rr
@@ -151,7 +157,14 @@ class ChunkParallaxFunction(torch.autograd.Function):
             blk.unqueries(dr, r.dtype),
             blk.unkeys(dk, k.dtype),
             blk.unkeys(dv, v.dtype),
-        ) + (None,) * 4
+        ) + (None,) * 5
+
+
+def _cap(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Logits z capped in place to softcap * tanh(z / softcap); z as it is without a cap."""
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
 
 
 def chunk_parallax_attention(
@@ -160,6 +173,7 @@ def chunk_parallax_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | None = None,
+    softcap: float | None = None,
     window: int | None = None,
     key_valid: torch.Tensor | None = None,
     past_k: torch.Tensor | None = None,
@@ -177,7 +191,8 @@ def chunk_parallax_attention(
     S, D = keys.shape[1], q.shape[-1]
     window = S if window is None else min(window, S)
     scale = D**-0.5 if scale is None else float(scale)
-    return ChunkParallaxFunction.apply(q, r, keys, values, key_valid, scale, window, block_size)
+    softcap = None if softcap is None else float(softcap)
+    return ChunkParallaxFunction.apply(q, r, keys, values, key_valid, scale, softcap, window, block_size)
 
 
 @torch.no_grad()
@@ -187,6 +202,7 @@ def rowwise_parallax_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | None = None,
+    softcap: float | None = None,
     window: int | None = None,
     key_valid: torch.Tensor | None = None,
     past_k: torch.Tensor | None = None,
@@ -225,6 +241,7 @@ def rowwise_parallax_attention(
         block, keys_t = slice(i0 * G, i1 * G), kk[:, :, lo:hi].mT
         z = (qq[:, :, block] @ keys_t).view(B, Hkv, i1 - i0, G, hi - lo)
         s = (rr[:, :, block] @ keys_t).view(B, Hkv, i1 - i0, G, hi - lo)
+        _cap(z, softcap)
         # without padding or a window edge in the block, only the keys from the block's first query on need a mask
         first = lo if key_valid is not None or P + i1 - window > lo else P + i0
         lag = torch.arange(P + i0, P + i1, device=q.device)[:, None] - torch.arange(first, hi, device=q.device)
@@ -250,6 +267,7 @@ def torch_parallax_decode(
     v_cache: torch.Tensor,
     cache_valid: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     window: int | None = None,
 ) -> torch.Tensor:
     """One Parallax decode step; arguments and returns as in `naive_parallax_decode`. One query per sequence, so
@@ -271,6 +289,7 @@ def torch_parallax_decode(
     qr = torch.cat([q.view(B, Hkv, G, D), r.view(B, Hkv, G, D)], dim=2).to(dtype)  # one product reads each key once
     zs = qr @ kk
     z, s = zs[:, :, :G] * scale, zs[:, :, G:]  # [B, Hkv, G, W] each
+    _cap(z, softcap)
     if hidden is not None:
         z = z.masked_fill(hidden[:, None, None], float("-inf"))
     m = z.amax(-1, keepdim=True)

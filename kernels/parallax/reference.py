@@ -65,10 +65,12 @@ def with_history(k, v, past_k, past_v) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([past_k, k.to(past_k.dtype)], dim=1), torch.cat([past_v, v.to(past_v.dtype)], dim=1)
 
 
-def _parallax(q, r, k, v, mask, scale):
+def _parallax(q, r, k, v, mask, scale, softcap=None):
     """o `[B, Hq, D]` of queries q, r `[B, Hq, D]` over keys k, v `[B, Hq, S, D]` (GQA expanded) visible where
-    mask `[B, Hq, S]` (broadcastable); zeros for a query that sees no key."""
+    mask `[B, Hq, S]` (broadcastable); zeros for a query that sees no key. softcap caps the softmax logits z only."""
     z = torch.einsum("bhd,bhsd->bhs", q, k) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     s = torch.einsum("bhd,bhsd->bhs", r, k)
     p = z.masked_fill(~mask, float("-inf")).softmax(-1)
     p = p.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # all -inf rows gave NaN
@@ -82,6 +84,7 @@ def naive_parallax_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | None = None,
+    softcap: float | None = None,
     window: int | None = None,
     key_valid: torch.Tensor | None = None,
     past_k: torch.Tensor | None = None,
@@ -95,6 +98,8 @@ def naive_parallax_attention(
         k: keys `[B, T, Hkv, D]`; query head h reads key head h // (H // Hkv).
         v: values `[B, T, Hkv, D]`.
         scale: multiplier of q . k (r . k is unscaled), default D ** -0.5.
+        softcap: if set, the softmax logits z = scale q . k become softcap * tanh(z / softcap) (Gemma 2); the
+            probe term r . k is not capped.
         window: keys visible per query, counting its own token; None means all earlier keys.
         key_valid: `[B, P + T]` bool, False for keys nobody may see (padding); None means all valid.
         past_k: keys of the P cached tokens before these `[B, P, Hkv, D]`, or None.
@@ -118,7 +123,7 @@ def naive_parallax_attention(
     for t in range(T):
         i = S - T + t  # the query's own key position
         mask = (valid & (j <= i) & (j > i - window))[:, None, :]  # [B, 1, S]
-        o.append(_parallax(q[:, t].to(dtype), r[:, t].to(dtype), keys, values, mask, scale))
+        o.append(_parallax(q[:, t].to(dtype), r[:, t].to(dtype), keys, values, mask, scale, softcap))
     return torch.stack(o, dim=1).to(q.dtype)
 
 
@@ -129,6 +134,7 @@ def naive_parallax_decode(
     v_cache: torch.Tensor,
     cache_valid: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     window: int | None = None,
 ) -> torch.Tensor:
     """One Parallax decode step: one new query per sequence over its cache.
@@ -140,6 +146,7 @@ def naive_parallax_decode(
         v_cache: values `[B, L, Hkv, D]`.
         cache_valid: `[B, L]` bool, False for slots nobody may see (padding, unfilled); None means all valid.
         scale: multiplier of q . k, default D ** -0.5.
+        softcap: if set, the softmax logits z = scale q . k become softcap * tanh(z / softcap) (Gemma 2).
         window: the last `window` slots are visible; None means all.
 
     Returns:
@@ -156,4 +163,4 @@ def naive_parallax_decode(
     if cache_valid is not None:
         mask = mask & cache_valid
     mask = mask.expand(B, L)[:, None, :]  # [B, 1, L]
-    return _parallax(q.to(dtype), r.to(dtype), keys, values, mask, scale).to(q.dtype)
+    return _parallax(q.to(dtype), r.to(dtype), keys, values, mask, scale, softcap).to(q.dtype)

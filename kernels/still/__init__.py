@@ -15,14 +15,16 @@ z_tj = scale * q_t . k_j with scale = D ** -0.5 by default, in every path (quirk
    shorter) and eps = 1e-8: ad = (a^diag + eps) / (1 + l eps), and = (a^nodiag + eps) / (1 + l eps + 1/l),
    then and_t := 1/l + eps at the TRUE self slot (quirk Q1 fixed); S_t = sum over W_t of ad log(ad / (and + eps)).
    Essentially a function of the self weight alpha_t = a^diag_tt (~0 at 1/l, 1.39 at 0.5, 3.42 at 0.9 for l = 64).
-   -inf at invalid positions; not differentiated (the selection is discrete).
+   -inf at invalid positions; not differentiated (the selection is discrete). Never soft-capped (the attention
+   ops' `softcap`, Gemma 2): the score only ranks tokens.
 2. `select_salient`: per chunk, batch row and head, the topk HIGHEST finite scores (all if fewer). Equal scores
    may be broken differently by the torch and Triton paths.
 3. `still_attention`: for query t in chunk c and head h,
    S_t = {valid j: chunk(j) <= c-2, salient[j, h]} + {valid j: chunk(j) = c-1} + {valid j: chunk(j) = c, j <= t},
    N_t = {valid j: chunk(j) <= c-2, not salient[j, h]}, m_t = max over S_t of z_tj, and
    o_t = (sum_S e^(z_tj - m_t) v_j + gate_t * sum_N (q_feat_t . k_feat_j) v_j)
-         / (sum_S e^(z_tj - m_t) + sum_N q_feat_t . k_feat_j + eps).
+         / (sum_S e^(z_tj - m_t) + sum_N q_feat_t . k_feat_j + eps),
+   z_tj capped to softcap * tanh(z_tj / softcap) first when a softcap is given (the linear part has no logits).
    The max shift applies to the softmax terms only and the gate to the linear numerator only, as the official
    code does (quirk Q5, reproduced), so the output depends on m_t and the gradient flows through the max too.
    Gradients reach q, k, v, q_feat, k_feat and gate; no cache inputs.
@@ -38,7 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..backend import outside_autocast, resolve_backend
+from ..backend import outside_autocast, resolve_backend, softcap_unsupported
 from .chunk import chunk_self_saliency, chunk_still_attention
 from .decode import torch_still_decode
 from .reference import (
@@ -79,6 +81,9 @@ def self_saliency(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Self-saliency score of every token: smoothed KL between its window attention with and without itself.
+
+    Its logits are never soft-capped (there is no `softcap` here, unlike the attention ops): the score only ranks
+    the tokens of a chunk, in prefill and decode alike.
 
     Args:
         q: RoPE'd queries `[B, T, H, D]`.
@@ -138,6 +143,7 @@ def still_attention(
     *,
     chunk_size: int = 64,
     scale: float | None = None,
+    softcap: float | None = None,
     key_valid: torch.Tensor | None = None,
     eps: float = 1e-6,
     backend: str | None = None,
@@ -154,6 +160,8 @@ def still_attention(
         salient: `[B, T, H]` bool (e.g. from `select_salient`); no gradient.
         chunk_size: C; chunk(j) = j // C.
         scale: logit multiplier, default D ** -0.5.
+        softcap: if set, every softmax logit z becomes softcap * tanh(z / softcap) before masking (Gemma 2); not on
+            the Triton path, so CUDA tensors then default to "torch".
         key_valid: `[B, T]` bool, False at padding; None means all valid.
         eps: added to the denominator.
         backend: "reference", "torch", "triton" or None (see `resolve_backend`).
@@ -162,14 +170,16 @@ def still_attention(
         o `[B, T, H, Dv]` in q.dtype, accumulated in fp32 (float64 on the reference path).
     """
     check_inputs(q, k, v, q_feat, k_feat, gate, salient, chunk_size, key_valid)
-    name = resolve_backend(backend, q.device, available=("reference", "torch", "triton"))
-    if name == "reference":
-        attend = naive_still_attention
-    elif name == "torch":
-        attend = chunk_still_attention
-    else:
-        from .attention_triton import triton_still_attention as attend
-    return attend(q, k, v, q_feat, k_feat, gate, salient, chunk_size, scale, key_valid, eps)
+    name = resolve_backend(
+        backend, q.device, available=("reference", "torch", "triton"), unsupported=softcap_unsupported(softcap)
+    )
+    args = (q, k, v, q_feat, k_feat, gate, salient, chunk_size, scale)
+    if name == "triton":
+        from .attention_triton import triton_still_attention
+
+        return triton_still_attention(*args, key_valid, eps)
+    attend = naive_still_attention if name == "reference" else chunk_still_attention
+    return attend(*args, softcap, key_valid, eps)
 
 
 @outside_autocast
@@ -186,6 +196,7 @@ def still_decode(
     chunk_size: int = 64,
     topk: int = 4,
     scale: float | None = None,
+    softcap: float | None = None,
     eps: float = 1e-6,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, StillDecodeState]:
@@ -205,6 +216,9 @@ def still_decode(
         chunk_size: C.
         topk: tokens of a chunk kept exact per head (1 <= topk <= C).
         scale: logit multiplier, default D ** -0.5.
+        softcap: if set, every softmax logit z becomes softcap * tanh(z / softcap) (Gemma 2); the new token's
+            saliency score is not capped. Every backend takes it: the "triton" step is the torch one with the
+            Triton top-k selection, which reads scores only.
         eps: added to the denominator.
         backend: "reference", "torch", "triton" or None (see `resolve_backend`).
 
@@ -212,12 +226,12 @@ def still_decode(
         o `[B, H, Dv]` in q.dtype, accumulated in fp32, and the cache after this token.
     """
     check_decode_inputs(q, k, v, q_feat, gate, valid, cache, chunk_size, topk)
+    softcap_unsupported(softcap)  # rejects a cap <= 0; no backend of this op is ruled out by a cap
     name = resolve_backend(backend, q.device, available=("reference", "torch", "triton"))
+    args = (q, k, v, q_feat, gate, valid, cache, k_features, chunk_size, topk, scale, softcap, eps)
     if name == "reference":
-        return naive_still_decode(q, k, v, q_feat, gate, valid, cache, k_features, chunk_size, topk, scale, eps)
+        return naive_still_decode(*args)
     select = torch_select_salient
     if name == "triton":
         from .selection_triton import triton_select_salient as select
-    return torch_still_decode(
-        q, k, v, q_feat, gate, valid, cache, k_features, chunk_size, topk, scale, eps, select=select
-    )
+    return torch_still_decode(*args, select=select)

@@ -105,7 +105,7 @@ def _sum_two_chunks_behind(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x[:, :2]), x[:, :-2]], dim=1).cumsum(1)
 
 
-def _softmax_part(q, kw, vw, window_mask, ks, vs, ks_mask, scale):
+def _softmax_part(q, kw, vw, window_mask, ks, vs, ks_mask, scale, softcap=None):
     """Unnormalised softmax part of a block of query chunks: sum_S e^(z - m) v and sum_S e^(z - m).
 
     Args:
@@ -117,6 +117,7 @@ def _softmax_part(q, kw, vw, window_mask, ks, vs, ks_mask, scale):
         vs: their values `[B, S, H, Dv]`.
         ks_mask: `[B, n, S, H]` bool, which salient keys each chunk reads (older than its window, and present).
         scale: logit multiplier.
+        softcap: if set, every logit z becomes softcap * tanh(z / softcap).
 
     Returns:
         num `[B, n, C, H, Dv]`, den `[B, n, C, H]`.
@@ -126,8 +127,10 @@ def _softmax_part(q, kw, vw, window_mask, ks, vs, ks_mask, scale):
     G = H // Hkv
     S = ks.shape[1]
     z_window = torch.einsum("bnrkgd,bnckd->bnkgrc", q.view(B, n, C, Hkv, G, D), kw).flatten(2, 3) * scale
-    z_window = z_window.masked_fill(~window_mask[:, :, None], float("-inf"))  # [B, n, H, C, 2C]
     z_salient = torch.einsum("bnrhd,bshd->bnhrs", q, ks) * scale  # [B, n, H, C, S]
+    if softcap is not None:
+        z_window, z_salient = (softcap * torch.tanh(z / softcap) for z in (z_window, z_salient))
+    z_window = z_window.masked_fill(~window_mask[:, :, None], float("-inf"))  # [B, n, H, C, 2C]
     z_salient = z_salient.masked_fill(~ks_mask.transpose(2, 3)[:, :, :, None], float("-inf"))
     z = torch.cat([z_salient, z_window], dim=-1)  # [B, n, H, C, S + 2C]
     m = z.amax(-1, keepdim=True)
@@ -149,6 +152,7 @@ def chunk_still_attention(
     salient: torch.Tensor,
     chunk_size: int = 64,
     scale: float | None = None,
+    softcap: float | None = None,
     key_valid: torch.Tensor | None = None,
     eps: float = 1e-6,
     block_logits: int = 1 << 20,
@@ -165,6 +169,7 @@ def chunk_still_attention(
         salient: `[B, T, H]` bool, keys kept exact once their chunk is two chunks behind the query's.
         chunk_size: C; chunk(j) = j // C.
         scale: logit multiplier, default D ** -0.5.
+        softcap: if set, every softmax logit z becomes softcap * tanh(z / softcap) (Gemma 2).
         key_valid: `[B, T]` bool, False at padding; None means all valid.
         eps: added to the denominator.
         block_logits: about the most softmax logits per batch row held at once; query chunks are taken in
@@ -232,6 +237,7 @@ def chunk_still_attention(
             vs[:, :reach],
             block_mask,
             scale,
+            softcap,
         )
         num.append(block_num)
         den.append(block_den)

@@ -26,6 +26,7 @@ def torch_still_decode(
     chunk_size: int = 64,
     topk: int = 4,
     scale: float | None = None,
+    softcap: float | None = None,
     eps: float = 1e-6,
     select: Callable[[torch.Tensor, int, int], torch.Tensor] = torch_select_salient,
 ) -> tuple[torch.Tensor, StillDecodeState]:
@@ -55,7 +56,9 @@ def torch_still_decode(
 
     # softmax over the salient cache and the ring, gated linear attention over the state, one normalizer
     z_salient = torch.einsum("bhd,bhsd->bhs", q.float(), cache.salient_k.float()) * scale
-    z_all = torch.cat([z_salient, z], dim=-1)  # [B, H, S + 2C]
+    z_all = torch.cat([z_salient, z], dim=-1)  # [B, H, S + 2C]; the score above read the uncapped logits
+    if softcap is not None:
+        z_all = softcap * torch.tanh(z_all / softcap)
     seen = torch.cat([cache.salient_valid, ring_valid], dim=-1)[:, None]  # [B, 1, S + 2C]
     z_all = z_all.masked_fill(~seen, float("-inf"))
     shift = z_all.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # a padding row has no key

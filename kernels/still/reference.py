@@ -160,13 +160,15 @@ def naive_still_attention(
     salient: torch.Tensor,
     chunk_size: int = 64,
     scale: float | None = None,
+    softcap: float | None = None,
     key_valid: torch.Tensor | None = None,
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """STILL hybrid attention: exact softmax over the salient and recent keys, gated linear attention over the rest.
 
     o_t = (sum_S e^(z_tj - m_t) v_j + gate_t * sum_N (q_feat_t . k_feat_j) v_j)
-          / (sum_S e^(z_tj - m_t) + sum_N q_feat_t . k_feat_j + eps),  m_t = max_S z_tj  (see `still_masks`).
+          / (sum_S e^(z_tj - m_t) + sum_N q_feat_t . k_feat_j + eps),  m_t = max_S z_tj  (see `still_masks`),
+    z_tj = scale q_t . k_j, capped to softcap * tanh(z_tj / softcap) when softcap is set.
 
     Args:
         q: RoPE'd queries `[B, T, H, D]`.
@@ -178,6 +180,7 @@ def naive_still_attention(
         salient: `[B, T, H]` bool, keys kept exact once their chunk is two chunks behind the query's.
         chunk_size: C; chunk(j) = j // C.
         scale: logit multiplier, default D ** -0.5.
+        softcap: if set, every softmax logit z becomes softcap * tanh(z / softcap) (Gemma 2).
         key_valid: `[B, T]` bool, False at padding; None means all valid.
         eps: added to the denominator.
 
@@ -193,6 +196,8 @@ def naive_still_attention(
     soft, lin = still_masks(salient, chunk_size, key_valid)  # [B, H, T, T]
 
     z = torch.einsum("bthd,bjhd->bhtj", q, k) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     z = z.masked_fill(~soft, float("-inf"))
     m = z.amax(-1, keepdim=True)
     p = torch.exp(z - m.masked_fill(m == float("-inf"), 0.0))  # a padded query may have no key
@@ -273,6 +278,7 @@ def naive_still_decode(
     chunk_size: int = 64,
     topk: int = 4,
     scale: float | None = None,
+    softcap: float | None = None,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, StillDecodeState]:
     """One STILL decode step, row by row and head by head in fp32 (docs/methods.md §3.6).
@@ -282,7 +288,8 @@ def naive_still_decode(
     (in rank order), the others add k_feat v^T to the state and k_feat to the normalizer. The token is then written
     to slot r % 2C and scored: the smoothed self-KL (`smoothed_self_kl`, window C) of its logits over the valid
     ring tokens of ranks r - C + 1 .. r. Its output, per head, over the keys E of the salient cache and the ring:
-        o = (sum_E e^(z_j - m) v_j + gate * state^T q_feat) / (sum_E e^(z_j - m) + q_feat . normalizer + eps).
+        o = (sum_E e^(z_j - m) v_j + gate * state^T q_feat) / (sum_E e^(z_j - m) + q_feat . normalizer + eps),
+    z_j = scale q . k_j, capped to softcap * tanh(z_j / softcap) when softcap is set (the score is not capped).
     A padding token (valid False) changes nothing in the cache; its output is computed all the same.
 
     Args:
@@ -297,6 +304,7 @@ def naive_still_decode(
         chunk_size: C.
         topk: tokens of a chunk kept exact per head (1 <= topk <= C).
         scale: logit multiplier, default D ** -0.5.
+        softcap: if set, every softmax logit z becomes softcap * tanh(z / softcap) (Gemma 2).
         eps: added to the denominator.
 
     Returns:
@@ -343,6 +351,8 @@ def naive_still_decode(
             keys = torch.cat([salient_k[h], ring_k[b, ring_valid[b], h // group]]).float()  # [n, D]
             values = torch.cat([salient_v[h], ring_v[b, ring_valid[b], h // group]]).float()
             z = keys @ q[b, h].float() * scale  # [n]
+            if softcap is not None:
+                z = softcap * torch.tanh(z / softcap)
             exact = (z - z.max()).exp() if len(z) else z  # a padding row may have no key
             linear = q_feat[b, h].float()
             numerator = exact @ values + gate[b, h].float() * (state[b, h].T @ linear)

@@ -3,7 +3,7 @@ Triton kernels, and the dispatcher."""
 
 import torch
 
-from ..backend import outside_autocast, resolve_backend
+from ..backend import outside_autocast, resolve_backend, softcap_unsupported
 from .chunk import chunk_sliding_window_attention
 from .decode import decode_sliding_window_attention
 from .reference import check_inputs, naive_sliding_window_attention
@@ -28,6 +28,7 @@ def sliding_window_attention(
     sink_v: torch.Tensor | None = None,
     sink_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Softmax attention of each query over the last `window` keys up to itself, plus optional sink keys.
@@ -45,6 +46,8 @@ def sliding_window_attention(
         sink_v: extra values `[B, E, Hkv, D]`, given together with sink_k.
         sink_mask: `[B, T, E]` bool, which extra keys each query sees; None means all of them.
         scale: score multiplier, default D ** -0.5.
+        softcap: if set, every score s becomes softcap * tanh(s / softcap) before masking and softmax (Gemma 2's
+            attention logit soft-capping); not on the Triton path, so CUDA tensors then default to "torch".
         backend: "reference", "torch", "triton" or None (see `resolve_backend`).
 
     Returns:
@@ -52,11 +55,15 @@ def sliding_window_attention(
     """
     check_inputs(q, k, v, window, key_valid, sink_k, sink_v, sink_mask)
     T = q.shape[1]
-    name = resolve_backend(backend, q.device, available=("reference", "torch", "triton"))
+    name = resolve_backend(
+        backend, q.device, available=("reference", "torch", "triton"), unsupported=softcap_unsupported(softcap)
+    )
+    if name == "triton":
+        from .triton import triton_sliding_window_attention  # imports triton only when it is used
+
+        return triton_sliding_window_attention(q, k, v, window, key_valid, sink_k, sink_v, sink_mask, scale)
     if name == "reference":
         attend = naive_sliding_window_attention
-    elif name == "triton":
-        from .triton import triton_sliding_window_attention as attend  # imports triton only when it is used
     else:
         attend = decode_sliding_window_attention if T == 1 else chunk_sliding_window_attention
-    return attend(q, k, v, window, key_valid, sink_k, sink_v, sink_mask, scale)
+    return attend(q, k, v, window, key_valid, sink_k, sink_v, sink_mask, scale, softcap)

@@ -4,7 +4,8 @@ A block of Bq queries needs Bq + window - 1 keys, so cost is linear in T and no 
 The keys of all blocks are gathered at once as overlapping views (unfold) of the padded key sequence, and
 every block goes through one batched `scaled_dot_product_attention` call with a [Bq, keys] mask: its fused
 softmax is about twice as fast on CPU as spelling the attention out, handles GQA without repeating K/V, and
-returns zeros for a query that sees no key.
+returns zeros for a query that sees no key. SDPA cannot cap logits: with a softcap the same blocks go through
+the attention spelled out (`attention`).
 """
 
 import torch
@@ -21,6 +22,7 @@ def chunk_sliding_window_attention(
     sink_v: torch.Tensor | None = None,
     sink_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     block_size: int = 64,
 ) -> torch.Tensor:
     """Softmax attention of each query over the last `window` keys up to itself, plus optional sink keys.
@@ -35,6 +37,7 @@ def chunk_sliding_window_attention(
         sink_v: extra values `[B, E, Hkv, D]`, or None.
         sink_mask: `[B, T, E]` bool, which extra keys each query sees; None means all of them.
         scale: score multiplier, default D ** -0.5.
+        softcap: if set, every score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2).
         block_size: queries per block.
 
     Returns:
@@ -70,12 +73,48 @@ def chunk_sliding_window_attention(
             sink_mask = torch.ones(B, T, E, dtype=torch.bool, device=q.device)
         mask = torch.cat([mask, F.pad(sink_mask, (0, 0, 0, pad), value=False).view(B, N, Bq, E)], dim=-1)
 
-    o = F.scaled_dot_product_attention(
-        q,
-        k.reshape(B * N, Hkv, -1, D),
-        v.reshape(B * N, Hkv, -1, D),
-        attn_mask=mask.reshape(B * N, 1, Bq, -1),
-        scale=scale,
-        enable_gqa=True,
+    o = attention(
+        q, k.reshape(B * N, Hkv, -1, D), v.reshape(B * N, Hkv, -1, D), mask.reshape(B * N, 1, Bq, -1), scale, softcap
     )  # [B * N, H, Bq, D]
     return o.view(B, N, H, Bq, D).transpose(2, 3).reshape(B, N * Bq, H, D)[:, :T]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Masked softmax attention with GQA: `scaled_dot_product_attention`, or spelled out when logits are capped.
+
+    Args:
+        q: `[..., H, L, D]`.
+        k: `[..., Hkv, S, D]`; query head h reads key head h // (H // Hkv).
+        v: `[..., Hkv, S, Dv]`.
+        mask: bool, broadcastable to `[..., 1, L, S]` (one mask for all heads), or None.
+        scale: logit multiplier, default D ** -0.5.
+        softcap: if set, every logit z becomes softcap * tanh(z / softcap) before the softmax (SDPA cannot do
+            that: the logits are then computed here, in fp32 at least).
+
+    Returns:
+        `[..., H, L, Dv]` in q.dtype; zeros for a query that sees no key.
+    """
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    *lead, H, L, D = q.shape
+    Hkv, out_dtype = k.shape[-3], q.dtype
+    scale = D**-0.5 if scale is None else scale
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q = q.to(dtype).reshape(*lead, Hkv, H // Hkv, L, D)
+    k, v = (x.to(dtype).unsqueeze(-3) for x in (k, v))  # [..., Hkv, 1, S, D]
+    z = q @ k.mT * scale
+    z = softcap * torch.tanh(z / softcap)  # [..., Hkv, G, L, S]
+    if mask is None:
+        p = z.softmax(-1)
+    else:
+        mask = mask.unsqueeze(-3)  # [..., 1, 1, L, S]
+        p = z.masked_fill(~mask, float("-inf")).softmax(-1)
+        p = p.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # all -inf rows gave NaN
+    return (p @ v).reshape(*lead, H, L, v.shape[-1]).to(out_dtype)

@@ -6,7 +6,8 @@ token, where the blockwise path's padding and unfolding cost more than the atten
 """
 
 import torch
-import torch.nn.functional as F
+
+from .chunk import attention
 
 
 def decode_sliding_window_attention(
@@ -19,6 +20,7 @@ def decode_sliding_window_attention(
     sink_v: torch.Tensor | None = None,
     sink_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of one query per sequence over the last `window` keys plus optional sink keys.
 
@@ -32,6 +34,7 @@ def decode_sliding_window_attention(
         sink_v: extra values `[B, E, Hkv, D]`, or None.
         sink_mask: `[B, 1, E]` bool, which extra keys the query sees; None means all of them.
         scale: score multiplier, default D ** -0.5.
+        softcap: if set, every score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2).
 
     Returns:
         o `[B, 1, H, D]` in q.dtype; zeros for a query that sees no key.
@@ -43,13 +46,13 @@ def decode_sliding_window_attention(
             visible = torch.ones_like(k[..., 0, 0], dtype=torch.bool)
         sink_visible = torch.ones_like(sink_k[..., 0, 0], dtype=torch.bool) if sink_mask is None else sink_mask[:, 0]
         k, v, visible = torch.cat([sink_k, k], 1), torch.cat([sink_v, v], 1), torch.cat([sink_visible, visible], 1)
-    # SDPA: one fused op, GQA without repeating K/V; it returns zeros for a query that sees no key
-    o = F.scaled_dot_product_attention(
+    # SDPA (without a softcap): one fused op, GQA without repeating K/V; zeros for a query that sees no key
+    o = attention(
         q.transpose(1, 2),  # [B, H, 1, D]
         k.transpose(1, 2),  # [B, Hkv, W, D]
         v.transpose(1, 2),
-        attn_mask=None if visible is None else visible[:, None, None, :],
-        scale=scale,
-        enable_gqa=True,
+        None if visible is None else visible[:, None, None, :],
+        scale,
+        softcap,
     )
     return o.transpose(1, 2)

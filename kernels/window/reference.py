@@ -36,6 +36,7 @@ def naive_sliding_window_attention(
     sink_v: torch.Tensor | None = None,
     sink_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of each query over the last `window` keys up to itself, plus optional sink keys.
 
@@ -49,6 +50,7 @@ def naive_sliding_window_attention(
         sink_v: extra values `[B, E, Hkv, D]`, or None.
         sink_mask: `[B, T, E]` bool, which extra keys each query sees; None means all of them.
         scale: score multiplier, default D ** -0.5.
+        softcap: if set, every score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2).
 
     Returns:
         o `[B, T, H, D]` in q.dtype; zeros for a query that sees no key.
@@ -69,6 +71,8 @@ def naive_sliding_window_attention(
         mask = torch.cat([mask, sink_mask], dim=-1)
     k, v = (x.float().repeat_interleave(group, dim=2) for x in (k, v))
     scores = torch.einsum("bthd,bshd->bhts", q.float(), k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     p = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
     p = p.masked_fill(~mask[:, None].any(-1, keepdim=True), 0.0)  # all -inf rows gave NaN
     return torch.einsum("bhts,bshd->bthd", p, v).to(q.dtype)

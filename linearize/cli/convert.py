@@ -14,11 +14,13 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import LinearizeError
+from ..families import CONVERT_LAYERS, get_family
 from ..methods import LAYOUT_KEYS, all_parameters, describe_parameter
 from ..selection import CALIBRATION_WINDOWS, DEFAULT_SCORER, SCORERS
 from .common import METHOD_HELP, Dtype, Method, app, console, exits_on_error, human_size, progress_bar
 
 Scorer = Enum("Scorer", {name: name for name in SCORERS}, type=str)
+LayerScope = Enum("LayerScope", {name: name for name in CONVERT_LAYERS}, type=str)
 SCORER_HELP = "With --softmax-layers auto:K, how a layer is scored: " + "; ".join(
     f"{name}: {text}" for name, text in SCORERS.items()
 )
@@ -31,11 +33,18 @@ def _plan_table(plan) -> Table:
     table = Table(title=f"Conversion plan: {plan.source} -> {plan.settings['method']}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("family", plan.config.base_model_type)
+    family = plan.config.base_model_type
+    specifics = get_family(family).specifics(plan.config)
+    table.add_row("family", family + (f" ({'; '.join(specifics)})" if specifics else ""))
     params = {k: v for k, v in plan.settings.items() if k not in LAYOUT_KEYS}
     table.add_row("method", f"{plan.settings['method']}  {params}")
     for layers, fate in plan.layer_groups():
         table.add_row(f"layers {layers}", fate)
+    if get_family(family).sliding_layers and "sliding_attention" in plan.config.layer_types:
+        table.add_row(
+            "sliding-window layers",
+            "kept as they are: their cache is already constant-size (--convert-layers all converts them)",
+        )
     added = plan.converted_parameters - plan.source_parameters
     table.add_row("parameters", f"{plan.source_parameters:,} (+{added:,} added)")
     ctx = PLAN_CONTEXT
@@ -68,9 +77,13 @@ def _cache_growth(plan) -> str:
     from ..convert import PLAN_CONTEXT
     from ..methods import get_method
 
-    softmax = len(plan.config.linearize["softmax_layers"])
+    def growth(layers: list[int]) -> int:
+        return plan.kv_cache_bytes(2 * PLAN_CONTEXT, layers) - plan.kv_cache_bytes(PLAN_CONTEXT, layers)
+
+    kept = plan.config.linearize["softmax_layers"]
     converted_growth = plan.converted_cache_bytes(2 * PLAN_CONTEXT) - plan.converted_cache_bytes(PLAN_CONTEXT)
-    converted_growth -= plan.kv_cache_bytes(PLAN_CONTEXT, softmax)
+    converted_growth -= growth(kept)
+    softmax = sum(growth([i]) > 0 for i in kept)  # sliding-window layers keep a constant-size cache
     parts = []
     if converted_growth:
         per_1k = converted_growth / (PLAN_CONTEXT / 1024)
@@ -134,6 +147,15 @@ def convert(
             help="Layers kept as the original softmax attention: '0,8,16', 'every:8' (layers 0, 8, 16, ...) or "
             "'auto:K': score every layer on calibration text by how much converting it alone hurts, and keep the K "
             "worst (loads the weights, also with --dry-run).",
+            show_default=False,
+        ),
+    ] = None,
+    convert_layers: Annotated[
+        LayerScope | None,
+        typer.Option(
+            help="Which layers a model with sliding-window layers interleaved among global ones (Gemma 2/3) "
+            "converts: global (their default: the sliding-window layers already keep a constant-size cache and "
+            "stay as they are) or all. Every other family converts all.",
             show_default=False,
         ),
     ] = None,
@@ -210,6 +232,7 @@ def convert(
             None if dry_run else output,
             method.value,
             softmax_layers=softmax_layers,
+            convert_layers=convert_layers.value if convert_layers else None,
             layer_scorer=layer_scorer.value if layer_scorer else None,
             calibration=calibration,
             calibration_windows=calibration_windows,

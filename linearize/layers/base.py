@@ -25,48 +25,85 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [B, T, H, D] and k [B, T, Hkv, D] with the model's rotary tables `cos`, `sin` [B, T, D]."""
+    """Rotate q [B, T, H, D] and k [B, T, Hkv, D] with the model's rotary tables `cos`, `sin` [B, T, R]. Tables
+    narrower than the head (R < D: partial rotary embeddings, as in Phi-3) rotate the first R channels only."""
     # one rotation over both: at decode, per-op overhead is most of the cost
     qk = torch.cat([q, k], dim=2)
+    rotary = cos.shape[-1]
+    partial = rotary < qk.shape[-1]
+    if partial:
+        qk, passed = qk[..., :rotary], qk[..., rotary:]
     qk = qk * cos.unsqueeze(2) + rotate_half(qk) * sin.unsqueeze(2)
+    if partial:
+        qk = torch.cat([qk, passed], dim=-1)
     return qk.split([q.shape[2], k.shape[2]], dim=2)
+
+
+def source_linear(linear: nn.Module) -> nn.Module:
+    """The original linear layer under any LoRA adapter peft put around it."""
+    return getattr(linear, "base_layer", linear)
 
 
 class LinearizedAttention(nn.Module):
     """Base class of converted attention layers.
 
-    It owns the source attention's parameters under their original names (`q_proj`, `k_proj`, `v_proj`, `o_proj`
-    and, for qk-norm families, `q_norm`/`k_norm`), so a converted checkpoint has the source's state-dict keys and
-    conversion is a plain `load_state_dict`. The modules are taken from an instance of the family's own attention
-    class, which keeps each family's bias and norm details in one place: transformers.
+    It owns the source attention's parameters under their original names (`q_proj`, `k_proj`, `v_proj` or a fused
+    `qkv_proj`, `o_proj` and, for qk-norm families, `q_norm`/`k_norm`), so a converted checkpoint has the source's
+    state-dict keys and conversion is a plain `load_state_dict`. The modules are taken from an instance of the
+    family's own attention class, which keeps each family's bias and norm details in one place: transformers.
     """
 
     def __init__(self, config, layer_idx: int, family: Family):
         super().__init__()
-        source = family.attention_class(config, layer_idx)
+        source = family.attention_class(config.family_config(), layer_idx)  # as the source built this layer
         self.layer_idx = layer_idx
         self.head_dim = source.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.scaling = source.scaling
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = source.q_proj, source.k_proj, source.v_proj, source.o_proj
-        self.q_norm = getattr(source, "q_norm", None) if family.qk_norm else None
-        self.k_norm = getattr(source, "k_norm", None) if family.qk_norm else None
+        # Gemma 2's logit cap; what every softmax of the layer applies (docs/methods.md §0.5)
+        self.softcap = source.attn_logit_softcapping if family.logit_softcap else None
+        self.use_rope = bool(getattr(source, "use_rope", True))  # SmolLM3 leaves RoPE out of some layers
+        self.source_window = getattr(source, "sliding_window", None)  # the source layer's window (Gemma's local layers)
+        if family.fused_qkv:
+            self.qkv_proj = source.qkv_proj
+        else:
+            self.q_proj, self.k_proj, self.v_proj = source.q_proj, source.k_proj, source.v_proj
+        self.o_proj = source.o_proj
+        self.qk_norm = family.qk_norm
+        self.q_norm = source.q_norm if family.qk_norm else None
+        self.k_norm = source.k_norm if family.qk_norm else None
         # the kernels this layer's ops run on, a runtime choice (not saved): None follows LINEARIZE_BACKEND, then the
         # device (Triton on CUDA); "torch", "triton" or "reference" force one (see linearize.kernels.backend)
         self.backend: str | None = None
 
-    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(
+        self, hidden_states: torch.Tensor, frozen: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return q [B, T, H, D], k [B, T, Hkv, D], v [B, T, Hkv, D] as the source computes them before RoPE,
-        and the raw key (before any qk-norm)."""
+        and the raw key (before any qk-norm). `frozen` leaves out any LoRA adapter on the projections."""
         batch, length, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
-        k_raw = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
-        k = k_raw
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k_raw)
+        linear = source_linear if frozen else (lambda module: module)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if hasattr(self, "qkv_proj"):
+            q, k, v = linear(self.qkv_proj)(hidden_states).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = (linear(m)(hidden_states) for m in (self.q_proj, self.k_proj, self.v_proj))
+        k_raw = k.view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(batch, length, self.num_heads, self.head_dim)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v, k_raw
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k with the layer's rotary embedding (`apply_rope`), or as they are in a layer without one."""
+        return apply_rope(q, k, *position_embeddings) if self.use_rope else (q, k)
 
     def forward(
         self,

@@ -35,7 +35,7 @@ from ..cache_layers import RecentTokens, StateCacheLayer
 from ..kernels import gated_linear_attention
 from ..kernels.liger import liger_attention, liger_decode
 from ..methods import LigerGlaSettings, LigerSettings
-from .base import LinearizedAttention, apply_rope
+from .base import LinearizedAttention
 from .swa import SinkWindowAttention, SinkWindowCacheLayer, sink_window_attention
 
 
@@ -113,7 +113,7 @@ class LigerAttention(LinearizedAttention):
         """Window and gated linear branches through the Liger ops: `[B, T, H, D]` and the new state."""
         q_linear, k_linear, v_linear, log_decay = linear
         length = q.shape[1]
-        q, k = apply_rope(q, k, *position_embeddings)
+        q, k = self.rotate(q, k, position_embeddings)
         keys, values, key_valid = k, v, valid
         if state is not None:
             if valid is None:
@@ -137,6 +137,7 @@ class LigerAttention(LinearizedAttention):
                 values[:, window],
                 key_valid[:, window],
                 scale=self.scaling,
+                softcap=self.softcap,
                 mix=self.mix,
                 backend=self.backend,
             )
@@ -156,6 +157,7 @@ class LigerAttention(LinearizedAttention):
             past_k=keys[:, past],
             past_v=values[:, past],
             scale=self.scaling,
+            softcap=self.softcap,
             mix=self.mix,
             initial_state=initial_state,
             output_final_state=state is not None,
@@ -164,10 +166,10 @@ class LigerAttention(LinearizedAttention):
 
     def _attend_with_sinks(self, q, k, v, valid, linear, initial_state, state, position_embeddings):
         """The sink window and gated linear attention as two ops, mixed: `[B, T, H, D]` and the new state."""
-        q, k = apply_rope(q, k, *position_embeddings)
+        q, k = self.rotate(q, k, position_embeddings)
         o_window = sink_window_attention(
             q, k, v, valid, state, recent=self.window - self.sinks, sinks=self.sinks, scale=self.scaling,
-            backend=self.backend,
+            softcap=self.softcap, backend=self.backend,
         )  # fmt: skip
         o_linear, recurrent_state = gated_linear_attention(
             *linear, scale=1.0, initial_state=initial_state, output_final_state=state is not None,

@@ -25,7 +25,7 @@ from torch import nn
 from ..cache_layers import GrowingTokens, RecentTokens, StateCacheLayer
 from ..kernels.parallax import parallax_attention, parallax_decode
 from ..methods import ParallaxSettings
-from .base import LinearizedAttention, apply_rope
+from .base import LinearizedAttention
 
 
 class ParallaxCacheLayer(StateCacheLayer):
@@ -64,9 +64,9 @@ class ParallaxAttention(LinearizedAttention):
         batch, length, _ = hidden_states.shape
         q, k, v, _ = self.project(hidden_states)
         r = self.r_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
-        qr, k = apply_rope(torch.cat([q, r], dim=2), k, *position_embeddings)  # one rotation for q and r
+        qr, k = self.rotate(torch.cat([q, r], dim=2), k, position_embeddings)  # one rotation for q and r
         q, r = qr.split(self.num_heads, dim=2)  # [B, T, H, D] each
-        options = {"scale": self.scaling, "window": self.window, "backend": self.backend}
+        options = {"scale": self.scaling, "softcap": self.softcap, "window": self.window, "backend": self.backend}
         if state is None:
             o = parallax_attention(q, r, k, v, key_valid=valid, **options)
         else:

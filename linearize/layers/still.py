@@ -49,7 +49,7 @@ from torch import nn
 from ..cache_layers import StateCacheLayer, own
 from ..kernels.still import StillDecodeState, select_salient, self_saliency, still_attention, still_decode
 from ..methods import StillSettings
-from .base import LinearizedAttention, apply_rope
+from .base import LinearizedAttention
 
 STILL_EPS = 1e-6  # the shared normalizer's epsilon, in prefill and decode alike (quirk Q7)
 
@@ -123,7 +123,7 @@ class StillAttention(LinearizedAttention):
     def attend(self, hidden_states, position_embeddings, state, valid):
         batch, length, _ = hidden_states.shape
         q, k, v, _ = self.project(hidden_states)
-        q, k = apply_rope(q, k, *position_embeddings)  # [B, T, H, D], [B, T, Hkv, D]
+        q, k = self.rotate(q, k, position_embeddings)  # [B, T, H, D], [B, T, Hkv, D]
         gate = torch.sigmoid(self.g_proj(hidden_states)).view(batch, length, self.num_heads, self.head_dim)
         valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if valid is None else valid
         if state is None or state.real_tokens is None:
@@ -156,7 +156,7 @@ class StillAttention(LinearizedAttention):
         k_feat = self._features(self.k_map, k.repeat_interleave(self.groups, dim=2))
         o = still_attention(
             q, k, v, self._features(self.q_map, q), k_feat, gate, salient, chunk_size=self.chunk_size,
-            scale=self.scaling, key_valid=valid, eps=STILL_EPS, backend=self.backend,
+            scale=self.scaling, softcap=self.softcap, key_valid=valid, eps=STILL_EPS, backend=self.backend,
         )  # fmt: skip
         if state is not None:
             self._fill_cache(state, k, v, k_feat, scores, salient, valid)
@@ -207,7 +207,7 @@ class StillAttention(LinearizedAttention):
         o, cache = still_decode(
             q, k, v, self._features(self.q_map, q[:, None])[:, 0], gate, valid, cache,
             functools.partial(self._features, self.k_map), chunk_size=self.chunk_size, topk=self.topk,
-            scale=self.scaling, eps=STILL_EPS, backend=self.backend,
+            scale=self.scaling, softcap=self.softcap, eps=STILL_EPS, backend=self.backend,
         )  # fmt: skip
         for name, value in cache._asdict().items():
             setattr(state, name, value)

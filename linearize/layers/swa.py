@@ -15,7 +15,7 @@ import torch
 from ..cache_layers import RecentTokens, StateCacheLayer
 from ..kernels import sliding_window_attention
 from ..methods import SinkWindowSettings
-from .base import LinearizedAttention, apply_rope
+from .base import LinearizedAttention
 
 
 class SinkWindowCacheLayer(StateCacheLayer):
@@ -65,9 +65,18 @@ class SinkWindowAttention(LinearizedAttention):
 
     def attend(self, hidden_states, position_embeddings, state, valid):
         q, k, v, _ = self.project(hidden_states)
-        q, k = apply_rope(q, k, *position_embeddings)  # [B, T, H, D], [B, T, Hkv, D]
+        q, k = self.rotate(q, k, position_embeddings)  # [B, T, H, D], [B, T, Hkv, D]
         o = sink_window_attention(
-            q, k, v, valid, state, recent=self.recent, sinks=self.sinks, scale=self.scaling, backend=self.backend
+            q,
+            k,
+            v,
+            valid,
+            state,
+            recent=self.recent,
+            sinks=self.sinks,
+            scale=self.scaling,
+            softcap=self.softcap,
+            backend=self.backend,
         )
         if state is not None:
             state.seen_tokens += hidden_states.shape[1]
@@ -95,6 +104,7 @@ def sink_window_attention(
     recent: int,
     sinks: int,
     scale: float,
+    softcap: float | None = None,
     backend: str | None,
 ) -> torch.Tensor:
     """Softmax attention of each query over its row's first `sinks` real tokens and the last `recent` tokens
@@ -106,6 +116,7 @@ def sink_window_attention(
         v: values `[B, T, Hkv, D]`.
         valid: `[B, T]` bool, False at padding, or None.
         state: the layer's cache, or None without one.
+        softcap: the logit cap (Gemma 2), or None.
 
     Returns:
         `[B, T, H, D]` in q.dtype.
@@ -141,6 +152,7 @@ def sink_window_attention(
         sink_v=sink_values,
         sink_mask=sink_mask,
         scale=scale,
+        softcap=softcap,
         backend=backend,
     )
     if state is not None:

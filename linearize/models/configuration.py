@@ -21,6 +21,7 @@ _OWN_FIELDS = (
     "source_model",
     "linearize",
     "layer_types",
+    "source_layer_types",
     "architectures",
     "auto_map",
     "transformers_version",
@@ -35,6 +36,9 @@ class LinearizeConfig(PreTrainedConfig):
         base_model_type (`str`): `model_type` of the source model (a key of `linearize.families.FAMILIES`).
         layer_types (`list[str]`): one transformers layer type per layer. Converted layers carry the type of their
             method (see `linearize.methods`); kept layers keep the source's "full_attention"/"sliding_attention".
+        source_layer_types (`list[str]`, *optional*): the source's type of every layer, which the family's own code
+            reads for converted layers too (Gemma 3 gives sliding and global layers different rotary tables); None
+            in folders converted before it was recorded, where every converted layer reads as "full_attention".
         linearize (`dict`): the method, its parameters and the layers kept as softmax attention, e.g.
             `{"method": "liger", "window": 64, "softmax_layers": [0, 8], ...}`.
         source_model (`str`, *optional*): the Hub id the model was converted from (model cards use it as
@@ -47,6 +51,7 @@ class LinearizeConfig(PreTrainedConfig):
     base_model_type: str = "llama"
     source_model: str | None = None
     layer_types: list[str] | None = None
+    source_layer_types: list[str] | None = None
     linearize: dict[str, Any] | None = None
 
     @property
@@ -67,10 +72,10 @@ class LinearizeConfig(PreTrainedConfig):
     def family_config(self) -> PreTrainedConfig:
         """The source family's own config (e.g. a LlamaConfig), used to build the unchanged parts of the model."""
         fields = {k: v for k, v in self.to_dict().items() if k not in _OWN_FIELDS}
-        # Converted layers are replaced anyway; the family only needs to know how its kept layers attend.
-        fields["layer_types"] = [
-            "full_attention" if self.is_converted(i) else t for i, t in enumerate(self.layer_types)
-        ]
+        source_types = self.source_layer_types or ["full_attention"] * self.num_hidden_layers
+        fields["layer_types"] = [source_types[i] if self.is_converted(i) else t for i, t in enumerate(self.layer_types)]
         config = AutoConfig.for_model(self.base_model_type, **fields)
         config._attn_implementation = self._attn_implementation
+        if getattr(config, "attn_logit_softcapping", None) and config._attn_implementation == "sdpa":
+            config._attn_implementation = "eager"  # SDPA cannot cap logits: Gemma 2's kept layers would not be exact
         return config

@@ -49,6 +49,17 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def family_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the family's own head does after `lm_head`: Granite divides by `logits_scaling`, Gemma 2/3 cap the
+        logits at `final_logit_softcapping`."""
+        scaling = getattr(self.config, "logits_scaling", None)
+        if scaling is not None:
+            logits = logits / scaling
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # `forward` creates a LinearizeCache, which `generate` then carries from step to step
@@ -108,7 +119,7 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        logits = self.family_logits(self.lm_head(hidden_states))
 
         loss = None
         if labels is not None:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from ..errors import LinearizeError
+from ..families import CONVERT_LAYERS
 from ..hub import check_repo_id
 from ..methods import METHODS, all_parameters, describe_parameter, get_method, method_settings
 from ..selection import (
@@ -75,6 +76,11 @@ class _ConversionFields(_Strict):
         "hurts most, measured; see `selection`) or '' (none)",
     )
     selection: SelectionSection | None = Field(None, description="with softmax_layers auto:K: how layers are scored")
+    convert_layers: Literal[CONVERT_LAYERS] | None = Field(
+        None,
+        description="with sliding-window layers among global ones (Gemma 2/3): convert the global layers only "
+        "(their default) or all; null: the family's default",
+    )
 
 
 def counts_or_ratios() -> list[str]:
@@ -113,7 +119,9 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
         from ..convert import plan_conversion
 
         layers = selection or self.softmax_layers or None
-        return plan_conversion(source_config, source, self.method, layers, **self.options())
+        return plan_conversion(
+            source_config, source, self.method, layers, convert_layers=self.convert_layers, **self.options()
+        )
 
     def selection_request(self) -> SelectionRequest | None:
         """What 'auto:K' asks for, or None for named layers."""
@@ -427,8 +435,9 @@ def resolved_yaml(recipe: Recipe) -> str:
 def recipe_hash(recipe: Recipe) -> str:
     """Fingerprint of what a run computes: everything but where its results go (folder, Hub repo)."""
     content = recipe.model_dump(mode="json", exclude={"output": {"dir", "push_to_hub", "private"}})
-    if content["conversion"]["selection"] is None:  # absent before it existed: runs from then still resume
-        del content["conversion"]["selection"]
+    for added in ("selection", "convert_layers"):  # absent before they existed: runs from then still resume
+        if content["conversion"][added] is None:
+            del content["conversion"][added]
     return hashlib.sha256(yaml.safe_dump(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

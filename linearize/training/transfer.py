@@ -22,12 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.base import DocumentBatch, LinearizedAttention, apply_rope
-
-
-def _frozen(linear: nn.Module) -> nn.Module:
-    """The original linear layer under any LoRA adapter peft put around it."""
-    return getattr(linear, "base_layer", linear)
+from ..kernels.window.chunk import attention as masked_attention
+from ..layers.base import DocumentBatch, LinearizedAttention, source_linear
 
 
 @torch.no_grad()
@@ -38,7 +34,8 @@ def teacher_attention(
     valid: torch.Tensor | None,
     document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The source model's causal softmax attention output before `o_proj`, `[B, T, H * D]`.
+    """The source model's causal softmax attention output before `o_proj`, `[B, T, H * D]`: within the source
+    layer's sliding window if it has one, with its logit cap if it has one (Gemma).
 
     Args:
         attn: a converted layer, which still owns the source's projections (and q/k norms).
@@ -51,22 +48,24 @@ def teacher_attention(
         return DocumentBatch.of(document_ids).run(
             lambda x, rotary, valid: teacher_attention(attn, x, rotary, valid), hidden_states, *position_embeddings
         )
-    batch, length, _ = hidden_states.shape
-    q = _frozen(attn.q_proj)(hidden_states).view(batch, length, attn.num_heads, attn.head_dim)
-    k = _frozen(attn.k_proj)(hidden_states).view(batch, length, attn.num_kv_heads, attn.head_dim)
-    v = _frozen(attn.v_proj)(hidden_states).view(batch, length, attn.num_kv_heads, attn.head_dim)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = apply_rope(q, k, *position_embeddings)
+    length = hidden_states.shape[1]
+    q, k, v, _ = attn.project(hidden_states, frozen=True)
+    q, k = attn.rotate(q, k, position_embeddings)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, T, D]
     mask = None
-    if valid is not None:
-        # a padded query still sees itself, so no row is empty (its output is excluded from the loss)
-        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()  # causal
-        mask = mask & (valid[:, None, None, :] | torch.eye(length, dtype=torch.bool, device=q.device))
-    o = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling, enable_gqa=True
-    )  # [B, H, T, D]
+    if valid is not None or attn.source_window is not None:
+        position = torch.arange(length, device=q.device)
+        behind = position[:, None] - position[None, :]  # [T, T]: how far each key is behind each query
+        mask = (behind >= 0) & (behind < (attn.source_window or length))  # causal, within the source's window
+        if valid is not None:
+            # a padded query still sees itself, so no row is empty (its output is excluded from the loss)
+            mask = mask & (valid[:, None, None, :] | (behind == 0))
+    if mask is None and attn.softcap is None:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
+    else:  # SDPA when it can, the attention spelled out when logits are capped (Gemma 2)
+        if mask is None:
+            mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        o = masked_attention(q, k, v, mask, attn.scaling, attn.softcap)  # [B, H, T, D]
     return o.transpose(1, 2).flatten(2)
 
 
@@ -135,7 +134,7 @@ class AttentionTransfer:
             if torch.is_grad_enabled() and mse.requires_grad:
                 (mse * (self.loss_scale / len(self.layers))).backward()
             self.layer_losses.append(mse.detach())
-            base = _frozen(o_proj)
+            base = source_linear(o_proj)
             return F.linear(teacher.to(base.weight.dtype), base.weight, base.bias)
 
         return hook
@@ -153,7 +152,7 @@ def original_model(model: nn.Module) -> Iterator[nn.Module]:
         def forward(hidden_states, position_embeddings=None, padding_mask=None, document_ids=None, **kwargs):
             valid = LinearizedAttention.token_validity(padding_mask, hidden_states.shape[1])
             o = teacher_attention(attn, hidden_states, position_embeddings, valid, document_ids)
-            return _frozen(attn.o_proj)(o), None
+            return source_linear(attn.o_proj)(o), None
 
         return forward
 

@@ -3,6 +3,7 @@ import importlib
 import pytest
 import torch
 from linearize.kernels import resolve_backend
+from linearize.kernels.backend import SOFTCAP_NOT_IN_TRITON, softcap_unsupported
 
 CPU = torch.device("cpu")
 
@@ -49,6 +50,30 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         resolve_backend("triton", CPU)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", CPU) == "triton"
+
+
+def test_softcap_rules_out_triton(monkeypatch):
+    """A logit cap has no Triton kernel: CUDA tensors then default to "torch", and an explicit "triton" request,
+    argument or environment, is refused with the reason and the way out."""
+    monkeypatch.delenv("LINEARIZE_BACKEND", raising=False)
+    cuda = torch.device("cuda")  # only a device object: nothing runs on it
+    assert softcap_unsupported(None) == {}
+    assert resolve_backend(None, cuda, unsupported=softcap_unsupported(None)) == "triton"
+    assert resolve_backend(None, cuda, unsupported=softcap_unsupported(2.0)) == "torch"
+    assert resolve_backend("reference", cuda, unsupported=softcap_unsupported(2.0)) == "reference"
+    assert "use backend 'torch'" in SOFTCAP_NOT_IN_TRITON
+    for device in (cuda, CPU):
+        with pytest.raises(NotImplementedError, match="soft-capping .* no Triton kernel yet; use backend 'torch'"):
+            resolve_backend("triton", device, unsupported=softcap_unsupported(2.0))
+    monkeypatch.setenv("LINEARIZE_BACKEND", "triton")
+    with pytest.raises(NotImplementedError, match="soft-capping.*LINEARIZE_BACKEND='triton'"):
+        resolve_backend(None, cuda, unsupported=softcap_unsupported(50.0))
+
+
+@pytest.mark.parametrize("softcap", [0.0, -1.0])
+def test_softcap_must_be_positive(softcap):
+    with pytest.raises(ValueError, match="softcap must be None or > 0"):
+        softcap_unsupported(softcap)
 
 
 PUBLIC_OPS = [

@@ -166,3 +166,29 @@ def test_rejects_bad_shapes():
         liger_attention(**x | {"key_valid": x["key_valid"][:, 1:]})
     with pytest.raises(ValueError, match="window"):
         liger_attention(**x | {"window": 0})
+
+
+# Gemma 2's logit soft-capping of the window branch: with scale 1 the D = 16..32 scores reach well beyond the cap
+SOFTCAP = {"softcap": 2.0, "scale": 1.0}
+
+
+@pytest.mark.parametrize("shape_id", ["T37-P9-H4-Hkv2-D16-w12-pad", "T70-H2-Hkv1-D32-w20", "T1-P5-H4-Hkv2-D16-w4-pad"])
+def test_torch_matches_reference_with_softcap(shape_id):
+    """Capped window logits: output, final state and every gradient of the torch path equal the oracle's."""
+    x = _inputs(shape_id, "logsigmoid", torch.float32)
+    ref = _run(functools.partial(naive_liger_attention, **SOFTCAP), x)
+    _check(ref, _run(functools.partial(torch_liger_attention, **SOFTCAP), x), torch.float32, 1e-4)
+    uncapped, _ = naive_liger_attention(**x, scale=SOFTCAP["scale"])
+    assert (uncapped - ref["o"]).abs().amax() > 0.05  # the cap matters
+
+
+def test_softcap_dispatch(monkeypatch):
+    monkeypatch.delenv("LINEARIZE_BACKEND", raising=False)
+    x = _inputs(SHAPES_DEFAULT, "logsigmoid", torch.float32)
+    ref_o, ref_ht = naive_liger_attention(**x, **SOFTCAP, output_final_state=True)
+    for backend in ("reference", "torch", None):
+        o, ht = liger_attention(**x, **SOFTCAP, output_final_state=True, backend=backend)
+        assert_close("o", ref_o, o)
+        assert_close("ht", ref_ht, ht)
+    with pytest.raises(NotImplementedError, match="soft-capping .* use backend 'torch'"):
+        liger_attention(**x, **SOFTCAP, backend="triton")

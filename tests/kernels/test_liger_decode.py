@@ -229,3 +229,38 @@ def test_triton_rejects_long_windows():
     inputs["window_valid"] = inputs["window_valid"].repeat(1, MAX_WINDOW // 16 + 1)
     with pytest.raises(ValueError, match=f"at most {MAX_WINDOW} window keys"):
         triton_liger_decode(**inputs)
+
+
+# Gemma 2's logit soft-capping of the window branch: with scale 1 the D = 16..64 scores reach well beyond the cap
+SOFTCAP = {"softcap": 2.0, "scale": 1.0}
+
+
+@pytest.mark.parametrize("shape_id", ["H4-Hkv2-D16-W5", "H4-Hkv2-D64-W16", "H6-Hkv2-D24-W7"])
+def test_torch_matches_reference_with_softcap(shape_id):
+    """Capped window logits: output, new state and every input gradient of the torch step equal the oracle's."""
+
+    def run(fn):
+        x = {name: t.clone().requires_grad_(t.is_floating_point()) for name, t in _inputs(shape_id).items()}
+        o, state = fn(**x, **SOFTCAP)
+        gen = torch.Generator().manual_seed(1)
+        (
+            (o * torch.randn(o.shape, generator=gen)).sum() + (state * torch.randn(state.shape, generator=gen)).sum()
+        ).backward()
+        return {"o": o, "new_state": state} | {f"d{name}": t.grad for name, t in x.items() if t.requires_grad}
+
+    ref, out = run(naive_liger_decode), run(torch_liger_decode)
+    assert out.keys() == ref.keys()
+    for name in ref:
+        assert_close(name, ref[name], out[name])
+    uncapped = naive_liger_decode(**_inputs(shape_id), scale=SOFTCAP["scale"])[0]
+    assert (uncapped - ref["o"]).abs().amax() > 0.05  # the cap matters
+
+
+def test_softcap_dispatch(monkeypatch):
+    monkeypatch.delenv("LINEARIZE_BACKEND", raising=False)
+    inputs = _inputs("H4-Hkv2-D16-W5")
+    ref = naive_liger_decode(**inputs, **SOFTCAP)
+    for backend in ("reference", "torch", None):
+        _check(ref, liger_decode(**inputs, **SOFTCAP, backend=backend))
+    with pytest.raises(NotImplementedError, match="soft-capping .* use backend 'torch'"):
+        liger_decode(**inputs, **SOFTCAP, backend="triton")

@@ -243,3 +243,67 @@ def test_rejects_bad_inputs():
         parallax_decode(**args | {"k_cache": args["k_cache"][:, :, :1]})
     with pytest.raises(ValueError, match="cache_valid"):
         parallax_decode(**args | {"cache_valid": args["cache_valid"][:, 1:]})
+
+
+# Gemma 2's logit soft-capping: with scale 1 the scores q . k (D = 5..128) reach well beyond the cap
+SOFTCAP = {"softcap": 2.0, "scale": 1.0}
+
+
+@functools.cache
+def _capped_reference(shape_id: str, probe: float = 0.3) -> dict[str, torch.Tensor]:
+    return _run(naive_parallax_attention, _inputs(shape_id, probe), **SOFTCAP)
+
+
+@pytest.mark.parametrize("dtype, ratio", [(torch.float32, 1e-4), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape_id", SHAPES)
+def test_softcap_torch_matches_reference(shape_id, dtype, ratio):
+    """Capped logits z (the probe term r . k uncapped): output and every gradient of the blockwise path with its
+    hand-written backward, the rowwise inference form and the decode step equal the oracle's."""
+    ref = _capped_reference(shape_id)
+    x = _cast(_inputs(shape_id), dtype)
+    out = _run(chunk_parallax_attention, x, block_size=SHAPES[shape_id][7], **SOFTCAP)
+    assert out.keys() == ref.keys()
+    for name in ref:
+        assert_close(name, ref[name], out[name], ratio=ratio)
+    B, T, H, _, _, P, window, _, _ = SHAPES[shape_id]
+    rowwise = rowwise_parallax_attention(**x, block_logits=B * 2 * H * (window or P + T) * 3, **SOFTCAP)
+    assert_close("rowwise o", ref["o"], rowwise, ratio=ratio)
+    args, _ = _decode_case(shape_id)
+    for step in (naive_parallax_decode, torch_parallax_decode):
+        assert_close(step.__name__, ref["o"][:, -1], step(**_cast(args, dtype), **SOFTCAP), ratio=ratio)
+    if window != 1:  # the cap matters (not to a softmax over one key)
+        uncapped = naive_parallax_attention(**_inputs(shape_id), scale=SOFTCAP["scale"])
+        assert (uncapped - ref["o"]).abs().amax() > 0.1
+
+
+@pytest.mark.parametrize("shape_id", ["T37-P23-H4-Hkv2-D32-w30-C16-left", "T70-P9-H2-Hkv2-D8-C32-middle"])
+def test_softcap_zero_probe_is_capped_softmax_attention(shape_id):
+    """r = 0 with a cap: Parallax is the capped softmax attention of the window op (a converted Gemma 2 with a zero
+    probe is the original), output and the gradients of q and the keys and values."""
+    from linearize.kernels.window import naive_sliding_window_attention
+
+    x = _inputs(shape_id, probe=0.0)
+
+    def softmax_attention(q, k, v, past_k, past_v, window, key_valid, **_):
+        k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
+        return naive_sliding_window_attention(q, k, v, window or k.shape[1], key_valid, **SOFTCAP)
+
+    ref = _run(softmax_attention, x)
+    out = _run(chunk_parallax_attention, x, block_size=SHAPES[shape_id][7], **SOFTCAP)
+    for name in ("o", "dq", "dk", "dv", "dpast_k", "dpast_v"):
+        assert_close(name, ref[name], out[name], ratio=1e-5)
+
+
+def test_softcap_dispatchers(monkeypatch):
+    monkeypatch.delenv("LINEARIZE_BACKEND", raising=False)
+    shape_id = "T37-P23-H4-Hkv2-D32-w30-C16-left"
+    x = _cast(_inputs(shape_id), torch.float32)
+    args, _ = _decode_case(shape_id)
+    ref = _capped_reference(shape_id)["o"]
+    for backend in ("reference", "torch", None):
+        assert_close("o", ref, parallax_attention(**x, **SOFTCAP, backend=backend))
+        assert_close("decode", ref[:, -1], parallax_decode(**_cast(args, torch.float32), **SOFTCAP, backend=backend))
+    with pytest.raises(NotImplementedError, match="soft-capping .* use backend 'torch'"):
+        parallax_attention(**x, **SOFTCAP, backend="triton")
+    with pytest.raises(NotImplementedError, match="soft-capping .* use backend 'torch'"):
+        parallax_decode(**args, **SOFTCAP, backend="triton")

@@ -205,3 +205,54 @@ def test_triton_backend_selects_with_the_kernel():
     o, new = _step(still_decode, tokens, 2 * C, cache, shape_id, backend="triton")
     _check(ref, (o.cpu(), StillDecodeState(*(x.cpu() for x in new))), 1e-4)
     assert new.salient_valid.any()
+
+
+# Gemma 2's logit soft-capping: scale 0.5 puts the D = 64..128 scores at 4 standard deviations, beyond the cap
+SOFTCAP = {"softcap": 2.0, "scale": 0.5}
+
+
+@pytest.mark.parametrize("shape_id", SHAPES)
+def test_softcap_torch_matches_reference(shape_id):
+    """Capped softmax logits: at every step from an empty cache, the torch step's output and cache equal the
+    reference's from the same cache (the saliency scores, uncapped, included), and the cap matters."""
+    C = SHAPES[shape_id][4]
+    tokens = _tokens(shape_id, 3 * C + 2)
+    cache, effect = _empty_cache(shape_id, torch.float32), 0.0
+    for t in range(tokens["q"].shape[1]):
+        out = _step(torch_still_decode, tokens, t, cache, shape_id, **SOFTCAP)
+        _check(_step(naive_still_decode, tokens, t, cache, shape_id, **SOFTCAP), out, 1e-4)
+        uncapped = _step(naive_still_decode, tokens, t, cache, shape_id, scale=SOFTCAP["scale"])
+        effect = max(effect, (uncapped[0] - out[0]).abs().amax().item())
+        assert_close("ring_score", uncapped[1].ring_score, out[1].ring_score)  # the score is never capped
+        cache = out[1]
+    assert cache.salient_valid.any()
+    assert effect > 0.1  # the cap matters
+
+
+@pytest.mark.parametrize("shape_id", ["H4-Hkv2-D64-C4-k2", "H3-Hkv1-D128-C3-k1"])
+def test_softcap_decoding_is_the_last_row_of_the_sequence_op(shape_id):
+    """Decoding with a cap from an empty cache, torch path: step t outputs what the capped `still_attention` gives
+    query t, with the salient tokens of the uncapped `self_saliency` (prefill and decode rank tokens alike)."""
+    _, H, Hkv, D, C, topk = SHAPES[shape_id]
+    tokens = {name: x[:1] for name, x in _tokens(shape_id, 3 * C + 2, pad=False).items()}  # one row
+    q, k = tokens["q"], tokens["k"]
+    salient = select_salient(naive_self_saliency(q, k, window=C, scale=SOFTCAP["scale"]), chunk_size=C, topk=topk)
+    expected = naive_still_attention(
+        q, k, tokens["v"], tokens["q_feat"], k_features(k.repeat_interleave(H // Hkv, dim=2)), tokens["gate"],
+        salient, chunk_size=C, **SOFTCAP,
+    )  # fmt: skip
+    cache = StillDecodeState(*(x[:1] for x in _empty_cache(shape_id, torch.float32)))
+    for t in range(q.shape[1]):
+        o, cache = _step(torch_still_decode, tokens, t, cache, shape_id, **SOFTCAP)
+        assert_close(f"o[{t}]", expected[:, t], o)
+
+
+def test_softcap_dispatch():
+    """Every backend takes a cap: the "triton" step is the torch one (only its top-k selection is a kernel)."""
+    shape_id = "H4-Hkv2-D64-C4-k2"
+    tokens, cache = _tokens(shape_id, 1), _empty_cache(shape_id, torch.float32)
+    ref = _step(naive_still_decode, tokens, 0, cache, shape_id, **SOFTCAP)
+    for backend in ("reference", "torch", None):
+        _check(ref, _step(still_decode, tokens, 0, cache, shape_id, **SOFTCAP, backend=backend), 1e-4)
+    with pytest.raises(ValueError, match="softcap must be None or > 0"):
+        _step(still_decode, tokens, 0, cache, shape_id, softcap=0.0)

@@ -177,3 +177,50 @@ def test_decode_query_without_keys_is_zero():
     assert (out["o"][1] == 0).all()
     for name, grad in out.items():
         assert not grad.isnan().any(), name
+
+
+# Gemma 2's attention logit soft-capping: scale 0.4 puts the scores at about 3.2 standard deviations, beyond the cap
+SOFTCAP = {"softcap": 2.0, "scale": 0.4}
+SOFTCAP_CASES = [
+    (path, shape_id)
+    for shape_id in ("T1-S50-w16-decode", "T37-w16-H4-Hkv2", "T100-S130-w64-H2-Hkv2", "T130-w200-H2-Hkv1-D128")
+    for path in (*PATHS, "decode")
+    if path != "decode" or SHAPES[shape_id][1] == 1
+]
+
+
+@pytest.mark.parametrize(("path", "shape_id"), SOFTCAP_CASES)
+def test_softcap_matches_reference(path, shape_id):
+    """Capped logits: output and every gradient of the torch paths equal the oracle's, and the cap matters."""
+    x = _inputs(shape_id, left_pad=True, sinks=True)
+    fn = decode_sliding_window_attention if path == "decode" else PATHS[path]
+    ref = _run(functools.partial(naive_sliding_window_attention, **SOFTCAP), x)
+    out = _run(functools.partial(fn, **SOFTCAP), x)
+    assert out.keys() == ref.keys()
+    for name in ref:
+        assert_close(name, ref[name], out[name])
+    uncapped = naive_sliding_window_attention(**x, scale=SOFTCAP["scale"])
+    assert (uncapped - ref["o"]).abs().amax() > 0.1
+
+
+@pytest.mark.parametrize("path", ["reference", *PATHS, "decode"])
+def test_softcap_query_without_keys_is_zero(path):
+    fn = {"reference": naive_sliding_window_attention, "decode": decode_sliding_window_attention} | PATHS
+    x = _inputs("T1-S50-w16-decode" if path == "decode" else "T37-w16-H4-Hkv2", left_pad=True, sinks=False)
+    x["key_valid"][1] = False  # batch row 1 sees nothing
+    out = _run(functools.partial(fn[path], **SOFTCAP), x)
+    assert (out["o"][1] == 0).all()
+    for name, grad in out.items():
+        assert not grad.isnan().any(), name
+
+
+def test_softcap_dispatch(monkeypatch):
+    """The op passes the cap to the reference and torch paths; Triton has no cap and says so."""
+    monkeypatch.delenv("LINEARIZE_BACKEND", raising=False)
+    for shape_id in ("T37-w16-H4-Hkv2", "T1-S50-w16-decode"):  # the blockwise and the decode path
+        x = _inputs(shape_id, left_pad=True, sinks=True)
+        ref = naive_sliding_window_attention(**x, **SOFTCAP)
+        for backend in ("reference", "torch", None):
+            assert_close("o", ref, sliding_window_attention(**x, **SOFTCAP, backend=backend))
+    with pytest.raises(NotImplementedError, match="soft-capping .* use backend 'torch'"):
+        sliding_window_attention(**x, **SOFTCAP, backend="triton")

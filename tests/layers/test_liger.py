@@ -3,28 +3,27 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb  # also rotates part of a head
 
-from tests.tiny import FAMILIES, cache_of, converted_model
+from tests.tiny import FAMILIES, cache_of, converted_model, rotary_tables
 
 
 def naive_liger(layer, hidden, cos, sin, window, gate_source="normed", sinks=0, mix=0.5):
     """o = o_proj(mix * SWA(RoPE'd q, k; last `window - sinks` keys and the first `sinks`) + (1 - mix) * GLA(softmax
-    q, softmax k; gate from key))."""
+    q, softmax k; gate from key)). The family's projections and norms come from `layer.project`, which
+    tests/test_families.py checks; its scale and logit cap from the layer."""
     batch, length, _ = hidden.shape
     heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
     group = heads // kv_heads
-    q = layer.q_proj(hidden).view(batch, length, heads, dim)
-    k_raw = layer.k_proj(hidden).view(batch, length, kv_heads, dim)
-    v = layer.v_proj(hidden).view(batch, length, kv_heads, dim)
-    k = k_raw
-    if layer.q_norm is not None:
-        q, k = layer.q_norm(q), layer.k_norm(k_raw)
+    q, k, v, k_raw = layer.project(hidden)
     gate = F.logsigmoid((k_raw if gate_source == "raw" else k).double()) / 16
     q_feat, k_feat = q.double().softmax(-1), k.double().softmax(-1)
     q_rot, k_rot = (
-        x.transpose(1, 2).double() for x in apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        (q, k)
+        if not layer.use_rope
+        else (x.transpose(1, 2) for x in apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin))
     )
+    q_rot, k_rot = q_rot.double(), k_rot.double()
     out = torch.zeros(batch, length, heads, dim, dtype=torch.float64)
     for b in range(batch):
         for h in range(heads):
@@ -35,7 +34,9 @@ def naive_liger(layer, hidden, cos, sin, window, gate_source="normed", sinks=0, 
                 linear = state.T @ q_feat[b, t, h]
                 lo = max(0, t - (window - sinks) + 1)
                 seen = list(range(min(sinks, lo))) + list(range(lo, t + 1))
-                scores = k_rot[b, seen, g] @ q_rot[b, t, h] * dim**-0.5
+                scores = k_rot[b, seen, g] @ q_rot[b, t, h] * layer.scaling
+                if layer.softcap is not None:
+                    scores = layer.softcap * torch.tanh(scores / layer.softcap)
                 windowed = scores.softmax(0) @ v[b, seen, g].double()
                 out[b, t, h] = mix * windowed + (1 - mix) * linear
     return layer.o_proj(out.to(hidden.dtype).flatten(2))
@@ -48,11 +49,11 @@ CASES = [(family, "normed") for family in FAMILIES] + [("qwen3", "raw")]
 @pytest.mark.parametrize("family,gate_source", CASES, ids=[f"{f}-{g}" for f, g in CASES])
 def test_liger_layer_matches_the_formula(family, gate_source):
     model = converted_model(family, "liger")
-    layer = model.model.layers[0].self_attn
+    layer = model.model.layers[model.config.converted_layers()[0]].self_attn
     layer.gate_source = gate_source
     hidden = torch.randn(2, 21, model.config.hidden_size)
     positions = torch.arange(21)[None].expand(2, -1)
-    cos, sin = model.model.rotary_emb(hidden, positions)
+    cos, sin = rotary_tables(model, hidden, positions, layer.layer_idx)
     with torch.no_grad():
         expected = naive_liger(layer, hidden, cos, sin, window=8, gate_source=gate_source)
         actual, _ = layer(hidden, position_embeddings=(cos, sin))

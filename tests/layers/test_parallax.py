@@ -8,8 +8,7 @@ from linearize.kernels.parallax import naive_parallax_attention
 from transformers import AutoModelForCausalLM
 
 from linearize.convert import convert_model, plan_conversion, save_model
-from linearize.layers.base import apply_rope
-from tests.tiny import FAMILIES, converted_model, source_model
+from tests.tiny import FAMILIES, converted_model, rotary_tables, source_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -29,16 +28,18 @@ def test_converted_model_computes_the_source_exactly(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_parallax_layer_is_the_plain_op_on_its_projections(family):
     model = converted_model(family, "parallax")
-    layer = model.model.layers[0].self_attn
+    layer = model.model.layers[model.config.converted_layers()[0]].self_attn
     hidden = torch.randn(2, 29, model.config.hidden_size)
-    cos, sin = model.model.rotary_emb(hidden, torch.arange(29)[None].expand(2, -1))
+    cos, sin = rotary_tables(model, hidden, torch.arange(29)[None].expand(2, -1), layer.layer_idx)
     with torch.no_grad():
         actual, _ = layer(hidden, position_embeddings=(cos, sin))
         q, k, v, _ = layer.project(hidden)
         r = layer.r_proj(hidden).view(*q.shape)
-        q, k = apply_rope(q, k, cos, sin)
-        r, _ = apply_rope(r, k, cos, sin)  # the probe rotates like the query
-        o = naive_parallax_attention(q.double(), r.double(), k.double(), v.double(), scale=layer.scaling)
+        q, k = layer.rotate(q, k, (cos, sin))
+        r, _ = layer.rotate(r, k, (cos, sin))  # the probe rotates like the query
+        o = naive_parallax_attention(
+            q.double(), r.double(), k.double(), v.double(), scale=layer.scaling, softcap=layer.softcap
+        )
         expected = layer.o_proj(o.float().flatten(2))
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 

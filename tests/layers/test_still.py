@@ -8,8 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import linearize.layers.still as still_layer
 from linearize.convert import save_model
-from linearize.layers.base import apply_rope
-from tests.tiny import FAMILIES, cache_of, converted_model
+from tests.tiny import FAMILIES, cache_of, converted_model, rotary_tables
 
 
 def np_map(feature_map, x):
@@ -28,21 +27,21 @@ def np_map(feature_map, x):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_still_layer_is_the_plain_ops_on_its_projections(family):
     model = converted_model(family, "still")
-    layer = model.model.layers[0].self_attn
+    layer = model.model.layers[model.config.converted_layers()[0]].self_attn
     with torch.no_grad():  # a trained-looking map, so that a layer ignoring W_h would be caught
         layer.k_map.linear.add_(torch.randn_like(layer.k_map.linear) * 0.3)
     hidden = torch.randn(2, 29, model.config.hidden_size)
-    cos, sin = model.model.rotary_emb(hidden, torch.arange(29)[None].expand(2, -1))
+    cos, sin = rotary_tables(model, hidden, torch.arange(29)[None].expand(2, -1), layer.layer_idx)
     with torch.no_grad():
         actual, _ = layer(hidden, position_embeddings=(cos, sin))
         q, k, v, _ = layer.project(hidden)
-        q, k = apply_rope(q, k, cos, sin)
+        q, k = layer.rotate(q, k, (cos, sin))
         gate = torch.sigmoid(layer.g_proj(hidden)).view(*q.shape)
         salient = select_salient(naive_self_saliency(q, k, window=8, scale=layer.scaling), chunk_size=8, topk=2)
         k_heads = k.repeat_interleave(layer.num_heads // layer.num_kv_heads, dim=2)
         o = naive_still_attention(
             q, k, v, np_map(layer.q_map, q), np_map(layer.k_map, k_heads), gate, salient, chunk_size=8,
-            scale=layer.scaling,
+            scale=layer.scaling, softcap=layer.softcap,
         )  # fmt: skip
         expected = layer.o_proj(o.float().flatten(2))
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from linearize.training.transfer import AttentionTransfer, distillation_loss, original_model, teacher_attention
-from tests.tiny import FAMILIES, converted_model, source_model
+from tests.tiny import FAMILIES, attention_projections, converted_model, source_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -48,20 +48,21 @@ def test_padded_queries_are_left_out_and_real_rows_match_unpadded():
     torch.testing.assert_close(padded[:, 3:], unpadded, rtol=1e-5, atol=1e-5)
 
 
-def _lora_model():
-    model = converted_model("llama", "liger").train()
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+def _lora_model(family: str = "llama"):
+    model = converted_model(family, "liger", convert_layers="all").train()  # no softmax layer builds a graph
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=attention_projections(family)))
 
 
-def test_only_adapters_get_gradients_and_the_frozen_model_builds_no_graph():
-    model = _lora_model()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_adapters_get_gradients_and_the_frozen_model_builds_no_graph(family):
+    model = _lora_model(family)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # nonzero B, so that A's gradient is nonzero too
             torch.nn.init.normal_(p, std=0.1)
     ids = torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with AttentionTransfer(model, loss_scale=1.0) as transfer:
         out = model(input_ids=ids, use_cache=False)
-        assert len(transfer.layer_losses) == 2
+        assert len(transfer.layer_losses) == len(model.config.converted_layers())
         loss = transfer.loss()
     assert loss > 0 and not out.logits.requires_grad  # the backward already ran, layer by layer
     for name, p in model.named_parameters():
@@ -108,11 +109,12 @@ def test_hooks_are_removed_on_exit():
     torch.testing.assert_close(before, after, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_original_model_reproduces_the_source_logits_and_restores_the_student(family):
     source = source_model(family)
     model = converted_model(family, "liger", softmax_layers="0")  # a kept softmax layer has adapters too
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    targets = [*attention_projections(family), "o_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # adapters that change the model
             torch.nn.init.normal_(p, std=0.1)

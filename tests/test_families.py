@@ -1,0 +1,168 @@
+"""What each family adapter must reproduce beyond Llama's attention, checked on tiny random models: Gemma's
+sliding-window layers (left as they are, or converted with their own window and rotary tables) and logit caps,
+Phi-3's fused projection and partial rotary embeddings, SmolLM3's layers without RoPE, Granite's multipliers.
+The guarantees every family shares (exact Parallax and swa, cached decoding, padding, save/reload, attention
+transfer) run over `tests.tiny.FAMILIES` in the tests of each part."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linearize.convert import convert_model, plan_conversion
+from linearize.errors import LinearizeError
+from linearize.families import FAMILIES as ADAPTERS
+from linearize.layers.base import LinearizedAttention
+from linearize.training.transfer import teacher_attention
+from tests.tiny import CONFIGS, FAMILIES, cache_of, converted_model, source_model
+
+
+def test_every_family_has_a_tiny_model():
+    assert set(FAMILIES) == set(ADAPTERS)
+
+
+def _logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, use_cache=False, **kwargs).logits
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_converts_its_global_layers_and_keeps_the_sliding_ones(family):
+    config = CONFIGS[family]()
+    plan = plan_conversion(config, family, "liger")
+    assert plan.config.linearize["softmax_layers"] == [0]  # layer 0 attends within a window of 8
+    assert plan.layer_groups() == [("0", "softmax (sliding_attention)"), ("1", "liger")]
+    every = plan_conversion(config, family, "liger", convert_layers="all")
+    assert every.config.linearize["softmax_layers"] == []
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_converted_sliding_layers_keep_their_window_and_rotary_tables(family):
+    """With every layer sliding and converted, Parallax with the source's window (a zero probe) is the source
+    exactly: each layer attends over its own window, with Gemma 3's local rotary tables."""
+    config = CONFIGS[family]()
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    torch.manual_seed(0)
+    source = type(source_model(family))(config).eval()
+    plan = plan_conversion(config, family, "parallax", window=config.sliding_window, convert_layers="all")
+    model = convert_model(source, plan.config)
+    ids = torch.randint(3, 128, (2, 30))
+    torch.testing.assert_close(_logits(model, ids), _logits(source, ids), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # cached decoding over the converted sliding layers
+        prefix = model(ids[:, :20], use_cache=True)
+        cache = cache_of(prefix)
+        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(20, 30)]
+    torch.testing.assert_close(torch.cat(steps, 1), _logits(source, ids)[:, 20:], rtol=1e-5, atol=1e-5)
+
+
+def test_converted_gemma3_layers_read_their_own_rotary_tables():
+    """Gemma 3 rotates sliding and global layers with different tables; over 8 tokens (inside every window) a
+    zero-probe Parallax model with every layer converted is the source only if each layer reads its own."""
+    source = source_model("gemma3_text")
+    plan = plan_conversion(source.config, "gemma3_text", "parallax", convert_layers="all")
+    model = convert_model(source, plan.config)
+    ids = torch.randint(3, 128, (2, 8))
+    torch.testing.assert_close(_logits(model, ids), _logits(source, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("convert_layers", ["global", "all"])
+def test_planned_cache_counts_the_kept_sliding_layer_at_its_window(convert_layers):
+    model = converted_model("gemma2", "liger", convert_layers=convert_layers)
+    plan = plan_conversion(
+        CONFIGS["gemma2"](), "gemma2", "liger", dtype="float32", window=8, convert_layers=convert_layers
+    )
+    with torch.no_grad():
+        cache = cache_of(model(torch.randint(3, 128, (1, 20)), use_cache=True))
+    assert cache.nbytes() == plan.converted_cache_bytes(20)
+    assert plan.kv_cache_bytes(20) == plan.kv_cache_bytes(20, [0, 1]) == 2 * 2 * 32 * (7 + 20) * 4
+
+
+def test_teacher_of_a_converted_sliding_layer_is_the_source_sliding_attention():
+    """Attention transfer on Gemma 2 with every layer converted: layer 0's teacher is its source's window of 8, with
+    the logit cap, not causal attention over the whole text."""
+    source = source_model("gemma2")
+    model = converted_model("gemma2", "liger", convert_layers="all")
+    seen = {}
+    source.model.layers[0].self_attn.register_forward_hook(
+        lambda m, args, kwargs, out: seen.update(out=out[0], inputs=kwargs), with_kwargs=True
+    )
+    with torch.no_grad():
+        source(torch.randint(3, 128, (2, 20)))
+        attn = model.model.layers[0].self_attn
+        inputs = seen["inputs"]
+        teacher = teacher_attention(attn, inputs["hidden_states"], inputs["position_embeddings"], None)
+    assert attn.source_window == 8
+    torch.testing.assert_close(attn.o_proj(teacher), seen["out"], rtol=1e-5, atol=1e-5)
+
+
+def test_convert_layers_global_needs_a_global_layer():
+    config = CONFIGS["gemma2"]()
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    with pytest.raises(LinearizeError, match="use --convert-layers all"):
+        plan_conversion(config, "gemma2", "liger")
+    with pytest.raises(LinearizeError, match="'local' is not a choice"):
+        plan_conversion(CONFIGS["gemma2"](), "gemma2", "liger", convert_layers="local")
+
+
+def test_auto_layers_need_every_layer_convertible():
+    with pytest.raises(LinearizeError, match="add --convert-layers all"):
+        plan_conversion(CONFIGS["gemma2"](), "gemma2", "liger", softmax_layers="auto:1")
+    plan = plan_conversion(CONFIGS["gemma2"](), "gemma2", "liger", softmax_layers="auto:1", convert_layers="all")
+    assert plan.config.linearize["softmax_layers"] == []
+
+
+def test_other_families_convert_every_layer_by_default():
+    for family in FAMILIES:
+        if not ADAPTERS[family].sliding_layers:
+            assert plan_conversion(CONFIGS[family](), family, "liger").config.linearize["softmax_layers"] == []
+
+
+def test_gemma2_attention_cap_is_applied():
+    """Without its logit cap, the converted Gemma 2 layer would not be the source (the tiny config's cap bites)."""
+    model, source = converted_model("gemma2", "parallax", trained=False), source_model("gemma2")
+    ids = torch.randint(3, 128, (2, 24))
+    expected = _logits(source, ids)
+    torch.testing.assert_close(_logits(model, ids), expected, rtol=1e-5, atol=1e-5)
+    for layer in model.modules():
+        if isinstance(layer, LinearizedAttention):
+            assert layer.softcap == 0.05
+            layer.softcap = None
+    assert (_logits(model, ids) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family,field", [("gemma2", "final_logit_softcapping"), ("granite", "logits_scaling")])
+def test_the_family_head_transform_is_applied(family, field):
+    model, source = converted_model(family, "parallax", trained=False), source_model(family)
+    ids = torch.randint(3, 128, (1, 12))
+    torch.testing.assert_close(_logits(model, ids), _logits(source, ids), rtol=1e-5, atol=1e-5)
+    setattr(model.config, field, None)
+    assert (_logits(model, ids) - _logits(source, ids)).abs().max() > 1e-2
+
+
+def test_phi3_splits_its_fused_projection_and_rotates_part_of_each_head():
+    model = converted_model("phi3", "liger")
+    layer = model.model.layers[0].self_attn
+    assert hasattr(layer, "qkv_proj") and not hasattr(layer, "q_proj")
+    hidden = torch.randn(1, 5, 64)
+    cos, sin = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    assert cos.shape[-1] == layer.head_dim // 2  # partial_rotary_factor 0.5
+    q, k, v, _ = layer.project(hidden)
+    fused = layer.qkv_proj(hidden)
+    torch.testing.assert_close(q.flatten(2), fused[..., :64])
+    torch.testing.assert_close(v.flatten(2), fused[..., 64 + 32 :])
+    q_rot, _ = layer.rotate(q, k, (cos, sin))
+    torch.testing.assert_close(q_rot[..., 8:], q[..., 8:])  # the channels past the rotary tables pass unrotated
+    assert not torch.allclose(q_rot[..., 1:, :, :8], q[..., 1:, :, :8])
+
+
+def test_smollm3_layers_without_rope_do_not_rotate():
+    model = converted_model("smollm3", "liger")
+    assert [layer.self_attn.use_rope for layer in model.model.layers] == [True, False]
+
+
+def test_olmo2_norms_q_and_k_over_the_whole_projection():
+    layer = converted_model("olmo2", "liger").model.layers[0].self_attn
+    assert layer.qk_norm == "projection" and layer.q_norm.weight.shape == (64,)
+    hidden = torch.randn(1, 3, 64)
+    q, _, _, _ = layer.project(hidden)
+    torch.testing.assert_close(q.flatten(2), layer.q_norm(layer.q_proj(hidden)))
