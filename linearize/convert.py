@@ -8,6 +8,7 @@ runs them all from a model id or folder, then optionally compares and pushes: wh
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,7 +311,9 @@ def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM
         module_name, _, buffer_name = name.rpartition(".")
         model.get_submodule(module_name)._buffers[buffer_name] = buffer
     model.tie_weights()
-    model.generation_config = source_model.generation_config
+    model.generation_config = copy.deepcopy(source_model.generation_config)
+    # Gemma asks generate for its static "hybrid" cache; a converted model brings its own (LinearizeCache)
+    model.generation_config.cache_implementation = None
     return model.to(source_model.dtype).eval()
 
 

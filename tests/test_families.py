@@ -166,3 +166,14 @@ def test_olmo2_norms_q_and_k_over_the_whole_projection():
     hidden = torch.randn(1, 3, 64)
     q, _, _, _ = layer.project(hidden)
     torch.testing.assert_close(q.flatten(2), layer.q_norm(layer.q_proj(hidden)))
+
+
+def test_generation_uses_the_converted_cache_whatever_cache_the_source_asks_for():
+    source = source_model("gemma2")
+    source.generation_config.cache_implementation = "hybrid"  # what Gemma checkpoints ship
+    model = convert_model(source, plan_conversion(source.config, "gemma2", "liger").config)
+    assert model.generation_config.cache_implementation is None
+    assert source.generation_config.cache_implementation == "hybrid"
+    ids = torch.randint(3, 128, (1, 10))
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert type(out.past_key_values).__name__ == "LinearizeCache"
