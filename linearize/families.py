@@ -116,13 +116,23 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# Checkpoints that look like a supported family but are not one: what the user can do instead.
+_NEAR_MISSES = {
+    "gemma3": "Gemma 3 from 4B up is an image-text model; linearize converts text-only models such as Gemma 3 1B "
+    "(gemma3_text)",
+    "phi4_multimodal": "Phi-4-multimodal is an image-audio-text model; Phi-4-mini (phi3) converts",
+    "olmo": "OLMo 1 is not supported; OLMo 2 (olmo2) is",
+}
+
+
 def get_family(model_type: str) -> Family:
     """Return the adapter for `model_type`, or raise an error that lists what is supported."""
     try:
         return FAMILIES[model_type]
     except KeyError:
         supported = ", ".join(sorted(FAMILIES))
+        near_miss = f" {_NEAR_MISSES[model_type]}." if model_type in _NEAR_MISSES else ""
         raise UnsupportedModelError(
-            f"model_type '{model_type}' is not supported; linearize converts: {supported}. "
+            f"model_type '{model_type}' is not supported; linearize converts: {supported}.{near_miss} "
             "A new family needs one adapter entry in linearize/families.py."
         ) from None

@@ -12,6 +12,7 @@ import torch
 from linearize.convert import convert_model, plan_conversion
 from linearize.errors import LinearizeError
 from linearize.families import FAMILIES as ADAPTERS
+from linearize.families import UnsupportedModelError, get_family
 from linearize.layers.base import LinearizedAttention
 from linearize.training.transfer import teacher_attention
 from tests.tiny import CONFIGS, FAMILIES, cache_of, converted_model, source_model
@@ -19,6 +20,11 @@ from tests.tiny import CONFIGS, FAMILIES, cache_of, converted_model, source_mode
 
 def test_every_family_has_a_tiny_model():
     assert set(FAMILIES) == set(ADAPTERS)
+
+
+def test_a_multimodal_gemma3_says_which_gemma3_converts():
+    with pytest.raises(UnsupportedModelError, match=r"image-text model.*Gemma 3 1B \(gemma3_text\)"):
+        get_family("gemma3")
 
 
 def _logits(model, ids, **kwargs):
