@@ -9,6 +9,9 @@ the highest scores stay softmax attention. Two scorers:
   forward pass over the calibration text scores every layer.
 - `loss`: the increase of the model's mean next-token loss (nats) when that layer alone is converted and every
   other layer computes the original attention. One forward pass per layer, plus one for the original.
+- `restore`: the decrease of the mean next-token loss when that layer alone computes the original attention and
+  every other layer stays converted: what keeping the layer gains the model it will be kept in. One forward pass
+  per layer, plus one for the converted model.
 
 Both run the converted model itself: a layer computes the original attention from the source projections it
 owns (`training.transfer.original_model`), so scoring needs no second copy of the model, only a forward pass and
@@ -32,6 +35,8 @@ if TYPE_CHECKING:  # torch loads inside the functions: the CLI reads this module
 SCORERS = {
     "output": "relative error of the layer's attention output against the original's (one forward pass)",
     "loss": "increase of the next-token loss when the layer alone is converted (one forward pass per layer)",
+    "restore": "decrease of the next-token loss when the layer alone is restored in the converted model (one "
+    "forward pass per layer)",
 }
 DEFAULT_SCORER = "loss"
 AUTO_PREFIX = "auto:"
@@ -141,7 +146,7 @@ def score_layers(model, windows: torch.Tensor, scorer: str, step: Callable[[], N
     import torch
 
     from .layers.base import LinearizedAttention
-    from .training.transfer import AttentionTransfer, original_model
+    from .training.transfer import AttentionTransfer, original_attention_forward, original_model
 
     layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
     was_training = model.training
@@ -157,6 +162,16 @@ def score_layers(model, windows: torch.Tensor, scorer: str, step: Callable[[], N
                         transfer.layer_losses = []
                         _call(step)
                 return (totals / windows.shape[0]).tolist()
+            if scorer == "restore":
+                converted = _mean_loss(model, windows, step)
+                scores = []
+                for attn in layers:
+                    attn.forward = original_attention_forward(attn)
+                    try:
+                        scores.append(converted - _mean_loss(model, windows, step))
+                    finally:
+                        del attn.forward
+                return scores
             with original_model(model) as original:
                 baseline = _mean_loss(original, windows, step)
                 scores = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -15,7 +16,7 @@ from linearize.cli import app
 from linearize.convert import convert_model, keep_softmax_layers, plan_conversion
 from linearize.errors import LinearizeError
 from linearize.publish import render_model_card
-from linearize.selection import SelectionRequest, parse_auto, score_layers, select_layers
+from linearize.selection import SelectionRequest, _mean_loss, parse_auto, score_layers, select_layers
 from tests.tiny import _COMMON, tiny_tokenizer
 
 LAYERS = 4
@@ -60,7 +61,7 @@ def all_converted(source, method="swa", **options):
     return convert_model(source, plan.config), plan
 
 
-@pytest.mark.parametrize("scorer", ["output", "loss"])
+@pytest.mark.parametrize("scorer", ["output", "loss", "restore"])
 def test_the_layer_hard_to_linearize_is_chosen_and_scores_repeat(scorer, windows):
     source = four_layers()
     scores = score_layers(all_converted(source)[0], windows, scorer)
@@ -75,7 +76,7 @@ def test_scoring_leaves_the_model_as_it_was(windows):
     model, _ = all_converted(source)
     model.train()
     before = model(windows).logits
-    for scorer in ("output", "loss"):
+    for scorer in ("output", "loss", "restore"):
         score_layers(model, windows, scorer)
     assert model.training and torch.equal(model(windows).logits, before)
 
@@ -121,6 +122,20 @@ def test_the_loss_scorer_sees_the_scored_layers_own_adapters_and_no_other(window
     assert after[HARD] != before[HARD]
     assert [a for i, a in enumerate(after) if i != HARD] == [b for i, b in enumerate(before) if i != HARD]
     assert all(m._disable_adapters is False for m in trained.modules() if hasattr(m, "_disable_adapters"))
+
+
+def test_the_restore_score_is_what_keeping_the_layer_gains(windows):
+    """Each layer's `restore` score is the loss of the converted model (adapters on) minus its loss once that layer
+    alone is kept as softmax attention, as `keep_softmax_layers` keeps it (its adapters dropped)."""
+    source = four_layers()
+    model = with_lora(all_converted(source)[0])
+    scores = score_layers(model, windows, "restore")
+    with torch.no_grad():
+        converted = _mean_loss(model, windows, None)
+        for layer in range(LAYERS):
+            plan = plan_conversion(source.config, "tiny", "swa", str(layer), **SWA)
+            kept = keep_softmax_layers(copy.deepcopy(model), plan.config)
+            assert scores[layer] == pytest.approx(converted - _mean_loss(kept, windows, None), abs=1e-6)
 
 
 def test_kept_layers_drop_what_their_adapters_learned_for_the_converted_attention(windows):

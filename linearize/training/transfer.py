@@ -140,6 +140,18 @@ class AttentionTransfer:
         return hook
 
 
+def original_attention_forward(attn: LinearizedAttention):
+    """A forward for `attn` that computes the source's attention on its frozen projections (LoRA adapters left out),
+    as the layer was before conversion: assign it to `attn.forward`, delete it to restore the converted layer."""
+
+    def forward(hidden_states, position_embeddings=None, padding_mask=None, document_ids=None, **kwargs):
+        valid = LinearizedAttention.token_validity(padding_mask, hidden_states.shape[1])
+        o = teacher_attention(attn, hidden_states, position_embeddings, valid, document_ids)
+        return source_linear(attn.o_proj)(o), None
+
+    return forward
+
+
 @contextmanager
 def original_model(model: nn.Module) -> Iterator[nn.Module]:
     """Inside this context the converted model computes the source model's outputs: every converted layer runs
@@ -147,19 +159,10 @@ def original_model(model: nn.Module) -> Iterator[nn.Module]:
     comes from the student's own weights this way, with no second copy of the model; call it under no_grad.
     Parameters the method added are unused, as the source model has none."""
     layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
-
-    def original_forward(attn: LinearizedAttention):
-        def forward(hidden_states, position_embeddings=None, padding_mask=None, document_ids=None, **kwargs):
-            valid = LinearizedAttention.token_validity(padding_mask, hidden_states.shape[1])
-            o = teacher_attention(attn, hidden_states, position_embeddings, valid, document_ids)
-            return source_linear(attn.o_proj)(o), None
-
-        return forward
-
     disable_adapters = getattr(model, "disable_adapter", None)  # a peft model
     try:
         for attn in layers:
-            attn.forward = original_forward(attn)
+            attn.forward = original_attention_forward(attn)
         with disable_adapters() if disable_adapters is not None else nullcontext():
             yield model
     finally:
