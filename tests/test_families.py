@@ -101,6 +101,26 @@ def test_teacher_of_a_converted_sliding_layer_is_the_source_sliding_attention():
     torch.testing.assert_close(attn.o_proj(teacher), seen["out"], rtol=1e-5, atol=1e-5)
 
 
+def test_teacher_of_a_model_with_one_window_for_every_layer_is_windowed():
+    """Phi-3-mini-4k and Mistral 7B v0.1 give every layer the config's sliding window (no layer_types)."""
+    config = CONFIGS["phi3"]()
+    config.sliding_window = 8
+    torch.manual_seed(0)
+    source = type(source_model("phi3"))(config).eval()
+    model = convert_model(source, plan_conversion(config, "phi3", "liger").config)
+    seen = {}
+    source.model.layers[1].self_attn.register_forward_hook(
+        lambda m, args, kwargs, out: seen.update(out=out[0], inputs=kwargs), with_kwargs=True
+    )
+    with torch.no_grad():
+        source(torch.randint(3, 128, (2, 20)))
+        attn = model.model.layers[1].self_attn
+        inputs = seen["inputs"]
+        teacher = teacher_attention(attn, inputs["hidden_states"], inputs["position_embeddings"], None)
+    assert attn.source_window == 8
+    torch.testing.assert_close(attn.o_proj(teacher), seen["out"], rtol=1e-5, atol=1e-5)
+
+
 def test_convert_layers_global_needs_a_global_layer():
     config = CONFIGS["gemma2"]()
     config.layer_types = ["sliding_attention"] * config.num_hidden_layers

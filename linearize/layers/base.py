@@ -64,7 +64,9 @@ class LinearizedAttention(nn.Module):
         # Gemma 2's logit cap; what every softmax of the layer applies (docs/methods.md §0.5)
         self.softcap = source.attn_logit_softcapping if family.logit_softcap else None
         self.use_rope = bool(getattr(source, "use_rope", True))  # SmolLM3 leaves RoPE out of some layers
-        self.source_window = getattr(source, "sliding_window", None)  # the source layer's window (Gemma's local layers)
+        # the source layer's window: Gemma's local layers, every layer of Mistral 7B v0.1 and Phi-3-mini-4k
+        sliding = (config.source_layer_types or [None] * (layer_idx + 1))[layer_idx] == "sliding_attention"
+        self.source_window = config.sliding_window if sliding else None
         if family.fused_qkv:
             self.qkv_proj = source.qkv_proj
         else:
