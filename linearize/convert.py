@@ -211,12 +211,11 @@ class ConversionPlan:
         """Bytes of the softmax KV cache of `layers` (default all: the source model's cache) for one sequence of
         `tokens` tokens. A sliding-window layer holds its last window - 1 tokens, as transformers' cache does."""
         _, kv_heads, head_dim = self._head_shape()
-        n = self.config.num_hidden_layers
-        types = self.config.source_layer_types or ["full_attention"] * n
+        types = self.config.source_types
         window = getattr(self.config, "sliding_window", None)
         held = sum(
             min(tokens, window - 1) if window and types[i] == "sliding_attention" else tokens
-            for i in (range(n) if layers is None else layers)
+            for i in (range(len(types)) if layers is None else layers)
         )
         return 2 * kv_heads * head_dim * held * self.dtype_bytes
 

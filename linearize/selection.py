@@ -146,7 +146,7 @@ def score_layers(model, windows: torch.Tensor, scorer: str, step: Callable[[], N
     import torch
 
     from .layers.base import LinearizedAttention
-    from .training.transfer import AttentionTransfer, original_attention_forward, original_model
+    from .training.transfer import AttentionTransfer, original_model
 
     layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
     was_training = model.training
@@ -166,11 +166,8 @@ def score_layers(model, windows: torch.Tensor, scorer: str, step: Callable[[], N
                 converted = _mean_loss(model, windows, step)
                 scores = []
                 for attn in layers:
-                    attn.forward = original_attention_forward(attn)
-                    try:
+                    with _restored(attn):
                         scores.append(converted - _mean_loss(model, windows, step))
-                    finally:
-                        del attn.forward
                 return scores
             with original_model(model) as original:
                 baseline = _mean_loss(original, windows, step)
@@ -220,6 +217,19 @@ def _converted(attn):
         for module in adapters:
             module.enable_adapters(False)
         attn.forward = as_original
+
+
+@contextmanager
+def _restored(attn):
+    """In the converted model: this layer alone computes the original attention, as `keep_softmax_layers` would
+    keep it (its source projections, LoRA left out)."""
+    from .training.transfer import original_attention_forward
+
+    attn.forward = original_attention_forward(attn)
+    try:
+        yield
+    finally:
+        del attn.forward
 
 
 def _mean_loss(model, windows: torch.Tensor, step: Callable[[], None] | None) -> float:

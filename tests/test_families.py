@@ -15,7 +15,7 @@ from linearize.families import FAMILIES as ADAPTERS
 from linearize.families import UnsupportedModelError, get_family
 from linearize.layers.base import LinearizedAttention
 from linearize.training.transfer import teacher_attention
-from tests.tiny import CONFIGS, FAMILIES, cache_of, converted_model, source_model
+from tests.tiny import CONFIGS, FAMILIES, cache_of, converted_model, source_attention_call, source_model
 
 
 def test_every_family_has_a_tiny_model():
@@ -86,19 +86,8 @@ def test_planned_cache_counts_the_kept_sliding_layer_at_its_window(convert_layer
 def test_teacher_of_a_converted_sliding_layer_is_the_source_sliding_attention():
     """Attention transfer on Gemma 2 with every layer converted: layer 0's teacher is its source's window of 8, with
     the logit cap, not causal attention over the whole text."""
-    source = source_model("gemma2")
     model = converted_model("gemma2", "liger", convert_layers="all")
-    seen = {}
-    source.model.layers[0].self_attn.register_forward_hook(
-        lambda m, args, kwargs, out: seen.update(out=out[0], inputs=kwargs), with_kwargs=True
-    )
-    with torch.no_grad():
-        source(torch.randint(3, 128, (2, 20)))
-        attn = model.model.layers[0].self_attn
-        inputs = seen["inputs"]
-        teacher = teacher_attention(attn, inputs["hidden_states"], inputs["position_embeddings"], None)
-    assert attn.source_window == 8
-    torch.testing.assert_close(attn.o_proj(teacher), seen["out"], rtol=1e-5, atol=1e-5)
+    _assert_teacher_is_the_source(source_model("gemma2"), model.model.layers[0].self_attn)
 
 
 def test_teacher_of_a_model_with_one_window_for_every_layer_is_windowed():
@@ -108,17 +97,16 @@ def test_teacher_of_a_model_with_one_window_for_every_layer_is_windowed():
     torch.manual_seed(0)
     source = type(source_model("phi3"))(config).eval()
     model = convert_model(source, plan_conversion(config, "phi3", "liger").config)
-    seen = {}
-    source.model.layers[1].self_attn.register_forward_hook(
-        lambda m, args, kwargs, out: seen.update(out=out[0], inputs=kwargs), with_kwargs=True
-    )
+    _assert_teacher_is_the_source(source, model.model.layers[1].self_attn)
+
+
+def _assert_teacher_is_the_source(source, attn):
+    """Over 20 tokens, `attn`'s teacher is its source layer's output, window of 8 and all."""
+    inputs, expected = source_attention_call(source, attn.layer_idx, torch.randint(3, 128, (2, 20)))
     with torch.no_grad():
-        source(torch.randint(3, 128, (2, 20)))
-        attn = model.model.layers[1].self_attn
-        inputs = seen["inputs"]
         teacher = teacher_attention(attn, inputs["hidden_states"], inputs["position_embeddings"], None)
     assert attn.source_window == 8
-    torch.testing.assert_close(attn.o_proj(teacher), seen["out"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn.o_proj(teacher), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_convert_layers_global_needs_a_global_layer():

@@ -124,6 +124,18 @@ def rotary_tables(model, hidden: torch.Tensor, position_ids: torch.Tensor, layer
     return rotary(hidden, position_ids)
 
 
+def source_attention_call(source, layer_idx: int, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """The keyword inputs and the output of layer `layer_idx`'s attention module when `source` reads `ids`."""
+    seen = {}
+    handle = source.model.layers[layer_idx].self_attn.register_forward_hook(
+        lambda m, args, kwargs, out: seen.update(out=out[0], inputs=kwargs), with_kwargs=True
+    )
+    with torch.no_grad():
+        source(ids)
+    handle.remove()
+    return seen["inputs"], seen["out"]
+
+
 def cache_of(output):
     return output.cache if "cache" in output else output.past_key_values
 

@@ -33,14 +33,14 @@ def _plan_table(plan) -> Table:
     table = Table(title=f"Conversion plan: {plan.source} -> {plan.settings['method']}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    family = plan.config.base_model_type
-    specifics = get_family(family).specifics(plan.config)
-    table.add_row("family", family + (f" ({'; '.join(specifics)})" if specifics else ""))
+    family = get_family(plan.config.base_model_type)
+    specifics = family.specifics(plan.config)
+    table.add_row("family", family.model_type + (f" ({'; '.join(specifics)})" if specifics else ""))
     params = {k: v for k, v in plan.settings.items() if k not in LAYOUT_KEYS}
     table.add_row("method", f"{plan.settings['method']}  {params}")
     for layers, fate in plan.layer_groups():
         table.add_row(f"layers {layers}", fate)
-    if get_family(family).sliding_layers and "sliding_attention" in plan.config.layer_types:
+    if family.sliding_layers and "sliding_attention" in plan.config.layer_types:
         table.add_row(
             "sliding-window layers",
             "kept as they are: their cache is already constant-size (--convert-layers all converts them)",

@@ -65,7 +65,7 @@ class LinearizedAttention(nn.Module):
         self.softcap = source.attn_logit_softcapping if family.logit_softcap else None
         self.use_rope = bool(getattr(source, "use_rope", True))  # SmolLM3 leaves RoPE out of some layers
         # the source layer's window: Gemma's local layers, every layer of Mistral 7B v0.1 and Phi-3-mini-4k
-        sliding = (config.source_layer_types or [None] * (layer_idx + 1))[layer_idx] == "sliding_attention"
+        sliding = config.source_types[layer_idx] == "sliding_attention"
         self.source_window = config.sliding_window if sliding else None
         if family.fused_qkv:
             self.qkv_proj = source.qkv_proj

@@ -63,6 +63,11 @@ class LinearizeConfig(PreTrainedConfig):
         """The method's typed settings, read from the `linearize` block."""
         return get_method(self.method).settings.from_saved(self.linearize, self.method)
 
+    @property
+    def source_types(self) -> list[str]:
+        """`source_layer_types`, or every layer "full_attention" in folders converted before it was recorded."""
+        return self.source_layer_types or ["full_attention"] * self.num_hidden_layers
+
     def is_converted(self, layer_idx: int) -> bool:
         return layer_idx not in self.linearize["softmax_layers"]
 
@@ -72,8 +77,9 @@ class LinearizeConfig(PreTrainedConfig):
     def family_config(self) -> PreTrainedConfig:
         """The source family's own config (e.g. a LlamaConfig), used to build the unchanged parts of the model."""
         fields = {k: v for k, v in self.to_dict().items() if k not in _OWN_FIELDS}
-        source_types = self.source_layer_types or ["full_attention"] * self.num_hidden_layers
-        fields["layer_types"] = [source_types[i] if self.is_converted(i) else t for i, t in enumerate(self.layer_types)]
+        fields["layer_types"] = [
+            self.source_types[i] if self.is_converted(i) else t for i, t in enumerate(self.layer_types)
+        ]
         config = AutoConfig.for_model(self.base_model_type, **fields)
         config._attn_implementation = self._attn_implementation
         if getattr(config, "attn_logit_softcapping", None) and config._attn_implementation == "sdpa":

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from linearize.training.transfer import AttentionTransfer, distillation_loss, original_model, teacher_attention
-from tests.tiny import FAMILIES, attention_projections, converted_model, source_model
+from tests.tiny import FAMILIES, attention_projections, converted_model, source_attention_call, source_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -18,20 +18,10 @@ def test_teacher_is_the_source_attention(family):
     source = source_model(family)
     converted = converted_model(family, "liger")
     ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    seen = {}
     converted_attn = converted.model.layers[1].self_attn
-    source_attn = source.model.layers[1].self_attn
-    source_attn.register_forward_hook(
-        lambda m, args, kwargs, out: seen.update(
-            source=out[0], inputs=(kwargs["hidden_states"], kwargs["position_embeddings"])
-        ),
-        with_kwargs=True,
-    )
-    with torch.no_grad():
-        source(ids)
-    hidden_states, position_embeddings = seen["inputs"]
-    teacher = teacher_attention(converted_attn, hidden_states, position_embeddings, None)
-    torch.testing.assert_close(converted_attn.o_proj(teacher), seen["source"], rtol=1e-5, atol=1e-5)
+    inputs, expected = source_attention_call(source, 1, ids)
+    teacher = teacher_attention(converted_attn, inputs["hidden_states"], inputs["position_embeddings"], None)
+    torch.testing.assert_close(converted_attn.o_proj(teacher), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_padded_queries_are_left_out_and_real_rows_match_unpadded():
