@@ -23,7 +23,7 @@ from .convert import INSTALL_COMMAND, layer_groups
 from .errors import LinearizeError
 from .hub import LOGIN_HINT, REPO_ID, check_can_push, check_repo_id
 from .methods import LAYOUT_KEYS
-from .selection import SCORERS
+from .selection import SCORERS, LayerSelection
 from .sources import check_model_folder
 
 CARD_FILE = "README.md"
@@ -127,20 +127,22 @@ def _layers_section(config: dict[str, Any]) -> str:
     groups = layer_groups(settings["method"], config["layer_types"], settings.get("softmax_layers", []))
     rows = "\n".join(f"| {layers} | {fate} |" for layers, fate in groups)
     table = f"| layers | attention |\n|---|---|\n{rows}"
-    selection = settings.get("layer_selection")
-    if not selection:
+    saved = settings.get("layer_selection")
+    if not saved:
         return table
+    selection = LayerSelection(**saved)
     kept = ", ".join(map(str, settings["softmax_layers"])) or "none"
     scores = "\n".join(
         f"| {layer} | {score:.4g} | {'softmax' if layer in settings['softmax_layers'] else ''} |"
-        for layer, score in enumerate(selection["scores"])
+        for layer, score in enumerate(selection.scores)
     )
-    when = "after attention transfer" if selection.get("after") == "attention_transfer" else "at conversion"
+    when = "after attention transfer" if selection.after == "attention_transfer" else "at conversion"
+    flags = f"--softmax-layers auto:{selection.k}" + (" --spread-layers" if selection.spread else "")
     return f"""{table}
 
-The layers kept as softmax attention ({kept}) were chosen by measurement (`--softmax-layers auto:{selection["k"]}`):
-each layer was scored {when} by how much converting it alone hurts ({SCORERS[selection["scorer"]]}; scorer
-`{selection["scorer"]}`, on {selection["calibration"]}), and the {selection["k"]} highest scores stayed softmax.
+The layers kept as softmax attention ({kept}) were chosen by measurement (`{flags}`):
+each layer was scored {when} by how much converting it alone hurts ({SCORERS[selection.scorer]}; scorer
+`{selection.scorer}`, on {selection.calibration}), and {selection.rule} stayed softmax.
 
 | layer | score | kept |
 |---|---|---|

@@ -1,7 +1,9 @@
 """Keeping softmax attention where linearizing hurts most: `--softmax-layers auto:K` (docs/methods.md §6).
 
 Every layer gets a score, how much converting that layer alone hurts on calibration text, and the K layers with
-the highest scores stay softmax attention. Two scorers:
+the highest scores stay softmax attention; or, with `spread`, the highest-scoring layer of each of K equal stretches
+of the depth (the kept layers spread over the model as `every:N` spreads them, at the places the scores choose).
+Three scorers:
 
 - `output`: the converted layer's attention output against the original's, on the original model's inputs: the
   mean squared error that attention transfer minimises (`training.transfer.AttentionTransfer`), divided by the
@@ -13,7 +15,7 @@ the highest scores stay softmax attention. Two scorers:
   every other layer stays converted: what keeping the layer gains the model it will be kept in. One forward pass
   per layer, plus one for the converted model.
 
-Both run the converted model itself: a layer computes the original attention from the source projections it
+All run the converted model itself: a layer computes the original attention from the source projections it
 owns (`training.transfer.original_model`), so scoring needs no second copy of the model, only a forward pass and
 the parameters the method adds.
 """
@@ -48,13 +50,15 @@ CALIBRATION_CONTEXT = 512
 @dataclass(frozen=True)
 class SelectionRequest:
     """What `auto:K` asks for: keep the `k` layers that `scorer` ranks worst on `windows` x `context` tokens of
-    `calibration` (a text source as `linearize eval --text` takes it)."""
+    `calibration` (a text source as `linearize eval --text` takes it), or with `spread` the worst of each of `k`
+    equal stretches of the depth."""
 
     k: int
     scorer: str = DEFAULT_SCORER
     calibration: str = CALIBRATION_TEXT
     windows: int = CALIBRATION_WINDOWS
     context: int = CALIBRATION_CONTEXT
+    spread: bool = False
 
     def check_method(self, method: str) -> None:
         """Refuse a method whose converted layers compute the original attention exactly until trained: every
@@ -76,23 +80,49 @@ class LayerSelection:
     scores: list[float]
     calibration: str  # what the scores were measured on, in words
     after: str = "conversion"  # or "attention_transfer": scored with the trained converted layers
+    spread: bool = False  # one layer from each of k equal stretches of the depth
 
     @property
     def layers(self) -> list[int]:
-        """The `k` highest-scoring layers, in layer order (ties go to the earlier layer)."""
+        """The kept layers, in layer order: the `k` highest-scoring, or with `spread` the highest-scoring of each
+        stretch of `depth_stretches` (ties go to the earlier layer)."""
+        if self.spread:
+            return [
+                max(stretch, key=lambda i: (self.scores[i], -i))
+                for stretch in depth_stretches(len(self.scores), self.k)
+            ]
         ranked = sorted(range(len(self.scores)), key=lambda i: (-self.scores[i], i))
         return sorted(ranked[: self.k])
+
+    @property
+    def rule(self) -> str:
+        return kept_rule(self.k, self.spread)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def parse_auto(spec: str | None, scorer: str = DEFAULT_SCORER, **calibration) -> SelectionRequest | None:
+def kept_rule(k: int, spread: bool) -> str:
+    """Which layers `auto:K` keeps, in words."""
+    if spread:
+        return f"the highest-scoring layer of each of {k} equal stretches of the depth"
+    return f"the {k} highest-scoring layers" if k != 1 else "the highest-scoring layer"
+
+
+def depth_stretches(num_layers: int, k: int) -> list[range]:
+    """`num_layers` layers cut into `k` contiguous stretches whose sizes differ by at most one."""
+    return [range(j * num_layers // k, (j + 1) * num_layers // k) for j in range(k)]
+
+
+def parse_auto(
+    spec: str | None, scorer: str = DEFAULT_SCORER, spread: bool = False, **calibration
+) -> SelectionRequest | None:
     """The request that a `--softmax-layers` value 'auto:K' makes, or None for any other value.
 
     Args:
         spec: the `--softmax-layers` value.
         scorer: a key of `SCORERS`.
+        spread: keep the highest-scoring layer of each of K equal stretches of the depth.
         calibration: `calibration`, `windows` and `context` of `SelectionRequest` (None: the default).
     """
     if not spec or not spec.startswith(AUTO_PREFIX):
@@ -105,7 +135,8 @@ def parse_auto(spec: str | None, scorer: str = DEFAULT_SCORER, **calibration) ->
         )
     if scorer not in SCORERS:
         raise LinearizeError(f"unknown layer scorer '{scorer}'; choose one of: {', '.join(SCORERS)}")
-    return SelectionRequest(int(count), scorer, **{k: v for k, v in calibration.items() if v is not None})
+    settings = {k: v for k, v in calibration.items() if v is not None}
+    return SelectionRequest(int(count), scorer, spread=spread, **settings)
 
 
 def calibration_windows(request: SelectionRequest, tokenizer) -> torch.Tensor:
@@ -200,7 +231,8 @@ def select_layers(
     layers = sum(isinstance(m, LinearizedAttention) for m in model.modules())
     step = progress(scoring_passes(request.scorer, layers) * windows.shape[0]) if progress else None
     scores = score_layers(model, windows, request.scorer, step)
-    return LayerSelection(request.k, request.scorer, scores, describe_calibration(request, windows), after)
+    calibration = describe_calibration(request, windows)
+    return LayerSelection(request.k, request.scorer, scores, calibration, after, request.spread)
 
 
 @contextmanager

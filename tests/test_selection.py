@@ -16,7 +16,15 @@ from linearize.cli import app
 from linearize.convert import convert_model, keep_softmax_layers, plan_conversion
 from linearize.errors import LinearizeError
 from linearize.publish import render_model_card
-from linearize.selection import SelectionRequest, _mean_loss, parse_auto, score_layers, select_layers
+from linearize.selection import (
+    LayerSelection,
+    SelectionRequest,
+    _mean_loss,
+    depth_stretches,
+    parse_auto,
+    score_layers,
+    select_layers,
+)
 from tests.tiny import _COMMON, tiny_tokenizer
 
 LAYERS = 4
@@ -94,6 +102,24 @@ def test_auto_0_is_no_kept_layer_and_auto_all_is_the_original(windows):
         torch.testing.assert_close(kept(windows).logits, reference, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("num_layers", [1, 4, 7, 30, 31])
+def test_depth_stretches_cover_every_layer_once_in_near_equal_runs(num_layers):
+    for k in range(1, num_layers + 1):
+        stretches = depth_stretches(num_layers, k)
+        assert len(stretches) == k and [i for s in stretches for i in s] == list(range(num_layers))
+        assert max(map(len, stretches)) - min(map(len, stretches)) <= 1
+
+
+def test_spread_keeps_the_best_layer_of_each_stretch_of_the_depth():
+    scores = [5.0, 4.0, 0.0, 0.0, 3.0, 3.0]
+    assert LayerSelection(2, "loss", scores, "text").layers == [0, 1]  # the two best bunch at the bottom
+    spread = LayerSelection(2, "loss", scores, "text", spread=True)
+    assert spread.layers == [0, 4]  # stretches 0-2 and 3-5; the tie goes to the earlier layer
+    assert LayerSelection(0, "loss", scores, "text", spread=True).layers == []
+    assert LayerSelection(6, "loss", scores, "text", spread=True).layers == list(range(6))
+    assert spread.rule == "the highest-scoring layer of each of 2 equal stretches of the depth"
+
+
 def with_lora(model, seed: int = 0):
     """`model` under peft LoRA on q/k/v/o with random, non-zero adapters (as training leaves them)."""
     from peft import LoraConfig, get_peft_model
@@ -161,6 +187,7 @@ def test_selection_is_recorded_in_the_config_and_the_model_card(tmp_path):
         "scores": [0.1, 0.0, 2.5, 0.2],
         "calibration": "sampled text",
         "after": "conversion",
+        "spread": False,
     }
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # the extra key loads without a warning about it
     assert loaded.config.settings.window == 8
@@ -222,7 +249,7 @@ def test_convert_auto_end_to_end(tiny_folder, tmp_path):
     assert dry.exit_code == 0, dry.output
     shown = " ".join(dry.output.split())
     assert "Layer scores (output: relative error" in shown and "calibration.txt, 2 x 512 tokens" in shown
-    assert "kept as softmax attention (the 1 highest scores): 2" in shown and "layers 2 │ softmax" in shown
+    assert "kept as softmax attention (the highest-scoring layer): 2" in shown and "layers 2 │ softmax" in shown
     assert not (tmp_path / "out").exists()
 
     done = CliRunner().invoke(app, [str(a) for a in [*args, "-o", tmp_path / "out"]])
@@ -233,12 +260,29 @@ def test_convert_auto_end_to_end(tiny_folder, tmp_path):
     assert saved["layer_selection"]["calibration"].endswith("calibration.txt, 2 x 512 tokens")
 
 
+def test_convert_auto_spread_keeps_one_layer_per_stretch(tiny_folder, tmp_path):
+    args = ["convert", tiny_folder / "source", "--method", "swa", "--window", "8", "--sinks", "2"]
+    args += ["--softmax-layers", "auto:2", "--spread-layers", "--layer-scorer", "output"]
+    args += ["--calibration", tiny_folder / "calibration.txt", "--calibration-windows", "2", "-o", tmp_path / "out"]
+    done = CliRunner().invoke(app, [str(a) for a in args])
+    assert done.exit_code == 0, done.output
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["linearize"]
+    scores = saved["layer_selection"]["scores"]
+    best = [max(stretch, key=scores.__getitem__) for stretch in (range(0, 2), range(2, 4))]
+    assert saved["layer_selection"]["spread"] is True and saved["softmax_layers"] == best
+    card = " ".join(render_model_card(tmp_path / "out", "org/tiny-swa").split())
+    assert "(`--softmax-layers auto:2 --spread-layers`)" in card
+    assert "the highest-scoring layer of each of 2 equal stretches of the depth stayed softmax" in card
+
+
 def test_convert_auto_errors_before_loading(tiny_folder, tmp_path):
     out = tmp_path / "out"
     alone = CliRunner().invoke(
         app, ["convert", str(tiny_folder / "source"), "-o", str(out), "--layer-scorer", "output"]
     )
     assert alone.exit_code == 1 and "add --softmax-layers auto:K or drop them" in " ".join(alone.output.split())
+    spread = CliRunner().invoke(app, ["convert", str(tiny_folder / "source"), "-o", str(out), "--spread-layers"])
+    assert spread.exit_code == 1 and "--spread-layers say how" in " ".join(spread.output.split())
     out = tmp_path / "out"
     base = ["convert", str(tiny_folder / "source"), "-o", str(out)]
     too_many = CliRunner().invoke(app, [*base, "--method", "swa", "--softmax-layers", "auto:9"])

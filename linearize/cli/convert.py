@@ -61,8 +61,7 @@ def _selection_table(selection) -> Table:
     kept = set(selection.layers)
     table = Table(
         title=f"Layer scores ({selection.scorer}: {SCORERS[selection.scorer].split(' (')[0]}; {selection.calibration})",
-        caption=f"kept as softmax attention (the {selection.k} highest scores): "
-        + (", ".join(map(str, selection.layers)) or "none"),
+        caption=f"kept as softmax attention ({selection.rule}): " + (", ".join(map(str, selection.layers)) or "none"),
     )
     for column in ("layer", "score", "", "kept"):
         table.add_column(column, justify="right" if column in ("layer", "score") else "left")
@@ -179,6 +178,14 @@ def convert(
             show_default=False,
         ),
     ] = None,
+    spread_layers: Annotated[
+        bool,
+        typer.Option(
+            "--spread-layers",
+            help="With auto:K, keep the highest-scoring layer of each of K equal stretches of the depth (spread "
+            "like every:N) instead of the K highest-scoring layers, which may bunch together.",
+        ),
+    ] = False,
     dtype: Annotated[Dtype, typer.Option(help="Dtype of the saved weights; auto keeps the source's.")] = "auto",
     device: Annotated[str, typer.Option(help="Device for loading and --verify: auto, cpu, cuda, cuda:1, ...")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
@@ -236,6 +243,7 @@ def convert(
             layer_scorer=layer_scorer.value if layer_scorer else None,
             calibration=calibration,
             calibration_windows=calibration_windows,
+            spread_layers=spread_layers,
             dtype=dtype.value,
             device=device,
             force=force,

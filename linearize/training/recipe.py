@@ -66,6 +66,11 @@ class SelectionSection(_Strict):
         description="score before training, or after the attention_transfer stages that open the recipe (scores "
         "from the trained converted layers; the kept layers' transfer is discarded)",
     )
+    spread: bool = Field(
+        False,
+        description="keep the highest-scoring layer of each of K equal stretches of the depth instead of the K "
+        "highest-scoring layers",
+    )
 
 
 class _ConversionFields(_Strict):
@@ -126,7 +131,9 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
     def selection_request(self) -> SelectionRequest | None:
         """What 'auto:K' asks for, or None for named layers."""
         spec = self.selection or SelectionSection()
-        return parse_auto(self.softmax_layers, spec.scorer, calibration=spec.calibration, windows=spec.windows)
+        return parse_auto(
+            self.softmax_layers, spec.scorer, spec.spread, calibration=spec.calibration, windows=spec.windows
+        )
 
     @property
     def selects_after_transfer(self) -> bool:
@@ -435,9 +442,12 @@ def resolved_yaml(recipe: Recipe) -> str:
 def recipe_hash(recipe: Recipe) -> str:
     """Fingerprint of what a run computes: everything but where its results go (folder, Hub repo)."""
     content = recipe.model_dump(mode="json", exclude={"output": {"dir", "push_to_hub", "private"}})
+    conversion = content["conversion"]
     for added in ("selection", "convert_layers"):  # absent before they existed: runs from then still resume
-        if content["conversion"][added] is None:
-            del content["conversion"][added]
+        if conversion[added] is None:
+            del conversion[added]
+    if conversion.get("selection") and not conversion["selection"]["spread"]:
+        del conversion["selection"]["spread"]
     return hashlib.sha256(yaml.safe_dump(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -455,7 +465,8 @@ model:
 conversion:
   method: {method}
 {options}  softmax_layers: ""    # layers kept as softmax attention, e.g. "0,8,16", "every:8" or "auto:4"
-  selection: null       # with auto:K, e.g. {{scorer: loss, calibration: builtin, windows: 4, after: conversion}}
+  selection: null       # with auto:K, e.g. {{scorer: loss, calibration: builtin, windows: 4, after: conversion,
+                        #   spread: false}} (spread: the best layer of each K-th of the depth)
 
 data:
   sources:

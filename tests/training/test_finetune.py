@@ -271,6 +271,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
     for text in ("attention_transfer", "trains lora", "layers 0-1", "liger", "LoRA merged"):
         assert text in result.output
     assert not (tmp_path / "run").exists()
+    selection = "conversion.selection={scorer: restore, after: attention_transfer, spread: true}"
+    args = [str(a) for a in ("finetune", recipe, "--dry-run", "conversion.softmax_layers=auto:2", selection)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.output.split())
+    assert "the highest-scoring layer of each of 2 equal stretches of the depth (restore, on builtin)" in shown
+    assert "chosen after the attention transfer" in shown
 
 
 def test_recipe_commands(tmp_path):

@@ -122,6 +122,9 @@ def test_auto_softmax_layers_plan_every_layer_converted_until_scored():
     assert plan.config.linearize["softmax_layers"] == [] and plan.selection is None
     request = recipe.conversion.selection_request()
     assert (request.k, request.scorer, request.windows, request.calibration) == (1, "output", 2, "builtin")
+    assert request.spread is False
+    spread = parse_recipe(MINIMAL + "conversion: {softmax_layers: auto:1, selection: {spread: true}}\n")
+    assert spread.conversion.selection_request().spread is True
     with pytest.raises(LinearizeError, match="keeps more layers than the model has"):
         parse_recipe(MINIMAL + "conversion: {softmax_layers: auto:3}\n").conversion.plan(config, "tiny")
 
@@ -175,6 +178,13 @@ def test_resolved_yaml_round_trips_and_hash_ignores_the_output_folder():
     assert recipe_hash(changed) != recipe_hash(recipe)
     # the fingerprint linearize gave this recipe before `conversion.selection` existed: its runs still resume
     assert recipe_hash(recipe) == "c3a9d4c269df6eb6"
+    # and the fingerprint of a scored selection from before `selection.spread` existed
+    selected = parse_recipe(MINIMAL + "conversion: {softmax_layers: auto:1, selection: {scorer: restore}}\n")
+    assert recipe_hash(selected) == "fbc80e033a8ca53e"
+    spread = parse_recipe(
+        MINIMAL + "conversion: {softmax_layers: auto:1, selection: {scorer: restore, spread: true}}\n"
+    )
+    assert recipe_hash(spread) != recipe_hash(selected)
 
 
 @pytest.mark.parametrize(("given", "written"), [("8", "topk: 8\n"), ("8.0", "topk: 8\n"), ("0.125", "topk: 0.125\n")])
