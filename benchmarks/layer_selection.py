@@ -2,7 +2,7 @@
 after the same recipe, on held-out text.
 
     python benchmarks/layer_selection.py --recipe recipes/smollm2-135m-liger.yaml --text wikitext2_valid.txt \
-        [--k 5] [--every 6] [--seed 0] [--variants auto-loss,auto-output,every,random] [--json out.json] \
+        [--k 5] [--every 6] [--seed 0] [--variants auto-loss,auto-restore-spread,every,random] [--json out.json] \
         [key=value ...]
 
 First the cost of scoring: the recipe's conversion with every layer converted, scored once by each scorer as the
@@ -11,7 +11,8 @@ the recipe in its own folder (`<output.dir>-<variant>`, reused when its model is
 `conversion.softmax_layers` set, and the trained models are measured next to the original: perplexity over
 `--windows` x `--context` tokens of `--text` (never trained on), perplexity by position over `--long-windows` x
 `--long-context` tokens in stretches of `--block`, and passkey retrieval at `--passkey-contexts` (`--trials` keys
-at each of 5 depths). `key=value` overrides apply to every variant's recipe.
+at each of 5 depths). `key=value` overrides apply to every variant's recipe. A variant `auto-SCORER` keeps the K
+layers SCORER ranks worst; `auto-SCORER-spread` the worst of each K-th of the depth.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from linearize.evaluation import eval_rows, evaluate_models
 from linearize.selection import SCORERS, select_layers
 from linearize.training.recipe import SelectionSection, load_recipe
 
+SPREAD = "-spread"  # a variant name's suffix: the best layer of each K-th of the depth (`--spread-layers`)
+
 
 def variant_layers(variants: list[str], k: int, every: int, num_layers: int, seed: int) -> dict[str, str]:
     """Each variant's `conversion.softmax_layers` value."""
-    specs = {f"auto-{scorer}": f"auto:{k}" for scorer in SCORERS}
+    specs = {f"auto-{scorer}{spread}": f"auto:{k}" for scorer in SCORERS for spread in ("", SPREAD)}
     specs["every"] = f"every:{every}"
     specs["random"] = ",".join(map(str, sorted(random.Random(seed).sample(range(num_layers), k))))
     unknown = set(variants) - set(specs)
@@ -93,7 +96,8 @@ def main() -> None:
     for name, spec in layers.items():
         overrides = [*args.overrides, f"conversion.softmax_layers={spec}", f"output.dir={recipe.output.dir}-{name}"]
         if name.startswith("auto-"):
-            overrides.append(f"conversion.selection.scorer={name.removeprefix('auto-')}")
+            overrides.append(f"conversion.selection.scorer={name.removeprefix('auto-').removesuffix(SPREAD)}")
+            overrides.append(f"conversion.selection.spread={name.endswith(SPREAD)}")
         models[name], minutes[name] = trained(load_recipe(args.recipe, overrides))
     kept = {name: model.config.linearize["softmax_layers"] for name, model in models.items() if name != "original"}
 

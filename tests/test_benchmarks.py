@@ -72,6 +72,7 @@ def test_layer_selection_variants_keep_k_layers_each(monkeypatch):
     random_layers = [int(i) for i in specs["random"].split(",")]
     assert len(set(random_layers)) == 5 and all(0 <= i < 30 for i in random_layers)
     assert selection.variant_layers(["random"], 5, 6, 30, seed=0) == {"random": specs["random"]}  # seeded
+    assert selection.variant_layers(["auto-restore-spread"], 5, 6, 30, seed=0) == {"auto-restore-spread": "auto:5"}
     with pytest.raises(SystemExit, match="unknown variant"):
         selection.variant_layers(["every:3"], 5, 6, 30, seed=0)
 
