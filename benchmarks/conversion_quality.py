@@ -8,7 +8,7 @@ training-free `swa` baseline and the controls trained like it, on held-out text 
 Models (each recipe run trains in its own folder unless a finished model is there; wall times are reported):
 - `original`: the source model.
 - the recipe's method (its label), after the recipe.
-- `swa`: 64-token window with 4 sinks, training-free, with the recipe's kept softmax layers.
+- `swa`: 64-token window with 4 sinks, training-free, with the softmax layers the recipe's model kept.
 - `swa-trained`: that baseline run through the recipe's stages (LoRA), the bar Liger must clear.
 - `lora`: the fair control, the original fine-tuned with the recipe's LoRA stages on the same data and steps (a
   Parallax conversion whose probe stays zero is the original exactly; attention-transfer stages are left out).
@@ -45,12 +45,14 @@ TASKS = {"arc_easy_local": "data/arc_easy_test.jsonl", "hellaswag_local": "data/
 SWA = {"method": "swa", "window": 64, "sinks": 4}
 
 
-def control_recipe(recipe: Recipe, kind: str) -> Recipe:
-    """The recipe of a control run: `swa-trained` (the baseline through the same stages, LoRA carrying them) or
-    `lora` (the original through the LoRA stages alone)."""
+def control_recipe(recipe: Recipe, kind: str, kept: list[int] | None = None) -> Recipe:
+    """The recipe of a control run: `swa-trained` (the baseline through the same stages, LoRA carrying them, with
+    the softmax layers the recipe's model `kept`, chosen by `auto:K` or named) or `lora` (the original through the
+    LoRA stages alone)."""
     spec = recipe.model_dump()
     if kind == "swa-trained":
-        spec["conversion"] = {**SWA, "softmax_layers": recipe.conversion.softmax_layers}
+        layers = recipe.conversion.softmax_layers if kept is None else ",".join(map(str, kept))
+        spec["conversion"] = {**SWA, "softmax_layers": layers}
         stages = spec["stages"]
     else:
         spec["conversion"] = {"method": "parallax"}
@@ -130,16 +132,17 @@ def main() -> None:
     label = recipe.conversion.method
     models, minutes = {}, {}
     models[label], minutes[label] = trained(recipe)
+    kept = models[label].config.linearize["softmax_layers"]  # named or chosen by auto:K: the swa controls keep these
     original, tokenizer, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
     models["original"] = original.eval()
     if "swa" in controls:
         source, _, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
-        baseline = ConversionSection(**SWA, softmax_layers=recipe.conversion.softmax_layers)
+        baseline = ConversionSection(**SWA, softmax_layers=",".join(map(str, kept)))
         plan = baseline.plan(source.config, recipe.model.name or sources.EMBEDDED_NAME)
         models["swa"] = convert_model(source, plan.config).eval()
     for kind in ("swa-trained", "lora"):
         if kind in controls:
-            models[kind], minutes[kind] = trained(control_recipe(recipe, kind))
+            models[kind], minutes[kind] = trained(control_recipe(recipe, kind, kept))
 
     files = {"arc_easy_local": args.arc, "hellaswag_local": args.hellaswag}
     with tempfile.TemporaryDirectory() as folder:
