@@ -244,6 +244,12 @@ class ParallaxSettings(MethodSettings):
         low=1,
         tokens=True,
     )
+    probe_rank: int | None = setting(
+        None,
+        "the rank of the probe's projection, hidden -> rank -> heads x head_dim, as LoRA factors a weight (default: "
+        "unset, a full projection of q_proj's shape)",
+        low=1,
+    )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ does this):
 
 - `r_proj` has q_proj's shape, no bias, and starts at zero, so the converted model computes exactly the source's
   outputs; the gradient at zero is non-zero (it is sum_i dr_i x_i^T), so the probe grows from there.
+- `probe_rank` (optional, ours): r = r_proj(r_down(x)) through a rank bottleneck, r_down random and r_proj zero,
+  as LoRA starts: far fewer parameters for a short fine-tune to fit, still exact at conversion.
 - No norm on r, in every family: an RMSNorm at exactly zero input has a Jacobian of about gain / sqrt(eps) (x1000
   at eps 1e-6), which would blow up the first updates. For qk-norm families (Qwen3) the keys stay normed as the
   source has them; the learned W_r sets r's scale.
@@ -50,20 +52,28 @@ class ParallaxAttention(LinearizedAttention):
     def __init__(self, config, layer_idx, family):
         super().__init__(config, layer_idx, family)
         self.window = config.settings.window
-        self.r_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        rank = config.settings.probe_rank
+        self.r_down = nn.Linear(config.hidden_size, rank, bias=False) if rank else nn.Identity()
+        self.r_proj = nn.Linear(rank or config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.initializer_range = getattr(config, "initializer_range", 0.02)
 
     @staticmethod
     def cache_layer(settings: ParallaxSettings) -> ParallaxCacheLayer:
         return ParallaxCacheLayer(settings.window)
 
     def init_new_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
-        """A zero probe: the converted layer is the source's softmax attention exactly."""
+        """A zero probe: the converted layer is the source's softmax attention exactly. A rank bottleneck's down
+        projection starts random (seeded by the layer), so that the zero up projection gets a gradient."""
         self.r_proj.weight = nn.Parameter(torch.zeros_like(self.r_proj.weight, device=device, dtype=dtype))
+        if isinstance(self.r_down, nn.Linear):
+            generator = torch.Generator().manual_seed(self.layer_idx)
+            down = torch.randn(self.r_down.weight.shape, generator=generator) * self.initializer_range
+            self.r_down.weight = nn.Parameter(down.to(device=device, dtype=dtype))
 
     def attend(self, hidden_states, position_embeddings, state, valid):
         batch, length, _ = hidden_states.shape
         q, k, v, _ = self.project(hidden_states)
-        r = self.r_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
+        r = self.r_proj(self.r_down(hidden_states)).view(batch, length, self.num_heads, self.head_dim)
         qr, k = self.rotate(torch.cat([q, r], dim=2), k, position_embeddings)  # one rotation for q and r
         q, r = qr.split(self.num_heads, dim=2)  # [B, T, H, D] each
         options = {"scale": self.scaling, "softcap": self.softcap, "window": self.window, "backend": self.backend}

@@ -443,7 +443,7 @@ def recipe_hash(recipe: Recipe) -> str:
     """Fingerprint of what a run computes: everything but where its results go (folder, Hub repo)."""
     content = recipe.model_dump(mode="json", exclude={"output": {"dir", "push_to_hub", "private"}})
     conversion = content["conversion"]
-    for added in ("selection", "convert_layers"):  # absent before they existed: runs from then still resume
+    for added in ("selection", "convert_layers", "probe_rank"):  # absent before they existed: older runs resume
         if conversion[added] is None:
             del conversion[added]
     if conversion.get("selection") and not conversion["selection"]["spread"]:

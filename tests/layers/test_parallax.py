@@ -34,7 +34,7 @@ def test_parallax_layer_is_the_plain_op_on_its_projections(family):
     with torch.no_grad():
         actual, _ = layer(hidden, position_embeddings=(cos, sin))
         q, k, v, _ = layer.project(hidden)
-        r = layer.r_proj(hidden).view(*q.shape)
+        r = layer.r_proj(layer.r_down(hidden)).view(*q.shape)
         q, k = layer.rotate(q, k, (cos, sin))
         r, _ = layer.rotate(r, k, (cos, sin))  # the probe rotates like the query
         o = naive_parallax_attention(
@@ -71,3 +71,30 @@ def test_save_and_reload_reproduces_logits_exactly(tmp_path):
     assert torch.equal(reloaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
     assert reloaded.config.linearize["method"] == "parallax" and reloaded.config.linearize["window"] == 8
     assert reloaded.model.layers[0].self_attn.r_proj.weight.abs().max() > 0  # the trained probe, not zeros
+
+
+def test_a_low_rank_probe_is_exact_at_conversion_and_learns_through_its_zero_factor(tmp_path):
+    """`probe_rank`: r = r_proj(r_down(x)), r_down random (seeded by the layer), r_proj zero, as LoRA starts."""
+    source = source_model("llama")
+    plan = plan_conversion(source.config, "llama", "parallax", probe_rank=4)
+    model = convert_model(source_model("llama"), plan.config)
+    ids = torch.randint(3, 128, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, use_cache=False).logits, source(ids).logits, rtol=1e-5, atol=1e-5)
+    layers = [layer.self_attn for layer in model.model.layers]
+    hidden, width = source.config.hidden_size, source.config.num_attention_heads * layers[0].head_dim
+    assert all(a.r_down.weight.shape == (4, hidden) and a.r_proj.weight.shape == (width, 4) for a in layers)
+    assert not torch.equal(layers[0].r_down.weight, layers[1].r_down.weight)  # each layer its own seed
+    assert plan.converted_parameters - plan.source_parameters == len(layers) * 4 * (hidden + width)
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    assert all(a.r_proj.weight.grad.abs().max() > 0 for a in layers)
+    assert all(a.r_down.weight.grad.abs().max() == 0 for a in layers)  # no gradient through the zero factor yet
+
+    with torch.no_grad():
+        for a in layers:
+            a.r_proj.weight.normal_(0, 0.1)
+    save_model(model, None, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.config.linearize["probe_rank"] == 4
+    assert torch.equal(reloaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    assert not torch.equal(reloaded(ids, use_cache=False).logits, source(ids).logits)
