@@ -45,14 +45,13 @@ TASKS = {"arc_easy_local": "data/arc_easy_test.jsonl", "hellaswag_local": "data/
 SWA = {"method": "swa", "window": 64, "sinks": 4}
 
 
-def control_recipe(recipe: Recipe, kind: str, kept: list[int] | None = None) -> Recipe:
+def control_recipe(recipe: Recipe, kind: str, kept: str | None = None) -> Recipe:
     """The recipe of a control run: `swa-trained` (the baseline through the same stages, LoRA carrying them, with
-    the softmax layers the recipe's model `kept`, chosen by `auto:K` or named) or `lora` (the original through the
-    LoRA stages alone)."""
+    the softmax layers `kept`, e.g. "2,7" as the recipe's model kept them, by default the recipe's own value) or
+    `lora` (the original through the LoRA stages alone)."""
     spec = recipe.model_dump()
     if kind == "swa-trained":
-        layers = recipe.conversion.softmax_layers if kept is None else ",".join(map(str, kept))
-        spec["conversion"] = {**SWA, "softmax_layers": layers}
+        spec["conversion"] = {**SWA, "softmax_layers": recipe.conversion.softmax_layers if kept is None else kept}
         stages = spec["stages"]
     else:
         spec["conversion"] = {"method": "parallax"}
@@ -132,12 +131,12 @@ def main() -> None:
     label = recipe.conversion.method
     models, minutes = {}, {}
     models[label], minutes[label] = trained(recipe)
-    kept = models[label].config.linearize["softmax_layers"]  # named or chosen by auto:K: the swa controls keep these
+    kept = ",".join(map(str, models[label].config.linearize["softmax_layers"]))  # named or chosen by auto:K
     original, tokenizer, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
     models["original"] = original.eval()
     if "swa" in controls:
         source, _, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
-        baseline = ConversionSection(**SWA, softmax_layers=",".join(map(str, kept)))
+        baseline = ConversionSection(**SWA, softmax_layers=kept)
         plan = baseline.plan(source.config, recipe.model.name or sources.EMBEDDED_NAME)
         models["swa"] = convert_model(source, plan.config).eval()
     for kind in ("swa-trained", "lora"):

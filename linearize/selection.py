@@ -60,6 +60,10 @@ class SelectionRequest:
     context: int = CALIBRATION_CONTEXT
     spread: bool = False
 
+    @property
+    def rule(self) -> str:
+        return _kept_rule(self.k, self.spread)
+
     def check_method(self, method: str) -> None:
         """Refuse a method whose converted layers compute the original attention exactly until trained: every
         layer would score 0."""
@@ -96,13 +100,13 @@ class LayerSelection:
 
     @property
     def rule(self) -> str:
-        return kept_rule(self.k, self.spread)
+        return _kept_rule(self.k, self.spread)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def kept_rule(k: int, spread: bool) -> str:
+def _kept_rule(k: int, spread: bool) -> str:
     """Which layers `auto:K` keeps, in words."""
     if spread:
         return f"the highest-scoring layer of each of {k} equal stretches of the depth"

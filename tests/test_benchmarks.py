@@ -43,7 +43,7 @@ def test_quality_controls_train_like_the_recipe():
     assert (swa.conversion.method, swa.conversion.window, swa.conversion.sinks) == ("swa", 64, 4)
     assert swa.conversion.softmax_layers == "0"
     chosen = load_recipe(ROOT / "recipes" / "smollm2-135m-liger.yaml", ["conversion.softmax_layers=auto:2"])
-    assert quality.control_recipe(chosen, "swa-trained", kept=[3, 17]).conversion.softmax_layers == "3,17"
+    assert quality.control_recipe(chosen, "swa-trained", kept="3,17").conversion.softmax_layers == "3,17"
     assert [s.kind for s in swa.stages] == [s.kind for s in recipe.stages]
     assert all(s.trainable == ["lora"] for s in swa.stages)
     lora = quality.control_recipe(recipe, "lora")

@@ -62,7 +62,6 @@ def finetune(
 
 def _finetune_plan(recipe, resume: bool) -> Table:
     from .. import sources
-    from ..selection import kept_rule
     from ..training.checkpoint import list_checkpoints
     from ..training.trainer import prepare_run_folder
 
@@ -82,7 +81,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         when = "after the attention transfer" if conv.selects_after_transfer else "before training"
         table.add_row(
             "kept as softmax",
-            f"{kept_rule(request.k, request.spread)} ({request.scorer}, on {request.calibration}), chosen {when}",
+            f"{request.rule} ({request.scorer}, on {request.calibration}), chosen {when}",
         )
     sources_text = ", ".join(s.label for s in recipe.data.sources)
     table.add_row("data", f"{sources_text}; packs of {recipe.data.seq_len} tokens, held out {recipe.data.held_out}")

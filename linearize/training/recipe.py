@@ -439,15 +439,23 @@ def resolved_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
 
+# Fields added after runs existed, with the value that means "as before": left out of the fingerprint at that
+# value, so that runs from before them still resume. A parent goes before its children.
+_ADDED_LATER = {
+    ("conversion", "selection"): None,
+    ("conversion", "selection", "spread"): False,
+    ("conversion", "convert_layers"): None,
+    ("conversion", "probe_rank"): None,
+}
+
+
 def recipe_hash(recipe: Recipe) -> str:
     """Fingerprint of what a run computes: everything but where its results go (folder, Hub repo)."""
     content = recipe.model_dump(mode="json", exclude={"output": {"dir", "push_to_hub", "private"}})
-    conversion = content["conversion"]
-    for added in ("selection", "convert_layers", "probe_rank"):  # absent before they existed: older runs resume
-        if conversion[added] is None:
-            del conversion[added]
-    if conversion.get("selection") and not conversion["selection"]["spread"]:
-        del conversion["selection"]["spread"]
+    for (*parents, name), unset in _ADDED_LATER.items():
+        section = functools.reduce(lambda fields, key: fields.get(key) or {}, parents, content)
+        if name in section and section[name] == unset:
+            del section[name]
     return hashlib.sha256(yaml.safe_dump(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
