@@ -93,18 +93,26 @@ class RecentTokens(TokenBuffer):
 
 
 class GrowingTokens(TokenBuffer):
-    """Every token so far of several aligned per-token tensors ([B, T, ...] each), in time order.
+    """Every token so far of several aligned per-token tensors, in time order; time is dimension 1 of each
+    ([B, T, ...]) unless `time_dims` says otherwise (a head-major [B, heads, T, D] cache: 2).
 
     The first update stores its tokens as they are (a prefill's cache holds no more than its tokens); later ones
     append in place into room that grows geometrically (`append_along`), so decoding T tokens copies O(T) in all.
     """
 
+    def __init__(self, time_dims: tuple[int, ...] | None = None):
+        super().__init__()
+        self.time_dims = time_dims
+
     def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Add `new` tokens; returns all tokens so far ([B, L, ...] each)."""
+        """Add `new` tokens; returns all tokens so far (L along each tensor's time dimension)."""
         if self.tensors is None:
             self.tensors = tuple(own(t) for t in new)
         else:
-            self.tensors = tuple(append_along(b, t.to(b.dtype), 1) for b, t in zip(self.tensors, new, strict=True))
+            dims = self.time_dims or (1,) * len(new)
+            self.tensors = tuple(
+                append_along(b, t.to(b.dtype), dim) for b, t, dim in zip(self.tensors, new, dims, strict=True)
+            )
         return self.tensors
 
 

@@ -106,6 +106,7 @@ def parallax_decode(
         q: queries `[B, H, D]` of the new token.
         r: probes `[B, H, D]`.
         k_cache: keys `[B, L, Hkv, D]`, already holding the new token's key at the end; H must be a multiple of Hkv.
+            Any strides with a contiguous last dimension are read in place (a head-major cache's view too).
         v_cache: values `[B, L, Hkv, D]`, likewise.
         cache_valid: `[B, L]` bool, False for slots nobody may see (padding, unfilled); None means all valid.
         scale: multiplier of q . k, default D ** -0.5.

@@ -271,7 +271,11 @@ def torch_parallax_decode(
     window: int | None = None,
 ) -> torch.Tensor:
     """One Parallax decode step; arguments and returns as in `naive_parallax_decode`. One query per sequence, so
-    the visible keys' scores are a single row `[B, H, L]`; GQA folds the G heads of a key head into that row."""
+    the visible keys' scores are a single row; GQA folds the G heads of a key head into it. The sums are the
+    forward's accumulators (module docstring) over that one row: [w; w s] against V in one product gives O1 and O2,
+    their row sums d1 and d2, so each key and value is read once and the row takes five elementwise passes.
+    The cache may be any strided view (a head-major `[B, Hkv, L, D]` storage seen as `[B, L, Hkv, D]` reads
+    each head's keys contiguously)."""
     check_decode_inputs(q, r, k_cache, v_cache, cache_valid, window)
     B, H, D = q.shape
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -286,15 +290,16 @@ def torch_parallax_decode(
         k_cache = k_cache.masked_fill(hidden[..., None, None], 0.0)
         v_cache = v_cache.masked_fill(hidden[..., None, None], 0.0)
     kk, vv = k_cache.permute(0, 2, 3, 1), v_cache.transpose(1, 2)  # [B, Hkv, D, W], [B, Hkv, W, D]
-    qr = torch.cat([q.view(B, Hkv, G, D), r.view(B, Hkv, G, D)], dim=2).to(dtype)  # one product reads each key once
-    zs = qr @ kk
-    z, s = zs[:, :, :G] * scale, zs[:, :, G:]  # [B, Hkv, G, W] each
+    qr = torch.cat([q.view(B, Hkv, G, D) * scale, r.view(B, Hkv, G, D)], dim=2).to(dtype)
+    zs = qr @ kk  # [B, Hkv, 2G, W]: z = scale q . k, then s = r . k
+    z, s = zs[:, :, :G], zs[:, :, G:]
     _cap(z, softcap)
     if hidden is not None:
-        z = z.masked_fill(hidden[:, None, None], float("-inf"))
+        z.masked_fill_(hidden[:, None, None], float("-inf"))
     m = z.amax(-1, keepdim=True)
-    w = torch.exp(z.sub_(m.where(m > float("-inf"), 0.0)))
-    d1 = w.sum(-1, keepdim=True)
-    p = w.div_(d1.where(d1 > 0, 1.0))  # all zeros for a query that sees no key
-    t_bar = (p * s).sum(-1, keepdim=True)
-    return (p.mul_(s.neg_().add_(1 + t_bar)) @ vv).view(B, H, D).to(q.dtype)  # p (1 + t_bar - s)
+    w = z.sub_(m.where(m > float("-inf"), 0.0)).exp_()
+    s.mul_(w)  # zs is now [w; w s]
+    d1, d2 = zs.sum(-1, keepdim=True).split(G, dim=2)  # [B, Hkv, G, 1] each
+    o1, o2 = (zs @ vv).split(G, dim=2)  # [B, Hkv, G, D] each
+    inv = torch.where(d1 > 0, 1 / d1, 0.0)  # a query that sees no key gets zeros
+    return (o1 * (1 + d2 * inv) - o2).mul_(inv).view(B, H, D).to(q.dtype)

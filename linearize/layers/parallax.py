@@ -31,21 +31,24 @@ from .base import LinearizedAttention
 
 
 class ParallaxCacheLayer(StateCacheLayer):
-    """RoPE'd keys and values [B, L, Hkv, D] and which slots hold a real token [B, L]: all tokens so far (growing
-    geometrically), or with a window a ring of the previous `window - 1`."""
+    """RoPE'd keys and values and which slots hold a real token [B, L]: with a window, a ring of the previous
+    `window - 1` ([B, L, Hkv, D]); without one, all tokens so far, growing geometrically and stored head-major
+    ([B, Hkv, L, D]), so that a decode step reads each head's keys and values as contiguous rows."""
 
     _tensor_fields = ("tokens",)
 
     def __init__(self, window: int | None):
         super().__init__()
-        self.tokens = RecentTokens(window - 1) if window else GrowingTokens()
+        self.tokens = RecentTokens(window - 1) if window else GrowingTokens(time_dims=(2, 2, 1))
 
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
-        """Add the new tokens; returns the keys, values and validity the new queries read: the cached ones and the
-        new ones (in time order for several new tokens; a one-token step may get them in ring order)."""
+        """Add the new tokens ([B, T, Hkv, D]); returns the keys and values ([B, P + T, Hkv, D], views of the
+        storage) and validity [B, P + T] the new queries read: the cached ones and the new ones (in time order for
+        several new tokens; a one-token step may get them in ring order)."""
         if isinstance(self.tokens, RecentTokens):
             return self.tokens.update(k, v, valid)[0]
-        return self.tokens.update(k, v, valid)
+        keys, values, valid = self.tokens.update(k.transpose(1, 2), v.transpose(1, 2), valid)
+        return keys.transpose(1, 2), values.transpose(1, 2), valid
 
 
 class ParallaxAttention(LinearizedAttention):

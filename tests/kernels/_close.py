@@ -20,3 +20,12 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float =
         return
     rel_err = ((ref - out).norm() / ref.norm()).item()
     assert rel_err < ratio, f"{name}: relative error {rel_err:.3e} >= {ratio:.1e} (max abs error {abs_err:.3e})"
+
+
+def head_major(x: torch.Tensor, room: int) -> torch.Tensor:
+    """`x` [B, L, H, D] as a view of a head-major [B, H, L + room, D] buffer whose room after each head is NaN (a
+    decode cache that grows in place): the same values, strided, with unwritten memory beside them."""
+    B, L, H, D = x.shape
+    buffer = torch.full((B, H, L + room, D), float("nan"), dtype=x.dtype, device=x.device)
+    buffer[:, :, :L] = x.transpose(1, 2)
+    return buffer[:, :, :L].transpose(1, 2)

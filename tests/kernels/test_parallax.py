@@ -19,7 +19,7 @@ from linearize.kernels.parallax import (
     torch_parallax_decode,
 )
 
-from tests.kernels._close import assert_close
+from tests.kernels._close import assert_close, head_major
 
 # (B, T, H, Hkv, D, P history keys, window, block_size, padding)
 SHAPES = {
@@ -188,6 +188,16 @@ def test_decode_is_last_row(shape_id, dtype, ratio):
         o = step(**_cast(args, dtype))
         assert o.dtype == dtype
         assert_close(step.__name__, last_row, o, ratio=ratio)
+
+
+@pytest.mark.parametrize("shape_id", ["T30-H2-Hkv1-D128-C64", "T45-H4-Hkv2-D64-w20-C16-middle"])
+def test_decode_reads_a_head_major_cache_in_place(shape_id):
+    """Parallax's growing cache is a head-major buffer with room after each head: the decode step reads the
+    strided view and never the room (NaN there), with every slot valid or some hidden."""
+    args, last_row = _decode_case(shape_id)
+    args |= {name: head_major(args[name], room=7) for name in ("k_cache", "v_cache")}
+    assert args["k_cache"].stride(1) == args["k_cache"].shape[-1]  # consecutive tokens of a head: adjacent rows
+    assert_close("o", last_row, torch_parallax_decode(**args))
 
 
 def test_decode_ignores_unfilled_slots():

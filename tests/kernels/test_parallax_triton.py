@@ -20,7 +20,7 @@ from linearize.kernels.parallax import (
 from linearize.kernels.parallax.decode_triton import triton_parallax_decode
 from linearize.kernels.parallax.triton import triton_parallax_attention
 
-from tests.kernels._close import assert_close
+from tests.kernels._close import assert_close, head_major
 from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE, needs_triton_device
 
 pytestmark = pytest.mark.triton
@@ -129,12 +129,14 @@ def test_half_precision_on_the_interpreter(shape_id, tiles, dtype):
         assert_close(name, ref[name], out[name], ratio=2e-2)
 
 
+@pytest.mark.parametrize("layout", ["token-major", "head-major"])
 @pytest.mark.parametrize("split", [None, 16])
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("config", DECODE_CONFIGS)
-def test_decode_matches_reference(config, window, split):
+def test_decode_matches_reference(config, window, split, layout):
     """GQA, a window, invalid slots holding NaN (never loaded), a row that sees no key; two key blocks of 16, in
-    one program or (split = 16) one part per program, merged by the combine kernel."""
+    one program or (split = 16) one part per program, merged by the combine kernel; the cache contiguous or a
+    view of a head-major buffer with NaN room after each head (what Parallax's growing cache holds), read in place."""
     device, dtype, ratio = DECODE_CONFIGS[config]
     gen = torch.Generator().manual_seed(4)
     B, H, Hkv, D, L = 3, 4, 2, 16, 29
@@ -144,6 +146,8 @@ def test_decode_matches_reference(config, window, split):
     cache_valid[2] = False  # a row whose every slot is invalid: zeros
     ref = naive_parallax_decode(q.double(), r.double(), k_cache.double(), v_cache.double(), cache_valid, window=window)
     k_cache, v_cache = (x.masked_fill(~cache_valid[:, :, None, None], float("nan")) for x in (k_cache, v_cache))
+    if layout == "head-major":
+        k_cache, v_cache = head_major(k_cache, room=5), head_major(v_cache, room=5)
     args = (x.to(device) for x in (q, r, k_cache, v_cache, cache_valid))
     o = triton_parallax_decode(*args, window=window, block_n=16, split=split)
     assert o.dtype == dtype

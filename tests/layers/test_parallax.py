@@ -98,3 +98,20 @@ def test_a_low_rank_probe_is_exact_at_conversion_and_learns_through_its_zero_fac
     assert reloaded.config.linearize["probe_rank"] == 4
     assert torch.equal(reloaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
     assert not torch.equal(reloaded(ids, use_cache=False).logits, source(ids).logits)
+
+
+def test_the_growing_cache_keeps_each_heads_tokens_as_adjacent_rows():
+    """Without a window the cache grows head-major ([B, Hkv, L, D] storage): a decode step reads each head's keys
+    and values as contiguous rows, and gets them back as [B, L, Hkv, D] views of that storage."""
+    model = converted_model("llama", "parallax")
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        cache = model(ids[:, :9], use_cache=True).past_key_values
+        for t in range(9, 12):
+            cache = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).past_key_values
+    layer = cache.layers[model.config.converted_layers()[0]]
+    keys, values, valid = layer.tokens.tensors
+    B, Hkv, L, D = keys.shape
+    assert (B, L) == (2, 12) and valid.shape == (2, 12)
+    for x in (keys, values):
+        assert x.stride(2) == D and x.stride(3) == 1
