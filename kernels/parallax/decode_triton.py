@@ -11,7 +11,8 @@ one part for the G query heads of a key head run side by side and read the same 
 
 With a single query the scores are row reductions (products in fp32 of the model-dtype cache) rather than tl.dot,
 so no tile needs 16 rows. Invalid or out-of-window slots are never loaded (unfilled cache slots may hold anything).
-Forward only: decoding needs no gradient.
+The cache is read through its strides, so Parallax's head-major growing cache (a `[B, L, HKV, D]` view of
+`[B, HKV, L + room, D]` storage) is not copied at each step. Forward only: decoding needs no gradient.
 """
 
 import math
@@ -38,30 +39,19 @@ def _output(b_o1, b_o2, b_d1, b_d2):
     return b_o1 * inv * (1.0 + b_d2 * inv) - b_o2 * inv
 
 
-@triton.jit
-def _load_cache_rows(x, head_offset, rows, row_stride, ok, cols, m_cols):
-    """x[b, rows, h, cols] in fp32, `[len(rows), len(cols)]`, from the offset of (b, h) and the row stride (a
-    token-major or head-major cache); rows where ~ok are never read (they may hold anything) and come back 0."""
-    p = x + head_offset + rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
-    return tl.load(p, mask=ok[:, None] & m_cols[None, :], other=0.0).to(tl.float32)
-
-
 @triton.jit(do_not_specialize=["L", "start", "split", "NS"])
 def parallax_decode_kernel(
     q,  # [B, H, D]
     r,  # [B, H, D]
-    k,  # [B, L, HKV, D], any strides but a contiguous last dimension
-    v,  # [B, L, HKV, D], likewise
+    k,  # [B, L, HKV, D], strided (token-major or head-major storage), the last dimension contiguous
+    v,  # [B, L, HKV, D], the same strides
     valid,  # [B, L] uint8
     o,  # [B, H, D]
     part_o,  # [B, H, NS, 2, D] fp32: O1 and O2 of each part (SPLIT only)
     part_s,  # [B, H, NS, 3] fp32: m, d1 and d2 of each part (SPLIT only)
-    stride_kb,
-    stride_kl,
-    stride_kh,
-    stride_vb,
-    stride_vl,
-    stride_vh,
+    stride_b,
+    stride_l,
+    stride_h,
     qk_scale,  # scale * log2(e)
     L,
     start,  # first slot inside the window
@@ -95,13 +85,15 @@ def parallax_decode_kernel(
     for n0 in range(lo, tl.minimum(lo + split, L), BN):
         o_n = n0 + tl.arange(0, BN)
         ok = valid_rows(valid, b64, o_n, L, HAS_VALID)
-        b_k = _load_cache_rows(k, b64 * stride_kb + i_hk * stride_kh, o_n, stride_kl, ok, o_d, m_d)  # [BN, BD]
+        p_kv = b64 * stride_b + i_hk * stride_h + o_n.to(tl.int64)[:, None] * stride_l + o_d[None, :]
+        m_kv = ok[:, None] & m_d[None, :]  # invalid slots are never read (they may hold anything)
+        b_k = tl.load(k + p_kv, mask=m_kv, other=0.0).to(tl.float32)  # [BN, BD]
         b_z = tl.sum(b_k * b_q[None, :], 1)[None, :] * qk_scale  # [1, BN]
         b_s = tl.sum(b_k * b_r[None, :], 1)[None, :]
         b_w, alpha, b_m, b_d1 = online_softmax(b_z, ok[None, :], b_m, b_d1)
         b_ws = b_w * b_s
         b_d2 = b_d2 * alpha + tl.sum(b_ws, 1)
-        b_v = _load_cache_rows(v, b64 * stride_vb + i_hk * stride_vh, o_n, stride_vl, ok, o_d, m_d)
+        b_v = tl.load(v + p_kv, mask=m_kv, other=0.0).to(tl.float32)
         b_o1 = b_o1 * alpha + tl.sum(tl.trans(b_w) * b_v, 0)
         b_o2 = b_o2 * alpha + tl.sum(tl.trans(b_ws) * b_v, 0)
 
@@ -172,13 +164,14 @@ def triton_parallax_decode(
     if cache_valid is not None:
         cache_valid = cache_valid.contiguous().view(torch.uint8)  # same bytes as bool, a plain integer pointer
     q, r = q.contiguous(), r.contiguous()
-    k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_cache, v_cache))  # rows as they lie
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():  # else read in place, rows as they lie
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     o = torch.empty_like(q)
     part_o = torch.empty(B, H, NS, 2, D, dtype=torch.float32, device=q.device) if NS > 1 else None
     part_s = torch.empty(B, H, NS, 3, dtype=torch.float32, device=q.device) if NS > 1 else None
     BD = pow2(D, 1)
     parallax_decode_kernel[(B * H, NS)](
-        q, r, k_cache, v_cache, cache_valid, o, part_o, part_s, *k_cache.stride()[:3], *v_cache.stride()[:3],
+        q, r, k_cache, v_cache, cache_valid, o, part_o, part_s, *k_cache.stride()[:3],
         scale * LOG2E, L, start, split, NS,
         H=H, HKV=HKV, G=H // HKV, D=D, BD=BD, BN=block_n, SPLIT=NS > 1, HAS_VALID=cache_valid is not None,
         num_warps=4 if BD * block_n < 8192 else 8,  # 32 elements of each fp32 [BN, BD] tile per thread (D <= 128)
