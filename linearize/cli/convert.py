@@ -27,6 +27,12 @@ SCORER_HELP = "With --softmax-layers auto:K, how a layer is scored: " + "; ".joi
 BAR_WIDTH = 30
 
 
+def method_text(plan) -> str:
+    """The method and its settings, as the plans print them: "parallax  {'window': None, 'probe_rank': 8}"."""
+    params = {k: v for k, v in plan.settings.items() if k not in LAYOUT_KEYS}
+    return f"{plan.settings['method']}  {params}"
+
+
 def _plan_table(plan) -> Table:
     from ..convert import PLAN_CONTEXT
 
@@ -36,8 +42,7 @@ def _plan_table(plan) -> Table:
     family = get_family(plan.config.base_model_type)
     specifics = family.specifics(plan.config)
     table.add_row("family", family.model_type + (f" ({'; '.join(specifics)})" if specifics else ""))
-    params = {k: v for k, v in plan.settings.items() if k not in LAYOUT_KEYS}
-    table.add_row("method", f"{plan.settings['method']}  {params}")
+    table.add_row("method", method_text(plan))
     for layers, fate in plan.layer_groups():
         table.add_row(f"layers {layers}", fate)
     if family.sliding_layers and "sliding_attention" in plan.config.layer_types:

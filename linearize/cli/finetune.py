@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .common import METHOD_HELP, Method, app, console, exits_on_error
+from .convert import method_text
 
 
 @app.command(
@@ -74,6 +76,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     table = Table(title=f"Fine-tuning plan: {source} -> {conv.method}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
+    table.add_row("method", method_text(plan))
     for layers, fate in plan.layer_groups():
         table.add_row(f"layers {layers}", fate)
     request = conv.selection_request()
@@ -83,7 +86,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
             "kept as softmax",
             f"{request.rule} ({request.scorer}, on {request.calibration}), chosen {when}",
         )
-    sources_text = ", ".join(s.label for s in recipe.data.sources)
+    sources_text = escape(", ".join(s.label for s in recipe.data.sources))  # "[train]" is not rich markup
     table.add_row("data", f"{sources_text}; packs of {recipe.data.seq_len} tokens, held out {recipe.data.held_out}")
     t = recipe.training
     table.add_row("batch", f"{t.micro_batch_size} x {t.grad_accum} accumulation per process")
@@ -92,7 +95,9 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         table.add_row(
             f"stage {i + 1}",
             f"{stage.kind}: trains {', '.join(stage.trainable)}; {length}; {stage.optimizer.name} "
-            f"lr {stage.optimizer.lr:g}, {stage.schedule.kind} schedule"
+            f"lr {stage.optimizer.lr:g}"
+            + (f" (added parameters {stage.optimizer.new_lr:g})" if stage.optimizer.new_lr else "")
+            + f", {stage.schedule.kind} schedule"
             + (f"; distils the original (kd_ratio {stage.kd_ratio:g})" if stage.kd_ratio else ""),
         )
     table.add_row("LoRA", f"r {recipe.lora.r}, alpha {recipe.lora.alpha:g} on {', '.join(recipe.lora.target_modules)}")

@@ -272,12 +272,16 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
         assert text in result.output
     assert not (tmp_path / "run").exists()
     selection = "conversion.selection={scorer: restore, after: attention_transfer, spread: true}"
-    args = [str(a) for a in ("finetune", recipe, "--dry-run", "conversion.softmax_layers=auto:2", selection)]
+    overrides = ["conversion.softmax_layers=auto:2", selection, "stages.0.optimizer.new_lr=0.0002"]
+    args = [str(a) for a in ("finetune", recipe, "--dry-run", *overrides, "data.sources=[{builtin: english}]")]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     shown = " ".join(result.output.split())
     assert "the highest-scoring layer of each of 2 equal stretches of the depth (restore, on builtin)" in shown
     assert "chosen after the attention transfer" in shown
+    assert "│ method │ liger {'window': 8, 'sinks': 0, 'mix': 0.5" in shown  # as convert --dry-run shows them
+    assert "adamw lr 0.01 (added parameters 0.0002)" in shown
+    assert "builtin english [train]; packs of" in shown  # a label in brackets is text, not rich markup
 
 
 def test_recipe_commands(tmp_path):
