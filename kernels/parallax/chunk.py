@@ -290,7 +290,7 @@ def torch_parallax_decode(
         k_cache = k_cache.masked_fill(hidden[..., None, None], 0.0)
         v_cache = v_cache.masked_fill(hidden[..., None, None], 0.0)
     kk, vv = k_cache.permute(0, 2, 3, 1), v_cache.transpose(1, 2)  # [B, Hkv, D, W], [B, Hkv, W, D]
-    qr = torch.cat([q.view(B, Hkv, G, D) * scale, r.view(B, Hkv, G, D)], dim=2).to(dtype)
+    qr = torch.cat([q.view(B, Hkv, G, D).to(dtype) * scale, r.view(B, Hkv, G, D).to(dtype)], dim=2)
     zs = qr @ kk  # [B, Hkv, 2G, W]: z = scale q . k, then s = r . k
     z, s = zs[:, :, :G], zs[:, :, G:]
     _cap(z, softcap)
