@@ -411,7 +411,7 @@ def convert_and_save(
     layer_scorer: str | None = None,
     calibration: str | None = None,
     calibration_windows: int | None = None,
-    spread_layers: bool = False,
+    spread_layers: bool | int = False,
     dtype: str = "auto",
     device: str = "auto",
     force: bool = False,
@@ -439,7 +439,8 @@ def convert_and_save(
             `selection.SCORERS`), the text source scored on (as `linearize eval --text` takes it; default the
             built-in corpus's training split) and how many 512-token windows of it (None: the defaults).
         spread_layers: with 'auto:K' only, keep the highest-scoring layer of each of K equal stretches of the depth
-            instead of the K highest-scoring layers.
+            instead of the K highest-scoring layers; a number S (1 to K): of each of S stretches, then the K - S
+            highest-scoring others.
         dtype: of the saved weights: "auto" (the source's), "float32", "bfloat16" or "float16".
         device: where to load and compare: "auto", "cpu", "cuda", "cuda:1", ...
         force: replace an existing output.
@@ -469,8 +470,8 @@ def convert_and_save(
     )
     if request is None and ((layer_scorer, calibration, calibration_windows) != (None, None, None) or spread_layers):
         raise LinearizeError(
-            "--layer-scorer, --calibration, --calibration-windows and --spread-layers say how --softmax-layers "
-            "auto:K chooses layers; add --softmax-layers auto:K or drop them"
+            "--layer-scorer, --calibration, --calibration-windows, --spread-layers and --spread-over say how "
+            "--softmax-layers auto:K chooses layers; add --softmax-layers auto:K or drop them"
         )
     if output is not None:
         _check_targets(Path(output), force, model, push_to_hub)

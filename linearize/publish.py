@@ -23,7 +23,7 @@ from .convert import INSTALL_COMMAND, layer_groups
 from .errors import LinearizeError
 from .hub import LOGIN_HINT, REPO_ID, check_can_push, check_repo_id
 from .methods import LAYOUT_KEYS
-from .selection import SCORERS, LayerSelection
+from .selection import SCORERS, LayerSelection, spread_flag
 from .sources import check_model_folder
 
 CARD_FILE = "README.md"
@@ -137,7 +137,7 @@ def _layers_section(config: dict[str, Any]) -> str:
         for layer, score in enumerate(selection.scores)
     )
     when = "after attention transfer" if selection.after == "attention_transfer" else "at conversion"
-    flags = f"--softmax-layers auto:{selection.k}" + (" --spread-layers" if selection.spread else "")
+    flags = f"--softmax-layers auto:{selection.k}" + spread_flag(selection.spread)
     return f"""{table}
 
 The layers kept as softmax attention ({kept}) were chosen by measurement (`{flags}`):

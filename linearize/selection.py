@@ -2,7 +2,8 @@
 
 Every layer gets a score, how much converting that layer alone hurts on calibration text, and the K layers with
 the highest scores stay softmax attention; or, with `spread`, the highest-scoring layer of each of K equal stretches
-of the depth (the kept layers spread over the model as `every:N` spreads them, at the places the scores choose).
+of the depth (the kept layers spread over the model as `every:N` spreads them, at the places the scores choose), or
+of S < K stretches and then the K - S highest-scoring others.
 Three scorers:
 
 - `output`: the converted layer's attention output against the original's, on the original model's inputs: the
@@ -51,14 +52,14 @@ CALIBRATION_CONTEXT = 512
 class SelectionRequest:
     """What `auto:K` asks for: keep the `k` layers that `scorer` ranks worst on `windows` x `context` tokens of
     `calibration` (a text source as `linearize eval --text` takes it), or with `spread` the worst of each of `k`
-    equal stretches of the depth."""
+    equal stretches of the depth (an integer S: of S stretches, then the k - S worst others)."""
 
     k: int
     scorer: str = DEFAULT_SCORER
     calibration: str = CALIBRATION_TEXT
     windows: int = CALIBRATION_WINDOWS
     context: int = CALIBRATION_CONTEXT
-    spread: bool = False
+    spread: bool | int = False
 
     @property
     def rule(self) -> str:
@@ -84,19 +85,20 @@ class LayerSelection:
     scores: list[float]
     calibration: str  # what the scores were measured on, in words
     after: str = "conversion"  # or "attention_transfer": scored with the trained converted layers
-    spread: bool = False  # one layer from each of k equal stretches of the depth
+    spread: bool | int = False  # one layer from each of k (or of `spread`) equal stretches of the depth
 
     @property
     def layers(self) -> list[int]:
-        """The kept layers, in layer order: the `k` highest-scoring, or with `spread` the highest-scoring of each
-        stretch of `depth_stretches` (ties go to the earlier layer)."""
-        if self.spread:
-            return [
-                max(stretch, key=lambda i: (self.scores[i], -i))
-                for stretch in depth_stretches(len(self.scores), self.k)
-            ]
-        ranked = sorted(range(len(self.scores)), key=lambda i: (-self.scores[i], i))
-        return sorted(ranked[: self.k])
+        """The kept layers, in layer order: the highest-scoring of each of the `spread` stretches of
+        `depth_stretches` (none without `spread`), then the highest-scoring others up to `k` (ties go to the
+        earlier layer)."""
+        stretches = stretch_count(self.k, self.spread)
+        chosen = [
+            max(stretch, key=lambda i: (self.scores[i], -i))
+            for stretch in (depth_stretches(len(self.scores), stretches) if stretches else [])
+        ]
+        others = sorted((i for i in range(len(self.scores)) if i not in chosen), key=lambda i: (-self.scores[i], i))
+        return sorted(chosen + others[: self.k - stretches])
 
     @property
     def rule(self) -> str:
@@ -106,11 +108,30 @@ class LayerSelection:
         return asdict(self)
 
 
-def _kept_rule(k: int, spread: bool) -> str:
+def stretch_count(k: int, spread: bool | int) -> int:
+    """Stretches of the depth that `spread` asks for: `k` for True, none for False, else the number given."""
+    if isinstance(spread, bool):
+        return k if spread else 0
+    return spread
+
+
+def spread_flag(spread: bool | int) -> str:
+    """The `linearize convert` flag that asks for `spread`, with a leading space ("" for none)."""
+    if isinstance(spread, bool):
+        return " --spread-layers" if spread else ""
+    return f" --spread-over {spread}"
+
+
+def _kept_rule(k: int, spread: bool | int) -> str:
     """Which layers `auto:K` keeps, in words."""
-    if spread:
-        return f"the highest-scoring layer of each of {k} equal stretches of the depth"
-    return f"the {k} highest-scoring layers" if k != 1 else "the highest-scoring layer"
+    stretches = stretch_count(k, spread)
+    if not stretches:
+        return f"the {k} highest-scoring layers" if k != 1 else "the highest-scoring layer"
+    rule = f"the highest-scoring layer of each of {stretches} equal stretches of the depth"
+    others = k - stretches
+    if others:
+        rule += f", then the {others} highest-scoring others" if others != 1 else ", then the highest-scoring other"
+    return rule
 
 
 def depth_stretches(num_layers: int, k: int) -> list[range]:
@@ -119,14 +140,15 @@ def depth_stretches(num_layers: int, k: int) -> list[range]:
 
 
 def parse_auto(
-    spec: str | None, scorer: str = DEFAULT_SCORER, spread: bool = False, **calibration
+    spec: str | None, scorer: str = DEFAULT_SCORER, spread: bool | int = False, **calibration
 ) -> SelectionRequest | None:
     """The request that a `--softmax-layers` value 'auto:K' makes, or None for any other value.
 
     Args:
         spec: the `--softmax-layers` value.
         scorer: a key of `SCORERS`.
-        spread: keep the highest-scoring layer of each of K equal stretches of the depth.
+        spread: keep the highest-scoring layer of each of K equal stretches of the depth; an integer S (1 to K):
+            of each of S stretches, then the K - S highest-scoring others.
         calibration: `calibration`, `windows` and `context` of `SelectionRequest` (None: the default).
     """
     if not spec or not spec.startswith(AUTO_PREFIX):
@@ -139,6 +161,11 @@ def parse_auto(
         )
     if scorer not in SCORERS:
         raise LinearizeError(f"unknown layer scorer '{scorer}'; choose one of: {', '.join(SCORERS)}")
+    if not isinstance(spread, bool) and not 1 <= spread <= int(count):
+        raise LinearizeError(
+            f"spreading auto:{count} over {spread} stretches of the depth: the number of stretches must be from 1 to "
+            f"K = {count} (each keeps one layer; the rest are the highest-scoring others)"
+        )
     settings = {k: v for k, v in calibration.items() if v is not None}
     return SelectionRequest(int(count), scorer, spread=spread, **settings)
 

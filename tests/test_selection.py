@@ -120,6 +120,22 @@ def test_spread_keeps_the_best_layer_of_each_stretch_of_the_depth():
     assert spread.rule == "the highest-scoring layer of each of 2 equal stretches of the depth"
 
 
+def test_spread_over_fewer_stretches_adds_the_best_others():
+    """spread = S < K: the best of each of S stretches, then the K - S highest-scoring layers not yet kept; S = K
+    is `spread=True`, and no spread is the K highest."""
+    scores = [1.0, 6.0, 0.0, 5.0, 4.0, 0.5, 3.0, 2.0]
+    assert LayerSelection(3, "loss", scores, "text", spread=2).layers == [1, 3, 4]  # 1 of 0-3, 4 of 4-7, then 3
+    three = LayerSelection(3, "loss", scores, "text", spread=3)
+    assert three.layers == [1, 3, 6] == LayerSelection(3, "loss", scores, "text", spread=True).layers  # 0-1 2-4 5-7
+    assert LayerSelection(3, "loss", scores, "text", spread=1).layers == [1, 3, 4]
+    rule = LayerSelection(3, "loss", scores, "text", spread=2).rule
+    assert rule == "the highest-scoring layer of each of 2 equal stretches of the depth, then the highest-scoring other"
+    assert parse_auto("auto:3", spread=2).spread == 2
+    for bad in (4, 0):
+        with pytest.raises(LinearizeError, match="must be from 1 to K = 3"):
+            parse_auto("auto:3", spread=bad)
+
+
 def with_lora(model, seed: int = 0):
     """`model` under peft LoRA on q/k/v/o with random, non-zero adapters (as training leaves them)."""
     from peft import LoraConfig, get_peft_model
@@ -273,6 +289,20 @@ def test_convert_auto_spread_keeps_one_layer_per_stretch(tiny_folder, tmp_path):
     card = " ".join(render_model_card(tmp_path / "out", "org/tiny-swa").split())
     assert "(`--softmax-layers auto:2 --spread-layers`)" in card
     assert "the highest-scoring layer of each of 2 equal stretches of the depth stayed softmax" in card
+    args[args.index("--spread-layers")] = "--spread-over"
+    args[args.index("--spread-over") + 1 : args.index("--spread-over") + 1] = ["1"]
+    args[-1] = tmp_path / "over"
+    done = CliRunner().invoke(app, [str(a) for a in args])
+    assert done.exit_code == 0, done.output
+    saved = json.loads((tmp_path / "over" / "config.json").read_text())["linearize"]
+    scores = saved["layer_selection"]["scores"]
+    best = max(range(LAYERS), key=scores.__getitem__)
+    assert saved["layer_selection"]["spread"] == 1
+    assert saved["softmax_layers"] == sorted(
+        [best, max((i for i in range(LAYERS) if i != best), key=scores.__getitem__)]
+    )
+    card = " ".join(render_model_card(tmp_path / "over", "org/tiny-swa").split())
+    assert "(`--softmax-layers auto:2 --spread-over 1`)" in card
 
 
 def test_convert_auto_errors_before_loading(tiny_folder, tmp_path):
@@ -282,7 +312,7 @@ def test_convert_auto_errors_before_loading(tiny_folder, tmp_path):
     )
     assert alone.exit_code == 1 and "add --softmax-layers auto:K or drop them" in " ".join(alone.output.split())
     spread = CliRunner().invoke(app, ["convert", str(tiny_folder / "source"), "-o", str(out), "--spread-layers"])
-    assert spread.exit_code == 1 and "--spread-layers say how" in " ".join(spread.output.split())
+    assert spread.exit_code == 1 and "--spread-over say how" in " ".join(spread.output.split())
     out = tmp_path / "out"
     base = ["convert", str(tiny_folder / "source"), "-o", str(out)]
     too_many = CliRunner().invoke(app, [*base, "--method", "swa", "--softmax-layers", "auto:9"])

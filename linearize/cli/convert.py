@@ -191,6 +191,16 @@ def convert(
             "like every:N) instead of the K highest-scoring layers, which may bunch together.",
         ),
     ] = False,
+    spread_over: Annotated[
+        int | None,
+        typer.Option(
+            "--spread-over",
+            min=1,
+            help="With auto:K, keep the highest-scoring layer of each of S equal stretches of the depth (1 to K), "
+            "then the K - S highest-scoring others: spread and peaks together (--spread-layers is S = K).",
+            show_default=False,
+        ),
+    ] = None,
     dtype: Annotated[Dtype, typer.Option(help="Dtype of the saved weights; auto keeps the source's.")] = "auto",
     device: Annotated[str, typer.Option(help="Device for loading and --verify: auto, cpu, cuda, cuda:1, ...")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
@@ -248,7 +258,7 @@ def convert(
             layer_scorer=layer_scorer.value if layer_scorer else None,
             calibration=calibration,
             calibration_windows=calibration_windows,
-            spread_layers=spread_layers,
+            spread_layers=spread_over or spread_layers,
             dtype=dtype.value,
             device=device,
             force=force,

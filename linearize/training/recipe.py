@@ -13,7 +13,7 @@ import hashlib
 import operator
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -66,10 +66,11 @@ class SelectionSection(_Strict):
         description="score before training, or after the attention_transfer stages that open the recipe (scores "
         "from the trained converted layers; the kept layers' transfer is discarded)",
     )
-    spread: bool = Field(
+    spread: bool | Annotated[int, Field(ge=1)] = Field(
         False,
-        description="keep the highest-scoring layer of each of K equal stretches of the depth instead of the K "
-        "highest-scoring layers",
+        description="true: keep the highest-scoring layer of each of K equal stretches of the depth instead of the K "
+        "highest-scoring layers; a number S (1 to K): the best of each of S stretches, then the K - S "
+        "highest-scoring others",
     )
 
 
@@ -474,7 +475,8 @@ conversion:
   method: {method}
 {options}  softmax_layers: ""    # layers kept as softmax attention, e.g. "0,8,16", "every:8" or "auto:4"
   selection: null       # with auto:K, e.g. {{scorer: loss, calibration: builtin, windows: 4, after: conversion,
-                        #   spread: false}} (spread: the best layer of each K-th of the depth)
+                        #   spread: false}} (spread: the best layer of each K-th of the depth; a number S: of S
+                        #   stretches, then the K - S highest-scoring others)
 
 data:
   sources:
