@@ -22,7 +22,7 @@ from .families import CONVERT_LAYERS, get_family
 from .generation import load_for_inference, pick_device
 from .hub import check_can_push, check_repo_id
 from .layers.base import LinearizedAttention
-from .methods import MethodSettings, get_method, method_settings
+from .methods import LAYOUT_KEYS, MethodSettings, get_method, method_settings
 from .models import LinearizeConfig, LinearizeForCausalLM
 from .outputs import atomic_folder, check_output_folder
 from .selection import DEFAULT_SCORER, LayerSelection, parse_auto, select_layers
@@ -197,6 +197,11 @@ class ConversionPlan:
         """How 'auto:K' chose the kept layers, once scored."""
         saved = self.settings.get("layer_selection")
         return LayerSelection(**saved) if saved else None
+
+    def method_text(self) -> str:
+        """The method and its settings, as the plans print them: "parallax  {'window': None, 'probe_rank': 8}"."""
+        params = {k: v for k, v in self.settings.items() if k not in LAYOUT_KEYS}
+        return f"{self.settings['method']}  {params}"
 
     def layer_groups(self) -> list[tuple[str, str]]:
         """Runs of consecutive layers with the same fate, as ('0-7', 'liger') pairs."""

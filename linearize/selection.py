@@ -94,8 +94,7 @@ class LayerSelection:
         earlier layer)."""
         stretches = stretch_count(self.k, self.spread)
         chosen = [
-            max(stretch, key=lambda i: (self.scores[i], -i))
-            for stretch in (depth_stretches(len(self.scores), stretches) if stretches else [])
+            max(stretch, key=lambda i: (self.scores[i], -i)) for stretch in depth_stretches(len(self.scores), stretches)
         ]
         others = sorted((i for i in range(len(self.scores)) if i not in chosen), key=lambda i: (-self.scores[i], i))
         return sorted(chosen + others[: self.k - stretches])

@@ -303,6 +303,8 @@ def test_convert_auto_spread_keeps_one_layer_per_stretch(tiny_folder, tmp_path):
     )
     card = " ".join(render_model_card(tmp_path / "over", "org/tiny-swa").split())
     assert "(`--softmax-layers auto:2 --spread-over 1`)" in card
+    both = CliRunner().invoke(app, [str(a) for a in [*args[:-1], tmp_path / "both", "--spread-layers"]])
+    assert both.exit_code == 1 and "--spread-layers is --spread-over K; give one of them" in both.output
 
 
 def test_convert_auto_errors_before_loading(tiny_folder, tmp_path):

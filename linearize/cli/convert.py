@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ..errors import LinearizeError
 from ..families import CONVERT_LAYERS, get_family
-from ..methods import LAYOUT_KEYS, all_parameters, describe_parameter
+from ..methods import all_parameters, describe_parameter
 from ..selection import CALIBRATION_WINDOWS, DEFAULT_SCORER, SCORERS
 from .common import METHOD_HELP, Dtype, Method, app, console, exits_on_error, human_size, progress_bar
 
@@ -27,12 +27,6 @@ SCORER_HELP = "With --softmax-layers auto:K, how a layer is scored: " + "; ".joi
 BAR_WIDTH = 30
 
 
-def method_text(plan) -> str:
-    """The method and its settings, as the plans print them: "parallax  {'window': None, 'probe_rank': 8}"."""
-    params = {k: v for k, v in plan.settings.items() if k not in LAYOUT_KEYS}
-    return f"{plan.settings['method']}  {params}"
-
-
 def _plan_table(plan) -> Table:
     from ..convert import PLAN_CONTEXT
 
@@ -42,7 +36,7 @@ def _plan_table(plan) -> Table:
     family = get_family(plan.config.base_model_type)
     specifics = family.specifics(plan.config)
     table.add_row("family", family.model_type + (f" ({'; '.join(specifics)})" if specifics else ""))
-    table.add_row("method", method_text(plan))
+    table.add_row("method", plan.method_text())
     for layers, fate in plan.layer_groups():
         table.add_row(f"layers {layers}", fate)
     if family.sliding_layers and "sliding_attention" in plan.config.layer_types:
@@ -247,6 +241,8 @@ def convert(
 
     if output is None and not dry_run:
         raise LinearizeError("pass an output folder with -o/--output (or use --dry-run)")
+    if spread_layers and spread_over:
+        raise LinearizeError("--spread-layers is --spread-over K; give one of them")
     report = _ConsoleReport(model)
     try:
         conversion = convert_and_save(
@@ -258,7 +254,7 @@ def convert(
             layer_scorer=layer_scorer.value if layer_scorer else None,
             calibration=calibration,
             calibration_windows=calibration_windows,
-            spread_layers=spread_over or spread_layers,
+            spread_layers=spread_over or spread_layers,  # both given: refused above
             dtype=dtype.value,
             device=device,
             force=force,

@@ -11,7 +11,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from .common import METHOD_HELP, Method, app, console, exits_on_error
-from .convert import method_text
 
 
 @app.command(
@@ -76,7 +75,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     table = Table(title=f"Fine-tuning plan: {source} -> {conv.method}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("method", method_text(plan))
+    table.add_row("method", plan.method_text())
     for layers, fate in plan.layer_groups():
         table.add_row(f"layers {layers}", fate)
     request = conv.selection_request()

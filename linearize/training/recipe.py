@@ -145,7 +145,7 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
         if self.method in METHODS:
             try:
                 method_settings(self.method, spell=lambda name: f"conversion.{name}", **self.options())
-                request = parse_auto(self.softmax_layers)
+                request = self.selection_request()  # K, and the spread against K
             except LinearizeError as error:
                 raise ValueError(str(error).replace("--softmax-layers", "softmax_layers")) from None
             if self.selection is not None and request is None:

@@ -105,6 +105,10 @@ def test_softmax_layers_may_be_numbers():
             "method 'parallax' computes the original attention exactly until trained",
         ),
         (
+            "conversion: {softmax_layers: auto:2, selection: {spread: 3}}\n",
+            "conversion: .*spreading auto:2 over 3 stretches .* from 1 to K = 2",
+        ),
+        (
             "conversion: {softmax_layers: auto:2, selection: {after: attention_transfer}}\n",
             "stages.0 is a lora stage; put an attention_transfer stage first",
         ),
