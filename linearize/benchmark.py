@@ -66,10 +66,13 @@ class _LiveTensorBytes(TorchDispatchMode):
             if ref.expired():
                 del self.live[key]
                 self.current -= nbytes
+        # views and in-place results reuse their input's storage: counted already, or older than the mode (a
+        # weight), and then not the prefill's memory
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 ref = StorageWeakRef(tensor.untyped_storage())
-                if ref.cdata not in self.live:  # views and in-place results reuse a storage already counted
+                if ref.cdata not in self.live and ref.cdata not in inputs:
                     nbytes = tensor.untyped_storage().nbytes()
                     self.live[ref.cdata] = (ref, nbytes)
                     self.current += nbytes

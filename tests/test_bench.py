@@ -41,7 +41,9 @@ def test_converted_cache_is_constant_and_the_original_grows(result):
 
 def test_peak_memory_counts_tensors_alive_at_once():
     kept = torch.ones(1024)  # created before: not counted
+    weight = torch.nn.Parameter(torch.ones(64, 64))  # nor its views (a weight that an op reshapes)
     with peak_memory(torch.device("cpu")) as peak:
+        transposed = weight.t()
         for _ in range(3):
             scratch = torch.ones(2**20)  # 4 MiB, dropped at the next iteration's assignment
             view = scratch[:10]  # shares the storage: not counted again
@@ -50,7 +52,7 @@ def test_peak_memory_counts_tensors_alive_at_once():
         both = (torch.zeros(2**18), torch.zeros(2**18))  # 1 MiB each, alive together
     # at the peak, the new 4 MiB buffer is created while the previous one and the previous 4-byte sum still live
     assert peak.bytes == 2 * 4 * 2**20 + 4
-    assert kept.sum() == 1024 and total.item() == 2**20 and len(both) == 2
+    assert kept.sum() == 1024 and total.item() == 2**20 and len(both) == 2 and transposed.shape == (64, 64)
 
 
 def test_table_has_both_models_and_their_ratios(result):

@@ -1,7 +1,8 @@
 """Blockwise STILL in PyTorch: no [T, T] matrix, differentiable through autograd.
 
 Self-saliency: every block of queries is scored against the keys its window reaches (overlapping views of the
-padded key sequence), blocks batched in groups of bounded size, so the cost is linear in T.
+padded key sequence), blocks batched in groups of bounded size, so the cost is linear in T; one exponential per
+logit gives both of the score's softmaxes (the reference computes them apart).
 
 Attention: chunk c reads exactly its own keys, all keys of chunk c - 1 and the salient keys of chunks 0..c-2,
 [B, H, C, 2C + salient so far] logits. The non-salient keys of a chunk enter the linear state ([B, H, F, Dv] and
@@ -13,7 +14,42 @@ whose backward would also write a full-size gradient per slice).
 import torch
 import torch.nn.functional as F
 
-from .reference import smoothed_self_kl, zero_invalid
+from .reference import SALIENCY_EPS, zero_invalid
+
+
+def _pad_time(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """`[B, T, ...]` -> `[B, T + pad, ...]`, zeros after; x itself when pad is 0 (F.pad would copy it)."""
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x
+
+
+def _self_kl_one_exp(z: torch.Tensor, others: torch.Tensor, z_self: torch.Tensor, window: int) -> torch.Tensor:
+    """`smoothed_self_kl` (reference.py) from one exponential of the logits instead of two softmaxes.
+
+    With b the softmax over the window without the query's own key and alpha the self weight, the softmax over the
+    whole window is alpha at the self slot and (1 - alpha) b elsewhere; alpha = sigmoid(z_self - logsumexp(others))
+    stays exact however far the self logit stands above the others.
+
+    Args:
+        z: logits `[..., K]` of one query against K candidate keys.
+        others: `[..., K]` bool (broadcastable), the keys of the query's window W_t except its own.
+        z_self: the logit of the query's own key `[...]`.
+        window: l, the nominal window length.
+
+    Returns:
+        Scores `[...]`.
+    """
+    eps = SALIENCY_EPS
+    z = z.masked_fill(~others, float("-inf"))
+    m = z.amax(-1, keepdim=True)
+    e = (z - m.masked_fill(m == float("-inf"), 0.0)).exp_()  # zero outside `others`
+    total = e.sum(-1, keepdim=True)  # 0 when the window holds only the query, else >= 1 (the max's term)
+    self_margin = z_self[..., None] - (m + total.log())  # +inf without others: alpha = 1
+    diag_scale, nodiag_scale = 1 + window * eps, 1 + window * eps + 1 / window
+    b = e.div_(total.clamp_min(1.0))
+    diag = b * (torch.sigmoid(-self_margin) / diag_scale) + eps / diag_scale
+    kl = torch.where(others, diag * torch.log(diag / (b / nodiag_scale + (eps / nodiag_scale + eps))), 0.0)
+    diag_self = (torch.sigmoid(self_margin[..., 0]) + eps) / diag_scale
+    return kl.sum(-1) + diag_self * torch.log(diag_self / (1 / window + 2 * eps))  # nodiag's self slot: 1/l + eps
 
 
 @torch.no_grad()
@@ -23,8 +59,8 @@ def chunk_self_saliency(
     window: int = 64,
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
-    block_size: int = 64,
-    block_logits: int = 1 << 16,
+    block_size: int = 16,
+    block_logits: int = 1 << 17,
 ) -> torch.Tensor:
     """Self-saliency score of every token over its window of the last `window` valid keys (itself included).
 
@@ -34,9 +70,11 @@ def chunk_self_saliency(
         window: l, keys the window reaches back, counting the token itself.
         scale: logit multiplier, default D ** -0.5.
         key_valid: `[B, T]` bool, False at padding; None means all valid.
-        block_size: queries per block.
+        block_size: queries per block; a block scores its queries against the block + window - 1 keys they
+            reach, so small blocks waste few logits (16 with 2^17 logits took 0.76x the time of 64 with 2^16 on a
+            CPU at T = 512 and 8192, and 2^16 took 0.3x the time of all blocks at once at T = 8192).
         block_logits: about the most logits per batch row scored at once (memory and speed, not results, depend
-            on it: on a CPU, 2^16 takes 0.3x the time of scoring all blocks at once at T = 8192, 0.7x at 512).
+            on it).
 
     Returns:
         Detached fp32 scores `[B, T, H]`, -inf at invalid positions.
@@ -52,7 +90,7 @@ def chunk_self_saliency(
     q, k = (zero_invalid(x, key_valid, torch.promote_types(q.dtype, torch.float32)) for x in (q, k))
 
     # block n holds queries n*Bq + r and keys n*Bq - (window - 1) + c, c < W; keys before 0 are padding
-    q = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B, N, Bq, Hkv, H // Hkv, D)
+    q = _pad_time(q, pad).view(B, N, Bq, Hkv, H // Hkv, D)
     k = F.pad(k, (0, 0, 0, 0, window - 1, pad)).unfold(1, W, Bq)  # [B, N, Hkv, D, W]
     keys_valid = F.pad(valid, (window - 1, pad), value=False).unfold(1, W, Bq)  # [B, N, W]
 
@@ -65,8 +103,9 @@ def chunk_self_saliency(
     for n0 in range(0, N, step):
         n = slice(n0, n0 + step)
         z = torch.einsum("bnrkgd,bnkdc->bnkgrc", q[:, n], k[:, n]).flatten(2, 3) * scale  # [B, n, H, Bq, W]
-        in_window = (c >= r) & (c < r + window) & keys_valid[:, n, None, None, :]  # [B, n, 1, Bq, W]
-        scores.append(smoothed_self_kl(z, in_window, c == r + window - 1, window))  # [B, n, H, Bq]
+        others = (c >= r) & (c < r + window - 1) & keys_valid[:, n, None, None, :]  # [B, n, 1, Bq, W]
+        z_self = z.diagonal(window - 1, -2, -1)  # [B, n, H, Bq]: query r's own key is key r + window - 1
+        scores.append(_self_kl_one_exp(z, others, z_self, window))  # [B, n, H, Bq]
     scores = torch.cat(scores, dim=1).transpose(2, 3).reshape(B, N * Bq, H)[:, :T]
     return scores.masked_fill(~valid[..., None], float("-inf"))
 
@@ -105,6 +144,34 @@ def _sum_two_chunks_behind(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x[:, :2]), x[:, :-2]], dim=1).cumsum(1)
 
 
+def _linear_part(q_feat, k_feat, v, gate, linear_keys, chunk_size):
+    """Gated linear numerator and normalizer of every query: chunk n reads the state of chunks 0..n-2, a prefix sum
+    of per-chunk states shifted by two.
+
+    Args:
+        q_feat: query features `[B, N * C, H, F]`.
+        k_feat: key features `[B, N * C, H, F]`.
+        v: values `[B, N * C, Hkv, Dv]`.
+        gate: `[B, N * C, H, Dv]`.
+        linear_keys: `[B, N * C, H]` bool, the keys that enter the state (valid and not salient).
+        chunk_size: C.
+
+    Returns:
+        num `[B, N, C, H, Dv]`, den `[B, N, C, H]`.
+    """
+    B, L, H, Fd = q_feat.shape
+    Hkv, Dv = v.shape[2:]
+    C = chunk_size
+    N = L // C
+    k_feat = k_feat.masked_fill(~linear_keys[..., None], 0.0).view(B, N, C, Hkv, H // Hkv, Fd)
+    chunk_states = torch.einsum("bnckgf,bnckd->bnkgfd", k_feat, v.view(B, N, C, Hkv, Dv)).flatten(2, 3)
+    states = _sum_two_chunks_behind(chunk_states)  # [B, N, H, F, Dv]
+    norms = _sum_two_chunks_behind(k_feat.sum(2).flatten(2, 3))  # [B, N, H, F]
+    q_feat = q_feat.view(B, N, C, H, Fd)
+    num = gate.view(B, N, C, H, Dv) * torch.einsum("bnchf,bnhfd->bnchd", q_feat, states)
+    return num, torch.einsum("bnchf,bnhf->bnch", q_feat, norms)
+
+
 def _softmax_part(q, kw, vw, window_mask, ks, vs, ks_mask, scale, softcap=None):
     """Unnormalised softmax part of a block of query chunks: sum_S e^(z - m) v and sum_S e^(z - m).
 
@@ -125,21 +192,21 @@ def _softmax_part(q, kw, vw, window_mask, ks, vs, ks_mask, scale, softcap=None):
     B, n, C, H, D = q.shape
     Hkv = kw.shape[3]
     G = H // Hkv
-    S = ks.shape[1]
+    # window and salient logits stay two tensors (no joined copy): each is exponentiated and multiplied apart
     z_window = torch.einsum("bnrkgd,bnckd->bnkgrc", q.view(B, n, C, Hkv, G, D), kw).flatten(2, 3) * scale
     z_salient = torch.einsum("bnrhd,bshd->bnhrs", q, ks) * scale  # [B, n, H, C, S]
     if softcap is not None:
         z_window, z_salient = (softcap * torch.tanh(z / softcap) for z in (z_window, z_salient))
     z_window = z_window.masked_fill(~window_mask[:, :, None], float("-inf"))  # [B, n, H, C, 2C]
     z_salient = z_salient.masked_fill(~ks_mask.transpose(2, 3)[:, :, :, None], float("-inf"))
-    z = torch.cat([z_salient, z_window], dim=-1)  # [B, n, H, C, S + 2C]
-    m = z.amax(-1, keepdim=True)
-    p = torch.exp(z - m.masked_fill(m == float("-inf"), 0.0))  # a padded query may have no key
-    p_salient, p_window = p.split([S, 2 * C], dim=-1)
-    num = torch.einsum("bnhrs,bshd->bnrhd", p_salient, vs)
-    p_window = p_window.view(B, n, Hkv, G, C, 2 * C)
-    num = num + torch.einsum("bnkgrc,bnckd->bnrkgd", p_window, vw).flatten(3, 4)
-    return num, p.sum(-1).transpose(2, 3)
+    m = z_window.amax(-1, keepdim=True)
+    if z_salient.shape[-1]:
+        m = torch.maximum(m, z_salient.amax(-1, keepdim=True))
+    m = m.masked_fill(m == float("-inf"), 0.0)  # a padded query may have no key
+    p_window, p_salient = (z_window - m).exp_(), (z_salient - m).exp_()
+    num = torch.einsum("bnkgrc,bnckd->bnrkgd", p_window.view(B, n, Hkv, G, C, 2 * C), vw).flatten(3, 4)
+    num = num + torch.einsum("bnhrs,bshd->bnrhd", p_salient, vs)
+    return num, (p_window.sum(-1) + p_salient.sum(-1)).transpose(2, 3)
 
 
 def chunk_still_attention(
@@ -180,8 +247,7 @@ def chunk_still_attention(
         o `[B, T, H, Dv]` in q.dtype.
     """
     B, T, H, D = q.shape
-    Hkv, Dv, Fd = k.shape[2], v.shape[-1], q_feat.shape[-1]
-    G = H // Hkv
+    Hkv = k.shape[2]
     C = chunk_size
     N = -(-T // C)
     pad = N * C - T
@@ -189,21 +255,12 @@ def chunk_still_attention(
     dtype, acc = q.dtype, torch.promote_types(q.dtype, torch.float32)  # accumulate in fp32 at least
     valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
     q, k, v, q_feat, k_feat, gate = (
-        F.pad(zero_invalid(x, key_valid, acc), (0, 0, 0, 0, 0, pad)) for x in (q, k, v, q_feat, k_feat, gate)
+        _pad_time(zero_invalid(x, key_valid, acc), pad) for x in (q, k, v, q_feat, k_feat, gate)
     )
     valid = F.pad(valid, (0, pad), value=False)
     salient = F.pad(salient, (0, 0, 0, pad), value=False) & valid[..., None]  # [B, N*C, H]
-    # the linear part reads the valid non-salient keys; zeroing the others keeps them out of the state
-    k_feat = k_feat.masked_fill(~(valid[..., None] & ~salient)[..., None], 0.0)
-
-    # linear part: chunk n reads the state of chunks 0..n-2, a prefix sum of per-chunk states shifted by two
-    k_feat = k_feat.view(B, N, C, Hkv, G, Fd)
-    chunk_states = torch.einsum("bnckgf,bnckd->bnkgfd", k_feat, v.view(B, N, C, Hkv, Dv)).flatten(2, 3)
-    states = _sum_two_chunks_behind(chunk_states)  # [B, N, H, F, Dv]
-    norms = _sum_two_chunks_behind(k_feat.sum(2).flatten(2, 3))  # [B, N, H, F]
-    q_feat = q_feat.view(B, N, C, H, Fd)
-    linear_num = gate.view(B, N, C, H, Dv) * torch.einsum("bnchf,bnhfd->bnchd", q_feat, states)
-    linear_den = torch.einsum("bnchf,bnhf->bnch", q_feat, norms)
+    # the linear part reads the valid non-salient keys; its temporaries are freed before the softmax part's
+    linear_num, linear_den = _linear_part(q_feat, k_feat, v, gate, valid[..., None] & ~salient, C)
 
     # softmax part: chunk n reads chunks n - 1 and n whole, and the salient keys of chunks 0..n-2
     old = max(N - 2, 0) * C

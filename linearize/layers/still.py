@@ -125,10 +125,10 @@ class StillAttention(LinearizedAttention):
         q, k, v, _ = self.project(hidden_states)
         q, k = self.rotate(q, k, position_embeddings)  # [B, T, H, D], [B, T, Hkv, D]
         gate = torch.sigmoid(self.g_proj(hidden_states)).view(batch, length, self.num_heads, self.head_dim)
-        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if valid is None else valid
         if state is None or state.real_tokens is None:
             o = self._prefill(q, k, v, gate, valid, state)
         else:  # continuing a cached sequence: token by token, each exactly as the chunk-parallel form sees it
+            valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if valid is None else valid
             o = torch.cat([self._decode_step(q[:, t], k[:, t], v[:, t], gate[:, t], valid[:, t], state) for t in
                            range(length)], dim=1)  # fmt: skip
         if state is not None:
@@ -144,13 +144,17 @@ class StillAttention(LinearizedAttention):
 
     # -- prefill and training ------------------------------------------------------------------------------------
     def _prefill(self, q, k, v, gate, valid, state):
-        """The chunk-parallel form over rows packed to start at their first real token; fills `state` if given."""
-        order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)  # [B, T]: real tokens first, in order
+        """The chunk-parallel form over rows packed to start at their first real token; fills `state` if given.
+        Without padding (`valid` None or all True) the rows are used as they are, with the ops' unmasked paths."""
+        if valid is not None and bool(valid.all()):
+            valid = None
+        if valid is not None:
+            order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)  # [B, T]: real tokens first
 
-        def pack(x):
-            return x.gather(1, order.view(*order.shape, *[1] * (x.dim() - 2)).expand_as(x))
+            def pack(x):
+                return x.gather(1, order.view(*order.shape, *[1] * (x.dim() - 2)).expand_as(x))
 
-        q, k, v, gate, valid = (pack(x) for x in (q, k, v, gate, valid))
+            q, k, v, gate, valid = (pack(x) for x in (q, k, v, gate, valid))
         scores = self_saliency(q, k, window=self.chunk_size, scale=self.scaling, key_valid=valid, backend=self.backend)
         salient = select_salient(scores, chunk_size=self.chunk_size, topk=self.topk, backend=self.backend)  # [B, T, H]
         k_feat = self._features(self.k_map, k.repeat_interleave(self.groups, dim=2))
@@ -160,11 +164,14 @@ class StillAttention(LinearizedAttention):
         )  # fmt: skip
         if state is not None:
             self._fill_cache(state, k, v, k_feat, scores, salient, valid)
+        if valid is None:
+            return o
         return o.new_empty(o.shape).scatter(1, order.view(*order.shape, 1, 1).expand_as(o), o)  # input order
 
     def _fill_cache(self, state, k, v, k_feat, scores, salient, valid):
         """Cache after a prefill of packed rows: chunks before the last two are folded, the last two are raw."""
-        batch, length = valid.shape
+        batch, length = k.shape[:2]
+        valid = torch.ones(batch, length, dtype=torch.bool, device=k.device) if valid is None else valid
         C = self.chunk_size
         real = valid.sum(1)  # [B]
         position = torch.arange(length, device=k.device)

@@ -243,6 +243,19 @@ def test_saliency_is_a_function_of_self_weight(backend, alpha, expected):
     assert score == pytest.approx(expected, rel=0.02, abs=1e-3)
 
 
+@pytest.mark.parametrize("gap", [30.0, 200.0])
+def test_saliency_holds_when_the_self_logit_dominates(gap):
+    """The torch path's one exponential shifts by the other keys' max: a self logit 200 above them (where e^(z - m)
+    over the whole window underflows in fp32 for every other key) still gives the float64 reference's score."""
+    T, D = 64, 64
+    q, k = torch.zeros(1, T, 1, D), torch.randn(1, T, 1, D) * 0.1
+    k[0, -1, 0, 0] = 1.0
+    q[0, -1, 0, 0] = gap  # self logit about `gap` above the others', with scale 1
+    ref = naive_self_saliency(q.double(), k.double(), window=64, scale=1.0)[0, -1, 0].item()
+    score = self_saliency(q, k, window=64, scale=1.0, backend="torch")[0, -1, 0].item()
+    assert score == pytest.approx(ref, rel=1e-5) and score == pytest.approx(math.log(64), rel=1e-3)
+
+
 def test_select_salient_keeps_highest_valid_per_chunk_and_head():
     scores = torch.tensor(
         [
