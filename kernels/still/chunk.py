@@ -71,8 +71,8 @@ def chunk_self_saliency(
         scale: logit multiplier, default D ** -0.5.
         key_valid: `[B, T]` bool, False at padding; None means all valid.
         block_size: queries per block; a block scores its queries against the block + window - 1 keys they
-            reach, so small blocks waste few logits (16 with 2^17 logits took 0.76x the time of 64 with 2^16 on a
-            CPU at T = 512 and 8192, and 2^16 took 0.3x the time of all blocks at once at T = 8192).
+            reach, so small blocks waste few logits (16 with 2^17 logits took 0.65x the time of 64 with 2^16 on a
+            CPU at T = 512 and 8192, same formula, and 2^16 took 0.3x the time of all blocks at once at T = 8192).
         block_logits: about the most logits per batch row scored at once (memory and speed, not results, depend
             on it).
 
