@@ -98,6 +98,8 @@ def main() -> None:
         if name.startswith("auto-"):
             overrides.append(f"conversion.selection.scorer={name.removeprefix('auto-').removesuffix(SPREAD)}")
             overrides.append(f"conversion.selection.spread={name.endswith(SPREAD)}")
+        else:
+            overrides.append("conversion.selection=null")  # named layers: a recipe's selection would not apply
         models[name], minutes[name] = trained(load_recipe(args.recipe, overrides))
     kept = {name: model.config.linearize["softmax_layers"] for name, model in models.items() if name != "original"}
 
