@@ -52,7 +52,9 @@ def chunk_sliding_window_attention(
     pad = N * Bq - T
 
     # block n holds queries n*Bq + r (r < Bq) and keys lo + n*Bq + c (c < W), lo = first key query 0 can see
-    q = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B, N, Bq, H, D).transpose(2, 3).reshape(B * N, H, Bq, D)
+    if pad:  # F.pad copies even when it pads nothing
+        q = F.pad(q, (0, 0, 0, 0, 0, pad))
+    q = q.reshape(B, N, Bq, H, D).transpose(2, 3).reshape(B * N, H, Bq, D)
     lo = S - T - window + 1
     valid = torch.ones(B, S, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
     # keys before position 0 are padding and must be masked; keys after S only meet padded queries
