@@ -2,17 +2,17 @@
 after the same recipe, on held-out text.
 
     python benchmarks/layer_selection.py --recipe recipes/smollm2-135m-liger.yaml --text wikitext2_valid.txt \
-        [--k 5] [--every 6] [--seed 0] [--variants auto-loss,auto-restore-spread,every,random] [--json out.json] \
-        [key=value ...]
+        [--k 5] [--every 6] [--seed 0] [--variants auto-loss,auto-restore-spread,every,random] [--no-scoring-cost] \
+        [--json out.json] [key=value ...]
 
-First the cost of scoring: the recipe's conversion with every layer converted, scored once by each scorer as the
-recipe does at conversion (seconds on `--threads` threads, with the layers each one keeps). Then every variant runs
-the recipe in its own folder (`<output.dir>-<variant>`, reused when its model is there) with
-`conversion.softmax_layers` set, and the trained models are measured next to the original: perplexity over
-`--windows` x `--context` tokens of `--text` (never trained on), perplexity by position over `--long-windows` x
-`--long-context` tokens in stretches of `--block`, and passkey retrieval at `--passkey-contexts` (`--trials` keys
-at each of 5 depths). `key=value` overrides apply to every variant's recipe. A variant `auto-SCORER` keeps the K
-layers SCORER ranks worst; `auto-SCORER-spread` the worst of each K-th of the depth.
+First (unless `--no-scoring-cost`) the cost of scoring: the recipe's conversion with every layer converted, scored
+once by each scorer as the recipe does at conversion (seconds on `--threads` threads, with the layers each one
+keeps). Then every variant runs the recipe in its own folder (`<output.dir>-<variant>`, reused when its model is
+there) with `conversion.softmax_layers` set, and the trained models are measured next to the original: perplexity
+over `--windows` x `--context` tokens of `--text` (never trained on), perplexity by position over `--long-windows` x
+`--long-context` tokens in stretches of `--block`, and passkey retrieval at `--passkey-contexts` (`--trials` keys at
+each of 5 depths). `key=value` overrides apply to every variant's recipe. A variant `auto-SCORER` keeps the K layers
+SCORER ranks worst; `auto-SCORER-spread` the worst of each K-th of the depth.
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=6, help="the every:N variant (N layers apart)")
     parser.add_argument("--seed", type=int, default=0, help="chooses the random variant's layers")
     parser.add_argument("--variants", default="auto-loss,auto-output,every,random")
+    parser.add_argument(
+        "--scoring-cost", action=argparse.BooleanOptionalAction, default=True, help="time each scorer first"
+    )
     add_measurement_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -87,8 +90,9 @@ def main() -> None:
     num_layers = original.config.num_hidden_layers
     layers = variant_layers(args.variants.split(","), args.k, args.every, num_layers, args.seed)
 
-    costs = scoring_cost(recipe, args.k)
-    print(f"\nscoring cost ({args.threads} threads, {num_layers} layers)")
+    costs = scoring_cost(recipe, args.k) if args.scoring_cost else {}
+    if costs:
+        print(f"\nscoring cost ({args.threads} threads, {num_layers} layers)")
     for scorer, cost in costs.items():
         print(f"  {scorer}: {cost['seconds']:.0f} s on {cost['calibration']}; keeps layers {cost['layers']}")
 
