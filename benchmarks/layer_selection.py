@@ -11,8 +11,9 @@ keeps). Then every variant runs the recipe in its own folder (`<output.dir>-<var
 there) with `conversion.softmax_layers` set, and the trained models are measured next to the original: perplexity
 over `--windows` x `--context` tokens of `--text` (never trained on), perplexity by position over `--long-windows` x
 `--long-context` tokens in stretches of `--block`, and passkey retrieval at `--passkey-contexts` (`--trials` keys at
-each of 5 depths). `key=value` overrides apply to every variant's recipe. A variant `auto-SCORER` keeps the K layers
-SCORER ranks worst; `auto-SCORER-spread` the worst of each K-th of the depth.
+each of 5 depths). `key=value` overrides apply to every variant's recipe. A variant `auto-SCORER` chooses K layers
+by the recipe's own selection rule (its `spread`, its `after`) with SCORER; `auto-SCORER-spread` keeps the worst of
+each K-th of the depth.
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ def variant_layers(variants: list[str], k: int, every: int, num_layers: int, see
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(specs)}")
     return {name: specs[name] for name in variants}
+
+
+def variant_overrides(name: str, spec: str) -> list[str]:
+    """The recipe overrides of variant `name` whose `conversion.softmax_layers` is `spec`."""
+    if not name.startswith("auto-"):
+        return [f"conversion.softmax_layers={spec}", "conversion.selection=null"]  # a selection needs auto:K
+    overrides = [f"conversion.softmax_layers={spec}"]
+    overrides.append(f"conversion.selection.scorer={name.removeprefix('auto-').removesuffix(SPREAD)}")
+    if name.endswith(SPREAD):
+        overrides.append("conversion.selection.spread=true")
+    return overrides
 
 
 def scoring_cost(recipe, k: int) -> dict[str, dict]:
@@ -98,12 +110,7 @@ def main() -> None:
 
     models, minutes = {"original": original.eval()}, {}
     for name, spec in layers.items():
-        overrides = [*args.overrides, f"conversion.softmax_layers={spec}", f"output.dir={recipe.output.dir}-{name}"]
-        if name.startswith("auto-"):
-            overrides.append(f"conversion.selection.scorer={name.removeprefix('auto-').removesuffix(SPREAD)}")
-            overrides.append(f"conversion.selection.spread={name.endswith(SPREAD)}")
-        else:
-            overrides.append("conversion.selection=null")  # named layers: a recipe's selection would not apply
+        overrides = [*args.overrides, *variant_overrides(name, spec), f"output.dir={recipe.output.dir}-{name}"]
         models[name], minutes[name] = trained(load_recipe(args.recipe, overrides))
     kept = {name: model.config.linearize["softmax_layers"] for name, model in models.items() if name != "original"}
 

@@ -79,6 +79,21 @@ def test_layer_selection_variants_keep_k_layers_each(monkeypatch):
         selection.variant_layers(["every:3"], 5, 6, 30, seed=0)
 
 
+def test_layer_selection_variants_apply_to_a_recipe_that_selects(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    selection = _benchmark("layer_selection")
+    recipe = ROOT / "recipes" / "smollm2-135m-liger-hybrid.yaml"  # auto:5, restore after transfer, spread: 4
+
+    def conversion(name, spec):
+        return load_recipe(recipe, selection.variant_overrides(name, spec)).conversion
+
+    every = conversion("every", "every:6")
+    assert (every.softmax_layers, every.selection) == ("every:6", None)
+    loss = conversion("auto-loss", "auto:5")  # the recipe's own rule with another scorer
+    assert (loss.selection.scorer, loss.selection.spread, loss.selection.after) == ("loss", 4, "attention_transfer")
+    assert conversion("auto-output-spread", "auto:5").selection.spread is True
+
+
 def test_gpu_diagnostics_locate_an_error_and_restore_a_forced_configuration():
     diagnose = _benchmark("gpu_diagnose")
     ref = torch.ones(1, 8, 2, 4)
