@@ -51,11 +51,9 @@ def variant_overrides(name: str, spec: str) -> list[str]:
     """The recipe overrides of variant `name` whose `conversion.softmax_layers` is `spec`."""
     if not name.startswith("auto-"):
         return [f"conversion.softmax_layers={spec}", "conversion.selection=null"]  # a selection needs auto:K
-    overrides = [f"conversion.softmax_layers={spec}"]
-    overrides.append(f"conversion.selection.scorer={name.removeprefix('auto-').removesuffix(SPREAD)}")
-    if name.endswith(SPREAD):
-        overrides.append("conversion.selection.spread=true")
-    return overrides
+    scorer = name.removeprefix("auto-").removesuffix(SPREAD)
+    spread = ["conversion.selection.spread=true"] if name.endswith(SPREAD) else []  # else the recipe's own rule
+    return [f"conversion.softmax_layers={spec}", f"conversion.selection.scorer={scorer}", *spread]
 
 
 def scoring_cost(recipe, k: int) -> dict[str, dict]:
