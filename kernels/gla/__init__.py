@@ -4,11 +4,19 @@ import torch
 
 from ..backend import outside_autocast, resolve_backend
 from .chunk import chunk_gla
+from .factored import factorable, factored_chunk_gla
 from .fla import fla_chunk_gla
 from .recurrent import fused_recurrent_gla
 from .reference import check_inputs, naive_recurrent_gla
 
-__all__ = ["chunk_gla", "fla_chunk_gla", "fused_recurrent_gla", "gated_linear_attention", "naive_recurrent_gla"]
+__all__ = [
+    "chunk_gla",
+    "factored_chunk_gla",
+    "fla_chunk_gla",
+    "fused_recurrent_gla",
+    "gated_linear_attention",
+    "naive_recurrent_gla",
+]
 
 # up to this many tokens (decoding) the token loop is cheaper than the fixed cost of the chunked path
 RECURRENT_MAX_T = 4
@@ -42,7 +50,8 @@ def gated_linear_attention(
             (FlashAttention style: cu_seqlens[0] = 0, cu_seqlens[-1] = T), with B = 1. The state restarts at every
             boundary, from initial_state[n] if given; initial_state and the final state are then `[N, Hkv, K, V]`.
         backend: "reference", "torch", "triton", "fla" (flash-linear-attention, if installed) or None (see
-            `resolve_backend`; CUDA tensors default to "triton").
+            `resolve_backend`; CUDA tensors default to "triton"). "torch" runs the token loop for a few tokens,
+            `factored_chunk_gla` where nothing needs a gradient and the decay allows it, else `chunk_gla`.
 
     Returns:
         o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` (`[N, Hkv, K, V]` with cu_seqlens) in fp32
@@ -65,4 +74,8 @@ def gated_linear_attention(
     # the token loop pays off for short sequences; packed, that is when every sequence is short
     if (T if cu_seqlens is None else int(cu_seqlens.diff().max())) <= RECURRENT_MAX_T:
         return fused_recurrent_gla(q, k, v, g, **kwargs)
+    inputs = (q, k, v, g, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    if cu_seqlens is None and not needs_grad and factorable(g):
+        return factored_chunk_gla(q, k, v, g, **kwargs)
     return chunk_gla(q, k, v, g, **kwargs)

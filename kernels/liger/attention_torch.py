@@ -33,4 +33,5 @@ def torch_liger_attention(
     o_window = sliding_window_attention(
         q_rot, keys, values, window=window, key_valid=key_valid, scale=scale, softcap=softcap, backend="torch"
     )
-    return (mix * o_window.float() + (1 - mix) * o_linear.float()).to(q_rot.dtype), state
+    # mix * window + (1 - mix) * linear in one pass
+    return torch.lerp(o_linear.float(), o_window.float(), mix).to(q_rot.dtype), state

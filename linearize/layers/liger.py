@@ -175,7 +175,7 @@ class LigerAttention(LinearizedAttention):
             *linear, scale=1.0, initial_state=initial_state, output_final_state=state is not None,
             backend=self.backend,
         )  # fmt: skip
-        return self.mix * o_window.float() + (1 - self.mix) * o_linear, recurrent_state
+        return torch.lerp(o_linear.float(), o_window.float(), self.mix), recurrent_state  # the mix, in one pass
 
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:

@@ -4,7 +4,14 @@ import linearize.kernels.gla as gla
 import pytest
 import torch
 import torch.nn.functional as F
-from linearize.kernels.gla import chunk_gla, fused_recurrent_gla, gated_linear_attention, naive_recurrent_gla
+from linearize.kernels.gla import (
+    chunk_gla,
+    factored_chunk_gla,
+    fused_recurrent_gla,
+    gated_linear_attention,
+    naive_recurrent_gla,
+)
+from linearize.kernels.gla.factored import MAX_EXPONENT, factorable
 
 from tests.kernels._close import assert_close
 
@@ -71,6 +78,38 @@ def test_matches_reference(path, shape_id, gate, with_state):
         assert_close(name, ref[name], out[name])
 
 
+FACTORED = {
+    "chunk64": factored_chunk_gla,
+    "chunk16-segment32": functools.partial(factored_chunk_gla, chunk_size=16, segment_size=32),
+}
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["h0-none", "h0"])
+@pytest.mark.parametrize("shape_id", SHAPES)
+@pytest.mark.parametrize("path", FACTORED)
+def test_factored_matches_reference(path, shape_id, with_state):
+    """The inference path, where its decay is factorable: output and final state (it takes no gradients)."""
+    inputs = _inputs(shape_id, "logsigmoid", with_state)
+    assert factorable(inputs["g"])  # at the default chunk, so at every smaller one
+    ref = _reference(shape_id, "logsigmoid", with_state)
+    with torch.no_grad():
+        o, ht = FACTORED[path](**inputs, scale=inputs["q"].shape[-1] ** -0.5, output_final_state=True)
+    assert o.dtype == torch.float32 and ht.dtype == torch.float32
+    assert_close("o", ref["o"], o)
+    assert_close("ht", ref["ht"], ht)
+
+
+def test_factorable_bounds_each_chunk():
+    g = torch.zeros(1, 130, 1, 4)
+    assert factorable(g, 64)
+    g[0, 64:128, 0, 2] = -2 * MAX_EXPONENT / 64  # the second chunk decays by exactly the limit in one dimension
+    assert factorable(g, 64)
+    g[0, 100, 0, 2] -= 0.01
+    assert not factorable(g, 64)
+    assert factorable(g, 32)  # that decay spread over two chunks of 32 is within the limit in each
+    assert not factorable(_gates((1, 64, 1, 4), "decay-8"), 64)
+
+
 @pytest.mark.parametrize("path", ["reference", *PATHS])
 def test_no_final_state(path):
     fn = naive_recurrent_gla if path == "reference" else PATHS[path]
@@ -97,11 +136,11 @@ def test_split_equals_single_call(second):
     assert_close("ht", ht, state)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [*PATHS, "factored"])
 def test_bf16_inputs(path):
     x = _inputs("T100-H4-Hkv2-D64", "logsigmoid", True)
     x = {name: t if name == "initial_state" else t.bfloat16() for name, t in x.items()}
-    o, ht = PATHS[path](**x, output_final_state=True)
+    o, ht = (PATHS | {"factored": factored_chunk_gla})[path](**x, output_final_state=True)
     ref_o, ref_ht = naive_recurrent_gla(**{name: t.float() for name, t in x.items()}, output_final_state=True)
     assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
     assert_close("o", ref_o, o.float(), ratio=2e-2)
@@ -117,15 +156,22 @@ def _spy(fn, calls: list[str]):
 
 
 @pytest.mark.parametrize(
-    ("backend", "T", "expected"),
-    [("reference", 37, "naive_recurrent_gla"), ("torch", 4, "fused_recurrent_gla"), ("torch", 37, "chunk_gla")],
-    ids=["reference", "torch-decode", "torch-prefill"],
+    ("backend", "T", "gate", "grad", "expected"),
+    [
+        ("reference", 37, "logsigmoid", False, "naive_recurrent_gla"),
+        ("torch", 4, "logsigmoid", False, "fused_recurrent_gla"),
+        ("torch", 37, "logsigmoid", False, "factored_chunk_gla"),
+        ("torch", 37, "decay-8", False, "chunk_gla"),
+        ("torch", 37, "logsigmoid", True, "chunk_gla"),
+    ],
+    ids=["reference", "torch-decode", "torch-prefill", "torch-prefill-strong-decay", "torch-training"],
 )
-def test_dispatch(monkeypatch, backend, T, expected):
+def test_dispatch(monkeypatch, backend, T, gate, grad, expected):
     called = []
-    for name in ("naive_recurrent_gla", "fused_recurrent_gla", "chunk_gla"):
+    for name in ("naive_recurrent_gla", "fused_recurrent_gla", "chunk_gla", "factored_chunk_gla"):
         monkeypatch.setattr(gla, name, _spy(getattr(gla, name), called))
-    x = _slice(_inputs("T37-H2-Hkv2-D64", "logsigmoid", True), 0, T) | {"initial_state": torch.randn(2, 2, 64, 64)}
+    x = _slice(_inputs("T37-H2-Hkv2-D64", gate, True), 0, T) | {"initial_state": torch.randn(2, 2, 64, 64)}
+    x["v"].requires_grad_(grad)
     o, ht = gated_linear_attention(**x, output_final_state=True, backend=backend)
     assert called == [expected]
     ref_o, ref_ht = naive_recurrent_gla(**x, output_final_state=True)
@@ -149,3 +195,5 @@ def test_rejects_bad_shapes():
         gated_linear_attention(**x)
     with pytest.raises(ValueError, match="power of two"):
         chunk_gla(**_inputs("T37-H2-Hkv2-D64", "logsigmoid", False), chunk_size=48)
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        factored_chunk_gla(**_inputs("T37-H2-Hkv2-D64", "logsigmoid", False), chunk_size=64, segment_size=96)
