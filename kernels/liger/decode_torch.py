@@ -27,5 +27,5 @@ def torch_liger_decode(
     o_window = decode_sliding_window_attention(
         q_rot[:, None], window_k, window_v, window_k.shape[1], key_valid=window_valid, scale=scale, softcap=softcap
     )  # [B, 1, H, D]
-    o = mix * o_window.float() + (1 - mix) * o_linear.float()
+    o = torch.lerp(o_linear.float(), o_window.float(), mix)  # mix * window + (1 - mix) * linear, as the prefill
     return o[:, 0].to(q_rot.dtype), new_state
