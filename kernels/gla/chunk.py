@@ -137,19 +137,25 @@ def chunk_gla(
         check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
         fn = functools.partial(chunk_gla, chunk_size=chunk_size, segment_size=segment_size)
         return varlen_loop(fn, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-    B, T, H, K = q.shape
-    Hkv, V = v.shape[2], v.shape[3]
     if chunk_size < BASE or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= {BASE}, got {chunk_size}")
+    return by_segments(_segment, q, k, v, g, scale, initial_state, output_final_state, chunk_size, segment_size)
+
+
+def by_segments(segment, q, k, v, g, scale, initial_state, output_final_state, chunk_size, segment_size):
+    """Run `segment(q, k, v, g, S, chunk_size) -> (o, S)` over `segment_size` tokens at a time, carrying the state;
+    inputs and returns as in `chunk_gla`. Segments keep the working set in cache."""
     if segment_size % chunk_size:
         raise ValueError(f"segment_size must be a multiple of chunk_size, got {segment_size} and {chunk_size}")
+    B, T, H, K = q.shape
+    Hkv, V = v.shape[2], v.shape[3]
     dtype = q.dtype
     S = q.new_zeros(B, Hkv, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     q, k, v, g = q.float() * scale, k.float(), v.float(), g.float()
     outputs = []
     for start in range(0, T, segment_size):
         part = slice(start, start + segment_size)
-        o, S = _segment(q[:, part], k[:, part], v[:, part], g[:, part], S, chunk_size)
+        o, S = segment(q[:, part], k[:, part], v[:, part], g[:, part], S, chunk_size)
         outputs.append(o)
     o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return o.to(dtype), S if output_final_state else None

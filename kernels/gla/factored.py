@@ -16,6 +16,8 @@ gradients, whose rounding under strong decay chunk.py handles with care, stay on
 import torch
 import torch.nn.functional as F
 
+from .chunk import by_segments
+
 MAX_EXPONENT = 40.0
 CHUNK = 64
 SEGMENT = 1024
@@ -82,17 +84,4 @@ def factored_chunk_gla(
     cu_seqlens). Exact only where `factorable(g, chunk_size)` holds, which the caller checks. Segments of
     `segment_size` tokens (a multiple of `chunk_size`) bound the memory: a segment's chunk products hold
     `segment_size * chunk_size` numbers per query head."""
-    if segment_size % chunk_size:
-        raise ValueError(f"segment_size must be a multiple of chunk_size, got {segment_size} and {chunk_size}")
-    B, T, H, K = q.shape
-    Hkv, V = v.shape[2], v.shape[3]
-    dtype = q.dtype
-    S = q.new_zeros(B, Hkv, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
-    q, k, v, g = q.float() * scale, k.float(), v.float(), g.float()
-    outputs = []
-    for start in range(0, T, segment_size):
-        part = slice(start, start + segment_size)
-        o, S = _segment(q[:, part], k[:, part], v[:, part], g[:, part], S, chunk_size)
-        outputs.append(o)
-    o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-    return o.to(dtype), S if output_final_state else None
+    return by_segments(_segment, q, k, v, g, scale, initial_state, output_final_state, chunk_size, segment_size)
