@@ -271,25 +271,25 @@ def torch_parallax_decode(
     window: int | None = None,
 ) -> torch.Tensor:
     """One Parallax decode step; arguments and returns as in `naive_parallax_decode`. One query per sequence, so
-    the visible keys' scores are a single row; GQA folds the G heads of a key head into it. The sums are the
-    forward's accumulators (module docstring) over that one row: [w; w s] against V in one product gives O1 and O2,
-    their row sums d1 and d2, so each key and value is read once and the row takes five elementwise passes.
-    The cache may be any strided view (a head-major `[B, Hkv, L, D]` storage seen as `[B, L, Hkv, D]` reads
-    each head's keys contiguously)."""
+    the visible keys' scores are a single row; GQA folds the G heads of a key head into it. `[q; r]` against K in
+    one product gives z and s, then the weights `p (1 + t_bar - s)` (docs/methods.md §4.2) against V give o, as
+    `rowwise_parallax_attention` does for a block: each key and value is read once, and a step is two products and
+    a dozen small ops (at decode, the count of ops is most of the cost). The cache may be any strided view (a
+    head-major `[B, Hkv, L, D]` storage seen as `[B, L, Hkv, D]` reads each head's keys contiguously)."""
     check_decode_inputs(q, r, k_cache, v_cache, cache_valid, window)
     B, H, D = q.shape
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
     dtype = _acc_dtype(q, r, k_cache, v_cache)
     scale = D**-0.5 if scale is None else scale
-    start = 0 if window is None else max(L - window, 0)
-    k_cache, v_cache = k_cache[:, start:].to(dtype), v_cache[:, start:].to(dtype)  # [B, W, Hkv, D]
-    hidden = None if cache_valid is None or bool(cache_valid[:, start:].all()) else ~cache_valid[:, start:]
-    if hidden is not None:
-        # unfilled slots may hold anything, NaN included: keep them out of the products
+    if window is not None and window < L:
+        k_cache, v_cache = k_cache[:, L - window :], v_cache[:, L - window :]
+        cache_valid = None if cache_valid is None else cache_valid[:, L - window :]
+    hidden = None if cache_valid is None or bool(cache_valid.all()) else ~cache_valid  # [B, W]
+    if hidden is not None:  # unfilled slots may hold anything, NaN included: keep them out of the products
         k_cache = k_cache.masked_fill(hidden[..., None, None], 0.0)
         v_cache = v_cache.masked_fill(hidden[..., None, None], 0.0)
-    kk, vv = k_cache.permute(0, 2, 3, 1), v_cache.transpose(1, 2)  # [B, Hkv, D, W], [B, Hkv, W, D]
+    kk, vv = k_cache.to(dtype).permute(0, 2, 3, 1), v_cache.to(dtype).transpose(1, 2)  # [B, Hkv, D, W], [B, Hkv, W, D]
     qr = torch.cat([q.view(B, Hkv, G, D).to(dtype) * scale, r.view(B, Hkv, G, D).to(dtype)], dim=2)
     zs = qr @ kk  # [B, Hkv, 2G, W]: z = scale q . k, then s = r . k
     z, s = zs[:, :, :G], zs[:, :, G:]
@@ -297,9 +297,13 @@ def torch_parallax_decode(
     if hidden is not None:
         z.masked_fill_(hidden[:, None, None], float("-inf"))
     m = z.amax(-1, keepdim=True)
-    w = z.sub_(m.where(m > float("-inf"), 0.0)).exp_()
-    s.mul_(w)  # zs is now [w; w s]
-    d1, d2 = zs.sum(-1, keepdim=True).split(G, dim=2)  # [B, Hkv, G, 1] each
-    o1, o2 = (zs @ vv).split(G, dim=2)  # [B, Hkv, G, D] each
-    inv = torch.where(d1 > 0, 1 / d1, 0.0)  # a query that sees no key gets zeros
-    return (o1 * (1 + d2 * inv) - o2).mul_(inv).view(B, H, D).to(q.dtype)
+    if hidden is not None:
+        m.masked_fill_(m == float("-inf"), 0.0)
+    p = z.sub_(m).exp_()
+    d1 = p.sum(-1, keepdim=True)
+    if hidden is not None:
+        d1.masked_fill_(d1 == 0, float("inf"))  # a query that sees no key: p = 0, so o = 0
+    p.div_(d1)
+    ps = s.mul_(p)
+    weights = p.mul_(ps.sum(-1, keepdim=True).add_(1)).sub_(ps)  # p (1 + t_bar - s)
+    return (weights @ vv).view(B, H, D).to(q.dtype)

@@ -208,6 +208,21 @@ def test_decode_ignores_unfilled_slots():
     assert_close("o", last_row, torch_parallax_decode(**args), ratio=1e-12)
 
 
+@pytest.mark.parametrize("shape_id", ["T1-P12-H4-Hkv2-D16-w5-C16-left", "T70-P9-H2-Hkv2-D8-C32-middle"])
+def test_decode_row_that_sees_no_key_is_zero(shape_id):
+    """A row whose visible slots are all invalid gets zeros (the torch step with NaN in those slots); the other row
+    is unchanged."""
+    args, last_row = _decode_case(shape_id)
+    args["cache_valid"] = args["cache_valid"].clone()
+    args["cache_valid"][1] = False
+    invalid = ~args["cache_valid"][:, :, None, None]
+    unfilled = {name: args[name].masked_fill(invalid, float("nan")) for name in ("k_cache", "v_cache")}
+    for step, inputs in ((naive_parallax_decode, args), (torch_parallax_decode, args | unfilled)):
+        o = step(**inputs)
+        assert torch.equal(o[1], torch.zeros_like(o[1])), step.__name__
+        assert_close(step.__name__, last_row[:1], o[:1], ratio=1e-12)
+
+
 @pytest.mark.parametrize("window", [None, 9])
 def test_reference_matches_fla(window):
     """Our oracle against fla's naive_parallax (same [B, T, H, D] layout, GQA grouping and scale convention)."""
