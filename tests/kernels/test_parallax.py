@@ -158,6 +158,26 @@ def test_zero_probe_is_softmax_attention(shape_id):
         assert _reference(shape_id, probe=0.0)["dr"].abs().amax() > 0
 
 
+@pytest.mark.parametrize("shape_id", ["T37-H4-Hkv2-D16-C16", "T45-H4-Hkv2-D64-w20-C16-middle"])
+def test_small_probe_is_a_query_shift(shape_id):
+    """To first order in s, Parallax is softmax attention with the query q - r / scale (docs/methods.md §4.2): the
+    gap to that shifted softmax shrinks with the square of the probe, the gap to plain softmax with the probe."""
+    x = _inputs(shape_id, probe=0.0)
+    q, scale = x["q"], x["q"].shape[-1] ** -0.5
+    direction = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    options = {name: x[name] for name in ("window", "key_valid")}
+    plain = _softmax_attention(q, x["k"], x["v"], **options)
+    to_shift, to_plain = [], []
+    for size in (1e-2, 1e-3):
+        r = size * direction
+        o = naive_parallax_attention(q, r, x["k"], x["v"], **options)
+        to_shift.append((o - _softmax_attention(q - r / scale, x["k"], x["v"], **options)).norm())
+        to_plain.append((o - plain).norm())
+    assert 8 < to_plain[0] / to_plain[1] < 12.5
+    assert 80 < to_shift[0] / to_shift[1] < 125
+    assert to_shift[0] < 0.1 * to_plain[0]
+
+
 @pytest.mark.parametrize("shape_id", ["T37-P23-H4-Hkv2-D32-w30-C16-left", "T70-P9-H2-Hkv2-D8-C32-middle"])
 def test_padding_values_never_leak(shape_id):
     """NaN in invalid keys and values changes nothing on the torch path (they are never multiplied)."""
