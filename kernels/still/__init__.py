@@ -29,11 +29,12 @@ z_tj = scale * q_t . k_j with scale = D ** -0.5 by default, in every path (quirk
    code does (quirk Q5, reproduced), so the output depends on m_t and the gradient flows through the max too.
    Gradients reach q, k, v, q_feat, k_feat and gate; no cache inputs.
 4. `still_decode`: one new token per row against the decode cache (`StillDecodeState`: a ring of the last two
-   chunks, the salient keys of older chunks, the linear state), with the selection delayed to chunk granularity:
-   a token that opens chunk c (c >= 2) first moves chunk c - 2 out of the ring (its top-k per head, by their own
-   scores, join the salient cache, the others fold into the state), so that each step's output is what 3. gives
-   the last token of the sequence (docs/methods.md §3.6). A "reference" path (fp32, row by row) and a "torch" one;
-   the "triton" backend runs the torch step with the Triton selection of `select_salient`.
+   chunks, the queries of the newest chunk, the salient keys of older chunks, the linear state), with the selection
+   delayed to chunk granularity: a token that opens chunk c (c >= 1) first scores chunk c - 1, now complete, and
+   (c >= 2) moves chunk c - 2 out of the ring (its top-k per head, by their own scores, join the salient cache, the
+   others fold into the state), so that each step's output is what 3. gives the last token of the sequence
+   (docs/methods.md §3.6). A "reference" path (fp32, row by row) and a "torch" one; the "triton" backend runs
+   the torch step with the Triton selection of `select_salient`.
 """
 
 from collections.abc import Callable

@@ -2,8 +2,10 @@
 prefill or earlier steps left (docs/methods.md §3.6). The "torch" path of `still_decode`, and the "triton" one with
 the Triton top-k selection of a folded chunk: the step itself has no kernel.
 
-The cache is updated in place, so a step costs the same at every context: the new token goes into its ring slot,
-a folded chunk into the state and into salient buffers that grow geometrically (`append_along`)."""
+The cache is updated in place, so a step costs the same at every context: the new token goes into its ring slot
+and its query into the newest chunk's, a folded chunk into the state and into salient buffers that grow
+geometrically (`append_along`). A chunk is scored once, when it is complete, all its tokens in one product: the
+per-token score it replaces was about a fifth of a step's attention on CPU (docs/inference-speed.md)."""
 
 from collections.abc import Callable
 
@@ -37,26 +39,25 @@ def torch_still_decode(
     groups = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rank = cache.real_tokens  # [B]: this token's index among its row's real tokens
-    opens_chunk = valid & (rank % C == 0) & (rank >= 2 * C)
-    if opens_chunk.any():
-        cache = _fold_oldest_chunk(cache, opens_chunk, k_features, C, topk, groups, select)
+    completes = valid & (rank % C == 0) & (rank >= C)  # chunk c - 1 is complete: score it
+    if completes.any():
+        _score_finished_chunk(cache, completes, C, groups, scale)
+        opens_chunk = completes & (rank >= 2 * C)
+        if opens_chunk.any():
+            cache = _fold_oldest_chunk(cache, opens_chunk, k_features, C, topk, groups, select)
     slot = rank % (2 * C)
     write = torch.zeros_like(cache.ring_valid).scatter(1, slot[:, None], valid[:, None])  # [B, 2C]
     _write_slot(cache.ring_k, slot, k, valid)
     _write_slot(cache.ring_v, slot, v, valid)
+    _write_slot(cache.chunk_q, rank % C, q, valid)
     ring_valid = cache.ring_valid.logical_or_(write)
 
-    ring_rank = _ring_ranks(rank, C)  # [B, 2C]
+    # softmax over the salient cache and the ring, gated linear attention over the state, one normalizer
     keys_k = cache.ring_k.repeat_interleave(groups, dim=2).float()  # [B, 2C, H, D]
     keys_v = cache.ring_v.repeat_interleave(groups, dim=2).float()
     z = torch.einsum("bhd,bshd->bhs", q.float(), keys_k) * scale  # [B, H, 2C]
-    in_window = (ring_valid & (ring_rank > (rank - C)[:, None]))[:, None]  # [B, 1, 2C]
-    score = smoothed_self_kl(z, in_window, write[:, None], C)  # [B, H]
-    _write_slot(cache.ring_score, slot, score, valid)
-
-    # softmax over the salient cache and the ring, gated linear attention over the state, one normalizer
     z_salient = torch.einsum("bhd,bhsd->bhs", q.float(), cache.salient_k.float()) * scale
-    z_all = torch.cat([z_salient, z], dim=-1)  # [B, H, S + 2C]; the score above read the uncapped logits
+    z_all = torch.cat([z_salient, z], dim=-1)  # [B, H, S + 2C]
     if softcap is not None:
         z_all = softcap * torch.tanh(z_all / softcap)
     seen = torch.cat([cache.salient_valid, ring_valid], dim=-1)[:, None]  # [B, 1, S + 2C]
@@ -85,6 +86,24 @@ def _ring_ranks(rank: torch.Tensor, chunk_size: int) -> torch.Tensor:
     span = 2 * chunk_size
     slots = torch.arange(span, device=rank.device)
     return rank[:, None] - (rank[:, None] - slots[None]) % span
+
+
+def _score_finished_chunk(cache: StillDecodeState, rows, chunk_size, groups, scale) -> None:
+    """For `rows` (about to write chunk c's first token), write the scores of chunk c - 1, now complete: each of
+    its tokens t against the valid ring keys of ranks t - C + 1 .. t, the uncapped logits of its stored query."""
+    C = chunk_size
+    rank = cache.real_tokens
+    B, _, H, D = cache.chunk_q.shape
+    token_rank = rank[:, None] - C + torch.arange(C, device=rank.device)  # [B, C]
+    lag = token_rank[:, :, None] - _ring_ranks(rank - 1, C)[:, None]  # [B, C, 2C]: query rank minus key rank
+    in_window = cache.ring_valid[:, None] & (lag >= 0) & (lag < C)
+    queries = cache.chunk_q.float().view(B, C, -1, groups, D)  # [B, C, Hkv, G, D]
+    z = torch.einsum("bckgd,bskd->bkgcs", queries, cache.ring_k.float()).reshape(B, H, C, 2 * C) * scale
+    scores = smoothed_self_kl(z, in_window[:, None], (lag == 0)[:, None], C).transpose(1, 2)  # [B, C, H]
+    start = ((rank // C - 1) % 2) * C  # chunk c - 1's first ring slot
+    index = (start[:, None] + torch.arange(C, device=rank.device))[..., None].expand(-1, -1, H)  # [B, C, H]
+    old = cache.ring_score.gather(1, index)
+    cache.ring_score.scatter_(1, index, torch.where(rows[:, None, None], scores, old))
 
 
 def _fold_oldest_chunk(cache: StillDecodeState, rows, k_features, chunk_size, topk, groups, select):

@@ -209,18 +209,23 @@ def naive_still_attention(
 
 
 class StillDecodeState(NamedTuple):
-    """What STILL decoding keeps per layer (docs/methods.md §3.6): a ring of the last two chunks, the salient
-    keys/values of older chunks per query head, the linear state, and each row's count of real tokens.
+    """What STILL decoding keeps per layer (docs/methods.md §3.6): a ring of the last two chunks, the queries of the
+    newest chunk, the salient keys/values of older chunks per query head, the linear state, and each row's count of
+    real tokens.
 
-    A token of rank r (its index among its row's real tokens) sits in ring slot r % 2C; a slot is valid while it
-    holds a token of the row's last two chunks. `salient_valid` is False for the slots a row has not filled (a
-    chunk folded in another row only). Ring keys/values are in the model dtype, scores, state and normalizer fp32.
+    A token of rank r (its index among its row's real tokens) sits in ring slot r % 2C and its query in `chunk_q`
+    slot r % C; a ring slot is valid while it holds a token of the row's last two chunks. A chunk's scores are
+    written when it is complete (the step that opens the next chunk), from `chunk_q`; until then its slots of
+    `ring_score` hold what the prefill left, if anything. `salient_valid` is False for the slots a row has not
+    filled (a chunk folded in another row only). Ring keys/values and queries are in the model dtype, scores, state
+    and normalizer fp32.
     """
 
     ring_k: torch.Tensor  # [B, 2C, Hkv, D]
     ring_v: torch.Tensor  # [B, 2C, Hkv, Dv]
     ring_score: torch.Tensor  # [B, 2C, H]: each token's self-saliency score
     ring_valid: torch.Tensor  # [B, 2C] bool
+    chunk_q: torch.Tensor  # [B, C, H, D]: the queries of the row's newest chunk
     salient_k: torch.Tensor  # [B, H, S, D]
     salient_v: torch.Tensor  # [B, H, S, Dv]
     salient_valid: torch.Tensor  # [B, S] bool
@@ -252,6 +257,7 @@ def check_decode_inputs(q, k, v, q_feat, gate, valid, cache: StillDecodeState, c
         ("ring_v", cache.ring_v, (B, C2, Hkv, Dv), "[B, 2C, Hkv, Dv]"),
         ("ring_score", cache.ring_score, (B, C2, H), "[B, 2C, H]"),
         ("ring_valid", cache.ring_valid, (B, C2), "[B, 2C]"),
+        ("chunk_q", cache.chunk_q, (B, chunk_size, H, D), "[B, C, H, D]"),
         ("salient_k", cache.salient_k, (B, H, S, D), "[B, H, S, D]"),
         ("salient_v", cache.salient_v, (B, H, S, Dv), "[B, H, S, Dv]"),
         ("salient_valid", cache.salient_valid, (B, S), "[B, S]"),
@@ -283,13 +289,15 @@ def naive_still_decode(
 ) -> tuple[torch.Tensor, StillDecodeState]:
     """One STILL decode step, row by row and head by head in fp32 (docs/methods.md §3.6).
 
-    For a row whose token has rank r (valid): when r opens chunk c = r // C with c >= 2, chunk c - 2 (ranks
-    r - 2C .. r - C - 1) first leaves the ring: per head, its `topk` highest-scored tokens join the salient cache
-    (in rank order), the others add k_feat v^T to the state and k_feat to the normalizer. The token is then written
-    to slot r % 2C and scored: the smoothed self-KL (`smoothed_self_kl`, window C) of its logits over the valid
-    ring tokens of ranks r - C + 1 .. r. Its output, per head, over the keys E of the salient cache and the ring:
+    For a row whose token has rank r (valid): when r opens chunk c = r // C with c >= 1, chunk c - 1 (ranks
+    r - C .. r - 1) is complete and is scored first: each of its tokens t, per head, gets the smoothed self-KL
+    (`smoothed_self_kl`, window C) of its query's logits over the valid ring tokens of ranks t - C + 1 .. t. Then,
+    with c >= 2, chunk c - 2 (ranks r - 2C .. r - C - 1) leaves the ring: per head, its `topk` highest-scored tokens
+    join the salient cache (in rank order), the others add k_feat v^T to the state and k_feat to the normalizer.
+    The token is then written to ring slot r % 2C and its query to `chunk_q` slot r % C. Its output, per head, over
+    the keys E of the salient cache and the ring:
         o = (sum_E e^(z_j - m) v_j + gate * state^T q_feat) / (sum_E e^(z_j - m) + q_feat . normalizer + eps),
-    z_j = scale q . k_j, capped to softcap * tanh(z_j / softcap) when softcap is set (the score is not capped).
+    z_j = scale q . k_j, capped to softcap * tanh(z_j / softcap) when softcap is set (scores are not capped).
     A padding token (valid False) changes nothing in the cache; its output is computed all the same.
 
     Args:
@@ -315,16 +323,26 @@ def naive_still_decode(
     group = H // k.shape[1]
     C = chunk_size
     scale = D**-0.5 if scale is None else scale
-    ring_k, ring_v, ring_score, ring_valid = (x.clone() for x in cache[:4])
+    ring_k, ring_v, ring_score, ring_valid, chunk_q = (x.clone() for x in cache[:5])
     state, normalizer = cache.state.float().clone(), cache.normalizer.float().clone()
     rank = cache.real_tokens
-    folds = valid & (rank % C == 0) & (rank >= 2 * C)
+    completes = valid & (rank % C == 0) & (rank >= C)
+    folds = completes & (rank >= 2 * C)
     added = topk if folds.any() else 0
     new_k = cache.salient_k.new_zeros(B, H, added, D)
     new_v = cache.salient_v.new_zeros(B, H, added, v.shape[-1])
     o = torch.zeros(B, H, v.shape[-1], device=q.device)
     for b in range(B):
         r = int(rank[b])
+        if completes[b]:
+            ranks = [r - 1 - (r - 1 - s) % (2 * C) for s in range(2 * C)]  # of the token in each ring slot
+            for t in range(r - C, r):  # chunk c - 1, scored before chunk c - 2 leaves the ring with its keys
+                slot = t % (2 * C)
+                window = [s for s in range(2 * C) if ring_valid[b, s] and t - C < ranks[s] <= t]
+                for h in range(H):
+                    z = ring_k[b, window, h // group].float() @ chunk_q[b, t % C, h].float() * scale
+                    is_self = torch.tensor([s == slot for s in window], device=q.device)
+                    ring_score[b, slot, h] = smoothed_self_kl(z, torch.ones_like(is_self), is_self, C)
         if folds[b]:
             slots = [(r - 2 * C + i) % (2 * C) for i in range(C)]  # chunk c - 2, in rank order
             features = k_features(ring_k[b, slots].repeat_interleave(group, dim=1)[None])[0].float()  # [C, H, F]
@@ -339,11 +357,7 @@ def naive_still_decode(
         if valid[b]:
             slot = r % (2 * C)
             ring_k[b, slot], ring_v[b, slot], ring_valid[b, slot] = k[b], v[b], True
-            window = [s for s in range(2 * C) if ring_valid[b, s] and r - (r - s) % (2 * C) > r - C]
-            for h in range(H):
-                z = ring_k[b, window, h // group].float() @ q[b, h].float() * scale
-                is_self = torch.tensor([s == slot for s in window], device=q.device)
-                ring_score[b, slot, h] = smoothed_self_kl(z, torch.ones_like(is_self), is_self, C)
+            chunk_q[b, r % C] = q[b]
         salient = torch.cat([cache.salient_valid[b], folds[b].expand(added)])
         salient_k = torch.cat([cache.salient_k[b], new_k[b]], dim=1)[:, salient]  # [H, n, D]
         salient_v = torch.cat([cache.salient_v[b], new_v[b]], dim=1)[:, salient]
@@ -359,7 +373,7 @@ def naive_still_decode(
             o[b, h] = numerator / (exact.sum() + linear @ normalizer[b, h] + eps)
     salient_valid = torch.cat([cache.salient_valid, folds[:, None].expand(-1, added)], dim=1)
     new = StillDecodeState(
-        ring_k, ring_v, ring_score, ring_valid, torch.cat([cache.salient_k, new_k], dim=2),
+        ring_k, ring_v, ring_score, ring_valid, chunk_q, torch.cat([cache.salient_k, new_k], dim=2),
         torch.cat([cache.salient_v, new_v], dim=2), salient_valid, state, normalizer, rank + valid.long(),
     )  # fmt: skip
     return o.to(device=q.device, dtype=q.dtype), new

@@ -27,11 +27,12 @@ docs/methods.md §3). The formulas are in `linearize.kernels.still`. The officia
 - Q15 fixed: at decode, a chunk leaving the ring is ranked by its own scores (the official decode ranks it with
   the scores of the chunk after it, so the tokens it keeps exact are not those its prefill would keep).
 
-Decoding keeps the raw last two chunks (keys, values, scores) in a ring, the salient keys/values of older chunks
-and the linear state. Selection is delayed to chunk granularity: when a token opens chunk c, chunk c - 2 leaves
-the ring, its top-k tokens join the salient cache and the rest fold into the state, so cached decoding computes
-exactly what the chunk-parallel forward does. The salient cache grows by `topk` tokens per chunk and head: STILL's
-cache is not constant-size. A multi-token call on a non-empty cache runs token by token.
+Decoding keeps the raw last two chunks (keys, values, scores) in a ring, the queries of the newest chunk (to score
+it once it is complete), the salient keys/values of older chunks and the linear state. Selection is delayed to chunk
+granularity: when a token opens chunk c, chunk c - 2 leaves the ring, its top-k tokens join the salient cache and
+the rest fold into the state, so cached decoding computes exactly what the chunk-parallel forward does. The salient
+cache grows by `topk` tokens per chunk and head: STILL's cache is not constant-size. A multi-token call on a
+non-empty cache runs token by token.
 
 The linear state does not decay: its share of the shared normalizer grows with the number of folded tokens, so a
 model fine-tuned on short sequences gets worse past that length (measured on SmolLM2-135M: docs/methods.md
@@ -74,8 +75,8 @@ class NPMap(nn.Module):
 
 class StillCacheLayer(StateCacheLayer):
     """Ring of the last two chunks (RoPE'd keys and values per KV head, scores per query head, validity), the
-    salient keys/values of older chunks per query head, the fp32 linear state and normalizer, and each row's
-    count of real tokens."""
+    RoPE'd queries of the newest chunk, the salient keys/values of older chunks per query head, the fp32 linear
+    state and normalizer, and each row's count of real tokens."""
 
     _tensor_fields = StillDecodeState._fields
 
@@ -83,6 +84,7 @@ class StillCacheLayer(StateCacheLayer):
         super().__init__()
         self.chunk_size, self.topk = chunk_size, topk
         self.ring_k = self.ring_v = self.ring_score = self.ring_valid = None  # [B, 2C, ...]
+        self.chunk_q = None  # [B, C, H, D]
         self.salient_k = self.salient_v = None  # [B, H, S, D]
         self.salient_valid = None  # [B, S]
         self.state = self.normalizer = None  # [B, H, F, Dv], [B, H, F]
@@ -163,13 +165,14 @@ class StillAttention(LinearizedAttention):
             scale=self.scaling, softcap=self.softcap, key_valid=valid, eps=STILL_EPS, backend=self.backend,
         )  # fmt: skip
         if state is not None:
-            self._fill_cache(state, k, v, k_feat, scores, salient, valid)
+            self._fill_cache(state, q, k, v, k_feat, scores, salient, valid)
         if valid is None:
             return o
         return o.new_empty(o.shape).scatter(1, order.view(*order.shape, 1, 1).expand_as(o), o)  # input order
 
-    def _fill_cache(self, state, k, v, k_feat, scores, salient, valid):
-        """Cache after a prefill of packed rows: chunks before the last two are folded, the last two are raw."""
+    def _fill_cache(self, state, q, k, v, k_feat, scores, salient, valid):
+        """Cache after a prefill of packed rows: chunks before the last two are folded, the last two are raw, and the
+        queries of the last chunk wait for it to complete."""
         batch, length = k.shape[:2]
         valid = torch.ones(batch, length, dtype=torch.bool, device=k.device) if valid is None else valid
         C = self.chunk_size
@@ -179,15 +182,15 @@ class StillAttention(LinearizedAttention):
         folded = (position[None] < ((last_chunk - 1) * C)[:, None]) & valid  # [B, T]: older than the ring
         in_ring = valid & ~folded
 
-        # the ring, indexed by position % 2C; positions not in it go to a spare slot that is then dropped
-        slot = torch.where(in_ring, position[None] % (2 * C), torch.full_like(position[None], 2 * C))  # [B, T]
+        def placed(x, kept, slots):
+            """x [B, T, ...] into `slots` slots by position % slots where `kept`; the rest go to a dropped spare."""
+            slot = torch.where(kept, position[None] % slots, slots)  # [B, T]
+            spare = x.new_zeros(batch, slots + 1, *x.shape[2:])
+            return own(spare.scatter(1, slot.view(*slot.shape, *[1] * (x.dim() - 2)).expand_as(x), x)[:, :slots])
 
-        def ring(x):
-            spare = x.new_zeros(batch, 2 * C + 1, *x.shape[2:])
-            return own(spare.scatter(1, slot.view(*slot.shape, *[1] * (x.dim() - 2)).expand_as(x), x)[:, : 2 * C])
-
-        state.ring_k, state.ring_v, state.ring_score = ring(k), ring(v), ring(scores.float())
-        state.ring_valid = ring(in_ring)
+        state.ring_k, state.ring_v = placed(k, in_ring, 2 * C), placed(v, in_ring, 2 * C)
+        state.ring_score, state.ring_valid = placed(scores.float(), in_ring, 2 * C), placed(in_ring, in_ring, 2 * C)
+        state.chunk_q = placed(q, valid & (position[None] // C == last_chunk[:, None]), C)  # the last chunk's
 
         # salient keys of folded chunks, per query head: topk per complete chunk, so the same count in every head
         keep = (salient & folded[..., None]).transpose(1, 2)  # [B, H, T]
@@ -222,10 +225,12 @@ class StillAttention(LinearizedAttention):
 
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:
-        """Cache bytes of one sequence after `tokens` tokens: the ring of two chunks and the linear state (constant),
-        plus `topk` salient keys and values per head for every chunk older than the ring (growing)."""
+        """Cache bytes of one sequence after `tokens` tokens: the ring of two chunks, the newest chunk's queries and
+        the linear state (constant), plus `topk` salient keys and values per head for every chunk older than the
+        ring (growing)."""
         chunk = settings.chunk_size
         ring = 2 * chunk * (2 * kv_heads * head_dim * dtype_bytes + heads * 4 + 1)
+        ring += chunk * heads * head_dim * dtype_bytes  # the newest chunk's queries
         linear = heads * 2 * head_dim * (head_dim + 1) * 4  # 2D features: state and normalizer, fp32
         folded_chunks = max(0, (tokens - 1) // chunk - 1)
         salient = folded_chunks * settings.topk * (2 * heads * head_dim * dtype_bytes + 1)
