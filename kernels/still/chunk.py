@@ -204,6 +204,7 @@ def _softmax_part(q, kw, vw, window_mask, ks, vs, ks_mask, scale, softcap=None):
         m = torch.maximum(m, z_salient.amax(-1, keepdim=True))
     m = m.masked_fill(m == float("-inf"), 0.0)  # a padded query may have no key
     p_window, p_salient = (z_window - m).exp_(), (z_salient - m).exp_()
+    del z_window, z_salient  # free the logits before the products (a block's largest tensors)
     num = torch.einsum("bnkgrc,bnckd->bnrkgd", p_window.view(B, n, Hkv, G, C, 2 * C), vw).flatten(3, 4)
     num = num + torch.einsum("bnhrs,bshd->bnrhd", p_salient, vs)
     return num, (p_window.sum(-1) + p_salient.sum(-1)).transpose(2, 3)
