@@ -16,7 +16,6 @@ import argparse
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 from linearize.kernels.parallax import naive_parallax_attention
 
 import linearize  # noqa: F401  (registers the converted model class)
@@ -25,13 +24,17 @@ from linearize import sources
 from linearize.evaluation import text_windows
 
 
-def captured_inputs(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """The (q, r, k, v) every Parallax layer hands its op in one forward over `ids`, RoPE'd, in float64."""
+def captured_inputs(model, ids: torch.Tensor) -> list[dict]:
+    """What every Parallax layer hands its op in one forward over `ids`: its RoPE'd q, r, k, v in float64, with the
+    layer's scale and window."""
     inputs = []
     attend = parallax_layer.parallax_attention
 
     def spy(q, r, k, v, **options):
-        inputs.append(tuple(x.detach().double() for x in (q, r, k, v)))
+        if options.get("softcap") is not None:
+            raise ValueError("capped logits (Gemma 2) move by more than s: the query shift is not the first order")
+        tensors = dict(zip("qrkv", (x.detach().double() for x in (q, r, k, v)), strict=True))
+        inputs.append(tensors | {"scale": options.get("scale"), "window": options.get("window")})
         return attend(q, r, k, v, **options)
 
     with mock.patch.object(parallax_layer, "parallax_attention", spy), torch.no_grad():
@@ -39,21 +42,19 @@ def captured_inputs(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     return inputs
 
 
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention `[B, T, H, D]` with GQA keys and values `[B, T, Hkv, D]`."""
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
-
-
-def probe_order(q, r, k, v) -> dict[str, float]:
-    """The probe's effect on one layer's output, its second-order share and the weighted spread of s."""
-    scale = q.shape[-1] ** -0.5
-    o = naive_parallax_attention(q, r, k, v)
-    o_softmax, o_shift = softmax_attention(q, k, v), softmax_attention(q - r / scale, k, v)
+def probe_order(q, r, k, v, scale: float | None = None, window: int | None = None) -> dict[str, float]:
+    """The probe's effect on one layer's output, its second-order share and the weighted spread of s. Softmax
+    attention is Parallax with a zero probe (docs/methods.md §4.2), so the reference computes all three outputs."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    zero = torch.zeros_like(r)
+    o = naive_parallax_attention(q, r, k, v, scale=scale, window=window)
+    o_softmax = naive_parallax_attention(q, zero, k, v, scale=scale, window=window)
+    o_shift = naive_parallax_attention(q - r / scale, zero, k, v, scale=scale, window=window)
     change = (o - o_softmax).norm()
     keys = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
-    causal = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).tril()
-    p = (torch.einsum("bthd,bshd->bhts", q, keys) * scale).masked_fill(~causal, float("-inf")).softmax(-1)
+    lag = torch.arange(q.shape[1])[:, None] - torch.arange(q.shape[1])[None]
+    visible = (lag >= 0) & (lag < (q.shape[1] if window is None else window))
+    p = (torch.einsum("bthd,bshd->bhts", q, keys) * scale).masked_fill(~visible, float("-inf")).softmax(-1)
     s = torch.einsum("bthd,bshd->bhts", r, keys)  # [B, H, T, T]
     t_bar = (p * s).sum(-1, keepdim=True)
     return {
@@ -76,7 +77,7 @@ def main() -> None:
     layers = captured_inputs(model, ids)
     if not layers:
         parser.error(f"{args.model} has no Parallax layer")
-    rows = [probe_order(*inputs) for inputs in layers]
+    rows = [probe_order(**inputs) for inputs in layers]
     print("| layer | output change | second-order share | spread of s |")
     print("|---|---|---|---|")
     for index, row in enumerate(rows):

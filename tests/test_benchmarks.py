@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from linearize.training.recipe import load_recipe
+from tests.tiny import converted_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,12 +110,12 @@ def test_gpu_diagnostics_locate_an_error_and_restore_a_forced_configuration():
     assert (kernel.configs, kernel.cache) == (["tuned", "other"], {("key",): "tuned"})
 
 
-def test_parallax_probe_order_measures_each_layer():
-    """A small probe is mostly a query shift (second-order share well below 1); a larger one much less so."""
-    from tests.tiny import converted_model
-
+@pytest.mark.parametrize("variant", ["parallax", "parallax-window"])
+def test_parallax_probe_order_measures_each_layer(variant):
+    """A small probe is mostly a query shift (second-order share well below 1); a larger one much less so. The
+    measure reads the layer's window."""
     order = _benchmark("parallax_probe_order")
-    model = converted_model("llama", "parallax", trained=False)
+    model = converted_model("llama", variant, trained=False)
     ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     shares = {}
     for size in (1e-3, 1.0):
@@ -123,7 +124,8 @@ def test_parallax_probe_order_measures_each_layer():
                 layer.self_attn.r_proj.weight.normal_(0, size, generator=torch.Generator().manual_seed(1))
         layers = order.captured_inputs(model, ids)
         assert len(layers) == len(model.model.layers)
-        rows = [order.probe_order(*inputs) for inputs in layers]
+        assert all(inputs["window"] == model.model.layers[0].self_attn.window for inputs in layers)
+        rows = [order.probe_order(**inputs) for inputs in layers]
         assert all(row["effect"] > 0 and row["spread"] > 0 for row in rows)
         shares[size] = max(row["second_order"] for row in rows)
     assert shares[1e-3] < 0.01 < 0.2 < shares[1.0]
