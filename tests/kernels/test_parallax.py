@@ -139,9 +139,11 @@ def _softmax_attention(q, k, v, window=None, key_valid=None, past_k=None, past_v
 
 @pytest.mark.parametrize("shape_id", SHAPES)
 def test_zero_probe_is_softmax_attention(shape_id):
-    """r = 0: output and dq, dk, dv of every path equal softmax attention's; dr is the probe's gradient at zero."""
+    """r = 0: output and dq, dk, dv of every path equal softmax attention's, and dr is its dq times -1 / scale
+    (docs/methods.md §4.5): a zero probe learns what a query update would."""
     x = _inputs(shape_id, probe=0.0)
     ref = _run(_softmax_attention, {name: t for name, t in x.items() if name != "r"})
+    scale = x["q"].shape[-1] ** -0.5
     chunk = functools.partial(chunk_parallax_attention, block_size=SHAPES[shape_id][7])
     paths = {
         "reference": (naive_parallax_attention, torch.float64, 1e-12),
@@ -152,7 +154,7 @@ def test_zero_probe_is_softmax_attention(shape_id):
         out = _run(fn, _cast(x, dtype))
         for name in ref:
             assert_close(f"{path} {name}", ref[name], out[name], ratio=ratio)
-        assert_close(f"{path} dr", _reference(shape_id, probe=0.0)["dr"], out["dr"], ratio=ratio)
+        assert_close(f"{path} dr", -ref["dq"] / scale, out["dr"], ratio=ratio)
     if x["window"] != 1:  # with one visible key there is no covariance to probe
         # the probe can grow from zero (docs/methods.md §4.5)
         assert _reference(shape_id, probe=0.0)["dr"].abs().amax() > 0
