@@ -2,6 +2,7 @@ import functools
 import math
 
 import linearize.kernels.still as still_mod
+import linearize.kernels.still.chunk as still_chunk
 import pytest
 import torch
 from linearize.kernels.still import (
@@ -93,6 +94,35 @@ def test_chunk_attention_in_blocks_of_chunks_matches_reference(chunks_per_block)
     out = _run(blocked, _inputs(shape_id, True))
     for name in ref:
         assert_close(name, ref[name], out[name])
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["all-valid", "trailing-pad"])
+@pytest.mark.parametrize("shape_id", SHAPES)
+def test_chunk_attention_without_autograd_matches_reference(shape_id, pad):
+    """Without autograd the linear state is carried from chunk to chunk in place instead of prefix-summed: the
+    same outputs, and padding (NaN in every input here) is never read."""
+    x = _inputs(shape_id, pad)
+    B, T = x["q"].shape[:2]
+    valid = x.get("key_valid", torch.ones(B, T, dtype=torch.bool))
+    for name in FLOAT_INPUTS:
+        x[name] = x[name].masked_fill(~valid.view(B, T, 1, 1), float("nan"))
+    with torch.no_grad():
+        o = chunk_still_attention(**x)
+    assert_close("o", _reference(shape_id, pad)["o"][valid], o[valid])
+
+
+@pytest.mark.parametrize("shape_id", SHAPES)
+def test_recurrent_linear_part_matches_the_prefix_sum(shape_id):
+    """The inference form of the linear part against the differentiable one: numerators and normalizers."""
+    B, T, H, Hkv, D, C = SHAPES[shape_id]
+    x = _inputs(shape_id, pad=False)
+    N = T // C
+    args = [x[name][:, : N * C] for name in ("q_feat", "k_feat", "v", "gate")]
+    linear_keys = ~x["salient"][:, : N * C]
+    expected = still_chunk._linear_part(*args, linear_keys, C)
+    got = still_chunk._linear_part_recurrent(*args, linear_keys, C)
+    for name, ref, out in zip(("num", "den"), expected, got, strict=True):
+        assert_close(name, ref, out)
 
 
 @pytest.mark.parametrize("path", ATTENTION)
