@@ -24,6 +24,22 @@ def np_map(feature_map, x):
     return torch.stack(out, dim=2)
 
 
+def test_np_map_in_blocks_without_autograd(monkeypatch):
+    """Without autograd a long input is mapped in blocks of tokens (the last one partial here): the features of
+    the whole input at once, and of the formula."""
+    monkeypatch.setattr(still_layer.NPMap, "BLOCK_ELEMENTS", 512)  # blocks of 8 tokens of 2 x 2 x 16 numbers
+    feature_map = still_layer.NPMap(heads=2, dim=16)
+    torch.nn.init.normal_(feature_map.householder)
+    torch.nn.init.normal_(feature_map.linear)
+    x = torch.randn(2, 37, 2, 16)
+    with torch.no_grad():
+        blocked = feature_map(x)
+    whole = feature_map(x)  # autograd on: one pass
+    assert whole.requires_grad
+    assert torch.equal(blocked, whole.detach())
+    torch.testing.assert_close(blocked.double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_still_layer_is_the_plain_ops_on_its_projections(family):
     model = converted_model(family, "still")
