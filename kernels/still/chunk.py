@@ -6,9 +6,10 @@ logit gives both of the score's softmaxes (the reference computes them apart).
 
 Attention: chunk c reads exactly its own keys, all keys of chunk c - 1 and the salient keys of chunks 0..c-2,
 [B, H, C, 2C + salient so far] logits. The non-salient keys of a chunk enter the linear state ([B, H, F, Dv] and
-normalizer [B, H, F]) once the chunk is two chunks behind the query's: a prefix sum of per-chunk states. Query
-chunks are computed in blocks, all chunks of a block at once (few large products rather than a loop of small ones,
-whose backward would also write a full-size gradient per slice).
+normalizer [B, H, F]) once the chunk is two chunks behind the query's: a prefix sum of per-chunk states, or without
+autograd one state carried from chunk to chunk in place (the prefix sum's [B, N, H, F, Dv] does not fit in a CPU's
+caches at long contexts). Query chunks are computed in blocks, all chunks of a block at once (few large products
+rather than a loop of small ones, whose backward would also write a full-size gradient per slice).
 """
 
 import torch
