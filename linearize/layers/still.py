@@ -190,41 +190,52 @@ class StillAttention(LinearizedAttention):
 
     def _fill_cache(self, state, q, k, v, k_feat, scores, salient, valid):
         """Cache after a prefill of packed rows: chunks before the last two are folded, the last two are raw, and the
-        queries of the last chunk wait for it to complete."""
+        queries of the last chunk wait for it to complete. Only the tokens that land in the cache are copied (no
+        key or value repeated per query head): at 8K tokens the whole sequence's copies were most of the fill."""
         batch, length = k.shape[:2]
         valid = torch.ones(batch, length, dtype=torch.bool, device=k.device) if valid is None else valid
         C = self.chunk_size
         real = valid.sum(1)  # [B]
         position = torch.arange(length, device=k.device)
         last_chunk = (real - 1).clamp_min(0) // C
-        folded = (position[None] < ((last_chunk - 1) * C)[:, None]) & valid  # [B, T]: older than the ring
+        ring_start = ((last_chunk - 1) * C).clamp_min(0)  # [B]: the first token of the last two chunks
+        folded = (position[None] < ring_start[:, None]) & valid  # [B, T]: older than the ring
         in_ring = valid & ~folded
 
-        def placed(x, kept, slots):
-            """x [B, T, ...] into `slots` slots by position % slots where `kept`; the rest go to a dropped spare."""
-            slot = torch.where(kept, position[None] % slots, slots)  # [B, T]
+        def placed(x, kept, slots, start):
+            """x [B, T, ...] into `slots` slots by position % slots where `kept` (never before `start`); the rest go
+            to a dropped spare."""
+            x, kept, at = x[:, start:], kept[:, start:], position[start:]
+            slot = torch.where(kept, at[None] % slots, slots)  # [B, T - start]
             spare = x.new_zeros(batch, slots + 1, *x.shape[2:])
             return own(spare.scatter(1, slot.view(*slot.shape, *[1] * (x.dim() - 2)).expand_as(x), x)[:, :slots])
 
-        state.ring_k, state.ring_v = placed(k, in_ring, 2 * C), placed(v, in_ring, 2 * C)
-        state.ring_score, state.ring_valid = placed(scores.float(), in_ring, 2 * C), placed(in_ring, in_ring, 2 * C)
-        state.chunk_q = placed(q, valid & (position[None] // C == last_chunk[:, None]), C)  # the last chunk's
+        ring = int(ring_start.min())
+        state.ring_k, state.ring_v = placed(k, in_ring, 2 * C, ring), placed(v, in_ring, 2 * C, ring)
+        state.ring_score = placed(scores.float(), in_ring, 2 * C, ring)
+        state.ring_valid = placed(in_ring, in_ring, 2 * C, ring)
+        in_last_chunk = valid & (position[None] // C == last_chunk[:, None])
+        state.chunk_q = placed(q, in_last_chunk, C, int((last_chunk * C).min()))
 
         # salient keys of folded chunks, per query head: topk per complete chunk, so the same count in every head
         keep = (salient & folded[..., None]).transpose(1, 2)  # [B, H, T]
         count = keep.sum(-1)[:, 0]  # [B]
         most = int(count.max())
         first = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[..., :most]  # [B, H, S]
-        k_heads = k.repeat_interleave(self.groups, dim=2).transpose(1, 2)  # [B, H, T, D]
-        v_heads = v.repeat_interleave(self.groups, dim=2).transpose(1, 2)
-        index = first[..., None].expand(-1, -1, -1, k.shape[-1])
-        state.salient_k, state.salient_v = k_heads.gather(2, index), v_heads.gather(2, index)
+        kv_head = torch.arange(self.num_heads, device=k.device)[:, None] // self.groups  # [H, 1]
+        rows = (first * self.num_kv_heads + kv_head).reshape(batch, -1, 1)  # [B, H * S, 1]: rows of [B, T * Hkv, D]
+
+        def salient_of(x):  # [B, T, Hkv, D] -> [B, H, S, D]
+            picked = x.flatten(1, 2).gather(1, rows.expand(-1, -1, x.shape[-1]))
+            return picked.view(batch, self.num_heads, most, x.shape[-1])
+
+        state.salient_k, state.salient_v = salient_of(k), salient_of(v)
         state.salient_valid = torch.arange(most, device=k.device)[None] < count[:, None]  # [B, S]
 
         linear = (~salient & folded[..., None]).float()  # [B, T, H]
-        weighted = k_feat.float() * linear[..., None]  # [B, T, H, F]
-        state.state = torch.einsum("bthf,bthd->bhfd", weighted, v.repeat_interleave(self.groups, dim=2).float())
-        state.normalizer = weighted.sum(1)  # [B, H, F]
+        weighted = (k_feat.float() * linear[..., None]).reshape(batch, length, self.num_kv_heads, self.groups, -1)
+        state.state = torch.einsum("btkgf,btkd->bkgfd", weighted, v.float()).flatten(1, 2)  # [B, H, F, Dv]
+        state.normalizer = weighted.sum(1).flatten(1, 2)  # [B, H, F]
         state.real_tokens = real
 
     # -- decoding ------------------------------------------------------------------------------------------------
