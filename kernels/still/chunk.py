@@ -7,9 +7,9 @@ logit gives both of the score's softmaxes (the reference computes them apart).
 Attention: chunk c reads exactly its own keys, all keys of chunk c - 1 and the salient keys of chunks 0..c-2,
 [B, H, C, 2C + salient so far] logits. The non-salient keys of a chunk enter the linear state ([B, H, F, Dv] and
 normalizer [B, H, F]) once the chunk is two chunks behind the query's: a prefix sum of per-chunk states, or without
-autograd one state carried from chunk to chunk in place (the prefix sum's [B, N, H, F, Dv] does not fit in a CPU's
-caches at long contexts). Query chunks are computed in blocks, all chunks of a block at once (few large products
-rather than a loop of small ones, whose backward would also write a full-size gradient per slice).
+autograd on a CPU one state carried from chunk to chunk in place (the prefix sum's [B, N, H, F, Dv] does not fit in
+a CPU's caches at long contexts). Query chunks are computed in blocks, all chunks of a block at once (few large
+products rather than a loop of small ones, whose backward would also write a full-size gradient per slice).
 """
 
 import torch
@@ -175,7 +175,7 @@ def _linear_part(q_feat, k_feat, v, gate, linear_keys, chunk_size):
 
 @torch.no_grad()
 def _linear_part_recurrent(q_feat, k_feat, v, gate, linear_keys, chunk_size):
-    """`_linear_part` for inference: the state carried from chunk to chunk in place instead of a prefix sum.
+    """`_linear_part` for inference on a CPU: the state carried from chunk to chunk in place, not prefix-summed.
 
     The prefix sum materialises every chunk's state, `[B, N, H, F, Dv]` (38 MB a layer for SmolLM2 at 8K tokens),
     and scans it along N three times over; the recurrence keeps one state, which stays in cache. On a 2-core CPU
@@ -291,7 +291,7 @@ def chunk_still_attention(
     salient = F.pad(salient, (0, 0, 0, pad), value=False) & valid[..., None]  # [B, N*C, H]
     # the linear part reads the valid non-salient keys; its temporaries are freed before the softmax part's
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_feat, k_feat, v, gate))
-    linear_part = _linear_part if needs_grad else _linear_part_recurrent
+    linear_part = _linear_part if needs_grad or q.device.type != "cpu" else _linear_part_recurrent
     linear_num, linear_den = linear_part(q_feat, k_feat, v, gate, valid[..., None] & ~salient, C)
 
     # softmax part: chunk n reads chunks n - 1 and n whole, and the salient keys of chunks 0..n-2
