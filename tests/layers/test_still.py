@@ -122,6 +122,25 @@ def test_decode_after_a_prefill_ending_anywhere_equals_the_full_forward(prefill)
     assert layer.ring_valid.sum(1).tolist() == [12, 12]
 
 
+def test_padded_prefill_of_rows_ending_in_different_chunks_then_decoding_equals_each_row_alone():
+    """Prompts of 37 and 23 tokens (chunk 8, top-2), left-padded into one batch: the cache fill takes each row's
+    ring, last chunk's queries and salient tokens from its own positions, so each row's next-token logits while
+    decoding are those of the row alone."""
+    model = converted_model("llama", "still")
+    prompts = [torch.randint(3, 128, (n,)) for n in (37, 23)]
+    batch = torch.zeros(2, 37, dtype=torch.long)
+    mask = torch.zeros(2, 37, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, 37 - len(prompt) :], mask[row, 37 - len(prompt) :] = prompt, 1
+    options = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    together = model.generate(batch, attention_mask=mask, **options)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], **options)
+        assert together.sequences[row, 37:].tolist() == alone.sequences[0, len(prompt) :].tolist()
+        for step, (both, one) in enumerate(zip(together.logits, alone.logits, strict=True)):
+            torch.testing.assert_close(both[row], one[0], rtol=1e-4, atol=1e-4, msg=f"row {row}, step {step}")
+
+
 def test_bf16_layer_hands_model_dtype_features_to_the_op(monkeypatch):
     """The NP-Map computes in fp32, but the attention gets its features in the model dtype, as q, k and v: the GPU
     kernels multiply every operand on tensor cores."""
