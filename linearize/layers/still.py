@@ -59,11 +59,13 @@ class NPMap(nn.Module):
     """Norm-preserving feature map, one per head (docs/methods.md §3.5): f(x) = W_h (I - 2 h h^T) x with unit h,
     u = |x| f(x) / |f(x)|, phi(x) = [softmax(u), softmax(-u)] (2 D features, clamped at 1e-12).
 
-    On a CPU without autograd a long input is mapped in blocks of about `BLOCK_ELEMENTS` input numbers: the map makes
-    a dozen passes over tensors the size of its input and output, which at 8K tokens (19 MB in, 38 MB out for
-    SmolLM2) run from main memory and in blocks from cache, 2.5x faster on a 2-core CPU (docs/inference-speed.md)."""
+    On a CPU without autograd an input of more than `WHOLE_ELEMENTS` numbers is mapped in blocks of about
+    `BLOCK_ELEMENTS`: the map makes a dozen passes over tensors the size of its input and output, which at 8K tokens
+    (19 MB in, 38 MB out for SmolLM2) run from main memory and in blocks from cache, 2.5x faster on a 2-core CPU
+    (docs/inference-speed.md)."""
 
     BLOCK_ELEMENTS = 1 << 17
+    WHOLE_ELEMENTS = 4 * BLOCK_ELEMENTS  # up to here one pass stays in cache and a loop only adds calls
 
     def __init__(self, heads: int, dim: int):
         super().__init__()
@@ -72,7 +74,7 @@ class NPMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x` [B, T, H, D] -> features [B, T, H, 2D] in fp32."""
-        if torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() <= 4 * self.BLOCK_ELEMENTS:
+        if x.numel() <= self.WHOLE_ELEMENTS or torch.is_grad_enabled() or x.device.type != "cpu":
             return self._map(x)
         out = x.new_empty(*x.shape[:-1], 2 * x.shape[-1], dtype=torch.float32)
         step = max(1, self.BLOCK_ELEMENTS // x[:, :1].numel())

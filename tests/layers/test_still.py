@@ -28,6 +28,7 @@ def test_np_map_in_blocks_without_autograd(monkeypatch):
     """Without autograd a long input is mapped in blocks of tokens (the last one partial here): the features of
     the whole input at once, and of the formula."""
     monkeypatch.setattr(still_layer.NPMap, "BLOCK_ELEMENTS", 512)  # blocks of 8 tokens of 2 x 2 x 16 numbers
+    monkeypatch.setattr(still_layer.NPMap, "WHOLE_ELEMENTS", 2048)  # the input below has 2368
     feature_map = still_layer.NPMap(heads=2, dim=16)
     torch.nn.init.normal_(feature_map.householder)
     torch.nn.init.normal_(feature_map.linear)
