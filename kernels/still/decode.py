@@ -35,7 +35,7 @@ def torch_still_decode(
     """One STILL decode step; arguments and returns as in `naive_still_decode`, plus `select`, the top-k selection
     `(scores [B, C, H], chunk_size, topk) -> salient [B, C, H]` of the chunk leaving the ring. The cache is updated
     in place and returned (its salient tensors may be new views): keep only the returned one."""
-    C = chunk_size
+    C, dtype = chunk_size, q.dtype
     groups = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rank = cache.real_tokens  # [B]: this token's index among its row's real tokens
@@ -47,38 +47,45 @@ def torch_still_decode(
             cache = _fold_oldest_chunk(cache, opens_chunk, k_features, C, topk, groups, select)
     slot = rank % (2 * C)
     write = torch.zeros_like(cache.ring_valid).scatter(1, slot[:, None], valid[:, None])  # [B, 2C]
-    _write_slot(cache.ring_k, slot, k, valid)
-    _write_slot(cache.ring_v, slot, v, valid)
-    _write_slot(cache.chunk_q, rank % C, q, valid)
+    rows = None if bool(valid.all()) else valid  # a row of padding keeps its slots
+    _write_slot(cache.ring_k, slot, k, rows)
+    _write_slot(cache.ring_v, slot, v, rows)
+    _write_slot(cache.chunk_q, rank % C, q, rows)
     ring_valid = cache.ring_valid.logical_or_(write)
 
-    # softmax over the salient cache and the ring, gated linear attention over the state, one normalizer
-    keys_k = cache.ring_k.repeat_interleave(groups, dim=2).float()  # [B, 2C, H, D]
-    keys_v = cache.ring_v.repeat_interleave(groups, dim=2).float()
-    z = torch.einsum("bhd,bshd->bhs", q.float(), keys_k) * scale  # [B, H, 2C]
-    z_salient = torch.einsum("bhd,bhsd->bhs", q.float(), cache.salient_k.float()) * scale
-    z_all = torch.cat([z_salient, z], dim=-1)  # [B, H, S + 2C]
+    # softmax over the salient cache and the ring, gated linear attention over the state, one normalizer; the ring
+    # is read per KV head (its G query heads as rows), so nothing is repeated or joined
+    B, H, D = q.shape
+    q = q.float()[:, :, None]  # [B, H, 1, D]
+    ring_k, ring_v = (x.float().transpose(1, 2) for x in (cache.ring_k, cache.ring_v))  # [B, Hkv, 2C, D]
+    z_ring = (q.view(B, -1, groups, D) @ ring_k.mT).view(B, H, 1, 2 * C) * scale
+    z_salient = (q @ cache.salient_k.float().mT) * scale  # [B, H, 1, S]
     if softcap is not None:
-        z_all = softcap * torch.tanh(z_all / softcap)
-    seen = torch.cat([cache.salient_valid, ring_valid], dim=-1)[:, None]  # [B, 1, S + 2C]
-    z_all = z_all.masked_fill(~seen, float("-inf"))
-    shift = z_all.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # a padding row has no key
-    weights = (z_all - shift).exp()  # [B, H, S + 2C]
-    values = torch.cat([cache.salient_v.float(), keys_v.transpose(1, 2)], dim=2)  # [B, H, S + 2C, Dv]
-    q_feat = q_feat.float()  # [B, H, F]
-    numerator = torch.einsum("bhs,bhsd->bhd", weights, values)
-    numerator = numerator + gate.float() * torch.einsum("bhf,bhfd->bhd", q_feat, cache.state)
-    denominator = weights.sum(-1) + (q_feat * cache.normalizer).sum(-1) + eps
-    o = numerator / denominator[..., None]  # [B, H, Dv]
+        z_ring, z_salient = (softcap * torch.tanh(z / softcap) for z in (z_ring, z_salient))
+    z_ring.masked_fill_(~ring_valid[:, None, None], float("-inf"))
+    z_salient.masked_fill_(~cache.salient_valid[:, None, None], float("-inf"))
+    shift = z_ring.amax(-1, keepdim=True)
+    if z_salient.shape[-1]:
+        shift = torch.maximum(shift, z_salient.amax(-1, keepdim=True))
+    shift = shift.clamp_min_(torch.finfo(torch.float32).min)  # a padding row has no key
+    w_ring, w_salient = z_ring.sub_(shift).exp_(), z_salient.sub_(shift).exp_()
+    q_feat = q_feat.float()[:, :, None]  # [B, H, 1, F]
+    numerator = (w_ring.view(B, -1, groups, 2 * C) @ ring_v).view(B, H, 1, -1) + w_salient @ cache.salient_v.float()
+    numerator += gate.float()[:, :, None] * (q_feat @ cache.state)
+    denominator = w_ring.sum(-1, keepdim=True) + w_salient.sum(-1, keepdim=True) + q_feat @ cache.normalizer[..., None]
+    o = (numerator / denominator.add_(eps)).view(B, H, -1)  # [B, H, Dv]
     cache.real_tokens.add_(valid.long())
-    return o.to(q.dtype), cache
+    return o.to(dtype), cache
 
 
-def _write_slot(ring: torch.Tensor, slot: torch.Tensor, x: torch.Tensor, valid: torch.Tensor) -> None:
-    """Write x [B, ...] into ring slot `slot` [B] in place, in the rows where `valid`; other rows keep the slot."""
+def _write_slot(ring: torch.Tensor, slot: torch.Tensor, x: torch.Tensor, valid: torch.Tensor | None) -> None:
+    """Write x [B, ...] into ring slot `slot` [B] in place, in the rows where `valid` (None: all rows); other rows
+    keep the slot."""
     index = slot.view(-1, 1, *[1] * (ring.dim() - 2)).expand(-1, 1, *ring.shape[2:])
-    row_valid = valid.view(-1, 1, *[1] * (ring.dim() - 2))
-    ring.scatter_(1, index, torch.where(row_valid, x[:, None].to(ring.dtype), ring.gather(1, index)))
+    x = x[:, None].to(ring.dtype)
+    if valid is not None:
+        x = torch.where(valid.view(-1, 1, *[1] * (ring.dim() - 2)), x, ring.gather(1, index))
+    ring.scatter_(1, index, x)
 
 
 def _ring_ranks(rank: torch.Tensor, chunk_size: int) -> torch.Tensor:

@@ -71,24 +71,43 @@ class NPMap(nn.Module):
         super().__init__()
         self.householder = nn.Parameter(torch.empty(heads, dim))
         self.linear = nn.Parameter(torch.empty(heads, dim, dim))
+        self._kept_matrix: tuple[tuple, torch.Tensor] | None = None  # (the parameters' versions, their matrix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x` [B, T, H, D] -> features [B, T, H, 2D] in fp32."""
+        matrix = self.matrix(keep=x.shape[1] == 1)
         if x.numel() <= self.WHOLE_ELEMENTS or torch.is_grad_enabled() or x.device.type != "cpu":
-            return self._map(x)
+            return self._map(x, matrix)
         out = x.new_empty(*x.shape[:-1], 2 * x.shape[-1], dtype=torch.float32)
         step = max(1, self.BLOCK_ELEMENTS // x[:, :1].numel())
         for t0 in range(0, x.shape[1], step):
-            out[:, t0 : t0 + step] = self._map(x[:, t0 : t0 + step])
+            out[:, t0 : t0 + step] = self._map(x[:, t0 : t0 + step], matrix)
         return out
 
-    def _map(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()  # [B, T, H, D]
+    def matrix(self, keep: bool = False) -> torch.Tensor:
+        """W_h (I - 2 h h^T) per head, `[H, D, D]` in fp32: the reflection and W_h as one product. With `keep` and
+        without autograd it is kept until the parameters change: a decode step maps one token, and the dozen small
+        ops that make the matrix cost as much as the map. (A prefill makes its own and frees it, so that its peak
+        memory holds no layer's matrix but the one it maps with.)"""
+        if not keep or torch.is_grad_enabled():
+            return self._fold()
+        key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in (self.householder, self.linear))
+        if self._kept_matrix is None or self._kept_matrix[0] != key:
+            self._kept_matrix = (key, self._fold())
+        return self._kept_matrix[1]
+
+    def _fold(self) -> torch.Tensor:
         h = F.normalize(self.householder.float(), dim=-1)  # [H, D]
-        reflected = x - 2 * (x * h).sum(-1, keepdim=True) * h
-        mapped = torch.einsum("bthd,hed->bthe", reflected, self.linear.float())
+        linear = self.linear.float()  # [H, D, D]
+        return linear - 2 * (linear @ h[..., None]) * h[:, None]  # W - 2 (W h) h^T
+
+    @staticmethod
+    def _map(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # [B, T, H, D]
+        mapped = torch.einsum("bthd,hed->bthe", x, matrix)
         u = mapped * (x.norm(dim=-1, keepdim=True) / mapped.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        return torch.cat([u.softmax(-1), (-u).softmax(-1)], dim=-1).clamp_min(1e-12)  # [B, T, H, 2D]
+        # [softmax(u), softmax(-u)] as one softmax over a [2, D] view
+        return torch.stack([u, -u], dim=-2).softmax(-1).flatten(-2).clamp_min(1e-12)  # [B, T, H, 2D]
 
 
 class StillCacheLayer(StateCacheLayer):
@@ -149,8 +168,9 @@ class StillAttention(LinearizedAttention):
             o = self._prefill(q, k, v, gate, valid, state)
         else:  # continuing a cached sequence: token by token, each exactly as the chunk-parallel form sees it
             valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if valid is None else valid
-            o = torch.cat([self._decode_step(q[:, t], k[:, t], v[:, t], gate[:, t], valid[:, t], state) for t in
-                           range(length)], dim=1)  # fmt: skip
+            steps = [self._decode_step(q[:, t], k[:, t], v[:, t], gate[:, t], valid[:, t], state) for t in
+                     range(length)]  # fmt: skip
+            o = steps[0] if length == 1 else torch.cat(steps, dim=1)
         if state is not None:
             state.seen_tokens += length
         return o.to(hidden_states.dtype).flatten(2)

@@ -41,6 +41,27 @@ def test_np_map_in_blocks_without_autograd(monkeypatch):
     torch.testing.assert_close(blocked.double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
 
 
+def test_np_map_without_autograd_follows_every_change_of_its_parameters():
+    """Without autograd the map keeps its matrix W (I - 2 h h^T) between one-token calls (decode steps); an in-place
+    update (an optimizer step, a loaded checkpoint) or a new parameter must give the new features, never the kept
+    matrix's."""
+    feature_map = still_layer.NPMap(heads=2, dim=16)
+    torch.nn.init.normal_(feature_map.householder)
+    torch.nn.init.normal_(feature_map.linear)
+    x = torch.randn(2, 1, 2, 16)
+    with torch.no_grad():
+        before = feature_map(x)
+        assert feature_map._kept_matrix is not None
+        torch.testing.assert_close(before.double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
+        feature_map.linear.mul_(-0.5)  # in place, as an optimizer step
+        torch.testing.assert_close(feature_map(x).double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
+        feature_map.householder.copy_(torch.randn(2, 16))  # in place, as load_state_dict
+        torch.testing.assert_close(feature_map(x).double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
+        feature_map.householder = torch.nn.Parameter(torch.randn(2, 16))  # a new tensor
+        torch.testing.assert_close(feature_map(x).double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
+    assert not torch.equal(feature_map(x).detach(), before)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_still_layer_is_the_plain_ops_on_its_projections(family):
     model = converted_model(family, "still")
