@@ -5,7 +5,9 @@ the Triton top-k selection of a folded chunk: the step itself has no kernel.
 The cache is updated in place, so a step costs the same at every context: the new token goes into its ring slot
 and its query into the newest chunk's, a folded chunk into the state and into salient buffers that grow
 geometrically (`append_along`). A chunk is scored once, when it is complete, all its tokens in one product: the
-per-token score it replaces was about a fifth of a step's attention on CPU (docs/inference-speed.md)."""
+per-token score it replaces was about a fifth of a step's attention on CPU (docs/inference-speed.md). On a CPU a
+step costs about as many microseconds as it has operations, so the attention reads the ring per KV head and sums
+the ring, the salient cache and the state apart, with no repeated or joined copies."""
 
 from collections.abc import Callable
 
@@ -47,7 +49,8 @@ def torch_still_decode(
             cache = _fold_oldest_chunk(cache, opens_chunk, k_features, C, topk, groups, select)
     slot = rank % (2 * C)
     write = torch.zeros_like(cache.ring_valid).scatter(1, slot[:, None], valid[:, None])  # [B, 2C]
-    rows = None if bool(valid.all()) else valid  # a row of padding keeps its slots
+    # rows of padding keep their slots; on a CPU, where checking is free, a step with none writes without reading
+    rows = None if valid.device.type == "cpu" and bool(valid.all()) else valid
     _write_slot(cache.ring_k, slot, k, rows)
     _write_slot(cache.ring_v, slot, v, rows)
     _write_slot(cache.chunk_q, rank % C, q, rows)
