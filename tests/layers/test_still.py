@@ -24,15 +24,20 @@ def np_map(feature_map, x):
     return torch.stack(out, dim=2)
 
 
+def random_np_map() -> still_layer.NPMap:
+    """An NP-Map of 2 heads of 16 with random (trained-looking) parameters."""
+    feature_map = still_layer.NPMap(heads=2, dim=16)
+    torch.nn.init.normal_(feature_map.householder)
+    torch.nn.init.normal_(feature_map.linear)
+    return feature_map
+
+
 def test_np_map_in_blocks_without_autograd(monkeypatch):
     """Without autograd a long input is mapped in blocks of tokens (the last one partial here): the features of
     the whole input at once, and of the formula."""
     monkeypatch.setattr(still_layer.NPMap, "BLOCK_ELEMENTS", 512)  # blocks of 8 tokens of 2 x 2 x 16 numbers
     monkeypatch.setattr(still_layer.NPMap, "WHOLE_ELEMENTS", 2048)  # the input below has 2368
-    feature_map = still_layer.NPMap(heads=2, dim=16)
-    torch.nn.init.normal_(feature_map.householder)
-    torch.nn.init.normal_(feature_map.linear)
-    x = torch.randn(2, 37, 2, 16)
+    feature_map, x = random_np_map(), torch.randn(2, 37, 2, 16)
     with torch.no_grad():
         blocked = feature_map(x)
     whole = feature_map(x)  # autograd on: one pass
@@ -45,20 +50,19 @@ def test_np_map_without_autograd_follows_every_change_of_its_parameters():
     """Without autograd the map keeps its matrix W (I - 2 h h^T) between one-token calls (decode steps); an in-place
     update (an optimizer step, a loaded checkpoint) or a new parameter must give the new features, never the kept
     matrix's."""
-    feature_map = still_layer.NPMap(heads=2, dim=16)
-    torch.nn.init.normal_(feature_map.householder)
-    torch.nn.init.normal_(feature_map.linear)
-    x = torch.randn(2, 1, 2, 16)
+    feature_map, x = random_np_map(), torch.randn(2, 1, 2, 16)
+    changes = [
+        lambda: None,
+        lambda: feature_map.linear.mul_(-0.5),  # in place, as an optimizer step
+        lambda: feature_map.householder.copy_(torch.randn(2, 16)),  # in place, as load_state_dict
+        lambda: setattr(feature_map, "householder", torch.nn.Parameter(torch.randn(2, 16))),  # a new tensor
+    ]
     with torch.no_grad():
         before = feature_map(x)
         assert feature_map._kept_matrix is not None
-        torch.testing.assert_close(before.double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
-        feature_map.linear.mul_(-0.5)  # in place, as an optimizer step
-        torch.testing.assert_close(feature_map(x).double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
-        feature_map.householder.copy_(torch.randn(2, 16))  # in place, as load_state_dict
-        torch.testing.assert_close(feature_map(x).double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
-        feature_map.householder = torch.nn.Parameter(torch.randn(2, 16))  # a new tensor
-        torch.testing.assert_close(feature_map(x).double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
+        for change in changes:
+            change()
+            torch.testing.assert_close(feature_map(x).double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
     assert not torch.equal(feature_map(x).detach(), before)
 
 
