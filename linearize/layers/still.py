@@ -88,10 +88,12 @@ class NPMap(nn.Module):
         """W_h (I - 2 h h^T) per head, `[H, D, D]` in fp32: the reflection and W_h as one product. With `keep` and
         without autograd it is kept until the parameters change: a decode step maps one token, and the dozen small
         ops that make the matrix cost as much as the map. (A prefill makes its own and frees it, so that its peak
-        memory holds no layer's matrix but the one it maps with.)"""
-        if not keep or torch.is_grad_enabled():
+        memory holds no layer's matrix but the one it maps with.) Parameters made under `torch.inference_mode` keep
+        no version counter, so their matrix is made at every call."""
+        parameters = (self.householder, self.linear)
+        if not keep or torch.is_grad_enabled() or any(p.is_inference() for p in parameters):
             return self._fold()
-        key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in (self.householder, self.linear))
+        key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in parameters)
         if self._kept_matrix is None or self._kept_matrix[0] != key:
             self._kept_matrix = (key, self._fold())
         return self._kept_matrix[1]

@@ -66,6 +66,17 @@ def test_np_map_without_autograd_follows_every_change_of_its_parameters():
     assert not torch.equal(feature_map(x).detach(), before)
 
 
+def test_np_map_made_under_inference_mode_follows_in_place_changes():
+    """Parameters made under `torch.inference_mode` have no version counter: the map must neither fail on them nor
+    keep a matrix it could not tell stale."""
+    with torch.inference_mode():
+        feature_map, x = random_np_map(), torch.randn(2, 1, 2, 16)
+        before = feature_map(x)
+        feature_map.linear.mul_(-0.5)
+        torch.testing.assert_close(feature_map(x).double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
+        assert not torch.equal(feature_map(x), before)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_still_layer_is_the_plain_ops_on_its_projections(family):
     model = converted_model(family, "still")
