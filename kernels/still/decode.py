@@ -37,7 +37,7 @@ def torch_still_decode(
     """One STILL decode step; arguments and returns as in `naive_still_decode`, plus `select`, the top-k selection
     `(scores [B, C, H], chunk_size, topk) -> salient [B, C, H]` of the chunk leaving the ring. The cache is updated
     in place and returned (its salient tensors may be new views): keep only the returned one."""
-    C, dtype = chunk_size, q.dtype
+    C = chunk_size
     groups = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rank = cache.real_tokens  # [B]: this token's index among its row's real tokens
@@ -48,24 +48,22 @@ def torch_still_decode(
         if opens_chunk.any():
             cache = _fold_oldest_chunk(cache, opens_chunk, k_features, C, topk, groups, select)
     slot = rank % (2 * C)
-    write = torch.zeros_like(cache.ring_valid).scatter(1, slot[:, None], valid[:, None])  # [B, 2C]
     # rows of padding keep their slots; on a CPU, where checking is free, a step with none writes without reading
     rows = None if valid.device.type == "cpu" and bool(valid.all()) else valid
-    _write_slot(cache.ring_k, slot, k, rows)
-    _write_slot(cache.ring_v, slot, v, rows)
+    for ring, x in ((cache.ring_k, k), (cache.ring_v, v), (cache.ring_valid, valid)):
+        _write_slot(ring, slot, x, rows)
     _write_slot(cache.chunk_q, rank % C, q, rows)
-    ring_valid = cache.ring_valid.logical_or_(write)
 
     # softmax over the salient cache and the ring, gated linear attention over the state, one normalizer; the ring
     # is read per KV head (its G query heads as rows), so nothing is repeated or joined
     B, H, D = q.shape
-    q = q.float()[:, :, None]  # [B, H, 1, D]
+    query = q.float()[:, :, None]  # [B, H, 1, D]
     ring_k, ring_v = (x.float().transpose(1, 2) for x in (cache.ring_k, cache.ring_v))  # [B, Hkv, 2C, D]
-    z_ring = (q.view(B, -1, groups, D) @ ring_k.mT).view(B, H, 1, 2 * C) * scale
-    z_salient = (q @ cache.salient_k.float().mT) * scale  # [B, H, 1, S]
+    z_ring = (query.view(B, -1, groups, D) @ ring_k.mT).view(B, H, 1, 2 * C) * scale
+    z_salient = (query @ cache.salient_k.float().mT) * scale  # [B, H, 1, S]
     if softcap is not None:
         z_ring, z_salient = (softcap * torch.tanh(z / softcap) for z in (z_ring, z_salient))
-    z_ring.masked_fill_(~ring_valid[:, None, None], float("-inf"))
+    z_ring.masked_fill_(~cache.ring_valid[:, None, None], float("-inf"))
     z_salient.masked_fill_(~cache.salient_valid[:, None, None], float("-inf"))
     shift = z_ring.amax(-1, keepdim=True)
     if z_salient.shape[-1]:
@@ -78,7 +76,7 @@ def torch_still_decode(
     denominator = w_ring.sum(-1, keepdim=True) + w_salient.sum(-1, keepdim=True) + q_feat @ cache.normalizer[..., None]
     o = (numerator / denominator.add_(eps)).view(B, H, -1)  # [B, H, Dv]
     cache.real_tokens.add_(valid.long())
-    return o.to(dtype), cache
+    return o.to(q.dtype), cache
 
 
 def _write_slot(ring: torch.Tensor, slot: torch.Tensor, x: torch.Tensor, valid: torch.Tensor | None) -> None:
