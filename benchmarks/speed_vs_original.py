@@ -6,9 +6,10 @@ original, all measured in one run (what issue #22's targets are judged on).
 
 Every model runs in fp32 on the CPU; conversion values, as speed does not depend on training. For each thread
 count and context, `linearize.benchmark.run_bench` (what `linearize bench` runs) prefills the same tokens
-`--repeats` times per model, alternating between models, then decodes `--decode-tokens` single tokens from each
-cache; the table gives each method's ratio to the original: prefill throughput (median run; above 1 is faster),
-decode time per token (median step; below 1 is faster) and prefill peak memory (below 1 is less).
+`--repeats` times per model, alternating between models, then decodes from each cache in `--repeats` runs of
+`--decode-tokens` single tokens, alternating again; the table gives each method's ratio to the original: prefill
+throughput (median run; above 1 is faster), decode time per token (median over runs of each run's median step;
+below 1 is faster) and prefill peak memory (below 1 is less).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def main() -> None:
     parser.add_argument("--methods", default="liger,still,parallax,swa")
     parser.add_argument("--contexts", default="512,2048,8192")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts, one run each")
-    parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="prefill runs per model and context (median counts)")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="single-token steps in each decode run")
+    parser.add_argument("--repeats", type=int, default=3, help="prefill and decode runs per model and context")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
 
@@ -68,8 +69,8 @@ def main() -> None:
         torch.set_num_threads(threads)
         result = run_bench(models, contexts, args.decode_tokens, args.repeats)
         results.append(result)
-        print(f"\n{threads} thread{'s' * (threads != 1)}, median of {args.repeats} prefills and "
-              f"{args.decode_tokens} decode steps")  # fmt: skip
+        print(f"\n{threads} thread{'s' * (threads != 1)}, median of {args.repeats} prefills and of "
+              f"{args.repeats} decode runs of {args.decode_tokens} steps")  # fmt: skip
         print("\n".join(ratio_rows(result, methods)), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,13 @@
 per context length (what `linearize bench` and `benchmarks/speed_vs_original.py` report).
 
 Timing: for each context C every model prefills the same C random tokens `repeats` times, alternating between
-the models, and its median run counts; then each model decodes `decode_tokens` single-token steps from its cache
-in one uninterrupted run, and its median step counts. The fastest run and step are kept beside them (on a shared
-machine the fastest is the steadier number; the median is what a user sees). On CUDA each timed call ends with a
-synchronize.
+the models, and its median run counts; then each model decodes from its cache in `repeats` runs of `decode_tokens`
+single-token steps, again alternating between the models, and the median of its runs' median steps counts. A run
+is never interrupted by another model's steps (the original streams its whole KV cache every step, which would slow
+the next model's first steps), and alternating runs spreads each model's steps over the same stretch of time, so a
+slow spell of a shared machine falls on every model alike. The fastest run and step are kept beside them (on a
+shared machine the fastest is the steadier number; the median is what a user sees). On CUDA each timed call ends
+with a synchronize.
 
 Peak memory is measured in one more, untimed prefill at each context: the most memory that prefill's own tensors
 (activations and the cache it builds; not the weights, nor the other model) held at once. On CUDA that is
@@ -115,17 +118,18 @@ def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, se
     Args:
         models: label -> model; all take the same token ids (the smallest vocabulary bounds them).
         context: prefill length.
-        decode_tokens: single-token steps timed after the prefill.
-        repeats: prefill runs per model (the median counts).
+        decode_tokens: single-token steps in each decode run.
+        repeats: prefill runs and decode runs per model (the median counts).
         seed: chooses the random tokens.
 
     Returns:
-        label -> {"prefill_tok_s" (median run), "prefill_fastest_tok_s", "decode_ms" (median step),
-        "decode_fastest_ms", "cache_bytes" (after the prefill), "peak_bytes" (the prefill's peak memory, from one
-        more untimed prefill)}.
+        label -> {"prefill_tok_s" (median run), "prefill_fastest_tok_s", "decode_ms" (the median over runs of each
+        run's median step), "decode_fastest_ms" (fastest step), "cache_bytes" (after the prefill), "peak_bytes"
+        (the prefill's peak memory, from one more untimed prefill)}.
     """
     vocab = min(model.config.vocab_size for model in models.values())
-    ids = torch.randint(100, vocab, (1, context + decode_tokens), generator=torch.Generator().manual_seed(seed))
+    decoded = repeats * decode_tokens
+    ids = torch.randint(100, vocab, (1, context + decoded), generator=torch.Generator().manual_seed(seed))
     prefill, caches, peaks = {name: [] for name in models}, {}, {}
     for name, model in models.items():
         with peak_memory(model.device) as peak:
@@ -145,15 +149,17 @@ def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, se
         }
         for name in models
     }
-    # each model decodes in one uninterrupted run: interleaving steps lets one model's cache traffic (the
-    # original streams its whole KV cache every step) slow the other's next steps
-    for name, model in models.items():
-        steps = []
-        for t in range(context, context + decode_tokens):
-            seconds, caches[name] = timed_forward(model, ids[:, t : t + 1], caches[name])
-            steps.append(seconds)
-        results[name]["decode_ms"] = 1000 * statistics.median(steps)
-        results[name]["decode_fastest_ms"] = 1000 * min(steps)
+    runs = {name: [] for name in models}  # each decode run's steps, in seconds
+    for start in range(context, context + decoded, decode_tokens):
+        for name, model in models.items():
+            steps = []
+            for t in range(start, start + decode_tokens):
+                seconds, caches[name] = timed_forward(model, ids[:, t : t + 1], caches[name])
+                steps.append(seconds)
+            runs[name].append(steps)
+    for name, steps in runs.items():
+        results[name]["decode_ms"] = 1000 * statistics.median(statistics.median(run) for run in steps)
+        results[name]["decode_fastest_ms"] = 1000 * min(min(run) for run in steps)
     return results
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from linearize.benchmark import bench_rows, peak_memory, run_bench
+from linearize.benchmark import bench_rows, measure, peak_memory, run_bench
 from linearize.cli import app
 from tests.tiny import converted_model, source_folder, source_model
 
@@ -29,6 +29,21 @@ def test_every_measurement_is_positive(result):
             assert numbers["prefill_tok_s"] > 0 and numbers["decode_ms"] > 0 and numbers["cache_bytes"] > 0
             assert numbers["decode_fastest_ms"] <= numbers["decode_ms"]
             assert numbers["prefill_fastest_tok_s"] >= numbers["prefill_tok_s"]
+
+
+def test_models_alternate_in_prefill_runs_and_in_uninterrupted_decode_runs():
+    models = {"liger": converted_model("llama", "liger"), "original": source_model("llama")}
+    calls = []  # (model, tokens in the call), in call order
+    for label, model in models.items():
+        model.register_forward_pre_hook(
+            lambda _, args, kwargs, label=label: calls.append((label, kwargs["input_ids"].shape[1])), with_kwargs=True
+        )
+    measure(models, context=12, decode_tokens=3, repeats=2)
+    prefills = [call for call in calls if call[1] == 12]
+    steps = [label for label, tokens in calls if tokens == 1]
+    # one untimed prefill each for the peak, then the timed ones in turn
+    assert prefills == [("liger", 12), ("original", 12)] * 3
+    assert steps == ["liger"] * 3 + ["original"] * 3 + ["liger"] * 3 + ["original"] * 3
 
 
 def test_converted_cache_is_constant_and_the_original_grows(result):

@@ -143,8 +143,15 @@ def bench(
     model: Annotated[str | None, typer.Argument(help=OPTIONAL_MODEL_HELP, show_default=False)] = None,
     against: Annotated[str | None, typer.Option(help=AGAINST_HELP, show_default=False)] = None,
     ctx: Annotated[str, typer.Option("--ctx", help="Context lengths to prefill, comma-separated.")] = "512,2048,8192",
-    decode_tokens: Annotated[int, typer.Option(help="Single-token decode steps timed per context.", min=1)] = 32,
-    repeats: Annotated[int, typer.Option(help="Prefill runs per model and context; the median counts.", min=1)] = 3,
+    decode_tokens: Annotated[int, typer.Option(help="Single-token decode steps in each decode run.", min=1)] = 32,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            help="Prefill runs and decode runs per model and context, alternating between the models; the median "
+            "counts.",
+            min=1,
+        ),
+    ] = 3,
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for torch (default: torch's choice).", show_default=False)
     ] = None,
@@ -197,7 +204,8 @@ def bench(
         f"Speed and memory on {result['device']}, {result['threads']} thread" + "s" * (result["threads"] != 1),
         header,
         rows,
-        caption=f"decode: median of {decode_tokens} steps; prefill: median of {repeats} runs; "
+        caption=f"prefill: median of {repeats} runs; decode: median of {repeats} runs of {decode_tokens} steps "
+        "(each run's median step); "
         "prefill peak: the most memory the prefill's tensors held at once"
         + f"; ratio: {' / '.join(result['models'])}"
         * (len(specs) == 2),
