@@ -5,7 +5,7 @@ Timing: for each context C every model prefills the same C random tokens `repeat
 the models, and its median run counts; then each model decodes from its cache in `repeats` runs of `decode_tokens`
 single-token steps, again alternating between the models, and the median of its runs' median steps counts. A run
 is never interrupted by another model's steps (the original streams its whole KV cache every step, which would slow
-the next model's first steps), and alternating runs spreads each model's steps over the same stretch of time, so a
+the next model's first steps), and alternating the runs spreads each model's steps over the same stretch of time, so a
 slow spell of a shared machine falls on every model alike. The fastest run and step are kept beside them (on a
 shared machine the fastest is the steadier number; the median is what a user sees). On CUDA each timed call ends
 with a synchronize.
