@@ -29,6 +29,8 @@ def test_every_measurement_is_positive(result):
             assert numbers["prefill_tok_s"] > 0 and numbers["decode_ms"] > 0 and numbers["cache_bytes"] > 0
             assert numbers["decode_fastest_ms"] <= numbers["decode_ms"]
             assert numbers["prefill_fastest_tok_s"] >= numbers["prefill_tok_s"]
+            assert numbers["prefill_runs_tok_s"] == [numbers["prefill_tok_s"]]  # one run (repeats=1)
+            assert numbers["decode_runs_ms"] == [numbers["decode_ms"]]
 
 
 def test_models_alternate_in_prefill_runs_and_in_uninterrupted_decode_runs():
@@ -38,12 +40,17 @@ def test_models_alternate_in_prefill_runs_and_in_uninterrupted_decode_runs():
         model.register_forward_pre_hook(
             lambda _, args, kwargs, label=label: calls.append((label, kwargs["input_ids"].shape[1])), with_kwargs=True
         )
-    measure(models, context=12, decode_tokens=3, repeats=2)
+    result = measure(models, context=12, decode_tokens=3, repeats=3)
     prefills = [call for call in calls if call[1] == 12]
     steps = [label for label, tokens in calls if tokens == 1]
     # one untimed prefill each for the peak, then the timed ones in turn
-    assert prefills == [("liger", 12), ("original", 12)] * 3
-    assert steps == ["liger"] * 3 + ["original"] * 3 + ["liger"] * 3 + ["original"] * 3
+    assert prefills == [("liger", 12), ("original", 12)] * 4
+    assert steps == (["liger"] * 3 + ["original"] * 3) * 3
+    for numbers in result.values():
+        runs = numbers["decode_runs_ms"]
+        assert len(runs) == 3 and len(numbers["prefill_runs_tok_s"]) == 3
+        assert numbers["decode_ms"] == sorted(runs)[1]  # the median run
+        assert numbers["prefill_tok_s"] == sorted(numbers["prefill_runs_tok_s"])[1]
 
 
 def test_converted_cache_is_constant_and_the_original_grows(result):
