@@ -201,17 +201,19 @@ def run_bench(
     }
 
 
-_METRICS = (
-    ("prefill_tok_s", "prefill tokens/s", lambda v: f"{v:.0f}"),
-    ("decode_ms", "decode ms/token", lambda v: f"{v:.1f}"),
-    ("cache_bytes", "cache MiB", lambda v: f"{v / 2**20:.2f}"),
-    ("peak_bytes", "prefill peak MiB", lambda v: f"{v / 2**20:.1f}"),
+_METRICS = (  # field, name, format, the field of its timed runs (None: measured once)
+    ("prefill_tok_s", "prefill tokens/s", lambda v: f"{v:.0f}", "prefill_runs_tok_s"),
+    ("decode_ms", "decode ms/token", lambda v: f"{v:.1f}", "decode_runs_ms"),
+    ("cache_bytes", "cache MiB", lambda v: f"{v / 2**20:.2f}", None),
+    ("peak_bytes", "prefill peak MiB", lambda v: f"{v / 2**20:.1f}", None),
 )
 
 
 def bench_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """The side-by-side table of `linearize bench`: a row per context and metric, a column per model and, with two
-    models, their ratio (first / second, for every metric: below 1 means faster decode or less memory).
+    models, their ratio (first / second, for every metric: below 1 means faster decode or less memory). A timed
+    metric with several runs also shows the range of the runs' ratios, each run against the other model's run of the
+    same round ("1.03x (0.98-1.06)"): a range that spans 1 means this machine could not tell the two apart.
 
     Args:
         result: what `run_bench` returned.
@@ -223,13 +225,24 @@ def bench_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     header = ["context", "metric", *labels] + (["ratio"] if len(labels) == 2 else [])
     rows = []
     for row in result["rows"]:
-        for field, name, show in _METRICS:
+        for field, name, show, runs_field in _METRICS:
             values = [row[label][field] for label in labels]
             cells = [str(row["context"]), name] + ["n/a" if v is None else show(v) for v in values]
             if len(labels) == 2:
-                cells.append(f"{values[0] / values[1]:.2f}x" if values[0] and values[1] else "n/a")
+                cells.append(_ratio(values, [row[label].get(runs_field) for label in labels] if runs_field else None))
             rows.append(cells)
     return header, rows
+
+
+def _ratio(values: list, runs: list[list[float] | None] | None) -> str:
+    """First / second model, with the range of the per-round ratios when both have several runs."""
+    if not (values[0] and values[1]):
+        return "n/a"
+    text = f"{values[0] / values[1]:.2f}x"
+    if runs and all(r and len(r) > 1 for r in runs):
+        ratios = [a / b for a, b in zip(*runs, strict=True)]
+        text += f" ({min(ratios):.2f}-{max(ratios):.2f})"
+    return text
 
 
 def plot_bench(result: dict, path: Path) -> Path:

@@ -91,6 +91,30 @@ def test_table_has_both_models_and_their_ratios(result):
     assert rows[2][-1] == f"{first['liger']['cache_bytes'] / first['original']['cache_bytes']:.2f}x"
 
 
+def test_ratio_shows_the_range_of_the_rounds_when_there_are_several_runs():
+    def model(prefill_runs, decode_runs, cache_bytes):
+        return {
+            "prefill_tok_s": sorted(prefill_runs)[1],
+            "prefill_runs_tok_s": prefill_runs,
+            "decode_ms": sorted(decode_runs)[1],
+            "decode_runs_ms": decode_runs,
+            "cache_bytes": cache_bytes,
+            "peak_bytes": 2**21,
+        }
+
+    new, old = model([90, 100, 80], [9, 10, 12], 2**19), model([100, 100, 100], [10, 10, 10], 2**20)
+    result = {"models": ["new", "old"], "rows": [{"context": 64, "new": new, "old": old}]}
+    _, rows = bench_rows(result)
+    ratios = {metric: ratio for _, metric, _, _, ratio in rows}
+    # each round's ratio pairs the runs of the same round: 0.90, 1.00, 0.80 and 0.90, 1.00, 1.20
+    assert ratios == {
+        "prefill tokens/s": "0.90x (0.80-1.00)",
+        "decode ms/token": "1.00x (0.90-1.20)",
+        "cache MiB": "0.50x",
+        "prefill peak MiB": "1.00x",
+    }
+
+
 def test_plot_is_a_png(result, tmp_path):
     pytest.importorskip("matplotlib")
     from linearize.benchmark import plot_bench

@@ -207,7 +207,7 @@ def bench(
         caption=f"prefill: median of {repeats} runs; decode: median of {repeats} runs of {decode_tokens} steps "
         "(each run's median step); "
         "prefill peak: the most memory the prefill's tensors held at once"
-        + f"; ratio: {' / '.join(result['models'])}"
+        + f"; ratio: {' / '.join(result['models'])} (in brackets: the lowest and highest of the runs' ratios)"
         * (len(specs) == 2),
     )
     result["sources"] = {spec.label: spec.source or "embedded" for spec in specs}
