@@ -229,17 +229,17 @@ def bench_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             values = [row[label][field] for label in labels]
             cells = [str(row["context"]), name] + ["n/a" if v is None else show(v) for v in values]
             if len(labels) == 2:
-                cells.append(_ratio(values, [row[label].get(runs_field) for label in labels] if runs_field else None))
+                cells.append(_ratio(values, [row[label].get(runs_field) for label in labels]))
             rows.append(cells)
     return header, rows
 
 
-def _ratio(values: list, runs: list[list[float] | None] | None) -> str:
+def _ratio(values: list, runs: list[list[float] | None]) -> str:
     """First / second model, with the range of the per-round ratios when both have several runs."""
     if not (values[0] and values[1]):
         return "n/a"
     text = f"{values[0] / values[1]:.2f}x"
-    if runs and all(r and len(r) > 1 for r in runs):
+    if all(r and len(r) > 1 for r in runs):
         ratios = [a / b for a, b in zip(*runs, strict=True)]
         text += f" ({min(ratios):.2f}-{max(ratios):.2f})"
     return text
