@@ -44,48 +44,60 @@ class TokenBuffer:
 
 
 class RecentTokens(TokenBuffer):
-    """The last `capacity` tokens of several aligned per-token tensors ([B, T, ...] each).
+    """The last `capacity` tokens of several aligned per-token tensors ([B, T, ...] each), after `reserved` leading
+    slots that the owner fills itself (a sink window's sinks).
 
-    Storage is `capacity + 1` slots per tensor, allocated on the first update (empty slots are zeros, so a
-    validity tensor among them reads False there); it never grows or moves. Slots form a ring: the buffered tokens
-    and one spare slot. A one-token update writes the new token into the spare slot in place and returns the whole
-    storage, which is then exactly the buffered tokens plus the new one, but in ring order: what one query attends
-    to, where order does not matter (keys carry their rotary positions and every slot is inside its window). A
-    longer update returns the tokens in time order, as a new tensor, and rewrites the ring from them.
+    Storage is `reserved + capacity + 1` slots per tensor, allocated on the first update (empty slots are zeros, so
+    a validity tensor among them reads False there); it never grows or moves. After the reserved slots, slots form
+    a ring: the buffered tokens and one spare slot. A one-token update writes the new token into the spare slot in
+    place and returns the whole storage, which is then exactly the reserved slots, the buffered tokens and the new
+    one, in ring order: what one query attends to, where order does not matter (keys carry their rotary positions,
+    every ring slot is inside its window, and the owner's validity marks the reserved slots it has not filled). A
+    longer update returns the buffered tokens and the new ones in time order, as a new tensor, and rewrites the
+    ring from them.
     """
 
-    def __init__(self, capacity: int):
-        super().__init__()  # tensors: each [B, capacity + 1, ...]
+    def __init__(self, capacity: int, reserved: int = 0):
+        super().__init__()  # tensors: each [B, reserved + capacity + 1, ...]
         self.capacity = capacity
-        self.spare = capacity  # the slot that holds no buffered token; the oldest token is in the next one
+        self.reserved = reserved
+        self.spare = capacity  # the ring slot that holds no buffered token; the oldest token is in the next one
 
     def update(self, *new: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """Add `new` tokens ([B, T, ...] each). Returns the buffered tokens with the new ones (what a window
-        attends to: `capacity + T` tokens, in time order, or in ring order when T is 1) and the tokens that fell
-        out of the buffer, oldest first (views that the next update may overwrite)."""
-        length = new[0].shape[1]
+        """Add `new` tokens ([B, T, ...] each). Returns the tokens a query attends to (for T = 1 the whole storage,
+        `reserved + capacity + 1` slots in ring order; otherwise the `capacity + T` buffered and new tokens in time
+        order) and the tokens that fell out of the buffer, oldest first (views that the next update may
+        overwrite)."""
+        length, first = new[0].shape[1], self.reserved
         if self.tensors is None:
-            self.tensors = tuple(t.new_zeros(t.shape[0], self.capacity + 1, *t.shape[2:]) for t in new)
+            self.tensors = tuple(t.new_zeros(t.shape[0], first + self.capacity + 1, *t.shape[2:]) for t in new)
         elif length == 1:
             for buffer, t in zip(self.tensors, new, strict=True):
-                buffer[:, self.spare] = t[:, 0]
-            oldest = (self.spare + 1) % (self.capacity + 1)
+                buffer[:, first + self.spare] = t[:, 0]
+            oldest = first + (self.spare + 1) % (self.capacity + 1)
             evicted = tuple(buffer[:, oldest : oldest + 1] for buffer in self.tensors)
-            self.spare = oldest
+            self.spare = oldest - first
             return self.tensors, evicted
         joined = tuple(
             torch.cat([self._in_time_order(b), t.to(b.dtype)], dim=1) for b, t in zip(self.tensors, new, strict=True)
         )
         for buffer, t in zip(self.tensors, joined, strict=True):
-            buffer[:, : self.capacity] = t[:, length:]
+            buffer[:, first : first + self.capacity] = t[:, length:]
         self.spare = self.capacity
         return joined, tuple(t[:, :length] for t in joined)
 
+    def reserved_slots(self) -> tuple[torch.Tensor, ...] | None:
+        """Views of the reserved slots of each tensor ([B, reserved, ...]), or None before the first update."""
+        if self.tensors is None:
+            return None
+        return tuple(t[:, : self.reserved] for t in self.tensors)
+
     def _in_time_order(self, buffer: torch.Tensor) -> torch.Tensor:
+        ring = buffer[:, self.reserved :]
         oldest = (self.spare + 1) % (self.capacity + 1)
         if oldest == 0:
-            return buffer[:, : self.capacity]
-        return torch.cat([buffer[:, oldest:], buffer[:, : self.spare]], dim=1)
+            return ring[:, : self.capacity]
+        return torch.cat([ring[:, oldest:], ring[:, : self.spare]], dim=1)
 
     def clear(self) -> None:
         super().clear()

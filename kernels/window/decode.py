@@ -39,8 +39,10 @@ def decode_sliding_window_attention(
     Returns:
         o `[B, 1, H, D]` in q.dtype; zeros for a query that sees no key.
     """
-    k, v = k[:, -window:], v[:, -window:]  # [B, W, Hkv, D]
-    visible = None if key_valid is None else key_valid[:, -window:]  # [B, W]
+    visible = key_valid  # [B, S]
+    if window < k.shape[1]:  # a cache passes exactly the window's keys: no views to make, each an op
+        k, v = k[:, -window:], v[:, -window:]  # [B, W, Hkv, D]
+        visible = None if key_valid is None else key_valid[:, -window:]  # [B, W]
     if sink_k is not None:
         if visible is None:
             visible = torch.ones_like(k[..., 0, 0], dtype=torch.bool)

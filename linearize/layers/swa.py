@@ -19,37 +19,41 @@ from .base import LinearizedAttention
 
 
 class SinkWindowCacheLayer(StateCacheLayer):
-    """Sink keys/values [B, sinks + 1, Hkv, D] (the last slot a spare that takes the writes of non-sinks), the
-    recent tokens, and how many real tokens each row has seen."""
+    """The sinks and the recent tokens in one storage per tensor (keys, values [B, sinks + 1 + recent, Hkv, D],
+    validity and rank [B, sinks + 1 + recent]): the sink slots first, the last of them a spare that takes the writes
+    of non-sinks, then the ring (`RecentTokens` with the sink slots reserved). One storage lets a decode step attend
+    to all of it at once. Also how many real tokens each row has seen."""
 
-    _tensor_fields = ("recent", "sink_keys", "sink_values", "sink_valid", "real_tokens")
+    _tensor_fields = ("recent", "real_tokens")
 
     def __init__(self, recent: int, sinks: int):
         super().__init__()
-        self.recent = RecentTokens(recent - 1)
+        self.recent = RecentTokens(recent - 1, reserved=sinks + 1 if sinks else 0)
         self.sinks = sinks
-        self.sink_keys = self.sink_values = self.sink_valid = self.real_tokens = None
+        self.real_tokens = None
+        # no token that leaves the window from now on is a sink: every row has seen enough real tokens
+        self.sinks_settled = False
 
     def keep_sinks(self, keys, values, valid, rank) -> None:
         """Store evicted tokens that are sinks (real tokens of rank < sinks) in their sink slot, in place."""
-        if self.sink_keys is None:
-            batch, _, heads, dim = keys.shape
-            self.sink_keys = keys.new_zeros(batch, self.sinks + 1, heads, dim)
-            self.sink_values = values.new_zeros(batch, self.sinks + 1, heads, dim)
-            self.sink_valid = valid.new_zeros(batch, self.sinks + 1)
+        sink_keys, sink_values, sink_valid, _ = self.recent.reserved_slots()
         is_sink = valid & (rank < self.sinks)
         slot = torch.where(is_sink, rank, torch.full_like(rank, self.sinks))  # [B, n]
         expanded = slot[:, :, None, None].expand_as(keys)
-        self.sink_keys.scatter_(1, expanded, keys.to(self.sink_keys.dtype))
-        self.sink_values.scatter_(1, expanded, values.to(self.sink_values.dtype))
-        self.sink_valid.scatter_(1, slot, is_sink)
+        sink_keys.scatter_(1, expanded, keys.to(sink_keys.dtype))
+        sink_values.scatter_(1, expanded, values.to(sink_values.dtype))
+        sink_valid.scatter_(1, slot, is_sink)
 
     def stored_sinks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The sink slots' keys, values [B, sinks, Hkv, D] and validity [B, sinks], or None before any sink left
-        the window."""
-        if self.sink_keys is None:
+        """The sink slots' keys, values [B, sinks, Hkv, D] and validity [B, sinks] (False until a sink left the
+        window), or None before the first update."""
+        if (reserved := self.recent.reserved_slots()) is None:
             return None
-        return self.sink_keys[:, : self.sinks], self.sink_values[:, : self.sinks], self.sink_valid[:, : self.sinks]
+        return tuple(x[:, : self.sinks] for x in reserved[:3])
+
+    def reset(self) -> None:
+        super().reset()
+        self.sinks_settled = False
 
 
 class SinkWindowAttention(LinearizedAttention):
@@ -84,14 +88,11 @@ class SinkWindowAttention(LinearizedAttention):
 
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:
-        # slots of keys, values, validity flag (and rank, for the ring); both buffers have one spare slot
-        recent = settings.window - settings.sinks  # the ring: the previous recent - 1 tokens and the spare
-        sinks = settings.sinks + 1
-        return (
-            recent * (2 * kv_heads * head_dim * dtype_bytes + 1 + 8)
-            + sinks * (2 * kv_heads * head_dim * dtype_bytes + 1)
-            + 8
-        )
+        # the ring (the previous recent - 1 tokens and a spare) and the sink slots (and a spare), each with a key,
+        # a value, a validity flag and a rank; and each row's count of real tokens
+        recent = settings.window - settings.sinks
+        slots = recent + (settings.sinks + 1 if settings.sinks else 0)
+        return slots * (2 * kv_heads * head_dim * dtype_bytes + 1 + 8) + 8
 
 
 def sink_window_attention(
@@ -123,6 +124,8 @@ def sink_window_attention(
     """
     batch, length = q.shape[:2]
     valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if valid is None else valid
+    if state is not None and length == 1 and state.real_tokens is not None:
+        return _decode_step(q, k, v, valid, state, scale=scale, softcap=softcap, backend=backend)
     seen_real = torch.zeros(batch, dtype=torch.long, device=q.device)
     if state is not None and state.real_tokens is not None:
         seen_real = state.real_tokens
@@ -133,12 +136,7 @@ def sink_window_attention(
         (keys, values, key_valid, key_rank), evicted = state.recent.update(k, v, valid, rank)
 
     sink_keys = sink_values = sink_mask = None
-    if sinks and state is not None and length == 1:
-        # one query: every key it gets from the ring is inside its window, so the only extra keys are stored sinks
-        if (stored := state.stored_sinks()) is not None:
-            sink_keys, sink_values, sink_valid = stored
-            sink_mask = sink_valid[:, None]
-    elif sinks:
+    if sinks:
         sink_keys, sink_values, sink_mask = _visible_sinks(
             state, keys, values, key_valid, key_rank, length, recent, sinks
         )
@@ -159,6 +157,27 @@ def sink_window_attention(
         if sinks:
             state.keep_sinks(*evicted)
         state.real_tokens = seen_real + valid.long().sum(1)
+    return o
+
+
+def _decode_step(q, k, v, valid, state: SinkWindowCacheLayer, *, scale, softcap, backend) -> torch.Tensor:
+    """One new token per row after a prefill: the new token takes its ring slot, and the query attends to the whole
+    storage at once (the stored sinks and the ring, itself included; the validity masks the sink slots no sink has
+    filled yet). A decode step costs about as many microseconds as it has operations on a CPU, so this is the
+    general path above with nothing it does not need: no sink keys joined on, and once every row has seen enough
+    real tokens that no evicted token can be a sink, no sink bookkeeping."""
+    rank = state.real_tokens[:, None]  # [B, 1]: the new token's index among its row's real tokens
+    (keys, values, key_valid, _), evicted = state.recent.update(k, v, valid, rank)
+    o = sliding_window_attention(
+        q, keys, values, window=keys.shape[1], key_valid=key_valid, scale=scale, softcap=softcap, backend=backend
+    )
+    state.real_tokens = state.real_tokens + valid[:, 0]
+    if state.sinks and not state.sinks_settled:
+        state.keep_sinks(*evicted)
+        if q.device.type == "cpu":  # on a GPU, reading the count would wait for the device
+            # the ring keeps `capacity` tokens besides the new one, so the next evicted token's rank is at least
+            # real_tokens - capacity
+            state.sinks_settled = bool(state.real_tokens.min() >= state.sinks + state.recent.capacity)
     return o
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from linearize.convert import convert_model, plan_conversion
+from linearize.layers.swa import SinkWindowCacheLayer, sink_window_attention
 from tests.tiny import FAMILIES, VARIANTS, converted_model, source_model
 
 
@@ -36,3 +37,36 @@ def test_swa_with_a_window_longer_than_the_text_is_the_source(family):
     ids = torch.randint(3, 128, (2, 37))
     with torch.no_grad():
         torch.testing.assert_close(model(ids, use_cache=False).logits, source(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_steps_keep_the_sinks_that_leave_the_window_and_then_stop_checking():
+    """Prefill, one-token steps (which attend to the sink slots and the ring in one storage), a multi-token chunk
+    and more steps, with left padding so that each row's sinks leave the window at a different step: every query
+    sees exactly its row's sinks and window, and the cache stops its sink bookkeeping only once no row can evict a
+    sink any more."""
+    recent, sinks, heads, kv_heads, dim = 5, 2, 4, 2, 8
+    pads, length = (0, 6, 17), 32
+    q = torch.randn(3, length, heads, dim)
+    k, v = torch.randn(3, length, kv_heads, dim), torch.randn(3, length, kv_heads, dim)
+    valid = torch.arange(length)[None] >= torch.tensor(pads)[:, None]  # [B, T]
+    state = SinkWindowCacheLayer(recent, sinks)
+    outputs, start = [], 0
+    for step in [4] + [1] * 12 + [3] + [1] * 13:
+        end = start + step
+        outputs.append(
+            sink_window_attention(
+                q[:, start:end], k[:, start:end], v[:, start:end], valid[:, start:end], state,
+                recent=recent, sinks=sinks, scale=dim**-0.5, backend="torch",
+            )
+        )  # fmt: skip
+        start = end
+        if step == 1:  # settled once every row has seen sinks + recent - 1 real tokens (the ring keeps recent - 1)
+            assert state.sinks_settled == bool(valid[:, :end].sum(1).min() >= sinks + recent - 1)
+    actual = torch.cat(outputs, 1)
+    for row, pad in enumerate(pads):
+        mask = sink_window_mask(length - pad, recent + sinks, sinks)
+        qr, kr, vr = (x[row, pad:].double().transpose(0, 1) for x in (q, k, v))  # [heads, T, dim]
+        kr, vr = (x.repeat_interleave(heads // kv_heads, 0) for x in (kr, vr))
+        z = (qr @ kr.mT * dim**-0.5).masked_fill(~mask, float("-inf"))
+        expected = (z.softmax(-1) @ vr).transpose(0, 1)  # [T, heads, dim]
+        torch.testing.assert_close(actual[row, pad:].double(), expected, rtol=1e-5, atol=1e-5)
