@@ -125,7 +125,6 @@ class LigerAttention(LinearizedAttention):
             if initial_state is None:
                 batch, _, kv_heads, dim = k_linear.shape
                 initial_state = log_decay.new_zeros(batch, kv_heads, dim, v.shape[-1])  # fp32
-            window = slice(-self.window, None)
             o, recurrent_state = liger_decode(
                 q_linear[:, 0],
                 k_linear[:, 0],
@@ -133,9 +132,9 @@ class LigerAttention(LinearizedAttention):
                 log_decay[:, 0],
                 initial_state,
                 q[:, 0],
-                keys[:, window],
-                values[:, window],
-                key_valid[:, window],
+                keys,  # a one-token update returns the whole ring: exactly the window, in ring order
+                values,
+                key_valid,
                 scale=self.scaling,
                 softcap=self.softcap,
                 mix=self.mix,
