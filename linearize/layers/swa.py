@@ -164,8 +164,8 @@ def _decode_step(q, k, v, valid, state: SinkWindowCacheLayer, *, scale, softcap,
     """One new token per row after a prefill: the new token takes its ring slot, and the query attends to the whole
     storage at once (the stored sinks and the ring, itself included; the validity masks the sink slots no sink has
     filled yet). A decode step costs about as many microseconds as it has operations on a CPU, so this is the
-    general path above with nothing it does not need: no sink keys joined on, and once every row has seen enough
-    real tokens that no evicted token can be a sink, no sink bookkeeping."""
+    general path of `sink_window_attention` with nothing it does not need: no sink keys joined on, and once every
+    row has seen enough real tokens that no evicted token can be a sink, no sink bookkeeping."""
     rank = state.real_tokens[:, None]  # [B, 1]: the new token's index among its row's real tokens
     (keys, values, key_valid, _), evicted = state.recent.update(k, v, valid, rank)
     o = sliding_window_attention(
