@@ -294,16 +294,16 @@ def torch_parallax_decode(
     zs = qr @ kk  # [B, Hkv, 2G, W]: z = scale q . k, then s = r . k
     z, s = zs[:, :, :G], zs[:, :, G:]
     _cap(z, softcap)
-    if hidden is not None:
+    if hidden is None:
+        p = z.softmax(-1)  # one op, where the masked form below takes five
+    else:
         z.masked_fill_(hidden[:, None, None], float("-inf"))
-    m = z.amax(-1, keepdim=True)
-    if hidden is not None:
+        m = z.amax(-1, keepdim=True)
         m.masked_fill_(m == float("-inf"), 0.0)
-    p = z.sub_(m).exp_()
-    d1 = p.sum(-1, keepdim=True)
-    if hidden is not None:
+        p = z.sub_(m).exp_()
+        d1 = p.sum(-1, keepdim=True)
         d1.masked_fill_(d1 == 0, float("inf"))  # a query that sees no key: p = 0, so o = 0
-    p.div_(d1)
+        p.div_(d1)
     ps = s.mul_(p)
     weights = p.mul_(ps.sum(-1, keepdim=True).add_(1)).sub_(ps)  # p (1 + t_bar - s)
     return (weights @ vv).view(B, H, D).to(q.dtype)

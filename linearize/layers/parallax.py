@@ -56,7 +56,7 @@ class ParallaxAttention(LinearizedAttention):
         super().__init__(config, layer_idx, family)
         self.window = config.settings.window
         rank = config.settings.probe_rank
-        self.r_down = nn.Linear(config.hidden_size, rank, bias=False) if rank else nn.Identity()
+        self.r_down = nn.Linear(config.hidden_size, rank, bias=False) if rank else None  # None: r_proj reads x
         self.r_proj = nn.Linear(rank or config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.initializer_range = getattr(config, "initializer_range", 0.02)
 
@@ -68,7 +68,7 @@ class ParallaxAttention(LinearizedAttention):
         """A zero probe: the converted layer is the source's softmax attention exactly. A rank bottleneck's down
         projection starts random (seeded by the layer), so that the zero up projection gets a gradient."""
         self.r_proj.weight = nn.Parameter(torch.zeros_like(self.r_proj.weight, device=device, dtype=dtype))
-        if isinstance(self.r_down, nn.Linear):
+        if self.r_down is not None:
             generator = torch.Generator().manual_seed(self.layer_idx)
             down = torch.randn(self.r_down.weight.shape, generator=generator) * self.initializer_range
             self.r_down.weight = nn.Parameter(down.to(device=device, dtype=dtype))
@@ -76,7 +76,7 @@ class ParallaxAttention(LinearizedAttention):
     def attend(self, hidden_states, position_embeddings, state, valid):
         batch, length, _ = hidden_states.shape
         q, k, v, _ = self.project(hidden_states)
-        r = self.r_proj(self.r_down(hidden_states)).view(batch, length, self.num_heads, self.head_dim)
+        r = self.probe(hidden_states)
         qr, k = self.rotate(torch.cat([q, r], dim=2), k, position_embeddings)  # one rotation for q and r
         q, r = qr.split(self.num_heads, dim=2)  # [B, T, H, D] each
         options = {"scale": self.scaling, "softcap": self.softcap, "window": self.window, "backend": self.backend}
@@ -94,6 +94,11 @@ class ParallaxAttention(LinearizedAttention):
                 o = parallax_attention(q, r, k, v, key_valid=key_valid, **history, **options)
             state.seen_tokens += length
         return o.flatten(2)
+
+    def probe(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The probes r `[B, T, H, D]` of the layer input `[B, T, hidden]`, before RoPE."""
+        x = hidden_states if self.r_down is None else self.r_down(hidden_states)
+        return self.r_proj(x).view(*hidden_states.shape[:2], self.num_heads, self.head_dim)
 
     @staticmethod
     def state_bytes(settings, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, tokens: int) -> int:

@@ -34,7 +34,7 @@ def test_parallax_layer_is_the_plain_op_on_its_projections(family):
     with torch.no_grad():
         actual, _ = layer(hidden, position_embeddings=(cos, sin))
         q, k, v, _ = layer.project(hidden)
-        r = layer.r_proj(layer.r_down(hidden)).view(*q.shape)
+        r = layer.r_proj(hidden if layer.r_down is None else layer.r_down(hidden)).view(*q.shape)
         q, k = layer.rotate(q, k, (cos, sin))
         r, _ = layer.rotate(r, k, (cos, sin))  # the probe rotates like the query
         o = naive_parallax_attention(
