@@ -35,18 +35,36 @@ def fused_recurrent_gla(
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
         return varlen_loop(fused_recurrent_gla, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-    B, T, H, K = q.shape
-    Hkv, V = v.shape[2], v.shape[3]
-    dtype = q.dtype
-    q = q.float().reshape(B, T, Hkv, H // Hkv, K) * scale  # the query heads of a group read one state
-    k = k.float()[..., None]  # [B, T, Hkv, K, 1]
-    v = v.float()[:, :, :, None, :]  # [B, T, Hkv, 1, V]
-    decay = g.float()[..., None].exp()  # [B, T, Hkv, K, 1]
-    S = k.new_zeros(B, Hkv, K, V) if initial_state is None else initial_state.float()
+    B, Hkv, K, V = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
+    S = k.new_zeros(B, Hkv, K, V, dtype=torch.float32) if initial_state is None else initial_state
     o = []
     # unbind, not indexing: the backward of T selects would allocate T full-size gradients
-    for q_t, k_t, v_t, decay_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), decay.unbind(1), strict=True):
-        S = torch.addcmul(k_t * v_t, S, decay_t)
-        o.append(q_t @ S)  # [B, Hkv, G, V]
-    o = torch.stack(o, dim=1).reshape(B, T, H, V)
-    return o.to(dtype), S if output_final_state else None
+    for q_t, k_t, v_t, g_t in zip((q.float() * scale).unbind(1), k.unbind(1), v.unbind(1), g.unbind(1), strict=True):
+        o_t, S = gla_step(q_t, k_t, v_t, g_t, S)
+        o.append(o_t)
+    o = torch.stack(o, dim=1)  # [B, T, H, V]
+    return o.to(q.dtype), S if output_final_state else None
+
+
+def gla_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of gated linear attention, in fp32: S = diag(exp(g)) S + k v^T, o = S^T q. A decode step calls it
+    directly (Liger's), as on a CPU a step costs about as many microseconds as it has operations.
+
+    Args:
+        q: queries `[B, H, K]`, already scaled.
+        k: keys `[B, Hkv, K]`; the query heads of a group read one state.
+        v: values `[B, Hkv, V]`.
+        g: log decay `[B, Hkv, K]`, <= 0.
+        state: `[B, Hkv, K, V]` before this token.
+
+    Returns:
+        o `[B, H, V]` and the state after this token `[B, Hkv, K, V]`, both fp32.
+    """
+    B, H, K = q.shape
+    Hkv = k.shape[1]
+    update = k.float()[..., None] * v.float()[..., None, :]  # [B, Hkv, K, V]
+    state = torch.addcmul(update, state.float(), g.float().exp()[..., None])
+    o = q.float().view(B, Hkv, H // Hkv, K) @ state  # [B, Hkv, G, V]
+    return o.view(B, H, -1), state
