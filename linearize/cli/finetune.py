@@ -95,7 +95,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
             f"stage {i + 1}",
             f"{stage.kind}: trains {', '.join(stage.trainable)}; {length}; {stage.optimizer.name} "
             f"lr {stage.optimizer.lr:g}"
-            + (f" (added parameters {stage.optimizer.new_lr:g})" if stage.optimizer.new_lr else "")
+            + _added_parameters(stage.optimizer)
             + f", {stage.schedule.kind} schedule"
             + (f"; distils the original (kd_ratio {stage.kd_ratio:g})" if stage.kd_ratio else ""),
         )
@@ -108,6 +108,13 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     for note in notes:
         table.add_row("note", note)
     return table
+
+
+def _added_parameters(optimizer) -> str:
+    """' (added parameters muon lr 0.0001)': how the method's new parameters train, where it differs."""
+    parts = [optimizer.new_name] if optimizer.new_name and optimizer.new_name != optimizer.name else []
+    parts += [f"lr {optimizer.new_lr:g}"] if optimizer.new_lr else []
+    return f" (added parameters {' '.join(parts)})" if parts else ""
 
 
 recipe_app = typer.Typer(help="Create and check fine-tuning recipes.", no_args_is_help=True)

@@ -13,40 +13,38 @@ from .recipe import OptimizerSection, ScheduleSection
 def build_optimizers(
     params: list[torch.nn.Parameter], config: OptimizerSection, new_params: list[torch.nn.Parameter] = ()
 ) -> list[torch.optim.Optimizer]:
-    """AdamW over everything, or Muon over the 2-D weights plus AdamW over the rest (Muon orthogonalises
-    matrix updates and is undefined for vectors). Both get the stage's peak lr; those of `params` that are in
-    `new_params` (parameters the method adds) get `new_lr` when the recipe sets it."""
+    """The stage's optimizers: `name` over `params`, except those in `new_params` (parameters the method adds),
+    which get `new_name` and `new_lr` where the recipe sets them. AdamW takes whatever it is given; Muon takes
+    the 2-D weights and leaves the rest to AdamW (it orthogonalises matrix updates and is undefined for vectors)."""
     added = {id(p) for p in new_params}
-
-    def groups(subset: list[torch.nn.Parameter]) -> list[dict]:
-        base = {"params": [p for p in subset if id(p) not in added], "lr": config.lr}
-        new = {"params": [p for p in subset if id(p) in added], "lr": config.new_lr or config.lr}
-        return [g for g in (base, new) if g["params"]]
-
-    adamw = dict(betas=config.betas, weight_decay=config.weight_decay)
-    if config.name == "adamw":
-        return [torch.optim.AdamW(groups(params), **adamw)]
-    muon_class = getattr(torch.optim, "Muon", None)
-    if muon_class is None:
-        raise LinearizeError(
-            f"optimizer 'muon' needs torch.optim.Muon, which torch {torch.__version__} lacks; "
-            "upgrade torch (it ships from 2.9) or use optimizer.name: adamw"
-        )
-    matrices = [p for p in params if p.ndim == 2]
-    others = [p for p in params if p.ndim != 2]
-    optimizers = []
-    if matrices:
-        optimizers.append(
-            muon_class(
-                groups(matrices),
-                weight_decay=config.weight_decay,
-                momentum=config.muon_momentum,
-                adjust_lr_fn=config.muon_lr_adjust,
+    groups: dict[str, list[dict]] = {"muon": [], "adamw": []}  # optimizer -> its parameter groups
+    for name, lr, subset in (
+        (config.name, config.lr, [p for p in params if id(p) not in added]),
+        (config.new_name or config.name, config.new_lr or config.lr, [p for p in params if id(p) in added]),
+    ):
+        if name == "muon":
+            groups["muon"].append({"params": [p for p in subset if p.ndim == 2], "lr": lr})
+            subset = [p for p in subset if p.ndim != 2]
+        groups["adamw"].append({"params": subset, "lr": lr})
+    optimizers = {}
+    if muon_groups := [g for g in groups["muon"] if g["params"]]:
+        muon_class = getattr(torch.optim, "Muon", None)
+        if muon_class is None:
+            raise LinearizeError(
+                f"optimizer 'muon' needs torch.optim.Muon, which torch {torch.__version__} lacks; "
+                "upgrade torch (it ships from 2.9) or set optimizer.name (and new_name) to adamw"
             )
+        optimizers["muon"] = muon_class(
+            muon_groups,
+            weight_decay=config.weight_decay,
+            momentum=config.muon_momentum,
+            adjust_lr_fn=config.muon_lr_adjust,
         )
-    if others:
-        optimizers.append(torch.optim.AdamW(groups(others), **adamw))
-    return optimizers
+    if adamw_groups := [g for g in groups["adamw"] if g["params"]]:
+        optimizers["adamw"] = torch.optim.AdamW(adamw_groups, betas=config.betas, weight_decay=config.weight_decay)
+    # the stage's own optimizer first: the lr a run logs is its first group's
+    first = optimizers.pop(config.name, None)
+    return ([first] if first else []) + list(optimizers.values())
 
 
 def lr_factor(step: int, total_steps: int, config: ScheduleSection) -> float:

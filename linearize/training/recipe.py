@@ -202,6 +202,12 @@ class OptimizerSection(_Strict):
     new_lr: float | None = Field(
         None, gt=0, description="peak learning rate of the parameters the method adds (e.g. Parallax's probe); null: lr"
     )
+    new_name: Literal["adamw", "muon"] | None = Field(
+        None,
+        description="optimizer of the parameters the method adds (muon: their 2-D weights, AdamW the rest); "
+        "null: name. With LoRA, `name: adamw, new_name: muon` trains a Parallax probe with Muon beside AdamW's "
+        "LoRA, as a LoRA-only control trains",
+    )
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     muon_momentum: float = Field(0.95, gt=0, lt=1, description="Muon momentum (muon only)")
@@ -441,12 +447,13 @@ def resolved_yaml(recipe: Recipe) -> str:
 
 
 # Fields added after runs existed, with the value that means "as before": left out of the fingerprint at that
-# value, so that runs from before them still resume. A parent goes before its children.
+# value, so that runs from before them still resume. A parent goes before its children; "*" is every item of a list.
 _ADDED_LATER = {
     ("conversion", "selection"): None,
     ("conversion", "selection", "spread"): False,
     ("conversion", "convert_layers"): None,
     ("conversion", "probe_rank"): None,
+    ("stages", "*", "optimizer", "new_name"): None,
 }
 
 
@@ -454,10 +461,22 @@ def recipe_hash(recipe: Recipe) -> str:
     """Fingerprint of what a run computes: everything but where its results go (folder, Hub repo)."""
     content = recipe.model_dump(mode="json", exclude={"output": {"dir", "push_to_hub", "private"}})
     for (*parents, name), unset in _ADDED_LATER.items():
-        section = functools.reduce(lambda fields, key: fields.get(key) or {}, parents, content)
-        if name in section and section[name] == unset:
-            del section[name]
+        for section in _sections(content, parents):
+            if name in section and section[name] == unset:
+                del section[name]
     return hashlib.sha256(yaml.safe_dump(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sections(fields, keys: list[str]) -> list[dict]:
+    """The mappings found at `keys` below `fields` ("*": in every item of a list); none where a key is missing."""
+    if not keys:
+        return [fields] if isinstance(fields, dict) else []
+    key, *rest = keys
+    if key == "*":
+        children = fields if isinstance(fields, list) else []
+    else:
+        children = [fields.get(key)] if isinstance(fields, dict) else []
+    return [section for child in children for section in _sections(child, rest)]
 
 
 _TEMPLATE = """\

@@ -272,7 +272,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
         assert text in result.output
     assert not (tmp_path / "run").exists()
     selection = "conversion.selection={scorer: restore, after: attention_transfer, spread: true}"
-    overrides = ["conversion.softmax_layers=auto:2", selection, "stages.0.optimizer.new_lr=0.0002"]
+    optimizer = ["stages.0.optimizer.new_lr=0.0002", "stages.0.optimizer.new_name=muon"]
+    overrides = ["conversion.softmax_layers=auto:2", selection, *optimizer]
     args = [str(a) for a in ("finetune", recipe, "--dry-run", *overrides, "data.sources=[{builtin: english}]")]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
@@ -280,7 +281,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
     assert "the highest-scoring layer of each of 2 equal stretches of the depth (restore, on builtin)" in shown
     assert "chosen after the attention transfer" in shown
     assert "│ method │ liger {'window': 8, 'sinks': 0, 'mix': 0.5" in shown  # as convert --dry-run shows them
-    assert "adamw lr 0.01 (added parameters 0.0002)" in shown
+    assert "adamw lr 0.01 (added parameters muon lr 0.0002)" in shown
     assert "builtin english [train]; packs of" in shown  # a label in brackets is text, not rich markup
 
 
@@ -333,6 +334,35 @@ def test_new_parameters_get_their_own_learning_rate(name):
     assert lrs == {id(lora): 1e-3, id(probe): 5e-3, id(bias): 5e-3}
     (plain,) = build_optimizers([lora, probe], OptimizerSection(lr=1e-3), new_params=[probe])
     assert [g["lr"] for g in plain.param_groups] == [1e-3, 1e-3]  # no new_lr: one lr for all
+
+
+def test_new_parameters_may_get_their_own_optimizer():
+    """`new_name: muon` beside `name: adamw`: the method's new matrices train with Muon, its new vectors and
+    everything else (LoRA) with AdamW, each at its own lr; and the other way round."""
+    lora, lora_bias, probe, probe_bias = (torch.nn.Parameter(torch.zeros(*s)) for s in ((4, 3), (4,), (5, 3), (5,)))
+    params, new = [lora, lora_bias, probe, probe_bias], [probe, probe_bias]
+
+    def placed(config):
+        return {
+            id(p): (type(optimizer).__name__, group["lr"])
+            for optimizer in build_optimizers(params, config, new_params=new)
+            for group in optimizer.param_groups
+            for p in group["params"]
+        }
+
+    mixed_config = OptimizerSection(name="adamw", new_name="muon", lr=1e-3, new_lr=5e-3)
+    first = build_optimizers(params, mixed_config, new_params=new)[0]
+    assert first.param_groups[0]["params"][0] is lora  # the lr a run logs is the stage's, not the probe's
+    mixed = placed(mixed_config)
+    assert mixed == {
+        id(lora): ("AdamW", 1e-3), id(lora_bias): ("AdamW", 1e-3), id(probe): ("Muon", 5e-3),
+        id(probe_bias): ("AdamW", 5e-3),
+    }  # fmt: skip
+    reverse = placed(OptimizerSection(name="muon", new_name="adamw", lr=1e-3))
+    assert reverse == {
+        id(lora): ("Muon", 1e-3), id(lora_bias): ("AdamW", 1e-3), id(probe): ("AdamW", 1e-3),
+        id(probe_bias): ("AdamW", 1e-3),
+    }  # fmt: skip
 
 
 def test_muon_stage_trains(workspace, tmp_path):

@@ -178,8 +178,8 @@ def test_resolved_yaml_round_trips_and_hash_ignores_the_output_folder():
     assert recipe_hash(again) == recipe_hash(recipe)
     moved = parse_recipe(MINIMAL, overrides=["output.dir=elsewhere"])
     assert recipe_hash(moved) == recipe_hash(recipe)
-    changed = parse_recipe(MINIMAL, overrides=["stages.0.optimizer.lr=0.5"])
-    assert recipe_hash(changed) != recipe_hash(recipe)
+    for override in ("stages.0.optimizer.lr=0.5", "stages.0.optimizer.new_name=muon"):
+        assert recipe_hash(parse_recipe(MINIMAL, overrides=[override])) != recipe_hash(recipe)
     # the fingerprint linearize gave this recipe before `conversion.selection` existed: its runs still resume
     assert recipe_hash(recipe) == "c3a9d4c269df6eb6"
     # and the fingerprint of a scored selection from before `selection.spread` existed
