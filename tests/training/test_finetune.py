@@ -384,7 +384,7 @@ stages:
   - kind: lora
     trainable: [lora, new]
     max_steps: 3
-    optimizer: {{name: muon, lr: 0.005, new_lr: 0.01}}
+    optimizer: {{name: adamw, new_name: muon, lr: 0.005, new_lr: 0.01}}
 output: {{dir: {out}}}
 """
 
