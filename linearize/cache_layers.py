@@ -74,9 +74,8 @@ class RecentTokens(TokenBuffer):
         elif length == 1:
             for buffer, t in zip(self.tensors, new, strict=True):
                 buffer[:, first + self.spare] = t[:, 0]
-            oldest = first + (self.spare + 1) % (self.capacity + 1)
-            evicted = tuple(buffer[:, oldest : oldest + 1] for buffer in self.tensors)
-            self.spare = oldest - first
+            self.spare = (self.spare + 1) % (self.capacity + 1)  # the oldest token's slot: it leaves the ring
+            evicted = tuple(buffer[:, first + self.spare : first + self.spare + 1] for buffer in self.tensors)
             return self.tensors, evicted
         joined = tuple(
             torch.cat([self._in_time_order(b), t.to(b.dtype)], dim=1) for b, t in zip(self.tensors, new, strict=True)

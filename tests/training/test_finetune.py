@@ -321,16 +321,21 @@ def test_schedule_and_optimizers():
     assert muon.defaults["adjust_lr_fn"] == "match_rms_adamw"
 
 
+def placement(params, config, new_params) -> dict[int, tuple[str, float]]:
+    """Each parameter's optimizer and lr, by the parameter's id."""
+    return {
+        id(p): (type(optimizer).__name__, group["lr"])
+        for optimizer in build_optimizers(params, config, new_params=new_params)
+        for group in optimizer.param_groups
+        for p in group["params"]
+    }
+
+
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_new_parameters_get_their_own_learning_rate(name):
     lora, probe, bias = (torch.nn.Parameter(torch.zeros(*shape)) for shape in ((4, 3), (5, 3), (3,)))
     config = OptimizerSection(name=name, lr=1e-3, new_lr=5e-3)
-    lrs = {
-        id(p): group["lr"]
-        for optimizer in build_optimizers([lora, probe, bias], config, new_params=[probe, bias])
-        for group in optimizer.param_groups
-        for p in group["params"]
-    }
+    lrs = {key: lr for key, (_, lr) in placement([lora, probe, bias], config, [probe, bias]).items()}
     assert lrs == {id(lora): 1e-3, id(probe): 5e-3, id(bias): 5e-3}
     (plain,) = build_optimizers([lora, probe], OptimizerSection(lr=1e-3), new_params=[probe])
     assert [g["lr"] for g in plain.param_groups] == [1e-3, 1e-3]  # no new_lr: one lr for all
@@ -342,23 +347,15 @@ def test_new_parameters_may_get_their_own_optimizer():
     lora, lora_bias, probe, probe_bias = (torch.nn.Parameter(torch.zeros(*s)) for s in ((4, 3), (4,), (5, 3), (5,)))
     params, new = [lora, lora_bias, probe, probe_bias], [probe, probe_bias]
 
-    def placed(config):
-        return {
-            id(p): (type(optimizer).__name__, group["lr"])
-            for optimizer in build_optimizers(params, config, new_params=new)
-            for group in optimizer.param_groups
-            for p in group["params"]
-        }
-
     mixed_config = OptimizerSection(name="adamw", new_name="muon", lr=1e-3, new_lr=5e-3)
     first = build_optimizers(params, mixed_config, new_params=new)[0]
     assert first.param_groups[0]["params"][0] is lora  # the lr a run logs is the stage's, not the probe's
-    mixed = placed(mixed_config)
+    mixed = placement(params, mixed_config, new)
     assert mixed == {
         id(lora): ("AdamW", 1e-3), id(lora_bias): ("AdamW", 1e-3), id(probe): ("Muon", 5e-3),
         id(probe_bias): ("AdamW", 5e-3),
     }  # fmt: skip
-    reverse = placed(OptimizerSection(name="muon", new_name="adamw", lr=1e-3))
+    reverse = placement(params, OptimizerSection(name="muon", new_name="adamw", lr=1e-3), new)
     assert reverse == {
         id(lora): ("Muon", 1e-3), id(lora_bias): ("AdamW", 1e-3), id(probe): ("AdamW", 1e-3),
         id(probe_bias): ("AdamW", 1e-3),
