@@ -352,6 +352,9 @@ class Trainer:
                         opt.step()
                         opt.zero_grad(set_to_none=True)
                     lr = schedulers[0].get_last_lr()[0]
+                    rates = {"lr": lr}
+                    if stage.optimizer.new_lr is not None:  # one schedule scales every group: the ratio holds
+                        rates["new_lr"] = lr * stage.optimizer.new_lr / stage.optimizer.lr
                     for sched in schedulers:
                         sched.step()
                     self.state.step, self.state.global_step = step + 1, self.state.global_step + 1
@@ -359,7 +362,7 @@ class Trainer:
                     key = "mse" if transfer is not None else "loss"
                     self.reporter.record(
                         stage=index, kind=stage.kind, step=step + 1, global_step=self.state.global_step,
-                        **{key: loss}, lr=lr, tokens_per_s=tokens_per_step / seconds, seconds=seconds,
+                        **{key: loss}, **rates, tokens_per_s=tokens_per_step / seconds, seconds=seconds,
                     )  # fmt: skip
                     self.reporter.step(name, step + 1, total_steps, loss, lr, tokens_per_step / seconds)
                     last = step + 1 == total_steps

@@ -389,6 +389,8 @@ output: {{dir: {out}}}
 def test_parallax_trains_its_probe_with_lora_and_refuses_attention_transfer(workspace, tmp_path):
     recipe = write_recipe(workspace, tmp_path, PARALLAX_RECIPE)
     assert invoke("finetune", recipe).exit_code == 0
+    steps = [r for r in metrics(tmp_path / "run") if "loss" in r]
+    assert [r["new_lr"] / r["lr"] for r in steps] == pytest.approx([2.0] * 3)  # the probe's own lr is logged
     trained = load_file(tmp_path / "run" / "model" / "model.safetensors")
     assert all(trained[f"model.layers.{i}.self_attn.r_proj.weight"].abs().max() > 0 for i in range(2))  # from 0
     transfer = write_recipe(workspace, tmp_path, PARALLAX_RECIPE.replace("kind: lora", "kind: attention_transfer"))
