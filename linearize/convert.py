@@ -31,26 +31,6 @@ PLAN_CONTEXT = 8192  # context length at which the plan compares cache sizes
 PASS_TOKENIZER = "pass --tokenizer PATH_OR_ID (a folder or hub id with the same model's tokenizer)"
 VERIFY_PROMPT = "Explain in one sentence why the sky is blue."
 
-# No package index serves linearize: it installs from its repository (pyproject.toml's [project.urls]).
-INSTALL_COMMAND = 'pip install "linearize @ git+https://github.com/linearize/linearize"'
-_REMOTE_CODE = f'''"""Remote-code entry point of a model converted with linearize; install it with
-{INSTALL_COMMAND}
-"""
-
-try:
-    from linearize.models.{{module}} import {{name}}
-except ImportError as error:
-    raise ImportError(
-        {f"This model was converted with linearize and needs it to load: {INSTALL_COMMAND}"!r}
-    ) from error
-
-__all__ = ["{{name}}"]
-'''
-_AUTO_MAP = {
-    "AutoConfig": ("configuration_linearize", "configuration", "LinearizeConfig"),
-    "AutoModelForCausalLM": ("modeling_linearize", "modeling", "LinearizeForCausalLM"),
-}
-
 
 def parse_softmax_layers(spec: str | None, num_layers: int) -> list[int]:
     """Parse `--softmax-layers`: '' (none), '0,8,16' (those layers) or 'every:8' (layers 0, 8, 16, ...). 'auto:K'
@@ -362,12 +342,9 @@ def save_model(model: LinearizeForCausalLM, tokenizer, out: Path, force: bool = 
     out = Path(out)
     check_output_folder(out, force)
     with atomic_folder(out, force) as staging:
-        model.config.auto_map = {auto: f"{file}.{name}" for auto, (file, _, name) in _AUTO_MAP.items()}
-        model.save_pretrained(staging)
+        model.save_pretrained(staging)  # with the remote-code stubs (`LinearizeConfig.save_pretrained`)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        for file, module, name in _AUTO_MAP.values():
-            (staging / f"{file}.py").write_text(_REMOTE_CODE.format(module=module, name=name))
     return out
 
 
@@ -479,7 +456,8 @@ def convert_and_save(
             "--softmax-layers auto:K chooses layers; add --softmax-layers auto:K or drop them"
         )
     if output is not None:
-        _check_targets(Path(output), force, model, push_to_hub)
+        output = Path(output).expanduser()  # a quoted '~' reaches here as it is
+        _check_targets(output, force, model, push_to_hub)
     report.step("Reading the source config")
     source = model or sources.EMBEDDED_NAME
     source_config = sources.load_config(model)
@@ -509,9 +487,12 @@ def convert_and_save(
         converted = convert_model(source_model, plan.config)
     conversion.output = save_model(converted, tokens, output, force=force)
     conversion.tokenizer_saved = tokens is not None
-    report.saved(conversion)
-    if verify:
-        conversion.comparison = _compare_with_source(source_model, conversion.output, tokens, device, report)
+    try:
+        report.saved(conversion)
+        if verify:
+            conversion.comparison = _compare_with_source(source_model, conversion.output, tokens, device, report)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted after saving: {conversion.output} is complete") from None
     if push_to_hub:
         conversion.url = _push(conversion.output, push_to_hub, private, report)
     return conversion

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .convert import INSTALL_COMMAND, layer_groups
+from .convert import layer_groups
 from .errors import LinearizeError
 from .hub import LOGIN_HINT, REPO_ID, check_can_push, check_repo_id
 from .methods import LAYOUT_KEYS
+from .models.remote_code import INSTALL_COMMAND, REPOSITORY
 from .selection import SCORERS, LayerSelection, spread_flag
 from .sources import check_model_folder
 
@@ -209,7 +210,7 @@ def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
     body = f"""
 # {name.split("/")[-1]}
 
-{origin} with its attention converted to **{method}** by [linearize](https://pypi.org/project/linearize/)
+{origin} with its attention converted to **{method}** by [linearize]({REPOSITORY})
 (family: {config.get("base_model_type", "unknown")}). Method parameters: {params or "none"}.
 
 ## Layers

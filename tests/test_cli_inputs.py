@@ -12,9 +12,10 @@ from tokenizers import processors
 from typer.testing import CliRunner
 
 from linearize.cli import app
-from linearize.convert import INSTALL_COMMAND, plan_conversion, save_model
+from linearize.convert import plan_conversion, save_model
 from linearize.errors import LinearizeError
 from linearize.generation import build_prompt, generate
+from linearize.models.remote_code import INSTALL_COMMAND
 from linearize.publish import render_model_card
 from tests.tiny import CONFIGS, converted_model, source_folder, tiny_tokenizer
 
@@ -160,3 +161,4 @@ def test_install_instructions_name_where_linearize_is_published(tmp_path):
         assert INSTALL_COMMAND in (out / stub).read_text()
     card = render_model_card(out, "me/tiny")
     assert f"```bash\n{INSTALL_COMMAND}\n```" in card and "pip install linearize\n" not in card
+    assert f"[linearize]({url})" in card and "pypi.org" not in card

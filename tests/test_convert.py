@@ -47,6 +47,15 @@ def test_writes_a_folder_that_loads_and_reports_each_step(source, tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no staging folder left beside it
 
 
+def test_a_quoted_home_folder_is_expanded(source, tmp_path, monkeypatch):
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    conversion = convert_and_save(source, "~/out", "swa")  # as `-o '~/out'` passes it
+    assert conversion.output == tmp_path / "home" / "out" and (tmp_path / "home" / "out" / "config.json").exists()
+    assert not (tmp_path / "~").exists()
+
+
 def test_without_an_output_it_plans_and_reads_no_weights(source, no_weights):
     conversion = convert_and_save(source, None, "swa", softmax_layers="0")
     assert conversion.output is None and conversion.plan.settings["softmax_layers"] == [0]
@@ -97,6 +106,18 @@ def test_verify_compares_the_saved_folder_with_the_source(source, tmp_path):
     assert converted["perplexity"] == pytest.approx(original["perplexity"], rel=1e-4)
     assert converted["sample"] == original["sample"]
     assert report.events[-2:] == ["Measuring perplexity and sampling", "compared"]
+
+
+def test_an_interrupted_comparison_says_the_folder_is_saved(source, tmp_path):
+    class InterruptedWhileComparing(Recorder):
+        def step(self, text):
+            if text.startswith("Measuring"):
+                raise KeyboardInterrupt
+            super().step(text)
+
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted after saving: .*out is complete"):
+        convert_and_save(source, tmp_path / "out", "swa", device="cpu", verify=True, report=InterruptedWhileComparing())
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.linearize["method"] == "swa"
 
 
 @pytest.mark.parametrize(

@@ -99,13 +99,21 @@ class LinearizedAttention(nn.Module):
         v = v.view(batch, length, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        if q.dtype != v.dtype:  # under autocast the norms return fp32: the ops take one dtype, the projections'
+            q, k = q.to(v.dtype), k.to(v.dtype)
         return q, k, v, k_raw
 
     def rotate(
         self, q: torch.Tensor, k: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q and k with the layer's rotary embedding (`apply_rope`), or as they are in a layer without one."""
-        return apply_rope(q, k, *position_embeddings) if self.use_rope else (q, k)
+        """q and k with the layer's rotary embedding (`apply_rope`), or as they are in a layer without one; in their
+        own dtype, which fp32 tables would promote under autocast (the ops take the projections' dtype)."""
+        if not self.use_rope:
+            return q, k
+        q_rotated, k_rotated = apply_rope(q, k, *position_embeddings)
+        if q_rotated.dtype != q.dtype:
+            return q_rotated.to(q.dtype), k_rotated.to(k.dtype)
+        return q_rotated, k_rotated
 
     def forward(
         self,

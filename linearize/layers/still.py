@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache_layers import StateCacheLayer, own
+from ..kernels.backend import outside_autocast
 from ..kernels.still import StillDecodeState, select_salient, self_saliency, still_attention, still_decode
 from ..methods import StillSettings
 from .base import LinearizedAttention
@@ -72,7 +73,16 @@ class NPMap(nn.Module):
         self.householder = nn.Parameter(torch.empty(heads, dim))
         self.linear = nn.Parameter(torch.empty(heads, dim, dim))
         self._kept_matrix: tuple[tuple, torch.Tensor] | None = None  # (the parameters' versions, their matrix)
+        self.reset_parameters()
 
+    def reset_parameters(self) -> None:
+        """A random reflection and W_h = identity, so that a model built from its config (`from_config`) maps as
+        a converted one does; conversion seeds its own reflection (`StillAttention.init_new_parameters`)."""
+        nn.init.normal_(self.householder)
+        with torch.no_grad():
+            self.linear.copy_(torch.eye(self.linear.shape[-1]).expand_as(self.linear))
+
+    @outside_autocast  # fp32 also under autocast, which would run the map's product in bfloat16
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x` [B, T, H, D] -> features [B, T, H, 2D] in fp32."""
         matrix = self.matrix(keep=x.shape[1] == 1)
@@ -210,6 +220,7 @@ class StillAttention(LinearizedAttention):
             return o
         return o.new_empty(o.shape).scatter(1, order.view(*order.shape, 1, 1).expand_as(o), o)  # input order
 
+    @outside_autocast  # the linear state is fp32 also under autocast
     def _fill_cache(self, state, q, k, v, k_feat, scores, salient, valid):
         """Cache after a prefill of packed rows: chunks before the last two are folded, the last two are raw, and the
         queries of the last chunk wait for it to complete. Only the tokens that land in the cache are copied (no

@@ -8,11 +8,13 @@ layer kept as softmax attention) and `linearize` holds the method and its parame
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
 from ..methods import MethodSettings, get_method
+from .remote_code import AUTO_MAP, write_remote_code
 
 # Fields that belong to LinearizeConfig itself, never to the family config.
 _OWN_FIELDS = (
@@ -53,6 +55,22 @@ class LinearizeConfig(PreTrainedConfig):
     layer_types: list[str] | None = None
     source_layer_types: list[str] | None = None
     linearize: dict[str, Any] | None = None
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Save as transformers does, with the remote-code stubs beside config.json and `auto_map` pointing at them
+        (`linearize.models.remote_code`): however the folder is saved (`save_pretrained`, a Trainer checkpoint,
+        `push_to_hub`), it loads with `trust_remote_code=True` where linearize is installed."""
+        if not os.path.isfile(save_directory):  # a file is transformers' error to report
+            os.makedirs(save_directory, exist_ok=True)
+            write_remote_code(save_directory)
+        self.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoConfig") -> None:
+        """Nothing to register. Loading with remote code calls this so that saving copies the class's source file
+        next to the weights, which for a class of an installed package fails (its relative imports are not
+        files); `save_pretrained` writes the stubs that import the package instead."""
 
     @property
     def method(self) -> str:

@@ -7,10 +7,13 @@ source's, so converting is loading the source weights into this class.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.generic import can_return_tuple
 
 # module, not names: when linearize.compat is what first imports transformers, this module is imported (to
 # register the classes, see linearize.registration) before compat has defined them
@@ -32,6 +35,11 @@ class LinearizePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoModel") -> None:
+        """Nothing to register: as `LinearizeConfig.register_for_auto_class`, whose `save_pretrained` writes the
+        remote-code stubs every saved folder gets."""
+
 
 class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -46,6 +54,7 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
         for layer_idx, decoder_layer in enumerate(self.model.layers):
             if config.is_converted(layer_idx):
                 decoder_layer.self_attn = layer_class(config, layer_idx, family)
+        self.model.register_forward_pre_hook(DecoderInputs(config, self.model), with_kwargs=True)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -62,8 +71,9 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # `forward` creates a LinearizeCache, which `generate` then carries from step to step
+        return False  # the decoder creates a LinearizeCache (`DecoderInputs`), which `generate` then carries along
 
+    @can_return_tuple  # return_dict=False (the argument or the config's) gives a tuple, as transformers' models
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -77,41 +87,13 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
         past_key_values: LinearizeCache | None = None,
         **kwargs,
     ):
-        cache = cache if cache is not None else past_key_values
-        use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
-        if use_cache and not isinstance(cache, LinearizeCache):
-            if cache is not None and cache.get_seq_length() > 0:
-                raise TypeError(
-                    f"{type(self).__name__} needs a LinearizeCache, got a filled {type(cache).__name__}; pass "
-                    "cache=None (one is created) or a LinearizeCache(model.config)"
-                )
-            cache = LinearizeCache(self.config)
-        if not use_cache:
-            cache = None
-
-        if position_ids is not None and attention_mask is None and cache is None:
-            # packed rows (transformers' convention: positions restart at each document): converted layers keep the
-            # documents apart, as transformers' causal mask does for the softmax layers
-            document_ids = packed_document_ids(position_ids.view(-1, position_ids.shape[-1]))
-            if document_ids is not None:
-                batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-                kwargs["document_ids"] = document_ids.expand(batch, -1)
-        if attention_mask is not None:
-            if attention_mask.ndim != 2:
-                raise ValueError("LinearizeForCausalLM takes the 2-D attention mask [batch, tokens] (1 = real token)")
-            kwargs["padding_mask"] = attention_mask
-            if position_ids is None:
-                # Positions count real tokens only, so a left-padded row gets the positions it has unpadded.
-                length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            **{compat.CACHE_ARG: cache},
+            **{compat.CACHE_ARG: cache if cache is not None else past_key_values},
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -124,4 +106,59 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{compat.OUTPUT_CACHE_FIELD: cache})
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,  # with output_hidden_states=True
+            attentions=outputs.attentions,  # with output_attentions=True: softmax layers only, as linear ones have none
+            **{compat.OUTPUT_CACHE_FIELD: getattr(outputs, compat.OUTPUT_CACHE_FIELD)},
+        )
+
+
+class DecoderInputs:
+    """Forward pre-hook of the decoder stack (`model.model`): what converted layers need from a call, whether it
+    comes through `LinearizeForCausalLM` or straight to the decoder (`get_decoder()`: embeddings, value heads).
+
+    - a `LinearizeCache` where transformers' decoder would create a `DynamicCache`, which converted layers cannot
+      hold their state in;
+    - the 2-D attention mask as `padding_mask`, which converted layers read (transformers turns the mask it passes
+      on into the softmax layers' 4-D one), and positions that count real tokens only, so that a left-padded row
+      gets the positions it has unpadded;
+    - for packed rows (transformers' convention: positions that restart at each document, no mask, no cache) the
+      `document_ids` that keep converted layers' documents apart, as the causal mask does for softmax layers."""
+
+    def __init__(self, config: LinearizeConfig, decoder: nn.Module):
+        self.config = config
+        self.argument_names = list(inspect.signature(type(decoder).forward).parameters)[1:]  # after self
+
+    def __call__(self, decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = {**dict(zip(self.argument_names, args, strict=False)), **kwargs}  # positional arguments by name
+        given = [kwargs.pop(name, None) for name in ("cache", "past_key_values")]
+        cache = given[0] if given[0] is not None else given[1]
+        use_cache = kwargs.get("use_cache")
+        use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
+        if use_cache and not isinstance(cache, LinearizeCache):
+            if cache is not None and cache.get_seq_length() > 0:
+                raise TypeError(
+                    f"a model converted by linearize needs a LinearizeCache, got a filled {type(cache).__name__}; "
+                    "pass cache=None (one is created) or a LinearizeCache(model.config)"
+                )
+            cache = LinearizeCache(self.config)
+        kwargs[compat.CACHE_ARG], kwargs["use_cache"] = (cache if use_cache else None), use_cache
+
+        tokens = kwargs.get("input_ids")
+        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+        attention_mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if position_ids is not None and attention_mask is None and not use_cache:
+            document_ids = packed_document_ids(position_ids.view(-1, position_ids.shape[-1]))
+            if document_ids is not None:
+                kwargs["document_ids"] = document_ids.expand(tokens.shape[0], -1)
+        if attention_mask is not None:
+            if attention_mask.ndim != 2:
+                raise ValueError(
+                    "a model converted by linearize takes the 2-D attention mask [batch, tokens] (1 = real token)"
+                )
+            kwargs["padding_mask"] = attention_mask
+            if position_ids is None:
+                kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1] :]
+        return (), kwargs

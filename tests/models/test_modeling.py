@@ -8,6 +8,7 @@ import torch
 from linearize.kernels.common.buffers import GROWTH
 from transformers import AutoModelForCausalLM, GPT2Config
 
+from linearize import compat
 from linearize.convert import plan_conversion
 from linearize.families import UnsupportedModelError
 from linearize.models import LinearizeCache
@@ -49,6 +50,22 @@ def test_inter_layer_hybrid_decode_equals_full_forward(method):
     ids = torch.randint(3, 128, (2, 30))
     incremental, _ = decode_incrementally(model, ids)
     torch.testing.assert_close(incremental, model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3 norms q and k
+@pytest.mark.parametrize("method", METHODS)
+def test_bfloat16_autocast_decodes_as_its_full_forward(family, method):
+    """Under CPU autocast (`training.autocast: bfloat16`, or a user's region) RoPE's fp32 tables and the qk-norms
+    return fp32 q and k beside a bfloat16 v: the layers hand their ops the projections' dtype, and STILL's linear
+    state stays fp32."""
+    model = converted_model(family, method)
+    ids = torch.randint(3, 128, (2, 30))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(ids, use_cache=False).logits
+        incremental, cache = decode_incrementally(model, ids)
+    torch.testing.assert_close(incremental, full, rtol=0.05, atol=0.05)  # bfloat16 products, summed in other orders
+    states = [layer.state for layer in cache.layers if getattr(layer, "state", None) is not None]
+    assert all(state.dtype == torch.float32 for state in states) and (states or method != "still")
 
 
 @pytest.mark.parametrize("family,method", CASES, ids=[f"{f}-{m}" for f, m in CASES])
@@ -179,7 +196,8 @@ def test_save_and_reload_reproduces_logits_exactly(family, tmp_path):
 
 def test_trust_remote_code_load_in_a_fresh_process(tmp_path):
     """Every family's folder loads with trust_remote_code in a process that never imported linearize (one process
-    for all: each start costs seconds)."""
+    for all: each start costs seconds); so does a folder written by transformers' own `save_pretrained`, before
+    and after such a load (Trainer checkpoints and `push_to_hub` save that way)."""
     from linearize.convert import save_model
 
     expected = {}
@@ -188,16 +206,22 @@ def test_trust_remote_code_load_in_a_fresh_process(tmp_path):
         save_model(model, None, tmp_path / family)
         ids = torch.randint(3, 128, (1, 17))
         expected[family] = {"ids": ids, "logits": model(ids, use_cache=False).logits}
+    model.save_pretrained(tmp_path / "plain")
+    expected["plain"] = {**expected[family], "family": family}
     torch.save(expected, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
         import sys, torch
         from transformers import AutoModelForCausalLM
         assert "linearize" not in sys.modules
-        for family, case in torch.load({str(tmp_path / "expected.pt")!r}).items():
-            model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + "/" + family, trust_remote_code=True)
+        cases = torch.load({str(tmp_path / "expected.pt")!r})
+        cases["resaved"] = cases["plain"]
+        for folder, case in cases.items():
+            if folder == "resaved":
+                model.save_pretrained({str(tmp_path / "resaved")!r})  # the model loaded from "plain"
+            model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + "/" + folder, trust_remote_code=True)
             difference = (model(case["ids"], use_cache=False).logits - case["logits"]).abs().max().item()
-            assert difference < 1e-5, (family, difference)  # another process may split matmuls differently
-            assert model.config.base_model_type == family
+            assert difference < 1e-5, (folder, difference)  # another process may split matmuls differently
+            assert model.config.base_model_type == case.get("family", folder)
         print("ok", type(model).__name__)
     """)
     result = subprocess.run(
@@ -209,6 +233,43 @@ def test_trust_remote_code_load_in_a_fresh_process(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "ok LinearizeForCausalLM" in result.stdout
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_decoder_called_alone_computes_what_the_model_gives_its_head(method):
+    """`get_decoder()` / `model.model` called alone (embeddings, value heads) gets what the causal LM gives it: a
+    LinearizeCache, not the DynamicCache transformers' decoder would make, the padding mask and positions that
+    count real tokens."""
+    model = converted_model("llama", method)
+    ids = torch.randint(3, 128, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, :8] = 0
+    out = model.get_decoder()(ids, mask)  # positional arguments, the default use_cache
+    assert isinstance(getattr(out, compat.OUTPUT_CACHE_FIELD), LinearizeCache)
+    full = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(out.last_hidden_state, full)
+    alone = model.model(ids[1:, 8:], use_cache=False).last_hidden_state
+    torch.testing.assert_close(out.last_hidden_state[1, 8:], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_outputs_carry_hidden_states_and_come_as_tuples_on_request():
+    model = converted_model("llama", "liger")
+    ids = torch.randint(3, 128, (1, 12))
+    out = model(ids, output_hidden_states=True, use_cache=False)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1  # the embeddings, then every layer's
+    torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits)
+    as_tuple = model(ids, return_dict=False, use_cache=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.logits)
+    model.config.return_dict = False
+    assert isinstance(model(ids, use_cache=False), tuple)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_model_built_from_its_config_computes_finite_logits(method):
+    """`from_config` initialises every parameter a method adds (uninitialised memory would give NaN or 1e30)."""
+    model = AutoModelForCausalLM.from_config(converted_model("llama", method).config)
+    assert all(torch.isfinite(p).all() and p.abs().max() < 100 for p in model.parameters())
+    assert torch.isfinite(model(torch.randint(3, 128, (1, 20))).logits).all()
 
 
 def test_converted_layers_keep_source_weights():
@@ -227,7 +288,8 @@ def test_unsupported_family_is_refused():
 
 
 def test_remote_code_says_how_to_install_linearize_when_missing(tmp_path):
-    from linearize.convert import INSTALL_COMMAND, save_model
+    from linearize.convert import save_model
+    from linearize.models.remote_code import INSTALL_COMMAND
 
     save_model(converted_model("llama", "swa"), None, tmp_path / "out")
     script = textwrap.dedent(f"""
