@@ -122,7 +122,7 @@ def run_demo(
     """
     from .training.trainer import finetune
 
-    out = Path(out)
+    out = Path(out).expanduser()
     check_output_folder(out, force, source=model)
     run = out / "liger-run"
     recipe = quick_recipe(run, steps, model)

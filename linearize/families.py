@@ -122,6 +122,8 @@ _NEAR_MISSES = {
     "(gemma3_text)",
     "phi4_multimodal": "Phi-4-multimodal is an image-audio-text model; Phi-4-mini (phi3) converts",
     "olmo": "OLMo 1 is not supported; OLMo 2 (olmo2) is",
+    "linearize": "This model is already converted by linearize: convert the model it came from (its config's "
+    "source_model, or the folder it was converted from), or fine-tune this one with `linearize finetune`",
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import typing
 import warnings
 from collections.abc import Callable, Mapping
@@ -157,6 +158,8 @@ def _checked(p: Parameter, value: Any, spell: Callable[[str], str]) -> Any:
     else:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LinearizeError(f"{name} is {p.spec.help}: it must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise LinearizeError(f"{name} is {p.spec.help}: it must be a finite number, got {value}")
         if p.type is int:
             if value != int(value):
                 raise LinearizeError(f"{name} is {p.spec.help}: it must be a whole number, got {value:g}")

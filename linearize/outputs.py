@@ -54,7 +54,7 @@ def check_output_folder(out: Path, force: bool = False, source: str | None = Non
         f"later runs would silently use your output in place of the embedded {sources.EMBEDDED_NAME}",
     )
     check_replaceable(out, force)
-    _check_writable(out)
+    check_writable(out)
 
 
 def check_replaceable(out: Path, force: bool) -> None:
@@ -77,10 +77,21 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
         staging.mkdir()  # not tempfile.mkdtemp: its mode 0700 would outlive the move; mkdir follows the umask
         try:
             yield staging
+            _follow_umask(staging)
             _move_into_place(staging, out)
         except BaseException:
             _remove(staging)
             raise
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give the files in `folder` the mode the umask gives new files: writers that stage through a temporary file
+    (transformers' safetensors save) leave theirs at 0600, which teammates on a shared machine cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 def remove_leftovers(parent: Path) -> None:
@@ -142,8 +153,11 @@ def _source_folder(source: str) -> Path:
         return local
 
 
-def _check_writable(out: Path) -> None:
-    existing = _absolute(out).parent
+def check_writable(out: Path, written_into: bool = False) -> None:
+    """Refuse `out` when the nearest existing folder it is written from is a file or cannot be written: its parent
+    for an output that is created or replaced by a rename, `out` itself when it exists and is `written_into` (a run
+    folder)."""
+    existing = _absolute(out) if written_into else _absolute(out).parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():

@@ -139,6 +139,11 @@ def _check_config(path: Path) -> None:
         raise LinearizeError(f"'{path}' is not valid JSON ({error}); {_REWRITE}") from None
     if not isinstance(config, dict):
         raise LinearizeError(f"'{path}' is not a model config (a JSON {type(config).__name__}); {_REWRITE}")
+    if "model_type" not in config:
+        raise LinearizeError(
+            f"'{path}' has no model_type, so transformers cannot tell which architecture it is; {_REWRITE}, or add "
+            'the model_type of its architecture (e.g. "llama")'
+        )
     layer_types, layers = config.get("layer_types"), config.get("num_hidden_layers")
     if isinstance(layer_types, list) and isinstance(layers, int) and len(layer_types) != layers:
         raise LinearizeError(

@@ -13,6 +13,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from typer.testing import CliRunner
 
+import linearize.comparison
 from linearize import sources
 from linearize.cli import app
 from linearize.comparison import EMBEDDED, resolve_pair
@@ -258,6 +259,24 @@ def test_eval_cli_errors(folders, tmp_path):
     options = ["--text", str(tmp_path / "short.txt"), "--passkey-contexts", "none", "--no-record"]
     result = runner.invoke(app, ["eval", str(src), *options])
     assert result.exit_code != 0 and "fewer than one pack" in result.output
+
+
+def test_eval_cli_warns_where_the_model_folder_takes_no_record(folders, tmp_path, monkeypatch):
+    """A read-only model store: the results are printed (and written to --json), the record is skipped with a
+    warning, and a --json that names a folder is refused before any work."""
+    src, liger = folders
+    options = ["--against", str(src), "--context", "64", "--windows", "1", "--passkey-contexts", "none"]
+    result = runner.invoke(app, ["eval", str(liger), *options, "--json", str(tmp_path)])
+    assert result.exit_code != 0 and "is a folder; give a file path" in result.output
+
+    def read_only(spec, name, payload):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(linearize.comparison, "record", read_only)
+    result = runner.invoke(app, ["eval", str(liger), *options, "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    assert "Not recorded" in result.output and "Read-only file system" in result.output
+    assert json.loads((tmp_path / "e.json").read_text())["results"]["liger"]["perplexity"]["value"] > 1
 
 
 def test_batched_candidate_scores_equal_full_forwards(tokenizer):

@@ -181,8 +181,15 @@ def _drop_a_layer_type(folder):
     return "config.json", "lists 1 layer_types but num_hidden_layers is 2"
 
 
+def _drop_the_model_type(folder):
+    config = json.loads((folder / "config.json").read_text())
+    del config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return "config.json", "has no model_type"
+
+
 DAMAGES = {"truncated": _truncate, "garbled": _garble_header, "not-json": _break_config_json}
-DAMAGES["layer-types"] = _drop_a_layer_type
+DAMAGES |= {"layer-types": _drop_a_layer_type, "no-model-type": _drop_the_model_type}
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "bench", "push"])
@@ -202,6 +209,11 @@ def test_a_config_that_transformers_rejects_is_reported_as_the_folders(source, t
     result = invoke("convert", folder, "--dry-run")
     message = fails_with(result, f"the config of '{folder}' is invalid", "layer_types")
     assert "Hub" not in message
+
+
+def test_a_converted_folder_is_not_converted_again(converted, tmp_path):
+    result = invoke("convert", converted, "-o", tmp_path / "again", "--dry-run")
+    fails_with(result, "already converted by linearize", "the model it came from")
 
 
 def test_a_folder_without_weights_is_not_a_hub_problem(converted, tmp_path):

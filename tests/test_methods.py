@@ -73,6 +73,9 @@ def test_a_new_parameter_reaches_the_cli_the_recipe_and_the_config(tmp_path):
         ("swa", {"window": 8, "sinks": 8}, "--sinks must be between 0 and window - 1 \\(7\\), got 8"),
         ("still", {"topk": 65}, "--topk must be a whole number of tokens between 1 and the chunk size \\(64\\)"),
         ("parallax", {"mix": 0.5}, "--mix does not apply to method 'parallax'"),
+        ("liger", {"mix": float("nan")}, "--mix is the window branch's weight .* it must be a finite number, got nan"),
+        ("liger", {"gate_normalizer": float("inf")}, "--gate-normalizer .* it must be a finite number, got inf"),
+        ("still", {"topk": float("nan")}, "--topk .* it must be a finite number, got nan"),
     ],
 )
 def test_bad_settings_name_the_option_and_the_valid_values(method, options, message):

@@ -207,6 +207,8 @@ def test_output_folder_mode_follows_the_umask(umask, source, tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "out").iterdir()}
+    assert modes["model.safetensors"] == 0o666 & ~umask and set(modes.values()) == {0o666 & ~umask}, modes
 
 
 # Runs `linearize` with the model's save patched to hang once its files are written: the test kills it there.

@@ -121,13 +121,33 @@ def print_table(title: str, header: list[str], rows: list[list[str]], caption: s
     Console().print(table)
 
 
+def check_json_path(json_path: Path | None) -> None:
+    """Refuse a --json path that names a folder before the work, not after."""
+    if json_path is not None and json_path.is_dir():
+        example = json_path / "results.json"
+        raise LinearizeError(f"--json {json_path} is a folder; give a file path, e.g. --json {example}")
+
+
 def write_outputs(payload: dict, specs, json_path: Path | None, record_name: str | None, quiet: bool) -> None:
-    """--json PATH, and the record in MODEL's folder (None: --no-record)."""
+    """--json PATH, and the record in MODEL's folder (None: --no-record). A folder that cannot take the record (a
+    read-only model store) gets a warning: the results are printed and, with --json, written."""
     from ..comparison import record, write_json
 
-    written = [write_json(json_path, payload)] if json_path is not None else []
+    written = []
+    if json_path is not None:
+        try:
+            written.append(write_json(json_path, payload))
+        except OSError as error:
+            raise LinearizeError(f"cannot write --json {json_path}: {error.strerror}") from None
     if record_name is not None:
-        written.append(record(specs[0], record_name, payload))
+        try:
+            written.append(record(specs[0], record_name, payload))
+        except OSError as error:
+            console.print(
+                f"[yellow]Not recorded:[/] cannot write {record_name} into the model's folder ({error.strerror}); "
+                "pass --no-record to skip it, --json PATH to keep the results",
+                highlight=False,
+            )
     for path in filter(None, written):
         if not quiet:
             console.print(f"[green]Wrote[/] {path}", highlight=False)

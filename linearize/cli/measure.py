@@ -14,6 +14,7 @@ from .common import (
     RECORD_HELP,
     Dtype,
     app,
+    check_json_path,
     console,
     exits_on_error,
     float_list,
@@ -56,7 +57,7 @@ def eval_command(
         str, typer.Option(help="Where the key is hidden: fractions of the filler before it, comma-separated.")
     ] = "0,0.25,0.5,0.75,1",
     trials: Annotated[int, typer.Option(help="Keys per passkey context and depth.", min=1)] = 2,
-    distractors: Annotated[int, typer.Option(help="Wrong keys the true key is ranked against.", min=1)] = 9,
+    distractors: Annotated[int, typer.Option(help="Wrong keys the true key is ranked against.", min=1, max=1000)] = 9,
     seed: Annotated[int, typer.Option(help="Chooses the passkeys and distractors.")] = 0,
     lm_eval: Annotated[
         str | None,
@@ -92,6 +93,7 @@ def eval_command(
     from ..evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model
     from ..generation import load_for_inference, pick_device
 
+    check_json_path(json_path)
     device = pick_device(device)  # before any model loads or lm-eval indexes its tasks
     specs = resolve_pair(_checked_model(model), against)
     contexts = int_list(passkey_contexts, "--passkey-contexts")
@@ -153,7 +155,7 @@ def bench(
         ),
     ] = 3,
     threads: Annotated[
-        int | None, typer.Option(help="CPU threads for torch (default: torch's choice).", show_default=False)
+        int | None, typer.Option(help="CPU threads for torch (default: torch's choice).", min=1, show_default=False)
     ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the results to this JSON file.", show_default=False)
@@ -180,6 +182,7 @@ def bench(
     from ..comparison import markdown_table, resolve_pair
     from ..generation import load_for_inference, pick_device
 
+    check_json_path(json_path)
     device = pick_device(device)  # before any model loads
     specs = resolve_pair(_checked_model(model), against)
     contexts = int_list(ctx, "--ctx")
@@ -240,10 +243,14 @@ def _default_plot(spec, no_record: bool) -> Path:
 def _write_plot(result: dict, path: Path, quiet: bool) -> None:
     from ..benchmark import plot_bench
 
+    path = path if path.suffix else path.with_suffix(".png")  # as matplotlib names it
     try:
         plot_bench(result, path)
     except ImportError:
         console.print("[yellow]No plot:[/] it needs matplotlib (pip install 'linearize\\[plot]')", highlight=False)
+        return
+    except OSError as error:
+        console.print(f"[yellow]No plot:[/] cannot write {path} ({error.strerror}); pass --plot PATH", highlight=False)
         return
     if not quiet:
         console.print(f"[green]Wrote[/] {path}", highlight=False)

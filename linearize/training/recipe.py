@@ -11,6 +11,7 @@ import difflib
 import functools
 import hashlib
 import operator
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -290,6 +291,11 @@ class OutputSection(_Strict):
         None, description="ORG/NAME: push the finished model/ to the Hugging Face Hub (as `linearize push` does)"
     )
     private: bool = Field(False, description="create the Hub repo private (with push_to_hub)")
+
+    @field_validator("dir")
+    @classmethod
+    def _home_expanded(cls, value: str) -> str:
+        return os.path.expanduser(value)  # YAML leaves '~' as it is: the run would go to a folder named '~'
 
     @field_validator("push_to_hub")
     @classmethod

@@ -27,6 +27,7 @@ from ..data import PackedSequences
 from ..errors import LinearizeError
 from ..hub import check_can_push
 from ..layers.base import LinearizedAttention
+from ..outputs import check_writable
 from ..selection import LayerSelection, select_layers
 from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .data import FinetuneData, load_data
@@ -59,7 +60,10 @@ def prepare_run_folder(
 
     A run that reached no checkpoint (one that failed on its data, say) has nothing to lose: a changed recipe
     replaces it, and `note` is told so. A run with checkpoints or a saved model keeps its recipe."""
+    if run.exists() and not run.is_dir():
+        raise LinearizeError(f"output.dir '{run}' is a file, not a folder; choose another output.dir")
     saved = run / RECIPE_FILE
+    check_writable(run, written_into=True)
     if not saved.is_file():
         if run.exists() and any(run.iterdir()):
             raise LinearizeError(

@@ -242,6 +242,16 @@ def test_output_folder_that_is_not_a_run(workspace, tmp_path):
     assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"
 
 
+def test_an_output_dir_that_is_a_file_or_under_one_is_refused_before_training(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    (tmp_path / "afile").write_text("keep me")
+    for folder, message in ((tmp_path / "afile", "is a file, not a folder"), (tmp_path / "afile" / "run", "is a file")):
+        for dry_run in ((), ("--dry-run",)):
+            result = invoke("finetune", recipe, f"output.dir={folder}", *dry_run)
+            assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_path, monkeypatch):
     recipe = write_recipe(workspace, tmp_path)
     real_forward_loss = trainer_module.Trainer.forward_loss

@@ -32,6 +32,12 @@ def test_minimal_recipe_fills_defaults():
     assert recipe.data.sources[0].builtin == "english"
 
 
+def test_a_home_folder_in_the_output_dir_is_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = parse_recipe(MINIMAL + "output: {dir: ~/runs/x}\n")  # YAML keeps '~' as it is
+    assert recipe.output.dir == str(tmp_path / "runs" / "x")
+
+
 def test_unknown_key_names_the_nearest_valid_key():
     text = MINIMAL + "training:\n  grad_acum: 4\n"
     with pytest.raises(RecipeError, match=r"training\.grad_acum: unknown key; did you mean 'grad_accum'\?"):
