@@ -455,6 +455,8 @@ def convert_and_save(
             "--layer-scorer, --calibration, --calibration-windows, --spread-layers and --spread-over say how "
             "--softmax-layers auto:K chooses layers; add --softmax-layers auto:K or drop them"
         )
+    if private and not push_to_hub:
+        raise LinearizeError("--private makes the repo that --push-to-hub creates private; add --push-to-hub ORG/NAME")
     if output is not None:
         output = Path(output).expanduser()  # a quoted '~' reaches here as it is
         _check_targets(output, force, model, push_to_hub)

@@ -246,7 +246,7 @@ def _documents(source: DataSource, tokenizer, template: str) -> Iterator[tuple[D
     elif source.dataset is not None:
         yield from _from_records(_dataset_records(source), source, tokenizer, template)
     else:
-        for path in _expand(source.path):
+        for path in data_files(source.path):
             if path.suffix.lower() in TEXT_SUFFIXES:
                 yield from _from_texts([_read_text(path)], source, str(path))
             else:
@@ -277,7 +277,7 @@ def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
     )
 
 
-def _expand(pattern: str) -> list[Path]:
+def data_files(pattern: str) -> list[Path]:
     """The files that `pattern` (a path or a glob) names, sorted so that their order is reproducible."""
     pattern = os.path.expanduser(pattern)
     if glob.has_magic(pattern):

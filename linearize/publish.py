@@ -263,7 +263,8 @@ def plan_push(folder: Path | str, repo_id: str, *, private: bool = False, revisi
     folder = Path(folder)
     check_repo_id(repo_id)
     if not folder.is_dir():
-        raise LinearizeError(f"model folder '{folder}' does not exist")
+        problem = "is a file, not a model folder" if folder.exists() else "does not exist"
+        raise LinearizeError(f"model folder '{folder}' {problem}")
     check_model_folder(folder)  # a folder that cannot load must not look ready to push
     card = render_model_card(folder, repo_id)
     files = [*_folder_files(folder), (CARD_FILE, len(card.encode()))]

@@ -24,6 +24,12 @@ def source(tmp_path_factory):
     return source_folder(tmp_path_factory.mktemp("source") / "tiny-llama")
 
 
+def test_version_option_and_command_print_the_same_line():
+    flag, command = invoke("--version"), invoke("version")
+    assert flag.exit_code == command.exit_code == 0 and flag.output == command.output
+    assert flag.output.startswith("linearize ") and "torch" in flag.output
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_convert_each_family(family, tmp_path):
     src = source_folder(tmp_path / family, family)

@@ -83,6 +83,7 @@ def test_an_interrupted_replacement_keeps_the_old_folder(source, tmp_path, monke
         ({"softmax_layers": "0,9"}, "the model has 2 layers"),
         ({"window": 100_000}, "--window 100000 is more tokens than the model reads"),
         ({"push_to_hub": "no-slash"}, "ORG/NAME"),
+        ({"private": True}, "--private makes the repo that --push-to-hub creates private"),
     ],
 )
 def test_bad_input_is_named_before_any_weights_load(options, message, source, tmp_path, no_weights):

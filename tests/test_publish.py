@@ -234,6 +234,10 @@ def test_an_unreachable_hub_is_named(folder, hub, no_verify):
 def test_a_folder_not_converted_by_linearize_is_refused(tmp_path):
     with pytest.raises(LinearizeError, match="not a model converted by linearize"):
         plan_push(source_folder(tmp_path / "plain"), REPO)
+    (tmp_path / "afile").write_text("not a folder")
+    for path, problem in ((tmp_path / "afile", "is a file, not a model folder"), (tmp_path / "nope", "does not exist")):
+        with pytest.raises(LinearizeError, match=problem):
+            plan_push(path, REPO)
 
 
 def test_convert_push_to_hub_reaches_the_same_push(hub, no_verify, tmp_path, monkeypatch):

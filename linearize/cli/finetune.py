@@ -20,7 +20,10 @@ from .common import METHOD_HELP, Method, app, console, exits_on_error
     "  linearize finetune liger.yaml stages.1.epochs=2 training.grad_accum=4\n\n"
     "  torchrun --nproc_per_node 2 -m linearize finetune liger.yaml   # data parallel"
 )
-@exits_on_error(interrupted="interrupted; checkpoints written so far are kept: rerun with --resume to continue")
+@exits_on_error(
+    interrupted="interrupted; checkpoints written so far are kept: rerun the same command (overrides included)"
+    " with --resume to continue"
+)
 def finetune(
     recipe_file: Annotated[
         Path, typer.Argument(metavar="RECIPE.yaml", help="The recipe (see `linearize recipe init`).")
@@ -63,6 +66,7 @@ def finetune(
 
 def _finetune_plan(recipe, resume: bool) -> Table:
     from .. import sources
+    from ..data import data_files
     from ..training.checkpoint import list_checkpoints
     from ..training.trainer import prepare_run_folder
 
@@ -85,6 +89,9 @@ def _finetune_plan(recipe, resume: bool) -> Table:
             "kept as softmax",
             f"{request.rule} ({request.scorer}, on {request.calibration}), chosen {when}",
         )
+    for data_source in recipe.data.sources:  # a path that names no file fails the run only after the model loads
+        if data_source.path is not None:
+            data_files(data_source.path)
     sources_text = escape(", ".join(s.label for s in recipe.data.sources))  # "[train]" is not rich markup
     table.add_row("data", f"{sources_text}; packs of {recipe.data.seq_len} tokens, held out {recipe.data.held_out}")
     t = recipe.training

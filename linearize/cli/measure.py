@@ -104,6 +104,8 @@ def eval_command(
         "distractors": distractors,
     }
     tasks = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else []
+    if not tasks and (lm_eval_limit is not None or lm_eval_include is not None):
+        raise LinearizeError("--lm-eval-limit and --lm-eval-include apply to --lm-eval tasks; add --lm-eval TASKS")
     lm_eval_options = {"include_path": str(lm_eval_include) if lm_eval_include else None, "limit": lm_eval_limit}
     if tasks:
         with spinner("Indexing lm-eval tasks", quiet):

@@ -434,6 +434,8 @@ def parse_recipe(text: str, source: str = "recipe", overrides: list[str] | None 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"'{path}' is a folder; give the recipe's YAML file (e.g. {path / 'recipe.yaml'})")
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' does not exist; `linearize recipe init` prints one to start from")
     try:
@@ -473,6 +475,27 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(yaml.safe_dump(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def recipe_differences(old: Recipe, new: Recipe, most: int = 6) -> str:
+    """'stages.1.max_steps 2 -> 3, ...': the settings that differ between two recipes (where results go left out),
+    at most `most` of them, for messages that refuse to continue a run with another recipe."""
+
+    def flat(fields, prefix: str = "") -> dict[str, Any]:
+        if isinstance(fields, dict):
+            return {k: v for key, value in fields.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        if isinstance(fields, list) and any(isinstance(item, (dict, list)) for item in fields):
+            return {k: v for i, item in enumerate(fields) for k, v in flat(item, f"{prefix}{i}.").items()}
+        return {prefix[:-1]: fields}
+
+    excluded = {"output": {"dir", "push_to_hub", "private"}}
+    before, after = (flat(r.model_dump(mode="json", exclude=excluded)) for r in (old, new))
+    changed = [
+        f"{key} {before.get(key, 'unset')} -> {after.get(key, 'unset')}"
+        for key in dict.fromkeys([*before, *after])
+        if before.get(key) != after.get(key)
+    ]
+    return ", ".join(changed[:most]) + (f" and {len(changed) - most} more" if len(changed) > most else "")
+
+
 def _sections(fields, keys: list[str]) -> list[dict]:
     """The mappings found at `keys` below `fields` ("*": in every item of a list); none where a key is missing."""
     if not keys:
@@ -487,9 +510,9 @@ def _sections(fields, keys: list[str]) -> list[dict]:
 
 _TEMPLATE = """\
 # linearize fine-tuning recipe ({method}).
-# Run:       linearize finetune {{file}}
-# Override:  linearize finetune {{file}} stages.0.optimizer.lr=1e-3 training.grad_accum=4
-# Check:     linearize recipe validate {{file}}
+# Run:       linearize finetune RECIPE.yaml
+# Override:  linearize finetune RECIPE.yaml stages.0.optimizer.lr=1e-3 training.grad_accum=4
+# Check:     linearize recipe validate RECIPE.yaml
 
 model:
   name: null            # hub id or local folder; null = the embedded SmolLM2-135M-Instruct (offline)

@@ -33,7 +33,7 @@ from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_che
 from .data import FinetuneData, load_data
 from .distributed import World, average_gradients, barrier, close_world, from_main, init_world, mean_across
 from .optim import build_optimizers, build_schedulers
-from .recipe import Recipe, StageSection, load_recipe, recipe_hash, resolved_yaml
+from .recipe import Recipe, StageSection, load_recipe, recipe_differences, recipe_hash, resolved_yaml
 from .report import Reporter
 from .transfer import AttentionTransfer, distillation_loss, original_model
 
@@ -73,11 +73,13 @@ def prepare_run_folder(
         return None
     checkpoints = list_checkpoints(run)
     has_results = bool(checkpoints) or (run / "model").exists()
-    if _saved_recipe_hash(saved) != recipe_hash(recipe):
+    saved_recipe = _saved_recipe(saved)
+    if saved_recipe is None or recipe_hash(saved_recipe) != recipe_hash(recipe):
         if has_results:
+            changed = f" ({recipe_differences(saved_recipe, recipe)})" if saved_recipe is not None else ""
             raise LinearizeError(
-                f"output folder '{run}' holds a run of a different recipe (see {saved}), with checkpoints or a "
-                "saved model; nothing was changed. Resume it with that recipe, choose another output.dir, or "
+                f"output folder '{run}' holds a run of a different recipe{changed} (see {saved}), with checkpoints "
+                "or a saved model; nothing was changed. Resume it with that recipe, choose another output.dir, or "
                 "delete that folder to start over."
             )
         if note is not None:
@@ -96,9 +98,9 @@ def prepare_run_folder(
     return checkpoints[-1] if checkpoints else None
 
 
-def _saved_recipe_hash(saved: Path) -> str | None:
+def _saved_recipe(saved: Path) -> Recipe | None:
     try:
-        return recipe_hash(load_recipe(saved))
+        return load_recipe(saved)
     except LinearizeError:  # unreadable or no longer valid: it cannot be this recipe
         return None
 

@@ -196,7 +196,7 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch,
 
     monkeypatch.setattr(trainer_module.Trainer, "checkpoint", killed_after_second_checkpoint)
     result = invoke("finetune", recipe, *extra)
-    assert result.exit_code == 130 and "rerun with --resume" in result.output
+    assert result.exit_code == 130 and "(overrides included) with --resume" in " ".join(result.output.split())
     assert not (resumed / "run" / "model").exists()
     monkeypatch.setattr(trainer_module.Trainer, "checkpoint", real_checkpoint)
 
@@ -229,8 +229,9 @@ def test_resume_refuses_a_changed_recipe(workspace, tmp_path):
     assert invoke("finetune", recipe, "stages.1.max_steps=2").exit_code == 0
     result = invoke("finetune", recipe, "stages.1.max_steps=3", "--resume")
     assert result.exit_code == 1
-    assert "holds a run of a different recipe" in result.output and "nothing was changed" in result.output
-    assert (tmp_path / "run" / "model").is_dir()
+    message = " ".join(result.output.split())
+    assert "holds a run of a different recipe (stages.1.max_steps 2 -> 3)" in message
+    assert "nothing was changed" in message and (tmp_path / "run" / "model").is_dir()
 
 
 def test_output_folder_that_is_not_a_run(workspace, tmp_path):
@@ -293,6 +294,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
     assert "│ method │ liger {'window': 8, 'sinks': 0, 'mix': 0.5" in shown  # as convert --dry-run shows them
     assert "adamw lr 0.01 (added parameters muon lr 0.0002)" in shown
     assert "builtin english [train]; packs of" in shown  # a label in brackets is text, not rich markup
+    result = invoke("finetune", recipe, "--dry-run", f"data.sources=[{{path: {tmp_path / 'nothing' / '*.txt'}}}]")
+    assert result.exit_code == 1 and "no file matches" in result.output
 
 
 def test_recipe_commands(tmp_path):

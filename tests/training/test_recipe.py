@@ -65,6 +65,8 @@ def test_malformed_yaml_names_the_line(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="does not exist; `linearize recipe init`"):
         load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="is a folder; give the recipe's YAML file"):
+        load_recipe(tmp_path)
 
 
 def test_stages_are_required():
