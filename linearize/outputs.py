@@ -86,12 +86,23 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
 
 def _follow_umask(folder: Path) -> None:
     """Give the files in `folder` the mode the umask gives new files: writers that stage through a temporary file
-    (transformers' safetensors save) leave theirs at 0600, which teammates on a shared machine cannot read."""
-    umask = os.umask(0)
-    os.umask(umask)
+    (transformers' safetensors save) leave theirs at 0600, which teammates on a shared machine cannot read. Best
+    effort: a file system that refuses chmod keeps the modes it gave."""
+    mode = 0o666 & ~_umask()
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink():
-            path.chmod(0o666 & ~umask)
+            with suppress(OSError):
+                path.chmod(mode)
+
+
+def _umask() -> int:
+    """The process's umask: read where Linux shows it, since setting it to read it back is not thread-safe."""
+    with suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def remove_leftovers(parent: Path) -> None:

@@ -128,7 +128,7 @@ class LinearizedAttention(nn.Module):
     ):
         """The layer's output `[B, T, hidden]` (and no attention weights), as transformers' attention modules return.
 
-        `document_ids` `[B, T]` (set by LinearizeForCausalLM for packed rows: position ids that restart, no
+        `document_ids` `[B, T]` (set by the decoder's `DecoderInputs` for packed rows: position ids that restart, no
         attention mask, no cache) numbers the documents of each row; every document then attends as if it were
         alone: its own window, sinks, salient tokens and a linear state that starts empty."""
         state = self.layer_cache(cache if cache is not None else past_key_values, self.layer_idx)

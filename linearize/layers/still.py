@@ -76,8 +76,9 @@ class NPMap(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """A random reflection and W_h = identity, so that a model built from its config (`from_config`) maps as
-        a converted one does; conversion seeds its own reflection (`StillAttention.init_new_parameters`)."""
+        """A random reflection and W_h = identity, so that a model built from its config (`from_config`) starts
+        from finite, norm-preserving maps; conversion sets its own values (`StillAttention.init_new_parameters`:
+        seeded, the k map a copy of the q map)."""
         nn.init.normal_(self.householder)
         with torch.no_grad():
             self.linear.copy_(torch.eye(self.linear.shape[-1]).expand_as(self.linear))

@@ -59,7 +59,9 @@ class LinearizeConfig(PreTrainedConfig):
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Save as transformers does, with the remote-code stubs beside config.json and `auto_map` pointing at them
         (`linearize.models.remote_code`): however the folder is saved (`save_pretrained`, a Trainer checkpoint,
-        `push_to_hub`), it loads with `trust_remote_code=True` where linearize is installed."""
+        `push_to_hub`), it loads with `trust_remote_code=True` where linearize is installed. (A config pushed on
+        its own, `config.save_pretrained(push_to_hub=True)`, uploads the files it changes and the stubs are not among
+        them; a model's push, which saves its config, has them.)"""
         if not os.path.isfile(save_directory):  # a file is transformers' error to report
             os.makedirs(save_directory, exist_ok=True)
             write_remote_code(save_directory)

@@ -93,6 +93,7 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,  # whatever the config says: `can_return_tuple` makes the tuple, of this model's outputs
             **{compat.CACHE_ARG: cache if cache is not None else past_key_values},
             **kwargs,
         )
@@ -125,18 +126,30 @@ class DecoderInputs:
       on into the softmax layers' 4-D one), and positions that count real tokens only, so that a left-padded row
       gets the positions it has unpadded;
     - for packed rows (transformers' convention: positions that restart at each document, no mask, no cache) the
-      `document_ids` that keep converted layers' documents apart, as the causal mask does for softmax layers."""
+      `document_ids` that keep converted layers' documents apart, as the causal mask does for softmax layers, and
+      no cache (there is no one sequence to continue).
+
+    It is attached to the decoder the model builds: a decoder set in its place (`set_decoder`) has none."""
 
     def __init__(self, config: LinearizeConfig, decoder: nn.Module):
         self.config = config
-        self.argument_names = list(inspect.signature(type(decoder).forward).parameters)[1:]  # after self
+        parameters = list(inspect.signature(type(decoder).forward).parameters.values())[1:]  # after self
+        self.argument_names = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
 
     def __call__(self, decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = {**dict(zip(self.argument_names, args, strict=False)), **kwargs}  # positional arguments by name
         given = [kwargs.pop(name, None) for name in ("cache", "past_key_values")]
         cache = given[0] if given[0] is not None else given[1]
+        tokens = kwargs.get("input_ids")
+        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+        attention_mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        document_ids = None
+        if position_ids is not None and attention_mask is None and cache is None:
+            document_ids = packed_document_ids(position_ids.view(-1, position_ids.shape[-1]))
         use_cache = kwargs.get("use_cache")
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
+        if document_ids is not None:  # rows of packed documents (Trainer's padding-free batches): nothing to continue
+            kwargs["document_ids"], use_cache = document_ids.expand(tokens.shape[0], -1), False
         if use_cache and not isinstance(cache, LinearizeCache):
             if cache is not None and cache.get_seq_length() > 0:
                 raise TypeError(
@@ -145,14 +158,6 @@ class DecoderInputs:
                 )
             cache = LinearizeCache(self.config)
         kwargs[compat.CACHE_ARG], kwargs["use_cache"] = (cache if use_cache else None), use_cache
-
-        tokens = kwargs.get("input_ids")
-        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
-        attention_mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
-        if position_ids is not None and attention_mask is None and not use_cache:
-            document_ids = packed_document_ids(position_ids.view(-1, position_ids.shape[-1]))
-            if document_ids is not None:
-                kwargs["document_ids"] = document_ids.expand(tokens.shape[0], -1)
         if attention_mask is not None:
             if attention_mask.ndim != 2:
                 raise ValueError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import json
 import operator
 import os
 import typing
@@ -465,9 +466,12 @@ _ADDED_LATER = {
 }
 
 
+_WHERE_RESULTS_GO = {"output": {"dir", "push_to_hub", "private"}}  # not part of what a run computes
+
+
 def recipe_hash(recipe: Recipe) -> str:
     """Fingerprint of what a run computes: everything but where its results go (folder, Hub repo)."""
-    content = recipe.model_dump(mode="json", exclude={"output": {"dir", "push_to_hub", "private"}})
+    content = recipe.model_dump(mode="json", exclude=_WHERE_RESULTS_GO)
     for (*parents, name), unset in _ADDED_LATER.items():
         for section in _sections(content, parents):
             if name in section and section[name] == unset:
@@ -486,10 +490,9 @@ def recipe_differences(old: Recipe, new: Recipe, most: int = 6) -> str:
             return {k: v for i, item in enumerate(fields) for k, v in flat(item, f"{prefix}{i}.").items()}
         return {prefix[:-1]: fields}
 
-    excluded = {"output": {"dir", "push_to_hub", "private"}}
-    before, after = (flat(r.model_dump(mode="json", exclude=excluded)) for r in (old, new))
+    before, after = (flat(r.model_dump(mode="json", exclude=_WHERE_RESULTS_GO)) for r in (old, new))
     changed = [
-        f"{key} {before.get(key, 'unset')} -> {after.get(key, 'unset')}"
+        f"{key} {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"  # as YAML reads them: null, true
         for key in dict.fromkeys([*before, *after])
         if before.get(key) != after.get(key)
     ]

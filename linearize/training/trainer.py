@@ -76,7 +76,8 @@ def prepare_run_folder(
     saved_recipe = _saved_recipe(saved)
     if saved_recipe is None or recipe_hash(saved_recipe) != recipe_hash(recipe):
         if has_results:
-            changed = f" ({recipe_differences(saved_recipe, recipe)})" if saved_recipe is not None else ""
+            differences = recipe_differences(saved_recipe, recipe) if saved_recipe is not None else ""
+            changed = f" ({differences})" if differences else ""
             raise LinearizeError(
                 f"output folder '{run}' holds a run of a different recipe{changed} (see {saved}), with checkpoints "
                 "or a saved model; nothing was changed. Resume it with that recipe, choose another output.dir, or "
@@ -357,10 +358,13 @@ class Trainer:
                     for opt in optimizers:
                         opt.step()
                         opt.zero_grad(set_to_none=True)
-                    lr = schedulers[0].get_last_lr()[0]
+                    # one schedule scales every group (a stage that trains only the added parameters has no group
+                    # at the stage's lr): the peak lrs times its factor
+                    factor = schedulers[0].get_last_lr()[0] / schedulers[0].base_lrs[0]
+                    lr = stage.optimizer.lr * factor
                     rates = {"lr": lr}
-                    if stage.optimizer.new_lr is not None:  # one schedule scales every group: the ratio holds
-                        rates["new_lr"] = lr * stage.optimizer.new_lr / stage.optimizer.lr
+                    if stage.optimizer.new_lr is not None:
+                        rates["new_lr"] = stage.optimizer.new_lr * factor
                     for sched in schedulers:
                         sched.step()
                     self.state.step, self.state.global_step = step + 1, self.state.global_step + 1

@@ -262,6 +262,9 @@ def test_outputs_carry_hidden_states_and_come_as_tuples_on_request():
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.logits)
     model.config.return_dict = False
     assert isinstance(model(ids, use_cache=False), tuple)
+    built = type(model)(model.config)  # the decoder's config says return_dict False too
+    assert isinstance(built(ids, use_cache=False), tuple)
+    assert isinstance(built(ids, return_dict=True).logits, torch.Tensor)
 
 
 @pytest.mark.parametrize("method", METHODS)

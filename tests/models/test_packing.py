@@ -4,6 +4,7 @@ documents run alone (outputs and every gradient), for every method, on the torch
 import pytest
 import torch
 
+from linearize import compat
 from linearize.layers.base import DocumentBatch, length_groups, packed_document_ids
 from linearize.training.transfer import original_model, teacher_attention
 from tests.tiny import METHODS, converted_model
@@ -66,6 +67,21 @@ def test_packs_in_a_hybrid_with_softmax_layers_and_qk_norm(method):
     # the kept softmax layer keeps documents apart through transformers' mask for packed rows
     model = converted_model("qwen3", method, softmax_layers="0").train()
     assert_same(model, *packed_rows())
+
+
+@pytest.mark.parametrize("call", ["model", "decoder"])
+def test_packed_rows_need_no_use_cache_false(call):
+    """Trainer's padding-free batches leave use_cache at the config's True: the documents still run apart, with no
+    cache, through the model and through its decoder alone."""
+    model = converted_model("llama", "liger")
+    ids, positions, _ = packed_rows()
+    if call == "model":
+        default, apart = (model(ids, position_ids=positions, **flag) for flag in ({}, {"use_cache": False}))
+        torch.testing.assert_close(default.logits, apart.logits, rtol=0, atol=0)
+    else:
+        default, apart = (model.model(ids, position_ids=positions, **flag) for flag in ({}, {"use_cache": False}))
+        torch.testing.assert_close(default.last_hidden_state, apart.last_hidden_state, rtol=0, atol=0)
+    assert getattr(default, compat.OUTPUT_CACHE_FIELD) is None
 
 
 def test_without_restarting_positions_the_documents_run_together():
