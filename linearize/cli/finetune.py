@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..errors import LinearizeError
 from .common import METHOD_HELP, Method, app, console, exits_on_error
 
 
@@ -68,7 +69,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     from .. import sources
     from ..data import data_files
     from ..training.checkpoint import list_checkpoints
-    from ..training.trainer import prepare_run_folder
+    from ..training.trainer import prepare_run_folder, unmatched_lora_targets
 
     conv = recipe.conversion
     source = recipe.model.name or sources.EMBEDDED_NAME
@@ -89,6 +90,14 @@ def _finetune_plan(recipe, resume: bool) -> Table:
             "kept as softmax",
             f"{request.rule} ({request.scorer}, on {request.calibration}), chosen {when}",
         )
+    targets = recipe.lora.target_modules
+    unmatched, layer_names = unmatched_lora_targets(plan.config, targets)
+    if unmatched and any("lora" in stage.trainable for stage in recipe.stages):
+        if len(unmatched) == len(targets):  # peft refuses it, once the weights have loaded
+            raise LinearizeError(
+                f"lora.target_modules {targets} name no layer of this model; its linear layers are {layer_names}"
+            )
+        notes.append(f"lora.target_modules {unmatched} match no layer of this model (its linear layers: {layer_names})")
     for data_source in recipe.data.sources:  # a path that names no file fails the run only after the model loads
         if data_source.path is not None:
             data_files(data_source.path)

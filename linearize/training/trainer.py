@@ -99,6 +99,19 @@ def prepare_run_folder(
     return checkpoints[-1] if checkpoints else None
 
 
+def unmatched_lora_targets(config, targets: list[str]) -> tuple[list[str], list[str]]:
+    """The `targets` (lora.target_modules) that name no linear layer of the converted model `config` describes, as
+    peft matches them (a module's name or its last parts), and the names those layers end in; found on a model
+    without weights, so that a dry run tells before any weights load."""
+    from ..models import LinearizeForCausalLM
+
+    with torch.device("meta"):
+        model = LinearizeForCausalLM(config)
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    return unmatched, sorted({name.rsplit(".", 1)[-1] for name in names})
+
+
 def _saved_recipe(saved: Path) -> Recipe | None:
     try:
         return load_recipe(saved)

@@ -296,6 +296,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
     assert "builtin english [train]; packs of" in shown  # a label in brackets is text, not rich markup
     result = invoke("finetune", recipe, "--dry-run", f"data.sources=[{{path: {tmp_path / 'nothing' / '*.txt'}}}]")
     assert result.exit_code == 1 and "no file matches" in result.output
+    result = invoke("finetune", recipe, "--dry-run", "lora.target_modules=[foo_proj]")
+    assert result.exit_code == 1 and "name no layer of this model; its linear layers are" in result.output
+    result = invoke("finetune", recipe, "--dry-run", "lora.target_modules=[q_proj, foo_proj]")
+    assert result.exit_code == 0 and "['foo_proj'] match no layer" in " ".join(result.output.split())
 
 
 def test_recipe_commands(tmp_path):
