@@ -14,8 +14,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("embedded")
-    for method in ("liger", "swa"):
-        result = runner.invoke(app, ["convert", "--method", method, "-o", str(out / method)])
+    for method, source in (("liger", []), ("swa", ["embedded"])):  # the model omitted, or named as eval names it
+        result = runner.invoke(app, ["convert", *source, "--method", method, "-o", str(out / method)])
         assert result.exit_code == 0, result.output
     return out
 
@@ -32,3 +32,9 @@ def test_embedded_conversion_generates_a_sensible_sentence(converted):
     model, tokenizer = load_for_inference(str(converted / "swa"), device="cpu")
     answer = generate(model, tokenizer, "What is the capital of France?", max_new_tokens=20)
     assert "Paris" in answer
+
+
+def test_generate_names_the_embedded_model_as_eval_does():
+    result = runner.invoke(app, ["generate", "embedded", "What is the capital of France?", "--max-new-tokens", "20"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout

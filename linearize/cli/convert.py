@@ -124,8 +124,8 @@ def convert(
     model: Annotated[
         str | None,
         typer.Argument(
-            help="Source model: a Hugging Face Hub id (org/name) or a local folder. Omit it to convert the embedded "
-            "default, SmolLM2-135M-Instruct, which works offline.",
+            help="Source model: a Hugging Face Hub id (org/name) or a local folder. Omit it (or say 'embedded') to "
+            "convert the embedded default, SmolLM2-135M-Instruct, which works offline.",
             show_default=False,
         ),
     ] = None,
@@ -237,8 +237,10 @@ def convert(
     **method_options,  # one option per method parameter, declared in linearize.methods (see takes_method_options)
 ) -> None:
     """Convert MODEL's attention layers to a linear or hybrid method and save a loadable model folder."""
+    from ..comparison import EMBEDDED
     from ..convert import convert_and_save
 
+    model = None if model == EMBEDDED else model  # the name `eval` and `bench` take for it
     if output is None and not dry_run:
         raise LinearizeError("pass an output folder with -o/--output (or use --dry-run)")
     if spread_layers and spread_over:
@@ -336,7 +338,10 @@ class _ConsoleReport:
 @app.command()
 @exits_on_error(also=(ValueError,))
 def generate(
-    model: Annotated[str, typer.Argument(help="A converted model folder (or any causal LM folder / hub id).")],
+    model: Annotated[
+        str,
+        typer.Argument(help="A converted model folder, any causal LM folder or hub id, or 'embedded' (SmolLM2)."),
+    ],
     prompt: Annotated[str, typer.Argument(help="The prompt; wrapped in the chat template when the tokenizer has one.")],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 decodes greedily.")] = 0.0,
@@ -353,10 +358,11 @@ def generate(
     """Stream a completion of PROMPT from MODEL, decoding with the model's constant-size cache."""
     from transformers import TextStreamer
 
+    from ..comparison import EMBEDDED
     from ..generation import generate as generate_text
     from ..generation import load_for_inference
 
     with console.status(f"Loading {model}"):
-        loaded, tokenizer = load_for_inference(model, device=device)
+        loaded, tokenizer = load_for_inference(None if model == EMBEDDED else model, device=device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer)
