@@ -248,7 +248,7 @@ def _ratio(values: list, runs: list[list[float] | None]) -> str:
 def plot_bench(result: dict, path: Path) -> Path:
     """Write a PNG: prefill tokens/s, decode ms/token and cache MiB against context (log2 x), one line per model.
 
-    Needs matplotlib (`pip install 'linearize[plot]'`); uses the Agg backend, so no display is needed."""
+    Needs matplotlib (`pip install matplotlib`); uses the Agg backend, so no display is needed."""
     import matplotlib
 
     matplotlib.use("Agg")

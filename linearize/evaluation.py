@@ -230,9 +230,7 @@ def check_lm_eval_tasks(tasks: list[str], include_path: str | None = None):
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise LinearizeError(
-            "--lm-eval needs lm-evaluation-harness: pip install 'linearize[lm-eval]' (or pip install lm_eval)"
-        ) from None
+        raise LinearizeError("--lm-eval needs lm-evaluation-harness: pip install lm_eval") from None
     return _task_manager(include_path, tuple(tasks))
 
 

@@ -64,7 +64,7 @@ def eval_command(
         typer.Option(
             "--lm-eval",
             help="Comma-separated lm-evaluation-harness tasks, run through its HF model class "
-            "(needs `pip install 'linearize\\[lm-eval]'`).",
+            "(needs lm-evaluation-harness: `pip install lm_eval`).",
             show_default=False,
         ),
     ] = None,
@@ -166,7 +166,7 @@ def bench(
         Path | None,
         typer.Option(
             help="Where to write the PNG plot (default: MODEL/linearize_bench.png for a local folder, else "
-            "./linearize_bench.png). Needs matplotlib: pip install 'linearize\\[plot]'.",
+            "./linearize_bench.png). Needs matplotlib: pip install matplotlib.",
             show_default=False,
         ),
     ] = None,
@@ -249,7 +249,7 @@ def _write_plot(result: dict, path: Path, quiet: bool) -> None:
     try:
         plot_bench(result, path)
     except ImportError:
-        console.print("[yellow]No plot:[/] it needs matplotlib (pip install 'linearize\\[plot]')", highlight=False)
+        console.print("[yellow]No plot:[/] it needs matplotlib (pip install matplotlib)", highlight=False)
         return
     except OSError as error:
         console.print(f"[yellow]No plot:[/] cannot write {path} ({error.strerror}); pass --plot PATH", highlight=False)
