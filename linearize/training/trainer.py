@@ -32,7 +32,7 @@ from ..selection import LayerSelection, select_layers
 from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .data import FinetuneData, load_data
 from .distributed import World, average_gradients, barrier, close_world, from_main, init_world, mean_across
-from .optim import build_optimizers, build_schedulers
+from .optim import build_optimizers, build_schedulers, lr_factor
 from .recipe import Recipe, StageSection, load_recipe, recipe_differences, recipe_hash, resolved_yaml
 from .report import Reporter
 from .transfer import AttentionTransfer, distillation_loss, original_model
@@ -60,10 +60,8 @@ def prepare_run_folder(
 
     A run that reached no checkpoint (one that failed on its data, say) has nothing to lose: a changed recipe
     replaces it, and `note` is told so. A run with checkpoints or a saved model keeps its recipe."""
-    if run.exists() and not run.is_dir():
-        raise LinearizeError(f"output.dir '{run}' is a file, not a folder; choose another output.dir")
     saved = run / RECIPE_FILE
-    check_writable(run, written_into=True)
+    check_writable(run, written_into=True)  # also refuses a run folder that is a file
     if not saved.is_file():
         if run.exists() and any(run.iterdir()):
             raise LinearizeError(
@@ -371,9 +369,9 @@ class Trainer:
                     for opt in optimizers:
                         opt.step()
                         opt.zero_grad(set_to_none=True)
-                    # one schedule scales every group (a stage that trains only the added parameters has no group
-                    # at the stage's lr): the peak lrs times its factor
-                    factor = schedulers[0].get_last_lr()[0] / schedulers[0].base_lrs[0]
+                    # every group follows one schedule: the peak lrs times its factor at this step (a stage that
+                    # trains only the added parameters has no group at the stage's lr to read it from)
+                    factor = lr_factor(step, total_steps, stage.schedule)
                     lr = stage.optimizer.lr * factor
                     rates = {"lr": lr}
                     if stage.optimizer.new_lr is not None:
