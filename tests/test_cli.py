@@ -64,6 +64,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(source, tmp_path, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
+def test_quiet_convert_prints_only_where_the_model_went(source, tmp_path):
+    result = invoke("convert", source, "-q", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Saved ") and "layers 0" not in result.output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.linearize["method"] == "liger"
+    result = invoke("convert", source, "-q", "--dry-run")
+    assert result.exit_code == 0 and "layers 0" in result.output  # a dry run's plan is its result
+
+
 def test_dry_run_shows_the_family_and_its_sliding_layers(tmp_path):
     src = source_folder(tmp_path / "gemma", "gemma2")
     result = invoke("convert", src, "--dry-run")

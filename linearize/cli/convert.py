@@ -198,6 +198,12 @@ def convert(
     dtype: Annotated[Dtype, typer.Option(help="Dtype of the saved weights; auto keeps the source's.")] = "auto",
     device: Annotated[str, typer.Option(help="Device for loading and --verify: auto, cpu, cuda, cuda:1, ...")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="No spinners, progress bars or plan table; warnings, --verify's table and the result."
+        ),
+    ] = False,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -245,7 +251,11 @@ def convert(
         raise LinearizeError("pass an output folder with -o/--output (or use --dry-run)")
     if spread_layers and spread_over:
         raise LinearizeError("--spread-layers is --spread-over K; give one of them")
-    report = _ConsoleReport(model)
+    if quiet:
+        from ..sources import hide_progress_bars
+
+        hide_progress_bars()
+    report = _ConsoleReport(model, quiet=quiet and not dry_run)  # a dry run's plan is its result
     try:
         conversion = convert_and_save(
             model,
@@ -278,15 +288,17 @@ class _ConsoleReport:
     plan and the comparison as tables. It has `linearize.convert.ConvertReport`'s methods without subclassing it:
     that module imports torch, which the CLI loads only inside commands."""
 
-    def __init__(self, model: str | None):
+    def __init__(self, model: str | None, quiet: bool = False):
         self._model = model
+        self._quiet = quiet
         self._spinner = None
         self._bar = ExitStack()
 
     def step(self, text: str) -> None:
         self.stop_spinner()
-        self._spinner = console.status(text)
-        self._spinner.start()
+        if not self._quiet:
+            self._spinner = console.status(text)
+            self._spinner.start()
 
     def stop_spinner(self) -> None:
         if self._spinner is not None:
@@ -296,11 +308,13 @@ class _ConsoleReport:
 
     def scoring(self, total: int) -> Callable[[], None]:
         self.stop_spinner()
-        advance = self._bar.enter_context(progress_bar("Scoring layers", total, quiet=False))
+        advance = self._bar.enter_context(progress_bar("Scoring layers", total, quiet=self._quiet))
         return advance or (lambda: None)
 
     def planned(self, plan) -> None:
         self.stop_spinner()
+        if self._quiet:
+            return
         if plan.selection is not None:
             console.print(_selection_table(plan.selection))
         console.print(_plan_table(plan))

@@ -69,11 +69,13 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     from .. import sources
     from ..data import data_files
     from ..training.checkpoint import list_checkpoints
-    from ..training.trainer import prepare_run_folder, unmatched_lora_targets
+    from ..training.recipe import warmup_note
+    from ..training.trainer import positions_note, prepare_run_folder, unmatched_lora_targets
 
     conv = recipe.conversion
     source = recipe.model.name or sources.EMBEDDED_NAME
-    plan = conv.plan(sources.load_config(recipe.model.name, recipe.model.revision), source)
+    source_config = sources.load_config(recipe.model.name, recipe.model.revision)
+    plan = conv.plan(source_config, source)
     run = Path(recipe.output.dir)
     notes: list[str] = []
     start = prepare_run_folder(run, recipe, resume, note=notes.append)
@@ -98,6 +100,8 @@ def _finetune_plan(recipe, resume: bool) -> Table:
                 f"lora.target_modules {targets} name no layer of this model; its linear layers are {layer_names}"
             )
         notes.append(f"lora.target_modules {unmatched} match no layer of this model (its linear layers: {layer_names})")
+    if note := positions_note(recipe, source_config):
+        notes.append(note)
     for data_source in recipe.data.sources:  # a path that names no file fails the run only after the model loads
         if data_source.path is not None:
             data_files(data_source.path)
@@ -107,6 +111,8 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     table.add_row("batch", f"{t.micro_batch_size} x {t.grad_accum} accumulation per process")
     for i, stage in enumerate(recipe.stages):
         length = f"{stage.max_steps} steps" if stage.max_steps else f"{stage.epochs:g} epochs"
+        if stage.max_steps and (note := warmup_note(i, stage, stage.max_steps)):
+            notes.append(note)
         table.add_row(
             f"stage {i + 1}",
             f"{stage.kind}: trains {', '.join(stage.trainable)}; {length}; {stage.optimizer.name} "

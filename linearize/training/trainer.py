@@ -33,7 +33,7 @@ from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_che
 from .data import FinetuneData, load_data
 from .distributed import World, average_gradients, barrier, close_world, from_main, init_world, mean_across
 from .optim import build_optimizers, build_schedulers, lr_factor
-from .recipe import Recipe, StageSection, load_recipe, recipe_differences, recipe_hash, resolved_yaml
+from .recipe import Recipe, StageSection, load_recipe, recipe_differences, recipe_hash, resolved_yaml, warmup_note
 from .report import Reporter
 from .transfer import AttentionTransfer, distillation_loss, original_model
 
@@ -110,6 +110,18 @@ def unmatched_lora_targets(config, targets: list[str]) -> tuple[list[str], list[
     return unmatched, sorted({name.rsplit(".", 1)[-1] for name in names})
 
 
+def positions_note(recipe: Recipe, source_config) -> str | None:
+    """A warning for packs longer than the source model reads (fine when extending its context on purpose)."""
+    most = getattr(source_config, "max_position_embeddings", None)
+    if most is None or recipe.data.seq_len <= most:
+        return None
+    return (
+        f"data.seq_len ({recipe.data.seq_len}) is more tokens than the model reads ({most}, its config's "
+        "max_position_embeddings): training sees positions it never saw in pretraining; lower data.seq_len unless "
+        "you mean to extend its context"
+    )
+
+
 def _saved_recipe(saved: Path) -> Recipe | None:
     try:
         return load_recipe(saved)
@@ -124,6 +136,8 @@ class Trainer:
         self.state = RunState()
         self.selection: LayerSelection | None = None
         self.model, self.tokenizer, self.new_names = self.build_model()
+        if note := positions_note(recipe, self.source_config):
+            reporter.info(f"warning: {note}")
         self.sharded = False
         self.data: FinetuneData = load_data(recipe.data, self.tokenizer, seed=self.config.seed)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
@@ -503,6 +517,9 @@ class Trainer:
                 "under training.distributed: fsdp the lora stages shard the model for good, so every "
                 "attention_transfer stage must come before them; reorder the stages or use ddp"
             )
+        for index, stage in enumerate(self.recipe.stages):  # a stage's length in epochs is known once data loads
+            if note := warmup_note(index, stage, self.steps_in(stage)[0]):
+                self.reporter.info(f"warning: {note}")
         resume_states = self.restore(resume_from) if resume_from is not None else None
         for index, stage in enumerate(self.recipe.stages):
             if index < self.state.stage:

@@ -156,6 +156,7 @@ def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
     recipe = write_recipe(workspace, tmp_path)
     result = invoke("finetune", recipe, "output.merge_lora=false", "stages.0.max_steps=1", "stages.1.max_steps=1")
     assert result.exit_code == 0, result.output
+    assert "warning: stages.1.schedule.warmup_steps (1) is not below" in " ".join(result.output.split())
     from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
@@ -300,6 +301,16 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
     assert result.exit_code == 1 and "name no layer of this model; its linear layers are" in result.output
     result = invoke("finetune", recipe, "--dry-run", "lora.target_modules=[q_proj, foo_proj]")
     assert result.exit_code == 0 and "['foo_proj'] match no layer" in " ".join(result.output.split())
+    result = CliRunner().invoke(
+        app, ["finetune", str(recipe), "--dry-run", "stages.1.max_steps=1"], env={"COLUMNS": "300"}
+    )
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 0 and "stages.1.schedule.warmup_steps (1) is not below the stage's 1 optimizer" in shown
+    result = CliRunner().invoke(
+        app, ["finetune", str(recipe), "--dry-run", "data.seq_len=1024"], env={"COLUMNS": "300"}
+    )
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 0 and "data.seq_len (1024) is more tokens than the model reads (512" in shown
 
 
 def test_recipe_commands(tmp_path):
