@@ -46,7 +46,7 @@ data:
   sources:
     - builtin: english
   seq_len: 512
-  held_out: 4           # documents never trained on: the demo's perplexity text
+  held_out: 4           # documents kept out of training for the run's evaluations
 lora:
   r: 8
   alpha: 16

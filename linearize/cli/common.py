@@ -155,7 +155,7 @@ def write_outputs(payload: dict, specs, json_path: Path | None, record_name: str
 
 MODEL_HELP = "A converted model folder, any causal LM folder or hub id, or 'embedded' (the embedded SmolLM2)."
 AGAINST_HELP = (
-    "The model to compare with (same kinds as MODEL). Default: the source a converted folder records; nothing "
-    "for other models."
+    "The model to compare with (same kinds as MODEL). Default: the source a converted folder records (a conversion "
+    "of a local folder records none: name it); nothing for other models."
 )
 RECORD_HELP = "Do not write the results into MODEL's folder (linearize_eval.json / linearize_bench.json)."

@@ -162,7 +162,13 @@ def recipe_validate(
         list[str] | None,
         typer.Argument(metavar="[KEY=VALUE]...", help="Overrides, as for finetune.", show_default=False),
     ] = None,
-    show: Annotated[bool, typer.Option("--show", help="Also print the resolved recipe, defaults filled in.")] = False,
+    show: Annotated[
+        bool,
+        typer.Option(
+            "--show",
+            help="Also print the resolved recipe, defaults filled in (null method settings: the method's default).",
+        ),
+    ] = False,
 ) -> None:
     """Check RECIPE.yaml without loading anything: syntax, keys, types and value ranges."""
     from ..training.recipe import load_recipe, resolved_yaml
