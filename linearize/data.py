@@ -264,7 +264,7 @@ def _from_texts(texts: Iterable[str], source: DataSource, where: str) -> Iterato
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark some editors write is not text
     except UnicodeDecodeError as error:
         raise DataError(_not_utf8(path, error)) from None
 
@@ -325,7 +325,7 @@ def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as lines:
+    with path.open(encoding="utf-8-sig") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -362,6 +362,12 @@ def _dataset_records(source: DataSource) -> Iterator[tuple[str, Any]]:
         ) from None
     except ValueError as error:  # an unknown subset or split
         raise DataError(f"dataset {source.dataset}: {error}") from None
+    except datasets.exceptions.DatasetGenerationError as error:  # a file of the dataset that does not parse
+        cause = error.__cause__ or error.__context__ or error
+        raise DataError(
+            f"dataset {source.dataset} could not be read: {type(cause).__name__}: {cause}; fix the file, or read it "
+            "with `path`, which names the file and line of a bad record"
+        ) from None
     yield from ((f"{source.label}, row {i}", record) for i, record in enumerate(loaded))
 
 

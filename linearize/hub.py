@@ -43,7 +43,7 @@ def check_can_push(token: str | None = None) -> str:
     if constants.HF_HUB_OFFLINE:
         raise LinearizeError(
             "the Hugging Face Hub is switched off on this machine (HF_HUB_OFFLINE=1): unset it on a connected "
-            "machine to push; --dry-run shows what would be sent"
+            "machine to push (`linearize push --dry-run` shows what would be sent)"
         )
     token = token or get_token()
     if not token:

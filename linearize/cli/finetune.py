@@ -45,7 +45,7 @@ def finetune(
         bool, typer.Option("--dry-run", help="Validate the recipe and print the plan; load no weights, train nothing.")
     ] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress output (metrics.jsonl is still written).")
+        bool, typer.Option("--quiet", "-q", help="No progress output, warnings only (metrics.jsonl is still written).")
     ] = False,
 ) -> None:
     """Fine-tune a converted model from a recipe: attention transfer and/or LoRA, then save it.
@@ -68,9 +68,11 @@ def finetune(
 def _finetune_plan(recipe, resume: bool) -> Table:
     from .. import sources
     from ..data import data_files
+    from ..hub import check_can_push
+    from ..methods import get_method
     from ..training.checkpoint import list_checkpoints
     from ..training.recipe import warmup_note
-    from ..training.trainer import positions_note, prepare_run_folder, unmatched_lora_targets
+    from ..training.trainer import lora_targets, nothing_to_train, positions_note, prepare_run_folder
 
     conv = recipe.conversion
     source = recipe.model.name or sources.EMBEDDED_NAME
@@ -93,13 +95,17 @@ def _finetune_plan(recipe, resume: bool) -> Table:
             f"{request.rule} ({request.scorer}, on {request.calibration}), chosen {when}",
         )
     targets = recipe.lora.target_modules
-    unmatched, layer_names = unmatched_lora_targets(plan.config, targets)
+    unmatched, layer_names, in_attention = lora_targets(plan.config, targets)
     if unmatched and any("lora" in stage.trainable for stage in recipe.stages):
         if len(unmatched) == len(targets):  # peft refuses it, once the weights have loaded
             raise LinearizeError(
                 f"lora.target_modules {targets} name no layer of this model; its linear layers are {layer_names}"
             )
         notes.append(f"lora.target_modules {unmatched} match no layer of this model (its linear layers: {layer_names})")
+    for i, stage in enumerate(recipe.stages):  # what the run would find only once the weights have loaded
+        adds = get_method(conv.method).adds_parameters and "new" in stage.trainable
+        if stage.kind == "attention_transfer" and not in_attention and not adds:
+            raise LinearizeError(nothing_to_train(i, stage, targets))
     if note := positions_note(recipe, source_config):
         notes.append(note)
     for data_source in recipe.data.sources:  # a path that names no file fails the run only after the model loads
@@ -123,6 +129,13 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         )
     table.add_row("LoRA", f"r {recipe.lora.r}, alpha {recipe.lora.alpha:g} on {', '.join(recipe.lora.target_modules)}")
     table.add_row("output", f"{run}/model" + (" (LoRA merged)" if recipe.output.merge_lora else " + adapter/"))
+    if recipe.output.push_to_hub:
+        visibility = "private" if recipe.output.private else "public"
+        table.add_row("push", f"{run}/model to {recipe.output.push_to_hub} ({visibility}), once saved")
+        try:
+            check_can_push()
+        except LinearizeError as error:
+            notes.append(f"the push would fail now: {error}")
     if resume:
         table.add_row("resume", str(start) if start else "no checkpoint yet: starts from the beginning")
     elif list_checkpoints(run):

@@ -35,8 +35,14 @@ def list_checkpoints(run: Path) -> list[Path]:
     folder = checkpoint_dir(run)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file()]
+    found = [p for p in folder.iterdir() if _is_checkpoint_name(p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.removeprefix(_PREFIX)))
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    """`step-000040`, not a copy a user made beside it (`step-000040.bak`)."""
+    step = name.removeprefix(_PREFIX)
+    return step != name and step.isascii() and step.isdigit()
 
 
 def rng_state() -> dict[str, Any]:

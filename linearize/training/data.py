@@ -17,7 +17,16 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..data import DataError, DataSource, Document, PackedSequences, pack_documents, read_documents, require_eos
+from ..data import (
+    IGNORE_INDEX,
+    DataError,
+    DataSource,
+    Document,
+    PackedSequences,
+    pack_documents,
+    read_documents,
+    require_eos,
+)
 
 
 class DataConfig(BaseModel):
@@ -98,15 +107,31 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
             "no token of the training data is trained: the records hold prompts but no responses "
             "(instruction outputs or assistant messages); check the data or use format: text"
         )
+    train = _with_targets(train, "training", notes)
     notes.append(_describe("train", len(train_docs), train, "trained"))
     if held_docs:
         held_out = pack_documents(held_docs, tokenizer, config.seq_len, "held-out", config.document_boundaries)
+        held_out = _with_targets(held_out, "held-out", notes)
         notes.append(_describe("held out", len(held_docs), held_out, "scored"))
     else:
         empty = torch.empty(0, config.seq_len, dtype=torch.long)
         held_out = PackedSequences(empty, empty.clone())
         notes.append("held out: nothing (held_out is 0)")
     return FinetuneData(train=train, held_out=held_out, notes=notes)
+
+
+def _with_targets(packs: PackedSequences, name: str, notes: list[str]) -> PackedSequences:
+    """The packs with at least one trained next-token target (a pack that a long prompt fills has none: its mean
+    loss would be 0 / 0, NaN), noting how many were left out."""
+    keep = (packs.labels[:, 1:] != IGNORE_INDEX).any(dim=1)  # a pack's first token is no one's target
+    if bool(keep.all()):
+        return packs
+    notes.append(
+        f"{name} data: {int((~keep).sum())} of {len(packs)} packs hold no trained token (prompts longer than a "
+        "pack?) and are left out; a longer data.seq_len keeps them"
+    )
+    position_ids = None if packs.position_ids is None else packs.position_ids[keep]
+    return PackedSequences(packs.input_ids[keep], packs.labels[keep], position_ids)
 
 
 def _describe(name: str, documents: int, packs: PackedSequences, use: str) -> str:

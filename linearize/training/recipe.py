@@ -298,6 +298,15 @@ class OutputSection(_Strict):
     def _home_expanded(cls, value: str) -> str:
         return os.path.expanduser(value)  # YAML leaves '~' as it is: the run would go to a folder named '~'
 
+    @model_validator(mode="after")
+    def _pushes_a_whole_model(self) -> OutputSection:
+        if self.push_to_hub and not self.merge_lora:
+            raise ValueError(
+                "output.push_to_hub publishes model/, which with merge_lora: false holds the model without its "
+                "LoRA adapter (that goes to adapter/); set merge_lora: true to push the fine-tuned model"
+            )
+        return self
+
     @field_validator("push_to_hub")
     @classmethod
     def _repo_id_form(cls, value: str | None) -> str | None:
@@ -427,6 +436,9 @@ def _explain(error: ValidationError, source: str) -> RecipeError:
             lines.append(f"  {path}: unknown key{hint} (valid keys here: {', '.join(valid)})")
         elif not loc or item["msg"].startswith(f"Value error, {path}."):  # the message names the keys
             lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
+        elif item["type"] == "value_error":  # our own validators' words, about the section as a whole or a value
+            got = "" if isinstance(item.get("input"), dict) else f" (got {item.get('input')!r})"
+            lines.append(f"  {path}: {item['msg'].removeprefix('Value error, ')}{got}")
         else:
             lines.append(f"  {path}: {item['msg']} (got {item.get('input')!r})")
     return RecipeError(f"{source} is not a valid recipe:\n" + "\n".join(lines))

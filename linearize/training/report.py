@@ -18,7 +18,7 @@ class Reporter:
 
     Args:
         metrics_file: every record is appended to it as one JSON line; None writes nothing.
-        quiet: no progress and no log lines (metrics are still written).
+        quiet: no progress and no log lines but warnings (metrics are still written).
         enabled: False on non-main processes: nothing at all.
         console: where messages go (stderr by default); a terminal gets a live bar, anything else plain lines.
     """
@@ -26,6 +26,7 @@ class Reporter:
     def __init__(self, metrics_file: Path | None, quiet: bool = False, enabled: bool = True, console=None):
         self.metrics_file = metrics_file if enabled else None
         self.console = console or Console(stderr=True)
+        self.enabled = enabled
         self.verbose = enabled and not quiet
         self._bar: Progress | None = None
         self._task = None
@@ -35,6 +36,11 @@ class Reporter:
     def info(self, message: str) -> None:
         if self.verbose:
             self.console.print(message, markup=False, highlight=False, soft_wrap=True)  # paths may hold [brackets]
+
+    def warning(self, message: str) -> None:
+        """A line that --quiet does not hide: something the user may want to change."""
+        if self.enabled:
+            self.console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
     def record(self, **fields) -> None:
         if self.metrics_file is not None:

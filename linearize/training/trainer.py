@@ -8,6 +8,8 @@ would. At the end LoRA is merged (by default) and the model is saved in the foun
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import shutil
 import time
@@ -97,17 +99,35 @@ def prepare_run_folder(
     return checkpoints[-1] if checkpoints else None
 
 
-def unmatched_lora_targets(config, targets: list[str]) -> tuple[list[str], list[str]]:
+def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool]:
     """The `targets` (lora.target_modules) that name no linear layer of the converted model `config` describes, as
-    peft matches them (a module's name or its last parts), and the names those layers end in; found on a model
-    without weights, so that a dry run tells before any weights load."""
+    peft matches them (a module's name or its last parts), the names those layers end in, and whether any target
+    is inside a converted attention layer (what attention transfer trains); found on a model without weights, so
+    that a dry run tells before any weights load."""
     from ..models import LinearizeForCausalLM
 
     with torch.device("meta"):
         model = LinearizeForCausalLM(config)
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
-    return unmatched, sorted({name.rsplit(".", 1)[-1] for name in names})
+    converted = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, LinearizedAttention))
+
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith(f".{target}")
+
+    unmatched = [t for t in targets if not any(matches(name, t) for name in names)]
+    in_attention = any(matches(name, t) and name.startswith(converted) for name in names for t in targets)
+    return unmatched, sorted({name.rsplit(".", 1)[-1] for name in names}), in_attention
+
+
+def nothing_to_train(index: int, stage: StageSection, targets: list[str]) -> str:
+    """Why stage `index` trains no parameter, and the fix."""
+    if stage.kind == "attention_transfer":
+        return (
+            f"stages.{index} (attention_transfer) has nothing to train: it trains the converted attention layers "
+            f"only, and lora.target_modules {targets} put no adapter in them; add their projections (q_proj, "
+            "k_proj, v_proj, o_proj) to lora.target_modules"
+        )
+    return f"stages.{index} ({stage.kind}) has nothing to train with trainable {stage.trainable}"
 
 
 def positions_note(recipe: Recipe, source_config) -> str | None:
@@ -137,7 +157,7 @@ class Trainer:
         self.selection: LayerSelection | None = None
         self.model, self.tokenizer, self.new_names = self.build_model()
         if note := positions_note(recipe, self.source_config):
-            reporter.info(f"warning: {note}")
+            reporter.warning(note)
         self.sharded = False
         self.data: FinetuneData = load_data(recipe.data, self.tokenizer, seed=self.config.seed)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
@@ -225,7 +245,7 @@ class Trainer:
             if name in self.new_names or "lora_" in name
         }
 
-    def set_trainable(self, stage: StageSection) -> list[nn.Parameter]:
+    def set_trainable(self, index: int, stage: StageSection) -> list[nn.Parameter]:
         # attention transfer trains converted layers only: a kept softmax layer already is its own teacher
         converted = {
             f"{module_name}.{name}"
@@ -243,7 +263,7 @@ class Trainer:
             if train:
                 params.append(p)
         if not params:
-            raise LinearizeError(f"stage '{stage.kind}' has nothing to train with trainable {stage.trainable}")
+            raise LinearizeError(nothing_to_train(index, stage, self.recipe.lora.target_modules))
         return params
 
     # -- data ---------------------------------------------------------------------------------------------------
@@ -323,11 +343,11 @@ class Trainer:
     def run_stage(self, index: int, stage: StageSection, resume_states: dict | None) -> None:
         if "lora" in stage.trainable and not self.state.lora_applied:
             self.apply_lora()
-        params = self.set_trainable(stage)
+        params = self.set_trainable(index, stage)
         fsdp = self.world.distributed and self.config.distributed == "fsdp" and stage.kind == "lora"
         if fsdp and not self.sharded:
             self.shard()
-            params = self.set_trainable(stage)  # sharding replaced the parameters
+            params = self.set_trainable(index, stage)  # sharding replaced the parameters
         total_steps, per_epoch = self.steps_in(stage)
         new_params = [p for name, p in self.model.named_parameters() if name in self.new_names]
         optimizers = build_optimizers(params, stage.optimizer, new_params)
@@ -444,6 +464,15 @@ class Trainer:
         for opt, saved in zip(optimizers, states, strict=True):
             set_optimizer_state_dict(self.model, opt, optim_state_dict=saved, options=options)
 
+    @functools.cached_property
+    def data_fingerprint(self) -> dict:
+        """What a resumed run must find again: the packs' count and a digest of their tokens."""
+        digest = hashlib.sha256()
+        for packs in (self.data.train, self.data.held_out):
+            digest.update(packs.input_ids.numpy().tobytes())
+            digest.update(packs.labels.numpy().tobytes())
+        return {"train_packs": len(self.data.train), "sha256": digest.hexdigest()[:16]}
+
     def checkpoint(self, optimizers, schedulers) -> None:
         tensors, optimizer_states = self.trained_tensors(), self.optimizer_states(optimizers)  # collective
         if self.world.is_main:
@@ -457,6 +486,7 @@ class Trainer:
                 "last_eval": self.state.last_eval,
                 "metrics_bytes": self.reporter.metrics_size(),
                 "layer_selection": self.selection.to_dict() if self.selection is not None else None,
+                "data": self.data_fingerprint,
             }
             save_checkpoint(
                 self.run,
@@ -480,6 +510,12 @@ class Trainer:
                 f"checkpoint {checkpoint} was written by a run of {saved['processes']} process(es) and the global "
                 f"batch order depends on it; resume with the same count (torchrun --nproc_per_node "
                 f"{saved['processes']}), not {self.world.size}"
+            )
+        if saved.get("data", self.data_fingerprint) != self.data_fingerprint:  # absent: written before it was kept
+            raise LinearizeError(
+                f"checkpoint {checkpoint} was trained on other data ({saved['data']['train_packs']} training packs, "
+                f"now {len(self.data.train)}): the data files changed since, so the batch order and the held-out "
+                "documents would too; restore the files, or start a new run in another output.dir"
             )
         if saved.get("layer_selection"):
             chosen = LayerSelection(**saved["layer_selection"])
@@ -506,6 +542,7 @@ class Trainer:
         self.reporter.info(f"resuming from {checkpoint} (stage {self.state.stage + 1}, step {self.state.step})")
         if self.state.step >= total:  # the checkpoint closed its stage: the next one starts fresh
             self.state.stage, self.state.step = self.state.stage + 1, 0
+            set_rng_state(states["rng"])  # as the straight run left it (apply_lora above seeded its own)
             return None
         return states
 
@@ -519,7 +556,7 @@ class Trainer:
             )
         for index, stage in enumerate(self.recipe.stages):  # a stage's length in epochs is known once data loads
             if note := warmup_note(index, stage, self.steps_in(stage)[0]):
-                self.reporter.info(f"warning: {note}")
+                self.reporter.warning(note)
         resume_states = self.restore(resume_from) if resume_from is not None else None
         for index, stage in enumerate(self.recipe.stages):
             if index < self.state.stage:
@@ -553,22 +590,29 @@ class Trainer:
             self.model.load_state_dict(tensors, strict=False)
         if not self.world.is_main:
             return out
-        model, adapter = self.model, None
+        model = self.model
         if self.state.lora_applied:
             if self.recipe.output.merge_lora:
                 model = self.model.merge_and_unload()
             else:
-                adapter, model = self.model, self.model.get_base_model()
+                self.save_adapter(out)
+                model = self.model.unload()  # the converted model without the LoRA layers, unmerged
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         save_model(model, self.tokenizer, out, force=True)
         (out / RECIPE_FILE).write_text(resolved_yaml(self.recipe))
-        if adapter is not None:
-            adapter_dir = self.run / "adapter"
-            shutil.rmtree(adapter_dir, ignore_errors=True)
-            adapter.save_pretrained(adapter_dir)
         return out
+
+    def save_adapter(self, base: Path) -> None:
+        """Write the LoRA adapter into `adapter/`, recorded as an adapter of the model saved into `base`."""
+        adapter_dir = self.run / "adapter"
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        for config in self.model.peft_config.values():
+            config.base_model_name_or_path = str(base)
+        # LoRA never targets the embeddings here, so peft need not compare vocabularies with the base folder (which
+        # does not exist yet)
+        self.model.save_pretrained(adapter_dir, save_embedding_layers=False)
 
 
 def _to(data: PackedSequences, idx: list[int], device: torch.device) -> dict[str, torch.Tensor]:

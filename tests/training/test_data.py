@@ -67,12 +67,14 @@ def expected_stream(tokenizer, segments):
 
 
 def assert_packed(packs, tokenizer, segments, seq_len):
-    """The packs are the segments' stream cut into full rows of seq_len, the partial tail dropped."""
+    """The packs are the segments' stream cut into full rows of seq_len, the partial tail dropped, and so are the
+    rows left out for having no trained next-token target (a row that a prompt fills)."""
     ids, labels = expected_stream(tokenizer, segments)
-    rows = len(ids) // seq_len
-    assert packs.input_ids.shape == packs.labels.shape == (rows, seq_len)
-    assert packs.input_ids.flatten().tolist() == ids[: rows * seq_len]
-    assert packs.labels.flatten().tolist() == labels[: rows * seq_len]
+    rows = [slice(i, i + seq_len) for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    rows = [row for row in rows if any(label != IGNORE_INDEX for label in labels[row][1:])]
+    assert packs.input_ids.shape == packs.labels.shape == (len(rows), seq_len)
+    assert packs.input_ids.tolist() == [ids[row] for row in rows]
+    assert packs.labels.tolist() == [labels[row] for row in rows]
 
 
 def load(tokenizer, *sources: DataSource, seq_len: int = 8, held_out: float | int = 0, seed: int = 0):
@@ -113,6 +115,8 @@ def test_instruction_records_train_only_the_response_and_eos(tmp_path, tokenizer
     without_input = ALPACA.format("Name a colour.")
     segments = [(with_input, False), ("5</s>", True), (without_input, False), ("Blue.</s>", True)]
     assert_packed(data.train, tokenizer, segments, 4)
+    assert len(data.train) == 2  # the packs of the responses; those that the prompts fill are left out
+    assert any("training data: 95 of 97 packs hold no trained token" in note for note in data.notes), data.notes
 
 
 def test_parquet_instruction_records_with_null_input(tmp_path, tokenizer):
@@ -163,6 +167,14 @@ def test_auto_format_and_custom_fields(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "c.jsonl", convo)
     data = load(tokenizer, DataSource(path=path, messages_field="conversation"), seq_len=4)
     assert any("(chat)" in note for note in data.notes)
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path, tokenizer):
+    """Files saved by editors that write a UTF-8 BOM read as the same records and text."""
+    (tmp_path / "a.jsonl").write_text('{"text": "first"}\n', encoding="utf-8-sig")
+    (tmp_path / "b.txt").write_text("second", encoding="utf-8-sig")
+    data = load(tokenizer, DataSource(path=str(tmp_path / "*")), seq_len=3)
+    assert_packed(data.train, tokenizer, [("first</s>", True), ("second</s>", True)], 3)
 
 
 def test_json_list_and_max_documents(tmp_path, tokenizer):
@@ -217,6 +229,9 @@ def test_local_dataset_folder_through_datasets(tmp_path, monkeypatch, tokenizer)
     data = load(tokenizer, DataSource(dataset=str(folder), max_documents=3), seq_len=2)
     segments = [(f"row {i}</s>", True) for i in range(3)]
     assert_packed(data.train, tokenizer, segments, 2)
+    (folder / "train.jsonl").write_text('{"text": "row 0"}\n{"text": \n')  # a record cut short
+    with pytest.raises(LinearizeError, match=r"dataset .*ds could not be read: .*; fix the file, or read it with"):
+        load(tokenizer, DataSource(dataset=str(folder)), seq_len=2)
 
 
 # ---------------------------------------------------------------- held-out split

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,8 @@ def test_two_stages_end_to_end(workspace, tmp_path):
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
     assert [p.name for p in list_checkpoints(run)] == ["step-000006", "step-000008"]  # keep_checkpoints: 2
     assert (run / "linearize_recipe.yaml").is_file() and (run / "model" / "linearize_recipe.yaml").is_file()
+    shutil.copytree(run / "checkpoints" / "step-000008", run / "checkpoints" / "step-000008.bak")  # a user's copy
+    assert [p.name for p in list_checkpoints(run)] == ["step-000006", "step-000008"]
 
     # the saved model is a converted model folder with LoRA merged: it loads and generates with no peft
     model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
@@ -154,14 +157,26 @@ def test_distillation_moves_the_student_toward_the_original(workspace, tmp_path)
 
 def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
     recipe = write_recipe(workspace, tmp_path)
-    result = invoke("finetune", recipe, "output.merge_lora=false", "stages.0.max_steps=1", "stages.1.max_steps=1")
+    result = invoke("finetune", recipe, "output.merge_lora=false", "stages.0.max_steps=1", "stages.1.max_steps=1", "-q")
     assert result.exit_code == 0, result.output
-    assert "warning: stages.1.schedule.warmup_steps (1) is not below" in " ".join(result.output.split())
+    assert "warning: stages.1.schedule.warmup_steps (1) is not below" in " ".join(result.output.split())  # quiet too
     from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    source = AutoModelForCausalLM.from_pretrained(workspace / "source")
+    assert torch.equal(base.model.layers[0].self_attn.q_proj.weight, source.model.layers[0].self_attn.q_proj.weight)
     model = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
-    assert any("lora_A" in name for name, _ in model.named_parameters())
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(tmp_path / "run" / "model")
+    merged = invoke(
+        "finetune", recipe, "output.dir=" + str(tmp_path / "merged"), "stages.0.max_steps=1", "stages.1.max_steps=1"
+    )
+    assert merged.exit_code == 0, merged.output
+    ids = torch.randint(3, 128, (2, 16))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "model")(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)  # base + adapter = merged
 
 
 def _trained(run: Path) -> dict:
@@ -176,7 +191,10 @@ AUTO_AFTER_TRANSFER = [
 
 @pytest.mark.parametrize("selected", [False, True], ids=["named-layers", "auto-after-transfer"])
 def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch, selected):
+    """Killed inside a stage, or (named layers) at the checkpoint that closes one: the resumed run's weights and
+    losses are the straight run's exactly, LoRA dropout's random draws included."""
     extra = [o.replace("CORPUS", f"{workspace}/corpus/*.txt") for o in AUTO_AFTER_TRANSFER] if selected else []
+    extra.append("lora.dropout=0.1")
     straight = tmp_path / "straight"
     straight.mkdir()
     first = invoke("finetune", write_recipe(workspace, straight), *extra)
@@ -233,6 +251,28 @@ def test_resume_refuses_a_changed_recipe(workspace, tmp_path):
     message = " ".join(result.output.split())
     assert "holds a run of a different recipe (stages.1.max_steps 2 -> 3)" in message
     assert "nothing was changed" in message and (tmp_path / "run" / "model").is_dir()
+
+
+def test_resume_refuses_changed_data(workspace, tmp_path, monkeypatch):
+    """The same recipe over data files that changed since the checkpoint: another batch order and other held-out
+    documents, so the run is refused, not continued on them."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(workspace / "corpus", corpus)
+    recipe = write_recipe(workspace, tmp_path)
+    data = f"data.sources=[{{path: {corpus}/*.txt}}]"
+    real_checkpoint = trainer_module.Trainer.checkpoint
+
+    def killed_after_the_first(self, *args):
+        real_checkpoint(self, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.Trainer, "checkpoint", killed_after_the_first)
+    assert invoke("finetune", recipe, data).exit_code == 130
+    monkeypatch.setattr(trainer_module.Trainer, "checkpoint", real_checkpoint)
+    (corpus / "doc99.txt").write_text(" ".join(f"w{i % 124}" for i in range(300)))
+    result = invoke("finetune", recipe, data, "--resume")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "was trained on other data (" in message and "the data files changed" in message
 
 
 def test_output_folder_that_is_not_a_run(workspace, tmp_path):
@@ -299,6 +339,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
     assert result.exit_code == 1 and "no file matches" in result.output
     result = invoke("finetune", recipe, "--dry-run", "lora.target_modules=[foo_proj]")
     assert result.exit_code == 1 and "name no layer of this model; its linear layers are" in result.output
+    result = invoke("finetune", recipe, "--dry-run", "lora.target_modules=[up_proj, down_proj]")
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 1 and "stages.0 (attention_transfer) has nothing to train: it trains the" in shown
     result = invoke("finetune", recipe, "--dry-run", "lora.target_modules=[q_proj, foo_proj]")
     assert result.exit_code == 0 and "['foo_proj'] match no layer" in " ".join(result.output.split())
     result = CliRunner().invoke(
@@ -311,6 +354,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
     )
     shown = " ".join(result.output.split())
     assert result.exit_code == 0 and "data.seq_len (1024) is more tokens than the model reads (512" in shown
+    push = ["output.push_to_hub=me/tiny", "output.private=true"]
+    result = CliRunner().invoke(app, ["finetune", str(recipe), "--dry-run", *push], env={"COLUMNS": "300"})
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 0 and "to me/tiny (private), once saved" in shown
+    assert "the push would fail now: the Hugging Face Hub is switched off" in shown  # tests run offline
+    result = invoke("finetune", recipe, "--dry-run", *push, "output.merge_lora=false")
+    assert result.exit_code == 1 and "holds the model without its LoRA adapter" in " ".join(result.output.split())
 
 
 def test_recipe_commands(tmp_path):
