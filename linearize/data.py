@@ -99,6 +99,8 @@ class DataSource(BaseModel):
             raise ValueError(f"give exactly one of path, dataset or builtin (got {', '.join(given) or 'none'})")
         if self.subset is not None and self.dataset is None:
             raise ValueError("subset applies to a Hugging Face dataset only; remove it or use `dataset`")
+        if self.path is not None and self.split != "train":  # "train" is the default a resolved recipe writes
+            raise ValueError("split applies to a dataset or the builtin corpus; a path reads its files whole")
         if self.builtin is not None and self.split not in BUILTIN_SPLITS:
             raise ValueError(f"the builtin corpus has the splits {' and '.join(BUILTIN_SPLITS)}, not {self.split!r}")
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -61,7 +62,7 @@ def finetune(
     from ..training.trainer import finetune as run_finetune
 
     out = run_finetune(recipe, resume=resume, quiet=quiet, console=console)
-    if not quiet:
+    if not quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
         console.print(f"[green]Saved[/] {out}")
 
 

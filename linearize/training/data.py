@@ -91,6 +91,11 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
     for source in config.sources:
         found, fmt = read_documents(source, tokenizer, config.template)
         notes.append(f"{source.label}: {len(found)} documents ({fmt})")
+        if source.builtin is not None and source.split == "test":
+            notes.append(
+                f"warning: {source.label} is the text that `linearize eval --text builtin` scores; its perplexity "
+                "after this run measures training text, not held-out text"
+            )
         documents += found
 
     held = _held_out_indices(len(documents), config.held_out, seed)

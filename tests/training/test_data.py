@@ -215,8 +215,11 @@ def test_a_builtin_split_reaches_the_packs(tokenizer):
     data = load(tokenizer, source, seq_len=16)
     first = tokenizer(builtin_documents("test")[0], add_special_tokens=False)["input_ids"]
     assert data.train.input_ids.flatten()[:16].tolist() == first[:16]
+    assert any(note.startswith("warning: builtin english [test] is the text that") for note in data.notes)
     with pytest.raises(ValidationError, match="builtin corpus has the splits train and test, not 'validation'"):
         DataSource(builtin="english", split="validation")
+    with pytest.raises(ValidationError, match="split applies to a dataset or the builtin corpus; a path reads"):
+        DataSource(path="a.txt", split="test")
 
 
 def test_local_dataset_folder_through_datasets(tmp_path, monkeypatch, tokenizer):
