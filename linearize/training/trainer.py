@@ -25,7 +25,7 @@ from torch import nn
 from .. import sources
 from ..compat import set_activation_checkpointing
 from ..convert import convert_model, keep_softmax_layers, save_model
-from ..data import PackedSequences
+from ..data import IGNORE_INDEX, PackedSequences
 from ..errors import LinearizeError
 from ..hub import check_can_push
 from ..layers.base import LinearizedAttention
@@ -298,6 +298,17 @@ class Trainer:
         idx = [int(self.order(stage, g // per_epoch)[g % per_epoch]) for g in range(first, first + mb)]
         return _to(self.data.train, idx, self.world.device)
 
+    def loss_weights(self, batches: list[dict], per_batch: bool) -> list[float]:
+        """The factor of each micro-batch's mean loss in an optimizer step: its share of the step's trained tokens
+        over every process, times the process count (gradients are averaged over processes), so that the step's
+        gradient is the mean over its tokens, however they fall into micro-batches (instruction data trains a
+        varying number per pack). `per_batch` (attention transfer, which has no labels): 1 / grad_accum each."""
+        if per_batch:
+            return [1 / len(batches)] * len(batches)
+        counts = [int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batches]
+        total = mean_across(self.world, torch.tensor(float(sum(counts)), device=self.world.device)).item()
+        return [count / total for count in counts]  # total is the mean over processes: count * size / sum
+
     # -- one stage ----------------------------------------------------------------------------------------------
     def forward_loss(
         self, model: nn.Module, batch: dict, transfer: AttentionTransfer | None, kd_ratio: float = 0.0
@@ -382,20 +393,21 @@ class Trainer:
                     self._evaluate_and_record(index, stage, transfer)
                 for step in range(start, total_steps):
                     began = time.perf_counter()
+                    batches = [self.micro_batch(index, step, micro, per_epoch) for micro in range(accum)]
+                    weights = self.loss_weights(batches, transfer is not None)
                     losses = []
-                    for micro in range(accum):
-                        batch = self.micro_batch(index, step, micro, per_epoch)
+                    for micro, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
                         sync = micro == accum - 1
                         if self.sharded:
                             model.set_requires_gradient_sync(sync)
                         with model.no_sync() if ddp and not sync else nullcontext():
                             loss = self.forward_loss(model, batch, transfer, stage.kd_ratio)
                             if transfer is None:
-                                (loss / accum).backward()
-                        losses.append(loss.detach().float())
+                                (loss * weight).backward()
+                        losses.append(loss.detach().float() * weight)
                     if not ddp and not self.sharded:
                         average_gradients(self.world, params)
-                    loss = mean_across(self.world, torch.stack(losses).mean()).item()
+                    loss = mean_across(self.world, torch.stack(losses).sum()).item()
                     if not math.isfinite(loss):
                         raise TrainingDivergedError(self._diverged(index, stage, step, loss))
                     if self.config.max_grad_norm is not None:

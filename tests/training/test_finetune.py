@@ -253,6 +253,34 @@ def test_resume_refuses_a_changed_recipe(workspace, tmp_path):
     assert "nothing was changed" in message and (tmp_path / "run" / "model").is_dir()
 
 
+def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_path, monkeypatch):
+    """Instruction packs train varying numbers of tokens: two micro-batches of one pack accumulate the gradient
+    that one micro-batch of both packs computes (the mean over the step's tokens, not the mean of two means)."""
+    rng = random.Random(2)  # the first step's two packs train 4 and 2 tokens
+    records = [
+        {"instruction": " ".join(f"w{rng.randrange(124)}" for _ in range(rng.randrange(2, 30))), "input": "",
+         "output": " ".join(f"w{rng.randrange(124)}" for _ in range(rng.randrange(1, 12)))}
+        for _ in range(40)
+    ]  # fmt: skip
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    gradients = []
+
+    def spy(params, max_norm):
+        gradients.append(torch.cat([p.grad.flatten() for p in params]).clone())
+        return torch.tensor(0.0)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    common = [f"data.sources=[{{path: {data}}}]", "data.held_out=0", "stages=[{kind: lora, max_steps: 1}]"]
+    for i, batching in enumerate((["training.grad_accum=2"], ["training.micro_batch_size=2", "training.grad_accum=1"])):
+        (tmp_path / str(i)).mkdir()
+        recipe = write_recipe(workspace, tmp_path / str(i))
+        result = invoke("finetune", recipe, *common, *batching, "training.max_grad_norm=1000")
+        assert result.exit_code == 0, result.output
+    accumulated, together = gradients
+    torch.testing.assert_close(accumulated, together, rtol=1e-4, atol=1e-7)
+
+
 def test_resume_refuses_changed_data(workspace, tmp_path, monkeypatch):
     """The same recipe over data files that changed since the checkpoint: another batch order and other held-out
     documents, so the run is refused, not continued on them."""
