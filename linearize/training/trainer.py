@@ -299,10 +299,11 @@ class Trainer:
         return _to(self.data.train, idx, self.world.device)
 
     def loss_weights(self, batches: list[dict], per_batch: bool) -> list[float]:
-        """The factor of each micro-batch's mean loss in an optimizer step: its share of the step's trained tokens
-        over every process, times the process count (gradients are averaged over processes), so that the step's
-        gradient is the mean over its tokens, however they fall into micro-batches (instruction data trains a
-        varying number per pack). `per_batch` (attention transfer, which has no labels): 1 / grad_accum each."""
+        """The factor of each micro-batch's mean loss in an optimizer step (or an evaluation): its share of the
+        trained tokens of every process's batches, times the process count (gradients and losses are averaged over
+        processes), so that the step's gradient is the mean over its tokens, however they fall into micro-batches
+        (instruction data trains a varying number per pack). `per_batch` (attention transfer, which has no labels):
+        1 / len(batches) each."""
         if per_batch:
             return [1 / len(batches)] * len(batches)
         counts = [int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batches]
@@ -341,12 +342,15 @@ class Trainer:
             return {}
         self.model.eval()
         mb = self.config.micro_batch_size
-        losses = []
-        for start in range(0, min(len(held_out), mb * self.config.eval_batches), mb):
-            batch = _to(held_out, list(range(start, min(start + mb, len(held_out)))), self.world.device)
-            losses.append(self.forward_loss(self.model, batch, transfer).float())
+        starts = range(0, min(len(held_out), mb * self.config.eval_batches), mb)
+        batches = [_to(held_out, list(range(i, min(i + mb, len(held_out)))), self.world.device) for i in starts]
+        weights = self.loss_weights(batches, transfer is not None)  # the mean over the scored tokens
+        losses = [
+            self.forward_loss(self.model, batch, transfer).float() * weight
+            for batch, weight in zip(batches, weights, strict=True)
+        ]
         self.model.train()
-        loss = mean_across(self.world, torch.stack(losses).mean()).item()
+        loss = mean_across(self.world, torch.stack(losses).sum()).item()
         if transfer is not None:
             return {"eval_mse": loss}
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
