@@ -106,7 +106,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     for i, stage in enumerate(recipe.stages):  # what the run would find only once the weights have loaded
         adds = get_method(conv.method).adds_parameters and "new" in stage.trainable
         if stage.kind == "attention_transfer" and not in_attention and not adds:
-            raise LinearizeError(nothing_to_train(i, stage, targets))
+            raise LinearizeError(nothing_to_train(i, stage, targets, bool(plan.config.converted_layers())))
     if note := positions_note(recipe, source_config):
         notes.append(note)
     for data_source in recipe.data.sources:  # a path that names no file fails the run only after the model loads

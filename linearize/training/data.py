@@ -70,6 +70,7 @@ class FinetuneData:
     train: PackedSequences
     held_out: PackedSequences
     notes: list[str]
+    warnings: list[str]  # what the user may want to change: shown even with --quiet
 
 
 def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
@@ -84,7 +85,7 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
         The training and held-out packs, and notes for the log.
     """
     require_eos(tokenizer)
-    notes = []
+    notes, warnings = [], []
     if tokenizer.pad_token_id is None:
         notes.append("the tokenizer has no pad token; none is needed, every sequence is packed full to seq_len")
     documents: list[Document] = []
@@ -92,8 +93,8 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
         found, fmt = read_documents(source, tokenizer, config.template)
         notes.append(f"{source.label}: {len(found)} documents ({fmt})")
         if source.builtin is not None and source.split == "test":
-            notes.append(
-                f"warning: {source.label} is the text that `linearize eval --text builtin` scores; its perplexity "
+            warnings.append(
+                f"{source.label} is the text that `linearize eval --text builtin` scores; its perplexity "
                 "after this run measures training text, not held-out text"
             )
         documents += found
@@ -112,31 +113,26 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
             "no token of the training data is trained: the records hold prompts but no responses "
             "(instruction outputs or assistant messages); check the data or use format: text"
         )
-    train = _with_targets(train, "training", notes)
+    if untrained := _packs_without_targets(train):
+        warnings.append(
+            f"{untrained} of {len(train)} training packs hold no trained token (prompts longer than a pack?): LoRA "
+            "steps learn nothing from them (attention transfer does); a longer data.seq_len trains their responses"
+        )
     notes.append(_describe("train", len(train_docs), train, "trained"))
     if held_docs:
         held_out = pack_documents(held_docs, tokenizer, config.seq_len, "held-out", config.document_boundaries)
-        held_out = _with_targets(held_out, "held-out", notes)
         notes.append(_describe("held out", len(held_docs), held_out, "scored"))
     else:
         empty = torch.empty(0, config.seq_len, dtype=torch.long)
         held_out = PackedSequences(empty, empty.clone())
         notes.append("held out: nothing (held_out is 0)")
-    return FinetuneData(train=train, held_out=held_out, notes=notes)
+    return FinetuneData(train=train, held_out=held_out, notes=notes, warnings=warnings)
 
 
-def _with_targets(packs: PackedSequences, name: str, notes: list[str]) -> PackedSequences:
-    """The packs with at least one trained next-token target (a pack that a long prompt fills has none: its mean
-    loss would be 0 / 0, NaN), noting how many were left out."""
-    keep = (packs.labels[:, 1:] != IGNORE_INDEX).any(dim=1)  # a pack's first token is no one's target
-    if bool(keep.all()):
-        return packs
-    notes.append(
-        f"{name} data: {int((~keep).sum())} of {len(packs)} packs hold no trained token (prompts longer than a "
-        "pack?) and are left out; a longer data.seq_len keeps them"
-    )
-    position_ids = None if packs.position_ids is None else packs.position_ids[keep]
-    return PackedSequences(packs.input_ids[keep], packs.labels[keep], position_ids)
+def _packs_without_targets(packs: PackedSequences) -> int:
+    """How many packs have no trained next-token target (a pack that a long prompt fills; a pack's first token is
+    no one's target)."""
+    return int((~(packs.labels[:, 1:] != IGNORE_INDEX).any(dim=1)).sum())
 
 
 def _describe(name: str, documents: int, packs: PackedSequences, use: str) -> str:

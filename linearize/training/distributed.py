@@ -57,6 +57,15 @@ def mean_across(world: World, value: torch.Tensor) -> torch.Tensor:
     return value / world.size
 
 
+def sum_across(world: World, value: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over all processes."""
+    if not world.distributed:
+        return value
+    value = value.clone()
+    dist.all_reduce(value)
+    return value
+
+
 def average_gradients(world: World, params: list[torch.nn.Parameter]) -> None:
     """Average `.grad` over processes, in one flat all-reduce."""
     if not world.distributed:

@@ -298,15 +298,6 @@ class OutputSection(_Strict):
     def _home_expanded(cls, value: str) -> str:
         return os.path.expanduser(value)  # YAML leaves '~' as it is: the run would go to a folder named '~'
 
-    @model_validator(mode="after")
-    def _pushes_a_whole_model(self) -> OutputSection:
-        if self.push_to_hub and not self.merge_lora:
-            raise ValueError(
-                "output.push_to_hub publishes model/, which with merge_lora: false holds the model without its "
-                "LoRA adapter (that goes to adapter/); set merge_lora: true to push the fine-tuned model"
-            )
-        return self
-
     @field_validator("push_to_hub")
     @classmethod
     def _repo_id_form(cls, value: str | None) -> str | None:
@@ -330,6 +321,12 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _stages_fit_method(self) -> Recipe:
         method = get_method(self.conversion.method)
+        trains_lora = any("lora" in stage.trainable for stage in self.stages)
+        if self.output.push_to_hub and not self.output.merge_lora and trains_lora:
+            raise ValueError(
+                "output.push_to_hub publishes model/, which with merge_lora: false holds the model without its "
+                "LoRA adapter (that goes to adapter/); set merge_lora: true to push the fine-tuned model"
+            )
         for i, stage in enumerate(self.stages):
             if "new" in stage.trainable and not method.adds_parameters:
                 raise ValueError(

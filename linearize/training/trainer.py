@@ -33,7 +33,16 @@ from ..outputs import check_writable
 from ..selection import LayerSelection, select_layers
 from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .data import FinetuneData, load_data
-from .distributed import World, average_gradients, barrier, close_world, from_main, init_world, mean_across
+from .distributed import (
+    World,
+    average_gradients,
+    barrier,
+    close_world,
+    from_main,
+    init_world,
+    mean_across,
+    sum_across,
+)
 from .optim import build_optimizers, build_schedulers, lr_factor
 from .recipe import Recipe, StageSection, load_recipe, recipe_differences, recipe_hash, resolved_yaml, warmup_note
 from .report import Reporter
@@ -119,8 +128,13 @@ def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool
     return unmatched, sorted({name.rsplit(".", 1)[-1] for name in names}), in_attention
 
 
-def nothing_to_train(index: int, stage: StageSection, targets: list[str]) -> str:
+def nothing_to_train(index: int, stage: StageSection, targets: list[str], converted: bool = True) -> str:
     """Why stage `index` trains no parameter, and the fix."""
+    if stage.kind == "attention_transfer" and not converted:
+        return (
+            f"stages.{index} (attention_transfer) has nothing to train: conversion.softmax_layers keeps every layer "
+            "as softmax attention, so no layer is converted; keep fewer layers or drop the stage"
+        )
     if stage.kind == "attention_transfer":
         return (
             f"stages.{index} (attention_transfer) has nothing to train: it trains the converted attention layers "
@@ -163,6 +177,8 @@ class Trainer:
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
         for note in self.data.notes:
             reporter.info(note)
+        for warning in self.data.warnings:
+            reporter.warning(warning)
 
     # -- model surgery ------------------------------------------------------------------------------------------
     def build_model(self) -> tuple[nn.Module, object, set[str]]:
@@ -263,7 +279,8 @@ class Trainer:
             if train:
                 params.append(p)
         if not params:
-            raise LinearizeError(nothing_to_train(index, stage, self.recipe.lora.target_modules))
+            any_converted = any(isinstance(m, LinearizedAttention) for m in self.model.modules())
+            raise LinearizeError(nothing_to_train(index, stage, self.recipe.lora.target_modules, any_converted))
         return params
 
     # -- data ---------------------------------------------------------------------------------------------------
@@ -298,17 +315,17 @@ class Trainer:
         idx = [int(self.order(stage, g // per_epoch)[g % per_epoch]) for g in range(first, first + mb)]
         return _to(self.data.train, idx, self.world.device)
 
-    def loss_weights(self, batches: list[dict], per_batch: bool) -> list[float]:
-        """The factor of each micro-batch's mean loss in an optimizer step (or an evaluation): its share of the
-        trained tokens of every process's batches, times the process count (gradients and losses are averaged over
-        processes), so that the step's gradient is the mean over its tokens, however they fall into micro-batches
-        (instruction data trains a varying number per pack). `per_batch` (attention transfer, which has no labels):
-        1 / len(batches) each."""
+    def loss_divisors(self, batches: list[dict], per_batch: bool) -> list[float]:
+        """What to divide each micro-batch's mean loss by in an optimizer step (or an evaluation), so that the sum
+        over micro-batches, averaged over processes, is the mean over every trained token of the step: however the
+        tokens fall into micro-batches (instruction data trains a varying number per pack). With equal counts it is
+        grad_accum exactly. A micro-batch without a trained token gets infinity: its (zero) loss adds nothing.
+        `per_batch` (attention transfer, whose loss reads every position, not the labels): len(batches) each."""
         if per_batch:
-            return [1 / len(batches)] * len(batches)
+            return [float(len(batches))] * len(batches)
         counts = [int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batches]
-        total = mean_across(self.world, torch.tensor(float(sum(counts)), device=self.world.device)).item()
-        return [count / total for count in counts]  # total is the mean over processes: count * size / sum
+        total = int(sum_across(self.world, torch.tensor(sum(counts), device=self.world.device)).item())
+        return [total / (count * self.world.size) if count else math.inf for count in counts]
 
     # -- one stage ----------------------------------------------------------------------------------------------
     def forward_loss(
@@ -322,6 +339,8 @@ class Trainer:
             return transfer.loss()
         with self.autocast():
             out = model(**inputs, labels=batch["labels"])
+        if not bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):  # a long prompt's packs: the mean would be 0 / 0
+            return out.logits.sum() * 0.0  # zero, and a graph, so that every process runs the same backward
         if not kd_ratio:
             return out.loss
         with torch.no_grad(), original_model(self.model) as teacher, self.autocast():
@@ -340,14 +359,16 @@ class Trainer:
         held_out = self.data.held_out
         if len(held_out) == 0:
             return {}
-        self.model.eval()
         mb = self.config.micro_batch_size
         starts = range(0, min(len(held_out), mb * self.config.eval_batches), mb)
         batches = [_to(held_out, list(range(i, min(i + mb, len(held_out)))), self.world.device) for i in starts]
-        weights = self.loss_weights(batches, transfer is not None)  # the mean over the scored tokens
+        divisors = self.loss_divisors(batches, transfer is not None)  # the mean over the scored tokens
+        if all(math.isinf(divisor) for divisor in divisors):
+            return {}  # no held-out token is scored within a pack
+        self.model.eval()
         losses = [
-            self.forward_loss(self.model, batch, transfer).float() * weight
-            for batch, weight in zip(batches, weights, strict=True)
+            self.forward_loss(self.model, batch, transfer).float() / divisor
+            for batch, divisor in zip(batches, divisors, strict=True)
         ]
         self.model.train()
         loss = mean_across(self.world, torch.stack(losses).sum()).item()
@@ -398,17 +419,17 @@ class Trainer:
                 for step in range(start, total_steps):
                     began = time.perf_counter()
                     batches = [self.micro_batch(index, step, micro, per_epoch) for micro in range(accum)]
-                    weights = self.loss_weights(batches, transfer is not None)
+                    divisors = self.loss_divisors(batches, transfer is not None)
                     losses = []
-                    for micro, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
+                    for micro, (batch, divisor) in enumerate(zip(batches, divisors, strict=True)):
                         sync = micro == accum - 1
                         if self.sharded:
                             model.set_requires_gradient_sync(sync)
                         with model.no_sync() if ddp and not sync else nullcontext():
                             loss = self.forward_loss(model, batch, transfer, stage.kd_ratio)
                             if transfer is None:
-                                (loss * weight).backward()
-                        losses.append(loss.detach().float() * weight)
+                                (loss / divisor).backward()
+                        losses.append(loss.detach().float() / divisor)
                     if not ddp and not self.sharded:
                         average_gradients(self.world, params)
                     loss = mean_across(self.world, torch.stack(losses).sum()).item()
@@ -529,9 +550,10 @@ class Trainer:
             )
         if saved.get("data", self.data_fingerprint) != self.data_fingerprint:  # absent: written before it was kept
             raise LinearizeError(
-                f"checkpoint {checkpoint} was trained on other data ({saved['data']['train_packs']} training packs, "
-                f"now {len(self.data.train)}): the data files changed since, so the batch order and the held-out "
-                "documents would too; restore the files, or start a new run in another output.dir"
+                f"checkpoint {checkpoint} was trained on other packed data ({saved['data']['train_packs']} training "
+                f"packs, now {len(self.data.train)}, or other tokens in them): the data files or their tokenization "
+                "changed since, so the batch order and the held-out documents would too; restore them, or start a new "
+                "run in another output.dir"
             )
         if saved.get("layer_selection"):
             chosen = LayerSelection(**saved["layer_selection"])
@@ -625,7 +647,7 @@ class Trainer:
         adapter_dir = self.run / "adapter"
         shutil.rmtree(adapter_dir, ignore_errors=True)
         for config in self.model.peft_config.values():
-            config.base_model_name_or_path = str(base)
+            config.base_model_name_or_path = str(base.resolve())  # AutoPeftModel finds it from any folder
         # LoRA never targets the embeddings here, so peft need not compare vocabularies with the base folder (which
         # does not exist yet)
         self.model.save_pretrained(adapter_dir, save_embedding_layers=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -18,8 +19,10 @@ from typer.testing import CliRunner
 
 import linearize.sources  # (importing linearize registers the converted model class with the Auto classes)
 from linearize.cli import app
+from linearize.data import DataSource
 from linearize.training import trainer as trainer_module
 from linearize.training.checkpoint import list_checkpoints
+from linearize.training.data import DataConfig, load_data
 from linearize.training.optim import build_optimizers, lr_factor
 from linearize.training.recipe import OptimizerSection, ScheduleSection
 from tests.tiny import FAMILIES, attention_projections, source_folder, tiny_tokenizer
@@ -256,7 +259,7 @@ def test_resume_refuses_a_changed_recipe(workspace, tmp_path):
 def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_path, monkeypatch):
     """Instruction packs train varying numbers of tokens: two micro-batches of one pack accumulate the gradient
     that one micro-batch of both packs computes (the mean over the step's tokens, not the mean of two means)."""
-    rng = random.Random(2)  # the first step's two packs train 4 and 2 tokens
+    rng = random.Random(2)  # the first step's two packs train 7 and 2 tokens (checked below)
     records = [
         {"instruction": " ".join(f"w{rng.randrange(124)}" for _ in range(rng.randrange(2, 30))), "input": "",
          "output": " ".join(f"w{rng.randrange(124)}" for _ in range(rng.randrange(1, 12)))}
@@ -278,7 +281,21 @@ def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_
         result = invoke("finetune", recipe, *common, *batching, "training.max_grad_norm=1000")
         assert result.exit_code == 0, result.output
     accumulated, together = gradients
+    packs = load_data(DataConfig(sources=[DataSource(path=str(data))], seq_len=32, held_out=0), tiny_tokenizer())
+    first_step = trainer_module.torch.randperm(len(packs.train), generator=torch.Generator().manual_seed(0))[:2]
+    assert (packs.train.labels[first_step, 1:] != -100).sum(1).tolist() == [7, 2]  # the order of stage 0, epoch 0
     torch.testing.assert_close(accumulated, together, rtol=1e-4, atol=1e-7)
+
+    # packs of prompt alone (no trained token): their loss is zero, not 0 / 0, and the user is told even with -q
+    (tmp_path / "short").mkdir()
+    recipe = write_recipe(workspace, tmp_path / "short")
+    short = [f"data.sources=[{{path: {data}}}]", "data.seq_len=8", "data.held_out=4", "training.grad_accum=4"]
+    result = invoke("finetune", recipe, *short, "stages=[{kind: lora, max_steps: 6}]", "-q")
+    assert result.exit_code == 0, result.output
+    assert "training packs hold no trained token (prompts longer than a pack?)" in " ".join(result.output.split())
+    records = metrics(tmp_path / "short" / "run")
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert all(math.isfinite(r["eval_loss"]) for r in records if "eval_loss" in r)
 
 
 def test_resume_refuses_changed_data(workspace, tmp_path, monkeypatch):
@@ -300,7 +317,11 @@ def test_resume_refuses_changed_data(workspace, tmp_path, monkeypatch):
     (corpus / "doc99.txt").write_text(" ".join(f"w{i % 124}" for i in range(300)))
     result = invoke("finetune", recipe, data, "--resume")
     message = " ".join(result.output.split())
-    assert result.exit_code == 1 and "was trained on other data (" in message and "the data files changed" in message
+    assert (
+        result.exit_code == 1
+        and "was trained on other packed data (" in message
+        and "the data files or their tokenization" in message
+    )
 
 
 def test_output_folder_that_is_not_a_run(workspace, tmp_path):
