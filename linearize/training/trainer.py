@@ -592,10 +592,10 @@ class Trainer:
                 "under training.distributed: fsdp the lora stages shard the model for good, so every "
                 "attention_transfer stage must come before them; reorder the stages or use ddp"
             )
-        for index, stage in enumerate(self.recipe.stages):  # a stage's length in epochs is known once data loads
-            if note := warmup_note(index, stage, self.steps_in(stage)[0]):
-                self.reporter.warning(note)
         resume_states = self.restore(resume_from) if resume_from is not None else None
+        for index, stage in enumerate(self.recipe.stages[self.state.stage :], self.state.stage):  # those to run
+            if note := warmup_note(index, stage, self.steps_in(stage)[0]):  # epochs are steps once data loads
+                self.reporter.warning(note)
         for index, stage in enumerate(self.recipe.stages):
             if index < self.state.stage:
                 continue
