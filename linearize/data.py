@@ -123,6 +123,12 @@ class Document:
     eos: bool = True
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """`[..., T - 1]` bool: which positions' next token the loss counts (position t predicts label t + 1, so a
+    sequence's first label is no one's target)."""
+    return labels[..., 1:] != IGNORE_INDEX
+
+
 @dataclass
 class PackedSequences(torch.utils.data.Dataset):
     """Token packs of equal length; each item is a dict of `input_ids`, `labels` and (when documents are kept

@@ -71,9 +71,8 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     from ..data import data_files
     from ..hub import check_can_push
     from ..methods import get_method
-    from ..training.checkpoint import list_checkpoints
-    from ..training.recipe import warmup_note
-    from ..training.trainer import lora_targets, nothing_to_train, positions_note, prepare_run_folder
+    from ..training.checkpoint import list_checkpoints, prepare_run_folder
+    from ..training.checks import lora_targets, nothing_to_train, positions_note, warmup_note
 
     conv = recipe.conversion
     source = recipe.model.name or sources.EMBEDDED_NAME

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LinearizeError
-from ..outputs import atomic_folder
+from ..outputs import atomic_folder, check_writable
+from .recipe import Recipe, load_recipe, recipe_differences, recipe_hash
 
 RECIPE_FILE = "linearize_recipe.yaml"
 STATE_FILE = "trainer_state.json"
@@ -101,3 +103,54 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             f"checkpoint {path} cannot be read ({error}); delete it to resume from an older one"
         ) from None
     return tensors, states, state
+
+
+def prepare_run_folder(
+    run: Path, recipe: Recipe, resume: bool, note: Callable[[str], None] | None = None
+) -> Path | None:
+    """Check that `run` may hold this recipe's run; return the checkpoint to resume from, if any.
+
+    A run that reached no checkpoint (one that failed on its data, say) has nothing to lose: a changed recipe
+    replaces it, and `note` is told so. A run with checkpoints or a saved model keeps its recipe."""
+    saved = run / RECIPE_FILE
+    check_writable(run, written_into=True)  # also refuses a run folder that is a file
+    if not saved.is_file():
+        if run.exists() and any(run.iterdir()):
+            raise LinearizeError(
+                f"output folder '{run}' is not empty and is not a linearize run (no {RECIPE_FILE}); "
+                "choose another output.dir"
+            )
+        return None
+    checkpoints = list_checkpoints(run)
+    has_results = bool(checkpoints) or (run / "model").exists()
+    saved_recipe = _saved_recipe(saved)
+    if saved_recipe is None or recipe_hash(saved_recipe) != recipe_hash(recipe):
+        if has_results:
+            differences = recipe_differences(saved_recipe, recipe) if saved_recipe is not None else ""
+            changed = f" ({differences})" if differences else ""
+            raise LinearizeError(
+                f"output folder '{run}' holds a run of a different recipe{changed} (see {saved}), with checkpoints "
+                "or a saved model; nothing was changed. Resume it with that recipe, choose another output.dir, or "
+                "delete that folder to start over."
+            )
+        if note is not None:
+            note(
+                f"output folder '{run}' held a different recipe's run that reached no checkpoint: this recipe "
+                f"replaces it ({saved})"
+            )
+        return None
+    if not resume:
+        if has_results:
+            raise LinearizeError(
+                f"output folder '{run}' already holds this recipe's run; pass --resume to continue it from "
+                "its latest checkpoint, or choose another output.dir"
+            )
+        return None
+    return checkpoints[-1] if checkpoints else None
+
+
+def _saved_recipe(saved: Path) -> Recipe | None:
+    try:
+        return load_recipe(saved)
+    except LinearizeError:  # unreadable or no longer valid: it cannot be this recipe
+        return None

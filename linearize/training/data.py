@@ -18,11 +18,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import (
-    IGNORE_INDEX,
     DataError,
     DataSource,
     Document,
     PackedSequences,
+    next_token_targets,
     pack_documents,
     read_documents,
     require_eos,
@@ -130,9 +130,8 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
 
 
 def _packs_without_targets(packs: PackedSequences) -> int:
-    """How many packs have no trained next-token target (a pack that a long prompt fills; a pack's first token is
-    no one's target)."""
-    return int((~(packs.labels[:, 1:] != IGNORE_INDEX).any(dim=1)).sum())
+    """How many packs have no trained next-token target (a pack that a long prompt fills)."""
+    return int((~next_token_targets(packs.labels).any(dim=1)).sum())
 
 
 def _describe(name: str, documents: int, packs: PackedSequences, use: str) -> str:

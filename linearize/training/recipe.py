@@ -348,19 +348,6 @@ class Recipe(_Strict):
         return self
 
 
-def warmup_note(index: int, stage: StageSection, total_steps: int) -> str | None:
-    """A warning for a stage of `total_steps` optimizer steps whose warmup does not end before the stage does (fine
-    for a smoke test of a few steps, a mistake in a real run)."""
-    warmup = stage.schedule.warmup_steps
-    if warmup < total_steps:
-        return None
-    return (
-        f"stages.{index}.schedule.warmup_steps ({warmup}) is not below the stage's {total_steps} optimizer steps: its "
-        f"learning rate never reaches the peak {stage.optimizer.lr:g}; lower warmup_steps (a few percent of the "
-        "steps is usual) unless this is a smoke test"
-    )
-
-
 def _read_yaml(text: str, source: str) -> Any:
     try:
         return yaml.safe_load(text)

@@ -14,7 +14,6 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +24,20 @@ from torch import nn
 from .. import sources
 from ..compat import set_activation_checkpointing
 from ..convert import convert_model, keep_softmax_layers, save_model
-from ..data import IGNORE_INDEX, PackedSequences
+from ..data import PackedSequences, next_token_targets
 from ..errors import LinearizeError
 from ..hub import check_can_push
 from ..layers.base import LinearizedAttention
-from ..outputs import check_writable
 from ..selection import LayerSelection, select_layers
-from .checkpoint import RECIPE_FILE, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import (
+    RECIPE_FILE,
+    list_checkpoints,
+    load_checkpoint,
+    prepare_run_folder,
+    save_checkpoint,
+    set_rng_state,
+)
+from .checks import nothing_to_train, positions_note, warmup_note
 from .data import FinetuneData, load_data
 from .distributed import (
     World,
@@ -44,7 +50,7 @@ from .distributed import (
     sum_across,
 )
 from .optim import build_optimizers, build_schedulers, lr_factor
-from .recipe import Recipe, StageSection, load_recipe, recipe_differences, recipe_hash, resolved_yaml, warmup_note
+from .recipe import Recipe, StageSection, recipe_hash, resolved_yaml
 from .report import Reporter
 from .transfer import AttentionTransfer, distillation_loss, original_model
 
@@ -62,105 +68,6 @@ class RunState:
     global_step: int = 0
     lora_applied: bool = False
     last_eval: dict = field(default_factory=dict)
-
-
-def prepare_run_folder(
-    run: Path, recipe: Recipe, resume: bool, note: Callable[[str], None] | None = None
-) -> Path | None:
-    """Check that `run` may hold this recipe's run; return the checkpoint to resume from, if any.
-
-    A run that reached no checkpoint (one that failed on its data, say) has nothing to lose: a changed recipe
-    replaces it, and `note` is told so. A run with checkpoints or a saved model keeps its recipe."""
-    saved = run / RECIPE_FILE
-    check_writable(run, written_into=True)  # also refuses a run folder that is a file
-    if not saved.is_file():
-        if run.exists() and any(run.iterdir()):
-            raise LinearizeError(
-                f"output folder '{run}' is not empty and is not a linearize run (no {RECIPE_FILE}); "
-                "choose another output.dir"
-            )
-        return None
-    checkpoints = list_checkpoints(run)
-    has_results = bool(checkpoints) or (run / "model").exists()
-    saved_recipe = _saved_recipe(saved)
-    if saved_recipe is None or recipe_hash(saved_recipe) != recipe_hash(recipe):
-        if has_results:
-            differences = recipe_differences(saved_recipe, recipe) if saved_recipe is not None else ""
-            changed = f" ({differences})" if differences else ""
-            raise LinearizeError(
-                f"output folder '{run}' holds a run of a different recipe{changed} (see {saved}), with checkpoints "
-                "or a saved model; nothing was changed. Resume it with that recipe, choose another output.dir, or "
-                "delete that folder to start over."
-            )
-        if note is not None:
-            note(
-                f"output folder '{run}' held a different recipe's run that reached no checkpoint: this recipe "
-                f"replaces it ({saved})"
-            )
-        return None
-    if not resume:
-        if has_results:
-            raise LinearizeError(
-                f"output folder '{run}' already holds this recipe's run; pass --resume to continue it from "
-                "its latest checkpoint, or choose another output.dir"
-            )
-        return None
-    return checkpoints[-1] if checkpoints else None
-
-
-def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool]:
-    """The `targets` (lora.target_modules) that name no linear layer of the converted model `config` describes, as
-    peft matches them (a module's name or its last parts), the names those layers end in, and whether any target
-    is inside a converted attention layer (what attention transfer trains); found on a model without weights, so
-    that a dry run tells before any weights load."""
-    from ..models import LinearizeForCausalLM
-
-    with torch.device("meta"):
-        model = LinearizeForCausalLM(config)
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    converted = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, LinearizedAttention))
-
-    def matches(name: str, target: str) -> bool:
-        return name == target or name.endswith(f".{target}")
-
-    unmatched = [t for t in targets if not any(matches(name, t) for name in names)]
-    in_attention = any(matches(name, t) and name.startswith(converted) for name in names for t in targets)
-    return unmatched, sorted({name.rsplit(".", 1)[-1] for name in names}), in_attention
-
-
-def nothing_to_train(index: int, stage: StageSection, targets: list[str], converted: bool = True) -> str:
-    """Why stage `index` trains no parameter, and the fix."""
-    if stage.kind == "attention_transfer" and not converted:
-        return (
-            f"stages.{index} (attention_transfer) has nothing to train: conversion.softmax_layers keeps every layer "
-            "as softmax attention, so no layer is converted; keep fewer layers or drop the stage"
-        )
-    if stage.kind == "attention_transfer":
-        return (
-            f"stages.{index} (attention_transfer) has nothing to train: it trains the converted attention layers "
-            f"only, and lora.target_modules {targets} put no adapter in them; add their projections (q_proj, "
-            "k_proj, v_proj, o_proj) to lora.target_modules"
-        )
-    return f"stages.{index} ({stage.kind}) has nothing to train with trainable {stage.trainable}"
-
-
-def positions_note(recipe: Recipe, source_config) -> str | None:
-    """A warning for packs longer than the source model reads (fine when extending its context on purpose)."""
-    most = getattr(source_config, "max_position_embeddings", None)
-    if most is None or recipe.data.seq_len <= most:
-        return None
-    return (
-        f"data.seq_len ({recipe.data.seq_len}) is more tokens than the model reads ({most}, its config's "
-        "max_position_embeddings): training sees positions it never saw in pretraining; lower data.seq_len unless "
-        "you mean to extend its context"
-    )
-
-
-def _saved_recipe(saved: Path) -> Recipe | None:
-    try:
-        return load_recipe(saved)
-    except LinearizeError:  # unreadable or no longer valid: it cannot be this recipe
-        return None
 
 
 class Trainer:
@@ -323,15 +230,21 @@ class Trainer:
         `per_batch` (attention transfer, whose loss reads every position, not the labels): len(batches) each."""
         if per_batch:
             return [float(len(batches))] * len(batches)
-        counts = [int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batches]
+        counts = [int(next_token_targets(batch["labels"]).sum()) for batch in batches]
         total = int(sum_across(self.world, torch.tensor(sum(counts), device=self.world.device)).item())
         return [total / (count * self.world.size) if count else math.inf for count in counts]
 
     # -- one stage ----------------------------------------------------------------------------------------------
     def forward_loss(
-        self, model: nn.Module, batch: dict, transfer: AttentionTransfer | None, kd_ratio: float = 0.0
+        self,
+        model: nn.Module,
+        batch: dict,
+        transfer: AttentionTransfer | None,
+        kd_ratio: float = 0.0,
+        scored: bool = True,
     ) -> torch.Tensor:
-        """The micro-batch loss; for attention transfer its backward has already run inside the forward."""
+        """The micro-batch loss; for attention transfer its backward has already run inside the forward. `scored`:
+        the batch has a trained token (`loss_divisors` counted them)."""
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False}
         if transfer is not None:
             with self.autocast():
@@ -339,7 +252,7 @@ class Trainer:
             return transfer.loss()
         with self.autocast():
             out = model(**inputs, labels=batch["labels"])
-        if not bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):  # a long prompt's packs: the mean would be 0 / 0
+        if not scored:  # a long prompt's packs: the mean would be 0 / 0
             return out.logits.sum() * 0.0  # zero, and a graph, so that every process runs the same backward
         if not kd_ratio:
             return out.loss
@@ -367,7 +280,7 @@ class Trainer:
             return {}  # no held-out token is scored within a pack
         self.model.eval()
         losses = [
-            self.forward_loss(self.model, batch, transfer).float() / divisor
+            self.forward_loss(self.model, batch, transfer, 0.0, not math.isinf(divisor)).float() / divisor
             for batch, divisor in zip(batches, divisors, strict=True)
         ]
         self.model.train()
@@ -426,7 +339,7 @@ class Trainer:
                         if self.sharded:
                             model.set_requires_gradient_sync(sync)
                         with model.no_sync() if ddp and not sync else nullcontext():
-                            loss = self.forward_loss(model, batch, transfer, stage.kd_ratio)
+                            loss = self.forward_loss(model, batch, transfer, stage.kd_ratio, not math.isinf(divisor))
                             if transfer is None:
                                 (loss / divisor).backward()
                         losses.append(loss.detach().float() / divisor)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import next_token_targets
 from ..kernels.window.chunk import attention as masked_attention
 from ..layers.base import DocumentBatch, LinearizedAttention, source_linear
 
@@ -177,7 +178,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         student_logits, teacher_logits: `[B, T, V]`; position t predicts token t + 1.
         labels: `[B, T]` token ids, -100 where no loss is taken (prompts, padding).
     """
-    counted = labels[:, 1:] != -100  # [B, T - 1]
+    counted = next_token_targets(labels)  # [B, T - 1]
     student = student_logits[:, :-1][counted].float().log_softmax(-1)  # [N, V]
     teacher = teacher_logits[:, :-1][counted].float().log_softmax(-1)
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")

@@ -1,0 +1,71 @@
+"""What a recipe's run will meet, found before training where possible: the same checks serve the run (its
+warnings and errors) and `finetune --dry-run` (its notes), so the two cannot disagree."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers.base import LinearizedAttention
+from .recipe import Recipe, StageSection
+
+
+def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool]:
+    """The `targets` (lora.target_modules) that name no linear layer of the converted model `config` describes, as
+    peft matches them (a module's name or its last parts), the names those layers end in, and whether any target
+    is inside a converted attention layer (what attention transfer trains); found on a model without weights, so
+    that a dry run tells before any weights load."""
+    from ..models import LinearizeForCausalLM
+
+    with torch.device("meta"):
+        model = LinearizeForCausalLM(config)
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    converted = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, LinearizedAttention))
+
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith(f".{target}")
+
+    unmatched = [t for t in targets if not any(matches(name, t) for name in names)]
+    in_attention = any(matches(name, t) and name.startswith(converted) for name in names for t in targets)
+    return unmatched, sorted({name.rsplit(".", 1)[-1] for name in names}), in_attention
+
+
+def nothing_to_train(index: int, stage: StageSection, targets: list[str], converted: bool = True) -> str:
+    """Why stage `index` trains no parameter, and the fix."""
+    if stage.kind == "attention_transfer" and not converted:
+        return (
+            f"stages.{index} (attention_transfer) has nothing to train: conversion.softmax_layers keeps every layer "
+            "as softmax attention, so no layer is converted; keep fewer layers or drop the stage"
+        )
+    if stage.kind == "attention_transfer":
+        return (
+            f"stages.{index} (attention_transfer) has nothing to train: it trains the converted attention layers "
+            f"only, and lora.target_modules {targets} put no adapter in them; add their projections (q_proj, "
+            "k_proj, v_proj, o_proj) to lora.target_modules"
+        )
+    return f"stages.{index} ({stage.kind}) has nothing to train with trainable {stage.trainable}"
+
+
+def positions_note(recipe: Recipe, source_config) -> str | None:
+    """A warning for packs longer than the source model reads (fine when extending its context on purpose)."""
+    most = getattr(source_config, "max_position_embeddings", None)
+    if most is None or recipe.data.seq_len <= most:
+        return None
+    return (
+        f"data.seq_len ({recipe.data.seq_len}) is more tokens than the model reads ({most}, its config's "
+        "max_position_embeddings): training sees positions it never saw in pretraining; lower data.seq_len unless "
+        "you mean to extend its context"
+    )
+
+
+def warmup_note(index: int, stage: StageSection, total_steps: int) -> str | None:
+    """A warning for a stage of `total_steps` optimizer steps whose warmup does not end before the stage does (fine
+    for a smoke test of a few steps, a mistake in a real run)."""
+    warmup = stage.schedule.warmup_steps
+    if warmup < total_steps:
+        return None
+    return (
+        f"stages.{index}.schedule.warmup_steps ({warmup}) is not below the stage's {total_steps} optimizer steps: its "
+        f"learning rate never reaches the peak {stage.optimizer.lr:g}; lower warmup_steps (a few percent of the "
+        "steps is usual) unless this is a smoke test"
+    )
