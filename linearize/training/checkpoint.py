@@ -146,6 +146,9 @@ def prepare_run_folder(
                 "its latest checkpoint, or choose another output.dir"
             )
         return None
+    changed = recipe_differences(saved_recipe, recipe, computed=False)
+    if changed and note is not None:
+        note(f"resuming with other bookkeeping than the run started with: {changed}")
     return checkpoints[-1] if checkpoints else None
 
 

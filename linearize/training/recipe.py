@@ -475,12 +475,31 @@ _ADDED_LATER = {
 }
 
 
-_WHERE_RESULTS_GO = {"output": {"dir", "push_to_hub", "private"}}  # not part of what a run computes
+_WHERE_RESULTS_GO = {"output": {"dir", "push_to_hub", "private"}}
+# How often a run evaluates and keeps checkpoints, and how it saves: a resumed run may change them.
+_BOOKKEEPING = {
+    "training": {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"},
+    "output": {"merge_lora"},
+}
+_NOT_COMPUTED = {
+    section: _WHERE_RESULTS_GO.get(section, set()) | _BOOKKEEPING.get(section, set())
+    for section in {*_WHERE_RESULTS_GO, *_BOOKKEEPING}
+}
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """Fingerprint of what a run computes: everything but where its results go (folder, Hub repo)."""
-    content = recipe.model_dump(mode="json", exclude=_WHERE_RESULTS_GO)
+    """Fingerprint of what a run computes: everything but where its results go (folder, Hub repo) and its
+    bookkeeping (evaluations, checkpoints, merging LoRA at the end)."""
+    return _fingerprint(recipe, _NOT_COMPUTED)
+
+
+def legacy_recipe_hash(recipe: Recipe) -> str:
+    """The fingerprint checkpoints recorded before bookkeeping was left out of `recipe_hash`."""
+    return _fingerprint(recipe, _WHERE_RESULTS_GO)
+
+
+def _fingerprint(recipe: Recipe, exclude: dict[str, set[str]]) -> str:
+    content = recipe.model_dump(mode="json", exclude=exclude)
     for (*parents, name), unset in _ADDED_LATER.items():
         for section in _sections(content, parents):
             if name in section and section[name] == unset:
@@ -488,9 +507,10 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(yaml.safe_dump(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def recipe_differences(old: Recipe, new: Recipe, most: int = 6) -> str:
-    """'stages.1.max_steps 2 -> 3, ...': the settings that differ between two recipes (where results go left out),
-    at most `most` of them, for messages that refuse to continue a run with another recipe."""
+def recipe_differences(old: Recipe, new: Recipe, most: int = 6, computed: bool = True) -> str:
+    """'stages.1.max_steps 2 -> 3, ...': the settings that differ between two recipes, at most `most` of them, for
+    messages about continuing a run with another recipe. Where results go is left out; so is the bookkeeping
+    unless `computed` is false (then only the bookkeeping is compared)."""
 
     def flat(fields, prefix: str = "") -> dict[str, Any]:
         if isinstance(fields, dict):
@@ -499,7 +519,8 @@ def recipe_differences(old: Recipe, new: Recipe, most: int = 6) -> str:
             return {k: v for i, item in enumerate(fields) for k, v in flat(item, f"{prefix}{i}.").items()}
         return {prefix[:-1]: fields}
 
-    before, after = (flat(r.model_dump(mode="json", exclude=_WHERE_RESULTS_GO)) for r in (old, new))
+    fields = {"exclude": _NOT_COMPUTED} if computed else {"include": _BOOKKEEPING}
+    before, after = (flat(r.model_dump(mode="json", **fields)) for r in (old, new))
     changed = [
         f"{key} {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"  # as YAML reads them: null, true
         for key in dict.fromkeys([*before, *after])

@@ -50,7 +50,7 @@ from .distributed import (
     sum_across,
 )
 from .optim import build_optimizers, build_schedulers, lr_factor
-from .recipe import Recipe, StageSection, recipe_hash, resolved_yaml
+from .recipe import Recipe, StageSection, legacy_recipe_hash, recipe_hash, resolved_yaml
 from .report import Reporter
 from .transfer import AttentionTransfer, distillation_loss, original_model
 
@@ -453,8 +453,12 @@ class Trainer:
     def restore(self, checkpoint: Path) -> dict | None:
         """Load a checkpoint; return the optimizer states when it stopped inside a stage."""
         tensors, states, saved = load_checkpoint(checkpoint)
-        if saved.get("recipe_hash") != recipe_hash(self.recipe):
-            raise LinearizeError(f"checkpoint {checkpoint} belongs to a different recipe; it cannot be resumed")
+        if saved.get("recipe_hash") not in (recipe_hash(self.recipe), legacy_recipe_hash(self.recipe)):
+            raise LinearizeError(
+                f"checkpoint {checkpoint} belongs to a different recipe; it cannot be resumed (a checkpoint of an "
+                "earlier linearize also needs training.eval_every, eval_batches, checkpoint_every, keep_checkpoints "
+                "and output.merge_lora as they were)"
+            )
         if saved["processes"] != self.world.size:
             raise LinearizeError(
                 f"checkpoint {checkpoint} was written by a run of {saved['processes']} process(es) and the global "

@@ -24,7 +24,7 @@ from linearize.training import trainer as trainer_module
 from linearize.training.checkpoint import list_checkpoints
 from linearize.training.data import DataConfig, load_data
 from linearize.training.optim import build_optimizers, lr_factor
-from linearize.training.recipe import OptimizerSection, ScheduleSection
+from linearize.training.recipe import OptimizerSection, ScheduleSection, legacy_recipe_hash, load_recipe
 from tests.tiny import FAMILIES, attention_projections, source_folder, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,8 +226,20 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch,
     assert result.exit_code == 1 and "pass --resume" in result.output
     if selected:  # the resumed run takes the kept layers from its checkpoint: it must not score again
         monkeypatch.setattr(trainer_module, "select_layers", lambda *args, **kwargs: pytest.fail("scored again"))
-    result = invoke("finetune", recipe, *extra, "--resume")
+        # a checkpoint of an earlier linearize, whose fingerprint covered the bookkeeping too, still resumes
+        state = list_checkpoints(resumed / "run")[-1] / "trainer_state.json"
+        saved = json.loads(state.read_text())
+        saved["recipe_hash"] = legacy_recipe_hash(load_recipe(resumed / "run" / "linearize_recipe.yaml"))
+        state.write_text(json.dumps(saved))
+        bookkeeping = []
+    else:  # how often it evaluates and keeps checkpoints may change: the results do not
+        bookkeeping = ["training.eval_every=1", "training.keep_checkpoints=3", "training.checkpoint_every=3"]
+    result = invoke("finetune", recipe, *extra, *bookkeeping, "--resume")
     assert result.exit_code == 0, result.output
+    if bookkeeping:
+        assert "resuming with other bookkeeping than the run started with: training.eval_every 2 -> 1" in " ".join(
+            result.output.split()
+        )
     if selected:  # scored once, after the transfer stage
         chosen = [r["layer_selection"] for r in metrics(straight / "run") if "layer_selection" in r]
         assert len(chosen) == 1 and chosen[0]["after"] == "attention_transfer"

@@ -12,6 +12,7 @@ from linearize.methods import METHODS
 from linearize.training.recipe import (
     RecipeError,
     apply_overrides,
+    legacy_recipe_hash,
     load_recipe,
     parse_recipe,
     recipe_hash,
@@ -188,11 +189,14 @@ def test_resolved_yaml_round_trips_and_hash_ignores_the_output_folder():
     assert recipe_hash(moved) == recipe_hash(recipe)
     for override in ("stages.0.optimizer.lr=0.5", "stages.0.optimizer.new_name=muon"):
         assert recipe_hash(parse_recipe(MINIMAL, overrides=[override])) != recipe_hash(recipe)
-    # the fingerprint linearize gave this recipe before `conversion.selection` existed: its runs still resume
-    assert recipe_hash(recipe) == "c3a9d4c269df6eb6"
-    # and the fingerprint of a scored selection from before `selection.spread` existed
+    for override in ("training.eval_every=7", "training.keep_checkpoints=9", "output.merge_lora=false"):
+        assert recipe_hash(parse_recipe(MINIMAL, overrides=[override])) == recipe_hash(recipe)  # bookkeeping
+        assert legacy_recipe_hash(parse_recipe(MINIMAL, overrides=[override])) != legacy_recipe_hash(recipe)
+    # the fingerprint checkpoints recorded before `conversion.selection` existed: their runs still resume
+    assert legacy_recipe_hash(recipe) == "c3a9d4c269df6eb6"
+    # and that of a scored selection from before `selection.spread` existed
     selected = parse_recipe(MINIMAL + "conversion: {softmax_layers: auto:1, selection: {scorer: restore}}\n")
-    assert recipe_hash(selected) == "fbc80e033a8ca53e"
+    assert legacy_recipe_hash(selected) == "fbc80e033a8ca53e"
     spread = parse_recipe(
         MINIMAL + "conversion: {softmax_layers: auto:1, selection: {scorer: restore, spread: true}}\n"
     )
