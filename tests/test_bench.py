@@ -123,7 +123,7 @@ def test_plot_is_a_png(result, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
-def test_bench_cli_writes_table_json_record_and_plot(tmp_path):
+def test_bench_cli_writes_table_json_record_and_plot(tmp_path, monkeypatch):
     src = source_folder(tmp_path / "src")
     assert runner.invoke(app, ["convert", str(src), "--window", "8", "-o", str(tmp_path / "liger")]).exit_code == 0
     options = ["--ctx", "16,32", "--decode-tokens", "2", "--repeats", "1", "--json", str(tmp_path / "b.json")]
@@ -137,6 +137,19 @@ def test_bench_cli_writes_table_json_record_and_plot(tmp_path):
     )
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "liger" / "linearize_bench.png").stat().st_size > 0
+
+    elsewhere = tmp_path / "elsewhere"  # --no-record: no file anywhere, the plot included, unless one is named
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    before = sorted((tmp_path / "liger").iterdir())
+    options = ["--ctx", "16", "--decode-tokens", "2", "--repeats", "1", "--no-record"]
+    assert runner.invoke(app, ["bench", str(tmp_path / "liger"), "--against", str(src), *options]).exit_code == 0
+    assert not any(elsewhere.iterdir()) and sorted((tmp_path / "liger").iterdir()) == before
+    if importlib.util.find_spec("matplotlib"):
+        result = runner.invoke(
+            app, ["bench", str(tmp_path / "liger"), "--against", str(src), *options, "--plot", "named"]
+        )
+        assert result.exit_code == 0 and [p.name for p in elsewhere.iterdir()] == ["named.png"]
 
 
 def test_bench_cli_errors(tmp_path):

@@ -166,12 +166,14 @@ def bench(
         Path | None,
         typer.Option(
             help="Where to write the PNG plot (default: MODEL/linearize_bench.png for a local folder, else "
-            "./linearize_bench.png). Needs matplotlib: pip install matplotlib.",
+            "./linearize_bench.png; with --no-record, none unless given). Needs matplotlib: pip install matplotlib.",
             show_default=False,
         ),
     ] = None,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Write no PNG plot.")] = False,
-    no_record: Annotated[bool, typer.Option("--no-record", help=RECORD_HELP)] = False,
+    no_record: Annotated[
+        bool, typer.Option("--no-record", help=RECORD_HELP + " Nor the plot, unless --plot names a file.")
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="auto: float32 on CPU, the checkpoint's dtype elsewhere.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; the table only.")] = False,
@@ -218,8 +220,9 @@ def bench(
     result["sources"] = {spec.label: spec.source or "embedded" for spec in specs}
     result["markdown"] = markdown_table(header, rows)
     write_outputs(result, specs, json_path, None if no_record else "linearize_bench.json", quiet)
-    if not no_plot:
-        _write_plot(result, plot or _default_plot(specs[0], no_record), quiet)
+    plot = plot or (None if no_plot or no_record else _default_plot(specs[0]))
+    if plot is not None and not no_plot:
+        _write_plot(result, plot, quiet)
 
 
 def _checked_model(model: str | None) -> str:
@@ -234,12 +237,8 @@ def _checked_model(model: str | None) -> str:
     return model
 
 
-def _default_plot(spec, no_record: bool) -> Path:
-    return (
-        spec.folder / "linearize_bench.png"
-        if spec.folder is not None and not no_record
-        else Path("linearize_bench.png")
-    )
+def _default_plot(spec) -> Path:
+    return spec.folder / "linearize_bench.png" if spec.folder is not None else Path("linearize_bench.png")
 
 
 def _write_plot(result: dict, path: Path, quiet: bool) -> None:

@@ -50,7 +50,9 @@ def _is_checkpoint_name(name: str) -> bool:
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # the device this process trains on: under torchrun every process seeds alike and draws alike on its own
+        # device, so the main process's state is every process's (its view of the other devices is not)
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -58,8 +60,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        if "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"])
+        elif "cuda" in state:  # written before cuda_device: every device, as the main process saw them
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(
@@ -103,6 +108,23 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             f"checkpoint {path} cannot be read ({error}); delete it to resume from an older one"
         ) from None
     return tensors, states, state
+
+
+def check_process_count(checkpoint: Path, processes: int, state: dict[str, Any] | None = None) -> None:
+    """Refuse to resume `checkpoint` (trainer `state` read from it if not given) with another process count."""
+    if state is None:
+        try:
+            state = json.loads((checkpoint / STATE_FILE).read_text())
+        except (OSError, ValueError) as error:
+            raise LinearizeError(
+                f"checkpoint {checkpoint} cannot be read ({error}); delete it to resume from an older one"
+            ) from None
+    if state["processes"] != processes:
+        raise LinearizeError(
+            f"checkpoint {checkpoint} was written by a run of {state['processes']} process(es) and the global batch "
+            f"order depends on it; resume with the same count (torchrun --nproc_per_node {state['processes']}), "
+            f"not {processes}"
+        )
 
 
 def prepare_run_folder(

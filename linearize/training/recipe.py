@@ -348,9 +348,24 @@ class Recipe(_Strict):
         return self
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML with each key once per mapping: a key written twice would silently keep the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is written twice in one section; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
@@ -407,6 +422,15 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
+def _nested_key(owner: type[BaseModel] | None, key: str) -> list[str]:
+    """['optimizer.lr'] for `lr` written in a stage: the key, by its exact name, one section further down."""
+    for name, field in owner.model_fields.items() if owner else ():
+        for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel) and key in candidate.model_fields:
+                return [f"{name}.{key}"]
+    return []
+
+
 def _explain(error: ValidationError, source: str) -> RecipeError:
     lines = []
     for item in error.errors():
@@ -415,7 +439,7 @@ def _explain(error: ValidationError, source: str) -> RecipeError:
         if item["type"] == "extra_forbidden":
             owner = _model_at(loc)
             valid = list(owner.model_fields) if owner else []
-            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            near = _nested_key(owner, str(loc[-1])) or difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{near[0]}'?" if near else ""
             lines.append(f"  {path}: unknown key{hint} (valid keys here: {', '.join(valid)})")
         elif not loc or item["msg"].startswith(f"Value error, {path}."):  # the message names the keys

@@ -31,6 +31,7 @@ from ..layers.base import LinearizedAttention
 from ..selection import LayerSelection, select_layers
 from .checkpoint import (
     RECIPE_FILE,
+    check_process_count,
     list_checkpoints,
     load_checkpoint,
     prepare_run_folder,
@@ -459,12 +460,7 @@ class Trainer:
                 "earlier linearize also needs training.eval_every, eval_batches, checkpoint_every, keep_checkpoints "
                 "and output.merge_lora as they were)"
             )
-        if saved["processes"] != self.world.size:
-            raise LinearizeError(
-                f"checkpoint {checkpoint} was written by a run of {saved['processes']} process(es) and the global "
-                f"batch order depends on it; resume with the same count (torchrun --nproc_per_node "
-                f"{saved['processes']}), not {self.world.size}"
-            )
+        check_process_count(checkpoint, self.world.size, saved)
         if saved.get("data", self.data_fingerprint) != self.data_fingerprint:  # absent: written before it was kept
             raise LinearizeError(
                 f"checkpoint {checkpoint} was trained on other packed data ({saved['data']['train_packs']} training "
@@ -585,6 +581,8 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
     try:
         reporter = Reporter(run / "metrics.jsonl", quiet=quiet, enabled=world.is_main, console=console)
         resume_from = prepare_run_folder(run, recipe, resume, note=reporter.info)
+        if resume_from is not None:  # before the model and the data load
+            check_process_count(resume_from, world.size)
         barrier(world)
         if world.is_main:
             run.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""`linearize finetune` end to end on a tiny model: stages, outputs, checkpoints, resume, errors, torchrun."""
+"""`linearize finetune` end to end on a tiny model: stages, outputs, optimizers, errors, torchrun (resume and the
+run folder: test_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -24,56 +25,11 @@ from linearize.training import trainer as trainer_module
 from linearize.training.checkpoint import list_checkpoints
 from linearize.training.data import DataConfig, load_data
 from linearize.training.optim import build_optimizers, lr_factor
-from linearize.training.recipe import OptimizerSection, ScheduleSection, legacy_recipe_hash, load_recipe
+from linearize.training.recipe import OptimizerSection, ScheduleSection
 from tests.tiny import FAMILIES, attention_projections, source_folder, tiny_tokenizer
+from tests.training.runs import RECIPE, invoke, metrics, trained, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE = """\
-model: {{name: {source}}}
-conversion: {{method: liger, window: 8}}
-data:
-  sources: [{{path: "{corpus}/*.txt"}}]
-  seq_len: 32
-  held_out: 2
-lora: {{r: 4, alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
-stages:
-  - kind: attention_transfer
-    trainable: [lora]
-    max_steps: 4
-    optimizer: {{lr: 0.01}}
-  - kind: lora
-    max_steps: 4
-    optimizer: {{lr: 0.005}}
-    schedule: {{warmup_steps: 1}}
-training: {{grad_accum: 2, eval_every: 2, eval_batches: 2, checkpoint_every: 2, keep_checkpoints: 2}}
-output: {{dir: {out}}}
-"""
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune")
-    source_folder(root / "source")
-    rng = random.Random(0)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(12):  # word-level tiny tokenizer: w0 ... w123
-        (corpus / f"doc{i}.txt").write_text(" ".join(f"w{rng.randrange(124)}" for _ in range(100)))
-    return root
-
-
-def write_recipe(workspace: Path, tmp_path: Path, text: str = RECIPE) -> Path:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(text.format(source=workspace / "source", corpus=workspace / "corpus", out=tmp_path / "run"))
-    return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])  # llama: every other test here
@@ -182,92 +138,6 @@ def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)  # base + adapter = merged
 
 
-def _trained(run: Path) -> dict:
-    return load_file(list_checkpoints(run)[-1] / "trained.safetensors")
-
-
-AUTO_AFTER_TRANSFER = [
-    "conversion.softmax_layers=auto:1",
-    "conversion.selection={scorer: loss, calibration: CORPUS, windows: 1, after: attention_transfer}",
-]
-
-
-@pytest.mark.parametrize("selected", [False, True], ids=["named-layers", "auto-after-transfer"])
-def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch, selected):
-    """Killed inside a stage, or (named layers) at the checkpoint that closes one: the resumed run's weights and
-    losses are the straight run's exactly, LoRA dropout's random draws included."""
-    extra = [o.replace("CORPUS", f"{workspace}/corpus/*.txt") for o in AUTO_AFTER_TRANSFER] if selected else []
-    extra.append("lora.dropout=0.1")
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    first = invoke("finetune", write_recipe(workspace, straight), *extra)
-    assert first.exit_code == 0, first.output
-
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    recipe = write_recipe(workspace, resumed)
-    real_checkpoint = trainer_module.Trainer.checkpoint
-    calls = []
-
-    def killed_after_second_checkpoint(self, *args):
-        real_checkpoint(self, *args)
-        calls.append(self.state.global_step)
-        # the second closes the transfer stage; the third, step 2 of 4 of the lora stage, comes after the selection
-        if len(calls) == (3 if selected else 2):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer_module.Trainer, "checkpoint", killed_after_second_checkpoint)
-    result = invoke("finetune", recipe, *extra)
-    assert result.exit_code == 130 and "(overrides included) with --resume" in " ".join(result.output.split())
-    assert not (resumed / "run" / "model").exists()
-    monkeypatch.setattr(trainer_module.Trainer, "checkpoint", real_checkpoint)
-
-    result = invoke("finetune", recipe, *extra)
-    assert result.exit_code == 1 and "pass --resume" in result.output
-    if selected:  # the resumed run takes the kept layers from its checkpoint: it must not score again
-        monkeypatch.setattr(trainer_module, "select_layers", lambda *args, **kwargs: pytest.fail("scored again"))
-        # a checkpoint of an earlier linearize, whose fingerprint covered the bookkeeping too, still resumes
-        state = list_checkpoints(resumed / "run")[-1] / "trainer_state.json"
-        saved = json.loads(state.read_text())
-        saved["recipe_hash"] = legacy_recipe_hash(load_recipe(resumed / "run" / "linearize_recipe.yaml"))
-        state.write_text(json.dumps(saved))
-        bookkeeping = []
-    else:  # how often it evaluates and keeps checkpoints may change: the results do not
-        bookkeeping = ["training.eval_every=1", "training.keep_checkpoints=3", "training.checkpoint_every=3"]
-    result = invoke("finetune", recipe, *extra, *bookkeeping, "--resume")
-    assert result.exit_code == 0, result.output
-    if bookkeeping:
-        assert "resuming with other bookkeeping than the run started with: training.eval_every 2 -> 1" in " ".join(
-            result.output.split()
-        )
-    if selected:  # scored once, after the transfer stage
-        chosen = [r["layer_selection"] for r in metrics(straight / "run") if "layer_selection" in r]
-        assert len(chosen) == 1 and chosen[0]["after"] == "attention_transfer"
-        assert [r["layer_selection"] for r in metrics(resumed / "run") if "layer_selection" in r] == chosen
-        config = json.loads((resumed / "run" / "model" / "config.json").read_text())["linearize"]
-        assert config["layer_selection"] == chosen[0] and config["softmax_layers"] == [
-            max(range(2), key=chosen[0]["scores"].__getitem__)
-        ]
-
-    a, b = _trained(straight / "run"), _trained(resumed / "run")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
-    final = [r for r in metrics(straight / "run") if "eval_loss" in r][-1]
-    final_resumed = [r for r in metrics(resumed / "run") if "eval_loss" in r][-1]
-    assert final["eval_loss"] == final_resumed["eval_loss"]
-
-
-def test_resume_refuses_a_changed_recipe(workspace, tmp_path):
-    recipe = write_recipe(workspace, tmp_path)
-    assert invoke("finetune", recipe, "stages.1.max_steps=2").exit_code == 0
-    result = invoke("finetune", recipe, "stages.1.max_steps=3", "--resume")
-    assert result.exit_code == 1
-    message = " ".join(result.output.split())
-    assert "holds a run of a different recipe (stages.1.max_steps 2 -> 3)" in message
-    assert "nothing was changed" in message and (tmp_path / "run" / "model").is_dir()
-
-
 def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_path, monkeypatch):
     """Instruction packs train varying numbers of tokens: two micro-batches of one pack accumulate the gradient
     that one micro-batch of both packs computes (the mean over the step's tokens, not the mean of two means)."""
@@ -308,67 +178,6 @@ def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_
     records = metrics(tmp_path / "short" / "run")
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
     assert all(math.isfinite(r["eval_loss"]) for r in records if "eval_loss" in r)
-
-
-def test_resume_refuses_changed_data(workspace, tmp_path, monkeypatch):
-    """The same recipe over data files that changed since the checkpoint: another batch order and other held-out
-    documents, so the run is refused, not continued on them."""
-    corpus = tmp_path / "corpus"
-    shutil.copytree(workspace / "corpus", corpus)
-    recipe = write_recipe(workspace, tmp_path)
-    data = f"data.sources=[{{path: {corpus}/*.txt}}]"
-    real_checkpoint = trainer_module.Trainer.checkpoint
-
-    def killed_after_the_first(self, *args):
-        real_checkpoint(self, *args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer_module.Trainer, "checkpoint", killed_after_the_first)
-    assert invoke("finetune", recipe, data).exit_code == 130
-    monkeypatch.setattr(trainer_module.Trainer, "checkpoint", real_checkpoint)
-    (corpus / "doc99.txt").write_text(" ".join(f"w{i % 124}" for i in range(300)))
-    result = invoke("finetune", recipe, data, "--resume")
-    message = " ".join(result.output.split())
-    assert (
-        result.exit_code == 1
-        and "was trained on other packed data (" in message
-        and "the data files or their tokenization" in message
-    )
-
-
-def test_output_folder_that_is_not_a_run(workspace, tmp_path):
-    recipe = write_recipe(workspace, tmp_path)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "precious.txt").write_text("keep me")
-    result = invoke("finetune", recipe)
-    assert result.exit_code == 1 and "is not a linearize run" in result.output
-    assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"
-
-
-def test_an_output_dir_that_is_a_file_or_under_one_is_refused_before_training(workspace, tmp_path):
-    recipe = write_recipe(workspace, tmp_path)
-    (tmp_path / "afile").write_text("keep me")
-    for folder, message in ((tmp_path / "afile", "is a file, not a folder"), (tmp_path / "afile" / "run", "is a file")):
-        for dry_run in ((), ("--dry-run",)):
-            result = invoke("finetune", recipe, f"output.dir={folder}", *dry_run)
-            assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
-    assert (tmp_path / "afile").read_text() == "keep me"
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_path, monkeypatch):
-    recipe = write_recipe(workspace, tmp_path)
-    real_forward_loss = trainer_module.Trainer.forward_loss
-
-    def poisoned(self, model, batch, transfer, *args):
-        loss = real_forward_loss(self, model, batch, transfer, *args)
-        return loss * float("nan") if self.state.global_step == 2 else loss
-
-    monkeypatch.setattr(trainer_module.Trainer, "forward_loss", poisoned)
-    result = invoke("finetune", recipe)
-    assert result.exit_code == 1
-    assert "the loss became nan at stage 1 (attention_transfer) step 3" in result.output
-    assert "step-000002" in result.output and "optimizer.lr" in result.output
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000002"]
 
 
 def test_too_little_data_for_one_step(workspace, tmp_path):
@@ -589,53 +398,10 @@ def test_transfer_with_kept_softmax_layers_trains_only_the_converted_ones(worksp
     stages = "stages=[{kind: attention_transfer, trainable: [lora], max_steps: 2}]"
     result = invoke("finetune", recipe, stages, "conversion.softmax_layers=0")
     assert result.exit_code == 0, result.output
-    trained = _trained(tmp_path / "run")
-    lora_b = {name: t for name, t in trained.items() if "lora_B" in name and "o_proj" not in name}
+    lora_b = {name: t for name, t in trained(tmp_path / "run").items() if "lora_B" in name and "o_proj" not in name}
     assert lora_b and all(("layers.0." in name) == (t.abs().sum() == 0) for name, t in lora_b.items()), {
         name: t.abs().sum().item() for name, t in lora_b.items()
     }
-
-
-def test_a_run_that_failed_before_any_checkpoint_takes_the_corrected_recipe(workspace, tmp_path):
-    latin1 = tmp_path / "latin1.txt"
-    latin1.write_bytes(b"caf\xe9 w1 w2\n")
-    recipe = write_recipe(workspace, tmp_path)
-    short = ["stages.0.max_steps=1", "stages.1.max_steps=1"]
-    failed = invoke("finetune", recipe, *short, f"data.sources.0.path={latin1}")
-    assert failed.exit_code == 1 and "is not UTF-8 text" in failed.output
-    assert (tmp_path / "run" / "linearize_recipe.yaml").is_file() and not list_checkpoints(tmp_path / "run")
-
-    fixed = invoke("finetune", recipe, *short)
-    assert fixed.exit_code == 0, fixed.output
-    assert "reached no checkpoint: this recipe replaces it" in " ".join(fixed.output.split())
-    assert f"path: {latin1}" not in (tmp_path / "run" / "linearize_recipe.yaml").read_text()
-
-    changed = invoke("finetune", recipe, "stages.0.max_steps=2", "stages.1.max_steps=1", "--resume")
-    assert changed.exit_code == 1
-    assert "holds a run of a different recipe" in changed.output and "Resume it with that recipe" in changed.output
-    assert (tmp_path / "run" / "model").is_dir()
-
-
-def test_resumed_run_logs_every_step_once(workspace, tmp_path, monkeypatch):
-    recipe = write_recipe(workspace, tmp_path)
-    real_forward_loss = trainer_module.Trainer.forward_loss
-
-    def killed_one_step_after_a_checkpoint(self, *args):
-        if self.state.global_step == 5:  # checkpoint at 4, then the lora stage's baseline and step 5 were logged
-            raise KeyboardInterrupt
-        return real_forward_loss(self, *args)
-
-    monkeypatch.setattr(trainer_module.Trainer, "forward_loss", killed_one_step_after_a_checkpoint)
-    assert invoke("finetune", recipe).exit_code == 130
-    assert [r["global_step"] for r in metrics(tmp_path / "run") if "lr" in r] == [1, 2, 3, 4, 5]
-    monkeypatch.setattr(trainer_module.Trainer, "forward_loss", real_forward_loss)
-
-    result = invoke("finetune", recipe, "--resume")
-    assert result.exit_code == 0, result.output
-    records = metrics(tmp_path / "run")
-    assert [r["global_step"] for r in records if "lr" in r] == list(range(1, 9))
-    evals = [(r["stage"], r["step"]) for r in records if "lr" not in r]
-    assert evals == [(0, 0), (0, 2), (0, 4), (1, 0), (1, 2), (1, 4)]
 
 
 def test_auto_softmax_layers_at_conversion_are_scored_before_training(workspace, tmp_path):

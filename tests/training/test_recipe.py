@@ -47,6 +47,17 @@ def test_unknown_key_names_the_nearest_valid_key():
         parse_recipe("stages:\n  - kind: lora\n    optimzer: {lr: 1}\n")
     with pytest.raises(RecipeError, match=r"modle: unknown key; did you mean 'model'\?"):
         parse_recipe(MINIMAL + "modle: {}\n")
+    # a key that belongs one section down: its place, rather than a look-alike here (max_steps for warmup_steps)
+    for key, place in (("lr", "optimizer.lr"), ("warmup_steps", "schedule.warmup_steps")):
+        with pytest.raises(RecipeError, match=rf"stages\.0\.{key}: unknown key; did you mean '{place}'\?"):
+            parse_recipe(MINIMAL, overrides=[f"stages.0.{key}=3"])
+
+
+def test_a_key_written_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(MINIMAL + "training:\n  seed: 1\n  grad_accum: 2\n  seed: 3\n")
+    with pytest.raises(RecipeError, match=r"twice\.yaml, line \d+, column 3: .*key 'seed' is written twice"):
+        load_recipe(path)
 
 
 def test_wrong_type_names_the_field_path():
