@@ -561,6 +561,9 @@ class Trainer:
         shutil.rmtree(adapter_dir, ignore_errors=True)
         for config in self.model.peft_config.values():
             config.base_model_name_or_path = str(base.resolve())  # AutoPeftModel finds it from any folder
+            # AutoPeftModelForCausalLM then loads the base through AutoModelForCausalLM, where `import linearize`
+            # registered our class (without a task type, peft imports the class's module, which it refuses)
+            config.task_type = "CAUSAL_LM"
         # LoRA never targets the embeddings here, so peft need not compare vocabularies with the base folder (which
         # does not exist yet)
         self.model.save_pretrained(adapter_dir, save_embedding_layers=False)

@@ -119,7 +119,7 @@ def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
     result = invoke("finetune", recipe, "output.merge_lora=false", "stages.0.max_steps=1", "stages.1.max_steps=1", "-q")
     assert result.exit_code == 0, result.output
     assert "warning: stages.1.schedule.warmup_steps (1) is not below" in " ".join(result.output.split())  # quiet too
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     source = AutoModelForCausalLM.from_pretrained(workspace / "source")
@@ -136,6 +136,8 @@ def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "model")(ids).logits
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)  # base + adapter = merged
+        auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "adapter")  # the base found by its path
+        torch.testing.assert_close(auto(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_path, monkeypatch):
