@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -50,3 +51,16 @@ def metrics(run: Path) -> list[dict]:
 def trained(run: Path) -> dict:
     """The tensors the latest checkpoint of `run` holds."""
     return load_file(list_checkpoints(run)[-1] / "trained.safetensors")
+
+
+def instruction_file(path: Path, seed: int = 2, records: int = 40) -> Path:
+    """Alpaca-style records of the tiny vocabulary, prompts of 2-29 words and answers of 1-11: packs that train
+    varying numbers of tokens."""
+    rng = random.Random(seed)
+    rows = [
+        {"instruction": " ".join(f"w{rng.randrange(124)}" for _ in range(rng.randrange(2, 30))), "input": "",
+         "output": " ".join(f"w{rng.randrange(124)}" for _ in range(rng.randrange(1, 12)))}
+        for _ in range(records)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from linearize.training.data import DataConfig, load_data
 from linearize.training.optim import build_optimizers, lr_factor
 from linearize.training.recipe import OptimizerSection, ScheduleSection
 from tests.tiny import FAMILIES, attention_projections, source_folder, tiny_tokenizer
-from tests.training.runs import RECIPE, invoke, metrics, trained, write_recipe
+from tests.training.runs import RECIPE, instruction_file, invoke, metrics, trained, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -143,14 +142,7 @@ def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
 def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_path, monkeypatch):
     """Instruction packs train varying numbers of tokens: two micro-batches of one pack accumulate the gradient
     that one micro-batch of both packs computes (the mean over the step's tokens, not the mean of two means)."""
-    rng = random.Random(2)  # the first step's two packs train 7 and 2 tokens (checked below)
-    records = [
-        {"instruction": " ".join(f"w{rng.randrange(124)}" for _ in range(rng.randrange(2, 30))), "input": "",
-         "output": " ".join(f"w{rng.randrange(124)}" for _ in range(rng.randrange(1, 12)))}
-        for _ in range(40)
-    ]  # fmt: skip
-    data = tmp_path / "alpaca.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = instruction_file(tmp_path / "alpaca.jsonl")  # the first step's two packs train 7 and 2 tokens (below)
     gradients = []
 
     def spy(params, max_norm):
@@ -368,11 +360,13 @@ def test_bf16_autocast_trains_fp32_weights_to_nearly_the_fp32_losses(workspace, 
     assert {t.dtype for t in saved.values()} == {torch.float32}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(strategy, workspace, tmp_path):
+@pytest.mark.parametrize(("strategy", "data"), [("ddp", "text"), ("fsdp", "instructions")])
+def test_two_processes_match_one_with_the_same_global_batch(strategy, data, workspace, tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU) logs the losses of one process with twice the accumulation, and
-    saves the same model."""
+    saves the same model; with instruction packs, whose trained tokens differ, a step's loss is still the mean
+    over all its tokens, counted across the processes."""
     losses = {}
+    sources = [f"data.sources=[{{path: {instruction_file(tmp_path / 'alpaca.jsonl')}}}]"] if data != "text" else []
     for name, launcher, accum in (
         ("one", [sys.executable, "-m", "linearize"], 4),
         ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "linearize"], 2),
@@ -382,6 +376,7 @@ def test_two_processes_match_one_with_the_same_global_batch(strategy, workspace,
         recipe = write_recipe(workspace, folder)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         overrides = [f"training.grad_accum={accum}", f"training.distributed={strategy}", "stages.1.max_steps=2"]
+        overrides += sources
         command = [*launcher, "finetune", str(recipe), *overrides, "-q"]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
