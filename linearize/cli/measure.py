@@ -220,9 +220,8 @@ def bench(
     result["sources"] = {spec.label: spec.source or "embedded" for spec in specs}
     result["markdown"] = markdown_table(header, rows)
     write_outputs(result, specs, json_path, None if no_record else "linearize_bench.json", quiet)
-    plot = plot or (None if no_plot or no_record else _default_plot(specs[0]))
-    if plot is not None and not no_plot:
-        _write_plot(result, plot, quiet)
+    if not no_plot and (plot is not None or not no_record):
+        _write_plot(result, plot or _default_plot(specs[0]), quiet)
 
 
 def _checked_model(model: str | None) -> str:
