@@ -174,8 +174,9 @@ def pack_documents(
     documents: list[Document], tokenizer, seq_len: int, name: str, boundaries: bool = True
 ) -> PackedSequences:
     """Tokenize `documents`, concatenate them in order and cut the result into full packs of `seq_len`; with
-    `boundaries`, position ids restart at each document's first token and at each pack's first token. `name` names
-    the set in the error raised when it has fewer tokens than one pack."""
+    `boundaries`, position ids restart at each document's first token and at each pack's first token, and no
+    document's first token is a target (the token before it, the last document's EOS, cannot see it coming). `name`
+    names the set in the error raised when it has fewer tokens than one pack."""
     texts = [text for doc in documents for text, _ in doc.segments]
     # One batched call: fast tokenizers encode the batch in parallel. No BOS: documents are separated by EOS.
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
@@ -201,6 +202,8 @@ def pack_documents(
     size = packs * seq_len  # the trailing partial pack is dropped
     position_ids = None
     if boundaries:
+        for start in starts[1:]:  # labels are unshifted: this is the target of the position before
+            labels[start] = IGNORE_INDEX
         first = torch.zeros(len(ids), dtype=torch.bool)
         first[starts] = True
         first = first[:size].view(packs, seq_len)

@@ -464,9 +464,9 @@ class Trainer:
         if saved.get("data", self.data_fingerprint) != self.data_fingerprint:  # absent: written before it was kept
             raise LinearizeError(
                 f"checkpoint {checkpoint} was trained on other packed data ({saved['data']['train_packs']} training "
-                f"packs, now {len(self.data.train)}, or other tokens in them): the data files or their tokenization "
-                "changed since, so the batch order and the held-out documents would too; restore them, or start a new "
-                "run in another output.dir"
+                f"packs, now {len(self.data.train)}, or other tokens in them): the data files, their tokenization or "
+                "linearize's packing changed since, so the batch order and the held-out documents would too; "
+                "restore them, or start a new run in another output.dir"
             )
         if saved.get("layer_selection"):
             chosen = LayerSelection(**saved["layer_selection"])

@@ -119,7 +119,7 @@ def test_resume_refuses_changed_data(workspace, tmp_path, monkeypatch):
     assert (
         result.exit_code == 1
         and "was trained on other packed data (" in message
-        and "the data files or their tokenization" in message
+        and "the data files, their tokenization or linearize's packing" in message
     )
 
 

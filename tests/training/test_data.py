@@ -56,19 +56,24 @@ def write_jsonl(path, records):
     return str(path)
 
 
-def expected_stream(tokenizer, segments):
-    """Token ids and labels of (text, trained) segments laid end to end."""
+def expected_stream(tokenizer, documents):
+    """Token ids and labels of documents, each a list of (text, trained) segments, laid end to end: no document's
+    first token is a target (it is the label of the EOS before it)."""
     ids, labels = [], []
-    for text, trained in segments:
-        segment = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += segment
-        labels += segment if trained else [IGNORE_INDEX] * len(segment)
+    for segments in documents:
+        first = len(ids)
+        for text, trained in segments:
+            segment = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += segment
+            labels += segment if trained else [IGNORE_INDEX] * len(segment)
+        if first:
+            labels[first] = IGNORE_INDEX
     return ids, labels
 
 
-def assert_packed(packs, tokenizer, segments, seq_len):
-    """The packs are the segments' stream cut into full rows of seq_len, the partial tail dropped."""
-    ids, labels = expected_stream(tokenizer, segments)
+def assert_packed(packs, tokenizer, documents, seq_len):
+    """The packs are the documents' stream cut into full rows of seq_len, the partial tail dropped."""
+    ids, labels = expected_stream(tokenizer, documents)
     rows = len(ids) // seq_len
     assert packs.input_ids.shape == packs.labels.shape == (rows, seq_len)
     assert packs.input_ids.flatten().tolist() == ids[: rows * seq_len]
@@ -87,11 +92,11 @@ def test_text_files_of_a_glob_are_packed_in_order_all_trained(tmp_path, tokenize
     (tmp_path / "a.md").write_text("first document")
     (tmp_path / "c.txt").write_text("   \n")  # blank files are no documents
     data = load(tokenizer, DataSource(path=str(tmp_path / "*")), seq_len=7)
-    segments = [("first document</s>", True), ("second document, a little longer</s>", True)]
-    assert_packed(data.train, tokenizer, segments, 7)
+    documents = [[("first document</s>", True)], [("second document, a little longer</s>", True)]]
+    assert_packed(data.train, tokenizer, documents, 7)
     item = data.train[1]
     assert item["input_ids"].dtype == item["labels"].dtype == torch.long and item["input_ids"].shape == (7,)
-    assert data.train.num_trained_tokens == data.train.num_tokens == len(data.train) * 7
+    assert data.train.num_trained_tokens == data.train.num_tokens - 1 == len(data.train) * 7 - 1  # second's 's'
     assert len(data.held_out) == 0 and data.held_out.input_ids.shape == (0, 7)
     assert any("2 documents (text)" in note for note in data.notes)
 
@@ -111,8 +116,8 @@ def test_instruction_records_train_only_the_response_and_eos(tmp_path, tokenizer
         "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n"
     )
     without_input = ALPACA.format("Name a colour.")
-    segments = [(with_input, False), ("5</s>", True), (without_input, False), ("Blue.</s>", True)]
-    assert_packed(data.train, tokenizer, segments, 4)
+    documents = [[(with_input, False), ("5</s>", True)], [(without_input, False), ("Blue.</s>", True)]]
+    assert_packed(data.train, tokenizer, documents, 4)
     assert data.warnings == [
         "95 of 97 training packs hold no trained token (prompts longer than a pack?): LoRA steps learn nothing from "
         "them (attention transfer does); a longer data.seq_len trains their responses"
@@ -126,7 +131,7 @@ def test_parquet_instruction_records_with_null_input(tmp_path, tokenizer):
     records = [{"instruction": "Say hi.", "input": None, "output": "Hi!"}] * 3
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "data.parquet")
     data = load(tokenizer, DataSource(path=str(tmp_path / "data.parquet")), seq_len=16)
-    assert_packed(data.train, tokenizer, [(ALPACA.format("Say hi."), False), ("Hi!</s>", True)] * 3, 16)
+    assert_packed(data.train, tokenizer, [[(ALPACA.format("Say hi."), False), ("Hi!</s>", True)]] * 3, 16)
 
 
 def chat(*turns):
@@ -143,7 +148,7 @@ def test_chat_trains_assistant_turns_and_their_end_of_turn(tmp_path, tokenizer):
         ("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False),
         ("Bye.<|im_end|>\n", True),
     ]
-    assert_packed(data.train, tokenizer, segments * 2, 8)  # no EOS: the template delimits conversations
+    assert_packed(data.train, tokenizer, [segments] * 2, 8)  # no EOS: the template delimits conversations
 
 
 def test_chat_with_a_template_that_renders_the_last_turn_differently(tmp_path):
@@ -156,13 +161,13 @@ def test_chat_with_a_template_that_renders_the_last_turn_differently(tmp_path):
         ("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False),
         ("<think>\n\n</think>\n\nBye.<|im_end|>\n", True),
     ]
-    assert_packed(data.train, tokenizer, segments, 2)
+    assert_packed(data.train, tokenizer, [segments], 2)
 
 
 def test_auto_format_and_custom_fields(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"body": "some text here", "id": 1}])
     data = load(tokenizer, DataSource(path=path, text_field="body"), seq_len=4)
-    assert_packed(data.train, tokenizer, [("some text here</s>", True)], 4)
+    assert_packed(data.train, tokenizer, [[("some text here</s>", True)]], 4)
     convo = [{"conversation": chat(("user", "Hi"), ("assistant", "Yo"))["messages"]}]
     path = write_jsonl(tmp_path / "c.jsonl", convo)
     data = load(tokenizer, DataSource(path=path, messages_field="conversation"), seq_len=4)
@@ -174,20 +179,23 @@ def test_a_byte_order_mark_is_not_text(tmp_path, tokenizer):
     (tmp_path / "a.jsonl").write_text('{"text": "first"}\n', encoding="utf-8-sig")
     (tmp_path / "b.txt").write_text("second", encoding="utf-8-sig")
     data = load(tokenizer, DataSource(path=str(tmp_path / "*")), seq_len=3)
-    assert_packed(data.train, tokenizer, [("first</s>", True), ("second</s>", True)], 3)
+    assert_packed(data.train, tokenizer, [[("first</s>", True)], [("second</s>", True)]], 3)
 
 
 def test_json_list_and_max_documents(tmp_path, tokenizer):
     (tmp_path / "d.json").write_text(json.dumps([{"text": f"document number {i}"} for i in range(10)]))
     data = load(tokenizer, DataSource(path=str(tmp_path / "d.json"), max_documents=2), seq_len=4)
-    segments = [("document number 0</s>", True), ("document number 1</s>", True)]
-    assert_packed(data.train, tokenizer, segments, 4)
+    documents = [[("document number 0</s>", True)], [("document number 1</s>", True)]]
+    assert_packed(data.train, tokenizer, documents, 4)
 
 
 def test_builtin_corpus_is_the_default_and_loads_offline(tokenizer):
     data = load_data(DataConfig(seq_len=512), tokenizer)
     assert len(data.train) > 100 and len(data.held_out) > 0
-    assert data.train.num_trained_tokens == data.train.num_tokens
+    masked = data.train.labels == -100  # text: every token is a target but a document's first
+    assert torch.equal(data.train.labels[~masked], data.train.input_ids[~masked])
+    assert (data.train.position_ids[masked] == 0).all()
+    assert masked[:, 1:].sum() == (data.train.position_ids[:, 1:] == 0).sum() > 300  # (a pack's first: no target)
     assert any(note.startswith("builtin english [train]: 379 documents") for note in data.notes)
 
 
@@ -230,8 +238,7 @@ def test_local_dataset_folder_through_datasets(tmp_path, monkeypatch, tokenizer)
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", [{"text": f"row {i}"} for i in range(5)])
     data = load(tokenizer, DataSource(dataset=str(folder), max_documents=3), seq_len=2)
-    segments = [(f"row {i}</s>", True) for i in range(3)]
-    assert_packed(data.train, tokenizer, segments, 2)
+    assert_packed(data.train, tokenizer, [[(f"row {i}</s>", True)] for i in range(3)], 2)
     (folder / "train.jsonl").write_text('{"text": "row 0"}\n{"text": \n')  # a record cut short
     with pytest.raises(LinearizeError, match=r"dataset .*ds could not be read: .*; fix the file, or read it with"):
         load(tokenizer, DataSource(dataset=str(folder)), seq_len=2)
@@ -390,10 +397,15 @@ def test_position_ids_restart_at_every_document_and_every_pack(tmp_path, tokeniz
         [0, 0, 1, 2, 3, 4, 5, 6],  # b's EOS, restarted with its pack, then c
     ]
     assert data.train[1]["position_ids"].tolist() == data.train.position_ids[1].tolist()
+    # no target across a boundary: b's and c's first tokens are not predicted from the EOS before them (the loss
+    # shifts labels by one), and every other token is
+    ignored = (data.train.labels == -100).nonzero().tolist()
+    assert ignored == [[0, 6], [1, 1]] and torch.equal(data.train.labels[0, :6], data.train.input_ids[0, :6])
     apart = load_data(DataConfig(sources=[DataSource(path=str(tmp_path / "*.txt"))], seq_len=8, held_out=0,
                                  document_boundaries=False), tokenizer)  # fmt: skip
     assert apart.train.position_ids is None and "position_ids" not in apart.train[0]
     assert torch.equal(apart.train.input_ids, data.train.input_ids)
+    assert torch.equal(apart.train.labels, apart.train.input_ids)  # one stream: every next token is a target
 
 
 def test_source_labels_reach_the_log_with_their_brackets():
