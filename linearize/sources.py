@@ -168,6 +168,13 @@ def load_config(model: str | None, revision: str | None = None) -> PreTrainedCon
     return _from_pretrained(AutoConfig, resolve(model), model or EMBEDDED_NAME, revision=revision)
 
 
+def load_tokenizer(model: str | None, revision: str | None = None):
+    """The source's tokenizer alone (no weights): what reading fine-tuning data needs, before the weights load."""
+    if model is None and not (cache_root() / EMBEDDED_NAME / "config.json").exists():
+        return AutoTokenizer.from_pretrained(_embedded_gguf_folder(), gguf_file=_EMBEDDED_GGUF)
+    return _load_tokenizer(resolve(model), model or EMBEDDED_NAME, revision, COPY_TOKENIZER)
+
+
 def load(
     model: str | None,
     dtype: str = "auto",
@@ -186,9 +193,16 @@ def load(
         tokens = _load_tokenizer(source, name, revision, tokenizer_fix)
     else:  # `revision` is MODEL's: the other tokenizer comes from its default branch
         tokens = _load_tokenizer(str(_existing_path(tokenizer) or tokenizer), tokenizer, None, _OTHER_TOKENIZER)
+    loaded, source_name = load_model(model, dtype, device, revision)
+    return loaded, tokens, source_name
+
+
+def load_model(model: str | None, dtype: str = "auto", device: str = "cpu", revision: str | None = None):
+    """Load the source model alone. Returns (model, source_name)."""
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    source, name = resolve(model), model or EMBEDDED_NAME
     loaded = _from_pretrained(AutoModelForCausalLM, source, name, dtype=torch_dtype, revision=revision)
-    return loaded.to(device).eval(), tokens, EMBEDDED_ID if model is None else model
+    return loaded.to(device).eval(), EMBEDDED_ID if model is None else model
 
 
 def _load_tokenizer(source: str, name: str, revision: str | None, fix: str | None):

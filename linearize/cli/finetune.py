@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import LinearizeError
-from .common import METHOD_HELP, Method, app, console, exits_on_error
+from .common import METHOD_HELP, Method, app, console, exits_on_error, spinner
 
 
 @app.command(
@@ -43,7 +43,10 @@ def finetune(
         typer.Option("--resume", help="Continue the run in output.dir from its latest checkpoint (same recipe only)."),
     ] = False,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Validate the recipe and print the plan; load no weights, train nothing.")
+        bool,
+        typer.Option(
+            "--dry-run", help="Validate the recipe, read the data and print the plan; load no weights, train nothing."
+        ),
     ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress output, warnings only (metrics.jsonl is still written).")
@@ -68,13 +71,13 @@ def finetune(
 
 def _finetune_plan(recipe, resume: bool) -> Table:
     from .. import sources
-    from ..data import data_files
     from ..hub import check_can_push
     from ..methods import get_method
     from ..training.checkpoint import list_checkpoints, prepare_run_folder
-    from ..training.checks import lora_targets, nothing_to_train, positions_note, warmup_note
+    from ..training.checks import lora_targets, nothing_to_train, positions_note, stage_steps, warmup_note
+    from ..training.data import load_data
 
-    conv = recipe.conversion
+    conv, t = recipe.conversion, recipe.training
     source = recipe.model.name or sources.EMBEDDED_NAME
     source_config = sources.load_config(recipe.model.name, recipe.model.revision)
     plan = conv.plan(source_config, source)
@@ -108,16 +111,20 @@ def _finetune_plan(recipe, resume: bool) -> Table:
             raise LinearizeError(nothing_to_train(i, stage, targets, bool(plan.config.converted_layers())))
     if note := positions_note(recipe, source_config):
         notes.append(note)
-    for data_source in recipe.data.sources:  # a path that names no file fails the run only after the model loads
-        if data_source.path is not None:
-            data_files(data_source.path)
+    # the data as the run reads it (the tokenizer alone, no weights): its errors, packs and steps
+    with spinner("Reading the data", quiet=False):
+        data = load_data(recipe.data, sources.load_tokenizer(recipe.model.name, recipe.model.revision), t.seed)
+    notes += data.warnings
     sources_text = escape(", ".join(s.label for s in recipe.data.sources))  # "[train]" is not rich markup
     table.add_row("data", f"{sources_text}; packs of {recipe.data.seq_len} tokens, held out {recipe.data.held_out}")
-    t = recipe.training
-    table.add_row("batch", f"{t.micro_batch_size} x {t.grad_accum} accumulation per process")
+    for note in data.notes:
+        table.add_row("", escape(note))
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun, as the run will count them
+    table.add_row("batch", f"{t.micro_batch_size} x {t.grad_accum} accumulation per process, {processes} process(es)")
     for i, stage in enumerate(recipe.stages):
-        length = f"{stage.max_steps} steps" if stage.max_steps else f"{stage.epochs:g} epochs"
-        if stage.max_steps and (note := warmup_note(i, stage, stage.max_steps)):
+        steps = stage_steps(stage, len(data.train), t, processes)[0]
+        length = f"{steps} steps" + ("" if stage.max_steps else f" ({stage.epochs:g} epoch{'s' * (stage.epochs != 1)})")
+        if note := warmup_note(i, stage, steps):
             notes.append(note)
         table.add_row(
             f"stage {i + 1}",

@@ -3,11 +3,14 @@ warnings and errors) and `finetune --dry-run` (its notes), so the two cannot dis
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from ..errors import LinearizeError
 from ..layers.base import LinearizedAttention
-from .recipe import Recipe, StageSection
+from .recipe import Recipe, StageSection, TrainingSection
 
 
 def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool]:
@@ -69,3 +72,16 @@ def warmup_note(index: int, stage: StageSection, total_steps: int) -> str | None
         f"learning rate never reaches the peak {stage.optimizer.lr:g}; lower warmup_steps (a few percent of the "
         "steps is usual) unless this is a smoke test"
     )
+
+
+def stage_steps(stage: StageSection, packs: int, training: TrainingSection, processes: int) -> tuple[int, int]:
+    """(optimizer steps of `stage` over `packs` training sequences, sequences an epoch actually uses)."""
+    per_step = training.micro_batch_size * training.grad_accum * processes
+    steps_per_epoch = packs // per_step
+    if steps_per_epoch == 0:
+        raise LinearizeError(
+            f"the training data has {packs} packed sequences, fewer than one optimizer step uses ({per_step} = "
+            "micro_batch_size x grad_accum x processes); add data, shorten data.seq_len or lower training.grad_accum"
+        )
+    total = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
+    return total, steps_per_epoch * per_step

@@ -38,7 +38,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .checks import nothing_to_train, positions_note, warmup_note
+from .checks import nothing_to_train, positions_note, stage_steps, warmup_note
 from .data import FinetuneData, load_data
 from .distributed import (
     World,
@@ -77,23 +77,25 @@ class Trainer:
         self.config = recipe.training
         self.state = RunState()
         self.selection: LayerSelection | None = None
-        self.model, self.tokenizer, self.new_names = self.build_model()
-        if note := positions_note(recipe, self.source_config):
-            reporter.warning(note)
-        self.sharded = False
+        # the data before the weights: a data error costs no model load (nor layer scoring)
+        self.tokenizer = sources.load_tokenizer(recipe.model.name, recipe.model.revision)
         self.data: FinetuneData = load_data(recipe.data, self.tokenizer, seed=self.config.seed)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
         for note in self.data.notes:
             reporter.info(note)
         for warning in self.data.warnings:
             reporter.warning(warning)
+        self.model, self.new_names = self.build_model()
+        if note := positions_note(recipe, self.source_config):
+            reporter.warning(note)
+        self.sharded = False
 
     # -- model surgery ------------------------------------------------------------------------------------------
-    def build_model(self) -> tuple[nn.Module, object, set[str]]:
-        """The converted model before training, its tokenizer, and the names of the parameters the method added."""
+    def build_model(self) -> tuple[nn.Module, set[str]]:
+        """The converted model before training, and the names of the parameters the method added."""
         recipe = self.recipe
         torch.manual_seed(self.config.seed)
-        source, tokenizer, source_name = sources.load(
+        source, source_name = sources.load_model(
             recipe.model.name, dtype=recipe.model.dtype, device=str(self.world.device), revision=recipe.model.revision
         )
         self.source_config, self.source_name = source.config, source_name
@@ -104,8 +106,8 @@ class Trainer:
         if self.selection is not None:  # chosen before: a rebuilt model keeps the same layers
             self.keep_softmax(self.selection)
         elif recipe.conversion.selection_request() and not recipe.conversion.selects_after_transfer:
-            self.select_softmax_layers(tokenizer, "conversion")
-        return self.model, tokenizer, self.new_names
+            self.select_softmax_layers(self.tokenizer, "conversion")
+        return self.model, self.new_names
 
     def select_softmax_layers(self, tokenizer, after: str) -> None:
         """`conversion.softmax_layers: auto:K`: score every converted layer on the calibration text, then turn the
@@ -194,16 +196,7 @@ class Trainer:
     # -- data ---------------------------------------------------------------------------------------------------
     def steps_in(self, stage: StageSection) -> tuple[int, int]:
         """(optimizer steps of the stage, sequences per epoch actually used)."""
-        per_step = self.config.micro_batch_size * self.config.grad_accum * self.world.size
-        steps_per_epoch = len(self.data.train) // per_step
-        if steps_per_epoch == 0:
-            raise LinearizeError(
-                f"the training data has {len(self.data.train)} packed sequences, fewer than one optimizer step uses "
-                f"({per_step} = micro_batch_size x grad_accum x processes); add data, shorten data.seq_len or "
-                "lower training.grad_accum"
-            )
-        total = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
-        return total, steps_per_epoch * per_step
+        return stage_steps(stage, len(self.data.train), self.config, self.world.size)
 
     def order(self, stage: int, epoch: int) -> torch.Tensor:
         """The training sequences in the order epoch `epoch` of stage `stage` visits them: a permutation that
@@ -534,7 +527,7 @@ class Trainer:
             tensors = self.trained_tensors()
             if not self.world.is_main:
                 return out
-            self.model, _, self.new_names = self.build_model()
+            self.model, self.new_names = self.build_model()
             self.sharded = False
             if self.state.lora_applied:
                 self.apply_lora()

@@ -214,10 +214,21 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
     shown = " ".join(result.output.split())
     assert result.exit_code == 0 and "stages.1.schedule.warmup_steps (1) is not below the stage's 1 optimizer" in shown
     result = CliRunner().invoke(
-        app, ["finetune", str(recipe), "--dry-run", "data.seq_len=1024"], env={"COLUMNS": "300"}
+        app, ["finetune", str(recipe), "--dry-run", "data.seq_len=600", "data.held_out=0"], env={"COLUMNS": "300"}
     )
     shown = " ".join(result.output.split())
-    assert result.exit_code == 0 and "data.seq_len (1024) is more tokens than the model reads (512" in shown
+    assert result.exit_code == 0 and "data.seq_len (600) is more tokens than the model reads (512" in shown
+    # the data as the run reads it: packs, steps of a stage given in epochs, and what the run would refuse
+    result = CliRunner().invoke(app, ["finetune", str(recipe), "--dry-run", "stages.1.max_steps=null"])
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 0 and "train: 10 documents -> 31 packs of 32 tokens" in shown
+    assert "15 steps (1 epoch)" in shown  # 31 packs, 2 a step
+    for bad, message in (
+        ("data.held_out=12", "all 12 documents are held out"),
+        ("training.grad_accum=64", "fewer than one optimizer step uses"),
+    ):
+        result = invoke("finetune", recipe, "--dry-run", "stages.1.max_steps=null", "training.micro_batch_size=8", bad)
+        assert result.exit_code == 1 and message in " ".join(result.output.split()), bad
     push = ["output.push_to_hub=me/tiny", "output.private=true"]
     result = CliRunner().invoke(app, ["finetune", str(recipe), "--dry-run", *push], env={"COLUMNS": "300"})
     shown = " ".join(result.output.split())
@@ -412,3 +423,11 @@ def test_auto_softmax_layers_at_conversion_are_scored_before_training(workspace,
     assert saved["layer_selection"]["after"] == "conversion" and len(scores) == 2
     assert saved["softmax_layers"] == [max(range(2), key=scores.__getitem__)]
     assert "kept as softmax attention, layer (score)" in " ".join(result.output.split())
+
+
+def test_a_data_error_stops_the_run_before_the_weights_load(workspace, tmp_path, monkeypatch):
+    (tmp_path / "empty.jsonl").write_text("")
+    recipe = write_recipe(workspace, tmp_path)
+    monkeypatch.setattr(linearize.sources, "load_model", lambda *args, **kwargs: pytest.fail("loaded the weights"))
+    result = invoke("finetune", recipe, f"data.sources=[{{path: {tmp_path / 'empty.jsonl'}}}]")
+    assert result.exit_code == 1 and "holds no documents" in result.output
