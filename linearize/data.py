@@ -330,9 +330,14 @@ def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path}: a .json data file must hold a list of records; use .jsonl for one per line")
         yield from ((f"{path}, record {i}", record) for i, record in enumerate(data))
         return
+    import pyarrow
     import pyarrow.parquet
 
-    yield from ((f"{path}, row {i}", row) for i, row in enumerate(pyarrow.parquet.read_table(path).to_pylist()))
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except pyarrow.ArrowException as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error}); check the file, or rewrite it") from None
+    yield from ((f"{path}, row {i}", row) for i, row in enumerate(rows))
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -475,6 +480,11 @@ def _chat(messages: Any, where: str, tokenizer) -> Document:
         except Exception as error:  # jinja raises its own types, and templates raise on conversations they reject
             raise DataError(f"{where}: the chat template cannot render this conversation: {error}") from None
 
+    if messages and messages[0]["role"] == "assistant":  # no conversation before it to render as its prompt
+        raise DataError(
+            f"{where}: the conversation opens with an assistant message; a chat record starts with a system or user "
+            "message (drop the opening assistant message, or move it into a system message)"
+        )
     full = render(len(messages))
     cuts: list[tuple[int, int]] = []  # [start, end) of each assistant turn in `full`
     for i, message in enumerate(messages):

@@ -56,7 +56,7 @@ stages:
   - kind: lora
     max_steps: {steps}
     optimizer: {{name: adamw, lr: 0.002}}
-    schedule: {{kind: cosine, warmup_steps: 2}}
+    schedule: {{kind: cosine, warmup_steps: {warmup}}}
 training:
   micro_batch_size: 1
   grad_accum: 1         # one 512-token sequence per step
@@ -92,7 +92,9 @@ def quick_recipe(run: Path, steps: int, model: str | None = None):
 
     if steps < 1:
         raise LinearizeError(f"--steps must be at least 1, got {steps}")
-    text = QUICK_RECIPE.format(steps=steps, eval_every=max(1, steps // 3), run=run.as_posix())
+    text = QUICK_RECIPE.format(
+        steps=steps, warmup=min(2, steps - 1), eval_every=max(1, steps // 3), run=run.as_posix()
+    )  # warmup shorter than the stage, however few its steps
     return parse_recipe(text, source="the demo recipe", overrides=[f"model.name={model}"] if model else None)
 
 

@@ -2,10 +2,13 @@
 
 import math
 
+import pytest
+
 from typer.testing import CliRunner
 
 from linearize.cli import app
-from linearize.demo import ANSWERING, run_demo
+from linearize.demo import ANSWERING, quick_recipe, run_demo
+from linearize.training.checks import warmup_note
 from tests.tiny import source_folder
 
 
@@ -30,3 +33,9 @@ def test_demo_refuses_an_existing_folder_without_force(tmp_path):
     result = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo"), "--steps", "1"])
     assert result.exit_code == 1 and "--force" in result.output
     assert (tmp_path / "demo" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 40])
+def test_the_demo_recipe_warms_up_within_its_steps(steps, tmp_path):
+    stage = quick_recipe(tmp_path / "demo", steps).stages[0]
+    assert warmup_note(0, stage, steps) is None and stage.schedule.warmup_steps == min(2, steps - 1)

@@ -344,6 +344,18 @@ def test_chat_template_errors_name_the_record(tmp_path):
         load(tokenizer, DataSource(path=path))
 
 
+def test_a_conversation_that_opens_with_the_assistant_is_named(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat(("assistant", "Hello"), ("user", "Hi"), ("assistant", "Yo"))])
+    with pytest.raises(LinearizeError, match=r"chat\.jsonl, line 1: the conversation opens with an assistant message"):
+        load(tokenizer, DataSource(path=path))
+
+
+def test_a_damaged_parquet_file_is_named(tmp_path, tokenizer):
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(LinearizeError, match=r"bad\.parquet: not a readable Parquet file \(.*magic bytes"):
+        load(tokenizer, DataSource(path=str(tmp_path / "bad.parquet")))
+
+
 def test_conversations_without_an_assistant_turn_train_nothing(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "chat.jsonl", [chat(("user", "Hi there"))] * 4)
     with pytest.raises(LinearizeError, match="no token of the training data is trained"):
