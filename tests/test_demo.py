@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 from typer.testing import CliRunner
 
 from linearize.cli import app
