@@ -4,8 +4,9 @@ A `DataSource` is a local file or glob, a Hugging Face dataset or the built-in E
 package for offline fine-tuning and perplexity; corpus/README.md says where each of its documents comes from and
 under which licence). Every source yields documents (`read_documents`); a document is a list of text segments, each
 marked trained or not (the prompt of an instruction record or the user turns of a conversation are not).
-`pack_documents` tokenizes documents, concatenates them in order with EOS after every text or instruction document
-and cuts the result into `seq_len` packs. Each pack carries position ids that restart at every document (and at
+`pack_documents` tokenizes documents, concatenates them in order, each opened with BOS where the tokenizer puts one
+before a text and closed with EOS where it is a text or instruction document, and cuts the result into `seq_len`
+packs. Each pack carries position ids that restart at every document (and at
 the pack's start), transformers' convention for packed rows: the model then keeps the documents apart, so no
 attention or recurrent state carries one document into the next. Labels are unshifted (the model shifts them) and
 -100 where no loss is taken.
@@ -170,6 +171,13 @@ def require_eos(tokenizer) -> None:
         )
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id that `tokenizer` puts before a text by default (Llama 3, Gemma, Mistral: their pretraining documents
+    begin with it, and Gemma's activations are far off without it), or None (GPT-2, Qwen, SmolLM2 put none)."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else None
+
+
 def pack_documents(
     documents: list[Document], tokenizer, seq_len: int, name: str, boundaries: bool = True
 ) -> PackedSequences:
@@ -178,15 +186,19 @@ def pack_documents(
     document's first token is a target (the token before it, the last document's EOS, cannot see it coming). `name`
     names the set in the error raised when it has fewer tokens than one pack."""
     texts = [text for doc in documents for text, _ in doc.segments]
-    # One batched call: fast tokenizers encode the batch in parallel. No BOS: documents are separated by EOS.
+    # One batched call: fast tokenizers encode the batch in parallel; the BOS, if any, is added per document below.
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    bos = leading_bos(tokenizer)
     ids: list[int] = []
     labels: list[int] = []
     starts: list[int] = []  # where each document's tokens begin in `ids`
     for doc in documents:
         starts.append(len(ids))
-        for _, trained in doc.segments:
+        for index, (_, trained) in enumerate(doc.segments):
             segment = next(encoded)
+            if index == 0 and bos is not None and segment[:1] != [bos]:  # a chat template may have written it
+                ids.append(bos)
+                labels.append(IGNORE_INDEX)  # a marker, not text to learn
             ids += segment
             labels += segment if trained else [IGNORE_INDEX] * len(segment)
         if doc.eos:

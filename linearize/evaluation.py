@@ -102,7 +102,8 @@ def text_source(spec: str, default_split: str = "test") -> DataSource:
 def text_windows(spec: str, tokenizer, context: int, max_windows: int, default_split: str = "test") -> torch.Tensor:
     """Up to `max_windows` windows [N, context] of token ids from the text source `spec` (see `text_source`).
 
-    Documents are read in order, joined with EOS and cut into windows, as fine-tuning packs them; a source whose
+    Documents are read in order, joined with EOS (each opened with BOS, for tokenizers that put one before a text)
+    and cut into windows, as fine-tuning packs them; a source whose
     records are instructions or chats is refused (use plain text for perplexity)."""
     source = text_source(spec, default_split)
     # read no more documents than the windows can use, assuming documents of 16 tokens or more on average

@@ -430,3 +430,28 @@ def test_source_labels_reach_the_log_with_their_brackets():
     out = io.StringIO()
     Reporter(None, console=Console(file=out)).info(f"{DataSource(builtin='english').label}: 379 documents")
     assert out.getvalue() == "builtin english [train]: 379 documents\n"  # not read as rich markup
+
+
+def test_documents_open_with_the_bos_the_tokenizer_puts_before_a_text(tmp_path):
+    """Llama 3 or Gemma tokenizers put BOS before every text: each packed document opens with it, as in their
+    pretraining, untrained; a chat template that writes it itself gets no second one. Without such a BOS
+    (SmolLM2, Qwen), nothing is added (the other tests)."""
+    from tokenizers import processors
+
+    tokenizer = byte_tokenizer("<s>{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    assert bos not in tokenizer("ab")["input_ids"]
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    assert tokenizer("ab")["input_ids"][0] == bos
+    (tmp_path / "a.txt").write_text("ab")
+    (tmp_path / "b.txt").write_text("cde")
+    data = load(tokenizer, DataSource(path=str(tmp_path / "*.txt")), seq_len=4)
+    a, b = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("ab", "cde"))
+    assert data.train.input_ids.flatten().tolist() == [bos, *a, eos, bos, *b, eos][:8]
+    assert data.train.labels.flatten().tolist() == [-100, *a, eos, -100, *b, eos][:8]
+    assert data.train.position_ids.flatten().tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat(("user", "Hi"), ("assistant", "Yo"))] * 4)
+    data = load(tokenizer, DataSource(path=path), seq_len=5)
+    assert data.train.input_ids[0, :2].tolist() == [bos, tokenizer("H", add_special_tokens=False)["input_ids"][0]]
