@@ -42,8 +42,14 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def recorded_source(folder: Path) -> str | None:
-    """The Hub id a converted folder records as its source (`source_model` in its config), if any."""
-    return json.loads((folder / "config.json").read_text()).get("source_model")
+    """What a converted folder was converted from, as `model_spec` takes it: the Hub id its config records
+    (`source_model`), or "embedded" for the embedded default (whose weights are not the Hub's); None if neither."""
+    config = json.loads((folder / "config.json").read_text())
+    source, weights = config.get("source_model"), config.get("source_weights")
+    # folders from before `source_weights` recorded the embedded default as the Hub id it was quantised from
+    if weights == "embedded" or (weights is None and source == sources.EMBEDDED_ID):
+        return EMBEDDED
+    return source
 
 
 def is_converted(folder: Path) -> bool:
@@ -69,10 +75,6 @@ def resolve_pair(model: str, against: str | None) -> list[ModelSpec]:
                 f"{model} does not record the model it was converted from; name it with --against "
                 "(a folder, a hub id, or 'embedded' for the embedded SmolLM2)"
             )
-        if against == sources.EMBEDDED_ID:
-            # conversions of the embedded default record the hub id it was quantised from; the embedded copy is
-            # what they were converted from, and it loads offline
-            against = EMBEDDED
     if against is None:
         return [first]
     second = model_spec(against)

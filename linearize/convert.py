@@ -106,14 +106,23 @@ def source_hub_id(source: str) -> str | None:
     return source
 
 
+def source_weights(source: str) -> str:
+    """Where `source`'s weights come from: "embedded" (the embedded default's name), "hub" or "local"."""
+    if source == sources.EMBEDDED_NAME:
+        return "embedded"
+    return "hub" if source_hub_id(source) is not None else "local"
+
+
 def build_config(
     source_config,
     method: str,
     settings: MethodSettings,
     softmax_layers: list[int],
-    source_model: str | None = None,
+    source: str | None = None,
     selection: LayerSelection | None = None,
 ) -> LinearizeConfig:
+    """The converted model's config; `source` (the embedded default's name, a Hub id or a folder) is recorded as
+    `source_model` and `source_weights`."""
     family = get_family(source_config.model_type)
     num_layers = source_config.num_hidden_layers
     source_types = source_layer_types(source_config)
@@ -126,7 +135,8 @@ def build_config(
     }
     return LinearizeConfig(
         base_model_type=family.model_type,
-        source_model=source_model,
+        source_model=source_hub_id(source) if source is not None else None,
+        source_weights=source_weights(source) if source is not None else None,
         layer_types=[source_types[i] if i in softmax_layers else converted_type for i in range(num_layers)],
         source_layer_types=source_types,
         linearize={
@@ -264,7 +274,7 @@ def plan_conversion(
         method,
         settings,
         sorted(set(named) | set(sliding)),
-        source_model=source_hub_id(source),
+        source=source,
         selection=selection,
     )
     unconverted = build_config(source_config, method, settings, list(range(source_config.num_hidden_layers)))

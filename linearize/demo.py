@@ -12,7 +12,6 @@ exact) and decode speed after a 2K-token prefill (measured in this run, all mode
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from .convert import ConversionPlan, convert_model, plan_conversion
 from .errors import LinearizeError
 from .evaluation import perplexity_of_windows, text_windows
 from .generation import generate, load_for_inference
-from .outputs import check_output_folder
+from .outputs import check_output_folder, replaced_when_done
 
 QUESTION = "What is the capital of France?"
 CACHE_CONTEXT = 8192  # tokens at which the cache column is computed
@@ -128,35 +127,35 @@ def run_demo(
     check_output_folder(out, force, source=model)
     run = out / "liger-run"
     recipe = quick_recipe(run, steps, model)
-    if out.exists():
-        shutil.rmtree(out)
-    say(f"Loading {model or sources.EMBEDDED_NAME}")
-    original, tokenizer, name = sources.load(model, dtype="float32")
-    windows = text_windows("builtin", tokenizer, recipe.data.seq_len, PERPLEXITY_WINDOWS)
+    with replaced_when_done(out, force):  # an earlier demo's folder is deleted only once this one is complete
+        say(f"Loading {model or sources.EMBEDDED_NAME}")
+        original, tokenizer, _ = sources.load(model, dtype="float32")
+        name = model or sources.EMBEDDED_NAME
+        windows = text_windows("builtin", tokenizer, recipe.data.seq_len, PERPLEXITY_WINDOWS)
 
-    plans = {m: plan_conversion(original.config, name, m, dtype="float32") for m in ("swa", "parallax")}
-    plans["liger"] = recipe.conversion.plan(original.config, name)
-    models = {"original": original} | {m: convert_model(original, plans[m].config) for m in ("swa", "parallax")}
-    liger_at_conversion = convert_model(original, plans["liger"].config)
+        plans = {m: plan_conversion(original.config, name, m, dtype="float32") for m in ("swa", "parallax")}
+        plans["liger"] = recipe.conversion.plan(original.config, name)
+        models = {"original": original} | {m: convert_model(original, plans[m].config) for m in ("swa", "parallax")}
+        liger_at_conversion = convert_model(original, plans["liger"].config)
 
-    say("Measuring perplexity at conversion (held-out text)")
-    perplexities = {label: perplexity_of_windows(model, windows) for label, model in models.items()}
-    perplexities["liger at conversion"] = perplexity_of_windows(liger_at_conversion, windows)
-    del liger_at_conversion
+        say("Measuring perplexity at conversion (held-out text)")
+        perplexities = {label: perplexity_of_windows(model, windows) for label, model in models.items()}
+        perplexities["liger at conversion"] = perplexity_of_windows(liger_at_conversion, windows)
+        del liger_at_conversion
 
-    say(f"Fine-tuning Liger: {steps} LoRA steps of {recipe.data.seq_len} tokens")
-    folder = finetune(recipe, quiet=quiet, console=console)
-    models["liger fine-tuned"], _ = load_for_inference(str(folder), device="cpu")
-    perplexities["liger fine-tuned"] = perplexity_of_windows(models["liger fine-tuned"], windows)
+        say(f"Fine-tuning Liger: {steps} LoRA steps of {recipe.data.seq_len} tokens")
+        folder = finetune(recipe, quiet=quiet, console=console)
+        models["liger fine-tuned"], _ = load_for_inference(str(folder), device="cpu")
+        perplexities["liger fine-tuned"] = perplexity_of_windows(models["liger fine-tuned"], windows)
 
-    say(f"Timing decode after a {DECODE_CONTEXT}-token prefill")
-    speed = measure(models, DECODE_CONTEXT, DECODE_STEPS, repeats=1)
-    answers = {label: generate(models[label], tokenizer, QUESTION, max_new_tokens=24) for label in ANSWERING}
+        say(f"Timing decode after a {DECODE_CONTEXT}-token prefill")
+        speed = measure(models, DECODE_CONTEXT, DECODE_STEPS, repeats=1)
+        answers = {label: generate(models[label], tokenizer, QUESTION, max_new_tokens=24) for label in ANSWERING}
 
-    caches = {"original": (plans["swa"].kv_cache_bytes(CACHE_CONTEXT), True)}
-    caches |= {label: _cache(plans[label.split()[0]]) for label in perplexities if label != "original"}
-    rows = [
-        DemoRow(label, ppl, *caches[label], speed.get(label, {}).get("decode_ms"))
-        for label, ppl in perplexities.items()
-    ]
-    return DemoResult(rows, answers, folder)
+        caches = {"original": (plans["swa"].kv_cache_bytes(CACHE_CONTEXT), True)}
+        caches |= {label: _cache(plans[label.split()[0]]) for label in perplexities if label != "original"}
+        rows = [
+            DemoRow(label, ppl, *caches[label], speed.get(label, {}).get("decode_ms"))
+            for label, ppl in perplexities.items()
+        ]
+        return DemoResult(rows, answers, folder)

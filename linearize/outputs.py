@@ -84,6 +84,31 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
             raise
 
 
+@contextmanager
+def replaced_when_done(out: Path, force: bool = False) -> Iterator[None]:
+    """For work that must write `out` in place (a fine-tuning run records its own folder): an existing `out` (only
+    with `force`) is set aside while the body runs and deleted once it completes; if the body fails, what it wrote
+    is removed and the old folder put back."""
+    out = Path(out)
+    check_replaceable(out, force)
+    retired = None
+    with _write_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out.parent)
+        if out.exists():
+            retired = _sibling(out, _RETIRED)
+            os.replace(out, retired)
+    try:
+        yield
+    except BaseException:
+        _remove(out)
+        if retired is not None:
+            os.replace(retired, out)
+        raise
+    if retired is not None:
+        _remove(retired)
+
+
 def _follow_umask(folder: Path) -> None:
     """Give the files in `folder` the mode the umask gives new files: writers that stage through a temporary file
     (transformers' safetensors save) leave theirs at 0600, which teammates on a shared machine cannot read. Best

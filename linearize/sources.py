@@ -193,16 +193,15 @@ def load(
         tokens = _load_tokenizer(source, name, revision, tokenizer_fix)
     else:  # `revision` is MODEL's: the other tokenizer comes from its default branch
         tokens = _load_tokenizer(str(_existing_path(tokenizer) or tokenizer), tokenizer, None, _OTHER_TOKENIZER)
-    loaded, source_name = load_model(model, dtype, device, revision)
-    return loaded, tokens, source_name
+    return load_model(model, dtype, device, revision), tokens, EMBEDDED_ID if model is None else model
 
 
 def load_model(model: str | None, dtype: str = "auto", device: str = "cpu", revision: str | None = None):
-    """Load the source model alone. Returns (model, source_name)."""
+    """Load the source model alone."""
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     source, name = resolve(model), model or EMBEDDED_NAME
     loaded = _from_pretrained(AutoModelForCausalLM, source, name, dtype=torch_dtype, revision=revision)
-    return loaded.to(device).eval(), EMBEDDED_ID if model is None else model
+    return loaded.to(device).eval()
 
 
 def _load_tokenizer(source: str, name: str, revision: str | None, fix: str | None):

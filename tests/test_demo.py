@@ -1,6 +1,7 @@
 """`linearize demo` end to end on a tiny model: every conversion measured, the fine-tune saved and reloaded."""
 
 import math
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -32,6 +33,25 @@ def test_demo_refuses_an_existing_folder_without_force(tmp_path):
     result = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo"), "--steps", "1"])
     assert result.exit_code == 1 and "--force" in result.output
     assert (tmp_path / "demo" / "keep.txt").read_text() == "mine"
+
+
+def test_a_demo_that_fails_with_force_keeps_the_earlier_folder(tmp_path, monkeypatch):
+    from linearize.training import trainer
+
+    source = source_folder(tmp_path / "src")
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "keep.txt").write_text("mine")
+
+    def interrupted(recipe, **kwargs):
+        assert not (tmp_path / "demo" / "keep.txt").exists()  # set aside while the new demo runs
+        (Path(recipe.output.dir) / "partial").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "finetune", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path / "demo", steps=1, force=True, model=str(source), say=lambda _: None, quiet=True)
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "src"]  # nothing left beside it
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 40])

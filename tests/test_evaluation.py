@@ -203,6 +203,11 @@ def test_pairing(tmp_path):
     recorded = _config_folder(tmp_path / "conv", model_type="linearize", source_model=sources.EMBEDDED_ID)
     first, second = resolve_pair(str(recorded), None)
     assert first.label == "conv" and first.folder == recorded and second.source is None  # the embedded copy
+    # the Hub's SmolLM2 (other weights than the embedded copy's, dequantised from Q4_1) is compared with itself
+    fields = {"model_type": "linearize", "source_model": sources.EMBEDDED_ID}
+    for weights, source in (("hub", sources.EMBEDDED_ID), ("embedded", None)):
+        folder = _config_folder(tmp_path / weights, **fields, source_weights=weights)
+        assert resolve_pair(str(folder), None)[1].source == source
     run_output = _config_folder(tmp_path / "liger-run" / "model", model_type="linearize", source_model="a/b")
     assert resolve_pair(str(run_output), None)[0].label == "liger-run/model"  # a fine-tuning run's output
     plain = _config_folder(tmp_path / "plain", model_type="llama")

@@ -263,6 +263,10 @@ def test_source_hub_id(tmp_path):
     assert source_hub_id(sources.EMBEDDED_NAME) == sources.EMBEDDED_ID
     assert source_hub_id("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
     assert source_hub_id(str(tmp_path)) is None and source_hub_id("./a/b") is None and source_hub_id("llama") is None
+    # the embedded default's weights are not the Hub's: the config says which a conversion started from
+    for source, weights in ((sources.EMBEDDED_NAME, "embedded"), (sources.EMBEDDED_ID, "hub"), (str(tmp_path), "local")):
+        config = plan_conversion(source_model("llama").config, source, "swa").config
+        assert (config.source_model, config.source_weights) == (source_hub_id(source), weights)
 
 
 def test_recipe_output_push_to_hub_reaches_the_same_push(hub, tmp_path, monkeypatch):

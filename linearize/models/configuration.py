@@ -21,6 +21,7 @@ _OWN_FIELDS = (
     "model_type",
     "base_model_type",
     "source_model",
+    "source_weights",
     "linearize",
     "layer_types",
     "source_layer_types",
@@ -45,6 +46,9 @@ class LinearizeConfig(PreTrainedConfig):
             `{"method": "liger", "window": 64, "softmax_layers": [0, 8], ...}`.
         source_model (`str`, *optional*): the Hub id the model was converted from (model cards use it as
             `base_model`); None when it was converted from a local folder or by an older linearize.
+        source_weights (`str`, *optional*): where the weights came from: "hub", "local" (a folder) or "embedded"
+            (linearize's offline default, the Q4_1 GGUF of `source_model` dequantised: other weights than the
+            Hub's); None in folders converted before it was recorded.
         **kwargs: every field of the source model's config.
     """
 
@@ -52,6 +56,7 @@ class LinearizeConfig(PreTrainedConfig):
 
     base_model_type: str = "llama"
     source_model: str | None = None
+    source_weights: str | None = None
     layer_types: list[str] | None = None
     source_layer_types: list[str] | None = None
     linearize: dict[str, Any] | None = None

@@ -95,11 +95,11 @@ class Trainer:
         """The converted model before training, and the names of the parameters the method added."""
         recipe = self.recipe
         torch.manual_seed(self.config.seed)
-        source, source_name = sources.load_model(
+        source = sources.load_model(
             recipe.model.name, dtype=recipe.model.dtype, device=str(self.world.device), revision=recipe.model.revision
         )
-        self.source_config, self.source_name = source.config, source_name
-        plan = recipe.conversion.plan(source.config, source_name)  # with auto:K, every layer converted
+        self.source_config, self.source_name = source.config, recipe.model.name or sources.EMBEDDED_NAME
+        plan = recipe.conversion.plan(source.config, self.source_name)  # with auto:K, every layer converted
         source_keys = set(source.state_dict())
         self.model = convert_model(source, plan.config)
         self.new_names = {n for n, _ in self.model.named_parameters() if n not in source_keys}
