@@ -264,7 +264,8 @@ def test_source_hub_id(tmp_path):
     assert source_hub_id("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
     assert source_hub_id(str(tmp_path)) is None and source_hub_id("./a/b") is None and source_hub_id("llama") is None
     # the embedded default's weights are not the Hub's: the config says which a conversion started from
-    for source, weights in ((sources.EMBEDDED_NAME, "embedded"), (sources.EMBEDDED_ID, "hub"), (str(tmp_path), "local")):
+    expected = {sources.EMBEDDED_NAME: "embedded", sources.EMBEDDED_ID: "hub", str(tmp_path): "local"}
+    for source, weights in expected.items():
         config = plan_conversion(source_model("llama").config, source, "swa").config
         assert (config.source_model, config.source_weights) == (source_hub_id(source), weights)
 
