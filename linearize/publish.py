@@ -200,6 +200,8 @@ def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
     )
     params = ", ".join(f"`{k}={v}`" for k, v in settings.items() if k not in LAYOUT_KEYS)
     origin = f"[{base}](https://huggingface.co/{base})" if base else "a model (base model not recorded)"
+    if config.get("source_weights") == "embedded":
+        origin += " (the Q4_1 GGUF of it that linearize embeds for offline use, dequantised)"
     recipe = folder / RECIPE_FILE
     tuning = (
         f"Fine-tuned with `linearize finetune`; the resolved recipe:\n\n```yaml\n{recipe.read_text().strip()}\n```"

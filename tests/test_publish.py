@@ -169,6 +169,12 @@ def test_model_card_front_matter_and_body(folder, tmp_path):
     assert "Not measured yet" in card.text  # no bench file
     assert "method: liger" in card.text  # the recipe
     assert f'from_pretrained("{REPO}", trust_remote_code=True)' in card.text and "import linearize" in card.text
+    assert "GGUF" not in card.text
+    config = json.loads((folder / "config.json").read_text())
+    embedded = tmp_path / "embedded"
+    shutil.copytree(folder, embedded)
+    (embedded / "config.json").write_text(json.dumps({**config, "source_weights": "embedded"}))
+    assert "(the Q4_1 GGUF of it that linearize embeds for offline use, dequantised)" in plan_push(embedded, REPO).card
 
 
 def test_revision_goes_to_a_branch(folder, hub, no_verify):
