@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .data import DataSource, builtin_text, pack_documents, read_documents, require_eos
+from .data import DataSource, TooFewTokens, builtin_text, pack_documents, read_documents, require_eos
 from .errors import LinearizeError
 
 HF_PREFIX = "hf:"
@@ -110,8 +110,14 @@ def text_windows(spec: str, tokenizer, context: int, max_windows: int, default_s
     source.max_documents = max(256, max_windows * context // 16)
     require_eos(tokenizer)
     documents, _ = read_documents(source, tokenizer)
-    # "training": a text shorter than one window gets the message it always had ("the training data has N tokens")
-    return pack_documents(documents, tokenizer, context, "training").input_ids[:max_windows]
+    try:
+        return pack_documents(documents, tokenizer, context, "text").input_ids[:max_windows]
+    except TooFewTokens as error:
+        raise TooFewTokens(
+            f"the text {spec} has {error.tokens} tokens, fewer than one window of {context}: give a longer text or "
+            "a shorter context (--context)",
+            error.tokens,
+        ) from None
 
 
 def evaluate_model(

@@ -158,3 +158,5 @@ def test_bench_cli_errors(tmp_path):
     assert result.exit_code != 0 and "comma-separated" in result.output
     result = runner.invoke(app, ["bench", "./no/such/model"])
     assert result.exit_code != 0 and "does not exist" in result.output
+    result = runner.invoke(app, ["bench", str(src), "--plot", str(tmp_path / "plot.txt")])
+    assert result.exit_code != 0 and "give a path ending in .png" in result.output

@@ -265,7 +265,10 @@ def test_eval_cli_errors(folders, tmp_path):
     (tmp_path / "short.txt").write_text("too short")
     options = ["--text", str(tmp_path / "short.txt"), "--passkey-contexts", "none", "--no-record"]
     result = runner.invoke(app, ["eval", str(src), *options])
-    assert result.exit_code != 0 and "fewer than one pack" in result.output
+    shown = " ".join(result.output.split())
+    assert result.exit_code != 0 and f"the text {tmp_path / 'short.txt'} has 10 tokens, fewer than one window" in shown
+    result = runner.invoke(app, ["eval", str(src), "--against", str(tmp_path / "nowhere"), *options])
+    assert result.exit_code != 0 and "nowhere" in result.output and "Evaluating" not in result.output
 
 
 def test_eval_cli_warns_where_the_model_folder_takes_no_record(folders, tmp_path, monkeypatch):
@@ -275,6 +278,9 @@ def test_eval_cli_warns_where_the_model_folder_takes_no_record(folders, tmp_path
     options = ["--against", str(src), "--context", "64", "--windows", "1", "--passkey-contexts", "none"]
     result = runner.invoke(app, ["eval", str(liger), *options, "--json", str(tmp_path)])
     assert result.exit_code != 0 and "is a folder; give a file path" in result.output
+    (tmp_path / "afile").write_text("")
+    result = runner.invoke(app, ["eval", str(liger), *options, "--json", str(tmp_path / "afile" / "e.json")])
+    assert result.exit_code != 0 and "afile is a file, not a folder" in result.output and "Evaluat" not in result.output
 
     def read_only(spec, name, payload):
         raise OSError(30, "Read-only file system")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from enum import Enum
@@ -121,11 +122,20 @@ def print_table(title: str, header: list[str], rows: list[list[str]], caption: s
     Console().print(table)
 
 
-def check_json_path(json_path: Path | None) -> None:
-    """Refuse a --json path that names a folder before the work, not after."""
-    if json_path is not None and json_path.is_dir():
-        example = json_path / "results.json"
-        raise LinearizeError(f"--json {json_path} is a folder; give a file path, e.g. --json {example}")
+def check_output_file(path: Path | None, option: str, example: str) -> None:
+    """Refuse an output file path (--json, --plot) that cannot be written, before the work rather than after: one
+    that names a folder, or lies under a file or a folder that cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise LinearizeError(f"{option} {path} is a folder; give a file path, e.g. {option} {path / example}")
+    existing = path.expanduser().absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LinearizeError(f"{option} {path}: {existing} is a file, not a folder; give a path in a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LinearizeError(f"{option} {path}: {existing} cannot be written; give a path in a folder you can write")
 
 
 def write_outputs(payload: dict, specs, json_path: Path | None, record_name: str | None, quiet: bool) -> None:

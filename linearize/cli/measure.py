@@ -14,7 +14,7 @@ from .common import (
     RECORD_HELP,
     Dtype,
     app,
-    check_json_path,
+    check_output_file,
     console,
     exits_on_error,
     float_list,
@@ -89,13 +89,13 @@ def eval_command(
 ) -> None:
     """Perplexity, passkey retrieval and (optionally) lm-eval tasks for MODEL (default: the embedded SmolLM2) and the
     model it is compared with, side by side in one table."""
-    from ..comparison import markdown_table, resolve_pair
+    from ..comparison import markdown_table
     from ..evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model
     from ..generation import load_for_inference, pick_device
 
-    check_json_path(json_path)
+    check_output_file(json_path, "--json", "results.json")
     device = pick_device(device)  # before any model loads or lm-eval indexes its tasks
-    specs = resolve_pair(_checked_model(model), against)
+    specs = _checked_pair(model, against)
     contexts = int_list(passkey_contexts, "--passkey-contexts")
     passkey_options = {
         "depths": float_list(depths, "--depths"),
@@ -183,12 +183,15 @@ def bench(
     import torch
 
     from ..benchmark import bench_rows, run_bench
-    from ..comparison import markdown_table, resolve_pair
+    from ..comparison import markdown_table
     from ..generation import load_for_inference, pick_device
 
-    check_json_path(json_path)
+    check_output_file(json_path, "--json", "results.json")
+    if plot is not None and plot.suffix.lower() not in ("", ".png"):
+        raise LinearizeError(f"--plot {plot}: the plot is a PNG; give a path ending in .png (or none)")
+    check_output_file(plot, "--plot", "bench.png")
     device = pick_device(device)  # before any model loads
-    specs = resolve_pair(_checked_model(model), against)
+    specs = _checked_pair(model, against)
     contexts = int_list(ctx, "--ctx")
     if not contexts:
         raise LinearizeError("--ctx needs at least one context length, e.g. --ctx 512,2048")
@@ -222,6 +225,18 @@ def bench(
     write_outputs(result, specs, json_path, None if no_record else "linearize_bench.json", quiet)
     if not no_plot and (plot is not None or not no_record):
         _write_plot(result, plot or _default_plot(specs[0]), quiet)
+
+
+def _checked_pair(model: str | None, against: str | None) -> list:
+    """`comparison.resolve_pair` of MODEL and --against, each checked to load (its config, before any weights):
+    a bad --against is named before MODEL has been measured, not after."""
+    from .. import sources
+    from ..comparison import resolve_pair
+
+    specs = resolve_pair(_checked_model(model), against)
+    for spec in specs:
+        sources.load_config(spec.source)
+    return specs
 
 
 def _checked_model(model: str | None) -> str:
