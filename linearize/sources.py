@@ -193,7 +193,14 @@ def load(
         tokens = _load_tokenizer(source, name, revision, tokenizer_fix)
     else:  # `revision` is MODEL's: the other tokenizer comes from its default branch
         tokens = _load_tokenizer(str(_existing_path(tokenizer) or tokenizer), tokenizer, None, _OTHER_TOKENIZER)
-    return load_model(model, dtype, device, revision), tokens, EMBEDDED_ID if model is None else model
+    loaded = load_model(model, dtype, device, revision)
+    vocab = loaded.get_input_embeddings().num_embeddings
+    if tokenizer is not None and len(tokens) > vocab:
+        raise LinearizeError(
+            f"the tokenizer of '{tokenizer}' has {len(tokens)} tokens and '{name}' embeds {vocab}: its ids would "
+            "index past the embeddings; give --tokenizer the tokenizer this model was trained with"
+        )
+    return loaded, tokens, EMBEDDED_ID if model is None else model
 
 
 def load_model(model: str | None, dtype: str = "auto", device: str = "cpu", revision: str | None = None):

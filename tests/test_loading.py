@@ -13,7 +13,7 @@ from linearize import sources
 from linearize.cli import app
 from linearize.errors import LinearizeError
 from linearize.generation import pick_device
-from tests.tiny import source_folder, source_model
+from tests.tiny import source_folder, source_model, tiny_tokenizer
 
 runner = CliRunner()
 
@@ -118,6 +118,15 @@ def test_convert_takes_the_tokenizer_of_another_folder(bare, source, tmp_path):
     assert result.exit_code == 0, result.output
     assert "Warning" not in result.output
     assert (tmp_path / "out" / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
+
+
+def test_convert_refuses_a_tokenizer_larger_than_the_vocabulary(bare, tmp_path):
+    big = tiny_tokenizer()
+    big.add_tokens([f"extra{i}" for i in range(8)])  # 136 ids for the model's 128 embeddings
+    big.save_pretrained(tmp_path / "big")
+    result = invoke("convert", bare, "--tokenizer", tmp_path / "big", "-o", tmp_path / "out")
+    fails_with(result, "has 136 tokens and", "embeds 128: its ids would index past the embeddings")
+    assert not (tmp_path / "out").exists()
 
 
 def test_convert_refuses_a_tokenizer_folder_without_one(bare, tmp_path):
