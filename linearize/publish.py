@@ -25,7 +25,7 @@ from .hub import LOGIN_HINT, REPO_ID, check_can_push, check_repo_id
 from .methods import LAYOUT_KEYS
 from .models.remote_code import INSTALL_COMMAND, REPOSITORY
 from .selection import SCORERS, LayerSelection, spread_flag
-from .sources import check_model_folder
+from .sources import TOKENIZER_FILES, check_model_folder
 
 CARD_FILE = "README.md"
 RECIPE_FILE = "linearize_recipe.yaml"  # written by `linearize finetune` next to the model
@@ -268,6 +268,12 @@ def plan_push(folder: Path | str, repo_id: str, *, private: bool = False, revisi
         problem = "is a file, not a model folder" if folder.exists() else "does not exist"
         raise LinearizeError(f"model folder '{folder}' {problem}")
     check_model_folder(folder)  # a folder that cannot load must not look ready to push
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):  # its card tells users to load one
+        raise LinearizeError(
+            f"'{folder}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}), so the pushed model could not be "
+            "used as its card says; convert again with --tokenizer PATH_OR_ID, or copy the source's tokenizer files "
+            "into the folder"
+        )
     card = render_model_card(folder, repo_id)
     files = [*_folder_files(folder), (CARD_FILE, len(card.encode()))]
     return PushPlan(folder, repo_id, private, revision, card, sorted(files))

@@ -222,6 +222,15 @@ def test_a_folder_that_does_not_load_sends_nothing(folder, hub, tmp_path):
     assert hub.requests == []
 
 
+def test_a_folder_without_a_tokenizer_is_refused_by_the_plan(folder, hub, tmp_path):
+    bare = shutil.copytree(folder, tmp_path / "bare")
+    for name in sources.TOKENIZER_FILES:
+        (bare / name).unlink(missing_ok=True)
+    result = runner.invoke(app, ["push", str(bare), REPO, "--dry-run"])
+    assert result.exit_code == 1 and "has no tokenizer" in result.output and "--tokenizer" in result.output
+    assert hub.requests == []
+
+
 def test_offline_is_refused_before_any_request(folder, hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     result = runner.invoke(app, ["push", str(folder), REPO, "--token", GOOD_TOKEN, "--endpoint", hub.url])
