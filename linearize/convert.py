@@ -545,11 +545,12 @@ def _compare_with_source(source_model, output: Path, tokenizer, device: str, rep
 def _push(output: Path, repo_id: str, private: bool, report: ConvertReport) -> str:
     from .publish import push
 
-    saved = f"The converted folder {output} is saved: push it with `linearize push`."
+    again = f"linearize push {output} {repo_id}" + (" --private" if private else "")
+    saved = f"The converted folder {output} is saved: push it with `{again}`."
     try:
-        return push(output, repo_id, private=private, on_step=report.pushing)
+        return push(output, repo_id, private=private, on_step=report.pushing, retry=f"push it with `{again}`")
     except LinearizeError as error:
-        raise LinearizeError(f"{error} {saved}") from None
+        raise LinearizeError(str(error) if again in str(error) else f"{error} {saved}") from None
     except KeyboardInterrupt:
         # Its message tells the caller what is done and what is not (the CLI prints it).
         raise KeyboardInterrupt(

@@ -323,11 +323,11 @@ def _http_error(error, repo_id: str, endpoint: str, not_done: str) -> LinearizeE
 
 
 @contextmanager
-def _hub_errors(repo_id: str, endpoint: str) -> Iterator[None]:
-    """Turn Hub and network failures into LinearizeErrors that say the push did not complete."""
+def _hub_errors(repo_id: str, endpoint: str, retry: str) -> Iterator[None]:
+    """Turn Hub and network failures into LinearizeErrors that say the push did not complete, and how to `retry`."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    nothing = "The Hub did not confirm a commit, so the push is not done; rerun the same command."
+    nothing = f"The Hub did not confirm a commit, so the push is not done; {retry}."
     try:
         yield
     except HfHubHTTPError as error:
@@ -362,6 +362,7 @@ def push(
     quiet: bool = False,
     verify: bool = True,
     on_step: Callable[[str], None] | None = None,
+    retry: str = "rerun the same command",
 ) -> str:
     """Check the folder, create the repo (if needed) and upload the folder with its model card in one commit.
 
@@ -375,6 +376,7 @@ def push(
         quiet: no upload progress bars (they show only on a terminal anyway).
         verify: first load the folder and generate a few tokens in a fresh process.
         on_step: called with a short description before each step (the CLI prints them).
+        retry: what a failure's message tells the user to do to push again.
 
     Returns:
         The URL of the pushed repo (of its branch, with a revision), once the Hub has accepted the commit.
@@ -388,7 +390,7 @@ def push(
         step(f"Checking that {plan.folder} loads and generates (fresh process)")
         verify_folder(plan.folder)
     api = HfApi(endpoint=endpoint, token=token)
-    with _hub_errors(repo_id, api.endpoint), _progress_bars(not quiet and sys.stderr.isatty()):
+    with _hub_errors(repo_id, api.endpoint, retry), _progress_bars(not quiet and sys.stderr.isatty()):
         step(f"Creating {repo_id} on {api.endpoint}" + (" (private)" if private else ""))
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != "main":

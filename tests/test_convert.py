@@ -134,6 +134,7 @@ def test_a_failed_push_says_the_folder_is_saved(failure, raised, message, source
 
     monkeypatch.setattr(linearize.convert, "check_can_push", lambda token=None: "hf_token")
     monkeypatch.setattr(linearize.publish, "push", push)
-    with pytest.raises(raised, match=f"{message}.* converted folder .*out is saved: push it with `linearize push`"):
+    saved = "converted folder .*out is saved: push it with `linearize push .*out me/tiny-liger`"
+    with pytest.raises(raised, match=f"{message}.* {saved}"):
         convert_and_save(source, tmp_path / "out", push_to_hub="me/tiny-liger")
     assert (tmp_path / "out" / "config.json").exists()

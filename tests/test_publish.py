@@ -208,8 +208,11 @@ def test_no_token_is_refused_locally(folder, hub, no_verify):
 def test_a_rejected_token_is_not_reported_as_pushed(folder, hub, no_verify):
     result = runner.invoke(app, ["push", str(folder), REPO, "--token", "hf_bad", "--endpoint", hub.url])
     assert result.exit_code != 0 and "rejected the token (401)" in result.output
-    assert "Pushed" not in result.output and "not done" in result.output
+    assert "Pushed" not in result.output and "not done; rerun the same command" in result.output
     assert not [path for _, path in hub.requests if "/commit/" in path] and not hub.root.exists()
+    # a push that follows a conversion or a fine-tune says how to push the saved folder instead
+    with pytest.raises(LinearizeError, match="rejected the token .* the push is not done; push it with `linearize"):
+        push(folder, REPO, token="hf_bad", endpoint=hub.url, verify=False, retry="push it with `linearize push`")
 
 
 def test_a_folder_that_does_not_load_sends_nothing(folder, hub, tmp_path):

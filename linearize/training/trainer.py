@@ -594,7 +594,9 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
 
             # the folder was just trained and saved by this process: the load check in a subprocess is redundant
             reporter.info(f"pushing {out} to {recipe.output.push_to_hub}")
-            url = push(out, recipe.output.push_to_hub, private=recipe.output.private, quiet=quiet, verify=False)
+            repo, private = recipe.output.push_to_hub, recipe.output.private
+            again = f"push the saved model with `linearize push {out} {repo}" + " --private" * private + "`"
+            url = push(out, repo, private=private, quiet=quiet, verify=False, retry=again)
             reporter.info(f"pushed: {url}")
         return out
     finally:
