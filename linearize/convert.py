@@ -470,6 +470,8 @@ def convert_and_save(
     if output is not None:
         output = Path(output).expanduser()  # a quoted '~' reaches here as it is
         _check_targets(output, force, model, push_to_hub)
+    elif push_to_hub:  # a plan alone still checks the name it would push to (not the credentials)
+        check_repo_id(push_to_hub)
     report.step("Reading the source config")
     source = model or sources.EMBEDDED_NAME
     source_config = sources.load_config(model)

@@ -275,6 +275,8 @@ def test_convert_push_to_hub_checks_the_target_before_converting(hub, tmp_path):
     src = source_folder(tmp_path / "src")
     result = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "out"), "--push-to-hub", "bad"])
     assert result.exit_code != 0 and "ORG/NAME" in result.output and not (tmp_path / "out").exists()
+    result = runner.invoke(app, ["convert", str(src), "--dry-run", "--push-to-hub", "bad id"])
+    assert result.exit_code != 0 and "ORG/NAME" in result.output
 
 
 def test_source_hub_id(tmp_path):
