@@ -95,8 +95,8 @@ def eval_command(
 
     check_output_file(json_path, "--json", "results.json")
     device = pick_device(device)  # before any model loads or lm-eval indexes its tasks
-    specs = _checked_pair(model, against)
     contexts = int_list(passkey_contexts, "--passkey-contexts")
+    specs = _checked_pair(model, against, {"--context": [context], "--passkey-contexts": contexts})
     passkey_options = {
         "depths": float_list(depths, "--depths"),
         "trials": trials,
@@ -191,10 +191,10 @@ def bench(
         raise LinearizeError(f"--plot {plot}: the plot is a PNG; give a path ending in .png (or none)")
     check_output_file(plot, "--plot", "bench.png")
     device = pick_device(device)  # before any model loads
-    specs = _checked_pair(model, against)
     contexts = int_list(ctx, "--ctx")
     if not contexts:
         raise LinearizeError("--ctx needs at least one context length, e.g. --ctx 512,2048")
+    specs = _checked_pair(model, against, {"--ctx": contexts})
     if threads is not None:
         torch.set_num_threads(threads)
     if quiet:
@@ -227,15 +227,24 @@ def bench(
         _write_plot(result, plot or _default_plot(specs[0]), quiet)
 
 
-def _checked_pair(model: str | None, against: str | None) -> list:
+def _checked_pair(model: str | None, against: str | None, lengths: dict[str, list[int]]) -> list:
     """`comparison.resolve_pair` of MODEL and --against, each checked to load (its config, before any weights):
-    a bad --against is named before MODEL has been measured, not after."""
+    a bad --against is named before MODEL has been measured, not after. `lengths` ({option: token counts}) beyond
+    a model's positions get a warning: measuring there is how length generalisation shows, not an error."""
     from .. import sources
     from ..comparison import resolve_pair
 
     specs = resolve_pair(_checked_model(model), against)
     for spec in specs:
-        sources.load_config(spec.source)
+        most = getattr(sources.load_config(spec.source), "max_position_embeddings", None)
+        beyond = {option: [n for n in counts if most and n > most] for option, counts in lengths.items()}
+        if any(beyond.values()):
+            named = ", ".join(f"{option} {','.join(map(str, counts))}" for option, counts in beyond.items() if counts)
+            console.print(
+                f"[yellow]Warning:[/] {named} is beyond the {most} positions of {spec.label} "
+                "(max_position_embeddings): softmax attention usually degrades past them",
+                highlight=False,
+            )
     return specs
 
 
