@@ -1,13 +1,14 @@
 """`convert_and_save`, what `linearize convert` runs, called as a library function on tiny models."""
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 import linearize.convert
 import linearize.publish
-from linearize.convert import ConvertReport, convert_and_save
+from linearize.convert import ConvertReport, convert_and_save, plan_conversion
 from linearize.errors import LinearizeError
-from tests.tiny import source_folder
+from tests.tiny import source_folder, source_model
 
 
 class Recorder(ConvertReport):
@@ -138,3 +139,12 @@ def test_a_failed_push_says_the_folder_is_saved(failure, raised, message, source
     with pytest.raises(raised, match=f"{message}.* {saved}"):
         convert_and_save(source, tmp_path / "out", push_to_hub="me/tiny-liger")
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_the_plan_counts_cache_bytes_in_the_dtype_the_model_loads_in():
+    config = source_model("llama").config
+    config.dtype = None  # a checkpoint whose config names no dtype loads as float32
+    assert plan_conversion(config, "src", "liger").dtype_bytes == 4
+    config.dtype = torch.bfloat16
+    assert plan_conversion(config, "src", "liger").dtype_bytes == 2
+    assert plan_conversion(config, "src", "liger", dtype="float32").dtype_bytes == 4
