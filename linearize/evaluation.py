@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .data import DataSource, TooFewTokens, builtin_text, pack_documents, read_documents, require_eos
+from .data import DataSource, TooFewTokens, pack_documents, read_documents, require_eos
 from .errors import LinearizeError
 
 HF_PREFIX = "hf:"
@@ -50,26 +50,18 @@ def perplexity_by_position(model, windows: torch.Tensor, block: int) -> list[flo
     return [math.exp(nll[max(start - 1, 0) : start + block - 1].mean().item()) for start in range(0, context, block)]
 
 
-def perplexity(model, tokenizer, text: str, context: int = 512, max_windows: int = 8) -> float:
-    """Perplexity over up to `max_windows` consecutive, non-overlapping windows of `context` tokens of `text`."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    windows = min(max_windows, len(ids) // context)
-    if windows == 0:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {context}")
-    return perplexity_of_windows(model, ids[: windows * context].view(windows, context))
-
-
 def compare(
     models: dict, tokenizer, prompt: str, context: int = 512, windows: int = 4, max_new_tokens: int = 32
 ) -> list[dict]:
-    """Perplexity on the built-in text and a greedy sample for each named model, side by side."""
+    """Perplexity on the built-in text (as `linearize eval` reads it) and a greedy sample for each named model, side
+    by side."""
     from .generation import generate
 
-    text = builtin_text()
+    ids = text_windows("builtin", tokenizer, context, windows)
     return [
         {
             "model": name,
-            "perplexity": perplexity(model, tokenizer, text, context, windows),
+            "perplexity": perplexity_of_windows(model, ids),
             "sample": generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens),
         }
         for name, model in models.items()
