@@ -31,6 +31,10 @@ def demo(
         if not quiet:
             console.print(f"[bold]{message}[/]", highlight=False)
 
+    if quiet:
+        from ..sources import hide_progress_bars
+
+        hide_progress_bars()  # transformers' and datasets' bars, as the other commands' --quiet
     result = run_demo(output, steps, force=force, say=say, quiet=quiet, console=console)
     header = [
         "model",
