@@ -437,9 +437,10 @@ def _from_records(
                 )
         missing = [field for field in needed[fmt] if field not in record]
         if missing:
+            why = f"format: {fmt}" if source.format != "auto" else f"the format of {source.label}'s first record"
             raise DataError(
-                f"{where}: {fmt} record lacks {missing}; its fields are {sorted(record)} "
-                f"(expected {needed[fmt]}, as in the first record)"
+                f"{where}: {fmt} record lacks {missing}; its fields are {sorted(record)} (expected {needed[fmt]}, "
+                f"{why}): a source holds one format; put records of another format in a source of their own"
             )
         if fmt == "text":
             yield Document([(_string(record, source.text_field, where), True)]), fmt

@@ -310,8 +310,11 @@ def test_records_without_expected_fields(tmp_path, tokenizer):
     with pytest.raises(LinearizeError, match=r"fields \['answer', 'question'\]; expected 'text'.*'instruction'"):
         load(tokenizer, DataSource(path=path))
     path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a"}, {"body": "b"}])
-    with pytest.raises(LinearizeError, match=r"mixed\.jsonl, line 2: text record lacks \['text'\]; its fields"):
+    with pytest.raises(LinearizeError, match=r"mixed\.jsonl, line 2: text record lacks \['text'\]; its fields.*"
+                       r"the format of .*mixed\.jsonl's first record\): a source holds one format"):  # fmt: skip
         load(tokenizer, DataSource(path=path))
+    with pytest.raises(LinearizeError, match=r"line 1: instruction record lacks .*, format: instruction\)"):
+        load(tokenizer, DataSource(path=path, format="instruction"))
     with pytest.raises(LinearizeError, match="must be an object"):
         load(tokenizer, DataSource(path=write_jsonl(tmp_path / "list.jsonl", [[1, 2]])))
 
