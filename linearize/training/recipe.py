@@ -14,6 +14,7 @@ import json
 import operator
 import os
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -354,7 +355,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # the parent class says what is wrong with it
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key '{key}' is written twice in one section; keep one", key_node.start_mark
@@ -423,11 +428,12 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 
 def _nested_key(owner: type[BaseModel] | None, key: str) -> list[str]:
-    """['optimizer.lr'] for `lr` written in a stage: the key, by its exact name, one section further down."""
+    """['optimizer.lr'] for `lr` written in a stage: the key, by its exact name, one section further down
+    ('stages.N.max_steps' for a section that is a list)."""
     for name, field in owner.model_fields.items() if owner else ():
         for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
             if isinstance(candidate, type) and issubclass(candidate, BaseModel) and key in candidate.model_fields:
-                return [f"{name}.{key}"]
+                return [f"{name}.N.{key}" if typing.get_origin(field.annotation) is list else f"{name}.{key}"]
     return []
 
 

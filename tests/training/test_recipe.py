@@ -51,6 +51,8 @@ def test_unknown_key_names_the_nearest_valid_key():
     for key, place in (("lr", "optimizer.lr"), ("warmup_steps", "schedule.warmup_steps")):
         with pytest.raises(RecipeError, match=rf"stages\.0\.{key}: unknown key; did you mean '{place}'\?"):
             parse_recipe(MINIMAL, overrides=[f"stages.0.{key}=3"])
+    with pytest.raises(RecipeError, match=r"max_steps: unknown key; did you mean 'stages\.N\.max_steps'\?"):
+        parse_recipe(MINIMAL + "max_steps: 3\n")
 
 
 def test_a_key_written_twice_is_refused(tmp_path):
@@ -58,6 +60,11 @@ def test_a_key_written_twice_is_refused(tmp_path):
     path.write_text(MINIMAL + "training:\n  seed: 1\n  grad_accum: 2\n  seed: 3\n")
     with pytest.raises(RecipeError, match=r"twice\.yaml, line \d+, column 3: .*key 'seed' is written twice"):
         load_recipe(path)
+    # a YAML merge may be overridden key by key, as YAML means it; an unhashable key stays YAML's error
+    merged = parse_recipe("stages: [{kind: lora, optimizer: {<<: {name: muon, lr: 0.01}, lr: 0.005}}]\n")
+    assert (merged.stages[0].optimizer.name, merged.stages[0].optimizer.lr) == ("muon", 0.005)
+    with pytest.raises(RecipeError, match="malformed YAML: found unhashable key"):
+        parse_recipe("? [a, b]\n: 1\n" + MINIMAL)
 
 
 def test_wrong_type_names_the_field_path():
