@@ -73,7 +73,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     from .. import sources
     from ..hub import check_can_push
     from ..methods import get_method
-    from ..training.checkpoint import list_checkpoints, prepare_run_folder
+    from ..training.checkpoint import check_resumable, list_checkpoints, prepare_run_folder
     from ..training.checks import lora_targets, nothing_to_train, positions_note, stage_steps, warmup_note
     from ..training.data import load_data
 
@@ -120,6 +120,8 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     for note in data.notes:
         table.add_row("", escape(note))
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun, as the run will count them
+    if start is not None:  # what the run would refuse about the checkpoint, now
+        check_resumable(start, recipe, processes, data)
     table.add_row("batch", f"{t.micro_batch_size} x {t.grad_accum} accumulation per process, {processes} process(es)")
     for i, stage in enumerate(recipe.stages):
         steps = stage_steps(stage, len(data.train), t, processes)[0]

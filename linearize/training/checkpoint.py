@@ -8,6 +8,7 @@ Each is written to a temporary folder and renamed into place, so a checkpoint ei
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -21,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import LinearizeError
 from ..outputs import atomic_folder, check_writable
-from .recipe import Recipe, load_recipe, recipe_differences, recipe_hash
+from .data import FinetuneData
+from .recipe import Recipe, bookkeeping_keys, legacy_recipe_hash, load_recipe, recipe_differences, recipe_hash
 
 RECIPE_FILE = "linearize_recipe.yaml"
 STATE_FILE = "trainer_state.json"
@@ -110,8 +112,30 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return tensors, states, state
 
 
-def check_process_count(checkpoint: Path, processes: int, state: dict[str, Any] | None = None) -> None:
-    """Refuse to resume `checkpoint` (trainer `state` read from it if not given) with another process count."""
+# How `linearize.data.pack_documents` lays documents out, recorded with a checkpoint's data: 2 since no document's
+# first token is a target and documents open with their tokenizer's BOS (1: before, recorded as no version).
+PACKING = 2
+
+
+def data_fingerprint(data: FinetuneData) -> dict[str, Any]:
+    """What a resumed run must find again: the packs' count, a digest of their tokens and labels, the packing."""
+    digest = hashlib.sha256()
+    for packs in (data.train, data.held_out):
+        digest.update(packs.input_ids.numpy().tobytes())
+        digest.update(packs.labels.numpy().tobytes())
+    return {"train_packs": len(data.train), "sha256": digest.hexdigest()[:16], "packing": PACKING}
+
+
+def check_resumable(
+    checkpoint: Path,
+    recipe: Recipe,
+    processes: int,
+    data: FinetuneData | None = None,
+    state: dict[str, Any] | None = None,
+) -> None:
+    """Refuse to resume `checkpoint` (its trainer `state`, read from it if not given) with another recipe, process
+    count or (when `data` is given) packed data: each would change what the run computes. The run checks before
+    it loads anything, and again with the data; so does `finetune --dry-run --resume`."""
     if state is None:
         try:
             state = json.loads((checkpoint / STATE_FILE).read_text())
@@ -119,12 +143,32 @@ def check_process_count(checkpoint: Path, processes: int, state: dict[str, Any] 
             raise LinearizeError(
                 f"checkpoint {checkpoint} cannot be read ({error}); delete it to resume from an older one"
             ) from None
+    if state.get("recipe_hash") not in (recipe_hash(recipe), legacy_recipe_hash(recipe)):
+        raise LinearizeError(
+            f"checkpoint {checkpoint} belongs to a different recipe; it cannot be resumed (a checkpoint of an earlier "
+            f"linearize also needs {', '.join(bookkeeping_keys())} as they were)"
+        )
     if state["processes"] != processes:
         raise LinearizeError(
             f"checkpoint {checkpoint} was written by a run of {state['processes']} process(es) and the global batch "
             f"order depends on it; resume with the same count (torchrun --nproc_per_node {state['processes']}), "
             f"not {processes}"
         )
+    saved = state.get("data")  # absent: written before it was kept
+    now = data_fingerprint(data) if data is not None else None
+    if now is None or saved is None or (saved["train_packs"], saved["sha256"]) == (now["train_packs"], now["sha256"]):
+        return
+    if saved.get("packing") != PACKING:
+        raise LinearizeError(
+            f"checkpoint {checkpoint} was written by an earlier linearize, which packed documents differently (their "
+            "first tokens were targets, and no BOS opened them): the run cannot continue with this version's data; "
+            "finish it with the version that started it, or start again in another output.dir"
+        )
+    raise LinearizeError(
+        f"checkpoint {checkpoint} was trained on other packed data ({saved['train_packs']} training packs, now "
+        f"{len(data.train)}, or other tokens in them): the data files or their tokenization changed since, so the "
+        "batch order and the held-out documents would too; restore them, or start a new run in another output.dir"
+    )
 
 
 def prepare_run_folder(

@@ -517,6 +517,11 @@ _NOT_COMPUTED = {
 }
 
 
+def bookkeeping_keys() -> list[str]:
+    """The settings a resumed run may change (`recipe_hash` leaves them out), as dotted keys."""
+    return [f"{section}.{key}" for section, keys in _BOOKKEEPING.items() for key in sorted(keys)]
+
+
 def recipe_hash(recipe: Recipe) -> str:
     """Fingerprint of what a run computes: everything but where its results go (folder, Hub repo) and its
     bookkeeping (evaluations, checkpoints, merging LoRA at the end)."""

@@ -8,8 +8,6 @@ would. At the end LoRA is merged (by default) and the model is saved in the foun
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import math
 import shutil
 import time
@@ -31,7 +29,8 @@ from ..layers.base import LinearizedAttention
 from ..selection import LayerSelection, select_layers
 from .checkpoint import (
     RECIPE_FILE,
-    check_process_count,
+    check_resumable,
+    data_fingerprint,
     list_checkpoints,
     load_checkpoint,
     prepare_run_folder,
@@ -51,7 +50,7 @@ from .distributed import (
     sum_across,
 )
 from .optim import build_optimizers, build_schedulers, lr_factor
-from .recipe import Recipe, StageSection, legacy_recipe_hash, recipe_hash, resolved_yaml
+from .recipe import Recipe, StageSection, recipe_hash, resolved_yaml
 from .report import Reporter
 from .transfer import AttentionTransfer, distillation_loss, original_model
 
@@ -408,15 +407,6 @@ class Trainer:
         for opt, saved in zip(optimizers, states, strict=True):
             set_optimizer_state_dict(self.model, opt, optim_state_dict=saved, options=options)
 
-    @functools.cached_property
-    def data_fingerprint(self) -> dict:
-        """What a resumed run must find again: the packs' count and a digest of their tokens."""
-        digest = hashlib.sha256()
-        for packs in (self.data.train, self.data.held_out):
-            digest.update(packs.input_ids.numpy().tobytes())
-            digest.update(packs.labels.numpy().tobytes())
-        return {"train_packs": len(self.data.train), "sha256": digest.hexdigest()[:16]}
-
     def checkpoint(self, optimizers, schedulers) -> None:
         tensors, optimizer_states = self.trained_tensors(), self.optimizer_states(optimizers)  # collective
         if self.world.is_main:
@@ -430,7 +420,7 @@ class Trainer:
                 "last_eval": self.state.last_eval,
                 "metrics_bytes": self.reporter.metrics_size(),
                 "layer_selection": self.selection.to_dict() if self.selection is not None else None,
-                "data": self.data_fingerprint,
+                "data": data_fingerprint(self.data),
             }
             save_checkpoint(
                 self.run,
@@ -447,20 +437,7 @@ class Trainer:
     def restore(self, checkpoint: Path) -> dict | None:
         """Load a checkpoint; return the optimizer states when it stopped inside a stage."""
         tensors, states, saved = load_checkpoint(checkpoint)
-        if saved.get("recipe_hash") not in (recipe_hash(self.recipe), legacy_recipe_hash(self.recipe)):
-            raise LinearizeError(
-                f"checkpoint {checkpoint} belongs to a different recipe; it cannot be resumed (a checkpoint of an "
-                "earlier linearize also needs training.eval_every, eval_batches, checkpoint_every, keep_checkpoints "
-                "and output.merge_lora as they were)"
-            )
-        check_process_count(checkpoint, self.world.size, saved)
-        if saved.get("data", self.data_fingerprint) != self.data_fingerprint:  # absent: written before it was kept
-            raise LinearizeError(
-                f"checkpoint {checkpoint} was trained on other packed data ({saved['data']['train_packs']} training "
-                f"packs, now {len(self.data.train)}, or other tokens in them): the data files, their tokenization or "
-                "linearize's packing changed since, so the batch order and the held-out documents would too; "
-                "restore them, or start a new run in another output.dir"
-            )
+        check_resumable(checkpoint, self.recipe, self.world.size, self.data, saved)
         if saved.get("layer_selection"):
             chosen = LayerSelection(**saved["layer_selection"])
             if self.selection is None:  # chosen after attention transfer
@@ -577,8 +554,8 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
     try:
         reporter = Reporter(run / "metrics.jsonl", quiet=quiet, enabled=world.is_main, console=console)
         resume_from = prepare_run_folder(run, recipe, resume, note=reporter.info)
-        if resume_from is not None:  # before the model and the data load
-            check_process_count(resume_from, world.size)
+        if resume_from is not None:  # before the model and the data load, and before the recipe file is rewritten
+            check_resumable(resume_from, recipe, world.size)
         barrier(world)
         if world.is_main:
             run.mkdir(parents=True, exist_ok=True)

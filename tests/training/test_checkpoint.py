@@ -55,11 +55,19 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch,
     assert result.exit_code == 1 and "pass --resume" in result.output
     if selected:  # the resumed run takes the kept layers from its checkpoint: it must not score again
         monkeypatch.setattr(trainer_module, "select_layers", lambda *args, **kwargs: pytest.fail("scored again"))
-        # a checkpoint of an earlier linearize, whose fingerprint covered the bookkeeping too, still resumes
+        # a checkpoint of an earlier linearize (its recipe fingerprint covered the bookkeeping too, its data
+        # fingerprint had no packing version) still resumes, where its data packs as it did
         state = list_checkpoints(resumed / "run")[-1] / "trainer_state.json"
         saved = json.loads(state.read_text())
         saved["recipe_hash"] = legacy_recipe_hash(load_recipe(resumed / "run" / "linearize_recipe.yaml"))
+        del saved["data"]["packing"]
         state.write_text(json.dumps(saved))
+        # its fingerprint holds the bookkeeping: changing it is refused, before the run's recipe file is rewritten
+        recorded = (resumed / "run" / "linearize_recipe.yaml").read_text()
+        refused = invoke("finetune", recipe, *extra, "training.eval_every=1", "--resume")
+        shown = " ".join(refused.output.split())
+        assert refused.exit_code == 1 and "also needs training.checkpoint_every, training.eval_batches" in shown
+        assert (resumed / "run" / "linearize_recipe.yaml").read_text() == recorded
         bookkeeping = []
     else:  # how often it evaluates and keeps checkpoints may change: the results do not
         bookkeeping = ["training.eval_every=1", "training.keep_checkpoints=3", "training.checkpoint_every=3"]
@@ -119,8 +127,18 @@ def test_resume_refuses_changed_data(workspace, tmp_path, monkeypatch):
     assert (
         result.exit_code == 1
         and "was trained on other packed data (" in message
-        and "the data files, their tokenization or linearize's packing" in message
+        and "the data files or their tokenization changed" in message
     )
+    dry_run = invoke("finetune", recipe, data, "--resume", "--dry-run")  # the plan says so too
+    assert dry_run.exit_code == 1 and "was trained on other packed data (" in " ".join(dry_run.output.split())
+    # a checkpoint of an earlier linearize, whose packing made document starts targets: named as such
+    state = list_checkpoints(tmp_path / "run")[-1] / "trainer_state.json"
+    saved = json.loads(state.read_text())
+    del saved["data"]["packing"]
+    state.write_text(json.dumps(saved))
+    result = invoke("finetune", recipe, data, "--resume")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "by an earlier linearize, which packed documents differently" in message
 
 
 def test_resumed_run_logs_every_step_once(workspace, tmp_path, monkeypatch):
