@@ -3,9 +3,10 @@
 `check_output_folder` refuses, before any weights load, an output that is or holds the source model, the embedded
 model's cache, the current or home folder, or that cannot be written. `atomic_folder` yields an empty staging
 folder beside the output and moves it into place only once the body has finished; on any failure (a full disk, an
-unwritable folder, Ctrl-C) the staging folder is removed and an existing output stays as it was. Staging and
-retired folders carry the writing process's id, so that a later run can tell those of a killed run and clean
-them up.
+unwritable folder, Ctrl-C) the staging folder is removed and an existing output stays as it was. Work that must
+write the output in place (the demo's fine-tuning run) goes through `replaced_when_done`, which sets the existing
+output aside until the work completes. Staging, retired and set-aside folders carry the writing process's id, so
+that a later run can tell those of a killed run, clean up the first and put the others back.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from .errors import LinearizeError
 
 _STAGING = "linearize-tmp"  # the output being written
 _RETIRED = "linearize-old"  # the output being replaced, between its two renames
-_LEFTOVER = re.compile(rf"^\.(?P<name>.+)\.(?P<kind>{_STAGING}|{_RETIRED})-(?P<pid>\d+)-[0-9a-f]{{8}}$")
+_SET_ASIDE = "linearize-kept"  # the output being replaced by work that writes in place, while it runs
+_LEFTOVER = re.compile(rf"^\.(?P<name>.+)\.(?P<kind>{_STAGING}|{_RETIRED}|{_SET_ASIDE})-(?P<pid>\d+)-[0-9a-f]{{8}}$")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -88,7 +90,8 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
 def replaced_when_done(out: Path, force: bool = False) -> Iterator[None]:
     """For work that must write `out` in place (a fine-tuning run records its own folder): an existing `out` (only
     with `force`) is set aside while the body runs and deleted once it completes; if the body fails, what it wrote
-    is removed and the old folder put back."""
+    is removed and the old folder put back (if the process is killed, the next linearize run writing beside it
+    does that)."""
     out = Path(out)
     check_replaceable(out, force)
     retired = None
@@ -96,7 +99,7 @@ def replaced_when_done(out: Path, force: bool = False) -> Iterator[None]:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out.parent)
         if out.exists():
-            retired = _sibling(out, _RETIRED)
+            retired = _sibling(out, _SET_ASIDE)
             os.replace(out, retired)
     try:
         yield
@@ -132,14 +135,17 @@ def _umask() -> int:
 
 def remove_leftovers(parent: Path) -> None:
     """Remove the staging folders in `parent` of linearize runs that were killed, and put back an output that one
-    killed between its two renames had retired, saying so in one line each."""
+    killed between its two renames had retired, or that one killed while writing in place had set aside (over what
+    it had written), saying so in one line each."""
     for path in parent.iterdir():
         match = _LEFTOVER.match(path.name)
         if match is None or _process_alive(int(match["pid"])):
             continue
         original = parent / match["name"]
-        if match["kind"] == _RETIRED and not original.exists():
+        if (match["kind"] == _RETIRED and not original.exists()) or match["kind"] == _SET_ASIDE:
             with suppress(OSError):  # another user's leftover, say: not ours to touch, and no reason to stop
+                if match["kind"] == _SET_ASIDE:
+                    _remove(original)  # the killed run's incomplete output
                 os.replace(path, original)
                 _note(f"Restored '{original}' from '{path.name}', left by a linearize run killed while replacing it.")
             continue

@@ -285,3 +285,17 @@ def test_output_retired_by_a_killed_run_is_put_back_and_live_runs_are_left_alone
     assert f"Restored '{out}'" in result.output
     assert files(out) == before and not retired.exists()
     assert running.is_dir()
+
+
+def test_output_set_aside_by_a_killed_run_replaces_what_that_run_wrote(source, tmp_path):
+    """`replaced_when_done` (the demo) keeps the old output aside for minutes: a run killed meanwhile leaves an
+    incomplete output beside it, and the next run puts the old one back over it."""
+    out = tmp_path / "out"
+    assert invoke("convert", source, "-o", out).exit_code == 0
+    before = files(out)
+    out.rename(tmp_path / f".out.linearize-kept-{finished_pid()}-0123abcd")
+    (out / "liger-run").mkdir(parents=True)  # the killed run's incomplete output
+    result = invoke("convert", source, "-o", tmp_path / "second")
+    assert result.exit_code == 0, result.output
+    assert f"Restored '{out}'" in result.output and files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "second"]
