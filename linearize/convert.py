@@ -99,7 +99,7 @@ def unconverted_sliding_layers(source_config, convert_layers: str | None) -> lis
 def source_hub_id(source: str) -> str | None:
     """The Hub id that `source` (a Hub id, a local folder or the embedded default's name) names, or None for a
     local folder: a model card's `base_model` must be a Hub id, and a local path must not leak into one."""
-    if source == sources.EMBEDDED_NAME:
+    if _is_embedded(source):
         return sources.EMBEDDED_ID
     if Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
         return None
@@ -108,9 +108,14 @@ def source_hub_id(source: str) -> str | None:
 
 def source_weights(source: str) -> str:
     """Where `source`'s weights come from: "embedded" (the embedded default's name), "hub" or "local"."""
-    if source == sources.EMBEDDED_NAME:
+    if _is_embedded(source):
         return "embedded"
     return "hub" if source_hub_id(source) is not None else "local"
+
+
+def _is_embedded(source: str) -> bool:
+    # the embedded default's name, unless a folder of that name is what the user gave
+    return source == sources.EMBEDDED_NAME and not Path(source).exists()
 
 
 def build_config(
@@ -485,7 +490,9 @@ def convert_and_save(
             return Conversion(plan)
     device = pick_device(device)
     report.step(f"Loading {source}")
-    source_model, tokens = _load_source(model, dtype, device, tokenizer, verify, scoring=request is not None)
+    source_model, tokens = _load_source(
+        model, dtype, device, tokenizer, verify, scoring=request is not None, pushing=bool(push_to_hub)
+    )
     converted = None
     if request is not None:  # every layer converted: score them, then keep the worst as softmax
         report.step(f"Scoring {source_config.num_hidden_layers} layers ({request.scorer})")
@@ -521,16 +528,19 @@ def _check_targets(output: Path, force: bool, model: str | None, push_to_hub: st
         check_can_push()
 
 
-def _load_source(model: str | None, dtype: str, device: str, tokenizer: str | None, verify: bool, scoring: bool):
-    # A source without a tokenizer still converts (the caller is told); a comparison or layer scoring needs one.
+def _load_source(
+    model: str | None, dtype: str, device: str, tokenizer: str | None, verify: bool, scoring: bool, pushing: bool
+):
+    # A source without a tokenizer still converts (the caller is told); a comparison, layer scoring or a push (whose
+    # model card loads one) needs one.
     tokenizer_fix = None
     if scoring:
         tokenizer_fix = f"{PASS_TOKENIZER}: --softmax-layers auto:K scores layers on text"
     elif verify:
         tokenizer_fix = f"{PASS_TOKENIZER}, or drop --verify"
-    loaded, tokens, _ = sources.load(
-        model, dtype=dtype, device=device, tokenizer=tokenizer, tokenizer_fix=tokenizer_fix
-    )
+    elif pushing:
+        tokenizer_fix = f"{PASS_TOKENIZER}: a pushed model needs one"
+    loaded, tokens = sources.load(model, dtype=dtype, device=device, tokenizer=tokenizer, tokenizer_fix=tokenizer_fix)
     return loaded, tokens
 
 
@@ -553,7 +563,7 @@ def _push(output: Path, repo_id: str, private: bool, report: ConvertReport) -> s
     try:
         return push(output, repo_id, private=private, on_step=report.pushing, retry=f"push it with `{again}`")
     except LinearizeError as error:
-        raise LinearizeError(str(error) if again in str(error) else f"{error} {saved}") from None
+        raise LinearizeError(str(error) if again in str(error) else f"{str(error).rstrip('.')}. {saved}") from None
     except KeyboardInterrupt:
         # Its message tells the caller what is done and what is not (the CLI prints it).
         raise KeyboardInterrupt(

@@ -129,7 +129,7 @@ def run_demo(
     recipe = quick_recipe(run, steps, model)
     with replaced_when_done(out, force):  # an earlier demo's folder is deleted only once this one is complete
         say(f"Loading {model or sources.EMBEDDED_NAME}")
-        original, tokenizer, _ = sources.load(model, dtype="float32")
+        original, tokenizer = sources.load(model, dtype="float32")
         name = model or sources.EMBEDDED_NAME
         windows = text_windows("builtin", tokenizer, recipe.data.seq_len, PERPLEXITY_WINDOWS)
 

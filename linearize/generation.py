@@ -46,7 +46,7 @@ def load_for_inference(model: str | None, device: str = "auto", dtype: str = "au
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else "auto"
     tokenizer_fix = sources.COPY_TOKENIZER if needs_tokenizer else None
-    loaded, tokenizer, _ = sources.load(model, dtype=dtype, device=device, tokenizer_fix=tokenizer_fix)
+    loaded, tokenizer = sources.load(model, dtype=dtype, device=device, tokenizer_fix=tokenizer_fix)
     return loaded, tokenizer
 
 

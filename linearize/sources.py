@@ -183,8 +183,7 @@ def load(
     tokenizer: str | None = None,
     tokenizer_fix: str | None = COPY_TOKENIZER,
 ):
-    """Load the source model and tokenizer (`revision`: a hub branch, tag or commit). Returns (model, tokenizer,
-    source_name).
+    """Load the source model and tokenizer (`revision`: a hub branch, tag or commit). Returns (model, tokenizer).
 
     `tokenizer` names another folder or hub id to take the tokenizer from. A local folder without tokenizer files
     is an error that tells the user to `tokenizer_fix`; with `tokenizer_fix` None it loads with tokenizer None."""
@@ -200,7 +199,7 @@ def load(
             f"the tokenizer of '{tokenizer}' has {len(tokens)} tokens and '{name}' embeds {vocab}: its ids would "
             "index past the embeddings; give --tokenizer the tokenizer this model was trained with"
         )
-    return loaded, tokens, EMBEDDED_ID if model is None else model
+    return loaded, tokens
 
 
 def load_model(model: str | None, dtype: str = "auto", device: str = "cpu", revision: str | None = None):

@@ -125,7 +125,7 @@ def test_an_interrupted_comparison_says_the_folder_is_saved(source, tmp_path):
 @pytest.mark.parametrize(
     "failure,raised,message",
     [
-        (LinearizeError("the Hub rejected the token (401)"), LinearizeError, r"rejected the token \(401\) The"),
+        (LinearizeError("the Hub rejected the token (401)"), LinearizeError, r"rejected the token \(401\)\. The"),
         (KeyboardInterrupt(), KeyboardInterrupt, "interrupted before the Hub confirmed the commit"),
     ],
 )

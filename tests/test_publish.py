@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import linearize.publish
 from linearize import sources
 from linearize.cli import app
-from linearize.convert import convert_model, plan_conversion, save_model, source_hub_id
+from linearize.convert import convert_model, plan_conversion, save_model, source_hub_id, source_weights
 from linearize.errors import LinearizeError
 from linearize.publish import plan_push, push
 from tests.tiny import source_folder, source_model, tiny_tokenizer
@@ -277,9 +277,15 @@ def test_convert_push_to_hub_checks_the_target_before_converting(hub, tmp_path):
     assert result.exit_code != 0 and "ORG/NAME" in result.output and not (tmp_path / "out").exists()
     result = runner.invoke(app, ["convert", str(src), "--dry-run", "--push-to-hub", "bad id"])
     assert result.exit_code != 0 and "ORG/NAME" in result.output
+    for name in sources.TOKENIZER_FILES:  # a bare checkpoint: refused before converting, not at the push
+        (src / name).unlink(missing_ok=True)
+    result = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "out"), "--push-to-hub", REPO], env={
+        "HF_TOKEN": GOOD_TOKEN, "HF_ENDPOINT": hub.url, "COLUMNS": "300"})  # fmt: skip
+    assert result.exit_code != 0 and "has no tokenizer" in result.output and "a pushed model needs one" in result.output
+    assert not (tmp_path / "out").exists() and hub.requests == []
 
 
-def test_source_hub_id(tmp_path):
+def test_source_hub_id(tmp_path, monkeypatch):
     assert source_hub_id(sources.EMBEDDED_NAME) == sources.EMBEDDED_ID
     assert source_hub_id("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
     assert source_hub_id(str(tmp_path)) is None and source_hub_id("./a/b") is None and source_hub_id("llama") is None
@@ -288,6 +294,9 @@ def test_source_hub_id(tmp_path):
     for source, weights in expected.items():
         config = plan_conversion(source_model("llama").config, source, "swa").config
         assert (config.source_model, config.source_weights) == (source_hub_id(source), weights)
+    monkeypatch.chdir(tmp_path)  # a downloaded folder that bears the embedded default's name is a local folder
+    (tmp_path / sources.EMBEDDED_NAME).mkdir()
+    assert (source_hub_id(sources.EMBEDDED_NAME), source_weights(sources.EMBEDDED_NAME)) == (None, "local")
 
 
 def test_recipe_output_push_to_hub_reaches_the_same_push(hub, tmp_path, monkeypatch):
