@@ -286,7 +286,8 @@ def plan_conversion(
     torch_dtype = getattr(source_config, "dtype", None) if dtype == "auto" else getattr(torch, dtype)
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
-    # a config without a dtype loads as float32 (transformers' default dtype)
+    # without a dtype (a Hub checkpoint whose config names none, its weights unread): float32, as such older
+    # checkpoints mostly are
     dtype_bytes = torch.finfo(torch_dtype).bits // 8 if isinstance(torch_dtype, torch.dtype) else 4
     return ConversionPlan(source, config, _count_parameters(unconverted), _count_parameters(config), dtype_bytes)
 

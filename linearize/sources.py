@@ -162,10 +162,33 @@ def _check_safetensors(path: Path) -> None:
 
 
 def load_config(model: str | None, revision: str | None = None) -> PreTrainedConfig:
-    """The source config alone (no weights): what `--dry-run` needs."""
+    """The source config alone (no weights): what `--dry-run` needs. Its `dtype` is the one the weights load in
+    (`dtype="auto"`): the config's, else, for a local folder, its safetensors', else None (a Hub checkpoint's
+    weights are not read)."""
     if model is None and not (cache_root() / EMBEDDED_NAME / "config.json").exists():
-        return AutoConfig.from_pretrained(_embedded_gguf_folder(), gguf_file=_EMBEDDED_GGUF)
-    return _from_pretrained(AutoConfig, resolve(model), model or EMBEDDED_NAME, revision=revision)
+        config = AutoConfig.from_pretrained(_embedded_gguf_folder(), gguf_file=_EMBEDDED_GGUF)
+        config.dtype = torch.bfloat16  # what `embedded_model_folder` saves and loads
+        return config
+    source = resolve(model)
+    config = _from_pretrained(AutoConfig, source, model or EMBEDDED_NAME, revision=revision)
+    if getattr(config, "dtype", None) is None and (weights := sorted(Path(source).glob("*.safetensors"))):
+        config.dtype = _stored_dtype(weights[0])
+    return config
+
+
+def _stored_dtype(path: Path) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor in a safetensors file (its header alone is read)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as weights:
+        for name in weights.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+            dtype = weights.get_slice(name).get_dtype()
+            if dtype in _SAFETENSORS_FLOATS:
+                return _SAFETENSORS_FLOATS[dtype]
+    return None
+
+
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def load_tokenizer(model: str | None, revision: str | None = None):

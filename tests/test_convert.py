@@ -141,10 +141,20 @@ def test_a_failed_push_says_the_folder_is_saved(failure, raised, message, source
     assert (tmp_path / "out" / "config.json").exists()
 
 
-def test_the_plan_counts_cache_bytes_in_the_dtype_the_model_loads_in():
-    config = source_model("llama").config
-    config.dtype = None  # a checkpoint whose config names no dtype loads as float32
-    assert plan_conversion(config, "src", "liger").dtype_bytes == 4
-    config.dtype = torch.bfloat16
-    assert plan_conversion(config, "src", "liger").dtype_bytes == 2
-    assert plan_conversion(config, "src", "liger", dtype="float32").dtype_bytes == 4
+def test_the_plan_counts_cache_bytes_in_the_dtype_the_model_loads_in(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from linearize import sources
+
+    source_model("llama").to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config.pop("dtype", None)  # a config that names no dtype: the weights load in theirs
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "src").dtype == torch.bfloat16
+    loaded = sources.load_config(str(tmp_path / "src"))
+    assert plan_conversion(loaded, "src", "liger").dtype_bytes == 2
+    assert plan_conversion(loaded, "src", "liger", dtype="float32").dtype_bytes == 4
+    loaded.dtype = None  # a Hub checkpoint's unread weights: taken as float32
+    assert plan_conversion(loaded, "src", "liger").dtype_bytes == 4
