@@ -95,8 +95,9 @@ def text_windows(spec: str, tokenizer, context: int, max_windows: int, default_s
     """Up to `max_windows` windows [N, context] of token ids from the text source `spec` (see `text_source`).
 
     Documents are read in order, joined with EOS (each opened with BOS, for tokenizers that put one before a text)
-    and cut into windows, as fine-tuning packs them; a source whose
-    records are instructions or chats is refused (use plain text for perplexity)."""
+    and cut into windows, as fine-tuning packs them; unlike fine-tuning's held-out loss, perplexity then scores
+    every token of a window, a document's first and its BOS included (as perplexity over a text stream does). A
+    source whose records are instructions or chats is refused (use plain text for perplexity)."""
     source = text_source(spec, default_split)
     # read no more documents than the windows can use, assuming documents of 16 tokens or more on average
     source.max_documents = max(256, max_windows * context // 16)

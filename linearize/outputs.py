@@ -195,23 +195,19 @@ def _source_folder(source: str) -> Path:
         return local
 
 
-def check_writable(out: Path, written_into: bool = False) -> None:
+def check_writable(out: Path, written_into: bool = False, what: str = "output folder") -> None:
     """Refuse `out` when the nearest existing folder it is written from is a file or cannot be written: its parent
     for an output that is created or replaced by a rename, `out` itself when it exists and is `written_into` (a run
-    folder)."""
+    folder). `what` names it in the message."""
     existing = _absolute(out) if written_into else _absolute(out).parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise LinearizeError(
-            f"cannot create output folder '{out}': '{existing}' is a file, not a folder; choose another output path"
-        )
+        raise LinearizeError(f"cannot create {what} '{out}': '{existing}' is a file, not a folder; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
         reason = "it is on a read-only file system" if read_only else "you do not have permission to write there"
-        raise LinearizeError(
-            f"cannot write output folder '{out}': {reason} ({existing}). Choose an output folder you can write to"
-        )
+        raise LinearizeError(f"cannot write {what} '{out}': {reason} ({existing}). Choose a folder you can write to")
 
 
 @contextmanager

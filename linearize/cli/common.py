@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from enum import Enum
@@ -125,17 +124,13 @@ def print_table(title: str, header: list[str], rows: list[list[str]], caption: s
 def check_output_file(path: Path | None, option: str, example: str) -> None:
     """Refuse an output file path (--json, --plot) that cannot be written, before the work rather than after: one
     that names a folder, or lies under a file or a folder that cannot be written."""
+    from ..outputs import check_writable
+
     if path is None:
         return
     if path.is_dir():
         raise LinearizeError(f"{option} {path} is a folder; give a file path, e.g. {option} {path / example}")
-    existing = path.expanduser().absolute().parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise LinearizeError(f"{option} {path}: {existing} is a file, not a folder; give a path in a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise LinearizeError(f"{option} {path}: {existing} cannot be written; give a path in a folder you can write")
+    check_writable(path, what=f"{option} file")
 
 
 def write_outputs(payload: dict, specs, json_path: Path | None, record_name: str | None, quiet: bool) -> None:
