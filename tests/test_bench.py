@@ -163,4 +163,7 @@ def test_bench_cli_errors(tmp_path):
     options = ["--ctx", "600", "--decode-tokens", "1", "--repeats", "1", "--no-plot", "--no-record"]
     result = runner.invoke(app, ["bench", str(src), *options])  # past the tiny model's 512 positions: measured
     shown = " ".join(result.output.split())
-    assert result.exit_code == 0 and "Warning: --ctx 600 is beyond the 512 positions of src" in shown
+    assert (
+        result.exit_code == 0
+        and "Warning: --ctx 600 is beyond the 512 positions (max_position_embeddings) of src" in shown
+    )

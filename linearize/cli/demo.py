@@ -34,7 +34,7 @@ def demo(
     if quiet:
         from ..sources import hide_progress_bars
 
-        hide_progress_bars()  # transformers' and datasets' bars, as the other commands' --quiet
+        hide_progress_bars()  # transformers' bars, as the other commands' --quiet
     result = run_demo(output, steps, force=force, say=say, quiet=quiet, console=console)
     header = [
         "model",

@@ -230,21 +230,22 @@ def bench(
 def _checked_pair(model: str | None, against: str | None, lengths: dict[str, list[int]]) -> list:
     """`comparison.resolve_pair` of MODEL and --against, each checked to load (its config, before any weights):
     a bad --against is named before MODEL has been measured, not after. `lengths` ({option: token counts}) beyond
-    a model's positions get a warning: measuring there is how length generalisation shows, not an error."""
+    a model's positions get one warning: measuring there is how length generalisation shows, not an error."""
     from .. import sources
     from ..comparison import resolve_pair
 
     specs = resolve_pair(_checked_model(model), against)
-    for spec in specs:
-        most = getattr(sources.load_config(spec.source), "max_position_embeddings", None)
-        beyond = {option: [n for n in counts if most and n > most] for option, counts in lengths.items()}
-        if any(beyond.values()):
-            named = ", ".join(f"{option} {','.join(map(str, counts))}" for option, counts in beyond.items() if counts)
-            console.print(
-                f"[yellow]Warning:[/] {named} is beyond the {most} positions of {spec.label} "
-                "(max_position_embeddings): softmax attention usually degrades past them",
-                highlight=False,
-            )
+    configs = {spec.label: sources.load_config(spec.source) for spec in specs}
+    positions = {label: getattr(config, "max_position_embeddings", None) for label, config in configs.items()}
+    most = min((n for n in positions.values() if n), default=None)
+    beyond = {option: [n for n in counts if most and n > most] for option, counts in lengths.items()}
+    if any(beyond.values()):
+        named = ", ".join(f"{option} {','.join(map(str, counts))}" for option, counts in beyond.items() if counts)
+        console.print(
+            f"[yellow]Warning:[/] {named} is beyond the {most} positions (max_position_embeddings) of "
+            f"{' and '.join(label for label, n in positions.items() if n == most)}: measured all the same",
+            highlight=False,
+        )
     return specs
 
 
