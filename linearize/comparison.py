@@ -4,6 +4,7 @@ Markdown tables, and the results recorded into a model folder (which `linearize 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +92,15 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_json(path: Path, payload: dict) -> Path:
+    """Write `payload` to `path` whole or not at all: `push` reads these records into model cards."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        partial.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

@@ -7,6 +7,7 @@ import re
 import string
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -328,3 +329,20 @@ def test_terminal_output_shows_progress_in_color_unless_no_color_or_quiet(folder
 
     quiet = _eval_in_a_terminal(liger, src, "--quiet")
     assert quiet.stderr == "" and "perplexity" in quiet.stdout
+
+
+def test_a_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from linearize.comparison import write_json
+
+    path = write_json(tmp_path / "linearize_eval.json", {"run": 1})
+    real_write_text = Path.write_text
+
+    def disk_full_halfway(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        write_json(path, {"run": 2, "rows": list(range(100))})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"run": 1} and [p.name for p in tmp_path.iterdir()] == [path.name]
