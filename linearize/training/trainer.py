@@ -556,6 +556,8 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
         resume_from = prepare_run_folder(run, recipe, resume, note=reporter.info)
         if resume_from is not None:  # before the model and the data load, and before the recipe file is rewritten
             check_resumable(resume_from, recipe, world.size)
+        if recipe.model.name is None and world.is_main and world.distributed:
+            sources.embedded_model_folder()  # built once, before the other processes read it
         barrier(world)
         if world.is_main:
             run.mkdir(parents=True, exist_ok=True)
