@@ -69,6 +69,22 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`, refusing assisted (speculative) decoding by name: it rolls the cache back over
+        rejected tokens, which `LinearizeCache` cannot do (transformers 5 says only "requires a cache")."""
+        config = kwargs.get("generation_config") or self.generation_config
+        assisted = [
+            name
+            for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+            if kwargs.get(name) is not None or getattr(config, name, None) is not None
+        ]
+        if assisted:
+            raise ValueError(
+                f"{', '.join(assisted)}: assisted decoding rolls the cache back over rejected tokens, which a "
+                "converted model's cache cannot do (a linear state is not rolled back); generate without it"
+            )
+        return super().generate(*args, **kwargs)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the decoder creates a LinearizeCache (`DecoderInputs`), which `generate` then carries along

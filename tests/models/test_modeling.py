@@ -97,6 +97,14 @@ def test_padded_generation_equals_unpadded(method):
         assert together[row, 12:].tolist() == alone[0, len(prompt) :].tolist()
 
 
+def test_assisted_decoding_is_refused_by_name():
+    model = converted_model("llama", "liger")
+    prompt = torch.randint(3, 128, (1, 8))
+    for option in ({"prompt_lookup_num_tokens": 3}, {"assistant_model": converted_model("llama", "liger")}):
+        with pytest.raises(ValueError, match=f"{next(iter(option))}: assisted decoding rolls the cache back"):
+            model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, **option)
+
+
 @pytest.mark.parametrize("variant", METHODS)
 def test_cache_size_is_what_the_plan_says(variant):
     """Constant for every method but STILL, whose salient cache grows by topk tokens per chunk and head, and Parallax
