@@ -1,5 +1,5 @@
 """What every push to the Hugging Face Hub checks first, before anything is converted, trained or sent: the repo id
-form, offline mode and a token. `linearize push` (`linearize.publish`), `convert --push-to-hub` and a recipe's
+form, a branch name, offline mode and a token. `linearize push` (`linearize.publish`), `convert --push-to-hub` and a recipe's
 `output.push_to_hub` all run these checks; this module imports nothing else of linearize but its errors."""
 
 from __future__ import annotations
@@ -27,6 +27,27 @@ def check_repo_id(repo_id: str) -> str:
             "my-user/smollm2-135m-liger); the ORG is your user name or an organization you can write to"
         )
     return repo_id
+
+
+def check_branch(name: str) -> str:
+    """Refuse a branch name that git (and so the Hub) refuses, before anything is sent: git's rules for ref names
+    (`git check-ref-format`), in short."""
+    parts = name.split("/")
+    bad = (
+        not name
+        or any(not part or part.startswith(".") or part.endswith(".lock") for part in parts)
+        or name.endswith(".")
+        or ".." in name
+        or "@{" in name
+        or name == "@"
+        or any(ord(c) < 32 or c in " ~^:?*[\\\x7f" for c in name)
+    )
+    if bad:
+        raise LinearizeError(
+            f"--revision '{name}' is not a valid branch name (no spaces, '..', '~^:?*[\\', '@{{', and no part that "
+            "is empty, starts with '.' or ends in '.lock'); e.g. --revision v2 or --revision exp/liger-mix"
+        )
+    return name
 
 
 def check_can_push(token: str | None = None) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from .convert import layer_groups
 from .errors import LinearizeError
-from .hub import LOGIN_HINT, REPO_ID, check_can_push, check_repo_id
+from .hub import LOGIN_HINT, REPO_ID, check_branch, check_can_push, check_repo_id
 from .methods import LAYOUT_KEYS
 from .models.remote_code import INSTALL_COMMAND, REPOSITORY
 from .selection import SCORERS, LayerSelection, spread_flag
@@ -264,6 +264,8 @@ def plan_push(folder: Path | str, repo_id: str, *, private: bool = False, revisi
     """
     folder = Path(folder)
     check_repo_id(repo_id)
+    if revision is not None:
+        check_branch(revision)
     if not folder.is_dir():
         problem = "is a file, not a model folder" if folder.exists() else "does not exist"
         raise LinearizeError(f"model folder '{folder}' {problem}")

@@ -182,6 +182,10 @@ def test_revision_goes_to_a_branch(folder, hub, no_verify):
     assert url.endswith(f"{REPO}/tree/v2") and no_verify == [folder]
     assert ("POST", f"/api/models/{REPO}/branch/v2") in hub.requests
     assert "config.json" in arrived(hub, revision="v2") and hub.created == [{"repo": REPO, "private": False}]
+    for bad in ("bad branch", "a..b", "x.lock", "exp/", "~1"):  # what git refuses, refused here, the dry run too
+        result = runner.invoke(app, ["push", str(folder), REPO, "--revision", bad, "--dry-run"])
+        assert result.exit_code == 1 and "is not a valid branch name" in result.output, bad
+    assert runner.invoke(app, ["push", str(folder), REPO, "--revision", "exp/liger-mix", "--dry-run"]).exit_code == 0
 
 
 def test_dry_run_prints_the_plan_and_sends_nothing(folder, hub, no_verify):
