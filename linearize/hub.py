@@ -1,6 +1,6 @@
 """What every push to the Hugging Face Hub checks first, before anything is converted, trained or sent: the repo id
-form, a branch name, offline mode and a token. `linearize push` (`linearize.publish`), `convert --push-to-hub` and a recipe's
-`output.push_to_hub` all run these checks; this module imports nothing else of linearize but its errors."""
+form, a branch name, offline mode and a token. `linearize push` (`linearize.publish`), `convert --push-to-hub` and a
+recipe's `output.push_to_hub` all run these checks; this module imports nothing else of linearize but its errors."""
 
 from __future__ import annotations
 
