@@ -271,13 +271,17 @@ class Trainer:
         divisors = self.loss_divisors(batches, transfer is not None)  # the mean over the scored tokens
         if all(math.isinf(divisor) for divisor in divisors):
             return {}  # no held-out token is scored within a pack
+        # each process scores its share of the batches; every process runs as many forwards (FSDP gathers in each)
+        mine = range(self.world.rank, len(batches), self.world.size)
         self.model.eval()
-        losses = [
-            self.forward_loss(self.model, batch, transfer, 0.0, not math.isinf(divisor)).float() / divisor
-            for batch, divisor in zip(batches, divisors, strict=True)
-        ]
+        loss = torch.zeros((), device=self.world.device)
+        for i in mine:
+            scored = not math.isinf(divisors[i])
+            loss += self.forward_loss(self.model, batches[i], transfer, 0.0, scored).float() / divisors[i]
+        for _ in range(math.ceil(len(batches) / self.world.size) - len(mine)):
+            self.forward_loss(self.model, batches[0], transfer, 0.0, False)
         self.model.train()
-        loss = mean_across(self.world, torch.stack(losses).sum()).item()
+        loss = sum_across(self.world, loss).item()
         if transfer is not None:
             return {"eval_mse": loss}
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

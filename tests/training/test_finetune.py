@@ -376,7 +376,7 @@ def test_two_processes_match_one_with_the_same_global_batch(strategy, data, work
     """torchrun --nproc_per_node 2 (gloo on CPU) logs the losses of one process with twice the accumulation, and
     saves the same model; with instruction packs, whose trained tokens differ, a step's loss is still the mean
     over all its tokens, counted across the processes."""
-    losses = {}
+    losses, evals = {}, {}
     sources = [f"data.sources=[{{path: {instruction_file(tmp_path / 'alpaca.jsonl')}}}]"] if data != "text" else []
     for name, launcher, accum in (
         ("one", [sys.executable, "-m", "linearize"], 4),
@@ -387,14 +387,20 @@ def test_two_processes_match_one_with_the_same_global_batch(strategy, data, work
         recipe = write_recipe(workspace, folder)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         overrides = [f"training.grad_accum={accum}", f"training.distributed={strategy}", "stages.1.max_steps=2"]
+        overrides.append("training.eval_batches=3")
         overrides += sources
         command = [*launcher, "finetune", str(recipe), *overrides, "-q"]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         losses[name] = [r.get("mse", r.get("loss")) for r in metrics(folder / "run") if "global_step" in r]
         losses[name] = [x for x in losses[name] if x is not None]
+        evals[name] = [r.get("eval_mse", r.get("eval_loss")) for r in metrics(folder / "run") if "eval_ppl" in r or
+                       "eval_mse" in r]  # fmt: skip
     assert len(losses["one"]) == 6
     torch.testing.assert_close(losses["two"], losses["one"], rtol=1e-5, atol=0)
+    # the held-out batches (3) split across the processes, scored as one process scores them all
+    assert len(evals["one"]) == 5  # each stage before its first step, and every 2 steps
+    torch.testing.assert_close(evals["two"], evals["one"], rtol=1e-5, atol=0)
     one, two = (load_file(tmp_path / name / "run" / "model" / "model.safetensors") for name in ("one", "two"))
     assert one.keys() == two.keys()
     for name in one:
