@@ -92,6 +92,16 @@ def test_generate_streams_text(source, tmp_path):
     result = invoke("generate", tmp_path / "out", "w5 w6 w7", "--max-new-tokens", 5)
     assert result.exit_code == 0, result.output
     assert len(result.stdout.split()) == 5  # five word-level tokens were streamed
+    assert "Nothing generated" not in result.output
+
+
+def test_generate_says_when_the_model_ends_its_reply_at_once(source, tmp_path, monkeypatch):
+    import linearize.generation
+
+    assert invoke("convert", source, "-o", tmp_path / "out").exit_code == 0
+    monkeypatch.setattr(linearize.generation, "generate", lambda *args, **kwargs: "")  # an end-of-turn first
+    result = invoke("generate", tmp_path / "out", "w5 w6 w7")
+    assert result.exit_code == 0 and "Nothing generated: the model ended its reply at once" in result.output
 
 
 def test_existing_output_needs_force(source, tmp_path):

@@ -379,4 +379,10 @@ def generate(
     with console.status(f"Loading {model}"):
         loaded, tokenizer = load_for_inference(None if model == EMBEDDED else model, device=device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer)
+    text = generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer)
+    if not text.strip():  # an end-of-turn first: say so rather than print nothing
+        console.print(
+            "[yellow]Nothing generated:[/] the model ended its reply at once (a converted model is weak until "
+            "fine-tuned: see `linearize finetune`; --no-chat continues the prompt as plain text)",
+            highlight=False,
+        )
