@@ -76,6 +76,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     from ..training.checkpoint import check_resumable, list_checkpoints, prepare_run_folder
     from ..training.checks import lora_targets, nothing_to_train, positions_note, stage_steps, warmup_note
     from ..training.data import load_data
+    from ..training.fingerprints import data_fingerprint
 
     conv, t = recipe.conversion, recipe.training
     source = recipe.model.name or sources.EMBEDDED_NAME
@@ -121,7 +122,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         table.add_row("", escape(note))
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun, as the run will count them
     if start is not None:  # what the run would refuse about the checkpoint, now
-        check_resumable(start, recipe, processes, data)
+        check_resumable(start, recipe, processes, data_fingerprint(data))
     table.add_row("batch", f"{t.micro_batch_size} x {t.grad_accum} accumulation per process, {processes} process(es)")
     for i, stage in enumerate(recipe.stages):
         steps = stage_steps(stage, len(data.train), t, processes)[0]

@@ -8,11 +8,11 @@ Each is written to a temporary folder and renamed into place, so a checkpoint ei
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import LinearizeError
 from ..outputs import atomic_folder, check_writable
-from .data import FinetuneData
-from .recipe import Recipe, bookkeeping_keys, legacy_recipe_hash, load_recipe, recipe_differences, recipe_hash
+from .fingerprints import PACKING, bookkeeping_keys, legacy_recipe_hash, recipe_differences, recipe_hash
+from .recipe import Recipe, load_recipe
 
 RECIPE_FILE = "linearize_recipe.yaml"
 STATE_FILE = "trainer_state.json"
@@ -100,49 +100,40 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """The trained tensors, the optimizer/scheduler/RNG states and the trainer state of a checkpoint."""
-    try:
+    with _unreadable(path):
         tensors = load_file(path / "trained.safetensors")
         # our own file, holding optimizer states and RNG tuples that need full unpickling
         states = torch.load(path / "optimizer.pt", weights_only=False)
-        state = json.loads((path / STATE_FILE).read_text())
+    return tensors, states, _trainer_state(path)
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    with _unreadable(path):
+        return json.loads((path / STATE_FILE).read_text())
+
+
+@contextmanager
+def _unreadable(path: Path) -> Iterator[None]:
+    try:
+        yield
     except (OSError, ValueError, RuntimeError) as error:
         raise LinearizeError(
             f"checkpoint {path} cannot be read ({error}); delete it to resume from an older one"
         ) from None
-    return tensors, states, state
-
-
-# How `linearize.data.pack_documents` lays documents out, recorded with a checkpoint's data: 2 since no document's
-# first token is a target and documents open with their tokenizer's BOS (1: before, recorded as no version).
-PACKING = 2
-
-
-def data_fingerprint(data: FinetuneData) -> dict[str, Any]:
-    """What a resumed run must find again: the packs' count, a digest of their tokens and labels, the packing."""
-    digest = hashlib.sha256()
-    for packs in (data.train, data.held_out):
-        digest.update(packs.input_ids.numpy().tobytes())
-        digest.update(packs.labels.numpy().tobytes())
-    return {"train_packs": len(data.train), "sha256": digest.hexdigest()[:16], "packing": PACKING}
 
 
 def check_resumable(
     checkpoint: Path,
     recipe: Recipe,
     processes: int,
-    data: FinetuneData | None = None,
+    data_fingerprint: dict[str, Any] | None = None,
     state: dict[str, Any] | None = None,
 ) -> None:
     """Refuse to resume `checkpoint` (its trainer `state`, read from it if not given) with another recipe, process
-    count or (when `data` is given) packed data: each would change what the run computes. The run checks before
-    it loads anything, and again with the data; so does `finetune --dry-run --resume`."""
-    if state is None:
-        try:
-            state = json.loads((checkpoint / STATE_FILE).read_text())
-        except (OSError, ValueError) as error:
-            raise LinearizeError(
-                f"checkpoint {checkpoint} cannot be read ({error}); delete it to resume from an older one"
-            ) from None
+    count or (given `data_fingerprint`, as `fingerprints.data_fingerprint` computes it) packed data: each would
+    change what the run computes. The run checks before it loads anything, and again with the data; so does
+    `finetune --dry-run --resume`."""
+    state = state if state is not None else _trainer_state(checkpoint)
     if state.get("recipe_hash") not in (recipe_hash(recipe), legacy_recipe_hash(recipe)):
         raise LinearizeError(
             f"checkpoint {checkpoint} belongs to a different recipe; it cannot be resumed (a checkpoint of an earlier "
@@ -154,10 +145,9 @@ def check_resumable(
             f"order depends on it; resume with the same count (torchrun --nproc_per_node {state['processes']}), "
             f"not {processes}"
         )
-    saved = state.get("data")  # absent: written before it was kept
-    now = data_fingerprint(data) if data is not None else None
-    if now is None or saved is None or (saved["train_packs"], saved["sha256"]) == (now["train_packs"], now["sha256"]):
-        return
+    saved, now = state.get("data"), data_fingerprint  # saved: absent if written before it was kept
+    if now is None or saved is None or all(saved[key] == now[key] for key in ("train_packs", "sha256")):
+        return  # the same packs, whatever the packing version that made them
     if saved.get("packing") != PACKING:
         raise LinearizeError(
             f"checkpoint {checkpoint} was written by an earlier linearize, which packed documents differently (their "
@@ -166,8 +156,8 @@ def check_resumable(
         )
     raise LinearizeError(
         f"checkpoint {checkpoint} was trained on other packed data ({saved['train_packs']} training packs, now "
-        f"{len(data.train)}, or other tokens in them): the data files or their tokenization changed since, so the "
-        "batch order and the held-out documents would too; restore them, or start a new run in another output.dir"
+        f"{now['train_packs']}, or other tokens in them): the data files or their tokenization changed since, so "
+        "the batch order and the held-out documents would too; restore them, or start a new run in another output.dir"
     )
 
 
@@ -212,7 +202,7 @@ def prepare_run_folder(
                 "its latest checkpoint, or choose another output.dir"
             )
         return None
-    changed = recipe_differences(saved_recipe, recipe, computed=False)
+    changed = recipe_differences(saved_recipe, recipe, bookkeeping=True)
     if changed and note is not None:
         note(f"resuming with other bookkeeping than the run started with: {changed}")
     return checkpoints[-1] if checkpoints else None

@@ -2,15 +2,13 @@
 
 A recipe is what users share, so every mistake is reported against the file: YAML syntax errors with their
 line, unknown keys with the nearest valid key, wrong values with their dotted path. `resolved_yaml` writes the
-recipe back with every default filled in; its hash (`recipe_hash`) guards resume against a changed recipe.
+recipe back with every default filled in; its fingerprint (`fingerprints.recipe_hash`) guards resume.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
-import json
 import operator
 import os
 import typing
@@ -492,88 +490,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def resolved_yaml(recipe: Recipe) -> str:
     """The recipe with every default filled in, as YAML (what a run saves beside its outputs)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-# Fields added after runs existed, with the value that means "as before": left out of the fingerprint at that
-# value, so that runs from before them still resume. A parent goes before its children; "*" is every item of a list.
-_ADDED_LATER = {
-    ("conversion", "selection"): None,
-    ("conversion", "selection", "spread"): False,
-    ("conversion", "convert_layers"): None,
-    ("conversion", "probe_rank"): None,
-    ("stages", "*", "optimizer", "new_name"): None,
-}
-
-
-_WHERE_RESULTS_GO = {"output": {"dir", "push_to_hub", "private"}}
-# How often a run evaluates and keeps checkpoints, and how it saves: a resumed run may change them.
-_BOOKKEEPING = {
-    "training": {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"},
-    "output": {"merge_lora"},
-}
-_NOT_COMPUTED = {
-    section: _WHERE_RESULTS_GO.get(section, set()) | _BOOKKEEPING.get(section, set())
-    for section in {*_WHERE_RESULTS_GO, *_BOOKKEEPING}
-}
-
-
-def bookkeeping_keys() -> list[str]:
-    """The settings a resumed run may change (`recipe_hash` leaves them out), as dotted keys."""
-    return [f"{section}.{key}" for section, keys in _BOOKKEEPING.items() for key in sorted(keys)]
-
-
-def recipe_hash(recipe: Recipe) -> str:
-    """Fingerprint of what a run computes: everything but where its results go (folder, Hub repo) and its
-    bookkeeping (evaluations, checkpoints, merging LoRA at the end)."""
-    return _fingerprint(recipe, _NOT_COMPUTED)
-
-
-def legacy_recipe_hash(recipe: Recipe) -> str:
-    """The fingerprint checkpoints recorded before bookkeeping was left out of `recipe_hash`."""
-    return _fingerprint(recipe, _WHERE_RESULTS_GO)
-
-
-def _fingerprint(recipe: Recipe, exclude: dict[str, set[str]]) -> str:
-    content = recipe.model_dump(mode="json", exclude=exclude)
-    for (*parents, name), unset in _ADDED_LATER.items():
-        for section in _sections(content, parents):
-            if name in section and section[name] == unset:
-                del section[name]
-    return hashlib.sha256(yaml.safe_dump(content, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def recipe_differences(old: Recipe, new: Recipe, most: int = 6, computed: bool = True) -> str:
-    """'stages.1.max_steps 2 -> 3, ...': the settings that differ between two recipes, at most `most` of them, for
-    messages about continuing a run with another recipe. Where results go is left out; so is the bookkeeping
-    unless `computed` is false (then only the bookkeeping is compared)."""
-
-    def flat(fields, prefix: str = "") -> dict[str, Any]:
-        if isinstance(fields, dict):
-            return {k: v for key, value in fields.items() for k, v in flat(value, f"{prefix}{key}.").items()}
-        if isinstance(fields, list) and any(isinstance(item, (dict, list)) for item in fields):
-            return {k: v for i, item in enumerate(fields) for k, v in flat(item, f"{prefix}{i}.").items()}
-        return {prefix[:-1]: fields}
-
-    fields = {"exclude": _NOT_COMPUTED} if computed else {"include": _BOOKKEEPING}
-    before, after = (flat(r.model_dump(mode="json", **fields)) for r in (old, new))
-    changed = [
-        f"{key} {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"  # as YAML reads them: null, true
-        for key in dict.fromkeys([*before, *after])
-        if before.get(key) != after.get(key)
-    ]
-    return ", ".join(changed[:most]) + (f" and {len(changed) - most} more" if len(changed) > most else "")
-
-
-def _sections(fields, keys: list[str]) -> list[dict]:
-    """The mappings found at `keys` below `fields` ("*": in every item of a list); none where a key is missing."""
-    if not keys:
-        return [fields] if isinstance(fields, dict) else []
-    key, *rest = keys
-    if key == "*":
-        children = fields if isinstance(fields, list) else []
-    else:
-        children = [fields.get(key)] if isinstance(fields, dict) else []
-    return [section for child in children for section in _sections(child, rest)]
 
 
 _TEMPLATE = """\

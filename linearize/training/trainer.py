@@ -30,7 +30,6 @@ from ..selection import LayerSelection, select_layers
 from .checkpoint import (
     RECIPE_FILE,
     check_resumable,
-    data_fingerprint,
     list_checkpoints,
     load_checkpoint,
     prepare_run_folder,
@@ -49,8 +48,9 @@ from .distributed import (
     mean_across,
     sum_across,
 )
+from .fingerprints import data_fingerprint, recipe_hash
 from .optim import build_optimizers, build_schedulers, lr_factor
-from .recipe import Recipe, StageSection, recipe_hash, resolved_yaml
+from .recipe import Recipe, StageSection, resolved_yaml
 from .report import Reporter
 from .transfer import AttentionTransfer, distillation_loss, original_model
 
@@ -84,6 +84,7 @@ class Trainer:
             reporter.info(note)
         for warning in self.data.warnings:
             reporter.warning(warning)
+        self.data_fingerprint = data_fingerprint(self.data)  # what its checkpoints record
         self.model, self.new_names = self.build_model()
         if note := positions_note(recipe, self.source_config):
             reporter.warning(note)
@@ -424,7 +425,7 @@ class Trainer:
                 "last_eval": self.state.last_eval,
                 "metrics_bytes": self.reporter.metrics_size(),
                 "layer_selection": self.selection.to_dict() if self.selection is not None else None,
-                "data": data_fingerprint(self.data),
+                "data": self.data_fingerprint,
             }
             save_checkpoint(
                 self.run,
@@ -441,7 +442,7 @@ class Trainer:
     def restore(self, checkpoint: Path) -> dict | None:
         """Load a checkpoint; return the optimizer states when it stopped inside a stage."""
         tensors, states, saved = load_checkpoint(checkpoint)
-        check_resumable(checkpoint, self.recipe, self.world.size, self.data, saved)
+        check_resumable(checkpoint, self.recipe, self.world.size, self.data_fingerprint, saved)
         if saved.get("layer_selection"):
             chosen = LayerSelection(**saved["layer_selection"])
             if self.selection is None:  # chosen after attention transfer

@@ -12,7 +12,8 @@ import torch
 from linearize.training import checkpoint as checkpoint_module
 from linearize.training import trainer as trainer_module
 from linearize.training.checkpoint import list_checkpoints
-from linearize.training.recipe import legacy_recipe_hash, load_recipe
+from linearize.training.fingerprints import legacy_recipe_hash
+from linearize.training.recipe import load_recipe
 from tests.training.runs import invoke, metrics, trained, write_recipe
 
 AUTO_AFTER_TRANSFER = [

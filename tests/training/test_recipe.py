@@ -9,13 +9,12 @@ import yaml
 
 from linearize.errors import LinearizeError
 from linearize.methods import METHODS
+from linearize.training.fingerprints import legacy_recipe_hash, recipe_hash
 from linearize.training.recipe import (
     RecipeError,
     apply_overrides,
-    legacy_recipe_hash,
     load_recipe,
     parse_recipe,
-    recipe_hash,
     recipe_template,
     resolved_yaml,
 )
