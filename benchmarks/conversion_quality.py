@@ -132,10 +132,10 @@ def main() -> None:
     models, minutes = {}, {}
     models[label], minutes[label] = trained(recipe)
     kept = ",".join(map(str, models[label].config.linearize["softmax_layers"]))  # named or chosen by auto:K
-    original, tokenizer, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
+    original, tokenizer = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
     models["original"] = original.eval()
     if "swa" in controls:
-        source, _, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
+        source, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
         baseline = ConversionSection(**SWA, softmax_layers=kept)
         plan = baseline.plan(source.config, recipe.model.name or sources.EMBEDDED_NAME)
         models["swa"] = convert_model(source, plan.config).eval()

@@ -58,9 +58,9 @@ def variant_overrides(name: str, spec: str) -> list[str]:
 
 def scoring_cost(recipe, k: int) -> dict[str, dict]:
     """Each scorer on the recipe's conversion with every layer converted: seconds, scores and kept layers."""
-    source, tokenizer, name = sources.load(recipe.model.name, dtype=recipe.model.dtype, revision=recipe.model.revision)
+    source, tokenizer = sources.load(recipe.model.name, dtype=recipe.model.dtype, revision=recipe.model.revision)
     spec = recipe.conversion.model_copy(update={"softmax_layers": f"auto:{k}"})
-    model = convert_model(source, spec.plan(source.config, name).config)
+    model = convert_model(source, spec.plan(source.config, recipe.model.name or sources.EMBEDDED_NAME).config)
     settings = (recipe.conversion.selection or SelectionSection()).model_dump()  # calibration and windows as set
     costs = {}
     for scorer in SCORERS:
@@ -96,7 +96,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     recipe = load_recipe(args.recipe, args.overrides)
-    original, tokenizer, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
+    original, tokenizer = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
     num_layers = original.config.num_hidden_layers
     layers = variant_layers(args.variants.split(","), args.k, args.every, num_layers, args.seed)
 

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     args = parser.parse_args()
 
-    model, tokenizer, _ = sources.load(args.model, dtype="float32")
+    model, tokenizer = sources.load(args.model, dtype="float32")
     ids = text_windows(args.text, tokenizer, args.context, args.windows)
     layers = captured_inputs(model, ids)
     if not layers:

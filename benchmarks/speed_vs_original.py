@@ -27,7 +27,7 @@ from linearize.convert import convert_model, plan_conversion
 
 def embedded_models(methods: list[str]) -> dict:
     """The embedded model in fp32 ("original") and its conversion by each method, sharing its weights."""
-    original, _, _ = sources.load(None, dtype="float32")
+    original, _ = sources.load(None, dtype="float32")
     models = {"original": original}
     for method in methods:
         models[method] = convert_model(original, plan_conversion(original.config, sources.EMBEDDED_NAME, method).config)

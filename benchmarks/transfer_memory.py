@@ -33,7 +33,7 @@ def run_mode(mode: str, seq_len: int, method: str) -> dict:
     from linearize.training.transfer import AttentionTransfer
 
     torch.manual_seed(0)
-    source, _, _ = sources.load(None, dtype="float32")
+    source, _ = sources.load(None, dtype="float32")
     model = convert_model(source, plan_conversion(source.config, sources.EMBEDDED_NAME, method).config)
     del source
     model = get_peft_model(model.train(), LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj"]))

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from linearize.convert import save_model
 from linearize.training.recipe import load_recipe
-from tests.tiny import converted_model
+from tests.tiny import converted_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,3 +130,26 @@ def test_parallax_probe_order_measures_each_layer(variant):
         assert all(row["effect"] > 0 and row["spread"] > 0 for row in rows)
         shares[size] = max(row["second_order"] for row in rows)
     assert shares[1e-3] < 0.01 < 0.2 < shares[1.0]
+
+
+def test_parallax_probe_order_reads_a_saved_folder(tmp_path, monkeypatch, capsys):
+    """The script end to end, through the loader a user's folder goes through."""
+    order = _benchmark("parallax_probe_order")
+    model = converted_model("llama", "parallax", trained=True)
+    save_model(model, tiny_tokenizer(), tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 100}" for i in range(200)))
+    arguments = [str(tmp_path / "model"), "--text", str(text), "--context", "16"]
+    monkeypatch.setattr(sys, "argv", ["parallax_probe_order", *arguments])
+    order.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + len(model.model.layers) and rows[-1].startswith("| mean |")  # a header, layers, mean
+
+
+@pytest.mark.embedded
+def test_speed_benchmark_converts_the_embedded_model():
+    speed = _benchmark("speed_vs_original")
+    models = speed.embedded_models(["swa", "parallax"])
+    assert list(models) == ["original", "swa", "parallax"]
+    embeddings = [models[name].model.embed_tokens.weight.data_ptr() for name in models]
+    assert len(set(embeddings)) == 1  # one copy of the weights in memory
