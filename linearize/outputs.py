@@ -221,7 +221,9 @@ def _write_errors(out: Path) -> Iterator[None]:
                 f"the disk is full: no space left on the device of '{_absolute(out).parent}' while writing '{out}'. "
                 f"No partial output was left{kept}. Free some space or choose an output folder on another disk"
             ) from None
-        reason = f"{error.strerror} ({error.filename})" if isinstance(error, OSError) and error.strerror else error
+        reason = error
+        if isinstance(error, OSError) and error.strerror:  # a write to an open file names none
+            reason = error.strerror + (f" ({error.filename})" if error.filename else "")
         raise LinearizeError(
             f"could not write output folder '{out}': {reason}. No partial output was left{kept}. Check that "
             f"you can write to '{_absolute(out).parent}', or choose another output folder"

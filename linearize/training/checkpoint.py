@@ -84,18 +84,41 @@ def save_checkpoint(
     final = folder / f"{_PREFIX}{global_step:06d}"
     with atomic_folder(final, force=True) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "trained.safetensors")
-        torch.save(
-            {
-                "optimizers": optimizer_states,
-                "schedulers": [s.state_dict() for s in schedulers],
-                "rng": rng_state(),
-            },
-            tmp / "optimizer.pt",
-        )
+        schedules = [s.state_dict() for s in schedulers]
+        _torch_save({"optimizers": optimizer_states, "schedulers": schedules, "rng": rng_state()}, tmp / "optimizer.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     for old in list_checkpoints(run)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+class _FileWrites:
+    """A file's `write` for torch.save, keeping the OSError a write raised: torch reports it as a RuntimeError
+    without the errno, which a full disk needs to be named as one."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as file:
+        writes = _FileWrites(file)
+        try:
+            torch.save(obj, writes)
+        except RuntimeError:
+            if writes.error is None:
+                raise
+            raise writes.error from None
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

@@ -7,10 +7,14 @@ trainer has a single code path.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..errors import LinearizeError
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,26 @@ def from_main(world: World, value):
     return box[0]
 
 
-def barrier(world: World) -> None:
-    if world.distributed:
-        dist.barrier()
+@contextmanager
+def together(world: World) -> Iterator[None]:
+    """Every process runs the block, then waits for the others (a barrier). If it failed on some process (the main
+    one writing a checkpoint to a full disk, say), every process stops: that one with its error, the others with a
+    LinearizeError naming it, where they would have waited at their next collective for a process that had exited
+    and printed gloo's "Connection closed by peer" traceback."""
+    if not world.distributed:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as caught:  # noqa: BLE001 -- re-raised below, after the others have heard of it
+        error = caught
+    failed = torch.zeros(world.size, device=world.device)
+    failed[world.rank] = error is not None
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    if failed.any():
+        ranks = failed.nonzero().flatten().tolist()
+        which = f"process {ranks[0]}" if len(ranks) == 1 else f"processes {', '.join(map(str, ranks))}"
+        raise LinearizeError(f"stopped because {which} failed: see its error")

@@ -41,12 +41,12 @@ from .data import FinetuneData, load_data
 from .distributed import (
     World,
     average_gradients,
-    barrier,
     close_world,
     from_main,
     init_world,
     mean_across,
     sum_across,
+    together,
 )
 from .fingerprints import data_fingerprint, recipe_hash
 from .optim import build_optimizers, build_schedulers, lr_factor
@@ -414,7 +414,9 @@ class Trainer:
 
     def checkpoint(self, optimizers, schedulers) -> None:
         tensors, optimizer_states = self.trained_tensors(), self.optimizer_states(optimizers)  # collective
-        if self.world.is_main:
+        with together(self.world):  # a full disk on the main process stops them all, with its message
+            if not self.world.is_main:
+                return
             state = {
                 "stage": self.state.stage,
                 "step": self.state.step,
@@ -427,16 +429,8 @@ class Trainer:
                 "layer_selection": self.selection.to_dict() if self.selection is not None else None,
                 "data": self.data_fingerprint,
             }
-            save_checkpoint(
-                self.run,
-                self.state.global_step,
-                tensors,
-                optimizer_states,
-                schedulers,
-                state,
-                self.config.keep_checkpoints,
-            )
-        barrier(self.world)
+            keep = self.config.keep_checkpoints
+            save_checkpoint(self.run, self.state.global_step, tensors, optimizer_states, schedulers, state, keep)
 
     # -- whole run ----------------------------------------------------------------------------------------------
     def restore(self, checkpoint: Path) -> dict | None:
@@ -561,18 +555,18 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
         resume_from = prepare_run_folder(run, recipe, resume, note=reporter.info)
         if resume_from is not None:  # before the model and the data load, and before the recipe file is rewritten
             check_resumable(resume_from, recipe, world.size)
-        if recipe.model.name is None and world.is_main and world.distributed:
-            sources.embedded_model_folder()  # built once, before the other processes read it
-        barrier(world)
-        if world.is_main:
-            run.mkdir(parents=True, exist_ok=True)
-            (run / RECIPE_FILE).write_text(resolved_yaml(recipe))
+        with together(world):
+            if world.is_main:
+                if recipe.model.name is None and world.distributed:
+                    sources.embedded_model_folder()  # built once, before the other processes read it
+                run.mkdir(parents=True, exist_ok=True)
+                (run / RECIPE_FILE).write_text(resolved_yaml(recipe))
         if resume_from is None:  # rows of an earlier attempt that reached no checkpoint would be read as this run's
             reporter.truncate_metrics(0)
         trainer = Trainer(recipe, world, reporter, run)
         trainer.train(resume_from)
-        out = trainer.save()
-        barrier(world)
+        with together(world):
+            out = trainer.save()
         if world.is_main and recipe.output.push_to_hub:
             from ..publish import push
 

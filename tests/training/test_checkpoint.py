@@ -3,8 +3,15 @@ folder never loses what it holds."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
+import resource
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +22,8 @@ from linearize.training.checkpoint import list_checkpoints
 from linearize.training.fingerprints import legacy_recipe_hash
 from linearize.training.recipe import load_recipe
 from tests.training.runs import invoke, metrics, trained, write_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
 
 AUTO_AFTER_TRANSFER = [
     "conversion.softmax_layers=auto:1",
@@ -257,3 +266,46 @@ def test_resume_with_another_process_count_is_refused_before_loading(workspace, 
     message = " ".join(result.output.split())
     assert result.exit_code == 1 and "was written by a run of 2 process(es)" in message
     assert "torchrun --nproc_per_node 2), not 1" in message
+
+
+class _FullDisk(io.BytesIO):
+    def write(self, data):
+        if self.tell() + len(data) > 256:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def test_a_full_disk_at_a_checkpoint_says_so_and_keeps_the_last_one(workspace, tmp_path, monkeypatch):
+    """The optimizer state goes through torch.save, which reports a failed write as a RuntimeError without the
+    errno: the disk must still be named full, and no partial checkpoint left."""
+    recipe = write_recipe(workspace, tmp_path)
+    opened = []
+
+    def disk_fills_after_the_first_checkpoint(path, mode):
+        opened.append(path)
+        return open(path, mode) if len(opened) == 1 else _FullDisk()
+
+    monkeypatch.setattr(checkpoint_module, "open", disk_fills_after_the_first_checkpoint, raising=False)
+    result = invoke("finetune", recipe, "stages.1.max_steps=4", "training.checkpoint_every=2")
+    assert result.exit_code == 1 and "the disk is full" in result.output and "Traceback" not in result.output
+    assert len(opened) == 2 and [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000002"]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]  # nothing partial
+
+
+def test_under_torchrun_a_failure_of_the_main_process_stops_the_others_with_its_message(workspace, tmp_path):
+    """The main process alone writes checkpoints; when that fails (a file-size limit here) the other process must
+    stop with a line that points to it, not with gloo's "Connection closed by peer" traceback."""
+    recipe = write_recipe(workspace, tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "linearize"]
+    command += ["finetune", str(recipe), "stages.1.max_steps=2", "training.checkpoint_every=1", "-q"]
+
+    def small_files():  # Python ignores SIGXFSZ: a write past the limit raises EFBIG ("File too large")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert result.returncode != 0
+    assert "Error: could not write output folder" in result.stderr and "File too large." in result.stderr
+    assert "Error: stopped because process 0 failed: see its error" in result.stderr
+    assert "Connection closed" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+    assert not list_checkpoints(tmp_path / "run")
