@@ -7,12 +7,22 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
+from ..errors import LinearizeError
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
 BACKENDS = ("reference", "torch", "triton", "fla")
 ENV_VAR = "LINEARIZE_BACKEND"
 SOFTCAP_NOT_IN_TRITON = "attention logit soft-capping (Gemma 2) has no Triton kernel yet; use backend 'torch'"
+
+
+class BackendChoiceError(LinearizeError, ValueError):
+    """A backend name that does not exist, or one that cannot run on the inputs' device."""
+
+
+class BackendNotImplemented(LinearizeError, NotImplementedError):
+    """A backend this op (or this call's arguments) does not offer."""
 
 
 def resolve_backend(
@@ -39,18 +49,18 @@ def resolve_backend(
     name = requested if requested is not None else (os.environ.get(ENV_VAR) or None)
     if name is None:
         return "triton" if device.type == "cuda" and "triton" in available and "triton" not in unsupported else "torch"
+    chosen_by = f" ({ENV_VAR}={name!r})" if requested is None else ""
     if name not in BACKENDS:
-        source = f"{ENV_VAR}={name!r}" if requested is None else repr(name)
-        raise ValueError(f"Unknown kernel backend {source}; valid backends are {', '.join(map(repr, BACKENDS))}.")
+        valid = ", ".join(map(repr, BACKENDS))
+        raise BackendChoiceError(f"Unknown kernel backend {name!r}{chosen_by}; valid backends are {valid}.")
     if name not in available:
-        raise NotImplementedError(f"this op has no {name!r} implementation yet; use one of {available}")
+        raise BackendNotImplemented(f"this op has no {name!r} implementation yet{chosen_by}; use one of {available}")
     if name in unsupported:
-        source = f" ({ENV_VAR}={name!r})" if requested is None else ""
-        raise NotImplementedError(f"{unsupported[name]}{source}")
+        raise BackendNotImplemented(f"{unsupported[name]}{chosen_by}")
     if name in ("triton", "fla") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"{name!r} runs Triton kernels, which need CUDA tensors, got {device}; use backend 'torch' on CPU "
-            "(or set TRITON_INTERPRET=1 before importing triton, for tests)"
+        raise BackendChoiceError(
+            f"{name!r}{chosen_by} runs Triton kernels, which need CUDA tensors, got {device}; use backend 'torch' on "
+            "CPU (or set TRITON_INTERPRET=1 before importing triton, for tests)"
         )
     return name
 

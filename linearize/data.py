@@ -367,6 +367,9 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}, line {number}", record
 
 
+_LOCAL_FILE = "give a local file instead (a recipe's `path`, eval's --text FILE)"
+
+
 def _dataset_records(source: DataSource) -> Iterator[tuple[str, Any]]:
     """Records of a Hugging Face dataset, with errors of an offline or missing dataset made actionable."""
     try:
@@ -381,12 +384,12 @@ def _dataset_records(source: DataSource) -> Iterator[tuple[str, Any]]:
         if offline and not Path(source.dataset).exists():
             raise DataError(
                 f"dataset {source.dataset} is not in the local cache and the Hugging Face Hub is offline "
-                "(HF_HUB_OFFLINE is set); run once online (unset HF_HUB_OFFLINE) to cache it, or give a local "
-                f"file with `path` ({error})"
+                f"(HF_HUB_OFFLINE is set); run once online (unset HF_HUB_OFFLINE) to cache it, or {_LOCAL_FILE} "
+                f"({error})"
             ) from None
         raise DataError(
             f"dataset {source.dataset} could not be loaded: {error}; check its name on the Hub "
-            "and the network, or give a local file with `path`"
+            f"and the network, or {_LOCAL_FILE}"
         ) from None
     except ValueError as error:  # an unknown subset or split
         raise DataError(f"dataset {source.dataset}: {error}") from None
@@ -394,7 +397,7 @@ def _dataset_records(source: DataSource) -> Iterator[tuple[str, Any]]:
         cause = error.__cause__ or error.__context__ or error
         raise DataError(
             f"dataset {source.dataset} could not be read: {type(cause).__name__}: {cause}; fix the file, or read it "
-            "with `path`, which names the file and line of a bad record"
+            "as a local file (a recipe's `path`, eval's --text FILE), which names the file and line of a bad record"
         ) from None
     yield from ((f"{source.label}, row {i}", record) for i, record in enumerate(loaded))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -225,13 +226,21 @@ def eval_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def check_lm_eval_tasks(tasks: list[str], include_path: str | None = None):
-    """lm-eval's task manager, once lm_eval is known to be installed and to know every task in `tasks` (a
-    LinearizeError says what is missing otherwise). Call it before loading models to fail early."""
+    """lm-eval's task manager, once lm_eval is known to be installed, to know every task in `tasks`, and to read
+    each task's data (a LinearizeError says what is missing otherwise). Call it before loading models to fail early:
+    a dataset that cannot be downloaded or a local data file that does not exist is found before, not after."""
     try:
         import lm_eval  # noqa: F401
     except ImportError:
         raise LinearizeError("--lm-eval needs lm-evaluation-harness: pip install lm_eval") from None
-    return _task_manager(include_path, tuple(tasks))
+    if include_path is not None and not Path(include_path).is_dir():
+        raise LinearizeError(
+            f"--lm-eval-include '{include_path}' is not a folder; give the folder that holds your task YAML files "
+            "(recipes/lm-eval in a checkout of linearize holds the local ARC-Easy and HellaSwag tasks)"
+        )
+    manager = _task_manager(include_path, tuple(tasks))
+    _check_task_data(manager, tuple(tasks))
+    return manager
 
 
 @functools.cache
@@ -252,3 +261,22 @@ def _task_manager(include_path: str | None, tasks: tuple[str, ...]):
             "(`lm_eval ls tasks`) or pass the folder of your task YAML files with --lm-eval-include"
         )
     return manager
+
+
+@functools.cache
+def _check_task_data(manager, tasks: tuple[str, ...]) -> None:
+    """Build each task once, which reads its dataset (into the datasets cache, where the evaluation reads it again)."""
+    for task in tasks:
+        try:
+            manager.load_task_or_group([task])
+        except ConnectionError as error:  # the datasets library's, offline or with the Hub unreachable
+            raise LinearizeError(
+                f"lm-eval task {task}: its dataset could not be downloaded ({error}). Run it once with network access "
+                "so that the datasets cache holds it, or run the task from local files (README: zero-shot tasks "
+                "from local JSONL files)"
+            ) from None
+        except FileNotFoundError as error:
+            raise LinearizeError(
+                f"lm-eval task {task}: {error}. A task YAML's `data_files` are read relative to the folder you run "
+                "from: run from the folder they are relative to, or edit them to point at your files"
+            ) from None

@@ -54,6 +54,33 @@ def test_lm_eval_missing_is_a_clear_error(tmp_path, monkeypatch):
     assert result.exit_code != 0 and "pip install lm_eval" in result.output
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("dataset_path: nobody/no-such-dataset", "its dataset could not be downloaded (Couldn't reach"),  # offline
+        ("dataset_path: json\ndataset_kwargs: {data_files: {test: data/missing.jsonl}}", "run from the folder"),
+    ],
+    ids=["hub-offline", "local-file-missing"],
+)
+def test_task_data_that_cannot_be_read_is_named_before_any_model_loads(tmp_path, monkeypatch, data, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tasks").mkdir()
+    task = "\n".join(line for line in TASK.splitlines() if "data" not in line and "test: " not in line)
+    (tmp_path / "tasks" / "unreadable.yaml").write_text(task.replace("tiny_choice", "unreadable") + "\n" + data)
+    options = ["--lm-eval", "unreadable", "--lm-eval-include", "tasks", "--no-record"]
+    src = source_folder(tmp_path / "src")
+    monkeypatch.setattr("linearize.generation.load_for_inference", lambda *a, **k: pytest.fail("a model loaded"))
+    result = runner.invoke(app, ["eval", str(src), *options])
+    assert result.exit_code == 1 and "lm-eval task unreadable: " in result.output and message in result.output
+
+
+def test_a_task_folder_that_does_not_exist_is_named(tmp_path):
+    result = runner.invoke(app, ["eval", "--lm-eval", "arc_easy_local", "--lm-eval-include", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and f"--lm-eval-include '{tmp_path / 'nope'}' is not a folder" in result.output
+
+
 # ---------------------------------------------------------------- the task YAMLs users copy (recipes/lm-eval)
 
 LOCAL_TASKS = Path(__file__).resolve().parents[1] / "recipes" / "lm-eval"
