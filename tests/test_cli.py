@@ -205,3 +205,21 @@ def test_converted_dtype_option(source, tmp_path):
     assert invoke("convert", source, "--dtype", "bfloat16", "-o", tmp_path / "out").exit_code == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
     assert model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        ("bogus", "Unknown kernel backend 'bogus' (LINEARIZE_BACKEND='bogus')"),
+        ("fla", "this op has no 'fla' implementation yet (LINEARIZE_BACKEND='fla')"),  # liger's ops but GLA's prefill
+        ("triton", "'triton' (LINEARIZE_BACKEND='triton') runs Triton kernels, which need CUDA tensors"),
+    ],
+)
+def test_a_backend_that_cannot_run_is_an_error_line_in_the_cli(tmp_path, monkeypatch, backend, message):
+    src = source_folder(tmp_path / "src")
+    assert runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "liger")]).exit_code == 0
+    monkeypatch.setenv("LINEARIZE_BACKEND", backend)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    options = ["--context", "16", "--windows", "1", "--passkey-contexts", "none", "--no-record"]
+    result = runner.invoke(app, ["eval", str(tmp_path / "liger"), "--against", str(src), *options])
+    assert result.exit_code == 1 and f"Error: {message}" in result.output, result.output

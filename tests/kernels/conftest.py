@@ -13,5 +13,8 @@ def nan_empty(monkeypatch):
                 t.fill_(float("nan"))
         return t
 
+    # `with torch.device(...)` reads the constructors it redirects from a set built once per process: built under
+    # this patch, it would hold the lambda and not torch.empty, and no later device context would place torch.empty
+    torch.utils._device._device_constructors()
     monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(real_empty(*args, **kwargs)))
     monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(real_empty_like(*args, **kwargs)))

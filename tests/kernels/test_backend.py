@@ -4,10 +4,6 @@ import pytest
 import torch
 from linearize.kernels import resolve_backend
 from linearize.kernels.backend import SOFTCAP_NOT_IN_TRITON, softcap_unsupported
-from typer.testing import CliRunner
-
-from linearize.cli import app
-from tests.tiny import source_folder
 
 CPU = torch.device("cpu")
 
@@ -114,21 +110,3 @@ def test_an_op_keeps_fp32_accumulation_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16_products, _ = gated_linear_attention.__wrapped__(q, k, v, g, backend="torch")
     assert not torch.equal(bf16_products, plain)  # the test would notice autocast reaching the op
-
-
-@pytest.mark.parametrize(
-    ("backend", "message"),
-    [
-        ("bogus", "Unknown kernel backend 'bogus' (LINEARIZE_BACKEND='bogus')"),
-        ("fla", "this op has no 'fla' implementation yet (LINEARIZE_BACKEND='fla')"),  # liger's ops but GLA's prefill
-        ("triton", "'triton' (LINEARIZE_BACKEND='triton') runs Triton kernels, which need CUDA tensors"),
-    ],
-)
-def test_a_backend_that_cannot_run_is_an_error_line_in_the_cli(tmp_path, monkeypatch, backend, message):
-    src = source_folder(tmp_path / "src")
-    assert CliRunner().invoke(app, ["convert", str(src), "-o", str(tmp_path / "liger")]).exit_code == 0
-    monkeypatch.setenv("LINEARIZE_BACKEND", backend)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    options = ["--context", "16", "--windows", "1", "--passkey-contexts", "none", "--no-record"]
-    result = CliRunner().invoke(app, ["eval", str(tmp_path / "liger"), "--against", str(src), *options])
-    assert result.exit_code == 1 and f"Error: {message}" in result.output, result.output
