@@ -7,8 +7,6 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-from ..errors import LinearizeError
-
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -17,11 +15,16 @@ ENV_VAR = "LINEARIZE_BACKEND"
 SOFTCAP_NOT_IN_TRITON = "attention logit soft-capping (Gemma 2) has no Triton kernel yet; use backend 'torch'"
 
 
-class BackendChoiceError(LinearizeError, ValueError):
+class BackendError(Exception):
+    """A backend choice (`backend=` or LINEARIZE_BACKEND) that cannot run the call: the user's to fix, as the
+    message says (the CLI prints it as an error line)."""
+
+
+class BackendChoiceError(BackendError, ValueError):
     """A backend name that does not exist, or one that cannot run on the inputs' device."""
 
 
-class BackendNotImplemented(LinearizeError, NotImplementedError):
+class BackendNotImplemented(BackendError, NotImplementedError):
     """A backend this op (or this call's arguments) does not offer."""
 
 

@@ -222,10 +222,15 @@ class ConversionPlan:
     def converted_cache_bytes(self, tokens: int) -> int:
         """Cache bytes of the converted model for one sequence of `tokens` tokens."""
         heads, kv_heads, head_dim = self._head_shape()
-        layer_class = get_method(self.settings["method"]).layer_class
-        converted = len(self.config.converted_layers())
-        state = layer_class.state_bytes(self.config.settings, heads, kv_heads, head_dim, self.dtype_bytes, tokens)
-        return converted * state + self.kv_cache_bytes(tokens, self.settings["softmax_layers"])
+        layer_class, config = get_method(self.settings["method"]).layer_class, self.config
+        state = sum(
+            layer_class.state_bytes(
+                layer_class.layer_settings(config.settings, config.source_window(i)),
+                heads, kv_heads, head_dim, self.dtype_bytes, tokens,
+            )
+            for i in config.converted_layers()
+        )  # fmt: skip
+        return state + self.kv_cache_bytes(tokens, self.settings["softmax_layers"])
 
 
 def _count_parameters(config: LinearizeConfig) -> int:

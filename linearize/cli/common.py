@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from enum import Enum
@@ -49,7 +50,7 @@ def exits_on_error(interrupted: str | None = None, also: tuple[type[Exception], 
         def run(*args, **kwargs):
             try:
                 return command(*args, **kwargs)
-            except caught as error:
+            except (*caught, *_kernel_errors()) as error:
                 raise fail(str(error)) from None
             except KeyboardInterrupt as interrupt:
                 if interrupted is None:
@@ -59,6 +60,13 @@ def exits_on_error(interrupted: str | None = None, also: tuple[type[Exception], 
         return run
 
     return decorate
+
+
+def _kernel_errors() -> tuple[type[Exception], ...]:
+    """The kernels' errors that are the user's to fix (a backend that cannot run), if the kernels were imported,
+    which one raised implies: importing them here would import torch, which `--help` must not."""
+    backend = sys.modules.get("linearize.kernels.backend")
+    return (backend.BackendError,) if backend is not None else ()
 
 
 def human_size(n: float) -> str:

@@ -64,9 +64,7 @@ class LinearizedAttention(nn.Module):
         # Gemma 2's logit cap; what every softmax of the layer applies (docs/methods.md §0.5)
         self.softcap = source.attn_logit_softcapping if family.logit_softcap else None
         self.use_rope = bool(getattr(source, "use_rope", True))  # SmolLM3 leaves RoPE out of some layers
-        # the source layer's window: Gemma's local layers, every layer of Mistral 7B v0.1 and Phi-3-mini-4k
-        sliding = config.source_types[layer_idx] == "sliding_attention"
-        self.source_window = config.sliding_window if sliding else None
+        self.source_window = config.source_window(layer_idx)
         if family.fused_qkv:
             self.qkv_proj = source.qkv_proj
         else:
@@ -143,7 +141,13 @@ class LinearizedAttention(nn.Module):
         return self.o_proj(o), None
 
     # What a method's layer implements: `attend`, and the two static methods below for its cache; a method whose
-    # layer adds parameters gives them their conversion values in `init_new_parameters`.
+    # layer adds parameters gives them their conversion values in `init_new_parameters`, and one whose settings
+    # depend on the source layer's window says how in `layer_settings`.
+
+    @staticmethod
+    def layer_settings(settings: MethodSettings, source_window: int | None) -> MethodSettings:
+        """The settings of one converted layer whose source layer has `source_window` (None: no window)."""
+        return settings
 
     @staticmethod
     def cache_layer(settings: MethodSettings) -> StateCacheLayer:

@@ -16,10 +16,13 @@ does this):
   source has them; the learned W_r sets r's scale.
 - r gets the same RoPE as q, so r . k sees the same relative positions as q . k.
 - `window` (optional, ours): each query sees the last `window` keys, itself included, and the cache keeps only the
-  previous `window - 1` tokens; without it the cache grows like the source's.
+  previous `window - 1` tokens; without it the cache grows like the source's. A source layer with a window (Mistral
+  7B v0.1, Phi-3-mini-4k, Gemma's local layers) keeps it, or the narrower `window`, so conversion stays exact.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -54,11 +57,19 @@ class ParallaxCacheLayer(StateCacheLayer):
 class ParallaxAttention(LinearizedAttention):
     def __init__(self, config, layer_idx, family):
         super().__init__(config, layer_idx, family)
-        self.window = config.settings.window
+        self.window = self.layer_settings(config.settings, self.source_window).window
         rank = config.settings.probe_rank
         self.r_down = nn.Linear(config.hidden_size, rank, bias=False) if rank else None  # None: r_proj reads x
         self.r_proj = nn.Linear(rank or config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.initializer_range = getattr(config, "initializer_range", 0.02)
+
+    @staticmethod
+    def layer_settings(settings: ParallaxSettings, source_window: int | None) -> ParallaxSettings:
+        """A source layer with a window (Mistral 7B v0.1, Phi-3-mini-4k, Gemma's local layers) keeps it: the
+        converted layer is then that layer exactly at conversion, and its cache as small."""
+        if source_window is None or (settings.window is not None and settings.window <= source_window):
+            return settings
+        return dataclasses.replace(settings, window=source_window)
 
     @staticmethod
     def cache_layer(settings: ParallaxSettings) -> ParallaxCacheLayer:

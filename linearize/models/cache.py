@@ -25,7 +25,8 @@ class LinearizeCache(Cache):
         layers = []
         for layer_idx, layer_type in enumerate(config.layer_types):
             if config.is_converted(layer_idx):
-                layers.append(method.layer_class.cache_layer(config.settings))
+                settings = method.layer_class.layer_settings(config.settings, config.source_window(layer_idx))
+                layers.append(method.layer_class.cache_layer(settings))
             elif layer_type == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=config.sliding_window))
             else:

@@ -93,6 +93,11 @@ class LinearizeConfig(PreTrainedConfig):
         """`source_layer_types`, or every layer "full_attention" in folders converted before it was recorded."""
         return self.source_layer_types or ["full_attention"] * self.num_hidden_layers
 
+    def source_window(self, layer_idx: int) -> int | None:
+        """The window of the source's layer `layer_idx`: Gemma's local layers, every layer of Mistral 7B v0.1 and
+        Phi-3-mini-4k; None for a layer that sees every earlier token."""
+        return self.sliding_window if self.source_types[layer_idx] == "sliding_attention" else None
+
     def is_converted(self, layer_idx: int) -> bool:
         return layer_idx not in self.linearize["softmax_layers"]
 

@@ -115,3 +115,32 @@ def test_the_growing_cache_keeps_each_heads_tokens_as_adjacent_rows():
     assert (B, L) == (2, 12) and valid.shape == (2, 12)
     for x in (keys, values):
         assert x.stride(2) == D and x.stride(3) == 1
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_a_source_layer_with_a_window_keeps_it(family):
+    """Mistral 7B v0.1 and Phi-3-mini-4k window every layer, Gemma its local ones: converted (every layer), each layer
+    sees what its source layer saw, in a full forward and in cached decoding, and a windowed layer's cache holds its
+    window; the plan counts those caches."""
+    config = source_model(family).config
+    if family == "mistral":
+        config.sliding_window = 8  # the tiny Mistral has none
+    source = type(source_model(family))(config).eval()
+    plan = plan_conversion(source.config, family, "parallax", convert_layers="all")
+    model = convert_model(source, plan.config).eval()
+    windows = [layer.self_attn.window for layer in model.model.layers]
+    assert windows == ([8, 8] if family == "mistral" else [8, None])
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = source(ids).logits
+        torch.testing.assert_close(model(ids, use_cache=False).logits, expected, rtol=1e-5, atol=1e-5)
+        out = model(ids[:, :30], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits[:, -1]]
+        for t in range(30, 40):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps[:-1], 1), expected[:, 29:39], rtol=1e-5, atol=1e-5)
+    assert cache.layers[0].tokens.capacity == 7  # the previous window - 1 tokens
+    _, kv_heads, head_dim = plan._head_shape()
+    growing = windows.count(None) * (4096 - 64) * (2 * kv_heads * head_dim * plan.dtype_bytes + 1)  # + a valid flag
+    assert plan.converted_cache_bytes(4096) - plan.converted_cache_bytes(64) == growing
