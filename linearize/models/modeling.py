@@ -166,14 +166,16 @@ class DecoderInputs:
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
         if document_ids is not None:  # rows of packed documents (Trainer's padding-free batches): nothing to continue
             kwargs["document_ids"], use_cache = document_ids.expand(tokens.shape[0], -1), False
-        if use_cache and not isinstance(cache, LinearizeCache):
-            if cache is not None and cache.get_seq_length() > 0:
-                raise TypeError(
-                    f"a model converted by linearize needs a LinearizeCache, got a filled {type(cache).__name__}; "
-                    "pass cache=None (one is created) or a LinearizeCache(model.config)"
-                )
+        if cache is not None and not isinstance(cache, LinearizeCache):  # it would never be filled: say so
+            raise TypeError(
+                f"a model converted by linearize needs a LinearizeCache, got a {type(cache).__name__}; pass "
+                "cache=None with use_cache=True (the output's past_key_values is the cache to pass back) or a "
+                "LinearizeCache(model.config)"
+            )
+        if use_cache and cache is None:
             cache = LinearizeCache(self.config)
-        kwargs[compat.CACHE_ARG], kwargs["use_cache"] = (cache if use_cache else None), use_cache
+        # a cache that is given is read and extended whatever use_cache says, as transformers' models do
+        kwargs[compat.CACHE_ARG], kwargs["use_cache"] = cache, use_cache or cache is not None
         if attention_mask is not None:
             if attention_mask.ndim != 2:
                 raise ValueError(

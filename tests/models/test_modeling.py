@@ -43,6 +43,26 @@ def test_cached_decode_equals_full_forward(family, method):
     assert cache.get_seq_length() == 40
 
 
+@pytest.mark.parametrize("method", ["liger", "parallax"])
+def test_a_cache_passed_in_is_filled_and_read_or_refused(method):
+    """A cache the caller holds on to must be the one the model fills: a LinearizeCache is read and extended, with
+    use_cache=False too (as transformers' models do); transformers' DynamicCache, empty or not, is refused by name
+    (an empty one was replaced by a new cache, so the caller's stayed empty and the next step started over)."""
+    from transformers import DynamicCache
+
+    model = converted_model("llama", method)
+    ids = torch.randint(3, 128, (1, 21))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits[:, -1]
+        cache = LinearizeCache(model.config)
+        model(ids[:, :20], past_key_values=cache)
+        step = model(ids[:, 20:], past_key_values=cache, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+        assert cache.get_seq_length() == 21
+        with pytest.raises(TypeError, match="needs a LinearizeCache, got a DynamicCache; pass cache=None"):
+            model(ids[:, :20], past_key_values=DynamicCache())
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_inter_layer_hybrid_decode_equals_full_forward(method):
     model = converted_model("llama", method, softmax_layers="1")
