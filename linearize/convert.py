@@ -256,19 +256,22 @@ def plan_conversion(
     source_config,
     source: str,
     method: str,
-    softmax_layers: str | LayerSelection | None = None,
-    dtype: str = "auto",
+    softmax_layers: str | list[int] | LayerSelection | None = None,
+    dtype: str | torch.dtype = "auto",
     convert_layers: str | None = None,
     **options: int | float | None,
 ) -> ConversionPlan:
     """Everything `convert` will do, from the source config alone (no weights are read). `options` are the
     method's parameters (None: the default; see `linearize.methods`).
 
-    `softmax_layers` is a `--softmax-layers` value (see `parse_softmax_layers`) or a scored `LayerSelection`. An
-    'auto:K' value plans every layer converted: scoring needs the weights. `convert_layers` ("global", "all" or
-    None for the family's default, see `unconverted_sliding_layers`) says whether the source's sliding-window
-    layers are converted too; those it leaves are kept, as softmax layers."""
+    `softmax_layers` is a `--softmax-layers` value (see `parse_softmax_layers`), a list of layer indices or a scored
+    `LayerSelection`. An 'auto:K' value plans every layer converted: scoring needs the weights. `convert_layers`
+    ("global", "all" or None for the family's default, see `unconverted_sliding_layers`) says whether the source's
+    sliding-window layers are converted too; those it leaves are kept, as softmax layers. `dtype` is the dtype the
+    weights will load in ("auto": the config's), for the cache sizes."""
     get_family(source_config.model_type)
+    if isinstance(softmax_layers, list | tuple):
+        softmax_layers = ",".join(map(str, softmax_layers))
     settings = method_settings(method, **options)
     _check_token_counts_fit(settings, getattr(source_config, "max_position_embeddings", None))
     selection = softmax_layers if isinstance(softmax_layers, LayerSelection) else None
@@ -288,7 +291,7 @@ def plan_conversion(
         selection=selection,
     )
     unconverted = build_config(source_config, method, settings, list(range(source_config.num_hidden_layers)))
-    torch_dtype = getattr(source_config, "dtype", None) if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = getattr(source_config, "dtype", None) if dtype == "auto" else sources.torch_dtype(dtype)
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
     # without a dtype (a Hub checkpoint whose config names none, its weights unread): float32, as such older

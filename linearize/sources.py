@@ -225,11 +225,22 @@ def load(
     return loaded, tokens
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """A `dtype` argument as torch's: "auto" as it is, a torch.dtype or the name of one of DTYPES."""
+    if dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LinearizeError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)} (or a torch.dtype)")
+    return getattr(torch, dtype)
+
+
 def load_model(model: str | None, dtype: str = "auto", device: str = "cpu", revision: str | None = None):
     """Load the source model alone."""
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     source, name = resolve(model), model or EMBEDDED_NAME
-    loaded = _from_pretrained(AutoModelForCausalLM, source, name, dtype=torch_dtype, revision=revision)
+    loaded = _from_pretrained(AutoModelForCausalLM, source, name, dtype=torch_dtype(dtype), revision=revision)
     return loaded.to(device).eval()
 
 

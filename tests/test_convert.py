@@ -158,3 +158,18 @@ def test_the_plan_counts_cache_bytes_in_the_dtype_the_model_loads_in(tmp_path):
     assert plan_conversion(loaded, "src", "liger", dtype="float32").dtype_bytes == 4
     loaded.dtype = None  # a Hub checkpoint's unread weights: taken as float32
     assert plan_conversion(loaded, "src", "liger").dtype_bytes == 4
+
+
+def test_library_arguments_in_the_forms_python_users_write(tmp_path):
+    """A torch.dtype and a list of layers work as their string forms; a dtype of another spelling is named."""
+    from linearize import sources
+
+    folder = source_folder(tmp_path / "src")
+    model, _ = sources.load(str(folder), dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    listed = plan_conversion(model.config, str(folder), "liger", softmax_layers=[0], dtype=torch.float32)
+    assert listed.settings["softmax_layers"] == [0] and listed.dtype_bytes == 4
+    with pytest.raises(LinearizeError, match="'bf16' is not one of auto, float32, bfloat16, float16"):
+        sources.load(str(folder), dtype="bf16")
+    with pytest.raises(LinearizeError, match="'fp16' is not one of auto, float32, bfloat16, float16"):
+        plan_conversion(model.config, str(folder), "liger", dtype="fp16")
