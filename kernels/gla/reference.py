@@ -8,7 +8,14 @@ def check_inputs(q, k, v, g, initial_state=None, cu_seqlens=None) -> int:
 
     Returns N, the number of sequences: B, or the number of packed sequences with cu_seqlens.
     """
+    if any(x.ndim != 4 for x in (q, k, v, g)):
+        raise ValueError(
+            f"expected 4-D q, k, v and g [B, T, heads, dim], got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}, {tuple(g.shape)}"
+        )
     B, T, H, K = q.shape
+    if T == 0:
+        raise ValueError("q, k, v and g hold no tokens (T = 0)")
     Hkv, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
     if initial_state is not None and cu_seqlens is not None and initial_state.shape[0] != N:

@@ -5,6 +5,10 @@ import torch
 
 def check_inputs(q, k, v, window, key_valid=None, sink_k=None, sink_v=None, sink_mask=None) -> None:
     """Raise a ValueError naming the problem when the arguments do not fit the op's shapes (see the dispatcher)."""
+    if any(x.ndim != 4 for x in (q, k, v)):
+        raise ValueError(
+            f"expected 4-D q, k and v [B, T, heads, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     if H % Hkv or S < T or v.shape != k.shape or k.shape != (B, S, Hkv, D):
@@ -12,12 +16,12 @@ def check_inputs(q, k, v, window, key_valid=None, sink_k=None, sink_v=None, sink
             "expected q [B, T, H, D], k and v [B, S, Hkv, D] with S >= T and H % Hkv == 0, got "
             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
     if (sink_k is None) != (sink_v is None) or (sink_k is None and sink_mask is not None):
         raise ValueError("sink_k and sink_v go together, and sink_mask needs them")
-    if key_valid is not None and key_valid.shape != (B, S):
-        raise ValueError(f"expected key_valid [B, S] = {(B, S)}, got {tuple(key_valid.shape)}")
+    if key_valid is not None and (key_valid.shape != (B, S) or key_valid.dtype != torch.bool):
+        raise ValueError(f"expected key_valid [B, S] = {(B, S)} bool, got {tuple(key_valid.shape)} {key_valid.dtype}")
     if sink_k is not None:
         E = sink_k.shape[1]
         if sink_k.shape != (B, E, Hkv, D) or sink_v.shape != sink_k.shape:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils import _device
 
 
 @pytest.fixture(autouse=True)
@@ -15,6 +16,6 @@ def nan_empty(monkeypatch):
 
     # `with torch.device(...)` reads the constructors it redirects from a set built once per process: built under
     # this patch, it would hold the lambda and not torch.empty, and no later device context would place torch.empty
-    torch.utils._device._device_constructors()
+    _device._device_constructors()
     monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(real_empty(*args, **kwargs)))
     monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(real_empty_like(*args, **kwargs)))

@@ -194,6 +194,10 @@ def test_rejects_bad_shapes():
     x["k"] = torch.randn(2, 37, 3, 64)
     with pytest.raises(ValueError, match="H % Hkv"):
         gated_linear_attention(**x)
+    with pytest.raises(ValueError, match="expected 4-D q, k, v and g"):
+        gated_linear_attention(**x | {"q": x["q"].flatten(2)})
+    with pytest.raises(ValueError, match="no tokens"):
+        gated_linear_attention(**{name: t[:, :0] if name in "qkvg" else t for name, t in x.items()})
     with pytest.raises(ValueError, match="power of two"):
         chunk_gla(**_inputs("T37-H2-Hkv2-D64", "logsigmoid", False), chunk_size=48)
     with pytest.raises(ValueError, match="multiple of chunk_size"):

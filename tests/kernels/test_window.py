@@ -147,8 +147,15 @@ def test_dispatch_reads_env(monkeypatch):
 
 @pytest.mark.parametrize(
     ("change", "match"),
-    [({"window": 0}, "window"), ({"q": torch.randn(2, 40, 4, 64)}, "S >= T"), ({"sink_v": None}, "sink")],
-    ids=["window-0", "T>S", "sink_k-without-sink_v"],
+    [
+        ({"window": 0}, "window"),
+        ({"window": 2.5}, "window must be an int"),
+        ({"q": torch.randn(2, 40, 4, 64)}, "S >= T"),
+        ({"q": torch.randn(2, 37, 256)}, "expected 4-D q, k and v"),
+        ({"key_valid": torch.ones(2, 37, dtype=torch.long)}, r"bool, got \(2, 37\) torch.int64"),
+        ({"sink_v": None}, "sink"),
+    ],
+    ids=["window-0", "window-float", "T>S", "q-3d", "key_valid-int", "sink_k-without-sink_v"],
 )
 def test_rejects_bad_arguments(change, match):
     with pytest.raises(ValueError, match=match):
