@@ -129,9 +129,12 @@ def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, se
         prefill's peak memory, from one more untimed prefill)}. The runs show how much the machine moved the
         numbers: runs that disagree by more than the difference between two models do not separate them.
     """
+    if min(context, decode_tokens, repeats) < 1:
+        raise ValueError(f"context, decode_tokens and repeats must be >= 1, got {context}, {decode_tokens}, {repeats}")
     vocab = min(model.config.vocab_size for model in models.values())
     decoded = repeats * decode_tokens
-    ids = torch.randint(100, vocab, (1, context + decoded), generator=torch.Generator().manual_seed(seed))
+    low = min(100, vocab // 2)  # above the special tokens that low ids usually are
+    ids = torch.randint(low, vocab, (1, context + decoded), generator=torch.Generator().manual_seed(seed))
     prefill, caches, peaks = {name: [] for name in models}, {}, {}
     for name, model in models.items():
         with peak_memory(model.device) as peak:

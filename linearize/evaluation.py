@@ -99,6 +99,10 @@ def text_windows(spec: str, tokenizer, context: int, max_windows: int, default_s
     and cut into windows, as fine-tuning packs them; unlike fine-tuning's held-out loss, perplexity then scores
     every token of a window, a document's first and its BOS included (as perplexity over a text stream does). A
     source whose records are instructions or chats is refused (use plain text for perplexity)."""
+    if max_windows < 1 or context < 2:  # a window of one token predicts nothing: its perplexity would be nan
+        raise LinearizeError(
+            f"perplexity needs at least one window (got {max_windows}) of at least 2 tokens (a context of {context})"
+        )
     source = text_source(spec, default_split)
     # read no more documents than the windows can use, assuming documents of 16 tokens or more on average
     source.max_documents = max(256, max_windows * context // 16)

@@ -53,6 +53,15 @@ def test_models_alternate_in_prefill_runs_and_in_uninterrupted_decode_runs():
         assert numbers["prefill_tok_s"] == sorted(numbers["prefill_runs_tok_s"])[1]
 
 
+def test_measure_takes_a_small_vocabulary_and_refuses_empty_runs():
+    config = source_model("llama").config
+    config.vocab_size = 64  # the random prompts drew from ids 100 and up
+    model = type(source_model("llama"))(config)
+    assert measure({"tiny": model}, context=8, decode_tokens=1, repeats=1)["tiny"]["decode_ms"] > 0
+    with pytest.raises(ValueError, match="must be >= 1, got 8, 0, 1"):
+        measure({"tiny": model}, context=8, decode_tokens=0, repeats=1)
+
+
 def test_converted_cache_is_constant_and_the_original_grows(result):
     liger = [row["liger"]["cache_bytes"] for row in result["rows"]]
     original = [row["original"]["cache_bytes"] for row in result["rows"]]

@@ -154,6 +154,9 @@ def test_text_sources(tokenizer, tmp_path):
     (tmp_path / "ds" / "test.jsonl").write_text("\n".join(json.dumps({"text": "zeta eta " * 30}) for _ in range(4)))
     hf = text_windows(f"hf:{tmp_path / 'ds'}", tokenizer, 64, 100)  # a local dataset folder, split "test"
     assert hf.shape == (4 * 271 // 64, 64)
+    for context, windows in ((1, 3), (64, 0)):  # no window, or windows that predict nothing: not a nan perplexity
+        with pytest.raises(LinearizeError, match="perplexity needs at least one window"):
+            text_windows("builtin", tokenizer, context, windows)
 
 
 @pytest.mark.parametrize(
