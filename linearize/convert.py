@@ -224,12 +224,9 @@ class ConversionPlan:
         heads, kv_heads, head_dim = self._head_shape()
         layer_class, config = get_method(self.settings["method"]).layer_class, self.config
         state = sum(
-            layer_class.state_bytes(
-                layer_class.layer_settings(config.settings, config.source_window(i)),
-                heads, kv_heads, head_dim, self.dtype_bytes, tokens,
-            )
+            layer_class.state_bytes(config.layer_settings(i), heads, kv_heads, head_dim, self.dtype_bytes, tokens)
             for i in config.converted_layers()
-        )  # fmt: skip
+        )
         return state + self.kv_cache_bytes(tokens, self.settings["softmax_layers"])
 
 
@@ -565,9 +562,9 @@ def _compare_with_source(source_model, output: Path, tokenizer, device: str, rep
 
 
 def _push(output: Path, repo_id: str, private: bool, report: ConvertReport) -> str:
-    from .publish import push
+    from .publish import push, push_command
 
-    again = f"linearize push {output} {repo_id}" + (" --private" if private else "")
+    again = push_command(output, repo_id, private)
     saved = f"The converted folder {output} is saved: push it with `{again}`."
     try:
         return push(output, repo_id, private=private, on_step=report.pushing, retry=f"push it with `{again}`")

@@ -353,6 +353,11 @@ def _progress_bars(show: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
+def push_command(folder: Path | str, repo_id: str, private: bool = False) -> str:
+    """The `linearize push` command line that pushes `folder` to `repo_id` (what a failed push tells users to run)."""
+    return f"linearize push {folder} {repo_id}" + (" --private" if private else "")
+
+
 def push(
     folder: Path | str,
     repo_id: str,

@@ -142,7 +142,7 @@ class LinearizedAttention(nn.Module):
 
     # What a method's layer implements: `attend`, and the two static methods below for its cache; a method whose
     # layer adds parameters gives them their conversion values in `init_new_parameters`, and one whose settings
-    # depend on the source layer's window says how in `layer_settings`.
+    # depend on the source layer's window says how in `layer_settings` (read through `config.layer_settings`).
 
     @staticmethod
     def layer_settings(settings: MethodSettings, source_window: int | None) -> MethodSettings:

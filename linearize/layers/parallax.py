@@ -57,7 +57,7 @@ class ParallaxCacheLayer(StateCacheLayer):
 class ParallaxAttention(LinearizedAttention):
     def __init__(self, config, layer_idx, family):
         super().__init__(config, layer_idx, family)
-        self.window = self.layer_settings(config.settings, self.source_window).window
+        self.window = config.layer_settings(layer_idx).window
         rank = config.settings.probe_rank
         self.r_down = nn.Linear(config.hidden_size, rank, bias=False) if rank else None  # None: r_proj reads x
         self.r_proj = nn.Linear(rank or config.hidden_size, self.num_heads * self.head_dim, bias=False)

@@ -25,8 +25,7 @@ class LinearizeCache(Cache):
         layers = []
         for layer_idx, layer_type in enumerate(config.layer_types):
             if config.is_converted(layer_idx):
-                settings = method.layer_class.layer_settings(config.settings, config.source_window(layer_idx))
-                layers.append(method.layer_class.cache_layer(settings))
+                layers.append(method.layer_class.cache_layer(config.layer_settings(layer_idx)))
             elif layer_type == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=config.sliding_window))
             else:

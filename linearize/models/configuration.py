@@ -98,6 +98,12 @@ class LinearizeConfig(PreTrainedConfig):
         Phi-3-mini-4k; None for a layer that sees every earlier token."""
         return self.sliding_window if self.source_types[layer_idx] == "sliding_attention" else None
 
+    def layer_settings(self, layer_idx: int) -> MethodSettings:
+        """The settings converted layer `layer_idx` runs with, given its source layer's window (the method's
+        `layer_settings`): what the layer, its cache and the plan's cache bytes read."""
+        layer_class = get_method(self.method).layer_class
+        return layer_class.layer_settings(self.settings, self.source_window(layer_idx))
+
     def is_converted(self, layer_idx: int) -> bool:
         return layer_idx not in self.linearize["softmax_layers"]
 

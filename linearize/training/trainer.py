@@ -568,12 +568,12 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
         with together(world):
             out = trainer.save()
         if world.is_main and recipe.output.push_to_hub:
-            from ..publish import push
+            from ..publish import push, push_command
 
             # the folder was just trained and saved by this process: the load check in a subprocess is redundant
             reporter.info(f"pushing {out} to {recipe.output.push_to_hub}")
             repo, private = recipe.output.push_to_hub, recipe.output.private
-            again = f"push the saved model with `linearize push {out} {repo}" + " --private" * private + "`"
+            again = f"push the saved model with `{push_command(out, repo, private)}`"
             url = push(out, repo, private=private, quiet=quiet, verify=False, retry=again)
             reporter.info(f"pushed: {url}")
         return out
