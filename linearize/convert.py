@@ -19,7 +19,7 @@ import torch
 from . import sources
 from .errors import LinearizeError
 from .families import CONVERT_LAYERS, get_family
-from .generation import load_for_inference, pick_device
+from .generation import load_for_inference
 from .hub import check_can_push, check_repo_id
 from .layers.base import LinearizedAttention
 from .methods import LAYOUT_KEYS, MethodSettings, get_method, method_settings
@@ -494,7 +494,7 @@ def convert_and_save(
         report.planned(plan)
         if output is None:
             return Conversion(plan)
-    device = pick_device(device)
+    device = sources.pick_device(device)
     report.step(f"Loading {source}")
     source_model, tokens = _load_source(
         model, dtype, device, tokenizer, verify, scoring=request is not None, pushing=bool(push_to_hub)

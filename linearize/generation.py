@@ -8,41 +8,10 @@ from . import sources
 from .errors import LinearizeError
 
 
-def pick_device(device: str = "auto") -> str:
-    """`device` once this machine is known to have it; "auto" is a CUDA GPU when there is one, else the CPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        wanted = torch.device(device)
-    except RuntimeError:
-        raise LinearizeError(
-            f"unknown device '{device}': use auto, cpu, cuda, cuda:N (a GPU by its index) or mps (Apple silicon)"
-        ) from None
-    if wanted.type != "cpu":
-        _check_accelerator(device, wanted)
-    return device
-
-
-def _check_accelerator(device: str, wanted: torch.device) -> None:
-    accelerator = torch.accelerator.current_accelerator(check_available=True)
-    if accelerator is None or accelerator.type != wanted.type:
-        found = f"only {accelerator.type}" if accelerator else "no GPU"
-        raise LinearizeError(
-            f"device '{device}' is not available: torch {torch.__version__} finds {found} on this machine; "
-            "use --device cpu, or auto to take a GPU when there is one"
-        )
-    count = torch.accelerator.device_count()
-    if wanted.index is not None and wanted.index >= count:
-        raise LinearizeError(
-            f"device '{device}' does not exist: this machine has {count} {wanted.type} device"
-            f"{'s' * (count != 1)} (indices 0 to {count - 1}); pick one of them or use auto"
-        )
-
-
 def load_for_inference(model: str | None, device: str = "auto", dtype: str = "auto", needs_tokenizer: bool = True):
     """Load a converted (or any causal LM) folder or hub id. On CPU, "auto" means float32: bf16 matmuls are slow
     there. Returns (model, tokenizer); the tokenizer is None for a folder without one when not `needs_tokenizer`."""
-    device = pick_device(device)
+    device = sources.pick_device(device)
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else "auto"
     tokenizer_fix = sources.COPY_TOKENIZER if needs_tokenizer else None

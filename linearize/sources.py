@@ -206,10 +206,12 @@ def load(
     tokenizer: str | None = None,
     tokenizer_fix: str | None = COPY_TOKENIZER,
 ):
-    """Load the source model and tokenizer (`revision`: a hub branch, tag or commit). Returns (model, tokenizer).
+    """Load the source model and tokenizer (`revision`: a hub branch, tag or commit; `device`: cpu, auto, cuda,
+    cuda:N or mps, checked first). Returns (model, tokenizer).
 
     `tokenizer` names another folder or hub id to take the tokenizer from. A local folder without tokenizer files
     is an error that tells the user to `tokenizer_fix`; with `tokenizer_fix` None it loads with tokenizer None."""
+    device = pick_device(device)
     source, name = resolve(model), model or EMBEDDED_NAME
     if tokenizer is None:
         tokens = _load_tokenizer(source, name, revision, tokenizer_fix)
@@ -237,8 +239,40 @@ def torch_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     return getattr(torch, dtype)
 
 
+def pick_device(device: str = "auto") -> str:
+    """`device` once this machine is known to have it; "auto" is a CUDA GPU when there is one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        wanted = torch.device(device)
+    except RuntimeError:
+        raise LinearizeError(
+            f"unknown device '{device}': use auto, cpu, cuda, cuda:N (a GPU by its index) or mps (Apple silicon)"
+        ) from None
+    if wanted.type != "cpu":
+        _check_accelerator(device, wanted)
+    return device
+
+
+def _check_accelerator(device: str, wanted: torch.device) -> None:
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is None or accelerator.type != wanted.type:
+        found = f"only {accelerator.type}" if accelerator else "no GPU"
+        raise LinearizeError(
+            f"device '{device}' is not available: torch {torch.__version__} finds {found} on this machine; "
+            "use --device cpu, or auto to take a GPU when there is one"
+        )
+    count = torch.accelerator.device_count()
+    if wanted.index is not None and wanted.index >= count:
+        raise LinearizeError(
+            f"device '{device}' does not exist: this machine has {count} {wanted.type} device"
+            f"{'s' * (count != 1)} (indices 0 to {count - 1}); pick one of them or use auto"
+        )
+
+
 def load_model(model: str | None, dtype: str = "auto", device: str = "cpu", revision: str | None = None):
-    """Load the source model alone."""
+    """Load the source model alone, onto `device` (as `pick_device` takes it: checked before the weights load)."""
+    device = pick_device(device)
     source, name = resolve(model), model or EMBEDDED_NAME
     loaded = _from_pretrained(AutoModelForCausalLM, source, name, dtype=torch_dtype(dtype), revision=revision)
     return loaded.to(device).eval()

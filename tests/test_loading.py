@@ -12,7 +12,7 @@ import linearize.generation
 from linearize import sources
 from linearize.cli import app
 from linearize.errors import LinearizeError
-from linearize.generation import pick_device
+from linearize.sources import pick_device
 from tests.tiny import source_folder, source_model, tiny_tokenizer
 
 runner = CliRunner()
@@ -86,6 +86,17 @@ def test_an_unknown_device_string(device):
 def test_cpu_and_auto_need_nothing(no_gpu):
     assert pick_device("cpu") == "cpu"
     assert pick_device("auto") in ("cpu", "cuda")
+
+
+def test_the_library_refuses_a_missing_gpu_before_the_weights_load(source, no_gpu, monkeypatch):
+    monkeypatch.setattr(sources, "_from_pretrained", lambda *a, **k: pytest.fail("the weights loaded"))
+    with pytest.raises(LinearizeError, match="device 'cuda' is not available"):
+        sources.load(str(source), device="cuda")
+
+
+def test_the_library_takes_auto_as_the_cli_does(source, no_gpu):
+    model, _ = sources.load(str(source), device="auto")
+    assert model.device.type == "cpu"
 
 
 @pytest.mark.parametrize("command", ["convert", "generate", "eval", "bench"])

@@ -91,7 +91,8 @@ def eval_command(
     model it is compared with, side by side in one table."""
     from ..comparison import markdown_table
     from ..evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model
-    from ..generation import load_for_inference, pick_device
+    from ..generation import load_for_inference
+    from ..sources import pick_device
 
     check_output_file(json_path, "--json", "results.json")
     device = pick_device(device)  # before any model loads or lm-eval indexes its tasks
@@ -184,7 +185,8 @@ def bench(
 
     from ..benchmark import bench_rows, run_bench
     from ..comparison import markdown_table
-    from ..generation import load_for_inference, pick_device
+    from ..generation import load_for_inference
+    from ..sources import pick_device
 
     check_output_file(json_path, "--json", "results.json")
     if plot is not None and plot.suffix.lower() not in ("", ".png"):
