@@ -9,7 +9,8 @@ import re
 from .errors import LinearizeError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # ORG/NAME
-LOGIN_HINT = "run `hf auth login`, set HF_TOKEN, or pass --token"
+# every push checks the token, and only `linearize push` takes one on its command line
+LOGIN_HINT = "run `hf auth login` or set HF_TOKEN (`linearize push` also takes --token)"
 
 
 def check_repo_id(repo_id: str) -> str:

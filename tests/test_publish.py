@@ -209,6 +209,14 @@ def test_no_token_is_refused_locally(folder, hub, no_verify):
     assert hub.requests == [] and no_verify == []
 
 
+def test_no_token_for_convert_names_fixes_that_convert_has(hub, tmp_path):
+    """`convert --push-to-hub` has no --token option: the message must not tell its user to pass one."""
+    result = runner.invoke(app, ["convert", "-o", str(tmp_path / "out"), "--push-to-hub", REPO])
+    assert result.exit_code == 1 and "HF_TOKEN" in result.output and "pass --token" not in result.output
+    assert "`linearize push` also takes --token" in " ".join(result.output.split())
+    assert hub.requests == [] and not (tmp_path / "out").exists()
+
+
 def test_a_rejected_token_is_not_reported_as_pushed(folder, hub, no_verify):
     result = runner.invoke(app, ["push", str(folder), REPO, "--token", "hf_bad", "--endpoint", hub.url])
     assert result.exit_code != 0 and "rejected the token (401)" in result.output
