@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -354,8 +355,9 @@ def _progress_bars(show: bool) -> Iterator[None]:
 
 
 def push_command(folder: Path | str, repo_id: str, private: bool = False) -> str:
-    """The `linearize push` command line that pushes `folder` to `repo_id` (what a failed push tells users to run)."""
-    return f"linearize push {folder} {repo_id}" + (" --private" if private else "")
+    """The `linearize push` command line that pushes `folder` to `repo_id` (what a failed push tells users to run),
+    quoted for a shell: a folder name with a space must still paste as one argument."""
+    return f"linearize push {shlex.quote(str(folder))} {shlex.quote(repo_id)}" + (" --private" if private else "")
 
 
 def push(
