@@ -240,11 +240,6 @@ def builtin_documents(split: BuiltinSplit = "train") -> list[str]:
     return [record["text"] for record in _records() if record["split"] == split]
 
 
-def builtin_text(split: BuiltinSplit = "test") -> str:
-    """One split of the built-in corpus as a single text, documents separated by blank lines."""
-    return "\n\n".join(builtin_documents(split))
-
-
 @functools.cache
 def _records() -> tuple[dict, ...]:
     with resources.files("linearize").joinpath("corpus/english.jsonl.gz").open("rb") as raw, gzip.open(raw) as lines:

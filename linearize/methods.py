@@ -358,7 +358,7 @@ def all_parameters() -> dict[str, list[tuple[str, Parameter]]]:
     return out
 
 
-def describe_parameter(name: str, takers: list[tuple[str, Parameter]], named: bool = True) -> str:
+def describe_parameter(takers: list[tuple[str, Parameter]], named: bool = True) -> str:
     """One help text for a parameter several methods take: each method's meaning and default, merged where equal,
     after the methods' names (unless `named` is False)."""
     parts: dict[str, list[str]] = {}

@@ -100,7 +100,7 @@ def takes_method_options(command: Callable) -> Callable:
     derived = []
     for name, takers in all_parameters().items():
         first = takers[0][1]
-        option = typer.Option(first.flag, help=describe_parameter(name, takers) + ".", show_default=False)
+        option = typer.Option(first.flag, help=describe_parameter(takers) + ".", show_default=False)
         derived.append(
             inspect.Parameter(
                 name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[first.type | None, option]

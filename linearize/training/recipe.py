@@ -104,7 +104,7 @@ def _method_fields() -> dict[str, Any]:
     fields = {}
     for name, takers in all_parameters().items():
         annotation = functools.reduce(operator.or_, (p.annotation for _, p in takers))
-        fields[name] = (annotation | None, Field(None, description=describe_parameter(name, takers)))
+        fields[name] = (annotation | None, Field(None, description=describe_parameter(takers)))
     return fields
 
 
@@ -562,7 +562,7 @@ def recipe_template(method: str) -> str:
     spec = get_method(method)
     # the method's own parameters, each null (its default), commented with what it is and that default
     options = "".join(  # comments aligned with softmax_layers' in the template
-        f"  {p.name}: null{' ' * (16 - len(p.name))}# {describe_parameter(p.name, [(method, p)], named=False)}\n"
+        f"  {p.name}: null{' ' * (16 - len(p.name))}# {describe_parameter([(method, p)], named=False)}\n"
         for p in spec.settings.parameters()
     )
     if spec.exact_at_conversion:  # nothing to transfer: the new parameters train with LoRA on the next-token loss
