@@ -196,12 +196,13 @@ def scoring_passes(scorer: str, num_layers: int) -> int:
 
 
 def score_layers(model, windows: torch.Tensor, scorer: str, step: Callable[[], None] | None = None) -> list[float]:
-    """One score per converted layer of `model`, in layer order: how much converting that layer alone hurts.
+    """One score per converted layer of `model`, in layer order: how much converting that layer alone hurts
+    (`restore`: how much restoring it alone helps).
 
     Args:
         model: a converted model (LinearizeForCausalLM, or a peft model around one) whose layers to score.
         windows: calibration tokens `[N, C]`, each window read from an empty state.
-        scorer: "output" or "loss" (see the module docstring).
+        scorer: a key of `SCORERS`, "output", "loss" or "restore" (see the module docstring).
         step: called after each window of each forward pass (`scoring_passes(scorer, layers) * N` calls).
     """
     import torch

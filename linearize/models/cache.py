@@ -1,6 +1,7 @@
 """The generation cache of a converted model: one entry per layer, constant size for converted layers.
 
-Kept softmax layers use transformers' own `DynamicLayer` (a growing KV cache). Converted layers use a
+Kept softmax layers use transformers' own `DynamicLayer` (a growing KV cache), or for a kept sliding-window layer
+its `DynamicSlidingWindowLayer` (the last window - 1 tokens). Converted layers use a
 `StateCacheLayer` subclass defined next to their attention layer, built from the blocks in
 `linearize.cache_layers`: a fixed-size buffer of the most recent tokens (`RecentTokens`) and whatever recurrent
 state the method keeps.

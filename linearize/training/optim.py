@@ -42,7 +42,7 @@ def build_optimizers(
         )
     if adamw_groups := [g for g in groups["adamw"] if g["params"]]:
         optimizers["adamw"] = torch.optim.AdamW(adamw_groups, betas=config.betas, weight_decay=config.weight_decay)
-    # the stage's own optimizer first: the lr a run logs is its first group's
+    # the stage's own optimizer first, then the added parameters' own: checkpoints hold their states in this order
     first = optimizers.pop(config.name, None)
     return ([first] if first else []) + list(optimizers.values())
 

@@ -302,7 +302,7 @@ def test_new_parameters_may_get_their_own_optimizer():
 
     mixed_config = OptimizerSection(name="adamw", new_name="muon", lr=1e-3, new_lr=5e-3)
     first = build_optimizers(params, mixed_config, new_params=new)[0]
-    assert first.param_groups[0]["params"][0] is lora  # the lr a run logs is the stage's, not the probe's
+    assert first.param_groups[0]["params"][0] is lora  # the stage's own optimizer first, as checkpoints hold them
     mixed = placement(params, mixed_config, new)
     assert mixed == {
         id(lora): ("AdamW", 1e-3), id(lora_bias): ("AdamW", 1e-3), id(probe): ("Muon", 5e-3),
