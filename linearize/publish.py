@@ -322,7 +322,8 @@ def _http_error(error, repo_id: str, endpoint: str, not_done: str) -> LinearizeE
             f"'{repo_id.split('/')[0]}'. {not_done}"
         )
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return LinearizeError(f"the Hub refused the upload ({status}): {reason}. {not_done}")
+    code = f" ({status})" if status is not None else ""
+    return LinearizeError(f"the Hub refused the upload{code}: {reason}. {not_done}")
 
 
 @contextmanager

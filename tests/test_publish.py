@@ -23,7 +23,7 @@ from linearize import sources
 from linearize.cli import app
 from linearize.convert import convert_model, plan_conversion, save_model, source_hub_id, source_weights
 from linearize.errors import LinearizeError
-from linearize.publish import plan_push, push, push_command
+from linearize.publish import _http_error, plan_push, push, push_command
 from tests.tiny import source_folder, source_model, tiny_tokenizer
 
 GOOD_TOKEN = "hf_good"
@@ -225,6 +225,11 @@ def test_a_rejected_token_is_not_reported_as_pushed(folder, hub, no_verify):
     # a push that follows a conversion or a fine-tune says how to push the saved folder instead
     with pytest.raises(LinearizeError, match="rejected the token .* the push is not done; push it with `linearize"):
         push(folder, REPO, token="hf_bad", endpoint=hub.url, verify=False, retry="push it with `linearize push`")
+
+
+def test_a_refusal_without_a_status_says_none_of_one():
+    error = _http_error(RuntimeError("connection reset by the proxy"), REPO, "https://hub", "Not done.")
+    assert str(error) == "the Hub refused the upload: connection reset by the proxy. Not done."
 
 
 def test_the_retry_command_pastes_into_a_shell():

@@ -76,6 +76,14 @@ def human_size(n: float) -> str:
         n /= 1024
 
 
+def hide_library_bars(quiet: bool) -> None:
+    """Under --quiet, transformers' own bars (loading and saving weights) are hidden too."""
+    if quiet:
+        from ..sources import hide_progress_bars
+
+        hide_progress_bars()
+
+
 @contextmanager
 def progress_bar(description: str, total: int, quiet: bool):
     """A progress bar on stderr when it is a terminal and not --quiet; yields the callback that advances it (or

@@ -17,7 +17,17 @@ from ..errors import LinearizeError
 from ..families import CONVERT_LAYERS, get_family
 from ..methods import all_parameters, describe_parameter
 from ..selection import CALIBRATION_WINDOWS, DEFAULT_SCORER, SCORERS
-from .common import METHOD_HELP, Dtype, Method, app, console, exits_on_error, human_size, progress_bar
+from .common import (
+    METHOD_HELP,
+    Dtype,
+    Method,
+    app,
+    console,
+    exits_on_error,
+    hide_library_bars,
+    human_size,
+    progress_bar,
+)
 
 Scorer = Enum("Scorer", {name: name for name in SCORERS}, type=str)
 LayerScope = Enum("LayerScope", {name: name for name in CONVERT_LAYERS}, type=str)
@@ -251,10 +261,7 @@ def convert(
         raise LinearizeError("pass an output folder with -o/--output (or use --dry-run)")
     if spread_layers and spread_over:
         raise LinearizeError("--spread-layers is --spread-over K; give one of them")
-    if quiet:
-        from ..sources import hide_progress_bars
-
-        hide_progress_bars()
+    hide_library_bars(quiet)
     report = _ConsoleReport(model, quiet=quiet and not dry_run)  # a dry run's plan is its result
     try:
         conversion = convert_and_save(

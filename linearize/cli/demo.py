@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import app, console, exits_on_error, human_size, print_table
+from .common import app, console, exits_on_error, hide_library_bars, human_size, print_table
 
 
 @app.command(
@@ -31,10 +31,7 @@ def demo(
         if not quiet:
             console.print(f"[bold]{message}[/]", highlight=False)
 
-    if quiet:
-        from ..sources import hide_progress_bars
-
-        hide_progress_bars()  # transformers' bars, as the other commands' --quiet
+    hide_library_bars(quiet)
     result = run_demo(output, steps, force=force, say=say, quiet=quiet, console=console)
     header = [
         "model",

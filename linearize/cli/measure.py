@@ -18,6 +18,7 @@ from .common import (
     console,
     exits_on_error,
     float_list,
+    hide_library_bars,
     int_list,
     print_table,
     progress_bar,
@@ -111,10 +112,7 @@ def eval_command(
     if tasks:
         with spinner("Indexing lm-eval tasks", quiet):
             check_lm_eval_tasks(tasks, lm_eval_options["include_path"])
-    if quiet:
-        from ..sources import hide_progress_bars
-
-        hide_progress_bars()
+    hide_library_bars(quiet)
     total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
     results = {}
     for spec in specs:  # one model in memory at a time
@@ -199,10 +197,7 @@ def bench(
     specs = _checked_pair(model, against, {"--ctx": contexts})
     if threads is not None:
         torch.set_num_threads(threads)
-    if quiet:
-        from ..sources import hide_progress_bars
-
-        hide_progress_bars()
+    hide_library_bars(quiet)
     models = {}
     for spec in specs:  # both in memory: their runs alternate
         with spinner(f"Loading {spec.label}", quiet):

@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import LinearizeError
 from ..outputs import atomic_folder, check_writable
+from ..publish import RECIPE_FILE  # the run's resolved recipe, under the name its model folder has it
 from .fingerprints import PACKING, bookkeeping_keys, legacy_recipe_hash, recipe_differences, recipe_hash
 from .recipe import Recipe, load_recipe
 
-RECIPE_FILE = "linearize_recipe.yaml"
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step-"
 
