@@ -330,21 +330,8 @@ class Trainer:
                 for step in range(start, total_steps):
                     began = time.perf_counter()
                     batches = [self.micro_batch(index, step, micro, per_epoch) for micro in range(accum)]
-                    divisors = self.loss_divisors(batches, transfer is not None)
-                    losses = []
-                    for micro, (batch, divisor) in enumerate(zip(batches, divisors, strict=True)):
-                        sync = micro == accum - 1
-                        if self.sharded:
-                            model.set_requires_gradient_sync(sync)
-                        with model.no_sync() if ddp and not sync else nullcontext():
-                            loss = self.forward_loss(model, batch, transfer, stage.kd_ratio, not math.isinf(divisor))
-                            if transfer is None:
-                                (loss / divisor).backward()
-                        losses.append(loss.detach().float() / divisor)
-                    if not ddp and not self.sharded:
-                        average_gradients(self.world, params)
-                    loss = mean_across(self.world, torch.stack(losses).sum()).item()
-                    if not math.isfinite(loss):
+                    loss = self._backward(model, batches, transfer, stage.kd_ratio, params, ddp)
+                    if not math.isfinite(loss):  # before the step: the last checkpoint stays the last good one
                         raise TrainingDivergedError(self._diverged(index, stage, step, loss))
                     if self.config.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
@@ -375,6 +362,25 @@ class Trainer:
                         self.checkpoint(optimizers, schedulers)
         finally:
             self.reporter.end_stage()
+
+    def _backward(self, model, batches: list, transfer, kd_ratio: float, params: list, ddp: bool) -> float:
+        """Forward and backward over one step's micro-batches, the gradients summed and synchronised across
+        processes once (on the last micro-batch, or by hand without DDP or FSDP); returns the step's loss, averaged
+        over processes. Under attention transfer the backward runs inside the forward, layer by layer."""
+        divisors = self.loss_divisors(batches, transfer is not None)
+        losses = []
+        for micro, (batch, divisor) in enumerate(zip(batches, divisors, strict=True)):
+            sync = micro == len(batches) - 1
+            if self.sharded:
+                model.set_requires_gradient_sync(sync)
+            with model.no_sync() if ddp and not sync else nullcontext():
+                loss = self.forward_loss(model, batch, transfer, kd_ratio, not math.isinf(divisor))
+                if transfer is None:
+                    (loss / divisor).backward()
+            losses.append(loss.detach().float() / divisor)
+        if not ddp and not self.sharded:
+            average_gradients(self.world, params)
+        return mean_across(self.world, torch.stack(losses).sum()).item()
 
     def _evaluate_and_record(self, index: int, stage: StageSection, transfer: AttentionTransfer | None) -> None:
         metrics = self.evaluate(transfer)
