@@ -484,9 +484,7 @@ class Trainer:
         for index, stage in enumerate(self.recipe.stages[self.state.stage :], self.state.stage):  # those to run
             if note := warmup_note(index, stage, self.steps_in(stage)[0]):  # epochs are steps once data loads
                 self.reporter.warning(note)
-        for index, stage in enumerate(self.recipe.stages):
-            if index < self.state.stage:
-                continue
+        for index, stage in enumerate(self.recipe.stages[self.state.stage :], self.state.stage):
             self.state.stage = index
             if stage.kind != "attention_transfer":
                 self.select_after_transfer()
