@@ -24,6 +24,7 @@ from .hub import check_can_push, check_repo_id
 from .layers.base import LinearizedAttention
 from .methods import LAYOUT_KEYS, MethodSettings, get_method, method_settings
 from .models import LinearizeConfig, LinearizeForCausalLM
+from .models.configuration import OWN_FIELDS
 from .outputs import atomic_folder, check_output_folder
 from .selection import DEFAULT_SCORER, LayerSelection, parse_auto, select_layers
 
@@ -132,12 +133,7 @@ def build_config(
     num_layers = source_config.num_hidden_layers
     source_types = source_layer_types(source_config)
     converted_type = get_method(method).layer_type
-    fields = {
-        k: v
-        for k, v in source_config.to_dict().items()
-        if k
-        not in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config", "layer_types")
-    }
+    fields = {k: v for k, v in source_config.to_dict().items() if k not in OWN_FIELDS}
     return LinearizeConfig(
         base_model_type=family.model_type,
         source_model=source_hub_id(source) if source is not None else None,
@@ -267,6 +263,7 @@ def plan_conversion(
     sliding-window layers are converted too; those it leaves are kept, as softmax layers. `dtype` is the dtype the
     weights will load in ("auto": the config's), for the cache sizes."""
     get_family(source_config.model_type)
+    _check_not_quantized(source_config, source)
     if isinstance(softmax_layers, list | tuple):
         softmax_layers = ",".join(map(str, softmax_layers))
     settings = method_settings(method, **options)
@@ -295,6 +292,20 @@ def plan_conversion(
     # checkpoints mostly are
     dtype_bytes = torch.finfo(torch_dtype).bits // 8 if isinstance(torch_dtype, torch.dtype) else 4
     return ConversionPlan(source, config, _count_parameters(unconverted), _count_parameters(config), dtype_bytes)
+
+
+def _check_not_quantized(source_config, source: str) -> None:
+    """The converted layers are built as plain `nn.Linear`s around the source's weights, which a quantized
+    checkpoint (bitsandbytes, GPTQ, AWQ, FP8, ...) stores packed: refuse it before anything loads."""
+    quantization = getattr(source_config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "") if isinstance(quantization, dict) else ""
+        method = getattr(quantization, "quant_method", method)
+        raise LinearizeError(
+            f"'{source}' is a quantized checkpoint ({method or 'quantization_config'}), and linearize converts "
+            "full-precision weights: convert the unquantized model it was made from, then quantize the converted "
+            "model if you need to"
+        )
 
 
 def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM:

@@ -93,6 +93,15 @@ def test_bad_input_is_named_before_any_weights_load(options, message, source, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_a_quantized_checkpoint_is_refused_before_any_weights_load(tmp_path, no_weights):
+    model = source_model("llama")
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    model.save_pretrained(tmp_path / "bnb-4bit")
+    with pytest.raises(LinearizeError, match=r"quantized checkpoint \(bitsandbytes\).*convert the unquantized model"):
+        convert_and_save(str(tmp_path / "bnb-4bit"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_existing_output_needs_force(source, tmp_path, no_weights):
     (tmp_path / "out").mkdir()
     with pytest.raises(LinearizeError, match="already exists; pass --force to replace it"):

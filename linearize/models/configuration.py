@@ -16,8 +16,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from ..methods import MethodSettings, get_method
 from .remote_code import AUTO_MAP, write_remote_code
 
-# Fields that belong to LinearizeConfig itself, never to the family config.
-_OWN_FIELDS = (
+# Fields that belong to LinearizeConfig itself, never to the family config (nor taken from the source's).
+OWN_FIELDS = (
     "model_type",
     "base_model_type",
     "source_model",
@@ -112,7 +112,7 @@ class LinearizeConfig(PreTrainedConfig):
 
     def family_config(self) -> PreTrainedConfig:
         """The source family's own config (e.g. a LlamaConfig), used to build the unchanged parts of the model."""
-        fields = {k: v for k, v in self.to_dict().items() if k not in _OWN_FIELDS}
+        fields = {k: v for k, v in self.to_dict().items() if k not in OWN_FIELDS}
         fields["layer_types"] = [
             self.source_types[i] if self.is_converted(i) else t for i, t in enumerate(self.layer_types)
         ]
