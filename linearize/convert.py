@@ -557,8 +557,7 @@ def _load_source(
         tokenizer_fix = f"{PASS_TOKENIZER}, or drop --verify"
     elif pushing:
         tokenizer_fix = f"{PASS_TOKENIZER}: a pushed model needs one"
-    loaded, tokens = sources.load(model, dtype=dtype, device=device, tokenizer=tokenizer, tokenizer_fix=tokenizer_fix)
-    return loaded, tokens
+    return sources.load(model, dtype=dtype, device=device, tokenizer=tokenizer, tokenizer_fix=tokenizer_fix)
 
 
 def _compare_with_source(source_model, output: Path, tokenizer, device: str, report: ConvertReport) -> list[dict]:

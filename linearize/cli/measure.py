@@ -128,7 +128,7 @@ def eval_command(
     payload = {
         "models": {spec.label: spec.source or "embedded" for spec in specs},
         "settings": {"text": text, "context": context, "windows": windows, "passkey_contexts": contexts}
-        | {k: v for k, v in passkey_options.items()}
+        | passkey_options
         | {"lm_eval": tasks, "lm_eval_limit": lm_eval_limit},
         "results": results,
         "markdown": markdown_table(header, rows),

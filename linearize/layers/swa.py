@@ -117,7 +117,10 @@ def sink_window_attention(
         v: values `[B, T, Hkv, D]`.
         valid: `[B, T]` bool, False at padding, or None.
         state: the layer's cache, or None without one.
+        recent, sinks: the window's two parts, in tokens.
+        scale: the logits' scale (the source attention's).
         softcap: the logit cap (Gemma 2), or None.
+        backend: a kernel backend, or None for LINEARIZE_BACKEND or the device's default (`resolve_backend`).
 
     Returns:
         `[B, T, H, D]` in q.dtype.
