@@ -82,6 +82,11 @@ class Family:
         return found
 
     @property
+    def input_projections(self) -> tuple[str, ...]:
+        """The attention's projections of its input (LoRA targets that attention transfer trains)."""
+        return ("qkv_proj",) if self.fused_qkv else ("q_proj", "k_proj", "v_proj")
+
+    @property
     def base_model_class(self) -> type[nn.Module]:
         return self._class(self.model_suffix)
 

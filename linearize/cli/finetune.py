@@ -71,6 +71,7 @@ def finetune(
 
 def _finetune_plan(recipe, resume: bool) -> Table:
     from .. import sources
+    from ..families import get_family
     from ..hub import check_can_push
     from ..methods import get_method
     from ..training.checkpoint import check_resumable, list_checkpoints, prepare_run_folder
@@ -109,7 +110,8 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     for i, stage in enumerate(recipe.stages):  # what the run would find only once the weights have loaded
         adds = get_method(conv.method).adds_parameters and "new" in stage.trainable
         if stage.kind == "attention_transfer" and not in_attention and not adds:
-            raise LinearizeError(nothing_to_train(i, stage, targets, bool(plan.config.converted_layers())))
+            projections = get_family(plan.config.base_model_type).input_projections
+            raise LinearizeError(nothing_to_train(i, stage, targets, projections, bool(plan.config.converted_layers())))
     if note := positions_note(recipe, source_config):
         notes.append(note)
     # the data as the run reads it (the tokenizer alone, no weights): its errors, packs and steps

@@ -4,6 +4,7 @@ warnings and errors) and `finetune --dry-run` (its notes), so the two cannot dis
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -16,25 +17,35 @@ from .recipe import Recipe, StageSection, TrainingSection
 def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool]:
     """The `targets` (lora.target_modules) that name no linear layer of the converted model `config` describes, as
     peft matches them (a module's name or its last parts), the names those layers end in, and whether any target
-    is inside a converted attention layer (what attention transfer trains); found on a model without weights, so
-    that a dry run tells before any weights load."""
+    is inside a converted attention layer before its o_proj (what attention transfer trains); found on a model
+    without weights, so that a dry run tells before any weights load."""
     from ..models import LinearizeForCausalLM
 
     with torch.device("meta"):
         model = LinearizeForCausalLM(config)
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    converted = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, LinearizedAttention))
+    converted = [f"{name}." for name, module in model.named_modules() if isinstance(module, LinearizedAttention)]
 
     def matches(name: str, target: str) -> bool:
         return name == target or name.endswith(f".{target}")
 
     unmatched = [t for t in targets if not any(matches(name, t) for name in names)]
-    in_attention = any(matches(name, t) and name.startswith(converted) for name in names for t in targets)
+    in_attention = any(
+        matches(name, t) and any(transfer_trains(name, layer) for layer in converted) for name in names for t in targets
+    )
     return unmatched, sorted({name.rsplit(".", 1)[-1] for name in names}), in_attention
 
 
-def nothing_to_train(index: int, stage: StageSection, targets: list[str], converted: bool = True) -> str:
-    """Why stage `index` trains no parameter, and the fix."""
+def transfer_trains(name: str, attention: str) -> bool:
+    """Whether attention transfer trains parameter or module `name`, given the converted attention layer's name
+    `attention` (with its trailing dot): anything of it but o_proj, since the loss is on the output o_proj reads."""
+    return name.startswith(attention) and not name.startswith(f"{attention}o_proj")
+
+
+def nothing_to_train(
+    index: int, stage: StageSection, targets: list[str], projections: Sequence[str], converted: bool = True
+) -> str:
+    """Why stage `index` trains no parameter, and the fix; `projections`: the attention's input projections."""
     if stage.kind == "attention_transfer" and not converted:
         return (
             f"stages.{index} (attention_transfer) has nothing to train: conversion.softmax_layers keeps every layer "
@@ -43,8 +54,9 @@ def nothing_to_train(index: int, stage: StageSection, targets: list[str], conver
     if stage.kind == "attention_transfer":
         return (
             f"stages.{index} (attention_transfer) has nothing to train: it trains the converted attention layers "
-            f"only, and lora.target_modules {targets} put no adapter in them; add their projections (q_proj, "
-            "k_proj, v_proj, o_proj) to lora.target_modules"
+            f"only, and lora.target_modules {targets} put no adapter in them before o_proj (whose adapter gets no "
+            f"gradient there: the loss is on the attention output o_proj reads); add its input projections "
+            f"({', '.join(projections)}) to lora.target_modules"
         )
     return f"stages.{index} ({stage.kind}) has nothing to train with trainable {stage.trainable}"
 

@@ -24,6 +24,7 @@ from ..compat import set_activation_checkpointing
 from ..convert import convert_model, keep_softmax_layers, save_model
 from ..data import PackedSequences, next_token_targets
 from ..errors import LinearizeError
+from ..families import get_family
 from ..hub import check_can_push
 from ..layers.base import LinearizedAttention
 from ..selection import LayerSelection, select_layers
@@ -36,7 +37,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .checks import nothing_to_train, positions_note, stage_steps, warmup_note
+from .checks import nothing_to_train, positions_note, stage_steps, transfer_trains, warmup_note
 from .data import FinetuneData, load_data
 from .distributed import (
     World,
@@ -172,25 +173,25 @@ class Trainer:
         }
 
     def set_trainable(self, index: int, stage: StageSection) -> list[nn.Parameter]:
-        # attention transfer trains converted layers only: a kept softmax layer already is its own teacher
-        converted = {
-            f"{module_name}.{name}"
-            for module_name, module in self.model.named_modules()
-            if isinstance(module, LinearizedAttention)
-            for name, _ in module.named_parameters()
-        }
+        # attention transfer trains converted layers only (a kept softmax layer already is its own teacher), and
+        # not their o_proj, which gets no gradient there
+        layers = [f"{name}." for name, module in self.model.named_modules() if isinstance(module, LinearizedAttention)]
         params = []
         for name, p in self.model.named_parameters():
             train = ("new" in stage.trainable and name in self.new_names) or (
                 "lora" in stage.trainable and "lora_" in name
             )
-            train = train and (stage.kind != "attention_transfer" or name in converted)
+            train = train and (
+                stage.kind != "attention_transfer" or any(transfer_trains(name, layer) for layer in layers)
+            )
             p.requires_grad_(train)
             if train:
                 params.append(p)
         if not params:
-            any_converted = any(isinstance(m, LinearizedAttention) for m in self.model.modules())
-            raise LinearizeError(nothing_to_train(index, stage, self.recipe.lora.target_modules, any_converted))
+            projections = get_family(self.model.config.base_model_type).input_projections
+            raise LinearizeError(
+                nothing_to_train(index, stage, self.recipe.lora.target_modules, projections, bool(layers))
+            )
         return params
 
     # -- data ---------------------------------------------------------------------------------------------------

@@ -437,3 +437,18 @@ def test_a_data_error_stops_the_run_before_the_weights_load(workspace, tmp_path,
     monkeypatch.setattr(linearize.sources, "load_model", lambda *args, **kwargs: pytest.fail("loaded the weights"))
     result = invoke("finetune", recipe, f"data.sources=[{{path: {tmp_path / 'empty.jsonl'}}}]")
     assert result.exit_code == 1 and "holds no documents" in result.output
+
+
+def test_attention_transfer_refuses_an_adapter_on_o_proj_alone(workspace, tmp_path, monkeypatch):
+    """Attention transfer's loss is on the attention output before o_proj, so o_proj's adapter gets no gradient:
+    with no other adapter in the attention (Phi-3's qkv_proj left out) the stage would train nothing, silently.
+    The dry run and the run refuse it, naming the family's own input projections."""
+    source_folder(tmp_path / "phi3", "phi3")
+    monkeypatch.setattr(linearize.sources, "_load_tokenizer", lambda *args: tiny_tokenizer())
+    recipe = write_recipe(workspace, tmp_path, RECIPE.replace("{source}", str(tmp_path / "phi3")))
+    for extra in (["--dry-run"], []):
+        result = invoke("finetune", recipe, *extra)
+        shown = " ".join(result.output.split())
+        assert result.exit_code == 1 and "stages.0 (attention_transfer) has nothing to train" in shown, extra
+        assert "add its input projections (qkv_proj) to lora.target_modules" in shown
+    assert not (tmp_path / "run" / "model").exists()
