@@ -178,6 +178,7 @@ class ConversionPlan:
     source_parameters: int
     converted_parameters: int
     dtype_bytes: int
+    unconverted_sliding: list[int] = field(default_factory=list)  # the sliding-window layers --convert-layers left
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -291,7 +292,9 @@ def plan_conversion(
     # without a dtype (a Hub checkpoint whose config names none, its weights unread): float32, as such older
     # checkpoints mostly are
     dtype_bytes = torch.finfo(torch_dtype).bits // 8 if isinstance(torch_dtype, torch.dtype) else 4
-    return ConversionPlan(source, config, _count_parameters(unconverted), _count_parameters(config), dtype_bytes)
+    return ConversionPlan(
+        source, config, _count_parameters(unconverted), _count_parameters(config), dtype_bytes, sliding
+    )
 
 
 def _check_not_quantized(source_config, source: str) -> None:

@@ -83,6 +83,11 @@ def test_dry_run_shows_the_family_and_its_sliding_layers(tmp_path):
     result = invoke("convert", src, "--convert-layers", "all", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.linearize["softmax_layers"] == []
+    # a sliding-window layer the user keeps by name is not one --convert-layers left: the plan must not say so
+    result = invoke("convert", src, "--convert-layers", "all", "--softmax-layers", "0", "--dry-run")
+    output = re.sub(r"[│\s]+", " ", result.output)
+    assert result.exit_code == 0 and "softmax (sliding_attention)" in output, result.output
+    assert "--convert-layers all converts them" not in output
     result = invoke("convert", src, "--convert-layers", "some", "--dry-run")
     assert result.exit_code != 0 and "global" in result.output
 

@@ -49,7 +49,7 @@ def _plan_table(plan) -> Table:
     table.add_row("method", plan.method_text())
     for layers, fate in plan.layer_groups():
         table.add_row(f"layers {layers}", fate)
-    if family.sliding_layers and "sliding_attention" in plan.config.layer_types:
+    if plan.unconverted_sliding:  # not a sliding-window layer kept by --softmax-layers
         table.add_row(
             "sliding-window layers",
             "kept as they are: their cache is already constant-size (--convert-layers all converts them)",
