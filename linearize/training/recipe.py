@@ -11,6 +11,7 @@ import difflib
 import functools
 import operator
 import os
+import re
 import typing
 from collections.abc import Hashable
 from pathlib import Path
@@ -126,9 +127,13 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
         from ..convert import plan_conversion
 
         layers = selection or self.softmax_layers or None
-        return plan_conversion(
-            source_config, source, self.method, layers, convert_layers=self.convert_layers, **self.options()
-        )
+        try:
+            return plan_conversion(
+                source_config, source, self.method, layers, convert_layers=self.convert_layers, **self.options()
+            )
+        except LinearizeError as error:  # its messages name convert's options: a recipe sets its own keys
+            message = re.sub(r"--([a-z]+(?:-[a-z]+)*)", lambda m: f"conversion.{m[1].replace('-', '_')}", str(error))
+            raise LinearizeError(message) from None
 
     def selection_request(self) -> SelectionRequest | None:
         """What 'auto:K' asks for, or None for named layers."""

@@ -452,3 +452,16 @@ def test_attention_transfer_refuses_an_adapter_on_o_proj_alone(workspace, tmp_pa
         assert result.exit_code == 1 and "stages.0 (attention_transfer) has nothing to train" in shown, extra
         assert "add its input projections (qkv_proj) to lora.target_modules" in shown
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_conversion_errors_name_the_recipe_keys(workspace, tmp_path):
+    """What the plan refuses is told as the recipe's keys: `linearize finetune` takes no --window or
+    --softmax-layers option."""
+    recipe = write_recipe(workspace, tmp_path)
+    for override, key in (
+        ("conversion.window=4096", "conversion.window 4096 is more tokens than the model reads"),
+        ("conversion.softmax_layers=0,9", "conversion.softmax_layers '0,9': the model has 2 layers"),
+    ):
+        result = invoke("finetune", recipe, "--dry-run", override)
+        shown = " ".join(result.output.split())
+        assert result.exit_code == 1 and key in shown and " --" not in shown, shown
