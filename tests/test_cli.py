@@ -92,6 +92,19 @@ def test_dry_run_shows_the_family_and_its_sliding_layers(tmp_path):
     assert result.exit_code != 0 and "global" in result.output
 
 
+def test_generate_tells_whitespace_from_an_immediate_end(source, tmp_path, monkeypatch):
+    """A reply of spaces alone (a random or weak model's) is not one that ended at once."""
+    import linearize.generation
+
+    monkeypatch.setattr(linearize.generation, "generate", lambda *args, **kwargs: "        ")
+    result = invoke("generate", source, "w5 w6", "--max-new-tokens", 8)
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 0 and "Only whitespace generated" in shown and "ended its reply" not in shown
+    monkeypatch.setattr(linearize.generation, "generate", lambda *args, **kwargs: "")
+    result = invoke("generate", source, "w5 w6", "--max-new-tokens", 8)
+    assert "Nothing generated: the model ended its reply at once" in " ".join(result.output.split())
+
+
 def test_generate_streams_text(source, tmp_path):
     assert invoke("convert", source, "-o", tmp_path / "out").exit_code == 0
     result = invoke("generate", tmp_path / "out", "w5 w6 w7", "--max-new-tokens", 5)

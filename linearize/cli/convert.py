@@ -387,9 +387,12 @@ def generate(
         loaded, tokenizer = load_for_inference(None if model == EMBEDDED else model, device=device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     text = generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer)
-    if not text.strip():  # an end-of-turn first: say so rather than print nothing
+    weak = "a converted model is weak until fine-tuned: see `linearize finetune`"
+    if not text:  # an end-of-turn first: say so rather than print nothing
         console.print(
-            "[yellow]Nothing generated:[/] the model ended its reply at once (a converted model is weak until "
-            "fine-tuned: see `linearize finetune`; --no-chat continues the prompt as plain text)",
+            f"[yellow]Nothing generated:[/] the model ended its reply at once ({weak}; --no-chat continues the "
+            "prompt as plain text)",
             highlight=False,
         )
+    elif not text.strip():  # spaces or newlines streamed, which look like nothing
+        console.print(f"[yellow]Only whitespace generated[/] ({weak})", highlight=False)
