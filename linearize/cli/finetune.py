@@ -75,7 +75,14 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     from ..hub import check_can_push
     from ..methods import get_method
     from ..training.checkpoint import check_resumable, list_checkpoints, prepare_run_folder
-    from ..training.checks import lora_targets, nothing_to_train, positions_note, stage_steps, warmup_note
+    from ..training.checks import (
+        lora_targets,
+        nothing_to_train,
+        positions_note,
+        stage_steps,
+        unmatched_targets_note,
+        warmup_note,
+    )
     from ..training.data import load_data
     from ..training.fingerprints import data_fingerprint
 
@@ -101,12 +108,13 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         )
     targets = recipe.lora.target_modules
     unmatched, layer_names, in_attention = lora_targets(plan.config, targets)
-    if unmatched and any("lora" in stage.trainable for stage in recipe.stages):
-        if len(unmatched) == len(targets):  # peft refuses it, once the weights have loaded
-            raise LinearizeError(
-                f"lora.target_modules {targets} name no layer of this model; its linear layers are {layer_names}"
-            )
-        notes.append(f"lora.target_modules {unmatched} match no layer of this model (its linear layers: {layer_names})")
+    trains_lora = any("lora" in stage.trainable for stage in recipe.stages)
+    if trains_lora and unmatched and len(unmatched) == len(targets):  # peft refuses it, once the weights have loaded
+        raise LinearizeError(
+            f"lora.target_modules {targets} name no layer of this model; its linear layers are {layer_names}"
+        )
+    if note := unmatched_targets_note(recipe, plan.config):
+        notes.append(note)
     for i, stage in enumerate(recipe.stages):  # what the run would find only once the weights have loaded
         adds = get_method(conv.method).adds_parameters and "new" in stage.trainable
         if stage.kind == "attention_transfer" and not in_attention and not adds:

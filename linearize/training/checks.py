@@ -36,6 +36,17 @@ def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool
     return unmatched, sorted({name.rsplit(".", 1)[-1] for name in names}), in_attention
 
 
+def unmatched_targets_note(recipe: Recipe, config) -> str | None:
+    """What a run warns and its dry run notes when some of lora.target_modules name no linear layer of the model
+    `config` describes while a stage trains LoRA: peft adapts the others and says nothing (when none matches, peft
+    refuses the run)."""
+    targets = recipe.lora.target_modules
+    unmatched, layer_names, _ = lora_targets(config, targets)
+    if not unmatched or len(unmatched) == len(targets) or not any("lora" in s.trainable for s in recipe.stages):
+        return None
+    return f"lora.target_modules {unmatched} match no layer of this model (its linear layers: {layer_names})"
+
+
 def transfer_trains(name: str, attention: str) -> bool:
     """Whether attention transfer trains parameter or module `name`, given the converted attention layer's name
     `attention` (with its trailing dot): anything of it but o_proj, since the loss is on the output o_proj reads."""

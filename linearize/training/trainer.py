@@ -37,7 +37,14 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .checks import nothing_to_train, positions_note, stage_steps, transfer_trains, warmup_note
+from .checks import (
+    nothing_to_train,
+    positions_note,
+    stage_steps,
+    transfer_trains,
+    unmatched_targets_note,
+    warmup_note,
+)
 from .data import FinetuneData, load_data
 from .distributed import (
     World,
@@ -87,8 +94,9 @@ class Trainer:
             reporter.warning(warning)
         self.data_fingerprint = data_fingerprint(self.data)  # what its checkpoints record
         self.model, self.new_names = self.build_model()
-        if note := positions_note(recipe, self.source_config):
-            reporter.warning(note)
+        for note in (positions_note(recipe, self.source_config), unmatched_targets_note(recipe, self.model.config)):
+            if note:
+                reporter.warning(note)
         self.sharded = False
 
     # -- model surgery ------------------------------------------------------------------------------------------

@@ -113,6 +113,14 @@ def test_distillation_moves_the_student_toward_the_original(workspace, tmp_path)
     assert sum(kl[-6:]) / 6 < 0.5 * sum(kl[:6]) / 6, kl
 
 
+def test_the_run_warns_of_lora_targets_that_match_no_layer_as_its_dry_run_notes(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    targets = "lora.target_modules=[q_proj, k_proj, v_proj, foo_proj]"
+    result = invoke("finetune", recipe, targets, "stages.0.max_steps=1", "stages.1.max_steps=2", "-q")
+    assert result.exit_code == 0, result.output
+    assert "warning: lora.target_modules ['foo_proj'] match no layer of this model" in " ".join(result.output.split())
+
+
 def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
     recipe = write_recipe(workspace, tmp_path)
     result = invoke("finetune", recipe, "output.merge_lora=false", "stages.0.max_steps=1", "stages.1.max_steps=1", "-q")
