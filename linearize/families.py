@@ -77,8 +77,12 @@ class Family:
             found.append(f"output logits capped at {config.final_logit_softcapping:g}")
         if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
             found.append(f"output logits divided by {config.logits_scaling:g}")
-        if self.sliding_layers and getattr(config, "sliding_window", None):
-            found.append(f"sliding-window layers of {config.sliding_window} tokens")
+        window = getattr(config, "sliding_window", None)
+        types = getattr(config, "source_layer_types", None) or getattr(config, "layer_types", None)
+        if window and self.sliding_layers:
+            found.append(f"sliding-window layers of {window} tokens")
+        elif window and (types is None or set(types) == {"sliding_attention"}):  # Mistral 7B v0.1, Phi-3-mini-4k
+            found.append(f"a sliding window of {window} tokens in every layer")
         return found
 
     @property

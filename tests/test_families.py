@@ -100,6 +100,17 @@ def test_teacher_of_a_model_with_one_window_for_every_layer_is_windowed():
     _assert_teacher_is_the_source(source, model.model.layers[1].self_attn)
 
 
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+def test_the_plan_names_a_window_in_every_layer(family):
+    config = CONFIGS[family]()
+    assert "sliding window" not in " ".join(get_family(family).specifics(config))
+    config.sliding_window = 8
+    shown = "a sliding window of 8 tokens in every layer"
+    assert shown in get_family(family).specifics(config)
+    assert shown in get_family(family).specifics(plan_conversion(config, family, "swa").config)  # the converted one
+    assert shown not in get_family("gemma2").specifics(CONFIGS["gemma2"]())  # sliding-window layers, said so
+
+
 def _assert_teacher_is_the_source(source, attn):
     """Over 20 tokens, `attn`'s teacher is its source layer's output, window of 8 and all."""
     inputs, expected = source_attention_call(source, attn.layer_idx, torch.randint(3, 128, (2, 20)))
