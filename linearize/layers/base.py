@@ -3,6 +3,7 @@ packed into one row kept apart."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -141,13 +142,22 @@ class LinearizedAttention(nn.Module):
         return self.o_proj(o), None
 
     # What a method's layer implements: `attend`, and the two static methods below for its cache; a method whose
-    # layer adds parameters gives them their conversion values in `init_new_parameters`, and one whose settings
-    # depend on the source layer's window says how in `layer_settings` (read through `config.layer_settings`).
+    # layer adds parameters gives them their conversion values in `init_new_parameters`. A layer reads its settings
+    # as `config.layer_settings(layer_idx)` (the method's, after `layer_settings` below), as its cache and the plan do.
 
     @staticmethod
     def layer_settings(settings: MethodSettings, source_window: int | None) -> MethodSettings:
-        """The settings of one converted layer whose source layer has `source_window` (None: no window)."""
-        return settings
+        """The settings of one converted layer whose source layer has `source_window` (None: no window). A method
+        with a `window` keeps the source's where it is narrower (Mistral 7B v0.1, Phi-3-mini-4k, Gemma's local
+        layers): the layer then reads no further back than its source was trained to, and caches no more. Where
+        the source's window could not hold the method's sinks, the method's window stays."""
+        if source_window is None or "window" not in {field.name for field in dataclasses.fields(settings)}:
+            return settings
+        if settings.window is not None and settings.window <= source_window:
+            return settings
+        if source_window <= getattr(settings, "sinks", 0):
+            return settings
+        return dataclasses.replace(settings, window=source_window)
 
     @staticmethod
     def cache_layer(settings: MethodSettings) -> StateCacheLayer:

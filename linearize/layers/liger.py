@@ -63,7 +63,7 @@ class LigerSinkCacheLayer(SinkWindowCacheLayer):
 class LigerAttention(LinearizedAttention):
     def __init__(self, config, layer_idx, family):
         super().__init__(config, layer_idx, family)
-        settings = config.settings
+        settings = config.layer_settings(layer_idx)
         with_window = isinstance(settings, LigerSettings)  # liger-gla has no window branch
         self.window = settings.window if with_window else None
         self.sinks = settings.sinks if with_window else 0

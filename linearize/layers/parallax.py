@@ -22,8 +22,6 @@ does this):
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
@@ -57,19 +55,11 @@ class ParallaxCacheLayer(StateCacheLayer):
 class ParallaxAttention(LinearizedAttention):
     def __init__(self, config, layer_idx, family):
         super().__init__(config, layer_idx, family)
-        self.window = config.layer_settings(layer_idx).window
-        rank = config.settings.probe_rank
+        settings = config.layer_settings(layer_idx)
+        self.window, rank = settings.window, settings.probe_rank
         self.r_down = nn.Linear(config.hidden_size, rank, bias=False) if rank else None  # None: r_proj reads x
         self.r_proj = nn.Linear(rank or config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.initializer_range = getattr(config, "initializer_range", 0.02)
-
-    @staticmethod
-    def layer_settings(settings: ParallaxSettings, source_window: int | None) -> ParallaxSettings:
-        """A source layer with a window (Mistral 7B v0.1, Phi-3-mini-4k, Gemma's local layers) keeps it: the
-        converted layer is then that layer exactly at conversion, and its cache as small."""
-        if source_window is None or (settings.window is not None and settings.window <= source_window):
-            return settings
-        return dataclasses.replace(settings, window=source_window)
 
     @staticmethod
     def cache_layer(settings: ParallaxSettings) -> ParallaxCacheLayer:

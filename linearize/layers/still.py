@@ -144,7 +144,7 @@ class StillCacheLayer(StateCacheLayer):
 class StillAttention(LinearizedAttention):
     def __init__(self, config, layer_idx, family):
         super().__init__(config, layer_idx, family)
-        settings = config.settings
+        settings = config.layer_settings(layer_idx)
         self.chunk_size, self.topk = settings.chunk_size, settings.topk
         self.initializer_range = getattr(config, "initializer_range", 0.02)
         self.groups = self.num_heads // self.num_kv_heads

@@ -59,7 +59,7 @@ class SinkWindowCacheLayer(StateCacheLayer):
 class SinkWindowAttention(LinearizedAttention):
     def __init__(self, config, layer_idx, family):
         super().__init__(config, layer_idx, family)
-        settings = config.settings
+        settings = config.layer_settings(layer_idx)
         self.sinks = settings.sinks
         self.recent = settings.window - self.sinks
 

@@ -70,3 +70,35 @@ def test_decode_steps_keep_the_sinks_that_leave_the_window_and_then_stop_checkin
         z = (qr @ kr.mT * dim**-0.5).masked_fill(~mask, float("-inf"))
         expected = (z.softmax(-1) @ vr).transpose(0, 1)  # [T, heads, dim]
         torch.testing.assert_close(actual[row, pad:].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _windowed_mistral():
+    config = source_model("mistral").config
+    config.sliding_window = 8  # the tiny Mistral has none
+    return type(source_model("mistral"))(config).eval()
+
+
+def test_a_window_wider_than_the_source_layers_is_narrowed_to_it():
+    """A source with a window in every layer (Mistral 7B v0.1): a wider window would read further back than the
+    source was trained to and cache more; narrowed, swa without sinks is the source exactly, cached decoding too."""
+    source = _windowed_mistral()
+    model = convert_model(source, plan_conversion(source.config, "mistral", "swa", window=32, sinks=0).config).eval()
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = source(ids).logits
+        torch.testing.assert_close(model(ids, use_cache=False).logits, expected, rtol=1e-5, atol=1e-5)
+        out = model(ids[:, :30], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits[:, -1]]
+        for t in range(30, 39):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), expected[:, 29:39], rtol=1e-5, atol=1e-5)
+    assert model.model.layers[0].self_attn.recent == 8
+    with_sinks = plan_conversion(source.config, "mistral", "swa", window=32, sinks=2).config
+    assert with_sinks.layer_settings(0).window == 8 and with_sinks.settings.window == 32  # the sinks count in it
+
+
+def test_liger_narrows_its_window_branch_to_the_source_layers():
+    source = _windowed_mistral()
+    model = convert_model(source, plan_conversion(source.config, "mistral", "liger", window=32).config)
+    assert [layer.self_attn.window for layer in model.model.layers] == [8, 8]
