@@ -136,6 +136,21 @@ def source_attention_call(source, layer_idx: int, ids: torch.Tensor) -> tuple[di
     return seen["inputs"], seen["out"]
 
 
+def assert_computes_the_source(model, source, ids: torch.Tensor, prefill: int):
+    """`model` gives `source`'s logits for `ids`, in a full forward and decoding token by token after a prefill of
+    `prefill` tokens; returns the cache the decoding left."""
+    with torch.no_grad():
+        expected = source(ids).logits
+        torch.testing.assert_close(model(ids, use_cache=False).logits, expected, rtol=1e-5, atol=1e-5)
+        out = model(ids[:, :prefill], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits[:, -1]]
+        for t in range(prefill, ids.shape[1] - 1):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), expected[:, prefill - 1 : -1], rtol=1e-5, atol=1e-5)
+    return cache
+
+
 def cache_of(output):
     return output.cache if "cache" in output else output.past_key_values
 

@@ -8,7 +8,7 @@ from linearize.kernels.parallax import naive_parallax_attention
 from transformers import AutoModelForCausalLM
 
 from linearize.convert import convert_model, plan_conversion, save_model
-from tests.tiny import FAMILIES, converted_model, rotary_tables, source_model
+from tests.tiny import FAMILIES, assert_computes_the_source, converted_model, rotary_tables, source_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -130,16 +130,7 @@ def test_a_source_layer_with_a_window_keeps_it(family):
     model = convert_model(source, plan.config).eval()
     windows = [layer.self_attn.window for layer in model.model.layers]
     assert windows == ([8, 8] if family == "mistral" else [8, None])
-    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = source(ids).logits
-        torch.testing.assert_close(model(ids, use_cache=False).logits, expected, rtol=1e-5, atol=1e-5)
-        out = model(ids[:, :30], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits[:, -1]]
-        for t in range(30, 40):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits[:, -1])
-    torch.testing.assert_close(torch.stack(steps[:-1], 1), expected[:, 29:39], rtol=1e-5, atol=1e-5)
+    cache = assert_computes_the_source(model, source, torch.randint(3, 128, (1, 40)), prefill=30)
     assert cache.layers[0].tokens.capacity == 7  # the previous window - 1 tokens
     _, kv_heads, head_dim = plan._head_shape()
     growing = windows.count(None) * (4096 - 64) * (2 * kv_heads * head_dim * plan.dtype_bytes + 1)  # + a valid flag

@@ -6,7 +6,7 @@ import torch
 
 from linearize.convert import convert_model, plan_conversion
 from linearize.layers.swa import SinkWindowCacheLayer, sink_window_attention
-from tests.tiny import FAMILIES, VARIANTS, converted_model, source_model
+from tests.tiny import FAMILIES, VARIANTS, assert_computes_the_source, converted_model, source_model
 
 
 def sink_window_mask(length: int, window: int, sinks: int) -> torch.Tensor:
@@ -83,16 +83,7 @@ def test_a_window_wider_than_the_source_layers_is_narrowed_to_it():
     source was trained to and cache more; narrowed, swa without sinks is the source exactly, cached decoding too."""
     source = _windowed_mistral()
     model = convert_model(source, plan_conversion(source.config, "mistral", "swa", window=32, sinks=0).config).eval()
-    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = source(ids).logits
-        torch.testing.assert_close(model(ids, use_cache=False).logits, expected, rtol=1e-5, atol=1e-5)
-        out = model(ids[:, :30], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits[:, -1]]
-        for t in range(30, 39):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits[:, -1])
-    torch.testing.assert_close(torch.stack(steps, 1), expected[:, 29:39], rtol=1e-5, atol=1e-5)
+    assert_computes_the_source(model, source, torch.randint(3, 128, (1, 40)), prefill=30)
     assert model.model.layers[0].self_attn.recent == 8
     with_sinks = plan_conversion(source.config, "mistral", "swa", window=32, sinks=2).config
     assert with_sinks.layer_settings(0).window == 8 and with_sinks.settings.window == 32  # the sinks count in it
