@@ -11,7 +11,7 @@ import torch
 from ..backend import outside_autocast, resolve_backend, softcap_unsupported
 from .attention_torch import torch_liger_attention
 from .decode_torch import torch_liger_decode
-from .reference import check_attention_inputs, naive_liger_attention, naive_liger_decode
+from .reference import MAX_WINDOW, check_attention_inputs, naive_liger_attention, naive_liger_decode
 
 __all__ = [
     "liger_attention",
@@ -62,15 +62,20 @@ def liger_decode(
         softcap: if set, every window score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2);
             not on the Triton path, so CUDA tensors then default to "torch".
         mix: weight of the window branch; the linear branch gets 1 - mix.
-        backend: "reference", "torch", "triton" or None (see `resolve_backend`).
+        backend: "reference", "torch", "triton" or None (see `resolve_backend`). The Triton kernel holds at most
+            `MAX_WINDOW` window keys: with more, CUDA tensors default to "torch" too.
 
     Returns:
         o `[B, H, V]` in q_rot.dtype, and the new state `[B, Hkv, K, V]` in fp32.
     """
     _check_shapes(q_lin, k_lin, v, g, state, q_rot, window_k, window_v, window_valid)
-    name = resolve_backend(
-        backend, q_rot.device, available=("reference", "torch", "triton"), unsupported=softcap_unsupported(softcap)
-    )
+    unsupported = softcap_unsupported(softcap)
+    if window_k.shape[1] > MAX_WINDOW:
+        unsupported["triton"] = (
+            f"the Triton Liger decode kernel holds at most {MAX_WINDOW} window keys, got {window_k.shape[1]}; "
+            "use backend 'torch'"
+        )
+    name = resolve_backend(backend, q_rot.device, available=("reference", "torch", "triton"), unsupported=unsupported)
     args = (q_lin, k_lin, v, g, state, q_rot, window_k, window_v, window_valid)
     if name == "triton":
         from .triton import triton_liger_decode

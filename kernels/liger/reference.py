@@ -3,6 +3,10 @@ composed), written to be obviously correct; plus the input check of `liger_atten
 
 import torch
 
+# the most window keys the fused Triton decode step holds: its tiles span the whole window (keys `[W, BLOCK_D]`,
+# values `[W, BLOCK_V]`, probabilities `[G, W]`); `liger_decode` runs longer windows on the torch path
+MAX_WINDOW = 128
+
 
 def naive_liger_decode(
     q_lin: torch.Tensor,

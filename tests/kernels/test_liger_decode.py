@@ -231,6 +231,25 @@ def test_triton_rejects_long_windows():
         triton_liger_decode(**inputs)
 
 
+def test_long_windows_default_to_torch_on_cuda(monkeypatch):
+    """A window longer than the Triton kernel holds: CUDA tensors default to the torch step (here a CUDA device as
+    the dispatcher sees it), and asking for "triton" says why it cannot run."""
+    from linearize.kernels.backend import resolve_backend
+    from linearize.kernels.liger.triton import MAX_WINDOW
+
+    inputs = _inputs("H2-Hkv2-D16-W16")
+    for name in ("window_k", "window_v"):
+        inputs[name] = inputs[name].repeat(1, MAX_WINDOW // 16 + 1, 1, 1)
+    inputs["window_valid"] = inputs["window_valid"].repeat(1, MAX_WINDOW // 16 + 1)
+    monkeypatch.delenv("LINEARIZE_BACKEND", raising=False)
+    monkeypatch.setattr(
+        liger_mod, "resolve_backend", lambda backend, device, **kw: resolve_backend(backend, torch.device("cuda"), **kw)
+    )
+    _check(naive_liger_decode(**inputs), liger_decode(**inputs))
+    with pytest.raises(NotImplementedError, match=f"at most {MAX_WINDOW} window keys"):
+        liger_decode(**inputs, backend="triton")
+
+
 # Gemma 2's logit soft-capping of the window branch: with scale 1 the D = 16..64 scores reach well beyond the cap
 SOFTCAP = {"softcap": 2.0, "scale": 1.0}
 
