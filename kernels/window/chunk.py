@@ -45,6 +45,8 @@ def chunk_sliding_window_attention(
     """
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
+    if T == 0:  # no query: no block to make (a block of min(block_size, T) queries would be empty)
+        return q.new_zeros(B, 0, H, v.shape[-1])
     window = min(window, S)  # no query sees more than S keys; keeps blocks small for an "infinite" window
     Bq = min(block_size, T)
     N = -(-T // Bq)

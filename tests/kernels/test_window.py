@@ -95,6 +95,14 @@ def test_query_without_keys_is_zero(path):
         assert not grad.isnan().any(), name
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_no_queries(backend):
+    """T = 0 new tokens over a cache of S keys gives an empty output on every CPU backend."""
+    x = _inputs("T1-S50-w16-decode", left_pad=True, sinks=False)
+    out = sliding_window_attention(**x | {"q": x["q"][:, :0]}, backend=backend)
+    assert out.shape == (2, 0, 4, 64)
+
+
 @pytest.mark.parametrize("path", ["reference", *PATHS])
 def test_history_equals_last_rows(path):
     """Queries over the last T of S tokens, with the first S - T cached, match the full computation."""
