@@ -614,15 +614,7 @@ def triton_chunk_gla(
         o `[B, T, H, V]` in q.dtype, and the final state `[B, Hkv, K, V]` in fp32 or None. Gradients come back in
         their inputs' dtypes.
     """
-    check_inputs(q, k, v, g, initial_state, cu_seqlens)
-    if q.shape[1] == 0:
-        ht = None
-        if output_final_state:
-            N = q.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
-            ht = q.new_zeros(N, k.shape[2], k.shape[3], v.shape[3], dtype=torch.float32)
-            if initial_state is not None:
-                ht = ht + initial_state.float()
-        return q.new_zeros(*q.shape[:3], v.shape[3]), ht
+    check_inputs(q, k, v, g, initial_state, cu_seqlens)  # rejects T = 0
     # one dtype for the matmul operands (a no-op in the usual case; autograd casts the gradients back)
     k, v = k.to(q.dtype), v.to(q.dtype)
     q, k, v, g = (x.contiguous() for x in (q, k, v, g.float()))
