@@ -377,7 +377,7 @@ def chunk_state_grads(
     Args:
         q: the queries that read the states `[B, T, HQ, K]` (HQ a multiple of state_heads), in the model dtype.
         do: the gradient of what they read, `[B, T, HQ, V]`: the state's output is scale * (q_t * exp(b_t))^T S.
-        b: `chunk_local_cumsum` of the log decay `[B, T, HS, K]`, or None for no decay (required with lag 0 only).
+        b: `chunk_local_cumsum` of the log decay `[B, T, HS, K]`, or None for no decay (the only choice with lag > 0).
         layout: `chunk_layout` of the batch.
         state_heads: HS.
         lag: the queries of chunk n + lag read the state entering chunk n (lag > 0 only without decay).
