@@ -59,6 +59,8 @@ def chunk_sliding_window_attention(
     q = q.reshape(B, N, Bq, H, D).transpose(2, 3).reshape(B * N, H, Bq, D)
     lo = S - T - window + 1
     valid = torch.ones(B, S, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
+    if key_valid is not None:  # a hidden key may hold anything, NaN included, and 0 * NaN would reach o
+        k, v = (x.masked_fill(~key_valid[:, :, None, None], 0.0) for x in (k, v))
     # keys before position 0 are padding and must be masked; keys after S only meet padded queries
     valid = F.pad(valid[:, max(lo, 0) :], (max(-lo, 0), pad), value=False).unfold(1, W, Bq)  # [B, N, W]
     k, v = (

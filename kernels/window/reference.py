@@ -66,8 +66,9 @@ def naive_sliding_window_attention(
     i = torch.arange(S - T, S, device=q.device)[:, None]  # absolute index of each query
     j = torch.arange(S, device=q.device)[None, :]
     mask = ((j <= i) & (j > i - window)).expand(B, T, S)
-    if key_valid is not None:
+    if key_valid is not None:  # a hidden key may hold anything, NaN included, and 0 * NaN would reach o
         mask = mask & key_valid[:, None, :]
+        k, v = (x.masked_fill(~key_valid[:, :, None, None], 0.0) for x in (k, v))
     if sink_k is not None:
         if sink_mask is None:
             sink_mask = torch.ones(B, T, sink_k.shape[1], dtype=torch.bool, device=q.device)

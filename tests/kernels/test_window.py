@@ -239,3 +239,16 @@ def test_softcap_dispatch(monkeypatch):
             assert_close("o", ref, sliding_window_attention(**x, **SOFTCAP, backend=backend))
     with pytest.raises(NotImplementedError, match="soft-capping .* use backend 'torch'"):
         sliding_window_attention(**x, **SOFTCAP, backend="triton")
+
+
+@pytest.mark.parametrize("path", ["reference", *PATHS, "decode"])
+def test_hidden_keys_may_hold_nan(path):
+    """A padded or unfilled key slot may hold anything (scratch memory, NaN included): it changes no output."""
+    fn = {"reference": naive_sliding_window_attention, "decode": decode_sliding_window_attention, **PATHS}[path]
+    clean = _inputs("T1-S50-w16-decode" if path == "decode" else "T37-w16-H4-Hkv2", left_pad=True, sinks=True)
+    clean["key_valid"][:, -3] = False  # and a slot inside every window: a ring slot not yet written
+    hidden = ~clean["key_valid"]
+    dirty = {**clean, "k": clean["k"].masked_fill(hidden[..., None, None], float("nan"))}
+    dirty["v"] = clean["v"].masked_fill(hidden[..., None, None], float("nan"))
+    with torch.no_grad():
+        assert_close("o", fn(**clean), fn(**dirty))
