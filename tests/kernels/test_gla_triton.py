@@ -27,6 +27,9 @@ SHAPES = {
     # V = 80 spans two V blocks of 64, the second partly masked: dq, dk, dg are summed over blocks
     "T19-H2-Hkv1-K24-V80": (1, 19, 2, 1, 24, 80),
     "T37-H4-Hkv2-D64": (1, 37, 4, 2, 64, 64),
+    # past one 64-token chunk: the state carried between chunks and its gradient, then a short last chunk
+    "T70-H2-Hkv1-D16": (1, 70, 2, 1, 16, 16),
+    "T5-H2-Hkv1-D128": (1, 5, 2, 1, 128, 128),
 }
 # (device, dtype, ratio of assert_close)
 CONFIGS = {"cpu-fp32": ("cpu", torch.float32, 1e-4)} if INTERPRET else {}

@@ -20,6 +20,7 @@ SHAPES = {
     "H4-Hkv2-D64-W16": (3, 4, 2, 64, 16),
     "H2-Hkv2-D64-W5": (3, 2, 2, 64, 5),
     "H6-Hkv2-D24-W7": (3, 6, 2, 24, 7),  # nothing a power of two: every mask matters
+    "H2-Hkv1-D128-W5": (3, 2, 1, 128, 5),
 }
 # how the Triton path runs: (device, activation dtype, relative L2 tolerance): fp32, and bf16 activations (the log
 # decay and the state stay fp32, as the layer passes them), whose output rounding needs a looser tolerance.

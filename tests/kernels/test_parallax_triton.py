@@ -33,6 +33,7 @@ SHAPES = {
     "T70-H2-Hkv1-D64-w20-m32-n32": (1, 70, 2, 1, 64, 0, 20, 32, 32, None),
     "T50-H4-Hkv1-D32-w40-m16-n16-middle": (1, 50, 4, 1, 32, 0, 40, 16, 16, "middle"),
     "T1-P20-H4-Hkv2-D16-w8-m16-n16-left": (2, 1, 4, 2, 16, 20, 8, 16, 16, "left"),
+    "T5-P4-H2-Hkv1-D128-m16-n16": (1, 5, 2, 1, 128, 4, None, 16, 16, None),
 }
 # (device, dtype, ratio of assert_close)
 CONFIGS = {"cpu-fp32": ("cpu", torch.float32, 1e-4)} if INTERPRET else {}

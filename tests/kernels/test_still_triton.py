@@ -45,6 +45,7 @@ SHAPES = {
     "T50-H4-Hkv2-D16-c8": (1, 50, 4, 2, 16, 8, 2, False),  # a chunk smaller than a tile, many salient tiles
     "T40-H2-Hkv2-D64-c16": (1, 40, 2, 2, 64, 16, 4, False),
     "T20-H2-Hkv1-D16-c16": (1, 20, 2, 1, 16, 16, 4, False),  # two chunks: no query reads a salient list
+    "T20-H2-Hkv1-D128-c8": (1, 20, 2, 1, 128, 8, 2, False),
 }
 SHAPE_DEFAULT = "T37-H4-Hkv2-D16-c16-pad"
 # (device, dtype, ratio of assert_close)

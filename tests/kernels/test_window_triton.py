@@ -27,6 +27,7 @@ SHAPES = {
     "T70-S100-w20-H2-Hkv2-D64": (1, 70, 100, 2, 2, 64, 20),
     "T40-w1-H2-Hkv1": (1, 40, 40, 2, 1, 16, 1),
     "T40-S50-w200-H2-Hkv1-D64": (1, 40, 50, 2, 1, 64, 200),
+    "T5-S9-w4-H2-Hkv1-D128": (1, 5, 9, 2, 1, 128, 4),
 }
 E = 3  # sink keys
 # (device, dtype, ratio of assert_close)
