@@ -1,4 +1,7 @@
-"""Attention kernels: gated linear attention and sliding-window softmax attention.
+"""Attention kernels, one op per folder (a plain PyTorch `reference.py`, the chunked PyTorch path, Triton, and
+the dispatcher last): `gla` (gated linear attention), `window` (sliding-window softmax attention, with sinks),
+`liger`, `still` and `parallax` (each method's own ops), over the shared pieces in `common`; `backend` picks the
+implementation a call runs on. The two ops every method builds on are re-exported here.
 
 Installed as `linearize.kernels`. Where a checkout's root is on sys.path (`python -m linearize`, `torchrun -m`,
 `python -m pytest` run from it), this folder is also found as the top-level `kernels`, the name of the Hugging Face
