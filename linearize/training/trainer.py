@@ -419,7 +419,14 @@ class Trainer:
     def load_optimizer_states(self, optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:
         if not self.sharded:
             for opt, saved in zip(optimizers, states, strict=True):
-                opt.load_state_dict(saved)
+                try:
+                    opt.load_state_dict(saved)
+                except ValueError:  # torch: a parameter group of another size
+                    raise LinearizeError(
+                        "the checkpoint's optimizer trained other parameters than this stage trains (an earlier "
+                        "linearize also trained o_proj's adapter in attention transfer): finish the run with the "
+                        "version that started it, or start again in another output.dir"
+                    ) from None
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

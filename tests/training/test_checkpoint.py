@@ -309,3 +309,16 @@ def test_under_torchrun_a_failure_of_the_main_process_stops_the_others_with_its_
     assert "Error: stopped because process 0 failed: see its error" in result.stderr
     assert "Connection closed" not in result.stderr and "[rank1]: Traceback" not in result.stderr
     assert not list_checkpoints(tmp_path / "run")
+
+
+def test_optimizer_states_of_other_parameters_are_refused_by_name():
+    """A checkpoint whose optimizer trained another set of parameters (an earlier linearize trained o_proj's adapter
+    in attention transfer too) cannot continue: a message, not torch's ValueError."""
+    from types import SimpleNamespace
+
+    from linearize.errors import LinearizeError
+
+    earlier = torch.optim.AdamW([torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)])
+    now = torch.optim.AdamW([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(LinearizeError, match="trained other parameters than this stage trains"):
+        trainer_module.Trainer.load_optimizer_states(SimpleNamespace(sharded=False), [now], [earlier.state_dict()])
