@@ -22,7 +22,7 @@ from .families import CONVERT_LAYERS, get_family
 from .generation import load_for_inference
 from .hub import check_can_push, check_repo_id
 from .layers.base import LinearizedAttention
-from .methods import LAYOUT_KEYS, MethodSettings, get_method, method_settings
+from .methods import LAYOUT_KEYS, MethodSettings, cli_flag, get_method, method_settings
 from .models import LinearizeConfig, LinearizeForCausalLM
 from .models.configuration import OWN_FIELDS
 from .outputs import atomic_folder, check_output_folder
@@ -33,11 +33,13 @@ PASS_TOKENIZER = "pass --tokenizer PATH_OR_ID (a folder or hub id with the same 
 VERIFY_PROMPT = "Explain in one sentence why the sky is blue."
 
 
-def parse_softmax_layers(spec: str | None, num_layers: int) -> list[int]:
+def parse_softmax_layers(spec: str | None, num_layers: int, spell: Callable[[str], str] = cli_flag) -> list[int]:
     """Parse `--softmax-layers`: '' (none), '0,8,16' (those layers) or 'every:8' (layers 0, 8, 16, ...). 'auto:K'
-    is measured, not parsed: `plan_conversion` plans it with no kept layers until `convert_and_save` scores."""
+    is measured, not parsed: `plan_conversion` plans it with no kept layers until `convert_and_save` scores.
+    `spell` names the option in messages (a recipe's `conversion.softmax_layers`)."""
     if not spec:
         return []
+    option = spell("softmax_layers")
     usage = (
         f"use a comma-separated list of layer indices below {num_layers} (e.g. '0,8,16'), 'every:N' (e.g. 'every:8') "
         "or 'auto:K' (the K layers that converting hurts most)"
@@ -46,25 +48,23 @@ def parse_softmax_layers(spec: str | None, num_layers: int) -> list[int]:
     if request is not None:
         if request.k > num_layers:
             raise LinearizeError(
-                f"--softmax-layers '{spec}' keeps more layers than the model has ({num_layers}): choose K from 0 "
+                f"{option} '{spec}' keeps more layers than the model has ({num_layers}): choose K from 0 "
                 f"to {num_layers}"
             )
         return []
     if spec.startswith("every:"):
         step = spec.removeprefix("every:")
         if not step.isdigit() or int(step) < 1:
-            raise LinearizeError(f"--softmax-layers '{spec}' is malformed: N in 'every:N' must be a positive integer")
+            raise LinearizeError(f"{option} '{spec}' is malformed: N in 'every:N' must be a positive integer")
         return list(range(0, num_layers, int(step)))
     layers = []
     for item in spec.split(","):
         if not item.strip().isdigit():
-            raise LinearizeError(f"--softmax-layers '{spec}' is malformed: '{item}' is not a layer index; {usage}")
+            raise LinearizeError(f"{option} '{spec}' is malformed: '{item}' is not a layer index; {usage}")
         layers.append(int(item))
     out_of_range = [i for i in layers if i >= num_layers]
     if out_of_range:
-        raise LinearizeError(
-            f"--softmax-layers '{spec}': the model has {num_layers} layers (0-{num_layers - 1}); {usage}"
-        )
+        raise LinearizeError(f"{option} '{spec}': the model has {num_layers} layers (0-{num_layers - 1}); {usage}")
     return sorted(set(layers))
 
 
@@ -77,22 +77,24 @@ def source_layer_types(source_config) -> list[str]:
     )
 
 
-def unconverted_sliding_layers(source_config, convert_layers: str | None) -> list[int]:
+def unconverted_sliding_layers(
+    source_config, convert_layers: str | None, spell: Callable[[str], str] = cli_flag
+) -> list[int]:
     """The source's sliding-window layers that `--convert-layers` leaves as they are: with "global" (the default of
     families that interleave sliding-window and global layers, Gemma 2/3) every one of them, since their cache is
-    already constant-size; with "all" (every other family's default) none."""
-    family = get_family(source_config.model_type)
+    already constant-size; with "all" (every other family's default) none. `spell` names the option in messages."""
+    family, option = get_family(source_config.model_type), spell("convert_layers")
     choice = convert_layers or ("global" if family.sliding_layers else "all")
     if choice not in CONVERT_LAYERS:
-        raise LinearizeError(f"--convert-layers '{choice}' is not a choice: use 'global' or 'all'")
+        raise LinearizeError(f"{option} '{choice}' is not a choice: use 'global' or 'all'")
     if choice == "all":
         return []
     types = source_layer_types(source_config)
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
     if len(sliding) == len(types):
         raise LinearizeError(
-            "--convert-layers global converts the layers with global attention, and every layer of this model "
-            "attends within a sliding window: nothing would be converted; use --convert-layers all"
+            f"{option} global converts the layers with global attention, and every layer of this model "
+            f"attends within a sliding window: nothing would be converted; use {option} all"
         )
     return sliding
 
@@ -232,7 +234,7 @@ def _count_parameters(config: LinearizeConfig) -> int:
         return sum(p.numel() for p in LinearizeForCausalLM(config).parameters())
 
 
-def _check_token_counts_fit(settings: MethodSettings, max_positions: int | None) -> None:
+def _check_token_counts_fit(settings: MethodSettings, max_positions: int | None, spell: Callable[[str], str]) -> None:
     """A window (or chunk, ...) longer than any sequence the model can read is a typo, and a costly one: its cache
     is sized for that many tokens."""
     if max_positions is None:
@@ -241,7 +243,7 @@ def _check_token_counts_fit(settings: MethodSettings, max_positions: int | None)
         value = getattr(settings, p.name)
         if p.spec.tokens and value is not None and value > max_positions:
             raise LinearizeError(
-                f"{p.flag} {value} is more tokens than the model reads ({max_positions}, its "
+                f"{spell(p.name)} {value} is more tokens than the model reads ({max_positions}, its "
                 f"config's max_position_embeddings): choose at most {max_positions}"
             )
 
@@ -253,6 +255,7 @@ def plan_conversion(
     softmax_layers: str | list[int] | LayerSelection | None = None,
     dtype: str | torch.dtype = "auto",
     convert_layers: str | None = None,
+    spell: Callable[[str], str] = cli_flag,
     **options: int | float | None,
 ) -> ConversionPlan:
     """Everything `convert` will do, from the source config alone (no weights are read). `options` are the
@@ -262,21 +265,24 @@ def plan_conversion(
     `LayerSelection`. An 'auto:K' value plans every layer converted: scoring needs the weights. `convert_layers`
     ("global", "all" or None for the family's default, see `unconverted_sliding_layers`) says whether the source's
     sliding-window layers are converted too; those it leaves are kept, as softmax layers. `dtype` is the dtype the
-    weights will load in ("auto": the config's), for the cache sizes."""
+    weights will load in ("auto": the config's), for the cache sizes. `spell` names an option in messages: the CLI
+    flag by default, a recipe passes its keys."""
     get_family(source_config.model_type)
     _check_not_quantized(source_config, source)
     if isinstance(softmax_layers, list | tuple):
         softmax_layers = ",".join(map(str, softmax_layers))
-    settings = method_settings(method, **options)
-    _check_token_counts_fit(settings, getattr(source_config, "max_position_embeddings", None))
+    settings = method_settings(method, spell, **options)
+    _check_token_counts_fit(settings, getattr(source_config, "max_position_embeddings", None), spell)
     selection = softmax_layers if isinstance(softmax_layers, LayerSelection) else None
-    sliding = unconverted_sliding_layers(source_config, convert_layers)
+    sliding = unconverted_sliding_layers(source_config, convert_layers, spell)
     if sliding and (selection or parse_auto(softmax_layers if isinstance(softmax_layers, str) else None)):
+        layers_option, scope_option = spell("softmax_layers"), spell("convert_layers")
         raise LinearizeError(
-            "--softmax-layers auto:K scores every layer, and this model's sliding-window layers are left as they "
-            "are (--convert-layers global, its family's default): add --convert-layers all, or name the layers"
+            f"{layers_option} auto:K scores every layer, and this model's sliding-window layers are left as they "
+            f"are ({scope_option} global, its family's default): add {scope_option} all, or name the layers"
         )
-    named = selection.layers if selection else parse_softmax_layers(softmax_layers, source_config.num_hidden_layers)
+    num_layers = source_config.num_hidden_layers
+    named = selection.layers if selection else parse_softmax_layers(softmax_layers, num_layers, spell)
     config = build_config(
         source_config,
         method,

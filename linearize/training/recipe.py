@@ -11,7 +11,6 @@ import difflib
 import functools
 import operator
 import os
-import re
 import typing
 from collections.abc import Hashable
 from pathlib import Path
@@ -109,6 +108,11 @@ def _method_fields() -> dict[str, Any]:
     return fields
 
 
+def _recipe_key(name: str) -> str:
+    """How messages name a conversion parameter a recipe sets (the CLI names its flag)."""
+    return f"conversion.{name}"
+
+
 class ConversionSection(create_model("_ConversionSection", __base__=_ConversionFields, **_method_fields())):
     """The `conversion` section: the method, its parameters (those of `linearize.methods`) and the kept layers."""
 
@@ -127,13 +131,10 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
         from ..convert import plan_conversion
 
         layers = selection or self.softmax_layers or None
-        try:
-            return plan_conversion(
-                source_config, source, self.method, layers, convert_layers=self.convert_layers, **self.options()
-            )
-        except LinearizeError as error:  # its messages name convert's options: a recipe sets its own keys
-            message = re.sub(r"--([a-z]+(?:-[a-z]+)*)", lambda m: f"conversion.{m[1].replace('-', '_')}", str(error))
-            raise LinearizeError(message) from None
+        return plan_conversion(
+            source_config, source, self.method, layers, convert_layers=self.convert_layers, spell=_recipe_key,
+            **self.options(),
+        )  # fmt: skip
 
     def selection_request(self) -> SelectionRequest | None:
         """What 'auto:K' asks for, or None for named layers."""
@@ -150,7 +151,7 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
     def _settings_valid(self) -> ConversionSection:
         if self.method in METHODS:
             try:
-                method_settings(self.method, spell=lambda name: f"conversion.{name}", **self.options())
+                method_settings(self.method, spell=_recipe_key, **self.options())
                 request = self.selection_request()  # K, and the spread against K
             except LinearizeError as error:
                 raise ValueError(str(error).replace("--softmax-layers", "softmax_layers")) from None
