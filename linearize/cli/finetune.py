@@ -113,7 +113,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         raise LinearizeError(
             f"lora.target_modules {targets} name no layer of this model; its linear layers are {layer_names}"
         )
-    if note := unmatched_targets_note(recipe, plan.config):
+    if note := unmatched_targets_note(recipe, unmatched, layer_names):
         notes.append(note)
     for i, stage in enumerate(recipe.stages):  # what the run would find only once the weights have loaded
         adds = get_method(conv.method).adds_parameters and "new" in stage.trainable

@@ -36,12 +36,11 @@ def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool
     return unmatched, sorted({name.rsplit(".", 1)[-1] for name in names}), in_attention
 
 
-def unmatched_targets_note(recipe: Recipe, config) -> str | None:
-    """What a run warns and its dry run notes when some of lora.target_modules name no linear layer of the model
-    `config` describes while a stage trains LoRA: peft adapts the others and says nothing (when none matches, peft
-    refuses the run)."""
+def unmatched_targets_note(recipe: Recipe, unmatched: list[str], layer_names: list[str]) -> str | None:
+    """What a run warns and its dry run notes when some of lora.target_modules name no linear layer (`unmatched`
+    and `layer_names` as `lora_targets` finds them) while a stage trains LoRA: peft adapts the others and says
+    nothing (when none matches, peft refuses the run)."""
     targets = recipe.lora.target_modules
-    unmatched, layer_names, _ = lora_targets(config, targets)
     if not unmatched or len(unmatched) == len(targets) or not any("lora" in s.trainable for s in recipe.stages):
         return None
     return f"lora.target_modules {unmatched} match no layer of this model (its linear layers: {layer_names})"

@@ -38,6 +38,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .checks import (
+    lora_targets,
     nothing_to_train,
     positions_note,
     stage_steps,
@@ -94,7 +95,8 @@ class Trainer:
             reporter.warning(warning)
         self.data_fingerprint = data_fingerprint(self.data)  # what its checkpoints record
         self.model, self.new_names = self.build_model()
-        for note in (positions_note(recipe, self.source_config), unmatched_targets_note(recipe, self.model.config)):
+        unmatched, names, _ = lora_targets(self.model.config, recipe.lora.target_modules)
+        for note in (positions_note(recipe, self.source_config), unmatched_targets_note(recipe, unmatched, names)):
             if note:
                 reporter.warning(note)
         self.sharded = False
