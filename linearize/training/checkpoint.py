@@ -69,6 +69,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def optimizer_states(model, optimizers: list[torch.optim.Optimizer], sharded: bool) -> list[dict]:
+    """Optimizer states to save; under FSDP (`sharded`) gathered whole (keyed by parameter name) by every
+    process."""
+    if not sharded:
+        return [opt.state_dict() for opt in optimizers]
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return [get_optimizer_state_dict(model, opt, options=options) for opt in optimizers]
+
+
+def load_optimizer_states(model, optimizers: list[torch.optim.Optimizer], states: list[dict], sharded: bool) -> None:
+    """Give `optimizers` the `states` that `optimizer_states` saved."""
+    if not sharded:
+        for opt, saved in zip(optimizers, states, strict=True):
+            try:
+                opt.load_state_dict(saved)
+            except ValueError:  # torch: a parameter group of another size
+                raise LinearizeError(
+                    "the checkpoint's optimizer trained other parameters than this stage trains (an earlier "
+                    "linearize also trained o_proj's adapter in attention transfer): finish the run with the "
+                    "version that started it, or start again in another output.dir"
+                ) from None
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    for opt, saved in zip(optimizers, states, strict=True):
+        set_optimizer_state_dict(model, opt, optim_state_dict=saved, options=options)
+
+
 def save_checkpoint(
     run: Path,
     global_step: int,

@@ -33,6 +33,8 @@ from .checkpoint import (
     check_resumable,
     list_checkpoints,
     load_checkpoint,
+    load_optimizer_states,
+    optimizer_states,
     prepare_run_folder,
     save_checkpoint,
     set_rng_state,
@@ -311,7 +313,7 @@ class Trainer:
         optimizers = build_optimizers(params, stage.optimizer, new_params)
         schedulers = build_schedulers(optimizers, total_steps, stage.schedule)
         if resume_states is not None:
-            self.load_optimizer_states(optimizers, resume_states["optimizers"])
+            load_optimizer_states(self.model, optimizers, resume_states["optimizers"], self.sharded)
             for sched, saved in zip(schedulers, resume_states["schedulers"], strict=True):
                 sched.load_state_dict(saved)
             set_rng_state(resume_states["rng"])
@@ -409,35 +411,9 @@ class Trainer:
             f"Lower stages.{index}.optimizer.lr or set training.max_grad_norm (e.g. 1.0), then start a new run."
         )
 
-    def optimizer_states(self, optimizers: list[torch.optim.Optimizer]) -> list[dict]:
-        """Optimizer states to save; under FSDP gathered whole (keyed by parameter name) by every process."""
-        if not self.sharded:
-            return [opt.state_dict() for opt in optimizers]
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return [get_optimizer_state_dict(self.model, opt, options=options) for opt in optimizers]
-
-    def load_optimizer_states(self, optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:
-        if not self.sharded:
-            for opt, saved in zip(optimizers, states, strict=True):
-                try:
-                    opt.load_state_dict(saved)
-                except ValueError:  # torch: a parameter group of another size
-                    raise LinearizeError(
-                        "the checkpoint's optimizer trained other parameters than this stage trains (an earlier "
-                        "linearize also trained o_proj's adapter in attention transfer): finish the run with the "
-                        "version that started it, or start again in another output.dir"
-                    ) from None
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        options = StateDictOptions(full_state_dict=True)
-        for opt, saved in zip(optimizers, states, strict=True):
-            set_optimizer_state_dict(self.model, opt, optim_state_dict=saved, options=options)
-
     def checkpoint(self, optimizers, schedulers) -> None:
-        tensors, optimizer_states = self.trained_tensors(), self.optimizer_states(optimizers)  # collective
+        # collective: under FSDP every process gathers
+        tensors, optimizing = self.trained_tensors(), optimizer_states(self.model, optimizers, self.sharded)
         with together(self.world):  # a full disk on the main process stops them all, with its message
             if not self.world.is_main:
                 return
@@ -454,7 +430,7 @@ class Trainer:
                 "data": self.data_fingerprint,
             }
             keep = self.config.keep_checkpoints
-            save_checkpoint(self.run, self.state.global_step, tensors, optimizer_states, schedulers, state, keep)
+            save_checkpoint(self.run, self.state.global_step, tensors, optimizing, schedulers, state, keep)
 
     # -- whole run ----------------------------------------------------------------------------------------------
     def restore(self, checkpoint: Path) -> dict | None:

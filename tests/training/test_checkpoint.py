@@ -314,11 +314,9 @@ def test_under_torchrun_a_failure_of_the_main_process_stops_the_others_with_its_
 def test_optimizer_states_of_other_parameters_are_refused_by_name():
     """A checkpoint whose optimizer trained another set of parameters (an earlier linearize trained o_proj's adapter
     in attention transfer too) cannot continue: a message, not torch's ValueError."""
-    from types import SimpleNamespace
-
     from linearize.errors import LinearizeError
 
     earlier = torch.optim.AdamW([torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)])
     now = torch.optim.AdamW([torch.zeros(2, requires_grad=True)])
     with pytest.raises(LinearizeError, match="trained other parameters than this stage trains"):
-        trainer_module.Trainer.load_optimizer_states(SimpleNamespace(sharded=False), [now], [earlier.state_dict()])
+        checkpoint_module.load_optimizer_states(None, [now], [earlier.state_dict()], sharded=False)
