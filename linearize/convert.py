@@ -306,14 +306,12 @@ def plan_conversion(
 def _check_not_quantized(source_config, source: str) -> None:
     """The converted layers are built as plain `nn.Linear`s around the source's weights, which a quantized
     checkpoint (bitsandbytes, GPTQ, AWQ, FP8, ...) stores packed: refuse it before anything loads."""
-    quantization = getattr(source_config, "quantization_config", None)
+    quantization = getattr(source_config, "quantization_config", None)  # a dict, or a loaded model's object
     if quantization:
-        method = quantization.get("quant_method", "") if isinstance(quantization, dict) else ""
-        method = getattr(quantization, "quant_method", method)
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
         raise LinearizeError(
-            f"'{source}' is a quantized checkpoint ({method or 'quantization_config'}), and linearize converts "
-            "full-precision weights: convert the unquantized model it was made from, then quantize the converted "
-            "model if you need to"
+            f"'{source}' is a quantized checkpoint ({method}), and linearize converts full-precision weights: "
+            "convert the unquantized model it was made from, then quantize the converted model if you need to"
         )
 
 
