@@ -201,6 +201,10 @@ class LoraSection(_Strict):
     )
 
 
+# an AdamW beta: torch refuses one outside [0, 1), but only once the model has loaded
+_Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class OptimizerSection(_Strict):
     name: Literal["adamw", "muon"] = Field(
         "adamw", description="adamw, or muon (torch.optim.Muon on 2-D weights, AdamW on the rest)"
@@ -216,7 +220,7 @@ class OptimizerSection(_Strict):
         "LoRA, as a LoRA-only control trains",
     )
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1)")
     muon_momentum: float = Field(0.95, gt=0, lt=1, description="Muon momentum (muon only)")
     muon_lr_adjust: Literal["match_rms_adamw", "original"] = Field(
         "match_rms_adamw",

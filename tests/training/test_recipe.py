@@ -231,3 +231,11 @@ def test_resolved_yaml_writes_topk_as_the_user_meant_it(given, written):
 def test_shipped_recipes_are_valid(path):
     recipe = load_recipe(path)
     assert recipe.output.dir.startswith("runs/")
+
+
+def test_adamw_betas_outside_zero_to_one_are_refused_by_the_recipe():
+    """torch refuses them too, but with a traceback once the model has loaded."""
+    with pytest.raises(RecipeError, match=r"stages\.0\.optimizer\.betas\.1: Input should be less than 1 \(got 1\.5\)"):
+        parse_recipe(MINIMAL, overrides=["stages.0.optimizer.betas=[0.9, 1.5]"])
+    recipe = parse_recipe(MINIMAL, overrides=["stages.0.optimizer.betas=[0, 0.95]"])
+    assert recipe.stages[0].optimizer.betas == (0, 0.95)
