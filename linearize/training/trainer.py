@@ -509,6 +509,10 @@ class Trainer:
         if not self.world.is_main:
             return out
         model = self.model
+        if not self.keeps_adapter:
+            # a finished run resumed with merge_lora: true: the adapter it kept would apply a second time to the
+            # merged weights of model/, where it says its base is
+            shutil.rmtree(self.run / "adapter", ignore_errors=True)
         if self.state.lora_applied:
             if self.recipe.output.merge_lora:
                 model = self.model.merge_and_unload()
@@ -521,6 +525,11 @@ class Trainer:
         save_model(model, self.tokenizer, out, force=True)
         (out / RECIPE_FILE).write_text(resolved_yaml(self.recipe))
         return out
+
+    @property
+    def keeps_adapter(self) -> bool:
+        """Whether the run saves its LoRA adapter beside the model (`adapter/`) rather than merged into it."""
+        return self.state.lora_applied and not self.recipe.output.merge_lora
 
     def save_adapter(self, base: Path) -> None:
         """Write the LoRA adapter into `adapter/`, recorded as an adapter of the model saved into `base`."""

@@ -145,6 +145,10 @@ def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)  # base + adapter = merged
         auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "adapter")  # the base found by its path
         torch.testing.assert_close(auto(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    # resumed once finished, with merge_lora: true (bookkeeping): model/ is merged, and no adapter names it its base
+    remerged = invoke("finetune", recipe, "stages.0.max_steps=1", "stages.1.max_steps=1", "--resume", "-q")
+    assert remerged.exit_code == 0, remerged.output
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_path, monkeypatch):
