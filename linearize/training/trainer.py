@@ -560,6 +560,10 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
     try:
         reporter = Reporter(run / "metrics.jsonl", quiet=quiet, enabled=world.is_main, console=console)
         resume_from = prepare_run_folder(run, recipe, resume, note=reporter.info)
+        if resume and resume_from is None:  # fine for a job that always resumes; else output.dir may be mistyped
+            reporter.warning(
+                f"--resume: '{run}' holds no checkpoint of this recipe yet; training starts from the beginning"
+            )
         if resume_from is not None:  # before the model and the data load, and before the recipe file is rewritten
             check_resumable(resume_from, recipe, world.size)
         with together(world):

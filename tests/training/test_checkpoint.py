@@ -105,6 +105,16 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch,
     assert final["eval_loss"] == final_resumed["eval_loss"]
 
 
+def test_resume_without_a_checkpoint_says_that_the_run_starts_from_the_beginning(workspace, tmp_path):
+    """A job script that always passes --resume starts its first run so; a mistyped output.dir must not silently."""
+    recipe = write_recipe(workspace, tmp_path)
+    result = invoke("finetune", recipe, "stages.0.max_steps=1", "stages.1.max_steps=1", "--resume", "-q")
+    assert result.exit_code == 0, result.output
+    assert "holds no checkpoint of this recipe yet; training starts from the beginning" in " ".join(
+        result.output.split()
+    )
+
+
 def test_resume_refuses_a_changed_recipe(workspace, tmp_path):
     recipe = write_recipe(workspace, tmp_path)
     assert invoke("finetune", recipe, "stages.1.max_steps=2").exit_code == 0
