@@ -402,8 +402,17 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
             node[part] = value
         else:
             if isinstance(node, dict) and node.get(part) is None:
+                if parts[i + 1].isdigit():  # a list the recipe leaves to its default: there is no item to set
+                    _no_list_to_index(key, ".".join(parts[: i + 1]))
                 node[part] = {}
             node = node[part]
+
+
+def _no_list_to_index(key: str, path: str) -> None:
+    raise RecipeError(
+        f"override '{key}': the recipe does not write {path} (its default applies), so it has no item to set; "
+        f"give the whole list, e.g. {path}=[...]"
+    )
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:

@@ -178,6 +178,10 @@ def test_overrides():
         ("lr", "is not key=value"),
         ("stages.5.epochs=1", "'5' is not an index of a 1-item list"),
         ("stages.0.kind.x=1", "is not a section"),
+        (
+            "data.sources.0.path=x.txt",
+            r"does not write data\.sources \(its default applies\).*data\.sources=\[\.\.\.\]",
+        ),
     ]:
         with pytest.raises(RecipeError, match=message):
             apply_overrides(yaml.safe_load(MINIMAL), [bad])
