@@ -376,15 +376,19 @@ def keep_softmax_layers(model, config: LinearizeConfig):
     return model
 
 
-def save_model(model: LinearizeForCausalLM, tokenizer, out: Path, force: bool = False) -> Path:
+def save_model(
+    model: LinearizeForCausalLM, tokenizer, out: Path, force: bool = False, texts: dict[str, str] | None = None
+) -> Path:
     """Write the model folder atomically: built in a temporary sibling folder, moved into place when complete (see
-    `linearize.outputs`)."""
+    `linearize.outputs`). `texts`: more files of the folder (name -> text), such as a fine-tuning run's recipe."""
     out = Path(out)
     check_output_folder(out, force)
     with atomic_folder(out, force) as staging:
         model.save_pretrained(staging)  # with the remote-code stubs (`LinearizeConfig.save_pretrained`)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        for name, text in (texts or {}).items():
+            (staging / name).write_text(text)
     return out
 
 

@@ -522,8 +522,7 @@ class Trainer:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        save_model(model, self.tokenizer, out, force=True)
-        (out / RECIPE_FILE).write_text(resolved_yaml(self.recipe))
+        save_model(model, self.tokenizer, out, force=True, texts={RECIPE_FILE: resolved_yaml(self.recipe)})
         return out
 
     @property

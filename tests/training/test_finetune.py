@@ -151,6 +151,20 @@ def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def test_the_saved_model_holds_its_recipe_as_soon_as_it_is_in_place(workspace, tmp_path, monkeypatch):
+    """model/ appears whole: a run stopped right after moving it into place leaves it with its recipe."""
+    real_save_model = trainer_module.save_model
+
+    def killed_once_saved(*args, **kwargs):
+        real_save_model(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "save_model", killed_once_saved)
+    result = invoke("finetune", write_recipe(workspace, tmp_path), "stages.0.max_steps=1", "stages.1.max_steps=1")
+    assert result.exit_code == 130
+    assert "kind: attention_transfer" in (tmp_path / "run" / "model" / "linearize_recipe.yaml").read_text()
+
+
 def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_path, monkeypatch):
     """Instruction packs train varying numbers of tokens: two micro-batches of one pack accumulate the gradient
     that one micro-batch of both packs computes (the mean over the step's tokens, not the mean of two means)."""
