@@ -27,6 +27,7 @@ from ..errors import LinearizeError
 from ..families import get_family
 from ..hub import check_can_push
 from ..layers.base import LinearizedAttention
+from ..outputs import atomic_folder
 from ..selection import LayerSelection, select_layers
 from .checkpoint import (
     RECIPE_FILE,
@@ -532,8 +533,6 @@ class Trainer:
 
     def save_adapter(self, base: Path) -> None:
         """Write the LoRA adapter into `adapter/`, recorded as an adapter of the model saved into `base`."""
-        adapter_dir = self.run / "adapter"
-        shutil.rmtree(adapter_dir, ignore_errors=True)
         for config in self.model.peft_config.values():
             config.base_model_name_or_path = str(base.resolve())  # AutoPeftModel finds it from any folder
             # AutoPeftModelForCausalLM then loads the base through AutoModelForCausalLM, where `import linearize`
@@ -541,7 +540,8 @@ class Trainer:
             config.task_type = "CAUSAL_LM"
         # LoRA never targets the embeddings here, so peft need not compare vocabularies with the base folder (which
         # does not exist yet)
-        self.model.save_pretrained(adapter_dir, save_embedding_layers=False)
+        with atomic_folder(self.run / "adapter", force=True) as staging:  # whole or not at all, as model/
+            self.model.save_pretrained(staging, save_embedding_layers=False)
 
 
 def _to(data: PackedSequences, idx: list[int], device: torch.device) -> dict[str, torch.Tensor]:

@@ -165,6 +165,19 @@ def test_the_saved_model_holds_its_recipe_as_soon_as_it_is_in_place(workspace, t
     assert "kind: attention_transfer" in (tmp_path / "run" / "model" / "linearize_recipe.yaml").read_text()
 
 
+def test_a_run_stopped_while_saving_its_adapter_leaves_none_half_written(workspace, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    def killed_while_writing(self, folder, **kwargs):
+        (Path(folder) / "adapter_config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", killed_while_writing)
+    recipe = write_recipe(workspace, tmp_path)
+    result = invoke("finetune", recipe, "output.merge_lora=false", "stages.0.max_steps=1", "stages.1.max_steps=1")
+    assert result.exit_code == 130 and not (tmp_path / "run" / "adapter").exists()
+
+
 def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_path, monkeypatch):
     """Instruction packs train varying numbers of tokens: two micro-batches of one pack accumulate the gradient
     that one micro-batch of both packs computes (the mean over the step's tokens, not the mean of two means)."""
