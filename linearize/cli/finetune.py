@@ -76,6 +76,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     from ..methods import get_method
     from ..training.checkpoint import check_resumable, list_checkpoints, prepare_run_folder
     from ..training.checks import (
+        check_stage_order,
         lora_targets,
         nothing_to_train,
         positions_note,
@@ -131,6 +132,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     for note in data.notes:
         table.add_row("", escape(note))
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun, as the run will count them
+    check_stage_order(recipe, processes)
     if start is not None:  # what the run would refuse about the checkpoint, now
         check_resumable(start, recipe, processes, data_fingerprint(data))
     table.add_row("batch", f"{t.micro_batch_size} x {t.grad_accum} accumulation per process, {processes} process(es)")

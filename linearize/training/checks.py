@@ -46,6 +46,18 @@ def unmatched_targets_note(recipe: Recipe, unmatched: list[str], layer_names: li
     return f"lora.target_modules {unmatched} match no layer of this model (its linear layers: {layer_names})"
 
 
+def check_stage_order(recipe: Recipe, processes: int) -> None:
+    """Refuse what `training.distributed: fsdp` cannot run on `processes` processes: an attention_transfer stage
+    after a lora stage (one process ignores fsdp, so it runs them)."""
+    kinds = [stage.kind for stage in recipe.stages]
+    after_lora = kinds[kinds.index("lora") :] if "lora" in kinds else []
+    if processes > 1 and recipe.training.distributed == "fsdp" and "attention_transfer" in after_lora:
+        raise LinearizeError(
+            "under training.distributed: fsdp the lora stages shard the model for good, so every "
+            "attention_transfer stage must come before them; reorder the stages or use ddp"
+        )
+
+
 def transfer_trains(name: str, attention: str) -> bool:
     """Whether attention transfer trains parameter or module `name`, given the converted attention layer's name
     `attention` (with its trailing dot): anything of it but o_proj, since the loss is on the output o_proj reads."""

@@ -41,6 +41,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .checks import (
+    check_stage_order,
     lora_targets,
     nothing_to_train,
     positions_note,
@@ -468,13 +469,6 @@ class Trainer:
         return states
 
     def train(self, resume_from: Path | None) -> None:
-        kinds = [stage.kind for stage in self.recipe.stages]
-        sharding = self.world.distributed and self.config.distributed == "fsdp"
-        if sharding and "lora" in kinds and "attention_transfer" in kinds[kinds.index("lora") :]:
-            raise LinearizeError(
-                "under training.distributed: fsdp the lora stages shard the model for good, so every "
-                "attention_transfer stage must come before them; reorder the stages or use ddp"
-            )
         resume_states = self.restore(resume_from) if resume_from is not None else None
         for index, stage in enumerate(self.recipe.stages[self.state.stage :], self.state.stage):  # those to run
             if note := warmup_note(index, stage, self.steps_in(stage)[0]):  # epochs are steps once data loads
@@ -565,6 +559,7 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
             )
         if resume_from is not None:  # before the model and the data load, and before the recipe file is rewritten
             check_resumable(resume_from, recipe, world.size)
+        check_stage_order(recipe, world.size)
         with together(world):
             if world.is_main:
                 if recipe.model.name is None and world.distributed:

@@ -213,6 +213,17 @@ def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_
     assert all(math.isfinite(r["eval_loss"]) for r in records if "eval_loss" in r)
 
 
+def test_fsdp_with_a_transfer_after_lora_is_refused_by_the_dry_run_under_torchrun(workspace, tmp_path, monkeypatch):
+    """The run refuses it before the weights load; its dry run under torchrun must say so too."""
+    recipe = write_recipe(workspace, tmp_path)
+    stages = "stages=[{kind: lora, max_steps: 1}, {kind: attention_transfer, trainable: [lora], max_steps: 1}]"
+    assert invoke("finetune", recipe, stages, "training.distributed=fsdp", "--dry-run").exit_code == 0  # one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("finetune", recipe, stages, "training.distributed=fsdp", "--dry-run")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "every attention_transfer stage must come before them; reorder" in message
+
+
 def test_too_little_data_for_one_step(workspace, tmp_path):
     recipe = write_recipe(workspace, tmp_path)
     result = invoke("finetune", recipe, "training.grad_accum=64")
