@@ -224,6 +224,13 @@ def test_fsdp_with_a_transfer_after_lora_is_refused_by_the_dry_run_under_torchru
     assert result.exit_code == 1 and "every attention_transfer stage must come before them; reorder" in message
 
 
+def test_help_says_what_a_resumed_run_may_change():
+    result = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "300"})
+    assert "training.eval_every, eval_batches, checkpoint_every, keep_checkpoints and output.merge_lora may" in (
+        " ".join(result.output.split())
+    )
+
+
 def test_too_little_data_for_one_step(workspace, tmp_path):
     recipe = write_recipe(workspace, tmp_path)
     result = invoke("finetune", recipe, "training.grad_accum=64")
