@@ -65,7 +65,9 @@ def finetune(
 
     recipe = load_recipe(recipe_file, overrides or [])
     if dry_run:
-        Console().print(_finetune_plan(recipe, resume))
+        plan = _finetune_plan(recipe, resume)  # every process checks what it would meet; one prints
+        if os.environ.get("RANK", "0") == "0":
+            Console().print(plan)
         return
     from ..training.trainer import finetune as run_finetune
 

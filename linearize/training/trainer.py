@@ -504,26 +504,20 @@ class Trainer:
         if not self.world.is_main:
             return out
         model = self.model
-        if not self.keeps_adapter:
+        if self.state.lora_applied and not self.recipe.output.merge_lora:
+            self.save_adapter(out)
+            model = self.model.unload()  # the converted model without the LoRA layers, unmerged
+        else:
             # a finished run resumed with merge_lora: true: the adapter it kept would apply a second time to the
             # merged weights of model/, where it says its base is
             shutil.rmtree(self.run / "adapter", ignore_errors=True)
-        if self.state.lora_applied:
-            if self.recipe.output.merge_lora:
+            if self.state.lora_applied:
                 model = self.model.merge_and_unload()
-            else:
-                self.save_adapter(out)
-                model = self.model.unload()  # the converted model without the LoRA layers, unmerged
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         save_model(model, self.tokenizer, out, force=True, texts={RECIPE_FILE: resolved_yaml(self.recipe)})
         return out
-
-    @property
-    def keeps_adapter(self) -> bool:
-        """Whether the run saves its LoRA adapter beside the model (`adapter/`) rather than merged into it."""
-        return self.state.lora_applied and not self.recipe.output.merge_lora
 
     def save_adapter(self, base: Path) -> None:
         """Write the LoRA adapter into `adapter/`, recorded as an adapter of the model saved into `base`."""

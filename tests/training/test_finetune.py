@@ -224,6 +224,16 @@ def test_fsdp_with_a_transfer_after_lora_is_refused_by_the_dry_run_under_torchru
     assert result.exit_code == 1 and "every attention_transfer stage must come before them; reorder" in message
 
 
+def test_the_dry_run_under_torchrun_prints_its_plan_once(workspace, tmp_path, monkeypatch):
+    recipe = write_recipe(workspace, tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = invoke("finetune", recipe, "--dry-run")
+    assert result.exit_code == 0 and result.output == ""
+    monkeypatch.setenv("RANK", "0")
+    assert "2 process(es)" in invoke("finetune", recipe, "--dry-run").output
+
+
 def test_help_says_what_a_resumed_run_may_change():
     result = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "300"})
     assert "training.eval_every, eval_batches, checkpoint_every, keep_checkpoints and output.merge_lora may" in (
