@@ -203,17 +203,27 @@ def run_lm_eval(
     }
 
 
-def eval_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+def same_vocabulary(tokenizers: Sequence) -> bool:
+    """Whether the tokenizers share one vocabulary, so that they cut a text into the same tokens: perplexity is per
+    token, and the perplexities of models with different tokenizers do not compare."""
+    vocabularies = [tokenizer.get_vocab() for tokenizer in tokenizers]
+    return all(vocabulary == vocabularies[0] for vocabulary in vocabularies[1:])
+
+
+def eval_rows(results: dict[str, dict], same_tokens: bool = True) -> tuple[list[str], list[list[str]]]:
     """The side-by-side table of `linearize eval`: a header and rows of text, one column per model.
 
     Args:
         results: model label -> the dict `evaluate_model` returned, in column order (all run with the same options).
+        same_tokens: whether the models share a tokenizer (`same_vocabulary`); if not, the perplexity row says that
+            its numbers are per token of each model's own tokenizer and do not compare.
     """
     labels = list(results)
     first = results[labels[0]]
     ppl = first["perplexity"]
+    own_tokens = "" if same_tokens else "; per token of each model's own tokenizer: not comparable"
     rows = [
-        [f"perplexity ({ppl['text']}, {ppl['windows']} x {ppl['context']} tokens)"]
+        [f"perplexity ({ppl['text']}, {ppl['windows']} x {ppl['context']} tokens{own_tokens})"]
         + [f"{r['perplexity']['value']:.2f}" for r in results.values()]
     ]
     for context, scores in first.get("passkey", {}).get("contexts", {}).items():

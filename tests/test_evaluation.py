@@ -28,7 +28,7 @@ from linearize.evaluation import (
     text_windows,
 )
 from linearize.passkey import FILLER, INTRO, NEEDLE, QUESTION, passkey_prompt, passkey_retrieval
-from tests.tiny import converted_model, source_model
+from tests.tiny import converted_model, source_model, tiny_tokenizer
 
 runner = CliRunner()
 
@@ -256,6 +256,21 @@ def test_eval_cli_prints_both_models_and_records_the_results(folders, tmp_path):
     assert written == recorded and set(written["results"]) == {"liger", "src"}
     assert written["markdown"].startswith("| metric | liger | src |")
     assert written["results"]["liger"]["perplexity"]["value"] > 1
+
+
+def test_eval_cli_says_perplexities_of_different_tokenizers_do_not_compare(folders, tmp_path):
+    src, liger = folders
+    other = tmp_path / "other"
+    source_model("llama", seed=1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)  # words, where the source's tokenizer reads characters
+    options = ["--context", "64", "--windows", "1", "--passkey-contexts", "none", "--no-record"]
+    result = runner.invoke(app, ["eval", str(liger), "--against", str(other), *options])
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.output.split())
+    assert "liger and other have different tokenizers" in shown and "do not compare" in shown
+    assert "own tokenizer: not comparable" in result.stdout
+    result = runner.invoke(app, ["eval", str(liger), "--against", str(src), *options])
+    assert "different tokenizers" not in result.output and "not comparable" not in result.stdout
 
 
 def test_eval_cli_errors(folders, tmp_path):

@@ -91,7 +91,7 @@ def eval_command(
     """Perplexity, passkey retrieval and (optionally) lm-eval tasks for MODEL (default: the embedded SmolLM2) and the
     model it is compared with, side by side in one table."""
     from ..comparison import markdown_table
-    from ..evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model
+    from ..evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model, same_vocabulary
     from ..generation import load_for_inference
     from ..sources import pick_device
 
@@ -114,16 +114,24 @@ def eval_command(
             check_lm_eval_tasks(tasks, lm_eval_options["include_path"])
     hide_library_bars(quiet)
     total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
-    results = {}
+    results, tokenizers = {}, []
     for spec in specs:  # one model in memory at a time
         with spinner(f"Loading {spec.label}", quiet):
             loaded, tokenizer = load_for_inference(spec.source, device=device, dtype=dtype.value)
+        tokenizers.append(tokenizer)
         with progress_bar(f"Evaluating {spec.label}", total, quiet) as step:
             results[spec.label] = evaluate_model(
                 loaded, tokenizer, text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step
             )
         del loaded
-    header, rows = eval_rows(results)
+    same_tokens = same_vocabulary(tokenizers)
+    if not same_tokens:
+        console.print(
+            f"[yellow]Warning:[/] {' and '.join(results)} have different tokenizers: each perplexity is per token of "
+            "the model's own tokenization of the text, so the two do not compare (passkey and lm-eval scores do)",
+            highlight=False,
+        )
+    header, rows = eval_rows(results, same_tokens)
     print_table("Evaluation", header, rows)
     payload = {
         "models": {spec.label: spec.source or "embedded" for spec in specs},
