@@ -33,6 +33,8 @@ RECIPE_FILE = "linearize_recipe.yaml"  # written by `linearize finetune` next to
 EVAL_FILE = "linearize_eval.json"  # written by `linearize eval`; its "markdown" key holds a ready table
 BENCH_FILE = "linearize_bench.json"  # written by `linearize bench`, same shape
 TAGS = ["linearize", "linear-attention"]
+WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"  # what save_pretrained writes
+_WRITE_AGAIN = "write the folder again (re-run the conversion or fine-tuning that made it, or copy it again whole)"
 
 # Run in a fresh interpreter so that a folder that only loads thanks to this process's state (imported modules,
 # registered classes) is caught. `import linearize` registers the classes, as a user's code would.
@@ -251,6 +253,23 @@ def _folder_files(folder: Path) -> list[tuple[str, int]]:
     return found
 
 
+def _check_weights(folder: Path) -> None:
+    """Refuse a folder without its weights, or with a shard that its index lists missing (a copy or a download cut
+    short): `check_model_folder` reads the safetensors files there are, and `--no-verify` would push it as it is."""
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LinearizeError(f"{index} has no 'weight_map'; {_WRITE_AGAIN}")
+        missing = sorted(set(weight_map.values()) - {path.name for path in folder.glob("*.safetensors")})
+        if missing:
+            raise LinearizeError(
+                f"'{folder}' lacks the weight shard(s) {', '.join(missing)} that {index.name} lists; {_WRITE_AGAIN}"
+            )
+    elif not (folder / WEIGHTS_FILE).is_file():
+        raise LinearizeError(f"'{folder}' has no weights (no {WEIGHTS_FILE} or {WEIGHTS_INDEX}); {_WRITE_AGAIN}")
+
+
 def plan_push(folder: Path | str, repo_id: str, *, private: bool = False, revision: str | None = None) -> PushPlan:
     """Everything `push` will send, computed locally: the files with their sizes and the rendered card.
 
@@ -271,6 +290,7 @@ def plan_push(folder: Path | str, repo_id: str, *, private: bool = False, revisi
         problem = "is a file, not a model folder" if folder.exists() else "does not exist"
         raise LinearizeError(f"model folder '{folder}' {problem}")
     check_model_folder(folder)  # a folder that cannot load must not look ready to push
+    _check_weights(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):  # its card tells users to load one
         raise LinearizeError(
             f"'{folder}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}), so the pushed model could not be "

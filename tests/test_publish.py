@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard, constants
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import linearize.publish
@@ -253,6 +254,22 @@ def test_a_folder_without_a_tokenizer_is_refused_by_the_plan(folder, hub, tmp_pa
         (bare / name).unlink(missing_ok=True)
     result = runner.invoke(app, ["push", str(bare), REPO, "--dry-run"])
     assert result.exit_code == 1 and "has no tokenizer" in result.output and "--tokenizer" in result.output
+    assert hub.requests == []
+
+
+def test_a_folder_without_all_its_weights_is_refused_by_the_plan(folder, hub, tmp_path):
+    """A copy cut short: no weights, or a sharded save missing a shard, would load nowhere once pushed."""
+    weightless = shutil.copytree(folder, tmp_path / "weightless")
+    (weightless / "model.safetensors").unlink()
+    result = runner.invoke(app, ["push", str(weightless), REPO, "--dry-run"])
+    assert result.exit_code == 1 and "has no weights (no model.safetensors" in " ".join(result.output.split())
+    sharded = shutil.copytree(weightless, tmp_path / "sharded")
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and plan_push(sharded, REPO).files
+    shards[-1].unlink()
+    with pytest.raises(LinearizeError, match=f"lacks the weight shard.s. {shards[-1].name} that model.safetensors"):
+        plan_push(sharded, REPO)
     assert hub.requests == []
 
 
