@@ -85,9 +85,14 @@ class PushPlan:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise LinearizeError(f"cannot read {path}: {error}") from None
+    if not isinstance(content, dict):  # a hand edit: callers read keys
+        raise LinearizeError(
+            f"{path} holds a JSON {type(content).__name__}, not an object: rerun the command that wrote it"
+        )
+    return content
 
 
 def read_linearize_config(folder: Path) -> dict[str, Any]:
@@ -121,7 +126,7 @@ def _measurement(folder: Path, file: str, command: str) -> str:
     if not path.is_file():
         return f"Not measured yet (`{command}` writes `{file}` into the folder)."
     markdown = _read_json(path).get("markdown")
-    if not markdown:
+    if not markdown or not isinstance(markdown, str):
         raise LinearizeError(f"{path} has no 'markdown' table; rerun `{command}` or delete the file")
     return markdown.strip()
 

@@ -273,6 +273,15 @@ def test_a_folder_without_all_its_weights_is_refused_by_the_plan(folder, hub, tm
     assert hub.requests == []
 
 
+@pytest.mark.parametrize("record", ['{"markdown": 3}', '["a table"]'])
+def test_a_hand_edited_record_is_named_without_a_traceback(record, folder, tmp_path):
+    edited = shutil.copytree(folder, tmp_path / "edited")
+    (edited / "linearize_eval.json").write_text(record)
+    result = runner.invoke(app, ["push", str(edited), REPO, "--dry-run"])
+    assert isinstance(result.exception, SystemExit), result.exception  # an error line, not a traceback
+    assert result.exit_code == 1 and "linearize_eval.json" in result.output and "rerun" in result.output
+
+
 def test_offline_is_refused_before_any_request(folder, hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     result = runner.invoke(app, ["push", str(folder), REPO, "--token", GOOD_TOKEN, "--endpoint", hub.url])
