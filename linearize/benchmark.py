@@ -20,10 +20,11 @@ repeatable, unlike the process's resident size, which depends on what the C allo
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -186,10 +187,11 @@ def run_bench(
         step: called after each context.
 
     Returns:
-        {"models": labels, "decode_tokens", "repeats", "device", "threads", "rows": [{"context": C, label: {...}}]}.
+        {"models": labels, "decode_tokens", "repeats", "device", "hardware", "dtype", "threads",
+        "rows": [{"context": C, label: {...}}]}.
     """
     measure(models, min(64, min(contexts)), 2, repeats=1)
-    rows = []
+    first, rows = next(iter(models.values())), []
     for context in contexts:
         rows.append({"context": context, **measure(models, context, decode_tokens, repeats)})
         if step is not None:
@@ -198,10 +200,23 @@ def run_bench(
         "models": list(models),
         "decode_tokens": decode_tokens,
         "repeats": repeats,
-        "device": str(next(iter(models.values())).device),
+        "device": str(first.device),
+        "hardware": hardware_name(first.device),
+        "dtype": str(first.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "rows": rows,
     }
+
+
+def hardware_name(device: torch.device) -> str:
+    """The GPU's or CPU's model name, which speed numbers mean nothing without (the model card shows it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 _METRICS = (  # field, name, format, the field of its timed runs (None: measured once)

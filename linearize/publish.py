@@ -125,10 +125,32 @@ def _measurement(folder: Path, file: str, command: str) -> str:
     path = folder / file
     if not path.is_file():
         return f"Not measured yet (`{command}` writes `{file}` into the folder)."
-    markdown = _read_json(path).get("markdown")
+    record = _read_json(path)
+    markdown = record.get("markdown")
     if not markdown or not isinstance(markdown, str):
         raise LinearizeError(f"{path} has no 'markdown' table; rerun `{command}` or delete the file")
-    return markdown.strip()
+    return _bench_conditions(record) + markdown.strip()
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread" + "s" * (count != 1)
+
+
+def _bench_conditions(record: dict[str, Any]) -> str:
+    """Where and how a bench record was measured, as a line above its table: speeds mean nothing without the
+    hardware. Empty for an eval record; records from before `hardware` and `dtype` were kept go without them."""
+    if not {"threads", "repeats", "decode_tokens"} <= record.keys():
+        return ""
+    where = ", ".join(
+        str(part)
+        for part in (record.get("hardware"), record.get("device"), record.get("dtype"), _threads(record["threads"]))
+        if part
+    )
+    runs = record["repeats"]
+    return (
+        f"Measured by `linearize bench` on {where}; prefill: the median of {runs} runs, decode: the median of "
+        f"{runs} runs of {record['decode_tokens']} steps.\n\n"
+    )
 
 
 def _layers_section(config: dict[str, Any]) -> str:

@@ -33,6 +33,10 @@ def test_every_measurement_is_positive(result):
             assert numbers["decode_runs_ms"] == [numbers["decode_ms"]]
 
 
+def test_the_result_names_the_hardware_and_dtype(result):
+    assert result["device"] == "cpu" and result["dtype"] == "float32" and result["hardware"]
+
+
 def test_models_alternate_in_prefill_runs_and_in_uninterrupted_decode_runs():
     models = {"liger": converted_model("llama", "liger"), "original": source_model("llama")}
     calls = []  # (model, tokens in the call), in call order

@@ -178,6 +178,18 @@ def test_model_card_front_matter_and_body(folder, tmp_path):
     assert "(the Q4_1 GGUF of it that linearize embeds for offline use, dequantised)" in plan_push(embedded, REPO).card
 
 
+def test_the_card_says_where_the_speeds_were_measured(folder, tmp_path):
+    measured = shutil.copytree(folder, tmp_path / "measured")
+    table = "| context | metric | tiny-liger |\n|---|---|---|\n| 64 | decode ms/token | 1.1 |"
+    conditions = {"device": "cuda:0", "hardware": "NVIDIA H100", "dtype": "bfloat16", "threads": 1}
+    record = {"models": ["tiny-liger"], "decode_tokens": 32, "repeats": 3, **conditions, "rows": [], "markdown": table}
+    (measured / "linearize_bench.json").write_text(json.dumps(record))
+    card = plan_push(measured, REPO).card
+    assert "on NVIDIA H100, cuda:0, bfloat16, 1 thread; prefill: the median of 3 runs" in card
+    assert "decode: the median of 3 runs of 32 steps.\n\n" + table in card
+    assert "Measured by" not in card.split("## Speed and memory")[0]  # not above the eval table
+
+
 def test_revision_goes_to_a_branch(folder, hub, no_verify):
     url = push(folder, REPO, revision="v2", token=GOOD_TOKEN, endpoint=hub.url)
     assert url.endswith(f"{REPO}/tree/v2") and no_verify == [folder]
