@@ -100,7 +100,7 @@ def eval_command(
     contexts = int_list(passkey_contexts, "--passkey-contexts")
     specs = _checked_pair(model, against, {"--context": [context], "--passkey-contexts": contexts})
     passkey_options = {
-        "depths": float_list(depths, "--depths"),
+        "depths": _depths(depths),
         "trials": trials,
         "seed": seed,
         "distractors": distractors,
@@ -230,6 +230,14 @@ def bench(
     write_outputs(result, specs, json_path, None if no_record else "linearize_bench.json", quiet)
     if not no_plot and (plot is not None or not no_record):
         _write_plot(result, plot or _default_plot(specs[0]), quiet)
+
+
+def _depths(value: str) -> tuple[float, ...]:
+    """--depths, checked before any model loads (the passkey task runs after the perplexity has been measured)."""
+    depths = float_list(value, "--depths")
+    if not all(0 <= depth <= 1 for depth in depths):
+        raise LinearizeError(f"--depths takes fractions between 0 and 1 (0: the key first, 1: last); got {value!r}")
+    return depths
 
 
 def _checked_pair(model: str | None, against: str | None, lengths: dict[str, list[int]]) -> list:
