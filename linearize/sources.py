@@ -123,7 +123,9 @@ def check_model_folder(folder: Path) -> None:
     """Refuse a folder that cannot load, naming the damaged file: cheap checks of what an interrupted write or a
     hand edit breaks (the config parses and agrees with itself, every safetensors header is readable and matches its
     file's size). No weights are read."""
-    if not folder.is_dir() or not (folder / "config.json").is_file():
+    if folder.is_file():  # e.g. the folder's config.json, or a single .safetensors file
+        raise LinearizeError(f"'{folder}' is a file, not a model folder: give the folder that holds it")
+    if not (folder / "config.json").is_file():
         raise LinearizeError(f"'{folder}' is not a model folder: it has no config.json")
     _check_config(folder / "config.json")
     for weights in sorted(folder.glob("*.safetensors")):

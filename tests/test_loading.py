@@ -243,6 +243,12 @@ def test_a_folder_without_weights_is_not_a_hub_problem(converted, tmp_path):
     assert "Hub" not in message
 
 
+@pytest.mark.parametrize("command", ["generate", "eval", "bench"])
+def test_a_file_given_for_a_model_folder_is_named_as_a_file(command, converted):
+    args = {"generate": ["hello"], "eval": [], "bench": []}[command]
+    fails_with(invoke(command, converted / "config.json", *args), "config.json' is a file, not a model folder")
+
+
 def test_intact_folders_pass_the_check(converted, source):
     sources.check_model_folder(converted)
     sources.check_model_folder(source)
