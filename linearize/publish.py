@@ -197,10 +197,12 @@ tokenizer = AutoTokenizer.from_pretrained("{name}")
 
 Without `import linearize`, load it with remote code: the repository's `configuration_linearize.py` and
 `modeling_linearize.py` import the installed `linearize` package (and say how to install it when it is
-missing).
+missing). The tokenizer needs the flag too: transformers reads the model's config to load it, and without the
+flag asks whether to run the repository's code.
 
 ```python
 model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
 ```"""
 
 

@@ -170,6 +170,8 @@ def test_model_card_front_matter_and_body(folder, tmp_path):
     assert "Not measured yet" in card.text  # no bench file
     assert "method: liger" in card.text  # the recipe
     assert f'from_pretrained("{REPO}", trust_remote_code=True)' in card.text and "import linearize" in card.text
+    # without the flag, transformers asks on the terminal whether to run the code when it reads the config
+    assert f'AutoTokenizer.from_pretrained("{REPO}", trust_remote_code=True)' in card.text
     assert "GGUF" not in card.text
     config = json.loads((folder / "config.json").read_text())
     embedded = tmp_path / "embedded"
