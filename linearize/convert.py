@@ -130,7 +130,7 @@ def build_config(
     selection: LayerSelection | None = None,
 ) -> LinearizeConfig:
     """The converted model's config; `source` (the embedded default's name, a Hub id or a folder) is recorded as
-    `source_model` and `source_weights`."""
+    `source_model`, `source_weights` and `source_license`."""
     family = get_family(source_config.model_type)
     num_layers = source_config.num_hidden_layers
     source_types = source_layer_types(source_config)
@@ -140,6 +140,7 @@ def build_config(
         base_model_type=family.model_type,
         source_model=source_hub_id(source) if source is not None else None,
         source_weights=source_weights(source) if source is not None else None,
+        source_license=(sources.source_license(source) or None) if source is not None else None,
         layer_types=[source_types[i] if i in softmax_layers else converted_type for i in range(num_layers)],
         source_layer_types=source_types,
         linearize={

@@ -5,6 +5,7 @@ recipe's `output.push_to_hub` all run these checks; this module imports nothing 
 from __future__ import annotations
 
 import re
+import sys
 
 from .errors import LinearizeError
 
@@ -71,3 +72,13 @@ def check_can_push(token: str | None = None) -> str:
     if not token:
         raise LinearizeError(f"no Hugging Face token found: {LOGIN_HINT} (it needs write access)")
     return token
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    # huggingface_hub 1.x talks through httpx and 2.x through httpx2; take the transport errors of whichever it
+    # has imported rather than pinning one.
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):
+        if module in sys.modules:
+            errors.append(sys.modules[module].TransportError)
+    return tuple(errors)

