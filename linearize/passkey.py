@@ -70,6 +70,12 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> PasskeyPr
     return PasskeyPrompt(ids=ids, key=key, depth=depth)
 
 
+def check_contexts(tokenizer, contexts: list[int]) -> None:
+    """Refuse a context too short for the prompt's instructions, before any model loads or runs."""
+    for context in contexts:
+        passkey_prompt(tokenizer, context, 0.0, "12345")
+
+
 def _length(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 

@@ -242,7 +242,7 @@ def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
         pipeline_tag="text-generation",
     )
     params = ", ".join(f"`{k}={v}`" for k, v in settings.items() if k not in LAYOUT_KEYS)
-    origin = f"[{base}](https://huggingface.co/{base})" if base else "a model (base model not recorded)"
+    origin = f"[{base}](https://huggingface.co/{base})" if base else "A model (base model not recorded)"
     if config.get("source_weights") == "embedded":
         origin += " (the Q4_1 GGUF of it that linearize embeds for offline use, dequantised)"
     recipe = folder / RECIPE_FILE

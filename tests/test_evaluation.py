@@ -282,6 +282,9 @@ def test_eval_cli_errors(folders, tmp_path):
     result = runner.invoke(app, ["eval", str(src), "--depths", "0,50", "--no-record"])
     assert result.exit_code != 0 and "--depths takes fractions between 0 and 1" in result.output
     assert "Evaluating" not in result.output  # before any model is measured
+    result = runner.invoke(app, ["eval", str(src), "--passkey-contexts", "400,8", "--no-record"])
+    assert result.exit_code != 0 and "passkey context 8 is too short" in result.output
+    assert "Evaluating" not in result.output
     result = runner.invoke(app, ["eval", str(src), "--lm-eval-limit", "5", "--no-record"])
     assert result.exit_code != 0 and "apply to --lm-eval tasks" in result.output
     (tmp_path / "short.txt").write_text("too short")

@@ -330,7 +330,8 @@ def test_convert_push_to_hub_reaches_the_same_push(hub, no_verify, tmp_path, mon
     assert result.exit_code == 0, result.output
     assert "Pushed" in result.output and no_verify == [tmp_path / "out"]
     assert "model.safetensors" in arrived(hub) and hub.created[0]["private"] is True
-    assert "base_model" not in arrived(hub)["README.md"].decode()  # a local source is not a Hub id
+    card = arrived(hub)["README.md"].decode()
+    assert "base_model" not in card and "\nA model (base model not recorded) with" in card  # not a Hub id
 
 
 def test_convert_push_to_hub_checks_the_target_before_converting(hub, tmp_path):

@@ -93,7 +93,8 @@ def eval_command(
     from ..comparison import markdown_table
     from ..evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model, same_vocabulary
     from ..generation import load_for_inference
-    from ..sources import pick_device
+    from ..passkey import check_contexts
+    from ..sources import load_tokenizer, pick_device
 
     check_output_file(json_path, "--json", "results.json")
     device = pick_device(device)  # before any model loads or lm-eval indexes its tasks
@@ -109,6 +110,8 @@ def eval_command(
     if not tasks and (lm_eval_limit is not None or lm_eval_include is not None):
         raise LinearizeError("--lm-eval-limit and --lm-eval-include apply to --lm-eval tasks; add --lm-eval TASKS")
     lm_eval_options = {"include_path": str(lm_eval_include) if lm_eval_include else None, "limit": lm_eval_limit}
+    for spec in specs if contexts else []:  # its tokenizer alone tells a context too short for the prompt
+        check_contexts(load_tokenizer(spec.source), contexts)
     if tasks:
         with spinner("Indexing lm-eval tasks", quiet):
             check_lm_eval_tasks(tasks, lm_eval_options["include_path"])
