@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune, dot_precision, element_size, pow2
+from .launch import as_bytes, autotune, dot_precision, element_size, pow2
 
 
 class ChunkLayout(NamedTuple):
@@ -344,8 +344,7 @@ def chunk_states(
     h = torch.empty(layout.total_chunks, HS, K, V, dtype=torch.float32, device=dev)
     hn = torch.empty(layout.total_chunks, HS, K, dtype=torch.float32, device=dev) if normalizer else None
     ht = torch.empty(layout.N, HS, K, V, dtype=torch.float32, device=dev) if output_final_state else None
-    if key_mask is not None:
-        key_mask = key_mask.contiguous().view(torch.uint8)
+    key_mask = as_bytes(key_mask)
     chunk_state_fwd_kernel[lambda meta: (triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]), layout.N * HS)](
         k, v, b, key_mask, initial_state, h, hn, ht, layout.cu_seqlens, layout.chunk_offsets,
         T, layout.NT, layout.chunk_size,

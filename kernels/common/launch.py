@@ -1,10 +1,18 @@
 """Host-side launch helpers shared by every Triton kernel: the precision of `tl.dot`, the shared memory of the
 current device, and autotuning over a few plausible configurations with those that cannot fit pruned first."""
 
+import math
 from collections.abc import Callable
 
 import torch
 import triton
+
+LOG2E = math.log2(math.e)  # the kernels exponentiate in base 2: exp(x) = exp2(x * LOG2E), folded into the scale
+
+
+def as_bytes(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A bool mask as uint8 over the same bytes, which Triton takes as a plain integer pointer; None stays None."""
+    return None if mask is None else mask.contiguous().view(torch.uint8)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.launch import as_bytes
 from .reference import MAX_WINDOW  # every tile spans the whole window, so the window is bounded
 
 # fp32 values per state tile `[K, BLOCK_V]` and per window key tile `[W, BLOCK_D]`. With 8 warps and the query
@@ -182,7 +183,7 @@ def triton_liger_decode(
     q_lin, k_lin, v, g, state, q_rot, window_k, window_v = (
         x if x.stride(-1) == 1 else x.contiguous() for x in (q_lin, k_lin, v, g, state, q_rot, window_k, window_v)
     )
-    valid = window_valid.contiguous().view(torch.uint8)  # same bytes as bool, a plain integer pointer in Triton
+    valid = as_bytes(window_valid)
     o = torch.empty(B, H, V, dtype=q_rot.dtype, device=q_rot.device)
     new_state = torch.empty(B, Hkv, K, V, dtype=torch.float32, device=q_rot.device)
     BLOCK_K, BLOCK_W = triton.next_power_of_2(K), max(16, triton.next_power_of_2(W))

@@ -15,20 +15,17 @@ The cache is read through its strides, so Parallax's head-major growing cache (a
 `[B, HKV, L + room, D]` storage) is not copied at each step. Forward only: decoding needs no gradient.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ..common.launch import pow2
+from ..common.launch import LOG2E, as_bytes, pow2
 from ..common.tiles import NEG_INIT, online_softmax, valid_rows
 from .reference import check_decode_inputs
 
 BLOCK_N = 64  # keys per inner step
 MIN_SPLIT = 512  # keys per program at least: the partial it writes (2 D + 3 floats) stays small beside its reads
 TARGET_PROGRAMS = 512  # enough programs to fill every SM of an A100 or H100 several times over
-LOG2E = math.log2(math.e)
 
 
 @triton.jit
@@ -161,8 +158,7 @@ def triton_parallax_decode(
     elif split < 1 or split % block_n:
         raise ValueError(f"split must be a positive multiple of block_n = {block_n}, got {split}")
     NS = triton.cdiv(L - start, split)
-    if cache_valid is not None:
-        cache_valid = cache_valid.contiguous().view(torch.uint8)  # same bytes as bool, a plain integer pointer
+    cache_valid = as_bytes(cache_valid)
     q, r = q.contiguous(), r.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():  # else read in place, rows as they lie
         k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()

@@ -8,17 +8,14 @@ gradients through the concatenation. Every input is cast to q's dtype (the model
 of every matmul operand; accumulation is fp32.
 """
 
-import math
-
 import torch
 import triton
 
-from ..common.launch import autotune, dot_precision, element_size, pow2
+from ..common.launch import LOG2E, as_bytes, autotune, dot_precision, element_size, pow2
 from .reference import check_inputs, with_history
 from .triton_bwd import parallax_bwd_dkdv_kernel, parallax_bwd_dq_kernel
 from .triton_fwd import parallax_fwd_kernel
 
-LOG2E = math.log2(math.e)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Launch configurations (BM, BN, warps, stages). In half precision, per head-dim tile BD: the list of the smallest
@@ -185,8 +182,7 @@ def triton_parallax_attention(
     S, D = keys.shape[1], q.shape[-1]
     window = S if window is None else min(int(window), S)  # no query sees more than S keys; keeps it within int32
     scale = D**-0.5 if scale is None else float(scale)
-    if key_valid is not None:
-        key_valid = key_valid.contiguous().view(torch.uint8)  # same bytes as bool, a plain integer pointer
+    key_valid = as_bytes(key_valid)
     # one dtype for the matmul operands (a no-op in the usual case; autograd casts the gradients back)
     q, r, keys, values = (x.to(q.dtype).contiguous() for x in (q, r, keys, values))
     return ParallaxFunction.apply(q, r, keys, values, key_valid, scale, window, blocks)

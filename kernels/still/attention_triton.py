@@ -10,13 +10,12 @@ to it) into fp32 accumulators; states and statistics are fp32. No [T, T] matrix:
 the previous chunk's keys plus the listed salient keys.
 """
 
-import math
 import warnings
 
 import torch
 
 from ..common.chunk_state import ChunkLayout, chunk_layout, chunk_state_grads, chunk_states
-from ..common.launch import dot_precision, pow2
+from ..common.launch import LOG2E, as_bytes, dot_precision, pow2
 from .attention_triton_bwd import (
     still_bwd_key_kernel,
     still_bwd_linear_kernel,
@@ -26,7 +25,6 @@ from .attention_triton_bwd import (
 from .attention_triton_fwd import NO_KEY, still_fwd_kernel
 from .reference import check_inputs
 
-LOG2E = math.log2(math.e)
 SALIENT_BLOCK = 64  # salient slots per inner step of the forward and the query-side backward
 UNVERIFIED_BACKWARD = (
     "STILL's fused Triton backward gave a wrong dq (relative error 0.3, every other gradient right) in bfloat16 on "
@@ -185,12 +183,10 @@ def triton_still_attention(
     if key_valid is not None:
         salient = salient & key_valid[..., None]
         linear = linear & key_valid[..., None]
-        key_valid = key_valid.contiguous().view(torch.uint8)  # same bytes as bool, a plain integer pointer
+        key_valid = as_bytes(key_valid)
     slots, S = salient_slots(salient, chunk_size)
     # one dtype for the matmul operands (a no-op in the usual case; autograd casts the gradients back)
     k, v, q_feat, k_feat, gate = (x.to(q.dtype) for x in (k, v, q_feat, k_feat, gate))
     q, k, v, q_feat, k_feat, gate = (x.contiguous() for x in (q, k, v, q_feat, k_feat, gate))
     config = (chunk_size, S, scale, float(eps), salient_block)
-    return StillAttentionFunction.apply(
-        q, k, v, q_feat, k_feat, gate, linear.contiguous().view(torch.uint8), slots, key_valid, config
-    )
+    return StillAttentionFunction.apply(q, k, v, q_feat, k_feat, gate, as_bytes(linear), slots, key_valid, config)

@@ -12,17 +12,13 @@ logits multiply q and k in their (the model's) dtype into fp32; the running sums
 (`common.tiles`).
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ..common.launch import autotune, dot_precision, element_size, pow2
+from ..common.launch import LOG2E, as_bytes, autotune, dot_precision, element_size, pow2
 from ..common.tiles import NEG_INIT, band, load_rows, online_softmax, valid_rows
 from .reference import SALIENCY_EPS, check_saliency_inputs
-
-LOG2E = math.log2(math.e)
 
 
 @triton.jit
@@ -136,8 +132,7 @@ def triton_self_saliency(
     scores = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     if scores.numel() == 0:
         return scores
-    if key_valid is not None:
-        key_valid = key_valid.contiguous().view(torch.uint8)  # same bytes as bool, a plain integer pointer
+    key_valid = as_bytes(key_valid)
     still_saliency_kernel[(triton.cdiv(T, block_size), B * H)](
         q.contiguous(), k.to(q.dtype).contiguous(), key_valid, scores, scale * LOG2E, float(window), SALIENCY_EPS,
         T, min(window, T), H=H, HKV=Hkv, G=H // Hkv, D=D, BQ=block_size, BD=pow2(D),

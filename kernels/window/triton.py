@@ -25,13 +25,11 @@ cannot fit the device pruned first; the dq pass keeps its query block at DQ_BLOC
 partials the host allocates.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ..common.launch import autotune, dot_precision, element_size, pow2
+from ..common.launch import LOG2E, as_bytes, autotune, dot_precision, element_size, pow2
 from ..common.tiles import (
     NEG_INIT,
     band,
@@ -45,7 +43,6 @@ from ..common.tiles import (
 )
 from .reference import check_inputs
 
-LOG2E = math.log2(math.e)
 DQ_BLOCK_M = 64  # queries per program of the dq pass, whose sink partials are laid out per query block
 
 
@@ -381,17 +378,13 @@ def window_attn_bwd(q, k, v, o, lse, do, window, key_valid, sink_k, sink_v, sink
     return dq, dk, dv, dsink_k, dsink_v
 
 
-def _as_bytes(mask: torch.Tensor | None) -> torch.Tensor | None:
-    return None if mask is None else mask.contiguous().view(torch.uint8)
-
-
 class SlidingWindowAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, window, key_valid, sink_k, sink_v, sink_mask, scale):
         q, k, v = (x.contiguous() for x in (q, k, v))
         if sink_k is not None:
             sink_k, sink_v = sink_k.contiguous(), sink_v.contiguous()
-        key_valid, sink_mask = _as_bytes(key_valid), _as_bytes(sink_mask)
+        key_valid, sink_mask = as_bytes(key_valid), as_bytes(sink_mask)
         o, lse = window_attn_fwd(q, k, v, window, key_valid, sink_k, sink_v, sink_mask, scale)
         ctx.save_for_backward(q, k, v, o, lse, key_valid, sink_k, sink_v, sink_mask)
         ctx.window, ctx.scale = window, scale
