@@ -260,6 +260,15 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def delete_folder(path: Path) -> None:
+    """Delete `path` (if it exists) as a whole: renamed out of the way first, so a delete cut short leaves a staging
+    leftover, which the next linearize run writing beside it removes, and never a half-deleted `path`."""
+    if path.exists():
+        doomed = _sibling(path, _STAGING)
+        os.replace(path, doomed)
+        _remove(doomed)
+
+
 def _remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)

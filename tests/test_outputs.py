@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import linearize.convert
+import linearize.outputs
 from linearize import sources
 from linearize.cli import app
 from tests.tiny import source_folder
@@ -299,3 +300,26 @@ def test_output_set_aside_by_a_killed_run_replaces_what_that_run_wrote(source, t
     assert result.exit_code == 0, result.output
     assert f"Restored '{out}'" in result.output and files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "second"]
+
+
+def test_a_folder_deleted_as_a_whole_is_never_left_half_deleted(tmp_path, monkeypatch):
+    """Checkpoint pruning: a delete cut short leaves a staging leftover (removed by the next run writing there) and
+    never a checkpoint without its state file under its own name, which no listing would find again."""
+    doomed = tmp_path / "step-000003"
+    (doomed / "inside").mkdir(parents=True)
+    (doomed / "trainer_state.json").write_text("{}")
+
+    def cut_short(path):
+        (path / "trainer_state.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(linearize.outputs, "_remove", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        linearize.outputs.delete_folder(doomed)
+    monkeypatch.undo()
+    [leftover] = tmp_path.iterdir()
+    assert not doomed.exists() and ".step-000003.linearize-tmp-" in leftover.name
+    leftover.rename(tmp_path / leftover.name.replace(f"-{os.getpid()}-", f"-{finished_pid()}-"))  # as if killed
+    linearize.outputs.remove_leftovers(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    linearize.outputs.delete_folder(doomed)  # nothing there: nothing to do

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LinearizeError
-from ..outputs import atomic_folder, check_writable
+from ..outputs import atomic_folder, check_writable, delete_folder
 from ..publish import RECIPE_FILE  # the run's resolved recipe, under the name its model folder has it
 from .fingerprints import PACKING, bookkeeping_keys, legacy_recipe_hash, recipe_differences, recipe_hash
 from .recipe import Recipe, load_recipe
@@ -119,7 +118,7 @@ def save_checkpoint(
         _torch_save({"optimizers": optimizer_states, "schedulers": schedules, "rng": rng_state()}, tmp / "optimizer.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     for old in list_checkpoints(run)[:-keep]:
-        shutil.rmtree(old)
+        delete_folder(old)  # never half a checkpoint: one without its state file would sit there unlisted
     return final
 
 

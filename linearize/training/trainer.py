@@ -9,7 +9,6 @@ would. At the end LoRA is merged (by default) and the model is saved in the foun
 from __future__ import annotations
 
 import math
-import shutil
 import time
 import warnings
 from contextlib import ExitStack, nullcontext
@@ -27,7 +26,7 @@ from ..errors import LinearizeError
 from ..families import get_family
 from ..hub import check_can_push
 from ..layers.base import LinearizedAttention
-from ..outputs import atomic_folder
+from ..outputs import atomic_folder, delete_folder
 from ..selection import LayerSelection, select_layers
 from .checkpoint import (
     RECIPE_FILE,
@@ -510,7 +509,7 @@ class Trainer:
         else:
             # a finished run resumed with merge_lora: true: the adapter it kept would apply a second time to the
             # merged weights of model/, where it says its base is
-            shutil.rmtree(self.run / "adapter", ignore_errors=True)
+            delete_folder(self.run / "adapter")
             if self.state.lora_applied:
                 model = self.model.merge_and_unload()
         model.eval()
