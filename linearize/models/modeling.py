@@ -169,8 +169,8 @@ class DecoderInputs:
         if cache is not None and not isinstance(cache, LinearizeCache):  # it would never be filled: say so
             raise TypeError(
                 f"a model converted by linearize needs a LinearizeCache, got a {type(cache).__name__}; pass "
-                "cache=None with use_cache=True (the output's past_key_values is the cache to pass back) or a "
-                "LinearizeCache(model.config)"
+                f"{compat.CACHE_ARG}=None with use_cache=True (the output's {compat.OUTPUT_CACHE_FIELD} is the cache "
+                "to pass back) or a LinearizeCache(model.config)"
             )
         if use_cache and cache is None:
             cache = LinearizeCache(self.config)

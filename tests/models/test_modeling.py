@@ -59,8 +59,11 @@ def test_a_cache_passed_in_is_filled_and_read_or_refused(method):
         step = model(ids[:, 20:], past_key_values=cache, use_cache=False).logits[:, -1]
         torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
         assert cache.get_seq_length() == 21
-        with pytest.raises(TypeError, match="needs a LinearizeCache, got a DynamicCache; pass cache=None"):
+        with pytest.raises(TypeError, match="needs a LinearizeCache, got a DynamicCache") as refusal:
             model(ids[:, :20], past_key_values=DynamicCache())
+    # the names it gives are the installed transformers' (`cache` since 5.24, `past_key_values` before)
+    assert f"pass {compat.CACHE_ARG}=None" in str(refusal.value)
+    assert f"the output's {compat.OUTPUT_CACHE_FIELD} is the cache" in str(refusal.value)
 
 
 @pytest.mark.parametrize("method", METHODS)
