@@ -30,6 +30,16 @@ def test_version_option_and_command_print_the_same_line():
     assert flag.output.startswith("linearize ") and "torch" in flag.output
 
 
+def test_help_prints_each_paragraph_as_one_wrapped_line():
+    """A docstring's line breaks do not reach the help: the command list shows each summary whole, unbroken."""
+    listing = runner.invoke(app, ["--help"], env={"COLUMNS": "250"})
+    assert listing.exit_code == 0, listing.output
+    assert "compare with the original: swa (training-free), Parallax (exact at conversion) and Liger" in listing.output
+    assert "for MODEL (default: the embedded SmolLM2) and the model it is compared with" in listing.output
+    push = runner.invoke(app, ["push", "--help"], env={"COLUMNS": "250"})
+    assert "which layers were converted, the fine-tuning recipe" in push.output
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_convert_each_family(family, tmp_path):
     src = source_folder(tmp_path / family, family)

@@ -3,6 +3,7 @@ group of commands, all registered on the one Typer `app`."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Annotated
 
@@ -42,3 +43,17 @@ def main(
     ] = False,
 ) -> None:
     """The options of `linearize` itself (the app's help says what it does)."""
+
+
+def _one_line_paragraphs(doc: str | None) -> str | None:
+    """`doc` with each paragraph joined into one line: Typer's rich help keeps a docstring's single line breaks,
+    which break a summary mid-sentence in the command list and leave ragged lines in a command's help."""
+    if doc is None:
+        return None
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in paragraph.splitlines()) for paragraph in paragraphs)
+
+
+for _typer in (app, *(group.typer_instance for group in app.registered_groups)):
+    for _command in _typer.registered_commands:
+        _command.help = _one_line_paragraphs(_command.help or _command.callback.__doc__)
