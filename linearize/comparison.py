@@ -84,6 +84,11 @@ def resolve_pair(model: str, against: str | None) -> list[ModelSpec]:
     return [first, second]
 
 
+def counted(count: int, noun: str) -> str:
+    """'1 run', '3 runs': a count and its noun, for the lines and captions of reports."""
+    return f"{count} {noun}" + "s" * (count != 1)
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .comparison import counted
 from .data import DataSource, TooFewTokens, pack_documents, read_documents, require_eos
 from .errors import LinearizeError
 
@@ -229,7 +230,7 @@ def eval_rows(results: dict[str, dict], same_tokens: bool = True) -> tuple[list[
     for context, scores in first.get("passkey", {}).get("contexts", {}).items():
         chance = 1 / (first["passkey"]["distractors"] + 1)
         for field, what in (("greedy", "greedy"), ("ranked", f"ranked vs {first['passkey']['distractors']}")):
-            label = f"passkey @{context} tokens, {what} ({scores['trials']} trials)"
+            label = f"passkey @{context} tokens, {what} ({counted(scores['trials'], 'trial')})"
             if field == "ranked":
                 label += f", chance {chance:.0%}"
             rows.append([label] + [f"{r['passkey']['contexts'][context][field]:.0%}" for r in results.values()])

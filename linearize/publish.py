@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .comparison import counted
 from .convert import layer_groups
 from .errors import LinearizeError
 from .hub import LOGIN_HINT, REPO_ID, check_branch, check_can_push, check_repo_id, transport_errors
@@ -141,24 +142,17 @@ def _measurement(folder: Path, file: str, command: str) -> str:
     return _bench_conditions(record) + markdown.strip()
 
 
-def _threads(count: int) -> str:
-    return f"{count} thread" + "s" * (count != 1)
-
-
 def _bench_conditions(record: dict[str, Any]) -> str:
     """Where and how a bench record was measured, as a line above its table: speeds mean nothing without the
     hardware. Empty for an eval record; records from before `hardware` and `dtype` were kept go without them."""
     if not {"threads", "repeats", "decode_tokens"} <= record.keys():
         return ""
-    where = ", ".join(
-        str(part)
-        for part in (record.get("hardware"), record.get("device"), record.get("dtype"), _threads(record["threads"]))
-        if part
-    )
+    parts = (record.get("hardware"), record.get("device"), record.get("dtype"), counted(record["threads"], "thread"))
+    where = ", ".join(str(part) for part in parts if part)
     runs = record["repeats"]
     return (
-        f"Measured by `linearize bench` on {where}; prefill: the median of {runs} runs, decode: the median of "
-        f"{runs} runs of {record['decode_tokens']} steps.\n\n"
+        f"Measured by `linearize bench` on {where}; prefill: the median of {counted(runs, 'run')}, decode: the median "
+        f"of {counted(runs, 'run')} of {counted(record['decode_tokens'], 'step')}.\n\n"
     )
 
 

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from linearize.benchmark import bench_rows, measure, peak_memory, run_bench
 from linearize.cli import app
+from linearize.comparison import counted
 from tests.tiny import converted_model, source_folder, source_model
 
 runner = CliRunner()
@@ -180,3 +181,7 @@ def test_bench_cli_errors(tmp_path):
         result.exit_code == 0
         and "Warning: --ctx 600 is beyond the 512 positions (max_position_embeddings) of src" in shown
     )
+
+
+def test_report_counts_agree_with_their_nouns():
+    assert (counted(1, "run"), counted(3, "run"), counted(0, "trial")) == ("1 run", "3 runs", "0 trials")

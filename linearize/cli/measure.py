@@ -193,7 +193,7 @@ def bench(
     import torch
 
     from ..benchmark import bench_rows, run_bench
-    from ..comparison import markdown_table
+    from ..comparison import counted, markdown_table
     from ..generation import load_for_inference
     from ..sources import pick_device
 
@@ -219,10 +219,11 @@ def bench(
         result = run_bench(models, contexts, decode_tokens, repeats, step)
     header, rows = bench_rows(result)
     print_table(
-        f"Speed and memory on {result['device']}, {result['threads']} thread" + "s" * (result["threads"] != 1),
+        f"Speed and memory on {result['device']}, {counted(result['threads'], 'thread')}",
         header,
         rows,
-        caption=f"prefill: median of {repeats} runs; decode: median of {repeats} runs of {decode_tokens} steps "
+        caption=f"prefill: median of {counted(repeats, 'run')}; decode: median of {counted(repeats, 'run')} of "
+        f"{counted(decode_tokens, 'step')} "
         "(each run's median step); "
         "prefill peak: the most memory the prefill's tensors held at once"
         + f"; ratio: {' / '.join(result['models'])} (in brackets: the lowest and highest of the runs' ratios)"

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..comparison import counted
 from ..data import (
     DataError,
     DataSource,
@@ -139,7 +140,8 @@ def _describe(name: str, documents: int, packs: PackedSequences, use: str) -> st
     the tokens it counts (trained, or scored when held out)."""
     share = packs.num_trained_tokens / packs.num_tokens
     return (
-        f"{name}: {documents} documents -> {len(packs)} packs of {packs.input_ids.shape[1]} tokens "
+        f"{name}: {counted(documents, 'document')} -> {counted(len(packs), 'pack')} of {packs.input_ids.shape[1]} "
+        "tokens "
         f"({packs.num_tokens} tokens, {share:.0%} {use})"
     )
 
