@@ -67,7 +67,7 @@ def source_license(source: str) -> dict[str, str]:
 
     folder = Path(source).expanduser()
     if source == EMBEDDED_NAME and not folder.exists():
-        return _embedded_license()
+        return dict(_embedded_license())  # a copy: the configs that record it must not share the cached dict
     if not folder.exists() and not _is_hub_id(source):
         return {}
     try:
