@@ -44,7 +44,7 @@ def parse_softmax_layers(spec: str | None, num_layers: int, spell: Callable[[str
         f"use a comma-separated list of layer indices below {num_layers} (e.g. '0,8,16'), 'every:N' (e.g. 'every:8') "
         "or 'auto:K' (the K layers that converting hurts most)"
     )
-    request = parse_auto(spec)
+    request = parse_auto(spec, spell=spell)
     if request is not None:
         if request.k > num_layers:
             raise LinearizeError(

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from .errors import LinearizeError
-from .methods import get_method
+from .methods import cli_flag, get_method
 
 if TYPE_CHECKING:  # torch loads inside the functions: the CLI reads this module's names before any command runs
     import torch
@@ -139,7 +139,11 @@ def depth_stretches(num_layers: int, k: int) -> list[range]:
 
 
 def parse_auto(
-    spec: str | None, scorer: str = DEFAULT_SCORER, spread: bool | int = False, **calibration
+    spec: str | None,
+    scorer: str = DEFAULT_SCORER,
+    spread: bool | int = False,
+    spell: Callable[[str], str] = cli_flag,
+    **calibration,
 ) -> SelectionRequest | None:
     """The request that a `--softmax-layers` value 'auto:K' makes, or None for any other value.
 
@@ -148,6 +152,7 @@ def parse_auto(
         scorer: a key of `SCORERS`.
         spread: keep the highest-scoring layer of each of K equal stretches of the depth; an integer S (1 to K):
             of each of S stretches, then the K - S highest-scoring others.
+        spell: names the option in messages (a recipe's `conversion.softmax_layers`).
         calibration: `calibration`, `windows` and `context` of `SelectionRequest` (None: the default).
     """
     if not spec or not spec.startswith(AUTO_PREFIX):
@@ -155,8 +160,8 @@ def parse_auto(
     count = spec.removeprefix(AUTO_PREFIX)
     if not count.isdigit():
         raise LinearizeError(
-            f"--softmax-layers '{spec}' is malformed: K in 'auto:K' is the number of layers to keep as softmax "
-            "attention, a whole number from 0 (e.g. 'auto:4')"
+            f"{spell('softmax_layers')} '{spec}' is malformed: K in 'auto:K' is the number of layers to keep as "
+            "softmax attention, a whole number from 0 (e.g. 'auto:4')"
         )
     if scorer not in SCORERS:
         raise LinearizeError(f"unknown layer scorer '{scorer}'; choose one of: {', '.join(SCORERS)}")

@@ -140,7 +140,12 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
         """What 'auto:K' asks for, or None for named layers."""
         spec = self.selection or SelectionSection()
         return parse_auto(
-            self.softmax_layers, spec.scorer, spec.spread, calibration=spec.calibration, windows=spec.windows
+            self.softmax_layers,
+            spec.scorer,
+            spec.spread,
+            spell=_recipe_key,
+            calibration=spec.calibration,
+            windows=spec.windows,
         )
 
     @property
@@ -154,7 +159,7 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
                 method_settings(self.method, spell=_recipe_key, **self.options())
                 request = self.selection_request()  # K, and the spread against K
             except LinearizeError as error:
-                raise ValueError(str(error).replace("--softmax-layers", "softmax_layers")) from None
+                raise ValueError(str(error)) from None
             if self.selection is not None and request is None:
                 raise ValueError(
                     "selection applies to softmax_layers: auto:K (it says how the K layers are chosen); set "

@@ -120,7 +120,10 @@ def test_softmax_layers_may_be_numbers():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("conversion: {softmax_layers: auto:k}\n", "conversion: .*K in 'auto:K' is the number of layers"),
+        (
+            "conversion: {softmax_layers: auto:k}\n",
+            "conversion.softmax_layers 'auto:k' is malformed: K in 'auto:K' is the number of layers",
+        ),
         ("conversion: {selection: {scorer: loss}}\n", "selection applies to softmax_layers: auto:K"),
         (
             "conversion: {softmax_layers: auto:2, selection: {scorer: attn}}\n",
