@@ -128,7 +128,8 @@ def _license_line(license_metadata: dict[str, str]) -> str:
             "License: not recorded at conversion (the source's model card was not found or not readable): add the "
             "base model's licence to this card's front matter (`license:`)."
         )
-    return f"License: the base model's, `{license_metadata['license']}`."
+    name = license_metadata.get("license_name", license_metadata["license"])  # "other" comes with its name
+    return f"License: the base model's, `{name}`."
 
 
 def _measurement(folder: Path, file: str, command: str) -> str:

@@ -75,7 +75,9 @@ def source_license(source: str) -> dict[str, str]:
         metadata = (metadata_load(card) or {}) if card.is_file() else {}
     except (OSError, ValueError, yaml.YAMLError, EntryNotFoundError, *transport_errors()):  # offline, no card
         return {}
-    return {key: str(metadata[key]) for key in LICENSE_KEYS if isinstance(metadata.get(key), str)}
+    if not isinstance(metadata.get("license"), str):  # a name or link alone is no licence a card can state
+        return {}
+    return {key: metadata[key] for key in LICENSE_KEYS if isinstance(metadata.get(key), str)}
 
 
 @functools.cache

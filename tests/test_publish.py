@@ -378,14 +378,16 @@ def test_the_card_copies_the_licence_recorded_at_conversion(tmp_path, monkeypatc
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     other = "---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\ntags: [x]\n---\n# A model\n"
     _cache_card(tmp_path / "cache", "my-org/tiny-llama", "---\nlicense: llama3.2\n---\n# Tiny\n")
-    local = tmp_path / "local"
-    local.mkdir()
-    (local / "README.md").write_text(other)
+    local, nameless = tmp_path / "local", tmp_path / "nameless"
+    for folder, text in ((local, other), (nameless, "---\nlicense_name: tiny-license\n---\n")):
+        folder.mkdir()
+        (folder / "README.md").write_text(text)
     recorded = {
         "my-org/tiny-llama": {"license": "llama3.2"},
         str(local): {"license": "other", "license_name": "tiny-license", "license_link": "LICENSE"},
         "my-org/uncached": None,  # offline, not in the cache
         str(tmp_path): None,  # a folder without a card
+        str(nameless): None,  # a licence's name without the licence
     }
     source = source_model("llama")
     for name, licence in recorded.items():
@@ -399,7 +401,8 @@ def test_the_card_copies_the_licence_recorded_at_conversion(tmp_path, monkeypatc
         if licence is None:
             assert "add the base model's licence to this card's front matter" in " ".join(card.text.split())
         else:
-            assert f"License: the base model's, `{licence['license']}`." in card.text
+            shown = licence.get("license_name", licence["license"])  # "other" goes by its name
+            assert f"License: the base model's, `{shown}`." in card.text
 
 
 def test_recipe_output_push_to_hub_reaches_the_same_push(hub, tmp_path, monkeypatch):
