@@ -110,30 +110,31 @@ def eval_command(
     if not tasks and (lm_eval_limit is not None or lm_eval_include is not None):
         raise LinearizeError("--lm-eval-limit and --lm-eval-include apply to --lm-eval tasks; add --lm-eval TASKS")
     lm_eval_options = {"include_path": str(lm_eval_include) if lm_eval_include else None, "limit": lm_eval_limit}
-    for spec in specs if contexts else []:  # its tokenizer alone tells a context too short for the prompt
-        check_contexts(load_tokenizer(spec.source), contexts)
+    tokenizers = [load_tokenizer(spec.source) for spec in specs]  # what is wrong before any model loads
+    for tokenizer in tokenizers:
+        check_contexts(tokenizer, contexts)
+    same_tokens = same_vocabulary(tokenizers)
+    if not same_tokens:
+        console.print(
+            f"[yellow]Warning:[/] {' and '.join(spec.label for spec in specs)} have different tokenizers: each "
+            "perplexity is per token of the model's own tokenization of the text, so the two do not compare (passkey "
+            "and lm-eval scores do)",
+            highlight=False,
+        )
     if tasks:
         with spinner("Indexing lm-eval tasks", quiet):
             check_lm_eval_tasks(tasks, lm_eval_options["include_path"])
     hide_library_bars(quiet)
     total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
-    results, tokenizers = {}, []
+    results = {}
     for spec in specs:  # one model in memory at a time
         with spinner(f"Loading {spec.label}", quiet):
             loaded, tokenizer = load_for_inference(spec.source, device=device, dtype=dtype.value)
-        tokenizers.append(tokenizer)
         with progress_bar(f"Evaluating {spec.label}", total, quiet) as step:
             results[spec.label] = evaluate_model(
                 loaded, tokenizer, text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step
             )
         del loaded
-    same_tokens = same_vocabulary(tokenizers)
-    if not same_tokens:
-        console.print(
-            f"[yellow]Warning:[/] {' and '.join(results)} have different tokenizers: each perplexity is per token of "
-            "the model's own tokenization of the text, so the two do not compare (passkey and lm-eval scores do)",
-            highlight=False,
-        )
     header, rows = eval_rows(results, same_tokens)
     print_table("Evaluation", header, rows)
     payload = {
