@@ -66,14 +66,19 @@ def finetune(
     recipe = load_recipe(recipe_file, overrides or [])
     if dry_run:
         plan = _finetune_plan(recipe, resume)  # every process checks what it would meet; one prints
-        if os.environ.get("RANK", "0") == "0":
+        if _first_process():
             Console().print(plan)
         return
     from ..training.trainer import finetune as run_finetune
 
     out = run_finetune(recipe, resume=resume, quiet=quiet, console=console)
-    if not quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
+    if not quiet and _first_process():
         console.print(f"[green]Saved[/] {out}")
+
+
+def _first_process() -> bool:
+    """Whether this process speaks for the run: the only one, or rank 0 under torchrun."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _finetune_plan(recipe, resume: bool) -> Table:
