@@ -1,4 +1,4 @@
-"""Test-only patches that let Triton's interpreter run our kernels on CPU (stack.md §3.1, Triton 3.9).
+"""Test-only patches that let Triton's interpreter run our kernels on CPU (Triton 3.9).
 
 CPU machines have no GPU driver, so Triton kernels run only under `TRITON_INTERPRET=1`. The interpreter then
 (1) asks the absent driver to benchmark autotune configs, (2) hands loops plain Python ints where compiled
