@@ -217,9 +217,9 @@ def still_decode(
         chunk_size: C.
         topk: tokens of a chunk kept exact per head (1 <= topk <= C).
         scale: logit multiplier, default D ** -0.5.
-        softcap: if set, every softmax logit z becomes softcap * tanh(z / softcap) (Gemma 2); the new token's
-            saliency score is not capped. Every backend takes it: the "triton" step is the torch one with the
-            Triton top-k selection, which reads scores only.
+        softcap: if set, every softmax logit z becomes softcap * tanh(z / softcap) (Gemma 2); the saliency scores
+            of a chunk the step completes are not capped. Every backend takes it: the "triton" step is the torch
+            one with the Triton top-k selection, which reads scores only.
         eps: added to the denominator.
         backend: "reference", "torch", "triton" or None (see `resolve_backend`).
 
