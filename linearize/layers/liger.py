@@ -102,6 +102,7 @@ class LigerAttention(LinearizedAttention):
         else:
             o, recurrent_state = gated_linear_attention(
                 *linear, scale=1.0, initial_state=initial_state, output_final_state=state is not None,
+                backend=self.backend,
                 )  # fmt: skip
 
         if state is not None:

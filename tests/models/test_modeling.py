@@ -120,6 +120,25 @@ def test_padded_generation_equals_unpadded(method):
         assert together[row, 12:].tolist() == alone[0, len(prompt) :].tolist()
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_every_layer_hands_its_backend_option_to_its_ops(method, monkeypatch):
+    """A layer's `backend` (the runtime choice of kernels) reaches the ops of its prefill and of its decode steps:
+    a name no op knows makes each of them fail."""
+    from linearize.kernels.backend import BackendChoiceError
+
+    monkeypatch.delenv("LINEARIZE_BACKEND", raising=False)
+    model = converted_model("llama", method)
+    ids = torch.randint(3, 128, (1, 12))
+    with torch.no_grad():
+        cache = cache_of(model(ids[:, :-1], use_cache=True))
+        for layer in model.model.layers:
+            layer.self_attn.backend = "no-such-backend"
+        with pytest.raises(BackendChoiceError, match="no-such-backend"):
+            model(ids, use_cache=False)
+        with pytest.raises(BackendChoiceError, match="no-such-backend"):
+            model(ids[:, -1:], cache=cache, use_cache=True)
+
+
 def test_assisted_decoding_is_refused_by_name():
     model = converted_model("llama", "liger")
     prompt = torch.randint(3, 128, (1, 8))
