@@ -5,8 +5,9 @@ from torch.utils import _device
 
 @pytest.fixture(autouse=True)
 def nan_empty(monkeypatch):
-    """Fill float tensors from torch.empty / torch.empty_like with NaN, so reading uninitialised memory fails."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
+    """Fill float tensors from torch.empty, torch.empty_like and Tensor.new_empty with NaN, so reading uninitialised
+    memory fails."""
+    real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
 
     def poison(t: torch.Tensor) -> torch.Tensor:
         if t.is_floating_point():
@@ -19,3 +20,6 @@ def nan_empty(monkeypatch):
     _device._device_constructors()
     monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(real_empty(*args, **kwargs)))
     monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(real_empty_like(*args, **kwargs)))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *args, **kwargs: poison(real_new_empty(self, *args, **kwargs))
+    )
