@@ -66,6 +66,10 @@ CASES = {
     # GLA: gated, GQA 4/2, queries read the state entering their chunk
     "gla-T37-H4-HS2": dict(T=37, HQ=4, HS=2, HV=2, K=16, V=32, gate=True, mask=False, lag=0, normalizer=False),
     "gla-T19-K24-V80": dict(T=19, HQ=2, HS=1, HV=1, K=24, V=80, gate=True, mask=False, lag=0, normalizer=False),
+    # head dim 128: the state in two K and two V tiles of 64, carried over two chunk boundaries
+    "gla-T37-H2-HS1-K128-V128": dict(
+        T=37, HQ=2, HS=1, HV=1, K=128, V=128, gate=True, mask=False, lag=0, normalizer=False
+    ),
     # STILL: ungated, masked keys, normalizer, state heads per query head over fewer value heads, lag 1
     "still-T50-HS4-HV2": dict(T=50, HQ=4, HS=4, HV=2, K=32, V=16, gate=False, mask=True, lag=1, normalizer=True),
 }

@@ -28,6 +28,7 @@ SHAPES = {
     # Liger's window of 64 over more than one GLA chunk
     "T70-H4-Hkv2-D64-w64": (1, 70, 4, 2, 64, 0, 64, False),
     "T1-P5-H4-Hkv2-D16-w4-pad": (2, 1, 4, 2, 16, 5, 4, True),
+    "T5-P4-H2-Hkv1-D128-w6-pad": (2, 5, 2, 1, 128, 4, 6, True),
 }
 SHAPES_DEFAULT = "T37-P9-H4-Hkv2-D16-w12-pad"
 # (device, dtype, ratio of assert_close)

@@ -169,6 +169,25 @@ def test_decode_without_validity(config):
     assert_close("o", ref, o.cpu(), ratio=ratio)
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_decode_at_model_head_dims(config, D):
+    """The head dims of real models (one tile of the whole head): GQA, a window starting mid-block, invalid slots
+    holding NaN, and parts of 16 keys merged by the combine kernel."""
+    device, dtype, ratio = CONFIGS[config]
+    gen = torch.Generator().manual_seed(6)
+    B, H, Hkv, L = 2, 4, 2, 37
+    q, r = torch.randn(B, H, D, generator=gen).to(dtype), (0.3 * torch.randn(B, H, D, generator=gen)).to(dtype)
+    k_cache, v_cache = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
+    cache_valid = torch.rand(B, L, generator=gen) > 0.3
+    ref = naive_parallax_decode(*(x.double() for x in (q, r, k_cache, v_cache)), cache_valid, window=30)
+    k_cache, v_cache = (x.masked_fill(~cache_valid[:, :, None, None], float("nan")) for x in (k_cache, v_cache))
+    args = (x.to(device) for x in (q, r, k_cache, v_cache, cache_valid))
+    o = triton_parallax_decode(*args, window=30, block_n=16, split=16)
+    assert o.dtype == dtype
+    assert_close("o", ref, o.cpu(), ratio=ratio)
+
+
 @needs_triton_device
 def test_dispatchers(monkeypatch):
     """The "triton" backend without gradients (nothing saved for the backward) and a custom scale."""
