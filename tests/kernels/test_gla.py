@@ -110,11 +110,15 @@ def test_factorable_bounds_each_chunk():
     assert not factorable(_gates((1, 64, 1, 4), "decay-8"), 64)
 
 
-@pytest.mark.parametrize("path", ["reference", *PATHS])
+@pytest.mark.parametrize("path", ["reference", *PATHS, *FACTORED])
 def test_no_final_state(path):
-    fn = naive_recurrent_gla if path == "reference" else PATHS[path]
-    o, ht = fn(**_inputs("T37-H2-Hkv2-D64", "logsigmoid", True))
-    assert ht is None and o.shape == (2, 37, 2, 64)
+    """Without the final state: ht is None, and the output is the one computed with it."""
+    fn = {"reference": naive_recurrent_gla} | PATHS | FACTORED
+    x = _inputs("T37-H2-Hkv2-D64", "logsigmoid", True)
+    with torch.no_grad():
+        o, ht = fn[path](**x, scale=x["q"].shape[-1] ** -0.5)
+    assert ht is None
+    assert_close("o", _reference("T37-H2-Hkv2-D64", "logsigmoid", True)["o"], o)
 
 
 def _slice(inputs: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
