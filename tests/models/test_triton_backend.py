@@ -1,7 +1,7 @@
 """Converted models with every op forced to the Triton kernels (the interpreter on CPU) behave as on the torch
-path: same logits, and cached decoding still equals the full forward. Liger's prefill runs its Triton op (the GLA
-and window kernels) and its one-token steps the fused decode kernel; STILL's prefill runs its fused attention
-kernel."""
+path: same logits for a left-padded batch, and cached decoding still equals the full forward. Liger's prefill runs
+its Triton op (the GLA and window kernels) and its one-token steps the fused decode kernel; STILL's prefill runs its
+fused attention kernel."""
 
 import pytest
 import torch
@@ -32,13 +32,17 @@ def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
     monkeypatch.setattr(still_prefill, "still_fwd", lambda *a, **kw: still_kernel_calls.append(1) or still(*a, **kw))
     model = converted_model("qwen3", method).to(DEVICE)
     ids = torch.randint(3, 128, (2, 24), device=DEVICE)
+    # row 1 left-padded: the torch path gives each row what it gives the row alone (tests/models/test_modeling.py)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = ids[1, :7] = 0
+    real = mask.bool()
     with torch.no_grad():
-        expected = model(ids, use_cache=False).logits
+        expected = model(ids, attention_mask=mask, use_cache=False).logits
         monkeypatch.setenv("LINEARIZE_BACKEND", "triton")
-        full = model(ids, use_cache=False).logits
-        incremental, _ = decode_incrementally(model, ids, chunks=(13, 5))
-    torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-4)
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        incremental, _ = decode_incrementally(model, ids, mask, chunks=(13, 5))
+    torch.testing.assert_close(full[real], expected[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(incremental[real], full[real], rtol=1e-4, atol=1e-4)
     # Liger's one-token steps go through the fused decode kernel: 6 steps in each of the 2 layers; its prefills
     # (the full forward and the chunks of 13 and 5 tokens) through its Triton op
     assert len(decode_kernel_calls) == (12 if method == "liger" else 0)  # with sinks, two unfused ops
