@@ -3,7 +3,7 @@ import importlib
 import pytest
 import torch
 from linearize.kernels import resolve_backend
-from linearize.kernels.backend import SOFTCAP_NOT_IN_TRITON, softcap_unsupported
+from linearize.kernels.backend import SOFTCAP_NOT_IN_TRITON, outside_autocast, softcap_unsupported
 
 CPU = torch.device("cpu")
 
@@ -93,6 +93,8 @@ PUBLIC_OPS = [
 def test_every_public_op_runs_outside_autocast(folder, name):
     op = getattr(importlib.import_module(f"linearize.kernels.{folder}"), name)
     assert op.__wrapped__.__name__ == name
+    # the wrapper that `outside_autocast` makes, not just any decorator that keeps the name (as functools' do)
+    assert op.__code__ is outside_autocast(len).__code__
 
 
 def test_an_op_keeps_fp32_accumulation_under_autocast():
