@@ -158,7 +158,7 @@ def parse_auto(
     if not spec or not spec.startswith(AUTO_PREFIX):
         return None
     count = spec.removeprefix(AUTO_PREFIX)
-    if not count.isdigit():
+    if not count.isdecimal():  # isdigit() would pass '²', which int() refuses
         raise LinearizeError(
             f"{spell('softmax_layers')} '{spec}' is malformed: K in 'auto:K' is the number of layers to keep as "
             "softmax attention, a whole number from 0 (e.g. 'auto:4')"

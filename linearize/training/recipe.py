@@ -154,9 +154,12 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
 
     @model_validator(mode="after")
     def _settings_valid(self) -> ConversionSection:
+        from ..convert import check_softmax_layers
+
         if self.method in METHODS:
             try:
                 method_settings(self.method, spell=_recipe_key, **self.options())
+                check_softmax_layers(self.softmax_layers, spell=_recipe_key)  # the indices need the model's depth
                 request = self.selection_request()  # K, and the spread against K
             except LinearizeError as error:
                 raise ValueError(str(error)) from None

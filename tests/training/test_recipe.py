@@ -148,6 +148,20 @@ def test_auto_softmax_layers_are_checked(text, message):
         parse_recipe(MINIMAL + text)
 
 
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ("every:0", "'every:0' is malformed: N in 'every:N' must be a positive integer"),
+        ("0,x", r"'0,x' is malformed: 'x' is not a layer index; use a comma-separated list of layer indices \("),
+        ("1,²", "'1,²' is malformed: '²' is not a layer index"),
+        ("auto:²", "'auto:²' is malformed"),
+    ],
+)
+def test_malformed_softmax_layers_are_refused_before_the_model_is_known(layers, message):
+    with pytest.raises(RecipeError, match="conversion.softmax_layers " + message):
+        parse_recipe(MINIMAL, overrides=[f"conversion.softmax_layers={layers}"])
+
+
 def test_auto_softmax_layers_plan_every_layer_converted_until_scored():
     config = source_model("llama").config
     recipe = parse_recipe(MINIMAL + "conversion: {softmax_layers: auto:1, selection: {scorer: output, windows: 2}}\n")
