@@ -410,10 +410,21 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
             node[part] = value
         else:
             if isinstance(node, dict) and node.get(part) is None:
-                if parts[i + 1].isdigit():  # a list the recipe leaves to its default: there is no item to set
+                # a list the recipe leaves to its default has no item to set; any other key (a typo among them)
+                # becomes a section that validation names, with the nearest valid key
+                if parts[i + 1].isdigit() and _is_list_field(parts[: i + 1]):
                     _no_list_to_index(key, ".".join(parts[: i + 1]))
                 node[part] = {}
             node = node[part]
+
+
+def _is_list_field(parts: list[str]) -> bool:
+    """Whether the dotted path `parts` names a recipe field that holds a list (`stages`, `data.sources`, a stage's
+    `trainable`, which may also be null)."""
+    owner = _model_at(tuple(int(p) if p.isdigit() else p for p in parts))
+    field = owner.model_fields.get(parts[-1]) if owner else None
+    annotations = (field.annotation, *typing.get_args(field.annotation)) if field else ()
+    return any(typing.get_origin(a) is list for a in annotations)
 
 
 def _no_list_to_index(key: str, path: str) -> None:

@@ -204,6 +204,11 @@ def test_overrides():
             apply_overrides(yaml.safe_load(MINIMAL), [bad])
 
 
+def test_an_override_with_a_misspelt_list_key_names_the_nearest_valid_key():
+    with pytest.raises(RecipeError, match=r"stage: unknown key; did you mean 'stages'\?"):
+        parse_recipe(MINIMAL, overrides=["stage.0.epochs=2"])
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_template_of_every_method_is_a_valid_recipe(method):
     text = recipe_template(method)
