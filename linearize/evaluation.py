@@ -130,6 +130,7 @@ def evaluate_model(
     lm_eval_tasks: Sequence[str] = (),
     lm_eval_options: dict | None = None,
     step: Callable[[], None] | None = None,
+    text_ids: torch.Tensor | None = None,
 ) -> dict:
     """Everything `linearize eval` measures on one model.
 
@@ -141,13 +142,15 @@ def evaluate_model(
         lm_eval_tasks: lm-evaluation-harness task names (empty: skipped).
         lm_eval_options: more arguments of `run_lm_eval` (include_path, limit, batch_size).
         step: called after each unit of work (a perplexity window, a passkey trial, the lm-eval run).
+        text_ids: the windows of `text` as `text_windows` reads them with `tokenizer`, if already read (a caller
+            that checks the text before loading the model); None: read here.
 
     Returns:
         {"perplexity": {"value", "text", "context", "windows"}, "passkey": {...}, "lm_eval": {task: {metric: v}}}.
     """
     from .passkey import passkey_retrieval
 
-    ids = text_windows(text, tokenizer, context, windows)
+    ids = text_windows(text, tokenizer, context, windows) if text_ids is None else text_ids
     result = {
         "perplexity": {
             "value": perplexity_of_windows(model, ids, step),

@@ -296,6 +296,16 @@ def test_eval_cli_errors(folders, tmp_path):
     assert result.exit_code != 0 and "nowhere" in result.output and "Evaluating" not in result.output
 
 
+def test_eval_cli_reads_the_text_before_any_model_loads(folders, tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model loaded before the text was read")
+
+    monkeypatch.setattr("linearize.generation.load_for_inference", no_model)
+    options = ["--passkey-contexts", "none", "--no-record"]
+    result = runner.invoke(app, ["eval", str(folders[0]), "--text", str(tmp_path / "missing.txt"), *options])
+    assert result.exit_code == 1 and "missing.txt not found" in result.output
+
+
 def test_eval_cli_warns_where_the_model_folder_takes_no_record(folders, tmp_path, monkeypatch):
     """A read-only model store: the results are printed (and written to --json), the record is skipped with a
     warning, and a --json that names a folder is refused before any work."""

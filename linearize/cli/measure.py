@@ -91,7 +91,7 @@ def eval_command(
     """Perplexity, passkey retrieval and (optionally) lm-eval tasks for MODEL (default: the embedded SmolLM2) and the
     model it is compared with, side by side in one table."""
     from ..comparison import markdown_table
-    from ..evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model, same_vocabulary
+    from ..evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model, same_vocabulary, text_windows
     from ..generation import load_for_inference
     from ..passkey import check_contexts
     from ..sources import load_tokenizer, pick_device
@@ -113,6 +113,8 @@ def eval_command(
     tokenizers = [load_tokenizer(spec.source) for spec in specs]  # what is wrong before any model loads
     for tokenizer in tokenizers:
         check_contexts(tokenizer, contexts)
+    # a text that is missing or shorter than one window is named before any model loads, not after the first's
+    text_ids = [text_windows(text, tokenizer, context, windows) for tokenizer in tokenizers]
     same_tokens = same_vocabulary(tokenizers)
     if not same_tokens:
         console.print(
@@ -127,12 +129,12 @@ def eval_command(
     hide_library_bars(quiet)
     total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
     results = {}
-    for spec in specs:  # one model in memory at a time
+    for spec, ids in zip(specs, text_ids, strict=True):  # one model in memory at a time
         with spinner(f"Loading {spec.label}", quiet):
             loaded, tokenizer = load_for_inference(spec.source, device=device, dtype=dtype.value)
         with progress_bar(f"Evaluating {spec.label}", total, quiet) as step:
             results[spec.label] = evaluate_model(
-                loaded, tokenizer, text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step
+                loaded, tokenizer, text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step, ids
             )
         del loaded
     header, rows = eval_rows(results, same_tokens)
