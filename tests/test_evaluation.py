@@ -287,6 +287,9 @@ def test_eval_cli_errors(folders, tmp_path):
     assert "Evaluating" not in result.output
     result = runner.invoke(app, ["eval", str(src), "--lm-eval-limit", "5", "--no-record"])
     assert result.exit_code != 0 and "apply to --lm-eval tasks" in result.output
+    # lm-eval reads a limit below 1 as a fraction of the task: 0 would score no document, -3 nearly all
+    result = runner.invoke(app, ["eval", str(src), "--lm-eval", "arc_easy", "--lm-eval-limit", "0"])
+    assert result.exit_code == 2 and "--lm-eval-limit" in result.output
     (tmp_path / "short.txt").write_text("too short")
     options = ["--text", str(tmp_path / "short.txt"), "--passkey-contexts", "none", "--no-record"]
     result = runner.invoke(app, ["eval", str(src), *options])

@@ -78,7 +78,8 @@ def eval_command(
         ),
     ] = None,
     lm_eval_limit: Annotated[
-        int | None, typer.Option(help="At most this many documents per lm-eval task.", show_default=False)
+        int | None,
+        typer.Option(help="At most this many documents per lm-eval task.", min=1, show_default=False),
     ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the results to this JSON file.", show_default=False)
