@@ -61,9 +61,13 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> PasskeyPr
     if not 0.0 <= depth <= 1.0:
         raise LinearizeError(f"passkey depth must be between 0 and 1, got {depth}")
     fixed = sum(_length(tokenizer, part) for part in (INTRO, NEEDLE.format(key=key), QUESTION))
-    repeats = (context - fixed) // _length(tokenizer, FILLER)
+    filler = _length(tokenizer, FILLER)
+    repeats = (context - fixed) // filler
     if repeats < 1:
-        raise LinearizeError(f"passkey context {context} is too short: the instructions alone take {fixed} tokens")
+        raise LinearizeError(
+            f"passkey context {context} is too short: the instructions alone take {fixed} tokens and the filler "
+            f"around the key at least {filler} more; give a context of at least {fixed + filler} tokens"
+        )
     before = round(depth * repeats)
     text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (repeats - before) + QUESTION
     ids = tokenizer(text, return_tensors="pt").input_ids[0]

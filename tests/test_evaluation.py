@@ -114,8 +114,10 @@ def test_passkey_prompt_has_the_length_and_puts_the_needle_at_its_depth(tokenize
 
 
 def test_passkey_prompt_errors(tokenizer):
-    with pytest.raises(LinearizeError, match="too short"):
+    shortest = sum(map(len, (INTRO, NEEDLE.format(key="12345"), QUESTION, FILLER)))  # one token per character
+    with pytest.raises(LinearizeError, match=f"too short: .* give a context of at least {shortest} tokens"):
         passkey_prompt(tokenizer, 300, 0.5, "12345")
+    assert len(passkey_prompt(tokenizer, shortest, 0.5, "12345").ids) >= shortest
     with pytest.raises(LinearizeError, match="between 0 and 1"):
         passkey_prompt(tokenizer, 400, 1.5, "12345")
 
