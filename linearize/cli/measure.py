@@ -202,6 +202,8 @@ def bench(
     from ..sources import pick_device
 
     check_output_file(json_path, "--json", "results.json")
+    if plot is not None and no_plot:
+        raise LinearizeError(f"--plot {plot} asks for a plot and --no-plot for none; pass one of them")
     if plot is not None and plot.suffix.lower() not in ("", ".png"):
         raise LinearizeError(f"--plot {plot}: the plot is a PNG; give a path ending in .png (or none)")
     check_output_file(plot, "--plot", "bench.png")
