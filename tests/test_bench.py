@@ -176,6 +176,8 @@ def test_bench_cli_errors(tmp_path):
     assert result.exit_code != 0 and "give a path ending in .png" in result.output
     result = runner.invoke(app, ["bench", str(src), "--plot", str(tmp_path / "plot.png"), "--no-plot"])
     assert result.exit_code == 1 and "--no-plot for none; pass one of them" in " ".join(result.output.split())
+    result = runner.invoke(app, ["bench", str(src), "--ctx", "16,32,16"])
+    assert result.exit_code == 1 and "--ctx names 16 more than once" in result.output
     options = ["--ctx", "600", "--decode-tokens", "1", "--repeats", "1", "--no-plot", "--no-record"]
     result = runner.invoke(app, ["bench", str(src), *options])  # past the tiny model's 512 positions: measured
     shown = " ".join(result.output.split())

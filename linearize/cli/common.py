@@ -118,6 +118,10 @@ def int_list(value: str, option: str) -> list[int]:
         raise LinearizeError(f"{option} takes comma-separated token counts, e.g. 512,2048; got {value!r}") from None
     if any(n < 2 for n in numbers):
         raise LinearizeError(f"{option}: every length must be at least 2 tokens; got {value!r}")
+    # results are keyed by length: a repeated one would be measured twice and reported once
+    repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+    if repeated:
+        raise LinearizeError(f"{option} names {', '.join(map(str, repeated))} more than once; got {value!r}")
     return numbers
 
 
