@@ -187,5 +187,17 @@ def test_bench_cli_errors(tmp_path):
     )
 
 
+def test_bench_cli_interrupted_says_so_and_writes_nothing(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("linearize.benchmark.run_bench", interrupted)
+    src = source_folder(tmp_path / "src")
+    before = sorted(src.iterdir())
+    result = runner.invoke(app, ["bench", str(src), "--ctx", "16", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 130 and "interrupted; the results are written" in result.output
+    assert sorted(src.iterdir()) == before and not (tmp_path / "b.json").exists()
+
+
 def test_report_counts_agree_with_their_nouns():
     assert (counted(1, "run"), counted(3, "run"), counted(0, "trial")) == ("1 run", "3 runs", "0 trials")

@@ -37,7 +37,9 @@ OPTIONAL_MODEL_HELP = f"{MODEL_HELP} Omit it for the embedded SmolLM2."
     "  linearize eval smollm2-liger --text hf:wikitext:wikitext-2-raw-v1:test --json eval.json\n\n"
     "  linearize eval smollm2-liger --lm-eval hellaswag,arc_easy --lm-eval-limit 200",
 )
-@exits_on_error()
+@exits_on_error(
+    interrupted="interrupted; the results are written (--json, the record) only once every model is measured"
+)
 def eval_command(
     model: Annotated[str | None, typer.Argument(help=OPTIONAL_MODEL_HELP, show_default=False)] = None,
     against: Annotated[str | None, typer.Option(help=AGAINST_HELP, show_default=False)] = None,
@@ -156,7 +158,9 @@ def eval_command(
     "  linearize bench smollm2-liger --against embedded --ctx 512,2048,8192\n\n"
     "  linearize bench ./llama-1b-liger --device cuda --dtype bfloat16 --ctx 1024,4096,16384 --json bench.json",
 )
-@exits_on_error()
+@exits_on_error(
+    interrupted="interrupted; the results are written (--json, the record, the plot) only once every model is measured"
+)
 def bench(
     model: Annotated[str | None, typer.Argument(help=OPTIONAL_MODEL_HELP, show_default=False)] = None,
     against: Annotated[str | None, typer.Option(help=AGAINST_HELP, show_default=False)] = None,
