@@ -3,9 +3,10 @@
     python benchmarks/transfer_memory.py [--seq-len 1024] [--method liger]
 
 Each mode runs in a fresh process on the embedded model (fp32, CPU) with one sequence of `--seq-len` tokens and
-reports the process's peak resident memory (ru_maxrss) minus its resident memory after loading and converting the
-model, i.e. what the step itself added. Attention transfer back-propagates each layer's loss inside the forward
-pass, so it should sit near the forward pass, far below a step that back-propagates through the whole model.
+reports the process's peak resident memory during the step (ru_maxrss, its high-water mark reset once the model is
+loaded and converted) minus its resident memory then, i.e. what the step itself added. Attention transfer
+back-propagates each layer's loss inside the forward pass, so it should sit near the forward pass, far below a step
+that back-propagates through the whole model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 
 MODES = ("forward", "attention_transfer", "lora")
 
@@ -38,17 +40,30 @@ def run_mode(mode: str, seq_len: int, method: str) -> dict:
     del source
     model = get_peft_model(model.train(), LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj"]))
     ids = torch.randint(100, model.config.vocab_size, (1, seq_len))
+
+    def step() -> None:
+        if mode == "forward":
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        elif mode == "attention_transfer":
+            with AttentionTransfer(model, loss_scale=1.0):
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        else:
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    before, added = added_peak_mib(step)
+    return {"mode": mode, "baseline_mib": before, "added_mib": added}
+
+
+def added_peak_mib(step: Callable[[], None]) -> tuple[float, float]:
+    """The resident memory before `step` and the most that `step` added to it, in MiB. The peak is reset first:
+    the process's peak so far (loading the model) would otherwise stand in for any step that adds less."""
     before = _rss_mib()
-    if mode == "forward":
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    elif mode == "attention_transfer":
-        with AttentionTransfer(model, loss_scale=1.0):
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    else:
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident memory (VmHWM, which ru_maxrss reads) to the current one (Linux)
+    step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    return {"mode": mode, "baseline_mib": before, "added_mib": peak - before}
+    return before, peak - before
 
 
 def main() -> None:

@@ -146,6 +146,13 @@ def test_parallax_probe_order_reads_a_saved_folder(tmp_path, monkeypatch, capsys
     assert len(rows) == 2 + len(model.model.layers) and rows[-1].startswith("| mean |")  # a header, layers, mean
 
 
+def test_transfer_memory_counts_the_step_alone_not_an_earlier_peak():
+    spike = bytearray(256 * 2**20)  # an earlier peak above the step's, as loading the model makes (zeroed: resident)
+    del spike
+    added = _benchmark("transfer_memory").added_peak_mib(lambda: bytearray(64 * 2**20))[1]
+    assert 32 < added < 160
+
+
 @pytest.mark.embedded
 def test_speed_benchmark_converts_the_embedded_model():
     speed = _benchmark("speed_vs_original")
