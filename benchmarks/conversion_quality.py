@@ -1,8 +1,8 @@
 """One method's conversion quality, in one run: the model its recipe fine-tunes, next to the original, the
 training-free `swa` baseline and the controls trained like it, on held-out text and zero-shot tasks.
 
-    python benchmarks/conversion_quality.py --recipe recipes/smollm2-135m-liger.yaml --text held_out.txt \
-        --arc arc_easy_test.jsonl --hellaswag hellaswag_val.jsonl [--controls swa,swa-trained,lora]
+    python benchmarks/conversion_quality.py --recipe recipes/smollm2-135m-liger.yaml --text held_out.txt \\
+        --arc arc_easy_test.jsonl --hellaswag hellaswag_val.jsonl [--controls swa,swa-trained,lora] \\
         [--lm-eval-limit N] [--json out.json] [key=value ...]
 
 Models (each recipe run trains in its own folder unless a finished model is there; wall times are reported):

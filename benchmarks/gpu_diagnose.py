@@ -86,3 +86,7 @@ def sweep_configs(families: tuple[str, ...], rerun: Callable[[], dict], referenc
                 f"    {kernel.fn.__name__} {launch} w{config.num_warps} s{config.num_stages}{tuned}: {errors}",
                 flush=True,
             )
+
+
+if __name__ == "__main__":
+    sys.exit(f"{__file__} holds helpers of benchmarks/gpu_check.py, which is the script to run (see its --help)")

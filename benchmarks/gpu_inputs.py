@@ -1,6 +1,7 @@
 """The setup and the inputs of benchmarks/gpu_check.py: the shapes and values every op is checked and timed on,
 made as the layers make them (features, gates and decays in their ranges, fp32 where the layers keep fp32)."""
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -95,3 +96,7 @@ def parallax_inputs(s: Setup, T: int) -> dict[str, torch.Tensor]:
     H, Hkv, D = s.H, s.Hkv, s.D
     q, r = randn(s, 1, T, H, D), randn(s, 1, T, H, D, scale=PROBE)
     return {"q": q, "r": r, "k": randn(s, 1, T, Hkv, D), "v": randn(s, 1, T, Hkv, D)}
+
+
+if __name__ == "__main__":
+    sys.exit(f"{__file__} holds helpers of benchmarks/gpu_check.py, which is the script to run (see its --help)")

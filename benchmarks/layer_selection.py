@@ -1,8 +1,8 @@
 """Which layers to keep as softmax attention: `auto:K` with each scorer against `every:N` and K random layers, each
 after the same recipe, on held-out text.
 
-    python benchmarks/layer_selection.py --recipe recipes/smollm2-135m-liger.yaml --text wikitext2_valid.txt \
-        [--k 5] [--every 6] [--seed 0] [--variants auto-loss,auto-restore-spread,every,random] [--no-scoring-cost] \
+    python benchmarks/layer_selection.py --recipe recipes/smollm2-135m-liger.yaml --text wikitext2_valid.txt \\
+        [--k 5] [--every 6] [--seed 0] [--variants auto-loss,auto-output,every,random] [--no-scoring-cost] \\
         [--json out.json] [key=value ...]
 
 First (unless `--no-scoring-cost`) the cost of scoring: the recipe's conversion with every layer converted, scored

@@ -65,7 +65,7 @@ def probe_order(q, r, k, v, scale: float | None = None, window: int | None = Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a converted Parallax model folder (after fine-tuning)")
     parser.add_argument("--text", required=True, help="held-out text, as `linearize eval --text` reads it")
     parser.add_argument("--windows", type=int, default=2)

@@ -1,6 +1,8 @@
 """The benchmark scripts run (tiny smoke mode), so they do not rot between GPU sessions."""
 
+import ast
 import importlib.util
+import runpy
 import subprocess
 import sys
 import types
@@ -29,6 +31,28 @@ def test_gpu_check_smoke_runs():
     for path in ["sdpa causal", "liger (ours)", "still (ours)", "parallax (ours)", "swa (ours)"]:
         assert f" {path} " in result.stdout, path
     assert "decode sweep" in result.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda path: path.name)
+def test_help_of_a_benchmark_prints_its_docstring_as_written(path):
+    """A backslash that ends a usage line (a shell continuation) must be doubled, or Python joins the lines."""
+    source = path.read_text()
+    written = source.split('"""')[1]
+    assert ast.get_docstring(ast.parse(source), clean=False).count("\n") == written.count("\n")
+
+
+def test_parallax_probe_order_help_gives_its_usage_and_what_it_measures(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["parallax_probe_order.py", "--help"])
+    with pytest.raises(SystemExit):
+        _benchmark("parallax_probe_order").main()
+    shown = capsys.readouterr().out
+    assert "python benchmarks/parallax_probe_order.py MODEL_FOLDER --text" in shown and "second-order share" in shown
+
+
+@pytest.mark.parametrize("name", ["gpu_diagnose", "gpu_inputs"])
+def test_a_helper_module_run_as_a_script_names_the_script_to_run(name):
+    with pytest.raises(SystemExit, match="helpers of benchmarks/gpu_check.py"):
+        runpy.run_path(str(ROOT / "benchmarks" / f"{name}.py"), run_name="__main__")
 
 
 def _benchmark(name: str):
