@@ -4,12 +4,12 @@ Markdown tables, and the results recorded into a model folder (which `linearize 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import sources
 from .errors import LinearizeError
+from .outputs import write_file
 
 EMBEDDED = "embedded"
 
@@ -98,15 +98,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_json(path: Path, payload: dict) -> Path:
     """Write `payload` to `path` whole or not at all: `push` reads these records into model cards."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        partial.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return write_file(path, json.dumps(payload, indent=2) + "\n")
 
 
 def record(spec: ModelSpec, name: str, payload: dict) -> Path | None:

@@ -112,6 +112,20 @@ def replaced_when_done(out: Path, force: bool = False) -> Iterator[None]:
         _remove(retired)
 
 
+def write_file(path: Path, text: str) -> Path:
+    """Write `text` to `path` whole or not at all: a hidden sibling replaces it once complete, so that a full disk
+    or Ctrl-C leaves the earlier file as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
 def _follow_umask(folder: Path) -> None:
     """Give the files in `folder` the mode the umask gives new files: writers that stage through a temporary file
     (transformers' safetensors save) leave theirs at 0600, which teammates on a shared machine cannot read. Best

@@ -17,7 +17,7 @@ from .common import METHOD_HELP, Method, app, console, exits_on_error, spinner
 
 @app.command(
     epilog="Examples:\n\n"
-    "  linearize recipe init --method liger > liger.yaml\n\n"
+    "  linearize recipe init --method liger -o liger.yaml\n\n"
     "  linearize finetune liger.yaml                          # one process\n\n"
     "  linearize finetune liger.yaml stages.1.epochs=2 training.grad_accum=4\n\n"
     "  torchrun --nproc_per_node 2 -m linearize finetune liger.yaml   # data parallel"
@@ -194,11 +194,27 @@ app.add_typer(recipe_app, name="recipe")
 @exits_on_error()
 def recipe_init(
     method: Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)] = "liger",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the recipe to this file instead of printing it (an existing file is kept unless --force).",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the --output file if it exists.")] = False,
 ) -> None:
-    """Print a commented starting recipe for METHOD (redirect it to a file)."""
-    from ..training.recipe import recipe_template
+    """Print a commented starting recipe for METHOD, or write it to a file (-o)."""
+    from ..training.recipe import recipe_template, write_recipe_template
 
-    print(recipe_template(method.value), end="")
+    if output is None:
+        if force:
+            raise LinearizeError("--force replaces the --output file; add -o FILE, or leave --force out")
+        print(recipe_template(method.value), end="")
+        return
+    written = write_recipe_template(output, method.value, force)
+    console.print(f"[green]Wrote[/] {written}; edit it, then run `linearize finetune {written}`", highlight=False)
 
 
 @recipe_app.command("validate")

@@ -612,3 +612,17 @@ def recipe_template(method: str) -> str:
     transfer = _TRANSFER_STAGE.format(trainable="new" if spec.adds_parameters else "lora")
     lora = _LORA_STAGE.format(trainable="lora", optimizer="{name: adamw, lr: 0.001}")
     return _TEMPLATE.format(method=method, options=options, stages=transfer + lora)
+
+
+def write_recipe_template(path: str | Path, method: str, force: bool = False) -> Path:
+    """Write `recipe_template(method)` to `path`, whole or not at all. An existing file, most likely a recipe
+    edited since, is kept unless `force`."""
+    from ..outputs import check_writable, write_file
+
+    path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"'{path}' is a folder; give the recipe file's path, e.g. {path / f'{method}.yaml'}")
+    if path.exists() and not force:
+        raise RecipeError(f"'{path}' already exists; choose another path, or pass --force to replace it")
+    check_writable(path, what="recipe file")
+    return write_file(path, recipe_template(method))

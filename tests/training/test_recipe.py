@@ -17,6 +17,7 @@ from linearize.training.recipe import (
     parse_recipe,
     recipe_template,
     resolved_yaml,
+    write_recipe_template,
 )
 from tests.tiny import converted_model, source_model
 
@@ -221,6 +222,18 @@ def test_template_of_every_method_is_a_valid_recipe(method):
         assert [(s.kind, s.trainable) for s in recipe.stages] == [("lora", ["lora", "new"])]
     else:
         assert [s.kind for s in recipe.stages] == ["attention_transfer", "lora"]
+
+
+def test_a_written_template_keeps_an_existing_file_unless_forced(tmp_path):
+    path = write_recipe_template(tmp_path / "new" / "still.yaml", "still")
+    assert load_recipe(path).conversion.method == "still" and [p.name for p in path.parent.iterdir()] == [path.name]
+    path.write_text("# my edits")
+    with pytest.raises(RecipeError, match="still.yaml' already exists; choose another path, or pass --force"):
+        write_recipe_template(path, "liger")
+    assert path.read_text() == "# my edits"
+    assert load_recipe(write_recipe_template(path, "liger", force=True)).conversion.method == "liger"
+    with pytest.raises(RecipeError, match="is a folder; give the recipe file's path"):
+        write_recipe_template(tmp_path, "liger", force=True)
 
 
 def test_resolved_yaml_round_trips_and_hash_ignores_the_output_folder():
