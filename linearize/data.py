@@ -265,10 +265,13 @@ def _documents(source: DataSource, tokenizer, template: str) -> Iterator[tuple[D
         yield from _from_records(_dataset_records(source), source, tokenizer, template)
     else:
         for path in data_files(source.path):
-            if path.suffix.lower() in TEXT_SUFFIXES:
-                yield from _from_texts([_read_text(path)], source, str(path))
-            else:
-                yield from _from_records(_file_records(path), source, tokenizer, template)
+            try:
+                if path.suffix.lower() in TEXT_SUFFIXES:
+                    yield from _from_texts([_read_text(path)], source, str(path))
+                else:
+                    yield from _from_records(_file_records(path), source, tokenizer, template)
+            except OSError as error:  # a file without read permission, an I/O error
+                raise DataError(f"cannot read {path}: {error.strerror or error}; check that it is readable") from None
 
 
 def _from_texts(texts: Iterable[str], source: DataSource, where: str) -> Iterator[tuple[Document, str]]:

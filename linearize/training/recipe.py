@@ -522,6 +522,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             f"{error.start} cannot be decoded): a recipe is a YAML text file; check the path, or start from "
             "`linearize recipe init`"
         ) from None
+    except OSError as error:  # no read permission, an I/O error
+        raise RecipeError(
+            f"cannot read recipe file '{path}': {error.strerror or error}; check that it is readable"
+        ) from None
     return parse_recipe(text, str(path), overrides)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from linearize.data import IGNORE_INDEX, DataSource, builtin_documents
+from linearize.data import IGNORE_INDEX, DataError, DataSource, builtin_documents
 from linearize.errors import LinearizeError
 from linearize.training.data import DataConfig, load_data
 
@@ -180,6 +180,13 @@ def test_a_byte_order_mark_is_not_text(tmp_path, tokenizer):
     (tmp_path / "b.txt").write_text("second", encoding="utf-8-sig")
     data = load(tokenizer, DataSource(path=str(tmp_path / "*")), seq_len=3)
     assert_packed(data.train, tokenizer, [[("first</s>", True)], [("second</s>", True)]], 3)
+
+
+@pytest.mark.parametrize("name", ["locked.txt", "locked.jsonl"])
+def test_an_unreadable_file_is_named(name, tmp_path, tokenizer, unreadable_locked):
+    (tmp_path / name).write_text('{"text": "words"}\n')
+    with pytest.raises(DataError, match=f"cannot read {tmp_path / name}: Permission denied; check that it is readable"):
+        load(tokenizer, DataSource(path=str(tmp_path / name)))
 
 
 def test_json_list_and_max_documents(tmp_path, tokenizer):

@@ -88,6 +88,12 @@ def test_missing_recipe_file(tmp_path):
         load_recipe(tmp_path)
 
 
+def test_an_unreadable_recipe_file_is_named(tmp_path, unreadable_locked):
+    (tmp_path / "locked.yaml").write_text(MINIMAL)
+    with pytest.raises(RecipeError, match="cannot read recipe file '.*locked.yaml': Permission denied; check that it"):
+        load_recipe(tmp_path / "locked.yaml")
+
+
 def test_stages_are_required():
     with pytest.raises(RecipeError, match="stages"):
         parse_recipe("model: {dtype: float32}\n")
