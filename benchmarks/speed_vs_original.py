@@ -22,6 +22,7 @@ import torch
 
 from linearize import sources
 from linearize.benchmark import run_bench
+from linearize.comparison import counted
 from linearize.convert import convert_model, plan_conversion
 
 
@@ -69,8 +70,8 @@ def main() -> None:
         torch.set_num_threads(threads)
         result = run_bench(models, contexts, args.decode_tokens, args.repeats)
         results.append(result)
-        print(f"\n{threads} thread{'s' * (threads != 1)}, median of {args.repeats} prefills and of "
-              f"{args.repeats} decode runs of {args.decode_tokens} steps")  # fmt: skip
+        print(f"\n{counted(threads, 'thread')}, median of {counted(args.repeats, 'prefill')} and of "
+              f"{counted(args.repeats, 'decode run')} of {counted(args.decode_tokens, 'step')}")  # fmt: skip
         print("\n".join(ratio_rows(result, methods)), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -264,10 +264,13 @@ def _ratio(values: list, runs: list[list[float] | None]) -> str:
 
 
 def plot_bench(result: dict, path: Path) -> Path:
-    """Write a PNG: prefill tokens/s, decode ms/token and cache MiB against context (log2 x), one line per model.
+    """Write a PNG, whole or not at all: prefill tokens/s, decode ms/token and cache MiB against context (log2 x), one
+    line per model.
 
     Needs matplotlib (`pip install matplotlib`); uses the Agg backend, so no display is needed."""
     import matplotlib
+
+    from .outputs import file_written_whole
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -295,8 +298,9 @@ def plot_bench(result: dict, path: Path) -> Path:
     axes[0].legend()
     threads = f"{result['threads']} thread" + "s" * (result["threads"] != 1)
     figure.suptitle(f"{' vs '.join(result['models'])} on {result['device']} ({threads})")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    try:
+        with file_written_whole(path) as partial:
+            figure.savefig(partial, dpi=120, format="png")
+    finally:
+        plt.close(figure)
+    return Path(path)

@@ -112,18 +112,25 @@ def replaced_when_done(out: Path, force: bool = False) -> Iterator[None]:
         _remove(retired)
 
 
-def write_file(path: Path, text: str) -> Path:
-    """Write `text` to `path` whole or not at all: a hidden sibling replaces it once complete, so that a full disk
-    or Ctrl-C leaves the earlier file as it was."""
+@contextmanager
+def file_written_whole(path: Path) -> Iterator[Path]:
+    """Yield a hidden sibling of `path` to write; it replaces `path` once the body has finished, so that a full disk,
+    an error or Ctrl-C leaves the earlier file as it was (and no partial one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        partial.write_text(text)
+        yield partial
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    return path
+
+
+def write_file(path: Path, text: str) -> Path:
+    """Write `text` to `path` whole or not at all (`file_written_whole`)."""
+    with file_written_whole(path) as partial:
+        partial.write_text(text)
+    return Path(path)
 
 
 def _follow_umask(folder: Path) -> None:

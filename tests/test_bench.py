@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,25 @@ def test_plot_is_a_png(result, tmp_path):
 
     path = plot_bench(result, tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_a_plot_that_fails_halfway_keeps_the_earlier_one(result, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from linearize.benchmark import plot_bench
+
+    path = plot_bench(result, tmp_path / "plot.png")
+    earlier = path.read_bytes()
+
+    def interrupted_halfway(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(earlier[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        plot_bench(result, path)
+    assert path.read_bytes() == earlier and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_bench_cli_writes_table_json_record_and_plot(tmp_path, monkeypatch):
