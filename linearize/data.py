@@ -444,7 +444,9 @@ def _from_records(
                 f"{why}): a source holds one format; put records of another format in a source of their own"
             )
         if fmt == "text":
-            yield Document([(_string(record, source.text_field, where), True)]), fmt
+            text = _string(record, source.text_field, where)
+            if text.strip():  # a blank record (WikiText's empty rows) would be a lone EOS, as a blank file would
+                yield Document([(text, True)]), fmt
         elif fmt == "instruction":
             yield _instruction(record, where, template), fmt
         else:

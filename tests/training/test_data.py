@@ -101,6 +101,15 @@ def test_text_files_of_a_glob_are_packed_in_order_all_trained(tmp_path, tokenize
     assert any("2 documents (text)" in note for note in data.notes)
 
 
+def test_blank_text_records_are_no_documents(tmp_path, tokenizer):
+    """As blank files are not: WikiText's empty rows would each add a lone EOS (after a BOS: a trained BOS -> EOS)
+    and count as documents for the held-out share."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "abc"}, {"text": ""}, {"text": " \n"}, {"text": "de"}])
+    data = load(tokenizer, DataSource(path=path), seq_len=3)
+    assert_packed(data.train, tokenizer, [[("abc</s>", True)], [("de</s>", True)]], 3)
+    assert any("2 documents (text)" in note for note in data.notes)
+
+
 def test_instruction_records_train_only_the_response_and_eos(tmp_path, tokenizer):
     path = write_jsonl(
         tmp_path / "alpaca.jsonl",
