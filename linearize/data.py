@@ -5,9 +5,9 @@ package for offline fine-tuning and perplexity; corpus/README.md says where each
 under which licence). Every source yields documents (`read_documents`); a document is a list of text segments, each
 marked trained or not (the prompt of an instruction record or the user turns of a conversation are not).
 `pack_documents` tokenizes documents, concatenates them in order, each opened with BOS where the tokenizer puts one
-before a text and closed with EOS where it is a text or instruction document, and cuts the result into `seq_len`
-packs. Each pack carries position ids that restart at every document (and at
-the pack's start), transformers' convention for packed rows: the model then keeps the documents apart, so no
+before a text and closed with one EOS where it is a text or instruction document (none is added to one that ends
+with it), and cuts the result into `seq_len` packs. Each pack carries position ids that restart at every document
+(and at the pack's start), transformers' convention for packed rows: the model then keeps the documents apart, so no
 attention or recurrent state carries one document into the next. Labels are unshifted (the model shifts them) and
 -100 where no loss is taken.
 """
@@ -201,7 +201,8 @@ def pack_documents(
                 labels.append(IGNORE_INDEX)  # a marker, not text to learn
             ids += segment
             labels += segment if trained else [IGNORE_INDEX] * len(segment)
-        if doc.eos:
+        # data prepared for other trainers often ends each text with the EOS token's text already
+        if doc.eos and (len(ids) == starts[-1] or ids[-1] != tokenizer.eos_token_id):
             ids.append(tokenizer.eos_token_id)
             labels.append(tokenizer.eos_token_id)
     packs = len(ids) // seq_len

@@ -110,6 +110,17 @@ def test_blank_text_records_are_no_documents(tmp_path, tokenizer):
     assert any("2 documents (text)" in note for note in data.notes)
 
 
+def test_a_document_that_ends_with_eos_gets_no_second_one(tmp_path, tokenizer):
+    """Data prepared for other trainers often appends the EOS token's text to each text or response: EOS once, not an
+    EOS trained to follow an EOS."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "abc</s>"}, {"text": "de"}])
+    documents = [[("abc</s>", True)], [("de</s>", True)]]
+    assert_packed(load(tokenizer, DataSource(path=path), seq_len=3).train, tokenizer, documents, 3)
+    path = write_jsonl(tmp_path / "i.jsonl", [{"instruction": "Hi", "output": "Yo</s>"}] * 2)
+    data = load(tokenizer, DataSource(path=path), seq_len=16)
+    assert_packed(data.train, tokenizer, [[(ALPACA.format("Hi"), False), ("Yo</s>", True)]] * 2, 16)
+
+
 def test_instruction_records_train_only_the_response_and_eos(tmp_path, tokenizer):
     path = write_jsonl(
         tmp_path / "alpaca.jsonl",
