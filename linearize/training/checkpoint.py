@@ -22,7 +22,14 @@ from safetensors.torch import load_file, save_file
 from ..errors import LinearizeError
 from ..outputs import atomic_folder, check_writable, delete_folder
 from ..publish import RECIPE_FILE  # the run's resolved recipe, under the name its model folder has it
-from .fingerprints import PACKING, bookkeeping_keys, legacy_recipe_hash, recipe_differences, recipe_hash
+from .fingerprints import (
+    PACKING,
+    PACKING_CHANGES,
+    bookkeeping_keys,
+    legacy_recipe_hash,
+    recipe_differences,
+    recipe_hash,
+)
 from .recipe import Recipe, load_recipe
 
 STATE_FILE = "trainer_state.json"
@@ -201,11 +208,12 @@ def check_resumable(
     saved, now = state.get("data"), data_fingerprint  # saved: absent if written before it was kept
     if now is None or saved is None or all(saved[key] == now[key] for key in ("train_packs", "sha256")):
         return  # the same packs, whatever the packing version that made them
-    if saved.get("packing") != PACKING:
+    if (version := saved.get("packing", 1)) != PACKING:
+        since = "; ".join(change for v, change in PACKING_CHANGES.items() if v > version)
         raise LinearizeError(
-            f"checkpoint {checkpoint} was written by an earlier linearize, which packed documents differently (their "
-            "first tokens were targets, and no BOS opened them): the run cannot continue with this version's data; "
-            "finish it with the version that started it, or start again in another output.dir"
+            f"checkpoint {checkpoint} was written by an earlier linearize, which packed documents differently (since "
+            f"then {since}): the run cannot continue with this version's data; finish it with the version that "
+            "started it, or start again in another output.dir"
         )
     raise LinearizeError(
         f"checkpoint {checkpoint} was trained on other packed data ({saved['train_packs']} training packs, now "

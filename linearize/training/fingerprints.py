@@ -95,9 +95,13 @@ def _sections(fields, keys: list[str]) -> list[dict]:
     return [section for child in children for section in _sections(child, rest)]
 
 
-# How `linearize.data.pack_documents` lays documents out, recorded with a checkpoint's data: 2 since no document's
-# first token is a target and documents open with their tokenizer's BOS (1: before, recorded as no version).
-PACKING = 2
+# How `linearize.data.pack_documents` lays documents out, recorded with a checkpoint's data (1: recorded as no
+# version), and what each version changed, which a refused checkpoint of an earlier version is told.
+PACKING = 3
+PACKING_CHANGES = {
+    2: "no document's first token is a target, and documents open with their tokenizer's BOS",
+    3: "blank text records are no documents, and a document that ends with EOS gets no second one",
+}
 
 
 def data_fingerprint(data: FinetuneData) -> dict[str, Any]:

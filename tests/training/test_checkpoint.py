@@ -159,6 +159,11 @@ def test_resume_refuses_changed_data(workspace, tmp_path, monkeypatch):
     result = invoke("finetune", recipe, data, "--resume")
     message = " ".join(result.output.split())
     assert result.exit_code == 1 and "by an earlier linearize, which packed documents differently" in message
+    assert "first token is a target" in message and "gets no second one" in message
+    saved["data"]["packing"] = 2  # one version back: only what changed since is named
+    state.write_text(json.dumps(saved))
+    message = " ".join(invoke("finetune", recipe, data, "--resume", "--dry-run").output.split())
+    assert "(since then blank text records are no documents, and a document that ends with EOS gets" in message
 
 
 def test_resumed_run_logs_every_step_once(workspace, tmp_path, monkeypatch):
