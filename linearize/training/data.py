@@ -104,8 +104,11 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
     train_docs = [d for i, d in enumerate(documents) if i not in held]
     held_docs = [d for i, d in enumerate(documents) if i in held]  # both keep the sources' order
     if not train_docs:
+        # lowering a fraction cannot help: any positive one holds out a document (the only one of a single text)
+        fix = "set held_out: 0" if isinstance(config.held_out, float) else "lower held_out"
         raise DataError(
-            f"all {len(documents)} documents are held out (held_out={config.held_out}); lower held_out or add data"
+            f"the data has {counted(len(documents), 'document')}, all held out (held_out={config.held_out}); {fix} "
+            "or add documents"
         )
 
     train = pack_documents(train_docs, tokenizer, config.seq_len, "training", config.document_boundaries)

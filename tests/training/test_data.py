@@ -303,8 +303,13 @@ def test_held_out_count_and_a_tiny_fraction_hold_out_at_least_one(tmp_path, toke
 
 def test_held_out_errors(tmp_path, tokenizer):
     source = numbered_documents(tmp_path, count=4)
-    with pytest.raises(LinearizeError, match="all 4 documents are held out"):
+    with pytest.raises(LinearizeError, match=r"has 4 documents, all held out \(held_out=4\); lower held_out"):
         load(tokenizer, source, seq_len=6, held_out=4)
+    # one long text: a positive fraction holds out at least one document, so only 0 can train on it
+    one = DataSource(path=write_jsonl(tmp_path / "book.jsonl", [{"text": "a" * 599}]))
+    with pytest.raises(LinearizeError, match=r"has 1 document, all held out \(held_out=0.01\); set held_out: 0"):
+        load(tokenizer, one, seq_len=6, held_out=0.01)
+    assert len(load(tokenizer, one, seq_len=6, held_out=0).train) == 100
     with pytest.raises(LinearizeError, match=r"held-out data has 6 tokens, fewer than one pack of seq_len=12"):
         load(tokenizer, source, seq_len=12, held_out=1)
 

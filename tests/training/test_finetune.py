@@ -291,7 +291,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
     assert result.exit_code == 0 and "train: 10 documents -> 31 packs of 32 tokens" in shown
     assert "15 steps (1 epoch)" in shown  # 31 packs, 2 a step
     for bad, message in (
-        ("data.held_out=12", "all 12 documents are held out"),
+        ("data.held_out=12", "has 12 documents, all held out"),
         ("training.grad_accum=64", "fewer than one optimizer step uses"),
     ):
         result = invoke("finetune", recipe, "--dry-run", "stages.1.max_steps=null", "training.micro_batch_size=8", bad)
