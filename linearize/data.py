@@ -138,6 +138,7 @@ class PackedSequences(torch.utils.data.Dataset):
     input_ids: torch.Tensor  # [N, seq_len]
     labels: torch.Tensor  # [N, seq_len]; input_ids where trained, IGNORE_INDEX elsewhere
     position_ids: torch.Tensor | None = None  # [N, seq_len]; restarting at 0 where a document starts
+    left_out: int = 0  # tokens after the last full pack, which no pack holds
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -212,7 +213,7 @@ def pack_documents(
             "add data, lower seq_len" + (" or hold out more documents" if name == "held-out" else ""),
             len(ids),
         )
-    size = packs * seq_len  # the trailing partial pack is dropped
+    size = packs * seq_len  # the trailing partial pack is left out (`left_out`): every pack is full
     position_ids = None
     if boundaries:
         for start in starts[1:]:  # labels are unshifted: this is the target of the position before
@@ -227,6 +228,7 @@ def pack_documents(
         torch.tensor(ids[:size], dtype=torch.long).view(packs, seq_len),
         torch.tensor(labels[:size], dtype=torch.long).view(packs, seq_len),
         position_ids,
+        len(ids) - size,
     )
 
 

@@ -139,13 +139,13 @@ def _packs_without_targets(packs: PackedSequences) -> int:
 
 
 def _describe(name: str, documents: int, packs: PackedSequences, use: str) -> str:
-    """'train: 12 documents -> 30 packs of 512 tokens (15360 tokens, 98% trained)': `use` is what the loss does with
-    the tokens it counts (trained, or scored when held out)."""
+    """'train: 12 documents -> 30 packs of 512 tokens (15360 tokens, 98% trained; the last 211, short of a pack,
+    left out)': `use` is what the loss does with the tokens it counts (trained, or scored when held out)."""
     share = packs.num_trained_tokens / packs.num_tokens
+    tail = f"; the last {packs.left_out}, short of a pack, left out" if packs.left_out else ""
     return (
         f"{name}: {counted(documents, 'document')} -> {counted(len(packs), 'pack')} of {packs.input_ids.shape[1]} "
-        "tokens "
-        f"({packs.num_tokens} tokens, {share:.0%} {use})"
+        f"tokens ({packs.num_tokens} tokens, {share:.0%} {use}{tail})"
     )
 
 

@@ -253,7 +253,12 @@ class StageSection(_Strict):
         description="what trains: 'new' (parameters the method adds) and/or 'lora'; default ['new'] for "
         "attention_transfer, ['lora'] for lora",
     )
-    epochs: float = Field(1.0, gt=0, description="passes over the training data (fractions allowed)")
+    epochs: float = Field(
+        1.0,
+        gt=0,
+        description="passes over the training data (fractions allowed), each in whole optimizer steps: packs short "
+        "of one step are left out of an epoch, others each epoch",
+    )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)

@@ -99,6 +99,8 @@ def test_text_files_of_a_glob_are_packed_in_order_all_trained(tmp_path, tokenize
     assert data.train.num_trained_tokens == data.train.num_tokens - 1 == len(data.train) * 7 - 1  # second's 's'
     assert len(data.held_out) == 0 and data.held_out.input_ids.shape == (0, 7)
     assert any("2 documents (text)" in note for note in data.notes)
+    note = "train: 2 documents -> 6 packs of 7 tokens (42 tokens, 98% trained; the last 6, short of a pack, left out)"
+    assert note in data.notes  # 48 tokens: 6 full packs, and the tail the log names
 
 
 def test_blank_text_records_are_no_documents(tmp_path, tokenizer):
