@@ -19,12 +19,14 @@ from typer.testing import CliRunner
 
 import linearize.sources  # (importing linearize registers the converted model class with the Auto classes)
 from linearize.cli import app
-from linearize.data import DataSource
+from linearize.data import DataSource, PackedSequences
 from linearize.training import trainer as trainer_module
 from linearize.training.checkpoint import list_checkpoints
-from linearize.training.data import DataConfig, load_data
+from linearize.training.checks import stage_steps
+from linearize.training.data import DataConfig, FinetuneData, load_data
+from linearize.training.distributed import World
 from linearize.training.optim import build_optimizers, lr_factor
-from linearize.training.recipe import OptimizerSection, ScheduleSection
+from linearize.training.recipe import OptimizerSection, ScheduleSection, StageSection, TrainingSection
 from tests.tiny import FAMILIES, attention_projections, source_folder, tiny_tokenizer
 from tests.training.runs import RECIPE, instruction_file, invoke, metrics, trained, write_recipe
 
@@ -436,6 +438,35 @@ def test_bf16_autocast_trains_fp32_weights_to_nearly_the_fp32_losses(workspace, 
     assert runs["bfloat16"] != runs["null"]  # autocast did run in bfloat16
     saved = load_file(tmp_path / "bfloat16" / "run" / "model" / "model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
+
+
+def test_every_epoch_shares_whole_steps_of_a_seeded_order_across_processes():
+    """23 packs, 8 a step (2 x 2 x 2 processes): each epoch's two steps give every pack of 16 to one process once,
+    the 7 left are other packs each epoch, and the batches depend on (seed, stage, epoch, step) alone, so a resumed
+    run or another process computes the same ones."""
+    packs = 23
+    ids = torch.arange(packs)[:, None].expand(-1, 4)  # [23, 4]: each pack's tokens are its index
+    training = TrainingSection(micro_batch_size=2, grad_accum=2, seed=3)
+    steps, per_epoch = stage_steps(StageSection(kind="lora", epochs=3), packs, training, 2)
+    assert (steps, per_epoch) == (6, 16)
+
+    def trainer(rank: int) -> trainer_module.Trainer:  # only what the data order reads: no model, no data files
+        made = object.__new__(trainer_module.Trainer)
+        made.config, made.world, made._orders = training, World(rank=rank, size=2), {}
+        made.data = FinetuneData(PackedSequences(ids, ids.clone()), PackedSequences(ids[:0], ids[:0]), [], [])
+        return made
+
+    def packs_of(made: trainer_module.Trainer, step: int) -> list[int]:
+        return [int(i) for m in range(2) for i in made.micro_batch(0, step, m, per_epoch)["input_ids"][:, 0]]
+
+    processes, left_out = [trainer(0), trainer(1)], []
+    for epoch in range(3):
+        visited = [p for step in (2 * epoch, 2 * epoch + 1) for made in processes for p in packs_of(made, step)]
+        assert len(visited) == len(set(visited)) == 16
+        left_out.append(set(range(packs)) - set(visited))
+    assert len({frozenset(s) for s in left_out}) == 3
+    resumed = trainer(1)  # built afresh at step 3, as a resumed run is
+    assert packs_of(resumed, 3) == packs_of(processes[1], 3)
 
 
 @pytest.mark.parametrize(("strategy", "data"), [("ddp", "text"), ("fsdp", "instructions")])
