@@ -232,7 +232,9 @@ def rowwise_parallax_attention(
     def rows(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [B, Hkv, T * G, D]: a block of tokens is a slice
         return x.to(dtype).view(B, T, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, T * G, D)
 
-    qq, rr = rows(q * scale), rows(r)
+    # scaled after the upcast: a half-precision q * scale would round every query again (unless scale is a power
+    # of two), up to 10x the bf16 output error with peaked scores at D = 128
+    qq, rr = rows(q) * scale, rows(r)
     out = q.new_empty(B, Hkv, T * G, D, dtype=dtype)
     step = max(1, min(block_size, block_logits // (B * H * window)))
     for i0 in range(0, T, step):
