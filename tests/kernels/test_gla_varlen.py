@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from linearize.kernels.gla import chunk_gla, fused_recurrent_gla, gated_linear_attention, naive_recurrent_gla
 
-from tests.kernels._close import assert_close
+from tests.kernels._close import BF16_RATIO, assert_close
 from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE, needs_triton_device
 
 # odd lengths: a 1-token sequence, sequences ending mid-chunk, one spanning three 16-token chunks
@@ -112,6 +112,21 @@ PATHS = {
 def test_torch_paths_match_separate_sequences(path, lengths_id, gate, with_state):
     fn = PATHS[path](LENGTHS[lengths_id])
     _check(_run(fn, _inputs(lengths_id, gate, with_state)), _reference(lengths_id, gate, with_state))
+
+
+def test_torch_bf16_inputs():
+    """bf16 activations, the log decay and the initial states fp32: outputs and every gradient within `BF16_RATIO`
+    of the oracle on the same inputs in fp32, the fp32 final states within fp32 rounding."""
+    x = {
+        name: t.bfloat16() if name in ("q", "k", "v") else t
+        for name, t in _inputs("1-17-5-33", "logsigmoid", True).items()
+    }
+    ref = _run(_separately(LENGTHS["1-17-5-33"]), {name: t.float() for name, t in x.items()})
+    out = _run(PATHS["torch"](LENGTHS["1-17-5-33"]), x)
+    assert out.keys() == ref.keys()
+    for name in ref:
+        assert out[name].dtype == (torch.bfloat16 if name in ("o", "dq", "dk", "dv") else torch.float32), name
+        assert_close(name, ref[name], out[name].float(), ratio=1e-4 if name == "ht" else BF16_RATIO)
 
 
 @pytest.mark.triton

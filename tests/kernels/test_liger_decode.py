@@ -6,7 +6,7 @@ from linearize.kernels.gla import naive_recurrent_gla
 from linearize.kernels.liger import liger_decode, naive_liger_decode, torch_liger_decode
 from linearize.kernels.window import naive_sliding_window_attention
 
-from tests.kernels._close import assert_close
+from tests.kernels._close import BF16_RATIO, assert_close
 from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE
 
 pytestmark = pytest.mark.triton
@@ -79,6 +79,20 @@ def test_torch_matches_reference(shape_id):
     _check(ref, out)
     assert out[0].dtype == torch.float32
     assert out[0][2].abs().sum() > 0  # the linear branch still speaks for the row that sees no window key
+
+
+@pytest.mark.parametrize("shape_id", ["H4-Hkv2-D64-W16", "H2-Hkv1-D128-W5"])
+def test_torch_bf16(shape_id):
+    """bf16 activations (the log decay and the state fp32): the output within `BF16_RATIO` of the oracle on the same
+    inputs in fp32, the fp32 state within fp32 rounding."""
+    kept = ("g", "state", "window_valid")
+    inputs = {name: x if name in kept else x.bfloat16() for name, x in _inputs(shape_id).items()}
+    ref = naive_liger_decode(**{name: x if x.dtype == torch.bool else x.float() for name, x in inputs.items()})
+    out = torch_liger_decode(**inputs)
+    assert out[0].dtype == torch.bfloat16
+    assert_close("o", ref[0], out[0].float(), BF16_RATIO)
+    assert_close("new_state", ref[1], out[1])
+    assert out[1].dtype == torch.float32
 
 
 def _run_triton(
