@@ -9,8 +9,6 @@ from linearize.kernels.window import naive_sliding_window_attention
 from tests.kernels._close import BF16_RATIO, assert_close
 from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE
 
-pytestmark = pytest.mark.triton
-
 # (B, H, Hkv, D, W); K = V = D. Batch row 0 sees its whole window, row 1 is left-padded, row 2 sees no key.
 SHAPES = {
     "H4-Hkv2-D16-W5": (3, 4, 2, 16, 5),
@@ -111,6 +109,7 @@ def _run_triton(
     return ref, tuple(x.cpu() for x in out)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("device, dtype, ratio", TRITON_RUNS)
 @pytest.mark.parametrize("shape_id", SHAPES)
 def test_triton_matches_reference(shape_id, device, dtype, ratio):
@@ -120,6 +119,7 @@ def test_triton_matches_reference(shape_id, device, dtype, ratio):
         _check(torch_liger_decode(**_inputs(shape_id)), out, ratio)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("device, dtype, ratio", TRITON_RUNS)
 @pytest.mark.parametrize("block_d", [16, 32])
 def test_triton_tiles_over_v_and_d(block_d, device, dtype, ratio):
@@ -128,6 +128,7 @@ def test_triton_tiles_over_v_and_d(block_d, device, dtype, ratio):
     _check(ref, out, ratio)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("device, dtype, ratio", TRITON_RUNS)
 def test_triton_options_and_garbage_in_invalid_slots(device, dtype, ratio):
     """scale and mix reach the kernel; invalid window slots are never read, so even NaN there is harmless."""
@@ -140,6 +141,7 @@ def test_triton_options_and_garbage_in_invalid_slots(device, dtype, ratio):
         _check(ref, out, ratio)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("device, dtype, ratio", TRITON_RUNS)
 def test_triton_strided_inputs(device, dtype, ratio):
     """Views as a decode loop makes them: the window as the tail of a longer key cache, q and v sliced out of wider
@@ -190,6 +192,7 @@ def test_torch_matches_prefill_ops(shape_id):
     _check(expected, naive_liger_decode(**inputs))
 
 
+@pytest.mark.triton
 def test_dispatch(monkeypatch):
     inputs = _inputs("H4-Hkv2-D16-W5")
     ref = naive_liger_decode(**inputs, scale=0.2, mix=0.3)
@@ -235,6 +238,7 @@ def test_bad_shapes_raise(name, bad):
         liger_decode(**inputs, backend="reference")
 
 
+@pytest.mark.triton
 def test_triton_rejects_long_windows():
     from linearize.kernels.liger.triton import MAX_WINDOW, triton_liger_decode
 
@@ -246,6 +250,7 @@ def test_triton_rejects_long_windows():
         triton_liger_decode(**inputs)
 
 
+@pytest.mark.triton
 def test_long_windows_default_to_torch_on_cuda(monkeypatch):
     """A window longer than the Triton kernel holds: CUDA tensors default to the torch step (here a CUDA device as
     the dispatcher sees it), and asking for "triton" says why it cannot run."""
