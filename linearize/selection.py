@@ -275,8 +275,10 @@ def select_layers(
 def _converted(attn):
     """Inside `training.transfer.original_model`: this layer alone runs its converted attention, with its own LoRA
     adapters on (the context turned every adapter off)."""
+    from .training.transfer import lora_layers
+
     as_original = attn.__dict__.pop("forward")
-    adapters = [m for m in attn.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
+    adapters = lora_layers(attn)
     for module in adapters:
         module.enable_adapters(True)
     try:

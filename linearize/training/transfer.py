@@ -5,7 +5,8 @@ While `AttentionTransfer` is active, every converted attention layer computes, f
 output (the student, before `o_proj`) and the original softmax attention output (the teacher: the source's
 frozen projections, RoPE and causal softmax). The layer's loss is `mse_factor * MSE(student, teacher)`, and
 the layer passes the *teacher* output on through the original `o_proj`, so every layer trains on the inputs
-the original model would give it (LoLCATs' stage 1, docs/methods.md §2.2).
+the original model would give it (LoLCATs' stage 1, docs/methods.md §2.2). LoRA adapters outside what the stage
+trains (MLPs, kept softmax layers, o_proj: a lora stage before may have trained them) are off meanwhile.
 
 Memory stays close to a forward pass: the frozen model builds no autograd graph, and each layer's loss is
 back-propagated as soon as it is computed, inside the forward pass, so at most one layer's graph is alive.
@@ -25,6 +26,11 @@ from torch import nn
 from ..data import next_token_targets
 from ..kernels.window.chunk import attention as masked_attention
 from ..layers.base import DocumentBatch, LinearizedAttention, source_linear
+
+
+def lora_layers(module: nn.Module) -> list[nn.Module]:
+    """The peft LoRA layers inside `module` (each switches its adapters on and off with `enable_adapters`)."""
+    return [m for m in module.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
 
 
 @torch.no_grad()
@@ -86,23 +92,40 @@ class AttentionTransfer:
     """
 
     def __init__(self, model: nn.Module, loss_scale: float = 1.0, relative: bool = False):
+        self.model = model
         self.layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
         self.loss_scale = loss_scale
         self.relative = relative
         self.layer_losses: list[torch.Tensor] = []
         self._inputs: dict[int, tuple] = {}
         self._handles: list = []
+        self._silenced: list[nn.Module] = []
+        self._requires_grad: dict[nn.Parameter, bool] = {}
 
     def __enter__(self) -> AttentionTransfer:
         for attn in self.layers:
             self._handles.append(attn.register_forward_pre_hook(self._keep_inputs, with_kwargs=True))
             self._handles.append(attn.o_proj.register_forward_hook(self._swap_in_teacher(attn)))
+        # adapters that a lora stage trained outside the students would move the activations away from the original
+        # model's: off for the stage (the students' own stay on)
+        students = {id(m) for attn in self.layers for name, m in attn.named_modules() if not name.startswith("o_proj")}
+        self._silenced = [m for m in lora_layers(self.model) if id(m) not in students and not m.disable_adapters]
+        # peft's switch also sets requires_grad, which is the stage's to choose
+        self._requires_grad = {p: p.requires_grad for m in self._silenced for p in m.parameters()}
+        for module in self._silenced:
+            module.enable_adapters(False)
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
+        for module in self._silenced:
+            module.enable_adapters(True)
+        for p, requires_grad in self._requires_grad.items():
+            p.requires_grad_(requires_grad)
         self._handles.clear()
+        self._silenced.clear()
+        self._requires_grad.clear()
         self._inputs.clear()
 
     def loss(self) -> torch.Tensor:

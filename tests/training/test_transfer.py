@@ -88,6 +88,39 @@ def test_layer_losses_are_each_layers_own_mse():
         torch.testing.assert_close(losses[i], (captured["o"] - teacher).square().mean(), rtol=1e-4, atol=1e-8)
 
 
+def test_after_a_lora_stage_layers_still_train_on_the_original_activations():
+    """Adapters a lora stage trained outside what transfer trains (MLPs, a kept softmax layer, o_proj) are left out of
+    the transfer forward, so each layer sees the original model's activations; its own q/k/v adapters stay in the
+    student, and every adapter is as it was afterwards (requires_grad included)."""
+    source = source_model("llama")
+    model = converted_model("llama", "liger", softmax_layers="0")
+    targets = [*attention_projections("llama"), "o_proj", "gate_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # as a lora stage leaves them
+            torch.nn.init.normal_(p, std=0.3)
+        p.requires_grad_("lora_" in name and "layers.1.self_attn.q_proj" in name)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(4, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    inputs, _ = source_attention_call(source, 1, ids)
+    attn = model.base_model.model.model.layers[1].self_attn
+    captured = {}
+    handle = attn.o_proj.register_forward_pre_hook(lambda m, a: captured.update(student=a[0]))
+    with torch.no_grad():
+        attn(hidden_states=inputs["hidden_states"], position_embeddings=inputs["position_embeddings"])
+        handle.remove()
+        teacher = teacher_attention(attn, inputs["hidden_states"], inputs["position_embeddings"], None)
+        before = model(input_ids=ids).logits
+        with AttentionTransfer(model) as transfer:
+            inside = model(input_ids=ids, use_cache=False).logits
+            losses = list(transfer.layer_losses)
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(inside, source(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses[0], (captured["student"] - teacher).square().mean(), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
+
+
 def test_hooks_are_removed_on_exit():
     model = converted_model("llama", "liger")
     ids = torch.randint(4, 128, (1, 8))
