@@ -532,7 +532,7 @@ def convert_and_save(
     source_config = sources.load_config(model)
     plan = plan_conversion(source_config, source, method, softmax_layers, dtype, convert_layers, **options)
     if request is not None:
-        request.check_method(method)
+        request.check_method(method, plan.config.settings)
     else:
         report.planned(plan)
         if output is None:

@@ -285,6 +285,11 @@ class Method:
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.settings.parameters()}
 
+    def exact_with(self, settings: MethodSettings) -> bool:
+        """Whether layers converted with `settings` compute the source's outputs until trained: a method exact at
+        conversion is not once a `window` cuts off the keys its source layers see (Parallax's `--window`)."""
+        return self.exact_at_conversion and getattr(settings, "window", None) is None
+
 
 METHODS: dict[str, Method] = {
     m.name: m

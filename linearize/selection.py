@@ -35,6 +35,8 @@ from .methods import cli_flag, get_method
 if TYPE_CHECKING:  # torch loads inside the functions: the CLI reads this module's names before any command runs
     import torch
 
+    from .methods import MethodSettings
+
 SCORERS = {
     "output": "relative error of the layer's attention output against the original's (one forward pass)",
     "loss": "increase of the next-token loss when the layer alone is converted (one forward pass per layer)",
@@ -65,14 +67,14 @@ class SelectionRequest:
     def rule(self) -> str:
         return _kept_rule(self.k, self.spread)
 
-    def check_method(self, method: str) -> None:
-        """Refuse a method whose converted layers compute the original attention exactly until trained: every
-        layer would score 0."""
-        if get_method(method).exact_at_conversion:
+    def check_method(self, method: str, settings: MethodSettings) -> None:
+        """Refuse a method whose converted layers compute the original attention exactly until trained (with these
+        `settings`): every layer would score 0."""
+        if get_method(method).exact_with(settings):
             raise LinearizeError(
                 f"--softmax-layers auto:K scores layers by what converting them changes, and method '{method}' "
-                "computes the original attention exactly until trained, so every layer would score 0; name the "
-                "layers instead (e.g. '0,8,16' or 'every:8')"
+                "without a window computes the original attention exactly until trained, so every layer would score "
+                "0; name the layers instead (e.g. '0,8,16' or 'every:8')"
             )
 
 

@@ -15,6 +15,7 @@ import linearize  # noqa: F401  (registers the converted model class with the Au
 from linearize.cli import app
 from linearize.convert import convert_model, keep_softmax_layers, plan_conversion
 from linearize.errors import LinearizeError
+from linearize.methods import method_settings
 from linearize.publish import render_model_card
 from linearize.selection import (
     LayerSelection,
@@ -231,9 +232,12 @@ def test_more_layers_than_the_model_has_is_refused_from_the_config_alone():
     assert plan_conversion(config, "tiny", "swa", "auto:4", **SWA).config.linearize["softmax_layers"] == []
 
 
-def test_a_method_exact_at_conversion_is_refused():
-    with pytest.raises(LinearizeError, match="computes the original attention exactly until trained"):
-        SelectionRequest(1).check_method("parallax")
+def test_a_method_exact_at_conversion_is_refused_unless_a_window_makes_it_inexact(windows):
+    with pytest.raises(LinearizeError, match="without a window computes the original attention exactly until trained"):
+        SelectionRequest(1).check_method("parallax", method_settings("parallax"))
+    SelectionRequest(1).check_method("parallax", method_settings("parallax", window=8))
+    model, _ = all_converted(four_layers(), "parallax", window=8)
+    assert min(score_layers(model, windows, "output")) > 0  # a window of 8 over 64 tokens: no longer the source
 
 
 def test_calibration_text_too_short_names_the_fix(tmp_path):

@@ -158,7 +158,7 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
 
         if self.method in METHODS:
             try:
-                method_settings(self.method, spell=_recipe_key, **self.options())
+                settings = method_settings(self.method, spell=_recipe_key, **self.options())
                 check_softmax_layers(self.softmax_layers, spell=_recipe_key)  # the indices need the model's depth
                 request = self.selection_request()  # K, and the spread against K
             except LinearizeError as error:
@@ -168,10 +168,10 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
                     "selection applies to softmax_layers: auto:K (it says how the K layers are chosen); set "
                     "softmax_layers to auto:K or remove selection"
                 )
-            if request is not None and get_method(self.method).exact_at_conversion:
+            if request is not None and get_method(self.method).exact_with(settings):
                 raise ValueError(
-                    f"softmax_layers {self.softmax_layers}: method '{self.method}' computes the original attention "
-                    "exactly until trained, so every layer would score 0; name the layers instead"
+                    f"softmax_layers {self.softmax_layers}: method '{self.method}' without a window computes the "
+                    "original attention exactly until trained, so every layer would score 0; name the layers instead"
                 )
         return self
 
@@ -343,6 +343,7 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _stages_fit_method(self) -> Recipe:
         method = get_method(self.conversion.method)
+        exact = method.exact_with(method_settings(method.name, **self.conversion.options()))
         trains_lora = any("lora" in stage.trainable for stage in self.stages)
         if self.output.push_to_hub and not self.output.merge_lora and trains_lora:
             raise ValueError(
@@ -361,11 +362,11 @@ class Recipe(_Strict):
                     "that open the recipe are done, and stages.0 is a lora stage; put an attention_transfer stage "
                     "first, or select at conversion (after: conversion)"
                 )
-            if stage.kind == "attention_transfer" and method.exact_at_conversion:
+            if stage.kind == "attention_transfer" and exact:
                 raise ValueError(
-                    f"stages.{i}: method '{method.name}' computes the original attention exactly at conversion, so "
-                    "attention transfer has zero loss and zero gradient; train its new parameters in a lora stage "
-                    "(kind: lora, trainable: [lora, new])"
+                    f"stages.{i}: method '{method.name}' without a window computes the original attention exactly "
+                    "at conversion, so attention transfer has zero loss and zero gradient; train its new parameters "
+                    "in a lora stage (kind: lora, trainable: [lora, new])"
                 )
         return self
 

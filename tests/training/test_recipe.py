@@ -138,7 +138,7 @@ def test_softmax_layers_may_be_numbers():
         ),
         (
             "conversion: {method: parallax, softmax_layers: auto:2}\n",
-            "method 'parallax' computes the original attention exactly until trained",
+            "method 'parallax' without a window computes the original attention exactly until trained",
         ),
         (
             "conversion: {softmax_layers: auto:2, selection: {spread: 3}}\n",
@@ -153,6 +153,14 @@ def test_softmax_layers_may_be_numbers():
 def test_auto_softmax_layers_are_checked(text, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe(MINIMAL + text)
+
+
+def test_parallax_with_a_window_is_not_exact_so_it_may_transfer_and_score_layers():
+    stages = "stages:\n  - kind: attention_transfer\n  - kind: lora\n"
+    with pytest.raises(RecipeError, match="stages.0: method 'parallax' without a window computes the original"):
+        parse_recipe(stages + "conversion: {method: parallax}\n")
+    recipe = parse_recipe(stages + "conversion: {method: parallax, window: 64, softmax_layers: auto:2}\n")
+    assert recipe.stages[0].kind == "attention_transfer" and recipe.conversion.selection_request().k == 2
 
 
 @pytest.mark.parametrize(
