@@ -235,10 +235,12 @@ class Trainer:
         over micro-batches, averaged over processes, is the mean over every trained token of the step: however the
         tokens fall into micro-batches (instruction data trains a varying number per pack). With equal counts it is
         grad_accum exactly. A micro-batch without a trained token gets infinity: its (zero) loss adds nothing.
-        `per_batch` (attention transfer, whose loss reads every position, not the labels): len(batches) each."""
+        `per_batch` (attention transfer, whose loss reads every position, not the labels): every token counts, so
+        that a held-out evaluation's last, smaller micro-batch weighs by its rows."""
         if per_batch:
-            return [float(len(batches))] * len(batches)
-        counts = [int(next_token_targets(batch["labels"]).sum()) for batch in batches]
+            counts = [batch["input_ids"].numel() for batch in batches]
+        else:
+            counts = [int(next_token_targets(batch["labels"]).sum()) for batch in batches]
         total = int(sum_across(self.world, torch.tensor(sum(counts), device=self.world.device)).item())
         return [total / (count * self.world.size) if count else math.inf for count in counts]
 

@@ -215,6 +215,22 @@ def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_
     assert all(math.isfinite(r["eval_loss"]) for r in records if "eval_loss" in r)
 
 
+def test_the_held_out_transfer_mse_is_the_mean_over_its_rows_however_they_fall_into_micro_batches(workspace, tmp_path):
+    """Six held-out packs as micro-batches of 4 and 2 give the MSE that six micro-batches of one give: each row
+    weighs the same (not each micro-batch)."""
+    stage = "stages=[{kind: attention_transfer, trainable: [lora], max_steps: 1}]"
+    evals = []
+    four_and_two, ones = ["training.micro_batch_size=4", "training.eval_batches=2"], ["training.eval_batches=6"]
+    for i, batching in enumerate((four_and_two, ones)):
+        (tmp_path / str(i)).mkdir()
+        recipe = write_recipe(workspace, tmp_path / str(i))
+        result = invoke("finetune", recipe, stage, *batching)
+        assert result.exit_code == 0, result.output
+        evals.append(next(r["eval_mse"] for r in metrics(tmp_path / str(i) / "run") if "eval_mse" in r))
+    assert "held out: 2 documents -> 6 packs" in " ".join(result.output.split())
+    assert evals[0] == pytest.approx(evals[1], rel=1e-5)
+
+
 def test_fsdp_with_a_transfer_after_lora_is_refused_by_the_dry_run_under_torchrun(workspace, tmp_path, monkeypatch):
     """The run refuses it before the weights load; its dry run under torchrun must say so too."""
     recipe = write_recipe(workspace, tmp_path)
