@@ -184,6 +184,8 @@ def original_model(model: nn.Module) -> Iterator[nn.Module]:
     Parameters the method added are unused, as the source model has none."""
     layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
     disable_adapters = getattr(model, "disable_adapter", None)  # a peft model
+    # peft switches adapters back on as trainable, whatever the stage froze: their flags are put back after
+    requires_grad = {p: p.requires_grad for m in lora_layers(model) for p in m.parameters()}
     try:
         for attn in layers:
             attn.forward = original_attention_forward(attn)
@@ -192,6 +194,8 @@ def original_model(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for attn in layers:
             attn.__dict__.pop("forward", None)
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -153,6 +153,19 @@ def test_original_model_reproduces_the_source_logits_and_restores_the_student(fa
     assert not torch.allclose(student, expected, atol=1e-2)
 
 
+def test_original_model_keeps_frozen_adapters_frozen():
+    """A stage that trains only the method's parameters beside adapters an earlier stage trained (distillation
+    runs the teacher every step): the adapters stay out of the backward pass."""
+    model = converted_model("llama", "parallax")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=attention_projections("llama")))
+    for name, p in model.named_parameters():
+        p.requires_grad_("r_proj" in name)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with torch.no_grad(), original_model(model) as teacher:
+        teacher(input_ids=torch.randint(4, 128, (1, 6)))
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+
+
 def test_distillation_loss_is_the_kl_divergence_at_counted_positions():
     generator = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 7, generator=generator), torch.randn(2, 5, 7, generator=generator)
