@@ -164,6 +164,11 @@ class DecoderInputs:
             document_ids = packed_document_ids(position_ids.view(-1, position_ids.shape[-1]))
         use_cache = kwargs.get("use_cache")
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
+        # transformers' decoder reads these from its own config, here a copy made when the model was built: the
+        # model's config, which users set, decides (as it does in transformers' models, whose decoder shares it)
+        for flag, default in (("output_attentions", False), ("output_hidden_states", False), ("return_dict", True)):
+            if kwargs.get(flag) is None:
+                kwargs[flag] = getattr(self.config, flag, default)
         if document_ids is not None:  # rows of packed documents (Trainer's padding-free batches): nothing to continue
             kwargs["document_ids"], use_cache = document_ids.expand(tokens.shape[0], -1), False
         if cache is not None and not isinstance(cache, LinearizeCache):  # it would never be filled: say so

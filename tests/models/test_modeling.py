@@ -317,6 +317,24 @@ def test_outputs_carry_hidden_states_and_come_as_tuples_on_request():
     assert isinstance(built(ids, return_dict=True).logits, torch.Tensor)
 
 
+def test_output_flags_set_on_the_model_config_are_followed():
+    """`model.config.output_hidden_states` / `output_attentions` / `return_dict` set after the model is built act as
+    on transformers' models, where the decoder shares the model's config; here the decoder has its own copy, made when
+    the model was built, and the flags set since were ignored."""
+    model = converted_model("gemma2", "liger")
+    model.set_attn_implementation("eager")  # which returns the attention weights of the kept softmax layer
+    ids = torch.randint(3, 128, (1, 12))
+    model.config.output_hidden_states = model.config.output_attentions = True
+    out = model(ids, use_cache=False)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert len(out.attentions) == len(model.config.linearize["softmax_layers"])
+    model.config.output_hidden_states = model.config.output_attentions = False
+    out = model(ids, use_cache=False)
+    assert out.hidden_states is None and out.attentions is None
+    model.config.return_dict = False
+    assert isinstance(model.get_decoder()(ids, use_cache=False), tuple)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_a_model_built_from_its_config_computes_finite_logits(method):
     """`from_config` initialises every parameter a method adds (uninitialised memory would give NaN or 1e30)."""
