@@ -132,6 +132,25 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
         )
 
 
+class NoHeadlessModel:
+    """What `AutoModel` finds for a converted model, which has no headless class: a refusal that names the class that
+    loads it and its decoder, where transformers would list every config it knows."""
+
+    config_class = LinearizeConfig
+    MESSAGE = (
+        "a model converted by linearize has no AutoModel class: load it with AutoModelForCausalLM; its decoder, what "
+        "AutoModel gives for other models, is model.get_decoder() (or pass output_hidden_states=True)"
+    )
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        raise ValueError(cls.MESSAGE)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):  # what AutoModel.from_config calls
+        raise ValueError(cls.MESSAGE)
+
+
 class DecoderInputs:
     """Forward pre-hook of the decoder stack (`model.model`): what converted layers need from a call, whether it
     comes through `LinearizeForCausalLM` or straight to the decoder (`get_decoder()`: embeddings, value heads).

@@ -358,6 +358,20 @@ def test_unsupported_family_is_refused():
         plan_conversion(config, "gpt2", "liger")
 
 
+def test_automodel_says_to_load_the_causal_lm(tmp_path):
+    """A converted model has no headless class: `AutoModel` (feature extraction, embedding libraries) says which class
+    loads it and where its decoder is, not transformers' "Unrecognized configuration class" with every config it
+    knows."""
+    from transformers import AutoModel
+
+    model = converted_model("llama", "liger")
+    model.save_pretrained(tmp_path)
+    for load in (lambda: AutoModel.from_pretrained(tmp_path), lambda: AutoModel.from_config(model.config)):
+        with pytest.raises(ValueError, match=r"AutoModelForCausalLM.*get_decoder\(\)") as error:
+            load()
+        assert "GPT2Config" not in str(error.value)
+
+
 def test_remote_code_says_how_to_install_linearize_when_missing(tmp_path):
     from linearize.convert import save_model
     from linearize.models.remote_code import INSTALL_COMMAND
