@@ -87,7 +87,14 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the decoder creates a LinearizeCache (`DecoderInputs`), which `generate` then carries along
+        return False  # transformers' caches (DynamicCache, `cache_implementation`) cannot hold a converted layer's
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """`generate` makes the cache it would make for transformers' models, a LinearizeCache: chunked prefill
+        (`prefill_chunk_size`) needs one before the first forward, where `DecoderInputs` would make it."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.use_cache is not False and model_kwargs.get(compat.CACHE_ARG) is None:
+            model_kwargs[compat.CACHE_ARG] = LinearizeCache(self.config)
 
     @can_return_tuple  # return_dict=False (the argument or the config's) gives a tuple, as transformers' models
     def forward(

@@ -121,6 +121,22 @@ def test_padded_generation_equals_unpadded(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_chunked_prefill_generates_what_one_prefill_does(method):
+    """`generate(prefill_chunk_size=...)` (long prompts in bounded memory) needs a cache before the first forward;
+    the decoder made one only then, and generate refused with "Cannot use prefill chunking without a cache"."""
+    model = converted_model("llama", method)
+    ids = torch.randint(3, 128, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    options = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    whole = model.generate(ids, **options, output_logits=True)
+    chunked = model.generate(ids, **options, output_logits=True, prefill_chunk_size=7)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), rtol=1e-4, atol=1e-4)
+    assert isinstance(cache_of(chunked), LinearizeCache)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_every_layer_hands_its_backend_option_to_its_ops(method, monkeypatch):
     """A layer's `backend` (the runtime choice of kernels) reaches the ops of its prefill and of its decode steps:
     a name no op knows makes each of them fail."""
