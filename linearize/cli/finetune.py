@@ -206,7 +206,7 @@ def recipe_init(
     force: Annotated[bool, typer.Option("--force", help="Replace the --output file if it exists.")] = False,
 ) -> None:
     """Print a commented starting recipe for METHOD, or write it to a file (-o)."""
-    from ..training.recipe import recipe_template, write_recipe_template
+    from ..training.recipe_template import recipe_template, write_recipe_template
 
     if output is None:
         if force:

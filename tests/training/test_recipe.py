@@ -15,10 +15,9 @@ from linearize.training.recipe import (
     apply_overrides,
     load_recipe,
     parse_recipe,
-    recipe_template,
     resolved_yaml,
-    write_recipe_template,
 )
+from linearize.training.recipe_template import recipe_template, write_recipe_template
 from tests.tiny import converted_model, source_model
 
 ROOT = Path(__file__).resolve().parents[2]
