@@ -126,3 +126,21 @@ def test_bf16_layer_hands_the_ops_model_dtype_operands(monkeypatch):
     bf16, fp32 = torch.bfloat16, torch.float32
     prefill, decode = ("sequence", bf16, bf16, bf16, fp32, None), ("decode", bf16, bf16, bf16, fp32, fp32)
     assert calls == [prefill] * model.config.num_hidden_layers + [decode] * (2 * model.config.num_hidden_layers)
+
+
+@pytest.mark.parametrize("variant", ["liger-gla", "liger", "liger-sinks"])
+def test_a_padded_token_leaves_the_gated_state_as_it_was(variant):
+    """docs/methods.md §0.4 and §1.1: padding never enters the linear state, also after real tokens (a decode step
+    whose mask is 0): no value is added and nothing decays."""
+    model = converted_model("llama", variant)
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        cache = cache_of(model(ids[:, :11], use_cache=True))
+        before = [cache.layers[i].recurrent_state.clone() for i in model.config.converted_layers()]
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[0, 11] = 0  # row 0's new token is padding, row 1's is real
+        model(ids[:, 11:], attention_mask=mask, cache=cache, use_cache=True)
+        after = [cache.layers[i].recurrent_state for i in model.config.converted_layers()]
+    for old, new in zip(before, after, strict=True):
+        torch.testing.assert_close(new[0], old[0], rtol=0, atol=0)
+        assert not torch.equal(new[1], old[1])
