@@ -115,10 +115,11 @@ def replaced_when_done(out: Path, force: bool = False) -> Iterator[None]:
 @contextmanager
 def file_written_whole(path: Path) -> Iterator[Path]:
     """Yield a hidden sibling of `path` to write; it replaces `path` once the body has finished, so that a full disk,
-    an error or Ctrl-C leaves the earlier file as it was (and no partial one)."""
+    an error or Ctrl-C leaves the earlier file as it was (and no partial one). Each writer has its own sibling: two
+    threads writing `path` at once would otherwise share one, and the later would find it gone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         yield partial
         os.replace(partial, path)

@@ -323,3 +323,20 @@ def test_a_folder_deleted_as_a_whole_is_never_left_half_deleted(tmp_path, monkey
     linearize.outputs.remove_leftovers(tmp_path)
     assert list(tmp_path.iterdir()) == []
     linearize.outputs.delete_folder(doomed)  # nothing there: nothing to do
+
+
+def test_a_file_written_whole_by_two_threads_at_once_is_one_of_theirs(tmp_path):
+    """Each writer stages its own sibling: threads of one process writing one file at once (a library caller's
+    records) must not share one, or the first to finish removes what the other then renames."""
+    import threading
+
+    from linearize.outputs import file_written_whole, write_file
+
+    path = tmp_path / "results.json"
+    with file_written_whole(path) as partial:
+        partial.write_text("first")
+        other = threading.Thread(target=write_file, args=(path, "second"))
+        other.start()
+        other.join()
+        assert path.read_text() == "second"
+    assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == [path.name]
