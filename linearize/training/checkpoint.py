@@ -208,7 +208,13 @@ def check_resumable(
     saved, now = state.get("data"), data_fingerprint  # saved: absent if written before it was kept
     if now is None or saved is None or all(saved[key] == now[key] for key in ("train_packs", "sha256")):
         return  # the same packs, whatever the packing version that made them
-    if (version := saved.get("packing", 1)) != PACKING:
+    if (version := saved.get("packing", 1)) > PACKING:  # a run started by a later linearize, resumed with this one
+        raise LinearizeError(
+            f"checkpoint {checkpoint} was written by a later linearize, which packs documents differently (packing "
+            f"version {version}, this one's {PACKING}): finish the run with the version that started it, or start "
+            "again in another output.dir"
+        )
+    if version != PACKING:
         since = "; ".join(change for v, change in PACKING_CHANGES.items() if v > version)
         raise LinearizeError(
             f"checkpoint {checkpoint} was written by an earlier linearize, which packed documents differently (since "

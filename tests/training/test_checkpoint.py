@@ -19,7 +19,7 @@ import torch
 from linearize.training import checkpoint as checkpoint_module
 from linearize.training import trainer as trainer_module
 from linearize.training.checkpoint import list_checkpoints
-from linearize.training.fingerprints import legacy_recipe_hash
+from linearize.training.fingerprints import PACKING, legacy_recipe_hash
 from linearize.training.recipe import load_recipe
 from tests.training.runs import invoke, metrics, trained, write_recipe
 
@@ -164,6 +164,10 @@ def test_resume_refuses_changed_data(workspace, tmp_path, monkeypatch):
     state.write_text(json.dumps(saved))
     message = " ".join(invoke("finetune", recipe, data, "--resume", "--dry-run").output.split())
     assert "(since then blank text records are no documents, and a document that ends with EOS gets" in message
+    saved["data"]["packing"] = PACKING + 1  # a run started by a later linearize: nothing "since then" to name
+    state.write_text(json.dumps(saved))
+    message = " ".join(invoke("finetune", recipe, data, "--resume", "--dry-run").output.split())
+    assert f"by a later linearize, which packs documents differently (packing version {PACKING + 1}" in message
 
 
 def test_resumed_run_logs_every_step_once(workspace, tmp_path, monkeypatch):
