@@ -5,8 +5,9 @@ While `AttentionTransfer` is active, every converted attention layer computes, f
 output (the student, before `o_proj`) and the original softmax attention output (the teacher: the source's
 frozen projections, RoPE and causal softmax). The layer's loss is `mse_factor * MSE(student, teacher)`, and
 the layer passes the *teacher* output on through the original `o_proj`, so every layer trains on the inputs
-the original model would give it (LoLCATs' stage 1, docs/methods.md §2.2). LoRA adapters outside what the stage
-trains (MLPs, kept softmax layers, o_proj: a lora stage before may have trained them) are off meanwhile.
+the original model would give it (LoLCATs' stage 1, docs/methods.md §2.2). LoRA adapters outside the converted
+layers' students (MLPs, kept softmax layers, o_proj: a lora stage before may have trained them) are off meanwhile;
+the students' own stay on, whether or not the stage trains them.
 
 Memory stays close to a forward pass: the frozen model builds no autograd graph, and each layer's loss is
 back-propagated as soon as it is computed, inside the forward pass, so at most one layer's graph is alive.
