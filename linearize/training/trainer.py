@@ -230,14 +230,14 @@ class Trainer:
         idx = [int(self.order(stage, g // per_epoch)[g % per_epoch]) for g in range(first, first + mb)]
         return _to(self.data.train, idx, self.world.device)
 
-    def loss_divisors(self, batches: list[dict], per_batch: bool) -> list[float]:
+    def loss_divisors(self, batches: list[dict], every_position: bool) -> list[float]:
         """What to divide each micro-batch's mean loss by in an optimizer step (or an evaluation), so that the sum
         over micro-batches, averaged over processes, is the mean over every trained token of the step: however the
         tokens fall into micro-batches (instruction data trains a varying number per pack). With equal counts it is
         grad_accum exactly. A micro-batch without a trained token gets infinity: its (zero) loss adds nothing.
-        `per_batch` (attention transfer, whose loss reads every position, not the labels): every token counts, so
-        that a held-out evaluation's last, smaller micro-batch weighs by its rows."""
-        if per_batch:
+        `every_position` (attention transfer, whose loss reads every position, not the labels): every token counts,
+        so that a held-out evaluation's last, smaller micro-batch weighs by its rows."""
+        if every_position:
             counts = [batch["input_ids"].numel() for batch in batches]
         else:
             counts = [int(next_token_targets(batch["labels"]).sum()) for batch in batches]
