@@ -6,7 +6,8 @@ folder beside the output and moves it into place only once the body has finished
 unwritable folder, Ctrl-C) the staging folder is removed and an existing output stays as it was. Work that must
 write the output in place (the demo's fine-tuning run) goes through `replaced_when_done`, which sets the existing
 output aside until the work completes. Staging, retired and set-aside folders carry the writing process's id, so
-that a later run can tell those of a killed run, clean up the first and put the others back.
+that a later run can tell those of a killed run, clean up the first and put the others back. A single file
+(a JSON record, a plot, a recipe) is written the same way through `file_written_whole`.
 """
 
 from __future__ import annotations
