@@ -15,7 +15,15 @@ from linearize.families import FAMILIES as ADAPTERS
 from linearize.families import UnsupportedModelError, get_family
 from linearize.layers.base import LinearizedAttention
 from linearize.training.transfer import teacher_attention
-from tests.tiny import CONFIGS, FAMILIES, cache_of, converted_model, source_attention_call, source_model
+from tests.tiny import (
+    CONFIGS,
+    FAMILIES,
+    cache_of,
+    converted_model,
+    model_from_config,
+    source_attention_call,
+    source_model,
+)
 
 
 def test_every_family_has_a_tiny_model():
@@ -49,7 +57,7 @@ def test_converted_sliding_layers_keep_their_window_and_rotary_tables(family):
     config = CONFIGS[family]()
     config.layer_types = ["sliding_attention"] * config.num_hidden_layers
     torch.manual_seed(0)
-    source = type(source_model(family))(config).eval()
+    source = model_from_config(config).eval()
     plan = plan_conversion(config, family, "parallax", window=config.sliding_window, convert_layers="all")
     model = convert_model(source, plan.config)
     ids = torch.randint(3, 128, (2, 30))

@@ -79,9 +79,17 @@ VARIANTS = {
 METHODS = list(VARIANTS)
 
 
+def model_from_config(config):
+    """The causal LM of `config`, with eager attention wherever the config caps attention logits: transformers 5.17
+    defaults Gemma 2 to SDPA, which drops the cap, so the source would not be the model its config describes
+    (converted layers keep the cap)."""
+    implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else None
+    return AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
+
+
 def source_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family]())
+    model = model_from_config(CONFIGS[family]())
     # Random biases and norm weights, so that a layer that ignored them would be caught.
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -8,7 +8,14 @@ from linearize.kernels.parallax import naive_parallax_attention
 from transformers import AutoModelForCausalLM
 
 from linearize.convert import convert_model, plan_conversion, save_model
-from tests.tiny import FAMILIES, assert_computes_the_source, converted_model, rotary_tables, source_model
+from tests.tiny import (
+    FAMILIES,
+    assert_computes_the_source,
+    converted_model,
+    model_from_config,
+    rotary_tables,
+    source_model,
+)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -125,7 +132,7 @@ def test_a_source_layer_with_a_window_keeps_it(family):
     config = source_model(family).config
     if family == "mistral":
         config.sliding_window = 8  # the tiny Mistral has none
-    source = type(source_model(family))(config).eval()
+    source = model_from_config(config).eval()
     plan = plan_conversion(source.config, family, "parallax", convert_layers="all")
     model = convert_model(source, plan.config).eval()
     windows = [layer.self_attn.window for layer in model.model.layers]
