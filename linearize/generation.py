@@ -10,13 +10,14 @@ from .errors import LinearizeError
 
 def load_for_inference(model: str | None, device: str = "auto", dtype: str = "auto", needs_tokenizer: bool = True):
     """Load a converted (or any causal LM) folder or hub id. On CPU, "auto" means float32: bf16 matmuls are slow
-    there. Returns (model, tokenizer); the tokenizer is None for a folder without one when not `needs_tokenizer`."""
+    there. Returns (model, tokenizer); without `needs_tokenizer` the weights alone, and None for the tokenizer (a
+    caller that read it before, or needs none)."""
     device = sources.pick_device(device)
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else "auto"
-    tokenizer_fix = sources.COPY_TOKENIZER if needs_tokenizer else None
-    loaded, tokenizer = sources.load(model, dtype=dtype, device=device, tokenizer_fix=tokenizer_fix)
-    return loaded, tokenizer
+    if not needs_tokenizer:
+        return sources.load_model(model, dtype, device), None
+    return sources.load(model, dtype=dtype, device=device)
 
 
 def build_prompt(tokenizer, prompt: str, chat: bool | None = None) -> torch.Tensor:

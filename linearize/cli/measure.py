@@ -132,9 +132,9 @@ def eval_command(
     hide_library_bars(quiet)
     total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
     results = {}
-    for spec, ids in zip(specs, text_ids, strict=True):  # one model in memory at a time
+    for spec, tokenizer, ids in zip(specs, tokenizers, text_ids, strict=True):  # one model in memory at a time
         with spinner(f"Loading {spec.label}", quiet):
-            loaded, tokenizer = load_for_inference(spec.source, device=device, dtype=dtype.value)
+            loaded, _ = load_for_inference(spec.source, device=device, dtype=dtype.value, needs_tokenizer=False)
         with progress_bar(f"Evaluating {spec.label}", total, quiet) as step:
             results[spec.label] = evaluate_model(
                 loaded, tokenizer, text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step, ids
