@@ -34,6 +34,23 @@ def lora_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
 
 
+@contextmanager
+def adapters_off(layers: list[nn.Module]) -> Iterator[None]:
+    """The adapters of these peft LoRA layers off inside the context (those that were on: on again after), and every
+    parameter's requires_grad as it was: peft's switch also sets it, which is the training stage's to choose."""
+    switched = [m for m in layers if not m.disable_adapters]
+    requires_grad = {p: p.requires_grad for m in switched for p in m.parameters()}
+    for module in switched:
+        module.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.enable_adapters(True)
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+
+
 @torch.no_grad()
 def teacher_attention(
     attn: LinearizedAttention,
@@ -100,8 +117,7 @@ class AttentionTransfer:
         self.layer_losses: list[torch.Tensor] = []
         self._inputs: dict[int, tuple] = {}
         self._handles: list = []
-        self._silenced: list[nn.Module] = []
-        self._requires_grad: dict[nn.Parameter, bool] = {}
+        self._adapters_off = nullcontext()
 
     def __enter__(self) -> AttentionTransfer:
         for attn in self.layers:
@@ -110,23 +126,15 @@ class AttentionTransfer:
         # adapters that a lora stage trained outside the students would move the activations away from the original
         # model's: off for the stage (the students' own stay on)
         students = {id(m) for attn in self.layers for name, m in attn.named_modules() if not name.startswith("o_proj")}
-        self._silenced = [m for m in lora_layers(self.model) if id(m) not in students and not m.disable_adapters]
-        # peft's switch also sets requires_grad, which is the stage's to choose
-        self._requires_grad = {p: p.requires_grad for m in self._silenced for p in m.parameters()}
-        for module in self._silenced:
-            module.enable_adapters(False)
+        self._adapters_off = adapters_off([m for m in lora_layers(self.model) if id(m) not in students])
+        self._adapters_off.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
-        for module in self._silenced:
-            module.enable_adapters(True)
-        for p, requires_grad in self._requires_grad.items():
-            p.requires_grad_(requires_grad)
+        self._adapters_off.__exit__(None, None, None)
         self._handles.clear()
-        self._silenced.clear()
-        self._requires_grad.clear()
         self._inputs.clear()
 
     def loss(self) -> torch.Tensor:
@@ -184,19 +192,14 @@ def original_model(model: nn.Module) -> Iterator[nn.Module]:
     comes from the student's own weights this way, with no second copy of the model; call it under no_grad.
     Parameters the method added are unused, as the source model has none."""
     layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
-    disable_adapters = getattr(model, "disable_adapter", None)  # a peft model
-    # peft switches adapters back on as trainable, whatever the stage froze: their flags are put back after
-    requires_grad = {p: p.requires_grad for m in lora_layers(model) for p in m.parameters()}
     try:
         for attn in layers:
             attn.forward = original_attention_forward(attn)
-        with disable_adapters() if disable_adapters is not None else nullcontext():
+        with adapters_off(lora_layers(model)):
             yield model
     finally:
         for attn in layers:
             attn.__dict__.pop("forward", None)
-        for p, flag in requires_grad.items():
-            p.requires_grad_(flag)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
