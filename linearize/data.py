@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from .errors import LinearizeError
+from .sections import Section
 
 BuiltinSplit = Literal["train", "test"]
 BUILTIN_SPLITS: tuple[BuiltinSplit, ...] = ("train", "test")
@@ -62,10 +63,8 @@ class TooFewTokens(DataError):
         self.tokens = tokens
 
 
-class DataSource(BaseModel):
+class DataSource(Section):
     """One place documents come from: a local file or glob, a Hugging Face dataset, or the built-in corpus."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     path: str | None = Field(
         None,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from ..comparison import counted
 from ..data import (
@@ -28,12 +28,11 @@ from ..data import (
     read_documents,
     require_eos,
 )
+from ..sections import Section
 
 
-class DataConfig(BaseModel):
+class DataConfig(Section):
     """What to train on, how long the packed sequences are, and how much is held out for evaluation."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     sources: list[DataSource] = Field(
         default_factory=lambda: [DataSource(builtin="english")],

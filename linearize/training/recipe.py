@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from ..errors import LinearizeError
 from ..families import CONVERT_LAYERS
 from ..hub import check_repo_id
 from ..methods import METHODS, all_parameters, describe_parameter, get_method, method_settings
+from ..sections import Section
 from ..selection import (
     CALIBRATION_TEXT,
     CALIBRATION_WINDOWS,
@@ -39,11 +40,7 @@ class RecipeError(LinearizeError, ValueError):
     """The recipe file or an override is malformed or invalid."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelSection(_Strict):
+class ModelSection(Section):
     name: str | None = Field(
         None, description="Hub id or local folder of the model to convert; null for the embedded SmolLM2-135M-Instruct"
     )
@@ -53,7 +50,7 @@ class ModelSection(_Strict):
     )
 
 
-class SelectionSection(_Strict):
+class SelectionSection(Section):
     scorer: Literal[tuple(SCORERS)] = Field(
         DEFAULT_SCORER, description="how a layer is scored: " + "; ".join(f"{k}: {v}" for k, v in SCORERS.items())
     )
@@ -76,7 +73,7 @@ class SelectionSection(_Strict):
     )
 
 
-class _ConversionFields(_Strict):
+class _ConversionFields(Section):
     method: str = Field("liger", description="conversion method: " + ", ".join(METHODS) + " (see `linearize convert`)")
     softmax_layers: str = Field(
         "",
@@ -199,7 +196,7 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
         return value
 
 
-class LoraSection(_Strict):
+class LoraSection(Section):
     r: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(8.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
@@ -212,7 +209,7 @@ class LoraSection(_Strict):
 _Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
-class OptimizerSection(_Strict):
+class OptimizerSection(Section):
     name: Literal["adamw", "muon"] = Field(
         "adamw", description="adamw, or muon (torch.optim.Muon on 2-D weights, AdamW on the rest)"
     )
@@ -236,13 +233,13 @@ class OptimizerSection(_Strict):
     )
 
 
-class ScheduleSection(_Strict):
+class ScheduleSection(Section):
     kind: Literal["cosine", "constant"] = Field("cosine", description="learning-rate shape after warmup")
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup from 0")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, as a fraction of the peak lr")
 
 
-class StageSection(_Strict):
+class StageSection(Section):
     kind: Literal["attention_transfer", "lora"] = Field(
         description="attention_transfer: match the original attention outputs layer by layer (MSE); "
         "lora: next-token loss with LoRA adapters"
@@ -285,7 +282,7 @@ class StageSection(_Strict):
         return self
 
 
-class TrainingSection(_Strict):
+class TrainingSection(Section):
     micro_batch_size: int = Field(1, ge=1, description="sequences per forward pass on each process")
     grad_accum: int = Field(8, ge=1, description="micro-batches per optimizer step on each process")
     gradient_checkpointing: bool = Field(False, description="recompute decoder layers in backward to save memory")
@@ -306,7 +303,7 @@ class TrainingSection(_Strict):
     )
 
 
-class OutputSection(_Strict):
+class OutputSection(Section):
     dir: str = Field("runs/linearize", description="run folder: checkpoints, metrics.jsonl and the final model/")
     merge_lora: bool = Field(True, description="merge LoRA into the saved weights (false: keep the adapter)")
     push_to_hub: str | None = Field(
@@ -330,7 +327,7 @@ class OutputSection(_Strict):
         return value
 
 
-class Recipe(_Strict):
+class Recipe(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     conversion: ConversionSection = Field(default_factory=ConversionSection)
     data: DataConfig = Field(default_factory=DataConfig)

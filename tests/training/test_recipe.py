@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,23 @@ def test_wrong_type_names_the_field_path():
         parse_recipe("stages:\n  - kind: lora\n    optimizer: {lr: fast}\n")
     with pytest.raises(RecipeError, match=r"training\.grad_accum: .*greater than or equal to 1"):
         parse_recipe(MINIMAL + "training: {grad_accum: 0}\n")
+
+
+def test_true_or_false_for_a_number_is_refused():
+    # pydantic reads a bool as 1 or 0 for a number: `lr: true` would train at 1.0
+    for key, text in [
+        ("stages.0.optimizer.lr", "stages:\n  - kind: lora\n    optimizer: {lr: true}\n"),
+        ("stages.0.max_steps", "stages:\n  - kind: lora\n    max_steps: true\n"),
+        ("data.held_out", MINIMAL + "data: {held_out: true}\n"),
+        ("data.sources.0.max_documents", MINIMAL + "data: {sources: [{builtin: english, max_documents: true}]}\n"),
+        ("conversion.sinks", MINIMAL + "conversion: {method: liger, sinks: false}\n"),
+    ]:
+        with pytest.raises(RecipeError, match=rf"{re.escape(key)}: takes a number, not (true|false)"):
+            parse_recipe(text)
+    # a field that takes a bool or a number keeps both
+    selection = "conversion: {method: liger, softmax_layers: 'auto:5', selection: {spread: %s}}\n"
+    assert parse_recipe(MINIMAL + selection % "true").conversion.selection.spread is True
+    assert parse_recipe(MINIMAL + selection % "4").conversion.selection.spread == 4
 
 
 def test_malformed_yaml_names_the_line(tmp_path):
