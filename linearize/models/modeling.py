@@ -198,11 +198,7 @@ class DecoderInputs:
         if document_ids is not None:  # rows of packed documents (Trainer's padding-free batches): nothing to continue
             kwargs["document_ids"], use_cache = document_ids.expand(tokens.shape[0], -1), False
         if cache is not None and not isinstance(cache, LinearizeCache):  # it would never be filled: say so
-            raise TypeError(
-                f"a model converted by linearize needs a LinearizeCache, got a {type(cache).__name__}; pass "
-                f"{compat.CACHE_ARG}=None with use_cache=True (the output's {compat.OUTPUT_CACHE_FIELD} is the cache "
-                "to pass back) or a LinearizeCache(model.config)"
-            )
+            raise TypeError(_foreign_cache_message(cache))
         if use_cache and cache is None:
             cache = LinearizeCache(self.config)
         # a cache that is given is read and extended whatever use_cache says, as transformers' models do
@@ -216,3 +212,19 @@ class DecoderInputs:
             if position_ids is None:
                 kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1] :]
         return (), kwargs
+
+
+def _foreign_cache_message(cache) -> str:
+    message = (
+        f"a model converted by linearize needs a LinearizeCache, got a {type(cache).__name__}; pass "
+        f"{compat.CACHE_ARG}=None with use_cache=True (the output's {compat.OUTPUT_CACHE_FIELD} is the cache to pass "
+        "back) or a LinearizeCache(model.config)"
+    )
+    holds_tokens = getattr(cache, "get_seq_length", None)
+    if callable(holds_tokens) and holds_tokens() > 0:  # what peft's prefix tuning passes with every batch
+        message += (
+            ". A cache that already holds keys and values is what peft's prefix tuning (and P-tuning v2) passes: "
+            "converted layers keep no per-token keys and values to prepend them to, so fine-tune with LoRA or "
+            "prompt tuning instead"
+        )
+    return message

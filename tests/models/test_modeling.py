@@ -64,6 +64,24 @@ def test_a_cache_passed_in_is_filled_and_read_or_refused(method):
     # the names it gives are the installed transformers' (`cache` since 5.24, `past_key_values` before)
     assert f"pass {compat.CACHE_ARG}=None" in str(refusal.value)
     assert f"the output's {compat.OUTPUT_CACHE_FIELD} is the cache" in str(refusal.value)
+    assert "prefix tuning" not in str(refusal.value)
+
+
+def test_peft_prefix_tuning_is_refused_with_the_reason_and_prompt_tuning_trains():
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    ids = torch.randint(3, 128, (2, 12))
+    prefix = get_peft_model(
+        converted_model("llama", "liger"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
+    with pytest.raises(TypeError, match="peft's prefix tuning .* fine-tune with LoRA or prompt tuning instead"):
+        prefix(input_ids=ids, labels=ids)
+    prompt = get_peft_model(
+        converted_model("llama", "liger"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
+    loss = prompt(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and prompt.prompt_encoder.default.embedding.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("method", METHODS)
