@@ -67,14 +67,14 @@ class SelectionRequest:
     def rule(self) -> str:
         return _kept_rule(self.k, self.spread)
 
-    def check_method(self, method: str, settings: MethodSettings) -> None:
+    def check_method(self, method: str, settings: MethodSettings, spell: Callable[[str], str] = cli_flag) -> None:
         """Refuse a method whose converted layers compute the original attention exactly until trained (with these
-        `settings`): every layer would score 0."""
+        `settings`): every layer would score 0. `spell` names the option in the message (the CLI's flag)."""
         if get_method(method).exact_with(settings):
             raise LinearizeError(
-                f"--softmax-layers auto:K scores layers by what converting them changes, and method '{method}' "
-                "without a window computes the original attention exactly until trained, so every layer would score "
-                "0; name the layers instead (e.g. '0,8,16' or 'every:8')"
+                f"{spell('softmax_layers')} auto:K scores layers by what converting them changes, and method "
+                f"'{method}' without a window computes the original attention exactly until trained, so every layer "
+                "would score 0; name the layers instead (e.g. '0,8,16' or 'every:8')"
             )
 
 

@@ -157,17 +157,14 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
                 settings = method_settings(self.method, spell=_recipe_key, **self.options())
                 check_softmax_layers(self.softmax_layers, spell=_recipe_key)  # the indices need the model's depth
                 request = self.selection_request()  # K, and the spread against K
+                if request is not None:
+                    request.check_method(self.method, settings, spell=_recipe_key)
             except LinearizeError as error:
                 raise ValueError(str(error)) from None
             if self.selection is not None and request is None:
                 raise ValueError(
                     "selection applies to softmax_layers: auto:K (it says how the K layers are chosen); set "
                     "softmax_layers to auto:K or remove selection"
-                )
-            if request is not None and get_method(self.method).exact_with(settings):
-                raise ValueError(
-                    f"softmax_layers {self.softmax_layers}: method '{self.method}' without a window computes the "
-                    "original attention exactly until trained, so every layer would score 0; name the layers instead"
                 )
         return self
 

@@ -155,7 +155,8 @@ def test_softmax_layers_may_be_numbers():
         ),
         (
             "conversion: {method: parallax, softmax_layers: auto:2}\n",
-            "method 'parallax' without a window computes the original attention exactly until trained",
+            "conversion.softmax_layers auto:K .* method 'parallax' without a window computes the original attention "
+            "exactly until trained",
         ),
         (
             "conversion: {softmax_layers: auto:2, selection: {spread: 3}}\n",
