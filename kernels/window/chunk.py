@@ -102,13 +102,21 @@ def attention(
         mask: bool, broadcastable to `[..., 1, L, S]` (one mask for all heads), or None.
         scale: logit multiplier, default D ** -0.5.
         softcap: if set, every logit z becomes softcap * tanh(z / softcap) before the softmax (SDPA cannot do
-            that: the logits are then computed here, in fp32 at least).
+            that: the logits are then computed here, in fp32 at least). Without it, SDPA computes in the inputs'
+            dtype, or in fp32 at least where autograd will differentiate it.
 
     Returns:
         `[..., H, L, Dv]` in q.dtype; zeros for a query that sees no key.
     """
     if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out_dtype = q.dtype
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            # SDPA's half-precision backward rounds the score gradients ds to the input dtype before dq = ds k sums
+            # them; the score gradients of a query sum to zero, so that sum cancels whatever the keys share (a k_proj
+            # bias: |k| in the hundreds in some channels of Qwen2.5), and bf16 dq came out 10-20% off. Differentiated,
+            # SDPA runs in fp32 (on a CPU no slower than its bf16 backward); the forward alone keeps the input dtype.
+            q, k, v = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True).to(out_dtype)
     *lead, H, L, D = q.shape
     Hkv, out_dtype = k.shape[-3], q.dtype
     scale = D**-0.5 if scale is None else scale
