@@ -16,7 +16,8 @@ float64 inputs). Backward per block, with p = exp(z - lse), a = dO . v, t = dO .
     gl = p (a - t + (t_bar - s)(a - b)),  gu = -p (a - b),  c = p (1 + t_bar - s);
     dq = scale gl k,  dr = gu k,  dk = scale gl^T q + gu^T r,  dv = c^T dO.
 With a softcap the logit is z = cap tanh(scale q . k / cap), and gl (the gradient of z) is multiplied by its
-derivative 1 - tanh(scale q . k / cap)^2 before dq and dk.
+derivative 1 - tanh(scale q . k / cap)^2 before dq and dk. Without one, both passes take the keys minus their mean
+(`_key_center`), which changes nothing but the rounding.
 """
 
 import torch
@@ -57,10 +58,12 @@ class _Blocks:
         x = x.view(self.N, B, Hkv, G, C, D).permute(1, 0, 4, 2, 3, 5).reshape(B, self.N * C, Hkv * G, D)
         return x[:, : self.T].to(dtype)
 
-    def keys(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """`[B, S, Hkv, D]` -> `[NP + N, B, Hkv, C, D]`, zero at invalid keys (padding may hold NaN, and
-        0 * NaN would leak through the masked products)."""
+    def keys(self, x: torch.Tensor, valid: torch.Tensor | None, center: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, S, Hkv, D]` -> `[NP + N, B, Hkv, C, D]`, minus `center` `[B, 1, Hkv, D]` if given, zero at invalid
+        keys (padding may hold NaN, and 0 * NaN would leak through the masked products)."""
         x = x.to(self.dtype)
+        if center is not None:
+            x = x - center
         if valid is not None:
             x = x.masked_fill(~valid[:, :, None, None], 0.0)
         x = F.pad(x, (0, 0, 0, 0, self.left, self.right)).view(self.B, self.NP + self.N, self.C, self.Hkv, self.D)
@@ -89,12 +92,31 @@ class _Blocks:
             yield slice(i0, N), slice(i0 - d + NP, N - d + NP), (lag >= 0) & (lag < window)
 
 
+def _key_center(k: torch.Tensor, key_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The mean of the valid keys `[B, 1, Hkv, D]` of `k` `[B, S, Hkv, D]`, in `dtype`, without gradient.
+
+    Moving every key by one vector c changes no output and no gradient: it moves z_ij and s_ij by a constant per
+    query (q_i . c, r_i . c), which the softmax and t_bar - s_ij cancel, and dq = sum_j gl_j k_j and dr =
+    sum_j gu_j k_j lose nothing because gl and gu sum to zero over a query's keys. In floating point it matters:
+    keys sharing a large component (a k_proj bias, |k| in the hundreds in some channels of Qwen2.5) make s large,
+    so o = v_bar (1 + t_bar) - O2 / d1 cancels, and dq's sum multiplies the residual of gl's rounded sum by that
+    component: in fp32 dq came out 1e-3 off at |k| ~ 300. The blockwise path computes with centred keys.
+    """
+    k = k.detach().to(dtype)
+    if key_valid is None:
+        return k.mean(1, keepdim=True)
+    valid = key_valid[:, :, None, None]
+    return k.masked_fill(~valid, 0.0).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp_min(1)
+
+
 class ChunkParallaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, r, k, v, key_valid, scale, softcap, window, block_size):
         blk = _Blocks(q, k, block_size, _acc_dtype(q, r, k, v))
+        # a cap is not shift-invariant: capped logits take the keys as they are
+        center = None if softcap is not None else _key_center(k, key_valid, blk.dtype)
         qb, rb = blk.queries(q), blk.queries(r)  # [N, B, Hkv, GC, D]
-        kb, vb = blk.keys(k, key_valid), blk.keys(v, key_valid)  # [M, B, Hkv, C, D]
+        kb, vb = blk.keys(k, key_valid, center), blk.keys(v, key_valid)  # [M, B, Hkv, C, D]
         valid = blk.valid(key_valid, q.device)
         m = qb.new_full(qb.shape[:-1], FLOOR)  # [N, B, Hkv, GC]
         d1, d2 = qb.new_zeros(qb.shape[:-1]), qb.new_zeros(qb.shape[:-1])
@@ -118,17 +140,17 @@ class ChunkParallaxFunction(torch.autograd.Function):
         o = v_bar * (1 + t_bar[..., None]) - o2 * inv[..., None]
         if any(ctx.needs_input_grad[:4]):
             lse = torch.where(seen, m + torch.log(d1.where(seen, 1.0)), 0.0)  # finite; p is masked anyway
-            ctx.save_for_backward(q, r, k, v, key_valid, o, v_bar, t_bar, lse)
+            ctx.save_for_backward(q, r, k, v, key_valid, center, o, v_bar, t_bar, lse)
             ctx.config = (scale, softcap, window, block_size)
         return blk.unqueries(o, q.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        q, r, k, v, key_valid, o, v_bar, t_bar, lse = ctx.saved_tensors
+        q, r, k, v, key_valid, center, o, v_bar, t_bar, lse = ctx.saved_tensors
         scale, softcap, window, block_size = ctx.config
         blk = _Blocks(q, k, block_size, o.dtype)
         qb, rb, dob = blk.queries(q), blk.queries(r), blk.queries(do)
-        kb, vb = blk.keys(k, key_valid), blk.keys(v, key_valid)
+        kb, vb = blk.keys(k, key_valid, center), blk.keys(v, key_valid)  # the forward's keys: lse is theirs
         valid = blk.valid(key_valid, q.device)
         t, b = (dob * o).sum(-1), (dob * v_bar).sum(-1)  # [N, B, Hkv, GC]
         dq, dr = torch.zeros_like(qb), torch.zeros_like(rb)
