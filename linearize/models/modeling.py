@@ -70,9 +70,16 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
         return logits
 
     def generate(self, *args, **kwargs):
-        """transformers' `generate`, refusing assisted (speculative) decoding by name: it rolls the cache back over
-        rejected tokens, which `LinearizeCache` cannot do (transformers 5 says only "requires a cache")."""
+        """transformers' `generate`, refusing assisted (speculative) decoding by name, with this model as the target
+        or as the draft: it rolls the cache back over rejected tokens, which `LinearizeCache` cannot do
+        (transformers 5 says only "requires a cache", or fails at the draft's first rejected token)."""
         config = kwargs.get("generation_config") or self.generation_config
+        if getattr(config, "is_assistant", False):  # set by transformers on what it hands its assistant_model
+            raise ValueError(
+                "a model converted by linearize cannot draft for assisted decoding (here it is another model's "
+                "assistant_model): the target rolls the draft's cache back over the tokens it rejects, which a "
+                "converted model's cache cannot do (a linear state is not rolled back); generate without it"
+            )
         assisted = [
             name
             for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")

@@ -181,6 +181,19 @@ def test_assisted_decoding_is_refused_by_name():
             model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, **option)
 
 
+def test_a_converted_model_is_refused_as_the_draft_of_assisted_decoding():
+    """Assisted decoding crops the draft model's cache over the tokens its target rejects: a converted model as
+    another model's `assistant_model` drafted until the first rejection, then failed deep in transformers with
+    "a converted layer's state cannot be rolled back"; its first draft is now refused, naming the option."""
+    target = source_model("llama", seed=3)
+    draft = converted_model("qwen2", "liger", seed=1)
+    draft.generation_config.assistant_confidence_threshold = 0.0  # draft several tokens a round, so some are rejected
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    prompt = torch.randint(3, 128, (1, 10))
+    with pytest.raises(ValueError, match="cannot draft for assisted decoding .*assistant_model"):
+        target.generate(prompt, assistant_model=draft, max_new_tokens=8, do_sample=False, pad_token_id=0)
+
+
 @pytest.mark.parametrize("variant", METHODS)
 def test_cache_size_is_what_the_plan_says(variant):
     """Constant for every method but STILL, whose salient cache grows by topk tokens per chunk and head, and Parallax
