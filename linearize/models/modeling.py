@@ -98,10 +98,31 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         """`generate` makes the cache it would make for transformers' models, a LinearizeCache: chunked prefill
-        (`prefill_chunk_size`) needs one before the first forward, where `DecoderInputs` would make it."""
+        (`prefill_chunk_size`) needs one before the first forward, where `DecoderInputs` would make it.
+
+        A `cache_implementation` other than "dynamic" (what a LinearizeCache is) is refused: transformers would
+        ignore it behind a warning that this model supports no `Cache`, and generate with what was not asked for."""
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={implementation!r}: a model converted by linearize generates with its own "
+                "cache, a LinearizeCache (a constant-size state in converted layers), which transformers' "
+                f"{implementation} cache cannot stand in for; generate without cache_implementation"
+            )
+        generation_config.cache_implementation = None  # this call's copy: "dynamic" is the LinearizeCache below
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if generation_config.use_cache is not False and model_kwargs.get(compat.CACHE_ARG) is None:
             model_kwargs[compat.CACHE_ARG] = LinearizeCache(self.config)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """Refused: continuous batching (`generate_batch`, `cache_implementation="paged"`) keeps every layer's keys
+        and values in transformers' paged cache, which has no place for a converted layer's state (it failed with
+        "Invalid layer type")."""
+        raise ValueError(
+            "continuous batching (generate_batch, init_continuous_batching, cache_implementation='paged') keeps "
+            "keys and values in transformers' paged cache, which cannot hold a converted layer's state; a model "
+            "converted by linearize generates with a LinearizeCache: call generate on a left-padded batch"
+        )
 
     @can_return_tuple  # return_dict=False (the argument or the config's) gives a tuple, as transformers' models
     def forward(

@@ -194,6 +194,33 @@ def test_a_converted_model_is_refused_as_the_draft_of_assisted_decoding():
         target.generate(prompt, assistant_model=draft, max_new_tokens=8, do_sample=False, pad_token_id=0)
 
 
+@pytest.mark.parametrize("implementation", ["static", "offloaded", "quantized", "paged"])
+def test_transformers_cache_implementations_are_refused_by_name(implementation):
+    """`cache_implementation` asks generate for one of transformers' caches, which cannot hold a converted layer's
+    state: static, offloaded and quantized were ignored (behind a warning that this model does not support `Cache`
+    instances), and paged (continuous batching) failed with "Invalid layer type: hybrid_sliding"."""
+    model = converted_model("llama", "liger")
+    prompt = torch.randint(3, 128, (1, 8))
+    with pytest.raises(ValueError, match=f"cache_implementation='{implementation}'.* LinearizeCache"):
+        model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation=implementation)
+
+
+def test_dynamic_cache_implementation_generates_with_the_model_cache():
+    """'dynamic', transformers' default, is what a LinearizeCache is: accepted, and the same tokens."""
+    model = converted_model("llama", "liger")
+    prompt = torch.randint(3, 128, (1, 8))
+    options = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    dynamic = model.generate(prompt, cache_implementation="dynamic", **options)
+    assert torch.equal(dynamic.sequences, model.generate(prompt, **options).sequences)
+    assert isinstance(cache_of(dynamic), LinearizeCache)
+
+
+def test_continuous_batching_is_refused_by_name():
+    model = converted_model("llama", "liger")
+    with pytest.raises(ValueError, match="continuous batching .* LinearizeCache"):
+        model.generate_batch([[5, 6, 7]], max_new_tokens=4)
+
+
 @pytest.mark.parametrize("variant", METHODS)
 def test_cache_size_is_what_the_plan_says(variant):
     """Constant for every method but STILL, whose salient cache grows by topk tokens per chunk and head, and Parallax
