@@ -33,6 +33,18 @@ class LinearizeCache(Cache):
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Refused, before any layer is touched, where there is something to remove: a converted layer's state
+        cannot be rolled back, and a kept softmax layer cropped alone would leave the layers disagreeing."""
+        converted = any(isinstance(layer, cache_layers.StateCacheLayer) for layer in self.layers)
+        if tokens_to_remove and converted:
+            raise NotImplementedError(
+                "a LinearizeCache cannot be cropped: a converted layer's state (a linear state, a window of recent "
+                "tokens) cannot be rolled back. To go back to an earlier point, keep a copy of the cache made there "
+                "(copy.deepcopy(cache)) and continue from it"
+            )
+        super().crop(tokens_to_remove)
+
     def nbytes(self) -> int:
         """Bytes held by the cache right now, over all layers."""
         total = 0

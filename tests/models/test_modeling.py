@@ -194,6 +194,19 @@ def test_a_converted_model_is_refused_as_the_draft_of_assisted_decoding():
         target.generate(prompt, assistant_model=draft, max_new_tokens=8, do_sample=False, pad_token_id=0)
 
 
+def test_cropping_is_refused_before_any_layer_is_cropped():
+    """`cache.crop(-n)` (what assisted decoding calls) cannot roll a converted layer's state back: in a hybrid whose
+    first layer is softmax, that layer was cropped before the converted one refused, so that the cache (and its
+    `get_seq_length`) no longer matched the state it kept."""
+    model = converted_model("llama", "liger", softmax_layers="0")
+    with torch.no_grad():
+        cache = cache_of(model(torch.randint(3, 128, (1, 10)), use_cache=True))
+    cache.crop(0)  # nothing to roll back: what generate calls on every step on some devices
+    with pytest.raises(NotImplementedError, match="LinearizeCache cannot be cropped.*copy.deepcopy"):
+        cache.crop(-2)
+    assert [layer.get_seq_length() for layer in cache.layers] == [10, 10]
+
+
 @pytest.mark.parametrize("implementation", ["static", "offloaded", "quantized", "paged"])
 def test_transformers_cache_implementations_are_refused_by_name(implementation):
     """`cache_implementation` asks generate for one of transformers' caches, which cannot hold a converted layer's
