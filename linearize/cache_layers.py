@@ -173,6 +173,16 @@ class StateCacheLayer(CacheLayerMixin):
                 setattr(self, name, None)
         self.seen_tokens = 0
 
+    def batch_size(self) -> int | None:
+        """How many rows the layer holds, or None while it holds nothing."""
+        for name in self._tensor_fields:
+            value = getattr(self, name)
+            tensors = value.tensors if isinstance(value, TokenBuffer) else (value,)
+            for tensor in tensors or ():
+                if tensor is not None:
+                    return tensor.shape[0]
+        return None
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
 

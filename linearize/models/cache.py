@@ -33,6 +33,13 @@ class LinearizeCache(Cache):
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)
 
+    def batch_size(self) -> int | None:
+        """How many rows the converted layers hold, or None while they hold nothing."""
+        for layer in self.layers:
+            if isinstance(layer, cache_layers.StateCacheLayer) and (rows := layer.batch_size()) is not None:
+                return rows
+        return None
+
     def crop(self, tokens_to_remove: int) -> None:
         """Refused, before any layer is touched, where there is something to remove: a converted layer's state
         cannot be rolled back, and a kept softmax layer cropped alone would leave the layers disagreeing."""

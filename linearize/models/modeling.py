@@ -227,6 +227,8 @@ class DecoderInputs:
             kwargs["document_ids"], use_cache = document_ids.expand(tokens.shape[0], -1), False
         if cache is not None and not isinstance(cache, LinearizeCache):  # it would never be filled: say so
             raise TypeError(_foreign_cache_message(cache))
+        if cache is not None and tokens is not None:
+            check_cache_rows(cache, tokens.shape[0])
         if use_cache and cache is None:
             cache = LinearizeCache(self.config)
         # a cache that is given is read and extended whatever use_cache says, as transformers' models do
@@ -256,3 +258,18 @@ def _foreign_cache_message(cache) -> str:
             "prompt tuning instead"
         )
     return message
+
+
+def check_cache_rows(cache: LinearizeCache, rows: int) -> None:
+    """Refuse a cache filled for other rows than the input's, naming the repeat that fits it: generate's
+    `num_return_sequences` and `num_beams` repeat the input rows, not a cache passed in (the layers would fail on
+    mismatched shapes)."""
+    held = cache.batch_size()
+    if held is None or held == rows:
+        return
+    times = rows // held if rows % held == 0 else "n"
+    raise ValueError(
+        f"the cache holds {held} row(s), the input {rows}: a cache continues the rows it was filled with; to "
+        "continue each row n times (num_return_sequences, num_beams), repeat its rows first: "
+        f"cache.batch_repeat_interleave({times})"
+    )

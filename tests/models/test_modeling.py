@@ -84,6 +84,25 @@ def test_peft_prefix_tuning_is_refused_with_the_reason_and_prompt_tuning_trains(
     assert torch.isfinite(loss) and prompt.prompt_encoder.default.embedding.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("method", ["liger", "still"])
+def test_a_cache_of_other_rows_is_refused_naming_the_repeat(method):
+    """A cache continues the rows it was filled with: generate's `num_return_sequences` (or `num_beams`) on a cache
+    filled for one prompt failed deep in a layer ("Sizes of tensors must match"); the refusal names the repeat that
+    makes one cache row per sequence, and with it the sequences are what a fresh generate gives."""
+    model = converted_model("llama", method)
+    ids = torch.randint(3, 128, (1, 14))
+    with torch.no_grad():
+        cache = cache_of(model(ids[:, :10], use_cache=True))
+    options = dict(max_new_tokens=4, do_sample=True, pad_token_id=0, num_return_sequences=2)
+    with pytest.raises(ValueError, match=r"the cache holds 1 row\(s\), the input 2: .*batch_repeat_interleave\(2\)"):
+        model.generate(ids, past_key_values=cache, **options)
+    cache.batch_repeat_interleave(2)
+    torch.manual_seed(1)
+    continued = model.generate(ids, past_key_values=cache, **options)
+    torch.manual_seed(1)
+    assert torch.equal(continued, model.generate(ids, **options))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_inter_layer_hybrid_decode_equals_full_forward(method):
     model = converted_model("llama", method, softmax_layers="1")
