@@ -240,6 +240,7 @@ class DecoderInputs:
                 )
             kwargs["padding_mask"] = attention_mask
             if position_ids is None:
+                check_mask_covers_cache(attention_mask, cache, tokens.shape[1])
                 kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1] :]
         return (), kwargs
 
@@ -273,3 +274,15 @@ def check_cache_rows(cache: LinearizeCache, rows: int) -> None:
         "continue each row n times (num_return_sequences, num_beams), repeat its rows first: "
         f"cache.batch_repeat_interleave({times})"
     )
+
+
+def check_mask_covers_cache(attention_mask: torch.Tensor, cache: LinearizeCache | None, length: int) -> None:
+    """Refuse a 2-D mask that leaves out cached tokens: the positions of the new `length` tokens are counted from it
+    (transformers' convention: the mask covers the cached tokens and the new ones), and would restart at 0."""
+    cached = cache.get_seq_length() if cache is not None else 0
+    if cached and attention_mask.shape[1] < cached + length:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[1]} tokens: with a cache it covers the whole sequence so "
+            f"far, here {cached} cached and {length} new, as generate passes it (the new tokens' positions are "
+            "counted from it)"
+        )

@@ -84,6 +84,20 @@ def test_peft_prefix_tuning_is_refused_with_the_reason_and_prompt_tuning_trains(
     assert torch.isfinite(loss) and prompt.prompt_encoder.default.embedding.weight.grad.abs().sum() > 0
 
 
+def test_a_mask_that_leaves_out_the_cached_tokens_is_refused():
+    """With a cache, the 2-D mask covers the cached tokens and the new ones (transformers' convention), and the
+    positions are counted from it: a mask of the new tokens alone restarted them at 0 and gave other logits."""
+    model = converted_model("llama", "liger")
+    ids = torch.randint(3, 128, (1, 12))
+    with torch.no_grad():
+        cache = cache_of(model(ids[:, :10], use_cache=True))
+        with pytest.raises(ValueError, match="attention_mask covers 2 tokens: .* 10 cached and 2 new"):
+            model(ids[:, 10:], attention_mask=torch.ones(1, 2, dtype=torch.long), cache=cache)
+        assert cache.get_seq_length() == 10  # refused before a layer read or extended it
+        step = model(ids[:, 10:], attention_mask=torch.ones(1, 12, dtype=torch.long), cache=cache).logits
+        torch.testing.assert_close(step, model(ids).logits[:, 10:], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["liger", "still"])
 def test_a_cache_of_other_rows_is_refused_naming_the_repeat(method):
     """A cache continues the rows it was filled with: generate's `num_return_sequences` (or `num_beams`) on a cache
