@@ -17,12 +17,14 @@ float64 inputs). Backward per block, with p = exp(z - lse), a = dO . v, t = dO .
     dq = scale gl k,  dr = gu k,  dk = scale gl^T q + gu^T r,  dv = c^T dO.
 With a softcap the logit is z = cap tanh(scale q . k / cap), and gl (the gradient of z) is multiplied by its
 derivative 1 - tanh(scale q . k / cap)^2 before dq and dk. Without one, both passes take the keys minus their mean
-(`_key_center`), which changes nothing but the rounding.
+(`common.centring.key_mean`), which changes nothing but the rounding (keys sharing a large component, a k_proj
+bias, left fp32 dq 1e-3 off).
 """
 
 import torch
 import torch.nn.functional as F
 
+from ..common.centring import key_mean
 from .reference import check_decode_inputs, check_inputs, with_history
 
 FLOOR = -1e30  # finite start of the running max: a query with no visible key yet gets alpha = 1, not NaN
@@ -92,29 +94,12 @@ class _Blocks:
             yield slice(i0, N), slice(i0 - d + NP, N - d + NP), (lag >= 0) & (lag < window)
 
 
-def _key_center(k: torch.Tensor, key_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The mean of the valid keys `[B, 1, Hkv, D]` of `k` `[B, S, Hkv, D]`, in `dtype`, without gradient.
-
-    Moving every key by one vector c changes no output and no gradient: it moves z_ij and s_ij by a constant per
-    query (q_i . c, r_i . c), which the softmax and t_bar - s_ij cancel, and dq = sum_j gl_j k_j and dr =
-    sum_j gu_j k_j lose nothing because gl and gu sum to zero over a query's keys. In floating point it matters:
-    keys sharing a large component (a k_proj bias, |k| in the hundreds in some channels of Qwen2.5) make s large,
-    so o = v_bar (1 + t_bar) - O2 / d1 cancels, and dq's sum multiplies the residual of gl's rounded sum by that
-    component: in fp32 dq came out 1e-3 off at |k| ~ 300. The blockwise path computes with centred keys.
-    """
-    k = k.detach().to(dtype)
-    if key_valid is None:
-        return k.mean(1, keepdim=True)
-    valid = key_valid[:, :, None, None]
-    return k.masked_fill(~valid, 0.0).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp_min(1)
-
-
 class ChunkParallaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, r, k, v, key_valid, scale, softcap, window, block_size):
         blk = _Blocks(q, k, block_size, _acc_dtype(q, r, k, v))
         # a cap is not shift-invariant: capped logits take the keys as they are
-        center = None if softcap is not None else _key_center(k, key_valid, blk.dtype)
+        center = None if softcap is not None else key_mean(k, key_valid, blk.dtype)
         qb, rb = blk.queries(q), blk.queries(r)  # [N, B, Hkv, GC, D]
         kb, vb = blk.keys(k, key_valid, center), blk.keys(v, key_valid)  # [M, B, Hkv, C, D]
         valid = blk.valid(key_valid, q.device)
