@@ -4,13 +4,16 @@ docstrings give the algorithm and the gradients).
 Forward: one kernel (outputs plus the statistics the backward needs). Backward: the per-query dot products
 t = dO . o and b = dO . v_bar in torch, then one kernel for dq and dr, one for dk and dv. History keys are
 concatenated in front of the new ones, so the kernels see one key sequence of S = P + T and the history gets its
-gradients through the concatenation. Every input is cast to q's dtype (the model's: fp32, bf16 or fp16), the dtype
-of every matmul operand; accumulation is fp32.
+gradients through the concatenation. The keys are taken minus their mean over the valid ones
+(`common.centring.centre_keys`, exact: z and s move by a constant per query), which keeps a large shared component
+(a k_proj bias) out of the rounding of s, w s and dq's sum. Every input is cast to q's dtype (the model's: fp32,
+bf16 or fp16), the dtype of every matmul operand; accumulation is fp32.
 """
 
 import torch
 import triton
 
+from ..common.centring import centre_keys
 from ..common.launch import LOG2E, as_bytes, autotune, dot_precision, element_size, pow2
 from .reference import check_inputs, with_history
 from .triton_bwd import parallax_bwd_dkdv_kernel, parallax_bwd_dq_kernel
@@ -183,6 +186,10 @@ def triton_parallax_attention(
     window = S if window is None else min(int(window), S)  # no query sees more than S keys; keeps it within int32
     scale = D**-0.5 if scale is None else float(scale)
     key_valid = as_bytes(key_valid)
+    # the keys minus their mean, subtracted in fp32 (exact: z and s move by a constant per query; common/centring.py):
+    # keys sharing a large component (a k_proj bias) left dq 1e-3 off in fp32 and made s = r . k so large that bf16
+    # w s lost the output (30% off) and every gradient
+    (keys,) = centre_keys(keys, key_valid)
     # one dtype for the matmul operands (a no-op in the usual case; autograd casts the gradients back)
     q, r, keys, values = (x.to(q.dtype).contiguous() for x in (q, r, keys, values))
     return ParallaxFunction.apply(q, r, keys, values, key_valid, scale, window, blocks)

@@ -130,6 +130,30 @@ def test_half_precision_on_the_interpreter(shape_id, tiles, dtype):
         assert_close(name, ref[name], out[name], ratio=2e-2)
 
 
+# fp32 everywhere, and bf16 on the interpreter too (CUDA runs it in its bf16 config)
+BIASED_CONFIGS = DECODE_CONFIGS
+
+
+@pytest.mark.parametrize("config", BIASED_CONFIGS)
+def test_keys_with_a_large_shared_component(config):
+    """Keys sharing a large component, as a k_proj bias makes them (|k| in the hundreds in some channels of
+    Qwen2.5), history and padding included: the output and every gradient within the config's bound. dq sums the
+    score gradients (which sum to zero per query) times the keys, so rounding them leaves a residual times that
+    component, and s = r . k is large: before the wrapper centred the keys, fp32 dq was 1.3e-3 off, bf16 o 0.3 and
+    dq 30x its size."""
+    device, dtype, ratio = BIASED_CONFIGS[config]
+    shape_id = "T29-P40-H2-Hkv1-D24-m16-n32-middle"
+    x = dict(_inputs(shape_id, dtype))
+    bias = torch.zeros(x["k"].shape[-1], dtype=torch.float64)
+    bias[:4] = torch.tensor([300.0, -300.0, 200.0, 200.0])
+    x |= {name: (x[name] + bias).to(dtype).double() for name in ("k", "past_k")}
+    block_m, block_n = SHAPES[shape_id][7:9]
+    ref = _run(naive_parallax_attention, x)
+    out = _run(triton_parallax_attention, x, device, dtype, block_m=block_m, block_n=block_n)
+    for name in ref:
+        assert_close(name, ref[name], out[name].cpu(), ratio=ratio)
+
+
 @pytest.mark.parametrize("layout", ["token-major", "head-major"])
 @pytest.mark.parametrize("split", [None, 16])
 @pytest.mark.parametrize("window", [None, 7])
