@@ -20,6 +20,10 @@ Kernels:
   only the query blocks whose windows reach its keys. Its tiles hold keys as rows (scores k q^T), so p and ds
   enter the dk and dv products as they are, with no transpose through shared memory.
 
+The wrapper takes the keys and sink keys minus the mean of the valid keys (`common.centring.centre_keys`; exact,
+each query's logits move by one constant), so that a large component the keys share (a k_proj bias) does not
+multiply the rounding of ds in dq = ds k: the score gradients of a query sum to zero, and that sum cancels it.
+
 Launch configurations are autotuned per head dim and dtype over a few tile shapes, with those whose shared memory
 cannot fit the device pruned first; the dq pass keeps its query block at DQ_BLOCK_M, the granularity of the sink
 partials the host allocates.
@@ -29,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.centring import centre_keys
 from ..common.launch import LOG2E, as_bytes, autotune, dot_precision, element_size, pow2
 from ..common.tiles import (
     NEG_INIT,
@@ -437,6 +442,10 @@ def triton_sliding_window_attention(
         sink_k = sink_v = sink_mask = None
     if T == 0:
         return q.new_zeros(q.shape)
+    # the keys (sinks included) minus the mean of the valid window keys, subtracted in fp32 (exact: every logit of a
+    # query moves by one constant; common/centring.py): the dq pass rounds ds to the model dtype before dq = ds k
+    # sums it, so keys sharing a large component (a k_proj bias) left bf16 dq 50% off
+    k, sink_k = centre_keys(k, key_valid, sink_k)
     # one dtype for the matmul operands (a no-op in the usual case; autograd casts the gradients back)
     k, v = k.to(q.dtype), v.to(q.dtype)
     if sink_k is not None:

@@ -120,6 +120,26 @@ def test_triton_bf16_on_cpu(shape_id):
     _check(_reference(shape_id, "logsigmoid", torch.bfloat16), out, torch.bfloat16, 2e-2)
 
 
+# fp32, and bf16 on the interpreter too (CUDA runs it in its bf16 config)
+BIASED_CONFIGS = CONFIGS | ({"cpu-bf16": ("cpu", torch.bfloat16, 2e-2)} if INTERPRET and not CUDA else {})
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("config", BIASED_CONFIGS)
+def test_triton_keys_with_a_large_shared_component(config):
+    """Window keys (history included) sharing a large component, as a k_proj bias makes them (|k| in the hundreds in
+    some channels of Qwen2.5): outputs and every gradient within the config's bound. The window op's dq pass rounds
+    the score gradients, which sum to zero per query, before dq = ds k: bf16 dq_rot was 0.5 off before the window
+    op's wrapper centred the keys."""
+    device, dtype, ratio = BIASED_CONFIGS[config]
+    x = dict(_inputs(SHAPES_DEFAULT, "logsigmoid", dtype))
+    bias = torch.zeros(x["k_rot"].shape[-1])
+    bias[:4] = torch.tensor([200.0, -200.0, 300.0, -150.0])
+    x |= {name: (x[name].float() + bias).to(dtype) for name in ("k_rot", "past_k")}
+    out = _run(triton_liger_attention, x, device)
+    _check(_run(naive_liger_attention, _fp32(x)), out, dtype, ratio)
+
+
 @pytest.mark.parametrize("gate", ["logsigmoid", "decay-8"])
 @pytest.mark.parametrize("shape_id", SHAPES)
 def test_torch_matches_reference(shape_id, gate):

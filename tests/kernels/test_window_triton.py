@@ -119,6 +119,25 @@ def test_half_precision_on_cpu(dtype, shape_id):
     _check(_reference(shape_id, True, True, dtype), out, dtype, 2e-2)
 
 
+# fp32, and bf16 on the interpreter too (CUDA runs it in its bf16 config)
+BIASED_CONFIGS = CONFIGS | ({"cpu-bf16": ("cpu", torch.bfloat16, 2e-2)} if INTERPRET and not CUDA else {})
+
+
+@pytest.mark.parametrize("config", BIASED_CONFIGS)
+def test_keys_with_a_large_shared_component(config):
+    """Keys and sink keys sharing a large component, as a k_proj bias makes them (|k| in the hundreds in some
+    channels of Qwen2.5), with padding: the output and every gradient within the config's bound. The dq pass rounds
+    the score gradients to the model dtype before dq = ds k sums them, and they sum to zero per query, so that sum
+    cancels the shared component: before the wrapper centred the keys, bf16 dq was 0.5 off."""
+    device, dtype, ratio = BIASED_CONFIGS[config]
+    x = dict(_inputs("T70-S100-w20-H2-Hkv2-D64", True, True, dtype))
+    bias = torch.zeros(x["k"].shape[-1])
+    bias[:4] = torch.tensor([200.0, -200.0, 300.0, -150.0])
+    x |= {name: (x[name].float() + bias).to(dtype) for name in ("k", "sink_k")}
+    out = _run(triton_sliding_window_attention, x, device)
+    _check(_run(naive_sliding_window_attention, _fp32(x)), out, dtype, ratio)
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_small_blocks(config, monkeypatch):
     """16-query and 16-key blocks: many blocks per window, windows starting mid-block, keys no query reaches."""
