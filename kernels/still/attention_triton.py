@@ -7,13 +7,16 @@ Backward: the states are recomputed rather than saved (`[B * N, H, F, Dv]` fp32,
 F = 2D); the query-side kernel, the shared recurrence carrying the state gradients in reverse, then the salient,
 linear and key-side kernels. Every matmul multiplies operands in the model dtype (q's; the other inputs are cast
 to it) into fp32 accumulators; states and statistics are fp32. No [T, T] matrix: a query chunk reads its own and
-the previous chunk's keys plus the listed salient keys.
+the previous chunk's keys plus the listed salient keys. The keys are taken minus their mean over the valid ones
+(`common.centring.centre_keys`; exact, each query's logits and their max move by one constant), so that a large
+component they share (a k_proj bias) does not multiply the rounding of dz in dq = dz k.
 """
 
 import warnings
 
 import torch
 
+from ..common.centring import centre_keys
 from ..common.chunk_state import ChunkLayout, chunk_layout, chunk_state_grads, chunk_states
 from ..common.launch import LOG2E, as_bytes, dot_precision, pow2
 from .attention_triton_bwd import (
@@ -185,6 +188,11 @@ def triton_still_attention(
         linear = linear & key_valid[..., None]
         key_valid = as_bytes(key_valid)
     slots, S = salient_slots(salient, chunk_size)
+    # the keys minus their mean, subtracted in fp32 (exact: the softmax part's logits of a query and their max move by
+    # one constant, and the linear part reads k_feat; common/centring.py): the query-side kernel rounds dz to the
+    # model dtype before dq = dz k, which cancels a large component the keys share (a k_proj bias): bf16 dq was
+    # 0.6 to 1.0 off
+    (k,) = centre_keys(k, key_valid)
     # one dtype for the matmul operands (a no-op in the usual case; autograd casts the gradients back)
     k, v, q_feat, k_feat, gate = (x.to(q.dtype) for x in (k, v, q_feat, k_feat, gate))
     q, k, v, q_feat, k_feat, gate = (x.contiguous() for x in (q, k, v, q_feat, k_feat, gate))
