@@ -297,7 +297,10 @@ def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM
         raise LinearizeError(
             f"the source weights do not fit the converted model: missing {missing}, unexpected {unexpected}"
         )
-    # Non-persistent buffers (rotary tables) are not in the state dict: take them from the source.
+    model.to(source_model.dtype)  # the parameters; the buffers are the source's, below
+    # Non-persistent buffers (rotary tables) are not in the state dict: take them from the source, after the cast
+    # and as they are. transformers keeps the rotary `inv_freq` in float32 in a bfloat16 model (and so does a
+    # converted folder as it loads): cast to bfloat16, RoPE's angles are up to 0.9 rad off at 2K tokens.
     for name, buffer in source_model.named_buffers():
         module_name, _, buffer_name = name.rpartition(".")
         model.get_submodule(module_name)._buffers[buffer_name] = buffer
@@ -305,7 +308,7 @@ def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM
     model.generation_config = copy.deepcopy(source_model.generation_config)
     # Gemma asks generate for its static "hybrid" cache; a converted model brings its own (LinearizeCache)
     model.generation_config.cache_implementation = None
-    return model.to(source_model.dtype).eval()
+    return model.eval()
 
 
 def keep_softmax_layers(model, config: LinearizeConfig):

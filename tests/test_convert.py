@@ -182,3 +182,25 @@ def test_library_arguments_in_the_forms_python_users_write(tmp_path):
         sources.load(str(folder), dtype="bf16")
     with pytest.raises(LinearizeError, match="'fp16' is not one of auto, float32, bfloat16, float16"):
         plan_conversion(model.config, str(folder), "liger", dtype="fp16")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_bfloat16_conversion_keeps_the_sources_rotary_tables_in_float32(family, tmp_path):
+    """transformers keeps the rotary `inv_freq` in float32 in a bfloat16 model; cast to bfloat16 it puts RoPE's
+    angles up to 0.9 rad off at 2K tokens (head dim 64). The converted model, which fine-tuning trains and selection
+    scores, must keep the source's tables: those of the folder it saves, as it loads."""
+    from linearize import sources
+    from linearize.convert import convert_model, save_model
+
+    source_model(family).save_pretrained(tmp_path / "src")
+    source = sources.load_model(str(tmp_path / "src"), dtype="bfloat16")
+    converted = convert_model(source, plan_conversion(source.config, "src", "liger").config)
+    assert converted.dtype == torch.bfloat16
+    buffers = {name: buffer.dtype for name, buffer in source.named_buffers()}
+    assert {dtype for name, dtype in buffers.items() if "inv_freq" in name} == {torch.float32}
+    assert {name: buffer.dtype for name, buffer in converted.named_buffers()} == buffers
+    save_model(converted, None, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    ids = torch.randint(3, 128, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, use_cache=False).logits, converted(ids, use_cache=False).logits)
