@@ -131,16 +131,26 @@ class MethodSettings:
     def from_saved(cls, saved: Mapping[str, Any], method: str):
         """The settings a converted config's `linearize` block stores. Parameters added since the folder was saved
         take their defaults (which are what the older code did), and keys this version does not know are ignored
-        with a warning."""
-        names = {p.name for p in cls.parameters()}
-        unknown = sorted(set(saved) - names - set(LAYOUT_KEYS))
+        with a warning. Each value is checked as a user's option is (a config.json may have been edited by hand:
+        a window of -3 failed later as a negative tensor size), named `linearize.window in the config`."""
+        params = {p.name: p for p in cls.parameters()}
+        unknown = sorted(set(saved) - set(params) - set(LAYOUT_KEYS))
         if unknown:
             warnings.warn(
                 f"the config's linearize block has settings that method '{method}' no longer takes "
                 f"({', '.join(unknown)}); they are ignored",
                 stacklevel=2,
             )
-        return cls(**{k: v for k, v in saved.items() if k in names})
+
+        def spell(name: str) -> str:
+            return f"linearize.{name} in the config"
+
+        values = {
+            name: p.default if saved[name] is None else _checked(p, saved[name], spell)
+            for name, p in params.items()
+            if name in saved
+        }
+        return cls(**values).checked(spell)
 
     def checked(self, spell: Callable[[str], str]):
         """Checks across fields and normalisations, after each field was checked alone: override to add them."""

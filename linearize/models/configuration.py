@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
+from ..errors import LinearizeError
 from ..methods import MethodSettings, get_method
 from .remote_code import AUTO_MAP, write_remote_code
 
@@ -30,6 +31,7 @@ OWN_FIELDS = (
     "auto_map",
     "transformers_version",
 )
+SOFTMAX_TYPES = ("full_attention", "sliding_attention")  # what a layer kept as softmax attention may be
 
 
 class LinearizeConfig(PreTrainedConfig):
@@ -83,6 +85,52 @@ class LinearizeConfig(PreTrainedConfig):
         """Nothing to register. Loading with remote code calls this so that saving copies the class's source file
         next to the weights, which for a class of an installed package fails (its relative imports are not
         files); `save_pretrained` writes the stubs that import the package instead."""
+
+    def check(self) -> None:
+        """Refuse a config that no conversion writes, naming the field and the fix: a converted folder's config.json
+        edited by hand failed deep inside the model (a TypeError, an IndexError, a negative tensor size), or loaded
+        a model other than the one its layer types describe (a layer listed as kept but typed as converted). What the
+        model is built from is checked: the `linearize` block, the method's settings and every layer's type."""
+        fix = (
+            "the config of a converted model (its folder's config.json) was edited or damaged: undo the edit, or "
+            "re-run the conversion (or fine-tuning) that made it"
+        )
+
+        def refuse(problem: str) -> None:
+            raise LinearizeError(f"{problem}; {fix}")
+
+        block, layers = self.linearize, self.num_hidden_layers
+        if not isinstance(block, dict):
+            refuse("the config has no linearize block (the method, its settings and the layers kept as softmax)")
+        if "method" not in block:
+            refuse("the config's linearize block names no method")
+        try:
+            method = get_method(block["method"])
+            self.settings  # noqa: B018 (read to check every value)
+        except LinearizeError as error:
+            refuse(str(error))
+        for name in ("layer_types", "source_layer_types"):
+            types = getattr(self, name)
+            if (types is not None or name == "layer_types") and len(types or ()) != layers:
+                refuse(f"the config lists {len(types or ())} {name} for its {layers} layers")
+        kept = block.get("softmax_layers")
+        if not isinstance(kept, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in kept):
+            refuse(f"linearize.softmax_layers must list the layers kept as softmax attention, got {kept!r}")
+        if not all(0 <= i < layers for i in kept):
+            refuse(f"linearize.softmax_layers {kept} names layers outside 0-{layers - 1}")
+        for i, layer_type in enumerate(self.layer_types):
+            if self.is_converted(i):
+                expected, role = method.layer_type, f"a layer converted by {method.name} is"
+            elif self.source_layer_types is not None:
+                expected, role = self.source_layer_types[i], "a layer kept as softmax attention has its source's type"
+            else:  # folders converted before source_layer_types was recorded: a kept layer is one of the two
+                expected = layer_type if layer_type in SOFTMAX_TYPES else SOFTMAX_TYPES[0]
+                role = "a layer kept as softmax attention is one of " + " or ".join(map(repr, SOFTMAX_TYPES)) + ", as"
+            if layer_type != expected:
+                refuse(
+                    f"layer_types disagree with linearize.softmax_layers: layer {i} is {layer_type!r}, and "
+                    f"{role} {expected!r}"
+                )
 
     @property
     def method(self) -> str:

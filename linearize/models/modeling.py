@@ -47,6 +47,7 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
     _is_stateful = True
 
     def __init__(self, config: LinearizeConfig):
+        config.check()  # a hand-edited config.json is named here, before it fails inside the layers
         super().__init__(config)
         family = get_family(config.base_model_type)
         layer_class = get_method(config.method).layer_class

@@ -1,4 +1,5 @@
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -362,6 +363,51 @@ def test_save_and_reload_reproduces_logits_exactly(family, tmp_path):
     assert reloaded.config.layer_types == model.config.layer_types
     assert "hybrid_sliding" in reloaded.config.layer_types
     assert reloaded.config.linearize["method"] == "liger"
+
+
+EDITS = {  # a hand edit of a converted folder's config.json -> what the error says
+    "window": (lambda c: c["linearize"].update(window=-3), "linearize.window in the config is the number of keys"),
+    "window-text": (lambda c: c["linearize"].update(window="8"), "linearize.window in the config is the number"),
+    "sinks": (lambda c: c["linearize"].update(sinks=8), "linearize.sinks in the config must be between 0 and window"),
+    "no-block": (lambda c: c.pop("linearize"), "has no linearize block (the method"),
+    "no-method": (lambda c: c["linearize"].pop("method"), "linearize block names no method"),
+    "no-layer-types": (lambda c: c.pop("layer_types"), "lists 0 layer_types for its 2 layers"),
+    "kept-layer-out-of-range": (
+        lambda c: c["linearize"].update(softmax_layers=[5]),
+        "linearize.softmax_layers [5] names layers outside 0-1",
+    ),
+    "kept-layer-typed-as-converted": (
+        lambda c: c["linearize"].update(softmax_layers=[0]),
+        "layer_types disagree with linearize.softmax_layers: layer 0 is 'hybrid_sliding'",
+    ),
+    "converted-layer-typed-as-kept": (
+        lambda c: c.update(layer_types=["full_attention", "hybrid_sliding"]),
+        "layer_types disagree with linearize.softmax_layers: layer 0 is 'full_attention'",
+    ),
+    "source-layer-types": (
+        lambda c: c.update(source_layer_types=["full_attention"]),
+        "lists 1 source_layer_types for its 2 layers",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_a_hand_edited_config_is_refused_by_name(edit, tmp_path):
+    """A converted folder whose config.json was edited into what no conversion writes fails to load with the field
+    and the fix named, not with a TypeError or IndexError from deep inside, a negative tensor size, or (a kept layer
+    the layer types call converted) a model that loads and computes something else than the folder says."""
+    import json
+
+    from linearize.errors import LinearizeError
+
+    converted_model("llama", "liger").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    change, message = EDITS[edit]
+    change(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LinearizeError, match=re.escape(message)) as error:
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert "re-run the conversion" in str(error.value)
 
 
 def test_trust_remote_code_load_in_a_fresh_process(tmp_path):
