@@ -46,6 +46,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 from ..cache_layers import StateCacheLayer, own
 from ..kernels.backend import outside_autocast
@@ -78,10 +79,10 @@ class NPMap(nn.Module):
     def reset_parameters(self) -> None:
         """A random reflection and W_h = identity, so that a model built from its config (`from_config`) starts
         from finite, norm-preserving maps; conversion sets its own values (`StillAttention.init_new_parameters`:
-        seeded, the k map a copy of the q map)."""
-        nn.init.normal_(self.householder)
-        with torch.no_grad():
-            self.linear.copy_(torch.eye(self.linear.shape[-1]).expand_as(self.linear))
+        seeded, the k map a copy of the q map). `from_pretrained` calls it too, through the model's `_init_weights`,
+        for maps the checkpoint lacks: transformers' initialisation functions leave the tensors it loaded alone."""
+        init.normal_(self.householder)
+        init.copy_(self.linear, torch.eye(self.linear.shape[-1]).expand_as(self.linear))
 
     @outside_autocast  # fp32 also under autocast, which would run the map's product in bfloat16
     def forward(self, x: torch.Tensor) -> torch.Tensor:

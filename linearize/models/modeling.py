@@ -40,6 +40,19 @@ class LinearizePreTrainedModel(PreTrainedModel):
         """Nothing to register: as `LinearizeConfig.register_for_auto_class`, whose `save_pretrained` writes the
         remote-code stubs every saved folder gets."""
 
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """transformers' initialisation (of what a checkpoint lacks, or of everything in `from_config`), then the
+        modules of linearize's layers that own parameters transformers does not know (STILL's NP-Maps) run their
+        `reset_parameters`, written with transformers' initialisation functions, which leave loaded tensors alone.
+        (`_init_weights` would not do: the decoder is the family's own model, whose `_init_weights` transformers
+        applies to every module inside it.) Without it, maps missing from a folder were uninitialised memory."""
+        super().initialize_weights()
+        layers = f"{__package__.rpartition('.')[0]}.layers."
+        for module in self.modules():
+            if type(module).__module__.startswith(layers) and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
 
 class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}

@@ -410,6 +410,28 @@ def test_a_hand_edited_config_is_refused_by_name(edit, tmp_path):
     assert "re-run the conversion" in str(error.value)
 
 
+def test_a_still_folder_missing_its_feature_maps_loads_them_as_from_config(tmp_path):
+    """STILL's NP-Maps are parameters transformers has no initialisation for: a folder that lacks them (an edited or
+    partial checkpoint) loaded them as uninitialised memory (1e-38 here, NaN in this test's scratch memory). They
+    take `NPMap.reset_parameters`' values, as `from_config` gives, and transformers reports them missing; the maps the
+    folder holds are loaded as saved."""
+    from safetensors.torch import load_file, save_file
+
+    model = converted_model("llama", "still")
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    kept = {name: tensor for name, tensor in weights.items() if "layers.0.self_attn.q_map" not in name}
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == {f"model.layers.0.self_attn.q_map.{name}" for name in ("householder", "linear")}
+    missing = reloaded.model.layers[0].self_attn.q_map
+    assert torch.isfinite(missing.householder).all() and missing.householder.abs().sum() > 0
+    assert torch.equal(missing.linear, torch.eye(16).expand(4, 16, 16))
+    for name, tensor in kept.items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    assert torch.isfinite(reloaded(torch.randint(3, 128, (1, 20))).logits).all()
+
+
 def test_trust_remote_code_load_in_a_fresh_process(tmp_path):
     """Every family's folder loads with trust_remote_code in a process that never imported linearize (one process
     for all: each start costs seconds); so does a folder written by transformers' own `save_pretrained`, before
