@@ -67,6 +67,16 @@ class LinearizeConfig(PreTrainedConfig):
     layer_types: list[str] | None = None
     source_layer_types: list[str] | None = None
     linearize: dict[str, Any] | None = None
+    use_cache: bool = True  # every source family's default
+
+    def __post_init__(self, **kwargs):
+        # transformers drops `use_cache` (a generation parameter too) from the fields of a config that does not
+        # declare it as a dataclass field, as the families' configs do: `config.use_cache` raised AttributeError,
+        # and a value set on the model's config (as Trainer does) was saved but never loaded
+        use_cache = kwargs.pop("use_cache", None)
+        super().__post_init__(**kwargs)
+        if use_cache is not None:
+            self.use_cache = use_cache
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Save as transformers does, with the remote-code stubs beside config.json and `auto_map` pointing at them

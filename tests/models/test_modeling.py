@@ -432,6 +432,21 @@ def test_a_still_folder_missing_its_feature_maps_loads_them_as_from_config(tmp_p
     assert torch.isfinite(reloaded(torch.randint(3, 128, (1, 20))).logits).all()
 
 
+def test_use_cache_is_the_sources_and_survives_a_save(tmp_path):
+    """`config.use_cache` reads as on the source's config (transformers dropped it from a config that does not
+    declare it, so reading it raised AttributeError), and a value set on the model's config is saved and loaded."""
+    from transformers import AutoConfig
+
+    model = converted_model("llama", "liger")
+    assert model.config.use_cache is True and model.config.to_dict()["use_cache"] is True
+    model.config.use_cache = False
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).use_cache is False
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.use_cache is False
+    assert cache_of(reloaded(torch.randint(3, 128, (1, 8)))) is None  # what its config says
+
+
 def test_trust_remote_code_load_in_a_fresh_process(tmp_path):
     """Every family's folder loads with trust_remote_code in a process that never imported linearize (one process
     for all: each start costs seconds); so does a folder written by transformers' own `save_pretrained`, before
