@@ -29,6 +29,7 @@ INTRO = (
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
+SENTENCES = re.findall(r"[^.]+\. ", FILLER)  # the filler's sentences, each with its closing space
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -46,13 +47,17 @@ def random_key(rng: random.Random) -> str:
 
 
 def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> PasskeyPrompt:
-    """A prompt of about `context` tokens with the needle after `depth` (0 = start, 1 = end) of the filler.
+    """A prompt of `context` tokens or up to a filler sentence fewer, with the needle after `depth` (0 = start, 1 =
+    end) of the filler.
+
+    The filler is as many of FILLER's sentences, in turn, as fit: counted in the whole prompt's tokens, since tokens
+    merge where pieces meet (most tokenizers join FILLER's closing space to the next sentence's first word, which
+    makes each repeat a token shorter than FILLER alone).
 
     Args:
         tokenizer: the model's tokenizer.
-        context: target prompt length in tokens; the result is within a few tokens of it (pieces are measured
-            apart, and tokens can merge where they meet).
-        depth: fraction of the filler placed before the needle.
+        context: prompt length in tokens, the tokenizer's special tokens included.
+        depth: fraction of the filler placed before the needle (rounded to a whole sentence).
         key: the 5-digit key.
 
     Returns:
@@ -60,18 +65,27 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> PasskeyPr
     """
     if not 0.0 <= depth <= 1.0:
         raise LinearizeError(f"passkey depth must be between 0 and 1, got {depth}")
-    fixed = sum(_length(tokenizer, part) for part in (INTRO, NEEDLE.format(key=key), QUESTION))
-    filler = _length(tokenizer, FILLER)
-    repeats = (context - fixed) // filler
-    if repeats < 1:
+
+    def ids(sentences: int) -> list[int]:
+        filler = [SENTENCES[i % len(SENTENCES)] for i in range(sentences)]
+        before = round(depth * sentences)
+        text = INTRO + "".join(filler[:before]) + NEEDLE.format(key=key) + "".join(filler[before:]) + QUESTION
+        return tokenizer(text).input_ids
+
+    shortest = len(ids(len(SENTENCES)))  # the instructions and one whole FILLER
+    if shortest > context:
         raise LinearizeError(
-            f"passkey context {context} is too short: the instructions alone take {fixed} tokens and the filler "
-            f"around the key at least {filler} more; give a context of at least {fixed + filler} tokens"
+            f"passkey context {context} is too short: the instructions and the filler around the key take at least "
+            f"{shortest} tokens; give a context of at least {shortest} tokens"
         )
-    before = round(depth * repeats)
-    text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (repeats - before) + QUESTION
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    return PasskeyPrompt(ids=ids, key=key, depth=depth)
+    # an estimate from a stretch of filler, then a sentence at a time to the most that fit
+    per_sentence = _length(tokenizer, FILLER * 8) / (8 * len(SENTENCES))
+    sentences = max(len(SENTENCES), len(SENTENCES) + int((context - shortest) / per_sentence))
+    while sentences > len(SENTENCES) and len(ids(sentences)) > context:
+        sentences -= 1
+    while len(ids(sentences + 1)) <= context:
+        sentences += 1
+    return PasskeyPrompt(ids=torch.tensor(ids(sentences)), key=key, depth=depth)
 
 
 def check_contexts(tokenizer, contexts: list[int]) -> None:

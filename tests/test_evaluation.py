@@ -113,6 +113,39 @@ def test_passkey_prompt_has_the_length_and_puts_the_needle_at_its_depth(tokenize
     assert abs(position - depth) <= filler / filler_chars / 2 + 1e-9  # rounded to a whole filler sentence
 
 
+def word_tokenizer():
+    """Words and punctuation as single tokens, a space joined to the word after it (GPT-2's pre-tokenizer, as most
+    BPE tokenizers cut text): text ending in a space takes one token more alone than before a word. Built in memory
+    over the passkey prompt's words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = INTRO + FILLER * 2 + NEEDLE.format(key="12345") + QUESTION
+    pieces = ["<pad>", "<s>", "</s>", "<unk>"] + sorted({piece for piece, _ in split.pre_tokenize_str(text)})
+    backend = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = split, decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_prompt_has_the_length_where_filler_tokens_merge(depth):
+    tokenizer = word_tokenizer()
+    alone = len(tokenizer(FILLER).input_ids)
+    assert len(tokenizer(FILLER * 2).input_ids) < 2 * alone  # "again. " + "The": the space joins the word
+    for context in (300, 1024, 2048):
+        prompt = passkey_prompt(tokenizer, context, depth, "12345")
+        # within a sentence of the filler (at most 6 tokens here), not short by a token per filler repeat
+        assert context - 6 <= len(prompt.ids) <= context, (context, len(prompt.ids))
+        text = tokenizer.decode(prompt.ids)
+        assert text.startswith(INTRO) and text.endswith(QUESTION) and text.count("12345") == 2
+        filler_chars = len(text) - len(INTRO) - len(NEEDLE.format(key="12345")) - len(QUESTION)
+        position = (text.index("The pass key") - len(INTRO)) / filler_chars
+        assert abs(position - depth) <= 25 / filler_chars  # a sentence
+
+
 def test_passkey_prompt_errors(tokenizer):
     shortest = sum(map(len, (INTRO, NEEDLE.format(key="12345"), QUESTION, FILLER)))  # one token per character
     with pytest.raises(LinearizeError, match=f"too short: .* give a context of at least {shortest} tokens"):
