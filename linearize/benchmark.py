@@ -32,19 +32,23 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .cache_layers import StateCacheLayer
 from .compat import CACHE_ARG, OUTPUT_CACHE_FIELD
 
 
 def cache_bytes(cache) -> int:
-    """Bytes a cache holds: `nbytes()` of a LinearizeCache, or the keys and values of a transformers cache."""
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
-    total = 0
+    """Bytes a cache holds: `nbytes()` of a converted layer, and the storage of a transformers layer's keys and
+    values (each storage once). A sliding-window layer keeps the last window - 1 tokens of a prefill as a view of the
+    whole prefill's keys and values, so right after the prefill it holds every prefilled token, not its window."""
+    total, storages = 0, {}
     for layer in cache.layers:
+        if isinstance(layer, StateCacheLayer):
+            total += layer.nbytes()
+            continue
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return total + sum(storages.values())
 
 
 def _sync(device: torch.device) -> None:

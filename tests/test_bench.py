@@ -8,10 +8,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from linearize.benchmark import bench_rows, measure, peak_memory, run_bench
+from linearize.benchmark import bench_rows, cache_bytes, measure, peak_memory, run_bench
 from linearize.cli import app
 from linearize.comparison import counted
-from tests.tiny import converted_model, source_folder, source_model
+from tests.tiny import cache_of, converted_model, source_folder, source_model
 
 runner = CliRunner()
 CONTEXTS = [16, 48]
@@ -74,6 +74,20 @@ def test_converted_cache_is_constant_and_the_original_grows(result):
     assert liger[0] == liger[1]
     # keys and values of 2 layers x 2 KV heads x 16 dims in fp32, per prefilled token
     assert original == [2 * 2 * 2 * 16 * 4 * c for c in CONTEXTS]
+
+
+def test_cache_bytes_count_what_a_sliding_window_layer_still_holds_after_the_prefill():
+    """transformers' sliding-window layer keeps the last window - 1 tokens of a prefill as a view of the whole
+    prefill's keys and values: the storage of every prefilled token stays held until the next step."""
+    ids = torch.randint(3, 128, (1, 48))
+    every_token = 2 * 2 * 32 * 4 * 48  # keys and values of 2 KV heads x 32 dims in fp32, per prefilled token
+    for model in (source_model("gemma2"), converted_model("gemma2", "liger")):  # layer 0 slides over 8 tokens
+        with torch.inference_mode():
+            cache = cache_of(model(input_ids=ids, use_cache=True))
+        sliding, other = cache.layers
+        assert sliding.keys.shape[-2] == 7 and sliding.keys.untyped_storage().nbytes() == every_token / 2
+        other_bytes = every_token if hasattr(other, "keys") and other.keys is not None else other.nbytes()
+        assert cache_bytes(cache) == every_token + other_bytes
 
 
 def test_peak_memory_counts_tensors_alive_at_once():
