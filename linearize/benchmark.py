@@ -2,8 +2,9 @@
 per context length (what `linearize bench` and `benchmarks/speed_vs_original.py` report).
 
 Timing: for each context C every model prefills the same C random tokens `repeats` times, alternating between
-the models, and its median run counts; then each model decodes from its cache in `repeats` runs of `decode_tokens`
-single-token steps, again alternating between the models, and the median of its runs' median steps counts. A run
+the models, and its median run counts; each round of prefills is followed by a decode run of each model from its
+prefill's cache, the same `decode_tokens` single-token steps (every run times the steps right after C tokens, not
+after the runs before it), again alternating between the models, and the median of its runs' median steps counts. A run
 is never interrupted by another model's steps (the original streams its whole KV cache every step, which would slow
 the next model's first steps), and alternating the runs spreads each model's steps over the same stretch of time, so a
 slow spell of a shared machine falls on every model alike. The fastest run and step are kept beside them (on a
@@ -118,7 +119,8 @@ def timed_forward(model, ids: torch.Tensor, cache=None, **kwargs):
 
 @torch.inference_mode()
 def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, seed: int = 0) -> dict:
-    """Prefill `context` tokens, then decode `decode_tokens` steps, for every model on the same tokens.
+    """Prefill `context` tokens, then decode `decode_tokens` steps from that prefill's cache, `repeats` times, for
+    every model on the same tokens.
 
     Args:
         models: label -> model; all take the same token ids (the smallest vocabulary bounds them).
@@ -137,37 +139,36 @@ def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, se
     if min(context, decode_tokens, repeats) < 1:
         raise ValueError(f"context, decode_tokens and repeats must be >= 1, got {context}, {decode_tokens}, {repeats}")
     vocab = min(model.config.vocab_size for model in models.values())
-    decoded = repeats * decode_tokens
     low = min(100, vocab // 2)  # above the special tokens that low ids usually are
-    ids = torch.randint(low, vocab, (1, context + decoded), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(low, vocab, (1, context + decode_tokens), generator=torch.Generator().manual_seed(seed))
     prefill, caches, peaks = {name: [] for name in models}, {}, {}
     for name, model in models.items():
         with peak_memory(model.device) as peak:
             model(input_ids=ids[:, :context].to(model.device), use_cache=True, logits_to_keep=1)
         peaks[name] = peak.bytes
-    for _ in range(repeats):
+    held, runs = {}, {name: [] for name in models}  # cache bytes after the prefill; each decode run's steps (s)
+    for _ in range(repeats):  # a round: each model's prefill in turn, then each one's decode run from its prefill
         for name, model in models.items():
             caches[name] = None  # free the previous run's cache before timing the next
             seconds, caches[name] = timed_forward(model, ids[:, :context], logits_to_keep=1)
             prefill[name].append(seconds)
+            held[name] = cache_bytes(caches[name])
+        for name, model in models.items():
+            steps = []
+            for t in range(context, context + decode_tokens):
+                seconds, caches[name] = timed_forward(model, ids[:, t : t + 1], caches[name])
+                steps.append(seconds)
+            runs[name].append(steps)
     results = {
         name: {
             "prefill_tok_s": context / statistics.median(prefill[name]),
             "prefill_fastest_tok_s": context / min(prefill[name]),
             "prefill_runs_tok_s": [context / seconds for seconds in prefill[name]],
-            "cache_bytes": cache_bytes(caches[name]),
+            "cache_bytes": held[name],
             "peak_bytes": peaks[name],
         }
         for name in models
     }
-    runs = {name: [] for name in models}  # each decode run's steps, in seconds
-    for start in range(context, context + decoded, decode_tokens):
-        for name, model in models.items():
-            steps = []
-            for t in range(start, start + decode_tokens):
-                seconds, caches[name] = timed_forward(model, ids[:, t : t + 1], caches[name])
-                steps.append(seconds)
-            runs[name].append(steps)
     for name, steps in runs.items():
         results[name]["decode_runs_ms"] = [1000 * statistics.median(run) for run in steps]
         results[name]["decode_ms"] = statistics.median(results[name]["decode_runs_ms"])

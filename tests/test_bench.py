@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from linearize.benchmark import bench_rows, cache_bytes, measure, peak_memory, run_bench
 from linearize.cli import app
 from linearize.comparison import counted
+from linearize.compat import CACHE_ARG
 from tests.tiny import cache_of, converted_model, source_folder, source_model
 
 runner = CliRunner()
@@ -57,6 +58,21 @@ def test_models_alternate_in_prefill_runs_and_in_uninterrupted_decode_runs():
         assert len(runs) == 3 and len(numbers["prefill_runs_tok_s"]) == 3
         assert numbers["decode_ms"] == sorted(runs)[1]  # the median run
         assert numbers["prefill_tok_s"] == sorted(numbers["prefill_runs_tok_s"])[1]
+
+
+def test_every_decode_run_steps_from_the_prefill_of_the_context():
+    models = {"liger": converted_model("llama", "liger"), "original": source_model("llama")}
+    starts = {label: [] for label in models}  # tokens cached before each decode step, per model
+
+    def record(label, kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            starts[label].append(kwargs[CACHE_ARG].get_seq_length())
+
+    for label, model in models.items():
+        model.register_forward_pre_hook(lambda _, args, kwargs, label=label: record(label, kwargs), with_kwargs=True)
+    measure(models, context=12, decode_tokens=3, repeats=3)
+    for label in models:  # each run times the same steps after a prefill of 12 tokens, not after the previous runs
+        assert starts[label] == [12, 13, 14] * 3, label
 
 
 def test_measure_takes_a_small_vocabulary_and_refuses_empty_runs():
