@@ -238,8 +238,10 @@ def eval_rows(results: dict[str, dict], same_tokens: bool = True) -> tuple[list[
                 label += f", chance {chance:.0%}"
             rows.append([label] + [f"{r['passkey']['contexts'][context][field]:.0%}" for r in results.values()])
     for task, metrics in first.get("lm_eval", {}).items():
-        for metric in metrics:
-            rows.append([f"lm-eval {task} {metric}"] + [f"{r['lm_eval'][task][metric]:.4g}" for r in results.values()])
+        items = metrics.get("sample_len")  # not a metric (a metric's name is "metric,filter"): the items scored
+        for metric in (name for name in metrics if "," in name):
+            label = f"lm-eval {task} {metric}" + (f" ({counted(items, 'item')})" if items is not None else "")
+            rows.append([label] + [f"{r['lm_eval'][task][metric]:.4g}" for r in results.values()])
     return ["metric", *labels], rows
 
 
