@@ -12,6 +12,9 @@ import functools
 import importlib.util
 import json
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +23,11 @@ from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
 from .errors import LinearizeError
+
+try:
+    import fcntl
+except ImportError:  # Windows: two first uses at once each build the cache, and the later one's copy stays
+    fcntl = None
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub id it was quantised from, for model cards
@@ -96,20 +104,53 @@ def embedded_model_folder() -> Path:
     from .outputs import atomic_folder  # outputs imports this module
 
     gguf_folder = _embedded_gguf_folder()
-    # force: a folder there without config.json is an incomplete cache
-    with atomic_folder(folder, force=True) as staging:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=_EMBEDDED_GGUF)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=_EMBEDDED_GGUF, dtype=torch.float32)
-        # GGUF-loaded models refuse save_pretrained; rebuild a plain model of the same class from the same config.
-        fields = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
-        config = type(quantized.config)(**fields)
-        config.dtype = torch.bfloat16
-        plain = type(quantized)(config)
-        plain.load_state_dict(quantized.state_dict())
-        plain.generation_config = quantized.generation_config
-        plain.to(torch.bfloat16).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    with _building(folder):
+        if not (folder / "config.json").exists():  # built by another process while this one waited
+            # force: a folder there without config.json is an incomplete cache
+            with atomic_folder(folder, force=True) as staging:
+                _write_embedded(gguf_folder, staging)
     return folder
+
+
+@contextmanager
+def _building(folder: Path) -> Iterator[None]:
+    """Hold the lock on building `folder`, so that two processes using the embedded model for the first time at once
+    (two terminals, pytest-xdist workers) build it once: the second waits for the first's copy rather than building
+    its own and swapping it in under the first, which may be reading it. The lock is a file beside the folder, which
+    the system releases when its holder exits, however it exits."""
+    lock_file = folder.with_name(f".{folder.name}.lock")
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_file, "a")  # noqa: SIM115 (held open for the lock's lifetime)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise LinearizeError(
+            f"cannot create the embedded model's cache in '{lock_file.parent}': {reason}. Set LINEARIZE_CACHE to a "
+            "folder you can write to, or pass a model (hub id or local folder)"
+        ) from None
+    with handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"Waiting for another process to build the embedded model's cache ({folder})", file=sys.stderr)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _write_embedded(gguf_folder: Path, staging: Path) -> None:
+    """Dequantise the embedded GGUF into `staging` as a bf16 safetensors model folder with its tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=_EMBEDDED_GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=_EMBEDDED_GGUF, dtype=torch.float32)
+    # GGUF-loaded models refuse save_pretrained; rebuild a plain model of the same class from the same config.
+    fields = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+    config = type(quantized.config)(**fields)
+    config.dtype = torch.bfloat16
+    plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    plain.to(torch.bfloat16).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
 
 
 def _offline() -> bool:

@@ -3,6 +3,8 @@ the fix (exit code 1), never a traceback."""
 
 import json
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -319,3 +321,41 @@ def test_help_says_model_is_optional(command):
     assert result.exit_code == 0
     assert "[options] [model]" in result.output.lower()  # optional: in brackets
     assert "Omit it for the embedded SmolLM2" in " ".join(result.output.replace("│", " ").split())
+
+
+# -- 7. the embedded model's cache ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_embedded(tmp_path, monkeypatch):
+    """The embedded cache under tmp_path, built by a stand-in for the dequantisation that takes a moment; yields the
+    list of the staging folders it built."""
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sources, "_embedded_gguf_folder", lambda: tmp_path)
+    builds = []
+
+    def write_embedded(gguf_folder, staging):
+        builds.append(staging)
+        time.sleep(0.3)
+        (staging / "config.json").write_text(json.dumps({"model_type": "llama", "built": len(builds)}))
+
+    monkeypatch.setattr(sources, "_write_embedded", write_embedded)
+    return builds
+
+
+def test_two_first_uses_at_once_build_the_embedded_cache_once(fake_embedded):
+    # two terminals, or two pytest-xdist workers: the second waits for the first's copy instead of building its own
+    # and swapping it in under the first, which may be reading it
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: sources.embedded_model_folder(), range(2)))
+    assert folders[0] == folders[1] == sources.cache_root() / sources.EMBEDDED_NAME
+    assert len(fake_embedded) == 1
+    assert json.loads((folders[0] / "config.json").read_text())["built"] == 1
+
+
+def test_an_embedded_cache_that_cannot_be_written_names_linearize_cache(fake_embedded, tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "a-file"))
+    with pytest.raises(LinearizeError, match="embedded model's cache .* Set LINEARIZE_CACHE to a folder you can write"):
+        sources.embedded_model_folder()
+    assert fake_embedded == []
