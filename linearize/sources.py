@@ -47,7 +47,11 @@ def hide_progress_bars() -> None:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LINEARIZE_CACHE", Path.home() / ".cache" / "linearize"))
+    """`$LINEARIZE_CACHE`, else ~/.cache/linearize. Set but empty counts as unset, as XDG's variables do (Path("")
+    would be the current folder), and a leading ~ is expanded (quoted in a CI file or a Dockerfile's ENV, no shell
+    did it)."""
+    configured = os.environ.get("LINEARIZE_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "linearize"
 
 
 def _embedded_gguf_folder() -> Path:

@@ -359,3 +359,12 @@ def test_an_embedded_cache_that_cannot_be_written_names_linearize_cache(fake_emb
     with pytest.raises(LinearizeError, match="embedded model's cache .* Set LINEARIZE_CACHE to a folder you can write"):
         sources.embedded_model_folder()
     assert fake_embedded == []
+
+
+@pytest.mark.parametrize("value", ["", "~/elsewhere"])
+def test_linearize_cache_set_empty_or_with_a_tilde_is_not_the_current_folder(value, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LINEARIZE_CACHE", value)
+    expected = tmp_path / "home" / (".cache/linearize" if value == "" else "elsewhere")
+    assert sources.cache_root() == expected
