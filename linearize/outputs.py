@@ -81,7 +81,7 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
         try:
             yield staging
             _follow_umask(staging)
-            _move_into_place(staging, out)
+            _move_into_place(staging, out, force)
         except BaseException:
             _remove(staging)
             raise
@@ -253,10 +253,21 @@ def _write_errors(out: Path) -> Iterator[None]:
         ) from None
 
 
-def _move_into_place(staging: Path, out: Path) -> None:
+def _move_into_place(staging: Path, out: Path, force: bool) -> None:
+    """Rename `staging` to `out`. Another run into the same output may have moved its own there since this one
+    started (two `convert -o SAME` at once), even between the look and the rename: only `force` replaces it."""
     if not out.exists():
-        os.replace(staging, out)
-        return
+        try:
+            os.replace(staging, out)
+            return
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    if not force:
+        raise LinearizeError(
+            f"output folder '{out}' already exists: another run saved it while this one was writing. It is kept and "
+            "this run's output discarded; pass --force to replace it, or choose another output folder"
+        )
     retired = _sibling(out, _RETIRED)
     os.replace(out, retired)
     try:

@@ -1,6 +1,7 @@
 """Output safety of `linearize convert`: refused outputs, write failures, killed runs and folder modes. Every
 failure must end with a clear error, a non-zero exit and nothing lost."""
 
+import contextlib
 import errno
 import os
 import stat
@@ -19,6 +20,7 @@ import linearize.convert
 import linearize.outputs
 from linearize import sources
 from linearize.cli import app
+from linearize.errors import LinearizeError
 from tests.tiny import source_folder
 
 runner = CliRunner()
@@ -340,3 +342,42 @@ def test_a_file_written_whole_by_two_threads_at_once_is_one_of_theirs(tmp_path):
         other.join()
         assert path.read_text() == "second"
     assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_an_output_another_run_saved_meanwhile_is_kept_without_force(source, tmp_path, monkeypatch):
+    """Two `convert -o SAME` at once: the later to finish must not replace what the earlier saved (only --force
+    replaces an output), and says so."""
+    out = tmp_path / "out"
+
+    def another_run_saves_first(self, folder, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"ours")
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"theirs")
+
+    monkeypatch.setattr(linearize.convert.LinearizeForCausalLM, "save_pretrained", another_run_saves_first)
+    result = invoke("convert", source, "--window", 8, "-o", out)
+    assert result.exit_code == 1, result.output
+    assert "already exists" in " ".join(result.output.split())
+    assert files(out) == {"model.safetensors": b"theirs"} and list(tmp_path.iterdir()) == [out]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_an_output_another_run_moves_into_place_at_the_same_moment(force, tmp_path, monkeypatch):
+    """The other run's rename comes between this one's look and its own rename: without force this one is refused
+    as above; with force it replaces the other's output as it would have a moment later, rather than failing on
+    'Directory not empty'."""
+    out, replace, moved = tmp_path / "out", os.replace, []
+
+    def the_other_run_first(source, target):
+        if Path(target) == out and not moved:
+            moved.append(out)
+            out.mkdir()
+            (out / "theirs").write_text("")
+        replace(source, target)
+
+    monkeypatch.setattr(linearize.outputs.os, "replace", the_other_run_first)
+    refused = pytest.raises(LinearizeError, match="already exists") if not force else contextlib.nullcontext()
+    with refused, linearize.outputs.atomic_folder(out, force=force) as staging:
+        (staging / "ours").write_text("")
+    kept = "ours" if force else "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == [kept]
