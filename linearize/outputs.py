@@ -73,7 +73,7 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     existing `out` is replaced only with `force`). Write errors become LinearizeErrors that say what to do."""
     out = Path(out)
     check_replaceable(out, force)
-    with _write_errors(out):
+    with write_errors(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out.parent)
         staging = _sibling(out, _STAGING)
@@ -96,7 +96,7 @@ def replaced_when_done(out: Path, force: bool = False) -> Iterator[None]:
     out = Path(out)
     check_replaceable(out, force)
     retired = None
-    with _write_errors(out):
+    with write_errors(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out.parent)
         if out.exists():
@@ -234,7 +234,8 @@ def check_writable(out: Path, written_into: bool = False, what: str = "output fo
 
 
 @contextmanager
-def _write_errors(out: Path) -> Iterator[None]:
+def write_errors(out: Path) -> Iterator[None]:
+    """Turn a failed write into `out` (a folder) into a LinearizeError that names the cause and what to do."""
     try:
         yield
     except (OSError, SafetensorError) as error:

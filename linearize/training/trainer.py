@@ -26,7 +26,7 @@ from ..errors import LinearizeError
 from ..families import get_family
 from ..hub import check_can_push
 from ..layers.base import LinearizedAttention
-from ..outputs import atomic_folder, delete_folder
+from ..outputs import atomic_folder, delete_folder, write_errors, write_file
 from ..selection import LayerSelection, select_layers
 from .checkpoint import (
     RECIPE_FILE,
@@ -559,8 +559,10 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
             if world.is_main:
                 if recipe.model.name is None and world.distributed:
                     sources.embedded_model_folder()  # built once, before the other processes read it
-                run.mkdir(parents=True, exist_ok=True)
-                (run / RECIPE_FILE).write_text(resolved_yaml(recipe))
+                # whole or not at all: a cut-short rewrite on resuming would make the checkpoints another recipe's
+                with write_errors(run):
+                    run.mkdir(parents=True, exist_ok=True)
+                    write_file(run / RECIPE_FILE, resolved_yaml(recipe))
         if resume_from is None:  # rows of an earlier attempt that reached no checkpoint would be read as this run's
             reporter.truncate_metrics(0)
         trainer = Trainer(recipe, world, reporter, run)

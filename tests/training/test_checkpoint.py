@@ -339,3 +339,29 @@ def test_optimizer_states_of_other_parameters_are_refused_by_name():
     now = torch.optim.AdamW([torch.zeros(2, requires_grad=True)])
     with pytest.raises(LinearizeError, match="trained other parameters than this stage trains"):
         checkpoint_module.load_optimizer_states(None, [now], [earlier.state_dict()], sharded=False)
+
+
+def test_a_full_disk_when_a_resume_starts_keeps_the_run_resumable(workspace, tmp_path, monkeypatch):
+    """Each start rewrites the run's recipe file: a write cut short there (a full disk) must leave the file that
+    says whose checkpoints these are as it was, or every later --resume refuses them as another recipe's."""
+    recipe = write_recipe(workspace, tmp_path)
+    assert invoke("finetune", recipe, "stages.1.max_steps=4", "training.checkpoint_every=2").exit_code == 0
+    saved = (tmp_path / "run" / "linearize_recipe.yaml").read_text()
+    write_text = Path.write_text
+
+    def disk_full_for_the_recipe(self, text, *args, **kwargs):
+        if "linearize_recipe.yaml" not in self.name or self.parent != tmp_path / "run":
+            return write_text(self, text, *args, **kwargs)
+        with open(self, "w") as file:
+            file.write(text[:10])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", disk_full_for_the_recipe)
+    result = invoke("finetune", recipe, "stages.1.max_steps=4", "training.checkpoint_every=2", "--resume")
+    monkeypatch.undo()
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "the disk is full" in " ".join(result.output.split())
+    assert (tmp_path / "run" / "linearize_recipe.yaml").read_text() == saved
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []
+    result = invoke("finetune", recipe, "stages.1.max_steps=4", "training.checkpoint_every=2", "--resume")
+    assert result.exit_code == 0, result.output
