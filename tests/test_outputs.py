@@ -275,6 +275,25 @@ def test_convert_killed_while_saving_loses_nothing_and_the_next_run_cleans_up(so
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "second"]
 
 
+def test_convert_terminated_while_saving_cleans_up_as_on_ctrl_c(source, tmp_path):
+    """SIGTERM is how `timeout`, CI cancels, `docker stop` and schedulers stop a run: it must not leave a staging
+    folder (the size of the model) behind as SIGKILL has to."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", _HANG_IN_SAVE, "convert", str(source), "-o", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(".out.linearize-tmp-*/saved", tmp_path, process)
+        process.terminate()
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr and "terminated (SIGTERM): interrupted; no output folder was written" in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_retired_by_a_killed_run_is_put_back_and_live_runs_are_left_alone(source, tmp_path):
     out = tmp_path / "out"
     assert invoke("convert", source, "-o", out).exit_code == 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -42,24 +44,49 @@ def exits_on_error(interrupted: str | None = None, also: tuple[type[Exception], 
 
     With `interrupted`, Ctrl-C exits 130 with that message: what the command leaves behind when stopped. A
     KeyboardInterrupt that carries a message of its own is printed as that message instead: the library function
-    that re-raised it knew better what was left undone."""
+    that re-raised it knew better what was left undone. SIGTERM (`timeout`, a CI cancel, `docker stop`, a scheduler)
+    stops such a command as Ctrl-C does, cleaning up alike, and exits 143."""
     caught = (LinearizeError, *also)
 
     def decorate(command: Callable) -> Callable:
         @functools.wraps(command)  # Typer reads the options from the signature that `wraps` passes on
         def run(*args, **kwargs):
+            terminated = []
             try:
-                return command(*args, **kwargs)
+                with _sigterm_interrupts(terminated, enabled=interrupted is not None):
+                    return command(*args, **kwargs)
             except (*caught, *_kernel_errors()) as error:
                 raise fail(str(error)) from None
             except KeyboardInterrupt as interrupt:
                 if interrupted is None:
                     raise
+                if terminated:
+                    raise fail(f"terminated (SIGTERM): {str(interrupt) or interrupted}", 143) from None
                 raise fail(str(interrupt) or interrupted, 130) from None
 
         return run
 
     return decorate
+
+
+@contextmanager
+def _sigterm_interrupts(terminated: list, enabled: bool) -> Iterator[None]:
+    """While the body runs, SIGTERM raises KeyboardInterrupt where the command is (and is noted in `terminated`),
+    so that its staging folders are removed as on Ctrl-C rather than left behind as a kill leaves them. Only in the
+    main thread, where Python runs signal handlers (a library caller may run a command elsewhere)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _kernel_errors() -> tuple[type[Exception], ...]:
