@@ -284,6 +284,11 @@ def _check_not_quantized(source_config, source: str) -> None:
 
 def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM:
     """Build the converted model around the source model's own tensors (no copy) and return it."""
+    if getattr(config, "tie_word_embeddings", False) and not _shares_embeddings(source_model):
+        # transformers loads a checkpoint that stores its own lm_head untied whatever its config says (it warns):
+        # tied here, the converted model would replace that head by the embeddings
+        config = copy.deepcopy(config)
+        config.tie_word_embeddings = False
     with torch.device("meta"):
         model = LinearizeForCausalLM(config)
     missing, unexpected = model.load_state_dict(source_model.state_dict(), strict=False, assign=True)
@@ -309,6 +314,11 @@ def convert_model(source_model, config: LinearizeConfig) -> LinearizeForCausalLM
     # Gemma asks generate for its static "hybrid" cache; a converted model brings its own (LinearizeCache)
     model.generation_config.cache_implementation = None
     return model.eval()
+
+
+def _shares_embeddings(model) -> bool:
+    head = model.get_output_embeddings()
+    return head is None or head.weight is model.get_input_embeddings().weight
 
 
 def keep_softmax_layers(model, config: LinearizeConfig):

@@ -204,3 +204,27 @@ def test_a_bfloat16_conversion_keeps_the_sources_rotary_tables_in_float32(family
     ids = torch.randint(3, 128, (1, 30))
     with torch.no_grad():
         assert torch.equal(reloaded(ids, use_cache=False).logits, converted(ids, use_cache=False).logits)
+
+
+def test_a_head_the_source_loads_untied_stays_untied(tmp_path):
+    """A checkpoint whose config says tie_word_embeddings but which stores its own lm_head (fine-tunes that trained
+    the head, hand-edited configs) loads untied in transformers; the converted model must keep that head, in memory
+    and as its folder loads back."""
+    import json
+
+    from linearize import sources
+    from linearize.convert import convert_model, save_model
+
+    source_model("mistral").save_pretrained(tmp_path / "src")  # untied: its own lm_head tensor
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    source = sources.load_model(str(tmp_path / "src"))
+    assert source.lm_head.weight is not source.model.embed_tokens.weight
+    converted = convert_model(source, plan_conversion(source.config, "src", "parallax").config)
+    save_model(converted, None, tmp_path / "out")
+    ids = torch.randint(3, 128, (1, 30))
+    with torch.no_grad():
+        expected = source(ids).logits
+        torch.testing.assert_close(converted(ids, use_cache=False).logits, expected)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+        torch.testing.assert_close(reloaded(ids, use_cache=False).logits, expected)
