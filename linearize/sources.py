@@ -359,8 +359,26 @@ def load_model(model: str | None, dtype: str = "auto", device: str = "cpu", revi
     """Load the source model alone, onto `device` (as `pick_device` takes it: checked before the weights load)."""
     device = pick_device(device)
     source, name = resolve(model), model or EMBEDDED_NAME
-    loaded = _from_pretrained(AutoModelForCausalLM, source, name, dtype=torch_dtype(dtype), revision=revision)
+    loaded, info = _from_pretrained(
+        AutoModelForCausalLM, source, name, dtype=torch_dtype(dtype), revision=revision, output_loading_info=True
+    )
+    _check_nothing_random(loaded, info["missing_keys"], name)
     return loaded.to(device).eval()
+
+
+def _check_nothing_random(loaded, missing: set[str], name: str) -> None:
+    """Refuse a source whose checkpoint lacks weights of its causal LM, which transformers initialises at random and
+    only warns about: a classifier's or a bare decoder's checkpoint has no lm_head. A converted folder may lack the
+    parameters its method adds (its model initialises those as at conversion)."""
+    if not missing or getattr(loaded.config, "model_type", None) == "linearize":
+        return
+    named = ", ".join(sorted(missing)[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    architectures = ", ".join(getattr(loaded.config, "architectures", None) or []) or "no architectures named"
+    raise LinearizeError(
+        f"'{name}' has no weights for {named}, which {type(loaded).__name__} needs (its config: {architectures}); "
+        "transformers would fill them with random values. Give the causal LM (a *ForCausalLM checkpoint with its "
+        "lm_head), not a classifier, a bare decoder or a partial checkpoint"
+    )
 
 
 def _load_tokenizer(source: str, name: str, revision: str | None, fix: str | None):

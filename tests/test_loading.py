@@ -238,6 +238,20 @@ def test_a_converted_folder_is_not_converted_again(converted, tmp_path):
     fails_with(result, "already converted by linearize", "the model it came from")
 
 
+@pytest.mark.parametrize("head", ["LlamaForSequenceClassification", "LlamaModel"])
+def test_a_checkpoint_without_a_language_model_head_is_refused(head, tmp_path):
+    """A classifier or a bare decoder loads into AutoModelForCausalLM with a random lm_head (transformers only warns):
+    converted, it would predict tokens with that random layer."""
+    import transformers
+
+    config = source_model("llama").config
+    config.tie_word_embeddings = False
+    getattr(transformers, head)(config).save_pretrained(tmp_path / "src")
+    result = invoke("convert", tmp_path / "src", "-o", tmp_path / "out")
+    fails_with(result, f"'{tmp_path / 'src'}' has no weights for lm_head.weight", head, "the causal LM")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_folder_without_weights_is_not_a_hub_problem(converted, tmp_path):
     folder = shutil.copytree(converted, tmp_path / "no-weights")
     (folder / "model.safetensors").unlink()
