@@ -18,7 +18,7 @@ import torch
 
 from . import sources
 from .errors import LinearizeError
-from .families import CONVERT_LAYERS, get_family
+from .families import CONVERT_LAYERS, FAMILIES, UnsupportedModelError, get_family
 from .generation import load_for_inference
 from .hub import check_can_push, check_repo_id
 from .layers.base import LinearizedAttention
@@ -234,6 +234,7 @@ def plan_conversion(
     sliding-window layers are converted too; those it leaves are kept, as softmax layers. `dtype` is the dtype the
     weights will load in ("auto": the config's), for the cache sizes. `spell` names an option in messages: the CLI
     flag by default, a recipe passes its keys."""
+    _check_text_only(source_config, source)
     get_family(source_config.model_type)
     _check_not_quantized(source_config, source)
     if isinstance(softmax_layers, list | tuple):
@@ -267,6 +268,19 @@ def plan_conversion(
     dtype_bytes = torch.finfo(torch_dtype).bits // 8 if isinstance(torch_dtype, torch.dtype) else 4
     return ConversionPlan(
         source, config, _count_parameters(unconverted), _count_parameters(config), dtype_bytes, sliding
+    )
+
+
+def _check_text_only(source_config, source: str) -> None:
+    """A multimodal checkpoint (LLaVA, Mistral 3, Gemma 3 from 4B) wraps a language model of a supported family, and
+    its own model_type is not one: name the language model, where `get_family` would ask for a new adapter."""
+    text_type = getattr(getattr(source_config, "text_config", None), "model_type", None)
+    if source_config.model_type in FAMILIES or text_type not in FAMILIES:
+        return
+    raise UnsupportedModelError(
+        f"'{source}' is a multimodal model ({source_config.model_type}) around a {text_type} language model, and "
+        f"linearize converts text-only causal LMs: convert a text-only {text_type} checkpoint (its language model "
+        "saved alone as a *ForCausalLM, with its lm_head)"
     )
 
 

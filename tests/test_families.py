@@ -35,6 +35,16 @@ def test_a_multimodal_gemma3_says_which_gemma3_converts():
         get_family("gemma3")
 
 
+@pytest.mark.parametrize("wrapper", ["LlavaConfig", "Mistral3Config", "Gemma3Config"])
+def test_a_multimodal_model_names_its_language_model(wrapper):
+    import transformers
+
+    config = getattr(transformers, wrapper)()
+    text = config.text_config.model_type
+    with pytest.raises(UnsupportedModelError, match=rf"multimodal model .* around a {text} language model"):
+        plan_conversion(config, "org/vlm", "liger")
+
+
 def _logits(model, ids, **kwargs):
     with torch.no_grad():
         return model(ids, use_cache=False, **kwargs).logits
