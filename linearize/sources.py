@@ -208,11 +208,25 @@ def check_model_folder(folder: Path) -> None:
     file's size). No weights are read."""
     if folder.is_file():  # e.g. the folder's config.json, or a single .safetensors file
         raise LinearizeError(f"'{folder}' is a file, not a model folder: give the folder that holds it")
+    if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+        raise LinearizeError(
+            f"'{folder}' is a PEFT adapter of {_adapter_base(folder)}, not a model: merge it into its base model "
+            "(`AutoPeftModelForCausalLM.from_pretrained(ADAPTER).merge_and_unload().save_pretrained(MERGED)`, with "
+            "the tokenizer saved beside it) and give that folder"
+        )
     if not (folder / "config.json").is_file():
         raise LinearizeError(f"'{folder}' is not a model folder: it has no config.json")
     _check_config(folder / "config.json")
     for weights in sorted(folder.glob("*.safetensors")):
         _check_safetensors(weights)
+
+
+def _adapter_base(folder: Path) -> str:
+    try:
+        base = json.loads((folder / "adapter_config.json").read_bytes()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    return f"'{base}'" if isinstance(base, str) and base else "a base model it does not name"
 
 
 def _check_config(path: Path) -> None:

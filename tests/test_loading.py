@@ -252,6 +252,17 @@ def test_a_checkpoint_without_a_language_model_head_is_refused(head, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_peft_adapter_folder_says_to_merge_it_into_its_base_model(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": "org/base"})
+    )
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    result = invoke("convert", folder, "-o", tmp_path / "out")
+    fails_with(result, f"'{folder}' is a PEFT adapter of 'org/base'", "merge_and_unload")
+
+
 def test_a_folder_without_weights_is_not_a_hub_problem(converted, tmp_path):
     folder = shutil.copytree(converted, tmp_path / "no-weights")
     (folder / "model.safetensors").unlink()
