@@ -219,6 +219,8 @@ def check_model_folder(folder: Path) -> None:
     _check_config(folder / "config.json")
     for weights in sorted(folder.glob("*.safetensors")):
         _check_safetensors(weights)
+    for weights in sorted(folder.glob("pytorch_model*.bin")):
+        _check_torch_archive(weights)
 
 
 def _adapter_base(folder: Path) -> str:
@@ -257,6 +259,22 @@ def _check_safetensors(path: Path) -> None:
         with safe_open(path, framework="pt"):  # parses the header and checks that it covers the file exactly
             pass
     except SafetensorError as error:
+        raise LinearizeError(f"'{path}' is truncated or corrupt ({error}); {_REWRITE}") from None
+
+
+def _check_torch_archive(path: Path) -> None:
+    # torch.save writes a zip archive whose directory is at its end: a cut-short file fails in torch with a
+    # traceback. Files of the pre-zip format (torch < 1.6) are left to torch.
+    import zipfile
+
+    try:
+        with path.open("rb") as file:
+            if file.read(4) != b"PK\x03\x04":
+                return
+            zipfile.ZipFile(file).close()  # reads the directory alone
+    except OSError as error:
+        raise LinearizeError(f"cannot read '{path}' ({error})") from None
+    except zipfile.BadZipFile as error:
         raise LinearizeError(f"'{path}' is truncated or corrupt ({error}); {_REWRITE}") from None
 
 

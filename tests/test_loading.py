@@ -224,6 +224,20 @@ def test_a_damaged_folder_is_named_with_its_file(damage, command, converted, tmp
     assert "Hub" not in message  # a local folder's problem, not the network's
 
 
+def test_a_truncated_pytorch_checkpoint_is_named_with_its_file(tmp_path):
+    """Checkpoints without safetensors keep their weights in pytorch_model.bin, a zip archive that torch reads from
+    its end: cut short, it failed in torch with a traceback."""
+    folder = tmp_path / "bin-only"
+    model = source_model("llama")
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    sources.check_model_folder(folder)  # intact, it passes
+    weights = folder / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = invoke("convert", folder, "-o", tmp_path / "out")
+    fails_with(result, f"Error: '{weights}' is truncated or corrupt", "re-run the conversion")
+
+
 def test_a_config_that_transformers_rejects_is_reported_as_the_folders(source, tmp_path):
     folder = shutil.copytree(source, tmp_path / "odd")
     config = json.loads((folder / "config.json").read_text())
