@@ -341,7 +341,18 @@ def load(
             f"the tokenizer of '{tokenizer}' has {len(tokens)} tokens and '{name}' embeds {vocab}: its ids would "
             "index past the embeddings; give --tokenizer the tokenizer this model was trained with"
         )
+    # A model's own tokenizer leaves a few embedding rows as padding (Qwen2.5: 271 of 151,936; Phi-2: 905 of
+    # 51,200); one this much smaller is another model's (Llama 2's 32,000 for Llama 3's 128,256)
+    if tokenizer is not None and len(tokens) < MIN_TOKENIZER_SHARE * vocab:
+        raise LinearizeError(
+            f"the tokenizer of '{tokenizer}' has {len(tokens)} tokens and '{name}' embeds {vocab}: it is another "
+            "model's tokenizer, whose ids this model did not learn; give --tokenizer the tokenizer this model was "
+            "trained with"
+        )
     return loaded, tokens
+
+
+MIN_TOKENIZER_SHARE = 0.9  # of the embedding rows that a model's own tokenizer uses
 
 
 DTYPES = ("float32", "bfloat16", "float16")

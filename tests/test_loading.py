@@ -142,6 +142,22 @@ def test_convert_refuses_a_tokenizer_larger_than_the_vocabulary(bare, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_refuses_a_tokenizer_far_smaller_than_the_vocabulary(bare, tmp_path):
+    """Another model's tokenizer (Llama 2's 32,000 tokens for Llama 3's 128,256 embeddings) fits the embeddings and
+    reads text as ids the model never learnt them for; a model's own tokenizer leaves at most a few rows of padding
+    (Qwen2.5: 271 of 151,936; Phi-2: 905 of 51,200)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"v{i}" for i in range(60)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(tmp_path / "small")
+    result = invoke("convert", bare, "--tokenizer", tmp_path / "small", "-o", tmp_path / "out")
+    fails_with(result, "has 64 tokens and", "embeds 128", "another model's tokenizer")
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_refuses_a_tokenizer_folder_without_one(bare, tmp_path):
     result = invoke("convert", bare, "--tokenizer", bare, "-o", tmp_path / "out")
     fails_with(result, f"'{bare}' has no tokenizer", "give --tokenizer a folder or hub id that has one")
