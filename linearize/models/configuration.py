@@ -8,7 +8,9 @@ layer kept as softmax attention) and `linearize` holds the method and its parame
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -179,8 +181,28 @@ class LinearizeConfig(PreTrainedConfig):
         fields["layer_types"] = [
             self.source_types[i] if self.is_converted(i) else t for i, t in enumerate(self.layer_types)
         ]
-        config = AutoConfig.for_model(self.base_model_type, **fields)
+        with _without_layer_types_advice(self.base_model_type):
+            config = AutoConfig.for_model(self.base_model_type, **fields)
         config._attn_implementation = self._attn_implementation
         if getattr(config, "attn_logit_softcapping", None) and config._attn_implementation == "sdpa":
             config._attn_implementation = "eager"  # SDPA cannot cap logits: Gemma 2's kept layers would not be exact
         return config
+
+
+@contextmanager
+def _without_layer_types_advice(model_type: str):
+    """Mistral's config warns that a config with `layer_types` should be a Ministral one; a converted model's family
+    config always carries them (the kept softmax layers' masks are keyed by them), so the advice is not for our
+    users, who saw it at every conversion and load of a Mistral model. Only that message is held back."""
+    logger = logging.getLogger(f"transformers.models.{model_type}.configuration_{model_type}")
+
+    class Advice(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "with layer_types" not in record.getMessage()
+
+    advice = Advice()
+    logger.addFilter(advice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(advice)

@@ -605,3 +605,11 @@ def test_decoding_from_the_first_token_equals_full_forward(method):
     ids = torch.randint(3, 128, (2, 20))
     incremental, _ = decode_incrementally(model, ids, chunks=())
     torch.testing.assert_close(incremental, model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_converted_mistral_model_is_built_without_transformers_advice_to_use_ministral(caplog):
+    import logging
+
+    logging.Logger.warning_once.cache_clear()  # transformers says it once per process: an earlier test may have
+    converted_model("mistral", "liger")
+    assert "with layer_types" not in caplog.text
