@@ -53,7 +53,9 @@ class LinearizeCache(Cache):
         super().crop(tokens_to_remove)
 
     def nbytes(self) -> int:
-        """Bytes held by the cache right now, over all layers."""
+        """Bytes of the tokens the cache holds right now, over all layers: a kept softmax layer's keys and values by
+        their size (a sliding-window layer's window, as the plan counts it; right after a prefill longer than the
+        window its keys are a view of the whole prefill's, whose storage `benchmark.cache_bytes` counts)."""
         total = 0
         for layer in self.layers:
             if isinstance(layer, cache_layers.StateCacheLayer):
