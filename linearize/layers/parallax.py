@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import initialization as init
 
 from ..cache_layers import GrowingTokens, RecentTokens, StateCacheLayer
 from ..kernels.parallax import parallax_attention, parallax_decode
@@ -64,6 +65,12 @@ class ParallaxAttention(LinearizedAttention):
     @staticmethod
     def cache_layer(settings: ParallaxSettings) -> ParallaxCacheLayer:
         return ParallaxCacheLayer(settings.window)
+
+    def reset_parameters(self) -> None:
+        """A zero probe where a folder lacks it (and in `from_config`): transformers' own initialisation would draw
+        r_proj at random, and the model would no longer compute the source's attention. `from_pretrained` calls it
+        through the model's `initialize_weights`; transformers' initialisation functions leave loaded tensors alone."""
+        init.zeros_(self.r_proj.weight)
 
     def init_new_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
         """A zero probe: the converted layer is the source's softmax attention exactly. A rank bottleneck's down

@@ -10,7 +10,7 @@ from linearize.kernels.common.buffers import GROWTH
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from linearize import compat
-from linearize.convert import plan_conversion
+from linearize.convert import convert_model, plan_conversion
 from linearize.families import UnsupportedModelError
 from linearize.models import LinearizeCache
 from tests.tiny import FAMILIES, METHODS, VARIANTS, cache_of, converted_model, source_model
@@ -430,6 +430,26 @@ def test_a_still_folder_missing_its_feature_maps_loads_them_as_from_config(tmp_p
     for name, tensor in kept.items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
     assert torch.isfinite(reloaded(torch.randint(3, 128, (1, 20))).logits).all()
+
+
+@pytest.mark.parametrize("probe_rank", [None, 4])
+def test_a_parallax_folder_missing_its_probe_loads_a_zero_probe(tmp_path, probe_rank):
+    """A folder without r_proj (an edited or partial checkpoint) loaded transformers' random draw for it, and the
+    model no longer computed the source's attention; it loads the zero probe of a conversion, which is exact."""
+    from safetensors.torch import load_file, save_file
+
+    source = source_model("llama")
+    model = convert_model(source, plan_conversion(source.config, "llama", "parallax", probe_rank=probe_rank).config)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file(
+        {k: t for k, t in weights.items() if ".r_proj." not in k}, tmp_path / "model.safetensors", {"format": "pt"}
+    )
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] and all(".r_proj." in name for name in info["missing_keys"])
+    ids = torch.randint(3, 128, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, source(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_use_cache_is_the_sources_and_survives_a_save(tmp_path):
