@@ -297,11 +297,14 @@ def _process_alive(pid: int) -> bool:
 
 def delete_folder(path: Path) -> None:
     """Delete `path` (if it exists) as a whole: renamed out of the way first, so a delete cut short leaves a staging
-    leftover, which the next linearize run writing beside it removes, and never a half-deleted `path`."""
-    if path.exists():
-        doomed = _sibling(path, _STAGING)
+    leftover, which the next linearize run writing beside it removes, and never a half-deleted `path`. One already
+    gone (deleted by hand since it was listed) is no error."""
+    doomed = _sibling(path, _STAGING)
+    try:
         os.replace(path, doomed)
-        _remove(doomed)
+    except FileNotFoundError:  # not `path.exists()` first: it may go between the look and the rename
+        return
+    _remove(doomed)
 
 
 def _remove(path: Path) -> None:

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -23,11 +23,7 @@ from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
 from .errors import LinearizeError
-
-try:
-    import fcntl
-except ImportError:  # Windows: two first uses at once each build the cache, and the later one's copy stays
-    fcntl = None
+from .locks import locked
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub id it was quantised from, for model cards
@@ -123,22 +119,19 @@ def _building(folder: Path) -> Iterator[None]:
     its own and swapping it in under the first, which may be reading it. The lock is a file beside the folder, which
     the system releases when its holder exits, however it exits."""
     lock_file = folder.with_name(f".{folder.name}.lock")
-    try:
-        lock_file.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_file, "a")  # noqa: SIM115 (held open for the lock's lifetime)
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise LinearizeError(
-            f"cannot create the embedded model's cache in '{lock_file.parent}': {reason}. Set LINEARIZE_CACHE to a "
-            "folder you can write to, or pass a model (hub id or local folder)"
-        ) from None
-    with handle:
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"Waiting for another process to build the embedded model's cache ({folder})", file=sys.stderr)
-                fcntl.flock(handle, fcntl.LOCK_EX)
+
+    def wait(holder: str) -> None:
+        print(f"Waiting for {holder} to build the embedded model's cache ({folder})", file=sys.stderr)
+
+    with ExitStack() as held:
+        try:
+            held.enter_context(locked(lock_file, wait))  # on Windows none: each builds, and the later copy stays
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise LinearizeError(
+                f"cannot create the embedded model's cache in '{lock_file.parent}': {reason}. Set LINEARIZE_CACHE to "
+                "a folder you can write to, or pass a model (hub id or local folder)"
+            ) from None
         yield
 
 

@@ -1,9 +1,10 @@
 """Run folders and checkpoints: what a run writes, and how `--resume` finds where to continue.
 
-A run folder holds `linearize_recipe.yaml` (the resolved recipe), `metrics.jsonl`, `checkpoints/` and, at the
-end, `model/`. A checkpoint holds every tensor training has changed (new method parameters and LoRA
-adapters), the optimizer and scheduler states, the position in the stages and the data, and the RNG states.
-Each is written to a temporary folder and renamed into place, so a checkpoint either exists whole or not at all.
+A run folder holds `linearize_recipe.yaml` (the resolved recipe), `metrics.jsonl`, `checkpoints/`, at the end
+`model/`, and the lock file that keeps a second run out while one trains (`run_lock`). A checkpoint holds every
+tensor training has changed (new method parameters and LoRA adapters), the optimizer and scheduler states, the
+position in the stages and the data, and the RNG states. Each is written to a temporary folder and renamed into
+place, so a checkpoint either exists whole or not at all.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LinearizeError
-from ..outputs import atomic_folder, check_writable, delete_folder
+from ..locks import LockHeld, locked
+from ..outputs import atomic_folder, check_writable, delete_folder, write_errors
 from ..publish import RECIPE_FILE  # the run's resolved recipe, under the name its model folder has it
 from .fingerprints import (
     PACKING,
@@ -33,6 +35,7 @@ from .fingerprints import (
 from .recipe import Recipe, load_recipe
 
 STATE_FILE = "trainer_state.json"
+LOCK_FILE = ".linearize-run.lock"  # in the run folder: beside it, a name near the length limit would not fit
 _PREFIX = "step-"
 
 
@@ -228,6 +231,26 @@ def check_resumable(
     )
 
 
+@contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """Hold `run` for this run until the block ends. A second `finetune` into the same folder while one trains is
+    refused here, before any weights load: both would train, mix their rows in metrics.jsonl and replace each
+    other's checkpoints. The system releases the lock however the run ends (a kill included). Taken by one process
+    of a torchrun job (the others would find it held by their own job); `--dry-run` takes none."""
+    check_writable(run, written_into=True)  # a folder that is a file or cannot be written: said as elsewhere
+    with ExitStack() as held:
+        try:
+            with write_errors(run):
+                held.enter_context(locked(run / LOCK_FILE))
+        except LockHeld as error:
+            raise LinearizeError(
+                f"output folder '{run}' is in use by another linearize finetune ({error.holder}), which trains into "
+                "it: two runs would mix their metrics and replace each other's checkpoints. Wait for that run to "
+                "finish (then --resume continues it, if you stopped it), or choose another output.dir"
+            ) from None
+        yield
+
+
 def prepare_run_folder(
     run: Path, recipe: Recipe, resume: bool, note: Callable[[str], None] | None = None
 ) -> Path | None:
@@ -238,7 +261,7 @@ def prepare_run_folder(
     saved = run / RECIPE_FILE
     check_writable(run, written_into=True)  # also refuses a run folder that is a file
     if not saved.is_file():
-        if run.exists() and any(run.iterdir()):
+        if run.exists() and any(p.name != LOCK_FILE for p in run.iterdir()):  # a run that failed at once left one
             raise LinearizeError(
                 f"output folder '{run}' is not empty and is not a linearize run (no {RECIPE_FILE}); "
                 "choose another output.dir"

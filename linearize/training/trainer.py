@@ -36,6 +36,7 @@ from .checkpoint import (
     load_optimizer_states,
     optimizer_states,
     prepare_run_folder,
+    run_lock,
     save_checkpoint,
     set_rng_state,
 )
@@ -545,7 +546,11 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
     if recipe.output.push_to_hub:
         check_can_push()  # before hours of training, not after
     world = init_world()
+    held = ExitStack()  # the run folder's lock, until the run ends however it ends
     try:
+        with together(world):  # refused on the main process: the others stop too, pointing to its message
+            if world.is_main:  # one lock for the job: its other processes would find it held by their own
+                held.enter_context(run_lock(run))  # before anything is read from or written into the run folder
         reporter = Reporter(run / "metrics.jsonl", quiet=quiet, enabled=world.is_main, console=console)
         resume_from = prepare_run_folder(run, recipe, resume, note=reporter.info)
         if resume and resume_from is None:  # fine for a job that always resumes; else output.dir may be mistyped
@@ -580,4 +585,5 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
             reporter.info(f"pushed: {url}")
         return out
     finally:
+        held.close()
         close_world(world)

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import linearize.outputs
+import linearize.sources
 from linearize.training import checkpoint as checkpoint_module
 from linearize.training import trainer as trainer_module
-from linearize.training.checkpoint import list_checkpoints
+from linearize.training.checkpoint import LOCK_FILE, checkpoint_dir, list_checkpoints, run_lock, save_checkpoint
 from linearize.training.fingerprints import PACKING, legacy_recipe_hash
 from linearize.training.recipe import load_recipe
 from tests.training.runs import invoke, metrics, trained, write_recipe
@@ -247,6 +249,68 @@ def test_an_output_dir_that_is_a_file_or_under_one_is_refused_before_training(wo
     assert (tmp_path / "afile").read_text() == "keep me"
 
 
+# a process that holds a run folder's lock as a training run does, until it is killed
+HOLD_THE_RUN = """
+import sys, time
+from linearize.locks import locked
+with locked(sys.argv[1]):
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_run_into_a_folder_another_run_trains_into_is_refused_before_loading(workspace, tmp_path, monkeypatch):
+    """Both would train, mix their rows in metrics.jsonl and replace each other's checkpoints. The second is refused
+    at once, naming the other; a dry run takes no lock; under torchrun the job's processes share one lock (the other
+    torchrun tests train) and all stop. The lock goes with its holder, however it ends."""
+    recipe = write_recipe(workspace, tmp_path)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_RUN, str(run / LOCK_FILE)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        monkeypatch.setattr(linearize.sources, "load_model", lambda *args, **kwargs: pytest.fail("loaded weights"))
+        result = invoke("finetune", recipe)
+        shown = " ".join(result.output.split())
+        assert result.exit_code == 1, result.output
+        assert f"is in use by another linearize finetune (process {holder.pid} on" in shown
+        assert "Wait for that run to finish" in shown and "choose another output.dir" in shown
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # nothing read as, or written into, a run
+        assert invoke("finetune", recipe, "--dry-run").exit_code == 0
+
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "linearize"]
+        result = subprocess.run(
+            [*torchrun, "finetune", str(recipe), "-q"], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode != 0
+        assert "is in use by another linearize finetune" in result.stderr
+        assert "Error: stopped because process 0 failed: see its error" in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(run):  # killed: no stale lock
+        pass
+
+
+def test_pruning_a_checkpoint_that_is_already_gone_goes_on(tmp_path, monkeypatch):
+    """A checkpoint deleted by hand between the run listing it and deleting it: the run goes on."""
+    run = tmp_path / "run"
+    for step in (1, 2):
+        save_checkpoint(run, step, {"w": torch.zeros(1)}, [], [], {"step": step}, keep=2)
+    first, sibling = checkpoint_dir(run) / "step-000001", linearize.outputs._sibling
+
+    def deleted_meanwhile(path, kind):
+        if path == first:
+            shutil.rmtree(path)
+        return sibling(path, kind)
+
+    monkeypatch.setattr(linearize.outputs, "_sibling", deleted_meanwhile)
+    save_checkpoint(run, 3, {"w": torch.zeros(1)}, [], [], {"step": 3}, keep=2)
+    assert [p.name for p in list_checkpoints(run)] == ["step-000002", "step-000003"]
+
+
 def test_each_process_restores_the_random_state_of_its_own_gpu(monkeypatch):
     """Under torchrun every process draws on its own device: a checkpoint keeps the main process's device state
     (which every process's equals: same seed, same draws) and each process restores it onto its own device, not
@@ -362,6 +426,6 @@ def test_a_full_disk_when_a_resume_starts_keeps_the_run_resumable(workspace, tmp
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "the disk is full" in " ".join(result.output.split())
     assert (tmp_path / "run" / "linearize_recipe.yaml").read_text() == saved
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == [LOCK_FILE]
     result = invoke("finetune", recipe, "stages.1.max_steps=4", "training.checkpoint_every=2", "--resume")
     assert result.exit_code == 0, result.output
