@@ -1,7 +1,8 @@
 """Output folders that appear whole or not at all, and never at the cost of something the user keeps.
 
 `check_output_folder` refuses, before any weights load, an output that is or holds the source model, the embedded
-model's cache, the current or home folder, or that cannot be written. `atomic_folder` yields an empty staging
+model's cache, the current or home folder, that cannot be written, or whose name leaves no room for its hidden
+siblings' within the file system's limit. `atomic_folder` yields an empty staging
 folder beside the output and moves it into place only once the body has finished; on any failure (a full disk, an
 unwritable folder, Ctrl-C) the staging folder is removed and an existing output stays as it was. Work that must
 write the output in place (the demo's fine-tuning run) goes through `replaced_when_done`, which sets the existing
@@ -35,6 +36,8 @@ _RETIRED = "linearize-old"  # the output being replaced, between its two renames
 _SET_ASIDE = "linearize-kept"  # the output being replaced by work that writes in place, while it runs
 _LEFTOVER = re.compile(rf"^\.(?P<name>.+)\.(?P<kind>{_STAGING}|{_RETIRED}|{_SET_ASIDE})-(?P<pid>\d+)-[0-9a-f]{{8}}$")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# the most a hidden sibling's name (`_sibling`) adds to the output's: a process id has at most 7 digits (pid_max)
+_SIBLING_EXTRA = len(f"..{_SET_ASIDE}-{2**22}-{0:08x}")
 
 
 def check_output_folder(out: Path, force: bool = False, source: str | None = None) -> None:
@@ -56,6 +59,7 @@ def check_output_folder(out: Path, force: bool = False, source: str | None = Non
         "the embedded model's cache",
         f"later runs would silently use your output in place of the embedded {sources.EMBEDDED_NAME}",
     )
+    check_name_length(out)
     check_replaceable(out, force)
     check_writable(out)
 
@@ -67,11 +71,35 @@ def check_replaceable(out: Path, force: bool) -> None:
         raise LinearizeError(f"output folder '{out}' already exists; pass --force to replace it")
 
 
+def check_name_length(out: Path) -> None:
+    """Refuse a name that the file system takes but whose hidden siblings' names (the output's name and up to
+    `_SIBLING_EXTRA` bytes) it would not: the write would fail with 'File name too long' only once the work is done."""
+    out = Path(out)
+    size, limit = len(os.fsencode(out.name)), _name_max(out)
+    if size + _SIBLING_EXTRA > limit:
+        raise LinearizeError(
+            f"output folder '{out}' has a name too long ({size} bytes): it is written through a hidden folder beside "
+            f"it, whose name adds up to {_SIBLING_EXTRA} bytes, and the file system allows {limit} bytes in a name. "
+            f"Choose a name of at most {limit - _SIBLING_EXTRA} bytes"
+        )
+
+
+def _name_max(out: Path) -> int:
+    """The longest file name, in bytes, that the file system of `out`'s nearest existing folder allows."""
+    existing = _absolute(out).parent
+    while not existing.exists():
+        existing = existing.parent
+    with suppress(OSError, ValueError, AttributeError):  # AttributeError: no pathconf (Windows)
+        return os.pathconf(existing, "PC_NAME_MAX")
+    return 255
+
+
 @contextmanager
 def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder beside `out`, and move it into place as `out` when the body completes (an
     existing `out` is replaced only with `force`). Write errors become LinearizeErrors that say what to do."""
     out = Path(out)
+    check_name_length(out)
     check_replaceable(out, force)
     with write_errors(out):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +122,7 @@ def replaced_when_done(out: Path, force: bool = False) -> Iterator[None]:
     is removed and the old folder put back (if the process is killed, the next linearize run writing beside it
     does that)."""
     out = Path(out)
+    check_name_length(out)
     check_replaceable(out, force)
     retired = None
     with write_errors(out):

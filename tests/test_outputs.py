@@ -400,3 +400,18 @@ def test_an_output_another_run_moves_into_place_at_the_same_moment(force, tmp_pa
         (staging / "ours").write_text("")
     kept = "ours" if force else "theirs"
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == [kept]
+
+
+def test_an_output_name_too_long_for_its_hidden_sibling_is_refused_before_loading(source, tmp_path, no_weights_loaded):
+    """A name near the file system's limit (255 bytes) is valid, but the hidden folder it is written through adds
+    up to 33 bytes: refused at once, saying how long it may be, not with 'File name too long' after the conversion."""
+    out = tmp_path / ("m" * 230)
+    result = invoke("convert", source, "-o", out)
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "has a name too long (230 bytes)" in shown and "at most 222 bytes" in shown
+    assert list(tmp_path.iterdir()) == []
+    longest = tmp_path / ("m" * 222)
+    with linearize.outputs.atomic_folder(longest) as staging:
+        (staging / "ours").write_text("")
+    assert [p.name for p in longest.iterdir()] == ["ours"]
