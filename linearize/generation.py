@@ -50,11 +50,15 @@ def generate(
     chat: bool | None = None,
     temperature: float = 0.0,
     streamer=None,
+    seed: int | None = None,
 ) -> str:
-    """Generate a continuation of `prompt` (greedy when temperature is 0) and return the new text."""
+    """Generate a continuation of `prompt` (greedy when temperature is 0) and return the new text. `seed` seeds
+    torch's generators first (`torch.manual_seed`), so that a sampled reply can be repeated."""
     if temperature < 0:
         raise LinearizeError(f"the temperature must be 0 (greedy) or more, got {temperature:g}")
     input_ids = build_prompt(tokenizer, prompt, chat).to(model.device)
+    if seed is not None:
+        torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     output = model.generate(
         input_ids,

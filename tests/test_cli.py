@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
 import linearize.convert
@@ -121,6 +121,24 @@ def test_generate_streams_text(source, tmp_path):
     assert result.exit_code == 0, result.output
     assert len(result.stdout.split()) == 5  # five word-level tokens were streamed
     assert "Nothing generated" not in result.output
+
+
+def test_generate_samples_reproducibly_with_a_seed(source, tmp_path):
+    """--seed makes a sampled reply repeatable, and it is the text `model.generate` gives after the same seed."""
+    from linearize.generation import build_prompt
+
+    def sample(seed):
+        result = invoke("generate", source, "w5 w6 w7", "--max-new-tokens", 12, "--temperature", 1.5, "--seed", seed)
+        assert result.exit_code == 0, result.output
+        return result.stdout.strip()
+
+    first = sample(3)
+    assert sample(3) == first and sample(4) != first
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+    ids = build_prompt(tokenizer, "w5 w6 w7")
+    torch.manual_seed(3)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=True, temperature=1.5)
+    assert tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == first
 
 
 def test_generate_says_when_the_model_ends_its_reply_at_once(source, tmp_path, monkeypatch):

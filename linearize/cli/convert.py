@@ -374,6 +374,14 @@ def generate(
             show_default=False,
         ),
     ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=2**64 - 1,
+            help="Seed the sampling (with a temperature above 0): the same seed gives the same text.",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
 ) -> None:
     """Stream a completion of PROMPT from MODEL, decoding with the model's constant-size cache."""
@@ -386,7 +394,7 @@ def generate(
     with console.status(f"Loading {model}"):
         loaded, tokenizer = load_for_inference(None if model == EMBEDDED else model, device=device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    text = generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer)
+    text = generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer, seed=seed)
     weak = "a converted model is weak until fine-tuned: see `linearize finetune`"
     if not text:  # an end-of-turn first: say so rather than print nothing
         console.print(
