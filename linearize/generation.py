@@ -20,10 +20,14 @@ def load_for_inference(model: str | None, device: str = "auto", dtype: str = "au
     return sources.load(model, dtype=dtype, device=device)
 
 
+def chat_used(tokenizer, chat: bool | None = None) -> bool:
+    """Whether `build_prompt` wraps a prompt in the chat template: by default when the tokenizer has one."""
+    return tokenizer.chat_template is not None if chat is None else chat
+
+
 def build_prompt(tokenizer, prompt: str, chat: bool | None = None) -> torch.Tensor:
     """Token ids for `prompt`, through the chat template when the tokenizer has one (or `chat=True`)."""
-    use_chat = tokenizer.chat_template is not None if chat is None else chat
-    if use_chat:
+    if chat_used(tokenizer, chat):
         if tokenizer.chat_template is None:
             raise ValueError("this tokenizer has no chat template; drop --chat")
         ids = tokenizer.apply_chat_template(

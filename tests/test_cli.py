@@ -150,6 +150,21 @@ def test_generate_says_when_the_model_ends_its_reply_at_once(source, tmp_path, m
     assert result.exit_code == 0 and "Nothing generated: the model ended its reply at once" in result.output
 
 
+def test_an_immediate_end_gives_only_the_hints_that_apply(source, tmp_path, monkeypatch):
+    """--no-chat is suggested only where the chat template was used, and fine-tuning only for a converted model."""
+    import linearize.generation
+
+    monkeypatch.setattr(linearize.generation, "generate", lambda *args, **kwargs: "")
+    shown = " ".join(invoke("generate", source, "w5 w6", "--no-chat").output.split())
+    assert "Nothing generated: the model ended its reply at once" in shown
+    assert "--no-chat" not in shown and "fine-tuned" not in shown
+    shown = " ".join(invoke("generate", source, "w5 w6").output.split())
+    assert "--no-chat continues the prompt as plain text" in shown and "fine-tuned" not in shown
+    assert invoke("convert", source, "-o", tmp_path / "out").exit_code == 0
+    shown = " ".join(invoke("generate", tmp_path / "out", "w5 w6").output.split())
+    assert "a converted model is weak until fine-tuned" in shown and "--no-chat continues" in shown
+
+
 def test_existing_output_needs_force(source, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")

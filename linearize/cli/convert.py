@@ -388,19 +388,24 @@ def generate(
     from transformers import TextStreamer
 
     from ..comparison import EMBEDDED
+    from ..generation import chat_used, load_for_inference
     from ..generation import generate as generate_text
-    from ..generation import load_for_inference
 
     with console.status(f"Loading {model}"):
         loaded, tokenizer = load_for_inference(None if model == EMBEDDED else model, device=device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     text = generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer, seed=seed)
-    weak = "a converted model is weak until fine-tuned: see `linearize finetune`"
+    # only the hints that apply: fine-tuning for a converted model, --no-chat where the chat template was used
+    converted = loaded.config.model_type == "linearize"
+    weak = ["a converted model is weak until fine-tuned: see `linearize finetune`"] if converted else []
+    plain = ["--no-chat continues the prompt as plain text"] if chat_used(tokenizer, chat) else []
     if not text:  # an end-of-turn first: say so rather than print nothing
         console.print(
-            f"[yellow]Nothing generated:[/] the model ended its reply at once ({weak}; --no-chat continues the "
-            "prompt as plain text)",
-            highlight=False,
+            f"[yellow]Nothing generated:[/] the model ended its reply at once{_hints(weak + plain)}", highlight=False
         )
     elif not text.strip():  # spaces or newlines streamed, which look like nothing
-        console.print(f"[yellow]Only whitespace generated[/] ({weak})", highlight=False)
+        console.print(f"[yellow]Only whitespace generated[/]{_hints(weak)}", highlight=False)
+
+
+def _hints(hints: list[str]) -> str:
+    return f" ({'; '.join(hints)})" if hints else ""
