@@ -141,6 +141,17 @@ def test_generate_samples_reproducibly_with_a_seed(source, tmp_path):
     assert tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == first
 
 
+def test_generate_reads_the_prompt_from_stdin_for_a_dash(source):
+    def reply(*args, stdin=None):
+        result = runner.invoke(app, ["generate", str(source), *args, "--max-new-tokens", "4"], input=stdin)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    assert reply("-", stdin="w5 w6 w7\n") == reply("w5 w6 w7") != reply("w9")
+    result = runner.invoke(app, ["generate", str(source), "-"], input=b"caf\xe9 w5")
+    assert result.exit_code == 1 and "standard input is not UTF-8 text (byte 0xe9 at offset 3" in result.output
+
+
 def test_generate_says_when_the_model_ends_its_reply_at_once(source, tmp_path, monkeypatch):
     import linearize.generation
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from enum import Enum
@@ -363,7 +364,12 @@ def generate(
         str,
         typer.Argument(help="A converted model folder, any causal LM folder or hub id, or 'embedded' (SmolLM2)."),
     ],
-    prompt: Annotated[str, typer.Argument(help="The prompt; wrapped in the chat template when the tokenizer has one.")],
+    prompt: Annotated[
+        str,
+        typer.Argument(
+            help="The prompt ('-': standard input); wrapped in the chat template when the tokenizer has one."
+        ),
+    ],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 decodes greedily.")] = 0.0,
     chat: Annotated[
@@ -391,6 +397,7 @@ def generate(
     from ..generation import chat_used, load_for_inference
     from ..generation import generate as generate_text
 
+    prompt = _read_prompt(prompt)
     with console.status(f"Loading {model}"):
         loaded, tokenizer = load_for_inference(None if model == EMBEDDED else model, device=device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -405,6 +412,20 @@ def generate(
         )
     elif not text.strip():  # spaces or newlines streamed, which look like nothing
         console.print(f"[yellow]Only whitespace generated[/]{_hints(weak)}", highlight=False)
+
+
+def _read_prompt(prompt: str) -> str:
+    """PROMPT, or standard input for "-" without its trailing newlines (as the shell's `$(...)` drops them)."""
+    if prompt != "-":
+        return prompt
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8-sig").rstrip("\n")  # -sig: a byte-order mark is not text
+    except UnicodeDecodeError as error:
+        raise LinearizeError(
+            f"standard input is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+            "convert it (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
 
 
 def _hints(hints: list[str]) -> str:
