@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import TextStreamer
 
 from . import sources
 from .errors import LinearizeError
@@ -43,6 +44,19 @@ def build_prompt(tokenizer, prompt: str, chat: bool | None = None) -> torch.Tens
             f"the prompt {prompt!r} gives no token for the model to continue: give it some text{chat_hint}"
         )
     return ids
+
+
+class ReplyStreamer(TextStreamer):
+    """transformers' TextStreamer that also keeps the reply's token ids (`ids`), the special tokens it skips too."""
+
+    def __init__(self, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.ids: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            self.ids.extend(value.flatten().tolist())
+        super().put(value)
 
 
 @torch.inference_mode()

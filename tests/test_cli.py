@@ -176,6 +176,28 @@ def test_an_immediate_end_gives_only_the_hints_that_apply(source, tmp_path, monk
     assert "a converted model is weak until fine-tuned" in shown and "--no-chat continues" in shown
 
 
+def test_a_reply_of_special_tokens_is_not_called_an_end(source, monkeypatch):
+    """A reply that reached --max-new-tokens in special tokens other than the end of turn printed nothing, and was
+    reported as one that ended at once."""
+    import linearize.generation
+
+    def fake(model, tokenizer, prompt, *args, streamer=None, **kwargs):
+        streamer.put(torch.tensor([[5, 6]]))  # the prompt
+        for token in first:
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+        return ""
+
+    monkeypatch.setattr(linearize.generation, "generate", fake)
+    first = [3, 3, 3]  # <unk>, special, not an end of turn
+    shown = " ".join(invoke("generate", source, "w5 w6").output.split())
+    assert "Nothing printed: the reply was 3 special tokens ('<unk> <unk> <unk>')" in shown
+    assert "ended its reply" not in shown
+    first = [2]  # </s>
+    shown = " ".join(invoke("generate", source, "w5 w6").output.split())
+    assert "Nothing generated: the model ended its reply at once" in shown
+
+
 def test_existing_output_needs_force(source, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")

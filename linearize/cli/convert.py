@@ -391,22 +391,28 @@ def generate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
 ) -> None:
     """Stream a completion of PROMPT from MODEL, decoding with the model's constant-size cache."""
-    from transformers import TextStreamer
-
     from ..comparison import EMBEDDED
-    from ..generation import chat_used, load_for_inference
+    from ..generation import ReplyStreamer, chat_used, load_for_inference
     from ..generation import generate as generate_text
 
     prompt = _read_prompt(prompt)
     with console.status(f"Loading {model}"):
         loaded, tokenizer = load_for_inference(None if model == EMBEDDED else model, device=device)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     text = generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer, seed=seed)
     # only the hints that apply: fine-tuning for a converted model, --no-chat where the chat template was used
     converted = loaded.config.model_type == "linearize"
     weak = ["a converted model is weak until fine-tuned: see `linearize finetune`"] if converted else []
     plain = ["--no-chat continues the prompt as plain text"] if chat_used(tokenizer, chat) else []
-    if not text:  # an end-of-turn first: say so rather than print nothing
+    eos = loaded.generation_config.eos_token_id
+    ended = not streamer.ids or streamer.ids[0] in (eos if isinstance(eos, list) else [eos])
+    if not text and not ended:  # special tokens alone (not the end of turn) up to --max-new-tokens: shown by name
+        shown = tokenizer.decode(streamer.ids[:8]) + ("..." if len(streamer.ids) > 8 else "")
+        console.print(
+            f"[yellow]Nothing printed:[/] the reply was {len(streamer.ids)} special tokens ({shown!r}){_hints(weak)}",
+            highlight=False,
+        )
+    elif not text:  # an end-of-turn first: say so rather than print nothing
         console.print(
             f"[yellow]Nothing generated:[/] the model ended its reply at once{_hints(weak + plain)}", highlight=False
         )
