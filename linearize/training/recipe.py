@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
+from ..comparison import EMBEDDED
 from ..errors import LinearizeError
 from ..families import CONVERT_LAYERS
 from ..hub import check_repo_id
@@ -42,12 +43,21 @@ class RecipeError(LinearizeError, ValueError):
 
 class ModelSection(Section):
     name: str | None = Field(
-        None, description="Hub id or local folder of the model to convert; null for the embedded SmolLM2-135M-Instruct"
+        None,
+        description="Hub id or local folder of the model to convert; null (or embedded) for the embedded "
+        "SmolLM2-135M-Instruct",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `name`")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the model is loaded and trained in (the linear state stays fp32 regardless)"
     )
+
+    @field_validator("name")
+    @classmethod
+    def _embedded_is_null(cls, value: str | None) -> str | None:
+        # the word `convert`, `eval`, `bench` and `generate` take for the embedded default: as null, so that the run
+        # loads it (not a local folder of that name) and is the same run, checkpoints included, either way
+        return None if value == EMBEDDED else value
 
 
 class SelectionSection(Section):

@@ -14,7 +14,7 @@ _TEMPLATE = """\
 # Check:     linearize recipe validate RECIPE.yaml
 
 model:
-  name: null            # hub id or local folder; null = the embedded SmolLM2-135M-Instruct (offline)
+  name: null            # hub id or local folder; null or embedded = the embedded SmolLM2-135M-Instruct (offline)
   revision: null
   dtype: float32        # float32 on CPU; bfloat16 on a GPU
 

@@ -33,6 +33,15 @@ def test_minimal_recipe_fills_defaults():
     assert recipe.data.sources[0].builtin == "english"
 
 
+def test_the_embedded_model_may_be_named_as_the_commands_name_it():
+    # `convert`, `eval`, `bench` and `generate` take "embedded" for the embedded default; a recipe took it for a local
+    # folder that does not exist
+    named = parse_recipe(MINIMAL + "model: {name: embedded}\n")
+    assert named.model.name is None
+    assert recipe_hash(named) == recipe_hash(parse_recipe(MINIMAL))  # one run, however the recipe names it
+    assert parse_recipe(MINIMAL, overrides=["model.name=embedded"]).model.name is None
+
+
 def test_a_home_folder_in_the_output_dir_is_expanded(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     recipe = parse_recipe(MINIMAL + "output: {dir: ~/runs/x}\n")  # YAML keeps '~' as it is
