@@ -27,10 +27,9 @@ from .hub import LOGIN_HINT, REPO_ID, check_branch, check_can_push, check_repo_i
 from .methods import LAYOUT_KEYS
 from .models.remote_code import INSTALL_COMMAND, REPOSITORY
 from .selection import SCORERS, LayerSelection, spread_flag
-from .sources import TOKENIZER_FILES, check_model_folder
+from .sources import RECIPE_FILE, TOKENIZER_FILES, check_model_folder
 
 CARD_FILE = "README.md"
-RECIPE_FILE = "linearize_recipe.yaml"  # written by `linearize finetune` next to the model
 EVAL_FILE = "linearize_eval.json"  # written by `linearize eval`; its "markdown" key holds a ready table
 BENCH_FILE = "linearize_bench.json"  # written by `linearize bench`, same shape
 TAGS = ["linearize", "linear-attention"]

