@@ -81,8 +81,12 @@ class Reporter:
             self._plain_every = max(1, total_steps // 20)
             self.info(f"{name}: {total_steps} optimizer steps" + (f", resuming after step {done}" if done else ""))
 
-    def step(self, stage: str, step: int, total_steps: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        status = f"loss {loss:.4g}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
+    def step(
+        self, stage: str, step: int, total_steps: int, loss: float, lr: float, tokens_per_s: float, ce: float | None
+    ) -> None:
+        """`ce`: the next-token part of a distilling stage's loss, the one its held-out eval_loss measures."""
+        next_token = f" (next-token {ce:.4g})" if ce is not None else ""
+        status = f"loss {loss:.4g}{next_token}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, status=status)
         elif self.verbose and (step % self._plain_every == 0 or step == total_steps):

@@ -270,6 +270,7 @@ class Trainer:
         with torch.no_grad(), original_model(self.model) as teacher, self.autocast():
             teacher_logits = teacher(**inputs).logits
         kd = distillation_loss(out.logits, teacher_logits, batch["labels"])
+        self.next_token_loss = out.loss.detach()  # the part eval_loss compares with: `_backward` logs it apart
         return (1 - kd_ratio) * out.loss + kd_ratio * kd
 
     def autocast(self) -> torch.autocast:
@@ -347,7 +348,7 @@ class Trainer:
                 for step in range(start, total_steps):
                     began = time.perf_counter()
                     batches = [self.micro_batch(index, step, micro, per_epoch) for micro in range(accum)]
-                    loss = self._backward(model, batches, transfer, stage.kd_ratio, params, ddp)
+                    loss, ce = self._backward(model, batches, transfer, stage.kd_ratio, params, ddp)
                     if not math.isfinite(loss):  # before the step: the last checkpoint stays the last good one
                         raise TrainingDivergedError(self._diverged(index, stage, step, loss))
                     if self.config.max_grad_norm is not None:
@@ -369,9 +370,10 @@ class Trainer:
                     key = "mse" if transfer is not None else "loss"
                     self.reporter.record(
                         stage=index, kind=stage.kind, step=step + 1, global_step=self.state.global_step,
-                        **{key: loss}, **rates, tokens_per_s=tokens_per_step / seconds, seconds=seconds,
+                        **{key: loss}, **({"ce": ce} if ce is not None else {}), **rates,
+                        tokens_per_s=tokens_per_step / seconds, seconds=seconds,
                     )  # fmt: skip
-                    self.reporter.step(name, step + 1, total_steps, loss, lr, tokens_per_step / seconds)
+                    self.reporter.step(name, step + 1, total_steps, loss, lr, tokens_per_step / seconds, ce)
                     last = step + 1 == total_steps
                     if (step + 1) % self.config.eval_every == 0 or last:
                         self._evaluate_and_record(index, stage, transfer)
@@ -380,12 +382,16 @@ class Trainer:
         finally:
             self.reporter.end_stage()
 
-    def _backward(self, model, batches: list, transfer, kd_ratio: float, params: list, ddp: bool) -> float:
+    def _backward(
+        self, model, batches: list, transfer, kd_ratio: float, params: list, ddp: bool
+    ) -> tuple[float, float | None]:
         """Forward and backward over one step's micro-batches, the gradients summed and synchronised across
         processes once (on the last micro-batch, or by hand without DDP or FSDP); returns the step's loss, averaged
-        over processes. Under attention transfer the backward runs inside the forward, layer by layer."""
+        over processes, and with distillation its next-token part (the loss is then mostly KL-weighted, and the
+        held-out eval_loss is the next-token loss alone). Under attention transfer the backward runs inside the
+        forward, layer by layer."""
         divisors = self.loss_divisors(batches, transfer is not None)
-        losses = []
+        losses, next_token = [], []
         for micro, (batch, divisor) in enumerate(zip(batches, divisors, strict=True)):
             sync = micro == len(batches) - 1
             if self.sharded:
@@ -395,9 +401,13 @@ class Trainer:
                 if transfer is None:
                     (loss / divisor).backward()
             losses.append(loss.detach().float() / divisor)
+            if kd_ratio and transfer is None:
+                scored = not math.isinf(divisor)
+                next_token.append(self.next_token_loss.float() / divisor if scored else torch.zeros_like(losses[-1]))
         if not ddp and not self.sharded:
             average_gradients(self.world, params)
-        return mean_across(self.world, torch.stack(losses).sum()).item()
+        ce = mean_across(self.world, torch.stack(next_token).sum()).item() if next_token else None
+        return mean_across(self.world, torch.stack(losses).sum()).item(), ce
 
     def _evaluate_and_record(self, index: int, stage: StageSection, transfer: AttentionTransfer | None) -> None:
         metrics = self.evaluate(transfer)
