@@ -199,7 +199,8 @@ def _is_hub_id(name: str) -> bool:
 def check_model_folder(folder: Path) -> None:
     """Refuse a folder that cannot load, naming the damaged file: cheap checks of what an interrupted write or a
     hand edit breaks (the config parses and agrees with itself, every safetensors header is readable and matches its
-    file's size). No weights are read."""
+    file's size, every pytorch_model*.bin archive has its directory), and a PEFT adapter folder given as a model. No
+    weights are read."""
     if folder.is_file():  # e.g. the folder's config.json, or a single .safetensors file
         raise LinearizeError(f"'{folder}' is a file, not a model folder: give the folder that holds it")
     if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():

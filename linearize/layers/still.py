@@ -79,8 +79,9 @@ class NPMap(nn.Module):
     def reset_parameters(self) -> None:
         """A random reflection and W_h = identity, so that a model built from its config (`from_config`) starts
         from finite, norm-preserving maps; conversion sets its own values (`StillAttention.init_new_parameters`:
-        seeded, the k map a copy of the q map). `from_pretrained` calls it too, through the model's `_init_weights`,
-        for maps the checkpoint lacks: transformers' initialisation functions leave the tensors it loaded alone."""
+        seeded, the k map a copy of the q map). `from_pretrained` calls it too, through the model's
+        `initialize_weights`, for maps the checkpoint lacks: transformers' initialisation functions leave the tensors
+        it loaded alone."""
         init.normal_(self.householder)
         init.copy_(self.linear, torch.eye(self.linear.shape[-1]).expand_as(self.linear))
 
