@@ -247,7 +247,8 @@ def convert(
             "--tokenizer",
             metavar="PATH_OR_ID",
             help="Save this folder's or hub id's tokenizer with the output instead of MODEL's own (for a checkpoint "
-            "without tokenizer files).",
+            "without tokenizer files); one with more tokens than the model embeds, or under 90% as many (another "
+            "model's), is refused.",
             show_default=False,
         ),
     ] = None,

@@ -60,7 +60,7 @@ def finetune(
     """Fine-tune a converted model from a recipe: attention transfer and/or LoRA, then save it.
 
     The run folder (output.dir) gets the resolved recipe, metrics.jsonl, checkpoints/ and, at the end, model/
-    (a converted model folder, LoRA merged by default)."""
+    (a converted model folder, LoRA merged by default). One run trains into it at a time: a second is refused."""
     from ..training.recipe import load_recipe
 
     recipe = load_recipe(recipe_file, overrides or [])

@@ -165,7 +165,9 @@ def bench(
     model: Annotated[str | None, typer.Argument(help=OPTIONAL_MODEL_HELP, show_default=False)] = None,
     against: Annotated[str | None, typer.Option(help=AGAINST_HELP, show_default=False)] = None,
     ctx: Annotated[str, typer.Option("--ctx", help="Context lengths to prefill, comma-separated.")] = "512,2048,8192",
-    decode_tokens: Annotated[int, typer.Option(help="Single-token decode steps in each decode run.", min=1)] = 32,
+    decode_tokens: Annotated[
+        int, typer.Option(help="Single-token decode steps in each decode run, from its round's prefill.", min=1)
+    ] = 32,
     repeats: Annotated[
         int,
         typer.Option(
