@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from transformers import TextStreamer
 
@@ -46,6 +49,23 @@ def build_prompt(tokenizer, prompt: str, chat: bool | None = None) -> torch.Tens
     return ids
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Run the block seeded as after `torch.manual_seed(seed)`, then put torch's generators back as they were (the
+    CPU's and those of `device`'s kind); `seed` None: as it is."""
+    if seed is None:
+        yield
+        return
+    on_cpu = device.type == "cpu"
+    devices = [] if on_cpu else list(range(torch.accelerator.device_count()))
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if on_cpu else device.type):
+        if on_cpu:  # the CPU's generator alone: a GPU's, which this fork does not keep, is not reseeded either
+            torch.random.default_generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
+        yield
+
+
 class ReplyStreamer(TextStreamer):
     """transformers' TextStreamer that also keeps the reply's token ids (`ids`), the special tokens it skips too."""
 
@@ -70,20 +90,20 @@ def generate(
     streamer=None,
     seed: int | None = None,
 ) -> str:
-    """Generate a continuation of `prompt` (greedy when temperature is 0) and return the new text. `seed` seeds
-    torch's generators first (`torch.manual_seed`), so that a sampled reply can be repeated."""
+    """Generate a continuation of `prompt` (greedy when temperature is 0) and return the new text. `seed` samples as
+    `torch.manual_seed(seed)` before `model.generate` would, so that a sampled reply can be repeated; the caller's
+    random state is left as it was."""
     if temperature < 0:
         raise LinearizeError(f"the temperature must be 0 (greedy) or more, got {temperature:g}")
     input_ids = build_prompt(tokenizer, prompt, chat).to(model.device)
-    if seed is not None:
-        torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        streamer=streamer,
-        **sampling,
-    )
+    with _seeded(seed, model.device):
+        output = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            streamer=streamer,
+            **sampling,
+        )
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)

@@ -141,6 +141,19 @@ def test_generate_samples_reproducibly_with_a_seed(source, tmp_path):
     assert tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == first
 
 
+def test_the_librarys_generate_with_a_seed_leaves_the_callers_random_state_alone(source):
+    """`generate(seed=...)` repeats a sample without reseeding the program that calls it."""
+    from linearize.generation import generate
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = generate(model, tokenizer, "w5 w6 w7", max_new_tokens=8, temperature=1.5, seed=3)
+    assert torch.equal(torch.rand(4), expected)
+    assert generate(model, tokenizer, "w5 w6 w7", max_new_tokens=8, temperature=1.5, seed=3) == first
+
+
 def test_generate_reads_the_prompt_from_stdin_for_a_dash(source):
     def reply(*args, stdin=None):
         result = runner.invoke(app, ["generate", str(source), *args, "--max-new-tokens", "4"], input=stdin)
