@@ -42,8 +42,11 @@ class PasskeyPrompt:
     depth: float
 
 
+KEYS = 90_000  # the 5-digit keys
+
+
 def random_key(rng: random.Random) -> str:
-    return str(rng.randint(10000, 99999))
+    return str(rng.randint(10000, 10000 + KEYS - 1))
 
 
 def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> PasskeyPrompt:
@@ -183,13 +186,25 @@ def passkey_retrieval(
         depths: needle positions, fractions of the filler before it.
         trials: keys per (context, depth).
         seed: chooses the keys and distractors.
-        distractors: keys ranked against the true one (chance of a blind guess: 1 / (distractors + 1)).
+        distractors: keys ranked against the true one (chance of a blind guess: 1 / (distractors + 1)), 1 to 89999.
         step: called after each trial (progress bars).
 
     Returns:
         {"contexts": {C: {"greedy": acc, "ranked": acc, "trials": n, "by_depth": {depth: {"greedy", "ranked"}}}},
          "distractors": n}.
     """
+    if trials < 1:
+        raise LinearizeError(f"passkey retrieval needs at least one trial per depth, got trials={trials}")
+    if not depths:
+        raise LinearizeError("passkey retrieval needs at least one depth, got none")
+    if not 1 <= distractors <= KEYS - 1:  # none: every trial ranks first; more than the other keys: never drawn
+        raise LinearizeError(
+            f"passkey retrieval needs at least one distractor and at most {KEYS - 1} distractors (the other 5-digit "
+            f"keys), got distractors={distractors}"
+        )
+    for depth in depths:
+        if not 0.0 <= depth <= 1.0:
+            raise LinearizeError(f"passkey depth must be between 0 and 1, got {depth}")
     rng = random.Random(seed)
     results = {}
     for context in contexts:

@@ -162,6 +162,21 @@ def test_a_model_that_copies_finds_every_key(tokenizer):
         assert set(scores["by_depth"]) == {0.0, 0.5, 1.0}
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"trials": 0}, "at least one trial"),
+        ({"depths": ()}, "at least one depth"),
+        ({"distractors": 0}, "at least one distractor"),  # ranked: every trial a hit, whatever the model
+        ({"distractors": 90_000}, "at most 89999 distractors"),  # more than the other 5-digit keys: endless
+        ({"depths": (0.5, 1.5)}, "between 0 and 1"),
+    ],
+)
+def test_passkey_retrieval_refuses_arguments_that_measure_nothing(tokenizer, options, message):
+    with pytest.raises(LinearizeError, match=message):
+        passkey_retrieval(BlindModel(), tokenizer, [400], **options)
+
+
 def test_a_model_blind_to_its_context_scores_nothing(tokenizer):
     # equal likelihoods are a miss, and greedy decoding of constant logits never spells a key
     result = passkey_retrieval(BlindModel(), tokenizer, [400], depths=(0.0, 1.0), trials=3)
