@@ -195,6 +195,8 @@ def run_bench(
         {"models": labels, "decode_tokens", "repeats", "device", "hardware", "dtype", "threads",
         "rows": [{"context": C, label: {...}}]}.
     """
+    if not models or not contexts:
+        raise ValueError(f"run_bench needs at least one model and one context, got {len(models)} and {len(contexts)}")
     measure(models, min(64, min(contexts)), 2, repeats=1)
     first, rows = next(iter(models.values())), []
     for context in contexts:

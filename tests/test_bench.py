@@ -82,6 +82,9 @@ def test_measure_takes_a_small_vocabulary_and_refuses_empty_runs():
     assert measure({"tiny": model}, context=8, decode_tokens=1, repeats=1)["tiny"]["decode_ms"] > 0
     with pytest.raises(ValueError, match="must be >= 1, got 8, 0, 1"):
         measure({"tiny": model}, context=8, decode_tokens=0, repeats=1)
+    for models, contexts in (({"tiny": model}, []), ({}, [8])):
+        with pytest.raises(ValueError, match="at least one model and one context"):
+            run_bench(models, contexts, decode_tokens=1, repeats=1)
 
 
 def test_converted_cache_is_constant_and_the_original_grows(result):
