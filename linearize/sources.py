@@ -43,6 +43,26 @@ def hide_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+@contextmanager
+def progress_bars_hidden() -> Iterator[None]:
+    """transformers' (and huggingface_hub's) progress bars off while the block runs, and as they were after it: a
+    library call's `quiet` must not silence the caller's later downloads and loads."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    shown, hub_hidden = transformers_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    hide_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()  # huggingface_hub's too
+        if hub_hidden:
+            disable_progress_bars()
+        elif not shown:
+            enable_progress_bars()
+
+
 def cache_root() -> Path:
     """`$LINEARIZE_CACHE`, else ~/.cache/linearize. Set but empty counts as unset, as XDG's variables do (Path("")
     would be the current folder), and a leading ~ is expanded (quoted in a CI file or a Dockerfile's ENV, no shell

@@ -30,6 +30,7 @@ from ..outputs import atomic_folder, delete_folder, write_errors, write_file
 from ..selection import LayerSelection, select_layers
 from .checkpoint import (
     RECIPE_FILE,
+    callers_rng_kept,
     check_resumable,
     list_checkpoints,
     load_checkpoint,
@@ -549,10 +550,17 @@ def _to(data: PackedSequences, idx: list[int], device: torch.device) -> dict[str
 
 
 def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=None) -> Path:
-    """Run `recipe` end to end (under torchrun, as one of its processes). Returns the saved model folder."""
+    """Run `recipe` end to end (under torchrun, as one of its processes). Returns the saved model folder.
+
+    The run seeds torch with `training.seed` (a resumed run also sets Python's and NumPy's generators from its
+    checkpoint), and `quiet` hides transformers' progress bars: both are put back as they were when it returns or
+    raises."""
+    with callers_rng_kept(), sources.progress_bars_hidden() if quiet else nullcontext():
+        return _finetune(recipe, resume, quiet, console)
+
+
+def _finetune(recipe: Recipe, resume: bool, quiet: bool, console) -> Path:
     run = Path(recipe.output.dir)
-    if quiet:
-        sources.hide_progress_bars()
     if recipe.output.push_to_hub:
         check_can_push()  # before hours of training, not after
     world = init_world()

@@ -338,6 +338,37 @@ def test_recipe_commands(tmp_path):
     assert result.exit_code == 1 and "did you mean 'grad_accum'" in result.output
 
 
+def test_the_librarys_finetune_leaves_the_callers_progress_bars_and_random_state_alone(workspace, tmp_path):
+    """`finetune(recipe, quiet=True)` from a script or notebook: its seed and its hidden bars are the run's alone,
+    whether the run completes or fails."""
+    import random
+
+    import numpy as np
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as transformers_logging
+
+    from linearize.training.recipe import load_recipe
+
+    def caller_state():
+        return (
+            transformers_logging.is_progress_bar_enabled(),
+            are_progress_bars_disabled(),
+            torch.get_rng_state(),
+            random.getstate(),
+            np.random.get_state()[1].tolist(),
+        )
+
+    recipe = load_recipe(write_recipe(workspace, tmp_path), ["stages.0.max_steps=1", "stages.1.max_steps=1"])
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    before = caller_state()
+    assert before[:2] == (True, False)
+    trainer_module.finetune(recipe, quiet=True)
+    with pytest.raises(linearize.errors.LinearizeError, match="already holds this recipe's run"):
+        trainer_module.finetune(recipe, quiet=True)
+    after = caller_state()
+    assert after[:2] == before[:2] and torch.equal(after[2], before[2]) and after[3:] == before[3:]
+
+
 def test_gradient_checkpointing_gives_the_same_lora_step(workspace, tmp_path):
     runs = {}
     for flag in ("false", "true"):
