@@ -12,6 +12,9 @@ exact) and decode speed after a 2K-token prefill (measured in this run, all mode
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +111,7 @@ def run_demo(
     steps: int = 30,
     force: bool = False,
     model: str | None = None,
-    say=print,
+    say: Callable[[str], None] | None = None,
     quiet: bool = False,
     console=None,
 ) -> DemoResult:
@@ -118,11 +121,13 @@ def run_demo(
         out: the demo's folder (replaced with force=True).
         steps: LoRA steps of the Liger fine-tune (512 tokens each).
         model: the source model (None: the embedded SmolLM2-135M-Instruct).
-        say: where progress messages go.
+        say: where progress messages go (None: standard error, unless `quiet`).
         quiet, console: passed to the fine-tune's progress reporting.
     """
     from .training.trainer import finetune
 
+    if say is None:
+        say = (lambda _: None) if quiet else functools.partial(print, file=sys.stderr)
     out = Path(out).expanduser()
     check_output_folder(out, force, source=model)
     run = out / "liger-run"

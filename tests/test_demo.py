@@ -12,9 +12,10 @@ from linearize.training.checks import warmup_note
 from tests.tiny import source_folder
 
 
-def test_demo_measures_every_conversion_and_reloads_the_fine_tuned_model(tmp_path):
+def test_demo_measures_every_conversion_and_reloads_the_fine_tuned_model(tmp_path, capsys):
     source = source_folder(tmp_path / "src")
-    result = run_demo(tmp_path / "demo", steps=1, model=str(source), say=lambda _: None, quiet=True)
+    result = run_demo(tmp_path / "demo", steps=1, model=str(source), quiet=True)
+    assert capsys.readouterr().out == ""  # called from a script: quiet says nothing, and progress is no output
     rows = {row.label: row for row in result.rows}
     assert list(rows) == ["original", "swa", "parallax", "liger at conversion", "liger fine-tuned"]
     assert all(math.isfinite(row.perplexity) for row in rows.values())
