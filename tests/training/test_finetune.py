@@ -344,7 +344,7 @@ def test_the_librarys_finetune_leaves_the_callers_progress_bars_and_random_state
     import random
 
     import numpy as np
-    from huggingface_hub.utils import are_progress_bars_disabled
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as transformers_logging
 
     from linearize.training.recipe import load_recipe
@@ -360,6 +360,7 @@ def test_the_librarys_finetune_leaves_the_callers_progress_bars_and_random_state
 
     recipe = load_recipe(write_recipe(workspace, tmp_path), ["stages.0.max_steps=1", "stages.1.max_steps=1"])
     torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    transformers_logging.enable_progress_bar(), enable_progress_bars()  # an earlier CLI test may have hidden them
     before = caller_state()
     assert before[:2] == (True, False)
     trainer_module.finetune(recipe, quiet=True)
