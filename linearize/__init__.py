@@ -9,10 +9,11 @@ __version__ = "0.1.0"
 
 import importlib
 
+from .errors import LinearizeError  # no imports of its own: the package stays light
 from .registration import register_with_transformers
 
 _MODEL_CLASSES = ("LinearizeCache", "LinearizeConfig", "LinearizeForCausalLM")
-__all__ = [*_MODEL_CLASSES, "__version__"]
+__all__ = [*_MODEL_CLASSES, "LinearizeError", "__version__"]
 
 register_with_transformers()
 

@@ -133,6 +133,16 @@ def test_help_and_usage_errors_import_neither_torch_nor_transformers(argv):
     assert _heavy_modules_after(code) == []
 
 
+def test_the_package_exports_its_error_without_loading_torch():
+    code = """
+        import linearize
+        from linearize import LinearizeError
+        from linearize.errors import LinearizeError as defined
+        assert "LinearizeError" in linearize.__all__ and LinearizeError is defined
+    """
+    assert _heavy_modules_after(code) == []
+
+
 @pytest.mark.parametrize(
     "imports",
     [
