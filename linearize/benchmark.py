@@ -35,6 +35,11 @@ from torch.utils._pytree import tree_leaves
 
 from .cache_layers import StateCacheLayer
 from .compat import CACHE_ARG, OUTPUT_CACHE_FIELD
+from .errors import LinearizeError
+
+
+class BenchError(LinearizeError, ValueError):
+    """Arguments that measure nothing (no model, no context, a count below 1); a ValueError as it was before."""
 
 
 def cache_bytes(cache) -> int:
@@ -137,7 +142,7 @@ def measure(models: dict, context: int, decode_tokens: int, repeats: int = 3, se
         numbers: runs that disagree by more than the difference between two models do not separate them.
     """
     if min(context, decode_tokens, repeats) < 1:
-        raise ValueError(f"context, decode_tokens and repeats must be >= 1, got {context}, {decode_tokens}, {repeats}")
+        raise BenchError(f"context, decode_tokens and repeats must be >= 1, got {context}, {decode_tokens}, {repeats}")
     vocab = min(model.config.vocab_size for model in models.values())
     low = min(100, vocab // 2)  # above the special tokens that low ids usually are
     ids = torch.randint(low, vocab, (1, context + decode_tokens), generator=torch.Generator().manual_seed(seed))
@@ -196,7 +201,7 @@ def run_bench(
         "rows": [{"context": C, label: {...}}]}.
     """
     if not models or not contexts:
-        raise ValueError(f"run_bench needs at least one model and one context, got {len(models)} and {len(contexts)}")
+        raise BenchError(f"run_bench needs at least one model and one context, got {len(models)} and {len(contexts)}")
     measure(models, min(64, min(contexts)), 2, repeats=1)
     first, rows = next(iter(models.values())), []
     for context in contexts:

@@ -12,6 +12,10 @@ from . import sources
 from .errors import LinearizeError
 
 
+class PromptError(LinearizeError, ValueError):
+    """A prompt that cannot be built as asked; a ValueError as it was before."""
+
+
 def load_for_inference(model: str | None, device: str = "auto", dtype: str = "auto", needs_tokenizer: bool = True):
     """Load a converted (or any causal LM) folder or hub id. On CPU, "auto" means float32: bf16 matmuls are slow
     there. Returns (model, tokenizer); without `needs_tokenizer` the weights alone, and None for the tokenizer (a
@@ -33,7 +37,7 @@ def build_prompt(tokenizer, prompt: str, chat: bool | None = None) -> torch.Tens
     """Token ids for `prompt`, through the chat template when the tokenizer has one (or `chat=True`)."""
     if chat_used(tokenizer, chat):
         if tokenizer.chat_template is None:
-            raise ValueError("this tokenizer has no chat template; drop --chat")
+            raise PromptError("this tokenizer has no chat template; drop --chat")
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"]

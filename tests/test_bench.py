@@ -12,6 +12,7 @@ from linearize.benchmark import bench_rows, cache_bytes, measure, peak_memory, r
 from linearize.cli import app
 from linearize.comparison import counted
 from linearize.compat import CACHE_ARG
+from linearize.errors import LinearizeError
 from tests.tiny import cache_of, converted_model, source_folder, source_model
 
 runner = CliRunner()
@@ -80,11 +81,14 @@ def test_measure_takes_a_small_vocabulary_and_refuses_empty_runs():
     config.vocab_size = 64  # the random prompts drew from ids 100 and up
     model = type(source_model("llama"))(config)
     assert measure({"tiny": model}, context=8, decode_tokens=1, repeats=1)["tiny"]["decode_ms"] > 0
-    with pytest.raises(ValueError, match="must be >= 1, got 8, 0, 1"):
+    # a LinearizeError (the CLI prints its message), and still a ValueError for callers that caught that
+    with pytest.raises(LinearizeError, match="must be >= 1, got 8, 0, 1") as error:
         measure({"tiny": model}, context=8, decode_tokens=0, repeats=1)
+    assert isinstance(error.value, ValueError)
     for models, contexts in (({"tiny": model}, []), ({}, [8])):
-        with pytest.raises(ValueError, match="at least one model and one context"):
+        with pytest.raises(LinearizeError, match="at least one model and one context") as error:
             run_bench(models, contexts, decode_tokens=1, repeats=1)
+        assert isinstance(error.value, ValueError)
 
 
 def test_converted_cache_is_constant_and_the_original_grows(result):

@@ -77,6 +77,14 @@ def test_an_empty_prompt_after_a_bos_is_fine():
         build_prompt(tiny_tokenizer(), "", chat=False)
 
 
+def test_a_chat_prompt_without_a_chat_template_is_the_users_to_fix():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(LinearizeError, match="this tokenizer has no chat template; drop --chat") as error:
+        build_prompt(tokenizer, "w5 w6", chat=True)
+    assert isinstance(error.value, ValueError)  # as before, for callers that caught that
+
+
 def test_negative_temperature_is_refused(source):
     result = invoke("generate", source, "w5", "--temperature", "-1")
     assert result.exit_code == 2 and "Invalid value for '--temperature': Input should be greater" in result.output
