@@ -14,13 +14,14 @@ that a later run can tell those of a killed run, clean up the first and put the 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import secrets
 import shutil
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from huggingface_hub import constants as hub_constants
@@ -30,6 +31,7 @@ from safetensors import SafetensorError
 
 from . import sources
 from .errors import LinearizeError
+from .locks import LockHeld, locked
 
 _STAGING = "linearize-tmp"  # the output being written
 _RETIRED = "linearize-old"  # the output being replaced, between its two renames
@@ -123,23 +125,43 @@ def replaced_when_done(out: Path, force: bool = False) -> Iterator[None]:
     does that)."""
     out = Path(out)
     check_name_length(out)
-    check_replaceable(out, force)
-    retired = None
-    with write_errors(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(out.parent)
-        if out.exists():
-            retired = _sibling(out, _SET_ASIDE)
-            os.replace(out, retired)
-    try:
-        yield
-    except BaseException:
-        _remove(out)
+    with _held_for_writing(out):
+        check_replaceable(out, force)  # again, now that no other run can be writing it
+        retired = None
+        with write_errors(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(out.parent)
+            if out.exists():
+                retired = _sibling(out, _SET_ASIDE)
+                os.replace(out, retired)
+        try:
+            yield
+        except BaseException:
+            _remove(out)
+            if retired is not None:
+                os.replace(retired, out)
+            raise
         if retired is not None:
-            os.replace(retired, out)
-        raise
-    if retired is not None:
-        _remove(retired)
+            _remove(retired)
+
+
+@contextmanager
+def _held_for_writing(out: Path) -> Iterator[None]:
+    """One in-place writer of `out` at a time: a second would set aside, or on failing delete, the folder the first
+    writes into. The lock lives in linearize's cache, keyed by the absolute path, so that nothing is left beside
+    `out`; where the cache cannot be written, the work runs unlocked rather than not at all."""
+    key = hashlib.sha256(os.fsencode(_absolute(out))).hexdigest()[:32]
+    with ExitStack() as held:
+        try:
+            held.enter_context(locked(sources.cache_root() / "locks" / f"{key}.lock"))
+        except LockHeld as error:
+            raise LinearizeError(
+                f"output folder '{out}' is being written by another linearize run ({error.holder}); wait for it to "
+                "finish, or choose another output folder"
+            ) from None
+        except OSError:  # a cache that cannot be written (a read-only home): unlocked, as on Windows
+            pass
+        yield
 
 
 @contextmanager

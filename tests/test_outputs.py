@@ -415,3 +415,29 @@ def test_an_output_name_too_long_for_its_hidden_sibling_is_refused_before_loadin
     with linearize.outputs.atomic_folder(longest) as staging:
         (staging / "ours").write_text("")
     assert [p.name for p in longest.iterdir()] == ["ours"]
+
+
+def test_a_second_in_place_writer_is_refused_and_the_first_keeps_its_folder(tmp_path, monkeypatch):
+    # two `linearize demo -o SAME`: the second, with --force, would set aside the folder the first trains into
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    with linearize.outputs.replaced_when_done(out):
+        out.mkdir()
+        (out / "checkpoint.txt").write_text("first")
+        refused = pytest.raises(LinearizeError, match="being written by another linearize run .*process")
+        with refused, linearize.outputs.replaced_when_done(out, force=True):
+            pytest.fail("the second writer ran")
+        assert (out / "checkpoint.txt").read_text() == "first"
+    assert (out / "checkpoint.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "demo"]  # the lock is not left beside it
+    with linearize.outputs.replaced_when_done(out, force=True):  # released: the next run replaces it
+        out.mkdir()
+    assert list(out.iterdir()) == []
+
+
+def test_an_in_place_writer_runs_unlocked_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "file" / "cache"))
+    with linearize.outputs.replaced_when_done(tmp_path / "demo"):
+        (tmp_path / "demo").mkdir()
+    assert (tmp_path / "demo").is_dir()
