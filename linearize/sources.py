@@ -234,6 +234,7 @@ def check_model_folder(folder: Path) -> None:
         if (folder / "model").is_dir():
             raise LinearizeError(
                 f"'{folder}' is a fine-tuning run, not a model folder: give its model folder, '{folder / 'model'}'"
+                + (f" ({_WITHOUT_ADAPTER.format(adapter=folder / 'adapter')})" if _kept_adapter(folder) else "")
             )
         raise LinearizeError(
             f"'{folder}' is a fine-tuning run with no model yet: a run saves model/ when it finishes; continue an "
@@ -246,6 +247,21 @@ def check_model_folder(folder: Path) -> None:
         _check_safetensors(weights)
     for weights in sorted(folder.glob("pytorch_model*.bin")):
         _check_torch_archive(weights)
+    if folder.name == "model" and _kept_adapter(folder.parent):
+        print(f"note: '{folder}' is {_WITHOUT_ADAPTER.format(adapter=folder.parent / 'adapter')}", file=sys.stderr)
+
+
+# what a run with `output.merge_lora: false` saves as model/, and how to get the fine-tuned model in one folder
+_WITHOUT_ADAPTER = (
+    "the converted model without the LoRA adapter its run trained, which output.merge_lora: false kept in "
+    "'{adapter}'; for the fine-tuned model in one folder, merge it: `linearize finetune RECIPE.yaml --resume "
+    "output.merge_lora=true` with the run's recipe and overrides"
+)
+
+
+def _kept_adapter(run: Path) -> bool:
+    """Whether `run` is a fine-tuning run that kept its LoRA adapter apart from model/ (`output.merge_lora: false`)."""
+    return (run / RECIPE_FILE).is_file() and (run / "adapter" / "adapter_config.json").is_file()
 
 
 def _adapter_base(folder: Path) -> str:

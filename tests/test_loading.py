@@ -305,6 +305,24 @@ def test_a_fine_tuning_run_folder_names_its_model_folder(tmp_path):
     fails_with(invoke("eval", run), f"'{run}' is a fine-tuning run", f"give its model folder, '{run / 'model'}'")
 
 
+def test_the_model_folder_of_a_run_that_kept_its_adapter_says_it_lacks_the_lora(converted, tmp_path, capsys):
+    """`output.merge_lora: false` saves model/ without the LoRA it trained: evaluating it as the fine-tuned model
+    would measure the model before fine-tuning, so both the run folder's error and a load of model/ say so."""
+    run = tmp_path / "run"
+    shutil.copytree(converted, run / "model")
+    (run / "linearize_recipe.yaml").write_text("stages:\n  - kind: lora\n")
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(run / "model")}))
+    unmerged = ("without the LoRA adapter its run trained", f"'{run / 'adapter'}'", "--resume output.merge_lora=true")
+    fails_with(invoke("eval", run), f"give its model folder, '{run / 'model'}'", *unmerged)
+    assert sources.resolve(str(run / "model")) == str(run / "model")
+    note = " ".join(capsys.readouterr().err.split())
+    assert f"note: '{run / 'model'}' is the converted model" in note and all(phrase in note for phrase in unmerged)
+    shutil.rmtree(run / "adapter")  # merged (or never kept): nothing to say
+    sources.resolve(str(run / "model"))
+    assert capsys.readouterr().err == ""
+
+
 def test_a_folder_without_weights_is_not_a_hub_problem(converted, tmp_path):
     folder = shutil.copytree(converted, tmp_path / "no-weights")
     (folder / "model.safetensors").unlink()
