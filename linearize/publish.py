@@ -424,7 +424,8 @@ def push(
     Args:
         folder: the converted model folder (left unchanged).
         repo_id: the target repo, ORG/NAME.
-        private: create the repo private (an existing repo keeps its visibility).
+        private: create the repo private (otherwise the account's default visibility: public unless an organization
+            makes its new repos private; an existing repo keeps its visibility).
         revision: the branch to commit to, created from the default branch if missing (None: the default branch).
         token: a Hub token with write access (default: HF_TOKEN or the stored login).
         endpoint: the Hub URL (default: HF_ENDPOINT or https://huggingface.co).
@@ -447,7 +448,8 @@ def push(
     api = HfApi(endpoint=endpoint, token=token)
     with _hub_errors(repo_id, api.endpoint, retry), _progress_bars(not quiet and sys.stderr.isatty()):
         step(f"Creating {repo_id} on {api.endpoint}" + (" (private)" if private else ""))
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        # private=False would send "public" and override an organization whose new repos are private by default
+        api.create_repo(repo_id, private=private or None, exist_ok=True)
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         step(f"Uploading {len(plan.files)} files in one commit")

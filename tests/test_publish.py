@@ -39,6 +39,7 @@ class StubHub(BaseHTTPRequestHandler):
     root: Path
     requests: list[tuple[str, str]]
     created: list[dict]
+    visibility: list[object]  # what each repo creation asked for: "public", "private", or None (the account's default)
 
     def log_message(self, *args):
         pass
@@ -74,6 +75,7 @@ class StubHub(BaseHTTPRequestHandler):
             request = json.loads(body)
             # huggingface_hub 2.x sends "visibility", 1.x "private"
             private = request.get("visibility") == "private" or request.get("private") is True
+            self.visibility.append(request.get("visibility", request.get("private")))
             self.created.append({"repo": f"{request['organization']}/{request['name']}", "private": private})
             return self._reply(200, {"url": f"http://{host}/{self.created[-1]['repo']}"})
         if path == "/api/validate-yaml" or "/branch/" in path:
@@ -110,7 +112,7 @@ def no_credentials(tmp_path, monkeypatch):
 def hub(tmp_path, monkeypatch):
     """The stub server, with the Hub switched back on for this test (conftest sets HF_HUB_OFFLINE=1)."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    handler = type("Handler", (StubHub,), {"root": tmp_path / "hub", "requests": [], "created": []})
+    handler = type("Handler", (StubHub,), {"root": tmp_path / "hub", "requests": [], "created": [], "visibility": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -190,6 +192,14 @@ def test_the_card_says_where_the_speeds_were_measured(folder, tmp_path):
     assert "on NVIDIA H100, cuda:0, bfloat16, 1 thread; prefill: the median of 3 runs" in card
     assert "decode: the median of 3 runs of 32 steps.\n\n" + table in card
     assert "Measured by" not in card.split("## Speed and memory")[0]  # not above the eval table
+
+
+def test_a_repo_without_private_gets_the_accounts_default_visibility(folder, hub, no_verify):
+    """An organization may make its new repos private by default: a push without --private must not override that
+    with an explicit "public" (huggingface_hub sends one for private=False)."""
+    push(folder, REPO, token=GOOD_TOKEN, endpoint=hub.url)
+    push(folder, REPO, private=True, token=GOOD_TOKEN, endpoint=hub.url)
+    assert hub.visibility == [None, "private"]
 
 
 def test_revision_goes_to_a_branch(folder, hub, no_verify):

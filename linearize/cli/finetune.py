@@ -164,7 +164,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     table.add_row("LoRA", f"r {recipe.lora.r}, alpha {recipe.lora.alpha:g} on {', '.join(recipe.lora.target_modules)}")
     table.add_row("output", f"{run}/model" + (" (LoRA merged)" if recipe.output.merge_lora else " + adapter/"))
     if recipe.output.push_to_hub:
-        visibility = "private" if recipe.output.private else "public"
+        visibility = "private" if recipe.output.private else "a new repo: the account's default visibility"
         table.add_row("push", f"{run}/model to {recipe.output.push_to_hub} ({visibility}), once saved")
         try:
             check_can_push()

@@ -25,7 +25,12 @@ def push(
         str, typer.Argument(metavar="ORG/NAME", help="The Hub repo: your user name or an organization, then a name.")
     ],
     private: Annotated[
-        bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")
+        bool,
+        typer.Option(
+            "--private",
+            help="Create the repo private (without it, a new repo gets the account's default visibility; an existing "
+            "repo keeps its own).",
+        ),
     ] = False,
     revision: Annotated[
         str | None,
