@@ -24,7 +24,7 @@ from .comparison import counted
 from .convert import layer_groups
 from .errors import LinearizeError
 from .hub import LOGIN_HINT, REPO_ID, check_branch, check_can_push, check_repo_id, transport_errors
-from .methods import LAYOUT_KEYS
+from .methods import LAYOUT_KEYS, get_method
 from .models.remote_code import INSTALL_COMMAND, REPOSITORY
 from .selection import SCORERS, LayerSelection, spread_flag
 from .sources import RECIPE_FILE, TOKENIZER_FILES, check_model_folder
@@ -209,6 +209,21 @@ tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
 ```"""
 
 
+def _tuning_section(folder: Path, settings: dict[str, Any]) -> str:
+    recipe = folder / RECIPE_FILE
+    if recipe.is_file():
+        recipe_yaml = recipe.read_text().strip()
+        return f"Fine-tuned with `linearize finetune`; the resolved recipe:\n\n```yaml\n{recipe_yaml}\n```"
+    untrained = "Not fine-tuned after the conversion (no recipe in the folder)"
+    method = get_method(settings["method"])
+    if method.exact_with(method.settings.from_saved(settings, method.name)):  # Parallax without a window
+        return (
+            f"{untrained}: its converted layers start exact (the probe is zero), so the model computes the base "
+            "model's outputs exactly until it is trained; fine-tuning with `linearize finetune` starts from there."
+        )
+    return f"{untrained}: expect lower quality than the base model until it is fine-tuned with `linearize finetune`."
+
+
 def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
     """The model card of a converted folder: YAML front matter (base_model, licence, tags, library, pipeline) and a
     body with the method, the layer map, the fine-tuning recipe, the latest eval and bench tables and how to load it.
@@ -239,13 +254,6 @@ def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
     origin = f"[{base}](https://huggingface.co/{base})" if base else "A model (base model not recorded)"
     if config.get("source_weights") == "embedded":
         origin += " (the Q4_1 GGUF of it that linearize embeds for offline use, dequantised)"
-    recipe = folder / RECIPE_FILE
-    tuning = (
-        f"Fine-tuned with `linearize finetune`; the resolved recipe:\n\n```yaml\n{recipe.read_text().strip()}\n```"
-        if recipe.is_file()
-        else "Not fine-tuned after the conversion (no recipe in the folder): expect lower quality than the base "
-        "model until it is fine-tuned with `linearize finetune`."
-    )
     body = f"""
 # {name.split("/")[-1]}
 
@@ -259,7 +267,7 @@ def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
 
 ## Fine-tuning
 
-{tuning}
+{_tuning_section(folder, settings)}
 
 ## Evaluation
 

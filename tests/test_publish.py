@@ -182,6 +182,20 @@ def test_model_card_front_matter_and_body(folder, tmp_path):
     assert "(the Q4_1 GGUF of it that linearize embeds for offline use, dequantised)" in plan_push(embedded, REPO).card
 
 
+@pytest.mark.parametrize("window", [None, 8])
+def test_the_card_of_an_untrained_conversion_says_what_to_expect_of_it(window, tmp_path):
+    """Parallax without a window is the original model exactly at conversion: its card must not promise it lower
+    quality; with a window (which cuts keys off), or with another method, fine-tuning is what recovers quality."""
+    source = source_model("llama")
+    options = {} if window is None else {"window": window}
+    plan = plan_conversion(source.config, "my-org/tiny-llama", "parallax", **options)
+    out = save_model(convert_model(source, plan.config), tiny_tokenizer(), tmp_path / "parallax")
+    card = " ".join(plan_push(out, REPO).card.split())
+    exact = "computes the base model's outputs exactly until it is trained"
+    assert (exact in card) == (window is None)
+    assert ("expect lower quality than the base model" in card) == (window is not None)
+
+
 def test_the_card_says_where_the_speeds_were_measured(folder, tmp_path):
     measured = shutil.copytree(folder, tmp_path / "measured")
     table = "| context | metric | tiny-liger |\n|---|---|---|\n| 64 | decode ms/token | 1.1 |"
