@@ -68,6 +68,7 @@ class PushPlan:
     revision: str | None
     card: str
     files: list[tuple[str, int]] = field(default_factory=list)  # (path in the repo, bytes), README.md included
+    left_out: list[str] = field(default_factory=list)  # what in the folder is not sent, each with why
 
     @property
     def total_bytes(self) -> int:
@@ -284,16 +285,19 @@ def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
-def _folder_files(folder: Path) -> list[tuple[str, int]]:
-    # Hidden entries (.cache, .git) and bytecode are local state, not part of the model; README.md is the card.
-    found = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if not path.is_file() or any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
+def _folder_files(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """The folder's own files with their sizes, and what else it holds that is left out, with why. transformers loads
+    a model from its folder's own files; a subfolder is someone's addition (a run folder, with checkpoints and
+    metrics). Hidden entries (.cache, .git, a run's lock) and bytecode are local state; README.md is the card."""
+    found, left_out = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.name == "__pycache__":
             continue
-        if rel.as_posix() != CARD_FILE:
-            found.append((rel.as_posix(), path.stat().st_size))
-    return found
+        if path.is_dir():
+            left_out.append(f"{path.name}/ (a subfolder: the model loads from the folder's own files)")
+        elif path.is_file() and path.name != CARD_FILE:
+            found.append((path.name, path.stat().st_size))
+    return found, left_out
 
 
 def _check_weights(folder: Path) -> None:
@@ -341,8 +345,10 @@ def plan_push(folder: Path | str, repo_id: str, *, private: bool = False, revisi
             "into the folder"
         )
     card = render_model_card(folder, repo_id)
-    files = [*_folder_files(folder), (CARD_FILE, len(card.encode()))]
-    return PushPlan(folder, repo_id, private, revision, card, sorted(files))
+    files, left_out = _folder_files(folder)
+    return PushPlan(
+        folder, repo_id, private, revision, card, sorted([*files, (CARD_FILE, len(card.encode()))]), left_out
+    )
 
 
 def verify_folder(folder: Path | str) -> str:
@@ -453,6 +459,8 @@ def push(
     if verify:
         step(f"Checking that {plan.folder} loads and generates (fresh process)")
         verify_folder(plan.folder)
+    for entry in plan.left_out:
+        step(f"Not sent: {entry}")
     api = HfApi(endpoint=endpoint, token=token)
     with _hub_errors(repo_id, api.endpoint, retry), _progress_bars(not quiet and sys.stderr.isatty()):
         step(f"Creating {repo_id} on {api.endpoint}" + (" (private)" if private else ""))

@@ -235,6 +235,22 @@ def test_dry_run_prints_the_plan_and_sends_nothing(folder, hub, no_verify):
     assert hub.requests == [] and no_verify == []
 
 
+def test_only_the_folders_own_files_are_sent(folder, hub, no_verify, tmp_path):
+    """A run folder kept inside the model folder (checkpoints with pickled optimizer state, metrics, a second model):
+    transformers loads a model from its folder's own files, so a subfolder is named as left out and not sent."""
+    kept = shutil.copytree(folder, tmp_path / "kept")
+    (kept / "run" / "checkpoints" / "step-000001").mkdir(parents=True)
+    (kept / "run" / "checkpoints" / "step-000001" / "optimizer.pt").write_bytes(b"pickled")
+    (kept / "run" / "metrics.jsonl").write_text("{}\n")
+    result = runner.invoke(app, ["push", str(kept), REPO, "--dry-run"])
+    assert result.exit_code == 0 and "optimizer.pt" not in result.output
+    assert "Not sent: run/ (a subfolder" in " ".join(result.output.split())
+    result = runner.invoke(app, ["push", str(kept), REPO, "--token", GOOD_TOKEN, "--endpoint", hub.url])
+    assert result.exit_code == 0, result.output
+    assert "Not sent: run/" in " ".join(result.output.split())
+    assert set(arrived(hub)) == {p.name for p in folder.iterdir()} | {"README.md"}
+
+
 @pytest.mark.parametrize("repo_id", ["tiny-liger", "a/b/c", "-org/name", "org/na--me", "org/na me"])
 def test_a_malformed_repo_id_is_refused_locally(repo_id, folder, hub):
     result = runner.invoke(app, ["push", str(folder), repo_id, "--token", GOOD_TOKEN, "--endpoint", hub.url])

@@ -105,5 +105,7 @@ def _print_push_plan(plan, endpoint: str | None) -> None:
         table.add_row(path, human_size(size))
     table.add_row(f"{len(plan.files)} files, one commit", human_size(plan.total_bytes), style="bold")
     out.print(table)
+    for entry in plan.left_out:
+        out.print(f"Not sent: {entry}", highlight=False)
     out.rule("README.md (generated model card)")
     print(plan.card)  # plain print: the card's [links] must not be read as rich markup
