@@ -295,7 +295,9 @@ def _folder_files(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
             continue
         if path.is_dir():
             left_out.append(f"{path.name}/ (a subfolder: the model loads from the folder's own files)")
-        elif path.is_file() and path.name != CARD_FILE:
+        elif path.name == CARD_FILE:  # the user's own card, maybe: it must not vanish from the Hub unsaid
+            left_out.append(f"{CARD_FILE} (the folder's own; the generated model card replaces it on the Hub)")
+        elif path.is_file():
             found.append((path.name, path.stat().st_size))
     return found, left_out
 

@@ -251,6 +251,18 @@ def test_only_the_folders_own_files_are_sent(folder, hub, no_verify, tmp_path):
     assert set(arrived(hub)) == {p.name for p in folder.iterdir()} | {"README.md"}
 
 
+def test_a_readme_of_the_users_is_named_as_replaced_by_the_card(folder, hub, no_verify, tmp_path):
+    written = shutil.copytree(folder, tmp_path / "written")
+    (written / "README.md").write_text("# My own notes on this model\n")
+    replaced = "Not sent: README.md (the folder's own; the generated model card replaces it on the Hub)"
+    result = runner.invoke(app, ["push", str(written), REPO, "--dry-run"])
+    assert result.exit_code == 0 and replaced in " ".join(result.output.split())
+    result = runner.invoke(app, ["push", str(written), REPO, "--token", GOOD_TOKEN, "--endpoint", hub.url])
+    assert result.exit_code == 0 and replaced in " ".join(result.output.split())
+    assert b"My own notes" not in arrived(hub)["README.md"]
+    assert (written / "README.md").read_text() == "# My own notes on this model\n"  # kept as it was
+
+
 @pytest.mark.parametrize("repo_id", ["tiny-liger", "a/b/c", "-org/name", "org/na--me", "org/na me"])
 def test_a_malformed_repo_id_is_refused_locally(repo_id, folder, hub):
     result = runner.invoke(app, ["push", str(folder), repo_id, "--token", GOOD_TOKEN, "--endpoint", hub.url])
