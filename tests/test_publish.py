@@ -25,6 +25,7 @@ from linearize.cli import app
 from linearize.convert import convert_model, plan_conversion, save_model, source_hub_id, source_weights
 from linearize.errors import LinearizeError
 from linearize.publish import _http_error, plan_push, push, push_command
+from linearize.training.recipe import Recipe, resolved_yaml
 from tests.tiny import source_folder, source_model, tiny_tokenizer
 
 GOOD_TOKEN = "hf_good"
@@ -336,6 +337,27 @@ def test_a_folder_without_all_its_weights_is_refused_by_the_plan(folder, hub, tm
     shards[-1].unlink()
     with pytest.raises(LinearizeError, match=f"lacks the weight shard.s. {shards[-1].name} that model.safetensors"):
         plan_push(sharded, REPO)
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("method", ["liger", "still"])
+def test_a_run_model_saved_without_its_lora_is_refused(method, folder, hub, tmp_path):
+    """With output.merge_lora: false a run's model/ holds the converted model without the LoRA its stages trained
+    (that is in the run's adapter/): pushed, it would be sold by its card as the fine-tuned model. A STILL run that
+    trained only the method's new parameters has nothing left out."""
+    trains = ["lora"] if method == "liger" else ["new"]
+    recipe = Recipe.model_validate(
+        {"conversion": {"method": method}, "stages": [{"kind": "attention_transfer", "trainable": trains}],
+         "output": {"merge_lora": False}}
+    )  # fmt: skip
+    unmerged = shutil.copytree(folder, tmp_path / "unmerged")
+    (unmerged / "linearize_recipe.yaml").write_text(resolved_yaml(recipe))
+    if method == "still":
+        assert plan_push(unmerged, REPO).files
+        return
+    result = runner.invoke(app, ["push", str(unmerged), REPO, "--token", GOOD_TOKEN, "--endpoint", hub.url])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "without the LoRA adapter" in output and "output.merge_lora=true" in output
     assert hub.requests == []
 
 
