@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .comparison import counted
 from .convert import layer_groups
 from .errors import LinearizeError
@@ -29,7 +27,7 @@ from .hub import LOGIN_HINT, REPO_ID, check_branch, check_can_push, check_repo_i
 from .methods import LAYOUT_KEYS, get_method
 from .models.remote_code import INSTALL_COMMAND, REPOSITORY
 from .selection import SCORERS, LayerSelection, spread_flag
-from .sources import RECIPE_FILE, TOKENIZER_FILES, check_model_folder
+from .sources import RECIPE_FILE, TOKENIZER_FILES, WITHOUT_LORA, check_model_folder, lacks_trained_lora
 
 CARD_FILE = "README.md"
 EVAL_FILE = "linearize_eval.json"  # written by `linearize eval`; its "markdown" key holds a ready table
@@ -321,30 +319,6 @@ def _check_weights(folder: Path) -> None:
         raise LinearizeError(f"'{folder}' has no weights (no {WEIGHTS_FILE} or {WEIGHTS_INDEX}); {_WRITE_AGAIN}")
 
 
-def _check_lora_merged(folder: Path) -> None:
-    """Refuse the model/ of a run with output.merge_lora: false whose stages trained LoRA: it holds the converted
-    model without that adapter (kept in the run's adapter/), not the fine-tuned model its recipe and card describe.
-    (`output.push_to_hub` refuses the same recipe before training.)"""
-    path = folder / RECIPE_FILE
-    if not path.is_file():
-        return
-    try:
-        recipe = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise LinearizeError(f"cannot read {path}: {error}") from None
-    output = recipe.get("output") if isinstance(recipe, dict) else None
-    if not isinstance(output, dict) or output.get("merge_lora", True) is not False:
-        return
-    stages = [stage for stage in recipe.get("stages") or [] if isinstance(stage, dict)]
-    if any("lora" in (stage.get("trainable") or []) for stage in stages):
-        raise LinearizeError(
-            f"'{folder}' holds the converted model without the LoRA adapter its run trained (output.merge_lora: "
-            "false keeps the adapter in the run's adapter/), so it is not the fine-tuned model its card would "
-            "describe; merge it with the same `linearize finetune` command and `--resume output.merge_lora=true`, "
-            "which rewrites model/ with the LoRA merged and trains no step again, then push model/"
-        )
-
-
 def plan_push(folder: Path | str, repo_id: str, *, private: bool = False, revision: str | None = None) -> PushPlan:
     """Everything `push` will send, computed locally: the files with their sizes and the rendered card.
 
@@ -366,7 +340,8 @@ def plan_push(folder: Path | str, repo_id: str, *, private: bool = False, revisi
         raise LinearizeError(f"model folder '{folder}' {problem}")
     check_model_folder(folder)  # a folder that cannot load must not look ready to push
     _check_weights(folder)
-    _check_lora_merged(folder)
+    if lacks_trained_lora(folder):
+        raise LinearizeError(f"'{folder}' holds {WITHOUT_LORA}; then push model/")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):  # its card tells users to load one
         raise LinearizeError(
             f"'{folder}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}), so the pushed model could not be "

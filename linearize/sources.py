@@ -183,6 +183,8 @@ def resolve(model: str | None) -> str:
     if path is None:
         return model
     check_model_folder(path)
+    if lacks_trained_lora(path):
+        print(f"note: '{path}' is {WITHOUT_LORA}", file=sys.stderr)
     return str(path)
 
 
@@ -234,7 +236,7 @@ def check_model_folder(folder: Path) -> None:
         if (folder / "model").is_dir():
             raise LinearizeError(
                 f"'{folder}' is a fine-tuning run, not a model folder: give its model folder, '{folder / 'model'}'"
-                + (f" ({_WITHOUT_ADAPTER.format(adapter=folder / 'adapter')})" if _kept_adapter(folder) else "")
+                + (f", which is {WITHOUT_LORA}" if lacks_trained_lora(folder / "model") else "")
             )
         raise LinearizeError(
             f"'{folder}' is a fine-tuning run with no model yet: a run saves model/ when it finishes; continue an "
@@ -247,21 +249,31 @@ def check_model_folder(folder: Path) -> None:
         _check_safetensors(weights)
     for weights in sorted(folder.glob("pytorch_model*.bin")):
         _check_torch_archive(weights)
-    if folder.name == "model" and _kept_adapter(folder.parent):
-        print(f"note: '{folder}' is {_WITHOUT_ADAPTER.format(adapter=folder.parent / 'adapter')}", file=sys.stderr)
 
 
 # what a run with `output.merge_lora: false` saves as model/, and how to get the fine-tuned model in one folder
-_WITHOUT_ADAPTER = (
-    "the converted model without the LoRA adapter its run trained, which output.merge_lora: false kept in "
-    "'{adapter}'; for the fine-tuned model in one folder, merge it: `linearize finetune RECIPE.yaml --resume "
-    "output.merge_lora=true` with the run's recipe and overrides"
+WITHOUT_LORA = (
+    "the converted model without the LoRA adapter its run trained (output.merge_lora: false keeps the adapter in the "
+    "run's adapter/); for the fine-tuned model in one folder, merge it with the run's `linearize finetune` command "
+    "and `--resume output.merge_lora=true`, which rewrites model/ with the LoRA merged and trains no step again"
 )
 
 
-def _kept_adapter(run: Path) -> bool:
-    """Whether `run` is a fine-tuning run that kept its LoRA adapter apart from model/ (`output.merge_lora: false`)."""
-    return (run / RECIPE_FILE).is_file() and (run / "adapter" / "adapter_config.json").is_file()
+def lacks_trained_lora(folder: Path) -> bool:
+    """Whether `folder` is the model/ of a fine-tuning run whose stages trained LoRA and kept it apart
+    (`output.merge_lora: false`), as the resolved recipe the run saved in it says."""
+    path = Path(folder) / RECIPE_FILE
+    if not path.is_file():
+        return False
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise LinearizeError(f"cannot read {path}: {error}") from None
+    output = recipe.get("output") if isinstance(recipe, dict) else None
+    if not isinstance(output, dict) or output.get("merge_lora", True) is not False:
+        return False
+    stages = [stage for stage in recipe.get("stages") or [] if isinstance(stage, dict)]
+    return any("lora" in (stage.get("trainable") or []) for stage in stages)
 
 
 def _adapter_base(folder: Path) -> str:

@@ -310,15 +310,15 @@ def test_the_model_folder_of_a_run_that_kept_its_adapter_says_it_lacks_the_lora(
     would measure the model before fine-tuning, so both the run folder's error and a load of model/ say so."""
     run = tmp_path / "run"
     shutil.copytree(converted, run / "model")
-    (run / "linearize_recipe.yaml").write_text("stages:\n  - kind: lora\n")
-    (run / "adapter").mkdir()
-    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(run / "model")}))
-    unmerged = ("without the LoRA adapter its run trained", f"'{run / 'adapter'}'", "--resume output.merge_lora=true")
+    recipe = "stages:\n  - kind: lora\n    trainable: [lora]\noutput:\n  merge_lora: false\n"
+    for folder in (run, run / "model"):  # as the run writes its resolved recipe into both
+        (folder / "linearize_recipe.yaml").write_text(recipe)
+    unmerged = ("without the LoRA adapter its run trained", "run's adapter/", "--resume output.merge_lora=true")
     fails_with(invoke("eval", run), f"give its model folder, '{run / 'model'}'", *unmerged)
     assert sources.resolve(str(run / "model")) == str(run / "model")
     note = " ".join(capsys.readouterr().err.split())
     assert f"note: '{run / 'model'}' is the converted model" in note and all(phrase in note for phrase in unmerged)
-    shutil.rmtree(run / "adapter")  # merged (or never kept): nothing to say
+    (run / "model" / "linearize_recipe.yaml").write_text(recipe.replace("false", "true"))  # merged: nothing to say
     sources.resolve(str(run / "model"))
     assert capsys.readouterr().err == ""
 
