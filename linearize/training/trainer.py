@@ -265,7 +265,9 @@ class Trainer:
         with self.autocast():
             out = model(**inputs, labels=batch["labels"])
         if not scored:  # a long prompt's packs: the mean would be 0 / 0
-            return out.logits.sum() * 0.0  # zero, and a graph, so that every process runs the same backward
+            # zero, and a graph, so that every process runs the same backward; summed in fp32, as float16 logits
+            # sum past its range (infinity times zero is NaN)
+            return out.logits.sum(dtype=torch.float32) * 0.0
         if not kd_ratio:
             return out.loss
         with torch.no_grad(), original_model(self.model) as teacher, self.autocast():

@@ -26,7 +26,7 @@ from linearize.training.checks import stage_steps
 from linearize.training.data import DataConfig, FinetuneData, load_data
 from linearize.training.distributed import World
 from linearize.training.recipe import StageSection, TrainingSection
-from tests.tiny import FAMILIES, attention_projections, source_folder, tiny_tokenizer
+from tests.tiny import FAMILIES, attention_projections, source_folder, source_model, tiny_tokenizer
 from tests.training.runs import RECIPE, instruction_file, invoke, metrics, trained, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,6 +216,30 @@ def test_accumulated_micro_batches_weigh_by_their_trained_tokens(workspace, tmp_
     records = metrics(tmp_path / "short" / "run")
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
     assert all(math.isfinite(r["eval_loss"]) for r in records if "eval_loss" in r)
+
+
+def test_packs_without_a_trained_token_add_nothing_in_float16_however_large_the_logits(workspace, tmp_path):
+    """A micro-batch without a trained token adds a zero loss: in float16 the sum of its logits, which that zero
+    was made from, overflows (a real model's logits share an offset: 512 x 49K of them overflow at a mean of
+    0.003), and zero times infinity stopped the run at once, 'the loss became nan ... lower the lr'."""
+    source = source_model("llama")
+    with torch.no_grad():  # tied: every token's embedding and output row share one large component, logits ~ 96
+        source.model.embed_tokens.weight[:, 0] = 6.0
+        source.model.norm.weight[0] = 2.0
+    source.save_pretrained(tmp_path / "source")
+    tiny_tokenizer().save_pretrained(tmp_path / "source")
+    data = instruction_file(tmp_path / "alpaca.jsonl")
+    recipe = write_recipe(workspace, tmp_path)
+    result = invoke(
+        "finetune", recipe, f"model={{name: {tmp_path / 'source'}, dtype: float16}}",
+        f"data.sources=[{{path: {data}}}]", "data.seq_len=8", "data.held_out=4", "training.grad_accum=4",
+        "training.eval_batches=16", "stages=[{kind: lora, max_steps: 2, optimizer: {lr: 1.0e-6}}]", "-q",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "training packs hold no trained token" in " ".join(result.output.split())
+    records = metrics(tmp_path / "run")
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert [math.isfinite(r["eval_loss"]) for r in records if "eval_loss" in r] == [True, True]
 
 
 def test_the_held_out_transfer_mse_is_the_mean_over_its_rows_however_they_fall_into_micro_batches(workspace, tmp_path):
