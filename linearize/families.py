@@ -131,8 +131,9 @@ _NEAR_MISSES = {
     "(gemma3_text)",
     "phi4_multimodal": "Phi-4-multimodal is an image-audio-text model; Phi-4-mini (phi3) converts",
     "olmo": "OLMo 1 is not supported; OLMo 2 (olmo2) is",
-    "linearize": "This model is already converted by linearize: convert the model it came from (its config's "
-    "source_model, or the folder it was converted from), or fine-tune this one with `linearize finetune`",
+    "linearize": "This model is already converted by linearize: give the model it came from (its config's "
+    "source_model, or the folder it was converted from), which `linearize convert` and `linearize finetune` convert "
+    "themselves; a converted folder is what `eval`, `bench`, `generate` and `push` take",
 }
 
 
@@ -142,8 +143,8 @@ def get_family(model_type: str) -> Family:
         return FAMILIES[model_type]
     except KeyError:
         supported = ", ".join(sorted(FAMILIES))
-        near_miss = f" {_NEAR_MISSES[model_type]}." if model_type in _NEAR_MISSES else ""
+        # a near miss says what to do instead; anything else may be a family to add
+        instead = _NEAR_MISSES.get(model_type, "A new family needs one adapter entry in linearize/families.py")
         raise UnsupportedModelError(
-            f"model_type '{model_type}' is not supported; linearize converts: {supported}.{near_miss} "
-            "A new family needs one adapter entry in linearize/families.py."
+            f"model_type '{model_type}' is not supported; linearize converts: {supported}. {instead}."
         ) from None

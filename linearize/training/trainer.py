@@ -90,7 +90,10 @@ class Trainer:
         self.config = recipe.training
         self.state = RunState()
         self.selection: LayerSelection | None = None
-        # the data before the weights: a data error costs no model load (nor layer scoring)
+        # the model's config, then the data, before the weights: a model that cannot convert costs no data read, and
+        # a data error no model load (nor layer scoring)
+        config = sources.load_config(recipe.model.name, recipe.model.revision)
+        recipe.conversion.plan(config, recipe.model.name or sources.EMBEDDED_NAME)
         self.tokenizer = sources.load_tokenizer(recipe.model.name, recipe.model.revision)
         self.data: FinetuneData = load_data(recipe.data, self.tokenizer, seed=self.config.seed)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}

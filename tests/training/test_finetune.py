@@ -557,6 +557,22 @@ def test_a_data_error_stops_the_run_before_the_weights_load(workspace, tmp_path,
     assert result.exit_code == 1 and "holds no documents" in result.output
 
 
+def test_a_model_that_cannot_convert_stops_the_run_before_the_data_and_the_weights(workspace, tmp_path, monkeypatch):
+    """An already converted folder as model.name: refused from its config, naming what to give instead (the message
+    told users to fine-tune it with `linearize finetune`, which is what refused it, after reading the data and the
+    weights)."""
+    assert invoke("convert", workspace / "source", "-o", tmp_path / "converted", "-q").exit_code == 0
+    recipe = write_recipe(workspace, tmp_path)
+    monkeypatch.setattr(linearize.sources, "load_model", lambda *args, **kwargs: pytest.fail("loaded the weights"))
+    monkeypatch.setattr(trainer_module, "load_data", lambda *args, **kwargs: pytest.fail("read the data"))
+    for extra in (["--dry-run"], []):
+        result = invoke("finetune", recipe, f"model.name={tmp_path / 'converted'}", *extra)
+        shown = " ".join(result.output.split())
+        assert result.exit_code == 1 and "already converted by linearize: give the model it came from" in shown
+        assert "which `linearize convert` and `linearize finetune` convert themselves" in shown, extra
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_attention_transfer_refuses_an_adapter_on_o_proj_alone(workspace, tmp_path, monkeypatch):
     """Attention transfer's loss is on the attention output before o_proj, so o_proj's adapter gets no gradient:
     with no other adapter in the attention (Phi-3's qkv_proj left out) the stage would train nothing, silently.
