@@ -90,6 +90,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     from ..training.checks import (
         check_stage_order,
         lora_targets,
+        new_optimizer_note,
         nothing_to_train,
         positions_note,
         stage_steps,
@@ -151,8 +152,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     for i, stage in enumerate(recipe.stages):
         steps = stage_steps(stage, len(data.train), t, processes)[0]
         length = f"{steps} steps" + ("" if stage.max_steps else f" ({stage.epochs:g} epoch{'s' * (stage.epochs != 1)})")
-        if note := warmup_note(i, stage, steps):
-            notes.append(note)
+        notes += [note for note in (warmup_note(i, stage, steps), new_optimizer_note(i, stage)) if note]
         table.add_row(
             f"stage {i + 1}",
             f"{stage.kind}: trains {', '.join(stage.trainable)}; {length}; {stage.optimizer.name} "

@@ -108,6 +108,20 @@ def warmup_note(index: int, stage: StageSection, total_steps: int) -> str | None
     )
 
 
+def new_optimizer_note(index: int, stage: StageSection) -> str | None:
+    """A warning for optimizer settings of the method's new parameters in a stage that does not train them (fine for
+    a LoRA-only control run by overriding `trainable`, a mistake otherwise)."""
+    optimizer = stage.optimizer
+    set_keys = [key for key in ("new_lr", "new_name") if getattr(optimizer, key) is not None]
+    if not set_keys or "new" in stage.trainable:
+        return None
+    named = " and ".join(f"stages.{index}.optimizer.{key}" for key in set_keys)
+    return (
+        f"{named} apply to the parameters the method adds, which stages.{index} does not train (trainable "
+        f"{stage.trainable}): they have no effect; add new to trainable, or drop them"
+    )
+
+
 def stage_steps(stage: StageSection, packs: int, training: TrainingSection, processes: int) -> tuple[int, int]:
     """(optimizer steps of `stage` over `packs` training sequences, sequences an epoch actually uses)."""
     per_step = training.micro_batch_size * training.grad_accum * processes

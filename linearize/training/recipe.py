@@ -304,7 +304,9 @@ class TrainingSection(Section):
     eval_batches: int = Field(8, ge=1, description="held-out micro-batches per evaluation")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="most recent checkpoints kept on disk")
-    seed: int = Field(0, description="seed of LoRA initialisation, data order and dropout")
+    seed: int = Field(
+        0, description="seed of LoRA initialisation, data order, dropout and which documents data.held_out holds out"
+    )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp (replicated model) or fsdp (FSDP2, shards the lora stage)"
     )

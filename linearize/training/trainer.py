@@ -44,6 +44,7 @@ from .checkpoint import (
 from .checks import (
     check_stage_order,
     lora_targets,
+    new_optimizer_note,
     nothing_to_train,
     positions_note,
     stage_steps,
@@ -489,8 +490,10 @@ class Trainer:
     def train(self, resume_from: Path | None) -> None:
         resume_states = self.restore(resume_from) if resume_from is not None else None
         for index, stage in enumerate(self.recipe.stages[self.state.stage :], self.state.stage):  # those to run
-            if note := warmup_note(index, stage, self.steps_in(stage)[0]):  # epochs are steps once data loads
-                self.reporter.warning(note)
+            # epochs are steps once the data loads
+            for note in (warmup_note(index, stage, self.steps_in(stage)[0]), new_optimizer_note(index, stage)):
+                if note:
+                    self.reporter.warning(note)
         for index, stage in enumerate(self.recipe.stages[self.state.stage :], self.state.stage):
             self.state.stage = index
             if stage.kind != "attention_transfer":

@@ -126,6 +126,24 @@ def test_the_run_warns_of_lora_targets_that_match_no_layer_as_its_dry_run_notes(
     assert "warning: lora.target_modules ['foo_proj'] match no layer of this model" in " ".join(result.output.split())
 
 
+def test_the_run_and_its_dry_run_warn_of_a_new_parameters_optimizer_in_a_stage_that_does_not_train_them(
+    workspace, tmp_path
+):
+    recipe = write_recipe(workspace, tmp_path)
+    probe = ["stages.1.optimizer.new_lr=1e-4", "stages.1.optimizer.new_name=muon"]  # stage 1 trains [lora]
+    warning = "stages.1.optimizer.new_lr and stages.1.optimizer.new_name apply to the parameters the method adds"
+
+    def shown(*args):
+        result = CliRunner().invoke(app, [str(a) for a in ("finetune", recipe, *args)], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    assert "apply to the parameters" not in shown("--dry-run")
+    for extra in (["--dry-run"], ["stages.0.max_steps=1", "stages.1.max_steps=2", "-q"]):
+        output = shown(*probe, *extra)
+        assert warning in output and "they have no effect; add new to trainable" in output
+
+
 def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
     recipe = write_recipe(workspace, tmp_path)
     result = invoke("finetune", recipe, "output.merge_lora=false", "stages.0.max_steps=1", "stages.1.max_steps=1", "-q")
