@@ -68,6 +68,8 @@ def with_history(k, v, past_k, past_v) -> tuple[torch.Tensor, torch.Tensor]:
 def _parallax(q, r, k, v, mask, scale, softcap=None):
     """o `[B, Hq, D]` of queries q, r `[B, Hq, D]` over keys k, v `[B, Hq, S, D]` (GQA expanded) visible where
     mask `[B, Hq, S]` (broadcastable); zeros for a query that sees no key. softcap caps the softmax logits z only."""
+    # a hidden key may hold anything, NaN included, and 0 * NaN would reach o (through p * s as well as p @ v)
+    k, v = (x.masked_fill(~mask[..., None], 0.0) for x in (k, v))
     z = torch.einsum("bhd,bhsd->bhs", q, k) * scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)

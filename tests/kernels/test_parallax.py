@@ -232,6 +232,60 @@ def test_padding_values_never_leak(shape_id):
     assert_close("o", _reference(shape_id)["o"], out)
 
 
+@pytest.mark.parametrize("path", ["reference", "blockwise", "rowwise"])
+@pytest.mark.parametrize("shape_id", ["T37-H4-Hkv2-D16-C16-left", "T37-P23-H4-Hkv2-D32-w30-C16-left"])
+def test_padded_rows_equal_unpadded_rows(shape_id, path):
+    """Left padding (of the history, or of the history and new tokens) whose keys and values hold NaN: each row's
+    output (and, where differentiated, gradients) at its real tokens equal those of the row run alone, its padded
+    queries output zeros and the padding's keys and values get zero gradients, on every path."""
+    fn = {
+        "reference": naive_parallax_attention,
+        "blockwise": functools.partial(chunk_parallax_attention, block_size=16),
+        "rowwise": rowwise_parallax_attention,
+    }[path]
+    x = _cast(_inputs(shape_id), torch.float32)
+    B, T = x["q"].shape[:2]
+    P = x["past_k"].shape[1] if "past_k" in x else 0
+    invalid = ~x["key_valid"][:, :, None, None]
+    x |= {name: x[name].masked_fill(invalid[:, :P], float("nan")) for name in ("past_k", "past_v") if name in x}
+    x |= {name: x[name].masked_fill(invalid[:, P:], float("nan")) for name in ("k", "v")}
+    do = torch.randn(x["q"].shape, generator=torch.Generator().manual_seed(1))
+    out = _outputs(fn, x, do, grads=path != "rowwise")
+    for b in range(B):
+        pad = int((~x["key_valid"][b]).sum())
+        assert x["key_valid"][b, pad:].all()  # left padding
+        new, past = max(pad - P, 0), min(pad, P)  # the padding among the new tokens and among the history
+        alone = _outputs(fn, _row_alone(x, b, pad), do[b : b + 1, new:], grads=path != "rowwise")
+        assert_close(f"o[{b}]", alone["o"][0], out["o"][b, new:])
+        assert (out["o"][b, :new] == 0).all()
+        for name, grad in alone.items():
+            start = {"dq": new, "dr": new, "dk": new, "dv": new, "dpast_k": past, "dpast_v": past}.get(name)
+            if start is not None:
+                assert_close(f"{name}[{b}]", grad[0], out[name][b, start:])
+                assert (out[name][b, :start] == 0).all(), name
+
+
+def _row_alone(x: dict, b: int, pad: int) -> dict:
+    """Batch row b of `x` without its `pad` leading padding positions (history first), as run alone."""
+    P = x["past_k"].shape[1] if "past_k" in x else 0
+    row = {name: x[name][b : b + 1] for name in FLOAT_INPUTS if name in x}
+    row |= {name: row[name][:, pad:] for name in ("past_k", "past_v") if name in row}
+    row |= {name: row[name][:, max(pad - P, 0) :] for name in ("q", "r", "k", "v")}
+    return row | {"window": x["window"]}
+
+
+def _outputs(fn, x: dict, do: torch.Tensor, grads: bool) -> dict[str, torch.Tensor]:
+    """Output and, with `grads`, the gradient of (o * do).sum() for every float input; else the output alone
+    (without autograd)."""
+    if not grads:
+        with torch.no_grad():
+            return {"o": fn(**x)}
+    x = {name: t.detach().clone().requires_grad_() if name in FLOAT_INPUTS else t for name, t in x.items()}
+    o = fn(**x)
+    (o * do.to(o.dtype)).sum().backward()
+    return {"o": o} | {f"d{name}": t.grad for name, t in x.items() if name in FLOAT_INPUTS}
+
+
 def _decode_case(shape_id: str) -> tuple[dict, torch.Tensor]:
     """Decode arguments for the last token of a shape, with the cache holding history and all T tokens."""
     x = _inputs(shape_id)
@@ -272,15 +326,14 @@ def test_decode_ignores_unfilled_slots():
 
 @pytest.mark.parametrize("shape_id", ["T1-P12-H4-Hkv2-D16-w5-C16-left", "T70-P9-H2-Hkv2-D8-C32-middle"])
 def test_decode_row_that_sees_no_key_is_zero(shape_id):
-    """A row whose visible slots are all invalid gets zeros (the torch step with NaN in those slots); the other row
-    is unchanged."""
+    """A row whose visible slots are all invalid gets zeros (NaN in those slots); the other row is unchanged."""
     args, last_row = _decode_case(shape_id)
     args["cache_valid"] = args["cache_valid"].clone()
     args["cache_valid"][1] = False
     invalid = ~args["cache_valid"][:, :, None, None]
     unfilled = {name: args[name].masked_fill(invalid, float("nan")) for name in ("k_cache", "v_cache")}
-    for step, inputs in ((naive_parallax_decode, args), (torch_parallax_decode, args | unfilled)):
-        o = step(**inputs)
+    for step in (naive_parallax_decode, torch_parallax_decode):
+        o = step(**args | unfilled)
         assert torch.equal(o[1], torch.zeros_like(o[1])), step.__name__
         assert_close(step.__name__, last_row[:1], o[:1], ratio=1e-12)
 
