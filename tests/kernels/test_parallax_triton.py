@@ -112,6 +112,22 @@ def test_triton_matches_reference(config, shape_id):
         assert_close(name, ref[name], out[name].cpu(), ratio=ratio)
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_padding_holding_nan_is_never_read(config):
+    """NaN in the padding's keys and values (history and new tokens, left padding in row 1): the output and every
+    gradient equal the oracle's on the same inputs, zero gradients at the padding included."""
+    device, dtype, ratio = CONFIGS[config]
+    shape_id = "T37-P9-H4-Hkv2-D16-w12-m32-n16-left"
+    x = _inputs(shape_id, dtype)
+    P, invalid = x["past_k"].shape[1], ~x["key_valid"][:, :, None, None]
+    x |= {name: x[name].masked_fill(invalid[:, :P], float("nan")) for name in ("past_k", "past_v")}
+    x |= {name: x[name].masked_fill(invalid[:, P:], float("nan")) for name in ("k", "v")}
+    ref = _run(naive_parallax_attention, x)
+    out = _run(triton_parallax_attention, x, device, dtype, block_m=32, block_n=16)
+    for name in ref:
+        assert_close(name, ref[name], out[name].cpu(), ratio=ratio)
+
+
 @pytest.mark.skipif(not INTERPRET or CUDA, reason="needs the interpreter; the CUDA configs run half precision on a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(
