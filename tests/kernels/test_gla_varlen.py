@@ -15,8 +15,10 @@ from linearize.kernels.gla import chunk_gla, fused_recurrent_gla, gated_linear_a
 from tests.kernels._close import BF16_RATIO, assert_close
 from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE, needs_triton_device
 
-# odd lengths: a 1-token sequence, sequences ending mid-chunk, one spanning three 16-token chunks
-LENGTHS = {"1-17-5-33": [1, 17, 5, 33], "3-0-20": [3, 0, 20]}
+# odd lengths: a 1-token sequence, sequences ending mid-chunk, one spanning three 16-token chunks; and sequences
+# spanning two of the Triton path's 64-token chunks
+LENGTHS = {"1-17-5-33": [1, 17, 5, 33], "3-0-20": [3, 0, 20], "70-3-66": [70, 3, 66]}
+SHORT = ["1-17-5-33", "3-0-20"]  # every sequence within one Triton chunk
 H, HKV, K, V = 4, 2, 16, 16
 
 TRITON_DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if CUDA else [])
@@ -132,13 +134,23 @@ def test_torch_bf16_inputs():
 @pytest.mark.triton
 @pytest.mark.parametrize("with_state", [False, True], ids=["h0-none", "h0"])
 @pytest.mark.parametrize("gate", ["logsigmoid", "decay-8"])
-@pytest.mark.parametrize("lengths_id", LENGTHS)
+@pytest.mark.parametrize("lengths_id", SHORT)
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_matches_separate_sequences(device, lengths_id, gate, with_state):
     fn = _dispatch("triton", LENGTHS[lengths_id])
     out = _run(fn, _inputs(lengths_id, gate, with_state), device)
     assert out["ht"].shape == (len(LENGTHS[lengths_id]), HKV, K, V) and out["ht"].dtype == torch.float32
     _check(out, _reference(lengths_id, gate, with_state))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_sequences_spanning_several_chunks(device):
+    """Sequences of 70 and 66 tokens, each over two 64-token chunks that start mid-way through the packed batch:
+    the state carried from chunk to chunk within a sequence (the decay mild enough for it to matter), and from
+    the initial state, restarting at every boundary."""
+    fn = _dispatch("triton", LENGTHS["70-3-66"])
+    _check(_run(fn, _inputs("70-3-66", "logsigmoid", True), device), _reference("70-3-66", "logsigmoid", True))
 
 
 @pytest.mark.triton
