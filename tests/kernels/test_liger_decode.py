@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from linearize.kernels.gla import naive_recurrent_gla
-from linearize.kernels.liger import liger_decode, naive_liger_decode, torch_liger_decode
+from linearize.kernels.liger import liger_attention, liger_decode, naive_liger_decode, torch_liger_decode
 from linearize.kernels.window import naive_sliding_window_attention
 
 from tests.kernels._close import BF16_RATIO, assert_close
-from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE
+from tests.kernels._devices import CUDA, INTERPRET, TRITON_DEVICE, needs_triton_device
 
 # (B, H, Hkv, D, W); K = V = D. Batch row 0 sees its whole window, row 1 is left-padded, row 2 sees no key.
 SHAPES = {
@@ -190,6 +190,49 @@ def test_torch_matches_prefill_ops(shape_id):
     expected = ((0.5 * o_window + 0.5 * o_linear)[:, 0], state)
     _check(expected, torch_liger_decode(**inputs))
     _check(expected, naive_liger_decode(**inputs))
+
+
+@pytest.mark.parametrize(
+    "backend", ["reference", "torch", pytest.param("triton", marks=[pytest.mark.triton, needs_triton_device])]
+)
+def test_decoding_equals_the_full_forward(backend):
+    """A prefill of 6 tokens, then one step per token with the window as a ring (the token at position p in slot
+    p % W, the prefill's last W - 1 tokens already there), the state carried: each step's output is that row of
+    `liger_attention` over all 15 tokens, and the last state its final state. Row 1 is left-padded by 3 (its values
+    zero there, as the layer passes them); GQA, K != D, a window shorter than the prefill."""
+    B, T, P, H, Hkv, K, D, W = 2, 15, 6, 4, 2, 8, 16, 4
+    gen = torch.Generator().manual_seed(0)
+    x = {
+        "q_lin": torch.randn(B, T, H, K, generator=gen).softmax(-1),
+        "k_lin": torch.randn(B, T, Hkv, K, generator=gen).softmax(-1),
+        "v": torch.randn(B, T, Hkv, D, generator=gen),
+        "g": F.logsigmoid(torch.randn(B, T, Hkv, K, generator=gen) * 4) / 16,
+        "q_rot": torch.randn(B, T, H, D, generator=gen),
+        "k_rot": torch.randn(B, T, Hkv, D, generator=gen),
+    }
+    valid = torch.arange(T) >= torch.tensor([0, 3])[:, None]  # [B, T]
+    x["v"] = x["v"] * valid[..., None, None]
+    options = {"scale": 0.3, "mix": 0.4}
+    full, final = liger_attention(**x, window=W, key_valid=valid, output_final_state=True, backend="reference",
+                                  **options)  # fmt: skip
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x = {name: t.to(device) for name, t in x.items()}
+    prefill = {name: t[:, :P] for name, t in x.items()}
+    _, state = liger_attention(**prefill, window=W, key_valid=valid[:, :P].to(device), output_final_state=True,
+                               backend="reference" if backend == "reference" else "torch", **options)  # fmt: skip
+    ring_k, ring_v = torch.zeros(B, W, Hkv, D, device=device), torch.zeros(B, W, Hkv, D, device=device)
+    ring_valid = torch.zeros(B, W, dtype=torch.bool, device=device)
+    for p in range(P - W + 1, T):
+        slot = p % W
+        ring_k[:, slot], ring_v[:, slot] = x["k_rot"][:, p], x["v"][:, p]
+        ring_valid[:, slot] = valid[:, p].to(device)
+        if p < P:  # the prefill's last W - 1 tokens fill the ring
+            continue
+        step = {name: x[name][:, p] for name in ("q_lin", "k_lin", "v", "g", "q_rot")}
+        o, state = liger_decode(**step, state=state, window_k=ring_k, window_v=ring_v, window_valid=ring_valid,
+                                backend=backend, **options)  # fmt: skip
+        assert_close(f"o[{p}]", full[:, p], o.cpu())
+    assert_close("final state", final, state.cpu())
 
 
 @pytest.mark.triton
