@@ -30,6 +30,8 @@ SHAPES = {
     # past one 64-token chunk: the state carried between chunks and its gradient, then a short last chunk
     "T70-H2-Hkv1-D16": (1, 70, 2, 1, 16, 16),
     "T5-H2-Hkv1-D128": (1, 5, 2, 1, 128, 128),
+    # head dim 128 over three 16-token sub-blocks: the earlier sub-blocks' keys reached in two K tiles of 64
+    "T37-H2-Hkv1-D128": (1, 37, 2, 1, 128, 128),
 }
 # (device, dtype, ratio of assert_close)
 CONFIGS = {"cpu-fp32": ("cpu", torch.float32, 1e-4)} if INTERPRET else {}
