@@ -156,6 +156,11 @@ class MethodSettings:
         """Checks across fields and normalisations, after each field was checked alone: override to add them."""
         return self
 
+    def exact_prefix(self) -> int:
+        """How many tokens at the start of a document converted layers attend to exactly as softmax attention does,
+        whatever they learn: there attention transfer has nothing to teach them."""
+        return 0
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -247,6 +252,9 @@ class StillSettings(MethodSettings):
                 f"or a ratio between 0 and 1, got {self.topk:g}"
             )
         return dataclasses.replace(self, topk=int(topk))
+
+    def exact_prefix(self) -> int:
+        return 2 * self.chunk_size  # the first two chunks' queries see no linear state (docs/methods.md §3)
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         nothing_to_train,
         positions_note,
         stage_steps,
+        transfer_signal_note,
         unmatched_targets_note,
         warmup_note,
     )
@@ -140,6 +141,8 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     with spinner("Reading the data", quiet=False):
         data = load_data(recipe.data, sources.load_tokenizer(recipe.model.name, recipe.model.revision), t.seed)
     notes += data.warnings
+    if note := transfer_signal_note(recipe, data.train):
+        notes.append(note)
     sources_text = escape(", ".join(s.label for s in recipe.data.sources))  # "[train]" is not rich markup
     table.add_row("data", f"{sources_text}; packs of {recipe.data.seq_len} tokens, held out {recipe.data.held_out}")
     for note in data.notes:

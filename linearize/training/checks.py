@@ -9,8 +9,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..data import PackedSequences
 from ..errors import LinearizeError
 from ..layers.base import LinearizedAttention
+from ..methods import method_settings
 from .recipe import Recipe, StageSection, TrainingSection
 
 
@@ -119,6 +121,26 @@ def new_optimizer_note(index: int, stage: StageSection) -> str | None:
     return (
         f"{named} apply to the parameters the method adds, which stages.{index} does not train (trainable "
         f"{stage.trainable}): they have no effect; add new to trainable, or drop them"
+    )
+
+
+def transfer_signal_note(recipe: Recipe, train: PackedSequences) -> str | None:
+    """A warning for attention transfer on packs whose tokens mostly sit at the start of their documents, where the
+    method's layers compute softmax attention exactly (STILL's first two chunks): such tokens add nothing to the
+    transfer loss or its gradient, so the stages learn from few tokens."""
+    conversion = recipe.conversion
+    prefix = method_settings(conversion.method, **conversion.options()).exact_prefix()
+    if not prefix or not any(stage.kind == "attention_transfer" for stage in recipe.stages):
+        return None
+    positions = train.position_ids if train.position_ids is not None else torch.arange(train.input_ids.shape[1])
+    share = float((positions >= prefix).float().mean())
+    if share >= 0.5:
+        return None
+    return (
+        f"attention transfer learns only from tokens past the first {prefix} of their document, before which "
+        f"{conversion.method}'s layers compute exactly softmax attention, and {share:.0%} of the training tokens are: "
+        f"longer documents, or data.document_boundaries: false with a data.seq_len well above {prefix}, give its "
+        "stages more to learn from"
     )
 
 

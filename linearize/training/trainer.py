@@ -48,6 +48,7 @@ from .checks import (
     nothing_to_train,
     positions_note,
     stage_steps,
+    transfer_signal_note,
     transfer_trains,
     unmatched_targets_note,
     warmup_note,
@@ -105,7 +106,11 @@ class Trainer:
         self.data_fingerprint = data_fingerprint(self.data)  # what its checkpoints record
         self.model, self.new_names = self.build_model()
         unmatched, names, _ = lora_targets(self.model.config, recipe.lora.target_modules)
-        for note in (positions_note(recipe, self.source_config), unmatched_targets_note(recipe, unmatched, names)):
+        for note in (
+            positions_note(recipe, self.source_config),
+            unmatched_targets_note(recipe, unmatched, names),
+            transfer_signal_note(recipe, self.data.train),
+        ):
             if note:
                 reporter.warning(note)
         self.sharded = False

@@ -144,6 +144,24 @@ def test_the_run_and_its_dry_run_warn_of_a_new_parameters_optimizer_in_a_stage_t
         assert warning in output and "they have no effect; add new to trainable" in output
 
 
+def test_still_transfer_on_documents_within_its_exact_chunks_is_warned_of(workspace, tmp_path):
+    """STILL's first two chunks of a document are exact softmax attention, so its tokens there give attention
+    transfer no gradient: packs of 32 tokens (positions restart at each pack) under the default 64-token chunks
+    teach it nothing."""
+    recipe = write_recipe(workspace, tmp_path)
+    still = ["conversion={method: still}", "stages.0.trainable=[lora, new]"]
+    warning = "attention transfer learns only from tokens past the first 128 of their document"
+
+    def shown(*args):
+        result = CliRunner().invoke(app, [str(a) for a in ("finetune", recipe, *args)], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    assert warning in shown(*still, "--dry-run") and "and 0% of the training tokens are" in shown(*still, "--dry-run")
+    assert "attention transfer learns only" not in shown(*still, "conversion.chunk_size=4", "--dry-run")
+    assert warning in shown(*still, "stages.0.max_steps=1", "stages.1.max_steps=2", "-q")  # the run warns too
+
+
 def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
     recipe = write_recipe(workspace, tmp_path)
     result = invoke("finetune", recipe, "output.merge_lora=false", "stages.0.max_steps=1", "stages.1.max_steps=1", "-q")
