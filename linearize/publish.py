@@ -470,6 +470,12 @@ def push(
         step(f"Creating {repo_id} on {api.endpoint}" + (" (private)" if private else ""))
         # private=False would send "public" and override an organization whose new repos are private by default
         api.create_repo(repo_id, private=private or None, exist_ok=True)
+        if private and api.model_info(repo_id).private is False:  # an existing repo keeps its visibility
+            raise LinearizeError(
+                f"'{repo_id}' already exists and is public, and --private does not change an existing repo: nothing "
+                "was uploaded. Make it private in its settings on the Hub and push again, or push without --private "
+                "to publish it"
+            )
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         step(f"Uploading {len(plan.files)} files in one commit")

@@ -41,6 +41,7 @@ class StubHub(BaseHTTPRequestHandler):
     requests: list[tuple[str, str]]
     created: list[dict]
     visibility: list[object]  # what each repo creation asked for: "public", "private", or None (the account's default)
+    existing: dict[str, bool]  # repos on the Hub before the test, each with whether it is private
 
     def log_message(self, *args):
         pass
@@ -64,7 +65,12 @@ class StubHub(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
     def do_GET(self):
-        self.requests.append(("GET", self.path))
+        path = self.path.split("?")[0]
+        self.requests.append(("GET", path))
+        repo = path.removeprefix("/api/models/")
+        known = {**self.existing, **{entry["repo"]: entry["private"] for entry in self.created}}
+        if path.startswith("/api/models/") and repo in known:
+            return self._reply(200, {"id": repo, "private": known[repo]})
         self._reply(404, {"error": "not in the stub"})
 
     def do_POST(self):
@@ -74,6 +80,11 @@ class StubHub(BaseHTTPRequestHandler):
             return self._reply(401, {"error": "Invalid username or password."})
         if path == "/api/repos/create":
             request = json.loads(body)
+            repo = f"{request['organization']}/{request['name']}"
+            if repo in self.existing:  # as the Hub: unchanged
+                return self._reply(
+                    409, {"error": "You already created this model repo", "url": f"http://{host}/{repo}"}
+                )
             # huggingface_hub 2.x sends "visibility", 1.x "private"
             private = request.get("visibility") == "private" or request.get("private") is True
             self.visibility.append(request.get("visibility", request.get("private")))
@@ -113,7 +124,11 @@ def no_credentials(tmp_path, monkeypatch):
 def hub(tmp_path, monkeypatch):
     """The stub server, with the Hub switched back on for this test (conftest sets HF_HUB_OFFLINE=1)."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    handler = type("Handler", (StubHub,), {"root": tmp_path / "hub", "requests": [], "created": [], "visibility": []})
+    handler = type(
+        "Handler",
+        (StubHub,),
+        {"root": tmp_path / "hub", "requests": [], "created": [], "visibility": [], "existing": {}},
+    )
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -207,6 +222,21 @@ def test_the_card_says_where_the_speeds_were_measured(folder, tmp_path):
     assert "on NVIDIA H100, cuda:0, bfloat16, 1 thread; prefill: the median of 3 runs" in card
     assert "decode: the median of 3 runs of 32 steps.\n\n" + table in card
     assert "Measured by" not in card.split("## Speed and memory")[0]  # not above the eval table
+
+
+def test_private_into_an_existing_public_repo_is_refused_before_any_upload(folder, hub, no_verify):
+    """--private cannot make an existing repo private: pushing into a public one would publish what the user meant to
+    keep private."""
+    hub.existing[REPO] = False
+    result = runner.invoke(app, ["push", str(folder), REPO, "--private", "--token", GOOD_TOKEN, "--endpoint", hub.url])
+    shown = " ".join(result.output.split())
+    assert (
+        result.exit_code == 1 and f"'{REPO}' already exists and is public" in shown and "nothing was uploaded" in shown
+    )
+    assert not any("/commit/" in path for _, path in hub.requests) and not arrived(hub)
+    hub.existing[REPO] = True  # private already: the push goes on
+    push(folder, REPO, private=True, token=GOOD_TOKEN, endpoint=hub.url)
+    assert "config.json" in arrived(hub)
 
 
 def test_a_repo_without_private_gets_the_accounts_default_visibility(folder, hub, no_verify):
