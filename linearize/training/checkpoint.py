@@ -59,12 +59,19 @@ def _is_checkpoint_name(name: str) -> bool:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's random states; under torchrun a checkpoint keeps every process's (`own_rng_state`)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
-        # the device this process trains on: under torchrun every process seeds alike and draws alike on its own
-        # device, so the main process's state is every process's (its view of the other devices is not)
+        # the device this process trains on (its view of the other devices is not what they drew)
         state["cuda_device"] = torch.cuda.get_rng_state()
     return state
+
+
+def own_rng_state(saved: list[dict[str, Any]] | dict[str, Any], rank: int) -> dict[str, Any]:
+    """Process `rank`'s random states out of a checkpoint's `saved` ones. Each process keeps its own: processes seed
+    alike but draw unlike (LoRA dropout draws once per document of a pack, and each process trains other packs).
+    A checkpoint written before kept the main process's alone."""
+    return saved[rank] if isinstance(saved, list) else saved
 
 
 @contextmanager
@@ -132,15 +139,18 @@ def save_checkpoint(
     schedulers: list,
     state: dict[str, Any],
     keep: int,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write checkpoint `step-<global_step>` atomically and delete all but the `keep` most recent."""
+    """Write checkpoint `step-<global_step>` atomically and delete all but the `keep` most recent. `rng_states`:
+    every process's `rng_state()` in rank order (by default this process's alone)."""
     folder = checkpoint_dir(run)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{_PREFIX}{global_step:06d}"
     with atomic_folder(final, force=True) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "trained.safetensors")
         schedules = [s.state_dict() for s in schedulers]
-        _torch_save({"optimizers": optimizer_states, "schedulers": schedules, "rng": rng_state()}, tmp / "optimizer.pt")
+        rng = rng_states or [rng_state()]
+        _torch_save({"optimizers": optimizer_states, "schedulers": schedules, "rng": rng}, tmp / "optimizer.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     for old in list_checkpoints(run)[:-keep]:
         delete_folder(old)  # never half a checkpoint: one without its state file would sit there unlisted

@@ -91,6 +91,15 @@ def from_main(world: World, value):
     return box[0]
 
 
+def gathered(world: World, value) -> list:
+    """Every process's `value` (any picklable object), in rank order, on every process."""
+    if not world.distributed:
+        return [value]
+    values = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
 @contextmanager
 def together(world: World) -> Iterator[None]:
     """Every process runs the block, then waits for the others (a barrier). If it failed on some process (the main

@@ -36,7 +36,9 @@ from .checkpoint import (
     load_checkpoint,
     load_optimizer_states,
     optimizer_states,
+    own_rng_state,
     prepare_run_folder,
+    rng_state,
     run_lock,
     save_checkpoint,
     set_rng_state,
@@ -59,6 +61,7 @@ from .distributed import (
     average_gradients,
     close_world,
     from_main,
+    gathered,
     init_world,
     mean_across,
     sum_across,
@@ -333,7 +336,7 @@ class Trainer:
             load_optimizer_states(self.model, optimizers, resume_states["optimizers"], self.sharded)
             for sched, saved in zip(schedulers, resume_states["schedulers"], strict=True):
                 sched.load_state_dict(saved)
-            set_rng_state(resume_states["rng"])
+            set_rng_state(own_rng_state(resume_states["rng"], self.world.rank))
         start = self.state.step
         name = f"stage {index + 1}/{len(self.recipe.stages)} {stage.kind}"
         count = sum(p.numel() for p in params)
@@ -440,6 +443,7 @@ class Trainer:
     def checkpoint(self, optimizers, schedulers) -> None:
         # collective: under FSDP every process gathers
         tensors, optimizing = self.trained_tensors(), optimizer_states(self.model, optimizers, self.sharded)
+        rngs = gathered(self.world, rng_state())
         with together(self.world):  # a full disk on the main process stops them all, with its message
             if not self.world.is_main:
                 return
@@ -456,7 +460,7 @@ class Trainer:
                 "data": self.data_fingerprint,
             }
             keep = self.config.keep_checkpoints
-            save_checkpoint(self.run, self.state.global_step, tensors, optimizing, schedulers, state, keep)
+            save_checkpoint(self.run, self.state.global_step, tensors, optimizing, schedulers, state, keep, rngs)
 
     # -- whole run ----------------------------------------------------------------------------------------------
     def restore(self, checkpoint: Path) -> dict | None:
@@ -488,7 +492,8 @@ class Trainer:
         self.reporter.info(f"resuming from {checkpoint} (stage {self.state.stage + 1}, step {self.state.step})")
         if self.state.step >= total:  # the checkpoint closed its stage: the next one starts fresh
             self.state.stage, self.state.step = self.state.stage + 1, 0
-            set_rng_state(states["rng"])  # as the straight run left it (apply_lora above seeded its own)
+            # as the straight run left it (apply_lora above seeded its own)
+            set_rng_state(own_rng_state(states["rng"], self.world.rank))
             return None
         return states
 

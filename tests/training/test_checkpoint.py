@@ -312,9 +312,9 @@ def test_pruning_a_checkpoint_that_is_already_gone_goes_on(tmp_path, monkeypatch
 
 
 def test_each_process_restores_the_random_state_of_its_own_gpu(monkeypatch):
-    """Under torchrun every process draws on its own device: a checkpoint keeps the main process's device state
-    (which every process's equals: same seed, same draws) and each process restores it onto its own device, not
-    the main process's view of every device (where the others were never drawn from)."""
+    """Under torchrun every process draws on its own device: a checkpoint keeps each process's device state and
+    each process restores its own onto its own device, not the main process's view of every device (where the
+    others were never drawn from)."""
     restored = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
@@ -330,6 +330,36 @@ def test_each_process_restores_the_random_state_of_its_own_gpu(monkeypatch):
     del legacy["cuda_device"]
     checkpoint_module.set_rng_state(legacy)
     assert restored == {"every_device": legacy["cuda"]}
+    # each process takes its own of a checkpoint's states; of one written before, the main process's alone
+    assert checkpoint_module.own_rng_state([legacy, state], 1) is state
+    assert checkpoint_module.own_rng_state(legacy, 1) is legacy
+
+
+def test_under_torchrun_a_resumed_run_continues_every_process_as_the_straight_run(workspace, tmp_path):
+    """Each process draws LoRA dropout once per document of its packs, so the processes' random states part after
+    the first step: a run of two processes, stopped at a checkpoint inside the lora stage and resumed, must still
+    train to the straight run's losses and weights. (Stopped there: the straight run's folder as it was then,
+    the later checkpoints and the model not yet written.)"""
+    recipe = write_recipe(workspace, tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "linearize", "finetune"]
+    command += [str(recipe), "lora.dropout=0.1", "stages.0.max_steps=1", "stages.1.max_steps=3"]
+    command += ["training.checkpoint_every=1", "training.keep_checkpoints=4", "-q"]
+    straight = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "model")
+    for later in list_checkpoints(resumed)[2:]:  # kept: step 1 (the transfer) and step 2 (the lora stage's first)
+        shutil.rmtree(later)
+    result = subprocess.run([*command, f"output.dir={resumed}", "--resume"], env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [[r["loss"] for r in metrics(folder) if "loss" in r] for folder in (run, resumed)]
+    assert len(losses[0]) == 3 and losses[1] == losses[0]
+    a, b = trained(run), trained(resumed)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
 
 
 def test_resume_with_another_process_count_is_refused_before_loading(workspace, tmp_path, monkeypatch):
