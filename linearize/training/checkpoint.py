@@ -10,6 +10,7 @@ place, so a checkpoint either exists whole or not at all.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import LinearizeError
@@ -204,7 +206,9 @@ def _trainer_state(path: Path) -> dict[str, Any]:
 def _unreadable(path: Path) -> Iterator[None]:
     try:
         yield
-    except (OSError, ValueError, RuntimeError) as error:
+    # a damaged file: torch.load raises EOFError for an empty one (which click would print as a bare "Aborted")
+    # and UnpicklingError for bytes torch did not write; safetensors its own error for a bad header
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
         raise LinearizeError(
             f"checkpoint {path} cannot be read ({error}); delete it to resume from an older one"
         ) from None

@@ -230,6 +230,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_path, 
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000002"]
 
 
+def test_a_damaged_checkpoint_is_named_and_an_older_one_resumes(workspace, tmp_path):
+    """A checkpoint whose tensors or optimizer state are not what linearize wrote (a disk error, a copy cut short)
+    is named with the fix, whatever the damage: no safetensors or unpickling traceback, no bare "Aborted"."""
+    recipe = write_recipe(workspace, tmp_path)
+    assert invoke("finetune", recipe, "stages.1.max_steps=2").exit_code == 0
+    run = tmp_path / "run"
+    latest = list_checkpoints(run)[-1]
+    for name, damage in (
+        ("trained.safetensors", b"\x10" * 100),  # a header length past the end
+        ("optimizer.pt", b"\x80\x02garbage" * 10),  # no pickle torch wrote
+        ("optimizer.pt", b""),
+    ):
+        intact = (latest / name).read_bytes()
+        (latest / name).write_bytes(damage)
+        result = invoke("finetune", recipe, "stages.1.max_steps=2", "--resume")
+        shown = " ".join(result.output.split())
+        assert result.exit_code == 1 and f"checkpoint {latest} cannot be read" in shown, (name, result.exception)
+        assert "delete it to resume from an older one" in shown
+        (latest / name).write_bytes(intact)
+    shutil.rmtree(latest)
+    assert invoke("finetune", recipe, "stages.1.max_steps=2", "--resume").exit_code == 0
+
+
 def test_output_folder_that_is_not_a_run(workspace, tmp_path):
     recipe = write_recipe(workspace, tmp_path)
     (tmp_path / "run").mkdir()
