@@ -122,7 +122,7 @@ class Trainer:
     def build_model(self) -> tuple[nn.Module, set[str]]:
         """The converted model before training, and the names of the parameters the method added."""
         recipe = self.recipe
-        torch.manual_seed(self.config.seed)
+        torch.manual_seed(torch_seed(self.config.seed))
         source = sources.load_model(
             recipe.model.name, dtype=recipe.model.dtype, device=str(self.world.device), revision=recipe.model.revision
         )
@@ -165,7 +165,7 @@ class Trainer:
         from peft import LoraConfig, get_peft_model
 
         lora = self.recipe.lora
-        torch.manual_seed(self.config.seed)  # adapter initialisation depends on the seed only
+        torch.manual_seed(torch_seed(self.config.seed))  # adapter initialisation depends on the seed only
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
         )
@@ -231,7 +231,7 @@ class Trainer:
         depends only on (seed, stage, epoch), so a resumed run sees the batches an uninterrupted run would."""
         key = (stage, epoch)
         if key not in self._orders:
-            seed = self.config.seed * 1_000_003 + stage * 1009 + epoch
+            seed = torch_seed(self.config.seed * 1_000_003 + stage * 1009 + epoch)
             self._orders = {key: torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(seed))}
         return self._orders[key]
 
@@ -561,6 +561,12 @@ class Trainer:
         # does not exist yet)
         with atomic_folder(self.run / "adapter", force=True) as staging:  # whole or not at all, as model/
             self.model.save_pretrained(staging, save_embedding_layers=False)
+
+
+def torch_seed(seed: int) -> int:
+    """`seed` as torch's generators take it: 64 bits, where a larger one overflows. torch wraps a negative seed
+    alike, so every seed it took before keeps its draws."""
+    return seed % 2**64
 
 
 def _to(data: PackedSequences, idx: list[int], device: torch.device) -> dict[str, torch.Tensor]:

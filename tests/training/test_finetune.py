@@ -525,6 +525,22 @@ def test_every_epoch_shares_whole_steps_of_a_seeded_order_across_processes():
     assert packs_of(resumed, 3) == packs_of(processes[1], 3)
 
 
+def test_any_whole_seed_trains(workspace, tmp_path):
+    """torch takes 64-bit seeds: a larger training.seed (a date and time, say), or a data order's seed derived from
+    it, must not stop the run with torch's "Overflow when unpacking long long" once the weights have loaded; and
+    the seeds torch took before (negative ones too) keep their data order."""
+    recipe = write_recipe(workspace, tmp_path)
+    short = ["stages.0.max_steps=1", "stages.1.max_steps=1"]
+    result = invoke("finetune", recipe, *short, "training.seed=20260101123456", "lora.dropout=0.1")
+    assert result.exit_code == 0, result.exception
+    made = object.__new__(trainer_module.Trainer)
+    ids = torch.arange(23)[:, None]
+    made.data = FinetuneData(PackedSequences(ids, ids), PackedSequences(ids[:0], ids[:0]), [], [])
+    made.config, made._orders = TrainingSection(seed=-5), {}
+    before = torch.randperm(23, generator=torch.Generator().manual_seed(-5 * 1_000_003 + 1009 + 2))
+    assert made.order(1, 2).tolist() == before.tolist()
+
+
 @pytest.mark.parametrize(("strategy", "data"), [("ddp", "text"), ("fsdp", "instructions")])
 def test_two_processes_match_one_with_the_same_global_batch(strategy, data, workspace, tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU) logs the losses of one process with twice the accumulation, and
