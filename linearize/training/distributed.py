@@ -22,6 +22,7 @@ class World:
     rank: int = 0
     size: int = 1
     device: torch.device = torch.device("cpu")
+    joined: bool = False  # whether `init_world` joined the process group (the caller may have joined it before)
 
     @property
     def is_main(self) -> bool:
@@ -42,13 +43,15 @@ def init_world() -> World:
         device = torch.device("cpu")
     if size == 1:
         return World(device=device)
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device, joined=joined)
 
 
 def close_world(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+    """Leave the process group if `init_world` joined it: a script that joined it first keeps it after the run."""
+    if world.joined and dist.is_initialized():
         dist.destroy_process_group()
 
 

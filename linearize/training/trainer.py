@@ -574,7 +574,8 @@ def _to(data: PackedSequences, idx: list[int], device: torch.device) -> dict[str
 
 
 def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=None) -> Path:
-    """Run `recipe` end to end (under torchrun, as one of its processes). Returns the saved model folder.
+    """Run `recipe` end to end (under torchrun, as one of its processes: in the process group the caller joined, if
+    it did, which stays joined). Returns the saved model folder.
 
     The run seeds torch with `training.seed` (a resumed run also sets Python's and NumPy's generators from its
     checkpoint), and `quiet` hides transformers' progress bars: both are put back as they were when it returns or

@@ -429,6 +429,28 @@ def test_the_librarys_finetune_leaves_the_callers_progress_bars_and_random_state
     assert after[:2] == before[:2] and torch.equal(after[2], before[2]) and after[3:] == before[3:]
 
 
+def test_the_librarys_finetune_leaves_the_callers_process_group_alone(workspace, tmp_path):
+    """A script under torchrun that joined the process group itself (to evaluate across its processes afterwards,
+    say) keeps it: `finetune` uses it and leaves it joined, and leaves alone only a group it joined itself."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        "import torch.distributed as dist\n"
+        "from linearize.training.recipe import load_recipe\n"
+        "from linearize.training.trainer import finetune\n"
+        "dist.init_process_group('gloo')\n"
+        "finetune(load_recipe(sys.argv[1], ['stages.0.max_steps=1', 'stages.1.max_steps=1']), quiet=True)\n"
+        "dist.barrier()\n"
+        f"open(f'{tmp_path}/joined-{{dist.get_rank()}}', 'w').close()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run([*command, str(write_recipe(workspace, tmp_path))], env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "joined-0").exists() and (tmp_path / "joined-1").exists()
+
+
 def test_gradient_checkpointing_gives_the_same_lora_step(workspace, tmp_path):
     runs = {}
     for flag in ("false", "true"):
