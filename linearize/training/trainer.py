@@ -595,7 +595,11 @@ def _finetune(recipe: Recipe, resume: bool, quiet: bool, console) -> Path:
             if world.is_main:  # one lock for the job: its other processes would find it held by their own
                 held.enter_context(run_lock(run))  # before anything is read from or written into the run folder
         reporter = Reporter(run / "metrics.jsonl", quiet=quiet, enabled=world.is_main, console=console)
-        resume_from = prepare_run_folder(run, recipe, resume, note=reporter.info)
+        # the main process looks and the others go by it: one looking later would find the files the main process
+        # writes into the folder below (a staged recipe file, and a new run refused as "not a linearize run")
+        with together(world):
+            resume_from = prepare_run_folder(run, recipe, resume, note=reporter.info) if world.is_main else None
+        resume_from = from_main(world, resume_from)
         if resume and resume_from is None:  # fine for a job that always resumes; else output.dir may be mistyped
             reporter.warning(
                 f"--resume: '{run}' holds no checkpoint of this recipe yet; training starts from the beginning"

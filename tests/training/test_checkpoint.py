@@ -447,6 +447,40 @@ def test_under_torchrun_a_failure_of_the_main_process_stops_the_others_with_its_
     assert not list_checkpoints(tmp_path / "run")
 
 
+RACE = """\
+import os, sys, time
+from pathlib import Path
+from linearize.cli import app
+from linearize.training import trainer
+rank, write_text, prepare = int(os.environ["RANK"]), Path.write_text, trainer.prepare_run_folder
+def slow_write(self, *args, **kwargs):  # the main process stages the run's recipe file on a slow disk
+    written = write_text(self, *args, **kwargs)
+    if "linearize_recipe.yaml" in self.name and self.name.endswith(".tmp"):
+        time.sleep(3)
+    return written
+def late(*args, **kwargs):  # the other process, a second behind
+    if rank == 1:
+        time.sleep(1)
+    return prepare(*args, **kwargs)
+Path.write_text, trainer.prepare_run_folder = slow_write, late
+app(sys.argv[1:])
+"""
+
+
+def test_under_torchrun_the_other_processes_take_the_run_folder_as_the_main_process_found_it(workspace, tmp_path):
+    """The main process writes the run's recipe file (staged beside it) as soon as it has checked the folder: a
+    process that looked later would find its own job's files there, and refuse a new run's folder as "not a
+    linearize run" (or see a checkpoint the main process did not). Every process goes by what the main one found."""
+    script = tmp_path / "race.py"
+    script.write_text(RACE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "finetune"]
+    command += [str(write_recipe(workspace, tmp_path)), "stages.0.max_steps=1", "stages.1.max_steps=1", "-q"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
 def test_optimizer_states_of_other_parameters_are_refused_by_name():
     """A checkpoint whose optimizer trained another set of parameters (an earlier linearize trained o_proj's adapter
     in attention transfer too) cannot continue: a message, not torch's ValueError."""
