@@ -236,6 +236,7 @@ def plan_conversion(
     flag by default, a recipe passes its keys."""
     _check_text_only(source_config, source)
     get_family(source_config.model_type)
+    _check_causal(source_config, source)
     _check_not_quantized(source_config, source)
     if isinstance(softmax_layers, list | tuple):
         softmax_layers = ",".join(map(str, softmax_layers))
@@ -282,6 +283,18 @@ def _check_text_only(source_config, source: str) -> None:
         f"linearize converts text-only causal LMs: convert a text-only {text_type} checkpoint (its language model "
         "saved alone as a *ForCausalLM, with its lm_head)"
     )
+
+
+def _check_causal(source_config, source: str) -> None:
+    """An embedding model of a supported family (EmbeddingGemma: gemma3_text) attends both ways, and transformers
+    still loads it as a causal LM: every converted layer is causal, so the conversion would change what it computes
+    (Parallax and `swa` would not be the source), and nothing would say so."""
+    if getattr(source_config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(
+            f"'{source}' attends bidirectionally (its config's use_bidirectional_attention: an embedding model such "
+            f"as EmbeddingGemma), and linearize converts causal LMs, whose tokens see only earlier ones: convert a "
+            f"causal {source_config.model_type} checkpoint"
+        )
 
 
 def _check_not_quantized(source_config, source: str) -> None:

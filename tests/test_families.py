@@ -45,6 +45,19 @@ def test_a_multimodal_model_names_its_language_model(wrapper):
         plan_conversion(config, "org/vlm", "liger")
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_an_embedding_model_that_attends_both_ways_is_refused(family):
+    """EmbeddingGemma is a gemma3_text checkpoint whose attention is bidirectional (`use_bidirectional_attention`),
+    which transformers loads as a causal LM: converted, every layer became causal and Parallax was no longer the
+    source (logits 0.6 apart), with nothing said."""
+    config = CONFIGS[family]()
+    config.use_bidirectional_attention = True
+    with pytest.raises(UnsupportedModelError, match=r"bidirectional.*converts causal LMs"):
+        plan_conversion(config, "google/embeddinggemma-300m", "parallax", convert_layers="all")
+    config.use_bidirectional_attention = False
+    plan_conversion(config, family, "parallax")
+
+
 def _logits(model, ids, **kwargs):
     with torch.no_grad():
         return model(ids, use_cache=False, **kwargs).logits
