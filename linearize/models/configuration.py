@@ -71,6 +71,13 @@ class LinearizeConfig(PreTrainedConfig):
     linearize: dict[str, Any] | None = None
     use_cache: bool = True  # every source family's default
 
+    @property
+    def _rope_type_labels(self) -> list[str]:
+        """The keys of `rope_parameters` nested per layer type (Gemma 3's): the source's types, which transformers
+        reads from `layer_types` unless this names them. Ours are the methods' types, so transformers took the nested
+        dict for one global one: it warned of unrecognized keys and added a "rope_type" beside the per-type dicts."""
+        return [t for t in SOFTMAX_TYPES if t in (getattr(self, "rope_parameters", None) or {})]
+
     def __post_init__(self, **kwargs):
         # transformers drops `use_cache` (a generation parameter too) from the fields of a config that does not
         # declare it as a dataclass field, as the families' configs do: `config.use_cache` raised AttributeError,
@@ -178,6 +185,8 @@ class LinearizeConfig(PreTrainedConfig):
     def family_config(self) -> PreTrainedConfig:
         """The source family's own config (e.g. a LlamaConfig), used to build the unchanged parts of the model."""
         fields = {k: v for k, v in self.to_dict().items() if k not in OWN_FIELDS}
+        if labels := self._rope_type_labels:  # transformers 5.17 still adds that key when it validates (on save)
+            fields["rope_parameters"] = {label: fields["rope_parameters"][label] for label in labels}
         fields["layer_types"] = [
             self.source_types[i] if self.is_converted(i) else t for i, t in enumerate(self.layer_types)
         ]

@@ -29,6 +29,20 @@ def test_save_and_reload_reproduces_logits_exactly(family, tmp_path):
     assert reloaded.config.linearize["method"] == "liger"
 
 
+@pytest.mark.parametrize("method", ["liger", "still"])
+def test_gemma3_with_every_layer_converted_saves_rope_parameters_that_load(method, tmp_path):
+    """Gemma 3 keys its rope_parameters by the source's layer types. With every layer converted, transformers
+    validated the config against the methods' layer types, took the per-type dicts for one global dict and added a
+    `"rope_type"` beside them (warning of unrecognized keys as it saved): transformers 5.17 then failed to load the
+    folder ("'str' object has no attribute 'get'"), and the family config carried the stray key on later versions."""
+    model = converted_model("gemma3_text", method, convert_layers="all")
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert set(reloaded.config.family_config().rope_parameters) == {"full_attention", "sliding_attention"}
+    ids = torch.randint(3, 128, (2, 12))
+    assert torch.equal(reloaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+
+
 EDITS = {  # a hand edit of a converted folder's config.json -> what the error says
     "window": (lambda c: c["linearize"].update(window=-3), "linearize.window in the config is the number of keys"),
     "window-text": (lambda c: c["linearize"].update(window="8"), "linearize.window in the config is the number"),
