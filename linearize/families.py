@@ -83,6 +83,9 @@ class Family:
             found.append(f"sliding-window layers of {window} tokens")
         elif window and (types is None or set(types) == {"sliding_attention"}):  # Mistral 7B v0.1, Phi-3-mini-4k
             found.append(f"a sliding window of {window} tokens in every layer")
+        elif window and "sliding_attention" in types:  # Qwen2/3's `max_window_layers`, SmolLM3's layers without RoPE
+            sliding = [str(i) for i, t in enumerate(types) if t == "sliding_attention"]
+            found.append(f"a sliding window of {window} tokens in layer{'s' * (len(sliding) > 1)} {', '.join(sliding)}")
         return found
 
     @property

@@ -142,6 +142,19 @@ def test_the_plan_names_a_window_in_every_layer(family):
     assert shown not in get_family("gemma2").specifics(CONFIGS["gemma2"]())  # sliding-window layers, said so
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "smollm3"])
+def test_the_plan_names_the_layers_with_a_window(family):
+    """Qwen2/3 (`use_sliding_window`, `max_window_layers`) and SmolLM3 give some layers a window, which their
+    converted layers keep (narrowing the method's): the plan said nothing of it, and showed the method's window."""
+    config = CONFIGS[family]()  # SmolLM3 slides in its layers without RoPE: layer 1 of the tiny model
+    config.use_sliding_window, config.sliding_window = True, 8
+    config.layer_types = ["full_attention", "sliding_attention"]
+    assert "a sliding window of 8 tokens in layer 1" in get_family(family).specifics(config)
+    plan = plan_conversion(config, family, "liger")
+    assert [plan.config.layer_settings(i).window for i in (0, 1)] == [64, 8]
+    assert "a sliding window of 8 tokens in layer 1" in get_family(family).specifics(plan.config)
+
+
 def _assert_teacher_is_the_source(source, attn):
     """Over 20 tokens, `attn`'s teacher is its source layer's output, window of 8 and all."""
     inputs, expected = source_attention_call(source, attn.layer_idx, torch.randint(3, 128, (2, 20)))
