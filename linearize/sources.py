@@ -23,6 +23,7 @@ from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
 from .errors import LinearizeError
+from .families import FAMILIES
 from .locks import locked
 
 RECIPE_FILE = "linearize_recipe.yaml"  # written by `linearize finetune` into its run folder and model/
@@ -459,6 +460,11 @@ def load_model(model: str | None, dtype: str = "auto", device: str = "cpu", revi
         AutoModelForCausalLM, source, name, dtype=torch_dtype(dtype), revision=revision, output_loading_info=True
     )
     _check_nothing_random(loaded, info["missing_keys"], name)
+    family = FAMILIES.get(getattr(loaded.config, "model_type", None))
+    capped = family is not None and family.logit_softcap and getattr(loaded.config, "attn_logit_softcapping", None)
+    if capped and loaded.config._attn_implementation == "sdpa":
+        # SDPA cannot cap logits (transformers 5.17 picks it for Gemma 2): the original would not be the source
+        loaded.set_attn_implementation("eager")
     return loaded.to(device).eval()
 
 

@@ -453,3 +453,17 @@ def test_linearize_cache_set_empty_or_with_a_tilde_is_not_the_current_folder(val
     monkeypatch.setenv("LINEARIZE_CACHE", value)
     expected = tmp_path / "home" / (".cache/linearize" if value == "" else "elsewhere")
     assert sources.cache_root() == expected
+
+
+def test_a_gemma2_source_caps_its_attention_logits_as_the_checkpoint_does(tmp_path):
+    """transformers 5.17 loads Gemma 2 with SDPA, which drops the attention logit cap: the "original" of eval, bench
+    and `convert --verify` would not have been the source model."""
+    from transformers import AutoModelForCausalLM
+
+    folder = source_folder(tmp_path / "gemma2", "gemma2")
+    loaded = sources.load_model(str(folder))
+    capped = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    ids = torch.randint(3, 100, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, capped(ids).logits, rtol=0, atol=0)
+    assert loaded.config._attn_implementation == "eager"
