@@ -43,8 +43,8 @@ def finetune(
         typer.Option(
             "--resume",
             help="Continue the run in output.dir from its latest checkpoint, with the same recipe and data but for "
-            "the bookkeeping: training.eval_every, eval_batches, checkpoint_every, keep_checkpoints and "
-            "output.merge_lora may change.",
+            "the bookkeeping: training.eval_every, eval_batches, checkpoint_every, keep_checkpoints, "
+            "gradient_checkpointing and output.merge_lora may change.",
         ),
     ] = False,
     dry_run: Annotated[

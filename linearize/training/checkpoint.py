@@ -30,9 +30,9 @@ from .fingerprints import (
     PACKING,
     PACKING_CHANGES,
     bookkeeping_keys,
-    legacy_recipe_hash,
     recipe_differences,
     recipe_hash,
+    resumable_hashes,
 )
 from .recipe import Recipe, load_recipe
 
@@ -226,7 +226,7 @@ def check_resumable(
     change what the run computes. The run checks before it loads anything, and again with the data; so does
     `finetune --dry-run --resume`."""
     state = state if state is not None else _trainer_state(checkpoint)
-    if state.get("recipe_hash") not in (recipe_hash(recipe), legacy_recipe_hash(recipe)):
+    if state.get("recipe_hash") not in resumable_hashes(recipe):
         raise LinearizeError(
             f"checkpoint {checkpoint} belongs to a different recipe; it cannot be resumed (a checkpoint of an earlier "
             f"linearize also needs {', '.join(bookkeeping_keys())} as they were)"

@@ -25,15 +25,23 @@ _ADDED_LATER = {
 
 
 _WHERE_RESULTS_GO = {"output": {"dir", "push_to_hub", "private"}}
-# How often a run evaluates and keeps checkpoints, and how it saves: a resumed run may change them.
+# How often a run evaluates and keeps checkpoints, how it saves, and whether it recomputes activations in backward
+# (memory, not numbers: the same steps bit for bit): a resumed run may change them.
 _BOOKKEEPING = {
-    "training": {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"},
+    "training": {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing"},
     "output": {"merge_lora"},
 }
-_NOT_COMPUTED = {
-    section: _WHERE_RESULTS_GO.get(section, set()) | _BOOKKEEPING.get(section, set())
-    for section in {*_WHERE_RESULTS_GO, *_BOOKKEEPING}
-}
+# Bookkeeping that checkpoints of an earlier linearize still fingerprinted: they resume with it as it was.
+_BOOKKEEPING_LATER = {"training": {"gradient_checkpointing"}}
+
+
+def _left_out(*exclusions: dict[str, set[str]], but: dict[str, set[str]] | None = None) -> dict[str, set[str]]:
+    sections = {section for exclusion in exclusions for section in exclusion}
+    merged = {s: set().union(*(exclusion.get(s, set()) for exclusion in exclusions)) for s in sections}
+    return {s: keys - (but or {}).get(s, set()) for s, keys in merged.items()}
+
+
+_NOT_COMPUTED = _left_out(_WHERE_RESULTS_GO, _BOOKKEEPING)
 
 
 def bookkeeping_keys() -> list[str]:
@@ -50,6 +58,13 @@ def recipe_hash(recipe: Recipe) -> str:
 def legacy_recipe_hash(recipe: Recipe) -> str:
     """The fingerprint checkpoints recorded before bookkeeping was left out of `recipe_hash`."""
     return _fingerprint(recipe, _WHERE_RESULTS_GO)
+
+
+def resumable_hashes(recipe: Recipe) -> set[str]:
+    """The fingerprints of checkpoints that `recipe` may resume: `recipe_hash`, and those an earlier linearize
+    recorded (before `gradient_checkpointing` was bookkeeping, and before bookkeeping was left out)."""
+    earlier = _left_out(_WHERE_RESULTS_GO, _BOOKKEEPING, but=_BOOKKEEPING_LATER)
+    return {recipe_hash(recipe), _fingerprint(recipe, earlier), legacy_recipe_hash(recipe)}
 
 
 def _fingerprint(recipe: Recipe, exclude: dict[str, set[str]]) -> str:

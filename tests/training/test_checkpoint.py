@@ -81,14 +81,15 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, monkeypatch,
         assert refused.exit_code == 1 and "also needs training.checkpoint_every, training.eval_batches" in shown
         assert (resumed / "run" / "linearize_recipe.yaml").read_text() == recorded
         bookkeeping = []
-    else:  # how often it evaluates and keeps checkpoints may change: the results do not
+    else:  # how often it evaluates and keeps checkpoints, and whether it recomputes, may change: the results do not
         bookkeeping = ["training.eval_every=1", "training.keep_checkpoints=3", "training.checkpoint_every=3"]
+        bookkeeping.append("training.gradient_checkpointing=true")
     result = invoke("finetune", recipe, *extra, *bookkeeping, "--resume")
     assert result.exit_code == 0, result.output
     if bookkeeping:
-        assert "resuming with other bookkeeping than the run started with: training.eval_every 2 -> 1" in " ".join(
-            result.output.split()
-        )
+        changed = "training.gradient_checkpointing false -> true, training.eval_every 2 -> 1"
+        shown = " ".join(result.output.split())
+        assert f"resuming with other bookkeeping than the run started with: {changed}" in shown
     if selected:  # scored once, after the transfer stage
         chosen = [r["layer_selection"] for r in metrics(straight / "run") if "layer_selection" in r]
         assert len(chosen) == 1 and chosen[0]["after"] == "attention_transfer"

@@ -10,7 +10,7 @@ import yaml
 
 from linearize.errors import LinearizeError
 from linearize.methods import METHODS
-from linearize.training.fingerprints import legacy_recipe_hash, recipe_hash
+from linearize.training.fingerprints import legacy_recipe_hash, recipe_hash, resumable_hashes
 from linearize.training.recipe import (
     RecipeError,
     apply_overrides,
@@ -286,9 +286,16 @@ def test_resolved_yaml_round_trips_and_hash_ignores_the_output_folder():
     assert recipe_hash(moved) == recipe_hash(recipe)
     for override in ("stages.0.optimizer.lr=0.5", "stages.0.optimizer.new_name=muon"):
         assert recipe_hash(parse_recipe(MINIMAL, overrides=[override])) != recipe_hash(recipe)
-    for override in ("training.eval_every=7", "training.keep_checkpoints=9", "output.merge_lora=false"):
+    bookkeeping = ("training.eval_every=7", "training.keep_checkpoints=9", "training.gradient_checkpointing=true")
+    for override in (*bookkeeping, "output.merge_lora=false"):
         assert recipe_hash(parse_recipe(MINIMAL, overrides=[override])) == recipe_hash(recipe)  # bookkeeping
         assert legacy_recipe_hash(parse_recipe(MINIMAL, overrides=[override])) != legacy_recipe_hash(recipe)
+    # checkpoints recorded before gradient_checkpointing was bookkeeping resume with it as it was
+    assert "e054cc1989a424d7" in resumable_hashes(recipe)
+    checkpointing = parse_recipe(MINIMAL, overrides=["training.gradient_checkpointing=true"])
+    assert "a223645a8e08d5dc" in resumable_hashes(checkpointing) and "e054cc1989a424d7" not in resumable_hashes(
+        checkpointing
+    )
     # the fingerprint checkpoints recorded before `conversion.selection` existed: their runs still resume
     assert legacy_recipe_hash(recipe) == "c3a9d4c269df6eb6"
     # and that of a scored selection from before `selection.spread` existed
