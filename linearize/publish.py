@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .comparison import counted
 from .convert import layer_groups
@@ -486,4 +487,4 @@ def push(
             revision=revision,
         )
     url = f"{api.endpoint}/{repo_id}"
-    return f"{url}/tree/{revision}" if revision else url
+    return f"{url}/tree/{quote(revision, safe='')}" if revision else url  # the Hub's own URLs encode a / in a branch

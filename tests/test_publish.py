@@ -252,6 +252,7 @@ def test_revision_goes_to_a_branch(folder, hub, no_verify):
     assert url.endswith(f"{REPO}/tree/v2") and no_verify == [folder]
     assert ("POST", f"/api/models/{REPO}/branch/v2") in hub.requests
     assert "config.json" in arrived(hub, revision="v2") and hub.created == [{"repo": REPO, "private": False}]
+    assert push(folder, REPO, revision="exp/x", token=GOOD_TOKEN, endpoint=hub.url).endswith(f"{REPO}/tree/exp%2Fx")
     for bad in ("bad branch", "a..b", "x.lock", "exp/", "~1"):  # what git refuses, refused here, the dry run too
         result = runner.invoke(app, ["push", str(folder), REPO, "--revision", bad, "--dry-run"])
         assert result.exit_code == 1 and "is not a valid branch name" in result.output, bad
