@@ -105,18 +105,26 @@ def text_windows(spec: str, tokenizer, context: int, max_windows: int, default_s
             f"perplexity needs at least one window (got {max_windows}) of at least 2 tokens (a context of {context})"
         )
     source = text_source(spec, default_split)
-    # read no more documents than the windows can use, assuming documents of 16 tokens or more on average
+    # read no more documents than the windows can use: first as many as documents of 16 tokens would fill
     source.max_documents = max(256, max_windows * context // 16)
     require_eos(tokenizer)
-    documents, _ = read_documents(source, tokenizer)
-    try:
-        return pack_documents(documents, tokenizer, context, "text").input_ids[:max_windows]
-    except TooFewTokens as error:
-        raise TooFewTokens(
-            f"the text {spec} has {error.tokens} tokens, fewer than one window of {context}: give a longer text or "
-            "a shorter context (--context)",
-            error.tokens,
-        ) from None
+    while True:
+        documents, _ = read_documents(source, tokenizer)
+        complete = len(documents) < source.max_documents  # the source holds no more
+        try:
+            ids = pack_documents(documents, tokenizer, context, "text").input_ids
+        except TooFewTokens as error:
+            if complete:
+                raise TooFewTokens(
+                    f"the text {spec} has {error.tokens} tokens, fewer than one window of {context}: give a longer "
+                    "text or a shorter context (--context)",
+                    error.tokens,
+                ) from None
+        else:
+            if complete or len(ids) >= max_windows:
+                return ids[:max_windows]
+        # shorter documents than assumed leave windows unfilled that the rest of the source would fill
+        source.max_documents *= 2
 
 
 def evaluate_model(

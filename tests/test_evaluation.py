@@ -433,3 +433,15 @@ def test_a_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         write_json(path, {"run": 2, "rows": list(range(100))})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"run": 1} and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_text_of_short_documents_fills_every_window_it_can(tokenizer, tmp_path):
+    """Documents read up to the windows asked for, however short: 1000 records of 3 tokens each (EOS included) fill
+    46 windows of 64 and one of 1024 (the reading stopped at 256-400 documents, short of that, and then said that the
+    text had fewer tokens than one window)."""
+    path = tmp_path / "short.jsonl"
+    path.write_text("".join(json.dumps({"text": f"w{i % 10}"}) + "\n" for i in range(1000)))
+    assert text_windows(str(path), tokenizer, 64, 100).shape == (3000 // 64, 64)
+    assert text_windows(str(path), tokenizer, 1024, 1).shape == (1, 1024)
+    with pytest.raises(LinearizeError, match="has 3000 tokens, fewer than one window of 4096"):
+        text_windows(str(path), tokenizer, 4096, 1)
