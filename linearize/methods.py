@@ -282,6 +282,9 @@ class SinkWindowSettings(MethodSettings):
         _sinks_inside_window(self, spell)
         return self
 
+    def exact_prefix(self) -> int:
+        return self.window  # a query among the first `window` tokens sees every key before it
+
 
 @dataclass(frozen=True)
 class Method:
@@ -306,7 +309,15 @@ class Method:
     def exact_with(self, settings: MethodSettings) -> bool:
         """Whether layers converted with `settings` compute the source's outputs until trained: a method exact at
         conversion is not once a `window` cuts off the keys its source layers see (Parallax's `--window`)."""
-        return self.exact_at_conversion and getattr(settings, "window", None) is None
+        return self.exact_span(settings) == math.inf
+
+    def exact_span(self, settings: MethodSettings, trained: bool = False) -> float:
+        """How many tokens from a sequence's start layers converted with `settings` compute the source's attention
+        over exactly, as converted or (`trained`) whatever they learn (`MethodSettings.exact_prefix`); `math.inf`:
+        every token. A method exact at conversion is so up to its `window` until trained."""
+        if self.exact_at_conversion and not trained:
+            return getattr(settings, "window", None) or math.inf
+        return settings.exact_prefix()
 
 
 METHODS: dict[str, Method] = {

@@ -67,14 +67,28 @@ class SelectionRequest:
     def rule(self) -> str:
         return _kept_rule(self.k, self.spread)
 
-    def check_method(self, method: str, settings: MethodSettings, spell: Callable[[str], str] = cli_flag) -> None:
+    def check_method(
+        self, method: str, settings: MethodSettings, spell: Callable[[str], str] = cli_flag, after: str = "conversion"
+    ) -> None:
         """Refuse a method whose converted layers compute the original attention exactly until trained (with these
-        `settings`): every layer would score 0. `spell` names the option in the message (the CLI's flag)."""
+        `settings`), or over the whole of each calibration window when scored `after` "conversion" or (whatever
+        they learn) "attention_transfer": every layer would score 0, and the K kept would be chosen by rounding
+        errors. `spell` names the option in the message (the CLI's flag)."""
+        option = spell("softmax_layers")
         if get_method(method).exact_with(settings):
             raise LinearizeError(
-                f"{spell('softmax_layers')} auto:K scores layers by what converting them changes, and method "
-                f"'{method}' without a window computes the original attention exactly until trained, so every layer "
-                "would score 0; name the layers instead (e.g. '0,8,16' or 'every:8')"
+                f"{option} auto:K scores layers by what converting them changes, and method '{method}' without a "
+                "window computes the original attention exactly until trained, so every layer would score 0; name "
+                "the layers instead (e.g. '0,8,16' or 'every:8')"
+            )
+        exact = get_method(method).exact_span(settings, trained=after == "attention_transfer")
+        if self.context <= exact:
+            knob = spell("window" if hasattr(settings, "window") else "chunk_size")
+            raise LinearizeError(
+                f"{option} auto:K scores layers on windows of {self.context} tokens, and method '{method}' with these "
+                f"settings computes the original attention exactly over the first {exact} tokens of a sequence, so "
+                "every layer would score 0 and rounding errors would choose; name the layers instead (e.g. '0,8,16' "
+                f"or 'every:8'), or convert with a smaller {knob}"
             )
 
 

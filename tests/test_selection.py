@@ -251,6 +251,33 @@ def test_calibration_text_too_short_names_the_fix(tmp_path):
         select_layers(all_converted(source)[0], tiny_tokenizer(), request)
 
 
+@pytest.mark.parametrize(
+    "method,exact,inexact",
+    [
+        ("swa", {"window": 512, "sinks": 4}, {"window": 511, "sinks": 4}),
+        ("still", {"chunk_size": 256}, {"chunk_size": 255}),
+        ("parallax", {"window": 512}, {"window": 511}),
+    ],
+)
+def test_settings_exact_over_a_whole_calibration_window_are_refused(method, exact, inexact, windows):
+    """A window of 512 keys (STILL: two chunks of 256) computes the original attention over every 512-token
+    calibration window: every layer scored about 0 and rounding errors chose the kept ones."""
+    request = SelectionRequest(1)
+    with pytest.raises(LinearizeError, match="computes the original attention exactly over the first 512 tokens"):
+        request.check_method(method, method_settings(method, **exact))
+    request.check_method(method, method_settings(method, **inexact))
+    # what training changes: Parallax's probe, not STILL's exact first chunks or swa's window
+    after = "attention_transfer"
+    if method == "parallax":
+        request.check_method(method, method_settings(method, **exact), after=after)
+    else:
+        with pytest.raises(LinearizeError, match="rounding errors would choose"):
+            request.check_method(method, method_settings(method, **exact), after=after)
+    # on 64-token windows a window of 64 is exact: the scores the check spares users
+    model, _ = all_converted(four_layers(), "swa", window=64, sinks=2)
+    assert max(map(abs, score_layers(model, windows, "output"))) < 1e-12
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("selection")
@@ -325,4 +352,7 @@ def test_convert_auto_errors_before_loading(tiny_folder, tmp_path):
     assert too_many.exit_code == 1 and "choose K from 0 to 4" in too_many.output
     exact = CliRunner().invoke(app, [*base, "--method", "parallax", "--softmax-layers", "auto:1"])
     assert exact.exit_code == 1 and "every layer would score 0" in " ".join(exact.output.split())
+    whole = CliRunner().invoke(app, [*base, "--method", "swa", "--window", "512", "--softmax-layers", "auto:1"])
+    shown = " ".join(whole.output.split())
+    assert whole.exit_code == 1 and "exactly over the first 512 tokens" in shown and "smaller --window" in shown
     assert not out.exists()

@@ -168,7 +168,9 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
                 check_softmax_layers(self.softmax_layers, spell=_recipe_key)  # the indices need the model's depth
                 request = self.selection_request()  # K, and the spread against K
                 if request is not None:
-                    request.check_method(self.method, settings, spell=_recipe_key)
+                    request.check_method(
+                        self.method, settings, _recipe_key, self.selection.after if self.selection else "conversion"
+                    )
             except LinearizeError as error:
                 raise ValueError(str(error)) from None
             if self.selection is not None and request is None:

@@ -188,6 +188,11 @@ def test_parallax_with_a_window_is_not_exact_so_it_may_transfer_and_score_layers
         parse_recipe(stages + "conversion: {method: parallax}\n")
     recipe = parse_recipe(stages + "conversion: {method: parallax, window: 64, softmax_layers: auto:2}\n")
     assert recipe.stages[0].kind == "attention_transfer" and recipe.conversion.selection_request().k == 2
+    # a window over the whole 512-token calibration window is exact until the probe trains: scored after it only
+    whole = "conversion: {method: parallax, window: 512, softmax_layers: auto:2"
+    with pytest.raises(RecipeError, match="conversion.window"):
+        parse_recipe(stages + whole + "}\n")
+    assert parse_recipe(stages + whole + ", selection: {after: attention_transfer}}\n").conversion.window == 512
 
 
 @pytest.mark.parametrize(
