@@ -173,11 +173,13 @@ def _layers_section(config: dict[str, Any]) -> str:
         for layer, score in enumerate(selection.scores)
     )
     when = "after attention transfer" if selection.after == "attention_transfer" else "at conversion"
+    # `restore` measures the converted model with the layer given back, not the original with the layer converted
+    how = "what restoring it alone gains" if selection.scorer == "restore" else "how much converting it alone hurts"
     flags = f"--softmax-layers auto:{selection.k}" + spread_flag(selection.spread)
     return f"""{table}
 
 The layers kept as softmax attention ({kept}) were chosen by measurement (`{flags}`):
-each layer was scored {when} by how much converting it alone hurts ({SCORERS[selection.scorer]}; scorer
+each layer was scored {when} by {how} ({SCORERS[selection.scorer]}; scorer
 `{selection.scorer}`, on {selection.calibration}), and {selection.rule} stayed softmax.
 
 | layer | score | kept |

@@ -210,6 +210,12 @@ def test_selection_is_recorded_in_the_config_and_the_model_card(tmp_path):
     assert loaded.config.settings.window == 8
     card = " ".join(render_model_card(tmp_path, "org/tiny-swa").split())
     assert "chosen by measurement (`--softmax-layers auto:1`)" in card and "| 2 | 2.5 | softmax |" in card
+    assert "by how much converting it alone hurts (increase of the next-token loss" in card
+    restored = {**saved, "layer_selection": {**saved["layer_selection"], "scorer": "restore"}}
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "linearize": restored}))
+    card = " ".join(render_model_card(tmp_path, "org/tiny-swa").split())
+    assert "by what restoring it alone gains (decrease of the next-token loss when the layer alone is restored" in card
 
 
 @pytest.mark.parametrize(
