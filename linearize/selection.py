@@ -283,6 +283,13 @@ def select_layers(
     layers = sum(isinstance(m, LinearizedAttention) for m in model.modules())
     step = progress(scoring_passes(request.scorer, layers) * windows.shape[0]) if progress else None
     scores = score_layers(model, windows, request.scorer, step)
+    if broken := [i for i, score in enumerate(scores) if not math.isfinite(score)]:
+        # a NaN would sort anywhere and mis-rank the finite scores too
+        raise LinearizeError(
+            f"auto:K scored layer(s) {', '.join(map(str, broken))} as {scores[broken[0]]}: the model's forward "
+            "overflowed or gave NaN on the calibration text (float16 is the usual cause); run in bfloat16 or "
+            "float32, or name the layers to keep instead"
+        )
     calibration = describe_calibration(request, windows)
     return LayerSelection(request.k, request.scorer, scores, calibration, after, request.spread)
 

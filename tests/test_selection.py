@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 from typer.testing import CliRunner
 
-import linearize  # noqa: F401  (registers the converted model class with the Auto classes)
+import linearize.selection  # (importing linearize registers the converted model class with the Auto classes)
 from linearize.cli import app
 from linearize.convert import convert_model, keep_softmax_layers, plan_conversion
 from linearize.errors import LinearizeError
@@ -255,6 +255,16 @@ def test_calibration_text_too_short_names_the_fix(tmp_path):
         LinearizeError, match="short.txt' is too short to score layers on: 4 tokens, fewer than one window of 512"
     ):
         select_layers(all_converted(source)[0], tiny_tokenizer(), request)
+
+
+def test_a_score_that_is_not_a_number_stops_the_choice(tmp_path, monkeypatch):
+    """A NaN sorts anywhere and mis-ranks the finite scores too ([0.1, nan, 0.5, 0.2] kept layer 0 with auto:1)."""
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(f"w{i % 100}" for i in range(600)))
+    monkeypatch.setattr(linearize.selection, "score_layers", lambda *args: [0.1, float("nan"), 0.5, 0.2])
+    request = parse_auto("auto:1", "loss", calibration=str(text), windows=1)
+    with pytest.raises(LinearizeError, match=r"scored layer\(s\) 1 as nan: .*\(float16 is the usual cause\)"):
+        select_layers(all_converted(four_layers())[0], tiny_tokenizer(), request)
 
 
 @pytest.mark.parametrize(
