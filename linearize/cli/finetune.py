@@ -89,6 +89,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     from ..training.checkpoint import check_resumable, list_checkpoints, prepare_run_folder
     from ..training.checks import (
         check_stage_order,
+        float16_note,
         lora_targets,
         new_optimizer_note,
         nothing_to_train,
@@ -135,8 +136,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         if stage.kind == "attention_transfer" and not in_attention and not adds:
             projections = get_family(plan.config.base_model_type).input_projections
             raise LinearizeError(nothing_to_train(i, stage, targets, projections, bool(plan.config.converted_layers())))
-    if note := positions_note(recipe, source_config):
-        notes.append(note)
+    notes += [note for note in (positions_note(recipe, source_config), float16_note(recipe, source_config)) if note]
     # the data as the run reads it (the tokenizer alone, no weights): its errors, packs and steps
     with spinner("Reading the data", quiet=False):
         data = load_data(recipe.data, sources.load_tokenizer(recipe.model.name, recipe.model.revision), t.seed)

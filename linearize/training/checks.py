@@ -97,6 +97,21 @@ def positions_note(recipe: Recipe, source_config) -> str | None:
     )
 
 
+def float16_note(recipe: Recipe, source_config) -> str | None:
+    """A warning for training float16 weights (model.dtype float16, or auto on a float16 checkpoint): nothing scales
+    the loss, as mixed precision does for float32 weights."""
+    dtype = recipe.model.dtype
+    if dtype == "auto":
+        dtype = str(getattr(source_config, "dtype", None) or "").removeprefix("torch.")
+    if dtype != "float16":
+        return None
+    return (
+        f"model.dtype {recipe.model.dtype}{' (the checkpoint is float16)' * (recipe.model.dtype == 'auto')} trains "
+        "float16 weights without loss scaling: small gradients round to zero and large activations overflow to inf; "
+        "set model.dtype: bfloat16, or float32 with training.autocast: bfloat16"
+    )
+
+
 def warmup_note(index: int, stage: StageSection, total_steps: int) -> str | None:
     """A warning for a stage of `total_steps` optimizer steps whose warmup does not end before the stage does (fine
     for a smoke test of a few steps, a mistake in a real run)."""

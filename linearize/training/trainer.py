@@ -45,6 +45,7 @@ from .checkpoint import (
 )
 from .checks import (
     check_stage_order,
+    float16_note,
     lora_targets,
     new_optimizer_note,
     nothing_to_train,
@@ -111,6 +112,7 @@ class Trainer:
         unmatched, names, _ = lora_targets(self.model.config, recipe.lora.target_modules)
         for note in (
             positions_note(recipe, self.source_config),
+            float16_note(recipe, self.source_config),
             unmatched_targets_note(recipe, unmatched, names),
             transfer_signal_note(recipe, self.data.train),
         ):

@@ -162,6 +162,28 @@ def test_still_transfer_on_documents_within_its_exact_chunks_is_warned_of(worksp
     assert warning in shown(*still, "stages.0.max_steps=1", "stages.1.max_steps=2", "-q")  # the run warns too
 
 
+def test_float16_weights_are_warned_of_as_trained_without_loss_scaling(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    half = shutil.copytree(workspace / "source", tmp_path / "half")
+    config = json.loads((half / "config.json").read_text())
+    (half / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    warning = "trains float16 weights without loss scaling"
+
+    def shown(*args):
+        result = CliRunner().invoke(app, [str(a) for a in ("finetune", recipe, *args)], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    assert warning in shown("model.dtype=float16", "--dry-run")
+    assert f"model.dtype auto (the checkpoint is float16) {warning}" in shown(
+        f"model.name={half}", "model.dtype=auto", "--dry-run"
+    )
+    assert warning not in shown("model.dtype=auto", "--dry-run") and warning not in shown(
+        "model.dtype=bfloat16", "--dry-run"
+    )
+    assert warning in shown("model.dtype=float16", "stages.0.max_steps=1", "stages.1.max_steps=2", "-q")
+
+
 def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
     recipe = write_recipe(workspace, tmp_path)
     result = invoke("finetune", recipe, "output.merge_lora=false", "stages.0.max_steps=1", "stages.1.max_steps=1", "-q")
