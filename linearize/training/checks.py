@@ -140,22 +140,23 @@ def new_optimizer_note(index: int, stage: StageSection) -> str | None:
 
 
 def transfer_signal_note(recipe: Recipe, train: PackedSequences) -> str | None:
-    """A warning for attention transfer on packs whose tokens mostly sit at the start of their documents, where the
-    method's layers compute softmax attention exactly (STILL's first two chunks): such tokens add nothing to the
-    transfer loss or its gradient, so the stages learn from few tokens."""
+    """A warning for attention transfer of the method's new parameters on packs whose tokens mostly sit at the start
+    of their documents, where the method's layers compute softmax attention exactly whatever those parameters are
+    (STILL's first two chunks): such tokens give them no gradient, so the stages train them on few tokens."""
     conversion = recipe.conversion
     prefix = method_settings(conversion.method, **conversion.options()).exact_prefix()
-    if not prefix or not any(stage.kind == "attention_transfer" for stage in recipe.stages):
+    trains_new = any(stage.kind == "attention_transfer" and "new" in stage.trainable for stage in recipe.stages)
+    if not prefix or not trains_new:
         return None
     positions = train.position_ids if train.position_ids is not None else torch.arange(train.input_ids.shape[1])
     share = float((positions >= prefix).float().mean())
     if share >= 0.5:
         return None
     return (
-        f"attention transfer learns only from tokens past the first {prefix} of their document, before which "
-        f"{conversion.method}'s layers compute exactly softmax attention, and {share:.0%} of the training tokens are: "
-        f"longer documents, or data.document_boundaries: false with a data.seq_len well above {prefix}, give its "
-        "stages more to learn from"
+        f"attention transfer trains {conversion.method}'s new parameters only on tokens past the first {prefix} of "
+        f"their document, before which its layers compute exactly softmax attention, and {share:.0%} of the training "
+        f"tokens are: longer documents, or data.document_boundaries: false with a data.seq_len well above {prefix}, "
+        "give its stages more to learn from"
     )
 
 

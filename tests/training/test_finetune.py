@@ -150,7 +150,7 @@ def test_still_transfer_on_documents_within_its_exact_chunks_is_warned_of(worksp
     teach it nothing."""
     recipe = write_recipe(workspace, tmp_path)
     still = ["conversion={method: still}", "stages.0.trainable=[lora, new]"]
-    warning = "attention transfer learns only from tokens past the first 128 of their document"
+    warning = "attention transfer trains still's new parameters only on tokens past the first 128 of their document"
 
     def shown(*args):
         result = CliRunner().invoke(app, [str(a) for a in ("finetune", recipe, *args)], env={"COLUMNS": "300"})
@@ -158,7 +158,8 @@ def test_still_transfer_on_documents_within_its_exact_chunks_is_warned_of(worksp
         return " ".join(result.output.split())
 
     assert warning in shown(*still, "--dry-run") and "and 0% of the training tokens are" in shown(*still, "--dry-run")
-    assert "attention transfer learns only" not in shown(*still, "conversion.chunk_size=4", "--dry-run")
+    assert "new parameters only on tokens" not in shown(*still, "conversion.chunk_size=4", "--dry-run")
+    assert "new parameters only on tokens" not in shown("conversion={method: still}", "--dry-run")  # LoRA alone
     assert warning in shown(*still, "stages.0.max_steps=1", "stages.1.max_steps=2", "-q")  # the run warns too
 
 
