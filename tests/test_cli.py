@@ -123,6 +123,18 @@ def test_generate_streams_text(source, tmp_path):
     assert "Nothing generated" not in result.output
 
 
+def test_generate_takes_a_dtype_and_runs_in_float32_on_a_cpu_by_default(source, tmp_path, monkeypatch):
+    """A bfloat16 folder generates in bfloat16 with --dtype bfloat16: on a CPU, auto is float32, twice the memory,
+    which an 8B model on a machine sized for its bfloat16 weights does not have."""
+    assert invoke("convert", source, "--dtype", "bfloat16", "-o", tmp_path / "out").exit_code == 0
+    used = []
+    monkeypatch.setattr(linearize.generation, "generate", lambda model, *args, **kwargs: used.append(model.dtype))
+    for dtype in ("bfloat16", "auto"):
+        result = invoke("generate", tmp_path / "out", "w5 w6", "--device", "cpu", "--dtype", dtype)
+        assert result.exit_code == 0, result.output
+    assert used == [torch.bfloat16, torch.float32]
+
+
 def test_generate_samples_reproducibly_with_a_seed(source, tmp_path):
     """--seed makes a sampled reply repeatable, and it is the text `model.generate` gives after the same seed."""
     from linearize.generation import build_prompt

@@ -390,6 +390,13 @@ def generate(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    dtype: Annotated[
+        Dtype,
+        typer.Option(
+            help="auto: float32 on CPU (faster there, twice a bfloat16 folder's memory), the checkpoint's dtype "
+            "elsewhere."
+        ),
+    ] = "auto",
 ) -> None:
     """Stream a completion of PROMPT from MODEL, decoding with the model's constant-size cache."""
     from ..comparison import EMBEDDED
@@ -398,7 +405,7 @@ def generate(
 
     prompt = _read_prompt(prompt)
     with console.status(f"Loading {model}"):
-        loaded, tokenizer = load_for_inference(None if model == EMBEDDED else model, device=device)
+        loaded, tokenizer = load_for_inference(None if model == EMBEDDED else model, device=device, dtype=dtype.value)
     streamer = ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     text = generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer, seed=seed)
     # only the hints that apply: fine-tuning for a converted model, --no-chat where the chat template was used
