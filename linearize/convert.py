@@ -544,6 +544,7 @@ def convert_and_save(
         converted = convert_model(source_model, plan.config)
     conversion.output = save_model(converted, tokens, output, force=force)
     conversion.tokenizer_saved = tokens is not None
+    del converted  # it holds the source's tensors, which would outlive the comparison's cast or release of them
     try:
         report.saved(conversion)
         if verify:
@@ -579,12 +580,18 @@ def _load_source(
 
 
 def _compare_with_source(source_model, output: Path, tokenizer, device: str, report: ConvertReport) -> list[dict]:
-    """Perplexity on the built-in text and a greedy sample, of the source and of the saved folder as it loads."""
+    """Perplexity on the built-in text and a greedy sample, of the source and then of the saved folder as it loads,
+    both in the dtype that `load_for_inference` gives the folder on `device` (float32 on a CPU, the saved dtype
+    elsewhere). One model is in memory at a time: the source's weights are released (to the meta device) once it is
+    measured, before the folder loads, so that verifying needs the memory of one model, not of two."""
     from .evaluation import compare
 
-    converted, _ = load_for_inference(str(output), device=device)
     report.step("Measuring perplexity and sampling")
-    rows = compare({"original": source_model.float(), "converted": converted}, tokenizer, prompt=VERIFY_PROMPT)
+    original = source_model.float() if device == "cpu" else source_model
+    rows = compare({"original": original}, tokenizer, prompt=VERIFY_PROMPT)
+    source_model.to("meta")
+    converted, _ = load_for_inference(str(output), device=device)
+    rows += compare({"converted": converted}, tokenizer, prompt=VERIFY_PROMPT)
     report.compared(rows)
     return rows
 

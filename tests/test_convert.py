@@ -1,10 +1,14 @@
 """`convert_and_save`, what `linearize convert` runs, called as a library function on tiny models."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import linearize.convert
+import linearize.evaluation
 import linearize.publish
 from linearize.convert import ConvertReport, convert_and_save, plan_conversion
 from linearize.errors import LinearizeError
@@ -117,6 +121,33 @@ def test_verify_compares_the_saved_folder_with_the_source(source, tmp_path):
     assert converted["perplexity"] == pytest.approx(original["perplexity"], rel=1e-4)
     assert converted["sample"] == original["sample"]
     assert report.events[-2:] == ["Measuring perplexity and sampling", "compared"]
+
+
+def test_verify_holds_one_model_at_a_time(source, tmp_path, monkeypatch):
+    """The source is measured, its weights released, and only then the saved folder loads and is measured, both in
+    the dtype the folder loads in: the source's float32 copy, the converted model around the source's tensors and
+    the loaded folder held at once took three models' memory (five times a bfloat16 model's weights on a CPU)."""
+    originals, built, measured = [], [], []
+    convert_model, compare = linearize.convert.convert_model, linearize.evaluation.compare
+
+    def convert(source_model, config):
+        model = convert_model(source_model, config)
+        originals.append(source_model)
+        built.append(weakref.ref(model))
+        return model
+
+    def measure(models, *args, **kwargs):
+        gc.collect()
+        held = any(p.device.type != "meta" for p in originals[0].parameters())
+        measured.extend((name, model.dtype, held, built[0]() is not None) for name, model in models.items())
+        return compare(models, *args, **kwargs)
+
+    monkeypatch.setattr(linearize.convert, "convert_model", convert)
+    monkeypatch.setattr(linearize.evaluation, "compare", measure)
+    conversion = convert_and_save(source, tmp_path / "out", "swa", dtype="bfloat16", device="cpu", verify=True)
+    assert [row["model"] for row in conversion.comparison] == ["original", "converted"]
+    # (model, its dtype, whether the source's weights are held, whether the model converted around them is alive)
+    assert measured == [("original", torch.float32, True, False), ("converted", torch.float32, False, False)]
 
 
 def test_an_interrupted_comparison_says_the_folder_is_saved(source, tmp_path):
