@@ -552,8 +552,16 @@ def convert_and_save(
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted after saving: {conversion.output} is complete") from None
     if push_to_hub:
+        _release(source_model)  # the push's load check loads the folder in a fresh process, not beside the source
         conversion.url = _push(conversion.output, push_to_hub, private, report)
     return conversion
+
+
+def _release(model) -> None:
+    """Free `model`'s weights, leaving it on the meta device, and the GPU memory torch's allocator keeps cached
+    after them, for the next model to load, in this process or another."""
+    model.to("meta")
+    torch.cuda.empty_cache()  # nothing where CUDA was not used
 
 
 def _check_targets(output: Path, force: bool, model: str | None, push_to_hub: str | None) -> None:
@@ -589,7 +597,7 @@ def _compare_with_source(source_model, output: Path, tokenizer, device: str, rep
     report.step("Measuring perplexity and sampling")
     original = source_model.float() if device == "cpu" else source_model
     rows = compare({"original": original}, tokenizer, prompt=VERIFY_PROMPT)
-    source_model.to("meta")
+    _release(source_model)
     converted, _ = load_for_inference(str(output), device=device)
     rows += compare({"converted": converted}, tokenizer, prompt=VERIFY_PROMPT)
     report.compared(rows)

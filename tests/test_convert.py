@@ -181,6 +181,27 @@ def test_a_failed_push_says_the_folder_is_saved(failure, raised, message, source
     assert (tmp_path / "out" / "config.json").exists()
 
 
+def test_the_push_checks_the_folder_with_the_source_released(source, tmp_path, monkeypatch):
+    """The push loads the saved folder in a fresh process (its load check): the source model held here beside it
+    took a second model's memory, which on a GPU sized for one model failed the check and sent nothing."""
+    originals, held = [], []
+    convert_model = linearize.convert.convert_model
+
+    def convert(source_model, config):
+        originals.append(source_model)
+        return convert_model(source_model, config)
+
+    def push(*args, **kwargs):
+        held.append(any(p.device.type != "meta" for p in originals[0].parameters()))
+        return "https://huggingface.co/me/tiny-liger"
+
+    monkeypatch.setattr(linearize.convert, "convert_model", convert)
+    monkeypatch.setattr(linearize.convert, "check_can_push", lambda token=None: "hf_token")
+    monkeypatch.setattr(linearize.publish, "push", push)
+    assert convert_and_save(source, tmp_path / "out", push_to_hub="me/tiny-liger").url.endswith("me/tiny-liger")
+    assert held == [False]
+
+
 def test_the_plan_counts_cache_bytes_in_the_dtype_the_model_loads_in(tmp_path):
     import json
 
