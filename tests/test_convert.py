@@ -12,7 +12,7 @@ import linearize.evaluation
 import linearize.publish
 from linearize.convert import ConvertReport, convert_and_save, plan_conversion
 from linearize.errors import LinearizeError
-from tests.tiny import source_folder, source_model
+from tests.tiny import METHODS, VARIANTS, source_folder, source_model
 
 
 class Recorder(ConvertReport):
@@ -280,3 +280,28 @@ def test_a_head_the_source_loads_untied_stays_untied(tmp_path):
         torch.testing.assert_close(converted(ids, use_cache=False).logits, expected)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
         torch.testing.assert_close(reloaded(ids, use_cache=False).logits, expected)
+
+
+@pytest.mark.parametrize("variant", METHODS)
+def test_converting_copies_no_source_tensor_and_saving_and_loading_keep_the_dtype(variant, tmp_path):
+    """A converted model is built around the source's own tensors (a copy would double a large model's memory), the
+    parameters its method adds in the source's dtype; the folder stores the tied head once and loads back in that
+    dtype, with no float32 tensor but the rotary tables transformers keeps in float32."""
+    from safetensors import safe_open
+
+    from linearize.convert import convert_model, save_model
+
+    method, options = VARIANTS[variant]
+    source = source_model("llama").to(torch.bfloat16)
+    converted = convert_model(source, plan_conversion(source.config, "src", method, **options).config)
+    tensors = {**dict(converted.named_parameters(remove_duplicate=False)), **dict(converted.named_buffers())}
+    for name, tensor in [*source.named_parameters(remove_duplicate=False), *source.named_buffers()]:
+        assert tensors[name].data_ptr() == tensor.data_ptr(), name
+    assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
+    save_model(converted, None, tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as saved:
+        stored = set(saved.keys())  # noqa: SIM118 (a safe_open handle is not iterable)
+    assert "lm_head.weight" not in stored and "model.embed_tokens.weight" in stored
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    wide = [name for name, t in [*reloaded.named_parameters(), *reloaded.named_buffers()] if t.dtype != torch.bfloat16]
+    assert wide and all(name.endswith("inv_freq") for name in wide)
