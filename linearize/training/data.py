@@ -2,9 +2,9 @@
 
 The documents of every source (`linearize.data`: files, globs, Hugging Face datasets or the built-in corpus, in
 text, instruction or chat format) are split into training and held-out sets before packing, so no held-out text is
-ever trained on; each set is packed (`linearize.data.pack_documents`) into `seq_len` rows whose position ids
-restart at every document (`document_boundaries: false` runs them together, as the Liger and LoLCATs reference code
-does).
+ever trained on (copies of a held-out document are left out of training too); each set is packed
+(`linearize.data.pack_documents`) into `seq_len` rows whose position ids restart at every document
+(`document_boundaries: false` runs them together, as the Liger and LoLCATs reference code does).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class DataConfig(Section):
     held_out: float | int = Field(
         0.05,
         description="documents held out for evaluation: a fraction (0 <= f < 1) or a count; chosen by a seeded "
-        "shuffle before packing, so no held-out text is trained on",
+        "shuffle before packing, so no held-out text is trained on (nor a copy of it: a repeated document)",
     )
     template: Literal["alpaca"] = Field("alpaca", description="prompt template of instruction records")
 
@@ -100,8 +100,12 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
         documents += found
 
     held = _held_out_indices(len(documents), config.held_out, seed)
-    train_docs = [d for i, d in enumerate(documents) if i not in held]
     held_docs = [d for i, d in enumerate(documents) if i in held]  # both keep the sources' order
+    # a source given twice, or a dataset with repeated records, holds copies: none of a held-out one is trained on
+    held_texts = {_content(d) for d in held_docs}
+    train_docs = [d for i, d in enumerate(documents) if i not in held and _content(d) not in held_texts]
+    if copies := len(documents) - len(held_docs) - len(train_docs):
+        notes.append(f"left out of training: {counted(copies, 'document')} identical to held-out ones")
     if not train_docs:
         # lowering a fraction cannot help: any positive one holds out a document (the only one of a single text)
         fix = "set held_out: 0" if isinstance(config.held_out, float) else "lower held_out"
@@ -130,6 +134,11 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
         held_out = PackedSequences(empty, empty.clone())
         notes.append("held out: nothing (held_out is 0)")
     return FinetuneData(train=train, held_out=held_out, notes=notes, warnings=warnings)
+
+
+def _content(document: Document) -> tuple:
+    """What makes two documents the same text to train on."""
+    return tuple(document.segments), document.eos
 
 
 def _packs_without_targets(packs: PackedSequences) -> int:

@@ -297,6 +297,16 @@ def test_held_out_documents_are_disjoint_seeded_and_in_order(tmp_path, tokenizer
     assert documents_of(other.held_out, tokenizer) != held
 
 
+def test_no_copy_of_a_held_out_document_is_trained_on(tmp_path, tokenizer):
+    source = numbered_documents(tmp_path)  # given twice, to weigh it double: each document is there twice
+    data = load(tokenizer, source, source, seq_len=6, held_out=4)
+    train, held = documents_of(data.train, tokenizer), documents_of(data.held_out, tokenizer)
+    assert len(held) == 4 and not set(train) & set(held)
+    assert set(train) | set(held) == {f"doc{i:02}" for i in range(20)}
+    assert len(train) == 40 - 2 * len(set(held))  # both copies of each held-out document are out of training
+    assert f"left out of training: {40 - 4 - len(train)} documents identical to held-out ones" in " ".join(data.notes)
+
+
 def test_held_out_count_and_a_tiny_fraction_hold_out_at_least_one(tmp_path, tokenizer):
     source = numbered_documents(tmp_path)
     assert len(load(tokenizer, source, seq_len=6, held_out=3).held_out) == 3
