@@ -292,10 +292,12 @@ def _read_text(path: Path) -> str:
         raise DataError(_not_utf8(path, error)) from None
 
 
-def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
+def _not_utf8(path: Path, error: UnicodeDecodeError, first_line: int = 1) -> str:
+    """Where `error`, raised decoding `path` from line `first_line` on, found a byte that is not UTF-8."""
     byte = error.object[error.start]
+    line = first_line + error.object.count(b"\n", 0, error.start)
     return (
-        f"{path} is not UTF-8 text (byte 0x{byte:02x} cannot be decoded: {error.reason}); "
+        f"{path} is not UTF-8 text (byte 0x{byte:02x} on line {line} cannot be decoded: {error.reason}); "
         "convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE`) or leave it out of the data"
     )
 
@@ -326,10 +328,7 @@ def data_files(pattern: str) -> list[Path]:
 def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        try:
-            yield from _jsonl_records(path)
-        except UnicodeDecodeError as error:
-            raise DataError(_not_utf8(path, error)) from None
+        yield from _jsonl_records(path)
         return
     if suffix == ".json":
         try:
@@ -353,8 +352,12 @@ def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8-sig") as lines:
-        for number, line in enumerate(lines, 1):
+    with path.open("rb") as lines:  # decoded line by line, so that a byte that is not UTF-8 is found by its line
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(_not_utf8(path, error, number)) from None
             if not line.strip():
                 continue
             try:

@@ -204,6 +204,16 @@ def test_a_byte_order_mark_is_not_text(tmp_path, tokenizer):
     assert_packed(data.train, tokenizer, [[("first</s>", True)], [("second</s>", True)]], 3)
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "txt"])
+def test_a_byte_that_is_not_utf8_is_located_by_its_line(suffix, tmp_path, tokenizer):
+    """A Latin-1 byte deep in a large file (after a BOM): the message says on which line it is, to find and fix it."""
+    lines = [b'{"text": "' + b"w" * 100 + b'"}'] * 999 + [b'{"text": "caf\xe9"}']
+    path = tmp_path / f"data.{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + (b"[" + b",\n".join(lines) + b"]" if suffix == "json" else b"\n".join(lines)))
+    with pytest.raises(DataError, match=rf"data.{suffix} is not UTF-8 text \(byte 0xe9 on line 1000 cannot be"):
+        load(tokenizer, DataSource(path=str(path)))
+
+
 @pytest.mark.parametrize("name", ["locked.txt", "locked.jsonl"])
 def test_an_unreadable_file_is_named(name, tmp_path, tokenizer, unreadable_locked):
     (tmp_path / name).write_text('{"text": "words"}\n')
