@@ -334,8 +334,10 @@ def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
         try:
             data = json.loads(_read_text(path))
         except json.JSONDecodeError as error:
+            # more after one whole value: JSON Lines, most often, which Hugging Face datasets also name .json
+            lines = "; for one JSON object per line (JSON Lines) name it .jsonl" if error.msg == "Extra data" else ""
             raise DataError(
-                f"{path}: not valid JSON ({error.msg}, line {error.lineno}, column {error.colno})"
+                f"{path}: not valid JSON ({error.msg}, line {error.lineno}, column {error.colno}){lines}"
             ) from None
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json data file must hold a list of records; use .jsonl for one per line")
@@ -432,7 +434,10 @@ def _from_records(
     needed = {"text": [source.text_field], "instruction": ["instruction", "output"], "chat": [source.messages_field]}
     for where, record in records:
         if not isinstance(record, dict):
-            raise DataError(f"{where}: a record must be an object (a mapping of fields), got {type(record).__name__}")
+            listed = "; a list of records is read from a .json file" if isinstance(record, list) else ""
+            raise DataError(
+                f"{where}: a record must be an object (a mapping of fields), got {type(record).__name__}{listed}"
+            )
         if fmt is None:
             fmt = _detect(record, where, source)
             if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:

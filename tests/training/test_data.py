@@ -358,6 +358,18 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, tokenizer):
         load(tokenizer, DataSource(path=str(path)))
 
 
+def test_json_lines_named_json_and_a_list_named_jsonl_say_how_to_name_them(tmp_path, tokenizer):
+    """The two JSON layouts swapped, as a download or an export names them: the message names the suffix to use."""
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(LinearizeError, match=r"lines\.json: not valid JSON \(Extra data, line 2.*name it \.jsonl"):
+        load(tokenizer, DataSource(path=str(lines)))
+    listed = tmp_path / "list.jsonl"
+    listed.write_text('[{"text": "a"}, {"text": "b"}]\n')
+    with pytest.raises(LinearizeError, match=r"list\.jsonl, line 1: a record must be an object.*got list.*\.json file"):
+        load(tokenizer, DataSource(path=str(listed)))
+
+
 def test_records_without_expected_fields(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(LinearizeError, match=r"fields \['answer', 'question'\]; expected 'text'.*'instruction'"):
