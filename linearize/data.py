@@ -4,12 +4,12 @@ A `DataSource` is a local file or glob, a Hugging Face dataset or the built-in E
 package for offline fine-tuning and perplexity; corpus/README.md says where each of its documents comes from and
 under which licence). Every source yields documents (`read_documents`); a document is a list of text segments, each
 marked trained or not (the prompt of an instruction record or the user turns of a conversation are not).
-`pack_documents` tokenizes documents, concatenates them in order, each opened with BOS where the tokenizer puts one
-before a text and closed with one EOS where it is a text or instruction document (none is added to one that ends
-with it), and cuts the result into `seq_len` packs. Each pack carries position ids that restart at every document
-(and at the pack's start), transformers' convention for packed rows: the model then keeps the documents apart, so no
-attention or recurrent state carries one document into the next. Labels are unshifted (the model shifts them) and
--100 where no loss is taken.
+`pack_documents` tokenizes documents (each whole, its segments' tokens marked where they fall), concatenates them in
+order, each opened with BOS where the tokenizer puts one before a text and closed with one EOS where it is a text or
+instruction document (none is added to one that ends with it), and cuts the result into `seq_len` packs. Each pack
+carries position ids that restart at every document (and at the pack's start), transformers' convention for packed
+rows: the model then keeps the documents apart, so no attention or recurrent state carries one document into the
+next. Labels are unshifted (the model shifts them) and -100 where no loss is taken.
 """
 
 from __future__ import annotations
@@ -185,22 +185,17 @@ def pack_documents(
     `boundaries`, position ids restart at each document's first token and at each pack's first token, and no
     document's first token is a target (the token before it, the last document's EOS, cannot see it coming). `name`
     names the set in the error raised when it has fewer tokens than one pack."""
-    texts = [text for doc in documents for text, _ in doc.segments]
-    # One batched call: fast tokenizers encode the batch in parallel; the BOS, if any, is added per document below.
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     bos = leading_bos(tokenizer)
     ids: list[int] = []
     labels: list[int] = []
     starts: list[int] = []  # where each document's tokens begin in `ids`
-    for doc in documents:
+    for doc, (doc_ids, doc_labels) in zip(documents, _tokenized(documents, tokenizer), strict=True):
         starts.append(len(ids))
-        for index, (_, trained) in enumerate(doc.segments):
-            segment = next(encoded)
-            if index == 0 and bos is not None and segment[:1] != [bos]:  # a chat template may have written it
-                ids.append(bos)
-                labels.append(IGNORE_INDEX)  # a marker, not text to learn
-            ids += segment
-            labels += segment if trained else [IGNORE_INDEX] * len(segment)
+        if bos is not None and doc_ids[:1] != [bos]:  # a chat template may have written it
+            ids.append(bos)
+            labels.append(IGNORE_INDEX)  # a marker, not text to learn
+        ids += doc_ids
+        labels += doc_labels
         # data prepared for other trainers often ends each text with the EOS token's text already
         if doc.eos and (len(ids) == starts[-1] or ids[-1] != tokenizer.eos_token_id):
             ids.append(tokenizer.eos_token_id)
@@ -229,6 +224,32 @@ def pack_documents(
         position_ids,
         len(ids) - size,
     )
+
+
+def _tokenized(documents: list[Document], tokenizer) -> Iterator[tuple[list[int], list[int]]]:
+    """Each document's token ids and labels (the ids where its segment is trained, IGNORE_INDEX elsewhere).
+
+    A document is tokenized whole, as its text is anywhere else: a segment tokenized alone may not tokenize as it
+    does after the one before (SentencePiece tokenizers, Llama 2's, Mistral's or Phi-3's, open every text with a
+    space, which a response after its prompt does not have). A segment's tokens end where the tokens of the text up
+    to its end stop agreeing with the document's (a token that spans two segments belongs to the second)."""
+    prefixes = [
+        "".join(text for text, _ in doc.segments[: i + 1]) for doc in documents for i in range(len(doc.segments))
+    ]
+    # One batched call: fast tokenizers encode the batch in parallel; the BOS, if any, is added per document.
+    encoded = iter(tokenizer(prefixes, add_special_tokens=False)["input_ids"] if prefixes else [])
+    for doc in documents:
+        upto = [next(encoded) for _ in doc.segments]  # the tokens of the text up to the end of each segment
+        ids, labels = (upto[-1] if upto else []), []
+        for (_, trained), tokens in zip(doc.segments, upto, strict=True):
+            end = max(len(labels), _agreeing(tokens, ids))
+            labels += ids[len(labels) : end] if trained else [IGNORE_INDEX] * (end - len(labels))
+        yield ids, labels
+
+
+def _agreeing(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 # ---------------------------------------------------------------- the built-in corpus

@@ -112,11 +112,12 @@ def _sections(fields, keys: list[str]) -> list[dict]:
 
 # How `linearize.data.pack_documents` lays documents out, recorded with a checkpoint's data (1: recorded as no
 # version), and what each version changed, which a refused checkpoint of an earlier version is told.
-PACKING = 4
+PACKING = 5
 PACKING_CHANGES = {
     2: "no document's first token is a target, and documents open with their tokenizer's BOS",
     3: "blank text records are no documents, and a document that ends with EOS gets no second one",
     4: "no copy of a held-out document is trained on",
+    5: "a document is tokenized whole, not segment by segment (prompt, response)",
 }
 
 

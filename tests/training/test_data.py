@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import string
 
 import pytest
 import torch
@@ -184,6 +185,42 @@ def test_chat_with_a_template_that_renders_the_last_turn_differently(tmp_path):
         ("<think>\n\n</think>\n\nBye.<|im_end|>\n", True),
     ]
     assert_packed(data.train, tokenizer, [segments], 2)
+
+
+def sentencepiece_tokenizer():
+    """A tokenizer like Llama 2's, Mistral's or Phi-3's (transformers' LlamaTokenizer: SentencePiece's Metaspace, bytes
+    as fallback): it opens every text it is given with "▁", a space, so a text cut in two does not tokenize as the
+    two halves do."""
+    from transformers import LlamaTokenizer
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁", *string.ascii_letters, *".:!"]
+    tokenizer = LlamaTokenizer(vocab={piece: i for i, piece in enumerate(pieces)}, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+@pytest.mark.parametrize("fmt", ["instruction", "chat"])
+def test_documents_tokenize_whole_as_their_text_does_anywhere_else(fmt, tmp_path):
+    """A response tokenized apart from its prompt would open with "▁" on such a tokenizer: a space that the text does
+    not have, trained to come after every prompt. The document is tokenized whole; its prompt tokens are still
+    those of the prompt alone."""
+    tokenizer = sentencepiece_tokenizer()
+    if fmt == "instruction":
+        record, prompt = {"instruction": "Say it.", "output": "Done"}, ALPACA.format("Say it.")
+        text, eos = prompt + "Done", [tokenizer.eos_token_id]
+    else:
+        record, prompt = (
+            chat(("user", "Hi"), ("assistant", "Done")),
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        )
+        text, eos = prompt + "Done<|im_end|>\n", []
+    data = load(tokenizer, DataSource(path=write_jsonl(tmp_path / "d.jsonl", [record])), seq_len=2)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+    untrained = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert data.train.input_ids.flatten().tolist() == ids[: len(ids) // 2 * 2]
+    assert data.train.labels.flatten().tolist() == ([IGNORE_INDEX] * untrained + ids[untrained:])[: len(ids) // 2 * 2]
+    assert "\nDone" in tokenizer.decode(data.train.input_ids.flatten())
 
 
 def test_auto_format_and_custom_fields(tmp_path, tokenizer):
