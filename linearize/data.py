@@ -324,9 +324,10 @@ def _not_utf8(path: Path, error: UnicodeDecodeError, first_line: int = 1) -> str
 
 
 def data_files(pattern: str) -> list[Path]:
-    """The files that `pattern` (a path or a glob) names, sorted so that their order is reproducible."""
+    """The files that `pattern` (a path or a glob) names, sorted so that their order is reproducible. A file whose
+    name only looks like a glob (data[1].jsonl) is that file."""
     pattern = os.path.expanduser(pattern)
-    if glob.has_magic(pattern):
+    if glob.has_magic(pattern) and not Path(pattern).is_file():
         paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not paths:
             raise DataError(f"no file matches {pattern!r}; check the pattern (relative to {os.getcwd()})")

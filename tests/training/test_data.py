@@ -388,6 +388,13 @@ def test_missing_file_empty_glob_and_folder(tmp_path, tokenizer):
         load(tokenizer, DataSource(path=str(tmp_path / "data.csv")))
 
 
+def test_a_file_whose_name_looks_like_a_glob_is_that_file(tmp_path, tokenizer):
+    (tmp_path / "part[1].jsonl").write_text('{"text": "w1 w2 w3"}\n')
+    assert load(tokenizer, DataSource(path=str(tmp_path / "part[1].jsonl")))  # read, not matched as a glob
+    with pytest.raises(LinearizeError, match=r"no file matches .*part\[2\]\.jsonl"):  # a glob when no such file
+        load(tokenizer, DataSource(path=str(tmp_path / "part[2].jsonl")))
+
+
 def test_bad_jsonl_line_names_file_and_line(tmp_path, tokenizer):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n\n{"text": oops}\n')
