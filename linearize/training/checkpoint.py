@@ -192,9 +192,19 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """The trained tensors, the optimizer/scheduler/RNG states and the trainer state of a checkpoint."""
     with _unreadable(path):
         tensors = load_file(path / "trained.safetensors")
-        # our own file, holding optimizer states and RNG tuples that need full unpickling
-        states = torch.load(path / "optimizer.pt", weights_only=False)
+        # weights only: a run folder may be someone else's (a colleague's run, resumed), and a full unpickling runs
+        # whatever calls the file names; ours holds tensors and plain values, and NumPy's RNG state, allowed here
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            states = torch.load(path / "optimizer.pt", weights_only=True)
     return tensors, states, _trainer_state(path)
+
+
+def _numpy_rng_globals() -> list:
+    """What a pickled `np.random.get_state()` names besides plain values: its key array, under the module name of
+    the NumPy that wrote it (`numpy.core` before 2.0, `numpy._core` since)."""
+    reconstruct = np.empty(0).__reduce__()[0]
+    names = [f"numpy.{core}.multiarray._reconstruct" for core in ("core", "_core")]
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), *((reconstruct, name) for name in names)]
 
 
 def _trainer_state(path: Path) -> dict[str, Any]:

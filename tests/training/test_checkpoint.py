@@ -18,6 +18,7 @@ import torch
 
 import linearize.outputs
 import linearize.sources
+from linearize.errors import LinearizeError
 from linearize.training import checkpoint as checkpoint_module
 from linearize.training import trainer as trainer_module
 from linearize.training.checkpoint import LOCK_FILE, checkpoint_dir, list_checkpoints, run_lock, save_checkpoint
@@ -333,6 +334,38 @@ def test_pruning_a_checkpoint_that_is_already_gone_goes_on(tmp_path, monkeypatch
     monkeypatch.setattr(linearize.outputs, "_sibling", deleted_meanwhile)
     save_checkpoint(run, 3, {"w": torch.zeros(1)}, [], [], {"step": 3}, keep=2)
     assert [p.name for p in list_checkpoints(run)] == ["step-000002", "step-000003"]
+
+
+class _Planted:
+    """What a pickle from someone else may hold: a call, here one that creates a folder, run as it is read."""
+
+    def __init__(self, made: Path):
+        self.made = made
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.made),)
+
+
+def test_a_checkpoint_never_runs_code_its_optimizer_file_names(tmp_path):
+    """A run folder may come from someone else (a colleague's run, resumed): optimizer.pt is read with torch's
+    weights-only unpickler, so a file that names a call to make is refused as unreadable instead of running it,
+    while what linearize writes there (optimizer, scheduler and every RNG state, NumPy's included) loads whole."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.ones(3)
+    optimizer = torch.optim.AdamW([weight])
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    path = save_checkpoint(tmp_path / "run", 1, {"w": weight}, [optimizer.state_dict()], [scheduler], {}, keep=1)
+    _, states, _ = checkpoint_module.load_checkpoint(path)
+    saved_numpy = checkpoint_module.rng_state()["numpy"]
+    assert states["rng"][0]["numpy"][0] == saved_numpy[0] and (states["rng"][0]["numpy"][1] == saved_numpy[1]).all()
+    assert torch.equal(states["optimizers"][0]["state"][0]["exp_avg"], optimizer.state[weight]["exp_avg"])
+
+    made = tmp_path / "made-by-the-pickle"
+    torch.save({"optimizers": [], "schedulers": [], "rng": [_Planted(made)]}, path / "optimizer.pt")
+    with pytest.raises(LinearizeError, match="cannot be read"):
+        checkpoint_module.load_checkpoint(path)
+    assert not made.exists()
 
 
 def test_each_process_restores_the_random_state_of_its_own_gpu(monkeypatch):
