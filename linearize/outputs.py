@@ -213,7 +213,8 @@ def remove_leftovers(parent: Path) -> None:
     it had written), saying so in one line each."""
     for path in parent.iterdir():
         match = _LEFTOVER.match(path.name)
-        if match is None or _process_alive(int(match["pid"])):
+        # `.NAME.linearize-...` names NAME; a NAME of "." or ".." is this folder or its parent, no output of ours
+        if match is None or match["name"] in (".", "..") or _process_alive(int(match["pid"])):
             continue
         original = parent / match["name"]
         if (match["kind"] == _RETIRED and not original.exists()) or match["kind"] == _SET_ASIDE:

@@ -323,6 +323,23 @@ def test_output_set_aside_by_a_killed_run_replaces_what_that_run_wrote(source, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "second"]
 
 
+@pytest.mark.parametrize("kind", ["kept", "old", "tmp"])
+def test_a_leftover_named_for_the_folder_itself_or_its_parent_touches_nothing(kind, tmp_path):
+    """A leftover names the output it belongs to after its first dot: `.NAME.linearize-kept-...`. One whose NAME is
+    "." or ".." (from an archive or a copied folder; no output has that name) named the folder itself or its parent,
+    and putting the 'kept' one back deleted that whole folder, the user's files beside the output with it."""
+    folder = tmp_path / "parent" / "outputs"
+    folder.mkdir(parents=True)
+    (tmp_path / "parent" / "notes.txt").write_text("kept")
+    (folder / "model").mkdir()
+    leftovers = [folder / f"{dots}.linearize-{kind}-{finished_pid()}-0123abcd" for dots in ("..", "...")]
+    for leftover in leftovers:
+        leftover.mkdir()
+    linearize.outputs.remove_leftovers(folder)
+    assert (tmp_path / "parent" / "notes.txt").read_text() == "kept" and (folder / "model").is_dir()
+    assert all(leftover.is_dir() for leftover in leftovers)
+
+
 def test_a_folder_deleted_as_a_whole_is_never_left_half_deleted(tmp_path, monkeypatch):
     """Checkpoint pruning: a delete cut short leaves a staging leftover (removed by the next run writing there) and
     never a checkpoint without its state file under its own name, which no listing would find again."""
