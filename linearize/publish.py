@@ -28,7 +28,7 @@ from .hub import LOGIN_HINT, REPO_ID, check_branch, check_can_push, check_repo_i
 from .methods import LAYOUT_KEYS, get_method
 from .models.remote_code import INSTALL_COMMAND, REPOSITORY
 from .selection import SCORERS, LayerSelection, spread_flag
-from .sources import RECIPE_FILE, TOKENIZER_FILES, WITHOUT_LORA, check_model_folder, lacks_trained_lora
+from .sources import RECIPE_FILE, TOKENIZER_FILES, WITHOUT_LORA, check_model_folder, lacks_trained_lora, license_terms
 
 CARD_FILE = "README.md"
 EVAL_FILE = "linearize_eval.json"  # written by `linearize eval`; its "markdown" key holds a ready table
@@ -246,7 +246,9 @@ def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
     settings = config["linearize"]
     method, base = settings["method"], _base_model(config)
     name = repo_id or folder.resolve().name
-    license_metadata = config.get("source_license") or {}  # recorded at conversion (`sources.source_license`)
+    # recorded at conversion (`sources.source_license`); its licence terms alone, as config.json may be edited: any
+    # other key would go into the card's metadata as it is, and a clash with the card's own keys failed
+    license_metadata = license_terms(config.get("source_license"))
     data = ModelCardData(
         base_model=base,
         **license_metadata,

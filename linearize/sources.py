@@ -105,8 +105,14 @@ def source_license(source: str) -> dict[str, str]:
         metadata = (metadata_load(card) or {}) if card.is_file() else {}
     except (OSError, ValueError, yaml.YAMLError, EntryNotFoundError, *transport_errors()):  # offline, no card
         return {}
-    if not isinstance(metadata.get("license"), str):  # a name or link alone is no licence a card can state
-        return {}
+    return license_terms(metadata)
+
+
+def license_terms(metadata: object) -> dict[str, str]:
+    """The licence in `metadata` (a model card's, or what a config recorded), `LICENSE_KEYS` alone; {} where it
+    states none."""
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("license"), str):
+        return {}  # a name or link alone is no licence a card can state
     return {key: metadata[key] for key in LICENSE_KEYS if isinstance(metadata.get(key), str)}
 
 

@@ -510,6 +510,27 @@ def test_the_card_copies_the_licence_recorded_at_conversion(tmp_path, monkeypatc
             assert f"License: the base model's, `{shown}`." in card.text
 
 
+def test_the_card_takes_only_licence_terms_from_an_edited_config(folder, tmp_path):
+    """config.json's `source_license` goes into the card's front matter: a folder whose config was edited (by hand,
+    or someone else's folder pushed) put any key it held there as it was (`widget`, `inference`), failed with a
+    TypeError on a key the card sets itself (`tags`) or on a bare string, and with a KeyError on a name alone."""
+    config = json.loads((folder / "config.json").read_text())
+    edited = tmp_path / "edited"
+    for recorded, licence in (
+        ({"license": "mit", "tags": "x", "widget": "w", "inference": "false"}, {"license": "mit"}),
+        ("apache-2.0", {}),
+        ({"license_name": "tiny-license"}, {}),
+    ):
+        shutil.rmtree(edited, ignore_errors=True)
+        shutil.copytree(folder, edited)
+        (edited / "config.json").write_text(json.dumps({**config, "source_license": recorded}))
+        (tmp_path / "card.md").write_text(plan_push(edited, REPO).card)
+        card = ModelCard.load(tmp_path / "card.md").data.to_dict()
+        own = {"base_model", "library_name", "pipeline_tag", "tags"}
+        assert {key: value for key, value in card.items() if key not in own} == licence, recorded
+        assert card["tags"] == ["linearize", "linear-attention", "liger", "text-generation"]
+
+
 def test_recipe_output_push_to_hub_reaches_the_same_push(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)
