@@ -10,6 +10,7 @@ place, so a checkpoint either exists whole or not at all.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from .fingerprints import (
 from .recipe import Recipe, load_recipe
 
 STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".linearize-run.lock"  # in the run folder: beside it, a name near the length limit would not fit
 _PREFIX = "step-"
 
@@ -277,6 +279,7 @@ def run_lock(run: Path) -> Iterator[None]:
     other's checkpoints. The system releases the lock however the run ends (a kill included). Taken by one process
     of a torchrun job (the others would find it held by their own job); `--dry-run` takes none."""
     check_writable(run, written_into=True)  # a folder that is a file or cannot be written: said as elsewhere
+    _refuse_links(run)
     with ExitStack() as held:
         try:
             with write_errors(run):
@@ -288,6 +291,18 @@ def run_lock(run: Path) -> Iterator[None]:
                 "finish (then --resume continues it, if you stopped it), or choose another output.dir"
             ) from None
         yield
+
+
+def _refuse_links(run: Path) -> None:
+    """Refuse a run folder (someone else's, copied) whose lock or metrics file is a link: a run truncates and writes
+    both in place, which would overwrite the file the link points to, anywhere."""
+    for name in (LOCK_FILE, METRICS_FILE):
+        if (run / name).is_symlink():
+            raise LinearizeError(
+                f"output folder '{run}' holds {name} as a link to '{os.readlink(run / name)}': a run writes that file "
+                "in place, which would overwrite what the link points to. Delete the link (or put a copy of the file "
+                "in its place), or choose another output.dir"
+            )
 
 
 def prepare_run_folder(

@@ -29,6 +29,7 @@ from ..layers.base import LinearizedAttention
 from ..outputs import atomic_folder, delete_folder, write_errors, write_file
 from ..selection import LayerSelection, select_layers
 from .checkpoint import (
+    METRICS_FILE,
     RECIPE_FILE,
     callers_rng_kept,
     check_resumable,
@@ -596,7 +597,7 @@ def _finetune(recipe: Recipe, resume: bool, quiet: bool, console) -> Path:
         with together(world):  # refused on the main process: the others stop too, pointing to its message
             if world.is_main:  # one lock for the job: its other processes would find it held by their own
                 held.enter_context(run_lock(run))  # before anything is read from or written into the run folder
-        reporter = Reporter(run / "metrics.jsonl", quiet=quiet, enabled=world.is_main, console=console)
+        reporter = Reporter(run / METRICS_FILE, quiet=quiet, enabled=world.is_main, console=console)
         # the main process looks and the others go by it: one looking later would find the files the main process
         # writes into the folder below (a staged recipe file, and a new run refused as "not a linearize run")
         with together(world):

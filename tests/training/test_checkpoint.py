@@ -21,9 +21,17 @@ import linearize.sources
 from linearize.errors import LinearizeError
 from linearize.training import checkpoint as checkpoint_module
 from linearize.training import trainer as trainer_module
-from linearize.training.checkpoint import LOCK_FILE, checkpoint_dir, list_checkpoints, run_lock, save_checkpoint
+from linearize.training.checkpoint import (
+    LOCK_FILE,
+    METRICS_FILE,
+    RECIPE_FILE,
+    checkpoint_dir,
+    list_checkpoints,
+    run_lock,
+    save_checkpoint,
+)
 from linearize.training.fingerprints import PACKING, legacy_recipe_hash
-from linearize.training.recipe import load_recipe
+from linearize.training.recipe import load_recipe, resolved_yaml
 from tests.training.runs import invoke, metrics, trained, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -317,6 +325,24 @@ def test_a_second_run_into_a_folder_another_run_trains_into_is_refused_before_lo
         holder.wait()
     with run_lock(run):  # killed: no stale lock
         pass
+
+
+@pytest.mark.parametrize("name", [LOCK_FILE, METRICS_FILE])
+def test_a_run_folder_whose_lock_or_metrics_file_is_a_link_is_refused(name, workspace, tmp_path, monkeypatch):
+    """A run folder copied from someone else may hold its lock or metrics file as a link: a run truncated and wrote
+    the file the link points to (the lock its process id, metrics.jsonl its rows), outside the folder."""
+    recipe = write_recipe(workspace, tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / RECIPE_FILE).write_text(resolved_yaml(load_recipe(recipe)))  # the same recipe's run, no checkpoint yet
+    precious = tmp_path / "thesis.tex"
+    precious.write_text("years of work\n")
+    (run / name).symlink_to(Path("..") / precious.name)
+    monkeypatch.setattr(linearize.sources, "load_model", lambda *args, **kwargs: pytest.fail("loaded weights"))
+    result = invoke("finetune", recipe)
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"holds {name} as a link to '../thesis.tex'" in shown, result.output
+    assert precious.read_text() == "years of work\n"
 
 
 def test_pruning_a_checkpoint_that_is_already_gone_goes_on(tmp_path, monkeypatch):
