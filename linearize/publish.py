@@ -303,8 +303,24 @@ def _folder_files(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
         elif path.name == CARD_FILE:  # the user's own card, maybe: it must not vanish from the Hub unsaid
             left_out.append(f"{CARD_FILE} (the folder's own; the generated model card replaces it on the Hub)")
         elif path.is_file():
+            _check_link(folder, path)
             found.append((path.name, path.stat().st_size))
     return found, left_out
+
+
+def _check_link(folder: Path, path: Path) -> None:
+    """Refuse a file that links out of the folder: a push sends the target, which may be anything the user can read
+    (a folder from someone else could link `notes.txt` to the Hub token). A Hugging Face cache snapshot's links into
+    its repo's blobs are the model's own files."""
+    if not path.is_symlink():
+        return
+    target, home = path.resolve(), folder.resolve()
+    cache_blobs = home.parent.name == "snapshots" and target.parent == home.parent.parent / "blobs"
+    if not (target.is_relative_to(home) or cache_blobs):
+        raise LinearizeError(
+            f"'{path}' links to '{target}', outside the folder: a push would send that file. Copy the file into the "
+            "folder if it belongs to the model, or remove the link"
+        )
 
 
 def _check_weights(folder: Path) -> None:

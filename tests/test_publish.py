@@ -224,6 +224,27 @@ def test_the_card_says_where_the_speeds_were_measured(folder, tmp_path):
     assert "Measured by" not in card.split("## Speed and memory")[0]  # not above the eval table
 
 
+def test_a_file_linking_out_of_the_folder_is_refused_and_a_cache_snapshots_links_are_not(folder, tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("hf_secret")
+    linked = shutil.copytree(folder, tmp_path / "linked")
+    (linked / "notes.txt").symlink_to(secret)
+    with pytest.raises(LinearizeError, match=r"notes\.txt' links to .*token', outside the folder: a push would send"):
+        plan_push(linked, REPO)
+    (linked / "notes.txt").unlink()
+    (linked / "notes.txt").symlink_to(linked / "config.json")  # inside: sent as the file it names
+    assert "notes.txt" in dict(plan_push(linked, REPO).files)
+    snapshot = tmp_path / "models--org--m" / "snapshots" / "abc123"  # as huggingface_hub lays out its cache
+    blobs = tmp_path / "models--org--m" / "blobs"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in folder.iterdir():
+        if path.is_file():
+            shutil.copy(path, blobs / path.name)
+            (snapshot / path.name).symlink_to(blobs / path.name)
+    assert {name for name, _ in plan_push(snapshot, REPO).files} >= {"config.json", "model.safetensors"}
+
+
 def test_private_into_an_existing_public_repo_is_refused_before_any_upload(folder, hub, no_verify):
     """--private cannot make an existing repo private: pushing into a public one would publish what the user meant to
     keep private."""
