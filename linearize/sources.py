@@ -500,13 +500,23 @@ def _load_tokenizer(source: str, name: str, revision: str | None, fix: str | Non
 
 def _from_pretrained(auto_class, source: str, name: str, **kwargs):
     """`auto_class.from_pretrained(source)`, its failures reported against `name`: a local folder's as the folder's,
-    only a hub id's as the Hub's."""
+    only a hub id's as the Hub's. Code that a folder or repo brings (its config's `auto_map`) never runs: every
+    family linearize converts is transformers' own, and a converted folder's classes are linearize's (registered
+    on import), so nothing here needs it, and transformers would otherwise ask on the terminal."""
     from huggingface_hub.errors import StrictDataclassError
 
     try:
-        return auto_class.from_pretrained(source, **kwargs)
+        return auto_class.from_pretrained(source, trust_remote_code=False, **kwargs)
     except StrictDataclassError as error:  # a config value that transformers' validators reject
         raise LinearizeError(f"the config of '{name}' is invalid: {str(error).splitlines()[-1].strip()}") from None
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise LinearizeError(
+            f"'{name}' needs code of its own to load (its config's auto_map), which linearize does not run: it "
+            "converts, measures and generates with the model families transformers itself implements. Give a "
+            f"checkpoint of one it converts: {', '.join(sorted(FAMILIES))}"
+        ) from None
     except OSError as error:
         if Path(source).exists():
             raise LinearizeError(f"cannot load '{name}': {error}") from None

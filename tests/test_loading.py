@@ -467,3 +467,18 @@ def test_a_gemma2_source_caps_its_attention_logits_as_the_checkpoint_does(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, capped(ids).logits, rtol=0, atol=0)
     assert loaded.config._attn_implementation == "eager"
+
+
+def test_code_a_source_brings_never_runs(tmp_path):
+    """A config whose auto_map names the folder's own code: transformers would ask on the terminal, and run it if
+    answered yes (or raise a bare ValueError without one); linearize never asks and never runs it."""
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "mystery", "auto_map": {"AutoConfig": "configuration_mystery.MysteryConfig"}})
+    )
+    (folder / "configuration_mystery.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    for command in (("convert", folder, "-o", tmp_path / "out"), ("eval", folder)):
+        fails_with(invoke(*command), f"'{folder}' needs code of its own to load", "gemma2, gemma3_text, granite")
+    assert not marker.exists() and not (tmp_path / "out").exists()
