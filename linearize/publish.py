@@ -47,8 +47,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 folder = sys.argv[1]
 device = "cuda" if torch.cuda.is_available() else "cpu"
-tokenizer = AutoTokenizer.from_pretrained(folder)
-model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=False).to(device).eval()
 ids = tokenizer("Hello", return_tensors="pt").input_ids.to(device)
 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 with torch.inference_mode():
@@ -386,8 +386,13 @@ def verify_folder(folder: Path | str) -> str:
         The generated text (repr), as the check printed it.
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # a local folder needs no network
-    done = subprocess.run(
-        [sys.executable, "-c", _VERIFY_SCRIPT, str(folder)], capture_output=True, text=True, env=env, check=False
+    done = subprocess.run(  # no stdin: nothing in it may wait for an answer
+        [sys.executable, "-c", _VERIFY_SCRIPT, str(folder)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
