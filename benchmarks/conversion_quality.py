@@ -5,7 +5,8 @@ training-free `swa` baseline and the controls trained like it, on held-out text 
         --arc arc_easy_test.jsonl --hellaswag hellaswag_val.jsonl [--controls swa,swa-trained,lora] \\
         [--lm-eval-limit N] [--json out.json] [key=value ...]
 
-Models (each recipe run trains in its own folder unless a finished model is there; wall times are reported):
+Models (each recipe run trains in its own folder unless the same recipe's finished model is there, and refuses a
+model another recipe trained there; wall times are reported):
 - `original`: the source model.
 - the recipe's method (its label), after the recipe.
 - `swa`: 64-token window with 4 sinks, training-free, with the softmax layers the recipe's model kept.
@@ -37,6 +38,7 @@ import linearize  # noqa: F401  (registers the converted model class)
 from linearize import sources
 from linearize.convert import convert_model
 from linearize.evaluation import eval_rows, evaluate_models, perplexity_by_position, text_windows
+from linearize.training.fingerprints import recipe_differences, recipe_hash
 from linearize.training.recipe import ConversionSection, Recipe, load_recipe
 from linearize.training.trainer import finetune
 
@@ -65,11 +67,24 @@ def trained(recipe: Recipe) -> tuple[torch.nn.Module, float | None]:
     """The recipe's fine-tuned model, running the recipe first unless its run finished; minutes it took here."""
     run = Path(recipe.output.dir)
     minutes = None
-    if not (run / "model").is_dir():
+    if (run / "model").is_dir():
+        check_same_recipe(run / "model", recipe)
+    else:
         start = time.perf_counter()
         finetune(recipe, resume=(run / "linearize_recipe.yaml").exists())
         minutes = (time.perf_counter() - start) / 60
     return AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32).eval(), minutes
+
+
+def check_same_recipe(folder: Path, recipe: Recipe) -> None:
+    """Refuse a finished model that another recipe trained: an override such as training.seed=1 leaves output.dir
+    as it was, and that model's numbers would be reported under this recipe's name."""
+    saved = load_recipe(folder / sources.RECIPE_FILE)
+    if recipe_hash(saved) != recipe_hash(recipe):
+        raise SystemExit(
+            f"{folder} was trained by another recipe ({recipe_differences(saved, recipe)}): give this one its own "
+            f"folder with the override output.dir=..., or delete {folder.parent} to train it there"
+        )
 
 
 def task_folder(files: dict[str, Path], into: Path) -> Path:

@@ -8,12 +8,12 @@ after the same recipe, on held-out text.
 First (unless `--no-scoring-cost`) the cost of scoring: the recipe's conversion with every layer converted, scored
 once by each scorer as the recipe does at conversion (seconds on `--threads` threads, with the layers each one
 keeps). Then every variant runs the recipe in its own folder (`<output.dir>-<variant>`, reused when its model is
-there) with `conversion.softmax_layers` set, and the trained models are measured next to the original: perplexity
-over `--windows` x `--context` tokens of `--text` (never trained on), perplexity by position over `--long-windows` x
-`--long-context` tokens in stretches of `--block`, and passkey retrieval at `--passkey-contexts` (`--trials` keys at
-each of 5 depths). `key=value` overrides apply to every variant's recipe. A variant `auto-SCORER` chooses K layers
-by the recipe's own selection rule (its `spread`, its `after`) with SCORER; `auto-SCORER-spread` keeps the worst of
-each K-th of the depth.
+there, refused when another recipe, another --k or --every, trained it) with `conversion.softmax_layers` set, and
+the trained models are measured next to the original: perplexity over `--windows` x `--context` tokens of `--text`
+(never trained on), perplexity by position over `--long-windows` x `--long-context` tokens in stretches of
+`--block`, and passkey retrieval at `--passkey-contexts` (`--trials` keys at each of 5 depths). `key=value`
+overrides apply to every variant's recipe. A variant `auto-SCORER` chooses K layers by the recipe's own selection
+rule (its `spread`, its `after`) with SCORER; `auto-SCORER-spread` keeps the worst of each K-th of the depth.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from linearize.convert import save_model
-from linearize.training.recipe import load_recipe
+from linearize.sources import RECIPE_FILE
+from linearize.training.recipe import load_recipe, resolved_yaml
 from tests.tiny import converted_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,3 +185,19 @@ def test_speed_benchmark_converts_the_embedded_model():
     assert list(models) == ["original", "swa", "parallax"]
     embeddings = [models[name].model.embed_tokens.weight.data_ptr() for name in models]
     assert len(set(embeddings)) == 1  # one copy of the weights in memory
+
+
+def test_quality_refuses_a_finished_model_that_another_recipe_trained(tmp_path):
+    """An override such as training.seed=1 keeps output.dir: the model there is the other recipe's, whose numbers
+    would be reported under this one's name."""
+    quality = _benchmark("conversion_quality")
+    path, run = ROOT / "recipes" / "smollm2-135m-parallax.yaml", tmp_path / "run"
+    recipe = load_recipe(path, [f"output.dir={run}"])
+    (run / "model").mkdir(parents=True)
+    (run / "model" / RECIPE_FILE).write_text(resolved_yaml(recipe))
+    with pytest.raises(SystemExit, match=r"another recipe \(training\.seed 0 -> 1\).*output\.dir="):
+        quality.trained(load_recipe(path, [f"output.dir={run}", "training.seed=1"]))
+    with pytest.raises(SystemExit, match=r"stages\.0\.trainable"):  # its controls are checked alike
+        quality.trained(quality.control_recipe(recipe, "lora").model_copy(update={"output": recipe.output}))
+    bookkeeping = load_recipe(path, [f"output.dir={run}", "training.eval_every=30"])
+    quality.check_same_recipe(run / "model", bookkeeping)  # what a run computes is the same: its model serves
