@@ -37,7 +37,13 @@ from transformers import AutoModelForCausalLM
 import linearize  # noqa: F401  (registers the converted model class)
 from linearize import sources
 from linearize.convert import convert_model
-from linearize.evaluation import eval_rows, evaluate_models, perplexity_by_position, text_windows
+from linearize.evaluation import (
+    check_lm_eval_tasks,
+    eval_rows,
+    evaluate_models,
+    perplexity_by_position,
+    text_windows,
+)
 from linearize.training.fingerprints import recipe_differences, recipe_hash
 from linearize.training.recipe import ConversionSection, Recipe, load_recipe
 from linearize.training.trainer import finetune
@@ -110,9 +116,19 @@ def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, default=4, help="keys per depth (5 depths: 4 gives 20 trials)")
 
 
-def measure_by_position(models: dict, tokenizer, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Perplexity by position of each model over `args`' long windows of `--text`, printed as a table."""
-    windows = text_windows(args.text, tokenizer, args.long_context, args.long_windows)
+def held_out_windows(args: argparse.Namespace, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of `--text` for perplexity and for perplexity by position, read before any training: a missing
+    or too short text, or a block that does not divide the long context, fails now rather than after hours."""
+    if args.block < 2 or args.long_context % args.block:
+        raise SystemExit(f"--long-context {args.long_context} must be a multiple of --block {args.block} (at least 2)")
+    return (
+        text_windows(args.text, tokenizer, args.context, args.windows),
+        text_windows(args.text, tokenizer, args.long_context, args.long_windows),
+    )
+
+
+def measure_by_position(models: dict, windows: torch.Tensor, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Perplexity by position of each model over the long windows of `--text`, printed as a table."""
     by_position = {name: perplexity_by_position(model, windows, args.block) for name, model in models.items()}
     starts = range(0, args.long_context, args.block)
     print(f"\nperplexity by position ({windows.shape[0]} windows of {args.long_context} tokens)")
@@ -120,6 +136,26 @@ def measure_by_position(models: dict, tokenizer, args: argparse.Namespace) -> di
     for name, values in by_position.items():
         print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     return by_position
+
+
+def models_to_compare(recipe: Recipe, controls: list[str]) -> tuple[dict, dict, object]:
+    """The recipe's model (trained first unless finished), the original and the `controls`, in float32; the
+    minutes each training took here; the original's tokenizer."""
+    label = recipe.conversion.method
+    models, minutes = {}, {}
+    models[label], minutes[label] = trained(recipe)
+    kept = ",".join(map(str, models[label].config.linearize["softmax_layers"]))  # named or chosen by auto:K
+    original, tokenizer = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
+    models["original"] = original.eval()
+    if "swa" in controls:
+        source, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
+        baseline = ConversionSection(**SWA, softmax_layers=kept)
+        plan = baseline.plan(source.config, recipe.model.name or sources.EMBEDDED_NAME)
+        models["swa"] = convert_model(source, plan.config).eval()
+    for kind in ("swa-trained", "lora"):
+        if kind in controls:
+            models[kind], minutes[kind] = trained(control_recipe(recipe, kind, kept))
+    return models, minutes, tokenizer
 
 
 def main() -> None:
@@ -143,23 +179,13 @@ def main() -> None:
         parser.error(f"unknown control(s): {', '.join(sorted(unknown))}")
 
     recipe = load_recipe(args.recipe, args.overrides)
-    label = recipe.conversion.method
-    models, minutes = {}, {}
-    models[label], minutes[label] = trained(recipe)
-    kept = ",".join(map(str, models[label].config.linearize["softmax_layers"]))  # named or chosen by auto:K
-    original, tokenizer = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
-    models["original"] = original.eval()
-    if "swa" in controls:
-        source, _ = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
-        baseline = ConversionSection(**SWA, softmax_layers=kept)
-        plan = baseline.plan(source.config, recipe.model.name or sources.EMBEDDED_NAME)
-        models["swa"] = convert_model(source, plan.config).eval()
-    for kind in ("swa-trained", "lora"):
-        if kind in controls:
-            models[kind], minutes[kind] = trained(control_recipe(recipe, kind, kept))
-
     files = {"arc_easy_local": args.arc, "hellaswag_local": args.hellaswag}
     with tempfile.TemporaryDirectory() as folder:
+        # every input is checked before the recipe and its controls train (hours), not after
+        windows, long_windows = held_out_windows(args, sources.load_tokenizer(recipe.model.name, recipe.model.revision))
+        tasks = str(task_folder(files, Path(folder)))
+        check_lm_eval_tasks(list(TASKS), tasks)
+        models, minutes, tokenizer = models_to_compare(recipe, controls)
         quality = evaluate_models(
             models,
             tokenizer,
@@ -169,11 +195,8 @@ def main() -> None:
             [int(c) for c in args.passkey_contexts.split(",")],
             {"trials": args.trials},
             list(TASKS),
-            {
-                "include_path": str(task_folder(files, Path(folder))),
-                "limit": args.lm_eval_limit,
-                "batch_size": args.lm_eval_batch_size,
-            },
+            {"include_path": tasks, "limit": args.lm_eval_limit, "batch_size": args.lm_eval_batch_size},
+            text_ids=windows,
         )
     header, rows = eval_rows(quality)
     print(f"\n{args.recipe} ({' '.join(args.overrides)}), held-out text {args.text}")
@@ -181,7 +204,7 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(row) + " |")
 
-    by_position = measure_by_position(models, tokenizer, args)
+    by_position = measure_by_position(models, long_windows, args)
     for name, value in minutes.items():
         if value is not None:
             print(f"{name} fine-tuning wall time: {value:.1f} min ({args.threads} threads)")

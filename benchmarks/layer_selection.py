@@ -24,7 +24,12 @@ import random
 import time
 
 import torch
-from conversion_quality import add_measurement_arguments, measure_by_position, trained  # beside this file
+from conversion_quality import (  # beside this file
+    add_measurement_arguments,
+    held_out_windows,
+    measure_by_position,
+    trained,
+)
 
 import linearize  # noqa: F401  (registers the converted model class)
 from linearize import sources
@@ -97,6 +102,7 @@ def main() -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     original, tokenizer = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
+    windows, long_windows = held_out_windows(args, tokenizer)  # before the variants train (hours)
     num_layers = original.config.num_hidden_layers
     layers = variant_layers(args.variants.split(","), args.k, args.every, num_layers, args.seed)
 
@@ -120,6 +126,7 @@ def main() -> None:
         args.windows,
         [int(c) for c in args.passkey_contexts.split(",")],
         {"trials": args.trials},
+        text_ids=windows,
     )
     header, rows = eval_rows(quality)
     print(f"\n{args.recipe} ({' '.join(args.overrides)}), held-out text {args.text}")
@@ -128,7 +135,7 @@ def main() -> None:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    by_position = measure_by_position(models, tokenizer, args)
+    by_position = measure_by_position(models, long_windows, args)
     if args.json:
         with open(args.json, "w") as f:
             results = {

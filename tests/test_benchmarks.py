@@ -2,6 +2,7 @@
 
 import ast
 import importlib.util
+import re
 import runpy
 import subprocess
 import sys
@@ -12,9 +13,10 @@ import pytest
 import torch
 
 from linearize.convert import save_model
+from linearize.errors import LinearizeError
 from linearize.sources import RECIPE_FILE
 from linearize.training.recipe import load_recipe, resolved_yaml
-from tests.tiny import converted_model, tiny_tokenizer
+from tests.tiny import converted_model, source_folder, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,3 +203,35 @@ def test_quality_refuses_a_finished_model_that_another_recipe_trained(tmp_path):
         quality.trained(quality.control_recipe(recipe, "lora").model_copy(update={"output": recipe.output}))
     bookkeeping = load_recipe(path, [f"output.dir={run}", "training.eval_every=30"])
     quality.check_same_recipe(run / "model", bookkeeping)  # what a run computes is the same: its model serves
+
+
+@pytest.mark.parametrize(
+    "wrong, error",
+    [
+        ({"--arc": "missing.jsonl"}, "missing.jsonl does not exist"),
+        ({"--text": "missing.txt"}, "missing.txt not found"),
+        ({"--long-context": "40"}, "--long-context 40 must be a multiple of --block 16"),
+    ],
+    ids=["arc", "text", "block"],
+)
+def test_quality_checks_its_inputs_before_training(tmp_path, monkeypatch, wrong, error):
+    """Training the recipe and its controls takes hours: a mistyped file or a block that does not divide the long
+    context must fail before it, not after (the last, after every evaluation, wrote no results)."""
+    quality = _benchmark("conversion_quality")
+    monkeypatch.setattr(quality, "finetune", lambda *args, **kwargs: pytest.fail("trained before checking"))
+    source_folder(tmp_path / "source")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{name: {tmp_path / 'source'}}}\nconversion: {{method: swa}}\n"
+        "data: {sources: [{path: held.txt}]}\nstages: [{kind: lora, max_steps: 1}]\n"
+        f"output: {{dir: {tmp_path / 'run'}}}\n"
+    )
+    (tmp_path / "held.txt").write_text(" ".join(f"w{i % 100}" for i in range(400)))
+    for name in ("arc.jsonl", "hs.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    options = {"--recipe": recipe, "--text": "held.txt", "--arc": "arc.jsonl", "--hellaswag": "hs.jsonl"}
+    options |= {"--context": "16", "--long-context": "32", "--block": "16", **wrong}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["conversion_quality.py", *(str(x) for item in options.items() for x in item)])
+    with pytest.raises((SystemExit, LinearizeError), match=re.escape(error)):
+        quality.main()
