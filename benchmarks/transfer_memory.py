@@ -78,8 +78,10 @@ def main() -> None:
     rows = []
     for mode in MODES:
         command = [sys.executable, __file__, "--mode", mode, "--seq-len", str(args.seq_len), "--method", args.method]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        child = subprocess.run(command, capture_output=True, text=True)
+        if child.returncode:  # its output is captured: pass on why it failed
+            raise SystemExit(f"the {mode} measurement failed (exit status {child.returncode}):\n{child.stderr[-3000:]}")
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
     print(f"peak memory added by one step, {args.method}, 1 x {args.seq_len} tokens, fp32 CPU")
     forward = rows[0]["added_mib"]
     for row in rows:

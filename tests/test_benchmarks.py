@@ -235,3 +235,14 @@ def test_quality_checks_its_inputs_before_training(tmp_path, monkeypatch, wrong,
     monkeypatch.setattr(sys, "argv", ["conversion_quality.py", *(str(x) for item in options.items() for x in item)])
     with pytest.raises((SystemExit, LinearizeError), match=re.escape(error)):
         quality.main()
+
+
+def test_transfer_memory_shows_why_a_measurement_failed(monkeypatch):
+    """Each mode runs in a child process whose output is captured: its error must reach the user, not only 'returned
+    non-zero exit status 1'."""
+    memory = _benchmark("transfer_memory")
+    failed = subprocess.CompletedProcess([], 1, "", "Traceback ...\nLinearizeError: unknown method 'lgr'; choose")
+    monkeypatch.setattr(memory.subprocess, "run", lambda *args, **kwargs: failed)
+    monkeypatch.setattr(sys, "argv", ["transfer_memory.py", "--method", "lgr"])
+    with pytest.raises(SystemExit, match=r"(?s)forward measurement failed.*unknown method 'lgr'"):
+        memory.main()
