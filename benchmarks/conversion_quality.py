@@ -8,7 +8,7 @@ training-free `swa` baseline and the controls trained like it, on held-out text 
 Models (each recipe run trains in its own folder unless the same recipe's finished model is there, and refuses a
 model another recipe trained there; wall times are reported):
 - `original`: the source model.
-- the recipe's method (its label), after the recipe.
+- the recipe's method (its label; `swa-recipe` for a swa recipe), after the recipe.
 - `swa`: 64-token window with 4 sinks, training-free, with the softmax layers the recipe's model kept.
 - `swa-trained`: that baseline run through the recipe's stages (LoRA), the bar Liger must clear.
 - `lora`: the fair control, the original fine-tuned with the recipe's LoRA stages on the same data and steps (a
@@ -51,6 +51,7 @@ from linearize.training.trainer import finetune
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"arc_easy_local": "data/arc_easy_test.jsonl", "hellaswag_local": "data/hellaswag_val.jsonl"}  # YAML paths
 SWA = {"method": "swa", "window": 64, "sinks": 4}
+CONTROLS = ("swa", "swa-trained", "lora")
 
 
 def control_recipe(recipe: Recipe, kind: str, kept: str | None = None) -> Recipe:
@@ -142,6 +143,8 @@ def models_to_compare(recipe: Recipe, controls: list[str]) -> tuple[dict, dict, 
     """The recipe's model (trained first unless finished), the original and the `controls`, in float32; the
     minutes each training took here; the original's tokenizer."""
     label = recipe.conversion.method
+    if label in CONTROLS:  # a swa recipe: the training-free `swa` control would take its place
+        label += "-recipe"
     models, minutes = {}, {}
     models[label], minutes[label] = trained(recipe)
     kept = ",".join(map(str, models[label].config.linearize["softmax_layers"]))  # named or chosen by auto:K
@@ -164,7 +167,7 @@ def main() -> None:
     parser.add_argument("--text", required=True, help="held-out text file (never in the training data)")
     parser.add_argument("--arc", type=Path, required=True, help="ARC-Easy test items, JSONL")
     parser.add_argument("--hellaswag", type=Path, required=True, help="HellaSwag validation items, JSONL")
-    parser.add_argument("--controls", default="swa,swa-trained,lora")
+    parser.add_argument("--controls", default=",".join(CONTROLS))
     add_measurement_arguments(parser)
     parser.add_argument("--lm-eval-limit", type=int, default=None, help="at most this many items per task")
     parser.add_argument("--lm-eval-batch-size", type=int, default=16, help="lm-eval requests per forward")
@@ -174,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     controls = [c for c in args.controls.split(",") if c]
-    unknown = set(controls) - {"swa", "swa-trained", "lora"}
+    unknown = set(controls) - set(CONTROLS)
     if unknown:
         parser.error(f"unknown control(s): {', '.join(sorted(unknown))}")
 

@@ -246,3 +246,20 @@ def test_transfer_memory_shows_why_a_measurement_failed(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["transfer_memory.py", "--method", "lgr"])
     with pytest.raises(SystemExit, match=r"(?s)forward measurement failed.*unknown method 'lgr'"):
         memory.main()
+
+
+def test_quality_keeps_a_swa_recipes_model_beside_the_training_free_swa(tmp_path, monkeypatch):
+    """A recipe of method swa (`linearize recipe init --method swa`) shares its label with the `swa` control: the
+    training-free model took its column, under the recipe's training time."""
+    quality = _benchmark("conversion_quality")
+    source_folder(tmp_path / "source")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{name: {tmp_path / 'source'}}}\nconversion: {{method: swa, window: 8}}\n"
+        "data: {sources: [{builtin: english}]}\nstages: [{kind: lora, max_steps: 1}]\n"
+    )
+    fine_tuned = converted_model("llama", "swa")
+    monkeypatch.setattr(quality, "trained", lambda recipe: (fine_tuned, 12.0))
+    models, minutes, _ = quality.models_to_compare(load_recipe(recipe), ["swa"])
+    assert list(models) == ["swa-recipe", "original", "swa"] and minutes == {"swa-recipe": 12.0}
+    assert models["swa-recipe"] is fine_tuned and models["swa"].config.linearize["window"] == 64
