@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -139,6 +138,12 @@ def measure_by_position(models: dict, windows: torch.Tensor, args: argparse.Name
     return by_position
 
 
+def write_json(path: str | Path, results: dict) -> None:
+    """Write `results` to `path`, making its folder: a script writes them last, after all its work."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2, default=str))
+
+
 def models_to_compare(recipe: Recipe, controls: list[str]) -> tuple[dict, dict, object]:
     """The recipe's model (trained first unless finished), the original and the `controls`, in float32; the
     minutes each training took here; the original's tokenizer."""
@@ -212,10 +217,8 @@ def main() -> None:
         if value is not None:
             print(f"{name} fine-tuning wall time: {value:.1f} min ({args.threads} threads)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            results = {"quality": quality, "by_position": by_position, "train_minutes": minutes, "args": vars(args)}
-            json.dump(results, f, indent=2, default=str)
+        results = {"quality": quality, "by_position": by_position, "train_minutes": minutes}
+        write_json(args.json, results | {"args": vars(args)})
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from speed_vs_original import embedded_models  # beside this file
@@ -143,8 +144,8 @@ def main() -> None:
         print(f"\n{phase}: {unit}, fp32, {threads}, median of {samples}")
         print("\n".join(table(results, phase)))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "results": results}, f, indent=2)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # written last, after the profile's minutes
+        Path(args.json).write_text(json.dumps({"threads": args.threads, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

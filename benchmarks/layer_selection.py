@@ -19,7 +19,6 @@ rule (its `spread`, its `after`) with SCORER; `auto-SCORER-spread` keeps the wor
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 
@@ -29,6 +28,7 @@ from conversion_quality import (  # beside this file
     held_out_windows,
     measure_by_position,
     trained,
+    write_json,
 )
 
 import linearize  # noqa: F401  (registers the converted model class)
@@ -137,16 +137,8 @@ def main() -> None:
         print("| " + " | ".join(row) + " |")
     by_position = measure_by_position(models, long_windows, args)
     if args.json:
-        with open(args.json, "w") as f:
-            results = {
-                "scoring": costs,
-                "kept": kept,
-                "quality": quality,
-                "by_position": by_position,
-                "train_minutes": minutes,
-                "args": vars(args),
-            }
-            json.dump(results, f, indent=2, default=str)
+        results = {"scoring": costs, "kept": kept, "quality": quality, "by_position": by_position}
+        write_json(args.json, results | {"train_minutes": minutes, "args": vars(args)})
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import ast
 import importlib.util
+import json
 import re
 import runpy
 import subprocess
@@ -263,3 +264,18 @@ def test_quality_keeps_a_swa_recipes_model_beside_the_training_free_swa(tmp_path
     models, minutes, _ = quality.models_to_compare(load_recipe(recipe), ["swa"])
     assert list(models) == ["swa-recipe", "original", "swa"] and minutes == {"swa-recipe": 12.0}
     assert models["swa-recipe"] is fine_tuned and models["swa"].config.linearize["window"] == 64
+
+
+def test_results_go_into_a_json_folder_that_does_not_exist_yet(tmp_path, monkeypatch):
+    """--json is written last, after minutes (a profile) or hours (training): a missing folder must not lose it."""
+    quality = _benchmark("conversion_quality")
+    quality.write_json(tmp_path / "new" / "quality.json", {"ppl": 1.5, "path": tmp_path})
+    assert json.loads((tmp_path / "new" / "quality.json").read_text()) == {"ppl": 1.5, "path": str(tmp_path)}
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its sibling import, as when run as a script
+    profile = _benchmark("inference_profile")
+    monkeypatch.setattr(profile, "embedded_models", lambda methods: {"original": converted_model("llama", "swa")})
+    path = tmp_path / "out" / "profile.json"
+    arguments = ["--methods", "", "--contexts", "8", "--repeats", "1", "--decode-tokens", "1", "--json", str(path)]
+    monkeypatch.setattr(sys, "argv", ["inference_profile.py", *arguments])
+    profile.main()
+    assert set(json.loads(path.read_text())["results"]["8"]["original"]) == {"prefill", "decode"}
