@@ -64,6 +64,10 @@ def control_recipe(recipe: Recipe, kind: str, kept: str | None = None) -> Recipe
     else:
         spec["conversion"] = {"method": "parallax"}
         stages = [stage for stage in spec["stages"] if stage["kind"] == "lora"]
+        if not stages:
+            raise SystemExit(
+                "the recipe has no lora stage for the lora control: leave it out (--controls swa,swa-trained)"
+            )
     spec["stages"] = [{**stage, "trainable": ["lora"]} for stage in stages]
     spec["output"]["dir"] = f"{recipe.output.dir}-{kind}"
     return Recipe.model_validate(spec)
@@ -190,6 +194,8 @@ def main() -> None:
     files = {"arc_easy_local": args.arc, "hellaswag_local": args.hellaswag}
     with tempfile.TemporaryDirectory() as folder:
         # every input is checked before the recipe and its controls train (hours), not after
+        for kind in set(controls) & {"swa-trained", "lora"}:
+            control_recipe(recipe, kind)
         windows, long_windows = held_out_windows(args, sources.load_tokenizer(recipe.model.name, recipe.model.revision))
         tasks = str(task_folder(files, Path(folder)))
         check_lm_eval_tasks(list(TASKS), tasks)

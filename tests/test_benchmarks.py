@@ -212,12 +212,14 @@ def test_quality_refuses_a_finished_model_that_another_recipe_trained(tmp_path):
         ({"--arc": "missing.jsonl"}, "missing.jsonl does not exist"),
         ({"--text": "missing.txt"}, "missing.txt not found"),
         ({"--long-context": "40"}, "--long-context 40 must be a multiple of --block 16"),
+        ({"stages=[{kind: attention_transfer, trainable: [lora]}]": None}, "no lora stage for the lora control"),
     ],
-    ids=["arc", "text", "block"],
+    ids=["arc", "text", "block", "control"],
 )
 def test_quality_checks_its_inputs_before_training(tmp_path, monkeypatch, wrong, error):
-    """Training the recipe and its controls takes hours: a mistyped file or a block that does not divide the long
-    context must fail before it, not after (the last, after every evaluation, wrote no results)."""
+    """Training the recipe and its controls takes hours: a mistyped file, a block that does not divide the long
+    context or a control the recipe cannot make must fail before it, not after (the block, after every evaluation,
+    wrote no results)."""
     quality = _benchmark("conversion_quality")
     monkeypatch.setattr(quality, "finetune", lambda *args, **kwargs: pytest.fail("trained before checking"))
     source_folder(tmp_path / "source")
@@ -233,7 +235,8 @@ def test_quality_checks_its_inputs_before_training(tmp_path, monkeypatch, wrong,
     options = {"--recipe": recipe, "--text": "held.txt", "--arc": "arc.jsonl", "--hellaswag": "hs.jsonl"}
     options |= {"--context": "16", "--long-context": "32", "--block": "16", **wrong}
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["conversion_quality.py", *(str(x) for item in options.items() for x in item)])
+    arguments = [str(x) for item in options.items() for x in item if x is not None]  # None: an override, no value
+    monkeypatch.setattr(sys, "argv", ["conversion_quality.py", *arguments])
     with pytest.raises((SystemExit, LinearizeError), match=re.escape(error)):
         quality.main()
 
