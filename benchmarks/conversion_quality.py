@@ -14,12 +14,13 @@ model another recipe trained there; wall times are reported):
 - `lora`: the fair control, the original fine-tuned with the recipe's LoRA stages on the same data and steps (a
   Parallax conversion whose probe stays zero is the original exactly; attention-transfer stages are left out).
 
-Metrics: perplexity over `--windows` windows of `--context` tokens of `--text` (training must never have seen
-it: WikiText-2 validation, say), perplexity by position over `--long-windows` windows of `--long-context` tokens
-in stretches of `--block`, passkey retrieval at `--passkey-contexts` (`--trials` keys at each of 5 depths, greedy
-and ranked against 9 distractors), and ARC-Easy / HellaSwag accuracy through lm-evaluation-harness with the task
-YAMLs of recipes/lm-eval, reading `--arc` (allenai/ai2_arc schema) and `--hellaswag` (HellaSwag's own schema).
-`key=value` overrides apply to the recipe (and so to its controls).
+Metrics: perplexity over `--windows` windows of `--context` tokens of `--text` (training must never have seen it:
+WikiText-2 validation, say; a file or dataset split that the recipe's data names is refused), perplexity by position
+over `--long-windows` windows of `--long-context` tokens in stretches of `--block`, passkey retrieval at
+`--passkey-contexts` (`--trials` keys at each of 5 depths, greedy and ranked against 9 distractors), and ARC-Easy /
+HellaSwag accuracy through lm-evaluation-harness with the task YAMLs of recipes/lm-eval, reading `--arc`
+(allenai/ai2_arc schema) and `--hellaswag` (HellaSwag's own schema). `key=value` overrides apply to the recipe (and
+so to its controls).
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ from transformers import AutoModelForCausalLM
 import linearize  # noqa: F401  (registers the converted model class)
 from linearize import sources
 from linearize.convert import convert_model
+from linearize.data import data_files
 from linearize.evaluation import (
     check_lm_eval_tasks,
     eval_rows,
     evaluate_models,
     perplexity_by_position,
+    text_source,
     text_windows,
 )
 from linearize.training.fingerprints import recipe_differences, recipe_hash
@@ -120,11 +123,31 @@ def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, default=4, help="keys per depth (5 depths: 4 gives 20 trials)")
 
 
-def held_out_windows(args: argparse.Namespace, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def trained_on(recipe: Recipe, text: str) -> list[str]:
+    """What of the text source `text` (as `--text` names it) the recipe's data trains on: the files that one of its
+    sources names too, or the same split of the same dataset."""
+    held_out, found = text_source(text), []
+    for source in recipe.data.sources:
+        if held_out.path is not None and source.path is not None:
+            files = {path.resolve() for path in data_files(source.path)}
+            found += sorted(str(path) for path in {path.resolve() for path in data_files(held_out.path)} & files)
+        elif held_out.dataset is not None and (source.dataset, source.subset) == (held_out.dataset, held_out.subset):
+            found += [source.label] if source.split == held_out.split else []
+    return found
+
+
+def held_out_windows(args: argparse.Namespace, recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows of `--text` for perplexity and for perplexity by position, read before any training: a missing
-    or too short text, or a block that does not divide the long context, fails now rather than after hours."""
+    or too short text, one the recipe trains on, or a block that does not divide the long context, fails now
+    rather than after hours."""
     if args.block < 2 or args.long_context % args.block:
         raise SystemExit(f"--long-context {args.long_context} must be a multiple of --block {args.block} (at least 2)")
+    overlap = trained_on(recipe, args.text)
+    if overlap:
+        raise SystemExit(
+            f"--text {args.text} holds the recipe's training data: {', '.join(overlap)}; measure on a text it never "
+            "trains on (WikiText-2's validation split, say)"
+        )
     return (
         text_windows(args.text, tokenizer, args.context, args.windows),
         text_windows(args.text, tokenizer, args.long_context, args.long_windows),
@@ -196,7 +219,8 @@ def main() -> None:
         # every input is checked before the recipe and its controls train (hours), not after
         for kind in set(controls) & {"swa-trained", "lora"}:
             control_recipe(recipe, kind)
-        windows, long_windows = held_out_windows(args, sources.load_tokenizer(recipe.model.name, recipe.model.revision))
+        tokenizer = sources.load_tokenizer(recipe.model.name, recipe.model.revision)
+        windows, long_windows = held_out_windows(args, recipe, tokenizer)
         tasks = str(task_folder(files, Path(folder)))
         check_lm_eval_tasks(list(TASKS), tasks)
         models, minutes, tokenizer = models_to_compare(recipe, controls)

@@ -102,7 +102,7 @@ def main() -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     original, tokenizer = sources.load(recipe.model.name, dtype="float32", revision=recipe.model.revision)
-    windows, long_windows = held_out_windows(args, tokenizer)  # before the variants train (hours)
+    windows, long_windows = held_out_windows(args, recipe, tokenizer)  # before the variants train (hours)
     num_layers = original.config.num_hidden_layers
     layers = variant_layers(args.variants.split(","), args.k, args.every, num_layers, args.seed)
 

@@ -213,23 +213,25 @@ def test_quality_refuses_a_finished_model_that_another_recipe_trained(tmp_path):
         ({"--text": "missing.txt"}, "missing.txt not found"),
         ({"--long-context": "40"}, "--long-context 40 must be a multiple of --block 16"),
         ({"stages=[{kind: attention_transfer, trainable: [lora]}]": None}, "no lora stage for the lora control"),
+        ({"--text": "*.txt"}, "--text *.txt holds the recipe's training data:"),
     ],
-    ids=["arc", "text", "block", "control"],
+    ids=["arc", "text", "block", "control", "trained-on"],
 )
 def test_quality_checks_its_inputs_before_training(tmp_path, monkeypatch, wrong, error):
     """Training the recipe and its controls takes hours: a mistyped file, a block that does not divide the long
-    context or a control the recipe cannot make must fail before it, not after (the block, after every evaluation,
-    wrote no results)."""
+    context, a control the recipe cannot make or a held-out text that it trains on must fail before it, not after
+    (the block, after every evaluation, wrote no results; the text was never checked)."""
     quality = _benchmark("conversion_quality")
     monkeypatch.setattr(quality, "finetune", lambda *args, **kwargs: pytest.fail("trained before checking"))
     source_folder(tmp_path / "source")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"model: {{name: {tmp_path / 'source'}}}\nconversion: {{method: swa}}\n"
-        "data: {sources: [{path: held.txt}]}\nstages: [{kind: lora, max_steps: 1}]\n"
+        "data: {sources: [{path: train.txt}]}\nstages: [{kind: lora, max_steps: 1}]\n"
         f"output: {{dir: {tmp_path / 'run'}}}\n"
     )
-    (tmp_path / "held.txt").write_text(" ".join(f"w{i % 100}" for i in range(400)))
+    for name in ("held.txt", "train.txt"):
+        (tmp_path / name).write_text(" ".join(f"w{i % 100}" for i in range(400)))
     for name in ("arc.jsonl", "hs.jsonl"):
         (tmp_path / name).write_text("{}\n")
     options = {"--recipe": recipe, "--text": "held.txt", "--arc": "arc.jsonl", "--hellaswag": "hs.jsonl"}
@@ -282,3 +284,14 @@ def test_results_go_into_a_json_folder_that_does_not_exist_yet(tmp_path, monkeyp
     monkeypatch.setattr(sys, "argv", ["inference_profile.py", *arguments])
     profile.main()
     assert set(json.loads(path.read_text())["results"]["8"]["original"]) == {"prefill", "decode"}
+
+
+def test_quality_finds_a_held_out_dataset_split_that_the_recipe_trains_on():
+    quality = _benchmark("conversion_quality")
+    data = "data.sources=[{dataset: wikitext, subset: wikitext-2-raw-v1, split: train}, {builtin: english}]"
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-135m-liger.yaml", [data])
+    assert quality.trained_on(recipe, "hf:wikitext:wikitext-2-raw-v1:train") == [
+        "dataset wikitext (wikitext-2-raw-v1) [train]"
+    ]
+    assert quality.trained_on(recipe, "hf:wikitext:wikitext-2-raw-v1:validation") == []
+    assert quality.trained_on(recipe, "builtin") == []  # the test split, which no recipe may train on
