@@ -5,7 +5,6 @@ retrieval (`linearize.passkey`), optionally lm-evaluation-harness tasks, and the
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,8 +32,9 @@ def _position_losses(model, windows: torch.Tensor, step: Callable[[], None] | No
 
 def perplexity_of_windows(model, windows: torch.Tensor, step: Callable[[], None] | None = None) -> float:
     """Perplexity over token windows [N, C], each scored from an empty state (the first token of a window is not
-    predicted). `step` is called after each window."""
-    return math.exp(_position_losses(model, windows, step).mean().item())
+    predicted). `step` is called after each window. A mean loss beyond what a float can exponentiate (above 709: a
+    model whose logits blew up) gives inf, not an OverflowError after the whole measurement."""
+    return _perplexity(_position_losses(model, windows, step))
 
 
 def perplexity_by_position(model, windows: torch.Tensor, block: int) -> list[float]:
@@ -49,7 +49,12 @@ def perplexity_by_position(model, windows: torch.Tensor, block: int) -> list[flo
         raise ValueError(f"the window length {context} must be a multiple of the block {block} (at least 2)")
     nll = _position_losses(model, windows)
     # target token p is predicted at index p - 1, so stretch [s, s + block) of targets is nll[s - 1 : s + block - 1]
-    return [math.exp(nll[max(start - 1, 0) : start + block - 1].mean().item()) for start in range(0, context, block)]
+    return [_perplexity(nll[max(start - 1, 0) : start + block - 1]) for start in range(0, context, block)]
+
+
+def _perplexity(nll: torch.Tensor) -> float:
+    """exp of the mean of the losses [N] (float64), inf where that overflows."""
+    return nll.mean().exp().item()
 
 
 def compare(

@@ -445,3 +445,14 @@ def test_a_text_of_short_documents_fills_every_window_it_can(tokenizer, tmp_path
     assert text_windows(str(path), tokenizer, 1024, 1).shape == (1, 1024)
     with pytest.raises(LinearizeError, match="has 3000 tokens, fewer than one window of 4096"):
         text_windows(str(path), tokenizer, 4096, 1)
+
+
+def test_a_perplexity_too_large_for_a_float_is_inf():
+    """A model whose logits blew up (a mean loss above 709) has an infinite perplexity: math.exp raised an
+    OverflowError, a traceback after the whole measurement."""
+    model = source_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e4)
+    ids = torch.randint(3, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert perplexity_of_windows(model, ids) == math.inf
+    assert perplexity_by_position(model, ids, 16) == [math.inf, math.inf]
