@@ -4,6 +4,7 @@ Markdown tables, and the results recorded into a model folder (which `linearize 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +99,23 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_json(path: Path, payload: dict) -> Path:
     """Write `payload` to `path` whole or not at all: `push` reads these records into model cards."""
-    return write_file(path, json.dumps(payload, indent=2) + "\n")
+    return write_file(path, json_text(payload, indent=2) + "\n")
+
+
+def json_text(payload, indent: int | None = None) -> str:
+    """`payload` as JSON that strict readers (jq, JavaScript) take: a number that is not finite (an overflowed
+    perplexity, a model that produced NaN) is null, where json.dumps writes NaN or Infinity, which is not JSON."""
+    return json.dumps(_finite(payload), indent=indent, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def record(spec: ModelSpec, name: str, payload: dict) -> Path | None:

@@ -456,3 +456,15 @@ def test_a_perplexity_too_large_for_a_float_is_inf():
     ids = torch.randint(3, 128, (2, 32), generator=torch.Generator().manual_seed(0))
     assert perplexity_of_windows(model, ids) == math.inf
     assert perplexity_by_position(model, ids, 16) == [math.inf, math.inf]
+
+
+def test_a_record_of_numbers_that_are_not_finite_is_valid_json(tmp_path):
+    """json.dumps writes NaN and Infinity, which no strict JSON reader (jq, JavaScript) takes: they are null."""
+    from linearize.comparison import write_json
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    payload = {"results": {"m": {"perplexity": {"value": math.nan}, "runs": [1.5, math.inf, -math.inf]}}}
+    written = json.loads(write_json(tmp_path / "e.json", payload).read_text(), parse_constant=strict)
+    assert written == {"results": {"m": {"perplexity": {"value": None}, "runs": [1.5, None, None]}}}
