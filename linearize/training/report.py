@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +10,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..comparison import json_text
 
 
 class Reporter:
@@ -45,7 +46,7 @@ class Reporter:
     def record(self, **fields) -> None:
         if self.metrics_file is not None:
             with self.metrics_file.open("a") as f:
-                f.write(json.dumps(fields) + "\n")
+                f.write(json_text(fields) + "\n")  # a NaN loss as null: strict JSON readers refuse NaN
 
     def metrics_size(self) -> int:
         """Bytes of metrics written so far, what `truncate_metrics` takes to forget every later row."""
