@@ -342,3 +342,23 @@ def test_a_backend_that_cannot_run_is_an_error_line_in_the_cli(tmp_path, monkeyp
     options = ["--context", "16", "--windows", "1", "--passkey-contexts", "none", "--no-record"]
     result = runner.invoke(app, ["eval", str(tmp_path / "liger"), "--against", str(src), *options])
     assert result.exit_code == 1 and f"Error: {message}" in result.output, result.output
+
+
+def test_paths_and_names_with_brackets_are_printed_as_they_are(source, tmp_path):
+    """Rich read `[v2]` in a message as a style and dropped it (`linearize finetune liger.yaml` named another file),
+    and `[/b]` as a closing tag it failed on, a traceback after the work: paths, model names and a data source's
+    `[split]` are printed as they are."""
+
+    def shown(result) -> str:  # a long path may be wrapped over lines
+        assert result.exit_code == 0, result.output
+        return "".join(result.output.split())
+
+    recipe = tmp_path / "liger[v2].yaml"
+    assert f"linearizefinetune{recipe}" in shown(invoke("recipe", "init", "-o", recipe))
+    assert f"OK{recipe}:" in shown(invoke("recipe", "validate", recipe))
+    (tmp_path / "a[/b]").mkdir(parents=True)  # a[ holding b]
+    assert str(tmp_path / "a[/b]" / "r.yaml") in shown(invoke("recipe", "init", "-o", tmp_path / "a[/b]" / "r.yaml"))
+    assert f"Saved{tmp_path / 'out[v2]'}." in shown(invoke("convert", source, "-q", "-o", tmp_path / "out[v2]"))
+    overrides = [f"model.name={source}", "data.sources.0.split=test", f"output.dir={tmp_path / 'run[v2]'}"]
+    plan = shown(runner.invoke(app, ["finetune", str(recipe), *overrides, "--dry-run"], env={"COLUMNS": "400"}))
+    assert f"{tmp_path / 'run[v2]'}/model" in plan and "builtinenglish[test]isthetext" in plan

@@ -468,3 +468,16 @@ def test_a_record_of_numbers_that_are_not_finite_is_valid_json(tmp_path):
     payload = {"results": {"m": {"perplexity": {"value": math.nan}, "runs": [1.5, math.inf, -math.inf]}}}
     written = json.loads(write_json(tmp_path / "e.json", payload).read_text(), parse_constant=strict)
     assert written == {"results": {"m": {"perplexity": {"value": None}, "runs": [1.5, None, None]}}}
+
+
+def test_eval_cli_prints_names_and_paths_with_brackets_as_they_are(folders, tmp_path):
+    """Rich read `[v2]` in a model's name or a path as a style and dropped it from the table and the messages."""
+    src, liger = folders
+    (tmp_path / "liger[v2]").symlink_to(liger)
+    options = ["--context", "64", "--windows", "1", "--passkey-contexts", "none", "--no-record"]
+    json_path = tmp_path / "e[v2].json"
+    result = runner.invoke(
+        app, ["eval", str(tmp_path / "liger[v2]"), "--against", str(src), *options, "--json", str(json_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "liger[v2]" in result.stdout and f"Wrote{json_path}" in "".join(result.output.split())

@@ -122,7 +122,7 @@ def progress_bar(description: str, total: int, quiet: bool):
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(description, total=total)
+        task = bar.add_task(escape(description), total=total)
         yield lambda: bar.advance(task)
 
 
@@ -131,7 +131,7 @@ def spinner(message: str, quiet: bool):
     if quiet:
         yield
     else:
-        with console.status(message):
+        with console.status(escape(message)):  # a model's name or path may hold [brackets]
             yield
 
 
@@ -160,11 +160,13 @@ def float_list(value: str, option: str) -> tuple[float, ...]:
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]], caption: str | None = None) -> None:
-    table = Table(title=title, caption=caption)
+    """A table on stdout, its text as it is: model names, paths and --text specs may hold [brackets], which rich
+    would read as markup (and drop, or fail on)."""
+    table = Table(title=escape(title), caption=caption and escape(caption))
     for i, column in enumerate(header):
-        table.add_column(column, justify="left" if i == 0 else "right")
+        table.add_column(escape(column), justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     Console().print(table)
 
 
@@ -202,7 +204,7 @@ def write_outputs(payload: dict, specs, json_path: Path | None, record_name: str
             )
     for path in filter(None, written):
         if not quiet:
-            console.print(f"[green]Wrote[/] {path}", highlight=False)
+            console.print(f"[green]Wrote[/] {escape(str(path))}", highlight=False)
 
 
 MODEL_HELP = "A converted model folder, any causal LM folder or hub id, or 'embedded' (the embedded SmolLM2)."

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import LinearizeError
@@ -41,7 +42,7 @@ BAR_WIDTH = 30
 def _plan_table(plan) -> Table:
     from ..convert import PLAN_CONTEXT
 
-    table = Table(title=f"Conversion plan: {plan.source} -> {plan.settings['method']}", show_header=False)
+    table = Table(title=f"Conversion plan: {escape(plan.source)} -> {plan.settings['method']}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     family = get_family(plan.config.base_model_type)
@@ -70,7 +71,8 @@ def _selection_table(selection) -> Table:
     """Every layer's score, as a number and a bar, the kept ones marked."""
     kept = set(selection.layers)
     table = Table(
-        title=f"Layer scores ({selection.scorer}: {SCORERS[selection.scorer].split(' (')[0]}; {selection.calibration})",
+        title=f"Layer scores ({selection.scorer}: {SCORERS[selection.scorer].split(' (')[0]}; "
+        f"{escape(selection.calibration)})",  # a --calibration path or glob may hold [brackets]
         caption=f"kept as softmax attention ({selection.rule}): " + (", ".join(map(str, selection.layers)) or "none"),
     )
     for column in ("layer", "score", "", "kept"):
@@ -306,7 +308,7 @@ class _ConsoleReport:
     def step(self, text: str) -> None:
         self.stop_spinner()
         if not self._quiet:
-            self._spinner = console.status(text)
+            self._spinner = console.status(escape(text))  # "Loading MODEL": a path may hold [brackets]
             self._spinner.start()
 
     def stop_spinner(self) -> None:
@@ -332,14 +334,14 @@ class _ConsoleReport:
         from ..convert import PASS_TOKENIZER
 
         self.stop_spinner()
-        output = conversion.output
+        output, model = escape(str(conversion.output)), escape(str(self._model))  # paths may hold [brackets]
         console.print(
             f"[green]Saved[/] {output}. Load it with `import linearize` then "
             f"AutoModelForCausalLM.from_pretrained('{output}'), or with trust_remote_code=True."
         )
         if not conversion.tokenizer_saved:
             console.print(
-                f"[yellow]Warning:[/] '{self._model}' has no tokenizer, so neither has {output}; `generate` and "
+                f"[yellow]Warning:[/] '{model}' has no tokenizer, so neither has {output}; `generate` and "
                 f"`eval` need one. Convert again and {PASS_TOKENIZER}, or copy the same model's tokenizer files "
                 "into it.",
                 highlight=False,
@@ -351,11 +353,12 @@ class _ConsoleReport:
         for column in ("model", "perplexity", "sample"):
             table.add_column(column)
         for row in rows:
-            table.add_row(row["model"], f"{row['perplexity']:.2f}", row["sample"].strip().replace("\n", " "))
+            sample = row["sample"].strip().replace("\n", " ")  # a model's text may hold [brackets] ([/INST])
+            table.add_row(escape(row["model"]), f"{row['perplexity']:.2f}", escape(sample))
         Console().print(table)
 
     def pushing(self, text: str) -> None:
-        console.print(text, highlight=False)
+        console.print(escape(text), highlight=False)
 
 
 @app.command()
@@ -404,7 +407,7 @@ def generate(
     from ..generation import generate as generate_text
 
     prompt = _read_prompt(prompt)
-    with console.status(f"Loading {model}"):
+    with console.status(f"Loading {escape(model)}"):
         loaded, tokenizer = load_for_inference(None if model == EMBEDDED else model, device=device, dtype=dtype.value)
     streamer = ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     text = generate_text(loaded, tokenizer, prompt, max_new_tokens, chat, temperature, streamer=streamer, seed=seed)
@@ -417,7 +420,8 @@ def generate(
     if not text and not ended:  # special tokens alone (not the end of turn) up to --max-new-tokens: shown by name
         shown = tokenizer.decode(streamer.ids[:8]) + ("..." if len(streamer.ids) > 8 else "")
         console.print(
-            f"[yellow]Nothing printed:[/] the reply was {len(streamer.ids)} special tokens ({shown!r}){_hints(weak)}",
+            f"[yellow]Nothing printed:[/] the reply was {len(streamer.ids)} special tokens ({escape(repr(shown))})"
+            + _hints(weak),
             highlight=False,
         )
     elif not text:  # an end-of-turn first: say so rather than print nothing

@@ -73,7 +73,7 @@ def finetune(
 
     out = run_finetune(recipe, resume=resume, quiet=quiet, console=console)
     if not quiet and _first_process():
-        console.print(f"[green]Saved[/] {out}")
+        console.print(f"[green]Saved[/] {escape(str(out))}", highlight=False)
 
 
 def _first_process() -> bool:
@@ -109,7 +109,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     run = Path(recipe.output.dir)
     notes: list[str] = []
     start = prepare_run_folder(run, recipe, resume, note=notes.append)
-    table = Table(title=f"Fine-tuning plan: {source} -> {conv.method}", show_header=False)
+    table = Table(title=f"Fine-tuning plan: {escape(source)} -> {conv.method}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("method", plan.method_text())
@@ -165,7 +165,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
             + (f"; distils the original (kd_ratio {stage.kd_ratio:g})" if stage.kd_ratio else ""),
         )
     table.add_row("LoRA", f"r {recipe.lora.r}, alpha {recipe.lora.alpha:g} on {', '.join(recipe.lora.target_modules)}")
-    table.add_row("output", f"{run}/model" + (" (LoRA merged)" if recipe.output.merge_lora else " + adapter/"))
+    table.add_row("output", escape(f"{run}/model") + (" (LoRA merged)" if recipe.output.merge_lora else " + adapter/"))
     if recipe.output.push_to_hub:
         visibility = "private" if recipe.output.private else "a new repo: the account's default visibility"
         table.add_row("push", f"{run}/model to {recipe.output.push_to_hub} ({visibility}), once saved")
@@ -174,11 +174,11 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         except LinearizeError as error:
             notes.append(f"the push would fail now: {error}")
     if resume:
-        table.add_row("resume", str(start) if start else "no checkpoint yet: starts from the beginning")
+        table.add_row("resume", escape(str(start)) if start else "no checkpoint yet: starts from the beginning")
     elif list_checkpoints(run):
         table.add_row("resume", "checkpoints exist: pass --resume")
     for note in notes:
-        table.add_row("note", note)
+        table.add_row("note", escape(note))  # notes name paths and sources ("builtin english [test]")
     return table
 
 
@@ -217,6 +217,7 @@ def recipe_init(
         print(recipe_template(method.value), end="")
         return
     written = write_recipe_template(output, method.value, force)
+    written = escape(str(written))  # a path may hold [brackets]
     console.print(f"[green]Wrote[/] {written}; edit it, then run `linearize finetune {written}`", highlight=False)
 
 
@@ -242,4 +243,7 @@ def recipe_validate(
     recipe = load_recipe(recipe_file, overrides or [])
     if show:
         print(resolved_yaml(recipe), end="")
-    console.print(f"[green]OK[/] {recipe_file}: {len(recipe.stages)} stage(s), method {recipe.conversion.method}")
+    console.print(
+        f"[green]OK[/] {escape(str(recipe_file))}: {len(recipe.stages)} stage(s), method {recipe.conversion.method}",
+        highlight=False,
+    )

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..errors import LinearizeError
 from .common import (
@@ -121,7 +122,7 @@ def eval_command(
     same_tokens = same_vocabulary(tokenizers)
     if not same_tokens:
         console.print(
-            f"[yellow]Warning:[/] {' and '.join(spec.label for spec in specs)} have different tokenizers: each "
+            f"[yellow]Warning:[/] {escape(' and '.join(spec.label for spec in specs))} have different tokenizers: each "
             "perplexity is per token of the model's own tokenization of the text, so the two do not compare (passkey "
             "and lm-eval scores do)",
             highlight=False,
@@ -272,7 +273,7 @@ def _checked_pair(model: str | None, against: str | None, lengths: dict[str, lis
         named = ", ".join(f"{option} {','.join(map(str, counts))}" for option, counts in beyond.items() if counts)
         console.print(
             f"[yellow]Warning:[/] {named} is beyond the {most} positions (max_position_embeddings) of "
-            f"{' and '.join(label for label, n in positions.items() if n == most)}: measured all the same",
+            f"{escape(' and '.join(label for label, n in positions.items() if n == most))}: measured all the same",
             highlight=False,
         )
     return specs
@@ -304,7 +305,10 @@ def _write_plot(result: dict, path: Path, quiet: bool) -> None:
         console.print("[yellow]No plot:[/] it needs matplotlib (pip install matplotlib)", highlight=False)
         return
     except OSError as error:
-        console.print(f"[yellow]No plot:[/] cannot write {path} ({error.strerror}); pass --plot PATH", highlight=False)
+        console.print(
+            f"[yellow]No plot:[/] cannot write {escape(str(path))} ({error.strerror}); pass --plot PATH",
+            highlight=False,
+        )
         return
     if not quiet:
-        console.print(f"[green]Wrote[/] {path}", highlight=False)
+        console.print(f"[green]Wrote[/] {escape(str(path))}", highlight=False)

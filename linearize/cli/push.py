@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .common import app, console, exits_on_error, human_size
@@ -84,7 +85,7 @@ def push(
         endpoint=endpoint,
         quiet=quiet,
         verify=verify,
-        on_step=None if quiet else lambda text: console.print(text, highlight=False),
+        on_step=None if quiet else lambda text: console.print(escape(text), highlight=False),  # paths: [brackets]
     )
     if quiet:
         print(url)
@@ -98,14 +99,16 @@ def _print_push_plan(plan, endpoint: str | None) -> None:
     out = Console()
     target = f"{endpoint or constants.ENDPOINT}/{plan.repo_id}"
     where = f"branch {plan.revision}" if plan.revision else "the main branch"
-    table = Table(title=f"Push plan: {plan.folder} -> {target} ({where}{', private' if plan.private else ''})")
+    table = Table(
+        title=f"Push plan: {escape(str(plan.folder))} -> {target} ({where}{', private' if plan.private else ''})"
+    )
     table.add_column("file")
     table.add_column("size", justify="right")
     for path, size in plan.files:
-        table.add_row(path, human_size(size))
+        table.add_row(escape(path), human_size(size))
     table.add_row(f"{len(plan.files)} files, one commit", human_size(plan.total_bytes), style="bold")
     out.print(table)
     for entry in plan.left_out:
-        out.print(f"Not sent: {entry}", highlight=False)
+        out.print(f"Not sent: {escape(entry)}", highlight=False)
     out.rule("README.md (generated model card)")
     print(plan.card)  # plain print: the card's [links] must not be read as rich markup
