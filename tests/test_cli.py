@@ -362,3 +362,15 @@ def test_paths_and_names_with_brackets_are_printed_as_they_are(source, tmp_path)
     overrides = [f"model.name={source}", "data.sources.0.split=test", f"output.dir={tmp_path / 'run[v2]'}"]
     plan = shown(runner.invoke(app, ["finetune", str(recipe), *overrides, "--dry-run"], env={"COLUMNS": "400"}))
     assert f"{tmp_path / 'run[v2]'}/model" in plan and "builtinenglish[test]isthetext" in plan
+
+
+def test_a_long_path_in_a_message_stays_on_one_line(source, tmp_path):
+    """Off a terminal rich wrapped messages at 80 columns, cutting a long path over two lines, which a log then shows
+    (and a script greps) broken; a terminal wraps the line itself."""
+    out = tmp_path / ("converted-" * 10)
+    result = invoke("convert", source, "-q", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert f"Saved {out}. Load it with" in result.output
+    recipe = tmp_path / ("recipe-" * 12 + ".yaml")
+    result = invoke("recipe", "init", "-o", recipe)
+    assert f"Wrote {recipe}; edit it, then run `linearize finetune {recipe}`\n" in result.output

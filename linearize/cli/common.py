@@ -26,6 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+# messages print with soft_wrap=True: a long path stays on one line, to copy or grep (a terminal wraps it for the eye)
 console = Console(stderr=True)
 Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS}, type=str)
 Dtype = Enum("Dtype", {name: name for name in ("auto", "float32", "bfloat16", "float16")}, type=str)
@@ -201,10 +202,11 @@ def write_outputs(payload: dict, specs, json_path: Path | None, record_name: str
                 f"[yellow]Not recorded:[/] cannot write {record_name} into the model's folder ({error.strerror}); "
                 "pass --no-record to skip it, --json PATH to keep the results",
                 highlight=False,
+                soft_wrap=True,
             )
     for path in filter(None, written):
         if not quiet:
-            console.print(f"[green]Wrote[/] {escape(str(path))}", highlight=False)
+            console.print(f"[green]Wrote[/] {escape(str(path))}", highlight=False, soft_wrap=True)
 
 
 MODEL_HELP = "A converted model folder, any causal LM folder or hub id, or 'embedded' (the embedded SmolLM2)."

@@ -291,7 +291,7 @@ def convert(
     finally:
         report.stop_spinner()
     if conversion.url:
-        console.print(f"[green]Pushed[/] {conversion.url}", highlight=False)
+        console.print(f"[green]Pushed[/] {conversion.url}", highlight=False, soft_wrap=True)
 
 
 class _ConsoleReport:
@@ -337,7 +337,8 @@ class _ConsoleReport:
         output, model = escape(str(conversion.output)), escape(str(self._model))  # paths may hold [brackets]
         console.print(
             f"[green]Saved[/] {output}. Load it with `import linearize` then "
-            f"AutoModelForCausalLM.from_pretrained('{output}'), or with trust_remote_code=True."
+            f"AutoModelForCausalLM.from_pretrained('{output}'), or with trust_remote_code=True.",
+            soft_wrap=True,
         )
         if not conversion.tokenizer_saved:
             console.print(
@@ -345,6 +346,7 @@ class _ConsoleReport:
                 f"`eval` need one. Convert again and {PASS_TOKENIZER}, or copy the same model's tokenizer files "
                 "into it.",
                 highlight=False,
+                soft_wrap=True,
             )
 
     def compared(self, rows: list[dict]) -> None:
@@ -358,7 +360,7 @@ class _ConsoleReport:
         Console().print(table)
 
     def pushing(self, text: str) -> None:
-        console.print(escape(text), highlight=False)
+        console.print(escape(text), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -423,13 +425,16 @@ def generate(
             f"[yellow]Nothing printed:[/] the reply was {len(streamer.ids)} special tokens ({escape(repr(shown))})"
             + _hints(weak),
             highlight=False,
+            soft_wrap=True,
         )
     elif not text:  # an end-of-turn first: say so rather than print nothing
         console.print(
-            f"[yellow]Nothing generated:[/] the model ended its reply at once{_hints(weak + plain)}", highlight=False
+            f"[yellow]Nothing generated:[/] the model ended its reply at once{_hints(weak + plain)}",
+            highlight=False,
+            soft_wrap=True,
         )
     elif not text.strip():  # spaces or newlines streamed, which look like nothing
-        console.print(f"[yellow]Only whitespace generated[/]{_hints(weak)}", highlight=False)
+        console.print(f"[yellow]Only whitespace generated[/]{_hints(weak)}", highlight=False, soft_wrap=True)
 
 
 def _read_prompt(prompt: str) -> str:

@@ -30,7 +30,7 @@ def demo(
 
     def say(message: str) -> None:
         if not quiet:
-            console.print(f"[bold]{message}[/]", highlight=False)
+            console.print(f"[bold]{message}[/]", highlight=False, soft_wrap=True)
 
     hide_library_bars(quiet)
     result = run_demo(output, steps, force=force, say=say, quiet=quiet, console=console)

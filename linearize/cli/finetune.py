@@ -73,7 +73,7 @@ def finetune(
 
     out = run_finetune(recipe, resume=resume, quiet=quiet, console=console)
     if not quiet and _first_process():
-        console.print(f"[green]Saved[/] {escape(str(out))}", highlight=False)
+        console.print(f"[green]Saved[/] {escape(str(out))}", highlight=False, soft_wrap=True)
 
 
 def _first_process() -> bool:
@@ -218,7 +218,9 @@ def recipe_init(
         return
     written = write_recipe_template(output, method.value, force)
     written = escape(str(written))  # a path may hold [brackets]
-    console.print(f"[green]Wrote[/] {written}; edit it, then run `linearize finetune {written}`", highlight=False)
+    console.print(
+        f"[green]Wrote[/] {written}; edit it, then run `linearize finetune {written}`", highlight=False, soft_wrap=True
+    )
 
 
 @recipe_app.command("validate")
@@ -246,4 +248,5 @@ def recipe_validate(
     console.print(
         f"[green]OK[/] {escape(str(recipe_file))}: {len(recipe.stages)} stage(s), method {recipe.conversion.method}",
         highlight=False,
+        soft_wrap=True,
     )

@@ -126,6 +126,7 @@ def eval_command(
             "perplexity is per token of the model's own tokenization of the text, so the two do not compare (passkey "
             "and lm-eval scores do)",
             highlight=False,
+            soft_wrap=True,
         )
     if tasks:
         with spinner("Indexing lm-eval tasks", quiet):
@@ -275,6 +276,7 @@ def _checked_pair(model: str | None, against: str | None, lengths: dict[str, lis
             f"[yellow]Warning:[/] {named} is beyond the {most} positions (max_position_embeddings) of "
             f"{escape(' and '.join(label for label, n in positions.items() if n == most))}: measured all the same",
             highlight=False,
+            soft_wrap=True,
         )
     return specs
 
@@ -302,13 +304,16 @@ def _write_plot(result: dict, path: Path, quiet: bool) -> None:
     try:
         plot_bench(result, path)
     except ImportError:
-        console.print("[yellow]No plot:[/] it needs matplotlib (pip install matplotlib)", highlight=False)
+        console.print(
+            "[yellow]No plot:[/] it needs matplotlib (pip install matplotlib)", highlight=False, soft_wrap=True
+        )
         return
     except OSError as error:
         console.print(
             f"[yellow]No plot:[/] cannot write {escape(str(path))} ({error.strerror}); pass --plot PATH",
             highlight=False,
+            soft_wrap=True,
         )
         return
     if not quiet:
-        console.print(f"[green]Wrote[/] {escape(str(path))}", highlight=False)
+        console.print(f"[green]Wrote[/] {escape(str(path))}", highlight=False, soft_wrap=True)

@@ -85,12 +85,16 @@ def push(
         endpoint=endpoint,
         quiet=quiet,
         verify=verify,
-        on_step=None if quiet else lambda text: console.print(escape(text), highlight=False),  # paths: [brackets]
+        on_step=None if quiet else _print_step,
     )
     if quiet:
         print(url)
     else:
-        console.print(f"[green]Pushed[/] {url}", highlight=False)
+        console.print(f"[green]Pushed[/] {url}", highlight=False, soft_wrap=True)
+
+
+def _print_step(text: str) -> None:
+    console.print(escape(text), highlight=False, soft_wrap=True)  # the folder's path may hold [brackets]
 
 
 def _print_push_plan(plan, endpoint: str | None) -> None:
