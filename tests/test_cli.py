@@ -74,6 +74,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(source, tmp_path, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
+def test_a_dry_run_prints_its_plan_on_stdout(source):
+    """The plan is a dry run's result, for `> plan.txt` as `finetune --dry-run` has it: it went to stderr, with the
+    spinners. A conversion's plan stays on stderr, a note on its way to the saved folder."""
+    result = invoke("convert", source, "--dry-run", "--softmax-layers", "auto:1", "--calibration-windows", "1")
+    assert result.exit_code == 0, result.output
+    assert "Conversion plan" in result.stdout and "Layer scores" in result.stdout
+    assert "Conversion plan" not in result.stderr
+
+
 def test_quiet_convert_prints_only_where_the_model_went(source, tmp_path):
     result = invoke("convert", source, "-q", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output

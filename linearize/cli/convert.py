@@ -266,7 +266,9 @@ def convert(
     if spread_layers and spread_over:
         raise LinearizeError("--spread-layers is --spread-over K; give one of them")
     hide_library_bars(quiet)
-    report = _ConsoleReport(model, quiet=quiet and not dry_run)  # a dry run's plan is its result
+    report = _ConsoleReport(
+        model, quiet=quiet and not dry_run, plan_to_stdout=dry_run
+    )  # a dry run's plan is its result
     try:
         conversion = convert_and_save(
             model,
@@ -299,9 +301,11 @@ class _ConsoleReport:
     plan and the comparison as tables. It has `linearize.convert.ConvertReport`'s methods without subclassing it:
     that module imports torch, which the CLI loads only inside commands."""
 
-    def __init__(self, model: str | None, quiet: bool = False):
+    def __init__(self, model: str | None, quiet: bool = False, plan_to_stdout: bool = False):
         self._model = model
         self._quiet = quiet
+        # a dry run's plan is what it prints (`> plan.txt`); a conversion's is a note on its way, with the spinners
+        self._plan_console = Console() if plan_to_stdout else console
         self._spinner = None
         self._bar = ExitStack()
 
@@ -327,8 +331,8 @@ class _ConsoleReport:
         if self._quiet:
             return
         if plan.selection is not None:
-            console.print(_selection_table(plan.selection))
-        console.print(_plan_table(plan))
+            self._plan_console.print(_selection_table(plan.selection))
+        self._plan_console.print(_plan_table(plan))
 
     def saved(self, conversion) -> None:
         from ..convert import PASS_TOKENIZER
