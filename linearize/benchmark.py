@@ -42,6 +42,15 @@ class BenchError(LinearizeError, ValueError):
     """Arguments that measure nothing (no model, no context, a count below 1); a ValueError as it was before."""
 
 
+class BenchStopped(LinearizeError):
+    """A context ran out of memory: `result` holds the contexts measured before it, as `run_bench` returns them
+    (None if there were none)."""
+
+    def __init__(self, message: str, result: dict | None):
+        super().__init__(message)
+        self.result = result
+
+
 def cache_bytes(cache) -> int:
     """Bytes a cache holds: `nbytes()` of a converted layer, and the storage of a transformers layer's keys and
     values (each storage once). A sliding-window layer keeps the last window - 1 tokens of a prefill as a view of the
@@ -199,16 +208,24 @@ def run_bench(
     Returns:
         {"models": labels, "decode_tokens", "repeats", "device", "hardware", "dtype", "threads",
         "rows": [{"context": C, label: {...}}]}.
+
+    Raises:
+        BenchStopped: a context ran out of memory (the original's KV cache at a long one, most often); it carries
+            the contexts measured before it, which a long run should not lose.
     """
     if not models or not contexts:
         raise BenchError(f"run_bench needs at least one model and one context, got {len(models)} and {len(contexts)}")
     measure(models, min(64, min(contexts)), 2, repeats=1)
-    first, rows = next(iter(models.values())), []
+    first, rows, stopped = next(iter(models.values())), [], None
     for context in contexts:
-        rows.append({"context": context, **measure(models, context, decode_tokens, repeats)})
+        try:
+            rows.append({"context": context, **measure(models, context, decode_tokens, repeats)})
+        except torch.OutOfMemoryError:
+            stopped = context  # raised below, once the failed call's tensors are freed with its exception
+            break
         if step is not None:
             step()
-    return {
+    result = {
         "models": list(models),
         "decode_tokens": decode_tokens,
         "repeats": repeats,
@@ -218,6 +235,14 @@ def run_bench(
         "threads": torch.get_num_threads(),
         "rows": rows,
     }
+    if stopped is not None:
+        measured = f" (measured: {', '.join(str(row['context']) for row in rows)})" if rows else ""
+        raise BenchStopped(
+            f"out of memory at context {stopped} on {result['device']}{measured}: measure shorter contexts, or "
+            "in a smaller dtype (bfloat16)",
+            result if rows else None,
+        )
+    return result
 
 
 def hardware_name(device: torch.device) -> str:

@@ -256,5 +256,31 @@ def test_bench_cli_interrupted_says_so_and_writes_nothing(tmp_path, monkeypatch)
     assert sorted(src.iterdir()) == before and not (tmp_path / "b.json").exists()
 
 
+def test_bench_cli_out_of_memory_at_a_context_keeps_the_contexts_before_it(tmp_path, monkeypatch):
+    """A long context that runs out of GPU memory (the original's KV cache, most often) was a traceback that took
+    the contexts measured before it along: they are printed and written, and the run still fails, naming it."""
+    import linearize.benchmark
+
+    real_measure = linearize.benchmark.measure
+
+    def out_of_memory_at_32(models, context, decode_tokens, *args, **kwargs):
+        if context == 32 and decode_tokens == 1:  # not the warm-up's 2 steps
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_measure(models, context, decode_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(linearize.benchmark, "measure", out_of_memory_at_32)
+    src = source_folder(tmp_path / "src")
+    options = ["--ctx", "16,32,64", "--decode-tokens", "1", "--repeats", "1", "--no-plot"]
+    result = runner.invoke(app, ["bench", str(src), *options, "--json", str(tmp_path / "b.json")])
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Error: out of memory at context 32" in shown, result.output
+    assert "16" in result.stdout and "prefill tokens/s" in result.stdout
+    written = json.loads((tmp_path / "b.json").read_text())
+    assert [row["context"] for row in written["rows"]] == [16]
+    assert written == json.loads((src / "linearize_bench.json").read_text())
+    result = runner.invoke(app, ["bench", str(src), "--ctx", "32", *options[2:], "--no-record"])
+    assert result.exit_code == 1 and "Error: out of memory at context 32" in " ".join(result.output.split())
+
+
 def test_report_counts_agree_with_their_nouns():
     assert (counted(1, "run"), counted(3, "run"), counted(0, "trial")) == ("1 run", "3 runs", "0 trials")

@@ -204,7 +204,7 @@ def bench(
     embedded SmolLM2) and the model it is compared with, measured in the same run (ratios MODEL / other)."""
     import torch
 
-    from ..benchmark import bench_rows, run_bench
+    from ..benchmark import BenchStopped, bench_rows, run_bench
     from ..comparison import counted, markdown_table
     from ..generation import load_for_inference
     from ..sources import pick_device
@@ -229,8 +229,14 @@ def bench(
             models[spec.label], _ = load_for_inference(
                 spec.source, device=device, dtype=dtype.value, needs_tokenizer=False
             )
+    stopped = None
     with progress_bar("Benchmarking", len(contexts), quiet) as step:
-        result = run_bench(models, contexts, decode_tokens, repeats, step)
+        try:
+            result = run_bench(models, contexts, decode_tokens, repeats, step)
+        except BenchStopped as error:
+            if error.result is None:
+                raise
+            result, stopped = error.result, error  # the contexts before it are shown and written, then it fails
     header, rows = bench_rows(result)
     print_table(
         f"Speed and memory on {result['device']}, {counted(result['threads'], 'thread')}",
@@ -248,6 +254,8 @@ def bench(
     write_outputs(result, specs, json_path, None if no_record else "linearize_bench.json", quiet)
     if not no_plot and (plot is not None or not no_record):
         _write_plot(result, plot or _default_plot(specs[0]), quiet)
+    if stopped is not None:
+        raise LinearizeError(f"{stopped}; the contexts before it are shown above (and written as asked)")
 
 
 def _depths(value: str) -> tuple[float, ...]:
