@@ -481,3 +481,36 @@ def test_eval_cli_prints_names_and_paths_with_brackets_as_they_are(folders, tmp_
     )
     assert result.exit_code == 0, result.output
     assert "liger[v2]" in result.stdout and f"Wrote{json_path}" in "".join(result.output.split())
+
+
+def test_eval_cli_out_of_memory_in_the_second_model_keeps_the_first(folders, tmp_path, monkeypatch):
+    """The original (softmax) model is measured second, and its KV cache at long passkey contexts is what runs out of
+    GPU memory: that was a traceback that lost MODEL's results too. They are printed and written, and the run fails,
+    naming the model."""
+    import linearize.evaluation
+
+    src, liger = folders
+    real_evaluate = linearize.evaluation.evaluate_model
+    calls = []
+
+    def out_of_memory_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(linearize.evaluation, "evaluate_model", out_of_memory_second)
+    options = ["--context", "64", "--windows", "1", "--passkey-contexts", "none", "--no-record"]
+    result = runner.invoke(
+        app, ["eval", str(liger), "--against", str(src), *options, "--json", str(tmp_path / "e.json")]
+    )
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Error: out of memory while evaluating src" in shown, result.output
+    assert "liger" in result.stdout and "perplexity" in result.stdout
+    written = json.loads((tmp_path / "e.json").read_text())
+    assert list(written["results"]) == ["liger"] and list(written["models"]) == ["liger"]
+    calls[:] = [1]  # the next model measured is the second: MODEL itself runs out of memory
+    result = runner.invoke(app, ["eval", str(liger), "--against", str(src), *options])
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Error: out of memory while evaluating liger" in shown, result.output
+    assert "Traceback" not in result.output and result.stdout == ""

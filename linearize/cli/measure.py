@@ -94,6 +94,8 @@ def eval_command(
 ) -> None:
     """Perplexity, passkey retrieval and (optionally) lm-eval tasks for MODEL (default: the embedded SmolLM2) and the
     model it is compared with, side by side in one table."""
+    import torch
+
     from ..comparison import markdown_table
     from ..evaluation import check_lm_eval_tasks, eval_rows, eval_steps, evaluate_model, same_vocabulary, text_windows
     from ..generation import load_for_inference
@@ -133,19 +135,25 @@ def eval_command(
             check_lm_eval_tasks(tasks, lm_eval_options["include_path"])
     hide_library_bars(quiet)
     total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
-    results = {}
+    results, stopped = {}, None
     for spec, tokenizer, ids in zip(specs, tokenizers, text_ids, strict=True):  # one model in memory at a time
-        with spinner(f"Loading {spec.label}", quiet):
-            loaded, _ = load_for_inference(spec.source, device=device, dtype=dtype.value, needs_tokenizer=False)
-        with progress_bar(f"Evaluating {spec.label}", total, quiet) as step:
-            results[spec.label] = evaluate_model(
-                loaded, tokenizer, text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step, ids
-            )
-        del loaded
+        try:
+            with spinner(f"Loading {spec.label}", quiet):
+                loaded, _ = load_for_inference(spec.source, device=device, dtype=dtype.value, needs_tokenizer=False)
+            with progress_bar(f"Evaluating {spec.label}", total, quiet) as step:
+                options = (text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step, ids)
+                results[spec.label] = evaluate_model(loaded, tokenizer, *options)
+        except torch.OutOfMemoryError:  # the original's KV cache at a long passkey context, most often
+            stopped = f"out of memory while evaluating {spec.label} on {device}"
+            break
+        finally:
+            loaded = None  # before the next model loads
+    if stopped is not None and not results:
+        raise LinearizeError(f"{stopped}: measure shorter --context and --passkey-contexts, or --dtype bfloat16")
     header, rows = eval_rows(results, same_tokens)
     print_table("Evaluation", header, rows)
     payload = {
-        "models": {spec.label: spec.source or "embedded" for spec in specs},
+        "models": {spec.label: spec.source or "embedded" for spec in specs if spec.label in results},
         "settings": {"text": text, "context": context, "windows": windows, "passkey_contexts": contexts}
         | passkey_options
         | {"lm_eval": tasks, "lm_eval_limit": lm_eval_limit},
@@ -153,6 +161,11 @@ def eval_command(
         "markdown": markdown_table(header, rows),
     }
     write_outputs(payload, specs, json_path, None if no_record else "linearize_eval.json", quiet)
+    if stopped is not None:  # what was measured before it is shown and written, not lost with it
+        raise LinearizeError(
+            f"{stopped}; the results of {', '.join(results)} are shown above (and written as asked): measure shorter "
+            "--context and --passkey-contexts, or --dtype bfloat16"
+        )
 
 
 @app.command(
