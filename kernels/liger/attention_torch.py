@@ -25,8 +25,10 @@ def torch_liger_attention(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Liger attention; arguments and returns as in `naive_liger_attention`."""
+    # fp32 queries give the linear branch back in fp32 (the op computes in fp32 anyway), mixed unrounded as the
+    # decode step mixes it: without a normaliser that branch can pass float16's range where the mix does not
     o_linear, state = gated_linear_attention(
-        q_lin, k_lin, v, g, initial_state=initial_state, output_final_state=output_final_state, backend="torch"
+        q_lin.float(), k_lin, v, g, initial_state=initial_state, output_final_state=output_final_state, backend="torch"
     )
     # the window branch multiplies in q_rot's dtype (SDPA wants one dtype)
     keys, values = window_keys(k_rot, v, past_k, past_v, q_rot.dtype)

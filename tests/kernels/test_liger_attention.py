@@ -156,6 +156,27 @@ def test_torch_bf16(shape_id):
     _check(ref, out, torch.bfloat16, BF16_RATIO)
 
 
+def test_torch_fp16_mixes_the_linear_branch_before_rounding():
+    """The linear branch has no normaliser: without decay its output sums the values of every earlier token, and in
+    float16 it can pass 65504 where the mix (0.1 of it here) does not. The torch path mixes it in fp32 unrounded,
+    as the oracle and the decode step do, rather than overflowing it to inf in the model dtype first."""
+    B, T, H, D = 1, 32, 2, 16
+    one_hot = torch.zeros(B, T, H, D, dtype=torch.float16)
+    one_hot[..., 0] = 1  # q_lin . k_lin = 1: each token reads every earlier value in full
+    x = {
+        "q_lin": one_hot,
+        "k_lin": one_hot[:, :, :1],
+        "v": torch.full((B, T, 1, D), 4096.0, dtype=torch.float16),
+        "g": torch.zeros(B, T, 1, D),  # no decay
+        "q_rot": torch.randn(B, T, H, D).half(),
+        "k_rot": torch.randn(B, T, 1, D).half(),
+    }
+    ref, _ = naive_liger_attention(**x, window=8, mix=0.9)  # linear 131072 at the last token, the mix 16793.6
+    out, _ = torch_liger_attention(**x, window=8, mix=0.9)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=0.0)
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("config", CONFIGS)
 def test_triton_without_grad_or_final_state(config):
