@@ -306,6 +306,7 @@ def test_eval_cli_prints_both_models_and_records_the_results(folders, tmp_path):
     assert written == recorded and set(written["results"]) == {"liger", "src"}
     assert written["markdown"].startswith("| metric | liger | src |")
     assert written["results"]["liger"]["perplexity"]["value"] > 1
+    assert written["settings"]["device"] == "cpu" and written["settings"]["dtype"] == "float32"  # auto, on a CPU
 
 
 def test_eval_cli_says_perplexities_of_different_tokenizers_do_not_compare(folders, tmp_path):

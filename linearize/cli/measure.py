@@ -135,11 +135,12 @@ def eval_command(
             check_lm_eval_tasks(tasks, lm_eval_options["include_path"])
     hide_library_bars(quiet)
     total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
-    results, stopped = {}, None
+    results, stopped, loaded_in = {}, None, None
     for spec, tokenizer, ids in zip(specs, tokenizers, text_ids, strict=True):  # one model in memory at a time
         try:
             with spinner(f"Loading {spec.label}", quiet):
                 loaded, _ = load_for_inference(spec.source, device=device, dtype=dtype.value, needs_tokenizer=False)
+            loaded_in = loaded_in or str(loaded.dtype).removeprefix("torch.")  # what --dtype auto came to
             with progress_bar(f"Evaluating {spec.label}", total, quiet) as step:
                 options = (text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step, ids)
                 results[spec.label] = evaluate_model(loaded, tokenizer, *options)
@@ -155,6 +156,7 @@ def eval_command(
     payload = {
         "models": {spec.label: spec.source or "embedded" for spec in specs if spec.label in results},
         "settings": {"text": text, "context": context, "windows": windows, "passkey_contexts": contexts}
+        | {"device": device, "dtype": loaded_in}
         | passkey_options
         | {"lm_eval": tasks, "lm_eval_limit": lm_eval_limit},
         "results": results,
