@@ -299,9 +299,11 @@ def _task_manager(include_path: str | None, tasks: tuple[str, ...]):
 @functools.cache
 def _check_task_data(manager, tasks: tuple[str, ...]) -> None:
     """Build each task once, which reads its dataset (into the datasets cache, where the evaluation reads it again)."""
+    # lm-eval 0.4.12 builds tasks with `load` and deprecates `load_task_or_group`, the only loader before it
+    load = getattr(manager, "load", None) or manager.load_task_or_group
     for task in tasks:
         try:
-            manager.load_task_or_group([task])
+            load([task])
         except ConnectionError as error:  # the datasets library's, offline or with the Hub unreachable
             raise LinearizeError(
                 f"lm-eval task {task}: its dataset could not be downloaded ({error}). Run it once with network access "

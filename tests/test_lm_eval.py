@@ -2,6 +2,7 @@
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,20 @@ def test_task_data_that_cannot_be_read_is_named_before_any_model_loads(tmp_path,
     monkeypatch.setattr("linearize.generation.load_for_inference", lambda *a, **k: pytest.fail("a model loaded"))
     result = runner.invoke(app, ["eval", str(src), *options])
     assert result.exit_code == 1 and "lm-eval task unreadable: " in result.output and message in result.output
+
+
+def test_task_data_is_read_without_lm_evals_deprecated_loader(tmp_path, monkeypatch):
+    """lm-eval 0.4.12 deprecates `TaskManager.load_task_or_group` for `load`: the check before any model loads uses
+    `load` where lm-eval has it, and `load_task_or_group` only on older lm-eval (which has nothing else)."""
+    from linearize.evaluation import check_lm_eval_tasks
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    (tmp_path / "data.jsonl").write_text(json.dumps({"question": "w1 w2", "choices": ["w3", "w4"], "label": 0}))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_choice.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=DeprecationWarning, module="linearize")
+        check_lm_eval_tasks(["tiny_choice"], str(tmp_path / "tasks"))
 
 
 def test_a_task_folder_that_does_not_exist_is_named(tmp_path):
