@@ -106,10 +106,10 @@ def test_a_cache_of_other_rows_is_refused_naming_the_repeat(method):
         cache = cache_of(model(ids[:, :10], use_cache=True))
     options = dict(max_new_tokens=4, do_sample=True, pad_token_id=0, num_return_sequences=2)
     with pytest.raises(ValueError, match=r"the cache holds 1 row\(s\), the input 2: .*batch_repeat_interleave\(2\)"):
-        model.generate(ids, past_key_values=cache, **options)
+        model.generate(ids, **{compat.CACHE_ARG: cache}, **options)
     cache.batch_repeat_interleave(2)
     torch.manual_seed(1)
-    continued = model.generate(ids, past_key_values=cache, **options)
+    continued = model.generate(ids, **{compat.CACHE_ARG: cache}, **options)
     torch.manual_seed(1)
     assert torch.equal(continued, model.generate(ids, **options))
 
