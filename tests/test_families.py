@@ -245,4 +245,4 @@ def test_generation_uses_the_converted_cache_whatever_cache_the_source_asks_for(
     assert source.generation_config.cache_implementation == "hybrid"
     ids = torch.randint(3, 128, (1, 10))
     out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    assert type(out.past_key_values).__name__ == "LinearizeCache"
+    assert type(cache_of(out)).__name__ == "LinearizeCache"

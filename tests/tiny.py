@@ -19,6 +19,7 @@ from transformers import (
     SmolLM3Config,
 )
 
+from linearize.compat import CACHE_ARG
 from linearize.convert import convert_model, plan_conversion
 
 _COMMON = dict(
@@ -151,9 +152,9 @@ def assert_computes_the_source(model, source, ids: torch.Tensor, prefill: int):
         expected = source(ids).logits
         torch.testing.assert_close(model(ids, use_cache=False).logits, expected, rtol=1e-5, atol=1e-5)
         out = model(ids[:, :prefill], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits[:, -1]]
+        cache, steps = cache_of(out), [out.logits[:, -1]]
         for t in range(prefill, ids.shape[1] - 1):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], **{CACHE_ARG: cache}, use_cache=True)
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), expected[:, prefill - 1 : -1], rtol=1e-5, atol=1e-5)
     return cache

@@ -7,10 +7,12 @@ import torch
 from linearize.kernels.parallax import naive_parallax_attention
 from transformers import AutoModelForCausalLM
 
+from linearize.compat import CACHE_ARG
 from linearize.convert import convert_model, plan_conversion, save_model
 from tests.tiny import (
     FAMILIES,
     assert_computes_the_source,
+    cache_of,
     converted_model,
     model_from_config,
     rotary_tables,
@@ -113,9 +115,9 @@ def test_the_growing_cache_keeps_each_heads_tokens_as_adjacent_rows():
     model = converted_model("llama", "parallax")
     ids = torch.randint(3, 128, (2, 12))
     with torch.no_grad():
-        cache = model(ids[:, :9], use_cache=True).past_key_values
+        cache = cache_of(model(ids[:, :9], use_cache=True))
         for t in range(9, 12):
-            cache = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).past_key_values
+            cache = cache_of(model(ids[:, t : t + 1], **{CACHE_ARG: cache}, use_cache=True))
     layer = cache.layers[model.config.converted_layers()[0]]
     keys, values, valid = layer.tokens.tensors
     B, Hkv, L, D = keys.shape
