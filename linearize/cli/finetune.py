@@ -89,13 +89,10 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     from ..training.checkpoint import check_resumable, list_checkpoints, prepare_run_folder
     from ..training.checks import (
         check_stage_order,
-        float16_note,
         lora_targets,
-        new_optimizer_note,
         nothing_to_train,
-        positions_note,
+        recipe_notes,
         stage_steps,
-        transfer_signal_note,
         unmatched_targets_note,
         warmup_note,
     )
@@ -136,13 +133,10 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         if stage.kind == "attention_transfer" and not in_attention and not adds:
             projections = get_family(plan.config.base_model_type).input_projections
             raise LinearizeError(nothing_to_train(i, stage, targets, projections, bool(plan.config.converted_layers())))
-    notes += [note for note in (positions_note(recipe, source_config), float16_note(recipe, source_config)) if note]
     # the data as the run reads it (the tokenizer alone, no weights): its errors, packs and steps
     with spinner("Reading the data", quiet=False):
         data = load_data(recipe.data, sources.load_tokenizer(recipe.model.name, recipe.model.revision), t.seed)
-    notes += data.warnings
-    if note := transfer_signal_note(recipe, data.train):
-        notes.append(note)
+    notes += [*data.warnings, *recipe_notes(recipe, source_config, data.train)]
     sources_text = escape(", ".join(s.label for s in recipe.data.sources))  # "[train]" is not rich markup
     table.add_row("data", f"{sources_text}; packs of {recipe.data.seq_len} tokens, held out {recipe.data.held_out}")
     for note in data.notes:
@@ -155,7 +149,8 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     for i, stage in enumerate(recipe.stages):
         steps = stage_steps(stage, len(data.train), t, processes)[0]
         length = f"{steps} steps" + ("" if stage.max_steps else f" ({stage.epochs:g} epoch{'s' * (stage.epochs != 1)})")
-        notes += [note for note in (warmup_note(i, stage, steps), new_optimizer_note(i, stage)) if note]
+        if note := warmup_note(i, stage, steps):
+            notes.append(note)
         table.add_row(
             f"stage {i + 1}",
             f"{stage.kind}: trains {', '.join(stage.trainable)}; {length}; {stage.optimizer.name} "

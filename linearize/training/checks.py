@@ -160,6 +160,18 @@ def transfer_signal_note(recipe: Recipe, train: PackedSequences) -> str | None:
     )
 
 
+def recipe_notes(recipe: Recipe, source_config, train: PackedSequences) -> list[str]:
+    """What a run warns of (and its dry run notes) from the recipe, the source's config and the packed training data
+    alone; the LoRA targets and the warmup are checked against the model and the steps, where each is known."""
+    found = [
+        positions_note(recipe, source_config),
+        float16_note(recipe, source_config),
+        transfer_signal_note(recipe, train),
+        *(new_optimizer_note(index, stage) for index, stage in enumerate(recipe.stages)),
+    ]
+    return [note for note in found if note]
+
+
 def stage_steps(stage: StageSection, packs: int, training: TrainingSection, processes: int) -> tuple[int, int]:
     """(optimizer steps of `stage` over `packs` training sequences, sequences an epoch actually uses)."""
     per_step = training.micro_batch_size * training.grad_accum * processes

@@ -46,13 +46,10 @@ from .checkpoint import (
 )
 from .checks import (
     check_stage_order,
-    float16_note,
     lora_targets,
-    new_optimizer_note,
     nothing_to_train,
-    positions_note,
+    recipe_notes,
     stage_steps,
-    transfer_signal_note,
     transfer_trains,
     unmatched_targets_note,
     warmup_note,
@@ -111,14 +108,9 @@ class Trainer:
         self.data_fingerprint = data_fingerprint(self.data)  # what its checkpoints record
         self.model, self.new_names = self.build_model()
         unmatched, names, _ = lora_targets(self.model.config, recipe.lora.target_modules)
-        for note in (
-            positions_note(recipe, self.source_config),
-            float16_note(recipe, self.source_config),
-            unmatched_targets_note(recipe, unmatched, names),
-            transfer_signal_note(recipe, self.data.train),
-        ):
-            if note:
-                reporter.warning(note)
+        notes = [unmatched_targets_note(recipe, unmatched, names), *recipe_notes(recipe, config, self.data.train)]
+        for note in filter(None, notes):
+            reporter.warning(note)
         self.sharded = False
 
     # -- model surgery ------------------------------------------------------------------------------------------
@@ -503,10 +495,8 @@ class Trainer:
     def train(self, resume_from: Path | None) -> None:
         resume_states = self.restore(resume_from) if resume_from is not None else None
         for index, stage in enumerate(self.recipe.stages[self.state.stage :], self.state.stage):  # those to run
-            # epochs are steps once the data loads
-            for note in (warmup_note(index, stage, self.steps_in(stage)[0]), new_optimizer_note(index, stage)):
-                if note:
-                    self.reporter.warning(note)
+            if note := warmup_note(index, stage, self.steps_in(stage)[0]):  # epochs are steps once data loads
+                self.reporter.warning(note)
         for index, stage in enumerate(self.recipe.stages[self.state.stage :], self.state.stage):
             self.state.stage = index
             if stage.kind != "attention_transfer":
