@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +87,18 @@ def test_a_hand_edited_config_is_refused_by_name(edit, tmp_path):
     with pytest.raises(LinearizeError, match=re.escape(message)) as error:
         AutoModelForCausalLM.from_pretrained(tmp_path)
     assert "re-run the conversion" in str(error.value)
+
+
+def run_fresh_python(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh Python process, offline, without this process's environment (PYTHONPATH included),
+    as a user's own script runs."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_a_still_folder_missing_its_feature_maps_loads_them_as_from_config(tmp_path):
@@ -175,13 +188,7 @@ def test_trust_remote_code_load_in_a_fresh_process(tmp_path):
             assert model.config.base_model_type == case.get("family", folder)
         print("ok", type(model).__name__)
     """)
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
+    result = run_fresh_python(script, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "ok LinearizeForCausalLM" in result.stdout
 
@@ -214,11 +221,5 @@ def test_remote_code_says_how_to_install_linearize_when_missing(tmp_path):
         except ImportError as error:
             print(error)
     """)
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
+    result = run_fresh_python(script, tmp_path)
     assert INSTALL_COMMAND in result.stdout, result.stdout + result.stderr
