@@ -1,5 +1,6 @@
 """`linearize finetune` end to end on a tiny model: stages, outputs, errors, torchrun (resume and the
-run folder: test_checkpoint.py; the optimizers and schedules alone: test_optim.py)."""
+run folder: test_checkpoint.py; the optimizers and schedules alone: test_optim.py; what a run refuses or
+warns of before training: test_checks.py)."""
 
 from __future__ import annotations
 
@@ -116,73 +117,6 @@ def test_distillation_moves_the_student_toward_the_original(workspace, tmp_path)
     # the next-token loss, which the held-out eval_loss measures, is logged apart: the loss is the KL here
     assert all(r["ce"] > r["loss"] for r in steps), steps
     assert "(next-token " in result.output
-
-
-def test_the_run_warns_of_lora_targets_that_match_no_layer_as_its_dry_run_notes(workspace, tmp_path):
-    recipe = write_recipe(workspace, tmp_path)
-    targets = "lora.target_modules=[q_proj, k_proj, v_proj, foo_proj]"
-    result = invoke("finetune", recipe, targets, "stages.0.max_steps=1", "stages.1.max_steps=2", "-q")
-    assert result.exit_code == 0, result.output
-    assert "warning: lora.target_modules ['foo_proj'] match no layer of this model" in " ".join(result.output.split())
-
-
-def test_the_run_and_its_dry_run_warn_of_a_new_parameters_optimizer_in_a_stage_that_does_not_train_them(
-    workspace, tmp_path
-):
-    recipe = write_recipe(workspace, tmp_path)
-    probe = ["stages.1.optimizer.new_lr=1e-4", "stages.1.optimizer.new_name=muon"]  # stage 1 trains [lora]
-    warning = "stages.1.optimizer.new_lr and stages.1.optimizer.new_name apply to the parameters the method adds"
-
-    def shown(*args):
-        result = CliRunner().invoke(app, [str(a) for a in ("finetune", recipe, *args)], env={"COLUMNS": "300"})
-        assert result.exit_code == 0, result.output
-        return " ".join(result.output.split())
-
-    assert "apply to the parameters" not in shown("--dry-run")
-    for extra in (["--dry-run"], ["stages.0.max_steps=1", "stages.1.max_steps=2", "-q"]):
-        output = shown(*probe, *extra)
-        assert warning in output and "they have no effect; add new to trainable" in output
-
-
-def test_still_transfer_on_documents_within_its_exact_chunks_is_warned_of(workspace, tmp_path):
-    """STILL's first two chunks of a document are exact softmax attention, so its tokens there give attention
-    transfer no gradient: packs of 32 tokens (positions restart at each pack) under the default 64-token chunks
-    teach it nothing."""
-    recipe = write_recipe(workspace, tmp_path)
-    still = ["conversion={method: still}", "stages.0.trainable=[lora, new]"]
-    warning = "attention transfer trains still's new parameters only on tokens past the first 128 of their document"
-
-    def shown(*args):
-        result = CliRunner().invoke(app, [str(a) for a in ("finetune", recipe, *args)], env={"COLUMNS": "300"})
-        assert result.exit_code == 0, result.output
-        return " ".join(result.output.split())
-
-    assert warning in shown(*still, "--dry-run") and "and 0% of the training tokens are" in shown(*still, "--dry-run")
-    assert "new parameters only on tokens" not in shown(*still, "conversion.chunk_size=4", "--dry-run")
-    assert "new parameters only on tokens" not in shown("conversion={method: still}", "--dry-run")  # LoRA alone
-    assert warning in shown(*still, "stages.0.max_steps=1", "stages.1.max_steps=2", "-q")  # the run warns too
-
-
-def test_float16_weights_are_warned_of_as_trained_without_loss_scaling(workspace, tmp_path):
-    recipe = write_recipe(workspace, tmp_path)
-    half = shutil.copytree(workspace / "source", tmp_path / "half")
-    config = json.loads((half / "config.json").read_text())
-    (half / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
-    warning = "trains float16 weights without loss scaling"
-
-    def shown(*args):
-        result = CliRunner().invoke(app, [str(a) for a in ("finetune", recipe, *args)], env={"COLUMNS": "300"})
-        assert result.exit_code == 0, result.output
-        return " ".join(result.output.split())
-
-    assert warning in shown("model.dtype=float16", "--dry-run")
-    assert f"model.dtype auto (the checkpoint is float16) {warning}" in shown(
-        f"model.name={half}", "model.dtype=auto", "--dry-run"
-    )
-    assert warning not in shown("model.dtype=auto", "--dry-run") and warning not in shown(
-        "model.dtype=bfloat16", "--dry-run"
-    )
-    assert warning in shown("model.dtype=float16", "stages.0.max_steps=1", "stages.1.max_steps=2", "-q")
 
 
 def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
@@ -317,17 +251,6 @@ def test_the_held_out_transfer_mse_is_the_mean_over_its_rows_however_they_fall_i
     assert evals[0] == pytest.approx(evals[1], rel=1e-5)
 
 
-def test_fsdp_with_a_transfer_after_lora_is_refused_by_the_dry_run_under_torchrun(workspace, tmp_path, monkeypatch):
-    """The run refuses it before the weights load; its dry run under torchrun must say so too."""
-    recipe = write_recipe(workspace, tmp_path)
-    stages = "stages=[{kind: lora, max_steps: 1}, {kind: attention_transfer, trainable: [lora], max_steps: 1}]"
-    assert invoke("finetune", recipe, stages, "training.distributed=fsdp", "--dry-run").exit_code == 0  # one process
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    result = invoke("finetune", recipe, stages, "training.distributed=fsdp", "--dry-run")
-    message = " ".join(result.output.split())
-    assert result.exit_code == 1 and "every attention_transfer stage must come before them; reorder" in message
-
-
 def test_the_dry_run_under_torchrun_prints_its_plan_once(workspace, tmp_path, monkeypatch):
     recipe = write_recipe(workspace, tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -343,12 +266,6 @@ def test_help_says_what_a_resumed_run_may_change():
     assert "eval_batches, checkpoint_every, keep_checkpoints, gradient_checkpointing and output.merge_lora may" in (
         " ".join(result.output.split())
     )
-
-
-def test_too_little_data_for_one_step(workspace, tmp_path):
-    recipe = write_recipe(workspace, tmp_path)
-    result = invoke("finetune", recipe, "training.grad_accum=64")
-    assert result.exit_code == 1 and "fewer than one optimizer step uses" in result.output
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(workspace, tmp_path):
@@ -667,21 +584,6 @@ def test_a_model_that_cannot_convert_stops_the_run_before_the_data_and_the_weigh
         shown = " ".join(result.output.split())
         assert result.exit_code == 1 and "already converted by linearize: give the model it came from" in shown
         assert "which `linearize convert` and `linearize finetune` convert themselves" in shown, extra
-    assert not (tmp_path / "run" / "model").exists()
-
-
-def test_attention_transfer_refuses_an_adapter_on_o_proj_alone(workspace, tmp_path, monkeypatch):
-    """Attention transfer's loss is on the attention output before o_proj, so o_proj's adapter gets no gradient:
-    with no other adapter in the attention (Phi-3's qkv_proj left out) the stage would train nothing, silently.
-    The dry run and the run refuse it, naming the family's own input projections."""
-    source_folder(tmp_path / "phi3", "phi3")
-    monkeypatch.setattr(linearize.sources, "_load_tokenizer", lambda *args: tiny_tokenizer())
-    recipe = write_recipe(workspace, tmp_path, RECIPE.replace("{source}", str(tmp_path / "phi3")))
-    for extra in (["--dry-run"], []):
-        result = invoke("finetune", recipe, *extra)
-        shown = " ".join(result.output.split())
-        assert result.exit_code == 1 and "stages.0 (attention_transfer) has nothing to train" in shown, extra
-        assert "add its input projections (qkv_proj) to lora.target_modules" in shown
     assert not (tmp_path / "run" / "model").exists()
 
 

@@ -1,0 +1,106 @@
+"""What a fine-tuning run refuses or warns of before it trains (linearize/training/checks.py), as the run and its
+dry run say it: LoRA targets, stage order, steps, what a stage trains, float16 weights, optimizer settings of
+parameters a stage does not train, attention transfer on tokens the method computes exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from typer.testing import CliRunner
+
+import linearize.sources
+from linearize.cli import app
+from tests.tiny import source_folder, tiny_tokenizer
+from tests.training.runs import RECIPE, invoke, write_recipe
+
+
+def shown(recipe, *args) -> str:
+    """`linearize finetune RECIPE ARGS` on a wide terminal, which must succeed: its output on one line."""
+    result = CliRunner().invoke(app, [str(a) for a in ("finetune", recipe, *args)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+def test_the_run_warns_of_lora_targets_that_match_no_layer_as_its_dry_run_notes(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    targets = "lora.target_modules=[q_proj, k_proj, v_proj, foo_proj]"
+    result = invoke("finetune", recipe, targets, "stages.0.max_steps=1", "stages.1.max_steps=2", "-q")
+    assert result.exit_code == 0, result.output
+    assert "warning: lora.target_modules ['foo_proj'] match no layer of this model" in " ".join(result.output.split())
+
+
+def test_the_run_and_its_dry_run_warn_of_a_new_parameters_optimizer_in_a_stage_that_does_not_train_them(
+    workspace, tmp_path
+):
+    recipe = write_recipe(workspace, tmp_path)
+    probe = ["stages.1.optimizer.new_lr=1e-4", "stages.1.optimizer.new_name=muon"]  # stage 1 trains [lora]
+    warning = "stages.1.optimizer.new_lr and stages.1.optimizer.new_name apply to the parameters the method adds"
+
+    assert "apply to the parameters" not in shown(recipe, "--dry-run")
+    for extra in (["--dry-run"], ["stages.0.max_steps=1", "stages.1.max_steps=2", "-q"]):
+        output = shown(recipe, *probe, *extra)
+        assert warning in output and "they have no effect; add new to trainable" in output
+
+
+def test_still_transfer_on_documents_within_its_exact_chunks_is_warned_of(workspace, tmp_path):
+    """STILL's first two chunks of a document are exact softmax attention, so its tokens there give attention
+    transfer no gradient: packs of 32 tokens (positions restart at each pack) under the default 64-token chunks
+    teach it nothing."""
+    recipe = write_recipe(workspace, tmp_path)
+    still = ["conversion={method: still}", "stages.0.trainable=[lora, new]"]
+    warning = "attention transfer trains still's new parameters only on tokens past the first 128 of their document"
+
+    dry_run = shown(recipe, *still, "--dry-run")
+    assert warning in dry_run and "and 0% of the training tokens are" in dry_run
+    assert "new parameters only on tokens" not in shown(recipe, *still, "conversion.chunk_size=4", "--dry-run")
+    assert "new parameters only on tokens" not in shown(recipe, "conversion={method: still}", "--dry-run")  # LoRA alone
+    assert warning in shown(recipe, *still, "stages.0.max_steps=1", "stages.1.max_steps=2", "-q")  # the run warns too
+
+
+def test_float16_weights_are_warned_of_as_trained_without_loss_scaling(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    half = shutil.copytree(workspace / "source", tmp_path / "half")
+    config = json.loads((half / "config.json").read_text())
+    (half / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    warning = "trains float16 weights without loss scaling"
+
+    assert warning in shown(recipe, "model.dtype=float16", "--dry-run")
+    assert f"model.dtype auto (the checkpoint is float16) {warning}" in shown(
+        recipe, f"model.name={half}", "model.dtype=auto", "--dry-run"
+    )
+    for dtype in ("auto", "bfloat16"):  # the tiny source is saved in float32
+        assert warning not in shown(recipe, f"model.dtype={dtype}", "--dry-run")
+    assert warning in shown(recipe, "model.dtype=float16", "stages.0.max_steps=1", "stages.1.max_steps=2", "-q")
+
+
+def test_fsdp_with_a_transfer_after_lora_is_refused_by_the_dry_run_under_torchrun(workspace, tmp_path, monkeypatch):
+    """The run refuses it before the weights load; its dry run under torchrun must say so too."""
+    recipe = write_recipe(workspace, tmp_path)
+    stages = "stages=[{kind: lora, max_steps: 1}, {kind: attention_transfer, trainable: [lora], max_steps: 1}]"
+    assert invoke("finetune", recipe, stages, "training.distributed=fsdp", "--dry-run").exit_code == 0  # one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("finetune", recipe, stages, "training.distributed=fsdp", "--dry-run")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "every attention_transfer stage must come before them; reorder" in message
+
+
+def test_too_little_data_for_one_step(workspace, tmp_path):
+    recipe = write_recipe(workspace, tmp_path)
+    result = invoke("finetune", recipe, "training.grad_accum=64")
+    assert result.exit_code == 1 and "fewer than one optimizer step uses" in result.output
+
+
+def test_attention_transfer_refuses_an_adapter_on_o_proj_alone(workspace, tmp_path, monkeypatch):
+    """Attention transfer's loss is on the attention output before o_proj, so o_proj's adapter gets no gradient:
+    with no other adapter in the attention (Phi-3's qkv_proj left out) the stage would train nothing, silently.
+    The dry run and the run refuse it, naming the family's own input projections."""
+    source_folder(tmp_path / "phi3", "phi3")
+    monkeypatch.setattr(linearize.sources, "_load_tokenizer", lambda *args: tiny_tokenizer())
+    recipe = write_recipe(workspace, tmp_path, RECIPE.replace("{source}", str(tmp_path / "phi3")))
+    for extra in (["--dry-run"], []):
+        result = invoke("finetune", recipe, *extra)
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1 and "stages.0 (attention_transfer) has nothing to train" in message, extra
+        assert "add its input projections (qkv_proj) to lora.target_modules" in message
+    assert not (tmp_path / "run" / "model").exists()
