@@ -91,7 +91,7 @@ def load_data(config: DataConfig, tokenizer, seed: int = 0) -> FinetuneData:
     documents: list[Document] = []
     for source in config.sources:
         found, fmt = read_documents(source, tokenizer, config.template)
-        notes.append(f"{source.label}: {len(found)} document{'s' * (len(found) != 1)} ({fmt})")
+        notes.append(f"{source.label}: {counted(len(found), 'document')} ({fmt})")
         if source.builtin is not None and source.split == "test":
             warnings.append(
                 f"{source.label} is the text that `linearize eval --text builtin` scores; its perplexity "
