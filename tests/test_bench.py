@@ -244,6 +244,20 @@ def test_bench_cli_errors(tmp_path):
     )
 
 
+def test_bench_cli_json_dash_writes_the_results_to_stdout(tmp_path, monkeypatch):
+    """`--json -` wrote a file named '-'; a script piping the results (`| jq`) gets them on stdout, the table on
+    stderr, and the record as with any --json."""
+    monkeypatch.chdir(tmp_path)  # where a file named "-" would land
+    src = source_folder(tmp_path / "src")
+    options = ["--ctx", "16", "--decode-tokens", "1", "--repeats", "1", "--no-plot", "--quiet"]
+    result = runner.invoke(app, ["bench", str(src), *options, "--json", "-"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    written = json.loads(result.stdout)
+    assert [row["context"] for row in written["rows"]] == [16] and "prefill tokens/s" in result.stderr
+    assert written == json.loads((src / "linearize_bench.json").read_text())
+    assert not (tmp_path / "-").exists()
+
+
 def test_bench_cli_interrupted_says_so_and_writes_nothing(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

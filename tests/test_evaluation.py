@@ -350,6 +350,17 @@ def test_eval_cli_errors(folders, tmp_path):
     assert result.exit_code != 0 and "nowhere" in result.output and "Evaluating" not in result.output
 
 
+def test_eval_cli_json_dash_writes_the_results_to_stdout(folders, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a file named "-" would land
+    src, liger = folders
+    options = ["--context", "64", "--windows", "1", "--passkey-contexts", "none", "--no-record", "--quiet"]
+    result = runner.invoke(app, ["eval", str(liger), "--against", str(src), *options, "--json", "-"])
+    assert result.exit_code == 0, result.output
+    written = json.loads(result.stdout)
+    assert set(written["models"]) == {"liger", "src"} and "Evaluation" in result.stderr
+    assert not (tmp_path / "-").exists()
+
+
 def test_eval_cli_reads_the_text_before_any_model_loads(folders, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model loaded before the text was read")

@@ -160,15 +160,20 @@ def float_list(value: str, option: str) -> tuple[float, ...]:
         raise LinearizeError(f"{option} takes comma-separated fractions, e.g. 0,0.5,1; got {value!r}") from None
 
 
-def print_table(title: str, header: list[str], rows: list[list[str]], caption: str | None = None) -> None:
-    """A table on stdout, its text as it is: model names, paths and --text specs may hold [brackets], which rich
-    would read as markup (and drop, or fail on)."""
+STDOUT = Path("-")  # `--json -`: the results on stdout, for a pipe (`| jq`); the table then goes to stderr
+
+
+def print_table(
+    title: str, header: list[str], rows: list[list[str]], caption: str | None = None, stderr: bool = False
+) -> None:
+    """A table on stdout (stderr if `stderr`), its text as it is: model names, paths and --text specs may hold
+    [brackets], which rich would read as markup (and drop, or fail on)."""
     table = Table(title=escape(title), caption=caption and escape(caption))
     for i, column in enumerate(header):
         table.add_column(escape(column), justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*map(escape, row))
-    Console().print(table)
+    (console if stderr else Console()).print(table)
 
 
 def check_output_file(path: Path | None, option: str, example: str) -> None:
@@ -176,7 +181,7 @@ def check_output_file(path: Path | None, option: str, example: str) -> None:
     that names a folder, or lies under a file or a folder that cannot be written."""
     from ..outputs import check_writable
 
-    if path is None:
+    if path is None or path == STDOUT:
         return
     if path.is_dir():
         raise LinearizeError(f"{option} {path} is a folder; give a file path, e.g. {option} {path / example}")
@@ -186,10 +191,12 @@ def check_output_file(path: Path | None, option: str, example: str) -> None:
 def write_outputs(payload: dict, specs, json_path: Path | None, record_name: str | None, quiet: bool) -> None:
     """--json PATH, and the record in MODEL's folder (None: --no-record). A folder that cannot take the record (a
     read-only model store) gets a warning: the results are printed and, with --json, written."""
-    from ..comparison import record, write_json
+    from ..comparison import json_text, record, write_json
 
     written = []
-    if json_path is not None:
+    if json_path == STDOUT:
+        sys.stdout.write(json_text(payload, indent=2) + "\n")
+    elif json_path is not None:
         try:
             written.append(write_json(json_path, payload))
         except OSError as error:
@@ -214,4 +221,5 @@ AGAINST_HELP = (
     "The model to compare with (same kinds as MODEL). Default: the source a converted folder records (a conversion "
     "of a local folder records none: name it); nothing for other models."
 )
+JSON_HELP = "Also write the results to this JSON file ('-': to stdout, the table then to stderr)."
 RECORD_HELP = "Do not write the results into MODEL's folder (linearize_eval.json / linearize_bench.json)."

@@ -11,8 +11,10 @@ from rich.markup import escape
 from ..errors import LinearizeError
 from .common import (
     AGAINST_HELP,
+    JSON_HELP,
     MODEL_HELP,
     RECORD_HELP,
+    STDOUT,
     Dtype,
     app,
     check_output_file,
@@ -84,9 +86,7 @@ def eval_command(
         int | None,
         typer.Option(help="At most this many documents per lm-eval task.", min=1, show_default=False),
     ] = None,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Also write the results to this JSON file.", show_default=False)
-    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help=JSON_HELP, show_default=False)] = None,
     no_record: Annotated[bool, typer.Option("--no-record", help=RECORD_HELP)] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="auto: float32 on CPU, the checkpoint's dtype elsewhere.")] = "auto",
@@ -152,7 +152,7 @@ def eval_command(
     if stopped is not None and not results:
         raise LinearizeError(f"{stopped}: measure shorter --context and --passkey-contexts, or --dtype bfloat16")
     header, rows = eval_rows(results, same_tokens)
-    print_table("Evaluation", header, rows)
+    print_table("Evaluation", header, rows, stderr=json_path == STDOUT)
     payload = {
         "models": {spec.label: spec.source or "embedded" for spec in specs if spec.label in results},
         "settings": {"text": text, "context": context, "windows": windows, "passkey_contexts": contexts}
@@ -196,9 +196,7 @@ def bench(
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for torch (default: torch's choice).", min=1, show_default=False)
     ] = None,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Also write the results to this JSON file.", show_default=False)
-    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help=JSON_HELP, show_default=False)] = None,
     plot: Annotated[
         Path | None,
         typer.Option(
@@ -263,6 +261,7 @@ def bench(
         "prefill peak: the most memory the prefill's tensors held at once"
         + f"; ratio: {' / '.join(result['models'])} (in brackets: the lowest and highest of the runs' ratios)"
         * (len(specs) == 2),
+        stderr=json_path == STDOUT,
     )
     result["sources"] = {spec.label: spec.source or "embedded" for spec in specs}
     result["markdown"] = markdown_table(header, rows)
