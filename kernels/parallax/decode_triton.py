@@ -55,7 +55,6 @@ def parallax_decode_kernel(
     split,  # keys per part, a multiple of BN
     NS,  # parts
     H: tl.constexpr,
-    HKV: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
     BD: tl.constexpr,
@@ -169,7 +168,7 @@ def triton_parallax_decode(
     parallax_decode_kernel[(B * H, NS)](
         q, r, k_cache, v_cache, cache_valid, o, part_o, part_s, *k_cache.stride()[:3],
         scale * LOG2E, L, start, split, NS,
-        H=H, HKV=HKV, G=H // HKV, D=D, BD=BD, BN=block_n, SPLIT=NS > 1, HAS_VALID=cache_valid is not None,
+        H=H, G=H // HKV, D=D, BD=BD, BN=block_n, SPLIT=NS > 1, HAS_VALID=cache_valid is not None,
         num_warps=4 if BD * block_n < 8192 else 8,  # 32 elements of each fp32 [BN, BD] tile per thread (D <= 128)
     )  # fmt: skip
     if NS > 1:
