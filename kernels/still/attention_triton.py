@@ -122,7 +122,7 @@ def still_bwd(saved, do, config):
     dvs = torch.empty(B, H, NS, Dv, dtype=torch.float32, device=q.device)
     if layout.NT > 2:
         still_bwd_salient_kernel[(layout.NT - 2, B * H)](
-            q, k, v, key_valid, slots, do, m, den, arg, dden, dm, dks, dvs, scale * LOG2E, T, C, layout.NT, S, NS,
+            q, k, v, key_valid, slots, do, m, den, arg, dden, dm, dks, dvs, scale * LOG2E, T, C, S, NS,
             H=H, HKV=Hkv, G=H // Hkv, D=D, DV=Dv, BSC=pow2(S), BD=tiles["BD"], BV=tiles["BV"], **flags,
         )  # fmt: skip
     dk_feat = torch.empty_like(k_feat)

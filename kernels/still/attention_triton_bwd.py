@@ -220,7 +220,7 @@ def _salient_shared(args: dict) -> int:
     key=["D", "DV", "BSC"],
     shared_estimate=_salient_shared,
 )
-@triton.jit(do_not_specialize=["T", "C", "N", "S", "NS"])
+@triton.jit(do_not_specialize=["T", "C", "S", "NS"])
 def still_bwd_salient_kernel(
     q,  # [B, T, H, D]
     k,  # [B, T, HKV, D]
@@ -238,7 +238,6 @@ def still_bwd_salient_kernel(
     qk_scale,
     T,
     C,
-    N,
     S,
     NS,
     H: tl.constexpr,
