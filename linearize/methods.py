@@ -302,10 +302,6 @@ class Method:
         module, _, name = self.layer.rpartition(".")
         return getattr(importlib.import_module(f"{__package__}.layers.{module}"), name)
 
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return {p.name: p.default for p in self.settings.parameters()}
-
     def exact_with(self, settings: MethodSettings) -> bool:
         """Whether layers converted with `settings` compute the source's outputs until trained: a method exact at
         conversion is not once a `window` cuts off the keys its source layers see (Parallax's `--window`)."""
