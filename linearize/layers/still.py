@@ -132,9 +132,8 @@ class StillCacheLayer(StateCacheLayer):
 
     _tensor_fields = StillDecodeState._fields
 
-    def __init__(self, chunk_size: int, topk: int):
+    def __init__(self):
         super().__init__()
-        self.chunk_size, self.topk = chunk_size, topk
         self.ring_k = self.ring_v = self.ring_score = self.ring_valid = None  # [B, 2C, ...]
         self.chunk_q = None  # [B, C, H, D]
         self.salient_k = self.salient_v = None  # [B, H, S, D]
@@ -156,7 +155,7 @@ class StillAttention(LinearizedAttention):
 
     @staticmethod
     def cache_layer(settings: StillSettings) -> StillCacheLayer:
-        return StillCacheLayer(settings.chunk_size, settings.topk)
+        return StillCacheLayer()  # filled by the prefill (`_fill_cache`); chunk size and top-k are the layer's
 
     @torch.no_grad()
     def init_new_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
