@@ -55,7 +55,8 @@ def liger_decode(
         g: per-key-dimension log decay `[B, Hkv, K]`, <= 0.
         state: gated linear state `[B, Hkv, K, V]` (fp32) before this token, shared by the query heads of a group.
         q_rot: RoPE'd queries `[B, H, D]`, with D == V.
-        window_k: RoPE'd keys `[B, W, Hkv, D]`: the previous W - 1 tokens' followed by the new token's.
+        window_k: RoPE'd keys `[B, W, Hkv, D]`: the previous W - 1 tokens' and the new token's, in any order (one
+            query's softmax does not depend on it: a cache passes its ring as it lies).
         window_v: values `[B, W, Hkv, D]`, in the same order.
         window_valid: `[B, W]` bool, False for keys nobody may see (padding, not yet filled).
         scale: window score multiplier, default D ** -0.5.

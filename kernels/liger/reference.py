@@ -31,7 +31,7 @@ def naive_liger_decode(
         g: log decay `[B, Hkv, K]`, <= 0.
         state: gated linear state `[B, Hkv, K, V]` before this token.
         q_rot: RoPE'd queries `[B, H, D]`.
-        window_k: RoPE'd window keys `[B, W, Hkv, D]`, the new token's last.
+        window_k: RoPE'd window keys `[B, W, Hkv, D]`, the new token's among them, in any order.
         window_v: window values `[B, W, Hkv, D]`.
         window_valid: `[B, W]` bool, False for keys nobody may see (padding).
         scale: window score multiplier, default D ** -0.5.
