@@ -243,7 +243,7 @@ class DocumentBatch:
         and building them syncs with the device."""
         return DocumentBatch(document_ids)
 
-    def __init__(self, document_ids: torch.Tensor, group_cost: int | None = None):
+    def __init__(self, document_ids: torch.Tensor):
         device = document_ids.device
         self.shape = document_ids.shape
         starts = torch.ones_like(document_ids, dtype=torch.bool)
@@ -253,7 +253,7 @@ class DocumentBatch:
         first = torch.nonzero(starts.flatten()).squeeze(1)  # [N]: the flat index of each document's first token
         offset = torch.arange(document.numel(), device=device) - first[document]  # [B * T]: index within its document
         self.groups = []
-        for members in length_groups(lengths.tolist(), self.group_cost if group_cost is None else group_cost):
+        for members in length_groups(lengths.tolist(), self.group_cost):
             rank = torch.full_like(lengths, -1)
             rank[members] = torch.arange(len(members), device=device)
             tokens = torch.nonzero(rank[document] >= 0).squeeze(1)

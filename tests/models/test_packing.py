@@ -93,7 +93,7 @@ def test_without_restarting_positions_the_documents_run_together():
     assert not torch.allclose(together[0, 13:], apart[0, 13:], atol=1e-3)  # later documents saw earlier ones
 
 
-def test_document_ids_and_the_padded_batches_of_documents():
+def test_document_ids_and_the_padded_batches_of_documents(monkeypatch):
     positions = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 7, 8, 9, 10]])
     assert packed_document_ids(positions).tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]]
     assert packed_document_ids(positions[1:]) is None
@@ -110,7 +110,8 @@ def test_document_ids_and_the_padded_batches_of_documents():
         (3, [[[7, 8, 9, 10, 11, 12]], [[1, 2, 3], [0, 4, 5], [0, 0, 6]]]),  # 6 + 9 + 2 * 3 against 4 * 6 + 3
     ]:
         seen.clear()
-        out = DocumentBatch(packed_document_ids(positions), group_cost).run(attend, x, x, x)
+        monkeypatch.setattr(DocumentBatch, "group_cost", group_cost)
+        out = DocumentBatch(packed_document_ids(positions)).run(attend, x, x, x)
         assert sorted(seen) == sorted(batches)
         assert torch.equal(out, torch.stack([x, 2 * x], -1))
 
