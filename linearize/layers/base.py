@@ -182,8 +182,8 @@ class LinearizedAttention(nn.Module):
         valid: torch.Tensor | None,
     ) -> torch.Tensor:
         """The method's attention before `o_proj`, `[B, T, H * D]`, from the layer input `[B, T, hidden]`, the
-        rotary tables (cos, sin) `[B, T, D]`, the layer's cache (None without one; updated in place) and which
-        tokens are real (`[B, T]` bool, or None when all are)."""
+        rotary tables (cos, sin) `[B, T, R]` (R <= D: see `apply_rope`), the layer's cache (None without one; updated
+        in place) and which tokens are real (`[B, T]` bool, or None when all are)."""
         raise NotImplementedError
 
     @staticmethod

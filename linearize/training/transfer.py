@@ -65,7 +65,7 @@ def teacher_attention(
     Args:
         attn: a converted layer, which still owns the source's projections (and q/k norms).
         hidden_states: the layer input `[B, T, hidden]`.
-        position_embeddings: the model's rotary tables (cos, sin), each `[B, T, D]`.
+        position_embeddings: the rotary tables (cos, sin), each `[B, T, R]` (R <= D: see `layers.base.apply_rope`).
         valid: `[B, T]` bool, False at padding, or None.
         document_ids: `[B, T]`, the document of each token of packed rows (queries see their own only), or None.
     """
