@@ -10,6 +10,7 @@ from .recurrent import fused_recurrent_gla
 from .reference import check_inputs, naive_recurrent_gla
 
 __all__ = [
+    "GLA_BACKENDS",
     "chunk_gla",
     "factored_chunk_gla",
     "fla_chunk_gla",
@@ -17,6 +18,8 @@ __all__ = [
     "gated_linear_attention",
     "naive_recurrent_gla",
 ]
+
+GLA_BACKENDS = ("reference", "torch", "triton", "fla")  # the implementations `gated_linear_attention` runs on
 
 # up to this many tokens (decoding) the token loop is cheaper than the fixed cost of the chunked path
 RECURRENT_MAX_T = 4
@@ -59,7 +62,7 @@ def gated_linear_attention(
     """
     check_inputs(q, k, v, g, initial_state, cu_seqlens)
     T = q.shape[1]
-    name = resolve_backend(backend, q.device, available=("reference", "torch", "triton", "fla"))
+    name = resolve_backend(backend, q.device, available=GLA_BACKENDS)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if cu_seqlens is not None:
         kwargs["cu_seqlens"] = cu_seqlens

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ..cache_layers import RecentTokens, StateCacheLayer
-from ..kernels import gated_linear_attention
+from ..kernels import gated_linear_attention, resolve_backend
+from ..kernels.gla import GLA_BACKENDS
 from ..kernels.liger import liger_attention, liger_decode
 from ..methods import LigerGlaSettings, LigerSettings
 from .base import LinearizedAttention
@@ -173,8 +174,13 @@ class LigerAttention(LinearizedAttention):
             q, k, v, valid, state, recent=self.window - self.sinks, sinks=self.sinks, scale=self.scaling,
             softcap=self.softcap, backend=self.backend,
         )  # fmt: skip
+        q_linear, *rest = linear
+        if resolve_backend(self.backend, q.device, available=GLA_BACKENDS) in ("reference", "torch"):
+            # these compute in fp32: fp32 queries give the branch back unrounded, mixed as `torch_liger_attention`
+            # mixes it (without a normaliser it can pass float16's range where the mix does not)
+            q_linear = q_linear.float()
         o_linear, recurrent_state = gated_linear_attention(
-            *linear, scale=1.0, initial_state=initial_state, output_final_state=state is not None,
+            q_linear, *rest, scale=1.0, initial_state=initial_state, output_final_state=state is not None,
             backend=self.backend,
         )  # fmt: skip
         return torch.lerp(o_linear.float(), o_window.float(), self.mix), recurrent_state  # the mix, in one pass

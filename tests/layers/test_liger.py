@@ -72,6 +72,25 @@ def test_liger_with_sinks_matches_the_formula(family):
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_liger_with_sinks_mixes_the_linear_branch_before_rounding():
+    """The gated linear branch has no normaliser: without decay it sums every earlier value, and in float16 it can
+    pass 65504 where the mix does not. On the torch path the sinks layer mixes it unrounded, as the sink-free op
+    (`torch_liger_attention`) and the oracle do, instead of overflowing it to inf in the model dtype first."""
+    layer = converted_model("llama", "liger-sinks").model.layers[0].self_attn.half()
+    layer.mix = 0.9
+    B, T, H, Hkv, D = 1, 32, layer.num_heads, layer.num_kv_heads, layer.head_dim
+    one_hot = torch.zeros(B, T, H, D, dtype=torch.float16)
+    one_hot[..., 0] = 1  # q_lin . k_lin = 1: each token reads every earlier value in full
+    v = torch.full((B, T, Hkv, D), 4096.0, dtype=torch.float16)
+    linear = (one_hot, one_hot[:, :, :Hkv], v, torch.zeros(B, T, Hkv, D))  # no decay: 131072 at the last token
+    q, k = torch.randn(B, T, H, D).half(), torch.randn(B, T, Hkv, D).half()
+    cos, sin = torch.ones(B, T, D, dtype=torch.float16), torch.zeros(B, T, D, dtype=torch.float16)
+    with torch.no_grad():
+        o, _ = layer._attend_with_sinks(q, k, v, None, linear, None, None, (cos, sin))
+    assert torch.isfinite(o).all()
+    assert o[0, -1, 0, 0].item() == pytest.approx(0.9 * 4096 + 0.1 * 131072, rel=1e-3)
+
+
 def test_mix_weights_the_liger_op_branches():
     """`mix` (ours; the paper's 0.5 is the default) reaches the Liger op; the sink path's test uses mix 0.7."""
     model = converted_model("llama", "liger")
