@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..comparison import json_text
+from ..errors import LinearizeError
 
 
 class Reporter:
@@ -44,9 +45,17 @@ class Reporter:
             self.console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
     def record(self, **fields) -> None:
-        if self.metrics_file is not None:
+        if self.metrics_file is None:
+            return
+        try:
             with self.metrics_file.open("a") as f:
                 f.write(json_text(fields) + "\n")  # a NaN loss as null: strict JSON readers refuse NaN
+        except OSError as error:  # a full disk: a row cut short is cut off again by --resume (`truncate_metrics`)
+            raise LinearizeError(
+                f"cannot write the run's metrics to {self.metrics_file}: {error.strerror or error}. The run stopped; "
+                "checkpoints written so far are kept: free some space (or fix the folder), then rerun the same "
+                "command (overrides included) with --resume to continue"
+            ) from None
 
     def metrics_size(self) -> int:
         """Bytes of metrics written so far, what `truncate_metrics` takes to forget every later row."""

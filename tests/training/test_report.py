@@ -1,8 +1,13 @@
 """`linearize.training.report`: what a run writes to metrics.jsonl."""
 
+import errno
 import json
 import math
+from pathlib import Path
 
+import pytest
+
+from linearize.errors import LinearizeError
 from linearize.training.report import Reporter
 
 
@@ -17,3 +22,22 @@ def test_metrics_that_are_not_finite_are_written_as_json_null(tmp_path):
     reporter.record(global_step=0, eval_loss=math.nan, eval_ppl=math.inf)
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line, parse_constant=strict) == {"global_step": 0, "eval_loss": None, "eval_ppl": None}
+
+
+def test_a_metrics_row_that_cannot_be_written_stops_the_run_with_what_to_do(tmp_path, monkeypatch):
+    """A full disk when a step's row is appended to metrics.jsonl (written every step, so often the first write to
+    fail) ended the run with an OSError traceback; it must name the file and the cause, and say that --resume
+    continues from the checkpoints kept."""
+    open_file = Path.open
+
+    def disk_full(path, mode="r", *args, **kwargs):
+        if path.name == "metrics.jsonl" and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return open_file(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", disk_full)
+    reporter = Reporter(tmp_path / "metrics.jsonl")
+    with pytest.raises(LinearizeError) as raised:
+        reporter.record(global_step=3, loss=1.0)
+    message = str(raised.value)
+    assert "metrics.jsonl" in message and "No space left on device" in message and "--resume" in message
