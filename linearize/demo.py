@@ -13,6 +13,7 @@ exact) and decode speed after a 2K-token prefill (measured in this run, all mode
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,9 +96,15 @@ def quick_recipe(run: Path, steps: int, model: str | None = None):
     if steps < 1:
         raise LinearizeError(f"--steps must be at least 1, got {steps}")
     text = QUICK_RECIPE.format(
-        steps=steps, warmup=min(2, steps - 1), eval_every=max(1, steps // 3), run=run.as_posix()
+        steps=steps, warmup=min(2, steps - 1), eval_every=max(1, steps // 3), run=_yaml_string(run.as_posix())
     )  # warmup shorter than the stage, however few its steps
-    return parse_recipe(text, source="the demo recipe", overrides=[f"model.name={model}"] if model else None)
+    overrides = [f"model.name={_yaml_string(model)}"] if model else None
+    return parse_recipe(text, source="the demo recipe", overrides=overrides)
+
+
+def _yaml_string(text: str) -> str:
+    """`text` as a quoted YAML scalar: unquoted, a path's ` #` starts a comment and `: `, `[`, `*` or `%` YAML."""
+    return json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML double-quoted one
 
 
 def _cache(plan: ConversionPlan) -> tuple[int, bool]:

@@ -59,3 +59,13 @@ def test_a_demo_that_fails_with_force_keeps_the_earlier_folder(tmp_path, monkeyp
 def test_the_demo_recipe_warms_up_within_its_steps(steps, tmp_path):
     stage = quick_recipe(tmp_path / "demo", steps).stages[0]
     assert warmup_note(0, stage, steps) is None and stage.schedule.warmup_steps == min(2, steps - 1)
+
+
+@pytest.mark.parametrize("name", ["demo #1", "a: b", "[v2]", "*x", "%x", 'say "hi"', "back\\slash", "café"])
+def test_the_demo_recipe_takes_any_folder_name(name):
+    """The run folder and the model were written into the recipe's YAML unquoted: `-o "demo #1"` trained into
+    "demo" beside it (the rest read as a comment), and `a: b`, `[v2]` or `%x` failed as malformed YAML."""
+    for folder in (Path(name), Path("/data") / name):
+        run, model = folder / "liger-run", str(folder / "source")
+        recipe = quick_recipe(run, 3, model)
+        assert Path(recipe.output.dir) == run and recipe.model.name == model
