@@ -61,7 +61,7 @@ def check_output_folder(out: Path, force: bool = False, source: str | None = Non
         "the embedded model's cache",
         f"later runs would silently use your output in place of the embedded {sources.EMBEDDED_NAME}",
     )
-    check_name_length(out)
+    check_name_length(_followed(out))
     check_replaceable(out, force)
     check_writable(out)
 
@@ -100,7 +100,7 @@ def _name_max(out: Path) -> int:
 def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder beside `out`, and move it into place as `out` when the body completes (an
     existing `out` is replaced only with `force`). Write errors become LinearizeErrors that say what to do."""
-    out = Path(out)
+    out = _followed(Path(out))
     check_name_length(out)
     check_replaceable(out, force)
     with write_errors(out):
@@ -123,7 +123,7 @@ def replaced_when_done(out: Path, force: bool = False) -> Iterator[None]:
     with `force`) is set aside while the body runs and deleted once it completes; if the body fails, what it wrote
     is removed and the old folder put back (if the process is killed, the next linearize run writing beside it
     does that)."""
-    out = Path(out)
+    out = _followed(Path(out))
     check_name_length(out)
     with _held_for_writing(out):
         check_replaceable(out, force)  # again, now that no other run can be writing it
@@ -169,7 +169,7 @@ def file_written_whole(path: Path) -> Iterator[Path]:
     """Yield a hidden sibling of `path` to write; it replaces `path` once the body has finished, so that a full disk,
     an error or Ctrl-C leaves the earlier file as it was (and no partial one). Each writer has its own sibling: two
     threads writing `path` at once would otherwise share one, and the later would find it gone."""
-    path = Path(path)
+    path = _followed(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
@@ -329,6 +329,13 @@ def _move_into_place(staging: Path, out: Path, force: bool) -> None:
         os.replace(retired, out)
         raise
     _remove(retired)
+
+
+def _followed(out: Path) -> Path:
+    """Where `out` is written: the path a link there points to (a folder on a bigger disk, say), so that the output
+    replaces what the link names and the link stays. Renaming into the link's own place would replace the link,
+    write to its disk and leave the linked folder as it was; a link to nothing would fail with 'Not a directory'."""
+    return _absolute(out) if out.is_symlink() else out
 
 
 def _sibling(out: Path, kind: str) -> Path:

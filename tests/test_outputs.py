@@ -3,6 +3,7 @@ failure must end with a clear error, a non-zero exit and nothing lost."""
 
 import contextlib
 import errno
+import json
 import os
 import stat
 import subprocess
@@ -189,6 +190,22 @@ def test_output_under_a_file_is_refused(source, tmp_path, no_weights_loaded):
     assert result.exit_code == 1
     assert "is a file, not a folder" in result.output
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_output_named_by_a_link_is_written_where_the_link_points(source, tmp_path):
+    """An output named by a link (to a folder on a bigger disk, say): a link to a folder not made yet failed with
+    'Not a directory' once the conversion was done, and --force replaced the link with a new folder beside it, on
+    the link's disk, and left the linked folder as it was."""
+    disk, models = tmp_path / "big-disk", tmp_path / "models"
+    disk.mkdir()
+    models.mkdir()
+    (models / "out").symlink_to(disk / "out")
+    assert invoke("convert", source, "-o", models / "out", "--method", "swa").exit_code == 0
+    assert (models / "out").is_symlink() and (disk / "out" / "config.json").is_file()
+    assert invoke("convert", source, "-o", models / "out", "--method", "liger", "--force").exit_code == 0
+    assert (models / "out").is_symlink()
+    assert json.loads((disk / "out" / "config.json").read_text())["linearize"]["method"] == "liger"
+    assert [p.name for p in models.iterdir()] == ["out"] and [p.name for p in disk.iterdir()] == ["out"]
 
 
 def test_ctrl_c_during_save_keeps_the_existing_output(source, tmp_path, monkeypatch):
@@ -378,6 +395,19 @@ def test_a_file_written_whole_by_two_threads_at_once_is_one_of_theirs(tmp_path):
         other.join()
         assert path.read_text() == "second"
     assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_file_named_by_a_link_is_written_where_the_link_points(tmp_path):
+    """A record or recipe named by a link (into a shared folder, say) was replaced by a file of its own, leaving the
+    linked file as it was."""
+    from linearize.outputs import write_file
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "recipe.yaml").write_text("old")
+    (tmp_path / "recipe.yaml").symlink_to(Path("shared") / "recipe.yaml")
+    write_file(tmp_path / "recipe.yaml", "new")
+    assert (tmp_path / "recipe.yaml").is_symlink() and (tmp_path / "shared" / "recipe.yaml").read_text() == "new"
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == ["recipe.yaml"]
 
 
 def test_an_output_another_run_saved_meanwhile_is_kept_without_force(source, tmp_path, monkeypatch):
