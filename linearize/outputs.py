@@ -97,13 +97,14 @@ def _name_max(out: Path) -> int:
 
 
 @contextmanager
-def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_folder(out: Path, force: bool = False, elsewhere: str = "choose an output folder") -> Iterator[Path]:
     """Yield an empty staging folder beside `out`, and move it into place as `out` when the body completes (an
-    existing `out` is replaced only with `force`). Write errors become LinearizeErrors that say what to do."""
+    existing `out` is replaced only with `force`). Write errors become LinearizeErrors that say what to do, with
+    `elsewhere` (see `write_errors`)."""
     out = _followed(Path(out))
     check_name_length(out)
     check_replaceable(out, force)
-    with write_errors(out):
+    with write_errors(out, elsewhere):
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out.parent)
         staging = _sibling(out, _STAGING)
@@ -286,8 +287,9 @@ def check_writable(out: Path, written_into: bool = False, what: str = "output fo
 
 
 @contextmanager
-def write_errors(out: Path) -> Iterator[None]:
-    """Turn a failed write into `out` (a folder) into a LinearizeError that names the cause and what to do."""
+def write_errors(out: Path, elsewhere: str = "choose an output folder") -> Iterator[None]:
+    """Turn a failed write into `out` (a folder) into a LinearizeError that names the cause and what to do:
+    `elsewhere`, how to write it somewhere else (a cache is moved by its variable, not by an output option)."""
     try:
         yield
     except (OSError, SafetensorError) as error:
@@ -295,14 +297,14 @@ def write_errors(out: Path) -> Iterator[None]:
         if getattr(error, "errno", None) in _DISK_FULL or "No space left on device" in str(error):
             raise LinearizeError(
                 f"the disk is full: no space left on the device of '{_absolute(out).parent}' while writing '{out}'. "
-                f"No partial output was left{kept}. Free some space or choose an output folder on another disk"
+                f"No partial output was left{kept}. Free some space or {elsewhere} on another disk"
             ) from None
         reason = error
         if isinstance(error, OSError) and error.strerror:  # a write to an open file names none
             reason = error.strerror + (f" ({error.filename})" if error.filename else "")
         raise LinearizeError(
             f"could not write output folder '{out}': {reason}. No partial output was left{kept}. Check that "
-            f"you can write to '{_absolute(out).parent}', or choose another output folder"
+            f"you can write to '{_absolute(out).parent}', or {elsewhere} elsewhere"
         ) from None
 
 

@@ -135,7 +135,7 @@ def embedded_model_folder() -> Path:
     with _building(folder):
         if not (folder / "config.json").exists():  # built by another process while this one waited
             # force: a folder there without config.json is an incomplete cache
-            with atomic_folder(folder, force=True) as staging:
+            with atomic_folder(folder, force=True, elsewhere="set LINEARIZE_CACHE to a folder") as staging:
                 _write_embedded(gguf_folder, staging)
     return folder
 

@@ -1,6 +1,7 @@
 """Loading robustness: every way a model fails to load ends in one `Error: ...` line that names the problem and
 the fix (exit code 1), never a traceback."""
 
+import errno
 import json
 import shutil
 import time
@@ -444,6 +445,21 @@ def test_an_embedded_cache_that_cannot_be_written_names_linearize_cache(fake_emb
     with pytest.raises(LinearizeError, match="embedded model's cache .* Set LINEARIZE_CACHE to a folder you can write"):
         sources.embedded_model_folder()
     assert fake_embedded == []
+
+
+def test_a_full_disk_while_building_the_embedded_cache_names_linearize_cache(fake_embedded, monkeypatch):
+    """The cache is built through an atomic folder, whose message for a full disk said to choose an output folder on
+    another disk: the convert's -o, which was not where the write failed."""
+
+    def disk_full(gguf_folder, staging):
+        (staging / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
+
+    monkeypatch.setattr(sources, "_write_embedded", disk_full)
+    with pytest.raises(LinearizeError, match="the disk is full") as raised:
+        sources.embedded_model_folder()
+    assert "LINEARIZE_CACHE" in str(raised.value) and "output folder" not in str(raised.value)
+    assert [p.name for p in sources.cache_root().iterdir()] == [f".{sources.EMBEDDED_NAME}.lock"]
 
 
 @pytest.mark.parametrize("value", ["", "~/elsewhere"])
