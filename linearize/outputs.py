@@ -170,7 +170,7 @@ def file_written_whole(path: Path) -> Iterator[Path]:
     """Yield a hidden sibling of `path` to write; it replaces `path` once the body has finished, so that a full disk,
     an error or Ctrl-C leaves the earlier file as it was (and no partial one). Each writer has its own sibling: two
     threads writing `path` at once would otherwise share one, and the later would find it gone."""
-    path = _followed(Path(path))
+    path = _followed(Path(path).expanduser())  # as `check_writable` took it: a '~' the shell left (`--json=~/r.json`)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:

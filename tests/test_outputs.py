@@ -397,6 +397,33 @@ def test_a_file_written_whole_by_two_threads_at_once_is_one_of_theirs(tmp_path):
     assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+@pytest.fixture
+def home_and_work(tmp_path, monkeypatch):
+    """A home folder and, apart from it, the current folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    return tmp_path / "home", tmp_path / "work"
+
+
+def test_a_file_written_under_a_tilde_goes_to_the_home_folder(home_and_work):
+    """The shell leaves '~' as it is in `--json=~/r.json` (or quoted): `check_writable` looked at the home folder
+    while the record, --json or --plot file went into a new folder named '~' in the current one (which
+    `rm -rf ~` would then clear up)."""
+    home, work = home_and_work
+    linearize.outputs.write_file(Path("~/results.json"), "{}")
+    assert (home / "results.json").read_text() == "{}" and list(work.iterdir()) == []
+
+
+def test_recipe_init_under_a_tilde_writes_into_the_home_folder(home_and_work):
+    home, work = home_and_work
+    assert invoke("recipe", "init", "-o", "~/my.yaml").exit_code == 0
+    assert (home / "my.yaml").is_file() and list(work.iterdir()) == []
+    result = invoke("recipe", "init", "-o", "~/my.yaml")  # an edited recipe there is kept
+    assert result.exit_code == 1 and "already exists" in result.output
+
+
 def test_a_file_named_by_a_link_is_written_where_the_link_points(tmp_path):
     """A record or recipe named by a link (into a shared folder, say) was replaced by a file of its own, leaving the
     linked file as it was."""

@@ -183,7 +183,7 @@ def check_output_file(path: Path | None, option: str, example: str) -> None:
 
     if path is None or path == STDOUT:
         return
-    if path.is_dir():
+    if path.expanduser().is_dir():
         raise LinearizeError(f"{option} {path} is a folder; give a file path, e.g. {option} {path / example}")
     check_writable(path, what=f"{option} file")
 

@@ -96,7 +96,7 @@ def write_recipe_template(path: str | Path, method: str, force: bool = False) ->
     edited since, is kept unless `force`."""
     from ..outputs import check_writable, write_file
 
-    path = Path(path)
+    path = Path(path).expanduser()  # a '~' the shell left as it is (`-o=~/my.yaml`)
     if path.is_dir():
         raise RecipeError(f"'{path}' is a folder; give the recipe file's path, e.g. {path / f'{method}.yaml'}")
     if path.exists() and not force:
