@@ -1,7 +1,10 @@
 """The command line, end to end on tiny models (Typer's CliRunner)."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -383,3 +386,28 @@ def test_a_long_path_in_a_message_stays_on_one_line(source, tmp_path):
     recipe = tmp_path / ("recipe-" * 12 + ".yaml")
     result = invoke("recipe", "init", "-o", recipe)
     assert f"Wrote {recipe}; edit it, then run `linearize finetune {recipe}`\n" in result.output
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_a_reply_the_output_encoding_cannot_hold_is_printed_escaped(encoding, tmp_path):
+    """stdout in an encoding without some of the reply's characters (a pipe on Windows, cp1252; a Latin-1 locale)
+    stopped `generate` mid-stream with "'ascii' codec can't encode character": they are printed escaped."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny import source_model
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"\u00e9\u4e2d{i}" for i in range(124)]  # é and a CJK character
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    source_model("llama").save_pretrained(tmp_path / "model")
+    PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(tmp_path / "model")
+    prompt = f"{words[9]} {words[40]}"
+    command = ["generate", tmp_path / "model", prompt, "--no-chat", "--temperature", "1", "--seed", "0"]
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    done = subprocess.run(
+        [sys.executable, "-m", "linearize", *map(str, command)], capture_output=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-500:]
+    assert "\\u4e2d" in done.stdout.decode(encoding)

@@ -3,6 +3,7 @@ group of commands, all registered on the one Typer `app`."""
 
 from __future__ import annotations
 
+import codecs
 import inspect
 import sys
 from typing import Annotated
@@ -43,6 +44,26 @@ def main(
     ] = False,
 ) -> None:
     """The options of `linearize` itself (the app's help says what it does)."""
+    _escape_unencodable(sys.stdout)
+
+
+_ESCAPED = "linearize-escaped"  # the error handler `_escape_unencodable` gives stdout
+
+
+def _escape_unencodable(stream) -> None:
+    """Print what `stream`'s encoding cannot hold escaped (`\\u4e2d`): a reply streamed to a pipe in cp1252 (Windows)
+    or a terminal in Latin-1 stopped at its first such character. Bytes a C locale read from the command line (its
+    surrogate escapes) are still written back as they were."""
+    if getattr(stream, "errors", None) in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
+        codecs.register_error(_ESCAPED, _escaped)
+        stream.reconfigure(errors=_ESCAPED)
+
+
+def _escaped(error: UnicodeEncodeError) -> tuple[str | bytes, int]:
+    failed = error.object[error.start : error.end]
+    if all("\udc80" <= char <= "\udcff" for char in failed):  # a byte that was not text where it was read
+        return codecs.lookup_error("surrogateescape")(error)
+    return codecs.backslashreplace_errors(error)
 
 
 def _one_line_paragraphs(doc: str | None) -> str | None:
