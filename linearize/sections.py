@@ -1,5 +1,6 @@
-"""The base of every section of a recipe (and of its data sources): keys it does not define are refused, and so is
-`true`/`false` given to a number, which pydantic would otherwise read as 1/0 (`lr: true` trains at 1.0)."""
+"""The base of every section of a recipe (and of its data sources): keys it does not define are refused, and so are
+`true`/`false` given to a number, which pydantic would otherwise read as 1/0 (`lr: true` trains at 1.0), and an
+infinite or NaN number (YAML's `.inf`, `.nan`), which no setting means (`epochs: .inf` would never end)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _takes_numbers_not_bools(annotation: Any) -> bool:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -100,6 +100,22 @@ def test_true_or_false_for_a_number_is_refused():
     assert parse_recipe(MINIMAL + selection % "4").conversion.selection.spread == 4
 
 
+def test_an_infinite_or_nan_number_is_refused():
+    # YAML reads .inf and .nan (and `1e400`, a string that parses as inf) as numbers: an infinite epochs crashed the
+    # dry run and the run (once the model had loaded) with an OverflowError, an infinite lr trained to NaN
+    for key, value in [
+        ("stages.0.epochs", ".inf"),
+        ("stages.0.optimizer.lr", ".inf"),
+        ("stages.0.optimizer.lr", "1e400"),
+        ("stages.0.mse_factor", ".nan"),
+        ("training.max_grad_norm", ".inf"),
+        ("lora.alpha", ".inf"),
+        ("conversion.mix", ".nan"),
+    ]:
+        with pytest.raises(RecipeError, match=rf"{re.escape(key)}: .*finite number"):
+            parse_recipe(MINIMAL, overrides=[f"{key}={value}"])
+
+
 def test_malformed_yaml_names_the_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("stages:\n  - kind: lora\n training: [\n")
