@@ -88,6 +88,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     from ..methods import get_method
     from ..training.checkpoint import check_resumable, list_checkpoints, prepare_run_folder
     from ..training.checks import (
+        check_calibration,
         check_stage_order,
         lora_targets,
         nothing_to_train,
@@ -135,7 +136,9 @@ def _finetune_plan(recipe, resume: bool) -> Table:
             raise LinearizeError(nothing_to_train(i, stage, targets, projections, bool(plan.config.converted_layers())))
     # the data as the run reads it (the tokenizer alone, no weights): its errors, packs and steps
     with spinner("Reading the data", quiet=False):
-        data = load_data(recipe.data, sources.load_tokenizer(recipe.model.name, recipe.model.revision), t.seed)
+        tokenizer = sources.load_tokenizer(recipe.model.name, recipe.model.revision)
+        data = load_data(recipe.data, tokenizer, t.seed)
+        check_calibration(recipe, tokenizer)
     notes += [*data.warnings, *recipe_notes(recipe, source_config, data.train)]
     sources_text = escape(", ".join(s.label for s in recipe.data.sources))  # "[train]" is not rich markup
     table.add_row("data", f"{sources_text}; packs of {recipe.data.seq_len} tokens, held out {recipe.data.held_out}")

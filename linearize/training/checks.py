@@ -13,6 +13,7 @@ from ..data import PackedSequences
 from ..errors import LinearizeError
 from ..layers.base import LinearizedAttention
 from ..methods import method_settings
+from ..selection import calibration_windows
 from .recipe import Recipe, StageSection, TrainingSection
 
 
@@ -170,6 +171,19 @@ def recipe_notes(recipe: Recipe, source_config, train: PackedSequences) -> list[
         *(new_optimizer_note(index, stage) for index, stage in enumerate(recipe.stages)),
     ]
     return [note for note in found if note]
+
+
+def check_calibration(recipe: Recipe, tokenizer) -> None:
+    """Read the text that `conversion.softmax_layers: auto:K` scores layers on, as scoring will: with `selection.after:
+    attention_transfer` scoring comes after the stages that open the recipe, and a missing or too short text found
+    only then would cost them (a fixed path is another recipe, which cannot resume them)."""
+    request = recipe.conversion.selection_request()
+    if request is None:
+        return
+    try:
+        calibration_windows(request, tokenizer)
+    except LinearizeError as error:
+        raise LinearizeError(f"conversion.selection.calibration: {error}") from None
 
 
 def stage_steps(stage: StageSection, packs: int, training: TrainingSection, processes: int) -> tuple[int, int]:

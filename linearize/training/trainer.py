@@ -45,6 +45,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .checks import (
+    check_calibration,
     check_stage_order,
     lora_targets,
     nothing_to_train,
@@ -100,6 +101,7 @@ class Trainer:
         recipe.conversion.plan(config, recipe.model.name or sources.EMBEDDED_NAME)
         self.tokenizer = sources.load_tokenizer(recipe.model.name, recipe.model.revision)
         self.data: FinetuneData = load_data(recipe.data, self.tokenizer, seed=self.config.seed)
+        check_calibration(recipe, self.tokenizer)  # read now: with auto:K after transfer, only after its stages
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
         for note in self.data.notes:
             reporter.info(note)

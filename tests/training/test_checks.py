@@ -1,16 +1,19 @@
 """What a fine-tuning run refuses or warns of before it trains (linearize/training/checks.py), as the run and its
 dry run say it: LoRA targets, stage order, steps, what a stage trains, float16 weights, optimizer settings of
-parameters a stage does not train, attention transfer on tokens the method computes exactly."""
+parameters a stage does not train, attention transfer on tokens the method computes exactly, the calibration text of
+auto:K."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import pytest
 from typer.testing import CliRunner
 
 import linearize.sources
 from linearize.cli import app
+from linearize.training.checkpoint import list_checkpoints
 from tests.tiny import source_folder, tiny_tokenizer
 from tests.training.runs import RECIPE, invoke, write_recipe
 
@@ -104,3 +107,23 @@ def test_attention_transfer_refuses_an_adapter_on_o_proj_alone(workspace, tmp_pa
         assert result.exit_code == 1 and "stages.0 (attention_transfer) has nothing to train" in message, extra
         assert "add its input projections (qkv_proj) to lora.target_modules" in message
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_calibration_text_that_cannot_be_read_is_refused_before_the_weights_load(workspace, tmp_path, monkeypatch):
+    """auto:K scored after attention transfer read its calibration text only once the transfer stages were done: a
+    mistyped path cost them (and a fixed one is another recipe, which cannot resume them). The run and its dry run
+    read it with the data."""
+    recipe = write_recipe(workspace, tmp_path)
+    (tmp_path / "short.txt").write_text("w1 w2 w3")
+    monkeypatch.setattr(linearize.sources, "load_model", lambda *args, **kwargs: pytest.fail("loaded the weights"))
+    for text, problem in [
+        (tmp_path / "missing.txt", f"data file {tmp_path / 'missing.txt'} not found"),
+        (tmp_path / "short.txt", "is too short to score layers on"),
+    ]:
+        selection = f"conversion.selection={{scorer: output, after: attention_transfer, calibration: '{text}'}}"
+        for extra in (["--dry-run"], []):
+            result = invoke("finetune", recipe, "conversion.softmax_layers=auto:1", selection, *extra)
+            message = " ".join(result.output.split())
+            assert result.exit_code == 1 and "Error: conversion.selection.calibration: " in message, (extra, message)
+            assert problem in message
+    assert not list_checkpoints(tmp_path / "run")
