@@ -486,10 +486,33 @@ def _nested_key(owner: type[BaseModel] | None, key: str) -> list[str]:
     return []
 
 
+def _recipe_loc(loc: tuple) -> tuple:
+    """`loc` as the recipe's keys: past a key that holds no section, pydantic names the type of a union that failed
+    (`data.held_out.float`), which no recipe writes; list indices stay."""
+    model: Any = Recipe  # the section reached so far; None below a value, False below an unknown key
+    keys = []
+    for part in loc:
+        if isinstance(part, str) and model is None:  # a union member's type, below a value
+            continue
+        keys.append(part)
+        if isinstance(part, int) or not isinstance(model, type):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:  # an unknown key: whatever follows is the user's own
+            model = False
+            continue
+        annotation = field.annotation
+        sections = [
+            a for a in (annotation, *typing.get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        model = sections[0] if sections else None
+    return tuple(keys)
+
+
 def _explain(error: ValidationError, source: str) -> RecipeError:
     lines = []
     for item in error.errors():
-        loc = tuple(item["loc"])
+        loc = _recipe_loc(tuple(item["loc"]))
         path = ".".join(str(p) for p in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
             owner = _model_at(loc)
@@ -502,6 +525,10 @@ def _explain(error: ValidationError, source: str) -> RecipeError:
         elif item["type"] == "value_error":  # our own validators' words, about the section as a whole or a value
             got = "" if isinstance(item.get("input"), dict) else f" (got {item.get('input')!r})"
             lines.append(f"  {path}: {item['msg'].removeprefix('Value error, ')}{got}")
+        elif lines and lines[-1].startswith(f"  {path}: "):  # another type of the same key: one line says both
+            got = f" (got {item.get('input')!r})"
+            if item["msg"] not in lines[-1]:
+                lines[-1] = lines[-1].removesuffix(got) + f"; or {item['msg'][0].lower()}{item['msg'][1:]}{got}"
         else:
             lines.append(f"  {path}: {item['msg']} (got {item.get('input')!r})")
     return RecipeError(f"{source} is not a valid recipe:\n" + "\n".join(lines))

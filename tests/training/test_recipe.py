@@ -83,6 +83,28 @@ def test_wrong_type_names_the_field_path():
         parse_recipe(MINIMAL + "training: {grad_accum: 0}\n")
 
 
+def test_a_value_that_fits_no_type_of_its_key_is_named_by_the_key_once():
+    # pydantic tries each type a key takes (held_out: a fraction or a count) and locates each failure at the type's
+    # name, one level further down: the message named `data.held_out.float` and `data.held_out.int`, keys no recipe
+    # has, on two lines
+    for text, key, got in [
+        (MINIMAL + "data: {held_out: 5%}\n", "data.held_out", "'5%'"),
+        (MINIMAL + "data: {held_out: .nan}\n", "data.held_out", "nan"),
+        (MINIMAL + "conversion: {method: still, topk: many}\n", "conversion.topk", "'many'"),
+        (
+            MINIMAL + "conversion: {softmax_layers: 'auto:2', selection: {spread: wide}}\n",
+            "conversion.selection.spread",
+            "'wide'",
+        ),
+        (MINIMAL + "lora: {target_modules: [q_proj, 3]}\n", "lora.target_modules.1", "3"),  # a list index stays
+    ]:
+        with pytest.raises(RecipeError) as error:
+            parse_recipe(text)
+        lines = str(error.value).splitlines()[1:]
+        assert len(lines) == 1 and lines[0].startswith(f"  {key}: Input should be "), lines
+        assert lines[0].endswith(f" (got {got})")
+
+
 def test_true_or_false_for_a_number_is_refused():
     # pydantic reads a bool as 1 or 0 for a number: `lr: true` would train at 1.0
     for key, text in [
