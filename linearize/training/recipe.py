@@ -248,6 +248,9 @@ class ScheduleSection(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, as a fraction of the peak lr")
 
 
+MSE_FACTOR = 1000.0  # LoLCATs' attention-transfer loss multiplier
+
+
 class StageSection(Section):
     kind: Literal["attention_transfer", "lora"] = Field(
         description="attention_transfer: match the original attention outputs layer by layer (MSE); "
@@ -268,7 +271,9 @@ class StageSection(Section):
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     mse_factor: float = Field(
-        1000.0, gt=0, description="attention_transfer loss multiplier (LoLCATs uses 1000; keeps Adam above its eps)"
+        MSE_FACTOR,
+        gt=0,
+        description="attention_transfer only: loss multiplier (LoLCATs uses 1000; keeps Adam above its eps)",
     )
     kd_ratio: float = Field(
         0.0,
@@ -287,6 +292,11 @@ class StageSection(Section):
         if self.kd_ratio and self.kind != "lora":
             raise ValueError(
                 "kd_ratio applies to lora stages only (attention_transfer already learns from the original)"
+            )
+        if self.mse_factor != MSE_FACTOR and self.kind != "attention_transfer":  # the default: a resolved recipe's
+            raise ValueError(
+                "mse_factor applies to attention_transfer stages only (a lora stage's loss is the next-token loss); "
+                "remove it"
             )
         return self
 

@@ -171,6 +171,16 @@ def test_distillation_belongs_to_lora_stages():
     assert parse_recipe("stages:\n  - {kind: lora, kd_ratio: 1}\n").stages[0].kd_ratio == 1
 
 
+def test_the_transfer_loss_multiplier_belongs_to_attention_transfer_stages():
+    # a lora stage's loss is the next-token loss: its mse_factor was accepted and had no effect
+    with pytest.raises(RecipeError, match=r"stages\.0: mse_factor applies to attention_transfer stages only"):
+        parse_recipe("stages:\n  - {kind: lora, mse_factor: 10}\n")
+    transfer = "stages:\n  - {kind: attention_transfer, trainable: [lora], mse_factor: 10}\n"
+    assert parse_recipe(transfer).stages[0].mse_factor == 10
+    lora = parse_recipe(MINIMAL)
+    assert parse_recipe(resolved_yaml(lora)) == lora  # a resolved recipe writes the default into every stage
+
+
 def test_new_parameters_for_a_method_without_any():
     with pytest.raises(RecipeError, match="'liger' adds no parameters.*trainable: \\[lora\\]"):
         parse_recipe("stages:\n  - kind: attention_transfer\n")
