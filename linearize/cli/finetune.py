@@ -89,6 +89,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     from ..training.checkpoint import check_resumable, list_checkpoints, prepare_run_folder
     from ..training.checks import (
         check_calibration,
+        check_lora_targets,
         check_stage_order,
         lora_targets,
         nothing_to_train,
@@ -122,11 +123,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         )
     targets = recipe.lora.target_modules
     unmatched, layer_names, in_attention = lora_targets(plan.config, targets)
-    trains_lora = any("lora" in stage.trainable for stage in recipe.stages)
-    if trains_lora and unmatched and len(unmatched) == len(targets):  # peft refuses it, once the weights have loaded
-        raise LinearizeError(
-            f"lora.target_modules {targets} name no layer of this model; its linear layers are {layer_names}"
-        )
+    check_lora_targets(recipe, unmatched, layer_names)
     if note := unmatched_targets_note(recipe, unmatched, layer_names):
         notes.append(note)
     for i, stage in enumerate(recipe.stages):  # what the run would find only once the weights have loaded

@@ -39,6 +39,17 @@ def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool
     return unmatched, sorted({name.rsplit(".", 1)[-1] for name in names}), in_attention
 
 
+def check_lora_targets(recipe: Recipe, unmatched: list[str], layer_names: list[str]) -> None:
+    """Refuse lora.target_modules of which none names a linear layer (`unmatched` and `layer_names` as `lora_targets`
+    finds them) while a stage trains LoRA: peft refuses them only when the first such stage begins, after the stages
+    before it have trained."""
+    targets = recipe.lora.target_modules
+    if len(unmatched) == len(targets) and any("lora" in stage.trainable for stage in recipe.stages):
+        raise LinearizeError(
+            f"lora.target_modules {targets} name no layer of this model; its linear layers are {layer_names}"
+        )
+
+
 def unmatched_targets_note(recipe: Recipe, unmatched: list[str], layer_names: list[str]) -> str | None:
     """What a run warns and its dry run notes when some of lora.target_modules name no linear layer (`unmatched`
     and `layer_names` as `lora_targets` finds them) while a stage trains LoRA: peft adapts the others and says

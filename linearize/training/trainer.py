@@ -46,6 +46,7 @@ from .checkpoint import (
 )
 from .checks import (
     check_calibration,
+    check_lora_targets,
     check_stage_order,
     lora_targets,
     nothing_to_train,
@@ -98,7 +99,9 @@ class Trainer:
         # the model's config, then the data, before the weights: a model that cannot convert costs no data read, and
         # a data error no model load (nor layer scoring)
         config = sources.load_config(recipe.model.name, recipe.model.revision)
-        recipe.conversion.plan(config, recipe.model.name or sources.EMBEDDED_NAME)
+        plan = recipe.conversion.plan(config, recipe.model.name or sources.EMBEDDED_NAME)
+        unmatched, names, _ = lora_targets(plan.config, recipe.lora.target_modules)
+        check_lora_targets(recipe, unmatched, names)  # peft would refuse them once the stages before LoRA trained
         self.tokenizer = sources.load_tokenizer(recipe.model.name, recipe.model.revision)
         self.data: FinetuneData = load_data(recipe.data, self.tokenizer, seed=self.config.seed)
         check_calibration(recipe, self.tokenizer)  # read now: with auto:K after transfer, only after its stages
@@ -109,7 +112,6 @@ class Trainer:
             reporter.warning(warning)
         self.data_fingerprint = data_fingerprint(self.data)  # what its checkpoints record
         self.model, self.new_names = self.build_model()
-        unmatched, names, _ = lora_targets(self.model.config, recipe.lora.target_modules)
         notes = [unmatched_targets_note(recipe, unmatched, names), *recipe_notes(recipe, config, self.data.train)]
         for note in filter(None, notes):
             reporter.warning(note)

@@ -33,6 +33,19 @@ def test_the_run_warns_of_lora_targets_that_match_no_layer_as_its_dry_run_notes(
     assert "warning: lora.target_modules ['foo_proj'] match no layer of this model" in " ".join(result.output.split())
 
 
+def test_lora_targets_that_match_no_layer_are_refused_before_the_weights_load(workspace, tmp_path, monkeypatch):
+    """peft refuses them only when the first stage that trains LoRA begins: a STILL run trained its attention transfer
+    first, which the fixed recipe (another recipe) cannot resume. The run refuses them as its dry run does."""
+    recipe = write_recipe(workspace, tmp_path)
+    still = ["conversion={method: still, chunk_size: 4, topk: 2}", "stages.0.trainable=[new]"]
+    monkeypatch.setattr(linearize.sources, "load_model", lambda *args, **kwargs: pytest.fail("loaded the weights"))
+    for extra in (["--dry-run"], []):
+        result = invoke("finetune", recipe, *still, "lora.target_modules=[foo_proj]", *extra)
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1 and "lora.target_modules ['foo_proj'] name no layer of this model" in message
+    assert not list_checkpoints(tmp_path / "run")
+
+
 def test_the_run_and_its_dry_run_warn_of_a_new_parameters_optimizer_in_a_stage_that_does_not_train_them(
     workspace, tmp_path
 ):
