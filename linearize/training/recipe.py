@@ -59,6 +59,15 @@ class ModelSection(Section):
         # loads it (not a local folder of that name) and is the same run, checkpoints included, either way
         return None if value == EMBEDDED else value
 
+    @model_validator(mode="after")
+    def _revision_of_a_hub_id(self) -> ModelSection:
+        if self.revision is not None and self.name is None:
+            raise ValueError(
+                "model.revision applies to a Hub id (model.name: org/model), and the embedded model has none; remove "
+                "it, or name the Hub model"
+            )
+        return self
+
 
 class SelectionSection(Section):
     scorer: Literal[tuple(SCORERS)] = Field(

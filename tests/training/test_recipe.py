@@ -42,6 +42,14 @@ def test_the_embedded_model_may_be_named_as_the_commands_name_it():
     assert parse_recipe(MINIMAL, overrides=["model.name=embedded"]).model.name is None
 
 
+def test_a_revision_of_the_embedded_model_is_refused():
+    # the embedded model is one file shipped in a package, with no revisions: a revision was taken and ignored
+    for model in ("{revision: v2}", "{name: embedded, revision: v2}"):
+        with pytest.raises(RecipeError, match=r"\n  model\.revision applies to a Hub id .*the embedded model has none"):
+            parse_recipe(MINIMAL + f"model: {model}\n")
+    assert parse_recipe(MINIMAL + "model: {name: org/model, revision: v2}\n").model.revision == "v2"
+
+
 def test_a_home_folder_in_the_output_dir_is_expanded(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     recipe = parse_recipe(MINIMAL + "output: {dir: ~/runs/x}\n")  # YAML keeps '~' as it is
