@@ -19,6 +19,7 @@ rule (its `spread`, its `after`) with SCORER; `auto-SCORER-spread` keeps the wor
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 
@@ -114,7 +115,8 @@ def main() -> None:
 
     models, minutes = {"original": original.eval()}, {}
     for name, spec in layers.items():
-        overrides = [*args.overrides, *variant_overrides(name, spec), f"output.dir={recipe.output.dir}-{name}"]
+        run = json.dumps(f"{recipe.output.dir}-{name}")  # quoted: a folder's ` #` would start a YAML comment
+        overrides = [*args.overrides, *variant_overrides(name, spec), f"output.dir={run}"]
         models[name], minutes[name] = trained(load_recipe(args.recipe, overrides))
     kept = {name: model.config.linearize["softmax_layers"] for name, model in models.items() if name != "original"}
 
