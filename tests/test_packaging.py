@@ -1,4 +1,5 @@
-"""`kernels/` ships inside the `linearize` namespace, never as a top-level `kernels` module."""
+"""The wheel: `kernels/` ships inside the `linearize` namespace, never as a top-level `kernels` module, and the
+wheel holds what its metadata declares."""
 
 import subprocess
 import sys
@@ -7,24 +8,33 @@ from importlib.machinery import PathFinder
 from pathlib import Path
 
 import linearize.kernels
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> tuple[Path, str]:
+    """The wheel built from this checkout, and what the build printed on stderr."""
+    folder = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", folder, ROOT],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    (path,) = folder.glob("linearize-*.whl")
+    return path, build.stderr
 
 
 def test_installed_package_maps_kernels_into_linearize():
     assert Path(linearize.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
 
 
-def test_wheel_holds_linearize_kernels_and_imports_from_it(tmp_path):
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", tmp_path, ROOT],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+def test_wheel_holds_linearize_kernels_and_imports_from_it(wheel, tmp_path):
+    wheel, stderr = wheel
     # every importable folder is a listed package: setuptools warns, 40 lines in `make demo`'s install, otherwise
-    assert "absent from the `packages` configuration" not in build.stderr, build.stderr
-    (wheel,) = tmp_path.glob("linearize-*.whl")
+    assert "absent from the `packages` configuration" not in stderr, stderr
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"linearize/corpus/english.jsonl.gz", "linearize/corpus/README.md"} <= names
     assert not [n for n in names if n.startswith("kernels/")]
@@ -44,6 +54,17 @@ def test_wheel_holds_linearize_kernels_and_imports_from_it(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(tmp_path / "site"))
+
+
+def test_wheel_ships_the_licence_it_declares(wheel):
+    """Apache-2.0 asks that a copy of the licence go with every copy of the work: the wheel's metadata names it and
+    holds its text."""
+    archive = zipfile.ZipFile(wheel[0])
+    (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+    headers = archive.read(metadata).decode().split("\n\n")[0].splitlines()
+    assert "License-Expression: Apache-2.0" in headers and "License-File: LICENSE" in headers
+    licence = archive.read(metadata.replace("METADATA", "licenses/LICENSE")).decode()
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
 
 
 def _from_checkout_root(probe: str) -> str:
