@@ -1,6 +1,7 @@
 """The wheel: `kernels/` ships inside the `linearize` namespace, never as a top-level `kernels` module, and the
 wheel holds what its metadata declares."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,14 +12,23 @@ import linearize.kernels
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BUILD_READS = ("pyproject.toml", "README.md", "LICENSE", "linearize", "kernels")
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> tuple[Path, str]:
-    """The wheel built from this checkout, and what the build printed on stderr."""
-    folder = tmp_path_factory.mktemp("wheel")
+    """The wheel built from this checkout's files, and what the build printed on stderr.
+
+    Built from a copy: setuptools builds in place through build/lib, which keeps what an earlier build put there, so
+    a wheel built in the checkout also holds a module deleted since, or a data file dropped from package-data."""
+    source, folder = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in BUILD_READS:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, source / name)
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", folder, ROOT],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", folder, source],
         check=True,
         capture_output=True,
         text=True,
@@ -42,8 +52,12 @@ def test_wheel_holds_linearize_kernels_and_imports_from_it(wheel, tmp_path):
     sources = [
         p.relative_to(ROOT).as_posix() for folder in ("linearize", "kernels") for p in (ROOT / folder).rglob("*.py")
     ]
-    missing = [s for s in sources if ("linearize/" + s if s.startswith("kernels/") else s) not in names]
+    in_wheel = {s: "linearize/" + s if s.startswith("kernels/") else s for s in sources}
+    missing = [s for s, name in in_wheel.items() if name not in names]
     assert not missing, f"modules missing from the wheel (add their packages to pyproject.toml): {missing}"
+    # ...and no other: none that the checkout has since deleted or renamed
+    stale = sorted(n for n in names if n.endswith(".py") and n not in in_wheel.values())
+    assert not stale, f"modules in the wheel that the checkout does not have: {stale}"
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     probe = "import linearize.kernels as k, linearize.layers.liger; print(k.__file__)"
     # -I: isolated mode, so neither the repository nor the editable install is on the path
