@@ -81,6 +81,12 @@ def test_wheel_ships_the_licence_it_declares(wheel):
     assert "Apache License" in licence and "Version 2.0, January 2004" in licence
 
 
+def test_wheel_marks_the_package_typed(wheel):
+    """Without py.typed, mypy and pyright skip an installed linearize's annotations ("missing library stubs or
+    py.typed marker"); the marker in `linearize` covers its subpackages, linearize.kernels included."""
+    assert "linearize/py.typed" in zipfile.ZipFile(wheel[0]).namelist()
+
+
 def _from_checkout_root(probe: str) -> str:
     """stdout of `python -c probe` run from the checkout's root (first on sys.path, as `python -m` puts it)."""
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
