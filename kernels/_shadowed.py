@@ -6,8 +6,6 @@ import types
 from importlib.machinery import PathFinder
 from pathlib import Path
 
-CHECKOUT_ROOT = Path(__file__).resolve().parents[1]
-
 
 class NotInstalled(types.ModuleType):
     """Stands for the top-level `kernels` where no such package is installed.
@@ -31,7 +29,9 @@ def load_installed_kernels() -> None:
     yields the installed package, or a `NotInstalled` module where there is none.
     """
     sys.modules.pop(__name__)  # this helper is not part of the installed package
-    elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != CHECKOUT_ROOT]
+    # every checkout's root, not just this one's: another's kernels/ (a worktree on PYTHONPATH) would be loaded as the
+    # installed package and, doing the same, load this one again, round and round until a RecursionError
+    elsewhere = [entry for entry in sys.path if not _is_checkout(Path(entry or "."))]
     spec = PathFinder.find_spec("kernels", elsewhere)
     if spec is None or spec.loader is None:
         sys.modules["kernels"] = NotInstalled("kernels")
@@ -43,3 +43,8 @@ def load_installed_kernels() -> None:
     except BaseException:
         del sys.modules["kernels"]
         raise
+
+
+def _is_checkout(root: Path) -> bool:
+    """Whether `root`'s `kernels` is a linearize checkout's kernels/ folder (this helper beside it), not the package."""
+    return (root / "kernels" / Path(__file__).name).is_file()

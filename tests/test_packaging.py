@@ -1,6 +1,7 @@
 """The wheel: `kernels/` ships inside the `linearize` namespace, never as a top-level `kernels` module, and the
 wheel holds what its metadata declares."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -139,3 +140,26 @@ def test_without_the_kernels_package_a_checkout_root_on_sys_path_keeps_transform
         "    print(is_kernels_available(), 'not installed' in str(error))\n"
     )
     assert _from_checkout_root(probe).split() == ["False", "True"]
+
+
+def test_another_checkout_on_sys_path_does_not_send_the_kernels_import_round_in_circles(tmp_path):
+    """Two checkouts on sys.path (the current one first, as `python -m` puts it; another, a worktree say, on
+    PYTHONPATH): each one's kernels/ must pass over the other's, not load it as the installed package, which then
+    loads the first again, until a RecursionError ends `import transformers` (on 5.25, which imports `kernels`)."""
+    other = tmp_path / "other-checkout"
+    shutil.copytree(ROOT / "kernels", other / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    installed = PathFinder.find_spec("kernels", elsewhere)
+    probe = (
+        "try:\n"
+        "    import kernels\n"
+        "    print(kernels.__file__)\n"
+        "except ModuleNotFoundError as error:\n"
+        "    print(error.name)\n"
+    )
+    path = os.pathsep.join(filter(None, [str(other), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == (installed.origin if installed else "kernels")
