@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from importlib.machinery import PathFinder
 from pathlib import Path
@@ -13,21 +14,29 @@ import linearize.kernels
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILD_READS = ("pyproject.toml", "README.md", "LICENSE", "linearize", "kernels")
+# what the builds read, and tests/, which setuptools' sdist would take up
+BUILD_READS = ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "linearize", "kernels", "tests")
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> tuple[Path, str]:
-    """The wheel built from this checkout's files, and what the build printed on stderr.
+def source(tmp_path_factory) -> Path:
+    """A copy of the checkout's files that the builds read.
 
-    Built from a copy: setuptools builds in place through build/lib, which keeps what an earlier build put there, so
-    a wheel built in the checkout also holds a module deleted since, or a data file dropped from package-data."""
-    source, folder = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    Built in place, setuptools goes through build/lib, which keeps what an earlier build put there: a wheel built in
+    the checkout also holds a module deleted since, or a data file dropped from package-data."""
+    source = tmp_path_factory.mktemp("source")
     for name in BUILD_READS:
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(ROOT / name, source / name)
+    return source
+
+
+@pytest.fixture(scope="module")
+def wheel(source, tmp_path_factory) -> tuple[Path, str]:
+    """The wheel built from the checkout's files, and what the build printed on stderr."""
+    folder = tmp_path_factory.mktemp("wheel")
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", folder, source],
         check=True,
@@ -86,6 +95,17 @@ def test_wheel_marks_the_package_typed(wheel):
     """Without py.typed, mypy and pyright skip an installed linearize's annotations ("missing library stubs or
     py.typed marker"); the marker in `linearize` covers its subpackages, linearize.kernels included."""
     assert "linearize/py.typed" in zipfile.ZipFile(wheel[0]).namelist()
+
+
+def test_sdist_holds_the_sources_and_licence_but_no_partial_test_suite(source, tmp_path):
+    """setuptools adds tests/test*.py to an sdist by default, without the conftest files and helpers they import."""
+    build = f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})"
+    subprocess.run([sys.executable, "-c", build], cwd=source, check=True, capture_output=True)
+    (sdist,) = tmp_path.glob("linearize-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = [name.split("/", 1)[1] for name in archive.getnames() if "/" in name]  # under linearize-0.1.0/
+    assert {"LICENSE", "pyproject.toml", "kernels/__init__.py", "linearize/corpus/english.jsonl.gz"} <= set(names)
+    assert not [name for name in names if name.startswith("tests")]
 
 
 def _from_checkout_root(probe: str) -> str:
