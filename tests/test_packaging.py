@@ -47,6 +47,14 @@ def wheel(source, tmp_path_factory) -> tuple[Path, str]:
     return path, build.stderr
 
 
+def test_wheel_version_is_the_package_version(wheel):
+    """The version is written once, as linearize.__version__ (`linearize --version` prints it), and the wheel's
+    metadata reads it from there."""
+    assert wheel[0].name.startswith(f"linearize-{linearize.__version__}-")
+    metadata = zipfile.ZipFile(wheel[0]).read(f"linearize-{linearize.__version__}.dist-info/METADATA").decode()
+    assert f"\nVersion: {linearize.__version__}\n" in metadata
+
+
 def test_installed_package_maps_kernels_into_linearize():
     assert Path(linearize.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
 
