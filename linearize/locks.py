@@ -2,7 +2,8 @@
 
 The lock is `fcntl.flock` on a file, which the system releases when its holder exits however it exits (a kill
 included), so a crashed run leaves no stale lock to delete by hand. The holder writes its process id and host into
-the file, for the message of a process that finds it held. Without fcntl (Windows) nothing is locked.
+the file, for the message of a process that finds it held. Without fcntl (Windows) nothing is locked. `taken` asks
+whether a lock file's holder is still there, on any machine that shares the file system (a process id cannot tell).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import errno
 import os
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 try:
@@ -47,6 +48,30 @@ def locked(lock_file: Path, wait: Callable[[str], None] | None = None) -> Iterat
                 handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
                 handle.flush()
         yield
+
+
+@contextmanager
+def taken(lock_file: Path) -> Iterator[bool | None]:
+    """Take the lock on an existing `lock_file` for the block if it is free, without waiting: yield True when taken
+    (its holder, if it had one, has exited), False when another process holds it, None when that cannot be told (no
+    such file, one this process may not open, no fcntl, a file system that cannot lock). Never creates the file."""
+    with ExitStack() as held:
+        try:  # "r+", not "a+": a lock file gone is no lock to take, and must not come back
+            handle = held.enter_context(open(lock_file, "r+"))
+        except OSError:
+            handle = None
+        yield None if handle is None else _try_lock(handle, lock_file)
+
+
+def _try_lock(handle, lock_file: Path) -> bool | None:
+    if fcntl is None:
+        return None
+    try:
+        return _lock(handle, lock_file, None) or None
+    except LockHeld:
+        return False
+    except OSError:  # whatever else the file system says: it cannot tell
+        return None
 
 
 def _lock(handle, lock_file: Path, wait: Callable[[str], None] | None) -> bool:

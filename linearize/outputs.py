@@ -6,8 +6,10 @@ siblings' within the file system's limit. `atomic_folder` yields an empty stagin
 folder beside the output and moves it into place only once the body has finished; on any failure (a full disk, an
 unwritable folder, Ctrl-C) the staging folder is removed and an existing output stays as it was. Work that must
 write the output in place (the demo's fine-tuning run) goes through `replaced_when_done`, which sets the existing
-output aside until the work completes. Staging, retired and set-aside folders carry the writing process's id, so
-that a later run can tell those of a killed run, clean up the first and put the others back. A single file
+output aside until the work completes. The writer of a staging, retired or set-aside folder holds a lock file
+beside it, so that a later run on any machine sharing the folder can tell those of a killed run (the lock is free),
+clean up the first and put the others back; one without a lock file (from an earlier linearize, or where nothing
+can be locked) is a killed run's when the process id its name carries is not running on this machine. A single file
 (a JSON record, a plot, a recipe) is written the same way through `file_written_whole`.
 """
 
@@ -31,15 +33,20 @@ from safetensors import SafetensorError
 
 from . import sources
 from .errors import LinearizeError
-from .locks import LockHeld, locked
+from .locks import LockHeld, locked, taken
 
 _STAGING = "linearize-tmp"  # the output being written
 _RETIRED = "linearize-old"  # the output being replaced, between its two renames
 _SET_ASIDE = "linearize-kept"  # the output being replaced by work that writes in place, while it runs
-_LEFTOVER = re.compile(rf"^\.(?P<name>.+)\.(?P<kind>{_STAGING}|{_RETIRED}|{_SET_ASIDE})-(?P<pid>\d+)-[0-9a-f]{{8}}$")
+_LOCK = "linearize-lock"  # held by the writer of the sibling with the same process id and token (`_claimed`)
+_SIBLINGS = (_STAGING, _RETIRED, _SET_ASIDE)
+_LEFTOVER = re.compile(
+    rf"^\.(?P<name>.+)\.(?P<kind>{'|'.join((*_SIBLINGS, _LOCK))})-(?P<pid>\d+)-(?P<token>[0-9a-f]{{8}})$"
+)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-# the most a hidden sibling's name (`_sibling`) adds to the output's: a process id has at most 7 digits (pid_max)
-_SIBLING_EXTRA = len(f"..{_SET_ASIDE}-{2**22}-{0:08x}")
+# the most a hidden sibling's name (`_sibling`, or its lock file's) adds to the output's: a process id has at most 7
+# digits (pid_max)
+_SIBLING_EXTRA = len(f"..-{2**22}-{0:08x}") + max(len(kind) for kind in (*_SIBLINGS, _LOCK))
 
 
 def check_output_folder(out: Path, force: bool = False, source: str | None = None) -> None:
@@ -107,15 +114,15 @@ def atomic_folder(out: Path, force: bool = False, elsewhere: str = "choose an ou
     with write_errors(out, elsewhere):
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out.parent)
-        staging = _sibling(out, _STAGING)
-        staging.mkdir()  # not tempfile.mkdtemp: its mode 0700 would outlive the move; mkdir follows the umask
-        try:
-            yield staging
-            _follow_umask(staging)
-            _move_into_place(staging, out, force)
-        except BaseException:
-            _remove(staging)
-            raise
+        with _claimed(out, _STAGING) as staging:
+            staging.mkdir()  # not tempfile.mkdtemp: its mode 0700 would outlive the move; mkdir follows the umask
+            try:
+                yield staging
+                _follow_umask(staging)
+                _move_into_place(staging, out, force)
+            except BaseException:
+                _remove(staging)
+                raise
 
 
 @contextmanager
@@ -126,14 +133,14 @@ def replaced_when_done(out: Path, force: bool = False) -> Iterator[None]:
     does that)."""
     out = _followed(Path(out))
     check_name_length(out)
-    with _held_for_writing(out):
+    with _held_for_writing(out), ExitStack() as claimed:
         check_replaceable(out, force)  # again, now that no other run can be writing it
         retired = None
         with write_errors(out):
             out.parent.mkdir(parents=True, exist_ok=True)
             remove_leftovers(out.parent)
             if out.exists():
-                retired = _sibling(out, _SET_ASIDE)
+                retired = claimed.enter_context(_claimed(out, _SET_ASIDE))
                 os.replace(out, retired)
         try:
             yield
@@ -211,23 +218,50 @@ def _umask() -> int:
 def remove_leftovers(parent: Path) -> None:
     """Remove the staging folders in `parent` of linearize runs that were killed, and put back an output that one
     killed between its two renames had retired, or that one killed while writing in place had set aside (over what
-    it had written), saying so in one line each."""
+    it had written), saying so in one line each; then their lock files. A run writing there from another machine
+    holds its lock: what it writes is left alone, whatever its process id means here."""
     for path in parent.iterdir():
         match = _LEFTOVER.match(path.name)
         # `.NAME.linearize-...` names NAME; a NAME of "." or ".." is this folder or its parent, no output of ours
-        if match is None or match["name"] in (".", "..") or _process_alive(int(match["pid"])):
+        if match is None or match["name"] in (".", ".."):
             continue
-        original = parent / match["name"]
-        if (match["kind"] == _RETIRED and not original.exists()) or match["kind"] == _SET_ASIDE:
-            with suppress(OSError):  # another user's leftover, say: not ours to touch, and no reason to stop
-                if match["kind"] == _SET_ASIDE:
-                    _remove(original)  # the killed run's incomplete output
-                os.replace(path, original)
-                _note(f"Restored '{original}' from '{path.name}', left by a linearize run killed while replacing it.")
-            continue
-        _remove(path)
-        if not path.exists():
-            _note(f"Removed '{path}', left by a linearize run that was killed (process {match['pid']} is gone).")
+        lock_file = _named(path, match, _LOCK)
+        with taken(lock_file) as free:
+            if match["kind"] == _LOCK:
+                _remove_lock_file_left(lock_file, match, free)
+            # None: no lock to ask (no lock file, from an earlier linearize; or nothing here can be locked)
+            elif free or (free is None and not _process_alive(int(match["pid"]))):
+                _clean_up(path, match)
+                if not os.path.lexists(path):
+                    with suppress(OSError):
+                        lock_file.unlink(missing_ok=True)
+
+
+def _clean_up(path: Path, match: re.Match) -> None:
+    """Remove `path`, a killed run's sibling, or put it back as the output it names."""
+    if not os.path.lexists(path):  # its writer moved it into place or removed it since `parent` was listed
+        return
+    original = path.parent / match["name"]
+    if (match["kind"] == _RETIRED and not original.exists()) or match["kind"] == _SET_ASIDE:
+        with suppress(OSError):  # another user's leftover, say: not ours to touch, and no reason to stop
+            if match["kind"] == _SET_ASIDE:
+                _remove(original)  # the killed run's incomplete output
+            os.replace(path, original)
+            _note(f"Restored '{original}' from '{path.name}', left by a linearize run killed while replacing it.")
+        return
+    _remove(path)
+    if not path.exists():
+        _note(f"Removed '{path}', left by a linearize run that was killed (process {match['pid']} is gone).")
+
+
+def _remove_lock_file_left(lock_file: Path, match: re.Match, free: bool | None) -> None:
+    """Remove a lock file taken (`free`) whose sibling is gone: its writer was killed before making the sibling or
+    before removing the file once it had moved or removed the sibling. An empty one may be one that its writer has
+    just made and not yet locked (`locked` writes who holds it once it does): it is kept."""
+    siblings = [_named(lock_file, match, kind) for kind in _SIBLINGS]
+    with suppress(OSError):  # another user's: not ours to remove
+        if free and lock_file.stat().st_size and not any(os.path.lexists(sibling) for sibling in siblings):
+            lock_file.unlink()
 
 
 def _refuse_ancestor_of(out: Path, folder: Path, what: str) -> None:
@@ -323,14 +357,14 @@ def _move_into_place(staging: Path, out: Path, force: bool) -> None:
             f"output folder '{out}' already exists: another run saved it while this one was writing. It is kept and "
             "this run's output discarded; pass --force to replace it, or choose another output folder"
         )
-    retired = _sibling(out, _RETIRED)
-    os.replace(out, retired)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(retired, out)
-        raise
-    _remove(retired)
+    with _claimed(out, _RETIRED) as retired:
+        os.replace(out, retired)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            os.replace(retired, out)
+            raise
+        _remove(retired)
 
 
 def _followed(out: Path) -> Path:
@@ -342,6 +376,34 @@ def _followed(out: Path) -> Path:
 
 def _sibling(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@contextmanager
+def _claimed(out: Path, kind: str) -> Iterator[Path]:
+    """Yield a new name for a hidden sibling of `out`, whose lock file (`_lock_of`) this process holds for the block:
+    while it does, no run on any machine sharing the folder takes what the block writes there for a killed run's
+    (a process id tells only this machine). The lock file is made before the sibling and removed once the sibling
+    is gone (moved into place or removed), after the lock is released; the name is this sibling's alone, so no other
+    writer can be waiting on it. If the sibling stays, so does the file, free for the next run to take."""
+    sibling = _sibling(out, kind)
+    lock_file = _lock_of(sibling)
+    try:
+        with locked(lock_file, wait=lambda holder: None):  # `remove_leftovers` may hold it for a moment
+            yield sibling
+    finally:
+        if not os.path.lexists(sibling):
+            with suppress(OSError):  # a lock file left is removed by the next run writing here
+                lock_file.unlink(missing_ok=True)
+
+
+def _lock_of(sibling: Path) -> Path:
+    """The lock file held by the writer of a hidden sibling: the sibling's name, with `_LOCK` for its kind."""
+    return _named(sibling, _LEFTOVER.match(sibling.name), _LOCK)
+
+
+def _named(path: Path, match: re.Match, kind: str) -> Path:
+    """The hidden sibling of `kind` with the output name, process id and token of `path` (`match`, its name's)."""
+    return path.with_name(f".{match['name']}.{kind}-{match['pid']}-{match['token']}")
 
 
 def _process_alive(pid: int) -> bool:
@@ -360,12 +422,14 @@ def delete_folder(path: Path) -> None:
     """Delete `path` (if it exists) as a whole: renamed out of the way first, so a delete cut short leaves a staging
     leftover, which the next linearize run writing beside it removes, and never a half-deleted `path`. One already
     gone (deleted by hand since it was listed) is no error."""
-    doomed = _sibling(path, _STAGING)
-    try:
-        os.replace(path, doomed)
-    except FileNotFoundError:  # not `path.exists()` first: it may go between the look and the rename
+    if not os.path.lexists(path):  # nothing to delete: no lock file beside it, nor a folder made for one
         return
-    _remove(doomed)
+    with _claimed(path, _STAGING) as doomed:
+        try:
+            os.replace(path, doomed)
+        except FileNotFoundError:  # not `path.exists()` first: it may go between the look and the rename
+            return
+        _remove(doomed)
 
 
 def _remove(path: Path) -> None:

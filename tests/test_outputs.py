@@ -18,10 +18,12 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import linearize.convert
+import linearize.locks
 import linearize.outputs
 from linearize import sources
 from linearize.cli import app
 from linearize.errors import LinearizeError
+from linearize.locks import locked
 from tests.tiny import source_folder
 
 runner = CliRunner()
@@ -372,10 +374,9 @@ def test_a_folder_deleted_as_a_whole_is_never_left_half_deleted(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         linearize.outputs.delete_folder(doomed)
     monkeypatch.undo()
-    [leftover] = tmp_path.iterdir()
+    [leftover] = tmp_path.glob("*.linearize-tmp-*")
     assert not doomed.exists() and ".step-000003.linearize-tmp-" in leftover.name
-    leftover.rename(tmp_path / leftover.name.replace(f"-{os.getpid()}-", f"-{finished_pid()}-"))  # as if killed
-    linearize.outputs.remove_leftovers(tmp_path)
+    linearize.outputs.remove_leftovers(tmp_path)  # the delete cut short has let go of its lock, as a killed one
     assert list(tmp_path.iterdir()) == []
     linearize.outputs.delete_folder(doomed)  # nothing there: nothing to do
 
@@ -515,3 +516,75 @@ def test_an_in_place_writer_runs_unlocked_where_the_cache_cannot_be_written(tmp_
     with linearize.outputs.replaced_when_done(tmp_path / "demo"):
         (tmp_path / "demo").mkdir()
     assert (tmp_path / "demo").is_dir()
+
+
+# Writes through `atomic_folder` or `replaced_when_done` under a process id that means nothing on this machine, as a
+# run on another host sharing the folder (NFS, a volume shared by containers, a SLURM array job) does, until killed.
+_WRITE_FROM_ANOTHER_HOST = """
+import os, sys, time
+from pathlib import Path
+import linearize.outputs as outputs
+
+os.getpid = lambda: int(sys.argv[1])
+out, in_place = Path(sys.argv[2]), sys.argv[3] == "True"
+with outputs.replaced_when_done(out, force=True) if in_place else outputs.atomic_folder(out) as staging:
+    written = out if in_place else staging
+    written.mkdir(exist_ok=True)
+    (written / "theirs").write_text("")
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["staging", "set-aside"])
+def test_a_run_writing_from_another_host_is_left_alone_until_it_is_killed(in_place, tmp_path, monkeypatch):
+    """A writer's process id says nothing on another machine: a run here took the staging folder of a live run on
+    another host for a killed run's and deleted it (and put back the output one writing in place had set aside,
+    over its work). A leftover is a killed run's only when the lock its writer holds is free."""
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    models = tmp_path / "models"
+    (models / "out").mkdir(parents=True)
+    (models / "out" / "old").write_text("")
+    name, kind = ("out", "kept") if in_place else ("new", "tmp")
+    command = [sys.executable, "-c", _WRITE_FROM_ANOTHER_HOST, str(finished_pid()), str(models / name), str(in_place)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LINEARIZE_CACHE": str(tmp_path / "cache")}
+    writer = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        [leftover] = models.glob(f".{name}.linearize-{kind}-*")
+        during = sorted(p.name for p in models.iterdir())
+        linearize.outputs.remove_leftovers(models)
+        assert sorted(p.name for p in models.iterdir()) == during
+        assert files(leftover) == ({"old": b""} if in_place else {"theirs": b""})
+        assert files(models / "out") == ({"theirs": b""} if in_place else {"old": b""})
+    finally:
+        writer.kill()
+        writer.wait()
+    linearize.outputs.remove_leftovers(models)  # killed: its lock is free
+    assert sorted(p.name for p in models.iterdir()) == ["out"] and files(models / "out") == {"old": b""}
+
+
+def test_a_lock_file_left_without_its_folder_is_removed_once_free(tmp_path):
+    """A run killed just before making its staging folder, or just after moving it into place, leaves its lock file
+    alone: the next run removes it. One still empty may be one whose writer has yet to lock it, and one held is a
+    live writer's: both stay."""
+    left, empty, held = (tmp_path / f".out.linearize-lock-{finished_pid()}-{n}0123abc" for n in range(3))
+    left.write_text("process 1 on host-b\n")
+    empty.touch()
+    with locked(held):
+        linearize.outputs.remove_leftovers(tmp_path)
+    assert sorted(tmp_path.iterdir()) == [empty, held]
+
+
+def test_where_nothing_can_be_locked_a_leftover_is_a_killed_runs_when_its_process_is_gone(tmp_path, monkeypatch):
+    """Without fcntl (Windows) or on a file system that cannot lock, a lock file tells nothing: the process id
+    decides, as for a leftover from before there were lock files."""
+    monkeypatch.setattr(linearize.locks, "fcntl", None)
+    dead, alive = finished_pid(), os.getppid()
+    for pid in (dead, alive):
+        (tmp_path / f".out.linearize-tmp-{pid}-0123abcd").mkdir()
+        (tmp_path / f".out.linearize-lock-{pid}-0123abcd").write_text(f"process {pid} on here\n")
+    linearize.outputs.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".out.linearize-{kind}-{alive}-0123abcd" for kind in ("lock", "tmp")
+    ]
