@@ -139,11 +139,15 @@ class LinearizedAttention(nn.Module):
             o = self.attend(
                 hidden_states, position_embeddings, state, self.token_validity(padding_mask, hidden_states.shape[1])
             )
+        if state is not None:  # counted for every method here: without a mask, transformers takes the next token's
+            # position from it, and a kept softmax layer its mask's past length
+            state.seen_tokens += hidden_states.shape[1]
         return self.o_proj(o), None
 
     # What a method's layer implements: `attend`, and the two static methods below for its cache; a method whose
     # layer adds parameters gives them their conversion values in `init_new_parameters`. A layer reads its settings
     # as `config.layer_settings(layer_idx)` (the method's, after `layer_settings` below), as its cache and the plan do.
+    # `forward` counts the tokens its cache has seen (`seen_tokens`): `attend` keeps only the method's own state.
 
     @staticmethod
     def layer_settings(settings: MethodSettings, source_window: int | None) -> MethodSettings:

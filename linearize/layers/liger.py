@@ -81,7 +81,6 @@ class LigerAttention(LinearizedAttention):
         return LigerCacheLayer(settings.window)
 
     def attend(self, hidden_states, position_embeddings, state, valid):
-        length = hidden_states.shape[1]
         q, k, v, k_raw = self.project(hidden_states)  # [B, T, H, D], [B, T, Hkv, D] x3
 
         gate_key = k_raw if self.gate_source == "raw" else k
@@ -110,7 +109,6 @@ class LigerAttention(LinearizedAttention):
 
         if state is not None:
             state.recurrent_state = recurrent_state
-            state.seen_tokens += length
         return o.to(hidden_states.dtype).flatten(2)  # [B, T, H * D]
 
     def _attend_liger(self, q, k, v, valid, linear, initial_state, state, position_embeddings):

@@ -100,7 +100,6 @@ class ParallaxAttention(LinearizedAttention):
             else:
                 history = {"past_k": keys[:, :past], "past_v": values[:, :past]} if past else {}
                 o = parallax_attention(q, r, k, v, key_valid=key_valid, **history, **options)
-            state.seen_tokens += length
         return o.flatten(2)
 
     def probe(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -185,8 +185,6 @@ class StillAttention(LinearizedAttention):
             steps = [self._decode_step(q[:, t], k[:, t], v[:, t], gate[:, t], valid[:, t], state) for t in
                      range(length)]  # fmt: skip
             o = steps[0] if length == 1 else torch.cat(steps, dim=1)
-        if state is not None:
-            state.seen_tokens += length
         return o.to(hidden_states.dtype).flatten(2)
 
     @staticmethod

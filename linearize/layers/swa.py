@@ -82,8 +82,6 @@ class SinkWindowAttention(LinearizedAttention):
             softcap=self.softcap,
             backend=self.backend,
         )
-        if state is not None:
-            state.seen_tokens += hidden_states.shape[1]
         return o.flatten(2)
 
     @staticmethod

@@ -1,13 +1,17 @@
+import dataclasses
 import math
+import sys
+import types
 
 import pytest
 import torch
 from linearize.kernels.common.buffers import GROWTH
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from linearize import compat
-from linearize.convert import plan_conversion
+from linearize import compat, methods
+from linearize.convert import convert_model, plan_conversion
 from linearize.families import UnsupportedModelError
+from linearize.layers.swa import SinkWindowAttention, sink_window_attention
 from linearize.models import LinearizeCache
 from tests.tiny import FAMILIES, METHODS, VARIANTS, cache_of, converted_model, source_model
 
@@ -38,6 +42,40 @@ def test_cached_decode_equals_full_forward(family, method):
     torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-4)
     assert isinstance(cache, LinearizeCache)
     assert cache.get_seq_length() == 40
+
+
+class UncountingAttention(SinkWindowAttention):
+    """swa's layer written as docs/architecture.md describes a new method's: its `attend` reads and updates its own
+    state and nothing else (it does not count the tokens the cache has seen)."""
+
+    def attend(self, hidden_states, position_embeddings, state, valid):
+        q, k, v, _ = self.project(hidden_states)
+        q, k = self.rotate(q, k, position_embeddings)
+        options = {"recent": self.recent, "sinks": self.sinks, "scale": self.scaling, "softcap": self.softcap}
+        return sink_window_attention(q, k, v, valid, state, backend=self.backend, **options).flatten(2)
+
+
+def test_the_cache_counts_the_tokens_of_a_layer_that_does_not(monkeypatch):
+    """The tokens a converted layer's cache has seen are counted by the forward every method shares: transformers
+    reads the count as the position of the next token (without a mask) and as the kept softmax layers' past length.
+    A new method's layer that did not count them itself decoded every step at position 0, with nothing said."""
+    module = types.ModuleType("linearize.layers.uncounting")
+    module.UncountingAttention = UncountingAttention
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(
+        methods.METHODS,
+        "uncounting",
+        dataclasses.replace(methods.METHODS["swa"], name="uncounting", layer="uncounting.UncountingAttention"),
+    )
+    source = source_model("llama")
+    for softmax_layers in ("", "1"):
+        plan = plan_conversion(source.config, "llama", "uncounting", softmax_layers, window=8, sinks=2)
+        model = convert_model(source, plan.config)
+        ids = torch.randint(3, 128, (2, 30))
+        with torch.no_grad():
+            incremental, cache = decode_incrementally(model, ids)
+            torch.testing.assert_close(incremental, model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+        assert cache.get_seq_length() == 30
 
 
 @pytest.mark.parametrize("method", ["liger", "parallax"])
