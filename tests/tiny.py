@@ -21,6 +21,7 @@ from transformers import (
 
 from linearize.compat import CACHE_ARG
 from linearize.convert import convert_model, plan_conversion
+from linearize.families import get_family
 
 _COMMON = dict(
     hidden_size=64,
@@ -63,8 +64,8 @@ FAMILIES = list(CONFIGS)
 
 
 def attention_projections(family: str) -> list[str]:
-    """The names of the attention's input projections (LoRA targets)."""
-    return ["qkv_proj"] if family == "phi3" else ["q_proj", "k_proj", "v_proj"]
+    """The names of the attention's input projections (LoRA targets), as the family's entry declares them."""
+    return list(get_family(family).input_projections)
 
 
 # Each tested variant: its method and conversion options. Small windows, so that short test sequences exercise them.
