@@ -356,6 +356,15 @@ class OutputSection(Section):
                 raise ValueError(str(error)) from None
         return value
 
+    @model_validator(mode="after")
+    def _private_with_a_push(self) -> OutputSection:
+        if self.private and self.push_to_hub is None:  # false, the default, is what a resolved recipe writes
+            raise ValueError(
+                "output.private makes the Hub repo that output.push_to_hub creates private, and push_to_hub is not "
+                "set: nothing is pushed; set push_to_hub: ORG/NAME, or remove private"
+            )
+        return self
+
 
 class Recipe(Section):
     model: ModelSection = Field(default_factory=ModelSection)

@@ -50,6 +50,15 @@ def test_a_revision_of_the_embedded_model_is_refused():
     assert parse_recipe(MINIMAL + "model: {name: org/model, revision: v2}\n").model.revision == "v2"
 
 
+def test_a_private_repo_without_a_push_is_refused():
+    # output.private applies to the repo output.push_to_hub creates: without a push it was taken and ignored, where
+    # `convert --private` without --push-to-hub is refused
+    with pytest.raises(RecipeError, match=r"\n  output\.private makes the Hub repo .* nothing is pushed; set "):
+        parse_recipe(MINIMAL + "output: {private: true}\n")
+    assert parse_recipe(MINIMAL + "output: {private: true, push_to_hub: org/model}\n").output.private
+    assert not parse_recipe(MINIMAL + "output: {private: false}\n").output.private  # what a resolved recipe writes
+
+
 def test_a_home_folder_in_the_output_dir_is_expanded(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     recipe = parse_recipe(MINIMAL + "output: {dir: ~/runs/x}\n")  # YAML keeps '~' as it is
