@@ -105,6 +105,26 @@ class DataSource(Section):
             raise ValueError(f"the builtin corpus has the splits {' and '.join(BUILTIN_SPLITS)}, not {self.split!r}")
         return self
 
+    @model_validator(mode="after")
+    def _record_fields_read(self) -> DataSource:
+        """Refuse text_field or messages_field where no record of their format is read (their defaults, which a
+        resolved recipe writes, stay accepted)."""
+        raw = self.builtin is not None or (self.path is not None and Path(self.path).suffix.lower() in TEXT_SUFFIXES)
+        for key, fmt in (("text_field", "text"), ("messages_field", "chat")):
+            if getattr(self, key) == type(self).model_fields[key].default:
+                continue
+            if raw:
+                raise ValueError(
+                    f"{key} names a field of records, and {self.label} is raw text (records come from "
+                    f"{', '.join(RECORD_SUFFIXES)} files and datasets); remove it"
+                )
+            if self.format not in ("auto", fmt):
+                raise ValueError(
+                    f"{key} names the field of {fmt} records, and format: {self.format} reads none; remove it, or "
+                    f"set format: {fmt} (or auto)"
+                )
+        return self
+
     @property
     def label(self) -> str:
         """How the source is named in notes and error messages."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import string
 
 import pytest
@@ -231,6 +232,22 @@ def test_auto_format_and_custom_fields(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "c.jsonl", convo)
     data = load(tokenizer, DataSource(path=path, messages_field="conversation"), seq_len=4)
     assert any("(chat)" in note for note in data.notes)
+
+
+def test_record_fields_where_no_record_has_them_are_refused():
+    # text_field and messages_field name fields of records: on raw text, or records of another format, they were
+    # taken and ignored
+    for source, message in [
+        (dict(builtin="english", text_field="body"), "text_field names a field of records, and builtin english"),
+        (dict(path="notes/*.md", messages_field="turns"), "messages_field names a field of records, and notes/*.md"),
+        (dict(path="a.jsonl", format="instruction", text_field="body"), "text_field names the field of text records"),
+        (dict(path="a.jsonl", format="text", messages_field="turns"), "messages_field names the field of chat records"),
+    ]:
+        with pytest.raises(ValidationError, match=re.escape(message)):
+            DataSource(**source)
+    assert DataSource(path="a.jsonl", format="chat", messages_field="turns").messages_field == "turns"
+    assert DataSource(path="data/*", text_field="body").text_field == "body"  # may match record files
+    assert DataSource(builtin="english", text_field="text", messages_field="messages")  # what resolved recipes write
 
 
 def test_a_byte_order_mark_is_not_text(tmp_path, tokenizer):
