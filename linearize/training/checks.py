@@ -14,7 +14,7 @@ from ..errors import LinearizeError
 from ..layers.base import LinearizedAttention
 from ..methods import method_settings
 from ..selection import calibration_windows
-from .recipe import Recipe, StageSection, TrainingSection
+from .recipe import OptimizerSection, Recipe, StageSection, TrainingSection
 
 
 def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool]:
@@ -151,6 +151,24 @@ def new_optimizer_note(index: int, stage: StageSection) -> str | None:
     )
 
 
+def muon_note(index: int, stage: StageSection) -> str | None:
+    """A warning for Muon's settings in a stage that trains nothing with Muon (fine for a Muon recipe whose optimizer
+    is overridden to adamw for a comparison, a mistake otherwise)."""
+    optimizer = stage.optimizer
+    own = optimizer.name == "muon" and "lora" in stage.trainable
+    new = (optimizer.new_name or optimizer.name) == "muon" and "new" in stage.trainable
+    defaults = OptimizerSection.model_fields
+    set_keys = [key for key in ("muon_momentum", "muon_lr_adjust") if getattr(optimizer, key) != defaults[key].default]
+    if not set_keys or own or new:
+        return None
+    named = " and ".join(f"stages.{index}.optimizer.{key}" for key in set_keys)
+    used = f"optimizer.name {optimizer.name}" + (f", new_name {optimizer.new_name}" if optimizer.new_name else "")
+    return (
+        f"{named} set Muon, which stages.{index} does not use ({used}): they have no effect; set optimizer.name: "
+        "muon, or drop them"
+    )
+
+
 def transfer_signal_note(recipe: Recipe, train: PackedSequences) -> str | None:
     """A warning for attention transfer of the method's new parameters on packs whose tokens mostly sit at the start
     of their documents, where the method's layers compute softmax attention exactly whatever those parameters are
@@ -180,6 +198,7 @@ def recipe_notes(recipe: Recipe, source_config, train: PackedSequences) -> list[
         float16_note(recipe, source_config),
         transfer_signal_note(recipe, train),
         *(new_optimizer_note(index, stage) for index, stage in enumerate(recipe.stages)),
+        *(muon_note(index, stage) for index, stage in enumerate(recipe.stages)),
     ]
     return [note for note in found if note]
 

@@ -1,7 +1,7 @@
 """What a fine-tuning run refuses or warns of before it trains (linearize/training/checks.py), as the run and its
 dry run say it: LoRA targets, stage order, steps, what a stage trains, float16 weights, optimizer settings of
-parameters a stage does not train, attention transfer on tokens the method computes exactly, the calibration text of
-auto:K."""
+parameters a stage does not train, Muon settings of a stage without Muon, attention transfer on tokens the method
+computes exactly, the calibration text of auto:K."""
 
 from __future__ import annotations
 
@@ -57,6 +57,23 @@ def test_the_run_and_its_dry_run_warn_of_a_new_parameters_optimizer_in_a_stage_t
     for extra in (["--dry-run"], ["stages.0.max_steps=1", "stages.1.max_steps=2", "-q"]):
         output = shown(recipe, *probe, *extra)
         assert warning in output and "they have no effect; add new to trainable" in output
+
+
+def test_the_run_and_its_dry_run_warn_of_muon_settings_in_a_stage_that_does_not_use_muon(workspace, tmp_path):
+    """muon_momentum and muon_lr_adjust set Muon, which an adamw stage does not use: they were taken and ignored (a
+    Muon recipe whose optimizer is overridden to adamw for a comparison keeps them, so the run warns)."""
+    recipe = write_recipe(workspace, tmp_path)
+    muon = ["stages.1.optimizer.muon_momentum=0.9", "stages.1.optimizer.muon_lr_adjust=original"]
+    warning = "stages.1.optimizer.muon_momentum and stages.1.optimizer.muon_lr_adjust set Muon, which stages.1 does"
+
+    assert "set Muon" not in shown(recipe, "--dry-run")
+    assert "set Muon" not in shown(recipe, *muon, "stages.1.optimizer.name=muon", "--dry-run")
+    # Muon trains the parameters the method adds, in a stage that trains them
+    still = ["conversion={method: still, chunk_size: 4, topk: 2}", "stages.1.trainable=[lora, new]"]
+    assert "set Muon" not in shown(recipe, *still, *muon, "stages.1.optimizer.new_name=muon", "--dry-run")
+    for extra in (["--dry-run"], ["stages.0.max_steps=1", "stages.1.max_steps=2", "-q"]):
+        output = shown(recipe, *muon, *extra)
+        assert warning in output and "not use (optimizer.name adamw): they have no effect" in output
 
 
 def test_still_transfer_on_documents_within_its_exact_chunks_is_warned_of(workspace, tmp_path):
