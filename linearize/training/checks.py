@@ -14,7 +14,7 @@ from ..errors import LinearizeError
 from ..layers.base import LinearizedAttention
 from ..methods import method_settings
 from ..selection import calibration_windows
-from .recipe import OptimizerSection, Recipe, StageSection, TrainingSection
+from .recipe import OptimizerSection, Recipe, ScheduleSection, StageSection, TrainingSection
 
 
 def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool]:
@@ -169,6 +169,18 @@ def muon_note(index: int, stage: StageSection) -> str | None:
     )
 
 
+def cosine_floor_note(index: int, stage: StageSection) -> str | None:
+    """A warning for a cosine floor under a constant schedule (fine for a cosine recipe overridden to constant for
+    a comparison, a mistake otherwise)."""
+    schedule = stage.schedule
+    if schedule.kind != "constant" or schedule.min_lr_ratio == ScheduleSection.model_fields["min_lr_ratio"].default:
+        return None
+    return (
+        f"stages.{index}.schedule.min_lr_ratio ({schedule.min_lr_ratio:g}) is the floor of the cosine schedule, and "
+        f"stages.{index} has a constant one: it has no effect; set schedule.kind: cosine, or drop it"
+    )
+
+
 def transfer_signal_note(recipe: Recipe, train: PackedSequences) -> str | None:
     """A warning for attention transfer of the method's new parameters on packs whose tokens mostly sit at the start
     of their documents, where the method's layers compute softmax attention exactly whatever those parameters are
@@ -199,6 +211,7 @@ def recipe_notes(recipe: Recipe, source_config, train: PackedSequences) -> list[
         transfer_signal_note(recipe, train),
         *(new_optimizer_note(index, stage) for index, stage in enumerate(recipe.stages)),
         *(muon_note(index, stage) for index, stage in enumerate(recipe.stages)),
+        *(cosine_floor_note(index, stage) for index, stage in enumerate(recipe.stages)),
     ]
     return [note for note in found if note]
 

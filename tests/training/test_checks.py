@@ -1,7 +1,7 @@
 """What a fine-tuning run refuses or warns of before it trains (linearize/training/checks.py), as the run and its
 dry run say it: LoRA targets, stage order, steps, what a stage trains, float16 weights, optimizer settings of
-parameters a stage does not train, Muon settings of a stage without Muon, attention transfer on tokens the method
-computes exactly, the calibration text of auto:K."""
+parameters a stage does not train, Muon settings of a stage without Muon, a cosine floor under a constant schedule,
+attention transfer on tokens the method computes exactly, the calibration text of auto:K."""
 
 from __future__ import annotations
 
@@ -74,6 +74,19 @@ def test_the_run_and_its_dry_run_warn_of_muon_settings_in_a_stage_that_does_not_
     for extra in (["--dry-run"], ["stages.0.max_steps=1", "stages.1.max_steps=2", "-q"]):
         output = shown(recipe, *muon, *extra)
         assert warning in output and "not use (optimizer.name adamw): they have no effect" in output
+
+
+def test_the_run_and_its_dry_run_warn_of_a_cosine_floor_under_a_constant_schedule(workspace, tmp_path):
+    """min_lr_ratio is the floor the cosine schedule decays to: under a constant one it was taken and ignored."""
+    recipe = write_recipe(workspace, tmp_path)
+    constant = "stages.1.schedule={kind: constant, min_lr_ratio: 0.5}"
+    warning = "stages.1.schedule.min_lr_ratio (0.5) is the floor of the cosine schedule, and stages.1 has a constant"
+
+    assert "floor of the cosine" not in shown(recipe, "stages.1.schedule.kind=constant", "--dry-run")  # the default
+    assert "floor of the cosine" not in shown(recipe, "stages.1.schedule.min_lr_ratio=0.5", "--dry-run")  # cosine
+    for extra in (["--dry-run"], ["stages.0.max_steps=1", "stages.1.max_steps=2", "-q"]):
+        output = shown(recipe, constant, *extra)
+        assert warning in output and "it has no effect; set schedule.kind: cosine, or drop it" in output
 
 
 def test_still_transfer_on_documents_within_its_exact_chunks_is_warned_of(workspace, tmp_path):
