@@ -83,16 +83,14 @@ def _first_process() -> bool:
 
 def _finetune_plan(recipe, resume: bool) -> Table:
     from .. import sources
-    from ..families import get_family
     from ..hub import check_can_push
-    from ..methods import get_method
     from ..training.checkpoint import check_resumable, list_checkpoints, prepare_run_folder
     from ..training.checks import (
         check_calibration,
         check_lora_targets,
         check_stage_order,
+        check_transfer_trains,
         lora_targets,
-        nothing_to_train,
         recipe_notes,
         stage_steps,
         unmatched_targets_note,
@@ -126,11 +124,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
     check_lora_targets(recipe, unmatched, layer_names)
     if note := unmatched_targets_note(recipe, unmatched, layer_names):
         notes.append(note)
-    for i, stage in enumerate(recipe.stages):  # what the run would find only once the weights have loaded
-        adds = get_method(conv.method).adds_parameters and "new" in stage.trainable
-        if stage.kind == "attention_transfer" and not in_attention and not adds:
-            projections = get_family(plan.config.base_model_type).input_projections
-            raise LinearizeError(nothing_to_train(i, stage, targets, projections, bool(plan.config.converted_layers())))
+    check_transfer_trains(recipe, plan.config, in_attention)
     # the data as the run reads it (the tokenizer alone, no weights): its errors, packs and steps
     with spinner("Reading the data", quiet=False):
         tokenizer = sources.load_tokenizer(recipe.model.name, recipe.model.revision)

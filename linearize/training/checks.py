@@ -11,8 +11,9 @@ from torch import nn
 
 from ..data import PackedSequences
 from ..errors import LinearizeError
+from ..families import get_family
 from ..layers.base import LinearizedAttention
-from ..methods import method_settings
+from ..methods import get_method, method_settings
 from ..selection import calibration_windows
 from .recipe import OptimizerSection, Recipe, ScheduleSection, StageSection, TrainingSection
 
@@ -95,6 +96,19 @@ def nothing_to_train(
             f"({', '.join(projections)}) to lora.target_modules"
         )
     return f"stages.{index} ({stage.kind}) has nothing to train with trainable {stage.trainable}"
+
+
+def check_transfer_trains(recipe: Recipe, config, in_attention: bool) -> None:
+    """Refuse an attention_transfer stage that would train nothing, on the converted model `config` describes
+    (`in_attention` as `lora_targets` finds it): the run meets it only when that stage begins, once the weights have
+    loaded and the stages before it have trained."""
+    converted = bool(config.converted_layers())
+    adds = get_method(recipe.conversion.method).adds_parameters
+    for index, stage in enumerate(recipe.stages):
+        trains = ("new" in stage.trainable and adds) or ("lora" in stage.trainable and in_attention)
+        if stage.kind == "attention_transfer" and not (converted and trains):
+            projections = get_family(config.base_model_type).input_projections
+            raise LinearizeError(nothing_to_train(index, stage, recipe.lora.target_modules, projections, converted))
 
 
 def positions_note(recipe: Recipe, source_config) -> str | None:

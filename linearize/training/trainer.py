@@ -48,6 +48,7 @@ from .checks import (
     check_calibration,
     check_lora_targets,
     check_stage_order,
+    check_transfer_trains,
     lora_targets,
     nothing_to_train,
     recipe_notes,
@@ -100,8 +101,9 @@ class Trainer:
         # a data error no model load (nor layer scoring)
         config = sources.load_config(recipe.model.name, recipe.model.revision)
         plan = recipe.conversion.plan(config, recipe.model.name or sources.EMBEDDED_NAME)
-        unmatched, names, _ = lora_targets(plan.config, recipe.lora.target_modules)
+        unmatched, names, in_attention = lora_targets(plan.config, recipe.lora.target_modules)
         check_lora_targets(recipe, unmatched, names)  # peft would refuse them once the stages before LoRA trained
+        check_transfer_trains(recipe, plan.config, in_attention)  # found when the stage begins, after those before it
         self.tokenizer = sources.load_tokenizer(recipe.model.name, recipe.model.revision)
         self.data: FinetuneData = load_data(recipe.data, self.tokenizer, seed=self.config.seed)
         check_calibration(recipe, self.tokenizer)  # read now: with auto:K after transfer, only after its stages

@@ -152,6 +152,32 @@ def test_attention_transfer_refuses_an_adapter_on_o_proj_alone(workspace, tmp_pa
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_a_transfer_with_nothing_to_train_is_refused_by_the_run_before_the_weights_load(
+    workspace, tmp_path, monkeypatch
+):
+    """The dry run refused an attention_transfer stage that trains nothing, and the run found it only when the stage
+    began: after the weights loaded, and after the lora stage before it had trained. The run refuses it as its dry
+    run does."""
+    recipe = write_recipe(workspace, tmp_path)
+    monkeypatch.setattr(linearize.sources, "load_model", lambda *args, **kwargs: pytest.fail("loaded the weights"))
+    after_lora = [
+        "stages=[{kind: lora, max_steps: 1}, {kind: attention_transfer, trainable: [lora], max_steps: 1}]",
+        "lora.target_modules=[o_proj, gate_proj]",
+    ]
+    # with trainable [new] the dry run let it through too
+    every_layer_kept = ["conversion={method: still, chunk_size: 4, topk: 2, softmax_layers: '0,1'}"]
+    every_layer_kept += ["stages.0.trainable=[new]"]
+    for overrides, problem in [
+        (after_lora, "stages.1 (attention_transfer) has nothing to train: it trains the converted attention layers"),
+        (every_layer_kept, "stages.0 (attention_transfer) has nothing to train: conversion.softmax_layers keeps every"),
+    ]:
+        for extra in (["--dry-run"], []):
+            result = invoke("finetune", recipe, *overrides, *extra)
+            message = " ".join(result.output.split())
+            assert result.exit_code == 1 and problem in message, (extra, message)
+    assert not list_checkpoints(tmp_path / "run")
+
+
 def test_a_calibration_text_that_cannot_be_read_is_refused_before_the_weights_load(workspace, tmp_path, monkeypatch):
     """auto:K scored after attention transfer read its calibration text only once the transfer stages were done: a
     mistyped path cost them (and a fixed one is another recipe, which cannot resume them). The run and its dry run
