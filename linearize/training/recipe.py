@@ -537,6 +537,15 @@ def _recipe_loc(loc: tuple) -> tuple:
     return tuple(keys)
 
 
+def _quote_hint(item: dict, path: str) -> str:
+    """How to write text that YAML read as a number or a bool (a commit of digits, `1.0`, `yes`), or ''."""
+    value = item.get("input")
+    if item["type"] != "string_type" or not isinstance(value, int | float):
+        return ""
+    what = str(value).lower() if isinstance(value, bool) else "a number"
+    return f"; YAML reads it unquoted as {what}: write it in quotes (in an override: {path}=\"'...'\")"
+
+
 def _explain(error: ValidationError, source: str) -> RecipeError:
     lines = []
     for item in error.errors():
@@ -558,7 +567,7 @@ def _explain(error: ValidationError, source: str) -> RecipeError:
             if item["msg"] not in lines[-1]:
                 lines[-1] = lines[-1].removesuffix(got) + f"; or {item['msg'][0].lower()}{item['msg'][1:]}{got}"
         else:
-            lines.append(f"  {path}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"  {path}: {item['msg']}{_quote_hint(item, path)} (got {item.get('input')!r})")
     return RecipeError(f"{source} is not a valid recipe:\n" + "\n".join(lines))
 
 

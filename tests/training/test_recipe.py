@@ -122,6 +122,24 @@ def test_a_value_that_fits_no_type_of_its_key_is_named_by_the_key_once():
         assert lines[0].endswith(f" (got {got})")
 
 
+def test_a_number_or_a_bool_where_text_is_expected_is_told_to_be_quoted():
+    # YAML reads a commit of digits alone, a version and yes/no unquoted as numbers and bools: the message said only
+    # "Input should be a valid string"
+    for text, key, what, got in [
+        (MINIMAL + "model: {name: org/model, revision: 1234567}\n", "model.revision", "a number", "1234567"),
+        (MINIMAL + "model: {name: 1.0}\n", "model.name", "a number", "1.0"),
+        (MINIMAL + "output: {dir: yes}\n", "output.dir", "true", "True"),
+        (MINIMAL + "lora: {target_modules: [q_proj, 3]}\n", "lora.target_modules.1", "a number", "3"),
+    ]:
+        with pytest.raises(RecipeError) as error:
+            parse_recipe(text)
+        line = str(error.value).splitlines()[1]
+        assert line.startswith(f"  {key}: Input should be a valid string; YAML reads it unquoted as {what}"), line
+        assert f"write it in quotes (in an override: {key}=\"'...'\") (got {got})" in line
+    assert parse_recipe(MINIMAL + "model: {name: org/model, revision: '1234567'}\n").model.revision == "1234567"
+    assert parse_recipe(MINIMAL, overrides=["model.name=org/model", "model.revision='1234567'"]).model.revision
+
+
 def test_true_or_false_for_a_number_is_refused():
     # pydantic reads a bool as 1 or 0 for a number: `lr: true` would train at 1.0
     for key, text in [
