@@ -190,10 +190,10 @@ def parse_auto(
     return SelectionRequest(int(count), scorer, spread=spread, **settings)
 
 
-def calibration_windows(request: SelectionRequest, tokenizer) -> torch.Tensor:
+def calibration_windows(request: SelectionRequest, tokenizer, option: str = "--calibration") -> torch.Tensor:
     """The calibration tokens, `[N, context]`, read as `linearize eval --text` reads text, except that "builtin" and
     a Hugging Face dataset named without a split mean their training split: held-out text must stay unseen by
-    every choice made before evaluation."""
+    every choice made before evaluation. `option` names where the text was given (a recipe's key)."""
     from .data import TooFewTokens
     from .evaluation import text_windows
 
@@ -202,7 +202,8 @@ def calibration_windows(request: SelectionRequest, tokenizer) -> torch.Tensor:
     except TooFewTokens as error:
         raise LinearizeError(
             f"calibration text '{request.calibration}' is too short to score layers on: {error.tokens} tokens, "
-            f"fewer than one window of {request.context}; give a longer text (--calibration)"
+            f"fewer than one window of {request.context}; give {option} a longer text (its default, "
+            f"{CALIBRATION_TEXT}, is long enough)"
         ) from None
 
 

@@ -237,10 +237,11 @@ def check_calibration(recipe: Recipe, tokenizer) -> None:
     request = recipe.conversion.selection_request()
     if request is None:
         return
+    key = "conversion.selection.calibration"
     try:
-        calibration_windows(request, tokenizer)
+        calibration_windows(request, tokenizer, option=key)
     except LinearizeError as error:
-        raise LinearizeError(f"conversion.selection.calibration: {error}") from None
+        raise LinearizeError(f"{key}: {error}") from None
 
 
 def stage_steps(stage: StageSection, packs: int, training: TrainingSection, processes: int) -> tuple[int, int]:

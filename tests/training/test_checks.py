@@ -188,6 +188,8 @@ def test_a_calibration_text_that_cannot_be_read_is_refused_before_the_weights_lo
     for text, problem in [
         (tmp_path / "missing.txt", f"data file {tmp_path / 'missing.txt'} not found"),
         (tmp_path / "short.txt", "is too short to score layers on"),
+        # the recipe's key, not the --calibration of `linearize convert`
+        (tmp_path / "short.txt", "give conversion.selection.calibration a longer text (its default, builtin, is"),
     ]:
         selection = f"conversion.selection={{scorer: output, after: attention_transfer, calibration: '{text}'}}"
         for extra in (["--dry-run"], []):
