@@ -119,12 +119,11 @@ def _finetune_plan(recipe, resume: bool) -> Table:
             "kept as softmax",
             f"{request.rule} ({request.scorer}, on {request.calibration}), chosen {when}",
         )
-    targets = recipe.lora.target_modules
-    unmatched, layer_names, in_attention = lora_targets(plan.config, targets)
-    check_lora_targets(recipe, unmatched, layer_names)
-    if note := unmatched_targets_note(recipe, unmatched, layer_names):
+    targets = lora_targets(plan.config, recipe.lora.target_modules)
+    check_lora_targets(recipe, targets)
+    if note := unmatched_targets_note(recipe, targets):
         notes.append(note)
-    check_transfer_trains(recipe, plan.config, in_attention)
+    check_transfer_trains(recipe, plan.config, targets.in_attention)
     # the data as the run reads it (the tokenizer alone, no weights): its errors, packs and steps
     with spinner("Reading the data", quiet=False):
         tokenizer = sources.load_tokenizer(recipe.model.name, recipe.model.revision)

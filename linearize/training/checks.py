@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,17 +19,26 @@ from ..selection import calibration_windows
 from .recipe import OptimizerSection, Recipe, ScheduleSection, StageSection, TrainingSection
 
 
-def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool]:
-    """The `targets` (lora.target_modules) that name no linear layer of the converted model `config` describes, as
-    peft matches them (a module's name or its last parts), the names those layers end in, and whether any target
-    is inside a converted attention layer before its o_proj (what attention transfer trains); found on a model
-    without weights, so that a dry run tells before any weights load."""
+class LoraTargets(NamedTuple):
+    """What lora.target_modules name in a converted model, as peft matches them (a module's name or its last
+    parts)."""
+
+    unmatched: list[str]  # the targets that name no linear layer
+    layer_names: list[str]  # the names the model's linear layers end in
+    in_attention: bool  # whether one names a layer of a converted attention before its o_proj (transfer trains it)
+    unadaptable: dict[str, str]  # target -> the type of a module it names that LoRA cannot adapt (a block)
+
+
+def lora_targets(config, targets: list[str]) -> LoraTargets:
+    """What `targets` (lora.target_modules) name in the converted model `config` describes, found on a model without
+    weights, so that a dry run tells before any weights load."""
     from ..models import LinearizeForCausalLM
 
     with torch.device("meta"):
         model = LinearizeForCausalLM(config)
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    converted = [f"{name}." for name, module in model.named_modules() if isinstance(module, LinearizedAttention)]
+    modules = dict(model.named_modules())
+    names = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+    converted = [f"{name}." for name, module in modules.items() if isinstance(module, LinearizedAttention)]
 
     def matches(name: str, target: str) -> bool:
         return name == target or name.endswith(f".{target}")
@@ -37,28 +47,42 @@ def lora_targets(config, targets: list[str]) -> tuple[list[str], list[str], bool
     in_attention = any(
         matches(name, t) and any(transfer_trains(name, layer) for layer in converted) for name in names for t in targets
     )
-    return unmatched, sorted({name.rsplit(".", 1)[-1] for name in names}), in_attention
+    unadaptable = {  # peft adapts linear layers and embeddings, and refuses to adapt any other module a target names
+        t: type(module).__name__
+        for t in targets
+        for name, module in modules.items()
+        if matches(name, t) and not isinstance(module, nn.Linear | nn.Embedding)
+    }
+    return LoraTargets(unmatched, sorted({name.rsplit(".", 1)[-1] for name in names}), in_attention, unadaptable)
 
 
-def check_lora_targets(recipe: Recipe, unmatched: list[str], layer_names: list[str]) -> None:
-    """Refuse lora.target_modules of which none names a linear layer (`unmatched` and `layer_names` as `lora_targets`
-    finds them) while a stage trains LoRA: peft refuses them only when the first such stage begins, after the stages
-    before it have trained."""
+def check_lora_targets(recipe: Recipe, found: LoraTargets) -> None:
+    """Refuse lora.target_modules (`found` by `lora_targets`) that peft refuses while a stage trains LoRA: any that
+    names a module LoRA cannot adapt, or all of them when none names a linear layer. peft refuses them only when
+    the first such stage begins, after the stages before it have trained."""
     targets = recipe.lora.target_modules
-    if len(unmatched) == len(targets) and any("lora" in stage.trainable for stage in recipe.stages):
+    if not any("lora" in stage.trainable for stage in recipe.stages):
+        return
+    if found.unadaptable:
         raise LinearizeError(
-            f"lora.target_modules {targets} name no layer of this model; its linear layers are {layer_names}"
+            f"lora.target_modules {list(found.unadaptable)} name modules that LoRA cannot adapt "
+            f"({', '.join(found.unadaptable.values())}): name the linear layers in them; this model's linear layers "
+            f"are {found.layer_names}"
+        )
+    if len(found.unmatched) == len(targets):
+        raise LinearizeError(
+            f"lora.target_modules {targets} name no layer of this model; its linear layers are {found.layer_names}"
         )
 
 
-def unmatched_targets_note(recipe: Recipe, unmatched: list[str], layer_names: list[str]) -> str | None:
-    """What a run warns and its dry run notes when some of lora.target_modules name no linear layer (`unmatched`
-    and `layer_names` as `lora_targets` finds them) while a stage trains LoRA: peft adapts the others and says
-    nothing (when none matches, peft refuses the run)."""
-    targets = recipe.lora.target_modules
+def unmatched_targets_note(recipe: Recipe, found: LoraTargets) -> str | None:
+    """What a run warns and its dry run notes when some of lora.target_modules name no linear layer (`found` by
+    `lora_targets`) while a stage trains LoRA: peft adapts the others and says nothing (when none matches, peft
+    refuses the run)."""
+    targets, unmatched = recipe.lora.target_modules, found.unmatched
     if not unmatched or len(unmatched) == len(targets) or not any("lora" in s.trainable for s in recipe.stages):
         return None
-    return f"lora.target_modules {unmatched} match no layer of this model (its linear layers: {layer_names})"
+    return f"lora.target_modules {unmatched} match no layer of this model (its linear layers: {found.layer_names})"
 
 
 def check_stage_order(recipe: Recipe, processes: int) -> None:

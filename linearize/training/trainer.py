@@ -101,9 +101,9 @@ class Trainer:
         # a data error no model load (nor layer scoring)
         config = sources.load_config(recipe.model.name, recipe.model.revision)
         plan = recipe.conversion.plan(config, recipe.model.name or sources.EMBEDDED_NAME)
-        unmatched, names, in_attention = lora_targets(plan.config, recipe.lora.target_modules)
-        check_lora_targets(recipe, unmatched, names)  # peft would refuse them once the stages before LoRA trained
-        check_transfer_trains(recipe, plan.config, in_attention)  # found when the stage begins, after those before it
+        targets = lora_targets(plan.config, recipe.lora.target_modules)
+        check_lora_targets(recipe, targets)  # peft would refuse them once the stages before LoRA trained
+        check_transfer_trains(recipe, plan.config, targets.in_attention)  # else met as the stage begins
         self.tokenizer = sources.load_tokenizer(recipe.model.name, recipe.model.revision)
         self.data: FinetuneData = load_data(recipe.data, self.tokenizer, seed=self.config.seed)
         check_calibration(recipe, self.tokenizer)  # read now: with auto:K after transfer, only after its stages
@@ -114,7 +114,7 @@ class Trainer:
             reporter.warning(warning)
         self.data_fingerprint = data_fingerprint(self.data)  # what its checkpoints record
         self.model, self.new_names = self.build_model()
-        notes = [unmatched_targets_note(recipe, unmatched, names), *recipe_notes(recipe, config, self.data.train)]
+        notes = [unmatched_targets_note(recipe, targets), *recipe_notes(recipe, config, self.data.train)]
         for note in filter(None, notes):
             reporter.warning(note)
         self.sharded = False

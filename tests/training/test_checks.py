@@ -46,6 +46,23 @@ def test_lora_targets_that_match_no_layer_are_refused_before_the_weights_load(wo
     assert not list_checkpoints(tmp_path / "run")
 
 
+def test_lora_targets_that_name_a_module_lora_cannot_adapt_are_refused_before_the_weights_load(
+    workspace, tmp_path, monkeypatch
+):
+    """A target that names a block (the MLP, the attention) rather than a linear layer was noted as matching no layer,
+    and peft refused it when the first stage that trains LoRA began: after a STILL run's attention transfer."""
+    recipe = write_recipe(workspace, tmp_path)
+    still = ["conversion={method: still, chunk_size: 4, topk: 2}", "stages.0.trainable=[new]"]
+    monkeypatch.setattr(linearize.sources, "load_model", lambda *args, **kwargs: pytest.fail("loaded the weights"))
+    for extra in (["--dry-run"], []):
+        result = invoke("finetune", recipe, *still, "lora.target_modules=[q_proj, v_proj, mlp, self_attn]", *extra)
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1, (extra, message)
+        assert "lora.target_modules ['mlp', 'self_attn'] name modules that LoRA cannot adapt (LlamaMLP," in message
+        assert "StillAttention): name the linear layers in them" in message
+    assert not list_checkpoints(tmp_path / "run")
+
+
 def test_the_run_and_its_dry_run_warn_of_a_new_parameters_optimizer_in_a_stage_that_does_not_train_them(
     workspace, tmp_path
 ):
