@@ -16,7 +16,7 @@ from ..families import get_family
 from ..layers.base import LinearizedAttention
 from ..methods import get_method, method_settings
 from ..selection import calibration_windows
-from .recipe import OptimizerSection, Recipe, ScheduleSection, StageSection, TrainingSection
+from .recipe import LoraSection, OptimizerSection, Recipe, ScheduleSection, StageSection, TrainingSection
 
 
 class LoraTargets(NamedTuple):
@@ -207,6 +207,20 @@ def muon_note(index: int, stage: StageSection) -> str | None:
     )
 
 
+def lora_note(recipe: Recipe) -> str | None:
+    """A warning for LoRA settings in a recipe none of whose stages trains LoRA (fine for a LoRA recipe whose stages
+    are overridden for a control run, a mistake otherwise)."""
+    lora, defaults = recipe.lora, LoraSection()
+    set_keys = [f"lora.{key}" for key in LoraSection.model_fields if getattr(lora, key) != getattr(defaults, key)]
+    if not set_keys or any("lora" in stage.trainable for stage in recipe.stages):
+        return None
+    named = ", ".join(set_keys[:-1]) + " and " * (len(set_keys) > 1) + set_keys[-1]
+    return (
+        f"{named} set the LoRA adapters, and no stage trains LoRA (trainable: [lora]): they have no effect; add lora "
+        "to a stage's trainable, or drop them"
+    )
+
+
 def cosine_floor_note(index: int, stage: StageSection) -> str | None:
     """A warning for a cosine floor under a constant schedule (fine for a cosine recipe overridden to constant for
     a comparison, a mistake otherwise)."""
@@ -247,6 +261,7 @@ def recipe_notes(recipe: Recipe, source_config, train: PackedSequences) -> list[
         positions_note(recipe, source_config),
         float16_note(recipe, source_config),
         transfer_signal_note(recipe, train),
+        lora_note(recipe),
         *(new_optimizer_note(index, stage) for index, stage in enumerate(recipe.stages)),
         *(muon_note(index, stage) for index, stage in enumerate(recipe.stages)),
         *(cosine_floor_note(index, stage) for index, stage in enumerate(recipe.stages)),

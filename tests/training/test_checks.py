@@ -1,7 +1,8 @@
 """What a fine-tuning run refuses or warns of before it trains (linearize/training/checks.py), as the run and its
 dry run say it: LoRA targets, stage order, steps, what a stage trains, float16 weights, optimizer settings of
 parameters a stage does not train, Muon settings of a stage without Muon, a cosine floor under a constant schedule,
-attention transfer on tokens the method computes exactly, the calibration text of auto:K."""
+LoRA settings without a LoRA stage, attention transfer on tokens the method computes exactly, the calibration text of
+auto:K."""
 
 from __future__ import annotations
 
@@ -104,6 +105,20 @@ def test_the_run_and_its_dry_run_warn_of_a_cosine_floor_under_a_constant_schedul
     for extra in (["--dry-run"], ["stages.0.max_steps=1", "stages.1.max_steps=2", "-q"]):
         output = shown(recipe, constant, *extra)
         assert warning in output and "it has no effect; set schedule.kind: cosine, or drop it" in output
+
+
+def test_the_run_and_its_dry_run_warn_of_a_lora_section_when_no_stage_trains_lora(workspace, tmp_path):
+    """The lora section sets the adapters of the stages that train LoRA: without one it was taken and ignored."""
+    recipe = write_recipe(workspace, tmp_path)  # lora: {r: 4, alpha: 8 (the default), target_modules: [q_proj, ...]}
+    still = "conversion={method: still, chunk_size: 4, topk: 2}"
+    transfer = "stages=[{kind: attention_transfer, trainable: [new], max_steps: 1}]"
+    warning = "lora.r and lora.target_modules set the LoRA adapters, and no stage trains LoRA (trainable: [lora]): they"
+
+    assert "no stage trains LoRA" not in shown(recipe, still, "--dry-run")
+    assert "no stage trains LoRA" not in shown(recipe, still, transfer, "lora={}", "--dry-run")  # the defaults
+    for extra in (["--dry-run"], ["-q"]):
+        output = shown(recipe, still, transfer, *extra)
+        assert warning in output and "they have no effect; add lora to a stage's trainable, or drop them" in output
 
 
 def test_still_transfer_on_documents_within_its_exact_chunks_is_warned_of(workspace, tmp_path):
