@@ -207,6 +207,19 @@ def muon_note(index: int, stage: StageSection) -> str | None:
     )
 
 
+def betas_note(index: int, stage: StageSection) -> str | None:
+    """A warning for AdamW's betas in a stage that Muon trains whole: Muon takes the matrices, and LoRA's adapters are
+    all matrices (the parameters a method adds may not be, so a stage that trains them is not warned of)."""
+    optimizer = stage.optimizer
+    default = OptimizerSection.model_fields["betas"].default
+    if optimizer.name != "muon" or stage.trainable != ["lora"] or optimizer.betas == default:
+        return None
+    return (
+        f"stages.{index}.optimizer.betas set AdamW, and Muon trains every parameter of stages.{index} (LoRA's are "
+        "matrices): they have no effect; drop them, or set optimizer.name: adamw"
+    )
+
+
 def lora_note(recipe: Recipe) -> str | None:
     """A warning for LoRA settings in a recipe none of whose stages trains LoRA (fine for a LoRA recipe whose stages
     are overridden for a control run, a mistake otherwise)."""
@@ -264,6 +277,7 @@ def recipe_notes(recipe: Recipe, source_config, train: PackedSequences) -> list[
         lora_note(recipe),
         *(new_optimizer_note(index, stage) for index, stage in enumerate(recipe.stages)),
         *(muon_note(index, stage) for index, stage in enumerate(recipe.stages)),
+        *(betas_note(index, stage) for index, stage in enumerate(recipe.stages)),
         *(cosine_floor_note(index, stage) for index, stage in enumerate(recipe.stages)),
     ]
     return [note for note in found if note]

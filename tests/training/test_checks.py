@@ -1,8 +1,8 @@
 """What a fine-tuning run refuses or warns of before it trains (linearize/training/checks.py), as the run and its
 dry run say it: LoRA targets, stage order, steps, what a stage trains, float16 weights, optimizer settings of
-parameters a stage does not train, Muon settings of a stage without Muon, a cosine floor under a constant schedule,
-LoRA settings without a LoRA stage, attention transfer on tokens the method computes exactly, the calibration text of
-auto:K."""
+parameters a stage does not train, Muon settings of a stage without Muon and AdamW's of one without AdamW, a cosine
+floor under a constant schedule, LoRA settings without a LoRA stage, attention transfer on tokens the method computes
+exactly, the calibration text of auto:K."""
 
 from __future__ import annotations
 
@@ -92,6 +92,22 @@ def test_the_run_and_its_dry_run_warn_of_muon_settings_in_a_stage_that_does_not_
     for extra in (["--dry-run"], ["stages.0.max_steps=1", "stages.1.max_steps=2", "-q"]):
         output = shown(recipe, *muon, *extra)
         assert warning in output and "not use (optimizer.name adamw): they have no effect" in output
+
+
+def test_the_run_and_its_dry_run_warn_of_adamw_betas_where_muon_trains_every_parameter(workspace, tmp_path):
+    """Muon takes the matrices and AdamW the rest: LoRA's adapters are all matrices, so a stage that trains LoRA alone
+    with muon has no AdamW, and its betas were taken and ignored."""
+    recipe = write_recipe(workspace, tmp_path)
+    betas = "stages.1.optimizer={name: muon, betas: [0.8, 0.99]}"  # stage 1 trains [lora]
+    warning = "stages.1.optimizer.betas set AdamW, and Muon trains every parameter of stages.1 (LoRA's are matrices)"
+
+    assert "betas set AdamW" not in shown(recipe, "stages.1.optimizer={name: adamw, betas: [0.8, 0.99]}", "--dry-run")
+    assert "betas set AdamW" not in shown(recipe, "stages.1.optimizer.name=muon", "--dry-run")  # the default betas
+    still = ["conversion={method: still, chunk_size: 4, topk: 2}", "stages.1.trainable=[lora, new]"]
+    assert "betas set AdamW" not in shown(recipe, *still, betas, "--dry-run")  # the added parameters may be vectors
+    for extra in (["--dry-run"], ["stages.0.max_steps=1", "stages.1.max_steps=2", "-q"]):
+        output = shown(recipe, betas, *extra)
+        assert warning in output and "they have no effect; drop them, or set optimizer.name: adamw" in output
 
 
 def test_the_run_and_its_dry_run_warn_of_a_cosine_floor_under_a_constant_schedule(workspace, tmp_path):
