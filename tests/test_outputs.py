@@ -342,6 +342,21 @@ def test_output_set_aside_by_a_killed_run_replaces_what_that_run_wrote(source, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "second"]
 
 
+def test_the_folders_of_another_users_run_are_left_alone(tmp_path, monkeypatch):
+    """A process that may not be signalled (another user's, in a shared folder) is alive as far as we know: its
+    staging folder is the output it is writing, and its retired or set-aside folder its only copy."""
+    for kind in ("tmp", "old", "kept"):
+        (tmp_path / f".out-{kind}.linearize-{kind}-{finished_pid()}-0123abcd").mkdir()
+    before = sorted(tmp_path.iterdir())
+
+    def not_permitted(pid, signal):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(linearize.outputs.os, "kill", not_permitted)
+    linearize.outputs.remove_leftovers(tmp_path)
+    assert sorted(tmp_path.iterdir()) == before
+
+
 @pytest.mark.parametrize("kind", ["kept", "old", "tmp"])
 def test_a_leftover_named_for_the_folder_itself_or_its_parent_touches_nothing(kind, tmp_path):
     """A leftover names the output it belongs to after its first dot: `.NAME.linearize-kept-...`. One whose NAME is
@@ -396,6 +411,20 @@ def test_a_file_written_whole_by_two_threads_at_once_is_one_of_theirs(tmp_path):
         other.join()
         assert path.read_text() == "second"
     assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_file_whose_writing_fails_keeps_the_earlier_one_and_leaves_no_partial_one(failure, tmp_path):
+    """A full disk or Ctrl-C while a record is written: the earlier record stays as it was, and the hidden sibling
+    that held the partial one is removed (nothing else would ever remove it)."""
+    from linearize.outputs import file_written_whole
+
+    path = tmp_path / "results.json"
+    path.write_text("earlier")
+    with pytest.raises(type(failure)), file_written_whole(path) as partial:
+        partial.write_text("part")
+        raise failure
+    assert path.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 @pytest.fixture
@@ -486,6 +515,8 @@ def test_an_output_name_too_long_for_its_hidden_sibling_is_refused_before_loadin
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "has a name too long (230 bytes)" in shown and "at most 222 bytes" in shown
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(LinearizeError, match="at most 222 bytes"):  # one byte more: a 7-digit process id overflows
+        linearize.outputs.check_name_length(tmp_path / ("m" * 223))
     longest = tmp_path / ("m" * 222)
     with linearize.outputs.atomic_folder(longest) as staging:
         (staging / "ours").write_text("")
@@ -508,6 +539,15 @@ def test_a_second_in_place_writer_is_refused_and_the_first_keeps_its_folder(tmp_
     with linearize.outputs.replaced_when_done(out, force=True):  # released: the next run replaces it
         out.mkdir()
     assert list(out.iterdir()) == []
+
+
+def test_an_in_place_writer_replaces_an_existing_folder_only_with_force(tmp_path, monkeypatch):
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    (out / "liger-run").mkdir(parents=True)
+    with pytest.raises(LinearizeError, match="already exists; pass --force"), linearize.outputs.replaced_when_done(out):
+        pytest.fail("the writer ran")
+    assert [p.name for p in out.iterdir()] == ["liger-run"]
 
 
 def test_an_in_place_writer_runs_unlocked_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
