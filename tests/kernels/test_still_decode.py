@@ -50,8 +50,9 @@ def _empty_cache(shape_id: str, dtype: torch.dtype) -> StillDecodeState:
 
 def _tokens(shape_id: str, T: int, dtype: torch.dtype = torch.float32, pad: bool = True) -> dict:
     """T decode steps of inputs `[B, T, ...]`. With `pad`, row 1 starts with 2 padding tokens and row 2 has 3 in
-    the middle, so rows fold their chunks at different steps."""
-    B, H, Hkv, D, _, _ = SHAPES[shape_id]
+    the middle, where its next real token would complete a chunk and fold the oldest (a padding step there must do
+    neither), so rows fold their chunks at different steps."""
+    B, H, Hkv, D, C, _ = SHAPES[shape_id]
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape):
@@ -60,7 +61,7 @@ def _tokens(shape_id: str, T: int, dtype: torch.dtype = torch.float32, pad: bool
     valid = torch.ones(B, T, dtype=torch.bool)
     if pad:
         valid[1, :2] = False
-        valid[2:, 5:8] = False
+        valid[2:, 2 * C : 2 * C + 3] = False
     q = randn(B, T, H, D)
     return {
         "q": q,
