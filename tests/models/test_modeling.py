@@ -153,6 +153,36 @@ def test_a_cache_of_other_rows_is_refused_naming_the_repeat(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_beam_search_reorders_the_cache_with_its_beams(method):
+    """Beam search keeps the cache row of each beam it continues (`reorder_cache`): with the cache it finds the
+    sequences it finds without one, where every step reads the whole sequence again."""
+    model = converted_model("llama", method)
+    ids = torch.randint(3, 128, (2, 12))
+    options = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **options), model.generate(ids, use_cache=False, **options))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_reset_cache_reads_a_new_sequence_as_a_new_cache_does(method):
+    """`reset` empties every layer (a ring's position, the sinks kept so far, the count of tokens seen, which gives
+    the next tokens their positions): a cache reset after one sequence decodes the next as a fresh cache does."""
+    model = converted_model("llama", method)
+    first, second = torch.randint(3, 128, (2, 2, 30)).unbind(0)
+
+    def decoded(ids, cache):
+        with torch.no_grad():
+            logits = [model(ids[:, :4], past_key_values=cache).logits]
+            logits += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(4, ids.shape[1])]
+        return torch.cat(logits, 1)
+
+    cache = LinearizeCache(model.config)
+    decoded(first, cache)
+    cache.reset()
+    torch.testing.assert_close(decoded(second, cache), decoded(second, LinearizeCache(model.config)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_inter_layer_hybrid_decode_equals_full_forward(method):
     model = converted_model("llama", method, softmax_layers="1")
     assert [type(layer.self_attn).__name__ for layer in model.model.layers][1] == "LlamaAttention"
