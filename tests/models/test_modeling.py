@@ -355,6 +355,19 @@ def test_cache_size_is_what_the_plan_says(variant):
         assert sizes[1] == sizes[0] == plan.converted_cache_bytes(200)
 
 
+@pytest.mark.parametrize("variant", METHODS)
+def test_a_prefill_of_whole_chunks_or_windows_holds_what_the_plan_says(variant):
+    """Right after a prefill of a whole number of STILL's 8-token chunks (its ring holds the last two; the third is
+    the first folded) or of a window, and one token past: exactly the bytes the plan says, as at other lengths."""
+    model = converted_model("llama", variant)
+    method, options = VARIANTS[variant]
+    plan = plan_conversion(source_model("llama").config, "llama", method, dtype="float32", **options)
+    for length in (8, 16, 17, 24):
+        with torch.no_grad():
+            cache = cache_of(model(torch.randint(3, 128, (1, length)), use_cache=True))
+        assert cache.nbytes() == plan.converted_cache_bytes(length), length
+
+
 def _cache_tensors(layer):
     """(field name, tensor) for every tensor a cache layer holds, in a fixed order."""
     for name in layer._tensor_fields:
