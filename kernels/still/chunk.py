@@ -228,9 +228,11 @@ def _softmax_part(q, kw, vw, window_mask, ks, vs, ks_mask, scale, softcap=None):
         z_window, z_salient = (softcap * torch.tanh(z / softcap) for z in (z_window, z_salient))
     z_window = z_window.masked_fill(~window_mask[:, :, None], float("-inf"))  # [B, n, H, C, 2C]
     z_salient = z_salient.masked_fill(~ks_mask.transpose(2, 3)[:, :, :, None], float("-inf"))
-    m = z_window.amax(-1, keepdim=True)
+    # the output depends on m (quirk Q5), so its gradient flows back to the logits; max's backward keeps only where
+    # each maximum lies, where amax's keeps the logits themselves (a block's largest tensors, for every block)
+    m = z_window.max(-1, keepdim=True).values
     if z_salient.shape[-1]:
-        m = torch.maximum(m, z_salient.amax(-1, keepdim=True))
+        m = torch.maximum(m, z_salient.max(-1, keepdim=True).values)
     m = m.masked_fill(m == float("-inf"), 0.0)  # a padded query may have no key
     p_window, p_salient = (z_window - m).exp_(), (z_salient - m).exp_()
     del z_window, z_salient  # free the logits before the products (a block's largest tensors)

@@ -96,6 +96,26 @@ def test_chunk_attention_in_blocks_of_chunks_matches_reference(chunks_per_block)
         assert_close(name, ref[name], out[name])
 
 
+def test_chunk_attention_saves_each_logit_once_for_backward():
+    """Of the softmax logits (`[B, N, H, C, keys]`, window and salient apart) backward keeps the exponentials alone:
+    the max that shifts them needs only where it lies. amax kept the masked logits too, a second copy of a layer's
+    largest tensors, which grows with T^2 for the salient keys (52 of 379 MiB a layer for SmolLM2 at 4K tokens)."""
+    shape_id = "T70-C16-H2-Hkv2"
+    B, T, H, Hkv, D, C = SHAPES[shape_id]
+    N = -(-T // C)
+    x = {name: t.requires_grad_() if name in FLOAT_INPUTS else t for name, t in _inputs(shape_id, False).items()}
+    logits = set()
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.shape[:4] == (B, N, H, C) and t.shape[-1] > 1:  # not the maxima
+            logits.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        chunk_still_attention(**x)
+    assert len(logits) == 2  # the window's and the salient keys' exponentials
+
+
 @pytest.mark.parametrize("pad", [False, True], ids=["all-valid", "trailing-pad"])
 @pytest.mark.parametrize("shape_id", SHAPES)
 def test_chunk_attention_without_autograd_matches_reference(shape_id, pad):
