@@ -60,6 +60,34 @@ def _intra_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: torch.Ten
     return o
 
 
+class _ChunkStates(torch.autograd.Function):
+    """The state entering every chunk, S_{n+1} = decay_n * S_n + kv_n, and the state after the last one.
+
+    Backward walks the chunks back reading the states this returns, which the queries' product keeps anyway: the
+    recurrence under autograd kept every state a second time (each update saves the state it decays), as much memory
+    as the states themselves (6 MiB a layer for SmolLM2 at 2K tokens, fp32)."""
+
+    @staticmethod
+    def forward(ctx, kv: torch.Tensor, decay: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv `[B, Hkv, N, K, V]`, decay `[B, Hkv, N, K, 1]`, S `[B, Hkv, K, V]` entering the first chunk."""
+        states = torch.empty_like(kv)
+        for n in range(kv.shape[2]):
+            states[:, :, n] = S
+            S = torch.addcmul(kv[:, :, n], S, decay[:, :, n])
+        ctx.save_for_backward(states, decay)
+        return states, S
+
+    @staticmethod
+    def backward(ctx, d_states: torch.Tensor, dS: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        states, decay = ctx.saved_tensors
+        d_kv, d_decay = torch.empty_like(states), torch.empty_like(decay)
+        for n in reversed(range(states.shape[2])):  # dS: the gradient of the state leaving chunk n
+            d_kv[:, :, n] = dS
+            d_decay[:, :, n] = (dS * states[:, :, n]).sum(-1, keepdim=True)
+            dS = torch.addcmul(d_states[:, :, n], dS, decay[:, :, n])
+        return d_kv, d_decay, dS
+
+
 def _segment(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, S: torch.Tensor, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,12 +115,7 @@ def _segment(
     k_last = to_end.exp() * k.unflatten(2, (N, C))
     kv = k_last.transpose(-1, -2) @ v.unflatten(2, (N, C))  # [B, Hkv, N, K, V]
     decay = b_last.transpose(-1, -2).exp()  # [B, Hkv, N, K, 1]
-    states = []
-    # unbind, not indexing: the backward of N selects would allocate N full-size gradients
-    for kv_n, decay_n in zip(kv.unbind(2), decay.unbind(2), strict=True):
-        states.append(S)
-        S = torch.addcmul(kv_n, S, decay_n)
-    states = torch.stack(states, dim=2)  # [B, Hkv, N, K, V]: state entering each chunk
+    states, S = _ChunkStates.apply(kv, decay, S)  # [B, Hkv, N, K, V]: state entering each chunk
 
     q_first = (q.unflatten(2, (N, C)) * b.exp()[..., None, :]).flatten(3, 4)  # queries as seen from chunk start
     o = (q_first @ states).view(B, Hkv, L, G, V) + _intra_chunk(q, k, v, b.flatten(2, 3), C)

@@ -110,6 +110,24 @@ def test_factorable_bounds_each_chunk():
     assert not factorable(_gates((1, 64, 1, 4), "decay-8"), 64)
 
 
+def test_chunk_saves_each_chunk_state_once_for_backward():
+    """Backward keeps the state entering each chunk once (the queries' product reads it): the recurrence under
+    autograd kept every state a second time, each update saving the state it decays."""
+    B, T, H, Hkv, K, V, C = 1, 64, 2, 1, 32, 12, 16  # K and V unlike any other saved dimension
+    x = {"q": torch.randn(B, T, H, K), "k": torch.randn(B, T, Hkv, K), "v": torch.randn(B, T, Hkv, V)}
+    x = {name: t.requires_grad_() for name, t in (x | {"g": _gates((B, T, Hkv, K), "logsigmoid")}).items()}
+    states = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.shape[-2:] == (K, V):
+            states[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        chunk_gla(**x, chunk_size=C)
+    assert sum(states.values()) == B * Hkv * (T // C) * K * V * 4
+
+
 @pytest.mark.parametrize("path", ["reference", *PATHS, *FACTORED])
 def test_no_final_state(path):
     """Without the final state: ht is None, and the output is the one computed with it."""
