@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from linearize.training import transfer
 from linearize.training.transfer import AttentionTransfer, distillation_loss, original_model, teacher_attention
 from tests.tiny import FAMILIES, attention_projections, converted_model, source_attention_call, source_model
 
@@ -36,6 +38,54 @@ def test_padded_queries_are_left_out_and_real_rows_match_unpadded():
     padded = teacher_attention(attn, padded_x, model.model.rotary_emb(padded_x, positions), valid)
     assert not padded.isnan().any()
     torch.testing.assert_close(padded[:, 3:], unpadded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+def test_teacher_by_blocks_of_queries_is_the_source_attention(family, monkeypatch):
+    """Blocks of 5 queries (Gemma 2: capped logits and a window of 8; Mistral: padding) give the teacher of the
+    whole sequence at once."""
+    source = source_model(family)
+    attn = converted_model(family, "liger", convert_layers="all").model.layers[0].self_attn
+    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    inputs, expected = source_attention_call(source, 0, ids)
+    x, rotary = inputs["hidden_states"], inputs["position_embeddings"]
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :4] = False  # left padding: the real rows of the padded row match the unpadded call below
+    monkeypatch.setattr(transfer, "TEACHER_BLOCK", 5)
+    teacher = teacher_attention(attn, x, rotary, valid if family == "mistral" else None)
+    torch.testing.assert_close(attn.o_proj(teacher[0]), expected[0], rtol=1e-5, atol=1e-5)
+    if family == "mistral":
+        unpadded = teacher_attention(attn, x[1:, 4:], tuple(t[-1:, 4:] for t in rotary), None)
+        torch.testing.assert_close(teacher[1, 4:], unpadded[0], rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(attn.o_proj(teacher), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["padding", "softcap"])
+def test_teacher_makes_no_tensor_of_every_query_against_every_key(case, monkeypatch):
+    """A mask or capped logits [T, T] grow with the square of the length, in every layer of a transfer step: the
+    teacher takes its queries by blocks instead (here of 16: all heads' logits of a block stay under T^2)."""
+    family = "gemma2" if case == "softcap" else "llama"
+    attn = converted_model(family, "liger", convert_layers="all").model.layers[1].self_attn
+    attn.source_window = None  # every key in reach: Gemma's window would bound the blocks' keys anyway
+    monkeypatch.setattr(transfer, "TEACHER_BLOCK", 16, raising=False)
+    length = 300
+    x = torch.randn(1, length, 64)
+    rotary = tuple(t.expand(1, length, -1) for t in (torch.ones(1, 1, attn.head_dim), torch.zeros(1, 1, attn.head_dim)))
+    valid = (torch.arange(length) >= 3)[None] if case == "padding" else None
+    largest = 0
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal largest
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            largest = max([largest, *sizes])
+            return out
+
+    with Largest():
+        teacher_attention(attn, x, rotary, valid)
+    assert largest < length * length
 
 
 def _lora_model(family: str = "llama"):
