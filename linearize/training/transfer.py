@@ -134,7 +134,9 @@ class AttentionTransfer:
     def __enter__(self) -> AttentionTransfer:
         for attn in self.layers:
             self._handles.append(attn.register_forward_pre_hook(self._keep_inputs, with_kwargs=True))
-            self._handles.append(attn.o_proj.register_forward_hook(self._swap_in_teacher(attn)))
+            # in place of o_proj's forward, not a hook after it: its product of the student output would be thrown
+            # away (a tenth of a layer's matrix products)
+            attn.o_proj.forward = self._teacher_output(attn)
         # adapters that a lora stage trained outside the students would move the activations away from the original
         # model's: off for the stage (the students' own stay on)
         students = {id(m) for attn in self.layers for name, m in attn.named_modules() if not name.startswith("o_proj")}
@@ -145,6 +147,8 @@ class AttentionTransfer:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
+        for attn in self.layers:
+            attn.o_proj.__dict__.pop("forward", None)
         self._adapters_off.__exit__(None, None, None)
         self._handles.clear()
         self._inputs.clear()
@@ -165,10 +169,12 @@ class AttentionTransfer:
         self._inputs[id(attn)] = (hidden_states, kwargs["position_embeddings"], valid, kwargs.get("document_ids"))
         return args, kwargs
 
-    def _swap_in_teacher(self, attn: LinearizedAttention):
-        def hook(o_proj, args, output):
+    def _teacher_output(self, attn: LinearizedAttention):
+        """The forward of `attn.o_proj` meanwhile: it back-propagates the layer's loss and returns the source's o_proj
+        of the teacher output."""
+
+        def forward(student: torch.Tensor) -> torch.Tensor:  # [B, T, H * D]
             hidden_states, position_embeddings, valid, document_ids = self._inputs.pop(id(attn))
-            student = args[0]  # [B, T, H * D]
             teacher = teacher_attention(attn, hidden_states, position_embeddings, valid, document_ids)
             error = (student.float() - teacher.float()).square()
             if valid is not None:
@@ -179,10 +185,10 @@ class AttentionTransfer:
             if torch.is_grad_enabled() and mse.requires_grad:
                 (mse * (self.loss_scale / len(self.layers))).backward()
             self.layer_losses.append(mse.detach())
-            base = source_linear(o_proj)
+            base = source_linear(attn.o_proj)
             return F.linear(teacher.to(base.weight.dtype), base.weight, base.bias)
 
-        return hook
+        return forward
 
 
 def original_attention_forward(attn: LinearizedAttention):

@@ -171,6 +171,63 @@ def test_after_a_lora_stage_layers_still_train_on_the_original_activations():
     assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
 
 
+def _attention_inputs(source, ids: torch.Tensor) -> dict[int, tuple]:
+    """Each layer's attention input (hidden states, rotary tables) when the source model reads `ids`."""
+    inputs = {}
+    for i, layer in enumerate(source.model.layers):
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, i=i: inputs.update({i: (kw["hidden_states"], kw["position_embeddings"])}), with_kwargs=True
+        )
+    with torch.no_grad():
+        source(ids)
+    return inputs
+
+
+def test_a_step_gets_the_gradient_of_the_mean_layer_mse_on_the_original_activations():
+    """The gradients of a transfer forward are those of `loss_scale` times the mean over layers of each layer's MSE,
+    each layer reading the input the source model gives it."""
+    model = _lora_model()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(4, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    with AttentionTransfer(model, loss_scale=3.0):
+        model(input_ids=ids, use_cache=False)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    inputs = _attention_inputs(source_model("llama"), ids)
+    layers = model.base_model.model.model.layers
+    losses = []
+    for i, layer in enumerate(layers):
+        hidden_states, position_embeddings = inputs[i]
+        captured = {}
+        handle = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, seen=captured: seen.update(o=a[0]))
+        layer.self_attn(hidden_states=hidden_states, position_embeddings=position_embeddings)
+        handle.remove()
+        teacher = teacher_attention(layer.self_attn, hidden_states, position_embeddings, None)
+        losses.append((captured["o"] - teacher).square().mean())
+    (3.0 * torch.stack(losses).mean()).backward()
+    assert grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_student_output_is_not_projected():
+    """o_proj (and its adapter) never multiplies the student output, which the teacher's replaces: the layer's loss
+    reads it before o_proj."""
+    model = converted_model("llama", "liger")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+    calls = []
+    for name, module in model.named_modules():
+        if "o_proj." in name and isinstance(module, torch.nn.Linear):  # its base layer and its adapter's
+            module.register_forward_hook(lambda m, a, out, name=name: calls.append(name))
+    ids = torch.randint(4, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with AttentionTransfer(model) as transfer:
+        model(input_ids=ids, use_cache=False)
+        assert len(transfer.layer_losses) == len(model.config.converted_layers())
+    assert calls == []
+
+
 def test_hooks_are_removed_on_exit():
     model = converted_model("llama", "liger")
     ids = torch.randint(4, 128, (1, 8))
