@@ -117,16 +117,10 @@ def test_layer_losses_are_each_layers_own_mse():
     model = converted_model("llama", "liger")
     source = source_model("llama")
     ids = torch.randint(4, 128, (1, 10), generator=torch.Generator().manual_seed(1))
-    inputs = {}
-    for i, layer in enumerate(source.model.layers):
-        layer.self_attn.register_forward_pre_hook(
-            lambda m, a, kw, i=i: inputs.update({i: (kw["hidden_states"], kw["position_embeddings"])}), with_kwargs=True
-        )
-    with torch.no_grad():
-        source(ids)
-        with AttentionTransfer(model) as transfer:
-            model(input_ids=ids, use_cache=False)
-            losses = list(transfer.layer_losses)
+    inputs = _attention_inputs(source, ids)
+    with torch.no_grad(), AttentionTransfer(model) as transfer:
+        model(input_ids=ids, use_cache=False)
+        losses = list(transfer.layer_losses)
     for i, layer in enumerate(model.model.layers):
         hidden_states, position_embeddings = inputs[i]
         captured = {}
