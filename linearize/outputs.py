@@ -150,7 +150,11 @@ def replaced_when_done(out: Path, force: bool = False) -> Iterator[None]:
                 os.replace(retired, out)
             raise
         if retired is not None:
-            _remove(retired)
+            # renamed to a staging name first: a delete cut short must not leave a set-aside folder, which the next
+            # run would put back over the completed output
+            with _claimed(out, _STAGING) as doomed:
+                os.replace(retired, doomed)
+                _remove(doomed)
 
 
 @contextmanager

@@ -550,6 +550,26 @@ def test_an_in_place_writer_replaces_an_existing_folder_only_with_force(tmp_path
     assert [p.name for p in out.iterdir()] == ["liger-run"]
 
 
+def test_an_in_place_writer_cut_short_deleting_the_old_folder_keeps_the_new_one(tmp_path, monkeypatch):
+    """Once the work is done, the old folder is deleted: a delete cut short (Ctrl-C, a kill) left it under its
+    set-aside name, which the next run took for a killed run's and put back over the completed output."""
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "outputs" / "demo"
+    (out / "old-run").mkdir(parents=True)
+
+    def cut_short(path):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), linearize.outputs.replaced_when_done(out, force=True):
+        (out / "new-run").mkdir(parents=True)
+        monkeypatch.setattr(linearize.outputs, "_remove", cut_short)
+    monkeypatch.undo()
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    linearize.outputs.remove_leftovers(out.parent)  # the next run writing beside it
+    assert [p.name for p in out.iterdir()] == ["new-run"]
+    assert [p.name for p in out.parent.iterdir()] == ["demo"]
+
+
 def test_an_in_place_writer_runs_unlocked_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "file" / "cache"))
