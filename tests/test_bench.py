@@ -256,6 +256,9 @@ def test_bench_cli_json_dash_writes_the_results_to_stdout(tmp_path, monkeypatch)
     assert [row["context"] for row in written["rows"]] == [16] and "prefill tokens/s" in result.stderr
     assert written == json.loads((src / "linearize_bench.json").read_text())
     assert not (tmp_path / "-").exists()
+    result = runner.invoke(app, ["bench", str(src), *options[:-2], "--plot", "-"])  # a PNG on stdout: refused
+    assert result.exit_code == 1 and "--plot writes a file, not to stdout" in " ".join(result.output.split())
+    assert not (tmp_path / "-").exists()
 
 
 def test_bench_cli_interrupted_says_so_and_writes_nothing(tmp_path, monkeypatch):

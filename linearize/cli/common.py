@@ -176,13 +176,15 @@ def print_table(
     (console if stderr else Console()).print(table)
 
 
-def check_output_file(path: Path | None, option: str, example: str) -> None:
+def check_output_file(path: Path | None, option: str, example: str, stdout: bool = False) -> None:
     """Refuse an output file path (--json, --plot) that cannot be written, before the work rather than after: one
-    that names a folder, or lies under a file or a folder that cannot be written."""
+    that names a folder, or lies under a file or a folder that cannot be written. With `stdout`, '-' is stdout."""
     from ..outputs import check_writable
 
-    if path is None or path == STDOUT:
+    if path is None or (stdout and path == STDOUT):
         return
+    if path == STDOUT:
+        raise LinearizeError(f"{option} writes a file, not to stdout: give a file path, e.g. {option} {example}")
     if path.expanduser().is_dir():
         raise LinearizeError(f"{option} {path} is a folder; give a file path, e.g. {option} {path / example}")
     check_writable(path, what=f"{option} file")

@@ -102,7 +102,7 @@ def eval_command(
     from ..passkey import check_contexts
     from ..sources import load_tokenizer, pick_device
 
-    check_output_file(json_path, "--json", "results.json")
+    check_output_file(json_path, "--json", "results.json", stdout=True)
     device = pick_device(device)  # before any model loads or lm-eval indexes its tasks
     contexts = int_list(passkey_contexts, "--passkey-contexts")
     specs = _checked_pair(model, against, {"--context": [context], "--passkey-contexts": contexts})
@@ -222,7 +222,7 @@ def bench(
     from ..generation import load_for_inference
     from ..sources import pick_device
 
-    check_output_file(json_path, "--json", "results.json")
+    check_output_file(json_path, "--json", "results.json", stdout=True)
     if plot is not None and no_plot:
         raise LinearizeError(f"--plot {plot} asks for a plot and --no-plot for none; pass one of them")
     if plot is not None and plot.suffix.lower() not in ("", ".png"):
