@@ -202,8 +202,8 @@ def calibration_windows(request: SelectionRequest, tokenizer, option: str = "--c
     except TooFewTokens as error:
         raise LinearizeError(
             f"calibration text '{request.calibration}' is too short to score layers on: {error.tokens} tokens, "
-            f"fewer than one window of {request.context}; give {option} a longer text (its default, "
-            f"{CALIBRATION_TEXT}, is long enough)"
+            f"fewer than one window of {request.context}; give {option} a longer text"
+            + (f" (its default, {CALIBRATION_TEXT}, is long enough)" if request.calibration != CALIBRATION_TEXT else "")
         ) from None
 
 
