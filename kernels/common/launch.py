@@ -42,13 +42,16 @@ def element_size(x) -> int:
     return x.element_size() if isinstance(x, torch.Tensor) else 4
 
 
-def fitting(shared_estimate: Callable[[dict], int]) -> Callable:
+def fitting(shared_estimate: Callable[[dict], int], excluded: Callable[[dict], bool] | None = None) -> Callable:
     """`early_config_prune` for `triton.autotune`: keep the configurations whose shared memory, estimated from the
     launch arguments and the configuration (`shared_estimate(args)`, args holding both), fits the device; when none
     does, the smallest. The estimate must not undershoot: the compile check compiles every configuration that
-    survives for sm_80 and sm_90 and fails when one is over the limit."""
+    survives for sm_80 and sm_90 and fails when one is over the limit. Configurations `excluded(args)` names (one
+    that spills for some launches, say) are dropped first; it must leave at least one."""
 
     def prune(configs, named_args, **kwargs):
+        if excluded is not None:
+            configs = [c for c in configs if not excluded({**named_args, **kwargs, **c.all_kwargs()})]
         limit = max_shared_memory()
         if limit is None or len(configs) == 1:
             return configs
@@ -59,7 +62,14 @@ def fitting(shared_estimate: Callable[[dict], int]) -> Callable:
     return prune
 
 
-def autotune(configs: list[triton.Config], key: list[str], shared_estimate: Callable[[dict], int]):
+def autotune(
+    configs: list[triton.Config],
+    key: list[str],
+    shared_estimate: Callable[[dict], int],
+    excluded: Callable[[dict], bool] | None = None,
+):
     """`triton.autotune` over `configs`, re-tuned for each value of `key` (and each input dtype, which Triton adds),
-    with the configurations that cannot fit the device's shared memory pruned before any is tried."""
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": fitting(shared_estimate)})
+    with the configurations `excluded` names and those that cannot fit the device's shared memory pruned before any
+    is tried."""
+    prune = fitting(shared_estimate, excluded)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})

@@ -109,6 +109,39 @@ def test_pruning_keeps_the_configurations_that_fit_the_device(monkeypatch):
     assert [c.kwargs["BLOCK"] for c in prune(huge, {})] == [512]  # none fits: the smallest, not nothing
 
 
+def test_pruning_drops_the_excluded_configurations_first(monkeypatch):
+    from triton.runtime import driver
+
+    configs = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in ((64, 4), (64, 8), (32, 4))]
+
+    def excluded(args):
+        return args["GATED"] and (args["BLOCK"], args["num_warps"]) == (64, 4)
+
+    prune = fitting(lambda args: 0, excluded)
+    monkeypatch.setattr(driver, "_active", OfflineDriver(TARGETS["sm90"]))
+    assert [(c.kwargs["BLOCK"], c.num_warps) for c in prune(configs, {}, GATED=True)] == [(64, 8), (32, 4)]
+    assert prune(configs, {}, GATED=False) == configs
+
+
+@pytest.mark.parametrize("target", ["sm80", "sm90"])
+def test_gated_chunk_states_leave_out_64x64_tiles_on_4_warps(monkeypatch, target):
+    """With a gate, that configuration sits at the register limit: under triton 3.6 (the GPU machines') it spills in
+    prefill and decode (an initial and a final state) on sm_80 and sm_90, which share the tuning key with training.
+    Without a gate (STILL) it takes half the registers and stays."""
+    from linearize.kernels.common.chunk_state import chunk_state_fwd_kernel
+    from triton.runtime import driver
+
+    monkeypatch.setattr(driver, "_active", OfflineDriver(TARGETS[target]))
+    prune = chunk_state_fwd_kernel.early_config_prune
+
+    def tried(gated):
+        kept = prune(chunk_state_fwd_kernel.configs, {"k": None, "v": None}, BT=64, HAS_GATE=gated)
+        return {(c.kwargs["BK"], c.kwargs["BV"], c.num_warps) for c in kept}
+
+    assert (64, 64, 4) not in tried(True) and (64, 64, 8) in tried(True)
+    assert (64, 64, 4) in tried(False)
+
+
 @pytest.mark.compile
 def test_every_kernel_compiles_for_a100_and_h100_within_budget(tmp_path):
     """The CI subset: sm_80 and sm_90, head dim 128, bf16, the training and decode paths of every method."""
