@@ -313,7 +313,11 @@ class StageSection(Section):
 class TrainingSection(Section):
     micro_batch_size: int = Field(1, ge=1, description="sequences per forward pass on each process")
     grad_accum: int = Field(8, ge=1, description="micro-batches per optimizer step on each process")
-    gradient_checkpointing: bool = Field(False, description="recompute decoder layers in backward to save memory")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute decoder layers in backward to save memory (lora stages: attention transfer holds one "
+        "layer's graph at a time already)",
+    )
     autocast: Literal["bfloat16"] | None = Field(
         None,
         description="run the forward's matrix products in this dtype under torch.autocast, weights and optimizer "
