@@ -75,7 +75,7 @@ def compare(
     ]
 
 
-def text_source(spec: str, default_split: str = "test") -> DataSource:
+def text_source(spec: str, default_split: str = "test", option: str = "--text") -> DataSource:
     """The data source that a `--text` value names.
 
     Args:
@@ -83,6 +83,7 @@ def text_source(spec: str, default_split: str = "test") -> DataSource:
             dataset), or a local file or glob (.txt/.md/.jsonl/.json/.parquet).
         default_split: the split of the built-in corpus, and of a dataset named without one: "test" to measure,
             "train" to fit.
+        option: where the user gave `spec`, for messages (`convert --calibration`, a recipe's key).
 
     Returns:
         A `linearize.data.DataSource` (text format: every token is scored).
@@ -92,14 +93,17 @@ def text_source(spec: str, default_split: str = "test") -> DataSource:
     if spec.startswith(HF_PREFIX):
         parts = spec[len(HF_PREFIX) :].split(":")
         if not parts[0] or len(parts) > 3:
-            raise LinearizeError(f"--text {spec!r}: write hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
+            raise LinearizeError(f"{option} {spec!r}: write hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
         name, config, split = (parts + [None, None])[:3]
         return DataSource(dataset=name, subset=config or None, split=split or default_split, format="text")
     return DataSource(path=spec, format="text")
 
 
-def text_windows(spec: str, tokenizer, context: int, max_windows: int, default_split: str = "test") -> torch.Tensor:
-    """Up to `max_windows` windows [N, context] of token ids from the text source `spec` (see `text_source`).
+def text_windows(
+    spec: str, tokenizer, context: int, max_windows: int, default_split: str = "test", option: str = "--text"
+) -> torch.Tensor:
+    """Up to `max_windows` windows [N, context] of token ids from the text source `spec` (see `text_source`; `option`
+    names where it was given).
 
     Documents are read in order, joined with EOS (each opened with BOS, for tokenizers that put one before a text)
     and cut into windows, as fine-tuning packs them; unlike fine-tuning's held-out loss, perplexity then scores
@@ -109,7 +113,7 @@ def text_windows(spec: str, tokenizer, context: int, max_windows: int, default_s
         raise LinearizeError(
             f"perplexity needs at least one window (got {max_windows}) of at least 2 tokens (a context of {context})"
         )
-    source = text_source(spec, default_split)
+    source = text_source(spec, default_split, option)
     # read no more documents than the windows can use: first as many as documents of 16 tokens would fill
     source.max_documents = max(256, max_windows * context // 16)
     require_eos(tokenizer)

@@ -198,7 +198,9 @@ def calibration_windows(request: SelectionRequest, tokenizer, option: str = "--c
     from .evaluation import text_windows
 
     try:
-        return text_windows(request.calibration, tokenizer, request.context, request.windows, default_split="train")
+        return text_windows(
+            request.calibration, tokenizer, request.context, request.windows, default_split="train", option=option
+        )
     except TooFewTokens as error:
         raise LinearizeError(
             f"calibration text '{request.calibration}' is too short to score layers on: {error.tokens} tokens, "

@@ -372,3 +372,15 @@ def test_convert_auto_errors_before_loading(tiny_folder, tmp_path):
     shown = " ".join(whole.output.split())
     assert whole.exit_code == 1 and "exactly over the first 512 tokens" in shown and "smaller --window" in shown
     assert not out.exists()
+
+
+def test_a_malformed_calibration_source_is_named_as_given(tiny_folder, tmp_path):
+    """An hf: calibration spec that is malformed was refused as `--text`, a flag `linearize eval` has and `convert`
+    does not: the message names --calibration (a recipe, its key)."""
+    args = ["convert", str(tiny_folder / "source"), "-m", "swa", "--window", "8", "--softmax-layers", "auto:1"]
+    result = CliRunner().invoke(app, [*args, "--calibration", "hf:", "--dry-run"])
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 1 and "--calibration 'hf:': write hf:NAME" in shown and "--text" not in shown
+    request = parse_auto("auto:1", calibration="hf:", windows=1)
+    with pytest.raises(LinearizeError, match="^conversion.selection.calibration 'hf:': write hf:NAME"):
+        linearize.selection.calibration_windows(request, tiny_tokenizer(), option="conversion.selection.calibration")
