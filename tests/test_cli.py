@@ -411,3 +411,17 @@ def test_a_reply_the_output_encoding_cannot_hold_is_printed_escaped(encoding, tm
     )
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-500:]
     assert "\\u4e2d" in done.stdout.decode(encoding)
+
+
+def test_colon_words_in_paths_and_specs_are_not_printed_as_emoji(source, tmp_path):
+    """Rich read ':x:' and ':a:' as emoji codes: a path 'run:x:1.yaml' was printed 'run❌1.yaml', a plan's source
+    folder and an hf:NAME:CONFIG:SPLIT spec in an error alike. Text with colons is printed as it is."""
+    recipe = tmp_path / "run:x:1.yaml"
+    result = invoke("recipe", "init", "-o", recipe)
+    assert result.exit_code == 0 and f"Wrote {recipe}; edit it" in result.output, result.output
+    folder = tmp_path / "tiny:up:llama"
+    folder.symlink_to(source)
+    plan = runner.invoke(app, ["convert", str(folder), "--dry-run"], env={"COLUMNS": "400"})
+    assert plan.exit_code == 0 and f"Conversion plan: {folder} -> liger" in plan.output, plan.output
+    malformed = invoke("eval", source, "--text", "hf:a:b:c:d", "--passkey-contexts", "none")
+    assert malformed.exit_code == 1 and "Error: --text 'hf:a:b:c:d': write hf:NAME" in malformed.output

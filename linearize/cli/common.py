@@ -26,11 +26,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# messages print with soft_wrap=True: a long path stays on one line, to copy or grep (a terminal wraps it for the eye)
-console = Console(stderr=True)
+# messages print with soft_wrap=True: a long path stays on one line, to copy or grep (a terminal wraps it for the eye);
+# emoji=False: ':x:' in a path or an hf:NAME:CONFIG:SPLIT spec is text, which rich printed as an emoji
+console = Console(stderr=True, emoji=False)
 Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS}, type=str)
 Dtype = Enum("Dtype", {name: name for name in ("auto", "float32", "bfloat16", "float16")}, type=str)
 METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+
+
+def stdout_console() -> Console:
+    """A console on stdout (a result, a table) that prints text as it is, as `console` does (no emoji codes)."""
+    return Console(emoji=False)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -173,7 +179,7 @@ def print_table(
         table.add_column(escape(column), justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*map(escape, row))
-    (console if stderr else Console()).print(table)
+    (console if stderr else stdout_console()).print(table)
 
 
 def check_output_file(path: Path | None, option: str, example: str, stdout: bool = False) -> None:

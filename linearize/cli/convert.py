@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -29,6 +28,7 @@ from .common import (
     hide_library_bars,
     human_size,
     progress_bar,
+    stdout_console,
 )
 
 Scorer = Enum("Scorer", {name: name for name in SCORERS}, type=str)
@@ -305,7 +305,7 @@ class _ConsoleReport:
         self._model = model
         self._quiet = quiet
         # a dry run's plan is what it prints (`> plan.txt`); a conversion's is a note on its way, with the spinners
-        self._plan_console = Console() if plan_to_stdout else console
+        self._plan_console = stdout_console() if plan_to_stdout else console
         self._spinner = None
         self._bar = ExitStack()
 
@@ -361,7 +361,7 @@ class _ConsoleReport:
         for row in rows:
             sample = row["sample"].strip().replace("\n", " ")  # a model's text may hold [brackets] ([/INST])
             table.add_row(escape(row["model"]), f"{row['perplexity']:.2f}", escape(sample))
-        Console().print(table)
+        stdout_console().print(table)
 
     def pushing(self, text: str) -> None:
         console.print(escape(text), highlight=False, soft_wrap=True)

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from ..errors import LinearizeError
-from .common import METHOD_HELP, Method, app, console, exits_on_error, spinner
+from .common import METHOD_HELP, Method, app, console, exits_on_error, spinner, stdout_console
 
 
 @app.command(
@@ -67,7 +66,7 @@ def finetune(
     if dry_run:
         plan = _finetune_plan(recipe, resume)  # every process checks what it would meet; one prints
         if _first_process():
-            Console().print(plan)
+            stdout_console().print(plan)
         return
     from ..training.trainer import finetune as run_finetune
 

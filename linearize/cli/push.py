@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .common import app, console, exits_on_error, human_size
+from .common import app, console, exits_on_error, human_size, stdout_console
 
 
 @app.command(
@@ -100,7 +99,7 @@ def _print_step(text: str) -> None:
 def _print_push_plan(plan, endpoint: str | None) -> None:
     from huggingface_hub import constants
 
-    out = Console()
+    out = stdout_console()
     target = f"{endpoint or constants.ENDPOINT}/{plan.repo_id}"
     where = f"branch {plan.revision}" if plan.revision else "the main branch"
     table = Table(

@@ -27,7 +27,7 @@ class Reporter:
 
     def __init__(self, metrics_file: Path | None, quiet: bool = False, enabled: bool = True, console=None):
         self.metrics_file = metrics_file if enabled else None
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, emoji=False)  # ':x:' in a path is text, not an emoji
         self.enabled = enabled
         self.verbose = enabled and not quiet
         self._bar: Progress | None = None
