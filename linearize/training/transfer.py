@@ -223,11 +223,53 @@ def original_model(model: nn.Module) -> Iterator[nn.Module]:
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean KL(teacher || student) of the next-token distributions at the positions the next-token loss counts.
 
+    Computed by chunks of positions (`chunk_positions`), with its gradient w.r.t. the student's logits in the same
+    pass, so that the fp32 [positions, vocab] temporaries (log-softmaxes, probabilities: 400 MB each at 2048 tokens
+    of a 49152-token vocabulary) exist for one chunk at a time, and the teacher's logits are not kept for the backward.
+
     Args:
         student_logits, teacher_logits: `[B, T, V]`; position t predicts token t + 1.
         labels: `[B, T]` token ids, -100 where no loss is taken (prompts, padding).
     """
-    counted = next_token_targets(labels)  # [B, T - 1]
-    student = student_logits[:, :-1][counted].float().log_softmax(-1)  # [N, V]
-    teacher = teacher_logits[:, :-1][counted].float().log_softmax(-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    rows, positions = next_token_targets(labels).nonzero(as_tuple=True)  # [N] each: the counted (b, t)
+    with_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    return _ChunkedKL.apply(student_logits, teacher_logits.detach(), rows, positions, with_grad)
+
+
+KD_CHUNK_ELEMENTS = 2**20  # per fp32 temporary of the distillation loss on CPU: 4 MB, which stays in cache
+
+
+def chunk_positions(logits: torch.Tensor) -> int:
+    """Positions per chunk of the distillation loss. On CPU, 4 MB temporaries took a third of the time of 50 MB
+    ones (docs/training-speed.md); an accelerator gets 16 times larger ones, as each chunk costs a dozen launches
+    (not measured)."""
+    budget = KD_CHUNK_ELEMENTS * (1 if logits.device.type == "cpu" else 16)
+    return max(1, budget // logits.shape[-1])
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """`F.kl_div(student, teacher, log_target=True, reduction="batchmean")` of the fp32 log-softmaxes at the counted
+    positions, by chunks of positions. Its gradient w.r.t. the student's logits, softmax(student) - softmax(teacher)
+    at each counted position over their number, is computed in the forward (fp32, cast in the backward, as the
+    log-softmax of `.float()` logits would): nothing of the chunks is recomputed or kept."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, rows, positions, with_grad: bool):
+        ctx.dtype = student_logits.dtype
+        count, step = len(rows), chunk_positions(student_logits)
+        ctx.grad = torch.zeros(student_logits.shape, device=student_logits.device) if with_grad else None  # [B, T, V]
+        total = torch.zeros((), device=student_logits.device)
+        for start in range(0, count, step):
+            index = rows[start : start + step], positions[start : start + step]
+            student = student_logits[index].float().log_softmax(-1)  # [C, V]
+            teacher = teacher_logits[index].float().log_softmax(-1)
+            teacher_probs = teacher.exp()
+            total += teacher.sub_(student).mul_(teacher_probs).sum()  # kl_div's terms, exp(t) * (t - s)
+            if ctx.grad is not None:
+                ctx.grad[index] = student.exp_().sub_(teacher_probs).div_(count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_logits, ctx.grad = ctx.grad, None  # scaled in place, no second [B, T, V]: one backward per forward
+        return grad_logits.mul_(grad).to(ctx.dtype), None, None, None, None

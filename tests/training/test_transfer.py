@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from linearize.data import next_token_targets
 from linearize.training import transfer
 from linearize.training.transfer import AttentionTransfer, distillation_loss, original_model, teacher_attention
 from tests.tiny import FAMILIES, attention_projections, converted_model, source_attention_call, source_model
@@ -277,3 +278,70 @@ def test_distillation_loss_is_the_kl_divergence_at_counted_positions():
         expected.append((p * (p.log() - q.log())).sum())
     torch.testing.assert_close(distillation_loss(student, teacher, labels), torch.stack(expected).mean())
     assert distillation_loss(teacher, teacher, labels).abs() < 1e-6
+
+
+def _kl_in_one_piece(student_logits, teacher_logits, labels):
+    """The distillation loss as it was before it went by chunks: every counted position's log-softmax at once."""
+    counted = next_token_targets(labels)
+    student = student_logits[:, :-1][counted].float().log_softmax(-1)
+    teacher = teacher_logits[:, :-1][counted].float().log_softmax(-1)
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distillation_loss_by_chunks_is_the_loss_and_gradient_in_one_piece(dtype, monkeypatch):
+    """On a tiny model's logits (bfloat16 as under autocast), with prompts and padding left out and 17 counted
+    positions, chunks of 4 (the last of 1): the loss and its gradient w.r.t. the student's logits are those of the
+    log-softmaxes of every counted position at once, to fp32 rounding; the teacher gets no gradient."""
+    monkeypatch.setattr(transfer, "KD_CHUNK_ELEMENTS", 4 * 128, raising=False)
+    model = _lora_model()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a student that differs from its teacher
+            torch.nn.init.normal_(p, std=1.0)
+    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt
+    labels[1, 9:] = -100  # padding
+    assert int(next_token_targets(labels).sum()) == 17
+    with torch.no_grad(), original_model(model) as teacher:
+        teacher_logits = teacher(input_ids=ids).logits.to(dtype)
+    student_logits = model(input_ids=ids).logits.detach().to(dtype).requires_grad_()
+    loss = distillation_loss(student_logits, teacher_logits, labels)
+    (grad,) = torch.autograd.grad(loss, student_logits)
+    expected = _kl_in_one_piece(student_logits, teacher_logits, labels)
+    (expected_grad,) = torch.autograd.grad(expected, student_logits)
+    assert expected > 1e-2 and expected_grad.abs().max() > 1e-4
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+    assert grad.dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {}  # bfloat16: one rounding apart
+    torch.testing.assert_close(grad, expected_grad, **tolerance)
+
+
+def test_distillation_loss_temporaries_do_not_grow_with_the_positions(monkeypatch):
+    """300 counted positions by chunks of 16: forward and backward make one tensor of every position's values,
+    the gradient w.r.t. the student's logits, and the rest for a chunk at a time (log-softmaxes, probabilities and
+    the KL's terms at every position were several each, 400 MB each at 2048 tokens of a 49152-token vocabulary)."""
+    monkeypatch.setattr(transfer, "KD_CHUNK_ELEMENTS", 16 * 64, raising=False)
+    length, vocab = 301, 64
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(1, length, vocab, generator=generator, requires_grad=True)
+    teacher = torch.randn(1, length, vocab, generator=generator)
+    labels = torch.zeros(1, length, dtype=torch.long)
+    sizes = []
+
+    class Sizes(TorchDispatchMode):  # the sizes of the tensors each op allocates (views of its inputs left out)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            given = {t.untyped_storage().data_ptr() for t in tensors}
+            outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            sizes.extend(t.numel() for t in outs if t.untyped_storage().data_ptr() not in given)
+            return out
+
+    with Sizes():
+        distillation_loss(student, teacher, labels).backward()
+    assert sorted(sizes)[-2] <= 16 * vocab and max(sizes) == student.numel()
+    sizes.clear()
+    with torch.no_grad(), Sizes():  # no gradient to make
+        distillation_loss(student, teacher, labels)
+    assert max(sizes) <= 16 * vocab
