@@ -44,6 +44,8 @@ _LEFTOVER = re.compile(
     rf"^\.(?P<name>.+)\.(?P<kind>{'|'.join((*_SIBLINGS, _LOCK))})-(?P<pid>\d+)-(?P<token>[0-9a-f]{{8}})$"
 )
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# what replaces an existing output, named for both who reach these messages: a command's option, a library argument
+FORCE = "--force (force=True)"
 # the most a hidden sibling's name (`_sibling`, or its lock file's) adds to the output's: a process id has at most 7
 # digits (pid_max)
 _SIBLING_EXTRA = len(f"..-{2**22}-{0:08x}") + max(len(kind) for kind in (*_SIBLINGS, _LOCK))
@@ -77,7 +79,7 @@ def check_replaceable(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise LinearizeError(f"output path '{out}' is a file, not a folder; choose another output path")
     if out.exists() and not force:
-        raise LinearizeError(f"output folder '{out}' already exists; pass --force to replace it")
+        raise LinearizeError(f"output folder '{out}' already exists; pass {FORCE} to replace it")
 
 
 def check_name_length(out: Path) -> None:
@@ -283,8 +285,8 @@ def _refuse_overlap(out: Path, folder: Path, what: str, harm: str) -> None:
     relation = _relation(_absolute(out), folder)
     if relation is not None:
         raise LinearizeError(
-            f"output folder '{out}' {relation} {what} ({folder}): {harm}. Choose an output folder outside it "
-            f"(--force does not change this)"
+            f"output folder '{out}' {relation} {what} ({folder}): {harm}. Choose an output folder outside it; "
+            f"{FORCE} does not change this"
         )
 
 
@@ -359,7 +361,7 @@ def _move_into_place(staging: Path, out: Path, force: bool) -> None:
     if not force:
         raise LinearizeError(
             f"output folder '{out}' already exists: another run saved it while this one was writing. It is kept and "
-            "this run's output discarded; pass --force to replace it, or choose another output folder"
+            f"this run's output discarded; pass {FORCE} to replace it, or choose another output folder"
         )
     with _claimed(out, _RETIRED) as retired:
         os.replace(out, retired)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import linearize.convert
 import linearize.evaluation
 import linearize.publish
-from linearize.convert import ConvertReport, convert_and_save, plan_conversion
+from linearize.convert import ConvertReport, convert_and_save, plan_conversion, save_model
 from linearize.errors import LinearizeError
 from tests.tiny import METHODS, VARIANTS, source_folder, source_model
 
@@ -107,9 +107,12 @@ def test_a_quantized_checkpoint_is_refused_before_any_weights_load(tmp_path, no_
 
 
 def test_an_existing_output_needs_force(source, tmp_path, no_weights):
+    """Said for both who reach it: the command's option and the library functions' argument."""
     (tmp_path / "out").mkdir()
-    with pytest.raises(LinearizeError, match="already exists; pass --force to replace it"):
+    with pytest.raises(LinearizeError, match=r"already exists; pass --force \(force=True\) to replace it"):
         convert_and_save(source, tmp_path / "out")
+    with pytest.raises(LinearizeError, match=r"already exists; pass --force \(force=True\) to replace it"):
+        save_model(None, None, tmp_path / "out")  # refused before the model is read
 
 
 def test_verify_compares_the_saved_folder_with_the_source(source, tmp_path):

@@ -66,7 +66,8 @@ def test_output_overlapping_the_source_folder_is_refused(out, tmp_path, no_weigh
     before = files(tmp_path)
     result = invoke("convert", src, "-o", src / out, "--force")
     assert result.exit_code == 1
-    assert f"the source model '{src}'" in result.output and "--force does not change this" in result.output
+    message = " ".join(result.output.split())
+    assert f"the source model '{src}'" in message and "--force (force=True) does not change this" in message
     assert files(tmp_path) == before
 
 
@@ -481,6 +482,7 @@ def test_an_output_another_run_saved_meanwhile_is_kept_without_force(source, tmp
     result = invoke("convert", source, "--window", 8, "-o", out)
     assert result.exit_code == 1, result.output
     assert "already exists" in " ".join(result.output.split())
+    assert "pass --force (force=True) to replace it" in " ".join(result.output.split())
     assert files(out) == {"model.safetensors": b"theirs"} and list(tmp_path.iterdir()) == [out]
 
 

@@ -94,12 +94,12 @@ def recipe_template(method: str) -> str:
 def write_recipe_template(path: str | Path, method: str, force: bool = False) -> Path:
     """Write `recipe_template(method)` to `path`, whole or not at all. An existing file, most likely a recipe
     edited since, is kept unless `force`."""
-    from ..outputs import check_writable, write_file
+    from ..outputs import FORCE, check_writable, write_file
 
     path = Path(path).expanduser()  # a '~' the shell left as it is (`-o=~/my.yaml`)
     if path.is_dir():
         raise RecipeError(f"'{path}' is a folder; give the recipe file's path, e.g. {path / f'{method}.yaml'}")
     if path.exists() and not force:
-        raise RecipeError(f"'{path}' already exists; choose another path, or pass --force to replace it")
+        raise RecipeError(f"'{path}' already exists; choose another path, or pass {FORCE} to replace it")
     check_writable(path, what="recipe file")
     return write_file(path, recipe_template(method))

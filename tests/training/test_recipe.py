@@ -358,7 +358,9 @@ def test_a_written_template_keeps_an_existing_file_unless_forced(tmp_path):
     path = write_recipe_template(tmp_path / "new" / "still.yaml", "still")
     assert load_recipe(path).conversion.method == "still" and [p.name for p in path.parent.iterdir()] == [path.name]
     path.write_text("# my edits")
-    with pytest.raises(RecipeError, match="still.yaml' already exists; choose another path, or pass --force"):
+    with pytest.raises(
+        RecipeError, match=r"still.yaml' already exists; choose another path, or pass --force \(force=True\)"
+    ):
         write_recipe_template(path, "liger")
     assert path.read_text() == "# my edits"
     assert load_recipe(write_recipe_template(path, "liger", force=True)).conversion.method == "liger"
