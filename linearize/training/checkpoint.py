@@ -41,6 +41,8 @@ STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".linearize-run.lock"  # in the run folder: beside it, a name near the length limit would not fit
 _PREFIX = "step-"
+# what continues a run, named for both who reach these messages: the command's option, `finetune`'s argument
+RESUME = "--resume (resume=True)"
 
 
 def checkpoint_dir(run: Path) -> Path:
@@ -288,7 +290,7 @@ def run_lock(run: Path) -> Iterator[None]:
             raise LinearizeError(
                 f"output folder '{run}' is in use by another linearize finetune ({error.holder}), which trains into "
                 "it: two runs would mix their metrics and replace each other's checkpoints. Wait for that run to "
-                "finish (then --resume continues it, if you stopped it), or choose another output.dir"
+                f"finish (then {RESUME} continues it, if you stopped it), or choose another output.dir"
             ) from None
         yield
 
@@ -342,7 +344,7 @@ def prepare_run_folder(
     if not resume:
         if has_results:
             raise LinearizeError(
-                f"output folder '{run}' already holds this recipe's run; pass --resume to continue it from "
+                f"output folder '{run}' already holds this recipe's run; pass {RESUME} to continue it from "
                 "its latest checkpoint, or choose another output.dir"
             )
         return None

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..comparison import json_text
 from ..errors import LinearizeError
+from .checkpoint import RESUME
 
 
 class Reporter:
@@ -53,8 +54,8 @@ class Reporter:
         except OSError as error:  # a full disk: a row cut short is cut off again by --resume (`truncate_metrics`)
             raise LinearizeError(
                 f"cannot write the run's metrics to {self.metrics_file}: {error.strerror or error}. The run stopped; "
-                "checkpoints written so far are kept: free some space (or fix the folder), then rerun the same "
-                "command (overrides included) with --resume to continue"
+                "checkpoints written so far are kept: free some space (or fix the folder), then run the same recipe "
+                f"(overrides included) again with {RESUME} to continue"
             ) from None
 
     def metrics_size(self) -> int:

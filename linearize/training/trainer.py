@@ -31,6 +31,7 @@ from ..selection import LayerSelection, select_layers
 from .checkpoint import (
     METRICS_FILE,
     RECIPE_FILE,
+    RESUME,
     callers_rng_kept,
     check_resumable,
     list_checkpoints,
@@ -601,7 +602,7 @@ def _finetune(recipe: Recipe, resume: bool, quiet: bool, console) -> Path:
         resume_from = from_main(world, resume_from)
         if resume and resume_from is None:  # fine for a job that always resumes; else output.dir may be mistyped
             reporter.warning(
-                f"--resume: '{run}' holds no checkpoint of this recipe yet; training starts from the beginning"
+                f"{RESUME}: '{run}' holds no checkpoint of this recipe yet; training starts from the beginning"
             )
         if resume_from is not None:  # before the model and the data load, and before the recipe file is rewritten
             check_resumable(resume_from, recipe, world.size)

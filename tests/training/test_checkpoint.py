@@ -27,6 +27,7 @@ from linearize.training.checkpoint import (
     RECIPE_FILE,
     checkpoint_dir,
     list_checkpoints,
+    prepare_run_folder,
     run_lock,
     save_checkpoint,
 )
@@ -122,6 +123,7 @@ def test_resume_without_a_checkpoint_says_that_the_run_starts_from_the_beginning
     recipe = write_recipe(workspace, tmp_path)
     result = invoke("finetune", recipe, "stages.0.max_steps=1", "stages.1.max_steps=1", "--resume", "-q")
     assert result.exit_code == 0, result.output
+    assert "--resume (resume=True): " in result.output
     assert "holds no checkpoint of this recipe yet; training starts from the beginning" in " ".join(
         result.output.split()
     )
@@ -261,6 +263,16 @@ def test_a_damaged_checkpoint_is_named_and_an_older_one_resumes(workspace, tmp_p
         (latest / name).write_bytes(intact)
     shutil.rmtree(latest)
     assert invoke("finetune", recipe, "stages.1.max_steps=2", "--resume").exit_code == 0
+
+
+def test_a_run_with_results_is_continued_only_when_asked_in_the_callers_terms(workspace, tmp_path):
+    """The library's `finetune` reaches this refusal too: it names its argument beside the command's option."""
+    recipe = load_recipe(write_recipe(workspace, tmp_path))
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / RECIPE_FILE).write_text(resolved_yaml(recipe))
+    with pytest.raises(LinearizeError, match=r"already holds this recipe's run; pass --resume \(resume=True\)"):
+        prepare_run_folder(run, recipe, resume=False)
 
 
 def test_output_folder_that_is_not_a_run(workspace, tmp_path):

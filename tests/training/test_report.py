@@ -40,4 +40,4 @@ def test_a_metrics_row_that_cannot_be_written_stops_the_run_with_what_to_do(tmp_
     with pytest.raises(LinearizeError) as raised:
         reporter.record(global_step=3, loss=1.0)
     message = str(raised.value)
-    assert "metrics.jsonl" in message and "No space left on device" in message and "--resume" in message
+    assert "metrics.jsonl" in message and "No space left on device" in message and "--resume (resume=True)" in message
