@@ -26,7 +26,7 @@ from .methods import LAYOUT_KEYS, MethodSettings, cli_flag, get_method, method_s
 from .models import LinearizeConfig, LinearizeForCausalLM
 from .models.configuration import OWN_FIELDS
 from .outputs import atomic_folder, check_output_folder
-from .selection import DEFAULT_SCORER, LayerSelection, parse_auto, select_layers
+from .selection import DEFAULT_SCORER, LayerSelection, check_calibration_source, parse_auto, select_layers
 from .softmax_layers import parse_softmax_layers
 
 PLAN_CONTEXT = 8192  # context length at which the plan compares cache sizes
@@ -506,6 +506,8 @@ def convert_and_save(
             "--layer-scorer, --calibration, --calibration-windows, --spread-layers and --spread-over say how "
             "--softmax-layers auto:K chooses layers; add --softmax-layers auto:K or drop them"
         )
+    if request is not None:
+        check_calibration_source(request)
     if private and not push_to_hub:
         raise LinearizeError("--private makes the repo that --push-to-hub creates private; add --push-to-hub ORG/NAME")
     if output is not None:

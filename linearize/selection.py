@@ -190,6 +190,20 @@ def parse_auto(
     return SelectionRequest(int(count), scorer, spread=spread, **settings)
 
 
+def check_calibration_source(request: SelectionRequest, option: str = "--calibration") -> None:
+    """Refuse what the calibration text's spec alone shows cannot be read (a malformed hf: spec, a file or glob that
+    names no file), before the weights load: `calibration_windows` finds it only once the model is there to score."""
+    from .data import DataError, data_files
+    from .evaluation import text_source
+
+    source = text_source(request.calibration, default_split="train", option=option)
+    if source.path is not None:
+        try:
+            data_files(source.path)
+        except DataError as error:
+            raise LinearizeError(f"{option}: {error}") from None
+
+
 def calibration_windows(request: SelectionRequest, tokenizer, option: str = "--calibration") -> torch.Tensor:
     """The calibration tokens, `[N, context]`, read as `linearize eval --text` reads text, except that "builtin" and
     a Hugging Face dataset named without a split mean their training split: held-out text must stay unseen by

@@ -384,3 +384,24 @@ def test_a_malformed_calibration_source_is_named_as_given(tiny_folder, tmp_path)
     request = parse_auto("auto:1", calibration="hf:", windows=1)
     with pytest.raises(LinearizeError, match="^conversion.selection.calibration 'hf:': write hf:NAME"):
         linearize.selection.calibration_windows(request, tiny_tokenizer(), option="conversion.selection.calibration")
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "output"])
+def test_a_calibration_text_that_cannot_be_read_is_refused_before_the_weights_load(
+    tiny_folder, tmp_path, monkeypatch, dry_run
+):
+    """A malformed hf: spec or a missing file was refused only once the source's weights had loaded (minutes for a
+    large model): the spec alone shows it."""
+    monkeypatch.setattr(linearize.sources, "load_model", lambda *args, **kwargs: pytest.fail("loaded the weights"))
+    args = ["convert", str(tiny_folder / "source"), "-m", "swa", "--window", "8", "--softmax-layers", "auto:1"]
+    args += ["--dry-run"] if dry_run else ["-o", str(tmp_path / "out")]
+    missing = tmp_path / "missing.txt"
+    for spec, problem in [
+        ("hf:", "--calibration 'hf:': write hf:NAME"),
+        (str(missing), f"--calibration: data file {missing} not found"),
+        (str(tmp_path / "*.jsonl"), "--calibration: no file matches"),
+    ]:
+        result = CliRunner().invoke(app, [*args, "--calibration", spec])
+        shown = " ".join(result.output.split())
+        assert result.exit_code == 1 and problem in shown, (spec, shown)
+    assert not (tmp_path / "out").exists()
