@@ -15,7 +15,7 @@ from ..errors import LinearizeError
 from ..families import get_family
 from ..layers.base import LinearizedAttention
 from ..methods import get_method, method_settings
-from ..selection import calibration_windows
+from ..selection import calibration_windows, check_calibration_source
 from .recipe import LoraSection, OptimizerSection, Recipe, ScheduleSection, StageSection, TrainingSection
 
 
@@ -291,6 +291,7 @@ def check_calibration(recipe: Recipe, tokenizer) -> None:
     if request is None:
         return
     key = "conversion.selection.calibration"
+    check_calibration_source(request, option=key)  # its messages name the key once already
     try:
         calibration_windows(request, tokenizer, option=key)
     except LinearizeError as error:

@@ -245,4 +245,10 @@ def test_a_calibration_text_that_cannot_be_read_is_refused_before_the_weights_lo
             message = " ".join(result.output.split())
             assert result.exit_code == 1 and "Error: conversion.selection.calibration: " in message, (extra, message)
             assert problem in message
+    # a malformed hf: spec is named once (it read 'conversion.selection.calibration: conversion.selection...')
+    selection = "conversion.selection={scorer: output, after: attention_transfer, calibration: 'hf:'}"
+    for extra in (["--dry-run"], []):
+        result = invoke("finetune", recipe, "conversion.softmax_layers=auto:1", selection, *extra)
+        message = " ".join(result.output.split())
+        assert "Error: conversion.selection.calibration 'hf:': write hf:NAME, hf:NAME:CONFIG" in message, message
     assert not list_checkpoints(tmp_path / "run")
