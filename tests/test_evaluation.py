@@ -526,3 +526,8 @@ def test_eval_cli_out_of_memory_in_the_second_model_keeps_the_first(folders, tmp
     shown = " ".join(result.output.split())
     assert result.exit_code == 1 and "Error: out of memory while evaluating liger" in shown, result.output
     assert "Traceback" not in result.output and result.stdout == ""
+    assert "--passkey-contexts, or --dtype bfloat16" in shown  # float32, eval's default on a CPU: it would halve it
+    calls[:] = [1]
+    result = runner.invoke(app, ["eval", str(liger), "--against", str(src), *options, "--dtype", "bfloat16"])
+    shown = " ".join(result.output.split())  # the advice was --dtype bfloat16, the dtype it ran out of memory in
+    assert result.exit_code == 1 and shown.endswith("measure shorter --context and --passkey-contexts"), shown

@@ -137,10 +137,12 @@ def eval_command(
     total = eval_steps(windows, contexts, len(passkey_options["depths"]), trials, bool(tasks))
     results, stopped, loaded_in = {}, None, None
     for spec, tokenizer, ids in zip(specs, tokenizers, text_ids, strict=True):  # one model in memory at a time
+        in_use = None if dtype.value == "auto" else dtype.value  # known once the model has loaded
         try:
             with spinner(f"Loading {spec.label}", quiet):
                 loaded, _ = load_for_inference(spec.source, device=device, dtype=dtype.value, needs_tokenizer=False)
-            loaded_in = loaded_in or str(loaded.dtype).removeprefix("torch.")  # what --dtype auto came to
+            in_use = str(loaded.dtype).removeprefix("torch.")
+            loaded_in = loaded_in or in_use  # what --dtype auto came to
             with progress_bar(f"Evaluating {spec.label}", total, quiet) as step:
                 options = (text, context, windows, contexts, passkey_options, tasks, lm_eval_options, step, ids)
                 results[spec.label] = evaluate_model(loaded, tokenizer, *options)
@@ -150,7 +152,7 @@ def eval_command(
         finally:
             loaded = None  # before the next model loads
     if stopped is not None and not results:
-        raise LinearizeError(f"{stopped}: measure shorter --context and --passkey-contexts, or --dtype bfloat16")
+        raise LinearizeError(f"{stopped}: {_out_of_memory_fix(in_use)}")
     header, rows = eval_rows(results, same_tokens)
     print_table("Evaluation", header, rows, stderr=json_path == STDOUT)
     payload = {
@@ -165,9 +167,16 @@ def eval_command(
     write_outputs(payload, specs, json_path, None if no_record else "linearize_eval.json", quiet)
     if stopped is not None:  # what was measured before it is shown and written, not lost with it
         raise LinearizeError(
-            f"{stopped}; the results of {', '.join(results)} are shown above (and written as asked): measure shorter "
-            "--context and --passkey-contexts, or --dtype bfloat16"
+            f"{stopped}; the results of {', '.join(results)} are shown above (and written as asked): "
+            f"{_out_of_memory_fix(in_use)}"
         )
+
+
+def _out_of_memory_fix(in_use: str | None) -> str:
+    """What lets eval fit, for a model that ran out of memory in `in_use` (None: not known, the load itself failed
+    under --dtype auto): bfloat16 halves float32's memory, and changes nothing for a 16-bit dtype."""
+    smaller = "" if in_use in ("bfloat16", "float16") else ", or --dtype bfloat16"
+    return f"measure shorter --context and --passkey-contexts{smaller}"
 
 
 @app.command(
