@@ -237,9 +237,11 @@ def run_bench(
     }
     if stopped is not None:
         measured = f" (measured: {', '.join(str(row['context']) for row in rows)})" if rows else ""
+        # bfloat16 halves a float32 model's memory, and changes nothing for models already in 16 bits
+        wide = any(model.dtype not in (torch.bfloat16, torch.float16) for model in models.values())
         raise BenchStopped(
-            f"out of memory at context {stopped} on {result['device']}{measured}: measure shorter contexts, or "
-            "in a smaller dtype (bfloat16)",
+            f"out of memory at context {stopped} on {result['device']}{measured}: measure shorter contexts"
+            + (", or in a smaller dtype (bfloat16)" if wide else ""),
             result if rows else None,
         )
     return result

@@ -296,7 +296,12 @@ def test_bench_cli_out_of_memory_at_a_context_keeps_the_contexts_before_it(tmp_p
     assert [row["context"] for row in written["rows"]] == [16]
     assert written == json.loads((src / "linearize_bench.json").read_text())
     result = runner.invoke(app, ["bench", str(src), "--ctx", "32", *options[2:], "--no-record"])
-    assert result.exit_code == 1 and "Error: out of memory at context 32" in " ".join(result.output.split())
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Error: out of memory at context 32" in shown
+    assert shown.endswith("measure shorter contexts, or in a smaller dtype (bfloat16)")  # float32 on a CPU
+    result = runner.invoke(app, ["bench", str(src), "--ctx", "32", *options[2:], "--no-record", "--dtype", "bfloat16"])
+    shown = " ".join(result.output.split())  # the advice was bfloat16, the dtype it ran out of memory in
+    assert result.exit_code == 1 and shown.endswith("on cpu: measure shorter contexts"), shown
 
 
 def test_report_counts_agree_with_their_nouns():
