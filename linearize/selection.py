@@ -159,6 +159,7 @@ def parse_auto(
     scorer: str = DEFAULT_SCORER,
     spread: bool | int = False,
     spell: Callable[[str], str] = cli_flag,
+    spread_option: str = "--spread-over",
     **calibration,
 ) -> SelectionRequest | None:
     """The request that a `--softmax-layers` value 'auto:K' makes, or None for any other value.
@@ -169,6 +170,7 @@ def parse_auto(
         spread: keep the highest-scoring layer of each of K equal stretches of the depth; an integer S (1 to K):
             of each of S stretches, then the K - S highest-scoring others.
         spell: names the option in messages (a recipe's `conversion.softmax_layers`).
+        spread_option: names where `spread` was given, in messages (a recipe's `conversion.selection.spread`).
         calibration: `calibration`, `windows` and `context` of `SelectionRequest` (None: the default).
     """
     if not spec or not spec.startswith(AUTO_PREFIX):
@@ -183,8 +185,8 @@ def parse_auto(
         raise LinearizeError(f"unknown layer scorer '{scorer}'; choose one of: {', '.join(SCORERS)}")
     if not isinstance(spread, bool) and not 1 <= spread <= int(count):
         raise LinearizeError(
-            f"spreading auto:{count} over {spread} stretches of the depth: the number of stretches must be from 1 to "
-            f"K = {count} (each keeps one layer; the rest are the highest-scoring others)"
+            f"{spread_option} {spread} spreads auto:{count} over {spread} stretches of the depth; the number of "
+            f"stretches must be from 1 to K = {count} (each keeps one layer; the rest are the highest-scoring others)"
         )
     settings = {k: v for k, v in calibration.items() if v is not None}
     return SelectionRequest(int(count), scorer, spread=spread, **settings)

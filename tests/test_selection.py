@@ -132,9 +132,12 @@ def test_spread_over_fewer_stretches_adds_the_best_others():
     rule = LayerSelection(3, "loss", scores, "text", spread=2).rule
     assert rule == "the highest-scoring layer of each of 2 equal stretches of the depth, then the highest-scoring other"
     assert parse_auto("auto:3", spread=2).spread == 2
-    for bad in (4, 0):
-        with pytest.raises(LinearizeError, match="must be from 1 to K = 3"):
+    for bad in (4, 0):  # named as given: convert's --spread-over, a recipe's key
+        with pytest.raises(LinearizeError, match=f"^--spread-over {bad} spreads auto:3 .* must be from 1 to K = 3"):
             parse_auto("auto:3", spread=bad)
+        key = "conversion.selection.spread"
+        with pytest.raises(LinearizeError, match=f"^{key} {bad} spreads auto:3 .* must be from 1 to K = 3"):
+            parse_auto("auto:3", spread=bad, spread_option=key)
 
 
 def with_lora(model, seed: int = 0):
@@ -366,6 +369,9 @@ def test_convert_auto_errors_before_loading(tiny_folder, tmp_path):
     base = ["convert", str(tiny_folder / "source"), "-o", str(out)]
     too_many = CliRunner().invoke(app, [*base, "--method", "swa", "--softmax-layers", "auto:9"])
     assert too_many.exit_code == 1 and "choose K from 0 to 4" in too_many.output
+    wide = CliRunner().invoke(app, [*base, "--method", "swa", "--softmax-layers", "auto:2", "--spread-over", "3"])
+    shown = " ".join(wide.output.split())
+    assert wide.exit_code == 1 and "--spread-over 3 spreads auto:2 over 3 stretches" in shown, shown
     exact = CliRunner().invoke(app, [*base, "--method", "parallax", "--softmax-layers", "auto:1"])
     assert exact.exit_code == 1 and "every layer would score 0" in " ".join(exact.output.split())
     whole = CliRunner().invoke(app, [*base, "--method", "swa", "--window", "512", "--softmax-layers", "auto:1"])

@@ -161,6 +161,7 @@ class ConversionSection(create_model("_ConversionSection", __base__=_ConversionF
             spec.scorer,
             spec.spread,
             spell=_recipe_key,
+            spread_option=_recipe_key("selection.spread"),
             calibration=spec.calibration,
             windows=spec.windows,
         )

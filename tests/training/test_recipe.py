@@ -252,7 +252,7 @@ def test_softmax_layers_may_be_numbers():
         ),
         (
             "conversion: {softmax_layers: auto:2, selection: {spread: 3}}\n",
-            "conversion: .*spreading auto:2 over 3 stretches .* from 1 to K = 2",
+            "conversion.selection.spread 3 spreads auto:2 over 3 stretches .* from 1 to K = 2",
         ),
         (
             "conversion: {softmax_layers: auto:2, selection: {after: attention_transfer}}\n",
