@@ -16,7 +16,7 @@ from ..families import get_family
 from ..layers.base import LinearizedAttention
 from ..methods import get_method, method_settings
 from ..selection import calibration_windows, check_calibration_source
-from .recipe import LoraSection, OptimizerSection, Recipe, ScheduleSection, StageSection, TrainingSection
+from .recipe import Recipe, StageSection, TrainingSection
 
 
 class LoraTargets(NamedTuple):
@@ -179,7 +179,7 @@ def new_optimizer_note(index: int, stage: StageSection) -> str | None:
     """A warning for optimizer settings of the method's new parameters in a stage that does not train them (fine for
     a LoRA-only control run by overriding `trainable`, a mistake otherwise)."""
     optimizer = stage.optimizer
-    set_keys = [key for key in ("new_lr", "new_name") if getattr(optimizer, key) is not None]
+    set_keys = _changed(optimizer, ("new_lr", "new_name"))
     if not set_keys or "new" in stage.trainable:
         return None
     named = " and ".join(f"stages.{index}.optimizer.{key}" for key in set_keys)
@@ -189,14 +189,21 @@ def new_optimizer_note(index: int, stage: StageSection) -> str | None:
     )
 
 
+def _changed(section, keys: Sequence[str] | None = None) -> list[str]:
+    """The keys of a recipe `section` (all of its fields by default) whose values are not their defaults: a resolved
+    recipe writes every default, so a key being written says nothing of whether the user set it."""
+    fields = type(section).model_fields
+    defaults = {key: fields[key].get_default(call_default_factory=True) for key in keys or fields}
+    return [key for key, default in defaults.items() if getattr(section, key) != default]
+
+
 def muon_note(index: int, stage: StageSection) -> str | None:
     """A warning for Muon's settings in a stage that trains nothing with Muon (fine for a Muon recipe whose optimizer
     is overridden to adamw for a comparison, a mistake otherwise)."""
     optimizer = stage.optimizer
     own = optimizer.name == "muon" and "lora" in stage.trainable
     new = (optimizer.new_name or optimizer.name) == "muon" and "new" in stage.trainable
-    defaults = OptimizerSection.model_fields
-    set_keys = [key for key in ("muon_momentum", "muon_lr_adjust") if getattr(optimizer, key) != defaults[key].default]
+    set_keys = _changed(optimizer, ("muon_momentum", "muon_lr_adjust"))
     if not set_keys or own or new:
         return None
     named = " and ".join(f"stages.{index}.optimizer.{key}" for key in set_keys)
@@ -211,8 +218,7 @@ def betas_note(index: int, stage: StageSection) -> str | None:
     """A warning for AdamW's betas in a stage that Muon trains whole: Muon takes the matrices, and LoRA's adapters are
     all matrices (the parameters a method adds may not be, so a stage that trains them is not warned of)."""
     optimizer = stage.optimizer
-    default = OptimizerSection.model_fields["betas"].default
-    if optimizer.name != "muon" or stage.trainable != ["lora"] or optimizer.betas == default:
+    if optimizer.name != "muon" or stage.trainable != ["lora"] or not _changed(optimizer, ("betas",)):
         return None
     return (
         f"stages.{index}.optimizer.betas set AdamW, and Muon trains every parameter of stages.{index} (LoRA's are "
@@ -223,8 +229,7 @@ def betas_note(index: int, stage: StageSection) -> str | None:
 def lora_note(recipe: Recipe) -> str | None:
     """A warning for LoRA settings in a recipe none of whose stages trains LoRA (fine for a LoRA recipe whose stages
     are overridden for a control run, a mistake otherwise)."""
-    lora, defaults = recipe.lora, LoraSection()
-    set_keys = [f"lora.{key}" for key in LoraSection.model_fields if getattr(lora, key) != getattr(defaults, key)]
+    set_keys = [f"lora.{key}" for key in _changed(recipe.lora)]
     if not set_keys or any("lora" in stage.trainable for stage in recipe.stages):
         return None
     named = ", ".join(set_keys[:-1]) + " and " * (len(set_keys) > 1) + set_keys[-1]
@@ -238,7 +243,7 @@ def cosine_floor_note(index: int, stage: StageSection) -> str | None:
     """A warning for a cosine floor under a constant schedule (fine for a cosine recipe overridden to constant for
     a comparison, a mistake otherwise)."""
     schedule = stage.schedule
-    if schedule.kind != "constant" or schedule.min_lr_ratio == ScheduleSection.model_fields["min_lr_ratio"].default:
+    if schedule.kind != "constant" or not _changed(schedule, ("min_lr_ratio",)):
         return None
     return (
         f"stages.{index}.schedule.min_lr_ratio ({schedule.min_lr_ratio:g}) is the floor of the cosine schedule, and "
