@@ -173,7 +173,8 @@ class LigerAttention(LinearizedAttention):
             softcap=self.softcap, backend=self.backend,
         )  # fmt: skip
         q_linear, *rest = linear
-        if resolve_backend(self.backend, q.device, available=GLA_BACKENDS) in ("reference", "torch"):
+        half = q_linear.dtype in (torch.float16, torch.bfloat16)  # first: the backend lookup costs a decode step
+        if half and resolve_backend(self.backend, q.device, available=GLA_BACKENDS) in ("reference", "torch"):
             # these compute in fp32: fp32 queries give the branch back unrounded, mixed as `torch_liger_attention`
             # mixes it (without a normaliser it can pass float16's range where the mix does not)
             q_linear = q_linear.float()
