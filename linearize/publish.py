@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from .comparison import counted
 from .convert import layer_groups
@@ -415,18 +415,30 @@ def _http_error(error, repo_id: str, endpoint: str, not_done: str) -> LinearizeE
     return LinearizeError(f"the Hub refused the upload{code}: {reason}. {not_done}")
 
 
+def shown_endpoint(endpoint: str) -> str:
+    """`endpoint` without the user name and password a URL may carry (`https://user:secret@hub.example`), which
+    messages, progress lines and the returned URL would otherwise print into terminals and CI logs."""
+    parts = urlsplit(endpoint)
+    if "@" not in parts.netloc:
+        return endpoint
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 @contextmanager
 def _hub_errors(repo_id: str, endpoint: str, retry: str) -> Iterator[None]:
-    """Turn Hub and network failures into LinearizeErrors that say the push did not complete, and how to `retry`."""
+    """Turn Hub and network failures into LinearizeErrors that say the push did not complete, and how to `retry`.
+    The messages name `endpoint` and quote the error without its credentials."""
     from huggingface_hub.errors import HfHubHTTPError
 
+    shown = shown_endpoint(endpoint)
     nothing = f"The Hub did not confirm a commit, so the push is not done; {retry}."
     try:
         yield
     except HfHubHTTPError as error:
-        raise _http_error(error, repo_id, endpoint, nothing) from None
+        raise LinearizeError(str(_http_error(error, repo_id, shown, nothing)).replace(endpoint, shown)) from None
     except transport_errors() as error:
-        raise LinearizeError(f"cannot reach the Hub at {endpoint} ({error}). {nothing}") from None
+        reason = str(error).replace(endpoint, shown)
+        raise LinearizeError(f"cannot reach the Hub at {shown} ({reason}). {nothing}") from None
 
 
 @contextmanager
@@ -492,8 +504,9 @@ def push(
     for entry in plan.left_out:
         step(f"Not sent: {entry}")
     api = HfApi(endpoint=endpoint, token=token)
+    shown = shown_endpoint(api.endpoint)
     with _hub_errors(repo_id, api.endpoint, retry), _progress_bars(not quiet and sys.stderr.isatty()):
-        step(f"Creating {repo_id} on {api.endpoint}" + (" (private)" if private else ""))
+        step(f"Creating {repo_id} on {shown}" + (" (private)" if private else ""))
         # private=False would send "public" and override an organization whose new repos are private by default
         api.create_repo(repo_id, private=private or None, exist_ok=True)
         if private and api.model_info(repo_id).private is False:  # an existing repo keeps its visibility
@@ -511,5 +524,5 @@ def push(
             commit_message="Upload the model and its card with linearize",
             revision=revision,
         )
-    url = f"{api.endpoint}/{repo_id}"
+    url = f"{shown}/{repo_id}"
     return f"{url}/tree/{quote(revision, safe='')}" if revision else url  # the Hub's own URLs encode a / in a branch

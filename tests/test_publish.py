@@ -437,6 +437,20 @@ def test_an_unreachable_hub_is_named(folder, hub, no_verify):
         push(folder, REPO, token=GOOD_TOKEN, endpoint=f"http://127.0.0.1:{port}")
 
 
+def test_credentials_in_the_endpoint_are_never_printed(folder, hub, no_verify):
+    """An endpoint may carry a user name and password (`https://user:secret@hub.example`); messages, the plan and
+    the returned URL name the Hub without them, since they end up in terminals and CI logs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(LinearizeError, match=f"cannot reach the Hub at http://127.0.0.1:{port} ") as caught:
+        push(folder, REPO, token=GOOD_TOKEN, endpoint=f"http://user:s3cret@127.0.0.1:{port}")
+    assert "s3cret" not in str(caught.value)
+    secret_url = hub.url.replace("http://", "http://user:s3cret@")
+    result = runner.invoke(app, ["push", str(folder), REPO, "--dry-run", "--endpoint", secret_url])
+    assert result.exit_code == 0 and f"{hub.url}/{REPO}" in result.output and "s3cret" not in result.output
+
+
 def test_a_folder_not_converted_by_linearize_is_refused(tmp_path):
     with pytest.raises(LinearizeError, match="not a model converted by linearize"):
         plan_push(source_folder(tmp_path / "plain"), REPO)

@@ -99,8 +99,10 @@ def _print_step(text: str) -> None:
 def _print_push_plan(plan, endpoint: str | None) -> None:
     from huggingface_hub import constants
 
+    from ..publish import shown_endpoint
+
     out = stdout_console()
-    target = f"{endpoint or constants.ENDPOINT}/{plan.repo_id}"
+    target = f"{shown_endpoint(endpoint or constants.ENDPOINT)}/{plan.repo_id}"
     where = f"branch {plan.revision}" if plan.revision else "the main branch"
     table = Table(
         title=f"Push plan: {escape(str(plan.folder))} -> {target} ({where}{', private' if plan.private else ''})"
