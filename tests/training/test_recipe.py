@@ -411,6 +411,16 @@ def test_shipped_recipes_are_valid(path):
     assert recipe.output.dir.startswith("runs/")
 
 
+def test_paper_recipes_keep_the_published_lora_settings():
+    """The 8B recipes follow the published code (docs/methods.md §1.7, §3.7): Liger's and STILL's both build peft's
+    LoraConfig with r 8 and nothing else, so alpha and dropout are peft's defaults (8, 0), not LoLCATs' alpha 16."""
+    for name in ("llama-3-8b-liger.yaml", "llama-3.1-8b-still.yaml"):
+        lora = load_recipe(ROOT / "recipes" / name).lora
+        assert (lora.r, lora.alpha, lora.dropout) == (8, 8, 0.0), name
+    conversion = load_recipe(ROOT / "recipes" / "llama-3.1-8b-still.yaml").conversion
+    assert (conversion.chunk_size, conversion.topk) == (64, 4)
+
+
 def test_adamw_betas_outside_zero_to_one_are_refused_by_the_recipe():
     """torch refuses them too, but with a traceback once the model has loaded."""
     with pytest.raises(RecipeError, match=r"stages\.0\.optimizer\.betas\.1: Input should be less than 1 \(got 1\.5\)"):
