@@ -421,6 +421,13 @@ def test_paper_recipes_keep_the_published_lora_settings():
     assert (conversion.chunk_size, conversion.topk) == (64, 4)
 
 
+def test_liger_paper_recipe_trains_the_window_the_released_checkpoints_saw():
+    """The reference code's window reached the token and the 64 before it under the transformers release its
+    checkpoints were trained with (docs/methods.md §1.3): 65 keys, which the recipe reproducing them must use."""
+    conversion = load_recipe(ROOT / "recipes" / "llama-3-8b-liger.yaml").conversion
+    assert (conversion.method, conversion.window, conversion.mix) == ("liger", 65, None)
+
+
 def test_adamw_betas_outside_zero_to_one_are_refused_by_the_recipe():
     """torch refuses them too, but with a traceback once the model has loaded."""
     with pytest.raises(RecipeError, match=r"stages\.0\.optimizer\.betas\.1: Input should be less than 1 \(got 1\.5\)"):
