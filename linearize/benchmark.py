@@ -306,13 +306,11 @@ def plot_bench(result: dict, path: Path) -> Path:
     """Write a PNG, whole or not at all: prefill tokens/s, decode ms/token and cache MiB against context (log2 x), one
     line per model.
 
-    Needs matplotlib (`pip install matplotlib`); uses the Agg backend, so no display is needed."""
-    import matplotlib
+    Needs matplotlib (`pip install matplotlib`) and no display: the figure is drawn without pyplot, so the caller's
+    backend and figures (a notebook's) are left as they were."""
+    from matplotlib.figure import Figure
 
     from .outputs import file_written_whole
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     contexts = [row["context"] for row in result["rows"]]
     panels = (
@@ -320,7 +318,8 @@ def plot_bench(result: dict, path: Path) -> Path:
         ("decode_ms", "decode ms/token, median step (lower is better)"),
         ("cache_bytes", "cache MiB after prefill"),
     )
-    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.2), layout="constrained")
+    figure = Figure(figsize=(15, 4.2), layout="constrained")
+    axes = figure.subplots(1, len(panels))
     for axis, (field, title) in zip(axes, panels, strict=True):
         for label in result["models"]:
             values = [row[label][field] for row in result["rows"]]
@@ -337,9 +336,6 @@ def plot_bench(result: dict, path: Path) -> Path:
     axes[0].legend()
     threads = f"{result['threads']} thread" + "s" * (result["threads"] != 1)
     figure.suptitle(f"{' vs '.join(result['models'])} on {result['device']} ({threads})")
-    try:
-        with file_written_whole(path) as partial:
-            figure.savefig(partial, dpi=120, format="png")
-    finally:
-        plt.close(figure)
+    with file_written_whole(path) as partial:
+        figure.savefig(partial, dpi=120, format="png")
     return Path(path)

@@ -175,6 +175,25 @@ def test_plot_is_a_png(result, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
+def test_a_plot_leaves_the_callers_matplotlib_as_it_was(result, tmp_path):
+    """A notebook that plots with its own backend and figures keeps both after `plot_bench` (it switched every
+    later figure of the process to Agg, which shows nothing)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from linearize.benchmark import plot_bench
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands for the caller's own (a notebook's inline backend)
+    try:
+        mine = plt.figure()
+        plot_bench(result, tmp_path / "plot.png")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [mine.number]
+        plt.close(mine)
+    finally:
+        matplotlib.use(backend)
+
+
 def test_a_plot_that_fails_halfway_keeps_the_earlier_one(result, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
