@@ -216,8 +216,11 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
-    output = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit)
+    from .generation import callers_rng_kept
+
+    with callers_rng_kept():  # lm-eval seeds Python's, NumPy's and torch's generators for its run
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+        output = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit)
     return {
         task: {k: v for k, v in metrics.items() if "_stderr" not in k and isinstance(v, int | float)}
         for task, metrics in output["results"].items()
@@ -275,8 +278,11 @@ def check_lm_eval_tasks(tasks: list[str], include_path: str | None = None):
             f"--lm-eval-include '{include_path}' is not a folder; give the folder that holds your task YAML files "
             "(recipes/lm-eval in a checkout of linearize holds the local ARC-Easy and HellaSwag tasks)"
         )
-    manager = _task_manager(include_path, tuple(tasks))
-    _check_task_data(manager, tuple(tasks))
+    from .generation import callers_rng_kept
+
+    with callers_rng_kept():  # building a task draws from Python's generator
+        manager = _task_manager(include_path, tuple(tasks))
+        _check_task_data(manager, tuple(tasks))
     return manager
 
 

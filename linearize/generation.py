@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from transformers import TextStreamer
 
@@ -68,6 +70,21 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         else:
             torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def callers_rng_kept() -> Iterator[None]:
+    """Put back, when the block ends however it ends, the random states that the block seeds (torch's, the GPUs'
+    where CUDA is already initialised, Python's and NumPy's): `finetune` or an lm-eval run called from a script must
+    not reseed the script."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy_state)
 
 
 class ReplyStreamer(TextStreamer):

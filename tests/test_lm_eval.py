@@ -50,6 +50,36 @@ def test_lm_eval_task_on_a_converted_model(tmp_path):
     assert 0.0 <= accuracy["tiny_choice"]["acc,none"] <= 1.0
 
 
+def _tiny_task(folder: Path) -> Path:
+    """The folder of task YAMLs that defines tiny_choice, on six records of the tiny vocabulary."""
+    records = [{"question": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 9}"], "label": i % 2} for i in range(6)]
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (folder / "tasks").mkdir()
+    (folder / "tasks" / "tiny_choice.yaml").write_text(TASK.format(data=folder / "data.jsonl"))
+    return folder / "tasks"
+
+
+def test_lm_eval_from_python_leaves_the_callers_random_state(tmp_path, monkeypatch):
+    """lm-eval seeds Python's, NumPy's and torch's generators for its run: an eval harness or notebook that calls
+    `run_lm_eval` keeps its own random streams (they were reseeded to lm-eval's 0 and 1234)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from linearize.evaluation import run_lm_eval
+    from tests.tiny import converted_model, tiny_tokenizer
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    tasks = _tiny_task(tmp_path)
+    model = converted_model("llama", "liger")
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1]
+    run_lm_eval(model, tiny_tokenizer(), ["tiny_choice"], include_path=str(tasks))
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert (np.random.get_state()[1] == before[2]).all()
+
+
 def test_lm_eval_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     result = runner.invoke(app, ["eval", "embedded", "--lm-eval", "hellaswag", "--no-record"])

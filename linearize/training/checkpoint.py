@@ -80,21 +80,6 @@ def own_rng_state(saved: list[dict[str, Any]] | dict[str, Any], rank: int) -> di
     return saved[rank] if isinstance(saved, list) else saved
 
 
-@contextmanager
-def callers_rng_kept() -> Iterator[None]:
-    """Put back, when the block ends however it ends, the random states that a run seeds and restores (torch's, the
-    GPUs' where CUDA is already initialised, Python's and NumPy's): `finetune` called from a script must not reseed
-    the script."""
-    python, numpy_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(python)
-        np.random.set_state(numpy_state)
-
-
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])

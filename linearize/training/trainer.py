@@ -24,6 +24,7 @@ from ..convert import convert_model, keep_softmax_layers, save_model
 from ..data import PackedSequences, next_token_targets
 from ..errors import LinearizeError
 from ..families import get_family
+from ..generation import callers_rng_kept
 from ..hub import check_can_push
 from ..layers.base import LinearizedAttention
 from ..outputs import atomic_folder, delete_folder, write_errors, write_file
@@ -32,7 +33,6 @@ from .checkpoint import (
     METRICS_FILE,
     RECIPE_FILE,
     RESUME,
-    callers_rng_kept,
     check_resumable,
     list_checkpoints,
     load_checkpoint,
