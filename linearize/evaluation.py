@@ -5,7 +5,8 @@ retrieval (`linearize.passkey`), optionally lm-evaluation-harness tasks, and the
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -136,6 +137,19 @@ def text_windows(
         source.max_documents *= 2
 
 
+@contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """`model` in eval mode while the block runs (no dropout: a measurement draws no masks, and two agree), then
+    each of its modules in the mode it had: a caller's training loop that evaluates between steps goes on training."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -149,7 +163,8 @@ def evaluate_model(
     step: Callable[[], None] | None = None,
     text_ids: torch.Tensor | None = None,
 ) -> dict:
-    """Everything `linearize eval` measures on one model.
+    """Everything `linearize eval` measures on one model, in eval mode (`eval_mode`: the model's modes are put back
+    after).
 
     Args:
         model, tokenizer: the model to evaluate.
@@ -168,22 +183,23 @@ def evaluate_model(
     from .passkey import passkey_retrieval
 
     ids = text_windows(text, tokenizer, context, windows) if text_ids is None else text_ids
-    result = {
-        "perplexity": {
-            "value": perplexity_of_windows(model, ids, step),
-            "text": text,
-            "context": context,
-            "windows": ids.shape[0],
+    with eval_mode(model):
+        result = {
+            "perplexity": {
+                "value": perplexity_of_windows(model, ids, step),
+                "text": text,
+                "context": context,
+                "windows": ids.shape[0],
+            }
         }
-    }
-    if passkey_contexts:
-        result["passkey"] = passkey_retrieval(
-            model, tokenizer, list(passkey_contexts), **(passkey_options or {}), step=step
-        )
-    if lm_eval_tasks:
-        result["lm_eval"] = run_lm_eval(model, tokenizer, list(lm_eval_tasks), **(lm_eval_options or {}))
-        if step is not None:
-            step()
+        if passkey_contexts:
+            result["passkey"] = passkey_retrieval(
+                model, tokenizer, list(passkey_contexts), **(passkey_options or {}), step=step
+            )
+        if lm_eval_tasks:
+            result["lm_eval"] = run_lm_eval(model, tokenizer, list(lm_eval_tasks), **(lm_eval_options or {}))
+            if step is not None:
+                step()
     return result
 
 
@@ -218,7 +234,8 @@ def run_lm_eval(
 
     from .generation import callers_rng_kept
 
-    with callers_rng_kept():  # lm-eval seeds Python's, NumPy's and torch's generators for its run
+    # lm-eval seeds Python's, NumPy's and torch's generators for its run, and puts the model in eval mode
+    with callers_rng_kept(), eval_mode(model):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
         output = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit)
     return {

@@ -28,7 +28,7 @@ from linearize.evaluation import (
     text_windows,
 )
 from linearize.passkey import FILLER, INTRO, NEEDLE, QUESTION, passkey_prompt, passkey_retrieval
-from tests.tiny import converted_model, source_model, tiny_tokenizer
+from tests.tiny import CONFIGS, converted_model, model_from_config, source_model, tiny_tokenizer
 
 runner = CliRunner()
 
@@ -278,6 +278,20 @@ def test_evaluate_models_evaluates_each_model_alike(tokenizer):
     assert list(results) == ["original", "liger"]
     for label, model in models.items():
         assert results[label] == evaluate_model(model, tokenizer, "builtin", 64, 2)
+
+
+def test_a_model_in_training_mode_is_measured_without_dropout_and_left_as_it_was(tokenizer):
+    """A caller's fine-tuning loop evaluates its model between steps: the measurement is the eval-mode one (no
+    dropout masks drawn, so two calls agree), and each module is left in the mode it had."""
+    config = CONFIGS["llama"]()
+    config.attention_dropout = 0.5
+    torch.manual_seed(0)
+    model = model_from_config(config)
+    expected = evaluate_model(model.eval(), tokenizer, "builtin", 32, 2, passkey_contexts=[400])
+    model.train()
+    model.lm_head.eval()  # a caller's mix of modes is kept too
+    assert evaluate_model(model, tokenizer, "builtin", 32, 2, passkey_contexts=[400]) == expected
+    assert model.training and model.model.layers[0].self_attn.training and not model.lm_head.training
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,18 @@ def test_lm_eval_from_python_leaves_the_callers_random_state(tmp_path, monkeypat
     assert (np.random.get_state()[1] == before[2]).all()
 
 
+def test_lm_eval_from_python_leaves_the_model_in_its_mode(tmp_path, monkeypatch):
+    """lm-eval puts the model it is handed in eval mode: a caller's model that was training goes on training."""
+    from linearize.evaluation import run_lm_eval
+    from tests.tiny import converted_model, tiny_tokenizer
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    tasks = _tiny_task(tmp_path)
+    model = converted_model("llama", "liger").train()
+    run_lm_eval(model, tiny_tokenizer(), ["tiny_choice"], include_path=str(tasks))
+    assert all(module.training for module in model.modules())
+
+
 def test_lm_eval_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     result = runner.invoke(app, ["eval", "embedded", "--lm-eval", "hellaswag", "--no-record"])
