@@ -34,13 +34,16 @@ class World:
 
 
 def init_world() -> World:
-    """Join the process group when launched by torchrun: NCCL on CUDA (one GPU per local rank), gloo on CPU."""
+    """Join the process group when launched by torchrun: NCCL on CUDA (one GPU per local rank, made the process's
+    current device), gloo on CPU. One process trains on the caller's current GPU and leaves it current."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        device = torch.device("cpu")
+    elif size == 1:  # the GPU a script chose (`torch.cuda.set_device`), which is not ours to change
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if size == 1:
         return World(device=device)
     joined = not dist.is_initialized()
