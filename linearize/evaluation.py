@@ -236,7 +236,10 @@ def run_lm_eval(
 
     # lm-eval seeds Python's, NumPy's and torch's generators for its run, and puts the model in eval mode
     with callers_rng_kept(), eval_mode(model):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+        # a converted model's type is not in transformers' causal-LM registry: say what it is, or lm-eval warns
+        lm = HFLM(
+            pretrained=model, backend="causal", tokenizer=tokenizer, batch_size=batch_size, device=str(model.device)
+        )
         output = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit)
     return {
         task: {k: v for k, v in metrics.items() if "_stderr" not in k and isinstance(v, int | float)}

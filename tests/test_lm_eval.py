@@ -1,6 +1,7 @@
 """`linearize eval --lm-eval`: lm-evaluation-harness on a converted model, with a local task (no downloads)."""
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -90,6 +91,20 @@ def test_lm_eval_from_python_leaves_the_model_in_its_mode(tmp_path, monkeypatch)
     model = converted_model("llama", "liger").train()
     run_lm_eval(model, tiny_tokenizer(), ["tiny_choice"], include_path=str(tasks))
     assert all(module.training for module in model.modules())
+
+
+def test_lm_eval_takes_a_converted_model_as_causal_without_a_warning(tmp_path, monkeypatch, caplog):
+    """A converted model's type is not in transformers' causal-LM registry, and lm-eval warned that it might need
+    trust_remote_code (it does not): a warning the user cannot act on."""
+    from linearize.evaluation import run_lm_eval
+    from tests.tiny import converted_model, tiny_tokenizer
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    with caplog.at_level(logging.WARNING):
+        run_lm_eval(
+            converted_model("llama", "still"), tiny_tokenizer(), ["tiny_choice"], include_path=str(_tiny_task(tmp_path))
+        )
+    assert "neither marked as CausalLM" not in caplog.text
 
 
 def test_lm_eval_missing_is_a_clear_error(tmp_path, monkeypatch):
