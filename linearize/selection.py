@@ -247,39 +247,35 @@ def score_layers(model, windows: torch.Tensor, scorer: str, step: Callable[[], N
     """
     import torch
 
+    from .evaluation import eval_mode
     from .layers.base import LinearizedAttention
     from .training.transfer import AttentionTransfer, original_model
 
     layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if scorer == "output":
-                totals = torch.zeros(len(layers), dtype=torch.float64)
-                with AttentionTransfer(model, relative=True) as transfer:
-                    for row in windows.to(model.device):
-                        model(input_ids=row[None], use_cache=False, logits_to_keep=1)
-                        totals += torch.stack(transfer.layer_losses).double().cpu()
-                        transfer.layer_losses = []
-                        _call(step)
-                return (totals / windows.shape[0]).tolist()
-            if scorer == "restore":
-                converted = _mean_loss(model, windows, step)
-                scores = []
-                for attn in layers:
-                    with _restored(attn):
-                        scores.append(converted - _mean_loss(model, windows, step))
-                return scores
-            with original_model(model) as original:
-                baseline = _mean_loss(original, windows, step)
-                scores = []
-                for attn in layers:
-                    with _converted(attn):
-                        scores.append(_mean_loss(original, windows, step) - baseline)
-                return scores
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():  # each module's mode put back after
+        if scorer == "output":
+            totals = torch.zeros(len(layers), dtype=torch.float64)
+            with AttentionTransfer(model, relative=True) as transfer:
+                for row in windows.to(model.device):
+                    model(input_ids=row[None], use_cache=False, logits_to_keep=1)
+                    totals += torch.stack(transfer.layer_losses).double().cpu()
+                    transfer.layer_losses = []
+                    _call(step)
+            return (totals / windows.shape[0]).tolist()
+        if scorer == "restore":
+            converted = _mean_loss(model, windows, step)
+            scores = []
+            for attn in layers:
+                with _restored(attn):
+                    scores.append(converted - _mean_loss(model, windows, step))
+            return scores
+        with original_model(model) as original:
+            baseline = _mean_loss(original, windows, step)
+            scores = []
+            for attn in layers:
+                with _converted(attn):
+                    scores.append(_mean_loss(original, windows, step) - baseline)
+            return scores
 
 
 def select_layers(

@@ -84,10 +84,12 @@ def test_scoring_leaves_the_model_as_it_was(windows):
     source = four_layers()
     model, _ = all_converted(source)
     model.train()
+    model.model.embed_tokens.eval()  # a caller's mix of modes, each put back as it was
     before = model(windows).logits
     for scorer in ("output", "loss", "restore"):
         score_layers(model, windows, scorer)
     assert model.training and torch.equal(model(windows).logits, before)
+    assert [m.training for m in model.modules()] == [m is not model.model.embed_tokens for m in model.modules()]
 
 
 def test_auto_0_is_no_kept_layer_and_auto_all_is_the_original(windows):
