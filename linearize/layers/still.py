@@ -102,9 +102,12 @@ class NPMap(nn.Module):
         without autograd it is kept until the parameters change: a decode step maps one token, and the dozen small
         ops that make the matrix cost as much as the map. (A prefill makes its own and frees it, so that its peak
         memory holds no layer's matrix but the one it maps with.) Parameters made under `torch.inference_mode` keep
-        no version counter, so their matrix is made at every call."""
+        no version counter, so their matrix is made at every call. A call that makes its own drops the kept one: a
+        fused optimizer step (transformers Trainer's default AdamW) updates the parameters in place without counting
+        a version, and the forward under autograd before it is such a call."""
         parameters = (self.householder, self.linear)
         if not keep or torch.is_grad_enabled() or any(p.is_inference() for p in parameters):
+            self._kept_matrix = None
             return self._fold()
         key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in parameters)
         if self._kept_matrix is None or self._kept_matrix[0] != key:

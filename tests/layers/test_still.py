@@ -66,6 +66,20 @@ def test_np_map_without_autograd_follows_every_change_of_its_parameters():
     assert not torch.equal(feature_map(x).detach(), before)
 
 
+def test_np_map_does_not_keep_its_matrix_across_a_fused_optimizer_step():
+    """Fused AdamW (transformers Trainer's default optimizer) updates the parameters in place without counting a
+    version, so the version key cannot see the step: decode steps after training (a sample generated between
+    training steps) read the maps of the decode steps before it."""
+    feature_map, x = random_np_map(), torch.randn(2, 1, 2, 16)
+    optimizer = torch.optim.AdamW(feature_map.parameters(), lr=0.1, fused=True)
+    with torch.no_grad():
+        feature_map(x)  # a decode step: the matrix is kept
+    (feature_map(torch.randn(2, 8, 2, 16)) * torch.randn(2, 8, 2, 32)).sum().backward()  # a training step
+    optimizer.step()
+    with torch.no_grad():
+        torch.testing.assert_close(feature_map(x).double(), np_map(feature_map, x), rtol=1e-5, atol=1e-7)
+
+
 def test_np_map_made_under_inference_mode_follows_in_place_changes():
     """Parameters made under `torch.inference_mode` have no version counter: the map must neither fail on them nor
     keep a matrix it could not tell stale."""
