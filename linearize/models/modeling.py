@@ -200,6 +200,17 @@ class NoHeadlessModel:
         raise ValueError(cls.MESSAGE)
 
 
+class NoOtherHead(NoHeadlessModel):
+    """What the Auto classes of the other heads that transformers gives the source families find (sequence and token
+    classification, question answering: a reward model, a text-classification pipeline): a refusal by name."""
+
+    MESSAGE = (
+        "a model converted by linearize is a causal LM only, with no class for another head (sequence or token "
+        "classification, question answering): load it with AutoModelForCausalLM and put your head on its hidden "
+        "states (model.get_decoder(), or pass output_hidden_states=True)"
+    )
+
+
 class DecoderInputs:
     """Forward pre-hook of the decoder stack (`model.model`): what converted layers need from a call, whether it
     comes through `LinearizeForCausalLM` or straight to the decoder (`get_decoder()`: embeddings, value heads).

@@ -207,6 +207,25 @@ def test_automodel_says_to_load_the_causal_lm(tmp_path):
         assert "GPT2Config" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "auto_class",
+    ["AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModelForQuestionAnswering"],
+)
+def test_the_auto_classes_of_other_heads_say_the_model_is_a_causal_lm(auto_class, tmp_path):
+    """The heads transformers gives the source families (a reward model or classifier on an LLM) have no converted
+    class: their Auto classes say so and where the hidden states are, not transformers' "Unrecognized configuration
+    class" with the 2,000 characters of every config it knows."""
+    import transformers
+
+    model = converted_model("llama", "liger")
+    model.save_pretrained(tmp_path)
+    auto = getattr(transformers, auto_class)
+    for load in (lambda: auto.from_pretrained(tmp_path), lambda: auto.from_config(model.config)):
+        with pytest.raises(ValueError, match=r"causal LM only.*AutoModelForCausalLM.*get_decoder\(\)") as error:
+            load()
+        assert "GPT2Config" not in str(error.value)
+
+
 def test_remote_code_says_how_to_install_linearize_when_missing(tmp_path):
     from linearize.convert import save_model
     from linearize.models.remote_code import INSTALL_COMMAND
