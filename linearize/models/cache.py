@@ -40,6 +40,16 @@ class LinearizeCache(Cache):
                 return rows
         return None
 
+    def reset(self) -> None:
+        """Empty every layer, as a new cache is. transformers 5.17 resets its own layers by zeroing their keys and
+        values in place: a kept softmax layer still held the last sequence's tokens, as zeros, and counted them, so
+        the next sequence attended to them and took its positions from their count."""
+        super().reset()
+        for layer in self.layers:
+            if not isinstance(layer, cache_layers.StateCacheLayer):
+                layer.keys = layer.values = None
+                layer.is_initialized = False
+
     def crop(self, tokens_to_remove: int) -> None:
         """Refused, before any layer is touched, where there is something to remove: a converted layer's state
         cannot be rolled back, and a kept softmax layer cropped alone would leave the layers disagreeing."""

@@ -163,11 +163,13 @@ def test_beam_search_reorders_the_cache_with_its_beams(method):
         assert torch.equal(model.generate(ids, **options), model.generate(ids, use_cache=False, **options))
 
 
+@pytest.mark.parametrize("softmax_layers", [None, "0"], ids=["converted", "hybrid"])
 @pytest.mark.parametrize("method", METHODS)
-def test_a_reset_cache_reads_a_new_sequence_as_a_new_cache_does(method):
+def test_a_reset_cache_reads_a_new_sequence_as_a_new_cache_does(method, softmax_layers):
     """`reset` empties every layer (a ring's position, the sinks kept so far, the count of tokens seen, which gives
-    the next tokens their positions): a cache reset after one sequence decodes the next as a fresh cache does."""
-    model = converted_model("llama", method)
+    the next tokens their positions): a cache reset after one sequence decodes the next as a fresh cache does. In a
+    hybrid, transformers 5.17 zeroed the kept softmax layer's keys and values in place and kept counting them."""
+    model = converted_model("llama", method, softmax_layers=softmax_layers)
     first, second = torch.randint(3, 128, (2, 2, 30)).unbind(0)
 
     def decoded(ids, cache):
