@@ -128,6 +128,21 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
         if generation_config.use_cache is not False and model_kwargs.get(compat.CACHE_ARG) is None:
             model_kwargs[compat.CACHE_ARG] = LinearizeCache(self.config)
 
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, inputs_embeds=None, **kwargs):
+        """transformers' inputs for one forward of `generate`, reading the whole sequence again, into the emptied
+        cache, at the step whose positions pass a point where the rotary tables change: longrope's (Phi-3.5,
+        Phi-4-mini) switch from the short factors to the long ones for every position, and the cached tokens were
+        read with the short ones, so that every step after it would differ from a full forward (and a zero Parallax
+        probe from the source, whose `Phi3ForCausalLM` reads the sequence again there too). docs/methods.md §0.2."""
+        cache, mask = kwargs.get(compat.CACHE_ARG), kwargs.get("attention_mask")
+        if cache is not None and passes_rotary_switch(self.model.config, input_ids, cache, mask):
+            cache.reset()
+            next_sequence_length = None  # the whole sequence
+        # `inputs_embeds` named: generate refuses a prompt given as embeddings to a model whose signature lacks it
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, inputs_embeds=inputs_embeds, **kwargs
+        )
+
     def init_continuous_batching(self, *args, **kwargs):
         """Refused: continuous batching (`generate_batch`, `cache_implementation="paged"`) keeps every layer's keys
         and values in transformers' paged cache, which has no place for a converted layer's state (it failed with
@@ -179,6 +194,32 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,  # with output_attentions=True: softmax layers only, as linear ones have none
             **{compat.OUTPUT_CACHE_FIELD: getattr(outputs, compat.OUTPUT_CACHE_FIELD)},
         )
+
+
+def rotary_switches(config) -> list[int]:
+    """The sequence lengths past which the family's rotary tables change for every position: longrope's
+    `original_max_position_embeddings` (one per layer type where `rope_parameters` are nested per type)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    tables = [value for value in rope.values() if isinstance(value, dict)] or [rope]
+    return [table["original_max_position_embeddings"] for table in tables if table.get("rope_type") == "longrope"]
+
+
+def passes_rotary_switch(config, input_ids: torch.Tensor, cache: LinearizeCache, attention_mask) -> bool:
+    """Whether this step's positions pass a rotary switch (`rotary_switches`) that the cache's tokens were all read
+    before, with `input_ids` the whole sequence to read again: as long as the 2-D mask, which `generate` always
+    passes (not a chunk of a chunked prefill, the tokens generated after a prompt given as embeddings, or new tokens
+    alone after a cache passed in). The tables switch on a forward's largest position, counted from the mask (left
+    padding takes none)."""
+    switches, length = rotary_switches(config), input_ids.shape[1]
+    if not any(switch < length for switch in switches):
+        return False
+    if attention_mask is None or attention_mask.ndim != 2 or attention_mask.shape[1] != length:
+        return False
+    cached = cache.get_seq_length()
+    if not cached:
+        return False
+    seen, reach = (int(attention_mask[:, :n].sum(-1).max()) for n in (cached, length))
+    return any(seen <= switch < reach for switch in switches)
 
 
 class NoHeadlessModel:

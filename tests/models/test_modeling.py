@@ -6,14 +6,14 @@ import types
 import pytest
 import torch
 from linearize.kernels.common.buffers import GROWTH
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, GPT2Config, Phi3Config
 
 from linearize import compat, methods
 from linearize.convert import convert_model, plan_conversion
 from linearize.families import UnsupportedModelError
 from linearize.layers.swa import SinkWindowAttention, sink_window_attention
 from linearize.models import LinearizeCache
-from tests.tiny import FAMILIES, METHODS, VARIANTS, cache_of, converted_model, source_model
+from tests.tiny import _COMMON, FAMILIES, METHODS, VARIANTS, cache_of, converted_model, model_from_config, source_model
 
 CASES = [(f, m) for f in FAMILIES for m in METHODS]
 
@@ -252,6 +252,54 @@ def test_chunked_prefill_generates_what_one_prefill_does(method):
     assert torch.equal(chunked.sequences, whole.sequences)
     torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), rtol=1e-4, atol=1e-4)
     assert isinstance(cache_of(chunked), LinearizeCache)
+
+
+def longrope_models(variant: str, switch: int):
+    """A tiny Phi-3 whose longrope tables switch every position from the short factors to the long ones past
+    `switch` tokens (Phi-3.5 and Phi-4-mini at 4096), and its conversion by `variant` (a zero Parallax probe)."""
+    rotary_pairs = _COMMON["hidden_size"] // _COMMON["num_attention_heads"] // 4  # partial_rotary_factor 0.5
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": switch}
+    rope |= {"short_factor": [1.0] * rotary_pairs, "long_factor": [4.0 + 4 * i for i in range(rotary_pairs)]}
+    config = Phi3Config(
+        **_COMMON, partial_rotary_factor=0.5, original_max_position_embeddings=switch, rope_parameters=rope
+    )
+    torch.manual_seed(0)
+    source = model_from_config(config).eval()
+    method, options = VARIANTS[variant]
+    return source, convert_model(source, plan_conversion(source.config, "phi3", method, **options).config)
+
+
+@pytest.mark.parametrize("variant", METHODS)
+def test_generation_past_a_longrope_switch_equals_full_forwards(variant):
+    """Once a sequence passes the switch, a full forward reads every position with the long factors; generate kept
+    the tokens it had cached, read with the short ones, so every step after the switch differed from a full
+    forward, and a zero Parallax probe from the source (whose Phi3ForCausalLM reads the sequence again there). It
+    now reads it again at that step too; with left padding, at the step where the longest row passes it."""
+    source, model = longrope_models(variant, switch=12)
+    ids = torch.randint(3, 128, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    out = model.generate(ids, attention_mask=mask, output_logits=True, **options)
+    sequences, mask = out.sequences, torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        for step, logits in enumerate(out.logits):
+            end = 10 + step
+            full = model(sequences[:, :end], attention_mask=mask[:, :end], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+            if variant == "parallax":
+                original = source(sequences[:, :end], attention_mask=mask[:, :end], use_cache=False).logits[:, -1]
+                torch.testing.assert_close(logits, original, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_generate_takes_a_prompt_given_as_embeddings(family):
+    """A prompt given as embeddings generates what its ids do."""
+    model = converted_model(family, "liger")
+    ids = torch.randint(3, 128, (1, 6))
+    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    from_embeddings = model.generate(inputs_embeds=model.get_input_embeddings()(ids), **options)
+    assert torch.equal(from_embeddings, model.generate(ids, **options)[:, 6:])
 
 
 @pytest.mark.parametrize("method", METHODS)
