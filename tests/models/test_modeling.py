@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 from linearize.kernels.common.buffers import GROWTH
-from transformers import AutoModelForCausalLM, GPT2Config, Phi3Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Phi3Config
 
 from linearize import compat, methods
 from linearize.convert import convert_model, plan_conversion
@@ -300,6 +300,33 @@ def test_generate_takes_a_prompt_given_as_embeddings(family):
     options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
     from_embeddings = model.generate(inputs_embeds=model.get_input_embeddings()(ids), **options)
     assert torch.equal(from_embeddings, model.generate(ids, **options)[:, 6:])
+
+
+def test_past_a_dynamic_ntk_length_a_zero_probe_gives_the_source_logits_cached_or_not():
+    """Dynamic NTK rescales every position at every step past max_position_embeddings, which cached tokens do not
+    follow: there cached decoding departs from a full forward in the source too (docs/methods.md §0.2), and a
+    converted model computes what the source does either way."""
+    rope = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    config = LlamaConfig(**{**_COMMON, "max_position_embeddings": 16}, rope_parameters=rope)
+    torch.manual_seed(0)
+    source = model_from_config(config).eval()
+    model = convert_model(source, plan_conversion(source.config, "llama", "parallax").config)
+    ids = torch.randint(3, 128, (1, 28))
+
+    def full_and_cached(network):
+        with torch.no_grad():
+            out = network(ids[:, :10], use_cache=True)
+            cache, steps = cache_of(out), [out.logits]
+            for t in range(10, 28):
+                steps.append(network(ids[:, t : t + 1], **{compat.CACHE_ARG: cache}, use_cache=True).logits)
+            return network(ids, use_cache=False).logits, torch.cat(steps, 1)
+
+    (full, cached), (source_full, source_cached) = full_and_cached(model), full_and_cached(source)
+    torch.testing.assert_close(full, source_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached, source_cached, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # below max_position_embeddings a forward reads the pretrained frequencies again
+        torch.testing.assert_close(cached[:, :15], model(ids[:, :15]).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cached[:, 16:], full[:, 16:], atol=1e-4)  # the departure the documentation states
 
 
 @pytest.mark.parametrize("method", METHODS)
