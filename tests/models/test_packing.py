@@ -84,6 +84,24 @@ def test_packed_rows_need_no_use_cache_false(call):
     assert getattr(default, compat.OUTPUT_CACHE_FIELD) is None
 
 
+@pytest.mark.parametrize("method", ["liger-sinks", "still"])
+def test_rows_flattened_by_transformers_collator_keep_their_documents_apart(method):
+    """A training loop of one's own packs rows with transformers' DataCollatorWithFlattening (README, "Loading a
+    converted model"): position ids that restart, labels, and with `return_flash_attn_kwargs` the cumulative lengths
+    that flash attention reads, which converted layers do without."""
+    from transformers import DataCollatorWithFlattening
+
+    model = converted_model("llama", method, softmax_layers="1")
+    _, _, documents = packed_rows(lengths=[(9, 14, 5)])
+    collator = DataCollatorWithFlattening(return_tensors="pt", return_flash_attn_kwargs=True, return_seq_idx=True)
+    batch = collator([{"input_ids": doc.tolist()} for doc in documents[0]])
+    with torch.no_grad():
+        packed = model(**batch)
+        apart = torch.cat([model(doc[None], use_cache=False).logits[0] for doc in documents[0]])
+    torch.testing.assert_close(packed.logits[0], apart, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(packed.loss)
+
+
 def test_without_restarting_positions_the_documents_run_together():
     model = converted_model("llama", "liger")
     ids, positions, documents = packed_rows()
