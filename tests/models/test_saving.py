@@ -1,6 +1,7 @@
 """A converted model's folder: saved and loaded back through transformers' Auto classes (and remote code), edited
 or partial folders refused or completed, as users load what `linearize convert` and `finetune` write."""
 
+import os
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 from linearize.convert import convert_model, plan_conversion
@@ -90,15 +92,14 @@ def test_a_hand_edited_config_is_refused_by_name(edit, tmp_path):
 
 
 def run_fresh_python(script: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run `script` in a fresh Python process, offline, without this process's environment (PYTHONPATH included),
-    as a user's own script runs."""
-    return subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
+    """Run `script` in a fresh Python process, offline, without this process's environment, as a user's own script
+    runs; but with its PYTHONPATH, which puts the oldest transformers first under `make test-floor` (without it, the
+    script ran the newest), and with `cwd` as Hugging Face's home: remote code is copied there, not into the user's
+    ~/.cache/huggingface."""
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(cwd / "hf-home")}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 def test_a_still_folder_missing_its_feature_maps_loads_them_as_from_config(tmp_path):
@@ -174,9 +175,10 @@ def test_trust_remote_code_load_in_a_fresh_process(tmp_path):
     expected["plain"] = {**expected[family], "family": family}
     torch.save(expected, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
-        import sys, torch
+        import sys, torch, transformers
         from transformers import AutoModelForCausalLM
         assert "linearize" not in sys.modules
+        assert transformers.__version__ == {transformers.__version__!r}, transformers.__version__  # this process's
         cases = torch.load({str(tmp_path / "expected.pt")!r})
         cases["resaved"] = cases["plain"]
         for folder, case in cases.items():
@@ -191,6 +193,7 @@ def test_trust_remote_code_load_in_a_fresh_process(tmp_path):
     result = run_fresh_python(script, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "ok LinearizeForCausalLM" in result.stdout
+    assert list((tmp_path / "hf-home" / "modules").iterdir())  # the remote code was copied under tmp_path
 
 
 def test_automodel_says_to_load_the_causal_lm(tmp_path):
