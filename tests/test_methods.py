@@ -2,11 +2,14 @@
 the command line, recipes and converted configs without being restated."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import transformers
 
+from linearize import methods
 from linearize.errors import LinearizeError
 from linearize.methods import METHODS, method_settings
 from tests.tiny import source_folder
@@ -14,7 +17,7 @@ from tests.tiny import source_folder
 # A test-only method: swa's layer with one more parameter, registered before the CLI and the recipe schema are built
 # (a fresh interpreter), as a new method's declaration would be.
 TOY_METHOD = """
-import dataclasses, json, sys
+import dataclasses, json, sys, transformers
 from linearize import methods
 
 @dataclasses.dataclass(frozen=True)
@@ -27,19 +30,26 @@ from typer.testing import CliRunner
 from linearize.cli import app
 
 results = [CliRunner().invoke(app, args) for args in json.loads(sys.argv[1])]
-print(json.dumps([[r.exit_code, r.output] for r in results]))
+print(json.dumps([transformers.__version__, methods.__file__, [[r.exit_code, r.output] for r in results]]))
 """
 
 
 def run_with_toy_method(*commands):
+    """The results of `commands` in a fresh interpreter with the toy method, which runs this process's linearize and
+    transformers: it keeps PYTHONPATH, which puts a checkout or the oldest transformers (`make test-floor`) first."""
+    env = {"HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PATH": "", "PYTHONSAFEPATH": "1"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     done = subprocess.run(
         [sys.executable, "-c", TOY_METHOD, json.dumps([[str(a) for a in c] for c in commands])],
         capture_output=True,
         text=True,
-        env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PATH": "", "PYTHONSAFEPATH": "1"},
+        env=env,
         check=True,
     )
-    return json.loads(done.stdout)
+    version, methods_file, results = json.loads(done.stdout)
+    assert (version, methods_file) == (transformers.__version__, methods.__file__)
+    return results
 
 
 def test_a_new_parameter_reaches_the_cli_the_recipe_and_the_config(tmp_path):
