@@ -16,6 +16,18 @@ from tests.tiny import source_folder
 lm_eval = pytest.importorskip("lm_eval")
 runner = CliRunner()
 
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """The folder where datasets caches the tasks' records: under tmp_path, not the user's ~/.cache/huggingface
+    (which gained a folder per run). datasets reads HF_DATASETS_CACHE when it is imported: setting the variable later
+    changes nothing."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    return tmp_path / "datasets-cache"
+
+
 TASK = """\
 task: tiny_choice
 dataset_path: json
@@ -34,7 +46,7 @@ metric_list:
 """
 
 
-def test_lm_eval_task_on_a_converted_model(tmp_path):
+def test_lm_eval_task_on_a_converted_model(tmp_path, datasets_cache):
     records = [{"question": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 9}"], "label": i % 2} for i in range(6)]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     (tmp_path / "tasks").mkdir()
@@ -49,6 +61,7 @@ def test_lm_eval_task_on_a_converted_model(tmp_path):
     assert "sample_len" not in result.stdout  # lm-eval's item count is not a metric row
     accuracy = json.loads((tmp_path / "liger" / "linearize_eval.json").read_text())["results"]["liger"]["lm_eval"]
     assert 0.0 <= accuracy["tiny_choice"]["acc,none"] <= 1.0
+    assert list(datasets_cache.glob("json/*"))  # the records were cached under tmp_path
 
 
 def _tiny_task(folder: Path) -> Path:
@@ -123,7 +136,6 @@ def test_lm_eval_missing_is_a_clear_error(tmp_path, monkeypatch):
 )
 def test_task_data_that_cannot_be_read_is_named_before_any_model_loads(tmp_path, monkeypatch, data, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tasks").mkdir()
     task = "\n".join(line for line in TASK.splitlines() if "data" not in line and "test: " not in line)
@@ -135,12 +147,11 @@ def test_task_data_that_cannot_be_read_is_named_before_any_model_loads(tmp_path,
     assert result.exit_code == 1 and "lm-eval task unreadable: " in result.output and message in result.output
 
 
-def test_task_data_is_read_without_lm_evals_deprecated_loader(tmp_path, monkeypatch):
+def test_task_data_is_read_without_lm_evals_deprecated_loader(tmp_path):
     """lm-eval 0.4.12 deprecates `TaskManager.load_task_or_group` for `load`: the check before any model loads uses
     `load` where lm-eval has it, and `load_task_or_group` only on older lm-eval (which has nothing else)."""
     from linearize.evaluation import check_lm_eval_tasks
 
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     (tmp_path / "data.jsonl").write_text(json.dumps({"question": "w1 w2", "choices": ["w3", "w4"], "label": 0}))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tiny_choice.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
@@ -208,7 +219,6 @@ def test_local_arc_easy_and_hellaswag_run_offline_from_jsonl(tmp_path, monkeypat
     (data / "hellaswag_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in swag))
     src = source_folder(tmp_path / "src")
     monkeypatch.chdir(tmp_path)  # the YAMLs name their data relative to the folder linearize runs from
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     options = ["--lm-eval", "arc_easy_local,hellaswag_local", "--lm-eval-include", str(LOCAL_TASKS)]
     options += ["--passkey-contexts", "none", "--context", "32", "--windows", "1", "--json", "eval.json", "--no-record"]
     result = runner.invoke(app, ["eval", str(src), *options])
