@@ -12,7 +12,16 @@ from linearize.training.checks import warmup_note
 from tests.tiny import source_folder
 
 
-def test_demo_measures_every_conversion_and_reloads_the_fine_tuned_model(tmp_path, capsys):
+@pytest.fixture(autouse=True)
+def linearize_cache(tmp_path_factory, monkeypatch):
+    """linearize's cache, apart from the demo's folders: a demo locks its output folder with a file in the cache, and
+    these tests left one in the user's ~/.cache/linearize/locks at every run."""
+    cache = tmp_path_factory.mktemp("linearize-cache")
+    monkeypatch.setenv("LINEARIZE_CACHE", str(cache))
+    return cache
+
+
+def test_demo_measures_every_conversion_and_reloads_the_fine_tuned_model(tmp_path, capsys, linearize_cache):
     source = source_folder(tmp_path / "src")
     result = run_demo(tmp_path / "demo", steps=1, model=str(source), quiet=True)
     assert capsys.readouterr().out == ""  # called from a script: quiet says nothing, and progress is no output
@@ -26,6 +35,7 @@ def test_demo_measures_every_conversion_and_reloads_the_fine_tuned_model(tmp_pat
     assert rows["liger at conversion"].decode_ms is None and rows["liger fine-tuned"].decode_ms > 0
     assert set(result.answers) == set(ANSWERING)
     assert (result.model_folder / "config.json").exists() and result.model_folder.parent.parent == tmp_path / "demo"
+    assert len(list((linearize_cache / "locks").iterdir())) == 1  # the output folder's lock, in this test's cache
 
 
 def test_demo_refuses_an_existing_folder_without_force(tmp_path):
