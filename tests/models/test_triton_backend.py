@@ -3,6 +3,8 @@ path: same logits for a left-padded batch, and cached decoding still equals the 
 its Triton op (the GLA and window kernels) and its one-token steps the fused decode kernel; STILL's prefill runs its
 fused attention kernel."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -13,23 +15,48 @@ pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the interpreter runs the kernels
 
 
+# The Triton kernels each method's model calls in the test below, in its 2 layers: prefills are the full forward and
+# the chunks of 13 and 5 tokens, then 6 one-token steps. Liger's prefills run its Triton op (the GLA and window
+# kernels inside, not counted) and its steps the fused decode kernel (with sinks, two ops at every call: window, GLA);
+# STILL's prefills run its fused attention kernel (the chunk of 5 and later tokens decode in the layer); Parallax's
+# steps run its decode kernel.
+KERNELS = {
+    "gla.triton": "triton_chunk_gla",
+    "window.triton": "triton_sliding_window_attention",
+    "liger.attention_triton": "triton_liger_attention",
+    "liger.triton": "triton_liger_decode",
+    "still.attention_triton": "still_fwd",
+    "parallax.triton": "triton_parallax_attention",
+    "parallax.decode_triton": "triton_parallax_decode",
+}
+KERNEL_CALLS = {
+    "liger": {"triton_liger_attention": 6, "triton_liger_decode": 12},
+    "liger-sinks": {"triton_sliding_window_attention": 18, "triton_chunk_gla": 18},
+    "liger-gla": {"triton_chunk_gla": 18},
+    "still": {"still_fwd": 4},
+    "swa": {"triton_sliding_window_attention": 18},
+    "parallax": {"triton_parallax_attention": 6, "triton_parallax_decode": 12},
+    "parallax-window": {"triton_parallax_attention": 6, "triton_parallax_decode": 12},
+}
+
+
+def counting(calls: dict, name: str, kernel):
+    """`kernel`, counting its calls in `calls[name]`."""
+
+    def counted(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        return kernel(*args, **kwargs)
+
+    return counted
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
-    import linearize.kernels.liger.attention_triton as liger_prefill
-    import linearize.kernels.liger.triton as fused
-    import linearize.kernels.still.attention_triton as still_prefill
-
-    decode_kernel_calls, prefill_kernel_calls, still_kernel_calls = [], [], []
-    kernel = fused.triton_liger_decode
-    monkeypatch.setattr(
-        fused, "triton_liger_decode", lambda *a, **kw: decode_kernel_calls.append(1) or kernel(*a, **kw)
-    )
-    prefill = liger_prefill.triton_liger_attention
-    monkeypatch.setattr(
-        liger_prefill, "triton_liger_attention", lambda *a, **kw: prefill_kernel_calls.append(1) or prefill(*a, **kw)
-    )
-    still = still_prefill.still_fwd
-    monkeypatch.setattr(still_prefill, "still_fwd", lambda *a, **kw: still_kernel_calls.append(1) or still(*a, **kw))
+    calls = {}
+    # every module imported before any is patched: Liger's op binds the GLA and window kernels it calls on import
+    modules = {name: importlib.import_module(f"linearize.kernels.{module}") for module, name in KERNELS.items()}
+    for name, module in modules.items():
+        monkeypatch.setattr(module, name, counting(calls, name, getattr(module, name)))
     model = converted_model("qwen3", method).to(DEVICE)
     ids = torch.randint(3, 128, (2, 24), device=DEVICE)
     # row 1 left-padded: the torch path gives each row what it gives the row alone (tests/models/test_modeling.py)
@@ -37,18 +64,16 @@ def test_model_on_triton_kernels_matches_torch_path(method, monkeypatch):
     mask[1, :7] = ids[1, :7] = 0
     real = mask.bool()
     with torch.no_grad():
+        monkeypatch.setenv("LINEARIZE_BACKEND", "torch")  # CUDA tensors would run Triton by default
         expected = model(ids, attention_mask=mask, use_cache=False).logits
+        assert calls == {}
         monkeypatch.setenv("LINEARIZE_BACKEND", "triton")
         full = model(ids, attention_mask=mask, use_cache=False).logits
         incremental, _ = decode_incrementally(model, ids, mask, chunks=(13, 5))
     torch.testing.assert_close(full[real], expected[real], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(incremental[real], full[real], rtol=1e-4, atol=1e-4)
-    # Liger's one-token steps go through the fused decode kernel: 6 steps in each of the 2 layers; its prefills
-    # (the full forward and the chunks of 13 and 5 tokens) through its Triton op
-    assert len(decode_kernel_calls) == (12 if method == "liger" else 0)  # with sinks, two unfused ops
-    assert len(prefill_kernel_calls) == (6 if method == "liger" else 0)
-    # STILL's prefills (the full forward and the chunk of 13 tokens; later tokens decode in the layer) in 2 layers
-    assert len(still_kernel_calls) == (4 if method == "still" else 0)
+    # every method's model ran on Triton: a layer that ignored the backend would pass the comparisons above
+    assert calls == KERNEL_CALLS[method]
 
 
 def test_layer_option_selects_the_backend(monkeypatch):
