@@ -192,7 +192,11 @@ def test_passkey_runs_through_the_cache_of_converted_and_original_models(tokeniz
     assert len(steps) == 4
 
 
-def test_text_sources(tokenizer, tmp_path):
+def test_text_sources(tokenizer, tmp_path, monkeypatch):
+    import datasets
+
+    # datasets read HF_DATASETS_CACHE when imported: the user's ~/.cache/huggingface gained a folder per run
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     builtin = text_windows("builtin", tokenizer, 64, 3)
     assert builtin.shape == (3, 64)
     (tmp_path / "a.txt").write_text("alpha beta gamma " * 40)
@@ -203,7 +207,7 @@ def test_text_sources(tokenizer, tmp_path):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "test.jsonl").write_text("\n".join(json.dumps({"text": "zeta eta " * 30}) for _ in range(4)))
     hf = text_windows(f"hf:{tmp_path / 'ds'}", tokenizer, 64, 100)  # a local dataset folder, split "test"
-    assert hf.shape == (4 * 271 // 64, 64)
+    assert hf.shape == (4 * 271 // 64, 64) and list((tmp_path / "cache").iterdir())
     for context, windows in ((1, 3), (64, 0)):  # no window, or windows that predict nothing: not a nan perplexity
         with pytest.raises(LinearizeError, match="perplexity needs at least one window"):
             text_windows("builtin", tokenizer, context, windows)
