@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from typer.testing import CliRunner
 
 from linearize.cli import app
 from linearize.training.checkpoint import list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[2]
 
 RECIPE = """\
 model: {{name: {source}}}
@@ -64,3 +67,11 @@ def instruction_file(path: Path, seed: int = 2, records: int = 40) -> Path:
     ]  # fmt: skip
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def process_env() -> dict[str, str]:
+    """The environment of the processes these tests start (torchrun jobs, a run held elsewhere): one thread each, and
+    this checkout first on PYTHONPATH, ahead of what it held, which under `make test-floor` puts the oldest
+    transformers first (replaced by the checkout alone, the processes ran the newest)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}

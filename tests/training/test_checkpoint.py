@@ -33,9 +33,7 @@ from linearize.training.checkpoint import (
 )
 from linearize.training.fingerprints import PACKING, legacy_recipe_hash
 from linearize.training.recipe import load_recipe, resolved_yaml
-from tests.training.runs import invoke, metrics, trained, write_recipe
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.training.runs import invoke, metrics, process_env, trained, write_recipe
 
 AUTO_AFTER_TRANSFER = [
     "conversion.softmax_layers=auto:1",
@@ -310,7 +308,7 @@ def test_a_second_run_into_a_folder_another_run_trains_into_is_refused_before_lo
     torchrun tests train) and all stop. The lock goes with its holder, however it ends."""
     recipe = write_recipe(workspace, tmp_path)
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = process_env()
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_THE_RUN, str(run / LOCK_FILE)], env=env, stdout=subprocess.PIPE, text=True
     )
@@ -436,7 +434,7 @@ def test_under_torchrun_a_resumed_run_continues_every_process_as_the_straight_ru
     train to the straight run's losses and weights. (Stopped there: the straight run's folder as it was then,
     the later checkpoints and the model not yet written.)"""
     recipe = write_recipe(workspace, tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = process_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "linearize", "finetune"]
     command += [str(recipe), "lora.dropout=0.1", "stages.0.max_steps=1", "stages.1.max_steps=3"]
     command += ["training.checkpoint_every=1", "training.keep_checkpoints=4", "-q"]
@@ -504,7 +502,7 @@ def test_under_torchrun_a_failure_of_the_main_process_stops_the_others_with_its_
     """The main process alone writes checkpoints; when that fails (a file-size limit here) the other process must
     stop with a line that points to it, not with gloo's "Connection closed by peer" traceback."""
     recipe = write_recipe(workspace, tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = process_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "linearize"]
     command += ["finetune", str(recipe), "stages.1.max_steps=2", "training.checkpoint_every=1", "-q"]
 
@@ -545,7 +543,7 @@ def test_under_torchrun_the_other_processes_take_the_run_folder_as_the_main_proc
     linearize run" (or see a checkpoint the main process did not). Every process goes by what the main one found."""
     script = tmp_path / "race.py"
     script.write_text(RACE)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = process_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "finetune"]
     command += [str(write_recipe(workspace, tmp_path)), "stages.0.max_steps=1", "stages.1.max_steps=1", "-q"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

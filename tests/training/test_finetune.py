@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -28,9 +28,7 @@ from linearize.training.data import DataConfig, FinetuneData, load_data
 from linearize.training.distributed import World
 from linearize.training.recipe import StageSection, TrainingSection
 from tests.tiny import FAMILIES, attention_projections, source_folder, source_model, tiny_tokenizer
-from tests.training.runs import RECIPE, instruction_file, invoke, metrics, trained, write_recipe
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.training.runs import RECIPE, instruction_file, invoke, metrics, process_env, trained, write_recipe
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])  # llama: every other test here
@@ -374,21 +372,22 @@ def test_the_librarys_finetune_leaves_the_callers_process_group_alone(workspace,
     say) keeps it: `finetune` uses it and leaves it joined, and leaves alone only a group it joined itself."""
     script = tmp_path / "script.py"
     script.write_text(
-        "import sys\n"
+        "import sys, transformers\n"
         "import torch.distributed as dist\n"
         "from linearize.training.recipe import load_recipe\n"
         "from linearize.training.trainer import finetune\n"
         "dist.init_process_group('gloo')\n"
         "finetune(load_recipe(sys.argv[1], ['stages.0.max_steps=1', 'stages.1.max_steps=1']), quiet=True)\n"
         "dist.barrier()\n"
-        f"open(f'{tmp_path}/joined-{{dist.get_rank()}}', 'w').close()\n"
+        f"open(f'{tmp_path}/joined-{{dist.get_rank()}}', 'w').write(transformers.__version__)\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = process_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
     result = subprocess.run([*command, str(write_recipe(workspace, tmp_path))], env=env, capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "joined-0").exists() and (tmp_path / "joined-1").exists()
+    # both joined, on this process's transformers
+    assert (tmp_path / "joined-0").read_text() == (tmp_path / "joined-1").read_text() == transformers.__version__
 
 
 def test_gradient_checkpointing_gives_the_same_lora_step(workspace, tmp_path):
@@ -517,7 +516,7 @@ def test_two_processes_match_one_with_the_same_global_batch(strategy, data, work
         folder = tmp_path / name
         folder.mkdir()
         recipe = write_recipe(workspace, folder)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        env = process_env()
         overrides = [f"training.grad_accum={accum}", f"training.distributed={strategy}", "stages.1.max_steps=2"]
         overrides.append("training.eval_batches=3")
         overrides += sources
