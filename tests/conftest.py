@@ -40,3 +40,13 @@ def nan_empty(monkeypatch):
     monkeypatch.setattr(
         torch.Tensor, "new_empty", lambda self, *args, **kwargs: poison(real_new_empty(self, *args, **kwargs))
     )
+
+
+@pytest.fixture(autouse=True)
+def _torch_settings_kept():
+    """Torch's process-wide settings are each test's to put back: a benchmark's main() run in a test set one thread
+    and every later test ran on one (slower, and not what it runs alone)."""
+    before = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
+    yield
+    after = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
+    assert after == before, f"(threads, default dtype, grad mode) left at {after}, not {before}"

@@ -282,7 +282,11 @@ def test_results_go_into_a_json_folder_that_does_not_exist_yet(tmp_path, monkeyp
     path = tmp_path / "out" / "profile.json"
     arguments = ["--methods", "", "--contexts", "8", "--repeats", "1", "--decode-tokens", "1", "--json", str(path)]
     monkeypatch.setattr(sys, "argv", ["inference_profile.py", *arguments])
-    profile.main()
+    threads = torch.get_num_threads()
+    try:
+        profile.main()
+    finally:
+        torch.set_num_threads(threads)  # main() sets the process's (one, by default), as the script's own process
     assert set(json.loads(path.read_text())["results"]["8"]["original"]) == {"prefill", "decode"}
 
 
