@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -84,6 +85,9 @@ class Reporter:
                 TextColumn("left"),
                 TimeRemainingColumn(),
                 console=self.console,
+                # the time left from every step since the stage (re)started, as the plain lines count it: rich's
+                # default, the last 30 s alone, holds one step where steps are longer and shows no estimate at all
+                speed_estimate_period=math.inf,
             )
             self._bar.start()
             self._task = self._bar.add_task(name, total=total_steps, completed=done, status="")

@@ -1,11 +1,13 @@
-"""`linearize.training.report`: what a run writes to metrics.jsonl."""
+"""`linearize.training.report`: what a run writes to metrics.jsonl and shows while it trains."""
 
 import errno
+import io
 import json
 import math
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from linearize.errors import LinearizeError
 from linearize.training.report import Reporter
@@ -41,3 +43,20 @@ def test_a_metrics_row_that_cannot_be_written_stops_the_run_with_what_to_do(tmp_
         reporter.record(global_step=3, loss=1.0)
     message = str(raised.value)
     assert "metrics.jsonl" in message and "No space left on device" in message and "--resume (resume=True)" in message
+
+
+def test_the_bar_estimates_the_time_left_when_a_step_takes_over_half_a_minute():
+    """rich estimates speed from the last 30 s of progress: with longer steps (a large model, a large batch) it held
+    one step alone and showed '-:--:--' for the whole run. The estimate is the stage's average step since it started
+    (or resumed), as the plain lines' is; the steps done before a resume are not counted as instant."""
+    now = [0.0]
+    console = Console(file=io.StringIO(), force_terminal=True, get_time=lambda: now[0])
+    reporter = Reporter(None, console=console)
+    reporter.start_stage("stage 2/2 lora", 100, done=40)  # resumed after step 40
+    try:
+        for step in range(41, 45):
+            now[0] += 45.0
+            reporter.step("stage 2/2 lora", step, 100, 1.0, 1e-4, 100.0, None)
+        assert reporter._bar.tasks[0].time_remaining == pytest.approx(56 * 45.0, rel=0.1)
+    finally:
+        reporter.end_stage()
