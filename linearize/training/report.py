@@ -24,7 +24,8 @@ class Reporter:
         metrics_file: every record is appended to it as one JSON line; None writes nothing.
         quiet: no progress and no log lines but warnings (metrics are still written).
         enabled: False on non-main processes: nothing at all.
-        console: where messages go (stderr by default); a terminal gets a live bar, anything else plain lines.
+        console: where messages go (stderr by default); a terminal gets a live bar, anything else (a dumb terminal
+            too) plain lines.
     """
 
     def __init__(self, metrics_file: Path | None, quiet: bool = False, enabled: bool = True, console=None):
@@ -75,7 +76,7 @@ class Reporter:
         self._done_at_start = done
         if not self.verbose:
             return
-        if self.console.is_terminal:
+        if self._redraws():
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -115,7 +116,7 @@ class Reporter:
         """A piece of work outside the stages (scoring layers): a bar on a terminal, a line at its end otherwise.
         Yields the callback that advances it by one of `total`."""
         started = time.perf_counter()
-        if not (self.verbose and self.console.is_terminal):
+        if not (self.verbose and self._redraws()):
             yield lambda: None
             self.info(f"{name}: done in {time.perf_counter() - started:.0f}s")
             return
@@ -123,6 +124,11 @@ class Reporter:
         with Progress(*columns, console=self.console, transient=True) as bar:
             task = bar.add_task(name, total=total)
             yield lambda: bar.advance(task)
+
+    def _redraws(self) -> bool:
+        """Whether the console can redraw a bar in place: a terminal, but not a dumb one (TERM=dumb: Emacs' shell,
+        some CI runners), where rich shows a bar only once it stops."""
+        return self.console.is_terminal and not self.console.is_dumb_terminal
 
     def end_stage(self) -> None:
         if self._bar is not None:

@@ -60,3 +60,23 @@ def test_the_bar_estimates_the_time_left_when_a_step_takes_over_half_a_minute():
         assert reporter._bar.tasks[0].time_remaining == pytest.approx(56 * 45.0, rel=0.1)
     finally:
         reporter.end_stage()
+
+
+@pytest.mark.parametrize("term", ["dumb", "unknown"])
+def test_a_terminal_that_cannot_redraw_gets_the_plain_lines(term, monkeypatch):
+    """A terminal whose TERM is dumb (Emacs' shell, some CI runners' pseudo-terminals) cannot redraw a bar, so rich
+    shows none until the bar stops: a run there printed no step, loss or time left for a whole stage."""
+    monkeypatch.setenv("TERM", term)
+    console = Console(file=io.StringIO(), force_terminal=True)
+    reporter = Reporter(None, console=console)
+    reporter.start_stage("stage 1/1 lora", 4)
+    for step in range(1, 5):
+        reporter.step("stage 1/1 lora", step, 4, 2.5, 1e-4, 100.0, None)
+    reporter.end_stage()
+    with reporter.task("scoring 2 layers", 2) as advance:
+        advance()
+    shown = console.file.getvalue()
+    assert [line.split("  ")[0] for line in shown.splitlines() if " step " in line] == [
+        f"stage 1/1 lora step {step}/4" for step in range(1, 5)
+    ]
+    assert "scoring 2 layers: done in" in shown
