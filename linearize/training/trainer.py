@@ -578,8 +578,8 @@ def finetune(recipe: Recipe, resume: bool = False, quiet: bool = False, console=
     it did, which stays joined). Returns the saved model folder.
 
     The run seeds torch with `training.seed` (a resumed run also sets Python's and NumPy's generators from its
-    checkpoint), and `quiet` hides transformers' progress bars: both are put back as they were when it returns or
-    raises."""
+    checkpoint), and `quiet` hides transformers' progress bars (as do the processes but the main one under
+    torchrun): both are put back as they were when it returns or raises."""
     with callers_rng_kept(), sources.progress_bars_hidden() if quiet else nullcontext():
         return _finetune(recipe, resume, quiet, console)
 
@@ -589,7 +589,9 @@ def _finetune(recipe: Recipe, resume: bool, quiet: bool, console) -> Path:
     if recipe.output.push_to_hub:
         check_can_push()  # before hours of training, not after
     world = init_world()
-    held = ExitStack()  # the run folder's lock, until the run ends however it ends
+    held = ExitStack()  # the run folder's lock and the hidden bars, until the run ends however it ends
+    if not world.is_main:  # the main process speaks for the run: transformers' bars (loading, saving) too
+        held.enter_context(sources.progress_bars_hidden())
     try:
         with together(world):  # refused on the main process: the others stop too, pointing to its message
             if world.is_main:  # one lock for the job: its other processes would find it held by their own

@@ -259,6 +259,34 @@ def test_the_dry_run_under_torchrun_prints_its_plan_once(workspace, tmp_path, mo
     assert "2 process(es)" in invoke("finetune", recipe, "--dry-run").output
 
 
+BARS = """\
+import os, sys
+from transformers.utils import logging
+from linearize import sources
+from linearize.training.recipe import load_recipe
+from linearize.training.trainer import finetune
+load_model = sources.load_model
+def load_reporting(*args, **kwargs):
+    print(f"process {os.environ['RANK']}: bars {logging.is_progress_bar_enabled()}")
+    return load_model(*args, **kwargs)
+sources.load_model = load_reporting
+finetune(load_recipe(sys.argv[1], ["stages.0.max_steps=1", "stages.1.max_steps=1"]))
+"""
+
+
+def test_under_torchrun_the_main_process_alone_shows_progress_bars(workspace, tmp_path):
+    """Every process loads (and saves) weights, and each drew transformers' bars ("Loading weights") into the one
+    terminal or log torchrun shares: the main process speaks for the run, its bars included."""
+    script = tmp_path / "bars.py"
+    script.write_text(BARS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run([*command, str(write_recipe(workspace, tmp_path))], env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(result.stdout.splitlines()) == ["process 0: bars True", "process 1: bars False"]
+
+
 def test_help_says_what_a_resumed_run_may_change():
     result = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "300"})
     assert "eval_batches, checkpoint_every, keep_checkpoints, gradient_checkpointing and output.merge_lora may" in (
