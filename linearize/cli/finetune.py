@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -53,7 +54,13 @@ def finetune(
         ),
     ] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress output, warnings only (metrics.jsonl is still written).")
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No progress output: warnings, and the saved model's folder on stdout (metrics.jsonl is still "
+            "written).",
+        ),
     ] = False,
 ) -> None:
     """Fine-tune a converted model from a recipe: attention transfer and/or LoRA, then save it.
@@ -71,8 +78,27 @@ def finetune(
     from ..training.trainer import finetune as run_finetune
 
     out = run_finetune(recipe, resume=resume, quiet=quiet, console=console)
-    if not quiet and _first_process():
-        console.print(f"[green]Saved[/] {escape(str(out))}", highlight=False, soft_wrap=True)
+    if not _first_process():
+        return
+    if quiet:
+        print(out)  # the result alone, for a script: model=$(linearize finetune recipe.yaml -q)
+    else:
+        console.print(_saved(out, recipe), highlight=False, soft_wrap=True)
+
+
+def _saved(out: Path, recipe) -> str:
+    """The run's last line: where the model is and what to run next (a push, unless the run pushed it), or how to
+    load it with the adapter kept apart (`output.merge_lora: false`), which the commands would say it lacks."""
+    adapter = out.parent / "adapter"
+    if adapter.is_dir():
+        return (
+            f"[green]Saved[/] {escape(str(out))} without its LoRA, the adapter in {escape(str(adapter))}: load both "
+            f"with AutoPeftModelForCausalLM.from_pretrained('{escape(str(adapter))}') after `import linearize`"
+        )
+    folder, against = escape(shlex.quote(str(out))), escape(shlex.quote(recipe.model.name or "embedded"))
+    commands = [f"linearize eval {folder} --against {against}", f"linearize generate {folder} PROMPT"]
+    commands += [] if recipe.output.push_to_hub else [f"linearize push {folder} ORG/NAME"]
+    return f"[green]Saved[/] {escape(str(out))}. Next: " + ", ".join(f"`{command}`" for command in commands)
 
 
 def _first_process() -> bool:

@@ -147,6 +147,28 @@ def test_unmerged_lora_keeps_the_adapter(workspace, tmp_path):
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def test_the_last_line_says_where_the_model_is_and_what_to_run_next(workspace, tmp_path):
+    """--quiet printed nothing at all, not even the model folder a script goes on with (convert -q and push -q print
+    their result); without it the run ended on `Saved RUN/model` alone. The folder is now the quiet run's output,
+    and the summary names the commands that use it, or, with the LoRA kept apart, how to load the two."""
+    recipe = write_recipe(workspace, tmp_path)
+    short = ["stages.0.max_steps=1", "stages.1.max_steps=1", "stages.1.schedule.warmup_steps=0"]
+    model = tmp_path / "run" / "model"
+    result = invoke("finetune", recipe, *short, "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{model}\n"  # model=$(linearize finetune recipe.yaml -q)
+    result = invoke("finetune", recipe, *short, "--resume")  # the finished run: saved again, nothing trained
+    assert result.exit_code == 0 and result.stdout == "", result.output
+    shown = " ".join(result.stderr.split())
+    assert f"Saved {model}." in shown and f"`linearize eval {model} --against {workspace / 'source'}`" in shown
+    assert f"`linearize generate {model} PROMPT`" in shown and f"`linearize push {model} ORG/NAME`" in shown
+    result = invoke("finetune", recipe, *short, "--resume", "output.merge_lora=false")
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.stderr.split())
+    assert f"Saved {model} without its LoRA, the adapter in {tmp_path / 'run' / 'adapter'}" in shown
+    assert f"AutoPeftModelForCausalLM.from_pretrained('{tmp_path / 'run' / 'adapter'}')" in shown
+
+
 def test_the_saved_model_holds_its_recipe_as_soon_as_it_is_in_place(workspace, tmp_path, monkeypatch):
     """model/ appears whole: a run stopped right after moving it into place leaves it with its recipe."""
     real_save_model = trainer_module.save_model
