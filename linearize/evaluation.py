@@ -5,6 +5,7 @@ retrieval (`linearize.passkey`), optionally lm-evaluation-harness tasks, and the
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -235,7 +236,7 @@ def run_lm_eval(
     from .generation import callers_rng_kept
 
     # lm-eval seeds Python's, NumPy's and torch's generators for its run, and puts the model in eval mode
-    with callers_rng_kept(), eval_mode(model):
+    with callers_rng_kept(), eval_mode(model), _lm_eval_notes_hidden():
         # a converted model's type is not in transformers' causal-LM registry: say what it is, or lm-eval warns
         lm = HFLM(
             pretrained=model, backend="causal", tokenizer=tokenizer, batch_size=batch_size, device=str(model.device)
@@ -245,6 +246,37 @@ def run_lm_eval(
         task: {k: v for k, v in metrics.items() if "_stderr" not in k and isinstance(v, int | float)}
         for task, metrics in output["results"].items()
     }
+
+
+# what lm-eval's HFLM says of being handed a loaded model, which is how `run_lm_eval` runs every model: nothing a
+# user can act on
+_LM_EVAL_NOTES = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+
+@contextmanager
+def _lm_eval_notes_hidden() -> Iterator[None]:
+    """lm-eval without `_LM_EVAL_NOTES`, and without the git commit it records of the folder it runs from (not
+    lm-eval's, nor the model's), whose `git describe` printed 'fatal: not a git repository' outside one."""
+    import lm_eval.evaluator
+
+    logger = logging.getLogger("lm_eval.models.huggingface")
+
+    def not_a_note(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_LM_EVAL_NOTES)
+
+    git_hash = getattr(lm_eval.evaluator, "get_git_commit_hash", None)
+    logger.addFilter(not_a_note)
+    if git_hash is not None:
+        lm_eval.evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_a_note)
+        if git_hash is not None:
+            lm_eval.evaluator.get_git_commit_hash = git_hash
 
 
 def same_vocabulary(tokenizers: Sequence) -> bool:

@@ -2,6 +2,8 @@
 
 import json
 import logging
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -118,6 +120,29 @@ def test_lm_eval_takes_a_converted_model_as_causal_without_a_warning(tmp_path, m
             converted_model("llama", "still"), tiny_tokenizer(), ["tiny_choice"], include_path=str(_tiny_task(tmp_path))
         )
     assert "neither marked as CausalLM" not in caplog.text
+
+
+def test_lm_evals_notes_on_how_linearize_calls_it_are_not_printed(tmp_path):
+    """lm-eval warned, for each model, that it was handed a loaded model (how linearize runs it: 'Many other model
+    arguments may be ignored', 'Please do not launch via accelerate', 'neither marked as CausalLM') and ran
+    `git describe` in the folder eval ran from, whose 'fatal: not a git repository' reached the log, --quiet too:
+    lines that look like failures and that no user can act on."""
+    records = [{"question": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 9}"], "label": i % 2} for i in range(2)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_choice.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
+    source_folder(tmp_path / "src")
+    options = ["--lm-eval", "tiny_choice", "--lm-eval-include", "tasks", "--passkey-contexts", "none"]
+    options += ["--context", "32", "--windows", "1", "--no-record", "-q"]
+    checkout = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": checkout, "GIT_CEILING_DIRECTORIES": "/"}
+    env["HF_DATASETS_CACHE"] = str(tmp_path / "datasets-cache")
+    result = subprocess.run([sys.executable, "-m", "linearize", "eval", "src", *options], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lm-eval tiny_choice acc,none" in " ".join(result.stdout.split())
+    for noise in ("`pretrained` model kwarg", "already-initialized model", "neither marked as CausalLM", "fatal:"):
+        assert noise not in result.stderr, result.stderr
 
 
 def test_lm_eval_missing_is_a_clear_error(tmp_path, monkeypatch):
