@@ -9,12 +9,24 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
+from rich.text import Text
 
 from ..comparison import json_text
 from ..errors import LinearizeError
 from .checkpoint import RESUME
+
+
+class _StageBar(Progress):
+    """A stage's bar, and under it its last step's loss, lr and speed: in one row, rich narrowed every column alike
+    on a narrow terminal (80 columns) until neither the step count nor the times showed."""
+
+    def get_renderables(self) -> Iterator[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            yield Text(task.fields["status"], no_wrap=True, overflow="ellipsis")
 
 
 class Reporter:
@@ -77,14 +89,13 @@ class Reporter:
         if not self.verbose:
             return
         if self._redraws():
-            self._bar = Progress(
+            self._bar = _StageBar(
                 TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
-                TimeElapsedColumn(),
+                BarColumn(),  # the one column a narrow terminal narrows
+                MofNCompleteColumn(table_column=Column(no_wrap=True)),
+                TimeElapsedColumn(table_column=Column(no_wrap=True)),
                 TextColumn("left"),
-                TimeRemainingColumn(),
+                TimeRemainingColumn(table_column=Column(no_wrap=True)),
                 console=self.console,
                 # the time left from every step since the stage (re)started, as the plain lines count it: rich's
                 # default, the last 30 s alone, holds one step where steps are longer and shows no estimate at all

@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,25 @@ def test_a_terminal_that_cannot_redraw_gets_the_plain_lines(term, monkeypatch):
         f"stage 1/1 lora step {step}/4" for step in range(1, 5)
     ]
     assert "scoring 2 layers: done in" in shown
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_the_bar_keeps_the_steps_and_times_on_a_narrow_terminal(width):
+    """rich narrows every column of a bar wider than the terminal alike: on 80 columns (many terminals' default, a
+    split pane) an attention-transfer stage showed its name and loss but no step count, no elapsed time and no time
+    left ('… left …'). The bar, the step and the times now fit a line, the loss, lr and speed the next."""
+    now = [0.0]
+    console = Console(file=io.StringIO(), force_terminal=True, get_time=lambda: now[0], width=width)
+    reporter = Reporter(None, console=console)
+    reporter.start_stage("stage 1/2 attention_transfer", 1000)
+    try:
+        for step in range(1, 5):
+            now[0] += 45.0
+            reporter.step("stage 1/2 attention_transfer", step, 1000, 0.001234, 1e-4, 12345.0, 2.345)
+        shown = Console(file=io.StringIO(), width=width)
+        shown.print(*reporter._bar.get_renderables())
+        bar, status = shown.file.getvalue().splitlines()
+    finally:
+        reporter.end_stage()
+    assert re.fullmatch(r"stage 1/2 attention_transfer .{10,} 4/1000 0:03:00 left 12:27:00 *", bar), bar  # a bar
+    assert status.strip() == "loss 0.001234 (next-token 2.345)  lr 1.00e-04  12,345 tok/s"
