@@ -95,6 +95,25 @@ def test_quiet_convert_prints_only_where_the_model_went(source, tmp_path):
     assert result.exit_code == 0 and "layers 0" in result.output  # a dry run's plan is its result
 
 
+def test_a_quiet_dry_run_shows_its_plan_and_no_spinner_or_bar(source, monkeypatch):
+    """A dry run's plan is its result, so --quiet keeps it; it also turned --quiet's other promise off: on a terminal
+    the spinners and the layer scoring's bar showed all the same."""
+    import io
+
+    from rich.console import Console
+
+    import linearize.cli.common
+    import linearize.cli.convert
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, emoji=False)
+    monkeypatch.setattr(linearize.cli.common, "console", terminal)
+    monkeypatch.setattr(linearize.cli.convert, "console", terminal)
+    result = invoke("convert", source, "--dry-run", "-q", "--softmax-layers", "auto:1", "--calibration-windows", "1")
+    assert result.exit_code == 0, result.output
+    assert "Conversion plan" in result.stdout and "Layer scores" in result.stdout
+    assert terminal.file.getvalue() == ""
+
+
 def test_dry_run_shows_the_family_and_its_sliding_layers(tmp_path):
     src = source_folder(tmp_path / "gemma", "gemma2")
     result = invoke("convert", src, "--dry-run")

@@ -266,9 +266,7 @@ def convert(
     if spread_layers and spread_over:
         raise LinearizeError("--spread-layers is --spread-over K; give one of them")
     hide_library_bars(quiet)
-    report = _ConsoleReport(
-        model, quiet=quiet and not dry_run, plan_to_stdout=dry_run
-    )  # a dry run's plan is its result
+    report = _ConsoleReport(model, quiet=quiet, plan_is_result=dry_run)
     try:
         conversion = convert_and_save(
             model,
@@ -301,11 +299,13 @@ class _ConsoleReport:
     plan and the comparison as tables. It has `linearize.convert.ConvertReport`'s methods without subclassing it:
     that module imports torch, which the CLI loads only inside commands."""
 
-    def __init__(self, model: str | None, quiet: bool = False, plan_to_stdout: bool = False):
+    def __init__(self, model: str | None, quiet: bool = False, plan_is_result: bool = False):
         self._model = model
         self._quiet = quiet
-        # a dry run's plan is what it prints (`> plan.txt`); a conversion's is a note on its way, with the spinners
-        self._plan_console = stdout_console() if plan_to_stdout else console
+        # a dry run's plan is what it prints (`> plan.txt`), --quiet too; a conversion's is a note on its way, with
+        # the spinners
+        self._plan_is_result = plan_is_result
+        self._plan_console = stdout_console() if plan_is_result else console
         self._spinner = None
         self._bar = ExitStack()
 
@@ -328,7 +328,7 @@ class _ConsoleReport:
 
     def planned(self, plan) -> None:
         self.stop_spinner()
-        if self._quiet:
+        if self._quiet and not self._plan_is_result:
             return
         if plan.selection is not None:
             self._plan_console.print(_selection_table(plan.selection))
