@@ -71,7 +71,7 @@ def finetune(
 
     recipe = load_recipe(recipe_file, overrides or [])
     if dry_run:
-        plan = _finetune_plan(recipe, resume)  # every process checks what it would meet; one prints
+        plan = _finetune_plan(recipe, resume, quiet)  # every process checks what it would meet; one prints
         if _first_process():
             stdout_console().print(plan)
         return
@@ -106,7 +106,7 @@ def _first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _finetune_plan(recipe, resume: bool) -> Table:
+def _finetune_plan(recipe, resume: bool, quiet: bool) -> Table:
     from .. import sources
     from ..hub import check_can_push
     from ..training.checkpoint import check_resumable, list_checkpoints, prepare_run_folder
@@ -150,7 +150,7 @@ def _finetune_plan(recipe, resume: bool) -> Table:
         notes.append(note)
     check_transfer_trains(recipe, plan.config, targets.in_attention)
     # the data as the run reads it (the tokenizer alone, no weights): its errors, packs and steps
-    with spinner("Reading the data", quiet=False):
+    with spinner("Reading the data", quiet=quiet or not _first_process()):
         tokenizer = sources.load_tokenizer(recipe.model.name, recipe.model.revision)
         data = load_data(recipe.data, tokenizer, t.seed)
         check_calibration(recipe, tokenizer)

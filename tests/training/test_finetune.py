@@ -309,6 +309,25 @@ def test_under_torchrun_the_main_process_alone_shows_progress_bars(workspace, tm
     assert sorted(result.stdout.splitlines()) == ["process 0: bars True", "process 1: bars False"]
 
 
+@pytest.mark.parametrize(("rank", "quiet"), [("0", ["-q"]), ("1", [])], ids=["quiet", "torchrun-process-1"])
+def test_a_dry_run_shows_its_spinner_once_and_not_under_quiet(rank, quiet, workspace, tmp_path, monkeypatch):
+    """The dry run's 'Reading the data' spinner ignored --quiet, and under torchrun every process drew its own on
+    the one terminal; only the main process, unless quiet, shows it."""
+    import io
+
+    from rich.console import Console
+
+    import linearize.cli.common
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, emoji=False)
+    monkeypatch.setattr(linearize.cli.common, "console", terminal)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    result = invoke("finetune", write_recipe(workspace, tmp_path), "--dry-run", *quiet)
+    assert result.exit_code == 0, result.output
+    assert terminal.file.getvalue() == ""
+
+
 def test_help_says_what_a_resumed_run_may_change():
     result = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "300"})
     assert "eval_batches, checkpoint_every, keep_checkpoints, gradient_checkpointing and output.merge_lora may" in (
