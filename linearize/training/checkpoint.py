@@ -182,9 +182,11 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     with _unreadable(path):
         tensors = load_file(path / "trained.safetensors")
         # weights only: a run folder may be someone else's (a colleague's run, resumed), and a full unpickling runs
-        # whatever calls the file names; ours holds tensors and plain values, and NumPy's RNG state, allowed here
+        # whatever calls the file names; ours holds tensors and plain values, and NumPy's RNG state, allowed here.
+        # Onto the CPU: a CUDA run's optimizer states name its GPU, which a CPU resume lacks (and every torchrun
+        # process would fill the main process's GPU with them); `load_state_dict` moves each to its parameter's device
         with torch.serialization.safe_globals(_numpy_rng_globals()):
-            states = torch.load(path / "optimizer.pt", weights_only=True)
+            states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     return tensors, states, _trainer_state(path)
 
 

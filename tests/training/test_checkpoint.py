@@ -404,6 +404,25 @@ def test_a_checkpoint_never_runs_code_its_optimizer_file_names(tmp_path):
     assert not made.exists()
 
 
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch):
+    """A run trained on CUDA keeps its optimizer states there, and torch.save records that device: a resume on a
+    machine without CUDA (or under torchrun on another GPU) must read them onto the CPU, from where the optimizer
+    moves them to its parameters' device. Without that the checkpoint read as damaged ("delete it")."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.ones(3)
+    optimizer = torch.optim.AdamW([weight])
+    optimizer.step()
+    with monkeypatch.context() as gpu:  # every storage saved as a CUDA run's would be
+        gpu.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        path = save_checkpoint(tmp_path / "run", 1, {"w": weight}, [optimizer.state_dict()], [], {}, keep=1)
+    _, states, _ = checkpoint_module.load_checkpoint(path)
+    saved = states["optimizers"][0]
+    assert saved["state"][0]["exp_avg"].device.type == "cpu"
+    resumed = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
+    resumed.load_state_dict(saved)
+    assert torch.equal(next(iter(resumed.state.values()))["exp_avg"], optimizer.state[weight]["exp_avg"])
+
+
 def test_each_process_restores_the_random_state_of_its_own_gpu(monkeypatch):
     """Under torchrun every process draws on its own device: a checkpoint keeps each process's device state and
     each process restores its own onto its own device, not the main process's view of every device (where the
