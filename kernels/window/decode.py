@@ -43,7 +43,9 @@ def decode_sliding_window_attention(
     if window < k.shape[1]:  # a cache passes exactly the window's keys: no views to make, each an op
         k, v = k[:, -window:], v[:, -window:]  # [B, W, Hkv, D]
         visible = None if key_valid is None else key_valid[:, -window:]  # [B, W]
-    if visible is not None and not bool(visible.all()):  # a slot not yet written may hold anything, NaN included
+    # a slot not yet written may hold anything, NaN included; on a CPU, where reading the mask is free, a window of
+    # valid keys skips the fill, while on a GPU the read would wait for the device at every layer and token
+    if visible is not None and (visible.device.type != "cpu" or not bool(visible.all())):
         k, v = (x.masked_fill(~visible[..., None, None], 0.0) for x in (k, v))
     if sink_k is not None:
         if visible is None:

@@ -324,6 +324,16 @@ def test_decode_ignores_unfilled_slots():
     assert_close("o", last_row, torch_parallax_decode(**args), ratio=1e-12)
 
 
+def test_decode_reads_nothing_back_from_the_device():
+    """The torch decode step runs once per layer and token (on a GPU too: Gemma 2's capped layers): a value read
+    back there, whether every slot is valid, would make the host wait for the device each time. Meta tensors, whose
+    values cannot be read, stand in for a GPU's."""
+    args, last_row = _decode_case("T30-H2-Hkv1-D128-C64")
+    args["cache_valid"] = torch.ones(args["k_cache"].shape[:2], dtype=torch.bool)  # a full cache: the one-op form
+    o = torch_parallax_decode(**{name: t.to("meta") if torch.is_tensor(t) else t for name, t in args.items()})
+    assert o.device.type == "meta" and o.shape == last_row.shape
+
+
 @pytest.mark.parametrize("shape_id", ["T1-P12-H4-Hkv2-D16-w5-C16-left", "T70-P9-H2-Hkv2-D8-C32-middle"])
 def test_decode_row_that_sees_no_key_is_zero(shape_id):
     """A row whose visible slots are all invalid gets zeros (NaN in those slots); the other row is unchanged."""

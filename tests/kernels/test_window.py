@@ -233,6 +233,18 @@ def test_decode_query_without_keys_is_zero():
     _check_blind_row(decode_sliding_window_attention, x, naive_sliding_window_attention)
 
 
+def test_decode_reads_nothing_back_from_the_device():
+    """The decode path runs once per layer and token (on a GPU too: Gemma 2's capped layers, a Liger window past the
+    fused kernel's): a value read back there, whether every key is valid, would make the host wait for the device
+    each time. Meta tensors, whose values cannot be read, stand in for a GPU's."""
+    for all_valid in (True, False):
+        x = _inputs("T1-S50-w16-decode", left_pad=not all_valid, sinks=True)
+        x["key_valid"] = torch.ones(2, 50, dtype=torch.bool) if all_valid else x["key_valid"]
+        on_meta = {name: t.to("meta") if torch.is_tensor(t) else t for name, t in x.items()}
+        o = decode_sliding_window_attention(**on_meta, softcap=2.0)
+        assert o.device.type == "meta" and o.shape == x["q"].shape
+
+
 # Gemma 2's attention logit soft-capping: scale 0.4 puts the scores at about 3.2 standard deviations, beyond the cap
 SOFTCAP = {"softcap": 2.0, "scale": 0.4}
 SOFTCAP_CASES = [
