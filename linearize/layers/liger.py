@@ -87,10 +87,10 @@ class LigerAttention(LinearizedAttention):
         log_decay = F.logsigmoid(gate_key.float()) / self.gate_normalizer  # [B, T, Hkv, D] fp32, as is the state
         if valid is not None:  # padding does not decay the state, which a padded token after real ones would
             log_decay = log_decay.masked_fill(~valid[:, :, None, None], 0.0)
-        # The ops multiply in the model dtype (tensor cores for a half-precision model) and accumulate in fp32: the
-        # feature maps are softmaxes taken in fp32, then rounded. Padding contributes nothing to the state: its
-        # values are zero and it does not decay it.
-        dtype = hidden_states.dtype
+        # The ops multiply in the projections' dtype (the model's, or bf16 under autocast: tensor cores for half
+        # precision) and accumulate in fp32: the feature maps are softmaxes taken in fp32, then rounded. Padding
+        # contributes nothing to the state: its values are zero and it does not decay it.
+        dtype = v.dtype
         v_linear = (v if valid is None else v * valid[:, :, None, None]).to(dtype)
         q_linear, k_linear = (x.float().softmax(-1).to(dtype) for x in (q, k))
         initial_state = None if state is None else state.recurrent_state

@@ -118,9 +118,14 @@ def test_gate_source_matters_for_qk_norm_families():
     assert not torch.allclose(normed, raw)
 
 
-def test_bf16_layer_hands_the_ops_model_dtype_operands(monkeypatch):
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-model", "fp32-model-under-bf16-autocast"])
+def test_bf16_layer_hands_the_ops_model_dtype_operands(monkeypatch, autocast):
     """A bf16 layer passes q_lin, k_lin and v in bf16 (so GPU kernels multiply on tensor cores), the log decay and
-    the recurrent state in fp32, to the sequence op (prefill) and to the decode step."""
+    the recurrent state in fp32, to the sequence op (prefill) and to the decode step. So does an fp32 layer under
+    bf16 autocast (`training.autocast`), as STILL's and Parallax's do: its projections are bf16 there, and the
+    residual stream's fp32 made the GLA kernels multiply in fp32."""
+    import contextlib
+
     import linearize.layers.liger as liger_layer
 
     calls = []
@@ -136,9 +141,11 @@ def test_bf16_layer_hands_the_ops_model_dtype_operands(monkeypatch):
 
     monkeypatch.setattr(liger_layer, "liger_attention", recording("sequence", liger_layer.liger_attention))
     monkeypatch.setattr(liger_layer, "liger_decode", recording("decode", liger_layer.liger_decode))
-    model = converted_model("llama", "liger").to(torch.bfloat16)
+    model = converted_model("llama", "liger")
+    model = model if autocast else model.to(torch.bfloat16)
     ids = torch.randint(3, 128, (2, 12))
-    with torch.no_grad():
+    region = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.no_grad(), region:
         cache = cache_of(model(ids[:, :10], use_cache=True))
         cache = cache_of(model(ids[:, 10:11], cache=cache, use_cache=True))  # one token: the decode step
         model(ids[:, 11:], cache=cache, use_cache=True)
