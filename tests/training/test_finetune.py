@@ -301,7 +301,7 @@ def test_under_torchrun_the_main_process_alone_shows_progress_bars(workspace, tm
     terminal or log torchrun shares: the main process speaks for the run, its bars included."""
     script = tmp_path / "bars.py"
     script.write_text(BARS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = process_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
     result = subprocess.run([*command, str(write_recipe(workspace, tmp_path))], env=env, capture_output=True,
                             text=True, timeout=300)  # fmt: skip
