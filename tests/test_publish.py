@@ -85,9 +85,10 @@ class StubHub(BaseHTTPRequestHandler):
                 return self._reply(
                     409, {"error": "You already created this model repo", "url": f"http://{host}/{repo}"}
                 )
-            # huggingface_hub 2.x sends "visibility", 1.x "private"
-            private = request.get("visibility") == "private" or request.get("private") is True
-            self.visibility.append(request.get("visibility", request.get("private")))
+            # huggingface_hub 1.8 and later send "visibility"; 1.5 to 1.7 (transformers 5.17's floor) send "private"
+            visibility = request.get("visibility", {True: "private", False: "public"}.get(request.get("private")))
+            private = visibility == "private"
+            self.visibility.append(visibility)
             self.created.append({"repo": f"{request['organization']}/{request['name']}", "private": private})
             return self._reply(200, {"url": f"http://{host}/{self.created[-1]['repo']}"})
         if path == "/api/validate-yaml" or "/branch/" in path:
