@@ -40,7 +40,9 @@ class DataConfig(Section):
         description="where documents come from; documents of all sources are pooled in this order",
     )
     seq_len: int = Field(1024, gt=1, description="tokens per packed sequence")
-    held_out: float | int = Field(
+    # int first: pydantic before 2.9 writes a union's value through its first member that takes it, and a float
+    # takes an int (a count of 4 written as 4.0 reads back as a fraction out of range)
+    held_out: int | float = Field(
         0.05,
         description="documents held out for evaluation: a fraction (0 <= f < 1) or a count; chosen by a seeded "
         "shuffle before packing, so no held-out text is trained on (nor a copy of it: a repeated document)",
@@ -55,7 +57,7 @@ class DataConfig(Section):
 
     @field_validator("held_out")
     @classmethod
-    def _held_out_range(cls, value: float | int) -> float | int:
+    def _held_out_range(cls, value: int | float) -> int | float:
         if isinstance(value, float) and not 0 <= value < 1:
             raise ValueError("a fraction must be in [0, 1); give a whole number to hold out that many documents")
         if isinstance(value, int) and value < 0:

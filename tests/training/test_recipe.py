@@ -405,6 +405,15 @@ def test_resolved_yaml_writes_topk_as_the_user_meant_it(given, written):
     assert parse_recipe(resolved_yaml(recipe)) == recipe
 
 
+@pytest.mark.parametrize(("given", "written"), [("4", "held_out: 4\n"), ("0.25", "held_out: 0.25\n")])
+def test_resolved_yaml_writes_held_out_as_the_user_meant_it(given, written):
+    """A count of documents stays a count: written as 4.0 (pydantic 2.7 and 2.8 did), the run folder's recipe read
+    back as a fraction out of range, and --resume refused the run as another recipe's."""
+    recipe = parse_recipe(MINIMAL, overrides=[f"data.held_out={given}"])
+    assert written in resolved_yaml(recipe)
+    assert parse_recipe(resolved_yaml(recipe)) == recipe
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(path):
     recipe = load_recipe(path)
