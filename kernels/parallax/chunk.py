@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.centring import key_mean
+from ..common.masks import all_valid_known
 from .reference import check_decode_inputs, check_inputs, with_history
 
 FLOOR = -1e30  # finite start of the running max: a query with no visible key yet gets alpha = 1, not NaN
@@ -294,10 +295,8 @@ def torch_parallax_decode(
     if window is not None and window < L:
         k_cache, v_cache = k_cache[:, L - window :], v_cache[:, L - window :]
         cache_valid = None if cache_valid is None else cache_valid[:, L - window :]
-    # a cache of valid slots takes the one-op softmax below; reading that on a GPU would wait for the device at every
-    # layer and token, so there the masked form runs whatever the cache holds
-    on_cpu = k_cache.device.type == "cpu"
-    hidden = None if cache_valid is None or (on_cpu and bool(cache_valid.all())) else ~cache_valid  # [B, W]
+    # a cache known to be all valid takes the one-op softmax below
+    hidden = None if cache_valid is None or all_valid_known(cache_valid) else ~cache_valid  # [B, W]
     if hidden is not None:  # unfilled slots may hold anything, NaN included: keep them out of the products
         k_cache = k_cache.masked_fill(hidden[..., None, None], 0.0)
         v_cache = v_cache.masked_fill(hidden[..., None, None], 0.0)

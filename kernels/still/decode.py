@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ..common.buffers import append_along
+from ..common.masks import all_valid_known
 from .reference import StillDecodeState, smoothed_self_kl
 from .selection import torch_select_salient
 
@@ -48,8 +49,8 @@ def torch_still_decode(
         if opens_chunk.any():
             cache = _fold_oldest_chunk(cache, opens_chunk, k_features, C, topk, groups, select)
     slot = rank % (2 * C)
-    # rows of padding keep their slots; on a CPU, where checking is free, a step with none writes without reading
-    rows = None if valid.device.type == "cpu" and bool(valid.all()) else valid
+    # rows of padding keep their slots; a step known to have none writes without reading
+    rows = None if all_valid_known(valid) else valid
     for ring, x in ((cache.ring_k, k), (cache.ring_v, v), (cache.ring_valid, valid)):
         _write_slot(ring, slot, x, rows)
     _write_slot(cache.chunk_q, rank % C, q, rows)

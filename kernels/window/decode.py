@@ -7,6 +7,7 @@ token, where the blockwise path's padding and unfolding cost more than the atten
 
 import torch
 
+from ..common.masks import all_valid_known
 from .chunk import attention
 
 
@@ -43,9 +44,8 @@ def decode_sliding_window_attention(
     if window < k.shape[1]:  # a cache passes exactly the window's keys: no views to make, each an op
         k, v = k[:, -window:], v[:, -window:]  # [B, W, Hkv, D]
         visible = None if key_valid is None else key_valid[:, -window:]  # [B, W]
-    # a slot not yet written may hold anything, NaN included; on a CPU, where reading the mask is free, a window of
-    # valid keys skips the fill, while on a GPU the read would wait for the device at every layer and token
-    if visible is not None and (visible.device.type != "cpu" or not bool(visible.all())):
+    # a slot not yet written may hold anything, NaN included; a window known to be all valid skips the fill
+    if visible is not None and not all_valid_known(visible):
         k, v = (x.masked_fill(~visible[..., None, None], 0.0) for x in (k, v))
     if sink_k is not None:
         if visible is None:
