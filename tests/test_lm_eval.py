@@ -127,10 +127,7 @@ def test_lm_evals_notes_on_how_linearize_calls_it_are_not_printed(tmp_path):
     arguments may be ignored', 'Please do not launch via accelerate', 'neither marked as CausalLM') and ran
     `git describe` in the folder eval ran from, whose 'fatal: not a git repository' reached the log, --quiet too:
     lines that look like failures and that no user can act on."""
-    records = [{"question": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 9}"], "label": i % 2} for i in range(2)]
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "tiny_choice.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
+    _tiny_task(tmp_path)
     source_folder(tmp_path / "src")
     options = ["--lm-eval", "tiny_choice", "--lm-eval-include", "tasks", "--passkey-contexts", "none"]
     options += ["--context", "32", "--windows", "1", "--no-record", "-q"]
