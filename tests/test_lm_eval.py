@@ -75,7 +75,7 @@ def _tiny_task(folder: Path) -> Path:
     return folder / "tasks"
 
 
-def test_lm_eval_from_python_leaves_the_callers_random_state(tmp_path, monkeypatch):
+def test_lm_eval_from_python_leaves_the_callers_random_state(tmp_path):
     """lm-eval seeds Python's, NumPy's and torch's generators for its run: an eval harness or notebook that calls
     `run_lm_eval` keeps its own random streams (they were reseeded to lm-eval's 0 and 1234)."""
     import random
@@ -86,7 +86,6 @@ def test_lm_eval_from_python_leaves_the_callers_random_state(tmp_path, monkeypat
     from linearize.evaluation import run_lm_eval
     from tests.tiny import converted_model, tiny_tokenizer
 
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     tasks = _tiny_task(tmp_path)
     model = converted_model("llama", "liger")
     torch.manual_seed(7), random.seed(7), np.random.seed(7)
@@ -96,25 +95,23 @@ def test_lm_eval_from_python_leaves_the_callers_random_state(tmp_path, monkeypat
     assert (np.random.get_state()[1] == before[2]).all()
 
 
-def test_lm_eval_from_python_leaves_the_model_in_its_mode(tmp_path, monkeypatch):
+def test_lm_eval_from_python_leaves_the_model_in_its_mode(tmp_path):
     """lm-eval puts the model it is handed in eval mode: a caller's model that was training goes on training."""
     from linearize.evaluation import run_lm_eval
     from tests.tiny import converted_model, tiny_tokenizer
 
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     tasks = _tiny_task(tmp_path)
     model = converted_model("llama", "liger").train()
     run_lm_eval(model, tiny_tokenizer(), ["tiny_choice"], include_path=str(tasks))
     assert all(module.training for module in model.modules())
 
 
-def test_lm_eval_takes_a_converted_model_as_causal_without_a_warning(tmp_path, monkeypatch, caplog):
+def test_lm_eval_takes_a_converted_model_as_causal_without_a_warning(tmp_path, caplog):
     """A converted model's type is not in transformers' causal-LM registry, and lm-eval warned that it might need
     trust_remote_code (it does not): a warning the user cannot act on."""
     from linearize.evaluation import run_lm_eval
     from tests.tiny import converted_model, tiny_tokenizer
 
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     with caplog.at_level(logging.WARNING):
         run_lm_eval(
             converted_model("llama", "still"), tiny_tokenizer(), ["tiny_choice"], include_path=str(_tiny_task(tmp_path))
